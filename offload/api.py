@@ -1,0 +1,150 @@
+"""The Python API: offload.load(path) -> Model with logits / generate / stream / chat / chat_stream."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .arch import architecture
+from .config import ModelConfig
+from .errors import OffloadError
+from .experts.reference import ReferenceExperts
+from .generate import Generation, GenerationRequest, GenerationRun
+from .model.transformer import Transformer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+from .weights.checkpoint import Checkpoint, read_json
+from .weights.source import WeightSource, known_extras
+
+log = logging.getLogger("offload")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OffloadError(f"device={device!r} but no CUDA GPU is visible; use device='cpu' or 'auto'")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise OffloadError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp32 on the CPU keeps dense math exact to the reference; bf16 on a GPU halves its memory.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise OffloadError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def eos_token_ids(folder: Path, config: ModelConfig, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """generation_config.json's eos ids win over config.json's; the tokenizer's eos is the last resort."""
+    gen_path = folder / "generation_config.json"
+    if gen_path.exists():
+        eos = read_json(gen_path).get("eos_token_id")
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    if config.eos_token_ids:
+        return config.eos_token_ids
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return (tokenizer.eos_token_id,)
+    return ()
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    seconds: float
+    checkpoint_bytes: int
+    skipped_tensors: int
+
+
+class Model:
+    """A loaded checkpoint ready to generate. Holds one sequence's cache; calls run one at a time."""
+
+    def __init__(self, path: Path, config: ModelConfig, transformer: Transformer, tokenizer: Tokenizer | None,
+                 eos_ids: tuple[int, ...], load_info: LoadInfo):
+        self.path, self.config, self.transformer, self.tokenizer = path, config, transformer, tokenizer
+        self.eos_token_ids = eos_ids
+        self.load_info = load_info
+
+    @property
+    def max_context(self) -> int:
+        return self.transformer.max_context
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.embed.device
+
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Prefill logits [T, vocab] (float32, on the CPU) for token_ids from a fresh context."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() > self.max_context:
+            raise OffloadError(f"{ids.numel()} tokens exceed max_context={self.max_context}; load with a larger max_context")
+        with torch.inference_mode():
+            return self.transformer(ids.to(self.device), 0).cpu()
+
+    def encode(self, text: str) -> list[int]:
+        return self._require_tokenizer().encode(text)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise OffloadError(f"{self.path} has no tokenizer.json; pass token ids instead of text")
+        return self.tokenizer
+
+    def _request(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> GenerationRequest:
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        return GenerationRequest(ids, max_new_tokens, sampling, stops, ignore_eos)
+
+    def stream(self, prompt: str | Sequence[int], **sampling: Any) -> GenerationRun:
+        """Iterate for text pieces as they are produced; the run's `.result` holds the Generation afterwards."""
+        return GenerationRun(self.transformer, self.tokenizer, self.eos_token_ids, self._request(prompt, **sampling))
+
+    def generate(self, prompt: str | Sequence[int], **sampling: Any) -> Generation:
+        run = self.stream(prompt, **sampling)
+        for _ in run:
+            pass
+        return run.result
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat template applied to messages, with the generation prompt added."""
+        tok = self._require_tokenizer()
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        # The template writes the special tokens (bos included) itself.
+        return tok.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> Generation:
+        return self.generate(self.chat_prompt(messages), **sampling)
+
+    def chat_stream(self, messages: list[dict[str, str]], **sampling: Any) -> GenerationRun:
+        return self.stream(self.chat_prompt(messages), **sampling)
+
+
+def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype: str = "auto") -> Model:
+    """Load a Hugging Face MoE checkpoint folder (config.json + safetensors) for generation."""
+    t0 = time.perf_counter()
+    checkpoint = Checkpoint(path)
+    hf = checkpoint.config_json
+    arch = architecture(hf.get("model_type"))
+    config = arch.config_from_hf(hf)
+    if max_context < 1:
+        raise OffloadError(f"max_context must be positive, got {max_context}")
+    torch_device = resolve_device(device)
+    src = WeightSource(checkpoint, resolve_dtype(dtype, torch_device), torch_device)
+    transformer = Transformer(config, arch.names, src, lambda layer, w: ReferenceExperts(w), max_context)
+    skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers))
+    folder = checkpoint.folder
+    tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
+    info = LoadInfo(time.perf_counter() - t0, checkpoint.nbytes(), len(skipped))
+    return Model(folder, config, transformer, tokenizer, eos_token_ids(folder, config, tokenizer), info)

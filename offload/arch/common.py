@@ -1,0 +1,73 @@
+"""Config translation shared by the arch files: rope, dtype, eos ids, per-layer lists."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import RopeConfig
+from ..errors import CheckpointError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+
+
+def require(hf: dict[str, Any], key: str) -> Any:
+    if key not in hf or hf[key] is None:
+        raise CheckpointError(f"config.json has no '{key}' (model_type {hf.get('model_type')!r}); the file is incomplete")
+    return hf[key]
+
+
+def first_present(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """The first of several spellings of one field (current HF names first, older hub names after)."""
+    for key in keys:
+        if hf.get(key) is not None:
+            return hf[key]
+    return default
+
+
+def read_rope(hf: dict[str, Any]) -> RopeConfig:
+    """Current `rope_parameters` or the older `rope_theta` + `rope_scaling` (with `type` or `rope_type`)."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    factor = params.get("factor")
+    if rope_type == "yarn" and factor is None:
+        # DeepSeek-style configs may give only the two lengths; their ratio is the factor.
+        factor = hf["max_position_embeddings"] / original
+    return RopeConfig(
+        theta=float(theta),
+        type=rope_type,
+        factor=float(factor or 1.0),
+        original_max_position_embeddings=int(original or hf.get("max_position_embeddings") or 0) or None,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def read_dtype(hf: dict[str, Any]) -> str:
+    return str(first_present(hf, "dtype", "torch_dtype", default="float32")).replace("torch.", "")
+
+
+def read_eos(hf: dict[str, Any]) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def sliding_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer attention window: `layer_types` when given, else one `sliding_window` for all layers."""
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if layer_types:
+        return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    if hf.get("use_sliding_window") is False:
+        return (None,) * num_layers
+    return (window,) * num_layers

@@ -1,0 +1,92 @@
+"""DeepSeek-V2 and V3 (Kimi-K2 says deepseek_v3): MLA attention, shared experts, group-limited routing.
+
+V2 scores with softmax and picks greedily or by group max; V3 scores with sigmoid, adds
+e_score_correction_bias for selection only, ranks groups by their top-2 sum and normalises the picked weights.
+Both multiply the weights by routed_scaling_factor. The first `first_k_dense_replace` layers are dense.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import MLAConfig, ModelConfig, RouterConfig
+from . import Architecture, CheckpointNames
+from .common import first_present, read_dtype, read_eos, read_rope, require
+
+
+def _router(hf: dict[str, Any], v3: bool) -> RouterConfig:
+    common = dict(
+        num_experts=first_present(hf, "n_routed_experts", "num_local_experts", "num_experts"),
+        top_k=require(hf, "num_experts_per_tok"),
+        n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+    )
+    if v3:
+        return RouterConfig(
+            **common,
+            scoring="sigmoid",
+            topk_method="noaux_tc",
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            has_correction_bias=True,
+        )
+    return RouterConfig(
+        **common,
+        scoring="softmax",
+        topk_method=hf.get("topk_method") or "greedy",
+        # The V2 reference never renormalises the picked weights, whatever norm_topk_prob says.
+        norm_topk_prob=False,
+    )
+
+
+def _config_from_hf(hf: dict[str, Any], v3: bool) -> ModelConfig:
+    layers = require(hf, "num_hidden_layers")
+    heads = require(hf, "num_attention_heads")
+    dense = hf.get("first_k_dense_replace") or 0
+    # V2 configs sometimes spell moe_layer_freq; every real checkpoint uses 1.
+    freq = hf.get("moe_layer_freq", 1) or 1
+    rope_dim = require(hf, "qk_rope_head_dim")
+    return ModelConfig(
+        model_type="deepseek_v3" if v3 else "deepseek_v2",
+        vocab_size=require(hf, "vocab_size"),
+        hidden_size=require(hf, "hidden_size"),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=rope_dim,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rope=read_rope(hf),
+        router=_router(hf, v3),
+        moe_intermediate_size=require(hf, "moe_intermediate_size"),
+        intermediate_size=require(hf, "intermediate_size"),
+        moe_layers=tuple(i >= dense and i % freq == 0 for i in range(layers)),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        attention_bias=hf.get("attention_bias", False),
+        sliding_windows=(None,) * layers,
+        mla=MLAConfig(
+            q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=require(hf, "kv_lora_rank"),
+            qk_nope_head_dim=require(hf, "qk_nope_head_dim"),
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=require(hf, "v_head_dim"),
+            rope_interleaved=(not v3) or bool(hf.get("rope_interleave", True)),
+        ),
+        shared_intermediate_size=require(hf, "moe_intermediate_size") * (hf.get("n_shared_experts") or 0),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=read_eos(hf),
+        torch_dtype=read_dtype(hf),
+        num_extra_layers=(hf.get("num_nextn_predict_layers") or 0) if v3 else 0,
+        extra=hf,
+    )
+
+
+def v2_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    return _config_from_hf(hf, v3=False)
+
+
+def v3_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    return _config_from_hf(hf, v3=True)
+
+
+V2 = Architecture("deepseek_v2", v2_from_hf, CheckpointNames(shared="shared_experts"))
+V3 = Architecture("deepseek_v3", v3_from_hf, CheckpointNames(shared="shared_experts"))

@@ -1,0 +1,88 @@
+"""ModelConfig: one frozen description of every supported MoE transformer, translated from config.json by arch/."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (HF `rope_parameters` / older `rope_theta` + `rope_scaling`)."""
+
+    theta: float = 10000.0
+    type: str = "default"  # "default" | "linear" | "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek multi-head latent attention: a compressed KV latent plus a shared rope key."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleaved: bool  # rope over adjacent pairs (x0, x1) rather than the two halves
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a MoE layer turns router logits into top-k expert ids and combine weights."""
+
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" (max per group) | "noaux_tc" (top-2 sum per group)
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    has_correction_bias: bool = False  # DeepSeek-V3 e_score_correction_bias: biases selection, not weights
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the shared transformer needs, with HF field names where one exists."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    router: RouterConfig
+    moe_intermediate_size: int
+    intermediate_size: int  # dense MLP layers
+    moe_layers: tuple[bool, ...]  # per layer: routed experts (True) or a dense MLP (False)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (and on MLA's q_a / kv_a / o when DeepSeek sets it)
+    qk_norm: str | None = None  # None | "head" (per-head RMSNorm, Qwen3) | "full" (over the projection, OLMoE)
+    clip_qkv: float | None = None
+    sliding_windows: tuple[int | None, ...] = ()  # per layer window, None = full attention
+    mla: MLAConfig | None = None
+    shared_intermediate_size: int = 0  # 0 = no shared expert
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(gate(x)) scales the shared expert
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"
+    num_extra_layers: int = 0  # DeepSeek-V3 multi-token-prediction layers shipped after the last layer, unused
+    extra: dict = field(default_factory=dict, compare=False, hash=False)  # untranslated config.json, for display
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layers)

@@ -1,0 +1,133 @@
+"""Prefill then incremental decode for one sequence, with sampling, eos and stop strings, streamed as text."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .detokenize import IncrementalDetokenizer, StopStringMatcher
+from .errors import ContextLengthError, OffloadError
+from .model.transformer import Transformer
+from .sampling import SamplingParams, make_generator, sample_next
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first generated token comes out of the prefill; the decode steps produce the rest.
+        steps = self.generated_tokens - 1
+        return steps / self.decode_seconds if self.decode_seconds and steps > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_seconds": round(self.prefill_seconds, 6),
+            "decode_seconds": round(self.decode_seconds, 6),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+        }
+
+
+@dataclass
+class Generation:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # generated tokens only
+    finish_reason: str = "length"  # "stop" (eos or a stop string) | "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
+    if prompt_tokens == 0:
+        raise OffloadError("the prompt is empty; give at least one token")
+    if max_new_tokens < 1:
+        raise OffloadError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_tokens + max_new_tokens > max_context:
+        raise ContextLengthError(
+            f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds max_context={max_context}; "
+            "shorten the prompt, lower max_new_tokens or load with a larger max_context"
+        )
+
+
+class GenerationRun:
+    """One generation. Iterating yields text pieces as they are produced; `result` is complete afterwards."""
+
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, eos_ids: Sequence[int],
+                 request: GenerationRequest):
+        check_fits(len(request.prompt_ids), request.max_new_tokens, transformer.max_context)
+        self.transformer, self.tokenizer, self.request = transformer, tokenizer, request
+        self.eos_ids = set() if request.ignore_eos else set(eos_ids)
+        self.result = Generation(stats=GenerationStats(prompt_tokens=len(request.prompt_ids)))
+
+    def token_ids(self) -> Iterator[int]:
+        """The sampled tokens, one by one: prefill, then one decode step per token."""
+        req, model, stats = self.request, self.transformer, self.result.stats
+        device = model.embed.device
+        seen = torch.tensor(req.prompt_ids, dtype=torch.long)
+        generator = make_generator(req.sampling.seed)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = model(torch.tensor(req.prompt_ids, device=device), 0, last_only=True)[0].cpu()
+        stats.prefill_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pos = len(req.prompt_ids)
+        for step in range(req.max_new_tokens):
+            token = sample_next(logits, req.sampling, generator, seen)
+            stats.generated_tokens += 1
+            yield token
+            if token in self.eos_ids or step == req.max_new_tokens - 1:
+                break
+            seen = torch.cat((seen, torch.tensor([token])))
+            with torch.inference_mode():
+                logits = model(torch.tensor([token], device=device), pos, last_only=True)[0].cpu()
+            pos += 1
+            stats.decode_seconds = time.perf_counter() - t0
+
+    def __iter__(self) -> Iterator[str]:
+        result = self.result
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
+        stops = StopStringMatcher(list(self.request.stop))
+        for token in self.token_ids():
+            result.token_ids.append(token)
+            if token in self.eos_ids:
+                result.finish_reason = "stop"
+                break
+            if detok is None:
+                continue
+            piece, hit = stops.feed(detok.push(token))
+            if piece:
+                result.text += piece
+                yield piece
+            if hit:
+                result.finish_reason = "stop"
+                return
+        if detok is not None:
+            piece, hit = stops.feed(detok.flush())
+            tail = piece if hit else piece + stops.flush()
+            if hit:
+                result.finish_reason = "stop"
+            if tail:
+                result.text += tail
+                yield tail

@@ -1,0 +1,58 @@
+"""Preallocated attention caches for one sequence: full K/V for GQA, the compressed latent for MLA."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of one attention layer: [kv_heads, max_context, head_dim] each, written in place."""
+
+    def __init__(self, kv_heads: int, max_context: int, k_dim: int, v_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.k = torch.zeros(kv_heads, max_context, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(kv_heads, max_context, v_dim, dtype=dtype, device=device)
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [T, kv_heads, dim] at positions start..; return all keys/values so far [kv_heads, S, dim]."""
+        end = start + k.shape[0]
+        self.k[:, start:end] = k.transpose(0, 1)
+        self.v[:, start:end] = v.transpose(0, 1)
+        return self.k[:, :end], self.v[:, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class LatentCache:
+    """MLA's cache: the normalised compressed kv [max_context, kv_lora_rank] and the rotated shared rope key
+    [max_context, rope_dim] — not the expanded per-head K/V, which would be ~H*(nope+v)/(rank+rope) times larger."""
+
+    def __init__(self, max_context: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype, device: torch.device):
+        self.c_kv = torch.zeros(max_context, kv_lora_rank, dtype=dtype, device=device)
+        self.k_rope = torch.zeros(max_context, rope_dim, dtype=dtype, device=device)
+
+    def write(self, start: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + c_kv.shape[0]
+        self.c_kv[start:end] = c_kv
+        self.k_rope[start:end] = k_rope
+        return self.c_kv[:end], self.k_rope[:end]
+
+    @property
+    def nbytes(self) -> int:
+        return self.c_kv.nbytes + self.k_rope.nbytes
+
+
+def attention_mask(start: int, T: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [T, start+T] mask (True = attend): causal, optionally limited to the last `window` positions.
+
+    None when every query may see every cached key (a single token without a window), so SDPA skips masking.
+    """
+    if T == 1 and (window is None or start < window):
+        return None
+    q_pos = torch.arange(start, start + T, device=device)[:, None]
+    k_pos = torch.arange(start + T, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask

@@ -1,0 +1,86 @@
+"""DeepSeek multi-head latent attention (MLA) over a latent cache, in the naive and the absorbed form.
+
+Both forms cache only c_kv [S, rank] (after kv_a_layernorm) and the rotated shared rope key [S, rope].
+Naive (prefill): expand the cached latent through kv_b_proj into per-head keys and values, then attend.
+Absorbed (decode): fold W_UK into the query and W_UV into the output, and attend in latent space as one-KV-head
+attention, so no per-head K/V is ever built — the work per cached position is rank + rope instead of
+heads * (nope + v) multiply-adds for the expansion.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..weights.source import WeightSource
+from .kv_cache import LatentCache, attention_mask
+from .layers import Linear, RMSNorm
+from .rope import RotaryTable, yarn_softmax_scale
+
+ABSORBED_MAX_TOKENS = 8  # decode and short chunks: the absorbed form; longer prefills: the naive form
+
+
+def use_absorbed(num_tokens: int) -> bool:
+    return num_tokens <= ABSORBED_MAX_TOKENS
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, src: WeightSource):
+        super().__init__()
+        m, p, H, nh = cfg.mla, f"model.layers.{layer}.self_attn", cfg.hidden_size, cfg.num_attention_heads
+        self.heads, self.nope, self.rope_dim, self.v_dim, self.rank = (
+            nh, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank)
+        self.interleaved = m.rope_interleaved
+        bias = cfg.attention_bias
+        if m.q_lora_rank is None:
+            self.q_a_proj = self.q_a_norm = None
+            self.q_proj = Linear.load(src, f"{p}.q_proj", nh * m.qk_head_dim, H)
+        else:
+            self.q_a_proj = Linear.load(src, f"{p}.q_a_proj", m.q_lora_rank, H, bias)
+            self.q_a_norm = RMSNorm.load(src, f"{p}.q_a_layernorm", m.q_lora_rank, cfg.rms_norm_eps)
+            self.q_proj = Linear.load(src, f"{p}.q_b_proj", nh * m.qk_head_dim, m.q_lora_rank)
+        self.kv_a_proj = Linear.load(src, f"{p}.kv_a_proj_with_mqa", m.kv_lora_rank + m.qk_rope_head_dim, H, bias)
+        self.kv_a_norm = RMSNorm.load(src, f"{p}.kv_a_layernorm", m.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear.load(src, f"{p}.kv_b_proj", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+        self.o_proj = Linear.load(src, f"{p}.o_proj", H, nh * m.v_head_dim, bias)
+        self.scale = yarn_softmax_scale(cfg.rope, m.qk_head_dim)
+        w_kv = self.kv_b_proj.weight.view(nh, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        self.w_uk = w_kv[:, : m.qk_nope_head_dim]  # [nh, nope, rank] (a view: no extra memory)
+        self.w_uv = w_kv[:, m.qk_nope_head_dim :]  # [nh, v, rank]
+
+    def forward(self, x: torch.Tensor, start: int, cache: LatentCache, rope: RotaryTable,
+                absorbed: bool | None = None) -> torch.Tensor:
+        T = x.shape[0]
+        q_in = x if self.q_a_proj is None else self.q_a_norm(self.q_a_proj(x))
+        q = self.q_proj(q_in).view(T, self.heads, self.nope + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)  # [T, nh, nope], [T, nh, rope]
+        c_kv, k_rope = self.kv_a_proj(x).split([self.rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_norm(c_kv)  # [T, rank]
+        q_rope = rope.apply(q_rope, start, self.interleaved)
+        k_rope = rope.apply(k_rope[:, None, :], start, self.interleaved)[:, 0]  # [T, rope]
+        c_all, k_rope_all = cache.write(start, c_kv, k_rope)  # [S, rank], [S, rope]
+        mask = attention_mask(start, T, None, x.device)
+        if use_absorbed(T) if absorbed is None else absorbed:
+            out = self._absorbed(q_nope, q_rope, c_all, k_rope_all, mask)
+        else:
+            out = self._naive(q_nope, q_rope, c_all, k_rope_all, mask)
+        return self.o_proj(out.reshape(T, self.heads * self.v_dim))
+
+    def _naive(self, q_nope, q_rope, c_all, k_rope_all, mask) -> torch.Tensor:
+        S = c_all.shape[0]
+        kv = self.kv_b_proj(c_all).view(S, self.heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [S, nh, nope], [S, nh, v]
+        keys = torch.cat((k_nope, k_rope_all[:, None, :].expand(S, self.heads, self.rope_dim)), dim=-1)
+        query = torch.cat((q_nope, q_rope), dim=-1)  # [T, nh, nope+rope]
+        out = F.scaled_dot_product_attention(
+            query.transpose(0, 1), keys.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale)
+        return out.transpose(0, 1)  # [T, nh, v]
+
+    def _absorbed(self, q_nope, q_rope, c_all, k_rope_all, mask) -> torch.Tensor:
+        q_latent = torch.einsum("thd,hdr->htr", q_nope, self.w_uk)  # [nh, T, rank]
+        query = torch.cat((q_latent, q_rope.transpose(0, 1)), dim=-1)  # [nh, T, rank+rope]
+        keys = torch.cat((c_all, k_rope_all), dim=-1)[None]  # [1, S, rank+rope]: one latent KV head
+        out_latent = F.scaled_dot_product_attention(
+            query, keys, c_all[None], attn_mask=mask, scale=self.scale, enable_gqa=True)  # [nh, T, rank]
+        return torch.einsum("htr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]

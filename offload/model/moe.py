@@ -1,0 +1,64 @@
+"""The MoE block: router -> top-k -> experts contract (+ shared expert, optionally sigmoid-gated)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import CheckpointNames
+from ..config import ModelConfig
+from ..experts.base import ExpertWeights, Experts
+from ..weights.source import WeightSource
+from .layers import Linear, SwiGLU
+from .routing import route
+
+ExpertsFactory = Callable[[int, ExpertWeights], Experts]  # (layer index, weights) -> backend
+
+
+def load_expert_weights(cfg: ModelConfig, layer: int, names: CheckpointNames, src: WeightSource) -> ExpertWeights:
+    """Stack the per-expert matrices of one layer: gate/up [E, I, H], down [E, H, I]."""
+    p = f"model.layers.{layer}.{names.moe}.experts"
+    H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.num_experts
+    g, u, d = names.expert_proj
+    return ExpertWeights(
+        gate=torch.stack([src.take(f"{p}.{j}.{g}.weight", (I, H)) for j in range(E)]),
+        up=torch.stack([src.take(f"{p}.{j}.{u}.weight", (I, H)) for j in range(E)]),
+        down=torch.stack([src.take(f"{p}.{j}.{d}.weight", (H, I)) for j in range(E)]),
+    )
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, names: CheckpointNames, src: WeightSource,
+                 make_experts: ExpertsFactory):
+        super().__init__()
+        p = f"model.layers.{layer}.{names.moe}"
+        H, E = cfg.hidden_size, cfg.router.num_experts
+        self.router_cfg = cfg.router
+        # Routers run in fp32 whatever the model dtype: top-k choices must not flip with precision.
+        self.router = src.take(f"{p}.gate.weight", (E, H), dtype=torch.float32)  # [E, H]
+        self.correction_bias = (
+            src.take(f"{p}.gate.e_score_correction_bias", (E,), dtype=torch.float32)
+            if cfg.router.has_correction_bias else None
+        )
+        self.experts = make_experts(layer, load_expert_weights(cfg, layer, names, src))
+        self.shared = (
+            SwiGLU.load(src, f"{p}.{names.shared}", H, cfg.shared_intermediate_size)
+            if cfg.shared_intermediate_size else None
+        )
+        self.shared_gate = Linear.load(src, f"{p}.shared_expert_gate", 1, H) if cfg.shared_expert_gate else None
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, H] -> (topk_ids [T, K], topk_weights [T, K])."""
+        return route(F.linear(h.float(), self.router), self.router_cfg, self.correction_bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(h)
+        y = self.experts(h, ids, weights)
+        if self.shared is not None:
+            shared = self.shared(h)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(h)) * shared
+            y = y + shared
+        return y

@@ -1,0 +1,79 @@
+"""One shared MoE transformer for every supported architecture, decoding one sequence over a preallocated cache."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import CheckpointNames
+from ..config import ModelConfig
+from ..weights.source import WeightSource
+from .attention import Attention
+from .kv_cache import KVCache, LatentCache
+from .layers import Linear, RMSNorm, SwiGLU
+from .mla import MLA
+from .moe import MoE, ExpertsFactory
+from .rope import RotaryTable
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, names: CheckpointNames, src: WeightSource,
+                 make_experts: ExpertsFactory):
+        super().__init__()
+        p, H = f"model.layers.{layer}", cfg.hidden_size
+        self.input_norm = RMSNorm.load(src, f"{p}.input_layernorm", H, cfg.rms_norm_eps)
+        self.attn = MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src)
+        self.post_attn_norm = RMSNorm.load(src, f"{p}.post_attention_layernorm", H, cfg.rms_norm_eps)
+        if cfg.moe_layers[layer]:
+            self.mlp = MoE(cfg, layer, names, src, make_experts)
+        else:
+            self.mlp = SwiGLU.load(src, f"{p}.mlp", H, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), start, cache, rope)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class Transformer(nn.Module):
+    """ids -> logits for one sequence; `start` is the number of positions already in the cache."""
+
+    def __init__(self, cfg: ModelConfig, names: CheckpointNames, src: WeightSource, make_experts: ExpertsFactory,
+                 max_context: int):
+        super().__init__()
+        self.cfg, self.max_context = cfg, max_context
+        dtype, device = src.dtype, src.device
+        V, H = cfg.vocab_size, cfg.hidden_size
+        self.embed = src.take("model.embed_tokens.weight", (V, H))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, names, src, make_experts) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings and not src.has("lm_head.weight"):
+            self.lm_head = Linear(self.embed)
+        else:
+            self.lm_head = Linear.load(src, "lm_head", V, H)
+        rope_dim = cfg.mla.qk_rope_head_dim if cfg.mla else cfg.head_dim
+        self.rope = RotaryTable(cfg.rope, rope_dim, max_context, device, dtype)
+        self.caches = [self._new_cache(dtype, device) for _ in range(cfg.num_hidden_layers)]
+
+    def _new_cache(self, dtype: torch.dtype, device: torch.device) -> KVCache | LatentCache:
+        cfg, m = self.cfg, self.cfg.mla
+        if m:
+            return LatentCache(self.max_context, m.kv_lora_rank, m.qk_rope_head_dim, dtype, device)
+        return KVCache(cfg.num_key_value_heads, self.max_context, cfg.head_dim, cfg.head_dim, dtype, device)
+
+    @property
+    def cache_nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    def hidden(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """ids [T] -> final-norm hidden states [T, H], writing positions start..start+T-1 to the caches."""
+        x = F.embedding(ids, self.embed)  # [T, H]
+        for layer, cache in zip(self.layers, self.caches):
+            x = layer(x, start, cache, self.rope)
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
+        """ids [T] -> logits [T, V] (or [1, V] with last_only) in float32."""
+        h = self.hidden(ids, start)
+        if last_only:
+            h = h[-1:]
+        return self.lm_head(h).float()

@@ -1,0 +1,121 @@
+"""A Hugging Face checkpoint folder: config.json plus one safetensors file or shards listed in an index.
+
+Headers are validated up front (so a missing shard or a truncated download is reported before any weight is
+read); tensors are then read lazily through safetensors' memory-mapped `safe_open`.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; a checkpoint folder needs it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); re-download or fix the file") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor table of one safetensors file, checking that the file holds every byte its header promises."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes, no safetensors header); re-download it")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CheckpointError(f"{path} has a corrupt safetensors header (length {header_len}); re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} has a corrupt safetensors header (not JSON); re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header; re-download it")
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: header entry for tensor {name!r} is corrupt; re-download it") from None
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if dtype in DTYPE_BYTES and end - start != numel * DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes for shape {list(shape)} {dtype}")
+        data_end = max(data_end, end)
+        tensors[name] = TensorInfo(path, dtype, shape)
+    if 8 + header_len + data_end > size:
+        missing = 8 + header_len + data_end - size
+        raise CheckpointError(f"{path} is truncated: {missing} bytes of tensor data are missing; re-download it")
+    return tensors
+
+
+class Checkpoint:
+    """The tensors of a checkpoint folder by name, with their files, dtypes and shapes; reads are lazy."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder} is not a folder; pass a Hugging Face checkpoint folder")
+        self.config_json = read_json(self.folder / "config.json")
+        self.tensors = self._read_tables()
+        self._handles: dict[Path, Any] = {}
+
+    def _read_tables(self) -> dict[str, TensorInfo]:
+        index_path = self.folder / INDEX_FILE
+        if index_path.exists():
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path} has no 'weight_map'; re-download it")
+            shards = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE_FILE).exists():
+            weight_map, shards = None, [SINGLE_FILE]
+        else:
+            raise CheckpointError(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}; is this a safetensors checkpoint?")
+        tensors: dict[str, TensorInfo] = {}
+        for shard in shards:
+            path = self.folder / shard
+            if not path.exists():
+                raise CheckpointError(f"shard {shard} listed in {INDEX_FILE} is missing from {self.folder}; download it")
+            tensors.update(read_safetensors_header(path))
+        for name, shard in (weight_map or {}).items():
+            if name not in tensors or tensors[name].file.name != shard:
+                raise CheckpointError(f"{INDEX_FILE} puts tensor {name!r} in {shard}, which does not hold it; re-download the checkpoint")
+        return tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor as stored (memory-mapped until the caller converts or copies it)."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        return handle.get_tensor(name)
+
+    def nbytes(self) -> int:
+        return sum(info.file.stat().st_size for info in {t.file: t for t in self.tensors.values()}.values())

@@ -1,0 +1,73 @@
+"""Tiny random checkpoints for every supported architecture and variant, written by transformers itself."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, initializer_range=0.08,
+              max_position_embeddings=256, tie_word_embeddings=False)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+
+# name -> (model_type, config overrides)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "mixtral": ("mixtral", dict(num_key_value_heads=2, intermediate_size=48, num_local_experts=6,
+                                num_experts_per_tok=2)),
+    "mixtral_window_linear_rope": ("mixtral", dict(
+        num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=7,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    "qwen2_moe": ("qwen2_moe", dict(num_key_value_heads=2, intermediate_size=80, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2,
+                                    norm_topk_prob=False, decoder_sparse_step=1)),
+    "qwen2_moe_sparse_step": ("qwen2_moe", dict(num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=32,
+                                                shared_expert_intermediate_size=40, num_experts=4,
+                                                num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2)),
+    "qwen3_moe": ("qwen3_moe", dict(num_key_value_heads=2, head_dim=24, intermediate_size=80,
+                                    moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3,
+                                    norm_topk_prob=True, mlp_only_layers=[1])),
+    "olmoe": ("olmoe", dict(num_key_value_heads=4, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                            clip_qkv=None, eos_token_id=95, pad_token_id=1)),
+    "olmoe_clip": ("olmoe", dict(num_key_value_heads=2, intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                 clip_qkv=0.5, norm_topk_prob=True, eos_token_id=95, pad_token_id=1)),
+    "deepseek_v2": ("deepseek_v2", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, topk_method="greedy", routed_scaling_factor=1.5)),
+    "deepseek_v2_group_yarn": ("deepseek_v2", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=20, kv_lora_rank=16,
+        qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=12, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2, rope_parameters=YARN)),
+    "deepseek_v3": ("deepseek_v3", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=20, kv_lora_rank=16,
+        qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_group=4, topk_group=2, rope_parameters=YARN,
+        routed_scaling_factor=2.5)),
+    "deepseek_v3_no_interleave": ("deepseek_v3", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_group=2, topk_group=1, rope_interleave=False,
+        norm_topk_prob=False)),
+}
+
+
+def build_reference(name: str, seed: int = 0):
+    """The transformers model for a variant, in fp32 eval mode, with non-trivial DeepSeek-V3 correction bias."""
+    import transformers
+
+    model_type, overrides = VARIANTS[name]
+    config = transformers.CONFIG_MAPPING[model_type](**{**COMMON, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for module_name, buffer in model.named_buffers():
+        if module_name.endswith("e_score_correction_bias"):
+            buffer.copy_(torch.randn_like(buffer) * 0.3)
+    return model
+
+
+def write_checkpoint(name: str, folder: Path, seed: int = 0, **save_kwargs):
+    """Save a variant as a Hugging Face folder; returns the reference model."""
+    model = build_reference(name, seed)
+    model.save_pretrained(folder, **save_kwargs)
+    return model
