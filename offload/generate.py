@@ -85,25 +85,26 @@ class GenerationRun:
         """The sampled tokens, one by one: prefill, then one decode step per token."""
         req, model, stats = self.request, self.transformer, self.result.stats
         device = model.embed.device
-        seen = torch.tensor(req.prompt_ids, dtype=torch.long)
+        history = torch.empty(len(req.prompt_ids) + req.max_new_tokens, dtype=torch.long)  # prompt + generated
+        history[: len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
         generator = make_generator(req.sampling.seed)
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = model(torch.tensor(req.prompt_ids, device=device), 0, last_only=True)[0].cpu()
         stats.prefill_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
         pos = len(req.prompt_ids)
         for step in range(req.max_new_tokens):
-            token = sample_next(logits, req.sampling, generator, seen)
+            token = sample_next(logits, req.sampling, generator, history[:pos])
             stats.generated_tokens += 1
             yield token
             if token in self.eos_ids or step == req.max_new_tokens - 1:
                 break
-            seen = torch.cat((seen, torch.tensor([token])))
+            history[pos] = token
+            t0 = time.perf_counter()  # model time only: the consumer's time between tokens is not counted
             with torch.inference_mode():
                 logits = model(torch.tensor([token], device=device), pos, last_only=True)[0].cpu()
+            stats.decode_seconds += time.perf_counter() - t0
             pos += 1
-            stats.decode_seconds = time.perf_counter() - t0
 
     def __iter__(self) -> Iterator[str]:
         result = self.result
@@ -116,7 +117,7 @@ class GenerationRun:
                 break
             if detok is None:
                 continue
-            piece, hit = stops.feed(detok.push(token))
+            piece, hit = stops.push(detok.push(token))
             if piece:
                 result.text += piece
                 yield piece
@@ -124,7 +125,7 @@ class GenerationRun:
                 result.finish_reason = "stop"
                 return
         if detok is not None:
-            piece, hit = stops.feed(detok.flush())
+            piece, hit = stops.push(detok.flush())
             tail = piece if hit else piece + stops.flush()
             if hit:
                 result.finish_reason = "stop"

@@ -1,0 +1,99 @@
+"""The Python API and `offload demo` end to end on the built-in demo checkpoint (random weights, real tokenizer)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import offload
+from offload.cli import app
+from offload.demo import demo_checkpoint
+from offload.errors import ContextLengthError
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return demo_checkpoint(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def model(demo_dir):
+    return offload.load(demo_dir, device="cpu", max_context=128)
+
+
+def test_demo_checkpoint_is_a_real_hub_folder_that_transformers_agrees_with(demo_dir, model):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32).eval()
+    ids = torch.arange(10, 40)
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    got = model.logits(ids)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+
+
+def test_demo_checkpoint_is_built_once(demo_dir):
+    before = (demo_dir / "model.safetensors").stat().st_mtime_ns
+    assert demo_checkpoint(demo_dir.parent) == demo_dir
+    assert (demo_dir / "model.safetensors").stat().st_mtime_ns == before
+    assert not [p for p in demo_dir.parent.iterdir() if p.name.startswith(".demo-")]
+
+
+def test_stream_yields_the_generated_text(model):
+    run = model.stream("The router picks", max_new_tokens=24, ignore_eos=True)
+    pieces = list(run)
+    full = model.generate("The router picks", max_new_tokens=24, ignore_eos=True)
+    assert "".join(pieces) == full.text == run.result.text
+    assert run.result.token_ids == full.token_ids and len(full.token_ids) == 24
+    assert full.text == model.tokenizer.decode(full.token_ids)
+
+
+def test_stop_string_cuts_the_text_before_it(model):
+    full = model.generate("Hello", max_new_tokens=30, ignore_eos=True)
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop, "the greedy continuation is empty"
+    cut = model.generate("Hello", max_new_tokens=30, ignore_eos=True, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert "".join(model.stream("Hello", max_new_tokens=30, ignore_eos=True, stop=stop)) == cut.text
+
+
+def test_seeded_sampling_is_reproducible(model):
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, ignore_eos=True)
+    a = model.generate("Numbers:", seed=7, **kwargs)
+    b = model.generate("Numbers:", seed=7, **kwargs)
+    c = model.generate("Numbers:", seed=8, **kwargs)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_chat_applies_the_template(model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    ids = model.chat_prompt(messages)
+    text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert ids == model.tokenizer.encode(text, add_special_tokens=False)
+    assert model.chat(messages, max_new_tokens=8, ignore_eos=True).token_ids == \
+        model.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids
+    assert "".join(model.chat_stream(messages, max_new_tokens=8, ignore_eos=True)) == \
+        model.chat(messages, max_new_tokens=8, ignore_eos=True).text
+
+
+def test_prompt_beyond_max_context_is_a_clear_error(model):
+    with pytest.raises(ContextLengthError, match="max_context=128"):
+        model.generate(list(range(100)), max_new_tokens=29)
+    assert len(model.generate(list(range(100)), max_new_tokens=28, ignore_eos=True).token_ids) == 28
+
+
+def test_demo_command_runs(demo_dir, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(demo_dir.parent))
+    result = CliRunner().invoke(app, ["demo", "--max-new-tokens", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "random weights" in result.output
+    assert "8 tokens" in result.output
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
+    result = CliRunner().invoke(app, ["generate", str(tmp_path / "missing"), "--prompt", "hi"])
+    assert result.exit_code == 2
+    assert "is not a folder" in result.output
+    assert "Traceback" not in result.output
