@@ -34,9 +34,11 @@ def render_chat_template(
     """Render `messages` with `template`; `extra` (tools, documents, other special tokens, ...) is visible to it.
 
     As in transformers: message keys whose value is None are dropped, reasoning fields are aliased, and every input
-    is rebuilt from plain JSON types before the sandbox sees it. `extra` overrides bos_token / eos_token.
+    is rebuilt from plain JSON types before the sandbox sees it.
     """
     compiled = _compile(template)
+    if not all(isinstance(m, dict) for m in messages):
+        raise OffloadError("chat messages must be objects with 'role' and 'content'; fix the message list")
     chat = [_alias_reasoning_fields({k: v for k, v in m.items() if v is not None}) for m in _plain(messages)]
     context: dict[str, Any] = {"tools": None, "documents": None}
     # A token the tokenizer lacks stays undefined (renders as ""), as in transformers, rather than rendering "None".

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .synthetic import write_synthetic_checkpoint
-from .tokenizer import build_demo_tokenizer
+from .tokenizer import DEMO_SPECIAL_TOKENS, build_demo_tokenizer
 
 DEMO_VOCAB = 1024
 
@@ -35,7 +35,8 @@ DEMO_CONFIG = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
     "tie_word_embeddings": False,
     "bos_token_id": 0,
-    "eos_token_id": [1, 6],  # </s> and <|end|> of the demo tokenizer
+    # The BPE trainer numbers special tokens first, in order: stop on </s> and on <|end|>.
+    "eos_token_id": [DEMO_SPECIAL_TOKENS.index("</s>"), DEMO_SPECIAL_TOKENS.index("<|end|>")],
 }
 
 CORPUS = [

@@ -22,7 +22,7 @@ class IncrementalDetokenizer:
     SentencePiece-style decoders drop the leading space of the first token they see. So, as vLLM and TGI do, each
     step decodes a short window (the tokens of the last emitted piece plus the new ones) and emits what the new tokens
     added, holding it back while the text ends in U+FFFD (an unfinished character). The window restarts after every
-    emitted piece, so each token costs O(1) decoding work.
+    emitted piece, so a token costs decoding work for the few tokens held back, never for the whole output.
 
     SentencePiece byte-fallback tokens (<0xE6>) need more: the ByteFallback decoder turns a whole run of them into
     U+FFFDs when any byte in the run is invalid, even characters that were complete, so a run waits until it ends.

@@ -66,12 +66,12 @@ def sample_next(
 
 
 def warp_logits(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (transformers' warper order); filtered tokens get -inf."""
+    """Temperature (> 0), then top-k, then top-p (transformers' warper order); filtered tokens get -inf."""
     scores = scores / params.temperature
     if 0 < params.top_k < scores.shape[-1]:
         # Everything below the k-th largest score goes; ties with it stay, as in TopKLogitsWarper.
         kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth - 1e9, -math.inf)
+        scores = scores.masked_fill(scores < kth, -math.inf)
     if params.top_p < 1.0:
         scores = _top_p(scores, params.top_p)
     return scores

@@ -32,6 +32,12 @@ def test_demo_checkpoint_is_a_real_hub_folder_that_transformers_agrees_with(demo
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
 
 
+def test_demo_model_stops_on_its_chat_end_token(model):
+    end = model.tokenizer.encode("<|end|>", add_special_tokens=False)
+    assert len(end) == 1 and end[0] in model.eos_token_ids
+    assert model.tokenizer.eos_token_id in model.eos_token_ids
+
+
 def test_demo_checkpoint_is_built_once(demo_dir):
     before = (demo_dir / "model.safetensors").stat().st_mtime_ns
     assert demo_checkpoint(demo_dir.parent) == demo_dir

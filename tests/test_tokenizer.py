@@ -63,7 +63,8 @@ FANCY_TEMPLATE = """{%- set ns = namespace(system=none) -%}
     {%- endif -%}
     {%- if message['content'] == 'STOP' -%}{%- break -%}{%- endif -%}
     <{{ message['role'] }}>
-    {% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{% endgeneration %}{% else %}{{ message['content'] }}{% endif %}
+    {% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{% endgeneration %}
+    {%- else %}{{ message['content'] }}{% endif %}
     {%- if message.reasoning_content is defined %} [thought: {{ message.reasoning_content }}]{% endif %}
 
 {% endfor -%}
@@ -180,7 +181,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def loaded(folders: dict[str, Path]) -> dict[str, tuple[Tokenizer, object]]:
-    return {name: (Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(str(path))) for name, path in folders.items()}
+    return {name: (Tokenizer.from_dir(p), AutoTokenizer.from_pretrained(str(p))) for name, p in folders.items()}
 
 
 TEXTS = [
@@ -386,6 +387,19 @@ def test_split_characters_are_held_back(loaded):
     ids = tok.encode("🦜")  # absent from training, so split between byte tokens
     assert len(ids) > 1
     assert _stream(tok, ids) == [""] * (len(ids) - 1) + ["🦜", ""]
+
+
+def test_byte_fallback_runs_are_streamed_whole(loaded):
+    tok, ref = loaded["llama"]
+    assert len(tok.byte_fallback_ids) == 256 and not loaded["byte_level"][0].byte_fallback_ids
+    ids = tok.encode("x🦜 y", add_special_tokens=False)
+    assert sum(i in tok.byte_fallback_ids for i in ids) == 4  # 🦜 is unknown to the vocabulary: four byte tokens
+    pieces = _stream(tok, ids)
+    assert "".join(pieces) == "x🦜 y" and not any("\ufffd" in p for p in pieces)
+    # A run that turns invalid later is replaced whole by ByteFallback, so streaming must not show its start early.
+    run = [ref.convert_tokens_to_ids(f"<0x{byte:02X}>") for byte in (0x41, 0x42, 0x80)]  # "A", "B", stray byte
+    assert tok.decode(run) == "\ufffd" * 3
+    assert _stream(tok, run) == ["", "", "", "\ufffd" * 3]
 
 
 def test_sentencepiece_spaces_survive_streaming(loaded):
