@@ -29,7 +29,9 @@ def test_prefill_and_decode_logits_match_transformers(checkpoint_dir, name):
 
     with torch.inference_mode():  # one token at a time through the cache
         steps = torch.cat([model.transformer(ids[i : i + 1], i) for i in range(len(ids))])
+        chunks = torch.cat([model.transformer(ids[:10], 0), model.transformer(ids[10:], 10)])  # chunked prefill
     assert rel_err(steps, expected) <= 1e-4
+    assert rel_err(chunks, expected) <= 1e-4
 
 
 def reference_greedy(ref, ids: torch.Tensor, max_new_tokens: int, stop_at_eos: bool) -> list[int]:

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..weights.source import WeightSource
-from .kv_cache import KVCache, attention_mask
+from .kv_cache import KVCache, causal_mask_args
 from .layers import Linear, RMSNorm
 from .rope import RotaryTable
 
@@ -45,9 +45,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, start), rope.apply(k, start)
         keys, values = cache.write(start, k, v)  # [kv, S, hd]
-        mask = attention_mask(start, T, self.window, x.device)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, scale=self.scale,
+            q.transpose(0, 1), keys, values, scale=self.scale, **causal_mask_args(start, T, self.window, x.device),
             enable_gqa=self.heads != self.kv_heads,
         )  # [heads, T, hd]
         return self.o_proj(out.transpose(0, 1).reshape(T, self.heads * self.head_dim))

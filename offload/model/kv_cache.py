@@ -43,16 +43,21 @@ class LatentCache:
         return self.c_kv.nbytes + self.k_rope.nbytes
 
 
-def attention_mask(start: int, T: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Boolean [T, start+T] mask (True = attend): causal, optionally limited to the last `window` positions.
+def causal_mask_args(start: int, T: int, window: int | None, device: torch.device) -> dict:
+    """SDPA keyword arguments that make T queries at positions start.. attend causally to the start+T cached keys,
+    optionally only to the last `window` of them.
 
-    None when every query may see every cached key (a single token without a window), so SDPA skips masking.
+    A fresh prefill uses SDPA's built-in causal mode (fast kernels); one token without a window needs no mask;
+    anything else gets a boolean [T, start+T] mask (True = attend).
     """
-    if T == 1 and (window is None or start < window):
-        return None
+    if window is None or start + T <= window:
+        if T == 1:
+            return {}
+        if start == 0:
+            return {"is_causal": True}
     q_pos = torch.arange(start, start + T, device=device)[:, None]
     k_pos = torch.arange(start + T, device=device)[None, :]
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window
-    return mask
+    return {"attn_mask": mask}

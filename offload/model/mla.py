@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..weights.source import WeightSource
-from .kv_cache import LatentCache, attention_mask
+from .kv_cache import LatentCache, causal_mask_args
 from .layers import Linear, RMSNorm
 from .rope import RotaryTable, yarn_softmax_scale
 
@@ -60,27 +60,27 @@ class MLA(nn.Module):
         q_rope = rope.apply(q_rope, start, self.interleaved)
         k_rope = rope.apply(k_rope[:, None, :], start, self.interleaved)[:, 0]  # [T, rope]
         c_all, k_rope_all = cache.write(start, c_kv, k_rope)  # [S, rank], [S, rope]
-        mask = attention_mask(start, T, None, x.device)
+        mask = causal_mask_args(start, T, None, x.device)  # SDPA keyword arguments
         if use_absorbed(T) if absorbed is None else absorbed:
             out = self._absorbed(q_nope, q_rope, c_all, k_rope_all, mask)
         else:
             out = self._naive(q_nope, q_rope, c_all, k_rope_all, mask)
         return self.o_proj(out.reshape(T, self.heads * self.v_dim))
 
-    def _naive(self, q_nope, q_rope, c_all, k_rope_all, mask) -> torch.Tensor:
+    def _naive(self, q_nope, q_rope, c_all, k_rope_all, mask: dict) -> torch.Tensor:
         S = c_all.shape[0]
         kv = self.kv_b_proj(c_all).view(S, self.heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [S, nh, nope], [S, nh, v]
         keys = torch.cat((k_nope, k_rope_all[:, None, :].expand(S, self.heads, self.rope_dim)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)  # [T, nh, nope+rope]
         out = F.scaled_dot_product_attention(
-            query.transpose(0, 1), keys.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale)
+            query.transpose(0, 1), keys.transpose(0, 1), v.transpose(0, 1), scale=self.scale, **mask)
         return out.transpose(0, 1)  # [T, nh, v]
 
-    def _absorbed(self, q_nope, q_rope, c_all, k_rope_all, mask) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_rope, c_all, k_rope_all, mask: dict) -> torch.Tensor:
         q_latent = torch.einsum("thd,hdr->htr", q_nope, self.w_uk)  # [nh, T, rank]
         query = torch.cat((q_latent, q_rope.transpose(0, 1)), dim=-1)  # [nh, T, rank+rope]
         keys = torch.cat((c_all, k_rope_all), dim=-1)[None]  # [1, S, rank+rope]: one latent KV head
         out_latent = F.scaled_dot_product_attention(
-            query, keys, c_all[None], attn_mask=mask, scale=self.scale, enable_gqa=True)  # [nh, T, rank]
+            query, keys, c_all[None], scale=self.scale, enable_gqa=True, **mask)  # [nh, T, rank]
         return torch.einsum("htr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]
