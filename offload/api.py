@@ -5,7 +5,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -61,7 +61,7 @@ def eos_token_ids(folder: Path, config: ModelConfig, tokenizer: Tokenizer | None
 @dataclass(frozen=True)
 class LoadInfo:
     seconds: float
-    checkpoint_bytes: int
+    checkpoint_bytes: int  # tensor bytes in the checkpoint files
     skipped_tensors: int
 
 
@@ -131,8 +131,15 @@ class Model:
         return self.stream(self.chat_prompt(messages), **sampling)
 
 
-def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype: str = "auto") -> Model:
-    """Load a Hugging Face MoE checkpoint folder (config.json + safetensors) for generation."""
+ProgressCallback = Callable[[int, int, str], None]  # (bytes read so far, total bytes, current file name)
+
+
+def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype: str = "auto",
+         on_progress: ProgressCallback | None = None) -> Model:
+    """Load a Hugging Face MoE checkpoint folder (config.json + safetensors) for generation.
+
+    on_progress, if given, is called after each tensor is read with the bytes read so far and in total.
+    """
     t0 = time.perf_counter()
     checkpoint = Checkpoint(path)
     hf = checkpoint.config_json
@@ -141,10 +148,17 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
     if max_context < 1:
         raise OffloadError(f"max_context must be positive, got {max_context}")
     torch_device = resolve_device(device)
-    src = WeightSource(checkpoint, resolve_dtype(dtype, torch_device), torch_device)
+    total, done = checkpoint.nbytes(), [0]
+
+    def on_read(file_name: str, nbytes: int) -> None:
+        done[0] += nbytes
+        if on_progress is not None:
+            on_progress(done[0], total, file_name)
+
+    src = WeightSource(checkpoint, resolve_dtype(dtype, torch_device), torch_device, on_read=on_read)
     transformer = Transformer(config, arch.names, src, lambda layer, w: ReferenceExperts(w), max_context)
     skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers))
     folder = checkpoint.folder
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
-    info = LoadInfo(time.perf_counter() - t0, checkpoint.nbytes(), len(skipped))
+    info = LoadInfo(time.perf_counter() - t0, total, len(skipped))
     return Model(folder, config, transformer, tokenizer, eos_token_ids(folder, config, tokenizer), info)

@@ -103,3 +103,11 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     assert result.exit_code == 2
     assert "is not a folder" in result.output
     assert "Traceback" not in result.output
+
+
+def test_load_reports_progress_in_bytes(demo_dir):
+    calls = []
+    model = offload.load(demo_dir, device="cpu", on_progress=lambda done, total, name: calls.append((done, total, name)))
+    assert calls and calls[-1][0] == calls[-1][1] == model.load_info.checkpoint_bytes
+    assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
+    assert {name for _, _, name in calls} == {"model.safetensors"}

@@ -28,6 +28,13 @@ class TensorInfo:
     dtype: str  # safetensors dtype name, e.g. "BF16"
     shape: tuple[int, ...]
 
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * DTYPE_BYTES.get(self.dtype, 1)
+
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
@@ -118,4 +125,5 @@ class Checkpoint:
         return handle.get_tensor(name)
 
     def nbytes(self) -> int:
-        return sum(info.file.stat().st_size for info in {t.file: t for t in self.tensors.values()}.values())
+        """Tensor bytes in the checkpoint files."""
+        return sum(info.nbytes for info in self.tensors.values())

@@ -16,11 +16,13 @@ log = logging.getLogger("offload")
 class WeightSource:
     """Reads named tensors from a Checkpoint into one dtype and device, remembering which were taken."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, prefix: str = ""):
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, prefix: str = "",
+                 on_read: Callable[[str, int], None] | None = None):
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = device
         self.prefix = prefix
+        self.on_read = on_read  # (file name, bytes just read): drives progress bars
         self.taken: set[str] = set()
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -36,7 +38,10 @@ class WeightSource:
                 f"tensor {full!r} in {info.file.name} has shape {list(info.shape)}, config.json implies {list(shape)}"
             )
         self.taken.add(full)
-        return self.checkpoint.read(full).to(device=self.device, dtype=dtype or self.dtype)
+        stored = self.checkpoint.read(full)
+        if self.on_read is not None:
+            self.on_read(info.file.name, stored.nbytes)
+        return stored.to(device=self.device, dtype=dtype or self.dtype)
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.checkpoint.tensors
