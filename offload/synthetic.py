@@ -1,6 +1,6 @@
 """Synthetic checkpoints with random weights, written in the real Hugging Face layout.
 
-The tensor names and shapes come from the runtime's own loader: building the model against a RandomSource
+The tensor names and shapes come from the runtime's own loader: building the model against an InventedSource
 records every tensor it asks for, so a synthetic checkpoint can never drift from what `load` expects.
 """
 from __future__ import annotations
@@ -15,35 +15,26 @@ from safetensors.torch import save_file
 from .arch import architecture
 from .experts.reference import ReferenceExperts
 from .model.transformer import Transformer
-from .weights.source import WeightSource
+from .weights.source import InventedSource
 
 
-class RandomSource(WeightSource):
-    """A WeightSource that invents each requested tensor: ones for norms, zeros for biases, else N(0, std)."""
+def _random_maker(std: float, seed: int):
+    """Ones for norms, zeros for biases and correction biases, N(0, std) for everything else."""
+    generator = torch.Generator().manual_seed(seed)
 
-    def __init__(self, std: float, seed: int):
-        super().__init__(checkpoint=None, dtype=torch.float32, device=torch.device("cpu"))
-        self.std = std
-        self.generator = torch.Generator().manual_seed(seed)
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name.endswith("norm.weight"):
-            tensor = torch.ones(shape)
-        elif name.endswith(".bias") or name.endswith("e_score_correction_bias"):
-            tensor = torch.zeros(shape)
-        else:
-            tensor = torch.randn(shape, generator=self.generator) * self.std
-        self.tensors[name] = tensor
-        return tensor.to(dtype or self.dtype)
+            return torch.ones(shape)
+        if name.endswith(".bias") or name.endswith("e_score_correction_bias"):
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=generator) * std
 
-    def has(self, name: str) -> bool:
-        return False
+    return make
 
 
 def random_tensors(hf_config: dict[str, Any], std: float = 0.02, seed: int = 0) -> dict[str, torch.Tensor]:
     arch = architecture(hf_config.get("model_type"))
-    src = RandomSource(std, seed)
+    src = InventedSource(_random_maker(std, seed))
     Transformer(arch.config_from_hf(hf_config), arch.names, src, lambda layer, w: ReferenceExperts(w), max_context=1)
     return src.tensors
 

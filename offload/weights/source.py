@@ -60,6 +60,28 @@ class WeightSource:
         return extras
 
 
+class InventedSource(WeightSource):
+    """A WeightSource without a checkpoint: `make(name, shape)` invents each tensor; names and shapes are recorded.
+
+    Building a model against it lists exactly the tensors `load` would read — synthetic checkpoints (random
+    tensors) and placement inventories (meta tensors, no memory) both come from it, so neither can drift from
+    the loader.
+    """
+
+    def __init__(self, make: Callable[[str, tuple[int, ...]], torch.Tensor], dtype: torch.dtype = torch.float32,
+                 device: torch.device = torch.device("cpu")):
+        super().__init__(checkpoint=None, dtype=dtype, device=device)
+        self.make = make
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self.tensors[name] = self.make(name, tuple(shape))
+        return tensor.to(device=self.device, dtype=dtype or self.dtype)
+
+    def has(self, name: str) -> bool:
+        return False
+
+
 def known_extras(num_layers: int, num_extra_layers: int) -> Callable[[str], bool]:
     """Tensors real checkpoints ship that inference does not use: DeepSeek-V3's multi-token-prediction layers
     (`model.layers.{num_hidden_layers}...`) and rotary `inv_freq` buffers saved by old exporters."""

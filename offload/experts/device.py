@@ -1,0 +1,106 @@
+"""Routed experts on the device tier: one layer's pinned experts and cache slots in one preallocated stack,
+the copy engine that fills slots from host storage, and the grouped SwiGLU over resident experts."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+HostReader = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # expert -> CPU gate, up, down
+
+
+class DeviceExpertPool:
+    """Rows 0..P-1 hold the pinned experts, rows P..P+S-1 the cache slots: gate/up [P+S, I, H], down [P+S, H, I]."""
+
+    def __init__(self, pinned: Sequence[int], num_slots: int, hidden: int, intermediate: int, dtype: torch.dtype,
+                 device: torch.device):
+        rows = len(pinned) + num_slots
+        self.gate = torch.empty(rows, intermediate, hidden, dtype=dtype, device=device)
+        self.up = torch.empty(rows, intermediate, hidden, dtype=dtype, device=device)
+        self.down = torch.empty(rows, hidden, intermediate, dtype=dtype, device=device)
+        self.pinned_row = {expert: row for row, expert in enumerate(pinned)}
+        self.num_pinned = len(pinned)
+
+    def slot_row(self, slot: int) -> int:
+        return self.num_pinned + slot
+
+    @property
+    def expert_bytes(self) -> int:
+        return (self.gate[0].nbytes + self.up[0].nbytes + self.down[0].nbytes) if len(self.gate) else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    def compute(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """y [T, H] = sum over (t, k) with rows[t, k] >= 0 of weights[t, k] * expert_row(x[t]).
+        rows [T, K] are pool rows, -1 where the pair is computed elsewhere."""
+        y = torch.zeros_like(x)
+        flat = rows.reshape(-1)
+        chosen = (flat >= 0).nonzero().squeeze(1)
+        if chosen.numel() == 0:
+            return y
+        order = chosen[flat[chosen].argsort(stable=True)]  # pairs grouped by row
+        grouped_rows = flat[order]
+        used, counts = torch.unique_consecutive(grouped_rows, return_counts=True)
+        token_of = order // rows.shape[1]
+        combine = weights.reshape(-1)[order]
+        begin = 0
+        for row, count in zip(used.tolist(), counts.tolist()):
+            tokens = token_of[begin : begin + count]
+            h = x[tokens]
+            out = F.linear(F.silu(F.linear(h, self.gate[row])) * F.linear(h, self.up[row]), self.down[row])
+            y.index_add_(0, tokens, out * combine[begin : begin + count, None].to(out.dtype))
+            begin += count
+        return y
+
+
+class ExpertUploader:
+    """Copies experts from host storage into pool rows.
+
+    On CUDA the host tensors go through pinned staging buffers and a side stream, and each row records an event
+    that compute waits on only when it uses that row. On the CPU tier the copy is a plain (real) copy, so the
+    behaviour and the byte counts are the same."""
+
+    def __init__(self, pool: DeviceExpertPool, read_host: HostReader, device: torch.device):
+        self.pool, self.read_host, self.device = pool, read_host, device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device)
+            self.events: dict[int, torch.cuda.Event] = {}
+            shapes = [pool.gate.shape[1:], pool.up.shape[1:], pool.down.shape[1:]]
+            # Two staging sets: the CPU fills one while the previous copy drains from the other.
+            self.staging = [[torch.empty(s, dtype=pool.gate.dtype, pin_memory=True) for s in shapes] for _ in range(2)]
+            self.staging_done: list[torch.cuda.Event | None] = [None, None]
+            self.turn = 0
+
+    def copy(self, expert: int, row: int) -> None:
+        gate, up, down = self.read_host(expert)
+        if not self.cuda:
+            self.pool.gate[row].copy_(gate)
+            self.pool.up[row].copy_(up)
+            self.pool.down[row].copy_(down)
+            return
+        turn, self.turn = self.turn, 1 - self.turn
+        if self.staging_done[turn] is not None:
+            self.staging_done[turn].synchronize()  # the copy that last used this staging set has finished
+        staged = self.staging[turn]
+        for buffer, src in zip(staged, (gate, up, down)):
+            buffer.copy_(src)
+        # The row may still be read by compute queued on the main stream (an evicted expert): wait for it.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for dst, buffer in zip((self.pool.gate[row], self.pool.up[row], self.pool.down[row]), staged):
+                dst.copy_(buffer, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.events[row] = event
+        self.staging_done[turn] = event
+
+    def wait(self, row: int) -> None:
+        """Make the compute stream wait until `row` holds its expert (no-op on the CPU tier)."""
+        if self.cuda:
+            event = self.events.pop(row, None)
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)

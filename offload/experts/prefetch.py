@@ -1,0 +1,86 @@
+"""The prefetcher: after layer L's attention, route the current hidden state through the routers of the next
+MoE layers, and start copying the predicted experts that are not resident into those layers' cache slots."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # h [T, H] -> (topk_ids, topk_weights)
+
+
+class PrefetchTarget(Protocol):
+    """What a layer's hybrid backend offers the prefetcher."""
+
+    def is_resident(self, expert: int) -> bool: ...
+    def prefetch(self, expert: int, protected: set[int]) -> bool: ...  # True if a copy was started
+    @property
+    def cache_slots(self) -> int: ...
+
+
+@dataclass
+class PrefetchStats:
+    predicted: int = 0  # experts predicted for a layer (summed over steps)
+    useful: int = 0  # predicted experts the layer then used
+    needed: int = 0  # experts the layers used, over steps that had a prediction
+    copies: int = 0  # copies started by the prefetcher
+    wasted_copies: int = 0  # prefetched experts the layer did not use on that step
+    wasted_bytes: int = 0
+
+    @property
+    def precision(self) -> float:
+        return self.useful / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.useful / self.needed if self.needed else 0.0
+
+
+class Prefetcher:
+    def __init__(self, moe_layers: list[int], routers: dict[int, Router], targets: dict[int, PrefetchTarget],
+                 expert_bytes: int, lookahead: int = 1):
+        self.moe_layers = moe_layers
+        self.routers, self.targets = routers, targets
+        self.expert_bytes = expert_bytes
+        self.lookahead = lookahead
+        self.next_of = {layer: moe_layers[i + 1 : i + 1 + lookahead] for i, layer in enumerate(moe_layers)}
+        self.predicted: dict[int, set[int]] = {}  # layer -> experts predicted for its coming call
+        self.copied: dict[int, set[int]] = {}  # layer -> experts the prefetcher copied for that call
+        self.stats: dict[int, PrefetchStats] = {layer: PrefetchStats() for layer in moe_layers}
+
+    def after_attention(self, layer: int, h: torch.Tensor) -> None:
+        """h [T, H]: the MoE input of `layer`. Predict and start copies for the next MoE layers."""
+        for target_layer in self.next_of.get(layer, ()):
+            target = self.targets[target_layer]
+            ids, _ = self.routers[target_layer](h)
+            experts, counts = ids.reshape(-1).unique(return_counts=True)
+            # Most-used first, and no more than the slots can hold: a prefill predicts nearly every expert.
+            ranked = experts[counts.argsort(descending=True, stable=True)].tolist()
+            predicted = set(ranked)
+            self.predicted[target_layer] = predicted
+            copied = self.copied.setdefault(target_layer, set())
+            budget = target.cache_slots
+            for expert in ranked:
+                if budget == 0:
+                    break
+                if target.is_resident(expert):
+                    continue
+                if target.prefetch(expert, protected=predicted):
+                    copied.add(expert)
+                    self.stats[target_layer].copies += 1
+                budget -= 1
+
+    def observe(self, layer: int, used: set[int]) -> None:
+        """The experts `layer` actually used on this call: score the prediction made for it."""
+        predicted = self.predicted.pop(layer, None)
+        copied = self.copied.pop(layer, set())
+        if predicted is None:
+            return
+        s = self.stats[layer]
+        s.predicted += len(predicted)
+        s.needed += len(used)
+        s.useful += len(predicted & used)
+        wasted = len(copied - used)
+        s.wasted_copies += wasted
+        s.wasted_bytes += wasted * self.expert_bytes

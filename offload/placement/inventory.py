@@ -1,0 +1,79 @@
+"""What a model holds, by weight group, in bytes — from the loader's own tensor list, with no memory used."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..arch import CheckpointNames
+from ..config import ModelConfig
+from ..experts.reference import ReferenceExperts
+from ..weights.source import InventedSource
+
+DEVICE_GROUPS = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense_mlp", "lm_head")
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Parameter counts per weight group (routed experts apart) and the size of one routed expert."""
+
+    params: dict[str, int]  # group -> parameters, for DEVICE_GROUPS
+    router_params: int  # kept in fp32 whatever the model dtype
+    expert_params: int  # one routed expert: gate + up + down
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+
+    def device_bytes(self, dtype_bytes: int) -> dict[str, int]:
+        """Bytes of each always-on-device group in the model's compute dtype (routers in fp32)."""
+        out = {group: n * dtype_bytes for group, n in self.params.items()}
+        out["routers"] = self.router_params * 4 + (self.params["routers"] - self.router_params) * dtype_bytes
+        return out
+
+
+def _group(name: str, names: CheckpointNames) -> str:
+    if name.startswith("model.embed_tokens"):
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if ".self_attn." in name:
+        return "attention"
+    if name.endswith("norm.weight"):
+        return "norms"
+    if f".{names.moe}.experts." in name:
+        return "experts"
+    if re.search(rf"\.{names.moe}\.(gate\.|shared_expert_gate\.)", name):
+        return "routers"
+    if names.shared and f".{names.moe}.{names.shared}." in name:
+        return "shared_experts"
+    return "dense_mlp"
+
+
+def inventory(cfg: ModelConfig, names: CheckpointNames) -> Inventory:
+    from ..model.transformer import Transformer
+
+    src = InventedSource(lambda name, shape: torch.empty(shape, device="meta"), device=torch.device("meta"))
+    Transformer(cfg, names, src, lambda layer, weights: ReferenceExperts(weights), max_context=1)
+    params = dict.fromkeys(DEVICE_GROUPS, 0)
+    router = experts = 0
+    for name, tensor in src.tensors.items():
+        group = _group(name, names)
+        if group == "experts":
+            experts += tensor.numel()
+            continue
+        params[group] += tensor.numel()
+        if group == "routers" and "shared_expert_gate" not in name:
+            router += tensor.numel()
+    moe_layers = tuple(i for i, sparse in enumerate(cfg.moe_layers) if sparse)
+    per_expert = experts // max(len(moe_layers) * cfg.router.num_experts, 1)
+    return Inventory(params, router, per_expert, moe_layers, cfg.router.num_experts, cfg.router.top_k)
+
+
+def kv_cache_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> int:
+    """The attention cache for max_context positions: K and V per layer, or MLA's latent + rope key."""
+    if cfg.mla:
+        per_position = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+    else:
+        per_position = 2 * cfg.num_key_value_heads * cfg.head_dim
+    return cfg.num_hidden_layers * max_context * per_position * dtype_bytes

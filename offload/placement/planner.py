@@ -1,0 +1,181 @@
+"""The placement planner: a pure function from model size, budgets and routing heat to a Plan.
+
+Device tier first: embeddings, attention/MLA, the KV or latent cache for max_context, norms, routers, shared
+experts, dense MLPs and the LM head. What is left of the device budget holds routed experts: first a few cache
+slots per MoE layer (so the prefetcher has somewhere to copy predicted experts), then pinned experts — the
+hottest by routing heat, or evenly without heat. Every other expert stays on the host.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import OffloadError
+from .inventory import Inventory
+
+GiB = 2**30
+
+
+class PlanError(OffloadError):
+    """The model cannot be placed within the budgets."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: int
+    pinned: tuple[int, ...]  # expert ids resident on the device for good
+    cache_slots: int  # device slots for experts copied in on demand or by the prefetcher
+    num_experts: int
+
+    @property
+    def host_experts(self) -> int:
+        return self.num_experts - len(self.pinned)
+
+
+@dataclass(frozen=True)
+class Plan:
+    device_budget: int
+    host_budget: int
+    max_context: int
+    expert_format: str  # host format of routed experts: "bf16" | "int8" | "int4"
+    device_groups: dict[str, int]  # always-on-device weight groups and the KV cache, in bytes
+    expert_device_bytes: int  # one routed expert in the device dtype
+    expert_host_bytes: int  # one routed expert in the host format
+    layers: tuple[LayerPlan, ...]
+
+    @property
+    def device_fixed_bytes(self) -> int:
+        return sum(self.device_groups.values())
+
+    @property
+    def device_expert_bytes(self) -> int:
+        return sum(len(l.pinned) + l.cache_slots for l in self.layers) * self.expert_device_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return self.device_fixed_bytes + self.device_expert_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(l.host_experts for l in self.layers) * self.expert_host_bytes
+
+    def layer(self, index: int) -> LayerPlan:
+        for layer in self.layers:
+            if layer.layer == index:
+                return layer
+        raise KeyError(f"layer {index} has no routed experts in this plan")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+            data["layers"] = tuple(LayerPlan(**{**l, "pinned": tuple(l["pinned"])}) for l in data["layers"])
+            return cls(**data)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise PlanError(f"not a plan file ({err}); write one with `offload plan MODEL --out plan.json`") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            return cls.from_json(Path(path).read_text())
+        except OSError as err:
+            raise PlanError(f"cannot read plan {path}: {err.strerror}") from None
+
+    def table(self) -> str:
+        """A readable summary: bytes per tier, then pinned / slots / host experts per MoE layer."""
+        rows = [f"device budget {_gib(self.device_budget)}, host budget {_gib(self.host_budget)}, "
+                f"max_context {self.max_context}, experts on host as {self.expert_format}",
+                "", f"{'device tier':<24}{'bytes':>14}"]
+        rows += [f"  {group:<22}{_gib(n):>14}" for group, n in self.device_groups.items() if n]
+        rows += [f"  {'pinned + cache slots':<22}{_gib(self.device_expert_bytes):>14}",
+                 f"  {'total':<22}{_gib(self.device_bytes):>14}",
+                 f"{'host tier (experts)':<24}{_gib(self.host_bytes):>14}", "",
+                 f"{'layer':>6}{'pinned':>8}{'slots':>7}{'host':>6}  pinned ids"]
+        for l in self.layers:
+            ids = ",".join(map(str, l.pinned[:12])) + (",…" if len(l.pinned) > 12 else "")
+            rows.append(f"{l.layer:>6}{len(l.pinned):>8}{l.cache_slots:>7}{l.host_experts:>6}  {ids}")
+        return "\n".join(rows)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.3f} GiB" if n >= GiB // 100 else f"{n / 2**20:.2f} MiB"
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a plan is made for, besides the model's inventory."""
+
+    device_budget: int
+    host_budget: int
+    max_context: int
+    kv_cache_bytes: int  # the attention cache for max_context
+    dtype_bytes: int  # device compute dtype
+    expert_format: str  # host format of routed experts
+    expert_host_bytes: int  # one routed expert in that format
+    slots_per_layer: int | None = None  # cache size per MoE layer; None: twice top-k as far as the budget allows
+
+
+def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] | None = None) -> Plan:
+    """Place a model. heat[i][e] counts how often MoE layer inv.moe_layers[i] routed to expert e."""
+    groups = {**inv.device_bytes(req.dtype_bytes), "kv_cache": req.kv_cache_bytes}
+    fixed = sum(groups.values())
+    if fixed > req.device_budget:
+        raise PlanError(
+            f"attention, KV cache and other always-on-device weights need {_gib(fixed)} "
+            f"(KV cache {_gib(req.kv_cache_bytes)} for max_context {req.max_context}) but the device budget is "
+            f"{_gib(req.device_budget)}; lower max_context, use a smaller dtype or raise gpu_memory")
+    E, L = inv.num_experts, len(inv.moe_layers)
+    expert_bytes = inv.expert_params * req.dtype_bytes
+    capacity = (req.device_budget - fixed) // expert_bytes if expert_bytes else 0
+    if heat is not None and (len(heat) != L or any(len(row) != E for row in heat)):
+        raise PlanError(f"routing heat must be {L} MoE layers x {E} experts; profile this model again")
+
+    if capacity >= L * E:
+        slots = [0] * L
+        pinned = [list(range(E)) for _ in range(L)]
+    else:
+        want = req.slots_per_layer if req.slots_per_layer is not None else 2 * inv.top_k
+        slots = _cache_slots(capacity, L, min(want, E))
+        pinned = _pin(capacity - sum(slots), slots, E, heat)
+    layers = tuple(LayerPlan(layer, tuple(sorted(p)), s, E) for layer, p, s in zip(inv.moe_layers, pinned, slots))
+    plan = Plan(req.device_budget, req.host_budget, req.max_context, req.expert_format, groups, expert_bytes,
+                req.expert_host_bytes, layers)
+    if plan.host_bytes > req.host_budget:
+        raise PlanError(f"the experts left on the host need {_gib(plan.host_bytes)} as {req.expert_format} but "
+                        f"only {_gib(req.host_budget)} of RAM is available; use a smaller expert format (int8, "
+                        "int4) or free memory")
+    return plan
+
+
+def _cache_slots(capacity: int, L: int, want: int) -> list[int]:
+    """`want` slots per layer, spread evenly over the layers while the budget lasts."""
+    per_layer, extra = divmod(min(capacity, want * L), L)
+    return [per_layer + (1 if i < extra else 0) for i in range(L)]
+
+
+def _pin(budget: int, slots: list[int], E: int, heat: Sequence[Sequence[float]] | None) -> list[list[int]]:
+    """Pin `budget` experts: hottest (layer, expert) pairs first, or round-robin over layers without heat.
+    A layer never pins so many that pinned + slots exceeds its expert count."""
+    L = len(slots)
+    room = [E - s for s in slots]
+    pinned: list[list[int]] = [[] for _ in range(L)]
+    if heat is None:
+        order = [(layer, e) for e in range(E) for layer in range(L)]  # expert 0 of every layer, then 1, ...
+    else:
+        order = sorted(((layer, e) for layer in range(L) for e in range(E)),
+                       key=lambda le: (-heat[le[0]][le[1]], le[0], le[1]))
+    for layer, e in order:
+        if budget <= 0:
+            break
+        if len(pinned[layer]) < room[layer]:
+            pinned[layer].append(e)
+            budget -= 1
+    return pinned
