@@ -12,9 +12,12 @@ import torch
 from .arch import architecture
 from .config import ModelConfig
 from .errors import OffloadError
-from .experts.reference import ReferenceExperts
+from .experts.builder import ExpertsBuilder, ExpertsOptions
 from .generate import Generation, GenerationRequest, GenerationRun
 from .model.transformer import Transformer
+from .placement import Plan, resolve_plan
+from .stats import reset_runtime_stats, runtime_stats
+from .timers import Timers
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint, read_json
@@ -63,16 +66,29 @@ class LoadInfo:
     seconds: float
     checkpoint_bytes: int  # tensor bytes in the checkpoint files
     skipped_tensors: int
+    jit_seconds: float  # compiling or loading the CPU kernels from Numba's cache
+    cpu_threads: int
 
 
 class Model:
     """A loaded checkpoint ready to generate. Holds one sequence's cache; calls run one at a time."""
 
     def __init__(self, path: Path, config: ModelConfig, transformer: Transformer, tokenizer: Tokenizer | None,
-                 eos_ids: tuple[int, ...], load_info: LoadInfo):
+                 eos_ids: tuple[int, ...], load_info: LoadInfo, plan: Plan | None, experts: ExpertsBuilder):
         self.path, self.config, self.transformer, self.tokenizer = path, config, transformer, tokenizer
         self.eos_token_ids = eos_ids
         self.load_info = load_info
+        self.plan = plan  # None when every expert stays on the device tier (or all run on the CPU workers)
+        self._experts = experts
+        self._last: Generation | None = None
+
+    def stats(self) -> dict[str, Any]:
+        """Runtime counters since load (or reset_stats): per-layer expert hits and misses, prefetch precision and
+        recall, bytes copied, seconds per component, the last generation's tokens/s, load and JIT time."""
+        return runtime_stats(self._experts, self.transformer.timers, self._last, self.load_info)
+
+    def reset_stats(self) -> None:
+        reset_runtime_stats(self._experts, self.transformer.timers)
 
     @property
     def max_context(self) -> int:
@@ -109,7 +125,9 @@ class Model:
 
     def stream(self, prompt: str | Sequence[int], **sampling: Any) -> GenerationRun:
         """Iterate for text pieces as they are produced; the run's `.result` holds the Generation afterwards."""
-        return GenerationRun(self.transformer, self.tokenizer, self.eos_token_ids, self._request(prompt, **sampling))
+        run = GenerationRun(self.transformer, self.tokenizer, self.eos_token_ids, self._request(prompt, **sampling))
+        self._last = run.result
+        return run
 
     def generate(self, prompt: str | Sequence[int], **sampling: Any) -> Generation:
         run = self.stream(prompt, **sampling)
@@ -132,13 +150,24 @@ class Model:
 
 
 ProgressCallback = Callable[[int, int, str], None]  # (bytes read so far, total bytes, current file name)
+EXPERT_FORMATS = ("bf16", "int8", "int4")
 
 
 def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype: str = "auto",
+         experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
+         plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool = True,
          on_progress: ProgressCallback | None = None) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors) for generation.
 
-    on_progress, if given, is called after each tensor is read with the bytes read so far and in total.
+    experts:     host format of routed experts run by the CPU workers: "bf16" | "int8" | "int4". With
+                 device="cpu" and no gpu_memory, every routed expert runs on the CPU workers in this format;
+                 None keeps them in torch with the rest of the model (exact, the reference path).
+    gpu_memory:  device budget ("12GiB", bytes). With a GPU, the default is its free memory; on a machine
+                 without one it simulates a device tier of that size (planner, cache and prefetcher run as on
+                 a GPU). Experts that do not fit stay on the host in `experts` format (default bf16).
+    plan:        a Plan or a plan.json path to use instead of planning from the budgets.
+    cpu_threads: threads for the CPU workers and torch (default: physical cores).
+    on_progress: called after each tensor is read with the bytes read so far and in total.
     """
     t0 = time.perf_counter()
     checkpoint = Checkpoint(path)
@@ -147,7 +176,18 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
     config = arch.config_from_hf(hf)
     if max_context < 1:
         raise OffloadError(f"max_context must be positive, got {max_context}")
+    if experts is not None and experts not in EXPERT_FORMATS:
+        raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
     torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    placement = resolve_plan(config, arch.names, torch_device, torch_dtype, experts or "bf16", max_context,
+                             gpu_memory, plan)
+    if placement is not None and experts is not None and experts != placement.expert_format:
+        raise OffloadError(f"the plan keeps experts on the host as {placement.expert_format}, not {experts}; "
+                           "drop the experts option or make a new plan")
+    host_format = placement.expert_format if placement is not None else experts
+    threads, jit_seconds = _start_cpu_workers(host_format, cpu_threads)
+
     total, done = checkpoint.nbytes(), [0]
 
     def on_read(file_name: str, nbytes: int) -> None:
@@ -155,10 +195,28 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
         if on_progress is not None:
             on_progress(done[0], total, file_name)
 
-    src = WeightSource(checkpoint, resolve_dtype(dtype, torch_device), torch_device, on_read=on_read)
-    transformer = Transformer(config, arch.names, src, lambda layer, w: ReferenceExperts(w), max_context)
+    timers = Timers(torch.cuda.synchronize if torch_device.type == "cuda" else None)
+    builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch), torch_device,
+                             torch_dtype, timers)
+    src = WeightSource(checkpoint, torch_dtype, torch_device, on_read=on_read)
+    transformer = Transformer(config, arch.names, src, builder, max_context, timers)
     skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers))
+    builder.attach_prefetcher(transformer.routers())
     folder = checkpoint.folder
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
-    info = LoadInfo(time.perf_counter() - t0, total, len(skipped))
-    return Model(folder, config, transformer, tokenizer, eos_token_ids(folder, config, tokenizer), info)
+    info = LoadInfo(time.perf_counter() - t0, total, len(skipped), jit_seconds, threads)
+    return Model(folder, config, transformer, tokenizer, eos_token_ids(folder, config, tokenizer), info,
+                 placement, builder)
+
+
+def _start_cpu_workers(host_format: str | None, cpu_threads: int | None) -> tuple[int, float]:
+    """Set the thread counts; compile (or load from cache) the CPU kernels of `host_format` now, not mid-reply."""
+    if host_format is None:
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        return torch.get_num_threads(), 0.0
+    from csrc_py.threads import set_threads
+    from .experts.cpu import warmup
+
+    threads = set_threads(cpu_threads)
+    return threads, warmup(host_format)

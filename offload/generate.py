@@ -94,7 +94,8 @@ class GenerationRun:
         stats.prefill_seconds = time.perf_counter() - t0
         pos = len(req.prompt_ids)
         for step in range(req.max_new_tokens):
-            token = sample_next(logits, req.sampling, generator, history[:pos])
+            with model.timers.section("sampling"):
+                token = sample_next(logits, req.sampling, generator, history[:pos])
             stats.generated_tokens += 1
             yield token
             if token in self.eos_ids or step == req.max_new_tokens - 1:

@@ -21,6 +21,7 @@ class DeviceExpertPool:
         self.down = torch.empty(rows, hidden, intermediate, dtype=dtype, device=device)
         self.pinned_row = {expert: row for row, expert in enumerate(pinned)}
         self.num_pinned = len(pinned)
+        self.num_slots = num_slots
 
     def slot_row(self, slot: int) -> int:
         return self.num_pinned + slot

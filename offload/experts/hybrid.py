@@ -41,8 +41,9 @@ class ExpertSizes:
 
 
 class HybridExperts:
-    def __init__(self, layer: int, num_experts: int, pool: DeviceExpertPool, cache: ExpertCache,
-                 uploader: ExpertUploader, cpu, cost: CostModel, sizes: ExpertSizes, timers: Timers):
+    def __init__(self, layer: int, num_experts: int, host_ids: list[int], pool: DeviceExpertPool,
+                 cache: ExpertCache, uploader: ExpertUploader, cpu, cost: CostModel, sizes: ExpertSizes,
+                 timers: Timers):
         self.layer, self.num_experts = layer, num_experts
         self.pool, self.cache, self.uploader, self.cpu = pool, cache, uploader, cpu
         self.cost, self.sizes, self.timers = cost, sizes, timers
@@ -50,6 +51,9 @@ class HybridExperts:
         self.stats = LayerStats()
         device = pool.gate.device
         self.row_table = torch.full((num_experts,), -1, dtype=torch.long, device=device)  # expert -> pool row
+        # The CPU workers hold only the host experts, renumbered 0..len(host_ids)-1; -1 marks pinned ones.
+        self.host_index = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+        self.host_index[torch.tensor(host_ids, dtype=torch.long)] = torch.arange(len(host_ids)).to(device)
 
     # --- what the prefetcher uses -------------------------------------------------------------------------
     @property
@@ -87,7 +91,7 @@ class HybridExperts:
         handle = None
         if on_cpu:
             with self.timers.section("cpu_experts"):
-                cpu_ids = torch.where(pair_rows < 0, topk_ids, -1).cpu()
+                cpu_ids = torch.where(pair_rows < 0, self.host_index[topk_ids], -1).cpu()  # -1: not the CPU's
                 handle = self.cpu.submit(x.cpu(), cpu_ids, topk_weights.cpu())
         with self.timers.section("device_experts"):
             y = self.pool.compute(x, pair_rows, topk_weights) if rows else torch.zeros_like(x)

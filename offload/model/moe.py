@@ -9,6 +9,7 @@ from torch import nn
 
 from ..arch import CheckpointNames
 from ..config import ModelConfig
+from ..timers import Timers
 from ..experts.base import ExpertWeights, Experts
 from ..weights.source import WeightSource
 from .layers import Linear, SwiGLU
@@ -31,8 +32,9 @@ def load_expert_weights(cfg: ModelConfig, layer: int, names: CheckpointNames, sr
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, names: CheckpointNames, src: WeightSource,
-                 make_experts: ExpertsFactory):
+                 make_experts: ExpertsFactory, timers: Timers):
         super().__init__()
+        self.timers = timers
         p = f"model.layers.{layer}.{names.moe}"
         H, E = cfg.hidden_size, cfg.router.num_experts
         self.router_cfg = cfg.router
@@ -54,11 +56,14 @@ class MoE(nn.Module):
         return route(F.linear(h.float(), self.router), self.router_cfg, self.correction_bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.route(h)
-        y = self.experts(h, ids, weights)
+        with self.timers.section("router"):
+            ids, weights = self.route(h)
+        with self.timers.section("experts"):  # hybrid backends split this into device, CPU and copy time
+            y = self.experts(h, ids, weights)
         if self.shared is not None:
-            shared = self.shared(h)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(h)) * shared
+            with self.timers.section("shared_experts"):
+                shared = self.shared(h)
+                if self.shared_gate is not None:
+                    shared = torch.sigmoid(self.shared_gate(h)) * shared
             y = y + shared
         return y

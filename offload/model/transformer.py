@@ -7,30 +7,34 @@ from torch import nn
 
 from ..arch import CheckpointNames
 from ..config import ModelConfig
+from ..timers import Timers
 from ..weights.source import WeightSource
 from .attention import Attention
 from .kv_cache import KVCache, LatentCache
 from .layers import Linear, RMSNorm, SwiGLU
 from .mla import MLA
-from .moe import MoE, ExpertsFactory
+from ..experts.prefetch import Router
+from .moe import ExpertsFactory, MoE
 from .rope import RotaryTable
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, names: CheckpointNames, src: WeightSource,
-                 make_experts: ExpertsFactory):
+                 make_experts: ExpertsFactory, timers: Timers):
         super().__init__()
         p, H = f"model.layers.{layer}", cfg.hidden_size
+        self.timers = timers
         self.input_norm = RMSNorm.load(src, f"{p}.input_layernorm", H, cfg.rms_norm_eps)
         self.attn = MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src)
         self.post_attn_norm = RMSNorm.load(src, f"{p}.post_attention_layernorm", H, cfg.rms_norm_eps)
         if cfg.moe_layers[layer]:
-            self.mlp = MoE(cfg, layer, names, src, make_experts)
+            self.mlp = MoE(cfg, layer, names, src, make_experts, timers)
         else:
             self.mlp = SwiGLU.load(src, f"{p}.mlp", H, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), start, cache, rope)
+        with self.timers.section("attention"):
+            x = x + self.attn(self.input_norm(x), start, cache, rope)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -38,13 +42,15 @@ class Transformer(nn.Module):
     """ids -> logits for one sequence; `start` is the number of positions already in the cache."""
 
     def __init__(self, cfg: ModelConfig, names: CheckpointNames, src: WeightSource, make_experts: ExpertsFactory,
-                 max_context: int):
+                 max_context: int, timers: Timers | None = None):
         super().__init__()
         self.cfg, self.max_context = cfg, max_context
+        self.timers = timers or Timers()
         dtype, device = src.dtype, src.device
         V, H = cfg.vocab_size, cfg.hidden_size
         self.embed = src.take("model.embed_tokens.weight", (V, H))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, names, src, make_experts) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, names, src, make_experts, self.timers)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings and not src.has("lm_head.weight"):
             self.lm_head = Linear(self.embed)
@@ -64,6 +70,10 @@ class Transformer(nn.Module):
     def cache_nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
 
+    def routers(self) -> dict[int, Router]:
+        """Each MoE layer's router (h [T, H] -> topk ids, weights), for the prefetcher."""
+        return {i: layer.mlp.route for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}
+
     def hidden(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """ids [T] -> final-norm hidden states [T, H], writing positions start..start+T-1 to the caches."""
         x = F.embedding(ids, self.embed)  # [T, H]
@@ -76,4 +86,5 @@ class Transformer(nn.Module):
         h = self.hidden(ids, start)
         if last_only:
             h = h[-1:]
-        return self.lm_head(h).float()
+        with self.timers.section("lm_head"):
+            return self.lm_head(h).float()

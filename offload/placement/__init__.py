@@ -1,0 +1,57 @@
+"""Placement: budgets, the model's inventory by weight group, and the planner that turns them into a Plan."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..arch import CheckpointNames
+from ..config import ModelConfig
+from .budget import detect_budgets
+from .inventory import inventory, kv_cache_bytes
+from .planner import Plan, PlanError, PlanRequest, make_plan
+
+
+def expert_host_bytes(fmt: str, hidden: int, intermediate: int) -> int:
+    """One routed expert (gate, up, down) in a host format, padding included."""
+    from csrc_py.formats import packed_nbytes
+
+    return 2 * packed_nbytes(fmt, 1, intermediate, hidden) + packed_nbytes(fmt, 1, hidden, intermediate)
+
+
+def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device, dtype: torch.dtype,
+                 host_format: str, max_context: int, gpu_memory: int | str | None, plan: Plan | str | Path | None,
+                 heat=None) -> Plan | None:
+    """The plan to load with: the one given (checked against the model), or one made from the budgets when a GPU
+    is used or a device budget is simulated; None when everything stays on the device tier."""
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    if plan is not None:
+        check_plan_fits_model(plan, cfg, max_context)
+        return plan
+    if device.type != "cuda" and gpu_memory is None:
+        return None
+    budgets = detect_budgets(device, gpu_memory)
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
+    request = PlanRequest(
+        device_budget=budgets.device_bytes, host_budget=budgets.host_bytes, max_context=max_context,
+        kv_cache_bytes=kv_cache_bytes(cfg, max_context, dtype_bytes), dtype_bytes=dtype_bytes,
+        expert_format=host_format,
+        expert_host_bytes=expert_host_bytes(host_format, cfg.hidden_size, cfg.moe_intermediate_size))
+    return make_plan(inventory(cfg, names), request, heat)
+
+
+def check_plan_fits_model(plan: Plan, cfg: ModelConfig, max_context: int) -> None:
+    moe_layers = [i for i, sparse in enumerate(cfg.moe_layers) if sparse]
+    if [l.layer for l in plan.layers] != moe_layers or any(
+            l.num_experts != cfg.router.num_experts or max(l.pinned, default=0) >= cfg.router.num_experts
+            for l in plan.layers):
+        raise PlanError("the plan was made for a different model (its MoE layers or expert counts differ); "
+                        "make a new one with `offload plan MODEL`")
+    if max_context > plan.max_context:
+        raise PlanError(f"the plan was made for max_context {plan.max_context}, not {max_context}; "
+                        "load with that max_context or make a new plan")
+
+
+__all__ = ["Plan", "PlanError", "PlanRequest", "make_plan", "resolve_plan", "inventory", "kv_cache_bytes",
+           "detect_budgets", "expert_host_bytes"]

@@ -1,0 +1,108 @@
+"""Builds each MoE layer's experts backend from the load options and the plan, and wires the prefetcher.
+
+    no plan, no expert format  -> ReferenceExperts: every expert in torch on the device tier
+    no plan, expert format     -> CpuExperts: every routed expert on the CPU workers (device="cpu")
+    a plan                     -> HybridExperts: pinned + cached experts on the device, the rest on the CPU
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig
+from ..placement.planner import Plan
+from ..timers import Timers
+from .base import ExpertWeights, Experts
+from .cache import ExpertCache, make_policy
+from .cost import CostModel, best_seconds, measure_device_flops
+from .device import DeviceExpertPool, ExpertUploader
+from .hybrid import ExpertSizes, HybridExperts
+from .prefetch import Prefetcher
+from .reference import ReferenceExperts
+
+
+@dataclass(frozen=True)
+class ExpertsOptions:
+    host_format: str | None = None  # "bf16" | "int8" | "int4"; None keeps experts in torch on the device tier
+    plan: Plan | None = None
+    cache_policy: str = "lru"
+    prefetch: bool = True
+
+
+class ExpertsBuilder:
+    """The experts factory handed to the Transformer: (layer, weights) -> backend."""
+
+    def __init__(self, cfg: ModelConfig, options: ExpertsOptions, device: torch.device, dtype: torch.dtype,
+                 timers: Timers):
+        self.cfg, self.options, self.device, self.dtype, self.timers = cfg, options, device, dtype, timers
+        self.hybrids: dict[int, HybridExperts] = {}
+        self.cost: CostModel | None = None
+        self.prefetcher: Prefetcher | None = None
+        make_policy(options.cache_policy)  # fail on a bad policy name before any weight is read
+        H, I = cfg.hidden_size, cfg.moe_intermediate_size
+        self.flops_per_token = 2 * 3 * H * I
+
+    def __call__(self, layer: int, weights: ExpertWeights) -> Experts:
+        opts = self.options
+        if opts.plan is None and opts.host_format is None:
+            return ReferenceExperts(weights)
+        from .cpu import CpuExperts  # here, so the reference path never loads Numba
+
+        if opts.plan is None:
+            return CpuExperts(weights, opts.host_format)
+        lp = opts.plan.layer(layer)
+        host_ids = [e for e in range(weights.num_experts) if e not in set(lp.pinned)]
+        cpu = CpuExperts(_select(weights, host_ids), opts.host_format or "bf16") if host_ids else None
+        pool = DeviceExpertPool(lp.pinned, lp.cache_slots, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
+                                self.dtype, self.device)
+        for row, expert in enumerate(lp.pinned):
+            pool.gate[row].copy_(weights.gate[expert])
+            pool.up[row].copy_(weights.up[expert])
+            pool.down[row].copy_(weights.down[expert])
+        local = {expert: i for i, expert in enumerate(host_ids)}
+        uploader = ExpertUploader(pool, lambda e: cpu.expert_tensors(local[e]), self.device)
+        sizes = ExpertSizes(cpu.expert_nbytes if cpu else 0, opts.plan.expert_device_bytes, self.flops_per_token)
+        if self.cost is None:
+            self.cost = self._measure_costs(cpu, uploader, host_ids, pool, sizes)
+        cache = ExpertCache(lp.cache_slots, sizes.device_bytes, make_policy(opts.cache_policy))
+        hybrid = HybridExperts(layer, weights.num_experts, host_ids, pool, cache, uploader, cpu, self.cost, sizes,
+                               self.timers)
+        self.hybrids[layer] = hybrid
+        return hybrid
+
+    def attach_prefetcher(self, routers: dict[int, Callable]) -> None:
+        """Once every layer is built: give the hybrid layers a prefetcher over the next layer's router."""
+        if not self.hybrids or not self.options.prefetch:
+            return
+        layers = sorted(self.hybrids)
+        self.prefetcher = Prefetcher(layers, routers, dict(self.hybrids), self.options.plan.expert_device_bytes)
+        for hybrid in self.hybrids.values():
+            hybrid.prefetcher = self.prefetcher
+
+    def _measure_costs(self, cpu, uploader: ExpertUploader, host_ids: list[int], pool: DeviceExpertPool,
+                       sizes: ExpertSizes) -> CostModel:
+        """Time the CPU workers at one and at 64 tokens, one expert copy and a device matmul, once per load."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        H, K = self.cfg.hidden_size, self.cfg.router.top_k
+        device_flops = measure_device_flops(self.device, self.dtype, H, self.cfg.moe_intermediate_size, sync)
+        if cpu is None or pool.num_slots == 0:
+            return CostModel(1.0, 1.0, 1.0, device_flops)  # nothing can be copied, or nothing is on the CPU
+        experts = min(K, cpu.num_experts)
+        ids = torch.arange(experts).reshape(1, experts)
+        one = best_seconds(lambda: cpu(torch.randn(1, H), ids, torch.ones(1, experts)))
+        many_ids = torch.arange(64 * experts).remainder(cpu.num_experts).reshape(64, experts)
+        many = best_seconds(lambda: cpu(torch.randn(64, H), many_ids, torch.ones(64, experts)))
+        host_expert = host_ids[0]
+        copy = best_seconds(lambda: uploader.copy(host_expert, pool.slot_row(0)), sync=sync)
+        return CostModel(cpu_bytes_per_s=experts * sizes.host_bytes / one,
+                         cpu_flops=64 * experts * self.flops_per_token / many,
+                         copy_bytes_per_s=sizes.device_bytes / copy,
+                         device_flops=device_flops)
+
+
+def _select(weights: ExpertWeights, ids: list[int]) -> ExpertWeights:
+    index = torch.tensor(ids)
+    return ExpertWeights(weights.gate[index], weights.up[index], weights.down[index])
