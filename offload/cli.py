@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, get_type_hints
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from . import __version__
 from .errors import OffloadError
+
+if TYPE_CHECKING:
+    from .api import Model
+    from .generate import GenerationRun
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, help="Run large sparse MoE language models on one workstation.")
 err = Console(stderr=True, soft_wrap=True)
@@ -33,6 +41,14 @@ def main(
     DEBUG["on"] = debug
 
 
+def print_error(error: OffloadError) -> None:
+    """One red line; the traceback instead with --debug (call it while handling the error)."""
+    if DEBUG["on"]:
+        err.print_exception()
+    else:
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+
+
 def user_errors(command: Callable) -> Callable:
     """Turn offload's errors (and Ctrl-C) into one red line and exit code 2; tracebacks only with --debug."""
 
@@ -43,7 +59,7 @@ def user_errors(command: Callable) -> Callable:
         except OffloadError as error:
             if DEBUG["on"]:
                 raise
-            err.print(f"[red]error:[/red] {error}", highlight=False)
+            print_error(error)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/red]")
@@ -52,14 +68,66 @@ def user_errors(command: Callable) -> Callable:
     return run
 
 
-def _print_stream(run) -> None:
+def _load_option(default: Any, help: str, **option: Any) -> Any:
+    """A LoadOptions field and its --option. `option` goes to typer.Option (e.g. min=1); for a choice, annotate
+    the field with a Literal of the values."""
+    return field(default=default, metadata={"option": typer.Option(default, help=help, **option)})
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: one field per command-line option, shared by every command that loads one, and
+    passed to offload.load() as keyword arguments. A new load option is one more field here."""
+
+    device: str = _load_option("auto", "auto | cpu | cuda[:N]")
+    max_context: int = _load_option(4096, "Tokens of context to allocate the cache for (prompt and reply together).")
+
+
+def with_load_options(command: Callable) -> Callable:
+    """Give a command every LoadOptions field as an --option; the command receives them as `load_options`."""
+    types = get_type_hints(LoadOptions)
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.metadata["option"],
+                               annotation=types[f.name]) for f in fields(LoadOptions)]
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        options = LoadOptions(**{p.name: kwargs.pop(p.name) for p in extra})
+        return command(*args, load_options=options, **kwargs)
+
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.name != "load_options"]
+    run.__signature__ = signature.replace(parameters=own + extra)  # what typer reads the options from
+    return run
+
+
+def load_model(path: Path, options: LoadOptions, progress: bool) -> Model:
+    """offload.load() with a progress bar on stderr when `progress` (the bar disappears once loaded)."""
+    from . import load
+
+    if not progress:
+        return load(path, **asdict(options))
+    columns = (TextColumn("loading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[file]}"))
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("load", total=None, file="")
+
+        def on_progress(done: int, total: int, file_name: str) -> None:
+            bar.update(task, completed=done, total=total, file=file_name)
+
+        return load(path, on_progress=on_progress, **asdict(options))
+
+
+def _print_stream(run: GenerationRun) -> None:
+    from .chat import stats_line
+
     for piece in run:
         out.print(piece, end="", markup=False)
         sys.stdout.flush()
     out.print()
-    stats = run.result.stats
-    err.print(f"[dim]{stats.generated_tokens} tokens, prefill {stats.prefill_tokens_per_s:.1f} tok/s, "
-              f"decode {stats.decode_tokens_per_s:.1f} tok/s, finish: {run.result.finish_reason}[/dim]")
+    err.print(f"[dim]{stats_line(run.result)}[/dim]", highlight=False)
+
+
+MODEL_ARGUMENT = typer.Argument(..., metavar="MODEL", help="Hugging Face checkpoint folder.")
 
 
 @app.command()
@@ -86,8 +154,9 @@ def demo(
 
 @app.command()
 @user_errors
+@with_load_options
 def generate(
-    model_path: Path = typer.Argument(..., metavar="MODEL", help="Hugging Face checkpoint folder."),
+    model_path: Path = MODEL_ARGUMENT,
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file."),
     max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
@@ -98,21 +167,21 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     ignore_eos: bool = typer.Option(False, help="Keep going past end-of-sequence tokens."),
-    max_context: int = typer.Option(4096, help="Context length to allocate the cache for."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
     as_json: bool = typer.Option(False, "--json", help="Print text, token ids, finish reason and stats as JSON."),
+    *,
+    load_options: LoadOptions,
 ) -> None:
     """Complete a prompt and print the completion."""
-    from . import load
-
     if (prompt is None) == (prompt_file is None):
         raise OffloadError("give exactly one of --prompt TEXT or --prompt-file FILE")
     if prompt_file is not None:
         try:
-            prompt = prompt_file.read_text()
-        except OSError as error:
-            raise OffloadError(f"cannot read --prompt-file {prompt_file}: {error.strerror}") from None
-    model = load(model_path, device=device, max_context=max_context)
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not UTF-8 text"
+            message = f"cannot read --prompt-file {prompt_file}: {reason}; pass a readable text file"
+            raise OffloadError(message) from None
+    model = load_model(model_path, load_options, progress=err.is_terminal)
     run = model.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
     if not as_json:
@@ -123,6 +192,80 @@ def generate(
     g = run.result
     out.print_json(json.dumps({"text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason,
                                "stats": g.stats.as_dict()}))
+
+
+@app.command()
+@user_errors
+@with_load_options
+def chat(
+    model_path: Path = MODEL_ARGUMENT,
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt, kept however long the chat gets."),
+    temperature: float = typer.Option(0.7, help="0 = greedy."),
+    top_p: float = typer.Option(0.9, help="1.0 = off."),
+    top_k: int = typer.Option(0, help="0 = off."),
+    max_new_tokens: int = typer.Option(512, help="Most tokens per reply; the history is trimmed to leave room."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling (each reply starts from it)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Send one message, print the reply and leave."),
+    *,
+    load_options: LoadOptions,
+) -> None:
+    """Chat with a model through its chat template. /help lists the commands; Ctrl-C stops a reply."""
+    from .chat import ChatLoop, ChatSession, model_summary, require_chat_template, terminal_input
+
+    require_chat_template(model_path)
+    model = load_model(model_path, load_options, progress=err.is_terminal)
+    session = ChatSession(lambda messages: len(model.chat_prompt(messages)), model.max_context, max_new_tokens, system)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    loop = ChatLoop(model, session, sampling, out, err, terminal_input(), print_error, echo=not sys.stdin.isatty())
+    if prompt is not None:
+        if loop.reply(prompt).finish_reason == "interrupted":
+            raise typer.Exit(130)
+        return
+    err.print(f"[dim]{model_summary(model)}[/dim]", highlight=False)
+    err.print("[dim]/help for commands, /exit or Ctrl-D to leave[/dim]")
+    loop.run()
+
+
+@app.command("inspect")
+@user_errors
+def inspect_(
+    model_path: Path = MODEL_ARGUMENT,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Describe a checkpoint and what its weights cost per expert format, without loading any weight."""
+    from .inspect import describe, render
+
+    report = describe(model_path)
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        render(report, out)
+
+
+@app.command()
+@user_errors
+@with_load_options
+def bench(
+    model_path: Path = MODEL_ARGUMENT,
+    prompt_tokens: int = typer.Option(128, help="Prompt length (random token ids from a fixed seed)."),
+    gen_tokens: int = typer.Option(64, help="Tokens to generate per run (eos is ignored)."),
+    repeat: int = typer.Option(3, help="Measured runs; the table shows medians."),
+    warmup: int = typer.Option(1, help="Unmeasured runs first."),
+    seed: int = typer.Option(0, help="Seed of the random prompt."),
+    as_json: bool = typer.Option(False, "--json", help="Print medians and every run's stats as JSON."),
+    *,
+    load_options: LoadOptions,
+) -> None:
+    """Measure prefill and decode tokens/s."""
+    from .bench import check_bench_args, render, run_bench
+
+    check_bench_args(prompt_tokens, gen_tokens, repeat, warmup)
+    model = load_model(model_path, load_options, progress=err.is_terminal)
+    result = run_bench(model, prompt_tokens, gen_tokens, repeat, warmup, seed)
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+    else:
+        render(result, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,311 @@
+"""What a checkpoint is and what it costs, from config.json and the safetensors headers alone (no weight is read).
+
+The parameter counts and byte formulas here are pure functions of ModelConfig, so the planner and `offload
+inspect` agree on one set of numbers, and a test holds them to the tensor table of real checkpoints.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .arch import config_from_hf
+from .config import ModelConfig
+from .errors import CheckpointError
+from .tokenizer import Tokenizer
+from .weights.checkpoint import Checkpoint
+
+GROUP = 32  # weights per quantization group, along a matrix's input dimension
+# Bytes per group of 32 weights. bf16: 2 bytes each. int8: 1 byte each + one fp16 scale (34/32 bytes per weight).
+# int4: half a byte each + an fp16 scale and an fp16 offset (20/32 bytes per weight).
+GROUP_BYTES = {"bf16": 64, "int8": 34, "int4": 20}
+EXPERT_FORMATS = tuple(GROUP_BYTES)
+DEVICE_BYTES_PER_PARAM = 2  # everything but the routed experts sits on the device in bf16
+
+
+def padded(n: int) -> int:
+    return -(-n // GROUP) * GROUP
+
+
+def matrix_bytes(rows: int, cols: int, fmt: str) -> int:
+    """Bytes of one [rows, cols] matrix in an expert format. The quantized layouts pad both dimensions to whole
+    groups of 32 (docs/formats.md), which only matters for toy sizes."""
+    if fmt == "bf16":
+        return rows * cols * 2
+    return padded(rows) * padded(cols) // GROUP * GROUP_BYTES[fmt]
+
+
+def expert_bytes(cfg: ModelConfig, fmt: str) -> int:
+    """One routed expert: gate and up [I, H], down [H, I]."""
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    return 2 * matrix_bytes(I, H, fmt) + matrix_bytes(H, I, fmt)
+
+
+def routed_expert_bytes(cfg: ModelConfig, fmt: str) -> int:
+    """Every routed expert of every MoE layer: what lives in host RAM (or the expert cache)."""
+    return cfg.num_moe_layers * cfg.router.num_experts * expert_bytes(cfg, fmt)
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    """One layer's attention projections, biases and q/k norms (GQA or MLA)."""
+    H, nh = cfg.hidden_size, cfg.num_attention_heads
+    m = cfg.mla
+    if m is not None:
+        bias = cfg.attention_bias
+        if m.q_lora_rank is None:
+            q = nh * m.qk_head_dim * H
+        else:
+            q = m.q_lora_rank * H + bias * m.q_lora_rank + m.q_lora_rank + nh * m.qk_head_dim * m.q_lora_rank
+        kv_a = (m.kv_lora_rank + m.qk_rope_head_dim) * (H + bias) + m.kv_lora_rank  # projection + its norm
+        kv_b = nh * (m.qk_nope_head_dim + m.v_head_dim) * m.kv_lora_rank
+        o = H * nh * m.v_head_dim + bias * H
+        return q + kv_a + kv_b + o
+    nkv, hd = cfg.num_key_value_heads, cfg.head_dim
+    q_out, kv_out = nh * hd, nkv * hd
+    params = (q_out + 2 * kv_out) * H + H * q_out
+    if cfg.attention_bias:
+        params += q_out + 2 * kv_out
+    if cfg.qk_norm == "head":
+        params += 2 * hd
+    elif cfg.qk_norm == "full":
+        params += q_out + kv_out
+    return params
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters by role. Everything but the routed experts is needed for every token."""
+
+    embeddings: int  # input embedding and LM head (once when tied)
+    attention: int  # all layers
+    norms: int  # the layer norms and the final norm
+    dense_mlp: int  # the dense layers' MLPs
+    routers: int  # router weights, DeepSeek-V3 correction biases, Qwen2-MoE shared-expert gates
+    shared_experts: int
+    routed_experts: int  # all of them
+    per_expert: int  # one routed expert
+    active_experts: int  # routed experts one token uses: top-k per MoE layer
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.routed_experts
+
+    @property
+    def dense(self) -> int:
+        """The part that is not a routed expert: the device tier."""
+        return self.embeddings + self.attention + self.norms + self.dense_mlp + self.routers + self.shared_experts
+
+    @property
+    def active(self) -> int:
+        return self.dense + self.active_experts * self.per_expert
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.router.num_experts
+    moe, dense = cfg.num_moe_layers, cfg.num_hidden_layers - cfg.num_moe_layers
+    per_expert = 3 * H * cfg.moe_intermediate_size
+    router = E * H + cfg.router.has_correction_bias * E + cfg.shared_expert_gate * H
+    return ParamCounts(
+        embeddings=V * H * (1 if cfg.tie_word_embeddings else 2),
+        attention=cfg.num_hidden_layers * attention_params(cfg),
+        norms=(2 * cfg.num_hidden_layers + 1) * H,
+        dense_mlp=dense * 3 * H * cfg.intermediate_size,
+        routers=moe * router,
+        shared_experts=moe * 3 * H * cfg.shared_intermediate_size,
+        routed_experts=moe * E * per_expert,
+        per_expert=per_expert,
+        active_experts=moe * cfg.router.top_k,
+    )
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
+    """Cache bytes one position takes over all layers: K and V per KV head, or MLA's latent plus rope key."""
+    if cfg.mla is not None:
+        per_layer = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+    else:
+        per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim
+    return cfg.num_hidden_layers * per_layer * bytes_per_value
+
+
+def memory_by_format(cfg: ModelConfig) -> dict[str, dict[str, int]]:
+    """Weight bytes per tier for each expert format: the device part in bf16, the routed experts in the format."""
+    device = param_counts(cfg).dense * DEVICE_BYTES_PER_PARAM
+    table = {}
+    for fmt in EXPERT_FORMATS:
+        experts = routed_expert_bytes(cfg, fmt)
+        table[fmt] = {"device": device, "experts": experts, "total": device + experts}
+    return table
+
+
+def attention_summary(cfg: ModelConfig) -> dict[str, Any]:
+    m = cfg.mla
+    if m is not None:
+        return {"kind": "MLA", "heads": cfg.num_attention_heads, "q_lora_rank": m.q_lora_rank,
+                "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+                "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim}
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    kind = "MHA" if nkv == nh else "MQA" if nkv == 1 else "GQA"
+    windows = sorted({w for w in cfg.sliding_windows if w is not None})
+    return {"kind": kind, "heads": nh, "kv_heads": nkv, "head_dim": cfg.head_dim, "qk_norm": cfg.qk_norm,
+            "sliding_window": windows[0] if windows else None}
+
+
+def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
+    r = cfg.router
+    summary: dict[str, Any] = {
+        "routed": r.num_experts, "top_k": r.top_k, "scoring": r.scoring, "topk_method": r.topk_method,
+        "norm_topk_prob": r.norm_topk_prob, "routed_scaling_factor": r.routed_scaling_factor,
+    }
+    if r.n_group > 1:
+        summary.update(n_group=r.n_group, topk_group=r.topk_group)
+    if cfg.shared_intermediate_size:
+        # DeepSeek counts its shared experts; Qwen2-MoE has one wide shared expert behind a sigmoid gate.
+        summary["shared"] = {"count": cfg.extra.get("n_shared_experts") or 1,
+                             "intermediate_size": cfg.shared_intermediate_size, "gated": cfg.shared_expert_gate}
+    return summary
+
+
+def tokenizer_summary(folder: Path) -> dict[str, Any]:
+    """Tokenizer and chat template presence. Reading tokenizer.json takes well under a second even for large
+    vocabularies; a broken one is reported rather than fatal, since the weights may still be fine."""
+    if not (folder / "tokenizer.json").is_file():
+        return {"present": False, "chat_template": False}
+    try:
+        tokenizer = Tokenizer.from_dir(folder)
+    except CheckpointError as error:
+        return {"present": True, "error": str(error), "chat_template": False}
+    return {"present": True, "vocab_size": tokenizer.vocab_size, "chat_template": tokenizer.chat_template is not None}
+
+
+def checkpoint_summary(checkpoint: Checkpoint) -> dict[str, Any]:
+    dtypes = Counter()
+    for info in checkpoint.tensors.values():
+        dtypes[info.dtype] += info.nbytes
+    files = {info.file for info in checkpoint.tensors.values()}
+    return {"files": len(files), "tensors": len(checkpoint.tensors), "bytes": checkpoint.nbytes(),
+            "dtypes": dict(dtypes.most_common())}
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Everything `offload inspect` shows, as plain data (the --json output)."""
+    checkpoint = Checkpoint(path)
+    hf = checkpoint.config_json
+    cfg = config_from_hf(hf)
+    params = param_counts(cfg)
+    dense_layers = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
+    rope = cfg.rope
+    return {
+        "path": str(checkpoint.folder),
+        "model_type": cfg.model_type,
+        "architectures": hf.get("architectures") or [],
+        "layers": {"total": cfg.num_hidden_layers, "moe": cfg.num_moe_layers, "dense": len(dense_layers),
+                   "dense_indices": dense_layers},
+        "hidden_size": cfg.hidden_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "experts": experts_summary(cfg),
+        "attention": attention_summary(cfg),
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope": {"type": rope.type, "theta": rope.theta, "factor": rope.factor,
+                 "original_max_position_embeddings": rope.original_max_position_embeddings},
+        "parameters": {"total": params.total, "active_per_token": params.active,
+                       "routed_experts": params.routed_experts, "per_expert": params.per_expert, "dense": params.dense},
+        "checkpoint": checkpoint_summary(checkpoint),
+        "memory": {"kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
+                   "by_expert_format": memory_by_format(cfg)},
+        "tokenizer": tokenizer_summary(checkpoint.folder),
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if n < 1000:
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}T"
+
+
+def _attention_text(a: dict[str, Any]) -> str:
+    if a["kind"] == "MLA":
+        q = "none" if a["q_lora_rank"] is None else a["q_lora_rank"]
+        return (f"MLA, {a['heads']} heads, q_lora_rank {q}, kv_lora_rank {a['kv_lora_rank']}, qk head dim "
+                f"{a['qk_nope_head_dim']} nope + {a['qk_rope_head_dim']} rope, v head dim {a['v_head_dim']}")
+    text = f"{a['kind']}, {a['heads']} query heads, {a['kv_heads']} KV heads, head dim {a['head_dim']}"
+    if a["qk_norm"]:
+        text += f", q/k norm ({a['qk_norm']})"
+    if a["sliding_window"]:
+        text += f", sliding window {a['sliding_window']}"
+    return text
+
+
+def _experts_text(e: dict[str, Any]) -> str:
+    text = f"{e['routed']} routed, top-{e['top_k']}, {e['scoring']} scores, {e['topk_method']}"
+    if "n_group" in e:
+        text += f" ({e['topk_group']} of {e['n_group']} groups)"
+    if e["routed_scaling_factor"] != 1.0:
+        text += f", weights x {e['routed_scaling_factor']:g}"
+    return text
+
+
+def _tokenizer_text(t: dict[str, Any]) -> str:
+    if not t["present"]:
+        return "none (no tokenizer.json): token ids only"
+    if "error" in t:
+        return f"unreadable: {t['error']}"
+    return f"vocab {t['vocab_size']}, chat template {'yes' if t['chat_template'] else 'no'}"
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """The report as two tables: what the model is, and what its weights cost per expert format."""
+    layers, rope, params, ckpt = report["layers"], report["rope"], report["parameters"], report["checkpoint"]
+    info = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    info.add_column(style="bold")
+    info.add_column()
+    dense = f", dense: {layers['dense_indices']}" if layers["dense"] else ""
+    shared = report["experts"].get("shared")
+    rope_text = f"{rope['type']}, theta {rope['theta']:g}"
+    if rope["type"] != "default":
+        rope_text += f", factor {rope['factor']:g} (from {rope['original_max_position_embeddings']})"
+    rows = [
+        ("model", f"{report['model_type']} ({', '.join(report['architectures']) or 'no architectures field'})"),
+        ("layers", f"{layers['total']} ({layers['moe']} MoE{dense})"),
+        ("hidden size", f"{report['hidden_size']} (expert intermediate {report['moe_intermediate_size']})"),
+        ("experts", _experts_text(report["experts"])),
+        ("shared experts", f"{shared['count']} x intermediate {shared['intermediate_size']}"
+                           f"{', sigmoid-gated' if shared['gated'] else ''}" if shared else "none"),
+        ("attention", _attention_text(report["attention"])),
+        ("vocab", str(report["vocab_size"])),
+        ("max positions", str(report["max_position_embeddings"])),
+        ("rope", rope_text),
+        ("parameters", f"{human_count(params['total'])} total, {human_count(params['active_per_token'])} active "
+                       f"per token ({human_count(params['per_expert'])} per expert)"),
+        ("checkpoint", f"{human_bytes(ckpt['bytes'])} in {ckpt['files']} file(s), {ckpt['tensors']} tensors, "
+                       + ", ".join(ckpt["dtypes"])),
+        ("tokenizer", _tokenizer_text(report["tokenizer"])),
+    ]
+    for key, value in rows:
+        info.add_row(key, value)
+    console.print(info)
+
+    memory = report["memory"]["by_expert_format"]
+    table = Table(title="weights by tier", title_justify="left")
+    table.add_column("experts as")
+    table.add_column("device (bf16)", justify="right")
+    table.add_column("routed experts", justify="right")
+    table.add_column("total", justify="right")
+    for fmt, row in memory.items():
+        table.add_row(fmt, human_bytes(row["device"]), human_bytes(row["experts"]), human_bytes(row["total"]))
+    console.print(table)
+    console.print(f"KV cache: {human_bytes(report['memory']['kv_cache_bytes_per_token'])} per token (bf16)")

@@ -1,0 +1,243 @@
+"""The chat logic without a terminal: trimming, input assembly, commands, saving, and the loop with scripted input."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+import offload
+from offload.chat import (ChatLoop, ChatSession, Command, MessageReader, parse_command, stats_line, turns_to_drop,
+                          write_json_atomic)
+from offload.demo import demo_checkpoint
+from offload.errors import ContextLengthError, OffloadError
+from offload.generate import Generation, GenerationStats
+
+
+@pytest.mark.parametrize("fixed, turns, budget, expected", [
+    (10, [5, 5, 5], 30, 0),  # everything fits
+    (10, [5, 5, 5], 25, 0),  # exactly fits
+    (10, [5, 5, 5], 24, 1),  # one over: drop the oldest
+    (10, [8, 1, 1], 13, 1),  # dropping the big oldest turn is enough
+    (10, [1, 1, 8], 13, 3),  # the newest turn is the big one: everything goes
+    (10, [5, 5, 5], 10, 3),  # only the new message fits
+    (10, [], 10, 0),
+    (11, [5, 5, 5], 10, None),  # the new message alone does not fit
+    (11, [], 10, None),
+])
+def test_turns_to_drop(fixed, turns, budget, expected):
+    assert turns_to_drop(fixed, turns, budget) == expected
+
+
+def test_message_reader_joins_continued_lines_and_blocks():
+    reader = MessageReader()
+    assert reader.feed("plain") == "plain" and not reader.continuing
+    assert reader.feed("first \\") is None and reader.continuing
+    assert reader.feed("second\\") is None
+    assert reader.feed("third") == "first \nsecond\nthird"
+    assert reader.feed('"""') is None and reader.continuing
+    assert reader.feed("a line ending in \\") is None  # inside a block a backslash is text
+    assert reader.feed("") is None
+    assert reader.feed('  """ ') == "a line ending in \\\n"
+    assert not reader.continuing
+
+
+def test_parse_command():
+    assert parse_command("hello") is None
+    assert parse_command("/reset") == Command("/reset")
+    assert parse_command("/save  my chat.json ") == Command("/save", "my chat.json")
+    assert parse_command("//etc is a folder") is None  # a message that starts with /
+    assert parse_command("/stats\nmore") is None  # multi-line messages are never commands
+    with pytest.raises(OffloadError, match="unknown command /nope"):
+        parse_command("/nope")
+
+
+def words(messages):
+    """A stand-in tokenizer: one token per word, two per message for its template, one for the reply prompt."""
+    return sum(len(m["content"].split()) + 2 for m in messages) + 1
+
+
+def reply(text: str) -> Generation:
+    return Generation(text=text, token_ids=[0] * len(text.split()), finish_reason="stop",
+                      stats=GenerationStats(prompt_tokens=1, generated_tokens=len(text.split())))
+
+
+def test_session_drops_oldest_turns_and_keeps_the_system_prompt():
+    # Budget 30 - 10 = 20 prompt tokens. System "be brief" costs 4, a turn of 1 + 2 words costs 3 + 4 = 7.
+    session = ChatSession(words, max_context=30, max_new_tokens=10, system="be brief")
+    for i in range(3):
+        messages, dropped = session.prompt(f"q{i}")
+        session.add_turn(f"q{i}", reply(f"a{i} a{i}"))
+    assert dropped == 1  # 4 + 3 + 1 + 2*7 = 22 > 20 before the third question: q0 went
+    assert [(t.user, t.tokens) for t in session.turns] == [("q1", 7), ("q2", 7)]
+    messages, dropped = session.prompt("q3 with more words")  # 4 + 6 + 1 = 11 fixed, room for one turn
+    assert dropped == 1
+    assert messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2 a2"},
+        {"role": "user", "content": "q3 with more words"},
+    ]
+    assert words(messages) <= session.budget
+
+
+def test_session_rejects_a_message_that_cannot_fit_and_keeps_its_history():
+    session = ChatSession(words, max_context=20, max_new_tokens=10, system="sys")
+    session.prompt("hi")
+    session.add_turn("hi", reply("hello"))
+    with pytest.raises(ContextLengthError, match="max_context=20"):
+        session.prompt("far " * 20)
+    assert [t.user for t in session.turns] == ["hi"]
+
+
+def test_session_checks_the_exact_count_when_the_template_is_not_additive():
+    # This template charges 5 extra tokens whenever the prompt holds an assistant message: a turn measured at
+    # the end of the conversation costs less than it turns out to while older turns are still there.
+    def lumpy(messages):
+        return words(messages) + (5 if any(m["role"] == "assistant" for m in messages) else 0)
+
+    session = ChatSession(lumpy, max_context=27, max_new_tokens=10)
+    for text in ("one", "two"):
+        session.prompt(text)
+        session.add_turn(text, reply("ok"))
+    assert [t.tokens for t in session.turns] == [11, 6]
+    # The plan keeps the second turn: 9 + 6 = 15 <= 17. Its exact count is 20, so it goes too.
+    messages, dropped = session.prompt("three four five six seven eight")
+    assert dropped == 2
+    assert messages == [{"role": "user", "content": "three four five six seven eight"}]
+
+
+def test_reset_keeps_the_system_prompt():
+    session = ChatSession(words, max_context=100, max_new_tokens=10, system="sys")
+    session.prompt("hi")
+    session.add_turn("hi", reply("hello"))
+    session.reset()
+    assert session.messages() == [{"role": "system", "content": "sys"}] and session.last is None
+
+
+def test_write_json_atomic_never_leaves_a_partial_file(tmp_path):
+    path = tmp_path / "chat.json"
+    write_json_atomic(path, {"messages": [{"role": "user", "content": "héllo"}]})
+    assert json.loads(path.read_text(encoding="utf-8"))["messages"][0]["content"] == "héllo"
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"messages": object()})  # fails halfway through writing
+    assert json.loads(path.read_text(encoding="utf-8"))["messages"][0]["content"] == "héllo"
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]
+    with pytest.raises(OffloadError, match="cannot write .*missing"):
+        write_json_atomic(tmp_path / "missing" / "chat.json", {})
+    with pytest.raises(OffloadError, match="cannot write"):
+        write_json_atomic(tmp_path, {})  # a folder
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]
+
+
+def test_stats_line_names_tokens_speed_and_finish():
+    g = Generation(text="x", token_ids=[1, 2, 3], finish_reason="stop",
+                   stats=GenerationStats(prompt_tokens=4, generated_tokens=3, prefill_seconds=0.5, decode_seconds=1.0))
+    assert stats_line(g) == "3 tokens, prefill 8.0 tok/s, decode 2.0 tok/s, finish: stop"
+
+
+# The loop, on the demo model, with scripted input and recorded output.
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return offload.load(demo_checkpoint(tmp_path_factory.mktemp("cache")), device="cpu", max_context=256)
+
+
+class Script:
+    """read_line from a list; each entry is a line, or an exception to raise at that point."""
+
+    def __init__(self, *lines):
+        self.lines = list(lines)
+        self.prompts: list[str] = []
+
+    def __call__(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        if not self.lines:
+            raise EOFError
+        line = self.lines.pop(0)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+
+def make_loop(model, script, max_new_tokens=8, system=None):
+    out, err = io.StringIO(), io.StringIO()
+    session = ChatSession(lambda m: len(model.chat_prompt(m)), model.max_context, max_new_tokens, system)
+    errors: list[str] = []
+    loop = ChatLoop(model, session, dict(max_new_tokens=max_new_tokens, temperature=0.0), Console(file=out, width=200),
+                    Console(file=err, width=200), script, lambda e: errors.append(str(e)))
+    return loop, session, out, err, errors
+
+
+def test_loop_runs_commands_and_replies(model, tmp_path):
+    script = Script("hello", "/stats", "two \\", "lines", "/save " + str(tmp_path / "c.json"), "/reset", "/stats",
+                    "/exit", "never read")
+    loop, session, out, err, errors = make_loop(model, script, system="Be brief.")
+    loop.run()
+    assert script.lines == ["never read"]
+    assert script.prompts.count("...> ") == 1
+    expected = model.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+                          max_new_tokens=8)
+    assert f"assistant> {expected.text}\n" in out.getvalue()
+    assert "prompt tokens" in out.getvalue() and "finish" in out.getvalue()
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert [m["role"] for m in saved["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert saved["messages"][3]["content"] == "two \nlines"
+    assert saved["messages"][2]["content"] == expected.text
+    assert errors == ["no reply yet; /stats shows the last reply's statistics"]  # after /reset
+    assert session.messages() == [{"role": "system", "content": "Be brief."}]
+    assert "saved 2 turns" in err.getvalue() and "conversation cleared" in err.getvalue()
+
+
+def test_an_error_in_a_turn_does_not_end_the_session(model):
+    script = Script("word " * 300, "/bogus", "hi")
+    loop, session, out, err, errors = make_loop(model, script)
+    loop.run()  # ends at end of input
+    assert "max_context=256" in errors[0] and "unknown command /bogus" in errors[1]
+    assert [t.user for t in session.turns] == ["hi"]
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_it(model, monkeypatch):
+    """KeyboardInterrupt raised while the reply streams, as Ctrl-C would, after the run produced a third piece
+    that was never printed."""
+    real_stream = model.chat_stream
+    runs = []
+
+    class InterruptedRun:
+        def __init__(self, run):
+            self.run, self.result = run, run.result
+            runs.append(self)
+
+        def __iter__(self):
+            for i, piece in enumerate(self.run):
+                if i == 2:
+                    raise KeyboardInterrupt
+                yield piece
+
+    monkeypatch.setattr(model, "chat_stream", lambda messages, **kw: InterruptedRun(real_stream(messages, **kw)))
+    script = Script("hello", "again", KeyboardInterrupt())
+    loop, session, out, err, errors = make_loop(model, script, max_new_tokens=60)
+    loop.run()  # Ctrl-C at the prompt leaves quietly
+    assert len(session.turns) == 2
+    for turn, run in zip(session.turns, runs):
+        assert turn.assistant == run.result.text != ""  # all that was generated, the unprinted piece too
+        assert f"assistant> {turn.assistant}\n" in out.getvalue()  # and the screen shows the same
+        assert run.result.finish_reason == "interrupted" and len(run.result.token_ids) < 60
+    assert err.getvalue().count("finish: interrupted") == 2
+
+
+def test_control_characters_in_a_reply_are_not_sent_to_the_terminal(model, monkeypatch):
+    class CannedRun:
+        def __init__(self, pieces):
+            self.pieces, self.result = pieces, Generation(finish_reason="stop")
+
+        def __iter__(self):
+            for piece in self.pieces:
+                self.result.text += piece
+                yield piece
+
+    monkeypatch.setattr(model, "chat_stream", lambda messages, **kw: CannedRun(["clear\x1b[2J", "\tdone\n"]))
+    loop, session, out, err, errors = make_loop(model, Script("hi"))
+    loop.run()
+    assert "assistant> clear\ufffd[2J\tdone\n" in out.getvalue()
+    assert session.turns[0].assistant == "clear\x1b[2J\tdone\n"  # the history keeps what the model said
