@@ -5,4 +5,5 @@ and torch's bundled libgomp interfere and every parallel region costs millisecon
 """
 import torch  # noqa: F401  (must precede every numba import)
 
+from csrc_py import jit_cache  # noqa: F401,E402  (before any cached kernel is defined)
 from csrc_py import threads  # noqa: F401,E402  (pins the threading layer before any kernel runs)

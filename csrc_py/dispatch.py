@@ -1,0 +1,79 @@
+"""torch tensors in, torch tensors out: the entry points the runtime calls, each picking its engine per call.
+
+Few tokens go to the fused Numba kernels (memory-bound: each weight byte is read once); from a measured token
+count on, formats for which torch's bf16 matmul is the faster engine go through csrc_py.torch_path instead.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
+from csrc_py.formats import PackedMatrix
+from csrc_py.linear import linear_bf16, linear_q4, linear_q8
+from csrc_py.torch_path import expert_bf16, moe_torch
+
+# Rows per expert (token-expert pairs / experts used) from which torch's bf16 matmul beats the fused kernel;
+# None: never. Measured on the 2-core Zen4 development machine (docs/benchmarks.md, "CPU expert kernels"): the
+# bf16 kernel is a GEMV at heart and loses from ~4 rows per expert (Qwen3 ~6, Mixtral ~2-3); the int8/int4
+# kernels beat torch bf16 at every batch (1.8x at 512 tokens of a Qwen3 layer, even before dequantization),
+# also with the portable non-VNNI microkernel.
+TORCH_MIN_ROWS: dict[str, int | None] = {"bf16": 4, "int8": None, "int4": None}
+
+
+def use_torch(fmt: str, rows: int, experts: int) -> bool:
+    """Whether `rows` token-expert pairs over at most `experts` experts run faster through torch's bf16 matmul."""
+    threshold = TORCH_MIN_ROWS[fmt]
+    return threshold is not None and rows > 0 and rows >= threshold * min(experts, rows)
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: PackedMatrix, up: PackedMatrix,
+        down: PackedMatrix) -> torch.Tensor:
+    """One MoE layer's routed experts (the experts contract of offload/experts/base.py); y has x's dtype.
+    Pairs whose id is -1 are left out (a hybrid backend computes them elsewhere)."""
+    if TORCH_MIN_ROWS[gate.fmt] is not None and use_torch(gate.fmt, int((topk_ids >= 0).sum()), gate.shape[0]):
+        _check_call(x, topk_ids, topk_weights, gate)
+        return moe_torch(x, topk_ids.to(torch.int64), topk_weights, gate, up, down).to(x.dtype)
+    return moe_fused(x, topk_ids, topk_weights, gate, up, down)
+
+
+def moe_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: PackedMatrix,
+              up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
+    """As `moe`, always through the fused Numba kernel."""
+    _check_call(x, topk_ids, topk_weights, gate)
+    y = np.empty(x.shape, np.float32)
+    kernel = {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4}[gate.fmt]
+    ids = topk_ids.detach().to("cpu", torch.int64).contiguous().numpy()
+    kernel(_f32(x), ids, _f32(topk_weights), *gate.bits(), *up.bits(), *down.bits(), y)
+    return torch.from_numpy(y).to(x.dtype)
+
+
+def _check_call(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: PackedMatrix) -> None:
+    if x.dim() != 2 or x.shape[1] != gate.shape[2] or topk_ids.shape != topk_weights.shape or \
+            topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"expected x [T, {gate.shape[2]}] and topk ids/weights [T, K], got x {list(x.shape)}, "
+                         f"ids {list(topk_ids.shape)}, weights {list(topk_weights.shape)}")
+
+
+def linear(x: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
+    """y = x @ W.T for one packed matrix (a [1, O, K] stack); x [..., K] -> y [..., O] in x's dtype."""
+    _, O, K = w.shape
+    if w.shape[0] != 1 or x.shape[-1] != K:
+        raise ValueError(f"expected one matrix [1, O, {x.shape[-1]}], got a stack {list(w.shape)}")
+    rows = x.reshape(-1, K)
+    if use_torch(w.fmt, rows.shape[0], 1):
+        y = rows.to(torch.bfloat16) @ expert_bf16(w, 0).T
+        return y.reshape(*x.shape[:-1], O).to(x.dtype)
+    xf = _f32(rows)
+    y = np.empty((xf.shape[0], w.padded_shape[1]), np.float32)
+    if w.fmt == "bf16":
+        linear_bf16(xf, w.q, y)
+    elif w.fmt == "int8":
+        linear_q8(xf, *w.bits(), y)
+    else:
+        linear_q4(xf, *w.bits(), y)
+    return torch.from_numpy(y[:, :O]).reshape(*x.shape[:-1], O).to(x.dtype)

@@ -1,0 +1,140 @@
+"""The fused MoE-layer kernels: one call computes a layer's routed experts for all tokens.
+
+    y[t] = sum_k topk_weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t]),  e = topk_ids[t, k]
+
+The (token, choice) pairs are sorted by expert into rows, so each used expert's weights are read once per call
+and multiplied with all of its rows (decode: a GEMV per expert; prefill: a small GEMM per expert). int8/int4
+quantize x per token and the SiLU product per row to int8 in groups of 32 (symmetric), like llama.cpp's Q8_0
+activations: the int8 dot products then run on vpdpbusd.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from csrc_py.grouped_matmul import matmul_bf16, matmul_q4, matmul_q8
+from csrc_py.quant_kernels import quantized_rows
+
+
+@njit(nogil=True, cache=True)
+def route(topk_ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sort the (token, choice) pairs by expert; pairs with a negative id (-1: computed elsewhere) are skipped.
+
+    Returns seg_expert [U] (used experts, ascending), seg_start [U+1] (their row ranges), row_of_pair [T*K]
+    (the row holding pair t*K+k, -1 if skipped) and token_of_row [R]."""
+    T, K = topk_ids.shape
+    counts = np.zeros(num_experts, np.int64)
+    for t in range(T):
+        for k in range(K):
+            e = topk_ids[t, k]
+            if e >= num_experts:
+                raise ValueError("topk_ids holds an expert id >= num_experts")
+            if e >= 0:
+                counts[e] += 1
+    used = 0
+    for e in range(num_experts):
+        used += counts[e] > 0
+    seg_expert = np.empty(used, np.int64)
+    seg_start = np.empty(used + 1, np.int64)
+    next_row = np.empty(num_experts, np.int64)
+    u, row = 0, 0
+    for e in range(num_experts):
+        next_row[e] = row
+        if counts[e] > 0:
+            seg_expert[u], seg_start[u] = e, row
+            u += 1
+            row += counts[e]
+    seg_start[used] = row
+    row_of_pair = np.full(T * K, -1, np.int64)
+    token_of_row = np.empty(row, np.int64)
+    for t in range(T):
+        for k in range(K):
+            e = topk_ids[t, k]
+            if e >= 0:
+                r = next_row[e]
+                next_row[e] = r + 1
+                row_of_pair[t * K + k] = r
+                token_of_row[r] = t
+    return seg_expert, seg_start, row_of_pair, token_of_row
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _gather_rows(src: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    out = np.empty((rows.size, src.shape[1]), src.dtype)
+    for r in prange(rows.size):
+        out[r] = src[rows[r]]
+    return out
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _swiglu(g: np.ndarray, u: np.ndarray) -> None:
+    """g <- silu(g) * u, in place."""
+    for r in prange(g.shape[0]):
+        for i in range(g.shape[1]):
+            g[r, i] = g[r, i] / (np.float32(1.0) + np.exp(-g[r, i])) * u[r, i]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _combine(o: np.ndarray, row_of_pair: np.ndarray, topk_weights: np.ndarray, y: np.ndarray) -> None:
+    """y[t] = sum_k topk_weights[t, k] * o[row_of_pair[t*K+k], :H] over the pairs that have a row."""
+    T, K = topk_weights.shape
+    H = y.shape[1]
+    for t in prange(T):
+        for j in range(H):
+            y[t, j] = 0.0
+        for k in range(K):
+            if row_of_pair[t * K + k] < 0:
+                continue
+            wt = topk_weights[t, k]
+            orow = o[row_of_pair[t * K + k]]
+            for j in range(H):
+                y[t, j] += wt * orow[j]
+
+
+@njit(nogil=True, cache=True)
+def moe_q8(x, topk_ids, topk_weights, gq, gd, uq, ud, dq, dd, y) -> None:
+    """x float32 [T, H] -> y float32 [T, H] through int8 experts (q, d pairs of csrc_py.formats, d as uint16)."""
+    seg_expert, seg_start, row_of_pair, token_of_row = route(topk_ids, gq.shape[0])
+    R, Ip, Hp = token_of_row.size, gd.shape[1] * 16, dd.shape[1] * 16
+    xq, xs, xsum = quantized_rows(x, gd.shape[2])
+    aq, a_s, a_sum = _gather_rows(xq, token_of_row), _gather_rows(xs, token_of_row), _gather_rows(xsum, token_of_row)
+    g, u = np.empty((R, Ip), np.float32), np.empty((R, Ip), np.float32)
+    matmul_q8(gq, gd, seg_expert, seg_start, aq, a_s, a_sum, g)
+    matmul_q8(uq, ud, seg_expert, seg_start, aq, a_s, a_sum, u)
+    _swiglu(g, u)
+    hq, h_s, h_sum = quantized_rows(g, dd.shape[2])
+    o = np.empty((R, Hp), np.float32)
+    matmul_q8(dq, dd, seg_expert, seg_start, hq, h_s, h_sum, o)
+    _combine(o, row_of_pair, topk_weights, y)
+
+
+@njit(nogil=True, cache=True)
+def moe_q4(x, topk_ids, topk_weights, gq, gd, gm, uq, ud, um, dq, dd, dm, y) -> None:
+    """As moe_q8 for int4 experts (q, d, m triples)."""
+    seg_expert, seg_start, row_of_pair, token_of_row = route(topk_ids, gq.shape[0])
+    R, Ip, Hp = token_of_row.size, gd.shape[1] * 16, dd.shape[1] * 16
+    xq, xs, xsum = quantized_rows(x, gd.shape[2])
+    aq, a_s, a_sum = _gather_rows(xq, token_of_row), _gather_rows(xs, token_of_row), _gather_rows(xsum, token_of_row)
+    g, u = np.empty((R, Ip), np.float32), np.empty((R, Ip), np.float32)
+    matmul_q4(gq, gd, gm, seg_expert, seg_start, aq, a_s, a_sum, g)
+    matmul_q4(uq, ud, um, seg_expert, seg_start, aq, a_s, a_sum, u)
+    _swiglu(g, u)
+    hq, h_s, h_sum = quantized_rows(g, dd.shape[2])
+    o = np.empty((R, Hp), np.float32)
+    matmul_q4(dq, dd, dm, seg_expert, seg_start, hq, h_s, h_sum, o)
+    _combine(o, row_of_pair, topk_weights, y)
+
+
+@njit(nogil=True, cache=True)
+def moe_bf16(x, topk_ids, topk_weights, gw, uw, dw, y) -> None:
+    """As moe_q8 for bf16 experts (bits [E, O, K]); activations stay float32."""
+    seg_expert, seg_start, row_of_pair, token_of_row = route(topk_ids, gw.shape[0])
+    R, I, H = token_of_row.size, gw.shape[1], dw.shape[1]
+    a = _gather_rows(x, token_of_row)
+    g, u = np.empty((R, I), np.float32), np.empty((R, I), np.float32)
+    matmul_bf16(gw, seg_expert, seg_start, a, g)
+    matmul_bf16(uw, seg_expert, seg_start, a, u)
+    _swiglu(g, u)
+    o = np.empty((R, H), np.float32)
+    matmul_bf16(dw, seg_expert, seg_start, g, o)
+    _combine(o, row_of_pair, topk_weights, y)

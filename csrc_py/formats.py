@@ -1,0 +1,117 @@
+"""Packed weight formats: a stack of E matrices [E, O, K] (HF Linear layout, [out, in]) held as numpy arrays.
+
+Exact byte layouts are in docs/formats.md. int8/int4 pad O and K with zeros to multiples of 32 (the kernels
+work on 16-row panels and 32-column groups); bf16 keeps the checkpoint's own layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from csrc_py import quant_kernels as qk
+from csrc_py.simd import GROUP, PANEL
+from offload.errors import FormatError
+
+FORMATS = ("bf16", "int8", "int4")
+
+
+def padded(n: int) -> int:
+    """n rounded up to a whole number of quantization groups."""
+    return -(-n // GROUP) * GROUP
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise FormatError(f"unknown weight format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def _layouts(fmt: str, E: int, O: int, K: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Array name -> (shape, dtype) of each array a packed [E, O, K] matrix holds."""
+    if fmt == "bf16":
+        return {"q": ((E, O, K), np.dtype(np.uint16))}
+    P, G = padded(O) // PANEL, padded(K) // GROUP
+    scales = ((E, P, G, PANEL), np.dtype(np.float16))
+    if fmt == "int8":
+        return {"q": ((E, P, padded(K) // 4, PANEL, 4), np.dtype(np.int8)), "d": scales}
+    return {"q": ((E, P, padded(K) // 8, PANEL, 4), np.dtype(np.uint8)), "d": scales, "m": scales}
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """E matrices of logical shape [O, K] in format `fmt`: q holds the values, d the fp16 group scales
+    (int8, int4) and m the fp16 group offsets (int4)."""
+
+    fmt: str
+    shape: tuple[int, int, int]  # (E, O, K) before padding
+    q: np.ndarray
+    d: np.ndarray | None = None
+    m: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        check_format(self.fmt)
+        for name, (shape, dtype) in _layouts(self.fmt, *self.shape).items():
+            arr = getattr(self, name)
+            if arr is None or arr.shape != shape or arr.dtype != dtype or not arr.flags.c_contiguous:
+                got = "missing" if arr is None else f"{arr.dtype}{list(arr.shape)}"
+                raise FormatError(f"{self.fmt} matrix of shape {list(self.shape)} needs {name} as C-contiguous "
+                                  f"{dtype}{list(shape)}, got {got}: repack it with csrc_py.formats.pack")
+        extra = [n for n in ("d", "m") if getattr(self, n) is not None and n not in _layouts(self.fmt, 1, 1, 1)]
+        if extra:
+            raise FormatError(f"{self.fmt} matrices carry no {'/'.join(extra)} array")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.q, self.d, self.m) if a is not None)
+
+    @property
+    def padded_shape(self) -> tuple[int, int, int]:
+        E, O, K = self.shape
+        return (E, O, K) if self.fmt == "bf16" else (E, padded(O), padded(K))
+
+    def bits(self) -> tuple[np.ndarray, ...]:
+        """The arrays as the kernels take them (fp16 scales reinterpreted as uint16)."""
+        return (self.q,) + tuple(a.view(np.uint16) for a in (self.d, self.m) if a is not None)
+
+
+def empty(fmt: str, E: int, O: int, K: int) -> PackedMatrix:
+    check_format(fmt)
+    arrays = {name: np.empty(shape, dtype) for name, (shape, dtype) in _layouts(fmt, E, O, K).items()}
+    return PackedMatrix(fmt, (E, O, K), **arrays)
+
+
+def pack(w: torch.Tensor | np.ndarray, fmt: str) -> PackedMatrix:
+    """Quantize / repack a float stack [E, O, K] (any float dtype), one expert at a time."""
+    check_format(fmt)
+    w = torch.as_tensor(w)
+    if w.dim() != 3 or not w.is_floating_point():
+        raise FormatError(f"expected a float tensor [experts, out, in], got {w.dtype}{list(w.shape)}")
+    E, O, K = w.shape
+    if fmt == "bf16":
+        # Zero-copy when the checkpoint is already bf16: the bits are the storage.
+        q = w.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        return PackedMatrix(fmt, (E, O, K), q)
+    out = empty(fmt, E, O, K)
+    for e in range(E):
+        we = w[e].detach().to("cpu", torch.float32).contiguous().numpy()  # [O, K]
+        if fmt == "int8":
+            qk.quantize_q8(we, out.q[e], out.d[e].view(np.uint16))
+        else:
+            qk.quantize_q4(we, out.q[e], out.d[e].view(np.uint16), out.m[e].view(np.uint16))
+    return out
+
+
+def unpack(pm: PackedMatrix, expert: int | None = None) -> np.ndarray:
+    """Dequantize to float32 [E, O, K] (or [O, K] for one expert)."""
+    experts = range(pm.shape[0]) if expert is None else [expert]
+    E, O, K = pm.shape
+    out = np.empty((len(experts), O, K), np.float32)
+    for i, e in enumerate(experts):
+        if pm.fmt == "bf16":
+            out[i] = (pm.q[e].astype(np.uint32) << 16).view(np.float32)
+        elif pm.fmt == "int8":
+            qk.dequantize_q8(pm.q[e], pm.d[e].view(np.uint16), out[i])
+        else:
+            qk.dequantize_q4(pm.q[e], pm.d[e].view(np.uint16), pm.m[e].view(np.uint16), out[i])
+    return out if expert is None else out[0]

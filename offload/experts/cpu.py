@@ -1,0 +1,124 @@
+"""One MoE layer's routed experts held in host RAM and computed by the Numba kernels of csrc_py.
+
+    experts = CpuExperts(weights, "int8")        # quantizes at construction
+    y = experts(x, topk_ids, topk_weights)       # blocking
+    handle = experts.submit(x, topk_ids, topk_weights)
+    ...                                          # other work while the kernel runs (it releases the GIL)
+    y = experts.wait(handle)
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from csrc_py import dispatch, threads
+from csrc_py.formats import FORMATS, PackedMatrix, check_format, pack, unpack
+from offload.errors import FormatError
+from offload.experts.base import ExpertWeights
+
+_worker: ThreadPoolExecutor | None = None
+
+
+def _background() -> ThreadPoolExecutor:
+    """One worker thread for every layer: the layers run one after another anyway and share the cores."""
+    global _worker
+    if _worker is None:
+        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-cpu-experts")
+    return _worker
+
+
+class CpuExperts:
+    """Routed experts of one MoE layer in format "bf16", "int8" or "int4" (docs/formats.md)."""
+
+    def __init__(self, weights: ExpertWeights, fmt: str = "int8") -> None:
+        check_format(fmt)
+        E, I, H = weights.gate.shape
+        if weights.up.shape != (E, I, H) or weights.down.shape != (E, H, I):
+            raise FormatError(f"expert weights must be gate/up [E, I, H] and down [E, H, I], got gate "
+                              f"{list(weights.gate.shape)}, up {list(weights.up.shape)}, down "
+                              f"{list(weights.down.shape)}")
+        self._set(pack(weights.gate, fmt), pack(weights.up, fmt), pack(weights.down, fmt))
+
+    @classmethod
+    def from_packed(cls, gate: PackedMatrix, up: PackedMatrix, down: PackedMatrix) -> CpuExperts:
+        """Wrap already packed matrices (e.g. a pre-quantized store) without copying them. Writable arrays
+        reuse the kernels `warmup` compiled; read-only ones (a read-only mmap) compile one more signature."""
+        experts = cls.__new__(cls)
+        experts._set(gate, up, down)
+        return experts
+
+    def _set(self, gate: PackedMatrix, up: PackedMatrix, down: PackedMatrix) -> None:
+        E, I, H = gate.shape
+        if {gate.fmt, up.fmt, down.fmt} != {gate.fmt} or up.shape != (E, I, H) or down.shape != (E, H, I):
+            raise FormatError(f"packed experts disagree: gate {gate.fmt}{list(gate.shape)}, up {up.fmt}"
+                              f"{list(up.shape)}, down {down.fmt}{list(down.shape)}; pack all three from one layer")
+        self.gate, self.up, self.down = gate, up, down
+
+    @property
+    def fmt(self) -> str:
+        return self.gate.fmt
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held by the packed weights."""
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Host bytes of one expert (its three matrices, scales included)."""
+        return self.nbytes // self.num_experts
+
+    def expert_tensors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One expert's gate [I, H], up [I, H], down [H, I] as CPU tensors, e.g. to copy it to a device: views of
+        the bf16 bits, or freshly dequantized float32 for int8/int4."""
+        if self.fmt == "bf16":
+            return tuple(torch.from_numpy(pm.q[expert].view(np.int16)).view(torch.bfloat16)
+                         for pm in (self.gate, self.up, self.down))
+        return tuple(torch.from_numpy(unpack(pm, expert)) for pm in (self.gate, self.up, self.down))
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """y [T, H] = sum_k topk_weights[:, k] * expert_{topk_ids[:, k]}(x), in x's dtype and on x's device.
+        An id of -1 leaves its pair out (a hybrid backend computes those elsewhere)."""
+        y = dispatch.moe(x.to("cpu"), topk_ids, topk_weights, self.gate, self.up, self.down)
+        return y.to(x.device)
+
+    def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Future[torch.Tensor]:
+        """Start the layer on the background thread; the inputs must stay unchanged until `wait`."""
+        return _background().submit(self._run, x, topk_ids, topk_weights)
+
+    def wait(self, handle: Future[torch.Tensor]) -> torch.Tensor:
+        """The result of a `submit` (re-raises its exception)."""
+        return handle.result()
+
+    def _run(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        threads.apply()  # Numba's thread count is per calling thread
+        return self(x, topk_ids, topk_weights)
+
+
+def warmup(fmt: str) -> float:
+    """Compile, or load from Numba's on-disk cache, every kernel a CpuExperts and a dense linear of format `fmt`
+    run (both the few-token and the many-token engines); returns the seconds spent."""
+    check_format(fmt)
+    start = time.perf_counter()
+    threads.threading_layer()
+    E, H, I, K = 4, 64, 32, 2
+    gen = torch.Generator().manual_seed(0)
+    weights = ExpertWeights(*(torch.randn(shape, generator=gen) for shape in ((E, I, H), (E, I, H), (E, H, I))))
+    experts = CpuExperts(weights, fmt)
+    dense = pack(weights.gate[:1], fmt)
+    # One token takes the fused kernels; 4 rows per expert take the torch path where a format has one.
+    for T in (1, 2 * E):
+        x = torch.randn(T, H, generator=gen)
+        experts(x, torch.randint(0, E, (T, K), generator=gen), torch.rand(T, K, generator=gen))
+        dispatch.linear(x, dense)
+    return time.perf_counter() - start
+
+
+__all__ = ["FORMATS", "CpuExperts", "warmup"]

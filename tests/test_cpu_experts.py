@@ -1,0 +1,138 @@
+"""CpuExperts: the experts contract on the Numba kernels, blocking and in the background."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csrc_py import dispatch, formats, oracles
+from offload.errors import FormatError
+from offload.experts.base import ExpertWeights
+from offload.experts.cpu import CpuExperts, warmup
+
+FORMATS = ("bf16", "int8", "int4")
+# Relative L2 error of a layer vs float64 (measured maxima in tests/test_kernels.py, plus bf16 input/output
+# rounding when x is bfloat16, ~0.4%).
+LAYER_ERROR = {"bf16": 0.012, "int8": 0.03, "int4": 0.22}
+
+
+def _weights(E: int = 8, H: int = 80, I: int = 48, seed: int = 0) -> ExpertWeights:
+    gen = torch.Generator().manual_seed(seed)
+    return ExpertWeights(*(torch.randn(s, generator=gen) / s[2] ** 0.5 for s in ((E, I, H), (E, I, H), (E, H, I))))
+
+
+def _inputs(T: int, K: int, E: int = 8, H: int = 80, dtype: torch.dtype = torch.float32, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    return torch.randn(T, H, generator=gen).to(dtype), ids, torch.rand(T, K, generator=gen)
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+@pytest.fixture(scope="module")
+def weights() -> ExpertWeights:
+    return _weights()
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def experts(request, weights) -> CpuExperts:
+    return CpuExperts(weights, request.param)
+
+
+@pytest.mark.parametrize("T,K", [(1, 1), (3, 4), (64, 8), (5, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_call_matches_oracle(experts, weights, T, K, dtype):
+    x, ids, w = _inputs(T, K, dtype=dtype)
+    y = experts(x, ids, w)
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+    ref = oracles.moe(x.float(), ids, w, weights.gate, weights.up, weights.down)
+    assert _rel(y, ref) < LAYER_ERROR[experts.fmt]
+
+
+def test_submit_wait_equals_call(experts):
+    x, ids, w = _inputs(7, 3)
+    handles = [experts.submit(x, ids, w) for _ in range(3)]
+    expected = experts(x, ids, w)
+    for handle in handles:
+        assert torch.equal(experts.wait(handle), expected)
+
+
+def test_wait_reraises_errors(experts):
+    x, ids, w = _inputs(2, 2)
+    with pytest.raises(ValueError):
+        experts.wait(experts.submit(x[:, :5], ids, w))
+
+
+def test_from_packed_shares_and_matches(weights):
+    packed = [formats.pack(m, "int4") for m in (weights.gate, weights.up, weights.down)]
+    experts = CpuExperts.from_packed(*packed)
+    assert experts.gate is packed[0]
+    x, ids, w = _inputs(3, 2)
+    assert torch.equal(experts(x, ids, w), CpuExperts(weights, "int4")(x, ids, w))
+
+
+def test_nbytes_counts_the_packed_arrays(weights):
+    E, I, H = weights.gate.shape  # 8, 48, 80 -> padded I 64, H 96
+    bf16 = CpuExperts(weights, "bf16").nbytes
+    assert bf16 == 3 * E * I * H * 2
+    # int8: a byte per weight plus an fp16 scale per 32; int4: half a byte plus fp16 scale and offset per 32
+    assert CpuExperts(weights, "int8").nbytes == 3 * E * 64 * 96 * (1 + 2 / 32)
+    assert CpuExperts(weights, "int4").nbytes == 3 * E * 64 * 96 * (0.5 + 4 / 32)
+
+
+def test_many_rows_take_the_torch_path_for_bf16(weights):
+    x, ids, w = _inputs(40, 8)
+    assert dispatch.use_torch("bf16", ids.numel(), weights.num_experts)
+    y = CpuExperts(weights, "bf16")(x, ids, w)
+    ref = oracles.moe(x, ids, w, weights.gate, weights.up, weights.down)
+    assert _rel(y, ref) < LAYER_ERROR["bf16"] + 0.01  # torch's path multiplies in bf16
+
+
+def test_bad_shapes_are_reported(weights):
+    with pytest.raises(FormatError, match="gate/up"):
+        CpuExperts(ExpertWeights(weights.gate, weights.up, weights.gate), "int8")
+    with pytest.raises(FormatError, match="unknown weight format"):
+        CpuExperts(weights, "q4_k")
+    gate = formats.pack(weights.gate, "int8")
+    with pytest.raises(FormatError, match="disagree"):
+        CpuExperts.from_packed(gate, formats.pack(weights.up, "int4"), formats.pack(weights.down, "int8"))
+    x, ids, w = _inputs(2, 2)
+    with pytest.raises(ValueError):
+        CpuExperts(weights, "int8")(x, ids[:1], w[:1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_warmup_reports_seconds(fmt):
+    seconds = warmup(fmt)
+    assert isinstance(seconds, float) and 0.0 <= seconds < 600.0
+
+
+def test_dense_linear_matches_float(weights):
+    x = torch.randn(4, 80)
+    y = dispatch.linear(x, formats.pack(weights.gate[:1], "int8"))
+    ref = x @ weights.gate[0].T
+    assert y.shape == (4, 48) and _rel(y, ref) < 0.02
+    with pytest.raises(ValueError):
+        dispatch.linear(x[:, :40], formats.pack(weights.gate[:1], "int8"))
+
+
+def test_pairs_marked_minus_one_are_left_out(experts, weights):
+    """The hybrid backend hands the CPU every pair and marks the ones it computes itself with -1."""
+    x, ids, w = _inputs(6, 4)
+    mine = ids.clone()
+    mine[::2, 1:] = -1
+    mine[1] = -1  # a token with nothing for the CPU
+    y = experts(x, mine, w)
+    ref = oracles.moe(x, mine, w, weights.gate, weights.up, weights.down)
+    assert y[1].abs().max() == 0
+    assert _rel(y, ref) < LAYER_ERROR[experts.fmt]
+    assert experts(x, torch.full_like(ids, -1), w).abs().max() == 0
+
+
+def test_expert_tensors_dequantize_one_expert(experts, weights):
+    gate, up, down = experts.expert_tensors(3)
+    assert gate.shape == up.shape == (48, 80) and down.shape == (80, 48)
+    for got, ref in ((gate, weights.gate[3]), (up, weights.up[3]), (down, weights.down[3])):
+        assert _rel(got, ref) < {"bf16": 0.005, "int8": 0.01, "int4": 0.1}[experts.fmt]
+    assert experts.expert_nbytes * experts.num_experts == experts.nbytes

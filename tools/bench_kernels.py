@@ -1,0 +1,209 @@
+"""Benchmark the CPU expert kernels on real MoE layer shapes (a benchmark, not a test).
+
+    python tools/bench_kernels.py                          # qwen3, mixtral, deepseek; bf16/int8/int4; T=1, 512
+    python tools/bench_kernels.py --layers qwen3 --formats int8 --quick
+
+Prints the machine's read bandwidth (all cores, one core), then per layer and token count the time of one layer
+through each engine, the GB/s of expert weight bytes it touched, that as % of the read bandwidth measured right
+before the call (the machine is shared: every call is paired with its own probe), GFLOP/s, and the speed
+relative to torch bf16 looping over experts. Weights are random; routing is uniform top-k, fresh for every call so decode streams
+its experts from DRAM. Layers too big for --max-gb hold fewer experts than the model (said in the output).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from csrc_py import dispatch, simd, threads  # noqa: E402
+from csrc_py.formats import pack  # noqa: E402
+from csrc_py.torch_path import moe_torch  # noqa: E402
+from offload.experts.base import ExpertWeights  # noqa: E402
+from offload.experts.cpu import CpuExperts, warmup  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+
+
+LAYERS = {
+    "qwen3": Layer("Qwen3-30B-A3B", 128, 8, 2048, 768),
+    "mixtral": Layer("Mixtral-8x7B", 8, 2, 4096, 14336),
+    "deepseek": Layer("DeepSeek-V3", 256, 8, 7168, 2048),
+}
+
+
+def read_bandwidth(buf: torch.Tensor) -> float:
+    """GB/s of a torch sum over `buf` with torch's current thread count (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * buf.element_size() / best / 1e9
+
+
+def torch_loop(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """The baseline: plain torch, one expert at a time, in the weights' dtype."""
+    x = x.to(gate.dtype)
+    y = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        tok, k = (ids == e).nonzero(as_tuple=True)
+        h = torch.nn.functional.silu(x[tok] @ gate[e].T) * (x[tok] @ up[e].T)
+        y.index_add_(0, tok, (h @ down[e].T) * w[tok, k, None].to(x.dtype))
+    return y
+
+
+@dataclass
+class Result:
+    engine: str
+    seconds: float
+    gbps: float
+    bw_share: float
+    gflops: float
+
+
+class Bench:
+    def __init__(self, decode_calls: int, prefill_calls: int, max_gb: float) -> None:
+        self.decode_calls, self.prefill_calls, self.max_gb = decode_calls, prefill_calls, max_gb
+        self.buf = torch.ones(1 << 28)  # 1 GiB of float32: the headline bandwidth
+        self.probe = self.buf[: 1 << 26]  # 256 MiB, still 8x the L3: the per-call probe
+        self.rows: list[str] = []
+
+    def measure(self, name: str, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object], layer: Layer,
+                experts: int, tokens: int, bytes_per_expert: float) -> Result:
+        """Medians over calls; each call is paired with a read-bandwidth probe taken right before it."""
+        gen = torch.Generator().manual_seed(tokens)
+        x = torch.randn(tokens, layer.hidden, generator=gen)
+
+        def routing() -> tuple[torch.Tensor, torch.Tensor]:
+            ids = torch.stack([torch.randperm(experts, generator=gen)[: layer.top_k] for _ in range(tokens)])
+            return ids, torch.rand(tokens, layer.top_k, generator=gen)
+
+        fn(x, *routing())  # first call: page in, JIT, oneDNN primitive cache
+        times, shares, touched = [], [], []
+        for _ in range(self.decode_calls if tokens < 64 else self.prefill_calls):
+            bw = read_bandwidth(self.probe)
+            ids, w = routing()
+            start = time.perf_counter()
+            fn(x, ids, w)
+            times.append(time.perf_counter() - start)
+            touched.append(len(ids.unique()) * bytes_per_expert)
+            shares.append(touched[-1] / times[-1] / 1e9 / bw)
+        t = statistics.median(times)
+        flops = 2 * 3 * layer.hidden * layer.intermediate * tokens * layer.top_k
+        return Result(name, t, statistics.median(touched) / t / 1e9, statistics.median(shares), flops / t / 1e9)
+
+
+def random_layer(layer: Layer, experts: int) -> ExpertWeights:
+    gen = torch.Generator().manual_seed(0)
+    E, H, I = experts, layer.hidden, layer.intermediate
+
+    def mat(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) / shape[-1] ** 0.5).to(torch.bfloat16)
+
+    return ExpertWeights(mat(E, I, H), mat(E, I, H), mat(E, H, I))
+
+
+def bench_layer(bench: Bench, layer: Layer, formats: list[str], token_counts: list[int]) -> None:
+    weights_per_expert = 3 * layer.hidden * layer.intermediate
+    # bf16 source + the fp32 baseline copy (6 bytes per weight) must fit the budget
+    experts = min(layer.experts, max(layer.top_k, int(bench.max_gb * 1e9 // (6 * weights_per_expert))))
+    print(f"\n## {layer.name}: E={layer.experts}, top-{layer.top_k}, H={layer.hidden}, I={layer.intermediate}")
+    if experts < layer.experts:
+        print(f"(holding {experts} of {layer.experts} experts to stay under {bench.max_gb:g} GB: decode touches "
+              f"top-{layer.top_k} experts as in the model; at T=512 each expert gets "
+              f"{512 * layer.top_k // experts} rows instead of {512 * layer.top_k // layer.experts})")
+    src = random_layer(layer, experts)
+    results: dict[int, list[Result]] = {T: [] for T in token_counts}
+    for fmt in formats:
+        cpu = CpuExperts(src, fmt)
+        per_expert = cpu.nbytes / experts
+        packed = (cpu.gate, cpu.up, cpu.down)
+        for T in token_counts:
+            # the engine CpuExperts picks first, then the other one for comparison
+            fused_tag, torch_tag = f"offload {fmt} fused Numba", f"offload {fmt} via torch bf16"
+            picks_torch = dispatch.use_torch(fmt, T * layer.top_k, experts)
+            results[T].append(bench.measure(f"{torch_tag if picks_torch else fused_tag} *", cpu, layer, experts, T,
+                                            per_expert))
+            other = (lambda x, i, w: dispatch.moe_fused(x, i, w, *packed)) if picks_torch else \
+                (lambda x, i, w: moe_torch(x, i, w, *packed))
+            results[T].append(bench.measure(fused_tag if picks_torch else torch_tag, other, layer, experts, T,
+                                            per_expert))
+        del cpu, packed
+    for dtype in (torch.bfloat16, torch.float32):
+        mats = [m.to(dtype) for m in (src.gate, src.up, src.down)]
+        per_expert = weights_per_expert * mats[0].element_size()
+        for T in token_counts:
+            name = f"torch {str(dtype).removeprefix('torch.')} loop"
+            results[T].append(bench.measure(name, lambda x, i, w: torch_loop(x, i, w, *mats), layer, experts, T,
+                                            per_expert))
+        del mats
+    for T in token_counts:
+        base = next(r.seconds for r in results[T] if r.engine == "torch bfloat16 loop")
+        for r in results[T]:
+            bench.rows.append(f"| {layer.name} | {T} | {r.engine} | {r.seconds * 1e3:.2f} | {r.gbps:.1f} | "
+                              f"{100 * r.bw_share:.0f}% | {r.gflops:.0f} | {base / r.seconds:.2f}x |")
+            print(bench.rows[-1], flush=True)
+
+
+def describe_machine(n_threads: int) -> None:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"machine: {cpu}, {psutil.cpu_count(logical=False)} cores / {psutil.cpu_count()} threads, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; vpdpbusd {'on' if simd.EMIT_VNNI else 'off'}")
+    print(f"torch {torch.__version__}, numba {sys.modules['numba'].__version__} ({threads.threading_layer()} "
+          f"layer), {n_threads} threads")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="qwen3,mixtral,deepseek", help=f"comma list of {', '.join(LAYERS)}")
+    parser.add_argument("--formats", default="bf16,int8,int4")
+    parser.add_argument("--tokens", default="1,512", help="token counts per layer call")
+    parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    parser.add_argument("--max-gb", type=float, default=10.0, help="RAM budget for one layer's copies")
+    parser.add_argument("--quick", action="store_true", help="fewer calls per engine (noisier)")
+    args = parser.parse_args()
+
+    n_threads = threads.set_threads(args.threads)
+    describe_machine(n_threads)
+    formats = args.formats.split(",")
+    jit = sum(warmup(fmt) for fmt in formats)
+    print(f"JIT warmup (compile or load cache): {jit:.1f} s")
+    bench = Bench(decode_calls=15 if args.quick else 60, prefill_calls=3 if args.quick else 7, max_gb=args.max_gb)
+    torch.set_num_threads(1)
+    one = statistics.median(read_bandwidth(bench.buf) for _ in range(5))
+    torch.set_num_threads(n_threads)
+    every = statistics.median(read_bandwidth(bench.buf) for _ in range(5))
+    print(f"read bandwidth (torch sum over 1 GiB, median of 5): {every:.1f} GB/s with {n_threads} threads, "
+          f"{one:.1f} GB/s with one")
+    print("\n| layer | T | engine | ms/layer | GB/s | % of BW | GFLOP/s | vs torch bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.layers.split(","):
+        bench_layer(bench, LAYERS[name], formats, [int(t) for t in args.tokens.split(",")])
+    print("\n* = the engine CpuExperts picks. GB/s: expert weight bytes touched (each used expert's three "
+          "matrices, scales included) per second; % of BW: median over calls of that over a read-bandwidth probe "
+          "(torch sum over 256 MiB) taken just before the call.")
+    print("\n| layer | T | engine | ms/layer | GB/s | % of BW | GFLOP/s | vs torch bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(bench.rows))
+
+
+if __name__ == "__main__":
+    main()
