@@ -24,16 +24,18 @@ def expert_bf16(pm: PackedMatrix, e: int, scratch: np.ndarray | None = None) -> 
 
 def moe_torch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: PackedMatrix,
               up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
-    """x [T, H] -> float32 [T, H]; tokens grouped by expert, one bf16 matmul per used expert and matrix.
-    Pairs with id -1 are skipped."""
+    """x [T, H] -> float32 [T, H]; tokens grouped by expert, one matmul per used expert and matrix.
+    Pairs with id -1 are skipped. The matmuls run in bf16 for bf16 activations; float32 activations keep float32
+    (the weights are widened per expert), so a float32 model stays exact to its bf16 weights."""
     T, K = topk_ids.shape
     seg_expert, seg_start, row_of_pair, token_of_row = route(topk_ids.contiguous().numpy(), gate.shape[0])
-    xs = x.to(torch.bfloat16)[torch.from_numpy(token_of_row)]  # [R, H] rows sorted by expert
+    compute = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    xs = x.to(compute)[torch.from_numpy(token_of_row)]  # [R, H] rows sorted by expert
     out = torch.empty(xs.shape, dtype=torch.float32)
     scratch = {pm.shape[1:]: np.empty(pm.shape[1:], np.float32) for pm in (gate, down) if pm.fmt != "bf16"}
     for s, e in enumerate(seg_expert.tolist()):
         rows = slice(int(seg_start[s]), int(seg_start[s + 1]))
-        g, u, d = (expert_bf16(pm, e, scratch.get(pm.shape[1:])) for pm in (gate, up, down))
+        g, u, d = (expert_bf16(pm, e, scratch.get(pm.shape[1:])).to(compute) for pm in (gate, up, down))
         h = torch.nn.functional.silu(xs[rows] @ g.T) * (xs[rows] @ u.T)
         out[rows] = (h @ d.T).float()
     rows = torch.from_numpy(row_of_pair)

@@ -64,7 +64,8 @@ class ExpertsBuilder:
             pool.down[row].copy_(weights.down[expert])
         local = {expert: i for i, expert in enumerate(host_ids)}
         uploader = ExpertUploader(pool, lambda e: cpu.expert_tensors(local[e]), self.device)
-        sizes = ExpertSizes(cpu.expert_nbytes if cpu else 0, opts.plan.expert_device_bytes, self.flops_per_token)
+        sizes = ExpertSizes(cpu.nbytes // cpu.num_experts if cpu else 0, opts.plan.expert_device_bytes,
+                            self.flops_per_token)
         if self.cost is None:
             self.cost = self._measure_costs(cpu, uploader, host_ids, pool, sizes)
         cache = ExpertCache(lp.cache_slots, sizes.device_bytes, make_policy(opts.cache_policy))

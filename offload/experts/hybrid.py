@@ -91,7 +91,7 @@ class HybridExperts:
         handle = None
         if on_cpu:
             with self.timers.section("cpu_experts"):
-                cpu_ids = torch.where(pair_rows < 0, self.host_index[topk_ids], -1).cpu()  # -1: not the CPU's
+                cpu_ids = torch.where(pair_rows < 0, self.host_index[topk_ids], -1).cpu()  # -1: the device's pair
                 handle = self.cpu.submit(x.cpu(), cpu_ids, topk_weights.cpu())
         with self.timers.section("device_experts"):
             y = self.pool.compute(x, pair_rows, topk_weights) if rows else torch.zeros_like(x)

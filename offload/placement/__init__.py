@@ -14,9 +14,9 @@ from .planner import Plan, PlanError, PlanRequest, make_plan
 
 def expert_host_bytes(fmt: str, hidden: int, intermediate: int) -> int:
     """One routed expert (gate, up, down) in a host format, padding included."""
-    from csrc_py.formats import packed_nbytes
+    from csrc_py.formats import empty
 
-    return 2 * packed_nbytes(fmt, 1, intermediate, hidden) + packed_nbytes(fmt, 1, hidden, intermediate)
+    return 2 * empty(fmt, 1, intermediate, hidden).nbytes + empty(fmt, 1, hidden, intermediate).nbytes
 
 
 def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device, dtype: torch.dtype,

@@ -1,0 +1,118 @@
+"""Invariance: every placement computes the same model. Plans that put all experts on the device, all on the
+CPU workers, pinned subsets, or a tiny cache with prefetch on and off (LRU and LFU) give the reference logits
+and the same greedy tokens; the counters add up."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import offload
+from offload.arch import architecture
+from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
+
+IDS = torch.arange(3, 27)
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoints(checkpoint_dir, tmp_path_factory):
+    """bf16 copies of tiny models: bf16 host experts then hold the weights exactly, so plans must agree."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            _, ref = checkpoint_dir(name)
+            folder = tmp_path_factory.mktemp(f"{name}_bf16")
+            copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(folder)
+            cache[name] = folder
+        return cache[name]
+
+    return get
+
+
+def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None):
+    """A plan with room for `device_experts` routed experts on the (simulated) device tier."""
+    model = offload.load(folder, device="cpu", max_context=64)
+    cfg = model.config
+    arch = architecture(cfg.model_type)
+    inv = inventory(cfg, arch.names)
+    fixed = sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 64, 4)
+    request = PlanRequest(device_budget=fixed + device_experts * inv.expert_params * 4, host_budget=2**34,
+                          max_context=64, kv_cache_bytes=kv_cache_bytes(cfg, 64, 4), dtype_bytes=4,
+                          expert_format="bf16", expert_host_bytes=inv.expert_params * 2,
+                          slots_per_layer=slots_per_layer)
+    return make_plan(inv, request, heat)
+
+
+PLANS = {
+    # name: (device experts, slots per layer, cache policy, prefetch)
+    "all_on_device": (10_000, None, "lru", True),
+    "all_on_cpu": (0, 0, "lru", False),
+    "pinned_subset_no_cache": (5, 0, "lru", False),
+    "tiny_cache_prefetch_lru": (3, 1, "lru", True),
+    "tiny_cache_no_prefetch_lru": (3, 1, "lru", False),
+    "tiny_cache_prefetch_lfu": (3, 1, "lfu", True),
+    "cache_and_pinned_lfu": (9, 2, "lfu", True),
+}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+def test_every_plan_matches_the_reference(bf16_checkpoints, name, plan_name):
+    folder = bf16_checkpoints(name)
+    device_experts, slots, policy, prefetch = PLANS[plan_name]
+    reference = offload.load(folder, device="cpu", max_context=64)
+    hybrid = offload.load(folder, device="cpu", max_context=64, plan=plan(folder, device_experts, slots),
+                          cache_policy=policy, prefetch=prefetch)
+    expected = reference.logits(IDS)
+    assert rel_err(hybrid.logits(IDS), expected) <= 1e-4
+    with torch.inference_mode():
+        steps = torch.cat([hybrid.transformer(IDS[i : i + 1], i) for i in range(len(IDS))])
+    assert rel_err(steps, expected) <= 1e-4
+    kwargs = dict(max_new_tokens=16, ignore_eos=True)
+    assert hybrid.generate(IDS[:6].tolist(), **kwargs).token_ids == reference.generate(IDS[:6].tolist(), **kwargs).token_ids
+
+    stats = hybrid.stats()
+    layers = stats["layers"]
+    assert layers and all(l["hits"] + l["misses"] == l["expert_uses"] > 0 for l in layers)
+    if plan_name == "all_on_device":
+        assert stats["totals"]["hit_rate"] == 1.0
+    if plan_name == "all_on_cpu":
+        assert stats["totals"]["hit_rate"] == 0.0 and all(l["cpu_misses"] == l["expert_uses"] for l in layers)
+    if plan_name.startswith("tiny_cache") or plan_name.startswith("cache_and"):
+        assert any(l["cache_hits"] > 0 for l in layers)
+        assert (stats["totals"]["prefetch_precision"] is not None) == prefetch
+        assert stats["totals"]["bytes_copied"] > 0
+
+
+def test_cost_model_copies_for_prefill_and_computes_decode_on_the_cpu():
+    from offload.experts.cost import CostModel
+
+    # A GPU-like device: fast matmuls, copies over a 25 GB/s link; CPU workers at 40 GB/s and 200 GFLOP/s.
+    cost = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_per_s=25e9, device_flops=400e12)
+    host, device, flops = 12_000_000, 24_000_000, 2 * 3 * 2048 * 1024  # an int8 host copy, a bf16 device copy
+    assert not cost.prefer_copy(1, host, device, flops)  # decode: reading 12 MB beats moving 24 MB
+    assert cost.prefer_copy(512, host, device, flops)  # prefill: the CPU's FLOPs dominate
+    crossover = next(t for t in range(1, 512) if cost.prefer_copy(t, host, device, flops))
+    assert 1 < crossover < 512
+
+
+def test_plan_for_another_model_is_refused(bf16_checkpoints, checkpoint_dir):
+    other = plan(bf16_checkpoints("qwen2_moe"), 3, 1)
+    folder, _ = checkpoint_dir("mixtral")
+    with pytest.raises(offload.OffloadError, match="different model"):
+        offload.load(folder, device="cpu", plan=other)
+
+
+def test_simulated_gpu_budget_plans_before_reading_weights(checkpoint_dir):
+    folder, _ = checkpoint_dir("mixtral")
+    with pytest.raises(offload.OffloadError, match="budget is .* lower max_context"):
+        offload.load(folder, device="cpu", gpu_memory="10KiB", max_context=64)
+    model = offload.load(folder, device="cpu", gpu_memory="3MiB", max_context=64, experts="bf16")
+    assert model.plan is not None and model.plan.device_bytes <= 3 * 2**20
+    assert "kv_cache" in model.plan.table()
