@@ -209,6 +209,23 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
                  placement, builder)
 
 
+def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int = 4096, experts: str = "bf16",
+         device: str = "auto", dtype: str = "auto", heat: list[list[float]] | None = None) -> Plan:
+    """The placement load() would use for these budgets, from config.json alone (no weight is read).
+    heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`)."""
+    checkpoint = Checkpoint(path)
+    arch = architecture(checkpoint.config_json.get("model_type"))
+    config = arch.config_from_hf(checkpoint.config_json)
+    if experts not in EXPERT_FORMATS:
+        raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
+    torch_device = resolve_device(device)
+    if torch_device.type != "cuda" and gpu_memory is None:
+        raise OffloadError("no GPU is visible: give the device budget to plan for, e.g. gpu_memory='12GiB' "
+                           "(--gpu-memory 12GiB)")
+    return resolve_plan(config, arch.names, torch_device, resolve_dtype(dtype, torch_device), experts, max_context,
+                        gpu_memory, None, heat)
+
+
 def _start_cpu_workers(host_format: str | None, cpu_threads: int | None) -> tuple[int, float]:
     """Set the thread counts; compile (or load from cache) the CPU kernels of `host_format` now, not mid-reply."""
     if host_format is None:

@@ -7,10 +7,7 @@ the model sees exactly what the user saw.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,6 +17,7 @@ from rich.table import Table
 
 from .api import Model
 from .errors import ContextLengthError, OffloadError
+from .files import write_json_atomic
 from .generate import Generation
 from .tokenizer import Tokenizer
 
@@ -172,36 +170,13 @@ class ChatSession:
         return {"messages": self.messages()}
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside path, then rename it over path: a failed or interrupted write never
-    leaves a half-written file behind."""
-    path = path.expanduser()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        reason = error.strerror or error
-        raise OffloadError(f"cannot write {path}: {reason}; choose a file in a writable folder") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
-        raise OffloadError(f"cannot write {path}: {error.strerror or error}; choose another file") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def stats_line(generation: Generation) -> str:
-    """The dim line after each reply. Runtime counters (such as the expert cache's hit rate) belong here."""
+def stats_line(generation: Generation, hit_rate: float | None = None) -> str:
+    """The dim line after each reply; `hit_rate` is the expert cache's (device-resident share of expert uses)."""
     s = generation.stats
     tokens = f"{s.generated_tokens} token{'' if s.generated_tokens == 1 else 's'}"
+    cache = f", expert hit rate {hit_rate:.0%}" if hit_rate is not None else ""
     return (f"{tokens}, prefill {s.prefill_tokens_per_s:.1f} tok/s, "
-            f"decode {s.decode_tokens_per_s:.1f} tok/s, finish: {generation.finish_reason}")
+            f"decode {s.decode_tokens_per_s:.1f} tok/s{cache}, finish: {generation.finish_reason}")
 
 
 def stats_table(generation: Generation) -> Table:
@@ -321,7 +296,8 @@ class ChatLoop:
             self._write(run.result.text[shown:])
         self.out.print()
         self.session.add_turn(text, run.result)
-        self.err.print(f"[dim]{stats_line(run.result)}[/dim]", highlight=False)
+        hit_rate = self.model.stats()["totals"]["hit_rate"]
+        self.err.print(f"[dim]{stats_line(run.result, hit_rate)}[/dim]", highlight=False)
         return run.result
 
     def _write(self, text: str) -> None:

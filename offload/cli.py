@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, get_type_hints
 
 import typer
 from rich.console import Console
@@ -81,6 +81,17 @@ class LoadOptions:
 
     device: str = _load_option("auto", "auto | cpu | cuda[:N]")
     max_context: int = _load_option(4096, "Tokens of context to allocate the cache for (prompt and reply together).")
+    experts: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
+        None, "Host format of routed experts run by the CPU workers (default: torch on the device tier when "
+              "everything fits, bf16 when offloading).")
+    cpu_threads: Optional[int] = _load_option(None, "Threads for the CPU workers and torch (default: physical cores).",
+                                              min=1)
+    gpu_memory: Optional[str] = _load_option(
+        None, "Device memory budget, e.g. 12GiB (default: free GPU memory; without a GPU, simulates a device of "
+              "this size).")
+    plan: Optional[Path] = _load_option(None, "Placement plan JSON to use (from `offload plan` or `offload profile`).")
+    cache_policy: Literal["lru", "lfu"] = _load_option("lru", "Expert cache eviction policy.")
+    prefetch: bool = _load_option(True, "Prefetch the next layer's predicted experts into the cache.")
 
 
 def with_load_options(command: Callable) -> Callable:
@@ -240,6 +251,30 @@ def inspect_(
         out.print_json(json.dumps(report))
     else:
         render(report, out)
+
+
+@app.command("plan")
+@user_errors
+def plan_(
+    model_path: Path = MODEL_ARGUMENT,
+    gpu_memory: Optional[str] = typer.Option(None, help="Device budget, e.g. 12GiB (default: free GPU memory)."),
+    max_context: int = typer.Option(4096, help="Context the KV cache is sized for."),
+    experts: Literal["bf16", "int8", "int4"] = typer.Option("bf16", help="Host format of offloaded experts."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N] (decides the device dtype)."),
+    profile: Optional[Path] = typer.Option(None, help="profile.json from `offload profile`: pin the hottest experts."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the plan as JSON to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
+) -> None:
+    """Show where every weight group and expert would live for a device budget, without loading any weight."""
+    from . import plan as make
+    from .profiling import read_heat
+
+    placement = make(model_path, gpu_memory=gpu_memory, max_context=max_context, experts=experts, device=device,
+                     heat=read_heat(profile) if profile else None)
+    if out_file is not None:
+        placement.save(out_file)
+        err.print(f"[dim]wrote {out_file}[/dim]")
+    out.print(placement.to_json() if as_json else placement.table(), markup=False)
 
 
 @app.command()

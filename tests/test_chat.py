@@ -8,8 +8,8 @@ import pytest
 from rich.console import Console
 
 import offload
-from offload.chat import (ChatLoop, ChatSession, Command, MessageReader, parse_command, stats_line, turns_to_drop,
-                          write_json_atomic)
+from offload.chat import ChatLoop, ChatSession, Command, MessageReader, parse_command, stats_line, turns_to_drop
+from offload.files import write_json_atomic
 from offload.demo import demo_checkpoint
 from offload.errors import ContextLengthError, OffloadError
 from offload.generate import Generation, GenerationStats
@@ -134,6 +134,7 @@ def test_stats_line_names_tokens_speed_and_finish():
     g = Generation(text="x", token_ids=[1, 2, 3], finish_reason="stop",
                    stats=GenerationStats(prompt_tokens=4, generated_tokens=3, prefill_seconds=0.5, decode_seconds=1.0))
     assert stats_line(g) == "3 tokens, prefill 8.0 tok/s, decode 2.0 tok/s, finish: stop"
+    assert stats_line(g, 0.875) == "3 tokens, prefill 8.0 tok/s, decode 2.0 tok/s, expert hit rate 88%, finish: stop"
 
 
 # The loop, on the demo model, with scripted input and recorded output.

@@ -409,3 +409,32 @@ def test_ctrl_c_in_a_real_terminal_stops_the_reply_and_keeps_the_conversation(de
     messages = json.loads(saved.read_text())["messages"]
     assert [(m["role"], m["content"]) for m in messages[::2]] == [("user", "hello"), ("user", "and then?")]
     assert all(m["role"] == "assistant" and m["content"] for m in messages[1::2])
+
+
+def test_plan_prints_a_table_and_writes_json_without_loading(demo_dir, tmp_path):
+    from offload.placement import Plan
+
+    out = tmp_path / "plan.json"
+    result = invoke("plan", str(demo_dir), "--gpu-memory", "8MiB", "--max-context", "1024", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "kv_cache" in result.output and "pinned ids" in result.output
+    plan = Plan.load(out)
+    assert plan.device_budget == 8 * 2**20 and plan.max_context == 1024 and len(plan.layers) == 4
+    assert plan.device_bytes <= plan.device_budget
+
+
+def test_plan_errors(demo_dir, tmp_path):
+    assert_one_line_error(invoke("plan", str(demo_dir)), "no GPU is visible", "--gpu-memory")
+    assert_one_line_error(invoke("plan", str(demo_dir), "--gpu-memory", "1MiB"), "device budget", "max_context")
+    assert_one_line_error(invoke("plan", str(demo_dir), "--gpu-memory", "lots"), "cannot read memory size")
+    profile = tmp_path / "profile.json"
+    profile.write_text("{}")
+    assert_one_line_error(invoke("plan", str(demo_dir), "--gpu-memory", "8MiB", "--profile", str(profile)),
+                          "not a profile")
+
+
+def test_chat_with_a_simulated_gpu_budget_reports_the_expert_hit_rate(demo_dir):
+    result = invoke("chat", str(demo_dir), "--gpu-memory", "9MiB", "--max-context", "1024", "--prompt", "hi",
+                    "--max-new-tokens", "4", "--temperature", "0")
+    assert result.exit_code == 0, result.output
+    assert "expert hit rate" in result.output

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import OffloadError
+from ..files import write_json_atomic
 from .inventory import Inventory
 
 GiB = 2**30
@@ -80,7 +81,7 @@ class Plan:
             raise PlanError(f"not a plan file ({err}); write one with `offload plan MODEL --out plan.json`") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        write_json_atomic(Path(path), asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -1,0 +1,34 @@
+"""Files written so that a failure or Ctrl-C never leaves a half-written one behind."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import OffloadError
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside path, then rename it over path: a failed or interrupted write never
+    leaves a half-written file behind."""
+    path = path.expanduser()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        reason = error.strerror or error
+        raise OffloadError(f"cannot write {path}: {reason}; choose a file in a writable folder") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise OffloadError(f"cannot write {path}: {error.strerror or error}; choose another file") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
