@@ -105,7 +105,7 @@ def test_bad_shapes_are_reported(weights):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_warmup_reports_seconds(fmt):
     seconds = warmup(fmt)
-    assert isinstance(seconds, float) and 0.0 <= seconds < 600.0
+    assert isinstance(seconds, float) and seconds >= 0.0
 
 
 def test_dense_linear_matches_float(weights):

@@ -39,3 +39,32 @@ def test_cuda_default_dtype_is_bf16_and_close(checkpoint_dir):
     with torch.no_grad():
         expected = ref(IDS[None]).logits[0]
     assert rel_err(gpu.logits(IDS), expected) <= 5e-2
+
+
+@pytest.mark.parametrize("slots, prefetch, policy", [(1, True, "lru"), (2, False, "lfu"), (0, False, "lru")])
+def test_cuda_hybrid_plans_match_the_reference(checkpoint_dir, tmp_path, slots, prefetch, policy):
+    """GPU slots filled through pinned staging and a side stream; CPU workers for the rest."""
+    import copy
+
+    from offload.arch import architecture
+    from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
+
+    _, ref = checkpoint_dir("deepseek_v3")
+    folder = tmp_path / "bf16"
+    copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(folder)
+    reference = offload.load(folder, device="cuda", dtype="float32", max_context=64)
+    cfg = reference.config
+    arch = architecture(cfg.model_type)
+    inv = inventory(cfg, arch.names)
+    kv = kv_cache_bytes(cfg, 64, 4)
+    budget = sum(inv.device_bytes(4).values()) + kv + (3 + slots * len(inv.moe_layers)) * inv.expert_params * 4
+    plan = make_plan(inv, PlanRequest(budget, 2**34, 64, kv, 4, "bf16", inv.expert_params * 2, slots_per_layer=slots))
+    hybrid = offload.load(folder, device="cuda", dtype="float32", max_context=64, plan=plan, prefetch=prefetch,
+                          cache_policy=policy)
+    assert rel_err(hybrid.logits(IDS), reference.logits(IDS)) <= 1e-4
+    kwargs = dict(max_new_tokens=16, ignore_eos=True)
+    assert hybrid.generate(IDS[:6].tolist(), **kwargs).token_ids == reference.generate(IDS[:6].tolist(), **kwargs).token_ids
+    stats = hybrid.stats()
+    assert all(l["hits"] + l["misses"] == l["expert_uses"] for l in stats["layers"])
+    if prefetch:
+        assert stats["totals"]["prefetch_precision"] is not None and stats["totals"]["bytes_copied"] > 0

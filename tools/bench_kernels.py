@@ -6,8 +6,9 @@
 Prints the machine's read bandwidth (all cores, one core), then per layer and token count the time of one layer
 through each engine, the GB/s of expert weight bytes it touched, that as % of the read bandwidth measured right
 before the call (the machine is shared: every call is paired with its own probe), GFLOP/s, and the speed
-relative to torch bf16 looping over experts. Weights are random; routing is uniform top-k, fresh for every call so decode streams
-its experts from DRAM. Layers too big for --max-gb hold fewer experts than the model (said in the output).
+relative to torch bf16 looping over experts. Weights are random; routing is uniform top-k, fresh for every
+call so decode streams its experts from DRAM. Layers too big for --max-gb hold fewer experts than the model
+(the output says so).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from csrc_py import dispatch, simd, threads  # noqa: E402
-from csrc_py.formats import pack  # noqa: E402
 from csrc_py.torch_path import moe_torch  # noqa: E402
 from offload.experts.base import ExpertWeights  # noqa: E402
 from offload.experts.cpu import CpuExperts, warmup  # noqa: E402
@@ -89,7 +89,7 @@ class Bench:
                 experts: int, tokens: int, bytes_per_expert: float) -> Result:
         """Medians over calls; each call is paired with a read-bandwidth probe taken right before it."""
         gen = torch.Generator().manual_seed(tokens)
-        x = torch.randn(tokens, layer.hidden, generator=gen)
+        x = torch.randn(tokens, layer.hidden, generator=gen).to(torch.bfloat16)  # a bf16 model's hidden states
 
         def routing() -> tuple[torch.Tensor, torch.Tensor]:
             ids = torch.stack([torch.randperm(experts, generator=gen)[: layer.top_k] for _ in range(tokens)])
