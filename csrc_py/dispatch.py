@@ -1,7 +1,7 @@
 """torch tensors in, torch tensors out: the entry points the runtime calls, each picking its engine per call.
 
-Few tokens go to the fused Numba kernels (memory-bound: each weight byte is read once); from a measured token
-count on, formats for which torch's bf16 matmul is the faster engine go through csrc_py.torch_path instead.
+Few tokens go to the fused Numba kernels (memory-bound: each weight byte is read once); from a measured number
+of rows per expert on, formats for which torch's bf16 matmul is the faster engine go through csrc_py.torch_path.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from csrc_py.torch_path import expert_bf16, moe_torch
 
 # Rows per expert (token-expert pairs / experts used) from which torch's bf16 matmul beats the fused kernel;
 # None: never. Measured on the 2-core Zen4 development machine (docs/benchmarks.md, "CPU expert kernels"): the
-# bf16 kernel is a GEMV at heart and loses from ~4 rows per expert (Qwen3 ~6, Mixtral ~2-3); the int8/int4
-# kernels beat torch bf16 at every batch (1.8x at 512 tokens of a Qwen3 layer, even before dequantization),
-# also with the portable non-VNNI microkernel.
+# bf16 kernel is a GEMV at heart and loses from a few rows per expert (crossover ~6 on a Qwen3 layer, ~2-3 on
+# Mixtral); the int8/int4 kernels beat torch bf16 itself at 512 tokens (1.3-2.0x), so dequantizing for torch
+# never pays, and the portable non-VNNI microkernel still beat dequantize + torch 2x.
 TORCH_MIN_ROWS: dict[str, int | None] = {"bf16": 4, "int8": None, "int4": None}
 
 

@@ -66,7 +66,8 @@ def _gather_rows(src: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+# exp(-g) overflows to inf for very negative g (silu -> 0), so no 'ninf'/'nnan' fast-math assumptions.
+@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "afn", "arcp", "reassoc"})
 def _swiglu(g: np.ndarray, u: np.ndarray) -> None:
     """g <- silu(g) * u, in place."""
     for r in prange(g.shape[0]):

@@ -88,7 +88,7 @@ def matmul_q4(q, d, m, seg_expert, seg_start, aq, a_s, a_sum, out) -> None:
                  P * PANEL, r0, nr)
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})  # reassoc: a vectorized dot product
 def matmul_bf16(w, seg_expert, seg_start, a, out) -> None:
     """w bf16 bits [E, O, K] (the checkpoint layout); a float32 [R, K]; out float32 [R, O].
 
