@@ -90,14 +90,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--experts", default=None, choices=["bf16", "int8", "int4"],
+                        help="offload's routed experts on the CPU workers in this format (default: torch)")
     parser.add_argument("--no-transformers", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     folder = checkpoint(args.shape)
-    engines = {"offload": (offload.load(folder, device=args.device, dtype=args.dtype, max_context=args.prompt + 128),
-                           offload_round)}
+    engines = {"offload": (offload.load(folder, device=args.device, dtype=args.dtype, experts=args.experts,
+                                        max_context=args.prompt + 128), offload_round)}
     if not args.no_transformers:
         from transformers import AutoModelForCausalLM
         ref = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
@@ -111,7 +113,8 @@ def main() -> None:
             results[name].append(run(model, prompt, args.new, args.device))
 
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
-    print(f"# {args.shape}, {args.dtype}, device {args.device}{gpu}, torch threads {torch.get_num_threads()}, "
+    experts = f"offload experts {args.experts} on the CPU workers" if args.experts else "offload experts in torch"
+    print(f"# {args.shape}, {args.dtype}, {experts}, device {args.device}{gpu}, threads {torch.get_num_threads()}, "
           f"prompt {args.prompt}, decode {args.new} tokens, median of {args.rounds} rounds")
     print(f"| engine | prefill tok/s | decode tok/s |\n|---|---|---|")
     medians = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
