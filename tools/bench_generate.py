@@ -52,11 +52,7 @@ def sync(device: str) -> None:
 
 
 def offload_round(model, prompt: list[int], new_tokens: int, device: str) -> tuple[float, float]:
-    sync(device)
-    t0 = time.perf_counter()
-    model.logits(prompt)
-    sync(device)
-    prefill = len(prompt) / (time.perf_counter() - t0)
+    prefill = model.generate(prompt, max_new_tokens=1, ignore_eos=True).stats.prefill_tokens_per_s
     g = model.generate(prompt[:16], max_new_tokens=new_tokens + 1, ignore_eos=True)
     return prefill, g.stats.decode_tokens_per_s
 
@@ -66,7 +62,7 @@ def transformers_round(model, prompt: list[int], new_tokens: int, device: str) -
     with torch.inference_mode():
         sync(device)
         t0 = time.perf_counter()
-        model(ids)
+        model(ids, logits_to_keep=1)  # like a generation's prefill: only the last position's logits
         sync(device)
         prefill = len(prompt) / (time.perf_counter() - t0)
         out = model(ids[:, :16], use_cache=True)
