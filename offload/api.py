@@ -87,8 +87,14 @@ class Model:
         recall, bytes copied, seconds per component, the last generation's tokens/s, load and JIT time."""
         return runtime_stats(self._experts, self.transformer.timers, self._last, self.load_info)
 
+    def routing_heat(self) -> list[list[int]]:
+        """How often each MoE layer routed to each expert since load (or reset_stats): [MoE layer][expert]."""
+        return [moe.heat.tolist() for moe in self.transformer.moe_blocks()]
+
     def reset_stats(self) -> None:
         reset_runtime_stats(self._experts, self.transformer.timers)
+        for moe in self.transformer.moe_blocks():
+            moe.heat.zero_()
 
     @property
     def max_context(self) -> int:

@@ -111,3 +111,15 @@ def test_load_reports_progress_in_bytes(demo_dir):
     assert calls and calls[-1][0] == calls[-1][1] == model.load_info.checkpoint_bytes
     assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
     assert {name for _, _, name in calls} == {"model.safetensors"}
+
+
+def test_routing_heat_counts_every_choice(model):
+    model.reset_stats()
+    g = model.generate(list(range(5, 15)), max_new_tokens=6, ignore_eos=True)
+    heat = model.routing_heat()
+    cfg = model.config
+    assert len(heat) == cfg.num_moe_layers and all(len(row) == cfg.router.num_experts for row in heat)
+    positions = 10 + len(g.token_ids) - 1  # the last sampled token is never fed back
+    assert all(sum(row) == positions * cfg.router.top_k for row in heat)
+    model.reset_stats()
+    assert all(sum(row) == 0 for row in model.routing_heat())

@@ -50,6 +50,7 @@ class MoE(nn.Module):
             if cfg.shared_intermediate_size else None
         )
         self.shared_gate = Linear.load(src, f"{p}.shared_expert_gate", 1, H) if cfg.shared_expert_gate else None
+        self.heat = torch.zeros(E, dtype=torch.long, device=src.device)  # routing counts per expert, for profiles
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [T, H] -> (topk_ids [T, K], topk_weights [T, K])."""
@@ -58,6 +59,7 @@ class MoE(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with self.timers.section("router"):
             ids, weights = self.route(h)
+            self.heat += torch.bincount(ids.reshape(-1), minlength=self.heat.numel())
         with self.timers.section("experts"):  # hybrid backends split this into device, CPU and copy time
             y = self.experts(h, ids, weights)
         if self.shared is not None:

@@ -70,6 +70,9 @@ class Transformer(nn.Module):
     def cache_nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
 
+    def moe_blocks(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
     def routers(self) -> dict[int, Router]:
         """Each MoE layer's router (h [T, H] -> topk ids, weights), for the prefetcher."""
         return {i: layer.mlp.route for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}
