@@ -1,7 +1,6 @@
 """The Python API: offload.load(path) -> Model with logits / generate / stream / chat / chat_stream."""
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint, read_json
 from .weights.source import WeightSource, known_extras
 
-log = logging.getLogger("offload")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

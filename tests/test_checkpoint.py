@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 import offload
 from offload.errors import CheckpointError
-from tiny_models import write_checkpoint
 
 
 def rel_err(a, b) -> float:

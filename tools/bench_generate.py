@@ -112,7 +112,7 @@ def main() -> None:
     experts = f"offload experts {args.experts} on the CPU workers" if args.experts else "offload experts in torch"
     print(f"# {args.shape}, {args.dtype}, {experts}, device {args.device}{gpu}, threads {torch.get_num_threads()}, "
           f"prompt {args.prompt}, decode {args.new} tokens, median of {args.rounds} rounds")
-    print(f"| engine | prefill tok/s | decode tok/s |\n|---|---|---|")
+    print("| engine | prefill tok/s | decode tok/s |\n|---|---|---|")
     medians = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
                for name, rs in results.items()}
     for name, (p, d) in medians.items():

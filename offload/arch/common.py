@@ -71,3 +71,24 @@ def sliding_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ..
     if hf.get("use_sliding_window") is False:
         return (None,) * num_layers
     return (window,) * num_layers
+
+
+def common_fields(hf: dict[str, Any], rms_norm_eps: float, max_position_embeddings: int) -> dict[str, Any]:
+    """The ModelConfig fields every model type spells the same way in config.json (defaults differ per type)."""
+    hidden, heads = require(hf, "hidden_size"), require(hf, "num_attention_heads")
+    return dict(
+        vocab_size=require(hf, "vocab_size"),
+        hidden_size=hidden,
+        num_hidden_layers=require(hf, "num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hidden // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", rms_norm_eps),
+        max_position_embeddings=hf.get("max_position_embeddings", max_position_embeddings),
+        rope=read_rope(hf),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=read_eos(hf),
+        torch_dtype=read_dtype(hf),
+        extra=hf,
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import MLAConfig, ModelConfig, RouterConfig
 from . import Architecture, CheckpointNames
-from .common import first_present, read_dtype, read_eos, read_rope, require
+from .common import common_fields, first_present, require
 
 
 def _router(hf: dict[str, Any], v3: bool) -> RouterConfig:
@@ -39,28 +39,20 @@ def _router(hf: dict[str, Any], v3: bool) -> RouterConfig:
 
 
 def _config_from_hf(hf: dict[str, Any], v3: bool) -> ModelConfig:
-    layers = require(hf, "num_hidden_layers")
-    heads = require(hf, "num_attention_heads")
+    fields = common_fields(hf, rms_norm_eps=1e-6, max_position_embeddings=4096)
+    layers, heads = fields["num_hidden_layers"], fields["num_attention_heads"]
     dense = hf.get("first_k_dense_replace") or 0
     # V2 configs sometimes spell moe_layer_freq; every real checkpoint uses 1.
     freq = hf.get("moe_layer_freq", 1) or 1
     rope_dim = require(hf, "qk_rope_head_dim")
+    fields.update(num_key_value_heads=heads, head_dim=rope_dim)  # MLA: one latent for all heads; rope on rope_dim
     return ModelConfig(
+        **fields,
         model_type="deepseek_v3" if v3 else "deepseek_v2",
-        vocab_size=require(hf, "vocab_size"),
-        hidden_size=require(hf, "hidden_size"),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=rope_dim,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        rope=read_rope(hf),
         router=_router(hf, v3),
         moe_intermediate_size=require(hf, "moe_intermediate_size"),
         intermediate_size=require(hf, "intermediate_size"),
         moe_layers=tuple(i >= dense and i % freq == 0 for i in range(layers)),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
         attention_bias=hf.get("attention_bias", False),
         sliding_windows=(None,) * layers,
         mla=MLAConfig(
@@ -72,11 +64,7 @@ def _config_from_hf(hf: dict[str, Any], v3: bool) -> ModelConfig:
             rope_interleaved=(not v3) or bool(hf.get("rope_interleave", True)),
         ),
         shared_intermediate_size=require(hf, "moe_intermediate_size") * (hf.get("n_shared_experts") or 0),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=read_eos(hf),
-        torch_dtype=read_dtype(hf),
         num_extra_layers=(hf.get("num_nextn_predict_layers") or 0) if v3 else 0,
-        extra=hf,
     )
 
 

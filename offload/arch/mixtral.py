@@ -5,23 +5,15 @@ from typing import Any
 
 from ..config import ModelConfig, RouterConfig
 from . import Architecture, CheckpointNames
-from .common import first_present, read_dtype, read_eos, read_rope, require, sliding_windows
+from .common import common_fields, first_present, require, sliding_windows
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    hidden, heads = require(hf, "hidden_size"), require(hf, "num_attention_heads")
-    layers = require(hf, "num_hidden_layers")
+    fields = common_fields(hf, rms_norm_eps=1e-5, max_position_embeddings=32768)
+    layers = fields["num_hidden_layers"]
     return ModelConfig(
+        **fields,
         model_type="mixtral",
-        vocab_size=require(hf, "vocab_size"),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hidden // heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-        max_position_embeddings=hf.get("max_position_embeddings", 32768),
-        rope=read_rope(hf),
         router=RouterConfig(
             num_experts=first_present(hf, "num_local_experts", "num_experts"),
             top_k=require(hf, "num_experts_per_tok"),
@@ -30,12 +22,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         moe_intermediate_size=require(hf, "intermediate_size"),
         intermediate_size=require(hf, "intermediate_size"),
         moe_layers=(True,) * layers,
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
         sliding_windows=sliding_windows(hf, layers),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=read_eos(hf),
-        torch_dtype=read_dtype(hf),
-        extra=hf,
     )
 
 
