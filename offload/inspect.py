@@ -1,7 +1,7 @@
 """What a checkpoint is and what it costs, from config.json and the safetensors headers alone (no weight is read).
 
-The parameter counts and byte formulas here are pure functions of ModelConfig, so the planner and `offload
-inspect` agree on one set of numbers, and a test holds them to the tensor table of real checkpoints.
+The parameter counts come from the planner's inventory and the byte sizes from the packed formats themselves, so
+the planner and `offload inspect` agree on one set of numbers; a test holds them to real checkpoints' tensors.
 """
 from __future__ import annotations
 
@@ -13,67 +13,21 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .arch import config_from_hf
+from .arch import architecture, config_from_hf
 from .config import ModelConfig
 from .errors import CheckpointError
+from .placement import expert_host_bytes, inventory, kv_cache_bytes
 from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint
 
-GROUP = 32  # weights per quantization group, along a matrix's input dimension
-# Bytes per group of 32 weights. bf16: 2 bytes each. int8: 1 byte each + one fp16 scale (34/32 bytes per weight).
-# int4: half a byte each + an fp16 scale and an fp16 offset (20/32 bytes per weight).
-GROUP_BYTES = {"bf16": 64, "int8": 34, "int4": 20}
-EXPERT_FORMATS = tuple(GROUP_BYTES)
+EXPERT_FORMATS = ("bf16", "int8", "int4")
 DEVICE_BYTES_PER_PARAM = 2  # everything but the routed experts sits on the device in bf16
-
-
-def padded(n: int) -> int:
-    return -(-n // GROUP) * GROUP
-
-
-def matrix_bytes(rows: int, cols: int, fmt: str) -> int:
-    """Bytes of one [rows, cols] matrix in an expert format. The quantized layouts pad both dimensions to whole
-    groups of 32 (docs/formats.md), which only matters for toy sizes."""
-    if fmt == "bf16":
-        return rows * cols * 2
-    return padded(rows) * padded(cols) // GROUP * GROUP_BYTES[fmt]
-
-
-def expert_bytes(cfg: ModelConfig, fmt: str) -> int:
-    """One routed expert: gate and up [I, H], down [H, I]."""
-    H, I = cfg.hidden_size, cfg.moe_intermediate_size
-    return 2 * matrix_bytes(I, H, fmt) + matrix_bytes(H, I, fmt)
 
 
 def routed_expert_bytes(cfg: ModelConfig, fmt: str) -> int:
     """Every routed expert of every MoE layer: what lives in host RAM (or the expert cache)."""
-    return cfg.num_moe_layers * cfg.router.num_experts * expert_bytes(cfg, fmt)
-
-
-def attention_params(cfg: ModelConfig) -> int:
-    """One layer's attention projections, biases and q/k norms (GQA or MLA)."""
-    H, nh = cfg.hidden_size, cfg.num_attention_heads
-    m = cfg.mla
-    if m is not None:
-        bias = cfg.attention_bias
-        if m.q_lora_rank is None:
-            q = nh * m.qk_head_dim * H
-        else:
-            q = m.q_lora_rank * H + bias * m.q_lora_rank + m.q_lora_rank + nh * m.qk_head_dim * m.q_lora_rank
-        kv_a = (m.kv_lora_rank + m.qk_rope_head_dim) * (H + bias) + m.kv_lora_rank  # projection + its norm
-        kv_b = nh * (m.qk_nope_head_dim + m.v_head_dim) * m.kv_lora_rank
-        o = H * nh * m.v_head_dim + bias * H
-        return q + kv_a + kv_b + o
-    nkv, hd = cfg.num_key_value_heads, cfg.head_dim
-    q_out, kv_out = nh * hd, nkv * hd
-    params = (q_out + 2 * kv_out) * H + H * q_out
-    if cfg.attention_bias:
-        params += q_out + 2 * kv_out
-    if cfg.qk_norm == "head":
-        params += 2 * hd
-    elif cfg.qk_norm == "full":
-        params += q_out + kv_out
-    return params
+    return cfg.num_moe_layers * cfg.router.num_experts * expert_host_bytes(fmt, cfg.hidden_size,
+                                                                           cfg.moe_intermediate_size)
 
 
 @dataclass(frozen=True)
@@ -105,30 +59,20 @@ class ParamCounts:
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
-    H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.router.num_experts
-    moe, dense = cfg.num_moe_layers, cfg.num_hidden_layers - cfg.num_moe_layers
-    per_expert = 3 * H * cfg.moe_intermediate_size
-    router = E * H + cfg.router.has_correction_bias * E + cfg.shared_expert_gate * H
+    """From the loader's own tensor list (placement.inventory), so these counts cannot drift from the model."""
+    inv = inventory(cfg, architecture(cfg.model_type).names)
+    p = inv.params
     return ParamCounts(
-        embeddings=V * H * (1 if cfg.tie_word_embeddings else 2),
-        attention=cfg.num_hidden_layers * attention_params(cfg),
-        norms=(2 * cfg.num_hidden_layers + 1) * H,
-        dense_mlp=dense * 3 * H * cfg.intermediate_size,
-        routers=moe * router,
-        shared_experts=moe * 3 * H * cfg.shared_intermediate_size,
-        routed_experts=moe * E * per_expert,
-        per_expert=per_expert,
-        active_experts=moe * cfg.router.top_k,
+        embeddings=p["embeddings"] + p["lm_head"],
+        attention=p["attention"],
+        norms=p["norms"],
+        dense_mlp=p["dense_mlp"],
+        routers=p["routers"],
+        shared_experts=p["shared_experts"],
+        routed_experts=len(inv.moe_layers) * inv.num_experts * inv.expert_params,
+        per_expert=inv.expert_params,
+        active_experts=len(inv.moe_layers) * inv.top_k,
     )
-
-
-def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
-    """Cache bytes one position takes over all layers: K and V per KV head, or MLA's latent plus rope key."""
-    if cfg.mla is not None:
-        per_layer = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
-    else:
-        per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim
-    return cfg.num_hidden_layers * per_layer * bytes_per_value
 
 
 def memory_by_format(cfg: ModelConfig) -> dict[str, dict[str, int]]:
@@ -215,7 +159,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "parameters": {"total": params.total, "active_per_token": params.active,
                        "routed_experts": params.routed_experts, "per_expert": params.per_expert, "dense": params.dense},
         "checkpoint": checkpoint_summary(checkpoint),
-        "memory": {"kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
+        "memory": {"kv_cache_bytes_per_token": kv_cache_bytes(cfg, 1, 2),
                    "by_expert_format": memory_by_format(cfg)},
         "tokenizer": tokenizer_summary(checkpoint.folder),
     }

@@ -22,7 +22,7 @@ from offload.arch import config_from_hf
 from offload.cli import LoadOptions, app, with_load_options
 from offload.demo import DEMO_CONFIG, demo_checkpoint
 from offload.errors import CheckpointError
-from offload.inspect import matrix_bytes, param_counts
+from offload.inspect import param_counts
 from offload.weights.checkpoint import Checkpoint
 from tiny_models import VARIANTS
 
@@ -222,6 +222,11 @@ def test_mixtral_parameter_count_is_exact():
 
 
 def test_expert_format_bytes():
+    from csrc_py.formats import empty
+
+    def matrix_bytes(rows, cols, fmt):
+        return empty(fmt, 1, rows, cols).nbytes
+
     assert matrix_bytes(4096, 14336, "bf16") == 4096 * 14336 * 2
     assert matrix_bytes(4096, 14336, "int8") == 4096 * 14336 * 34 // 32
     assert matrix_bytes(4096, 14336, "int4") == 4096 * 14336 * 20 // 32
