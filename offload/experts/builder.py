@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -21,6 +21,9 @@ from .device import DeviceExpertPool, ExpertUploader
 from .hybrid import ExpertSizes, HybridExperts
 from .prefetch import Prefetcher
 from .reference import ReferenceExperts
+
+if TYPE_CHECKING:
+    from .cpu import CpuExperts
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ class ExpertsBuilder:
         uploader = ExpertUploader(pool, lambda e: cpu.expert_tensors(local[e]), self.device)
         sizes = ExpertSizes(cpu.nbytes // cpu.num_experts if cpu else 0, opts.plan.expert_device_bytes,
                             self.flops_per_token)
-        if self.cost is None:
+        if self.cost is None and cpu is not None and lp.cache_slots:
+            # Only a layer with both CPU experts and slots ever decides between them: measure on the first.
             self.cost = self._measure_costs(cpu, uploader, host_ids, pool, sizes)
         cache = ExpertCache(lp.cache_slots, sizes.device_bytes, make_policy(opts.cache_policy))
         hybrid = HybridExperts(layer, weights.num_experts, host_ids, pool, cache, uploader, cpu, self.cost, sizes,
@@ -82,14 +86,12 @@ class ExpertsBuilder:
         for hybrid in self.hybrids.values():
             hybrid.prefetcher = self.prefetcher
 
-    def _measure_costs(self, cpu, uploader: ExpertUploader, host_ids: list[int], pool: DeviceExpertPool,
-                       sizes: ExpertSizes) -> CostModel:
+    def _measure_costs(self, cpu: CpuExperts, uploader: ExpertUploader, host_ids: list[int],
+                       pool: DeviceExpertPool, sizes: ExpertSizes) -> CostModel:
         """Time the CPU workers at one and at 64 tokens, one expert copy and a device matmul, once per load."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else None
         H, K = self.cfg.hidden_size, self.cfg.router.top_k
         device_flops = measure_device_flops(self.device, self.dtype, H, self.cfg.moe_intermediate_size, sync)
-        if cpu is None or pool.num_slots == 0:
-            return CostModel(1.0, 1.0, 1.0, device_flops)  # nothing can be copied, or nothing is on the CPU
         experts = min(K, cpu.num_experts)
         ids = torch.arange(experts).reshape(1, experts)
         one = best_seconds(lambda: cpu(torch.randn(1, H), ids, torch.ones(1, experts)))

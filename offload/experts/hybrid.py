@@ -9,6 +9,7 @@ its part; the two are summed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from .cache import ExpertCache
 from .cost import CostModel
 from .device import DeviceExpertPool, ExpertUploader
 from .prefetch import Prefetcher
+
+if TYPE_CHECKING:
+    from .cpu import CpuExperts  # imported lazily at run time: it loads Numba
 
 
 @dataclass
@@ -42,8 +46,8 @@ class ExpertSizes:
 
 class HybridExperts:
     def __init__(self, layer: int, num_experts: int, host_ids: list[int], pool: DeviceExpertPool,
-                 cache: ExpertCache, uploader: ExpertUploader, cpu, cost: CostModel, sizes: ExpertSizes,
-                 timers: Timers):
+                 cache: ExpertCache, uploader: ExpertUploader, cpu: CpuExperts | None, cost: CostModel | None,
+                 sizes: ExpertSizes, timers: Timers):
         self.layer, self.num_experts = layer, num_experts
         self.pool, self.cache, self.uploader, self.cpu = pool, cache, uploader, cpu
         self.cost, self.sizes, self.timers = cost, sizes, timers
@@ -116,8 +120,8 @@ class HybridExperts:
             slot = self.cache.lookup(expert)
             if slot is not None:
                 s.cache_hits += 1
-            elif self.cost.prefer_copy(tokens, self.sizes.host_bytes, self.sizes.device_bytes,
-                                       self.sizes.flops_per_token):
+            elif self.cache.num_slots and self.cost.prefer_copy(tokens, self.sizes.host_bytes,
+                                                                self.sizes.device_bytes, self.sizes.flops_per_token):
                 slot = self.cache.insert(expert, protected=used)
                 if slot is not None:
                     s.copied_misses += 1
