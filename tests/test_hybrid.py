@@ -116,3 +116,24 @@ def test_simulated_gpu_budget_plans_before_reading_weights(checkpoint_dir):
     model = offload.load(folder, device="cpu", gpu_memory="3MiB", max_context=64, experts="bf16")
     assert model.plan is not None and model.plan.device_bytes <= 3 * 2**20
     assert "kv_cache" in model.plan.table()
+
+
+def test_layers_without_slots_or_host_experts_mix_with_caching_layers(bf16_checkpoints):
+    """First MoE layer: everything pinned (no CPU part); second: nothing pinned, no slots; third: a cache."""
+    import dataclasses
+
+    folder = bf16_checkpoints("mixtral")
+    base = plan(folder, 10_000, None)
+    E = base.layers[0].num_experts
+    layers = (dataclasses.replace(base.layers[0], pinned=tuple(range(E)), cache_slots=0),
+              dataclasses.replace(base.layers[1], pinned=(), cache_slots=0),
+              dataclasses.replace(base.layers[2], pinned=(1,), cache_slots=2))
+    mixed = dataclasses.replace(base, layers=layers)
+    reference = offload.load(folder, device="cpu", max_context=64)
+    model = offload.load(folder, device="cpu", max_context=64, plan=mixed)
+    assert rel_err(model.logits(IDS), reference.logits(IDS)) <= 1e-4
+    kwargs = dict(max_new_tokens=12, ignore_eos=True)
+    assert model.generate(IDS[:6].tolist(), **kwargs).token_ids == reference.generate(IDS[:6].tolist(), **kwargs).token_ids
+    layers = model.stats()["layers"]
+    assert layers[0]["hit_rate"] == 1.0 and layers[1]["hit_rate"] == 0.0
+    assert model._experts.cost is not None  # measured on the third layer
