@@ -66,6 +66,7 @@ class LoadInfo:
     skipped_tensors: int
     jit_seconds: float  # compiling or loading the CPU kernels from Numba's cache
     cpu_threads: int
+    expert_format: str | None  # host format of the routed experts on the CPU workers; None: all in torch
 
 
 class Model:
@@ -208,7 +209,7 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
     builder.attach_prefetcher(transformer.routers())
     folder = checkpoint.folder
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
-    info = LoadInfo(time.perf_counter() - t0, total, len(skipped), jit_seconds, threads)
+    info = LoadInfo(time.perf_counter() - t0, total, len(skipped), jit_seconds, threads, host_format)
     return Model(folder, config, transformer, tokenizer, eos_token_ids(folder, config, tokenizer), info,
                  placement, builder)
 

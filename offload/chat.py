@@ -30,6 +30,7 @@ COMMANDS = {
     "/help": "show this help",
     "/reset": "forget the conversation (the system prompt stays)",
     "/stats": "show the last reply's statistics",
+    "/plan": "show where the weights and experts live (the placement plan)",
     "/save FILE": "write the conversation to FILE as JSON",
     "/exit": "leave (Ctrl-D and Ctrl-C at the prompt leave too)",
 }
@@ -199,7 +200,21 @@ def model_summary(model: Model) -> str:
     cfg, r = model.config, model.config.router
     return (f"{cfg.model_type}: {cfg.num_hidden_layers} layers ({cfg.num_moe_layers} MoE), {r.num_experts} experts "
             f"top-{r.top_k}, {'MLA' if cfg.mla else 'GQA'} attention, on {model.device}, "
-            f"max_context {model.max_context}")
+            f"max_context {model.max_context}\n{placement_summary(model)}")
+
+
+def placement_summary(model: Model) -> str:
+    """One line: where the weights went."""
+    plan = model.plan
+    if plan is None:
+        where = "on the CPU workers as " + model.load_info.expert_format if model.load_info.expert_format else \
+            f"on {model.device} with the rest of the model"
+        return f"all routed experts {where}"
+    pinned = sum(len(l.pinned) for l in plan.layers)
+    slots = sum(l.cache_slots for l in plan.layers)
+    return (f"device {plan.device_bytes / 2**20:.1f} MiB of {plan.device_budget / 2**20:.1f} MiB "
+            f"({pinned} experts pinned, {slots} cache slots), host {plan.host_bytes / 2**20:.1f} MiB of experts as "
+            f"{plan.expert_format}")
 
 
 def require_chat_template(folder: Path) -> None:
@@ -263,6 +278,9 @@ class ChatLoop:
         elif command.name == "/reset":
             self.session.reset()
             self.err.print("[dim]conversation cleared[/dim]")
+        elif command.name == "/plan":
+            self.out.print(self.model.plan.table() if self.model.plan else placement_summary(self.model),
+                           markup=False, highlight=False)
         elif command.name == "/stats":
             if self.session.last is None:
                 raise OffloadError("no reply yet; /stats shows the last reply's statistics")

@@ -242,3 +242,19 @@ def test_control_characters_in_a_reply_are_not_sent_to_the_terminal(model, monke
     loop.run()
     assert "assistant> clear\ufffd[2J\tdone\n" in out.getvalue()
     assert session.turns[0].assistant == "clear\x1b[2J\tdone\n"  # the history keeps what the model said
+
+
+def test_plan_command_shows_the_placement(tmp_path):
+    from offload.chat import placement_summary
+
+    folder = demo_checkpoint(tmp_path)
+    planned = offload.load(folder, device="cpu", gpu_memory="9MiB", max_context=512)
+    assert "experts pinned" in placement_summary(planned) and "as bf16" in placement_summary(planned)
+    on_cpu = offload.load(folder, device="cpu", experts="int8", max_context=512)
+    assert placement_summary(on_cpu) == "all routed experts on the CPU workers as int8"
+    plain = offload.load(folder, device="cpu", max_context=512)
+    assert placement_summary(plain) == "all routed experts on cpu with the rest of the model"
+
+    loop, _, out, _, errors = make_loop(planned, Script("/plan", "/exit"))
+    assert loop.handle("/plan")
+    assert "pinned ids" in out.getvalue() and "kv_cache" in out.getvalue() and not errors
