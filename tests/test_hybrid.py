@@ -35,7 +35,7 @@ def bf16_checkpoints(checkpoint_dir, tmp_path_factory):
     return get
 
 
-def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None):
+def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None, fmt: str = "bf16"):
     """A plan with room for `device_experts` routed experts on the (simulated) device tier."""
     model = offload.load(folder, device="cpu", max_context=64)
     cfg = model.config
@@ -44,7 +44,7 @@ def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None):
     fixed = sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 64, 4)
     request = PlanRequest(device_budget=fixed + device_experts * inv.expert_params * 4, host_budget=2**34,
                           max_context=64, kv_cache_bytes=kv_cache_bytes(cfg, 64, 4), dtype_bytes=4,
-                          expert_format="bf16", expert_host_bytes=inv.expert_params * 2,
+                          expert_format=fmt, expert_host_bytes=inv.expert_params * 2,
                           slots_per_layer=slots_per_layer)
     return make_plan(inv, request, heat)
 
@@ -137,3 +137,19 @@ def test_layers_without_slots_or_host_experts_mix_with_caching_layers(bf16_check
     layers = model.stats()["layers"]
     assert layers[0]["hit_rate"] == 1.0 and layers[1]["hit_rate"] == 0.0
     assert model._experts.cost is not None  # measured on the third layer
+
+
+@pytest.mark.parametrize("fmt, max_err", [("int8", 4e-2), ("int4", 0.6)])
+def test_quantized_host_experts_stay_within_their_bounds_under_a_plan(bf16_checkpoints, fmt, max_err):
+    """Pinned experts keep full precision, cached ones are dequantized copies, the rest run quantized on the CPU:
+    the error stays within the format's whole-model bound (docs/formats.md)."""
+    folder = bf16_checkpoints("qwen2_moe")
+    reference = offload.load(folder, device="cpu", max_context=64)
+    model = offload.load(folder, device="cpu", max_context=64, plan=plan(folder, 9, 2, fmt=fmt))
+    expected = reference.logits(IDS)
+    got = model.logits(IDS)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= max_err
+    with torch.inference_mode():
+        steps = torch.cat([model.transformer(IDS[i : i + 1], i) for i in range(len(IDS))])
+    assert ((steps - expected).abs().max() / expected.abs().max()).item() <= max_err
+    assert model.stats()["totals"]["hit_rate"] > 0
