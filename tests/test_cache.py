@@ -1,10 +1,13 @@
 """ExpertCache and Prefetcher accounting on hand-built routing sequences with known answers."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from offload.experts.cache import ExpertCache, LFUDecayPolicy, LRUPolicy
+from offload.experts.hybrid import HybridExperts
 from offload.experts.prefetch import Prefetcher
+from offload.timers import Timers
 
 
 def run(cache: ExpertCache, sequence: list[int]) -> list[int | None]:
@@ -116,3 +119,21 @@ def test_prefetch_skips_resident_and_respects_slot_count():
     pre = Prefetcher(layers, {1: fixed_router([[4, 5, 6, 7]])}, {0: FakeLayer(1), 1: target}, expert_bytes=1)
     pre.after_attention(0, torch.zeros(1, 8))
     assert target.copies == [5]  # 4 already resident; two slots' worth of predictions considered
+
+
+def test_an_interrupted_copy_never_leaves_a_mapped_slot():
+    """Ctrl-C during a copy into a slot: the expert is unmapped, so it can never be served half-copied."""
+    cache = ExpertCache(2, expert_bytes=1, policy=LRUPolicy())
+
+    class FailingUploader:
+        def copy(self, expert, row):
+            raise KeyboardInterrupt
+
+    hybrid = HybridExperts.__new__(HybridExperts)
+    hybrid.cache, hybrid.uploader = cache, FailingUploader()
+    hybrid.pool = type("Pool", (), {"slot_row": staticmethod(lambda slot: slot)})()
+    hybrid.timers = Timers()
+    with pytest.raises(KeyboardInterrupt):
+        hybrid.prefetch(5, protected={5})
+    assert 5 not in cache and len(cache.free) == 2
+    assert cache.lookup(5) is None

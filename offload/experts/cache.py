@@ -98,6 +98,13 @@ class ExpertCache:
             self.policy.touch(expert)
         return slot
 
+    def remove(self, expert: int) -> None:
+        """Free the expert's slot (a copy into it failed or was interrupted: it must never serve a hit)."""
+        slot = self.slot_of.pop(expert, None)
+        if slot is not None:
+            self.free.append(slot)
+            self.policy.forget(expert)
+
     def insert(self, expert: int, protected: Collection[int] = ()) -> int | None:
         """A slot for `expert`, evicting a resident expert not in `protected` if the pool is full.
         None when every resident expert is protected (or there are no slots): the caller computes elsewhere."""

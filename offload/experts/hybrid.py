@@ -71,9 +71,16 @@ class HybridExperts:
         slot = self.cache.insert(expert, protected)
         if slot is None:
             return False
-        with self.timers.section("copies"):
-            self.uploader.copy(expert, self.pool.slot_row(slot))
+        self._copy_in(expert, slot)
         return True
+
+    def _copy_in(self, expert: int, slot: int) -> None:
+        try:
+            with self.timers.section("copies"):
+                self.uploader.copy(expert, self.pool.slot_row(slot))
+        except BaseException:  # Ctrl-C mid-copy included: a half-filled slot must not stay mapped
+            self.cache.remove(expert)
+            raise
 
     # --- the experts contract -----------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -125,8 +132,7 @@ class HybridExperts:
                 slot = self.cache.insert(expert, protected=used)
                 if slot is not None:
                     s.copied_misses += 1
-                    with self.timers.section("copies"):
-                        self.uploader.copy(expert, self.pool.slot_row(slot))
+                    self._copy_in(expert, slot)
             if slot is None:
                 s.cpu_misses += 1
                 on_cpu.append(expert)
