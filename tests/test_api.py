@@ -96,6 +96,8 @@ def test_demo_command_runs(demo_dir, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "random weights" in result.output
     assert "8 tokens" in result.output
+    reply = result.stdout.split("assistant:", 1)[1].strip()
+    assert reply, "sampling should make the random demo model print visible text"
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
