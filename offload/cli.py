@@ -131,8 +131,10 @@ def load_model(path: Path, options: LoadOptions, progress: bool) -> Model:
 def _print_stream(run: GenerationRun) -> None:
     from .chat import stats_line
 
+    from .chat import SCREEN_SAFE
+
     for piece in run:
-        out.print(piece, end="", markup=False)
+        out.print(piece.translate(SCREEN_SAFE), end="", markup=False, highlight=False)
         sys.stdout.flush()
     out.print()
     err.print(f"[dim]{stats_line(run.result)}[/dim]", highlight=False)
@@ -146,6 +148,9 @@ MODEL_ARGUMENT = typer.Argument(..., metavar="MODEL", help="Hugging Face checkpo
 def demo(
     prompt: str = typer.Option("Tell me about mixture-of-experts models.", help="The user message."),
     max_new_tokens: int = typer.Option(48, help="Tokens to generate."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (greedy decoding of random weights repeats "
+                                                "one token)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
 ) -> None:
     """Build (once) and run the built-in demo model: a small MoE with RANDOM weights, so its text is gibberish."""
@@ -160,7 +165,7 @@ def demo(
               f"{model.config.router.num_experts} experts top-{model.config.router.top_k}, on {model.device}[/dim]")
     out.print(f"[bold]user:[/bold] {prompt}\n[bold]assistant:[/bold] ", end="")
     _print_stream(model.chat_stream([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
-                                    ignore_eos=True))
+                                    temperature=temperature, top_k=50, seed=seed, ignore_eos=True))
 
 
 @app.command()
@@ -275,6 +280,33 @@ def plan_(
         placement.save(out_file)
         err.print(f"[dim]wrote {out_file}[/dim]")
     out.print(placement.to_json() if as_json else placement.table(), markup=False)
+
+
+@app.command()
+@user_errors
+@with_load_options
+def profile(
+    model_path: Path = MODEL_ARGUMENT,
+    prompts: Path = typer.Option(..., "--prompts", help="Text file with one prompt per line (blank lines skipped)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for profile.json, plan.json and the heat map "
+                                                    "(created if missing)."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate per prompt (eos is ignored)."),
+    *,
+    load_options: LoadOptions,
+) -> None:
+    """Record routing heat, hit rates and time per component; write a profile, a tuned plan and a heat map."""
+    from .profiling import (have_matplotlib, heatmap_text, make_out_dir, read_prompts, render, run_profile,
+                            write_profile)
+
+    texts = read_prompts(prompts)
+    make_out_dir(out_dir)  # a folder that cannot be made fails now, not after the runs
+    result = run_profile(model_path, texts, max_new_tokens, on_step=lambda step: err.print(f"[dim]{step}[/dim]"),
+                         **asdict(load_options))
+    written = write_profile(result, out_dir)
+    render(result, out)
+    if not have_matplotlib():
+        out.print(heatmap_text(result.heat, result.moe_layers))
+    err.print(f"[dim]wrote {', '.join(str(path) for path in written)}[/dim]", highlight=False)
 
 
 @app.command()
