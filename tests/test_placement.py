@@ -124,3 +124,18 @@ def test_parse_bytes():
     assert parse_bytes(77) == 77
     with pytest.raises(Exception, match="write it like 12GiB"):
         parse_bytes("twelve gigs")
+
+
+def test_heat_pins_where_the_cache_would_miss():
+    """Layer 0 has two hot experts (its two slots catch them); layer 1 has four warm ones. One pin is worth more
+    in layer 1, where the third-hottest expert would otherwise miss the cache."""
+    cfg, inv = demo_inventory()
+    heat = [[0.0] * 16 for _ in range(4)]
+    heat[0][3], heat[0][4] = 100.0, 90.0
+    for e, h in zip((7, 8, 9, 10), (50.0, 40.0, 30.0, 20.0)):
+        heat[1][e] = h
+    expert = inv.expert_params * 2
+    fixed = sum(inv.device_bytes(2).values()) + kv_cache_bytes(cfg, 512, 2)
+    plan = make_plan(inv, request(fixed + 9 * expert, cfg, slots_per_layer=2), heat=heat)  # 8 slots + 1 pin
+    assert [l.cache_slots for l in plan.layers] == [2, 2, 2, 2]
+    assert [l.pinned for l in plan.layers] == [(), (7,), (), ()]

@@ -163,20 +163,31 @@ def _cache_slots(capacity: int, L: int, want: int) -> list[int]:
 
 
 def _pin(budget: int, slots: list[int], E: int, heat: Sequence[Sequence[float]] | None) -> list[list[int]]:
-    """Pin `budget` experts: hottest (layer, expert) pairs first, or round-robin over layers without heat.
-    A layer never pins so many that pinned + slots exceeds its expert count."""
+    """Pin `budget` experts, round-robin over layers without heat. With heat, each pin goes where it saves most:
+    a layer's cache already catches about its `slots` hottest unpinned experts, so one more pin there is worth
+    the heat of the expert just beyond them (pins + slots). A layer never pins more than E - slots experts."""
     L = len(slots)
-    room = [E - s for s in slots]
     pinned: list[list[int]] = [[] for _ in range(L)]
     if heat is None:
         order = [(layer, e) for e in range(E) for layer in range(L)]  # expert 0 of every layer, then 1, ...
-    else:
-        order = sorted(((layer, e) for layer in range(L) for e in range(E)),
-                       key=lambda le: (-heat[le[0]][le[1]], le[0], le[1]))
-    for layer, e in order:
-        if budget <= 0:
+        for layer, e in order:
+            if budget <= 0:
+                break
+            if len(pinned[layer]) < E - slots[layer]:
+                pinned[layer].append(e)
+                budget -= 1
+        return pinned
+    ranked = [sorted(range(E), key=lambda e: (-heat[layer][e], e)) for layer in range(L)]  # hottest first
+
+    def marginal(layer: int) -> float:
+        beyond = len(pinned[layer]) + slots[layer]
+        return heat[layer][ranked[layer][beyond]] if beyond < E else float("-inf")
+
+    while budget > 0:
+        layer = max((l for l in range(L) if len(pinned[l]) < E - slots[l]), key=lambda l: (marginal(l), -l),
+                    default=None)
+        if layer is None:
             break
-        if len(pinned[layer]) < room[layer]:
-            pinned[layer].append(e)
-            budget -= 1
+        pinned[layer].append(ranked[layer][len(pinned[layer])])  # pin the layer's hottest unpinned expert
+        budget -= 1
     return pinned
