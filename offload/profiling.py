@@ -6,14 +6,15 @@ budget, or --plan), then with a plan tuned to the measured heat (the same budget
 experts pinned). For each it reports the predicted and the measured decode tokens/s and expert hit rate.
 
 The prediction (`predict_tokens_per_s`) is deliberately simple, a sum per decoded token of:
-  - the time outside the routed experts (attention, routers, shared experts, norms, LM head), measured in the
-    profile's decode steps;
-  - per MoE layer, top_k expert uses: a hit (an expert resident on the device) costs its FLOPs at the device's
-    measured FLOP/s, a miss costs reading its host bytes at the CPU workers' measured bytes/s.
+  - the time that does not scale with hits and misses (attention, routers, shared experts, norms, LM head, and
+    the experts' dispatch and copies), measured in the profile's decode steps;
+  - per MoE layer, top_k expert uses: a hit (an expert resident on the device) and a miss (computed by the CPU
+    workers) each cost what they cost in the profile's decode steps (`measured_use_costs`: device-expert and
+    CPU-expert seconds over the hits and misses; the load's cost model prices a kind the run never saw).
 The share of hits per layer is the heat of its pinned experts, plus the heat of its `cache_slots` hottest other
 experts, over the layer's total heat: the cache is modelled as always holding the hottest experts it can, which
-LRU/LFU with the prefetcher approach on skewed routing but never beat. Copies, prefetch traffic and the overlap
-of CPU and device work are left out, so the number is a guide for comparing plans, not a promise.
+LRU/LFU with the prefetcher approach on skewed routing but never beat. Calibrated on the first run, the
+prediction reproduces that run's speed; for another plan it is an estimate, a guide for comparing plans.
 """
 from __future__ import annotations
 
@@ -100,18 +101,35 @@ def predict_hit_rate(plan: Plan, heat: Heat) -> float:
     return sum(shares) / len(shares) if shares else 1.0
 
 
-def predict_tokens_per_s(plan: Plan, heat: Heat, cost: CostModel, sizes: ExpertSizes,
-                         fixed_seconds_per_token: float, top_k: int) -> float:
+@dataclass(frozen=True)
+class UseCosts:
+    """Decode seconds of one expert use: a hit (resident on the device) and a miss (computed by the CPU workers)."""
+
+    hit_seconds: float
+    miss_seconds: float
+
+
+def predict_tokens_per_s(plan: Plan, heat: Heat, use: UseCosts, fixed_seconds_per_token: float, top_k: int) -> float:
     """Decode tokens/s of `plan` for a workload with this heat (the model in the module docstring):
-    1 / (fixed + sum over MoE layers of top_k * (hit share * device time + miss share * CPU time))."""
+    1 / (fixed + sum over MoE layers of top_k * (hit share * hit seconds + miss share * miss seconds))."""
     _check_heat_fits(plan, heat)
-    hit_seconds = sizes.flops_per_token / cost.device_flops
-    miss_seconds = sizes.host_bytes / cost.cpu_bytes_per_s
     seconds = fixed_seconds_per_token
     for layer, row in zip(plan.layers, heat):
         share = expected_hit_share(layer.pinned, layer.cache_slots, row)
-        seconds += top_k * (share * hit_seconds + (1 - share) * miss_seconds)
+        seconds += top_k * (share * use.hit_seconds + (1 - share) * use.miss_seconds)
     return 1 / seconds if seconds > 0 else float("inf")
+
+
+def measured_use_costs(decode: "DecodeCounters", cost: CostModel | None, sizes: ExpertSizes) -> UseCosts | None:
+    """Seconds per hit and per miss as the profile run measured them (device-expert and CPU-expert time over the
+    hits and misses); where a run had none of one kind, the load's cost model prices it. None: nothing to go on."""
+    hits, misses = decode.hits, decode.expert_uses - decode.hits
+    device, cpu = decode.components.get("device_experts", 0.0), decode.components.get("cpu_experts", 0.0)
+    hit = device / hits if hits else (sizes.flops_per_token / cost.device_flops if cost else None)
+    miss = cpu / misses if misses else (sizes.host_bytes / cost.cpu_bytes_per_s if cost else None)
+    if hit is None or miss is None:
+        return None
+    return UseCosts(hit, miss)
 
 
 def cost_model_from_stats(numbers: dict[str, float]) -> CostModel:
@@ -142,9 +160,10 @@ class DecodeCounters:
 
     @property
     def non_expert_seconds_per_token(self) -> float:
-        """Decode time outside the routed experts (the timers' "experts" section holds them all)."""
-        experts = self.components.get("experts", 0.0)
-        return max(self.seconds - experts, 0.0) / self.steps if self.steps else 0.0
+        """Decode time that does not scale with expert hits and misses: attention, routers, the LM head, and
+        the experts' own dispatch and copies — everything but the device-expert and CPU-expert sections."""
+        per_use = self.components.get("device_experts", 0.0) + self.components.get("cpu_experts", 0.0)
+        return max(self.seconds - per_use, 0.0) / self.steps if self.steps else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 6), "tokens_per_s": round(self.tokens_per_s, 3),
@@ -287,7 +306,8 @@ class Profile:
     cost: CostModel | None  # as measured at the first load; None: nothing to predict with
     sizes: ExpertSizes
     top_k: int
-    fixed_seconds_per_token: float  # decode time outside the routed experts, from the first run
+    fixed_seconds_per_token: float  # decode time that does not scale with hits and misses, from the first run
+    use_costs: UseCosts | None  # seconds per hit and per miss, from the first run
     runs: tuple[PlanRun, ...]  # the plan the options gave, then the tuned one
     tuned: Plan
     report: tuple[ReportRow, ...]
@@ -298,13 +318,13 @@ class Profile:
                 "cost_model": self.cost.as_dict() if self.cost else None, "expert_sizes": asdict(self.sizes),
                 "top_k": self.top_k,
                 "fixed_seconds_per_token": round(self.fixed_seconds_per_token, 9),
+                "use_costs": asdict(self.use_costs) if self.use_costs else None,
                 "report": [asdict(r) for r in self.report], "runs": [r.as_dict() for r in self.runs]}
 
 
-def report_row(run: PlanRun, heat: Heat, cost: CostModel | None, sizes: ExpertSizes, fixed: float,
-               top_k: int) -> ReportRow:
+def report_row(run: PlanRun, heat: Heat, use: UseCosts | None, fixed: float, top_k: int) -> ReportRow:
     plan = run.plan
-    predicted = predict_tokens_per_s(plan, heat, cost, sizes, fixed, top_k) if cost else None
+    predicted = predict_tokens_per_s(plan, heat, use, fixed, top_k) if use else None
     return ReportRow(run.name, sum(len(l.pinned) for l in plan.layers), sum(l.cache_slots for l in plan.layers),
                      predict_hit_rate(plan, heat), run.decode.hit_rate, predicted, run.decode.tokens_per_s)
 
@@ -346,10 +366,11 @@ def run_profile(model_path: str | Path, prompts: Sequence[Prompt], max_new_token
     _release_device_memory()
     fixed = first.run.decode.non_expert_seconds_per_token
     runs = (first.run, second.run)
-    report = tuple(report_row(r, heat, first.cost, first.sizes, fixed, first.top_k) for r in runs)
+    use = measured_use_costs(first.run.decode, first.cost, first.sizes)
+    report = tuple(report_row(r, heat, use, fixed, first.top_k) for r in runs)
     moe_layers = [l.layer for l in first.run.plan.layers]
     return Profile(str(model_path), len(prompts), max_new_tokens, moe_layers, heat, first.cost, first.sizes,
-                   first.top_k, fixed, runs, tuned, report)
+                   first.top_k, fixed, use, runs, tuned, report)
 
 
 # --- outputs ---------------------------------------------------------------------------------------------------
@@ -448,7 +469,7 @@ def write_profile(profile: Profile, out_dir: Path) -> list[Path]:
 def render(profile: Profile, console: Console) -> None:
     """The report: one row per plan, predicted and measured decode speed and expert hit rate."""
     title = (f"decode of {profile.prompts} prompt(s) x {profile.max_new_tokens} new tokens; "
-             f"{profile.fixed_seconds_per_token * 1e3:.2f} ms/token outside the routed experts")
+             f"{profile.fixed_seconds_per_token * 1e3:.2f} ms/token besides expert compute")
     table = Table(title=title, title_justify="left")
     table.add_column("plan")
     for column in ("pinned", "slots", "predicted tok/s", "measured tok/s", "predicted hit rate", "hit rate"):

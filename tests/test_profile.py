@@ -19,9 +19,12 @@ from offload.experts.cost import CostModel
 from offload.experts.hybrid import ExpertSizes
 from offload.placement.planner import LayerPlan, Plan
 from offload.profiling import (
+    DecodeCounters,
+    UseCosts,
     expected_hit_share,
     heat_level,
     heatmap_text,
+    measured_use_costs,
     predict_hit_rate,
     predict_tokens_per_s,
     read_heat,
@@ -153,14 +156,26 @@ def test_expected_hit_share_counts_pinned_then_the_hottest_others_for_the_cache(
 def test_predict_tokens_per_s_on_known_numbers():
     plan = hand_plan(LayerPlan(0, (0,), 1, 4), LayerPlan(2, (), 0, 4))
     heat = [[6, 2, 1, 1], [1, 1, 1, 1]]
-    cost = CostModel(cpu_bytes_per_s=1e9, cpu_flops=1e9, copy_bytes_per_s=1e9, device_flops=1e12)
-    sizes = ExpertSizes(host_bytes=10_000_000, device_bytes=20_000_000, flops_per_token=2_000_000_000)
-    # A hit: 2e9 FLOPs at 1e12 FLOP/s = 2 ms. A miss: 1e7 bytes at 1e9 B/s = 10 ms. Layer 0 hits 80%, layer 2
-    # never; top-2 uses per layer: 4 ms + 2 x (0.8 x 2 + 0.2 x 10) ms + 2 x 10 ms = 31.2 ms per token.
-    assert predict_tokens_per_s(plan, heat, cost, sizes, 0.004, top_k=2) == pytest.approx(1 / 0.0312)
+    use = UseCosts(hit_seconds=0.002, miss_seconds=0.010)
+    # Layer 0 hits 80%, layer 2 never; top-2 uses per layer: 4 ms + 2 x (0.8 x 2 + 0.2 x 10) ms + 2 x 10 ms
+    # = 31.2 ms per token.
+    assert predict_tokens_per_s(plan, heat, use, 0.004, top_k=2) == pytest.approx(1 / 0.0312)
     assert predict_hit_rate(plan, heat) == pytest.approx(0.4)
     with pytest.raises(OffloadError, match="profile this model again"):
-        predict_tokens_per_s(plan, heat[:1], cost, sizes, 0.004, top_k=2)
+        predict_tokens_per_s(plan, heat[:1], use, 0.004, top_k=2)
+
+
+def test_use_costs_come_from_the_measured_run_and_fall_back_to_the_cost_model():
+    cost = CostModel(cpu_bytes_per_s=1e9, cpu_flops=1e9, copy_bytes_per_s=1e9, device_flops=1e12)
+    sizes = ExpertSizes(host_bytes=10_000_000, device_bytes=20_000_000, flops_per_token=2_000_000_000)
+    run = DecodeCounters(steps=10, seconds=1.0, expert_uses=100, hits=60,
+                         components={"experts": 0.5, "device_experts": 0.12, "cpu_experts": 0.2})
+    assert measured_use_costs(run, cost, sizes) == UseCosts(pytest.approx(0.002), pytest.approx(0.005))
+    assert run.non_expert_seconds_per_token == pytest.approx((1.0 - 0.32) / 10)
+    all_hits = DecodeCounters(steps=10, seconds=1.0, expert_uses=100, hits=100, components={"device_experts": 0.1})
+    # no miss was seen: the cost model prices one (1e7 bytes at 1e9 B/s)
+    assert measured_use_costs(all_hits, cost, sizes).miss_seconds == pytest.approx(0.01)
+    assert measured_use_costs(all_hits, None, sizes) is None
 
 
 # --- the command ---
