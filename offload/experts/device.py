@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .swiglu import swiglu_experts
 
 HostReader = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # expert -> CPU gate, up, down
 
@@ -37,24 +38,7 @@ class DeviceExpertPool:
     def compute(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """y [T, H] = sum over (t, k) with rows[t, k] >= 0 of weights[t, k] * expert_row(x[t]).
         rows [T, K] are pool rows, -1 where the pair is computed elsewhere."""
-        y = torch.zeros_like(x)
-        flat = rows.reshape(-1)
-        chosen = (flat >= 0).nonzero().squeeze(1)
-        if chosen.numel() == 0:
-            return y
-        order = chosen[flat[chosen].argsort(stable=True)]  # pairs grouped by row
-        grouped_rows = flat[order]
-        used, counts = torch.unique_consecutive(grouped_rows, return_counts=True)
-        token_of = order // rows.shape[1]
-        combine = weights.reshape(-1)[order]
-        begin = 0
-        for row, count in zip(used.tolist(), counts.tolist()):
-            tokens = token_of[begin : begin + count]
-            h = x[tokens]
-            out = F.linear(F.silu(F.linear(h, self.gate[row])) * F.linear(h, self.up[row]), self.down[row])
-            y.index_add_(0, tokens, out * combine[begin : begin + count, None].to(out.dtype))
-            begin += count
-        return y
+        return swiglu_experts(x, rows, weights, self.gate, self.up, self.down)
 
 
 class ExpertUploader:
