@@ -93,6 +93,7 @@ class GenerationRun:
             logits = model(torch.tensor(req.prompt_ids, device=device), 0, last_only=True)[0].cpu()
         stats.prefill_seconds = time.perf_counter() - t0
         pos = len(req.prompt_ids)
+        step_ids = torch.empty(1, dtype=torch.long, device=device)  # reused: no allocation per decoded token
         for step in range(req.max_new_tokens):
             with model.timers.section("sampling"):
                 token = sample_next(logits, req.sampling, generator, history[:pos])
@@ -103,7 +104,7 @@ class GenerationRun:
             history[pos] = token
             t0 = time.perf_counter()  # model time only: the consumer's time between tokens is not counted
             with torch.inference_mode():
-                logits = model(torch.tensor([token], device=device), pos, last_only=True)[0].cpu()
+                logits = model(step_ids.fill_(token), pos, last_only=True)[0].cpu()
             stats.decode_seconds += time.perf_counter() - t0
             pos += 1
 

@@ -54,7 +54,9 @@ class HybridExperts:
         self.prefetcher: Prefetcher | None = None  # attached once every layer exists
         self.stats = LayerStats()
         device = pool.gate.device
-        self.row_table = torch.full((num_experts,), -1, dtype=torch.long, device=device)  # expert -> pool row
+        # expert -> pool row (-1: the CPU's), filled on the host each call and copied into the device table
+        self.host_rows = torch.full((num_experts,), -1, dtype=torch.long)
+        self.row_table = self.host_rows if device.type == "cpu" else self.host_rows.to(device)
         # The CPU workers hold only the host experts, renumbered 0..len(host_ids)-1; -1 marks pinned ones.
         self.host_index = torch.full((num_experts,), -1, dtype=torch.long, device=device)
         self.host_index[torch.tensor(host_ids, dtype=torch.long)] = torch.arange(len(host_ids)).to(device)
@@ -93,10 +95,11 @@ class HybridExperts:
             self.prefetcher.observe(self.layer, used)
 
         rows, on_cpu = self._place(experts, counts, used)
-        self.row_table.fill_(-1)
-        if rows:
-            index = torch.tensor(list(rows), device=self.row_table.device)
-            self.row_table[index] = torch.tensor(list(rows.values()), device=self.row_table.device)
+        host_rows = self.host_rows.numpy()
+        host_rows[:] = -1
+        host_rows[list(rows)] = list(rows.values())
+        if self.row_table is not self.host_rows:
+            self.row_table.copy_(self.host_rows)
         pair_rows = self.row_table[topk_ids]  # [T, K] pool row, or -1 for the CPU's pairs
 
         handle = None
