@@ -94,12 +94,23 @@ def pack(w: torch.Tensor | np.ndarray, fmt: str) -> PackedMatrix:
         return PackedMatrix(fmt, (E, O, K), q)
     out = empty(fmt, E, O, K)
     for e in range(E):
-        we = w[e].detach().to("cpu", torch.float32).contiguous().numpy()  # [O, K]
-        if fmt == "int8":
-            qk.quantize_q8(we, out.q[e], out.d[e].view(np.uint16))
-        else:
-            qk.quantize_q4(we, out.q[e], out.d[e].view(np.uint16), out.m[e].view(np.uint16))
+        pack_expert(out, e, w[e])
     return out
+
+
+def pack_expert(out: PackedMatrix, e: int, w: torch.Tensor | np.ndarray) -> None:
+    """Quantize one float matrix [O, K] into expert slot e of `out` (streaming writers pack one at a time)."""
+    w = torch.as_tensor(w)
+    if tuple(w.shape) != out.shape[1:]:
+        raise FormatError(f"expected a matrix {list(out.shape[1:])}, got {list(w.shape)}")
+    if out.fmt == "bf16":
+        out.q[e] = w.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        return
+    we = w.detach().to("cpu", torch.float32).contiguous().numpy()  # [O, K]
+    if out.fmt == "int8":
+        qk.quantize_q8(we, out.q[e], out.d[e].view(np.uint16))
+    else:
+        qk.quantize_q4(we, out.q[e], out.d[e].view(np.uint16), out.m[e].view(np.uint16))
 
 
 def unpack(pm: PackedMatrix, expert: int | None = None) -> np.ndarray:

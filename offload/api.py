@@ -21,6 +21,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint, read_json
 from .weights.source import WeightSource, known_extras
+from .weights.store import store_formats
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,6 +68,8 @@ class LoadInfo:
     jit_seconds: float  # compiling or loading the CPU kernels from Numba's cache
     cpu_threads: int
     expert_format: str | None  # host format of the routed experts on the CPU workers; None: all in torch
+    dense_format: str | None = None  # "int8" | "int4": dense weights run by the CPU kernels; None: in torch
+    store: bool = False  # loaded from a pre-quantized store (`offload convert`)
 
 
 class Model:
@@ -161,8 +164,9 @@ EXPERT_FORMATS = ("bf16", "int8", "int4")
 def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype: str = "auto",
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool = True,
-         on_progress: ProgressCallback | None = None) -> Model:
-    """Load a Hugging Face MoE checkpoint folder (config.json + safetensors) for generation.
+         dense: str | None = None, on_progress: ProgressCallback | None = None) -> Model:
+    """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
+    `offload convert`, for generation.
 
     experts:     host format of routed experts run by the CPU workers: "bf16" | "int8" | "int4". With
                  device="cpu" and no gpu_memory, every routed expert runs on the CPU workers in this format;
@@ -171,6 +175,9 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
                  without one it simulates a device tier of that size (planner, cache and prefetcher run as on
                  a GPU). Experts that do not fit stay on the host in `experts` format (default bf16).
     plan:        a Plan or a plan.json path to use instead of planning from the budgets.
+    dense:       "int8" | "int4": on the CPU, run attention / MLA projections, dense MLPs, shared experts and
+                 the LM head through the quantized CPU kernels (quantized at load); None / "bf16": in torch.
+                 A store's formats are its defaults for experts and dense.
     cpu_threads: threads for the CPU workers and torch (default: physical cores).
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
@@ -183,15 +190,22 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
         raise OffloadError(f"max_context must be positive, got {max_context}")
     if experts is not None and experts not in EXPERT_FORMATS:
         raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
+    if dense is not None and dense not in EXPERT_FORMATS:
+        raise OffloadError(f"dense must be one of {', '.join(EXPERT_FORMATS)}, got {dense!r}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    experts, dense = _store_defaults(checkpoint, experts, dense, torch_device)
+    if dense in ("int8", "int4") and torch_device.type != "cpu":
+        raise OffloadError(f"dense={dense!r} runs the dense weights on the CPU kernels; on a GPU keep them in torch "
+                           "(dense=None)")
     placement = resolve_plan(config, arch.names, torch_device, torch_dtype, experts or "bf16", max_context,
                              gpu_memory, plan)
     if placement is not None and experts is not None and experts != placement.expert_format:
         raise OffloadError(f"the plan keeps experts on the host as {placement.expert_format}, not {experts}; "
                            "drop the experts option or make a new plan")
     host_format = placement.expert_format if placement is not None else experts
-    threads, jit_seconds = _start_cpu_workers(host_format, cpu_threads)
+    dense_format = dense if dense in ("int8", "int4") else None
+    threads, jit_seconds = _start_cpu_workers([f for f in (host_format, dense_format) if f], cpu_threads)
 
     total, done = checkpoint.nbytes(), [0]
 
@@ -203,13 +217,14 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
     timers = Timers(torch.cuda.synchronize if torch_device.type == "cuda" else None)
     builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch), torch_device,
                              torch_dtype, timers)
-    src = WeightSource(checkpoint, torch_dtype, torch_device, on_read=on_read)
+    src = WeightSource(checkpoint, torch_dtype, torch_device, on_read=on_read, dense_format=dense)
     transformer = Transformer(config, arch.names, src, builder, max_context, timers)
     skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers))
     builder.attach_prefetcher(transformer.routers())
     folder = checkpoint.folder
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
-    info = LoadInfo(time.perf_counter() - t0, total, len(skipped), jit_seconds, threads, host_format)
+    info = LoadInfo(time.perf_counter() - t0, total, len(skipped), jit_seconds, threads, host_format, dense_format,
+                    store_formats(checkpoint) is not None)
     return Model(folder, config, transformer, tokenizer, eos_token_ids(folder, config, tokenizer), info,
                  placement, builder)
 
@@ -231,9 +246,22 @@ def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int
                         gpu_memory, None, heat)
 
 
-def _start_cpu_workers(host_format: str | None, cpu_threads: int | None) -> tuple[int, float]:
-    """Set the thread counts; compile (or load from cache) the CPU kernels of `host_format` now, not mid-reply."""
-    if host_format is None:
+def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device: torch.device
+                    ) -> tuple[str | None, str | None]:
+    """A store's formats are the defaults (on a GPU its packed dense weights are dequantized instead); asking
+    for other expert formats than a store holds is an error."""
+    formats = store_formats(checkpoint)
+    if formats is None:
+        return experts, dense
+    if experts is not None and experts != formats.experts:
+        raise OffloadError(f"{checkpoint.folder} holds {formats.experts} experts, not {experts}; load it without "
+                           "experts= or convert the original checkpoint again")
+    return formats.experts, dense or (formats.dense if device.type == "cpu" else None)
+
+
+def _start_cpu_workers(formats: list[str], cpu_threads: int | None) -> tuple[int, float]:
+    """Set the thread counts; compile (or load from cache) the CPU kernels of `formats` now, not mid-reply."""
+    if not formats:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         return torch.get_num_threads(), 0.0
@@ -241,4 +269,4 @@ def _start_cpu_workers(host_format: str | None, cpu_threads: int | None) -> tupl
     from .experts.cpu import warmup
 
     threads = set_threads(cpu_threads)
-    return threads, warmup(host_format)
+    return threads, sum(warmup(fmt) for fmt in dict.fromkeys(formats))

@@ -92,6 +92,9 @@ class LoadOptions:
     plan: Optional[Path] = _load_option(None, "Placement plan JSON to use (from `offload plan` or `offload profile`).")
     cache_policy: Literal["lru", "lfu"] = _load_option("lru", "Expert cache eviction policy.")
     prefetch: bool = _load_option(True, "Prefetch the next layer's predicted experts into the cache.")
+    dense: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
+        None, "int8 | int4: run attention, dense MLPs, shared experts and the LM head through the quantized CPU "
+              "kernels (CPU only; default: torch, or a converted store's format).")
 
 
 def with_load_options(command: Callable) -> Callable:
@@ -240,6 +243,37 @@ def chat(
     err.print(f"[dim]{model_summary(model)}[/dim]", highlight=False)
     err.print("[dim]/help for commands, /exit or Ctrl-D to leave[/dim]")
     loop.run()
+
+
+@app.command()
+@user_errors
+def convert(
+    model_path: Path = MODEL_ARGUMENT,
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder for the converted checkpoint (created)."),
+    experts: Literal["int4", "int8", "bf16"] = typer.Option(..., help="Packed format of the routed experts."),
+    dense: Literal["bf16", "int8", "int4"] = typer.Option(
+        "bf16", help="Packed format of the dense weights (attention, dense MLPs, shared experts, LM head) for "
+                     "CPU-only runs; bf16 keeps them as the source stores them."),
+) -> None:
+    """Write a pre-quantized copy of a checkpoint that loads with no quantization step (memory-mapped).
+    Streams one layer at a time; run it again after an interruption to resume."""
+    from .weights.store import convert as convert_checkpoint
+
+    columns = (TextColumn("converting"), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),
+               TimeRemainingColumn(), TextColumn("{task.fields[file]}"))
+    resumed = [0]
+    with Progress(*columns, console=err, transient=not err.is_terminal) as bar:
+        task = bar.add_task("convert", total=None, file="")
+
+        def on_shard(done: int, total: int, file_name: str, was_finished: bool) -> None:
+            resumed[0] += was_finished
+            bar.update(task, completed=done, total=total, file=file_name)
+
+        folder = convert_checkpoint(model_path, out_dir, experts, dense, on_shard=on_shard)
+    if resumed[0]:
+        err.print(f"[dim]resumed: kept {resumed[0]} shards a previous run had finished[/dim]")
+    out.print(f"wrote {folder} (experts {experts}, dense {dense}); load it like any checkpoint: "
+              f"offload chat {folder}", markup=False)
 
 
 @app.command("inspect")

@@ -11,9 +11,12 @@ An expert is a SwiGLU MLP: down(silu(gate(x)) * up(x)). The model never knows wh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from csrc_py.formats import PackedMatrix
 
 
 @dataclass(frozen=True)
@@ -31,3 +34,37 @@ class ExpertWeights:
 
 class Experts(Protocol):
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """One MoE layer's routed experts already in a packed host format (a pre-quantized store): csrc_py
+    PackedMatrix stacks gate/up [E, I, H] and down [E, H, I]."""
+
+    gate: "PackedMatrix"
+    up: "PackedMatrix"
+    down: "PackedMatrix"
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def fmt(self) -> str:
+        return self.gate.fmt
+
+    def dequantized(self) -> ExpertWeights:
+        """float32 weights for backends that compute in torch (the reference path, experts pinned on a device)."""
+        from csrc_py.formats import unpack
+
+        return ExpertWeights(*(torch.from_numpy(unpack(pm)) for pm in (self.gate, self.up, self.down)))
+
+    def select(self, ids: list[int]) -> "PackedExperts":
+        """A copy holding only experts `ids`, in that order."""
+        from csrc_py.formats import PackedMatrix
+
+        def take(pm: PackedMatrix) -> PackedMatrix:
+            arrays = {n: (None if a is None else a[list(ids)]) for n, a in (("q", pm.q), ("d", pm.d), ("m", pm.m))}
+            return PackedMatrix(pm.fmt, (len(ids), *pm.shape[1:]), **arrays)
+
+        return PackedExperts(take(self.gate), take(self.up), take(self.down))

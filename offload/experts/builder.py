@@ -14,7 +14,7 @@ import torch
 from ..config import ModelConfig
 from ..placement.planner import Plan
 from ..timers import Timers
-from .base import ExpertWeights, Experts
+from .base import ExpertWeights, Experts, PackedExperts
 from .cache import ExpertCache, make_policy
 from .cost import CostModel, best_seconds, measure_device_flops
 from .device import DeviceExpertPool, ExpertUploader
@@ -47,23 +47,26 @@ class ExpertsBuilder:
         H, I = cfg.hidden_size, cfg.moe_intermediate_size
         self.flops_per_token = 2 * 3 * H * I
 
-    def __call__(self, layer: int, weights: ExpertWeights) -> Experts:
+    def __call__(self, layer: int, weights: ExpertWeights | PackedExperts) -> Experts:
         opts = self.options
         if opts.plan is None and opts.host_format is None:
-            return ReferenceExperts(weights)
+            return ReferenceExperts(_floats(weights))
         from .cpu import CpuExperts  # here, so the reference path never loads Numba
 
         if opts.plan is None:
+            if isinstance(weights, PackedExperts):
+                return CpuExperts.from_packed(weights.gate, weights.up, weights.down)
             return CpuExperts(weights, opts.host_format)
         lp = opts.plan.layer(layer)
         host_ids = [e for e in range(weights.num_experts) if e not in set(lp.pinned)]
-        cpu = CpuExperts(_select(weights, host_ids), opts.host_format or "bf16") if host_ids else None
+        cpu = _host_experts(weights, host_ids, opts.host_format or "bf16") if host_ids else None
         pool = DeviceExpertPool(lp.pinned, lp.cache_slots, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
                                 self.dtype, self.device)
-        for row, expert in enumerate(lp.pinned):
-            pool.gate[row].copy_(weights.gate[expert])
-            pool.up[row].copy_(weights.up[expert])
-            pool.down[row].copy_(weights.down[expert])
+        if lp.pinned:
+            pinned = _floats(_select(weights, lp.pinned))  # row i holds expert lp.pinned[i]
+            pool.gate[: len(lp.pinned)].copy_(pinned.gate)
+            pool.up[: len(lp.pinned)].copy_(pinned.up)
+            pool.down[: len(lp.pinned)].copy_(pinned.down)
         local = {expert: i for i, expert in enumerate(host_ids)}
         uploader = ExpertUploader(pool, lambda e: cpu.expert_tensors(local[e]), self.device)
         sizes = ExpertSizes(cpu.nbytes // cpu.num_experts if cpu else 0, opts.plan.expert_device_bytes,
@@ -105,6 +108,23 @@ class ExpertsBuilder:
                          device_flops=device_flops)
 
 
-def _select(weights: ExpertWeights, ids: list[int]) -> ExpertWeights:
+def _select(weights: ExpertWeights | PackedExperts, ids: list[int]) -> ExpertWeights | PackedExperts:
+    """Experts `ids` of a layer, in that order."""
+    if isinstance(weights, PackedExperts):
+        return weights.select(ids)
     index = torch.tensor(ids)
     return ExpertWeights(weights.gate[index], weights.up[index], weights.down[index])
+
+
+def _host_experts(weights: ExpertWeights | PackedExperts, ids: list[int], fmt: str) -> CpuExperts:
+    """Experts `ids` on the CPU workers: a store's packed experts as they are, float weights packed as `fmt`."""
+    from .cpu import CpuExperts
+
+    selected = _select(weights, ids)
+    if isinstance(selected, PackedExperts):
+        return CpuExperts.from_packed(selected.gate, selected.up, selected.down)
+    return CpuExperts(selected, fmt)
+
+
+def _floats(weights: ExpertWeights | PackedExperts) -> ExpertWeights:
+    return weights.dequantized() if isinstance(weights, PackedExperts) else weights

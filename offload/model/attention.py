@@ -8,7 +8,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .kv_cache import KVCache, causal_mask_args
-from .layers import Linear, RMSNorm
+from .layers import RMSNorm, load_linear
 from .rope import RotaryTable
 
 
@@ -18,10 +18,10 @@ class Attention(nn.Module):
         p = f"model.layers.{layer}.self_attn"
         H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = nh, nkv, hd
-        self.q_proj = Linear.load(src, f"{p}.q_proj", nh * hd, H, cfg.attention_bias)
-        self.k_proj = Linear.load(src, f"{p}.k_proj", nkv * hd, H, cfg.attention_bias)
-        self.v_proj = Linear.load(src, f"{p}.v_proj", nkv * hd, H, cfg.attention_bias)
-        self.o_proj = Linear.load(src, f"{p}.o_proj", H, nh * hd)
+        self.q_proj = load_linear(src, f"{p}.q_proj", nh * hd, H, cfg.attention_bias)
+        self.k_proj = load_linear(src, f"{p}.k_proj", nkv * hd, H, cfg.attention_bias)
+        self.v_proj = load_linear(src, f"{p}.v_proj", nkv * hd, H, cfg.attention_bias)
+        self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * hd)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             q_dim, k_dim = (hd, hd) if cfg.qk_norm == "head" else (nh * hd, nkv * hd)

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .kv_cache import LatentCache, causal_mask_args
-from .layers import Linear, RMSNorm
+from .layers import RMSNorm, load_linear
 from .rope import RotaryTable, yarn_softmax_scale
 
 ABSORBED_MAX_TOKENS = 8  # decode and short chunks: the absorbed form; longer prefills: the naive form
@@ -35,15 +35,17 @@ class MLA(nn.Module):
         bias = cfg.attention_bias
         if m.q_lora_rank is None:
             self.q_a_proj = self.q_a_norm = None
-            self.q_proj = Linear.load(src, f"{p}.q_proj", nh * m.qk_head_dim, H)
+            self.q_proj = load_linear(src, f"{p}.q_proj", nh * m.qk_head_dim, H)
         else:
-            self.q_a_proj = Linear.load(src, f"{p}.q_a_proj", m.q_lora_rank, H, bias)
+            self.q_a_proj = load_linear(src, f"{p}.q_a_proj", m.q_lora_rank, H, bias)
             self.q_a_norm = RMSNorm.load(src, f"{p}.q_a_layernorm", m.q_lora_rank, cfg.rms_norm_eps)
-            self.q_proj = Linear.load(src, f"{p}.q_b_proj", nh * m.qk_head_dim, m.q_lora_rank)
-        self.kv_a_proj = Linear.load(src, f"{p}.kv_a_proj_with_mqa", m.kv_lora_rank + m.qk_rope_head_dim, H, bias)
+            self.q_proj = load_linear(src, f"{p}.q_b_proj", nh * m.qk_head_dim, m.q_lora_rank)
+        self.kv_a_proj = load_linear(src, f"{p}.kv_a_proj_with_mqa", m.kv_lora_rank + m.qk_rope_head_dim, H, bias)
         self.kv_a_norm = RMSNorm.load(src, f"{p}.kv_a_layernorm", m.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear.load(src, f"{p}.kv_b_proj", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
-        self.o_proj = Linear.load(src, f"{p}.o_proj", H, nh * m.v_head_dim, bias)
+        # Kept in torch: the absorbed form multiplies its two halves directly.
+        self.kv_b_proj = load_linear(src, f"{p}.kv_b_proj", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank,
+                                     quantize=False)
+        self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * m.v_head_dim, bias)
         self.scale = yarn_softmax_scale(cfg.rope, m.qk_head_dim)
         w_kv = self.kv_b_proj.weight.view(nh, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         self.w_uk = w_kv[:, : m.qk_nope_head_dim]  # [nh, nope, rank] (a view: no extra memory)

@@ -10,24 +10,19 @@ from torch import nn
 from ..arch import CheckpointNames
 from ..config import ModelConfig
 from ..timers import Timers
-from ..experts.base import ExpertWeights, Experts
+from ..experts.base import ExpertWeights, Experts, PackedExperts
 from ..weights.source import WeightSource
-from .layers import Linear, SwiGLU
+from .layers import SwiGLU, load_linear
 from .routing import route
 
-ExpertsFactory = Callable[[int, ExpertWeights], Experts]  # (layer index, weights) -> backend
+ExpertsFactory = Callable[[int, "ExpertWeights | PackedExperts"], Experts]  # (layer index, weights) -> backend
 
 
-def load_expert_weights(cfg: ModelConfig, layer: int, names: CheckpointNames, src: WeightSource) -> ExpertWeights:
-    """Stack the per-expert matrices of one layer: gate/up [E, I, H], down [E, H, I]."""
-    p = f"model.layers.{layer}.{names.moe}.experts"
+def load_expert_weights(cfg: ModelConfig, layer: int, names: CheckpointNames, src: WeightSource
+                        ) -> ExpertWeights | PackedExperts:
+    """One layer's routed experts: gate/up [E, I, H], down [E, H, I] (packed as they are in a store)."""
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.num_experts
-    g, u, d = names.expert_proj
-    return ExpertWeights(
-        gate=torch.stack([src.take(f"{p}.{j}.{g}.weight", (I, H)) for j in range(E)]),
-        up=torch.stack([src.take(f"{p}.{j}.{u}.weight", (I, H)) for j in range(E)]),
-        down=torch.stack([src.take(f"{p}.{j}.{d}.weight", (H, I)) for j in range(E)]),
-    )
+    return src.expert_weights(f"model.layers.{layer}.{names.moe}.experts", names.expert_proj, E, I, H)
 
 
 class MoE(nn.Module):
@@ -49,7 +44,7 @@ class MoE(nn.Module):
             SwiGLU.load(src, f"{p}.{names.shared}", H, cfg.shared_intermediate_size)
             if cfg.shared_intermediate_size else None
         )
-        self.shared_gate = Linear.load(src, f"{p}.shared_expert_gate", 1, H) if cfg.shared_expert_gate else None
+        self.shared_gate = load_linear(src, f"{p}.shared_expert_gate", 1, H, quantize=False) if cfg.shared_expert_gate else None
         self.heat = torch.zeros(E, dtype=torch.long, device=src.device)  # routing counts per expert, for profiles
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

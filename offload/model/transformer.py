@@ -11,7 +11,7 @@ from ..timers import Timers
 from ..weights.source import WeightSource
 from .attention import Attention
 from .kv_cache import KVCache, LatentCache
-from .layers import Linear, RMSNorm, SwiGLU
+from .layers import RMSNorm, SwiGLU, load_linear, make_linear
 from .mla import MLA
 from ..experts.prefetch import Router
 from .moe import ExpertsFactory, MoE
@@ -53,9 +53,9 @@ class Transformer(nn.Module):
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings and not src.has("lm_head.weight"):
-            self.lm_head = Linear(self.embed)
+            self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed))
         else:
-            self.lm_head = Linear.load(src, "lm_head", V, H)
+            self.lm_head = load_linear(src, "lm_head", V, H)
         rope_dim = cfg.mla.qk_rope_head_dim if cfg.mla else cfg.head_dim
         self.rope = RotaryTable(cfg.rope, rope_dim, max_context, device, dtype)
         self.caches = [self._new_cache(dtype, device) for _ in range(cfg.num_hidden_layers)]

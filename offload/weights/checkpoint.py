@@ -6,11 +6,13 @@ read); tensors are then read lazily through safetensors' memory-mapped `safe_ope
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -18,6 +20,7 @@ from ..errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CONVERT_PROGRESS_FILE = ".offload-convert.json"  # present while `offload convert` is writing a folder
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -27,6 +30,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors dtype name, e.g. "BF16"
     shape: tuple[int, ...]
+    offset: int = 0  # where the tensor's bytes start in the file
 
     @property
     def nbytes(self) -> int:
@@ -47,6 +51,11 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor table of one safetensors file, checking that the file holds every byte its header promises."""
+    return read_safetensors_file(path)[0]
+
+
+def read_safetensors_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """(tensor table, the header's __metadata__) of one safetensors file, validated as read_safetensors_header."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -63,6 +72,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path} has a corrupt safetensors header; re-download it")
     tensors: dict[str, TensorInfo] = {}
     data_end = 0
+    metadata = header.get("__metadata__") or {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -76,11 +86,13 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if dtype in DTYPE_BYTES and end - start != numel * DTYPE_BYTES[dtype]:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes for shape {list(shape)} {dtype}")
         data_end = max(data_end, end)
-        tensors[name] = TensorInfo(path, dtype, shape)
+        tensors[name] = TensorInfo(path, dtype, shape, 8 + header_len + start)
     if 8 + header_len + data_end > size:
         missing = 8 + header_len + data_end - size
         raise CheckpointError(f"{path} is truncated: {missing} bytes of tensor data are missing; re-download it")
-    return tensors
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (__metadata__); re-download it")
+    return tensors, metadata
 
 
 class Checkpoint:
@@ -91,18 +103,26 @@ class Checkpoint:
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder} is not a folder; pass a Hugging Face checkpoint folder")
         self.config_json = read_json(self.folder / "config.json")
+        self.index_metadata: dict[str, Any] = {}
+        self.file_metadata: dict[Path, dict[str, str]] = {}  # each file's safetensors __metadata__
         self.tensors = self._read_tables()
         self._handles: dict[Path, Any] = {}
+        self._maps: dict[Path, np.ndarray] = {}
 
     def _read_tables(self) -> dict[str, TensorInfo]:
         index_path = self.folder / INDEX_FILE
         if index_path.exists():
-            weight_map = read_json(index_path).get("weight_map")
+            index = read_json(index_path)
+            weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index_path} has no 'weight_map'; re-download it")
+            self.index_metadata = index.get("metadata") or {}
             shards = sorted(set(weight_map.values()))
         elif (self.folder / SINGLE_FILE).exists():
             weight_map, shards = None, [SINGLE_FILE]
+        elif (self.folder / CONVERT_PROGRESS_FILE).exists():
+            raise CheckpointError(f"{self.folder} is an unfinished `offload convert` output; run the same convert "
+                                  "command again to finish it")
         else:
             raise CheckpointError(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}; is this a safetensors checkpoint?")
         tensors: dict[str, TensorInfo] = {}
@@ -110,7 +130,8 @@ class Checkpoint:
             path = self.folder / shard
             if not path.exists():
                 raise CheckpointError(f"shard {shard} listed in {INDEX_FILE} is missing from {self.folder}; download it")
-            tensors.update(read_safetensors_header(path))
+            shard_tensors, self.file_metadata[path] = read_safetensors_file(path)
+            tensors.update(shard_tensors)
         for name, shard in (weight_map or {}).items():
             if name not in tensors or tensors[name].file.name != shard:
                 raise CheckpointError(f"{INDEX_FILE} puts tensor {name!r} in {shard}, which does not hold it; re-download the checkpoint")
@@ -123,6 +144,30 @@ class Checkpoint:
         if handle is None:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)
+
+    def array(self, name: str, dtype: np.dtype) -> np.ndarray:
+        """One tensor as a numpy array over a copy-on-write memory map of its file: no bytes are read until used,
+        and the pages it touches are shared with the page cache (zero-copy loading of packed stores)."""
+        info = self.tensors[name]
+        whole = self._maps.get(info.file)
+        if whole is None:
+            with info.file.open("rb") as f:
+                whole = self._maps[info.file] = np.frombuffer(
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
+        nbytes = info.nbytes
+        return whole[info.offset: info.offset + nbytes].view(dtype).reshape(info.shape)
+
+    def array(self, name: str, dtype: np.dtype) -> np.ndarray:
+        """One tensor as a numpy array over a copy-on-write memory map of its file: no bytes are read until used,
+        and the pages it touches are shared with the page cache (zero-copy loading of packed stores)."""
+        info = self.tensors[name]
+        whole = self._maps.get(info.file)
+        if whole is None:
+            with info.file.open("rb") as f:
+                whole = self._maps[info.file] = np.frombuffer(
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
+        nbytes = info.nbytes
+        return whole[info.offset: info.offset + nbytes].view(dtype).reshape(info.shape)
 
     def nbytes(self) -> int:
         """Tensor bytes in the checkpoint files."""

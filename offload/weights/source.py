@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Union
 
 import torch
 
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from csrc_py.formats import PackedMatrix
+
+    from ..experts.base import ExpertWeights, PackedExperts
+
+DenseWeight = Union[torch.Tensor, "PackedMatrix"]  # a Linear's weight [out, in], or packed as a [1, out, in] stack
 
 log = logging.getLogger("offload")
 
@@ -17,12 +24,17 @@ class WeightSource:
     """Reads named tensors from a Checkpoint into one dtype and device, remembering which were taken."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, prefix: str = "",
-                 on_read: Callable[[str, int], None] | None = None):
+                 on_read: Callable[[str, int], None] | None = None, dense_format: str | None = None):
+        from .store import packed_entries
+
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = device
         self.prefix = prefix
         self.on_read = on_read  # (file name, bytes just read): drives progress bars
+        # "int8" | "int4": quantize dense Linear weights at load for the CPU kernels; None / "bf16": keep them
+        self.dense_format = None if dense_format == "bf16" else dense_format
+        self.packed = packed_entries(checkpoint) if checkpoint is not None else {}  # a store's packed matrices
         self.taken: set[str] = set()
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -44,7 +56,62 @@ class WeightSource:
         return stored.to(device=self.device, dtype=dtype or self.dtype)
 
     def has(self, name: str) -> bool:
-        return self.prefix + name in self.checkpoint.tensors
+        full = self.prefix + name
+        return full in self.checkpoint.tensors or full in self.packed
+
+    def linear_weight(self, name: str, shape: tuple[int, int], quantize: bool = True) -> DenseWeight:
+        """A dense Linear's weight [out, in]: packed when the checkpoint stores it packed, or when dense_format asks
+        for it and `quantize` allows it; else a tensor in the source's dtype and device."""
+        if self.prefix + name in self.packed:
+            return self._dense(self._read_packed(name, (1, *shape)))
+        weight = self.take(name, shape)
+        if quantize and self.dense_format is not None:
+            from csrc_py.formats import pack
+
+            return pack(weight[None], self.dense_format)
+        return weight
+
+    def tied_linear_weight(self, embed_name: str, embed: torch.Tensor) -> DenseWeight:
+        """The LM head of a model with tied embeddings: the embedding table itself, or packed from it."""
+        if self.dense_format is not None:
+            from csrc_py.formats import pack
+
+            return pack(embed[None], self.dense_format)
+        return embed
+
+    def expert_weights(self, prefix: str, proj: tuple[str, str, str], E: int, I: int, H: int
+                       ) -> ExpertWeights | PackedExperts:
+        """One MoE layer's routed experts: stacked from the per-expert matrices (gate/up [E, I, H], down [E, H, I]),
+        or a store's packed stacks as they are."""
+        from ..experts.base import ExpertWeights, PackedExperts
+
+        shapes = ((E, I, H), (E, I, H), (E, H, I))
+        if self.prefix + f"{prefix}.{proj[0]}" in self.packed:
+            return PackedExperts(*(self._read_packed(f"{prefix}.{p}", s) for p, s in zip(proj, shapes)))
+        return ExpertWeights(*(torch.stack([self.take(f"{prefix}.{j}.{p}.weight", s[1:]) for j in range(E)])
+                               for p, s in zip(proj, shapes)))
+
+    def _read_packed(self, name: str, shape: tuple[int, int, int]) -> PackedMatrix:
+        from .store import read_packed
+
+        full = self.prefix + name
+        entry = self.packed[full]
+        if tuple(entry.shape) != tuple(shape):
+            raise CheckpointError(f"packed matrix {full!r} has shape {list(entry.shape)}, config.json implies "
+                                  f"{list(shape)}")
+        matrix = read_packed(self.checkpoint, full, entry)
+        self.taken.update(f"{full}.{part}" for part in ("q", "d", "m"))
+        if self.on_read is not None:
+            self.on_read(self.checkpoint.tensors[f"{full}.q"].file.name, matrix.nbytes)
+        return matrix
+
+    def _dense(self, matrix: PackedMatrix) -> DenseWeight:
+        """Packed dense weights run on the CPU kernels; on a GPU they are dequantized to the model dtype."""
+        if self.device.type == "cpu":
+            return matrix
+        from csrc_py.formats import unpack
+
+        return torch.from_numpy(unpack(matrix)[0]).to(self.device, self.dtype)
 
     def finish(self, is_known_extra: Callable[[str], bool]) -> list[str]:
         """Fail on tensors nobody took; skip known extras (returned, and logged as a notice)."""

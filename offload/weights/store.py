@@ -1,0 +1,342 @@
+"""Pre-quantized stores: checkpoint folders whose expert (and optionally dense) matrices are already in offload's
+packed formats, so loading is a memory map with no quantization step.
+
+A store is a checkpoint folder like any other: config.json, tokenizer files, one safetensors shard per decoder
+layer plus one for the embeddings, final norm and LM head (`model-0000k-of-0000n.safetensors`), and
+model.safetensors.index.json, whose metadata names the formats:
+
+    {"metadata": {"offload_store": {"version": 1, "experts": "int4", "dense": "int8"}}, "weight_map": {...}}
+
+A packed matrix NAME — a layer's stacked experts (`model.layers.3.mlp.experts.gate_proj`, [E, O, K]) or a dense
+weight (`model.layers.3.self_attn.q_proj.weight`, a [1, O, K] stack) — is stored as the arrays NAME.q, NAME.d and
+NAME.m of csrc_py.formats, and its shard's metadata entry "offload.packed" maps NAME -> {"format", "shape"}.
+Everything else is stored exactly as in the source checkpoint. Byte layouts: docs/formats.md.
+
+Writing streams one shard at a time (memory: one layer's packed weights plus one expert in float), each to a
+temporary name renamed when complete; the index is written last, so a folder without it is unfinished and a
+second run resumes from the finished shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+
+from ..errors import CheckpointError, OffloadError
+from .checkpoint import CONVERT_PROGRESS_FILE, INDEX_FILE, Checkpoint, read_safetensors_file
+from .source import InventedSource
+
+if TYPE_CHECKING:
+    from csrc_py.formats import PackedMatrix
+
+STORE_VERSION = 1
+STORE_KEY = "offload_store"
+PACKED_KEY = "offload.packed"
+EXPERT_FORMATS = ("bf16", "int8", "int4")
+DENSE_FORMATS = ("bf16", "int8", "int4")  # "bf16": dense weights stay as the source stores them
+ARRAY_DTYPES = {"q": None, "d": "float16", "m": "float16"}  # q's dtype depends on the format
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                "chat_template.jinja", "chat_template.json")
+
+
+@dataclass(frozen=True)
+class PackedEntry:
+    fmt: str
+    shape: tuple[int, int, int]  # (E, O, K) before padding
+
+
+@dataclass(frozen=True)
+class StoreFormats:
+    experts: str
+    dense: str
+
+
+def store_formats(checkpoint: Checkpoint) -> StoreFormats | None:
+    """The formats of a store, or None for an ordinary checkpoint."""
+    info = checkpoint.index_metadata.get(STORE_KEY)
+    if info is None:
+        return None
+    if not isinstance(info, dict) or info.get("version") != STORE_VERSION:
+        raise CheckpointError(f"{checkpoint.folder} is an offload store of an unknown version ({info!r}); convert "
+                              "the model again with this offload")
+    return StoreFormats(info["experts"], info["dense"])
+
+
+def packed_entries(checkpoint: Checkpoint) -> dict[str, PackedEntry]:
+    """Every packed matrix of a checkpoint by name (empty for an ordinary checkpoint)."""
+    entries: dict[str, PackedEntry] = {}
+    for path, metadata in checkpoint.file_metadata.items():
+        if PACKED_KEY not in metadata:
+            continue
+        try:
+            table = json.loads(metadata[PACKED_KEY])
+            for name, entry in table.items():
+                entries[name] = PackedEntry(entry["format"], tuple(entry["shape"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt {PACKED_KEY} metadata; convert the model again") from None
+    return entries
+
+
+def read_packed(checkpoint: Checkpoint, name: str, entry: PackedEntry) -> PackedMatrix:
+    """A packed matrix over memory-mapped arrays (checked against the layout its format needs)."""
+    import numpy as np
+
+    from csrc_py.formats import PackedMatrix, empty
+
+    layout = empty(entry.fmt, 1, 1, 1)  # which arrays the format has, and their dtypes
+    arrays = {}
+    for part in ("q", "d", "m"):
+        if getattr(layout, part) is None:
+            continue
+        array_name = f"{name}.{part}"
+        if array_name not in checkpoint.tensors:
+            raise CheckpointError(f"{checkpoint.folder}: packed matrix {name!r} has no {part} array; the store is "
+                                  "incomplete, convert the model again")
+        arrays[part] = checkpoint.array(array_name, np.dtype(getattr(layout, part).dtype))
+    return PackedMatrix(entry.fmt, entry.shape, **arrays)
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class TensorRole:
+    """How the loader uses one tensor, and so how a store writes it.
+
+    plain:   stored as in the source (norms, routers, biases, embeddings)
+    linear:  a dense Linear weight [out, in]: packed when the store's dense format is quantized and `quantize`
+    experts: one layer's stacked routed experts (`name` is the packed name); `sources` are the per-expert
+             tensors, stacked in order
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    quantize: bool = True
+    sources: tuple[str, ...] = field(default_factory=tuple)
+
+
+class RoleRecorder(InventedSource):
+    """Builds the model on the meta device and records, for every tensor the loader asks for, its role."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda name, shape: torch.empty(shape, device="meta"), device=torch.device("meta"))
+        self.roles: list[TensorRole] = []
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        self.roles.append(TensorRole(name, "plain", tuple(shape)))
+        return super().take(name, shape, dtype)
+
+    def linear_weight(self, name: str, shape: tuple[int, int], quantize: bool = True):
+        self.roles.append(TensorRole(name, "linear", tuple(shape), quantize, (name,)))
+        return torch.empty(shape, device="meta")
+
+    def tied_linear_weight(self, embed_name: str, embed: torch.Tensor):
+        self.roles.append(TensorRole("lm_head.weight", "linear", tuple(embed.shape), True, (embed_name,)))
+        return embed
+
+    def expert_weights(self, prefix: str, proj: tuple[str, str, str], E: int, I: int, H: int):
+        from ..experts.base import ExpertWeights
+
+        for p, shape in zip(proj, ((I, H), (I, H), (H, I))):
+            sources = tuple(f"{prefix}.{j}.{p}.weight" for j in range(E))
+            self.roles.append(TensorRole(f"{prefix}.{p}", "experts", (E, *shape), True, sources))
+        return ExpertWeights(*(torch.empty(s, device="meta") for s in ((E, I, H), (E, I, H), (E, H, I))))
+
+
+def tensor_roles(hf_config: dict[str, Any]) -> list[TensorRole]:
+    """Every tensor the loader reads for hf_config, with its role, in build order."""
+    from ..arch import architecture
+    from ..experts.reference import ReferenceExperts
+    from ..model.transformer import Transformer
+
+    arch = architecture(hf_config.get("model_type"))
+    recorder = RoleRecorder()
+    Transformer(arch.config_from_hf(hf_config), arch.names, recorder, lambda layer, w: ReferenceExperts(w),
+                max_context=1)
+    return recorder.roles
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def shard_roles(roles: list[TensorRole], num_layers: int) -> list[list[TensorRole]]:
+    """One shard per decoder layer, then one for everything outside the layers."""
+    shards: list[list[TensorRole]] = [[] for _ in range(num_layers + 1)]
+    for role in roles:
+        match = _LAYER.match(role.name)
+        shards[int(match.group(1)) if match else num_layers].append(role)
+    return shards
+
+
+def shard_file(k: int, n: int) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+Reader = Callable[[str, tuple[int, ...]], torch.Tensor]  # (source tensor name, shape) -> tensor
+
+
+def write_store(out: str | Path, hf_config: dict[str, Any], read: Reader, experts: str, dense: str = "bf16",
+                copy_from: Path | None = None, source_label: str = "",
+                on_shard: Callable[[int, int, str, bool], None] | None = None) -> Path:
+    """Write a store for hf_config into `out`, reading source tensors with `read(name, shape)`.
+
+    Resumes an unfinished store written with the same options (finished shards are kept; a shard whose file does
+    not validate is written again). on_shard(done, total, file name, resumed) follows the progress.
+    """
+    from csrc_py.formats import check_format
+
+    if experts not in EXPERT_FORMATS:
+        raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
+    if dense not in DENSE_FORMATS:
+        raise OffloadError(f"dense must be one of {', '.join(DENSE_FORMATS)}, got {dense!r}")
+    check_format(experts)
+    out = Path(out).expanduser()
+    options = {"version": STORE_VERSION, "experts": experts, "dense": dense, "source": source_label}
+    if _already_written(out, options):
+        return out
+    _start_or_resume(out, options)
+    roles = tensor_roles(hf_config)
+    shards = shard_roles(roles, int(hf_config["num_hidden_layers"]))
+    _write_text(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    for name in COPIED_FILES:
+        if copy_from is not None and (copy_from / name).exists():
+            shutil.copyfile(copy_from / name, out / name)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for k, shard in enumerate(shards):
+        name = shard_file(k, len(shards))
+        path = out / name
+        tensors = _finished_shard(path)
+        resumed = tensors is not None
+        if tensors is None:
+            tensors = _write_shard(path, shard, read, experts, dense)
+        for tensor_name, info in tensors.items():
+            weight_map[tensor_name] = name
+            total_size += info.nbytes
+        if on_shard is not None:
+            on_shard(k + 1, len(shards), name, resumed)
+    index = {"metadata": {"total_size": total_size, STORE_KEY: {k: v for k, v in options.items() if k != "source"}},
+             "weight_map": dict(sorted(weight_map.items()))}
+    _write_text(out / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    (out / CONVERT_PROGRESS_FILE).unlink(missing_ok=True)
+    return out
+
+
+def _already_written(out: Path, options: dict[str, Any]) -> bool:
+    """Whether `out` is a finished store with these formats (running convert again is then a no-op)."""
+    if not (out / INDEX_FILE).exists() or (out / CONVERT_PROGRESS_FILE).exists():
+        return False
+    try:
+        formats = store_formats(Checkpoint(out))
+    except CheckpointError:
+        return False
+    return formats == StoreFormats(options["experts"], options["dense"])
+
+
+def _start_or_resume(out: Path, options: dict[str, Any]) -> None:
+    """Record the options of a new store, or check that an unfinished one was started with the same ones."""
+    progress = out / CONVERT_PROGRESS_FILE
+    if out.exists() and any(out.iterdir()):
+        if (out / INDEX_FILE).exists() and not progress.exists():
+            raise OffloadError(f"{out} already holds a finished checkpoint in other formats; choose another output "
+                               "folder or delete it")
+        if not progress.exists():
+            raise OffloadError(f"{out} is not empty and is not an unfinished store; choose an empty output folder")
+        started = json.loads(progress.read_text())
+        if started != options:
+            diff = ", ".join(f"{k} {started.get(k)!r} -> {v!r}" for k, v in options.items() if started.get(k) != v)
+            raise OffloadError(f"{out} is an unfinished store written with other options ({diff}); rerun with the "
+                               "same options to resume, or choose an empty output folder")
+        (out / INDEX_FILE).unlink(missing_ok=True)
+        for leftover in out.glob("*.tmp"):
+            leftover.unlink()
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(progress, json.dumps(options, indent=2) + "\n")
+
+
+def _finished_shard(path: Path):
+    """The tensor table of a shard a previous run finished, or None (absent or not valid: written again)."""
+    if not path.exists():
+        return None
+    try:
+        return read_safetensors_file(path)[0]
+    except CheckpointError:
+        path.unlink()
+        return None
+
+
+def _write_shard(path: Path, roles: Iterable[TensorRole], read: Reader, experts: str, dense: str):
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, Any]] = {}
+    for role in roles:
+        if role.kind == "plain":
+            tensors[role.name] = read(role.name, role.shape).contiguous()
+        elif role.kind == "linear":
+            if dense == "bf16" or not role.quantize:
+                if role.sources == (role.name,):  # a tied head is not written: the loader ties it again
+                    tensors[role.name] = read(role.name, role.shape).contiguous()
+                continue
+            matrix = _pack_stack([role.sources[0]], role.shape, dense, read)
+            _add_packed(tensors, packed, role.name, matrix)
+        else:
+            matrix = _pack_stack(list(role.sources), role.shape[1:], experts, read)
+            _add_packed(tensors, packed, role.name, matrix)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt", PACKED_KEY: json.dumps(packed)})
+    os.replace(tmp, path)
+    return read_safetensors_file(path)[0]
+
+
+def _pack_stack(sources: list[str], shape: tuple[int, ...], fmt: str, read: Reader) -> PackedMatrix:
+    """Pack the matrices `sources` (each [O, K]) as one stack, reading one at a time."""
+    from csrc_py.formats import empty, pack_expert
+
+    matrix = empty(fmt, len(sources), *shape)
+    for e, source in enumerate(sources):
+        pack_expert(matrix, e, read(source, tuple(shape)))
+    return matrix
+
+
+def _add_packed(tensors: dict[str, torch.Tensor], packed: dict[str, dict[str, Any]], name: str,
+                matrix: PackedMatrix) -> None:
+    for part in ("q", "d", "m"):
+        array = getattr(matrix, part)
+        if array is not None:
+            tensors[f"{name}.{part}"] = torch.from_numpy(array)
+    packed[name] = {"format": matrix.fmt, "shape": list(matrix.shape)}
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def convert(source: str | Path, out: str | Path, experts: str, dense: str = "bf16",
+            on_shard: Callable[[int, int, str, bool], None] | None = None) -> Path:
+    """Convert a Hugging Face checkpoint folder into a store (see write_store)."""
+    checkpoint = Checkpoint(source)
+    if store_formats(checkpoint) is not None:
+        raise OffloadError(f"{checkpoint.folder} is already an offload store; convert the original checkpoint")
+
+    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        info = checkpoint.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"tensor {name!r} is missing from {checkpoint.folder}; the checkpoint is "
+                                  "incomplete or does not match config.json")
+        if tuple(info.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} in {info.file.name} has shape {list(info.shape)}, config.json "
+                                  f"implies {list(shape)}")
+        return checkpoint.read(name)
+
+    return write_store(out, checkpoint.config_json, read, experts, dense, copy_from=checkpoint.folder,
+                       source_label=str(checkpoint.folder.resolve()), on_shard=on_shard)

@@ -1,0 +1,396 @@
+"""End-to-end prefill and decode tokens/s of offload, transformers and llama.cpp on one checkpoint, in one run.
+
+    python tools/bench_e2e.py CHECKPOINT                      # every available engine, 2 threads, 3 rounds
+    python tools/bench_e2e.py CHECKPOINT --engines offload-int8,llama.cpp-q8_0 --rounds 5 --json out.json
+    python tools/bench_e2e.py CHECKPOINT --offload-store STORE  # adds offload on a pre-quantized store
+
+CHECKPOINT is a Hugging Face Mixtral folder (config.json + safetensors). Engines:
+  offload-int8, offload-int4  offload.load(device="cpu", experts=..., dense=--dense), Model.generate
+  offload-store               offload.load(--offload-store) as stored (only with --offload-store)
+  transformers                AutoModelForCausalLM in --hf-dtype (bfloat16)
+  llama.cpp-q8_0, -q4_0       llama-cpp-python on a GGUF written by tools/gguf_export.py (cached in --gguf-dir,
+                              reused while newer than the checkpoint: delete it to export again)
+  llama.cpp-f16               the same with F16 weights (not in the default list)
+A llama.cpp-q4_0 GGUF is Q4_0 in every matrix, as llama.cpp's Q4_0 usually means; --gguf-dense q8_0 keeps the
+token embedding, attention and LM head at Q8_0, like offload's default --dense int8. Norms and routers: F32.
+
+Every engine gets the same seeded random prompt of --prompt-tokens ids and decodes --new-tokens tokens greedily
+with eos ignored, on --threads threads. One generation per round: prefill = the prompt in one pass up to the last
+position's logits (offload and transformers compute the LM head for that position only, as llama.cpp does);
+decode = the new-tokens - 1 single-token steps after it (the first new token comes out of the prefill), each a
+forward pass plus a greedy pick. offload's figures are its GenerationStats (model time only, the same steps);
+transformers and llama.cpp are timed by a manual loop over the KV cache (transformers: past_key_values, no
+generate() overhead). A short warm-up generation precedes the measured one in every worker.
+
+Each (round, engine) runs in a fresh subprocess (this script with --worker ENGINE, printing one JSON line), so one
+engine's memory is released before the next starts; rounds interleave the engines so all see the same machine
+noise. Reported: medians over rounds of prefill and decode tokens/s and load seconds, the largest peak RSS
+(ru_maxrss: includes memory-mapped weight pages touched), how many of the first greedy tokens agree with
+transformers' (random weights: near-ties make quantized engines diverge early), and the ratios the targets are
+about. A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+OFFLOAD_EXPERTS = {"offload-int8": "int8", "offload-int4": "int4"}
+GGUF_TYPES = {"llama.cpp-q8_0": "q8_0", "llama.cpp-q4_0": "q4_0", "llama.cpp-f16": "f16"}
+DEFAULT_ENGINES = ("offload-int8", "offload-int4", "offload-store", "transformers", "llama.cpp-q8_0",
+                   "llama.cpp-q4_0")
+ALL_ENGINES = (*DEFAULT_ENGINES, "llama.cpp-f16")
+RESULT_PREFIX = "BENCH_E2E_RESULT "
+WARMUP_PROMPT, WARMUP_NEW = 64, 4
+AGREEMENT_TOKENS = 16  # first greedy tokens kept per worker to compare engines
+# (label, numerator engine, denominator engine, metric)
+RATIOS = (
+    ("offload-int8 / llama.cpp-q8_0 decode", "offload-int8", "llama.cpp-q8_0", "decode_tok_s"),
+    ("offload-int4 / llama.cpp-q4_0 decode", "offload-int4", "llama.cpp-q4_0", "decode_tok_s"),
+    ("offload-int8 / transformers decode", "offload-int8", "transformers", "decode_tok_s"),
+    ("offload-int4 / transformers decode", "offload-int4", "transformers", "decode_tok_s"),
+    ("offload-int8 / transformers prefill", "offload-int8", "transformers", "prefill_tok_s"),
+    ("offload-int4 / transformers prefill", "offload-int4", "transformers", "prefill_tok_s"),
+    ("offload-int8 / llama.cpp-q8_0 prefill", "offload-int8", "llama.cpp-q8_0", "prefill_tok_s"),
+    ("offload-int4 / llama.cpp-q4_0 prefill", "offload-int4", "llama.cpp-q4_0", "prefill_tok_s"),
+)
+
+
+# ---------------------------------------------------------------- worker side: one engine, one generation
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def timed_generation(prefill: Callable[[list[int]], int], step: Callable[[int], int], prompt: list[int],
+                     new_tokens: int) -> dict:
+    """Greedy generation through an engine's prefill (prompt -> first token) and step (token -> next token)."""
+    t0 = time.perf_counter()
+    tokens = [prefill(prompt)]
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        tokens.append(step(tokens[-1]))
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens}
+
+
+def offload_load_kwargs(args: argparse.Namespace, experts: str | None) -> tuple[dict, list[str]]:
+    """offload.load keyword arguments for this engine, and notices (dense= is new: older versions lack it)."""
+    import offload
+
+    kwargs = dict(device="cpu", cpu_threads=args.threads, max_context=args.prompt_tokens + args.new_tokens,
+                  dtype=args.offload_dtype)
+    if experts is None:  # a pre-quantized store: its formats are in the store
+        return kwargs, []
+    kwargs["experts"] = experts
+    if "dense" in inspect.signature(offload.load).parameters:
+        return {**kwargs, "dense": args.dense}, []
+    return kwargs, [f"offload.load has no dense= yet: ran without it (dense={args.dense!r} ignored)"]
+
+
+def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dict:
+    import offload
+
+    path = args.offload_store if engine == "offload-store" else args.checkpoint
+    kwargs, notes = offload_load_kwargs(args, OFFLOAD_EXPERTS.get(engine))
+    t0 = time.perf_counter()
+    model = offload.load(path, **kwargs)
+    load_s = time.perf_counter() - t0
+    model.generate(prompt[:WARMUP_PROMPT], max_new_tokens=WARMUP_NEW, ignore_eos=True)
+    g = model.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
+    return {"load_s": load_s, "prefill_s": g.stats.prefill_seconds, "decode_s": g.stats.decode_seconds,
+            "tokens": g.token_ids, "notes": notes}
+
+
+def run_transformers(args: argparse.Namespace, prompt: list[int]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.hf_dtype)).eval()
+    load_s = time.perf_counter() - t0
+    cache = {}
+
+    def prefill(ids: list[int]) -> int:
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        cache["past"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def step(token: int) -> int:
+        out = model(torch.tensor([[token]]), past_key_values=cache["past"], use_cache=True)
+        cache["past"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    with torch.inference_mode():
+        timed_generation(prefill, step, prompt[:WARMUP_PROMPT], WARMUP_NEW)
+        result = timed_generation(prefill, step, prompt, args.new_tokens)
+    return {"load_s": load_s, **result, "notes": []}
+
+
+def run_llama_cpp(args: argparse.Namespace, engine: str, prompt: list[int]) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    gguf_path = gguf_file(args, GGUF_TYPES[engine])
+    n_batch = max(args.prompt_tokens, 512)  # the whole prompt in one batch and one micro-batch
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=args.prompt_tokens + args.new_tokens + 16,
+                          n_batch=n_batch, n_ubatch=n_batch, n_threads=args.threads, n_threads_batch=args.threads,
+                          verbose=False)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def last_logits_argmax() -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        return int(logits.argmax())
+
+    def prefill(ids: list[int]) -> int:
+        llm.reset()
+        llm.eval(ids)
+        return last_logits_argmax()
+
+    def step(token: int) -> int:
+        llm.eval([token])
+        return last_logits_argmax()
+
+    timed_generation(prefill, step, prompt[:WARMUP_PROMPT], WARMUP_NEW)
+    result = timed_generation(prefill, step, prompt, args.new_tokens)
+    return {"load_s": load_s, **result, "notes": []}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one engine once and print its result as one JSON line."""
+    engine, prompt = args.worker, random_prompt(args)
+    if engine in OFFLOAD_EXPERTS or engine == "offload-store":
+        result = run_offload(args, engine, prompt)
+    elif engine == "transformers":
+        result = run_transformers(args, prompt)
+    else:
+        result = run_llama_cpp(args, engine, prompt)
+    result["prefill_tok_s"] = len(prompt) / result["prefill_s"]
+    result["decode_tok_s"] = (args.new_tokens - 1) / result["decode_s"]
+    result["tokens"] = [int(t) for t in result["tokens"][:AGREEMENT_TOKENS]]
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    print(RESULT_PREFIX + json.dumps({"engine": engine, **result}), flush=True)
+
+
+# ---------------------------------------------------------------- parent side: engines, rounds, summary
+
+
+def random_prompt(args: argparse.Namespace) -> list[int]:
+    """The same seeded random token ids for every engine."""
+    vocab = json.loads((args.checkpoint / "config.json").read_text())["vocab_size"]
+    rng = random.Random(args.seed)
+    return [rng.randrange(vocab) for _ in range(args.prompt_tokens)]
+
+
+def gguf_file(args: argparse.Namespace, qtype: str) -> Path:
+    dense = f"-dense-{args.gguf_dense}" if args.gguf_dense else ""
+    return args.gguf_dir / f"{args.checkpoint.name}-{qtype}{dense}.gguf"
+
+
+def available_engines(args: argparse.Namespace) -> list[str]:
+    """The requested engines that can run here, with one line for each that is skipped and why."""
+    engines = []
+    for engine in args.engines:
+        if engine == "offload-store" and args.offload_store is None:
+            if args.engines_given:
+                print("skip offload-store: give --offload-store PATH")
+            continue
+        if engine in GGUF_TYPES and importlib.util.find_spec("llama_cpp") is None:
+            print(f"skip {engine}: llama_cpp is not importable (pip install llama-cpp-python builds it from source)")
+            continue
+        if engine in GGUF_TYPES and importlib.util.find_spec("gguf") is None:
+            print(f"skip {engine}: the gguf package is missing for tools/gguf_export.py (pip install gguf)")
+            continue
+        if engine == "transformers" and importlib.util.find_spec("transformers") is None:
+            print("skip transformers: not installed (pip install transformers)")
+            continue
+        engines.append(engine)
+    return engines
+
+
+def export_ggufs(args: argparse.Namespace, engines: list[str]) -> dict[str, float]:
+    """Write the GGUF files the llama.cpp engines need (reused when newer than the checkpoint); seconds each."""
+    seconds = {}
+    source_time = max(p.stat().st_mtime for p in args.checkpoint.iterdir())
+    for engine in engines:
+        if engine not in GGUF_TYPES:
+            continue
+        out = gguf_file(args, GGUF_TYPES[engine])
+        if out.exists() and out.stat().st_mtime > source_time:
+            continue
+        args.gguf_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, str(Path(__file__).with_name("gguf_export.py")), str(args.checkpoint), str(out),
+                   "--type", GGUF_TYPES[engine], "--quiet"]
+        if args.gguf_dense:
+            command += ["--dense-type", args.gguf_dense]
+        print(f"exporting {out} ...", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(command, check=True)
+        seconds[engine] = time.perf_counter() - t0
+    return seconds
+
+
+def worker_command(args: argparse.Namespace, engine: str) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), str(args.checkpoint), "--worker", engine,
+               "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
+               "--new-tokens", str(args.new_tokens), "--seed", str(args.seed), "--dense", str(args.dense),
+               "--offload-dtype", args.offload_dtype, "--hf-dtype", args.hf_dtype, "--gguf-dir", str(args.gguf_dir)]
+    if args.gguf_dense:
+        command += ["--gguf-dense", args.gguf_dense]
+    if args.offload_store is not None:
+        command += ["--offload-store", str(args.offload_store)]
+    return command
+
+
+def run_worker(args: argparse.Namespace, engine: str) -> dict:
+    """One (round, engine) in a fresh process: its result, or {"engine", "error"} with the end of its output."""
+    proc = subprocess.run(worker_command(args, engine), capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    return {"engine": engine, "error": f"exit code {proc.returncode}: " + "\n".join(tail)}
+
+
+def median_of(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def agreement(tokens: list[int], reference: list[int]) -> int:
+    """How many leading tokens two greedy generations share."""
+    n = 0
+    while n < min(len(tokens), len(reference)) and tokens[n] == reference[n]:
+        n += 1
+    return n
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Medians per engine over its successful rounds."""
+    reference = next((r["tokens"] for r in runs.get("transformers", []) if "tokens" in r), None)
+    summary = {}
+    for engine, results in runs.items():
+        ok = [r for r in results if "error" not in r]
+        if not ok:
+            continue
+        summary[engine] = {
+            "prefill_tok_s": median_of(ok, "prefill_tok_s"), "decode_tok_s": median_of(ok, "decode_tok_s"),
+            "load_s": median_of(ok, "load_s"), "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ok),
+            "rounds": len(ok),
+            "agree_with_transformers": agreement(ok[0]["tokens"], reference) if reference is not None else None,
+        }
+    return summary
+
+
+def ratios(summary: dict[str, dict]) -> dict[str, float]:
+    return {label: summary[num][metric] / summary[den][metric] for label, num, den, metric in RATIOS
+            if num in summary and den in summary}
+
+
+def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_values: dict[str, float]) -> None:
+    print(f"\n# {args.checkpoint.name}: prompt {args.prompt_tokens} tokens, decode {args.new_tokens} tokens, "
+          f"{args.threads} threads, offload dense {args.dense}, transformers {args.hf_dtype}, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"| engine | prefill tok/s | decode tok/s | load s | peak RSS GB | first tokens = transformers "
+          f"(of {min(AGREEMENT_TOKENS, args.new_tokens)}) |\n|---|---|---|---|---|---|")
+    for engine, s in summary.items():
+        agree = "-" if s["agree_with_transformers"] is None else s["agree_with_transformers"]
+        print(f"| {engine} | {s['prefill_tok_s']:.1f} | {s['decode_tok_s']:.2f} | {s['load_s']:.2f} | "
+              f"{s['peak_rss_bytes'] / 1e9:.2f} | {agree} |")
+    if ratio_values:
+        print("\n| ratio | value |\n|---|---|")
+        for label, value in ratio_values.items():
+            print(f"| {label} | {value:.2f}x |")
+
+
+def environment() -> dict:
+    versions = {}
+    for package in ("torch", "transformers", "llama-cpp-python", "gguf", "numba"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "versions": versions}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="Hugging Face Mixtral folder (config.json + safetensors)")
+    parser.add_argument("--engines", default=None, help=f"comma list of {', '.join(ALL_ENGINES)} "
+                        "(default: all available but llama.cpp-f16)")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="of the random prompt")
+    parser.add_argument("--dense", default="int8", choices=["bf16", "int8", "int4", "None"],
+                        help="offload's dense format (None: offload's default)")
+    parser.add_argument("--offload-dtype", default="auto", help="offload.load dtype= (auto: float32 on the CPU)")
+    parser.add_argument("--offload-store", type=Path, default=None, help="a pre-quantized offload store to add")
+    parser.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--gguf-dir", type=Path, default=None, help="where the GGUF files are cached "
+                        "(default: CHECKPOINT-gguf beside the checkpoint)")
+    parser.add_argument("--gguf-dense", default=None, choices=["f16", "q8_0", "q4_0"],
+                        help="GGUF format of the non-expert matrices (default: as the experts)")
+    parser.add_argument("--json", type=Path, default=None, help="write every round and the summary here")
+    parser.add_argument("--worker", default=None, choices=ALL_ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.dense = None if args.dense == "None" else args.dense
+    args.gguf_dir = args.gguf_dir or args.checkpoint.parent / f"{args.checkpoint.name}-gguf"
+    args.engines_given = args.engines is not None
+    args.engines = args.engines.split(",") if args.engines else list(DEFAULT_ENGINES)
+    unknown = sorted(set(args.engines) - set(ALL_ENGINES))
+    if unknown:
+        parser.error(f"unknown engines {unknown}; choose from {', '.join(ALL_ENGINES)}")
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: decode speed needs a decode step")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return
+    engines = available_engines(args)
+    export_seconds = export_ggufs(args, engines)
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    for round_index in range(args.rounds):  # interleaved: every engine once per round
+        for engine in engines:
+            result = run_worker(args, engine)
+            runs[engine].append(result)
+            status = result.get("error") or (f"prefill {result['prefill_tok_s']:.1f} tok/s, "
+                                             f"decode {result['decode_tok_s']:.2f} tok/s")
+            print(f"round {round_index + 1}/{args.rounds} {engine}: {status}", flush=True)
+            for note in result.get("notes", []) if round_index == 0 else []:
+                print(f"  note: {note}")
+    summary = summarize(runs)
+    ratio_values = ratios(summary)
+    print_report(args, summary, ratio_values)
+    if args.json:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                    if k not in ("worker", "engines_given")}
+        args.json.write_text(json.dumps({"settings": settings, "environment": environment(),
+                                         "gguf_export_seconds": export_seconds, "runs": runs, "summary": summary,
+                                         "ratios": ratio_values}, indent=1))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,558 @@
+"""Synthetic checkpoints with the shapes of real MoE models and random weights, written one layer at a time.
+
+    python tools/make_checkpoint.py qwen3-30b-a3b /data/qwen3-int4 --experts-format int4 --dense bf16
+    python tools/make_checkpoint.py mixtral-8x7b /data/mixtral-hf --hf
+    python tools/make_checkpoint.py deepseek-v3 /tmp/dsv3-4 --layers 4 --skew 4
+
+SHAPE is one of SHAPES: the model's own config.json (architecture values as published on the Hugging Face hub,
+without quantization_config / auto_map: the weights here are bf16). `--layers N` keeps the first N decoder layers.
+
+Two outputs, both streamed one shard (one decoder layer) at a time, each shard written to a temporary name and
+renamed when complete:
+
+- `--hf`: a Hugging Face bf16 folder (config.json, generation_config.json, model-0000k-of-0000n.safetensors,
+  model.safetensors.index.json). Each shard's safetensors header is written from the shapes first and then every
+  tensor in chunks, so memory stays at one chunk (8 MB), not one layer.
+- default: offload's pre-quantized store (offload.weights.store.write_store) in `--experts-format` /
+  `--dense`: no bf16 copy of the model is ever written. Memory: one layer's packed weights (plus, for the last
+  shard, the bf16 embedding and LM head).
+
+Both modes resume an interrupted run from its finished shards when run again with the same arguments.
+
+Both modes take the tensor names, shapes and shard grouping from offload's own loader (store.tensor_roles and
+store.shard_roles), and every value from `Values`: deterministic per tensor NAME (a generator seeded with
+the CRC-32 of "SEED:NAME"), so the order of writing does not matter, both modes hold identical bf16 values
+(a store equals `offload.load(hf_folder, experts=F, dense=D)` bit for bit) and two runs write identical files
+(store shards: identical up to the order of the keys in the safetensors header's __metadata__, which the
+safetensors library writes in hash-map order).
+Rules as offload/synthetic.py: ones for norm weights, zeros for biases and e_score_correction_bias, N(0, std)
+(torch's normal_ straight into bfloat16) for everything else.
+
+`--skew S` makes routing realistic as offload/synthetic.skew_routing does, computed from the seed alone: a unit
+direction u (seeded) is added to every embedding row (2 * std * sqrt(H) * u); the router of MoE layer L is
+c * router(L-1) + sqrt(1 - c^2) * noise(L) (c = 0.8, noise(L) being the plain random router of that name),
+plus, per expert, skew * std * (1 - rank/E)^2 * u, where the hotness ranks of layer L are those of layer L-1
+with each expert's rank released with probability 1 - c and the released ranks shuffled among themselves
+(seeded per layer). Layer L's router depends only on the seed and layers <= L, so `--layers N` keeps the first
+N routers of the full model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from offload.arch import architecture  # noqa: E402
+from offload.weights.store import (  # noqa: E402
+    DENSE_FORMATS, EXPERT_FORMATS, TensorRole, shard_file, shard_roles, tensor_roles, write_store)
+
+CHUNK = 1 << 22  # values generated (and written) per step: 8 MB of bf16
+INDEX_FILE = "model.safetensors.index.json"
+PROGRESS_FILE = ".make_checkpoint.json"  # in an unfinished --hf folder: the options it was started with
+LAYER_CORRELATION = 0.8
+
+# --- shapes: the published config.json of each model ----------------------------------------------------------
+
+MIXTRAL_8X7B: dict[str, Any] = {  # mistralai/Mixtral-8x7B-v0.1
+    "architectures": ["MixtralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mixtral",
+    "num_attention_heads": 32,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+
+# The Mixtral-shaped 4.7 B model of /work/shared/notes/baselines.md (not a published model).
+MIXTRAL_4_7B: dict[str, Any] = {**MIXTRAL_8X7B, "hidden_size": 2048, "num_hidden_layers": 16,
+                                "intermediate_size": 5632}
+
+QWEN3_30B_A3B: dict[str, Any] = {  # Qwen/Qwen3-30B-A3B
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "decoder_sparse_step": 1,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "mlp_only_layers": [],
+    "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+DEEPSEEK_V2_LITE: dict[str, Any] = {  # deepseek-ai/DeepSeek-V2-Lite
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 10944,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "model_type": "deepseek_v2",
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_group": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 27,
+    "num_key_value_heads": 16,
+    "pretraining_tp": 1,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "topk_method": "greedy",
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "v_head_dim": 128,
+    "vocab_size": 102400,
+}
+
+DEEPSEEK_V3: dict[str, Any] = {  # deepseek-ai/DeepSeek-V3 (its fp8 quantization_config dropped: weights are bf16)
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "ep_size": 1,
+    "first_k_dense_replace": 3,
+    "hidden_act": "silu",
+    "hidden_size": 7168,
+    "initializer_range": 0.02,
+    "intermediate_size": 18432,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1,
+    "n_group": 8,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 61,
+    "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1,  # the MTP layer: offload skips it, and it is not written here
+    "pretraining_tp": 1,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "topk_group": 4,
+    "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+}
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "mixtral-8x7b": MIXTRAL_8X7B,
+    "mixtral-4.7b": MIXTRAL_4_7B,
+    "qwen3-30b-a3b": QWEN3_30B_A3B,
+    "deepseek-v2-lite": DEEPSEEK_V2_LITE,
+    "deepseek-v3": DEEPSEEK_V3,
+}
+
+
+def shape_config(shape: str, layers: int | None = None) -> dict[str, Any]:
+    """The config.json of SHAPE, keeping the first `layers` decoder layers when given."""
+    if shape not in SHAPES:
+        raise SystemExit(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    cfg = copy.deepcopy(SHAPES[shape])
+    return cfg if layers is None else truncate_layers(cfg, layers)
+
+
+def truncate_layers(cfg: dict[str, Any], n: int) -> dict[str, Any]:
+    """cfg with its first n decoder layers. DeepSeek's leading dense layers shrink to at most n - 1, so a
+    truncated model still has an MoE layer (n = 1: the one layer is MoE)."""
+    if n < 1:
+        raise SystemExit(f"--layers must be at least 1, got {n}")
+    full = cfg["num_hidden_layers"]
+    if n >= full:
+        return cfg
+    cfg = dict(cfg, num_hidden_layers=n)
+    if "first_k_dense_replace" in cfg:
+        cfg["first_k_dense_replace"] = min(cfg["first_k_dense_replace"], n - 1)
+    if "max_window_layers" in cfg:
+        cfg["max_window_layers"] = min(cfg["max_window_layers"], n)
+    if cfg.get("mlp_only_layers"):
+        cfg["mlp_only_layers"] = [i for i in cfg["mlp_only_layers"] if i < n]
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = cfg["layer_types"][:n]
+    return cfg
+
+
+# --- values ----------------------------------------------------------------------------------------------------
+
+def name_seed(seed: int, name: str) -> int:
+    """A generator seed from the run's seed and a stable hash of the tensor name. 32 bits, because torch's CPU
+    generator (mt19937) only uses the low 32 bits of its seed: among DeepSeek-V3's ~47k tensors two may share
+    a seed (p ~ 0.25), i.e. hold identical values — harmless for a synthetic model."""
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+class Values:
+    """Every tensor of a synthetic checkpoint, deterministic per name: `chunks(name, shape)` yields its values as
+    bfloat16 blocks of whole leading-dimension rows (flattened), `tensor(name, shape)` the whole tensor."""
+
+    def __init__(self, hf_config: dict[str, Any], seed: int = 0, std: float = 0.02, skew: float = 0.0,
+                 correlation: float = LAYER_CORRELATION):
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        arch = architecture(hf_config.get("model_type"))
+        cfg = arch.config_from_hf(hf_config)
+        self.seed, self.std, self.skew, self.correlation = seed, std, skew, correlation
+        self.hidden = cfg.hidden_size
+        self.moe_layers = [i for i, sparse in enumerate(cfg.moe_layers) if sparse]
+        self.routers = {f"model.layers.{i}.{arch.names.moe}.gate.weight": i for i in self.moe_layers}
+        self._u: torch.Tensor | None = None
+        self._chain: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, router before hotness, ranks)
+
+    # plain random values
+    def _generator(self, name: str) -> torch.Generator:
+        return torch.Generator().manual_seed(name_seed(self.seed, name))
+
+    def _plain_chunks(self, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+        numel = math.prod(shape)
+        row = numel // shape[0] if len(shape) > 1 and shape[0] else numel
+        step = max(1, CHUNK // max(row, 1)) * row
+        if name.endswith("norm.weight") or name.endswith(".bias") or name.endswith("e_score_correction_bias"):
+            fill = 1.0 if name.endswith("norm.weight") else 0.0
+            for start in range(0, numel, step):
+                yield torch.full((min(step, numel - start),), fill, dtype=torch.bfloat16)
+            return
+        generator = self._generator(name)
+        for start in range(0, numel, step):
+            yield torch.empty(min(step, numel - start), dtype=torch.bfloat16).normal_(0.0, self.std,
+                                                                                         generator=generator)
+
+    def chunks(self, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+        shape = tuple(shape)
+        if self.skew > 0 and name in self.routers:
+            yield self._router(self.routers[name], shape).to(torch.bfloat16).flatten()
+        elif self.skew > 0 and name == "model.embed_tokens.weight":
+            shift = 2 * self.std * self.hidden**0.5 * self.direction()
+            for block in self._plain_chunks(name, shape):
+                yield (block.float().view(-1, self.hidden) + shift).to(torch.bfloat16).flatten()
+        else:
+            yield from self._plain_chunks(name, shape)
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        out = torch.empty(math.prod(shape), dtype=torch.bfloat16)
+        start = 0
+        for block in self.chunks(name, shape):
+            out[start : start + block.numel()] = block
+            start += block.numel()
+        return out.view(shape)
+
+    # skewed routing
+    def direction(self) -> torch.Tensor:
+        """The unit direction shared by every embedding row (float32 [H])."""
+        if self._u is None:
+            u = torch.randn(self.hidden, generator=self._generator("skew.direction"))
+            self._u = u / u.norm()
+        return self._u
+
+    def _noise(self, layer: int, shape: tuple[int, ...]) -> torch.Tensor:
+        name = next(n for n, i in self.routers.items() if i == layer)
+        return torch.cat(list(self._plain_chunks(name, shape))).view(shape).float()
+
+    def _router(self, layer: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The skewed router of MoE layer `layer` (float32 [E, H]), walking the chain of MoE layers from the
+        first one (or from the last layer computed, which is the previous one when writing in order)."""
+        E = shape[0]
+        c = self.correlation
+        if self._chain is None or self._chain[0] > layer:
+            self._chain = None
+        for i in self.moe_layers:
+            if i > layer:
+                break
+            if self._chain is not None and i <= self._chain[0]:
+                continue
+            generator = self._generator(f"skew.order.{i}")
+            noise = self._noise(i, shape)
+            if self._chain is None:
+                router, ranks = noise, torch.randperm(E, generator=generator)
+            else:
+                _, previous, ranks = self._chain
+                router = c * previous + (1 - c**2) ** 0.5 * noise
+                released = (torch.rand(E, generator=generator) >= c).nonzero().flatten()
+                ranks = ranks.clone()
+                ranks[released] = ranks[released][torch.randperm(len(released), generator=generator)]
+            self._chain = (i, router, ranks)
+        _, router, ranks = self._chain
+        hotness = self.skew * (1 - ranks.float() / E) ** 2  # per expert: skew for rank 0 .. ~0 for the coldest
+        return router + (hotness * self.std)[:, None] * self.direction()[None, :]
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+def hf_tensors(roles: list[TensorRole]) -> list[tuple[str, tuple[int, ...]]]:
+    """The (name, shape) a Hugging Face checkpoint stores for these roles: per-expert matrices, no tied head."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for role in roles:
+        if role.kind == "plain":
+            out.append((role.name, role.shape))
+        elif role.kind == "linear":
+            if role.sources == (role.name,):
+                out.append((role.name, role.shape))
+        else:
+            out.extend((source, role.shape[1:]) for source in role.sources)
+    return out
+
+
+def parameter_count(roles: list[TensorRole]) -> int:
+    return sum(math.prod(shape) for _, shape in hf_tensors(roles))
+
+
+def safetensors_header(tensors: list[tuple[str, tuple[int, ...]]]) -> tuple[bytes, int]:
+    """The header (length prefix included) of a bf16 safetensors file holding `tensors` in order, and the bytes
+    of data that follow it."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors:
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, offset
+
+
+def write_streaming_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]],
+                                chunks: Callable[[str, tuple[int, ...]], Iterator[torch.Tensor]]) -> int:
+    """A bf16 safetensors file written header first, then each tensor chunk by chunk (to PATH.tmp, renamed when
+    complete). Returns the bytes of tensor data."""
+    header, size = safetensors_header(tensors)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        for name, shape in tensors:
+            written = 0
+            for block in chunks(name, shape):
+                data = block.contiguous().view(torch.int16).numpy().tobytes()
+                f.write(data)
+                written += len(data)
+            if written != 2 * math.prod(shape):
+                raise RuntimeError(f"{name}: wrote {written} bytes, expected {2 * math.prod(shape)}")
+    os.replace(tmp, path)
+    return size
+
+
+def finished_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]]) -> bool:
+    """Whether `path` is the complete file write_streaming_safetensors writes for `tensors` (same header, same
+    size): a shard an interrupted run finished."""
+    header, size = safetensors_header(tensors)
+    if not path.exists() or path.stat().st_size != len(header) + size:
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(header)) == header
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _generation_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    return {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config.get(k) is not None}
+
+
+def _bf16_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """hf_config saying bfloat16 in whichever spelling it uses (`dtype`, else the hub's `torch_dtype`)."""
+    return {**hf_config, ("dtype" if "dtype" in hf_config else "torch_dtype"): "bfloat16"}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _start_or_resume_hf(out: Path, options: dict[str, Any]) -> bool:
+    """Start an HF folder, or resume one an interrupted run started with the same options. True when resuming."""
+    marker = out / PROGRESS_FILE
+    options = json.loads(json.dumps(options))  # as read back (tuples become lists)
+    if out.exists() and any(out.iterdir()):
+        if marker.exists() and json.loads(marker.read_text()) == options:
+            return True
+        raise SystemExit(f"{out} is not empty (and not an unfinished folder written with the same options); "
+                         "choose an empty or new output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(marker, options)
+    return False
+
+
+def write_hf(out: str | Path, hf_config: dict[str, Any], seed: int = 0, std: float = 0.02, skew: float = 0.0,
+             log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """A Hugging Face bf16 checkpoint folder for hf_config, one shard per decoder layer plus one for the rest.
+    An interrupted run resumes from its finished shards when run again with the same arguments.
+    Returns a summary: bytes, parameters, seconds."""
+    out = Path(out).expanduser()
+    t0 = time.perf_counter()
+    config = _bf16_config(hf_config)
+    _start_or_resume_hf(out, {"config": config, "seed": seed, "std": std, "skew": skew})
+    values = Values(hf_config, seed, std, skew)
+    roles = tensor_roles(hf_config)
+    shards = shard_roles(roles, int(hf_config["num_hidden_layers"]))
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", _generation_config(hf_config))
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, shard in enumerate(shards):
+        name = shard_file(k, len(shards))
+        tensors = hf_tensors(shard)
+        kept = finished_safetensors(out / name, tensors)
+        total += safetensors_header(tensors)[1] if kept else write_streaming_safetensors(out / name, tensors,
+                                                                                          values.chunks)
+        weight_map.update(dict.fromkeys((t for t, _ in tensors), name))
+        if log:
+            log(f"[{k + 1}/{len(shards)}] {name}  {_gb((out / name).stat().st_size)}  total {_gb(total)}  "
+                f"{time.perf_counter() - t0:.1f} s{'  (kept from an earlier run)' if kept else ''}")
+    _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    (out / PROGRESS_FILE).unlink()
+    return _summary(out, roles, t0)
+
+
+def write_quantized(out: str | Path, hf_config: dict[str, Any], experts: str = "int8", dense: str = "bf16",
+                    seed: int = 0, std: float = 0.02, skew: float = 0.0, label: str = "",
+                    log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """offload's pre-quantized store for hf_config (store.write_store reading from `Values`): experts and dense
+    matrices packed from exactly the bf16 values write_hf writes for the same seed. Resumes an unfinished one."""
+    out = Path(out).expanduser()
+    t0 = time.perf_counter()
+    values = Values(hf_config, seed, std, skew)
+    written = [0]
+
+    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return values.tensor(name, shape)
+
+    def on_shard(done: int, total: int, file_name: str, resumed: bool) -> None:
+        written[0] += (out / file_name).stat().st_size
+        if log:
+            log(f"[{done}/{total}] {file_name}  {_gb((out / file_name).stat().st_size)}  total {_gb(written[0])}  "
+                f"{time.perf_counter() - t0:.1f} s{'  (kept from an earlier run)' if resumed else ''}")
+
+    source = label or f"synthetic {hf_config.get('model_type')} seed={seed} std={std} skew={skew}"
+    write_store(out, _bf16_config(hf_config), read, experts=experts, dense=dense,
+                source_label=source, on_shard=on_shard)
+    _write_json(out / "generation_config.json", _generation_config(hf_config))
+    return _summary(out, tensor_roles(hf_config), t0)
+
+
+def _summary(out: Path, roles: list[TensorRole], t0: float) -> dict[str, Any]:
+    files = [p for p in out.iterdir() if p.is_file()]
+    return {"bytes": sum(p.stat().st_size for p in files), "parameters": parameter_count(roles),
+            "seconds": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", choices=sorted(SHAPES), metavar="SHAPE", help=", ".join(SHAPES))
+    parser.add_argument("out", type=Path, metavar="OUT", help="output folder (created; must be empty)")
+    parser.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers")
+    parser.add_argument("--hf", action="store_true", help="write a Hugging Face bf16 folder instead of a store")
+    parser.add_argument("--experts-format", choices=EXPERT_FORMATS, default="int8",
+                        help="store mode: packed format of the routed experts (default int8)")
+    parser.add_argument("--dense", choices=DENSE_FORMATS, default="bf16",
+                        help="store mode: packed format of the dense matrices (default bf16: kept as bf16)")
+    parser.add_argument("--skew", type=float, default=0.0, help="skewed routers (e.g. 4); 0: uniform routing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--std", type=float, default=0.02, help="standard deviation of the random weights")
+    args = parser.parse_args(argv)
+    cfg = shape_config(args.shape, args.layers)
+    layers = cfg["num_hidden_layers"]
+    what = "hf bf16" if args.hf else f"store experts={args.experts_format} dense={args.dense}"
+    print(f"{args.shape}: {layers} layers, {what}, seed {args.seed}, std {args.std}, skew {args.skew} -> {args.out}")
+    if args.hf:
+        summary = write_hf(args.out, cfg, args.seed, args.std, args.skew)
+    else:
+        label = f"synthetic {args.shape} layers={layers} seed={args.seed} std={args.std} skew={args.skew}"
+        summary = write_quantized(args.out, cfg, args.experts_format, args.dense, args.seed, args.std, args.skew,
+                                  label)
+    print(f"total {_gb(summary['bytes'])} ({summary['bytes']} bytes), {summary['parameters'] / 1e9:.3f} B "
+          f"parameters, {summary['seconds']:.1f} s")
+    print(f"done: {args.shape} ({layers} layers, {what}) in {args.out}: {_gb(summary['bytes'])}, "
+          f"{summary['parameters'] / 1e9:.2f} B parameters, {summary['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
