@@ -11,6 +11,7 @@ from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 from .placement import Plan, PlanError
+from .weights.store import convert
 
-__all__ = ["load", "plan", "Plan", "PlanError", "Model", "ModelConfig", "Generation", "GenerationStats", "SamplingParams", "OffloadError",
+__all__ = ["load", "plan", "convert", "Plan", "PlanError", "Model", "ModelConfig", "Generation", "GenerationStats", "SamplingParams", "OffloadError",
            "CheckpointError", "ContextLengthError", "__version__"]

@@ -149,26 +149,31 @@ MODEL_ARGUMENT = typer.Argument(..., metavar="MODEL", help="Hugging Face checkpo
 @app.command()
 @user_errors
 def demo(
-    prompt: str = typer.Option("Tell me about mixture-of-experts models.", help="The user message."),
-    max_new_tokens: int = typer.Option(48, help="Tokens to generate."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (greedy decoding of random weights repeats "
-                                                "one token)."),
+    prompt: str = typer.Option("What is a list comprehension?", help="The user message."),
+    max_new_tokens: int = typer.Option(96, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
+    experts: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
+        None, help="Run the routed experts on the CPU workers in this format."),
+    path: bool = typer.Option(False, "--path", help="Print the demo model's folder (e.g. for offload chat) and exit."),
 ) -> None:
-    """Build (once) and run the built-in demo model: a small MoE with RANDOM weights, so its text is gibberish."""
+    """Ask the built-in demo model a question: a small MoE trained on Python's documentation, shipped with offload
+    (no download). `offload chat "$(offload demo --path)"` talks to it."""
     from . import load
-    from .demo import demo_checkpoint
+    from .demo import demo_model
 
-    folder = demo_checkpoint()
-    err.print(f"[yellow]demo model at {folder}: random weights — the output is not meant to make sense; "
-              "it shows the whole pipeline running with no download.[/yellow]")
-    model = load(folder, device=device, max_context=1024)
-    err.print(f"[dim]{model.config.model_type}: {model.config.num_hidden_layers} layers, "
-              f"{model.config.router.num_experts} experts top-{model.config.router.top_k}, on {model.device}[/dim]")
-    out.print(f"[bold]user:[/bold] {prompt}\n[bold]assistant:[/bold] ", end="")
+    folder = demo_model()
+    if path:
+        out.print(str(folder), markup=False)
+        return
+    model = load(folder, device=device, max_context=1024, experts=experts)
+    err.print(f"[dim]demo model: {model.config.model_type}, {model.config.num_hidden_layers} layers, "
+              f"{model.config.router.num_experts} experts top-{model.config.router.top_k}, trained on Python's "
+              f"documentation; on {model.device}[/dim]")
+    out.print(f"[bold]user:[/bold] {escape(prompt)}\n[bold]assistant:[/bold] ", end="")
     _print_stream(model.chat_stream([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_k=50, seed=seed, ignore_eos=True))
+                                    temperature=temperature, top_k=40, repetition_penalty=1.3, seed=seed))
 
 
 @app.command()

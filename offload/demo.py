@@ -1,5 +1,9 @@
-"""The built-in demo: a small MoE checkpoint with RANDOM weights, built once and cached, so offload runs with
-no download. Its output is gibberish by construction; it shows the pipeline, not a language model."""
+"""The built-in demo model, and a random-weight checkpoint for tests and benchmarks.
+
+`demo_model()` is the small Qwen3-MoE trained on Python's documentation that ships inside the package
+(offload/demo_model/, made by tools/train_demo_model.py): `offload demo` runs it with no download.
+`random_demo_checkpoint()` builds a toy MoE with RANDOM weights once and caches it: its output is gibberish by
+construction; tests use it where any small checkpoint will do."""
 from __future__ import annotations
 
 import os
@@ -8,13 +12,15 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
+from .errors import OffloadError
 from .synthetic import write_synthetic_checkpoint
 from .tokenizer import DEMO_SPECIAL_TOKENS, build_demo_tokenizer
 
+DEMO_MODEL = Path(__file__).parent / "demo_model"
 DEMO_VOCAB = 1024
 
 # Qwen3-MoE layout at a toy size: 4 layers, 16 experts, top-4.
-DEMO_CONFIG = {
+RANDOM_DEMO_CONFIG = {
     "architectures": ["Qwen3MoeForCausalLM"],
     "model_type": "qwen3_moe",
     "vocab_size": DEMO_VOCAB,
@@ -49,12 +55,20 @@ CORPUS = [
 ]
 
 
+def demo_model() -> Path:
+    """The shipped demo checkpoint folder."""
+    if not (DEMO_MODEL / "model.safetensors").exists():
+        raise OffloadError(f"the built-in demo model is missing from {DEMO_MODEL}; reinstall offload, or rebuild "
+                           "it with python tools/train_demo_model.py --out offload/demo_model")
+    return DEMO_MODEL
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("OFFLOAD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "offload")
     return Path(base).expanduser()
 
 
-def demo_checkpoint(cache_dir: Path | None = None) -> Path:
+def random_demo_checkpoint(cache_dir: Path | None = None) -> Path:
     """The demo checkpoint folder, built on first use. Built in a temporary folder and renamed when complete,
     so an interrupted build never leaves a half-written checkpoint behind."""
     folder = (cache_dir or default_cache_dir()) / f"demo-random-moe-{__version__}"
@@ -64,7 +78,7 @@ def demo_checkpoint(cache_dir: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
     try:
         build_demo_tokenizer(CORPUS, DEMO_VOCAB, staging)
-        write_synthetic_checkpoint(staging, DEMO_CONFIG, std=0.06, seed=0)
+        write_synthetic_checkpoint(staging, RANDOM_DEMO_CONFIG, std=0.06, seed=0)
         staging.rename(folder)
     except FileExistsError:
         pass  # another process finished first; its copy is complete

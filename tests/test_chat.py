@@ -10,7 +10,7 @@ from rich.console import Console
 import offload
 from offload.chat import ChatLoop, ChatSession, Command, MessageReader, parse_command, stats_line, turns_to_drop
 from offload.files import write_json_atomic
-from offload.demo import demo_checkpoint
+from offload.demo import random_demo_checkpoint
 from offload.errors import ContextLengthError, OffloadError
 from offload.generate import Generation, GenerationStats
 
@@ -141,7 +141,7 @@ def test_stats_line_names_tokens_speed_and_finish():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return offload.load(demo_checkpoint(tmp_path_factory.mktemp("cache")), device="cpu", max_context=256)
+    return offload.load(random_demo_checkpoint(tmp_path_factory.mktemp("cache")), device="cpu", max_context=256)
 
 
 class Script:
@@ -247,7 +247,7 @@ def test_control_characters_in_a_reply_are_not_sent_to_the_terminal(model, monke
 def test_plan_command_shows_the_placement(tmp_path):
     from offload.chat import placement_summary
 
-    folder = demo_checkpoint(tmp_path)
+    folder = random_demo_checkpoint(tmp_path)
     planned = offload.load(folder, device="cpu", gpu_memory="9MiB", max_context=512)
     assert "experts pinned" in placement_summary(planned) and "as bf16" in placement_summary(planned)
     on_cpu = offload.load(folder, device="cpu", experts="int8", max_context=512)

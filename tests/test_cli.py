@@ -20,7 +20,7 @@ import offload
 import offload.chat as chat_module
 from offload.arch import config_from_hf
 from offload.cli import LoadOptions, app, with_load_options
-from offload.demo import DEMO_CONFIG, demo_checkpoint
+from offload.demo import RANDOM_DEMO_CONFIG, random_demo_checkpoint
 from offload.errors import CheckpointError
 from offload.inspect import param_counts
 from offload.weights.checkpoint import Checkpoint
@@ -29,7 +29,7 @@ from tiny_models import VARIANTS
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
-    return demo_checkpoint(tmp_path_factory.mktemp("cache"))
+    return random_demo_checkpoint(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +263,7 @@ def test_inspect_demo_checkpoint_has_a_chat_template(demo_dir):
                                    "chat_template": True}
     assert report["attention"] == {"kind": "GQA", "heads": 8, "kv_heads": 2, "head_dim": 32, "qk_norm": "head",
                                    "sliding_window": None}
-    assert report["experts"]["routed"] == DEMO_CONFIG["num_experts"] and report["layers"]["moe"] == 4
+    assert report["experts"]["routed"] == RANDOM_DEMO_CONFIG["num_experts"] and report["layers"]["moe"] == 4
 
 
 # --- bench ---
@@ -302,7 +302,7 @@ def bad_checkpoints(demo_dir: Path, root: Path) -> dict[str, tuple[Path, str]]:
         f.truncate(1000)
     llama = root / "llama"
     shutil.copytree(demo_dir, llama)
-    (llama / "config.json").write_text(json.dumps({**DEMO_CONFIG, "model_type": "llama"}))
+    (llama / "config.json").write_text(json.dumps({**RANDOM_DEMO_CONFIG, "model_type": "llama"}))
     corrupt_json = root / "corrupt_json"
     shutil.copytree(demo_dir, corrupt_json)
     (corrupt_json / "config.json").write_text("{not json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from offload.arch import architecture
-from offload.demo import DEMO_CONFIG
+from offload.demo import RANDOM_DEMO_CONFIG
 from offload.placement.budget import parse_bytes
 from offload.placement.inventory import inventory, kv_cache_bytes
 from offload.placement.planner import Plan, PlanError, PlanRequest, make_plan
@@ -15,7 +15,7 @@ MiB = 2**20
 
 def demo_inventory():
     arch = architecture("qwen3_moe")
-    cfg = arch.config_from_hf(DEMO_CONFIG)
+    cfg = arch.config_from_hf(RANDOM_DEMO_CONFIG)
     return cfg, inventory(cfg, arch.names)
 
 
@@ -29,7 +29,7 @@ def test_inventory_counts_every_parameter_once():
     from offload.synthetic import random_tensors
 
     cfg, inv = demo_inventory()
-    total = sum(t.numel() for t in random_tensors(DEMO_CONFIG).values())
+    total = sum(t.numel() for t in random_tensors(RANDOM_DEMO_CONFIG).values())
     experts = inv.expert_params * inv.num_experts * len(inv.moe_layers)
     assert sum(inv.params.values()) + experts == total
     assert inv.expert_params == 3 * 256 * 128

@@ -13,7 +13,7 @@ import offload
 import offload.synthetic
 from offload import profiling
 from offload.cli import app
-from offload.demo import demo_checkpoint
+from offload.demo import random_demo_checkpoint
 from offload.errors import OffloadError
 from offload.experts.cost import CostModel
 from offload.experts.hybrid import ExpertSizes
@@ -66,7 +66,7 @@ def skewed_profile(skewed) -> profiling.Profile:
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
-    return demo_checkpoint(tmp_path_factory.mktemp("cache"))
+    return random_demo_checkpoint(tmp_path_factory.mktemp("cache"))
 
 
 def invoke(*args):

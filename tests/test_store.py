@@ -53,9 +53,9 @@ def test_store_keeps_packed_arrays_memory_mapped(checkpoint_dir, tmp_path):
 
 
 def test_convert_copies_tokenizer_and_loads_for_chat(tmp_path):
-    from offload.demo import demo_checkpoint
+    from offload.demo import random_demo_checkpoint
 
-    source = demo_checkpoint(tmp_path / "cache")
+    source = random_demo_checkpoint(tmp_path / "cache")
     store = convert(source, tmp_path / "store", "int8", "int8")
     assert (store / "tokenizer.json").exists() and (store / "tokenizer_config.json").exists()
     reply = offload.load(store, device="cpu").chat([{"role": "user", "content": "hi"}], max_new_tokens=4)
