@@ -88,7 +88,7 @@ def main() -> None:
     for prompt in prompts:
         ids = model.chat_prompt([{"role": "user", "content": prompt}])
         sequences.append(ids + model.generate(ids, max_new_tokens=args.new).token_ids)
-    E = hf_config["num_experts"]
+    E = model.config.router.num_experts
     print(f"\nrouting entropy over {sum(map(len, sequences))} tokens (bits; uniform over {E} experts = "
           f"{math.log2(E):.2f})")
     print("| layer | per-token router entropy | usage-histogram entropy |")

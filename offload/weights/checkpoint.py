@@ -169,6 +169,12 @@ class Checkpoint:
         nbytes = info.nbytes
         return whole[info.offset: info.offset + nbytes].view(dtype).reshape(info.shape)
 
+    def release(self) -> None:
+        """Close the open files and memory maps (tensors already handed out stay valid): a streaming reader
+        calls it between layers so the pages it has read stop counting towards its resident memory."""
+        self._handles.clear()
+        self._maps.clear()
+
     def nbytes(self) -> int:
         """Tensor bytes in the checkpoint files."""
         return sum(info.nbytes for info in self.tensors.values())

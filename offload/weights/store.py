@@ -338,5 +338,10 @@ def convert(source: str | Path, out: str | Path, experts: str, dense: str = "bf1
                                   f"implies {list(shape)}")
         return checkpoint.read(name)
 
+    def shard_done(done: int, total: int, name: str, resumed: bool) -> None:
+        checkpoint.release()  # memory stays at about one layer: drop the source pages read for this shard
+        if on_shard is not None:
+            on_shard(done, total, name, resumed)
+
     return write_store(out, checkpoint.config_json, read, experts, dense, copy_from=checkpoint.folder,
-                       source_label=str(checkpoint.folder.resolve()), on_shard=on_shard)
+                       source_label=str(checkpoint.folder.resolve()), on_shard=shard_done)
