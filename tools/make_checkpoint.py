@@ -2,7 +2,7 @@
 
     python tools/make_checkpoint.py qwen3-30b-a3b /data/qwen3-int4 --experts-format int4 --dense bf16
     python tools/make_checkpoint.py mixtral-8x7b /data/mixtral-hf --hf
-    python tools/make_checkpoint.py deepseek-v3 /tmp/dsv3-4 --layers 4 --skew 4
+    python tools/make_checkpoint.py deepseek-v3 /tmp/dsv3-4 --layers 4 --embed-std 1 --out-std 0.002 --skew 1
 
 SHAPE is one of SHAPES: the model's own config.json (architecture values as published on the Hugging Face hub,
 without quantization_config / auto_map: the weights here are bf16). `--layers N` keeps the first N decoder layers.
@@ -26,15 +26,37 @@ the CRC-32 of "SEED:NAME"), so the order of writing does not matter, both modes 
 (store shards: identical up to the order of the keys in the safetensors header's __metadata__, which the
 safetensors library writes in hash-map order).
 Rules as offload/synthetic.py: ones for norm weights, zeros for biases and e_score_correction_bias, N(0, std)
-(torch's normal_ straight into bfloat16) for everything else.
+(torch's normal_ straight into bfloat16) for everything else; except that the embedding may have its own
+`--embed-std` and the matrices that write into the residual stream (o_proj, down_proj / w2) their own `--out-std`
+(both default to `--std`).
 
-`--skew S` makes routing realistic as offload/synthetic.skew_routing does, computed from the seed alone: a unit
-direction u (seeded) is added to every embedding row (2 * std * sqrt(H) * u); the router of MoE layer L is
-c * router(L-1) + sqrt(1 - c^2) * noise(L) (c = 0.8, noise(L) being the plain random router of that name),
-plus, per expert, skew * std * (1 - rank/E)^2 * u, where the hotness ranks of layer L are those of layer L-1
-with each expert's rank released with probability 1 - c and the released ranks shuffled among themselves
-(seeded per layer). Layer L's router depends only on the seed and layers <= L, so `--layers N` keeps the first
-N routers of the full model.
+Why those two: with every weight N(0, 0.02), a random model of real width is degenerate. Each Linear has a gain
+of about std * sqrt(fan_in) ~ 1, while the embedding rows are 0.02 * sqrt(H) long, so from the first layer on the
+residual stream is made of layer outputs, and attention (close to a running mean over positions) makes those
+nearly the same for every token: the routers then send almost every token to the same experts. Measured on
+Qwen3-30B-A3B shapes (offload, 512 random token ids, max/mean expert load per MoE layer, 16 = every token to the
+same 8 of 128): 6 at layer 0, 15 from layer 1 on, with no skew. A large embedding and small residual writes keep
+each token's identity in the stream at every depth: `--embed-std 1 --out-std 0.002` gives 1.3-1.6 at each of 10
+layers.
+
+`--skew S` makes routing skewed, computed from the seed alone: the router of MoE layer L is
+c * router(L-1) + sqrt(1 - c^2) * plain(L) (c = 0.8; plain(L) is the plain random router of that name), and then
+each expert's row is scaled by 1 + S * (1 - rank/E)^2 by its hotness rank: the hottest expert's scores spread
+1 + S times wider than the coldest's, so it wins a top-k place more often. The ranks of layer L are those of
+layer L-1 with each expert's rank released with probability 1 - c and the released ranks shuffled among
+themselves (seeded per layer). So neighbouring MoE layers share most of their router and hotness order (the next
+layer's router applied to the current hidden state predicts its choice, as in trained models); layer L's router
+depends only on the seed and layers <= L (`--layers N` keeps the first N routers of the full model); only the
+router tensors change.
+
+Measured (offload, 512 random token ids, `--embed-std 1 --out-std 0.002`, max/mean expert load per MoE layer):
+Qwen3-30B-A3B (10 layers) 1.3-1.6 at skew 0, 2.4-2.8 at skew 1; DeepSeek-V2-Lite (6 layers) 1.3-1.5 / 2.1-2.4 /
+2.6-2.8 at skew 0 / 1 / 2; Mixtral-4.7B (6 layers, 8 experts) 1.1 / 1.3 / 1.4-1.5.
+
+This differs from offload/synthetic.skew_routing, which adds a shared direction u to every embedding row
+(2 * std * sqrt(H) * u) and a hotness component along u to each router row: at real widths every token is then
+~80% the same vector, and through attention and the experts routing becomes nearly the same for every token at
+any skew > 0 (Qwen3-30B-A3B shapes, even with --embed-std 1 and skew 0.25: max/mean 10-13 of 16).
 """
 from __future__ import annotations
 
@@ -46,6 +68,7 @@ import os
 import sys
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -60,7 +83,11 @@ from offload.weights.store import (  # noqa: E402
 CHUNK = 1 << 22  # values generated (and written) per step: 8 MB of bf16
 INDEX_FILE = "model.safetensors.index.json"
 PROGRESS_FILE = ".make_checkpoint.json"  # in an unfinished --hf folder: the options it was started with
-LAYER_CORRELATION = 0.8
+LAYER_CORRELATION = 0.8  # --skew: share of the router and of the hotness ranks neighbouring MoE layers keep
+EMBEDDING = "model.embed_tokens.weight"
+RECOMMENDATION = ("For realistic routing (see the module docstring): --embed-std 1 --out-std 0.002, plus e.g. "
+                  "--skew 1 for hot experts.")
+OUTPUTS = (".o_proj.weight", ".down_proj.weight", ".w2.weight")  # the matrices that write into the residual stream
 
 # --- shapes: the published config.json of each model ----------------------------------------------------------
 
@@ -274,16 +301,17 @@ class Values:
     bfloat16 blocks of whole leading-dimension rows (flattened), `tensor(name, shape)` the whole tensor."""
 
     def __init__(self, hf_config: dict[str, Any], seed: int = 0, std: float = 0.02, skew: float = 0.0,
+                 embed_std: float | None = None, out_std: float | None = None,
                  correlation: float = LAYER_CORRELATION):
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
         arch = architecture(hf_config.get("model_type"))
         cfg = arch.config_from_hf(hf_config)
         self.seed, self.std, self.skew, self.correlation = seed, std, skew, correlation
-        self.hidden = cfg.hidden_size
+        self.embed_std = std if embed_std is None else embed_std
+        self.out_std = std if out_std is None else out_std
         self.moe_layers = [i for i, sparse in enumerate(cfg.moe_layers) if sparse]
         self.routers = {f"model.layers.{i}.{arch.names.moe}.gate.weight": i for i in self.moe_layers}
-        self._u: torch.Tensor | None = None
         self._chain: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, router before hotness, ranks)
 
     # plain random values
@@ -294,44 +322,39 @@ class Values:
         numel = math.prod(shape)
         row = numel // shape[0] if len(shape) > 1 and shape[0] else numel
         step = max(1, CHUNK // max(row, 1)) * row
-        if name.endswith("norm.weight") or name.endswith(".bias") or name.endswith("e_score_correction_bias"):
+        if name.endswith(("norm.weight", ".bias", "e_score_correction_bias")):
             fill = 1.0 if name.endswith("norm.weight") else 0.0
             for start in range(0, numel, step):
                 yield torch.full((min(step, numel - start),), fill, dtype=torch.bfloat16)
             return
         generator = self._generator(name)
+        scale = self.embed_std if name == EMBEDDING else self.out_std if name.endswith(OUTPUTS) else self.std
         for start in range(0, numel, step):
-            yield torch.empty(min(step, numel - start), dtype=torch.bfloat16).normal_(0.0, self.std,
+            yield torch.empty(min(step, numel - start), dtype=torch.bfloat16).normal_(0.0, scale,
                                                                                          generator=generator)
 
     def chunks(self, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
         shape = tuple(shape)
         if self.skew > 0 and name in self.routers:
             yield self._router(self.routers[name], shape).to(torch.bfloat16).flatten()
-        elif self.skew > 0 and name == "model.embed_tokens.weight":
-            shift = 2 * self.std * self.hidden**0.5 * self.direction()
-            for block in self._plain_chunks(name, shape):
-                yield (block.float().view(-1, self.hidden) + shift).to(torch.bfloat16).flatten()
         else:
             yield from self._plain_chunks(name, shape)
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        blocks = self.chunks(name, shape)
+        first = next(blocks)
+        if first.numel() == math.prod(shape):
+            return first.view(shape)
         out = torch.empty(math.prod(shape), dtype=torch.bfloat16)
-        start = 0
-        for block in self.chunks(name, shape):
+        out[: first.numel()] = first
+        start = first.numel()
+        for block in blocks:
             out[start : start + block.numel()] = block
             start += block.numel()
         return out.view(shape)
 
     # skewed routing
-    def direction(self) -> torch.Tensor:
-        """The unit direction shared by every embedding row (float32 [H])."""
-        if self._u is None:
-            u = torch.randn(self.hidden, generator=self._generator("skew.direction"))
-            self._u = u / u.norm()
-        return self._u
-
-    def _noise(self, layer: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def _plain(self, layer: int, shape: tuple[int, ...]) -> torch.Tensor:
         name = next(n for n, i in self.routers.items() if i == layer)
         return torch.cat(list(self._plain_chunks(name, shape))).view(shape).float()
 
@@ -348,19 +371,19 @@ class Values:
             if self._chain is not None and i <= self._chain[0]:
                 continue
             generator = self._generator(f"skew.order.{i}")
-            noise = self._noise(i, shape)
+            plain = self._plain(i, shape)
             if self._chain is None:
-                router, ranks = noise, torch.randperm(E, generator=generator)
+                router, ranks = plain, torch.randperm(E, generator=generator)
             else:
                 _, previous, ranks = self._chain
-                router = c * previous + (1 - c**2) ** 0.5 * noise
+                router = c * previous + (1 - c**2) ** 0.5 * plain
                 released = (torch.rand(E, generator=generator) >= c).nonzero().flatten()
                 ranks = ranks.clone()
                 ranks[released] = ranks[released][torch.randperm(len(released), generator=generator)]
             self._chain = (i, router, ranks)
         _, router, ranks = self._chain
-        hotness = self.skew * (1 - ranks.float() / E) ** 2  # per expert: skew for rank 0 .. ~0 for the coldest
-        return router + (hotness * self.std)[:, None] * self.direction()[None, :]
+        scale = 1 + self.skew * (1 - ranks.float() / E) ** 2  # per expert: 1 + skew for rank 0 .. ~1 for the coldest
+        return router * scale[:, None]
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
@@ -408,9 +431,9 @@ def write_streaming_safetensors(path: Path, tensors: list[tuple[str, tuple[int, 
         for name, shape in tensors:
             written = 0
             for block in chunks(name, shape):
-                data = block.contiguous().view(torch.int16).numpy().tobytes()
-                f.write(data)
-                written += len(data)
+                data = block.contiguous().view(torch.int16).numpy()
+                f.write(data.data)
+                written += data.nbytes
             if written != 2 * math.prod(shape):
                 raise RuntimeError(f"{name}: wrote {written} bytes, expected {2 * math.prod(shape)}")
     os.replace(tmp, path)
@@ -461,6 +484,7 @@ def _start_or_resume_hf(out: Path, options: dict[str, Any]) -> bool:
 
 
 def write_hf(out: str | Path, hf_config: dict[str, Any], seed: int = 0, std: float = 0.02, skew: float = 0.0,
+             embed_std: float | None = None, out_std: float | None = None,
              log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """A Hugging Face bf16 checkpoint folder for hf_config, one shard per decoder layer plus one for the rest.
     An interrupted run resumes from its finished shards when run again with the same arguments.
@@ -468,8 +492,9 @@ def write_hf(out: str | Path, hf_config: dict[str, Any], seed: int = 0, std: flo
     out = Path(out).expanduser()
     t0 = time.perf_counter()
     config = _bf16_config(hf_config)
-    _start_or_resume_hf(out, {"config": config, "seed": seed, "std": std, "skew": skew})
-    values = Values(hf_config, seed, std, skew)
+    _start_or_resume_hf(out, {"config": config, "seed": seed, "std": std, "skew": skew, "embed_std": embed_std,
+                              "out_std": out_std})
+    values = Values(hf_config, seed, std, skew, embed_std, out_std)
     roles = tensor_roles(hf_config)
     shards = shard_roles(roles, int(hf_config["num_hidden_layers"]))
     _write_json(out / "config.json", config)
@@ -492,17 +517,17 @@ def write_hf(out: str | Path, hf_config: dict[str, Any], seed: int = 0, std: flo
 
 
 def write_quantized(out: str | Path, hf_config: dict[str, Any], experts: str = "int8", dense: str = "bf16",
-                    seed: int = 0, std: float = 0.02, skew: float = 0.0, label: str = "",
+                    seed: int = 0, std: float = 0.02, skew: float = 0.0, embed_std: float | None = None,
+                    out_std: float | None = None, label: str = "",
                     log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """offload's pre-quantized store for hf_config (store.write_store reading from `Values`): experts and dense
     matrices packed from exactly the bf16 values write_hf writes for the same seed. Resumes an unfinished one."""
     out = Path(out).expanduser()
     t0 = time.perf_counter()
-    values = Values(hf_config, seed, std, skew)
+    roles = tensor_roles(hf_config)
+    order = store_read_order(roles, dense, int(hf_config["num_hidden_layers"]))
+    read = PrefetchingReader(Values(hf_config, seed, std, skew, embed_std, out_std), order)
     written = [0]
-
-    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return values.tensor(name, shape)
 
     def on_shard(done: int, total: int, file_name: str, resumed: bool) -> None:
         written[0] += (out / file_name).stat().st_size
@@ -510,11 +535,61 @@ def write_quantized(out: str | Path, hf_config: dict[str, Any], experts: str = "
             log(f"[{done}/{total}] {file_name}  {_gb((out / file_name).stat().st_size)}  total {_gb(written[0])}  "
                 f"{time.perf_counter() - t0:.1f} s{'  (kept from an earlier run)' if resumed else ''}")
 
-    source = label or f"synthetic {hf_config.get('model_type')} seed={seed} std={std} skew={skew}"
-    write_store(out, _bf16_config(hf_config), read, experts=experts, dense=dense,
-                source_label=source, on_shard=on_shard)
+    source = label or (f"synthetic {hf_config.get('model_type')} seed={seed} std={std} skew={skew} "
+                       f"embed_std={embed_std} out_std={out_std}")
+    try:
+        write_store(out, _bf16_config(hf_config), read, experts=experts, dense=dense, source_label=source,
+                    on_shard=on_shard)
+    finally:
+        read.close()
     _write_json(out / "generation_config.json", _generation_config(hf_config))
-    return _summary(out, tensor_roles(hf_config), t0)
+    return _summary(out, roles, t0)
+
+
+def store_read_order(roles: list[TensorRole], dense: str, num_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The (name, shape) write_store reads, in its order (shard by shard, store._write_shard's rules)."""
+    order: list[tuple[str, tuple[int, ...]]] = []
+    for role in (role for shard in shard_roles(roles, num_layers) for role in shard):
+        if role.kind == "plain":
+            order.append((role.name, role.shape))
+        elif role.kind == "linear":
+            if dense != "bf16" and role.quantize:
+                order.append((role.sources[0], role.shape))
+            elif role.sources == (role.name,):
+                order.append((role.name, role.shape))
+        else:
+            order.extend((source, role.shape[1:]) for source in role.sources)
+    return order
+
+
+class PrefetchingReader:
+    """write_store's read(name, shape): makes each tensor on one worker thread and, while the caller packs it,
+    already the next one in the expected order (generation is single-threaded torch, packing parallel Numba).
+    A request out of the expected order (e.g. after shards kept by a resumed run) is simply made on demand.
+    Values is only ever used from the worker thread."""
+
+    def __init__(self, values: Values, order: list[tuple[str, tuple[int, ...]]]):
+        self.values = values
+        self.next_of = {name: order[i + 1] for i, (name, _) in enumerate(order[:-1])}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="make_checkpoint")
+        self.pending: tuple[str, Future] | None = None
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.pending is not None and self.pending[0] == name:
+            future = self.pending[1]
+        else:
+            future = self.pool.submit(self.values.tensor, name, tuple(shape))
+        following = self.next_of.get(name)
+        self.pending = None if following is None else (following[0], self.pool.submit(self.values.tensor,
+                                                                                      *following))
+        tensor = future.result()
+        if tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"{name}: made shape {list(tensor.shape)}, write_store asked for {list(shape)}")
+        return tensor
+
+    def close(self) -> None:
+        self.pending = None
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _summary(out: Path, roles: list[TensorRole], t0: float) -> dict[str, Any]:
@@ -524,7 +599,7 @@ def _summary(out: Path, roles: list[TensorRole], t0: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RECOMMENDATION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", choices=sorted(SHAPES), metavar="SHAPE", help=", ".join(SHAPES))
     parser.add_argument("out", type=Path, metavar="OUT", help="output folder (created; must be empty)")
@@ -534,24 +609,32 @@ def main(argv: list[str] | None = None) -> None:
                         help="store mode: packed format of the routed experts (default int8)")
     parser.add_argument("--dense", choices=DENSE_FORMATS, default="bf16",
                         help="store mode: packed format of the dense matrices (default bf16: kept as bf16)")
-    parser.add_argument("--skew", type=float, default=0.0, help="skewed routers (e.g. 4); 0: uniform routing")
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="skewed routers: the hottest expert's router row is 1 + SKEW times as long as the "
+                             "coldest's (default 0: uniform routing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--std", type=float, default=0.02, help="standard deviation of the random weights")
+    parser.add_argument("--embed-std", type=float, default=None, help="standard deviation of the embedding "
+                        "(default: --std)")
+    parser.add_argument("--out-std", type=float, default=None, help="standard deviation of o_proj and down_proj "
+                        "(w2), the matrices that write into the residual stream (default: --std)")
     args = parser.parse_args(argv)
     cfg = shape_config(args.shape, args.layers)
     layers = cfg["num_hidden_layers"]
     what = "hf bf16" if args.hf else f"store experts={args.experts_format} dense={args.dense}"
-    print(f"{args.shape}: {layers} layers, {what}, seed {args.seed}, std {args.std}, skew {args.skew} -> {args.out}")
+    stds = f"std {args.std}, embed std {args.embed_std or args.std}, out std {args.out_std or args.std}"
+    print(f"{args.shape}: {layers} layers, {what}, seed {args.seed}, {stds}, skew {args.skew} -> {args.out}")
     if args.hf:
-        summary = write_hf(args.out, cfg, args.seed, args.std, args.skew)
+        summary = write_hf(args.out, cfg, args.seed, args.std, args.skew, args.embed_std, args.out_std)
     else:
-        label = f"synthetic {args.shape} layers={layers} seed={args.seed} std={args.std} skew={args.skew}"
+        label = (f"synthetic {args.shape} layers={layers} seed={args.seed} std={args.std} skew={args.skew} "
+                 f"embed_std={args.embed_std} out_std={args.out_std}")
         summary = write_quantized(args.out, cfg, args.experts_format, args.dense, args.seed, args.std, args.skew,
-                                  label)
+                                  args.embed_std, args.out_std, label)
     print(f"total {_gb(summary['bytes'])} ({summary['bytes']} bytes), {summary['parameters'] / 1e9:.3f} B "
           f"parameters, {summary['seconds']:.1f} s")
-    print(f"done: {args.shape} ({layers} layers, {what}) in {args.out}: {_gb(summary['bytes'])}, "
-          f"{summary['parameters'] / 1e9:.2f} B parameters, {summary['seconds']:.0f} s")
+    print(f"done: {args.shape} ({layers} layers, {what}, {stds}, skew {args.skew}) in {args.out}: "
+          f"{_gb(summary['bytes'])}, {summary['parameters'] / 1e9:.2f} B parameters, {summary['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -157,18 +157,6 @@ class Checkpoint:
         nbytes = info.nbytes
         return whole[info.offset: info.offset + nbytes].view(dtype).reshape(info.shape)
 
-    def array(self, name: str, dtype: np.dtype) -> np.ndarray:
-        """One tensor as a numpy array over a copy-on-write memory map of its file: no bytes are read until used,
-        and the pages it touches are shared with the page cache (zero-copy loading of packed stores)."""
-        info = self.tensors[name]
-        whole = self._maps.get(info.file)
-        if whole is None:
-            with info.file.open("rb") as f:
-                whole = self._maps[info.file] = np.frombuffer(
-                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
-        nbytes = info.nbytes
-        return whole[info.offset: info.offset + nbytes].view(dtype).reshape(info.shape)
-
     def release(self) -> None:
         """Close the open files and memory maps (tensors already handed out stay valid): a streaming reader
         calls it between layers so the pages it has read stop counting towards its resident memory."""
