@@ -291,7 +291,9 @@ def _write_shard(path: Path, roles: Iterable[TensorRole], read: Reader, experts:
             matrix = _pack_stack(list(role.sources), role.shape[1:], experts, read)
             _add_packed(tensors, packed, role.name, matrix)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt", PACKED_KEY: json.dumps(packed)})
+    # One metadata key: safetensors writes keys in hash order, and the same input must give the same bytes.
+    save_file(tensors, tmp, metadata={PACKED_KEY: json.dumps(packed)})
+    os.chmod(tmp, 0o644)  # safetensors creates files readable by their owner only
     os.replace(tmp, path)
     return read_safetensors_file(path)[0]
 
