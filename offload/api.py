@@ -220,6 +220,7 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
     src = WeightSource(checkpoint, torch_dtype, torch_device, on_read=on_read, dense_format=dense)
     transformer = Transformer(config, arch.names, src, builder, max_context, timers)
     skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers))
+    checkpoint.release()  # what the model kept (copies, or a store's mapped arrays) stays; the rest is unmapped
     builder.attach_prefetcher(transformer.routers())
     folder = checkpoint.folder
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
