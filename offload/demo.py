@@ -57,7 +57,7 @@ CORPUS = [
 
 def demo_model() -> Path:
     """The shipped demo checkpoint folder."""
-    if not (DEMO_MODEL / "model.safetensors").exists():
+    if not (DEMO_MODEL / "model.safetensors.index.json").exists():
         raise OffloadError(f"the built-in demo model is missing from {DEMO_MODEL}; reinstall offload, or rebuild "
                            "it with python tools/train_demo_model.py --out offload/demo_model")
     return DEMO_MODEL

@@ -257,7 +257,8 @@ def main() -> None:
     val_loss = validation_loss(model, val, args.seq)
     print(f"validation loss {val_loss:.3f} (perplexity {math.exp(val_loss):.1f})", flush=True)
     model.config.output_router_logits = False
-    model.to(torch.bfloat16).save_pretrained(out)
+    # Shards under 16 MB: the checkpoint ships inside the repository, where files stay small.
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size="15MB")
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": config.bos_token_id,
                                                             "eos_token_id": config.eos_token_id}, indent=2) + "\n")
     (out / "training.json").write_text(json.dumps({
