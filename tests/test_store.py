@@ -137,6 +137,15 @@ def test_resume_with_other_options_is_refused(checkpoint_dir, tmp_path):
         convert(folder, out, "int4", "bf16")
 
 
+def test_corrupt_progress_file_is_a_clear_error(checkpoint_dir, tmp_path):
+    folder, _ = checkpoint_dir("qwen3_moe")
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / CONVERT_PROGRESS_FILE).write_text("{not json")
+    with pytest.raises(OffloadError, match="is corrupt; delete"):
+        convert(folder, out, "int4")
+
+
 def test_convert_refuses_a_non_empty_folder_and_is_a_no_op_when_done(checkpoint_dir, tmp_path):
     folder, _ = checkpoint_dir("qwen3_moe")
     other = tmp_path / "other"

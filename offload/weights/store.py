@@ -248,7 +248,10 @@ def _start_or_resume(out: Path, options: dict[str, Any]) -> None:
                                "folder or delete it")
         if not progress.exists():
             raise OffloadError(f"{out} is not empty and is not an unfinished store; choose an empty output folder")
-        started = json.loads(progress.read_text())
+        try:
+            started = json.loads(progress.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise OffloadError(f"{progress} is corrupt; delete {out} and convert again") from None
         if started != options:
             diff = ", ".join(f"{k} {started.get(k)!r} -> {v!r}" for k, v in options.items() if started.get(k) != v)
             raise OffloadError(f"{out} is an unfinished store written with other options ({diff}); rerun with the "
