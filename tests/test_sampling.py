@@ -97,7 +97,7 @@ def test_warpers_match_transformers(params):
 
 
 def test_repetition_penalty_matches_transformers():
-    seen = torch.tensor([3, 5, 5, 9, 0, 63, V + 4], dtype=torch.int64)  # repeats and an id past the logits
+    seen = torch.tensor([3, 5, 5, 9, 0, 63], dtype=torch.int64)  # repeats included
     for penalty in (1.3, 0.7):
         logits = _logits(5)
         logits[5] = -abs(logits[5])
@@ -106,6 +106,9 @@ def test_repetition_penalty_matches_transformers():
         got = apply_repetition_penalty(logits, seen, penalty)
         assert torch.equal(got, expected)
         assert not torch.equal(got, logits)
+        # an id past the logits (a tokenizer's added tokens) is ignored, not an error
+        past_the_end = torch.cat([seen, torch.tensor([V + 4])])
+        assert torch.equal(apply_repetition_penalty(logits, past_the_end, penalty), expected)
 
 
 def test_repetition_penalty_changes_greedy_choice():
