@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from csrc_py.grouped_matmul import matmul_bf16, matmul_q4, matmul_q8
-from csrc_py.quant_kernels import quantized_rows
+from csrc_py.quant_kernels import SERIAL_MAX_ROWS, quantized_rows
 
 
 @njit(nogil=True, cache=True)
@@ -59,37 +59,78 @@ def route(topk_ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarra
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _gather_rows(src: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    out = np.empty((rows.size, src.shape[1]), src.dtype)
+def _gather_rows_parallel(src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     for r in prange(rows.size):
         out[r] = src[rows[r]]
+
+
+@njit(nogil=True, cache=True)
+def _gather_rows(src: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """out[r] = src[rows[r]]."""
+    out = np.empty((rows.size, src.shape[1]), src.dtype)
+    if rows.size <= SERIAL_MAX_ROWS:
+        for r in range(rows.size):
+            out[r] = src[rows[r]]
+    else:
+        _gather_rows_parallel(src, rows, out)
     return out
 
 
 # exp(-g) overflows to inf for very negative g (silu -> 0), so no 'ninf'/'nnan' fast-math assumptions.
-@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "afn", "arcp", "reassoc"})
+_SWIGLU_MATH = {"contract", "afn", "arcp", "reassoc"}
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _swiglu_row(g: np.ndarray, u: np.ndarray, r: int) -> None:
+    for i in range(g.shape[1]):
+        g[r, i] = g[r, i] / (np.float32(1.0) + np.exp(-g[r, i])) * u[r, i]
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=_SWIGLU_MATH)
+def _swiglu_parallel(g: np.ndarray, u: np.ndarray) -> None:
+    for r in prange(g.shape[0]):
+        _swiglu_row(g, u, r)
+
+
+@njit(nogil=True, cache=True, fastmath=_SWIGLU_MATH)
 def _swiglu(g: np.ndarray, u: np.ndarray) -> None:
     """g <- silu(g) * u, in place."""
-    for r in prange(g.shape[0]):
-        for i in range(g.shape[1]):
-            g[r, i] = g[r, i] / (np.float32(1.0) + np.exp(-g[r, i])) * u[r, i]
+    if g.shape[0] <= SERIAL_MAX_ROWS:
+        for r in range(g.shape[0]):
+            _swiglu_row(g, u, r)
+    else:
+        _swiglu_parallel(g, u)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _combine_token(o: np.ndarray, row_of_pair: np.ndarray, topk_weights: np.ndarray, y: np.ndarray, t: int) -> None:
+    K = topk_weights.shape[1]
+    H = y.shape[1]
+    for j in range(H):
+        y[t, j] = 0.0
+    for k in range(K):
+        if row_of_pair[t * K + k] < 0:
+            continue
+        wt = topk_weights[t, k]
+        orow = o[row_of_pair[t * K + k]]
+        for j in range(H):
+            y[t, j] += wt * orow[j]
 
 
 @njit(parallel=True, nogil=True, cache=True)
+def _combine_parallel(o, row_of_pair, topk_weights, y) -> None:
+    for t in prange(topk_weights.shape[0]):
+        _combine_token(o, row_of_pair, topk_weights, y, t)
+
+
+@njit(nogil=True, cache=True)
 def _combine(o: np.ndarray, row_of_pair: np.ndarray, topk_weights: np.ndarray, y: np.ndarray) -> None:
     """y[t] = sum_k topk_weights[t, k] * o[row_of_pair[t*K+k], :H] over the pairs that have a row."""
-    T, K = topk_weights.shape
-    H = y.shape[1]
-    for t in prange(T):
-        for j in range(H):
-            y[t, j] = 0.0
-        for k in range(K):
-            if row_of_pair[t * K + k] < 0:
-                continue
-            wt = topk_weights[t, k]
-            orow = o[row_of_pair[t * K + k]]
-            for j in range(H):
-                y[t, j] += wt * orow[j]
+    if row_of_pair.size <= SERIAL_MAX_ROWS:
+        for t in range(topk_weights.shape[0]):
+            _combine_token(o, row_of_pair, topk_weights, y, t)
+    else:
+        _combine_parallel(o, row_of_pair, topk_weights, y)
 
 
 @njit(nogil=True, cache=True)

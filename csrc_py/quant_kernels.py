@@ -152,30 +152,56 @@ def dequantize_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) 
                 row[c] = np.float32(nib) * fp16_to_f32(d[p, si, r]) + fp16_to_f32(m[p, si, r])
 
 
+# Up to this many rows, the per-row helpers of a layer call (activation quantization, gathers, SwiGLU, combine)
+# run on the calling thread: a decode step's few rows cost less than waking the pool (a parallel region each).
+SERIAL_MAX_ROWS = 8
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _quantize_row(x: np.ndarray, n: int, xq: np.ndarray, xs: np.ndarray, xsum: np.ndarray) -> None:
+    K = x.shape[1]
+    for g in range(xs.shape[1]):
+        c0, c1 = g * GROUP, min(K, g * GROUP + GROUP)
+        amax = np.float32(0.0)
+        for c in range(c0, c1):
+            amax = max(amax, abs(x[n, c]))
+        s = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        total = np.int32(0)
+        for c in range(c0, c0 + GROUP):
+            v = np.int8(np.rint(x[n, c] * inv)) if c < c1 else np.int8(0)
+            xq[n, c] = v
+            total += np.int32(v)
+        xs[n, g] = s
+        xsum[n, g] = total
+
+
 @njit(parallel=True, nogil=True, cache=True)
+def _quantize_rows_parallel(x, xq, xs, xsum) -> None:
+    for n in prange(x.shape[0]):
+        _quantize_row(x, n, xq, xs, xsum)
+
+
+@njit(nogil=True, cache=True)
+def _quantize_rows_serial(x, xq, xs, xsum) -> None:
+    for n in range(x.shape[0]):
+        _quantize_row(x, n, xq, xs, xsum)
+
+
+@njit(nogil=True, cache=True)
 def quantize_activations(x: np.ndarray, xq: np.ndarray, xs: np.ndarray, xsum: np.ndarray) -> None:
     """x float32 [N, K] -> xq int8 [N, Kp] (zero beyond K), xs float32 [N, Kp/32] scales, xsum int32 group sums.
 
     Symmetric per group of 32, like the weights: the matmuls multiply weight and activation group scales."""
     N, K = x.shape
     ngroups = xs.shape[1]
-    if K > ngroups * GROUP or xq.shape[1] != ngroups * GROUP or xq.shape[0] != N or xs.shape[0] != N:
+    if K > ngroups * GROUP or xq.shape[1] != ngroups * GROUP or xq.shape[0] != N or xs.shape[0] != N \
+            or xsum.shape[0] != N or xsum.shape[1] != ngroups:
         raise ValueError("quantize_activations: x [N, K] needs xq [N, Kp] and xs, xsum [N, Kp/32] with K <= Kp")
-    for n in prange(N):
-        for g in range(ngroups):
-            c0, c1 = g * GROUP, min(K, g * GROUP + GROUP)
-            amax = np.float32(0.0)
-            for c in range(c0, c1):
-                amax = max(amax, abs(x[n, c]))
-            s = amax / np.float32(127.0)
-            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-            total = np.int32(0)
-            for c in range(c0, c0 + GROUP):
-                v = np.int8(np.rint(x[n, c] * inv)) if c < c1 else np.int8(0)
-                xq[n, c] = v
-                total += np.int32(v)
-            xs[n, g] = s
-            xsum[n, g] = total
+    if N <= SERIAL_MAX_ROWS:
+        _quantize_rows_serial(x, xq, xs, xsum)
+    else:
+        _quantize_rows_parallel(x, xq, xs, xsum)
 
 
 @njit(nogil=True, cache=True)
