@@ -113,6 +113,21 @@ def pack_expert(out: PackedMatrix, e: int, w: torch.Tensor | np.ndarray) -> None
         qk.quantize_q4(we, out.q[e], out.d[e].view(np.uint16), out.m[e].view(np.uint16))
 
 
+def concat_outputs(mats: list[PackedMatrix]) -> tuple[PackedMatrix, list[int]]:
+    """Stack single matrices that share their input width into one [1, O, K] matrix, e.g. q/k/v projections run
+    as one kernel call. Each part starts at a whole panel (after the previous part's padded height); returns the
+    fused matrix and each part's first output row."""
+    fmt, K = mats[0].fmt, mats[0].shape[2]
+    if any(m.fmt != fmt or m.shape[0] != 1 or m.shape[2] != K for m in mats):
+        raise FormatError("concat_outputs: every part must be one matrix [1, O, K] of the same format and K, got "
+                          + ", ".join(f"{m.fmt}{list(m.shape)}" for m in mats))
+    heights = [m.shape[1] if fmt == "bf16" else padded(m.shape[1]) for m in mats]
+    starts = [sum(heights[:i]) for i in range(len(mats))]
+    arrays = {name: np.concatenate([getattr(m, name) for m in mats], axis=1)
+              for name in _layouts(fmt, 1, 1, 1)}
+    return PackedMatrix(fmt, (1, starts[-1] + mats[-1].shape[1], K), **arrays), starts
+
+
 def unpack(pm: PackedMatrix, expert: int | None = None) -> np.ndarray:
     """Dequantize to float32 [E, O, K] (or [O, K] for one expert)."""
     experts = range(pm.shape[0]) if expert is None else [expert]

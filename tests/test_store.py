@@ -51,7 +51,7 @@ def test_store_keeps_packed_arrays_memory_mapped(checkpoint_dir, tmp_path):
     while isinstance(owner, (np.ndarray, memoryview)):
         owner = owner.base if isinstance(owner, np.ndarray) else owner.obj
     assert isinstance(owner, mmap.mmap)  # the kernels read the file's pages: nothing was copied at load
-    assert model.transformer.layers[0].attn.q_proj.packed.fmt == "int8"
+    assert model.transformer.layers[0].attn.qkv.packed.fmt == "int8"
     info = json.loads((store / INDEX_FILE).read_text())["metadata"]["offload_store"]
     assert info == {"version": 1, "experts": "int4", "dense": "int8"}
 

@@ -8,7 +8,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .kv_cache import KVCache, causal_mask_args
-from .layers import RMSNorm, load_linear
+from .layers import RMSNorm, group_linears, load_linear
 from .rope import RotaryTable
 
 
@@ -18,9 +18,8 @@ class Attention(nn.Module):
         p = f"model.layers.{layer}.self_attn"
         H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = nh, nkv, hd
-        self.q_proj = load_linear(src, f"{p}.q_proj", nh * hd, H, cfg.attention_bias)
-        self.k_proj = load_linear(src, f"{p}.k_proj", nkv * hd, H, cfg.attention_bias)
-        self.v_proj = load_linear(src, f"{p}.v_proj", nkv * hd, H, cfg.attention_bias)
+        self.qkv = group_linears([load_linear(src, f"{p}.{name}", width, H, cfg.attention_bias)
+                                  for name, width in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd))])
         self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * hd)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
@@ -33,7 +32,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int, cache: KVCache, rope: RotaryTable) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, heads*hd], [T, kv*hd] x2
+        q, k, v = self.qkv(x)  # [T, heads*hd], [T, kv*hd] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -45,8 +44,34 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, start), rope.apply(k, start)
         keys, values = cache.write(start, k, v)  # [kv, S, hd]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, scale=self.scale, **causal_mask_args(start, T, self.window, x.device),
-            enable_gqa=self.heads != self.kv_heads,
-        )  # [heads, T, hd]
+        mask = causal_mask_args(start, T, self.window, x.device)
+        if T <= GROUPED_MAX_TOKENS:
+            group = self.heads // self.kv_heads
+            queries = q.transpose(0, 1).reshape(self.kv_heads, group, T, self.head_dim)
+            out = grouped_attention(queries, keys, values, self.scale, mask).reshape(self.heads, T, self.head_dim)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, scale=self.scale, **mask,
+                                                 enable_gqa=self.heads != self.kv_heads)  # [heads, T, hd]
         return self.o_proj(out.transpose(0, 1).reshape(T, self.heads * self.head_dim))
+
+
+# Decode and short chunks attend per KV head with that head's queries stacked (below); longer prefills use SDPA's
+# enable_gqa, whose K/V expansion is then amortised over many queries.
+GROUPED_MAX_TOKENS = 8
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: dict
+                      ) -> torch.Tensor:
+    """q [kv, group, T, d] attends to keys [kv, S, d] and values [kv, S, dv] -> [kv, group, T, dv].
+
+    The `group` query heads that share a KV head become one batch row of group*T queries, so K/V are read in
+    place; SDPA's enable_gqa would first copy them `group` times (a fresh [heads, S, d] tensor per layer and
+    step). `mask` is causal_mask_args for the T queries."""
+    kv, group, T, d = q.shape
+    S = keys.shape[1]
+    if mask.get("is_causal"):
+        mask = {"attn_mask": torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)}
+    if "attn_mask" in mask:  # [T, S] -> [group*T, S]: the same rows for every head of the group
+        mask = {"attn_mask": mask["attn_mask"].expand(group, T, S).reshape(group * T, S)}
+    out = F.scaled_dot_product_attention(q.reshape(kv, group * T, d), keys, values, scale=scale, **mask)
+    return out.view(kv, group, T, values.shape[-1])

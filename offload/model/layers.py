@@ -62,6 +62,52 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class FusedLinear(nn.Module):
+    """QuantLinears that read the same input (q/k/v, gate/up) run as one packed matrix: one kernel call, the input
+    quantized once. Returns each part's output, as views of the fused result."""
+
+    def __init__(self, parts: list[QuantLinear]):
+        super().__init__()
+        from csrc_py.formats import concat_outputs
+
+        self.packed, self.starts = concat_outputs([p.packed for p in parts])
+        self.widths = [p.out_features for p in parts]
+        self.bias = None
+        if any(p.bias is not None for p in parts):
+            self.bias = torch.zeros(self.packed.shape[1], dtype=next(p.bias for p in parts if p.bias is not None).dtype)
+            for p, start, width in zip(parts, self.starts, self.widths):
+                if p.bias is not None:
+                    self.bias[start: start + width] = p.bias
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from csrc_py.dispatch import linear
+
+        y = linear(x, self.packed)  # [..., O of all parts, panel-aligned]
+        if self.bias is not None:
+            y = y + self.bias
+        return tuple(y[..., start: start + width] for start, width in zip(self.starts, self.widths))
+
+
+class LinearGroup(nn.Module):
+    """Linears that read the same input, run one after another (torch weights: nothing to gain from fusing)."""
+
+    def __init__(self, parts: list[Linear | QuantLinear]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(part(x) for part in self.parts)
+
+
+def group_linears(parts: list[Linear | QuantLinear]) -> FusedLinear | LinearGroup:
+    """parts(x) as one call: fused when all are packed in one format and input width."""
+    packed = [p.packed for p in parts if isinstance(p, QuantLinear)]
+    if len(packed) == len(parts) and len({(m.fmt, m.shape[0], m.shape[2]) for m in packed}) == 1 \
+            and packed[0].shape[0] == 1:
+        return FusedLinear(parts)
+    return LinearGroup(parts)
+
+
 def make_linear(weight: DenseWeight, bias: torch.Tensor | None = None) -> Linear | QuantLinear:
     return Linear(weight, bias) if isinstance(weight, torch.Tensor) else QuantLinear(weight, bias)
 
@@ -80,7 +126,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, gate: Linear | QuantLinear, up: Linear | QuantLinear, down: Linear | QuantLinear):
         super().__init__()
-        self.gate, self.up, self.down = gate, up, down
+        self.gate_up, self.down = group_linears([gate, up]), down
 
     @classmethod
     def load(cls, src: WeightSource, name: str, hidden: int, intermediate: int,
@@ -92,4 +138,5 @@ class SwiGLU(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)

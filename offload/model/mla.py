@@ -14,8 +14,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..weights.source import WeightSource
+from .attention import grouped_attention
 from .kv_cache import LatentCache, causal_mask_args
-from .layers import RMSNorm, load_linear
+from .layers import RMSNorm, group_linears, load_linear
 from .rope import RotaryTable, yarn_softmax_scale
 
 ABSORBED_MAX_TOKENS = 8  # decode and short chunks: the absorbed form; longer prefills: the naive form
@@ -33,14 +34,15 @@ class MLA(nn.Module):
             nh, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank)
         self.interleaved = m.rope_interleaved
         bias = cfg.attention_bias
-        if m.q_lora_rank is None:
-            self.q_a_proj = self.q_a_norm = None
-            self.q_proj = load_linear(src, f"{p}.q_proj", nh * m.qk_head_dim, H)
-        else:
-            self.q_a_proj = load_linear(src, f"{p}.q_a_proj", m.q_lora_rank, H, bias)
+        kv_a_proj = load_linear(src, f"{p}.kv_a_proj_with_mqa", m.kv_lora_rank + m.qk_rope_head_dim, H, bias)
+        if m.q_lora_rank is None:  # x -> (q, kv_a)
+            self.q_a_norm = self.q_b_proj = None
+            self.input_projs = group_linears([load_linear(src, f"{p}.q_proj", nh * m.qk_head_dim, H), kv_a_proj])
+        else:  # x -> (q_a, kv_a); q = q_b_proj(q_a_norm(q_a))
+            q_a_proj = load_linear(src, f"{p}.q_a_proj", m.q_lora_rank, H, bias)
+            self.input_projs = group_linears([q_a_proj, kv_a_proj])
             self.q_a_norm = RMSNorm.load(src, f"{p}.q_a_layernorm", m.q_lora_rank, cfg.rms_norm_eps)
-            self.q_proj = load_linear(src, f"{p}.q_b_proj", nh * m.qk_head_dim, m.q_lora_rank)
-        self.kv_a_proj = load_linear(src, f"{p}.kv_a_proj_with_mqa", m.kv_lora_rank + m.qk_rope_head_dim, H, bias)
+            self.q_b_proj = load_linear(src, f"{p}.q_b_proj", nh * m.qk_head_dim, m.q_lora_rank)
         self.kv_a_norm = RMSNorm.load(src, f"{p}.kv_a_layernorm", m.kv_lora_rank, cfg.rms_norm_eps)
         # Kept in torch: the absorbed form multiplies its two halves directly.
         self.kv_b_proj = load_linear(src, f"{p}.kv_b_proj", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank,
@@ -54,10 +56,12 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, start: int, cache: LatentCache, rope: RotaryTable,
                 absorbed: bool | None = None) -> torch.Tensor:
         T = x.shape[0]
-        q_in = x if self.q_a_proj is None else self.q_a_norm(self.q_a_proj(x))
-        q = self.q_proj(q_in).view(T, self.heads, self.nope + self.rope_dim)
+        q, kv_a = self.input_projs(x)
+        if self.q_b_proj is not None:
+            q = self.q_b_proj(self.q_a_norm(q))
+        q = q.reshape(T, self.heads, self.nope + self.rope_dim)
         q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)  # [T, nh, nope], [T, nh, rope]
-        c_kv, k_rope = self.kv_a_proj(x).split([self.rank, self.rope_dim], dim=-1)
+        c_kv, k_rope = kv_a.split([self.rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_norm(c_kv)  # [T, rank]
         q_rope = rope.apply(q_rope, start, self.interleaved)
         k_rope = rope.apply(k_rope[:, None, :], start, self.interleaved)[:, 0]  # [T, rope]
@@ -83,6 +87,5 @@ class MLA(nn.Module):
         q_latent = torch.einsum("thd,hdr->htr", q_nope, self.w_uk)  # [nh, T, rank]
         query = torch.cat((q_latent, q_rope.transpose(0, 1)), dim=-1)  # [nh, T, rank+rope]
         keys = torch.cat((c_all, k_rope_all), dim=-1)[None]  # [1, S, rank+rope]: one latent KV head
-        out_latent = F.scaled_dot_product_attention(
-            query, keys, c_all[None], scale=self.scale, enable_gqa=True, **mask)  # [nh, T, rank]
+        out_latent = grouped_attention(query[None], keys, c_all[None], self.scale, mask)[0]  # [nh, T, rank]
         return torch.einsum("htr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]
