@@ -5,14 +5,15 @@
     python tools/bench_e2e.py CHECKPOINT --offload-store STORE  # adds offload on a pre-quantized store
 
 CHECKPOINT is a Hugging Face Mixtral folder (config.json + safetensors). Engines:
-  offload-int8, offload-int4  offload.load(device="cpu", experts=..., dense=--dense), Model.generate
+  offload-int8, offload-int4  offload.load(device="cpu", experts=..., dense=...), Model.generate; dense is
+                              the experts' format unless --dense says otherwise (matched bits, as the GGUFs)
   offload-store               offload.load(--offload-store) as stored (only with --offload-store)
   transformers                AutoModelForCausalLM in --hf-dtype (bfloat16)
   llama.cpp-q8_0, -q4_0       llama-cpp-python on a GGUF written by tools/gguf_export.py (cached in --gguf-dir,
                               reused while newer than the checkpoint: delete it to export again)
   llama.cpp-f16               the same with F16 weights (not in the default list)
 A llama.cpp-q4_0 GGUF is Q4_0 in every matrix, as llama.cpp's Q4_0 usually means; --gguf-dense q8_0 keeps the
-token embedding, attention and LM head at Q8_0, like offload's default --dense int8. Norms and routers: F32.
+token embedding, attention and LM head at Q8_0 (compare with --dense int8). Norms and routers: F32.
 
 Every engine gets the same seeded random prompt of --prompt-tokens ids and decodes --new-tokens tokens greedily
 with eos ignored, on --threads threads. One generation per round: prefill = the prompt in one pass up to the last
@@ -96,9 +97,10 @@ def offload_load_kwargs(args: argparse.Namespace, experts: str | None) -> tuple[
     if experts is None:  # a pre-quantized store: its formats are in the store
         return kwargs, []
     kwargs["experts"] = experts
+    dense = experts if args.dense == "matched" else args.dense
     if "dense" in inspect.signature(offload.load).parameters:
-        return {**kwargs, "dense": args.dense}, []
-    return kwargs, [f"offload.load has no dense= yet: ran without it (dense={args.dense!r} ignored)"]
+        return {**kwargs, "dense": dense}, []
+    return kwargs, [f"offload.load has no dense= yet: ran without it (dense={dense!r} ignored)"]
 
 
 def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dict:
@@ -339,8 +341,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="of the random prompt")
-    parser.add_argument("--dense", default="int8", choices=["bf16", "int8", "int4", "None"],
-                        help="offload's dense format (None: offload's default)")
+    parser.add_argument("--dense", default="matched", choices=["matched", "bf16", "int8", "int4", "None"],
+                        help="offload's dense format (matched: as its experts; None: offload's default)")
     parser.add_argument("--offload-dtype", default="auto", help="offload.load dtype= (auto: float32 on the CPU)")
     parser.add_argument("--offload-store", type=Path, default=None, help="a pre-quantized offload store to add")
     parser.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
