@@ -141,8 +141,8 @@ def bench_layer(bench: Bench, layer: Layer, formats: list[str], token_counts: li
             picks_torch = dispatch.use_torch(fmt, T * layer.top_k, experts)
             results[T].append(bench.measure(f"{torch_tag if picks_torch else fused_tag} *", cpu, layer, experts, T,
                                             per_expert))
-            other = (lambda x, i, w: dispatch.moe_fused(x, i, w, *packed)) if picks_torch else \
-                (lambda x, i, w: moe_torch(x, i, w, *packed))
+            other = (lambda x, i, w, packed=packed: dispatch.moe_fused(x, i, w, *packed)) if picks_torch else \
+                (lambda x, i, w, packed=packed: moe_torch(x, i, w, *packed))
             results[T].append(bench.measure(fused_tag if picks_torch else torch_tag, other, layer, experts, T,
                                             per_expert))
         del cpu, packed
@@ -151,7 +151,7 @@ def bench_layer(bench: Bench, layer: Layer, formats: list[str], token_counts: li
         per_expert = weights_per_expert * mats[0].element_size()
         for T in token_counts:
             name = f"torch {str(dtype).removeprefix('torch.')} loop"
-            results[T].append(bench.measure(name, lambda x, i, w: torch_loop(x, i, w, *mats), layer, experts, T,
+            results[T].append(bench.measure(name, lambda x, i, w, mats=mats: torch_loop(x, i, w, *mats), layer, experts, T,
                                             per_expert))
         del mats
     for T in token_counts:
