@@ -1,4 +1,5 @@
-"""Decode attention per KV head (grouped_attention) equals SDPA with its K/V expansion (enable_gqa)."""
+"""The decode path's shortcuts equal what they replace: attention per KV head (grouped_attention) equals SDPA
+with its K/V expansion (enable_gqa), and fused packed projections equal the separate ones."""
 from __future__ import annotations
 
 import pytest
@@ -21,3 +22,24 @@ def test_grouped_attention_matches_sdpa_gqa(start, T, window, kv, group):
     expected = F.scaled_dot_product_attention(q, keys, values, scale=0.3, enable_gqa=True, **mask)
     got = grouped_attention(q.view(kv, group, T, d), keys, values, 0.3, mask).reshape(kv * group, T, dv)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fused_projections_equal_the_separate_ones(fmt):
+    """q/k/v fused into one packed matrix (parts starting at whole panels, widths not multiples of 32, a bias on
+    some parts) give exactly the separate QuantLinears' outputs."""
+    from csrc_py.formats import pack
+    from offload.model.layers import FusedLinear, Linear, LinearGroup, QuantLinear, group_linears
+
+    gen = torch.Generator().manual_seed(1)
+    K = 80
+    parts = [QuantLinear(pack(torch.randn(1, width, K, generator=gen), fmt), bias)
+             for width, bias in ((72, torch.randn(72, generator=gen)), (40, None), (40, torch.randn(40, generator=gen)))]
+    fused = group_linears(parts)
+    assert isinstance(fused, FusedLinear) and fused.starts == [0, 96, 160]
+    for T in (1, 5):
+        x = torch.randn(T, K, generator=gen)
+        for got, part in zip(fused(x), parts):
+            assert torch.equal(got, part(x))
+    mixed = group_linears([parts[0], Linear(torch.randn(40, K, generator=gen))])
+    assert isinstance(mixed, LinearGroup)

@@ -12,6 +12,11 @@ from .layers import RMSNorm, group_linears, load_linear
 from .rope import RotaryTable
 
 
+# Decode and short chunks attend per KV head with that head's queries stacked (below); longer prefills use SDPA's
+# enable_gqa, whose K/V expansion is then amortised over many queries.
+GROUPED_MAX_TOKENS = 8
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, src: WeightSource):
         super().__init__()
@@ -53,11 +58,6 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, scale=self.scale, **mask,
                                                  enable_gqa=self.heads != self.kv_heads)  # [heads, T, hd]
         return self.o_proj(out.transpose(0, 1).reshape(T, self.heads * self.head_dim))
-
-
-# Decode and short chunks attend per KV head with that head's queries stacked (below); longer prefills use SDPA's
-# enable_gqa, whose K/V expansion is then amortised over many queries.
-GROUPED_MAX_TOKENS = 8
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: dict

@@ -102,8 +102,7 @@ class LinearGroup(nn.Module):
 def group_linears(parts: list[Linear | QuantLinear]) -> FusedLinear | LinearGroup:
     """parts(x) as one call: fused when all are packed in one format and input width."""
     packed = [p.packed for p in parts if isinstance(p, QuantLinear)]
-    if len(packed) == len(parts) and len({(m.fmt, m.shape[0], m.shape[2]) for m in packed}) == 1 \
-            and packed[0].shape[0] == 1:
+    if len(packed) == len(parts) and len({(m.fmt, m.shape[2]) for m in packed}) == 1:
         return FusedLinear(parts)
     return LinearGroup(parts)
 
