@@ -108,10 +108,11 @@ class Bench:
         for _ in range(self.decode_calls if decode else self.prefill_calls):
             bw = read_bandwidth(self.probe)
             ids, w = routing()
-            if decode and experts > layer.top_k:
+            previous = routing(avoid=ids) if decode else None
+            if previous is not None and previous[0].numel():
                 # The previous layer's call, on other experts: the probe streamed 256 MiB through every cache, and
                 # in a decode step a layer call follows another layer's, not a cold start of the Python path.
-                fn(x, *routing(avoid=ids))
+                fn(x, *previous)
             start = time.perf_counter()
             fn(x, ids, w)
             times.append(time.perf_counter() - start)
