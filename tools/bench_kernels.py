@@ -10,7 +10,8 @@ relative to torch bf16 looping over experts. Weights are random; routing is unif
 call so decode streams its experts from DRAM. A decode call is timed right after an untimed call on other experts,
 as one layer's call follows another's in a decode step (the probe before it evicts every cache, the interpreter's
 too, which cost a ~1 ms Qwen3 layer 50-100 us). Layers too big for --max-gb hold fewer experts than the model
-(the output says so).
+(the output says so). When kt-kernel (and gguf) are installed, the same layer also runs through its CPU MoE
+operator; otherwise that engine is skipped.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -71,6 +73,65 @@ def torch_loop(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate, up, do
     return y
 
 
+class KtKernel:
+    """kt-kernel's CPU MoE operator (KTransformers' kernels, `pip install --no-deps kt-kernel`) through its low-level
+    `kt_kernel_ext` (its KTMoEWrapper needs CUDA): the llamafile `moe.MOE` KTransformers runs on CPUs without AMX,
+    on GGUF blocks (Q8_0 / Q4_0 / BF16, as llama.cpp; quantized here by the gguf package). Its workers busy-spin
+    ~50 ms after each job, so every probe before one of its calls waits that out."""
+
+    GGML_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+    SETTLE_S = 0.06
+    _pool = None
+
+    def __init__(self, src: ExpertWeights, fmt: str, top_k: int, n_threads: int, max_tokens: int) -> None:
+        import gguf
+        from kt_kernel import kt_kernel_ext as kt
+
+        if KtKernel._pool is None:
+            KtKernel._pool = kt.CPUInfer(n_threads)
+        qtype = gguf.GGMLQuantizationType[self.GGML_TYPES[fmt]]
+
+        def encode(m: torch.Tensor) -> np.ndarray:  # [E, O, K] -> GGUF blocks, one expert at a time
+            if fmt == "bf16":
+                return m.contiguous().view(torch.int16).numpy()
+            return np.stack([gguf.quants.quantize(e.float().numpy(), qtype) for e in m])
+
+        self.blocks = [encode(m) for m in (src.gate, src.up, src.down)]  # kt keeps raw pointers
+        self.nbytes = sum(b.nbytes for b in self.blocks)
+        E, I, H = src.gate.shape
+        self.gpu_mask = torch.zeros(E, dtype=torch.bool)  # no expert on a GPU
+        config = kt.moe.MOEConfig(E, top_k, H, I, self.gpu_mask.data_ptr())
+        config.pool, config.layer_idx = KtKernel._pool.backend_, 0
+        config.max_len = config.group_max_len = max_tokens
+        config.m_block, config.group_min_len = 32, 10  # KTransformers' own settings (it hangs without them)
+        config.gate_proj, config.up_proj, config.down_proj = (b.ctypes.data for b in self.blocks)
+        config.gate_type = config.up_type = config.down_type = int(qtype)
+        config.hidden_type = int(gguf.GGMLQuantizationType.BF16)
+        self.op = kt.moe.MOE(config)
+        identity = torch.arange(E, dtype=torch.int64)
+        KtKernel._pool.submit(self.op.load_weights_task(identity.data_ptr()))
+        KtKernel._pool.sync()
+        self.out = torch.empty(max_tokens, H, dtype=torch.bfloat16)
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import gguf  # noqa: F401
+            import kt_kernel  # noqa: F401
+        except Exception:  # absent, or no build for this CPU
+            return False
+        return True
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x, ids, w = x.to(torch.bfloat16).contiguous(), ids.to(torch.int64).contiguous(), w.float().contiguous()
+        T, K = ids.shape
+        tokens = torch.tensor([T], dtype=torch.int32)
+        KtKernel._pool.submit(self.op.forward_task(tokens.data_ptr(), K, ids.data_ptr(), w.data_ptr(), x.data_ptr(),
+                                                   self.out.data_ptr(), False))
+        KtKernel._pool.sync()
+        return self.out[:T]
+
+
 @dataclass
 class Result:
     engine: str
@@ -83,12 +144,13 @@ class Result:
 class Bench:
     def __init__(self, decode_calls: int, prefill_calls: int, max_gb: float) -> None:
         self.decode_calls, self.prefill_calls, self.max_gb = decode_calls, prefill_calls, max_gb
+        self.kt_threads = 0  # kt-kernel's worker threads; 0: not run
         self.buf = torch.ones(1 << 28)  # 1 GiB of float32: the headline bandwidth
         self.probe = self.buf[: 1 << 26]  # 256 MiB, still 8x the L3: the per-call probe
         self.rows: list[str] = []
 
     def measure(self, name: str, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object], layer: Layer,
-                experts: int, tokens: int, bytes_per_expert: float) -> Result:
+                experts: int, tokens: int, bytes_per_expert: float, settle_s: float = 0.0) -> Result:
         """Medians over calls; each call is paired with a read-bandwidth probe taken right before it."""
         gen = torch.Generator().manual_seed(tokens)
         x = torch.randn(tokens, layer.hidden, generator=gen).to(torch.bfloat16)  # a bf16 model's hidden states
@@ -106,6 +168,7 @@ class Bench:
         decode = tokens < 64
         times, shares, touched = [], [], []
         for _ in range(self.decode_calls if decode else self.prefill_calls):
+            time.sleep(settle_s)
             bw = read_bandwidth(self.probe)
             ids, w = routing()
             previous = routing(avoid=ids) if decode else None
@@ -159,6 +222,12 @@ def bench_layer(bench: Bench, layer: Layer, formats: list[str], token_counts: li
             results[T].append(bench.measure(fused_tag if picks_torch else torch_tag, other, layer, experts, T,
                                             per_expert))
         del cpu, packed
+    for fmt in formats if bench.kt_threads else []:
+        kt = KtKernel(src, fmt, layer.top_k, bench.kt_threads, max(token_counts))
+        for T in token_counts:
+            name = f"kt-kernel {KtKernel.GGML_TYPES[fmt]} ({bench.kt_threads} thr)"
+            results[T].append(bench.measure(name, kt, layer, experts, T, kt.nbytes / experts, KtKernel.SETTLE_S))
+        del kt
     for dtype in (torch.bfloat16, torch.float32):
         mats = [m.to(dtype) for m in (src.gate, src.up, src.down)]
         per_expert = weights_per_expert * mats[0].element_size()
@@ -192,6 +261,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--max-gb", type=float, default=10.0, help="RAM budget for one layer's copies")
     parser.add_argument("--quick", action="store_true", help="fewer calls per engine (noisier)")
+    parser.add_argument("--kt-threads", type=int, default=1,
+                        help="kt-kernel worker threads when it is installed (0: skip it). Default 1: with 2 its spinning "
+                             "workers and the waiting caller share 2 cores (a Qwen3 T=1 layer 16 ms instead of 7)")
     args = parser.parse_args()
 
     n_threads = threads.set_threads(args.threads)
@@ -200,6 +272,8 @@ def main() -> None:
     jit = sum(warmup(fmt) for fmt in formats)
     print(f"JIT warmup (compile or load cache): {jit:.1f} s")
     bench = Bench(decode_calls=15 if args.quick else 60, prefill_calls=3 if args.quick else 7, max_gb=args.max_gb)
+    bench.kt_threads = args.kt_threads if KtKernel.available() else 0
+    print(f"kt-kernel: {f'{bench.kt_threads} worker threads' if bench.kt_threads else 'not run (not installed)'}")
     torch.set_num_threads(1)
     one = statistics.median(read_bandwidth(bench.buf) for _ in range(5))
     torch.set_num_threads(n_threads)
