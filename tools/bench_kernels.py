@@ -4,8 +4,8 @@
     python tools/bench_kernels.py --layers qwen3 --formats int8 --quick
 
 Prints the machine's read bandwidth (all cores, one core), then per layer and token count the time of one layer
-through each engine, the GB/s of expert weight bytes it touched, that as % of the read bandwidth measured right
-before the call (the machine is shared: every call is paired with its own probe), GFLOP/s, and the speed
+through each engine, the GB/s of expert weight bytes it touched, that as % of the read bandwidth measured around
+the call (the machine is shared: every call is paired with one probe read before and one after), GFLOP/s, and the speed
 relative to torch bf16 looping over experts. Weights are random; routing is uniform top-k, fresh for every
 call so decode streams its experts from DRAM. A decode call is timed right after an untimed call on other experts,
 as one layer's call follows another's in a decode step (the probe before it evicts every cache, the interpreter's
@@ -52,10 +52,10 @@ LAYERS = {
 }
 
 
-def read_bandwidth(buf: torch.Tensor) -> float:
-    """GB/s of a torch sum over `buf` with torch's current thread count (best of 3)."""
+def read_bandwidth(buf: torch.Tensor, reads: int = 3) -> float:
+    """GB/s of a torch sum over `buf` with torch's current thread count (best of `reads`)."""
     best = float("inf")
-    for _ in range(3):
+    for _ in range(reads):
         start = time.perf_counter()
         buf.sum()
         best = min(best, time.perf_counter() - start)
@@ -77,7 +77,7 @@ class KtKernel:
     """kt-kernel's CPU MoE operator (KTransformers' kernels, `pip install --no-deps kt-kernel`) through its low-level
     `kt_kernel_ext` (its KTMoEWrapper needs CUDA): the llamafile `moe.MOE` KTransformers runs on CPUs without AMX,
     on GGUF blocks (Q8_0 / Q4_0 / BF16, as llama.cpp; quantized here by the gguf package). Its workers busy-spin
-    ~50 ms after each job, so every probe before one of its calls waits that out."""
+    ~50 ms after each job, so the probes around its calls wait that out."""
 
     GGML_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
     SETTLE_S = 0.06
@@ -151,7 +151,8 @@ class Bench:
 
     def measure(self, name: str, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object], layer: Layer,
                 experts: int, tokens: int, bytes_per_expert: float, settle_s: float = 0.0) -> Result:
-        """Medians over calls; each call is paired with a read-bandwidth probe taken right before it."""
+        """Medians over calls; each call is paired with the mean of two read-bandwidth probes, one right before it
+        and one right after (the host's load drifts between calls)."""
         gen = torch.Generator().manual_seed(tokens)
         x = torch.randn(tokens, layer.hidden, generator=gen).to(torch.bfloat16)  # a bf16 model's hidden states
 
@@ -169,7 +170,7 @@ class Bench:
         times, shares, touched = [], [], []
         for _ in range(self.decode_calls if decode else self.prefill_calls):
             time.sleep(settle_s)
-            bw = read_bandwidth(self.probe)
+            before = read_bandwidth(self.probe, reads=1)
             ids, w = routing()
             previous = routing(avoid=ids) if decode else None
             if previous is not None and previous[0].numel():
@@ -179,6 +180,8 @@ class Bench:
             start = time.perf_counter()
             fn(x, ids, w)
             times.append(time.perf_counter() - start)
+            time.sleep(settle_s)
+            bw = (before + read_bandwidth(self.probe, reads=1)) / 2  # one read on each side, as the call is one
             touched.append(len(ids.unique()) * bytes_per_expert)
             shares.append(touched[-1] / times[-1] / 1e9 / bw)
         t = statistics.median(times)
@@ -285,8 +288,8 @@ def main() -> None:
     for name in args.layers.split(","):
         bench_layer(bench, LAYERS[name], formats, [int(t) for t in args.tokens.split(",")])
     print("\n* = the engine CpuExperts picks. GB/s: expert weight bytes touched (each used expert's three "
-          "matrices, scales included) per second; % of BW: median over calls of that over a read-bandwidth probe "
-          "(torch sum over 256 MiB) taken just before the call.")
+          "matrices, scales included) per second; % of BW: median over calls of that over the mean of two "
+          "read-bandwidth probes (a torch sum over 256 MiB each) just before and just after the call.")
     print("\n| layer | T | engine | ms/layer | GB/s | % of BW | GFLOP/s | vs torch bf16 |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(bench.rows))
