@@ -236,8 +236,8 @@ def bench_layer(bench: Bench, layer: Layer, formats: list[str], token_counts: li
         per_expert = weights_per_expert * mats[0].element_size()
         for T in token_counts:
             name = f"torch {str(dtype).removeprefix('torch.')} loop"
-            results[T].append(bench.measure(name, lambda x, i, w, mats=mats: torch_loop(x, i, w, *mats), layer, experts, T,
-                                            per_expert))
+            loop = lambda x, i, w, mats=mats: torch_loop(x, i, w, *mats)  # noqa: E731
+            results[T].append(bench.measure(name, loop, layer, experts, T, per_expert))
         del mats
     for T in token_counts:
         base = next(r.seconds for r in results[T] if r.engine == "torch bfloat16 loop")
@@ -265,8 +265,8 @@ def main() -> None:
     parser.add_argument("--max-gb", type=float, default=10.0, help="RAM budget for one layer's copies")
     parser.add_argument("--quick", action="store_true", help="fewer calls per engine (noisier)")
     parser.add_argument("--kt-threads", type=int, default=1,
-                        help="kt-kernel worker threads when it is installed (0: skip it). Default 1: with 2 its spinning "
-                             "workers and the waiting caller share 2 cores (a Qwen3 T=1 layer 16 ms instead of 7)")
+                        help="kt-kernel worker threads when it is installed (0: skip it). Default 1: with 2 its "
+                             "spinning workers and the waiting caller share 2 cores (a Qwen3 T=1 layer: 16 ms, not 7)")
     args = parser.parse_args()
 
     n_threads = threads.set_threads(args.threads)
