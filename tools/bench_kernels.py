@@ -172,11 +172,12 @@ class Bench:
             time.sleep(settle_s)
             before = read_bandwidth(self.probe, reads=1)
             ids, w = routing()
-            previous = routing(avoid=ids) if decode else None
-            if previous is not None and previous[0].numel():
+            if decode:
                 # The previous layer's call, on other experts: the probe streamed 256 MiB through every cache, and
                 # in a decode step a layer call follows another layer's, not a cold start of the Python path.
-                fn(x, *previous)
+                previous_ids, previous_w = routing(avoid=ids)
+                if previous_ids.numel():
+                    fn(x, previous_ids, previous_w)
             start = time.perf_counter()
             fn(x, ids, w)
             times.append(time.perf_counter() - start)
@@ -234,9 +235,9 @@ def bench_layer(bench: Bench, layer: Layer, formats: list[str], token_counts: li
     for dtype in (torch.bfloat16, torch.float32):
         mats = [m.to(dtype) for m in (src.gate, src.up, src.down)]
         per_expert = weights_per_expert * mats[0].element_size()
+        name = f"torch {str(dtype).removeprefix('torch.')} loop"
+        loop = lambda x, i, w, mats=mats: torch_loop(x, i, w, *mats)  # noqa: E731
         for T in token_counts:
-            name = f"torch {str(dtype).removeprefix('torch.')} loop"
-            loop = lambda x, i, w, mats=mats: torch_loop(x, i, w, *mats)  # noqa: E731
             results[T].append(bench.measure(name, loop, layer, experts, T, per_expert))
         del mats
     for T in token_counts:
@@ -275,8 +276,10 @@ def main() -> None:
     jit = sum(warmup(fmt) for fmt in formats)
     print(f"JIT warmup (compile or load cache): {jit:.1f} s")
     bench = Bench(decode_calls=15 if args.quick else 60, prefill_calls=3 if args.quick else 7, max_gb=args.max_gb)
-    bench.kt_threads = args.kt_threads if KtKernel.available() else 0
-    print(f"kt-kernel: {f'{bench.kt_threads} worker threads' if bench.kt_threads else 'not run (not installed)'}")
+    installed = KtKernel.available()
+    bench.kt_threads = args.kt_threads if installed else 0
+    print(f"kt-kernel: {bench.kt_threads} worker threads" if bench.kt_threads else
+          f"kt-kernel: not run ({'--kt-threads 0' if installed else 'not installed'})")
     torch.set_num_threads(1)
     one = statistics.median(read_bandwidth(bench.buf) for _ in range(5))
     torch.set_num_threads(n_threads)
