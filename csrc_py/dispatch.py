@@ -16,7 +16,7 @@ from csrc_py.torch_path import expert_bf16, moe_torch
 # Rows per expert (token-expert pairs / experts used) from which torch's bf16 matmul beats the fused kernel;
 # None: never. Measured on the 2-core Zen4 development machine (docs/benchmarks.md, "CPU expert kernels"): the
 # bf16 kernel is a GEMV at heart and loses from a few rows per expert (crossover ~6 on a Qwen3 layer, ~2-3 on
-# Mixtral); the int8/int4 kernels beat torch bf16 itself at 512 tokens (1.3-2.0x), so dequantizing for torch
+# Mixtral); the int8/int4 kernels beat torch bf16 itself at 512 tokens (1.4-2.5x), so dequantizing for torch
 # never pays, and the portable non-VNNI microkernel still beat dequantize + torch 2x.
 TORCH_MIN_ROWS: dict[str, int | None] = {"bf16": 4, "int8": None, "int4": None}
 
