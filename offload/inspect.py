@@ -159,6 +159,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "parameters": {"total": params.total, "active_per_token": params.active,
                        "routed_experts": params.routed_experts, "per_expert": params.per_expert, "dense": params.dense},
         "checkpoint": checkpoint_summary(checkpoint),
+        "quantization": checkpoint.scheme.describe() if checkpoint.scheme is not None else None,
         "memory": {"kv_cache_bytes_per_token": kv_cache_bytes(cfg, 1, 2),
                    "by_expert_format": memory_by_format(cfg)},
         "tokenizer": tokenizer_summary(checkpoint.folder),
@@ -211,6 +212,15 @@ def _tokenizer_text(t: dict[str, Any]) -> str:
     return f"vocab {t['vocab_size']}, chat template {'yes' if t['chat_template'] else 'no'}"
 
 
+def _quantization_text(q: dict[str, Any] | None) -> str:
+    if q is None:
+        return "none"
+    how = "exactly" if q["lossless"] else "requantized"
+    return (f"{q['method']}: {q['label']}, {q['bits_per_weight']:.2f} bits per weight; routed experts load as "
+            f"{q['expert_format']} ({how}) unless --experts says otherwise, other quantized matrices are "
+            "dequantized to the model dtype")
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """The report as two tables: what the model is, and what its weights cost per expert format."""
     layers, rope, params, ckpt = report["layers"], report["rope"], report["parameters"], report["checkpoint"]
@@ -237,6 +247,7 @@ def render(report: dict[str, Any], console: Console) -> None:
                        f"per token ({human_count(params['per_expert'])} per expert)"),
         ("checkpoint", f"{human_bytes(ckpt['bytes'])} in {ckpt['files']} file(s), {ckpt['tensors']} tensors, "
                        + ", ".join(ckpt["dtypes"])),
+        ("quantization", _quantization_text(report["quantization"])),
         ("tokenizer", _tokenizer_text(report["tokenizer"])),
     ]
     for key, value in rows:

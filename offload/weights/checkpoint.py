@@ -17,12 +17,13 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from .quant import LogicalTensor, QuantScheme, logical_tensors, scheme_for
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONVERT_PROGRESS_FILE = ".offload-convert.json"  # present while `offload convert` is writing a folder
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
 @dataclass(frozen=True)
@@ -96,16 +97,21 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, 
 
 
 class Checkpoint:
-    """The tensors of a checkpoint folder by name, with their files, dtypes and shapes; reads are lazy."""
+    """The tensors of a checkpoint folder by name, with their files, dtypes and shapes; reads are lazy.
+
+    `tensors` are the stored tensors; `logical` the tensors the loader asks for, which a quantized checkpoint
+    (`scheme`, from quantization_config) stores as several parts (weights.quant)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).expanduser()
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder} is not a folder; pass a Hugging Face checkpoint folder")
         self.config_json = read_json(self.folder / "config.json")
+        self.scheme: QuantScheme | None = scheme_for(self.folder, self.config_json)  # before any header or weight
         self.index_metadata: dict[str, Any] = {}
         self.file_metadata: dict[Path, dict[str, str]] = {}  # each file's safetensors __metadata__
         self.tensors = self._read_tables()
+        self.logical: dict[str, LogicalTensor] = logical_tensors(self.tensors, self.scheme)
         self._handles: dict[Path, Any] = {}
         self._maps: dict[Path, np.ndarray] = {}
 
@@ -144,6 +150,20 @@ class Checkpoint:
         if handle is None:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)
+
+    def read_logical(self, name: str) -> torch.Tensor:
+        """A logical tensor: float32 when the scheme stores it quantized, else as stored."""
+        t = self.logical[name]
+        return self.scheme.floats(self.read, t) if t.quantized else self.read(name)
+
+    def read_grid(self, name: str):
+        """A quantized logical tensor's integer grid (codecs.IntGroups), or None where the scheme has none."""
+        t = self.logical[name]
+        return self.scheme.grid(self.read, t) if t.quantized else None
+
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes of a logical tensor's stored parts."""
+        return sum(self.tensors[part].nbytes for part in self.logical[name].parts)
 
     def array(self, name: str, dtype: np.dtype) -> np.ndarray:
         """One tensor as a numpy array over a copy-on-write memory map of its file: no bytes are read until used,

@@ -24,7 +24,8 @@ class WeightSource:
     """Reads named tensors from a Checkpoint into one dtype and device, remembering which were taken."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, prefix: str = "",
-                 on_read: Callable[[str, int], None] | None = None, dense_format: str | None = None):
+                 on_read: Callable[[str, int], None] | None = None, dense_format: str | None = None,
+                 expert_format: str | None = None):
         from .store import packed_entries
 
         self.checkpoint = checkpoint
@@ -34,36 +35,70 @@ class WeightSource:
         self.on_read = on_read  # (file name, bytes just read): drives progress bars
         # "int8" | "int4": quantize dense Linear weights at load for the CPU kernels; None / "bf16": keep them
         self.dense_format = None if dense_format == "bf16" else dense_format
+        # The host format of routed experts: a quantized checkpoint's experts are packed in it as they are read.
+        self.expert_format = expert_format
         self.packed = packed_entries(checkpoint) if checkpoint is not None else {}  # a store's packed matrices
         self.taken: set[str] = set()
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        full = self._check(name, shape)
+        return self._read(full).to(device=self.device, dtype=dtype or self.dtype)
+
+    def _check(self, name: str, shape: tuple[int, ...]) -> str:
+        """The full name of logical tensor `name`, checked against the shape config.json implies."""
         full = self.prefix + name
-        info = self.checkpoint.tensors.get(full)
+        info = self.checkpoint.logical.get(full)
         if info is None:
             raise CheckpointError(
                 f"tensor {full!r} (shape {list(shape)}) is missing from {self.checkpoint.folder}; "
                 "the checkpoint is incomplete or does not match config.json"
             )
         if tuple(info.shape) != tuple(shape):
+            file = self.checkpoint.tensors[info.parts[0]].file.name
             raise CheckpointError(
-                f"tensor {full!r} in {info.file.name} has shape {list(info.shape)}, config.json implies {list(shape)}"
+                f"tensor {full!r} in {file} has shape {list(info.shape)}, config.json implies {list(shape)}"
             )
-        self.taken.add(full)
-        stored = self.checkpoint.read(full)
+        return full
+
+    def _read(self, full: str) -> torch.Tensor:
+        """A logical tensor as stored, or float32 when the checkpoint stores it quantized."""
+        self._mark_read(full)
+        return self.checkpoint.read_logical(full)
+
+    def _mark_read(self, full: str) -> None:
+        parts = self.checkpoint.logical[full].parts
+        self.taken.update(parts)
         if self.on_read is not None:
-            self.on_read(info.file.name, stored.nbytes)
-        return stored.to(device=self.device, dtype=dtype or self.dtype)
+            self.on_read(self.checkpoint.tensors[parts[0]].file.name, self.checkpoint.stored_nbytes(full))
+
+    def _read_matrix_packed(self, full: str, fmt: str) -> PackedMatrix:
+        """One quantized matrix [O, K] as a [1, O, K] packed matrix in `fmt`: its own integer grid where that maps
+        onto fmt exactly, else dequantized and quantized again."""
+        from csrc_py.formats import pack, pack_groups
+
+        grid = self.checkpoint.read_grid(full)
+        matrix = pack_groups(grid, fmt) if grid is not None else None
+        if matrix is None:
+            return pack(self._read(full)[None], fmt)
+        self._mark_read(full)
+        return matrix
 
     def has(self, name: str) -> bool:
         full = self.prefix + name
-        return full in self.checkpoint.tensors or full in self.packed
+        return full in self.checkpoint.logical or full in self.packed
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether the checkpoint stores logical tensor `name` in a quantization scheme (weights.quant)."""
+        t = self.checkpoint.logical.get(self.prefix + name)
+        return t is not None and t.quantized
 
     def linear_weight(self, name: str, shape: tuple[int, int], quantize: bool = True) -> DenseWeight:
         """A dense Linear's weight [out, in]: packed when the checkpoint stores it packed, or when dense_format asks
         for it and `quantize` allows it; else a tensor in the source's dtype and device."""
         if self.prefix + name in self.packed:
             return self._dense(self._read_packed(name, (1, *shape)))
+        if quantize and self.dense_format is not None and self.is_quantized(name):
+            return self._read_matrix_packed(self._check(name, shape), self.dense_format)
         weight = self.take(name, shape)
         if quantize and self.dense_format is not None:
             from csrc_py.formats import pack
@@ -88,8 +123,24 @@ class WeightSource:
         shapes = ((E, I, H), (E, I, H), (E, H, I))
         if self.prefix + f"{prefix}.{proj[0]}" in self.packed:
             return PackedExperts(*(self._read_packed(f"{prefix}.{p}", s) for p, s in zip(proj, shapes)))
+        if self.expert_format is not None and self.is_quantized(f"{prefix}.0.{proj[0]}.weight"):
+            # A quantized checkpoint's experts are packed one matrix at a time, never a layer in float32.
+            return PackedExperts(*(self._pack_experts(prefix, p, s) for p, s in zip(proj, shapes)))
         return ExpertWeights(*(torch.stack([self.take(f"{prefix}.{j}.{p}.weight", s[1:]) for j in range(E)])
                                for p, s in zip(proj, shapes)))
+
+    def _pack_experts(self, prefix: str, proj: str, shape: tuple[int, int, int]) -> PackedMatrix:
+        """Experts `{prefix}.{j}.{proj}.weight` stacked as one packed [E, O, K] matrix in expert_format."""
+        from csrc_py.formats import empty
+
+        E, O, K = shape
+        stack = empty(self.expert_format, E, O, K)
+        for j in range(E):
+            matrix = self._read_matrix_packed(self._check(f"{prefix}.{j}.{proj}.weight", (O, K)), self.expert_format)
+            for part in ("q", "d", "m"):
+                if getattr(stack, part) is not None:
+                    getattr(stack, part)[j] = getattr(matrix, part)[0]
+        return stack
 
     def _read_packed(self, name: str, shape: tuple[int, int, int]) -> PackedMatrix:
         from .store import read_packed
@@ -119,12 +170,16 @@ class WeightSource:
         extras = [name for name in left if is_known_extra(name)]
         unexpected = [name for name in left if not is_known_extra(name)]
         if unexpected:
-            shown = ", ".join(f"{n!r} ({self.checkpoint.tensors[n].file.name})" for n in unexpected[:3])
-            more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
-            raise CheckpointError(f"unexpected tensors {shown}{more}: the checkpoint does not match config.json")
+            raise unexpected_tensors_error(self.checkpoint, unexpected)
         if extras:
             log.warning("skipped %d tensors the runtime does not use (e.g. %s)", len(extras), extras[0])
         return extras
+
+
+def unexpected_tensors_error(checkpoint: Checkpoint, names: list[str]) -> CheckpointError:
+    shown = ", ".join(f"{n!r} ({checkpoint.tensors[n].file.name})" for n in names[:3])
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return CheckpointError(f"unexpected tensors {shown}{more}: the checkpoint does not match config.json")
 
 
 class InventedSource(WeightSource):
@@ -146,6 +201,9 @@ class InventedSource(WeightSource):
         return tensor.to(device=self.device, dtype=dtype or self.dtype)
 
     def has(self, name: str) -> bool:
+        return False
+
+    def is_quantized(self, name: str) -> bool:
         return False
 
 

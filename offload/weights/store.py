@@ -35,6 +35,8 @@ from .source import InventedSource
 if TYPE_CHECKING:
     from csrc_py.formats import PackedMatrix
 
+    from .codecs import IntGroups
+
 STORE_VERSION = 1
 STORE_KEY = "offload_store"
 PACKED_KEY = "offload.packed"
@@ -181,10 +183,25 @@ def shard_file(k: int, n: int) -> str:
 Reader = Callable[[str, tuple[int, ...]], torch.Tensor]  # (source tensor name, shape) -> tensor
 
 
-def write_store(out: str | Path, hf_config: dict[str, Any], read: Reader, experts: str, dense: str = "bf16",
-                copy_from: Path | None = None, source_label: str = "",
+@dataclass(frozen=True)
+class StoreSource:
+    """What write_store reads. `read(name, shape)`: a tensor the loader asks for (float32 where the source stores
+    it quantized). A quantized checkpoint also gives `kept(name)`, the stored tensors of one the store keeps as it
+    is (its quantized encoding included: the store's config.json keeps the quantization_config that reads them),
+    and `grid(name)`, a quantized matrix's integer grid, packed without requantizing where the format holds it."""
+
+    read: Reader
+    kept: Callable[[str], dict[str, torch.Tensor]] | None = None
+    grid: Callable[[str], "IntGroups | None"] | None = None
+
+    def keep(self, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        return self.kept(name) if self.kept is not None else {name: self.read(name, shape)}
+
+
+def write_store(out: str | Path, hf_config: dict[str, Any], read: Reader | StoreSource, experts: str,
+                dense: str = "bf16", copy_from: Path | None = None, source_label: str = "",
                 on_shard: Callable[[int, int, str, bool], None] | None = None) -> Path:
-    """Write a store for hf_config into `out`, reading source tensors with `read(name, shape)`.
+    """Write a store for hf_config into `out`, reading source tensors with `read(name, shape)` (or a StoreSource).
 
     Resumes an unfinished store written with the same options (finished shards are kept; a shard whose file does
     not validate is written again). on_shard(done, total, file name, resumed) follows the progress.
@@ -196,6 +213,7 @@ def write_store(out: str | Path, hf_config: dict[str, Any], read: Reader, expert
     if dense not in DENSE_FORMATS:
         raise OffloadError(f"dense must be one of {', '.join(DENSE_FORMATS)}, got {dense!r}")
     check_format(experts)
+    source = read if isinstance(read, StoreSource) else StoreSource(read)
     out = Path(out).expanduser()
     options = {"version": STORE_VERSION, "experts": experts, "dense": dense, "source": source_label}
     if _already_written(out, options):
@@ -215,7 +233,7 @@ def write_store(out: str | Path, hf_config: dict[str, Any], read: Reader, expert
         tensors = _finished_shard(path)
         resumed = tensors is not None
         if tensors is None:
-            tensors = _write_shard(path, shard, read, experts, dense)
+            tensors = _write_shard(path, shard, source, experts, dense)
         for tensor_name, info in tensors.items():
             weight_map[tensor_name] = name
             total_size += info.nbytes
@@ -275,24 +293,25 @@ def _finished_shard(path: Path):
         return None
 
 
-def _write_shard(path: Path, roles: Iterable[TensorRole], read: Reader, experts: str, dense: str):
+def _write_shard(path: Path, roles: Iterable[TensorRole], source: StoreSource, experts: str, dense: str):
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, dict[str, Any]] = {}
     for role in roles:
         if role.kind == "plain":
-            tensors[role.name] = read(role.name, role.shape).contiguous()
+            tensors.update(source.keep(role.name, role.shape))
         elif role.kind == "linear":
             if dense == "bf16" or not role.quantize:
                 if role.sources == (role.name,):  # a tied head is not written: the loader ties it again
-                    tensors[role.name] = read(role.name, role.shape).contiguous()
+                    tensors.update(source.keep(role.name, role.shape))
                 continue
-            matrix = _pack_stack([role.sources[0]], role.shape, dense, read)
+            matrix = _pack_stack([role.sources[0]], role.shape, dense, source)
             _add_packed(tensors, packed, role.name, matrix)
         else:
-            matrix = _pack_stack(list(role.sources), role.shape[1:], experts, read)
+            matrix = _pack_stack(list(role.sources), role.shape[1:], experts, source)
             _add_packed(tensors, packed, role.name, matrix)
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     # One metadata key: safetensors writes keys in hash order, and the same input must give the same bytes.
     save_file(tensors, tmp, metadata={PACKED_KEY: json.dumps(packed)})
@@ -301,14 +320,28 @@ def _write_shard(path: Path, roles: Iterable[TensorRole], read: Reader, experts:
     return read_safetensors_file(path)[0]
 
 
-def _pack_stack(sources: list[str], shape: tuple[int, ...], fmt: str, read: Reader) -> PackedMatrix:
-    """Pack the matrices `sources` (each [O, K]) as one stack, reading one at a time."""
+def _pack_stack(sources: list[str], shape: tuple[int, ...], fmt: str, source: StoreSource) -> PackedMatrix:
+    """Pack the matrices `sources` (each [O, K]) as one stack, reading one at a time; a quantized source's own
+    grid is copied where the format holds it exactly (weights.source does the same at load)."""
     from csrc_py.formats import empty, pack_expert
 
     matrix = empty(fmt, len(sources), *shape)
-    for e, source in enumerate(sources):
-        pack_expert(matrix, e, read(source, tuple(shape)))
+    for e, name in enumerate(sources):
+        grid = source.grid(name) if source.grid is not None else None
+        exact = _pack_grid(grid, fmt) if grid is not None else None
+        if exact is None:
+            pack_expert(matrix, e, source.read(name, tuple(shape)))
+            continue
+        for part in ("q", "d", "m"):
+            if getattr(matrix, part) is not None:
+                getattr(matrix, part)[e] = getattr(exact, part)[0]
     return matrix
+
+
+def _pack_grid(grid: IntGroups, fmt: str) -> PackedMatrix | None:
+    from csrc_py.formats import pack_groups
+
+    return pack_groups(grid, fmt)
 
 
 def _add_packed(tensors: dict[str, torch.Tensor], packed: dict[str, dict[str, Any]], name: str,
@@ -328,25 +361,49 @@ def _write_text(path: Path, text: str) -> None:
 
 def convert(source: str | Path, out: str | Path, experts: str, dense: str = "bf16",
             on_shard: Callable[[int, int, str, bool], None] | None = None) -> Path:
-    """Convert a Hugging Face checkpoint folder into a store (see write_store)."""
+    """Convert a Hugging Face checkpoint folder (unquantized, or in a weights.quant scheme) into a store (see
+    write_store). Every tensor of the source must be used or a known extra, checked before any weight is read."""
     checkpoint = Checkpoint(source)
     if store_formats(checkpoint) is not None:
         raise OffloadError(f"{checkpoint.folder} is already an offload store; convert the original checkpoint")
+    check_sources(checkpoint, tensor_roles(checkpoint.config_json))
 
     def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        info = checkpoint.tensors.get(name)
-        if info is None:
-            raise CheckpointError(f"tensor {name!r} is missing from {checkpoint.folder}; the checkpoint is "
-                                  "incomplete or does not match config.json")
-        if tuple(info.shape) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} in {info.file.name} has shape {list(info.shape)}, config.json "
-                                  f"implies {list(shape)}")
-        return checkpoint.read(name)
+        return checkpoint.read_logical(name)  # names and shapes were checked by check_sources
+
+    def kept(name: str) -> dict[str, torch.Tensor]:
+        return {part: checkpoint.read(part) for part in checkpoint.logical[name].parts}
 
     def shard_done(done: int, total: int, name: str, resumed: bool) -> None:
         checkpoint.release()  # memory stays at about one layer: drop the source pages read for this shard
         if on_shard is not None:
             on_shard(done, total, name, resumed)
 
-    return write_store(out, checkpoint.config_json, read, experts, dense, copy_from=checkpoint.folder,
-                       source_label=str(checkpoint.folder.resolve()), on_shard=shard_done)
+    return write_store(out, checkpoint.config_json, StoreSource(read, kept, checkpoint.read_grid), experts, dense,
+                       copy_from=checkpoint.folder, source_label=str(checkpoint.folder.resolve()), on_shard=shard_done)
+
+
+def check_sources(checkpoint: Checkpoint, roles: list[TensorRole]) -> None:
+    """Every tensor the roles read is in the checkpoint with its shape, and every stored tensor is read by one of
+    them or is a known extra (as WeightSource.finish checks at load): from the headers alone."""
+    from ..arch import config_from_hf
+    from .source import known_extras, unexpected_tensors_error
+
+    used: set[str] = set()
+    for role in roles:
+        names = role.sources if role.kind != "plain" else (role.name,)
+        shape = role.shape[1:] if role.kind == "experts" else role.shape
+        for name in names:
+            t = checkpoint.logical.get(name)
+            if t is None:
+                raise CheckpointError(f"tensor {name!r} is missing from {checkpoint.folder}; the checkpoint is "
+                                      "incomplete or does not match config.json")
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} in {checkpoint.tensors[t.parts[0]].file.name} has shape "
+                                      f"{list(t.shape)}, config.json implies {list(shape)}")
+            used.update(t.parts)
+    cfg = config_from_hf(checkpoint.config_json)
+    is_extra = known_extras(cfg.num_hidden_layers, cfg.num_extra_layers)
+    unexpected = [name for name in sorted(set(checkpoint.tensors) - used) if not is_extra(name)]
+    if unexpected:
+        raise unexpected_tensors_error(checkpoint, unexpected)
