@@ -6,6 +6,7 @@ work on 16-row panels and 32-column groups); bf16 keeps the checkpoint's own lay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ import torch
 from csrc_py import quant_kernels as qk
 from csrc_py.simd import GROUP, PANEL
 from offload.errors import FormatError
+
+if TYPE_CHECKING:
+    from offload.weights.codecs import IntGroups
 
 FORMATS = ("bf16", "int8", "int4")
 
@@ -111,6 +115,81 @@ def pack_expert(out: PackedMatrix, e: int, w: torch.Tensor | np.ndarray) -> None
         qk.quantize_q8(we, out.q[e], out.d[e].view(np.uint16))
     else:
         qk.quantize_q4(we, out.q[e], out.d[e].view(np.uint16), out.m[e].view(np.uint16))
+
+
+def pack_groups(groups: IntGroups, fmt: str, *, round_scales: bool = False) -> PackedMatrix | None:
+    """A matrix on a published integer grid (offload.weights.codecs.IntGroups) as one [1, O, K] matrix in `fmt`,
+    moving its values without requantizing; None where it does not fit (the caller dequantizes and packs).
+
+    int8 takes signed grids with |q| <= 127 and no offset; int4 takes unsigned grids 0..15, and signed -8..7 ones
+    as q + 8 with offset - 8 * scale. The source group must be a multiple of 32 (each group of 32 takes its
+    source group's scale). Scales and offsets must be exact in fp16, unless round_scales: then they are rounded
+    to the nearest fp16 (still None where one overflows fp16). A group whose values are all 0 takes scale 0.
+    Where it returns a matrix without round_scales, unpack() gives groups.dequantize() bit for bit."""
+    check_format(fmt)
+    if fmt == "bf16":
+        return None
+    out = empty(fmt, 1, *groups.shape)
+    return out if pack_groups_expert(out, 0, groups, round_scales=round_scales) else None
+
+
+def pack_groups_expert(out: PackedMatrix, e: int, groups: IntGroups, *, round_scales: bool = False) -> bool:
+    """As pack_groups, into expert slot e of `out` (streaming writers stack experts one at a time). Returns
+    whether it fit; where it did not, slot e is left as it was."""
+    if tuple(groups.shape) != out.shape[1:]:
+        raise FormatError(f"expected a matrix {list(out.shape[1:])}, got {list(groups.shape)}")
+    grid = None if out.fmt == "bf16" or groups.group % GROUP else _target_grid(groups, out.fmt)
+    if grid is None:
+        return False
+    q, scale, offset = grid
+    d = _fp16(scale, round_scales)
+    m = _fp16(offset, round_scales) if out.fmt == "int4" else None
+    if d is None or (out.fmt == "int4" and m is None):
+        return False
+    (_, O, K), (Op, Kp) = out.shape, out.padded_shape[1:]
+    P, Gp = Op // PANEL, Kp // GROUP
+    source_group = np.arange(Gp) * GROUP // groups.group  # [Gp]: the source group of each group of 32
+    Q = np.zeros((Op, Kp), q.dtype)
+    Q[:O, :K] = q
+    if out.fmt == "int4":  # byte (row, 4t + b): column 8t + b in the low nibble, 8t + 4 + b in the high
+        halves = Q.reshape(Op, Kp // 8, 2, 4)
+        Q = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(Op, Kp // 2)
+    out.q[e] = Q.reshape(P, PANEL, -1, 4).transpose(0, 2, 1, 3)
+    for name, values in (("d", d), ("m", m)):
+        if values is not None:
+            full = np.zeros((Op, Gp), np.float16)
+            full[:O] = values[:, source_group]
+            getattr(out, name)[e] = full.reshape(P, PANEL, Gp).transpose(0, 2, 1)
+    return True
+
+
+def _target_grid(groups: IntGroups, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(q [O, K] as `fmt` stores it: int8, or uint8 0..15 for int4; scale, offset float64 [O, G]) with
+    q * scale + offset = the source's values, or None where the source grid does not fit `fmt`."""
+    q = groups.q
+    scale = groups.scale.astype(np.float64)
+    offset = np.zeros_like(scale) if groups.offset is None else groups.offset.astype(np.float64)
+    starts = np.arange(0, q.shape[1], groups.group)
+    zero_values = (np.maximum.reduceat(np.abs(q.astype(np.int16)), starts, axis=1) == 0) & (offset == 0)
+    scale[zero_values] = 0  # any scale gives 0 there: e.g. MXFP4's 2^-128 of an all-zero block, not an fp16
+    if fmt == "int8":
+        fits = q.dtype == np.int8 and q.min(initial=0) >= -127 and not offset.any()
+        return (q, scale, offset) if fits else None
+    if q.dtype == np.uint8 and q.max(initial=0) <= 15:
+        return q, scale, offset
+    if q.dtype == np.int8 and q.min(initial=0) >= -8 and q.max(initial=0) <= 7:
+        return (q.astype(np.int16) + 8).astype(np.uint8), scale, offset - 8 * scale
+    return None
+
+
+def _fp16(values: np.ndarray, round_scales: bool) -> np.ndarray | None:
+    """float64 values as fp16 (numpy rounds to nearest even); None where one overflows, or is not exact and
+    rounding was not asked for."""
+    with np.errstate(over="ignore"):  # an overflow is refused just below
+        h = values.astype(np.float16)
+    if not np.isfinite(h).all() or (not round_scales and not np.array_equal(h.astype(np.float64), values)):
+        return None
+    return h
 
 
 def concat_outputs(mats: list[PackedMatrix]) -> tuple[PackedMatrix, list[int]]:
