@@ -10,7 +10,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from .quant import LogicalTensor, QuantScheme, logical_tensors, scheme_for
+
+if TYPE_CHECKING:
+    from csrc_py.formats import PackedMatrix
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -72,25 +75,44 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, 
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header; re-download it")
     tensors: dict[str, TensorInfo] = {}
-    data_end = 0
+    spans: list[tuple[int, int, str]] = []  # (start, end, name) of each tensor's bytes in the data section
     metadata = header.get("__metadata__") or {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(n, int) and n >= 0 for n in (*shape, start, end)):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: header entry for tensor {name!r} is corrupt; re-download it") from None
+        if dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r} (known: "
+                                  f"{', '.join(DTYPE_BYTES)}); re-download or re-save the checkpoint")
         numel = 1
         for dim in shape:
             numel *= dim
-        if dtype in DTYPE_BYTES and end - start != numel * DTYPE_BYTES[dtype]:
+        if end - start != numel * DTYPE_BYTES[dtype]:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes for shape {list(shape)} {dtype}")
-        data_end = max(data_end, end)
+        spans.append((start, end, name))
         tensors[name] = TensorInfo(path, dtype, shape, 8 + header_len + start)
+    # As the safetensors format requires (and safe_open checks when a weight is read): the tensors tile the data
+    # section, each starting where the previous one ends, so no two tensors share a byte.
+    data_end, previous = 0, None
+    for start, end, name in sorted(spans):
+        if start < data_end:
+            raise CheckpointError(f"{path}: tensors {previous!r} and {name!r} overlap in the file; re-download or "
+                                  "re-save the checkpoint")
+        if start > data_end:
+            raise CheckpointError(f"{path}: {start - data_end} bytes before tensor {name!r} belong to no tensor; "
+                                  "re-download or re-save the checkpoint")
+        data_end, previous = end, name
     if 8 + header_len + data_end > size:
         missing = 8 + header_len + data_end - size
         raise CheckpointError(f"{path} is truncated: {missing} bytes of tensor data are missing; re-download it")
+    if 8 + header_len + data_end < size:
+        extra = size - 8 - header_len - data_end
+        raise CheckpointError(f"{path} has {extra} bytes past its last tensor; re-download or re-save the checkpoint")
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header (__metadata__); re-download it")
     return tensors, metadata
@@ -156,10 +178,14 @@ class Checkpoint:
         t = self.logical[name]
         return self.scheme.floats(self.read, t) if t.quantized else self.read(name)
 
-    def read_grid(self, name: str):
-        """A quantized logical tensor's integer grid (codecs.IntGroups), or None where the scheme has none."""
+    def pack_exact(self, name: str, out: PackedMatrix, e: int) -> bool:
+        """Pack quantized matrix `name` into expert slot e of `out` straight from its integer grid, without
+        requantizing; False (slot untouched) where the scheme has no grid or the format cannot hold it."""
+        from csrc_py.formats import pack_groups_expert
+
         t = self.logical[name]
-        return self.scheme.grid(self.read, t) if t.quantized else None
+        grid = self.scheme.grid(self.read, t) if t.quantized else None
+        return grid is not None and pack_groups_expert(out, e, grid, round_scales=self.scheme.round_scales)
 
     def stored_nbytes(self, name: str) -> int:
         """Bytes of a logical tensor's stored parts."""

@@ -60,6 +60,7 @@ class QuantScheme:
     group: Callable[[dict[str, TensorInfo]], dict[str, LogicalTensor]]
     floats: Callable[[ReadStored, LogicalTensor], torch.Tensor]  # float32, the logical shape
     grid: Callable[[ReadStored, LogicalTensor], "IntGroups | None"]  # the integer grid, where there is one
+    round_scales: bool = False  # the grid's scales/offsets take fp16 rounding (GPTQ/AWQ offsets -zero * scale)
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method, "label": self.label, "bits_per_weight": self.bits_per_weight,
@@ -231,7 +232,6 @@ def _gptq(qc: dict[str, Any], folder: Path) -> QuantScheme:
     bits, group_size = qc.get("bits"), qc.get("group_size")
     if bits != 4 or not isinstance(group_size, int) or group_size <= 0:
         raise _unsupported(folder, "gptq", f"bits {bits!r}, group_size {group_size!r} (only 4-bit with groups)")
-    sym = bool(qc.get("sym", True))
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise _unsupported(folder, "gptq", f"checkpoint_format {fmt!r}")
@@ -252,12 +252,12 @@ def _gptq(qc: dict[str, Any], folder: Path) -> QuantScheme:
         from .codecs import gptq
 
         g_idx = read(t.parts[3]) if len(t.parts) > 3 else None
-        return gptq(read(t.parts[0]), read(t.parts[1]), read(t.parts[2]), g_idx, bits=4, sym=sym,
+        return gptq(read(t.parts[0]), read(t.parts[1]), read(t.parts[2]), g_idx, group_size=group_size, bits=4,
                     checkpoint_format=fmt)
 
     label = f"GPTQ int4, scale and zero per {group_size}" + (", act-order" if qc.get("desc_act") else "")
     return QuantScheme("gptq", label, 4 + 16 / group_size + 4 / group_size, "int4", False, group,
-                       _floats_of(grid_or_floats), _grid_only(grid_or_floats))
+                       _floats_of(grid_or_floats), _grid_only(grid_or_floats), round_scales=True)
 
 
 def _awq(qc: dict[str, Any], folder: Path) -> QuantScheme:
@@ -284,7 +284,7 @@ def _awq(qc: dict[str, Any], folder: Path) -> QuantScheme:
         return awq(read(t.parts[0]), read(t.parts[1]), read(t.parts[2]), group_size)
 
     return QuantScheme("awq", f"AWQ int4, scale and zero per {group_size}", 4 + 16 / group_size + 4 / group_size,
-                       "int4", False, group, _floats_of(grid), grid)
+                       "int4", False, group, _floats_of(grid), grid, round_scales=True)
 
 
 def _floats_of(grid_or_floats: Callable[[ReadStored, LogicalTensor], Any]

@@ -71,17 +71,15 @@ class WeightSource:
         if self.on_read is not None:
             self.on_read(self.checkpoint.tensors[parts[0]].file.name, self.checkpoint.stored_nbytes(full))
 
-    def _read_matrix_packed(self, full: str, fmt: str) -> PackedMatrix:
-        """One quantized matrix [O, K] as a [1, O, K] packed matrix in `fmt`: its own integer grid where that maps
-        onto fmt exactly, else dequantized and quantized again."""
-        from csrc_py.formats import pack, pack_groups
+    def _pack_into(self, full: str, out: PackedMatrix, e: int) -> None:
+        """Quantized matrix `full` into expert slot e of `out`: from its own integer grid where the format holds
+        it exactly, else dequantized and quantized again."""
+        from csrc_py.formats import pack_expert
 
-        grid = self.checkpoint.read_grid(full)
-        matrix = pack_groups(grid, fmt) if grid is not None else None
-        if matrix is None:
-            return pack(self._read(full)[None], fmt)
-        self._mark_read(full)
-        return matrix
+        if self.checkpoint.pack_exact(full, out, e):
+            self._mark_read(full)
+        else:
+            pack_expert(out, e, self._read(full))
 
     def has(self, name: str) -> bool:
         full = self.prefix + name
@@ -98,7 +96,11 @@ class WeightSource:
         if self.prefix + name in self.packed:
             return self._dense(self._read_packed(name, (1, *shape)))
         if quantize and self.dense_format is not None and self.is_quantized(name):
-            return self._read_matrix_packed(self._check(name, shape), self.dense_format)
+            from csrc_py.formats import empty
+
+            matrix = empty(self.dense_format, 1, *shape)
+            self._pack_into(self._check(name, shape), matrix, 0)
+            return matrix
         weight = self.take(name, shape)
         if quantize and self.dense_format is not None:
             from csrc_py.formats import pack
@@ -136,10 +138,7 @@ class WeightSource:
         E, O, K = shape
         stack = empty(self.expert_format, E, O, K)
         for j in range(E):
-            matrix = self._read_matrix_packed(self._check(f"{prefix}.{j}.{proj}.weight", (O, K)), self.expert_format)
-            for part in ("q", "d", "m"):
-                if getattr(stack, part) is not None:
-                    getattr(stack, part)[j] = getattr(matrix, part)[0]
+            self._pack_into(self._check(f"{prefix}.{j}.{proj}.weight", (O, K)), stack, j)
         return stack
 
     def _read_packed(self, name: str, shape: tuple[int, int, int]) -> PackedMatrix:

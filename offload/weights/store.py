@@ -35,8 +35,6 @@ from .source import InventedSource
 if TYPE_CHECKING:
     from csrc_py.formats import PackedMatrix
 
-    from .codecs import IntGroups
-
 STORE_VERSION = 1
 STORE_KEY = "offload_store"
 PACKED_KEY = "offload.packed"
@@ -188,11 +186,12 @@ class StoreSource:
     """What write_store reads. `read(name, shape)`: a tensor the loader asks for (float32 where the source stores
     it quantized). A quantized checkpoint also gives `kept(name)`, the stored tensors of one the store keeps as it
     is (its quantized encoding included: the store's config.json keeps the quantization_config that reads them),
-    and `grid(name)`, a quantized matrix's integer grid, packed without requantizing where the format holds it."""
+    and `pack_exact(name, out, e)`, which packs a quantized matrix from its own integer grid where the format
+    holds it exactly (False where not)."""
 
     read: Reader
     kept: Callable[[str], dict[str, torch.Tensor]] | None = None
-    grid: Callable[[str], "IntGroups | None"] | None = None
+    pack_exact: Callable[[str, "PackedMatrix", int], bool] | None = None  # Checkpoint.pack_exact
 
     def keep(self, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         return self.kept(name) if self.kept is not None else {name: self.read(name, shape)}
@@ -327,21 +326,9 @@ def _pack_stack(sources: list[str], shape: tuple[int, ...], fmt: str, source: St
 
     matrix = empty(fmt, len(sources), *shape)
     for e, name in enumerate(sources):
-        grid = source.grid(name) if source.grid is not None else None
-        exact = _pack_grid(grid, fmt) if grid is not None else None
-        if exact is None:
+        if source.pack_exact is None or not source.pack_exact(name, matrix, e):
             pack_expert(matrix, e, source.read(name, tuple(shape)))
-            continue
-        for part in ("q", "d", "m"):
-            if getattr(matrix, part) is not None:
-                getattr(matrix, part)[e] = getattr(exact, part)[0]
     return matrix
-
-
-def _pack_grid(grid: IntGroups, fmt: str) -> PackedMatrix | None:
-    from csrc_py.formats import pack_groups
-
-    return pack_groups(grid, fmt)
 
 
 def _add_packed(tensors: dict[str, torch.Tensor], packed: dict[str, dict[str, Any]], name: str,
@@ -359,13 +346,19 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def convert(source: str | Path, out: str | Path, experts: str, dense: str = "bf16",
+def convert(source: str | Path, out: str | Path, experts: str | None, dense: str = "bf16",
             on_shard: Callable[[int, int, str, bool], None] | None = None) -> Path:
     """Convert a Hugging Face checkpoint folder (unquantized, or in a weights.quant scheme) into a store (see
-    write_store). Every tensor of the source must be used or a known extra, checked before any weight is read."""
+    write_store). Every tensor of the source must be used or a known extra, checked before any weight is read.
+    experts=None: the format a quantized checkpoint's scheme maps onto."""
     checkpoint = Checkpoint(source)
     if store_formats(checkpoint) is not None:
         raise OffloadError(f"{checkpoint.folder} is already an offload store; convert the original checkpoint")
+    if experts is None:
+        if checkpoint.scheme is None:
+            raise OffloadError(f"{checkpoint.folder} is not quantized: choose the experts' format with --experts "
+                               f"({', '.join(EXPERT_FORMATS)})")
+        experts = checkpoint.scheme.expert_format
     check_sources(checkpoint, tensor_roles(checkpoint.config_json))
 
     def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -379,7 +372,7 @@ def convert(source: str | Path, out: str | Path, experts: str, dense: str = "bf1
         if on_shard is not None:
             on_shard(done, total, name, resumed)
 
-    return write_store(out, checkpoint.config_json, StoreSource(read, kept, checkpoint.read_grid), experts, dense,
+    return write_store(out, checkpoint.config_json, StoreSource(read, kept, checkpoint.pack_exact), experts, dense,
                        copy_from=checkpoint.folder, source_label=str(checkpoint.folder.resolve()), on_shard=shard_done)
 
 
