@@ -1,7 +1,8 @@
 """A checkpoint's tokenizer, read from tokenizer.json + tokenizer_config.json with the `tokenizers` library.
 
 Encoding, decoding and special-token handling follow transformers' fast tokenizer (`PreTrainedTokenizerFast`)
-loaded from the same folder, so prompts become the token ids the model was trained on.
+loaded from the same folder, so prompts become the token ids the model was trained on. Kimi checkpoints ship a
+tiktoken.model instead of tokenizer.json; offload.tiktoken_bpe turns it into the same kind of backend.
 """
 from __future__ import annotations
 
@@ -14,10 +15,14 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 
 from offload.chat_template import render_chat_template
 from offload.errors import CheckpointError, OffloadError
+from offload.tiktoken_bpe import KIMI_DEFAULT_EXTRA_SPECIAL_TOKENS, TIKTOKEN_FILE, tiktoken_backend
 
 # The special tokens transformers names (and passes to chat templates) besides model-specific `*_token` entries.
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+TOKENIZER_FILES = ("tokenizer.json", TIKTOKEN_FILE)  # what from_dir reads, in order of preference
+# The tokenizer class tokenization_kimi.py defines; a tiktoken.model is read only for it.
+_KIMI_TOKENIZER_CLASS = "TikTokenTokenizer"
 
 
 class Tokenizer:
@@ -29,32 +34,31 @@ class Tokenizer:
         special_tokens: dict[str, str],
         chat_templates: dict[str, str],
         source: str,
+        sort_tool_keys: bool = False,
     ) -> None:
         self._backend = backend
         self._special_tokens = special_tokens
         self._chat_templates = chat_templates
         self._source = source
+        self._sort_tool_keys = sort_tool_keys  # Kimi's apply_chat_template sorts the keys of tool schemas
         # What streaming detokenization needs to know about the decoder (see offload.detokenize).
         added = backend.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, token in added.items() if token.special)  # dropped by skip_special
         self.byte_fallback_ids = _byte_fallback_ids(backend)  # <0xXX> tokens a ByteFallback decoder turns into bytes
+
+    @staticmethod
+    def exists(folder: str | Path) -> bool:
+        """Whether `folder` holds a tokenizer from_dir reads (tokenizer.json, or Kimi's tiktoken.model)."""
+        return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise CheckpointError(f"tokenizer folder {folder} does not exist; pass a Hugging Face checkpoint folder")
-        tokenizer_file = folder / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise CheckpointError(
-                f"{folder} has no tokenizer.json; add the checkpoint's fast tokenizer file "
-                "(transformers' tokenizer.save_pretrained writes it)"
-            )
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-        except Exception as e:  # the tokenizers library raises bare Exception on malformed files
-            raise CheckpointError(f"{tokenizer_file} could not be read ({e}); re-download the checkpoint") from e
         config = _read_json(folder / "tokenizer_config.json")
+        tiktoken = not (folder / "tokenizer.json").is_file() and (folder / TIKTOKEN_FILE).is_file()
+        backend = _tiktoken_backend(folder, config) if tiktoken else _tokenizer_json_backend(folder)
 
         # Generation feeds one unpadded sequence at a time; a max_length in tokenizer.json would silently cut prompts.
         padding = backend.padding
@@ -67,6 +71,8 @@ class Tokenizer:
         # Like transformers, make every configured special token a special added token, so it is matched whole when
         # encoding and dropped by decode(skip_special_tokens=True) even if tokenizer.json did not mark it.
         extra = _extra_special_tokens(config)
+        if tiktoken and not extra:  # tokenization_kimi.py's default additional_special_tokens
+            extra = [AddedToken(t, special=True, normalized=False) for t in KIMI_DEFAULT_EXTRA_SPECIAL_TOKENS]
         backend.add_special_tokens([*added.values(), *extra])
 
         special = {name: token.content for name, token in added.items()}
@@ -76,7 +82,7 @@ class Tokenizer:
                 special.get("bos_token") if config.get("add_bos_token") else None,
                 special.get("eos_token") if config.get("add_eos_token") else None,
             )
-        return cls(backend, special, _chat_templates(folder, config), str(folder))
+        return cls(backend, special, _chat_templates(folder, config), str(folder), sort_tool_keys=tiktoken)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds what the post-processor adds (usually a BOS)."""
@@ -132,6 +138,8 @@ class Tokenizer:
             )
         template_vars = {k: v for k, v in self._special_tokens.items() if k not in ("bos_token", "eos_token")}
         template_vars.update(extra)
+        if self._sort_tool_keys and template_vars.get("tools") is not None:
+            template_vars["tools"] = _sorted_keys(template_vars["tools"])
         return render_chat_template(
             template,
             messages,
@@ -140,6 +148,38 @@ class Tokenizer:
             template_vars.pop("eos_token", self.eos_token),
             **template_vars,
         )
+
+
+def _tokenizer_json_backend(folder: Path) -> tokenizers.Tokenizer:
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise CheckpointError(
+            f"{folder} has no tokenizer.json (or Kimi's {TIKTOKEN_FILE}); add the checkpoint's fast tokenizer file "
+            "(transformers' tokenizer.save_pretrained writes it)"
+        )
+    try:
+        return tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # the tokenizers library raises bare Exception on malformed files
+        raise CheckpointError(f"{tokenizer_file} could not be read ({e}); re-download the checkpoint") from e
+
+
+def _tiktoken_backend(folder: Path, config: dict[str, Any]) -> tokenizers.Tokenizer:
+    tokenizer_class = config.get("tokenizer_class")
+    if tokenizer_class not in (None, _KIMI_TOKENIZER_CLASS):
+        raise CheckpointError(
+            f"{folder} has a {TIKTOKEN_FILE} for tokenizer_class {tokenizer_class!r}; offload reads a {TIKTOKEN_FILE} "
+            f"only for Kimi's {_KIMI_TOKENIZER_CLASS}: add the checkpoint's tokenizer.json instead"
+        )
+    return tiktoken_backend(folder / TIKTOKEN_FILE, config)
+
+
+def _sorted_keys(value: Any) -> Any:
+    """`value` with every dict's keys sorted, at any depth (tokenization_kimi.py's deep_sort_dict)."""
+    if isinstance(value, dict):
+        return {k: _sorted_keys(v) for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -52,12 +52,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_reference(name: str, seed: int = 0):
-    """The transformers model for a variant, in fp32 eval mode, with non-trivial DeepSeek-V3 correction bias."""
+def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
+    """The transformers model for a variant (config fields changed by `overrides`), in fp32 eval mode, with
+    non-trivial DeepSeek-V3 correction bias."""
     import transformers
 
-    model_type, overrides = VARIANTS[name]
-    config = transformers.CONFIG_MAPPING[model_type](**{**COMMON, **overrides})
+    model_type, variant = VARIANTS[name]
+    config = transformers.CONFIG_MAPPING[model_type](**{**COMMON, **variant, **(overrides or {})})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for module_name, buffer in model.named_buffers():
@@ -66,8 +67,8 @@ def build_reference(name: str, seed: int = 0):
     return model
 
 
-def write_checkpoint(name: str, folder: Path, seed: int = 0, **save_kwargs):
+def write_checkpoint(name: str, folder: Path, seed: int = 0, overrides: dict | None = None, **save_kwargs):
     """Save a variant as a Hugging Face folder; returns the reference model."""
-    model = build_reference(name, seed)
+    model = build_reference(name, seed, overrides)
     model.save_pretrained(folder, **save_kwargs)
     return model

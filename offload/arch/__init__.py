@@ -27,7 +27,7 @@ class Architecture:
 def _registry() -> dict[str, Architecture]:
     from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-    archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3]
+    archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2]
     return {arch.model_type: arch for arch in archs}
 
 
