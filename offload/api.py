@@ -223,7 +223,7 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
     checkpoint.release()  # what the model kept (copies, or a store's mapped arrays) stays; the rest is unmapped
     builder.attach_prefetcher(transformer.routers())
     folder = checkpoint.folder
-    tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
+    tokenizer = Tokenizer.from_dir(folder) if Tokenizer.exists(folder) else None
     info = LoadInfo(time.perf_counter() - t0, total, len(skipped), jit_seconds, threads, host_format, dense_format,
                     store_formats(checkpoint) is not None)
     return Model(folder, config, transformer, tokenizer, eos_token_ids(folder, config, tokenizer), info,

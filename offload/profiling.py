@@ -333,12 +333,13 @@ def check_profile_args(model_path: Path, device: str, gpu_memory: int | str | No
                        max_new_tokens: int, prompts: Sequence[Prompt]) -> None:
     """Fail before any weight is read."""
     from .api import resolve_device
+    from .tokenizer import Tokenizer
 
     if not prompts:
         raise OffloadError("no prompts to profile; give at least one")
-    if any(isinstance(p, str) for p in prompts) and not (model_path / "tokenizer.json").is_file():
-        raise OffloadError(f"{model_path} has no tokenizer.json to encode text prompts; profile it from Python "
-                           "with token-id prompts (offload.profiling.run_profile)")
+    if any(isinstance(p, str) for p in prompts) and not Tokenizer.exists(model_path):
+        raise OffloadError(f"{model_path} has no tokenizer.json (or tiktoken.model) to encode text prompts; profile it "
+                           "from Python with token-id prompts (offload.profiling.run_profile)")
     if max_new_tokens < 2:
         # The first token comes out of the prefill; decode needs at least one more step to be measured.
         raise OffloadError(f"max_new_tokens must be at least 2 to measure decoding, got {max_new_tokens}")

@@ -1,4 +1,4 @@
-"""DeepSeek-V2 and V3 (Kimi-K2 says deepseek_v3): MLA attention, shared experts, group-limited routing.
+"""DeepSeek-V2 and V3 (and Kimi-K2, a V3 under model_type kimi_k2): MLA attention, shared experts, group routing.
 
 V2 scores with softmax and picks greedily or by group max; V3 scores with sigmoid, adds
 e_score_correction_bias for selection only, ranks groups by their top-2 sum and normalises the picked weights.
@@ -78,3 +78,5 @@ def v3_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 V2 = Architecture("deepseek_v2", v2_from_hf, CheckpointNames(shared="shared_experts"))
 V3 = Architecture("deepseek_v3", v3_from_hf, CheckpointNames(shared="shared_experts"))
+# Kimi-K2-Instruct's config.json: DeepSeek-V3's fields and tensor names, under its own model_type.
+KIMI_K2 = Architecture("kimi_k2", v3_from_hf, V3.names)
