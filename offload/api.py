@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .arch import architecture
+from .checks import check_load, check_max_context, check_token_ids
 from .config import ModelConfig
 from .errors import OffloadError
 from .experts.builder import ExpertsBuilder, ExpertsOptions
@@ -109,6 +110,7 @@ class Model:
     def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Prefill logits [T, vocab] (float32, on the CPU) for token_ids from a fresh context."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        check_token_ids(ids.tolist(), self.config.vocab_size)
         if ids.numel() > self.max_context:
             raise OffloadError(f"{ids.numel()} tokens exceed max_context={self.max_context}; load with a larger max_context")
         with torch.inference_mode():
@@ -126,6 +128,7 @@ class Model:
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> GenerationRequest:
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        check_token_ids(ids, self.config.vocab_size)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
@@ -161,13 +164,16 @@ ProgressCallback = Callable[[int, int, str], None]  # (bytes read so far, total 
 EXPERT_FORMATS = ("bf16", "int8", "int4")
 
 
-def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype: str = "auto",
+def load(path: str | Path, device: str = "auto", max_context: int | None = None, dtype: str = "auto",
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool = True,
          dense: str | None = None, on_progress: ProgressCallback | None = None) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
     `offload convert`, for generation.
 
+    max_context: tokens the cache is allocated for, prompt and reply together (default: the model's
+                 max_position_embeddings, at most 4096); checked against that limit and free RAM before any
+                 weight is read.
     experts:     host format of routed experts run by the CPU workers: "bf16" | "int8" | "int4". With
                  device="cpu" and no gpu_memory, every routed expert runs on the CPU workers in this format;
                  None keeps them in torch with the rest of the model (exact, the reference path).
@@ -186,8 +192,7 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
     hf = checkpoint.config_json
     arch = architecture(hf.get("model_type"))
     config = arch.config_from_hf(hf)
-    if max_context < 1:
-        raise OffloadError(f"max_context must be positive, got {max_context}")
+    max_context = check_load(checkpoint, config, max_context, device, dtype, gpu_memory, plan)
     if experts is not None and experts not in EXPERT_FORMATS:
         raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
     if dense is not None and dense not in EXPERT_FORMATS:
@@ -230,13 +235,14 @@ def load(path: str | Path, device: str = "auto", max_context: int = 4096, dtype:
                  placement, builder)
 
 
-def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int = 4096, experts: str = "bf16",
+def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None, experts: str = "bf16",
          device: str = "auto", dtype: str = "auto", heat: list[list[float]] | None = None) -> Plan:
     """The placement load() would use for these budgets, from config.json alone (no weight is read).
     heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`)."""
     checkpoint = Checkpoint(path)
     arch = architecture(checkpoint.config_json.get("model_type"))
     config = arch.config_from_hf(checkpoint.config_json)
+    max_context = check_max_context(config, max_context)
     if experts not in EXPERT_FORMATS:
         raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
     torch_device = resolve_device(device)

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from . import __version__
-from .errors import OffloadError
+from .errors import OffloadError, io_error_line
 
 if TYPE_CHECKING:
     from .api import Model
@@ -50,7 +50,8 @@ def print_error(error: OffloadError) -> None:
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn offload's errors (and Ctrl-C) into one red line and exit code 2; tracebacks only with --debug."""
+    """Turn offload's errors and I/O errors (a full disk, a read-only folder, a missing file) into one red line
+    and exit code 2, Ctrl-C into exit code 130; tracebacks only with --debug."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
@@ -60,6 +61,11 @@ def user_errors(command: Callable) -> Callable:
             if DEBUG["on"]:
                 raise
             print_error(error)
+            raise typer.Exit(2) from None
+        except OSError as error:
+            if DEBUG["on"]:
+                raise
+            print_error(OffloadError(io_error_line(error)))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/red]")
@@ -80,7 +86,9 @@ class LoadOptions:
     passed to offload.load() as keyword arguments. A new load option is one more field here."""
 
     device: str = _load_option("auto", "auto | cpu | cuda[:N]")
-    max_context: int = _load_option(4096, "Tokens of context to allocate the cache for (prompt and reply together).")
+    max_context: Optional[int] = _load_option(
+        None, "Tokens of context to allocate the cache for, prompt and reply together (default: the model's "
+              "position limit, at most 4096).")
     experts: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
         None, "Host format of routed experts run by the CPU workers (default: torch on the device tier when "
               "everything fits, bf16 when offloading).")
@@ -183,6 +191,8 @@ def generate(
     model_path: Path = MODEL_ARGUMENT,
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file."),
+    prompt_ids: Optional[str] = typer.Option(
+        None, "--prompt-ids", help="The prompt as token ids, e.g. 1,2,3 (for checkpoints without a tokenizer)."),
     max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_k: int = typer.Option(0, help="0 = off."),
@@ -196,8 +206,10 @@ def generate(
     load_options: LoadOptions,
 ) -> None:
     """Complete a prompt and print the completion."""
-    if (prompt is None) == (prompt_file is None):
-        raise OffloadError("give exactly one of --prompt TEXT or --prompt-file FILE")
+    from .checks import check_request, model_config, parse_token_ids, prompt_token_ids, resolve_max_context
+
+    if sum(given is not None for given in (prompt, prompt_file, prompt_ids)) != 1:
+        raise OffloadError("give exactly one of --prompt TEXT, --prompt-file FILE or --prompt-ids 1,2,3")
     if prompt_file is not None:
         try:
             prompt = prompt_file.read_text(encoding="utf-8")
@@ -205,8 +217,12 @@ def generate(
             reason = getattr(error, "strerror", None) or "not UTF-8 text"
             message = f"cannot read --prompt-file {prompt_file}: {reason}; pass a readable text file"
             raise OffloadError(message) from None
+    config = model_config(model_path)  # everything below is checked before a weight is read
+    ids = parse_token_ids(prompt_ids) if prompt_ids is not None else prompt_token_ids(model_path, prompt)
+    check_request(ids, config, resolve_max_context(config, load_options.max_context), max_new_tokens,
+                  temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
     model = load_model(model_path, load_options, progress=err.is_terminal)
-    run = model.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    run = model.stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
     if not as_json:
         _print_stream(run)
@@ -235,8 +251,11 @@ def chat(
 ) -> None:
     """Chat with a model through its chat template. /help lists the commands; Ctrl-C stops a reply."""
     from .chat import ChatLoop, ChatSession, model_summary, require_chat_template, terminal_input
+    from .checks import check_chat
 
     require_chat_template(model_path)
+    check_chat(model_path, load_options.max_context, max_new_tokens, system, prompt, temperature=temperature,
+               top_p=top_p, top_k=top_k, seed=seed)
     model = load_model(model_path, load_options, progress=err.is_terminal)
     session = ChatSession(lambda messages: len(model.chat_prompt(messages)), model.max_context, max_new_tokens, system)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -302,7 +321,8 @@ def inspect_(
 def plan_(
     model_path: Path = MODEL_ARGUMENT,
     gpu_memory: Optional[str] = typer.Option(None, help="Device budget, e.g. 12GiB (default: free GPU memory)."),
-    max_context: int = typer.Option(4096, help="Context the KV cache is sized for."),
+    max_context: Optional[int] = typer.Option(
+        None, help="Context the KV cache is sized for (default: the model's position limit, at most 4096)."),
     experts: Literal["bf16", "int8", "int4"] = typer.Option("bf16", help="Host format of offloaded experts."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N] (decides the device dtype)."),
     profile: Optional[Path] = typer.Option(None, help="profile.json from `offload profile`: pin the hottest experts."),
@@ -334,10 +354,14 @@ def profile(
     load_options: LoadOptions,
 ) -> None:
     """Record routing heat, hit rates and time per component; write a profile, a tuned plan and a heat map."""
-    from .profiling import (have_matplotlib, heatmap_text, make_out_dir, read_prompts, render, run_profile,
-                            write_profile)
+    from .checks import check_profile_prompts
+    from .profiling import (check_profile_args, have_matplotlib, heatmap_text, make_out_dir, read_prompts, render,
+                            run_profile, write_profile)
 
     texts = read_prompts(prompts)
+    check_profile_args(model_path, load_options.device, load_options.gpu_memory, load_options.plan, max_new_tokens,
+                       texts)
+    check_profile_prompts(model_path, texts, max_new_tokens, load_options.max_context)
     make_out_dir(out_dir)  # a folder that cannot be made fails now, not after the runs
     result = run_profile(model_path, texts, max_new_tokens, on_step=lambda step: err.print(f"[dim]{step}[/dim]"),
                          **asdict(load_options))
@@ -364,8 +388,10 @@ def bench(
 ) -> None:
     """Measure prefill and decode tokens/s."""
     from .bench import check_bench_args, render, run_bench
+    from .checks import check_bench
 
     check_bench_args(prompt_tokens, gen_tokens, repeat, warmup)
+    check_bench(model_path, prompt_tokens, gen_tokens, load_options.max_context)
     model = load_model(model_path, load_options, progress=err.is_terminal)
     result = run_bench(model, prompt_tokens, gen_tokens, repeat, warmup, seed)
     if as_json:

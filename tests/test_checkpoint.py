@@ -185,3 +185,41 @@ def test_missing_config_and_missing_weights_are_named(mixtral_copy, tmp_path):
     assert_load_fails(empty, "config.json")
     with pytest.raises(CheckpointError, match="not a folder"):
         offload.load(tmp_path / "nowhere")
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """Change a safetensors file's JSON header in place, keeping its data bytes."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + length:])
+
+
+def test_unknown_dtype_is_named(mixtral_copy):
+    def edit(header):
+        header["model.norm.weight"]["dtype"] = "F12"
+
+    rewrite_header(mixtral_copy / "model.safetensors", edit)
+    assert_load_fails(mixtral_copy, "model.norm.weight", "unknown dtype 'F12'")
+
+
+def test_overlapping_tensors_are_named(mixtral_copy):
+    def edit(header):
+        # Both norms the same size: point the first at the second's bytes.
+        first, second = header["model.layers.0.input_layernorm.weight"], header["model.norm.weight"]
+        first["data_offsets"] = second["data_offsets"]
+
+    rewrite_header(mixtral_copy / "model.safetensors", edit)
+    assert_load_fails(mixtral_copy, "overlap")
+
+
+def test_inspect_validates_headers_as_load_does(mixtral_copy):
+    from typer.testing import CliRunner
+
+    from offload.cli import app
+
+    rewrite_header(mixtral_copy / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype="F12"))
+    result = CliRunner().invoke(app, ["inspect", str(mixtral_copy)])
+    assert result.exit_code == 2 and "unknown dtype 'F12'" in result.stderr and "Traceback" not in result.output

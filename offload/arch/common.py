@@ -23,6 +23,16 @@ def first_present(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+def require_first(hf: dict[str, Any], *keys: str) -> Any:
+    """first_present for a field the model cannot do without: missing under every spelling is an error."""
+    value = first_present(hf, *keys)
+    if value is None:
+        spellings = " or ".join(f"'{key}'" for key in keys)
+        raise CheckpointError(f"config.json has no {spellings} (model_type {hf.get('model_type')!r}); the file is "
+                              "incomplete")
+    return value
+
+
 def read_rope(hf: dict[str, Any]) -> RopeConfig:
     """Current `rope_parameters` or the older `rope_theta` + `rope_scaling` (with `type` or `rope_type`)."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})

@@ -10,12 +10,12 @@ from typing import Any
 
 from ..config import MLAConfig, ModelConfig, RouterConfig
 from . import Architecture, CheckpointNames
-from .common import common_fields, first_present, require
+from .common import common_fields, require, require_first
 
 
 def _router(hf: dict[str, Any], v3: bool) -> RouterConfig:
     common = dict(
-        num_experts=first_present(hf, "n_routed_experts", "num_local_experts", "num_experts"),
+        num_experts=require_first(hf, "n_routed_experts", "num_local_experts", "num_experts"),
         top_k=require(hf, "num_experts_per_tok"),
         n_group=hf.get("n_group") or 1,
         topk_group=hf.get("topk_group") or 1,

@@ -5,7 +5,7 @@ from typing import Any
 
 from ..config import ModelConfig, RouterConfig
 from . import Architecture, CheckpointNames
-from .common import common_fields, first_present, require
+from .common import common_fields, require, require_first
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -15,7 +15,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         **fields,
         model_type="olmoe",
         router=RouterConfig(
-            num_experts=first_present(hf, "num_experts", "num_local_experts"),
+            num_experts=require_first(hf, "num_experts", "num_local_experts"),
             top_k=require(hf, "num_experts_per_tok"),
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         ),

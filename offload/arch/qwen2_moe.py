@@ -5,7 +5,7 @@ from typing import Any
 
 from ..config import ModelConfig, RouterConfig
 from . import Architecture, CheckpointNames
-from .common import common_fields, first_present, require, sliding_windows
+from .common import common_fields, require, require_first, sliding_windows
 
 
 def qwen_moe_layers(hf: dict[str, Any], num_layers: int, num_experts: int) -> tuple[bool, ...]:
@@ -19,7 +19,7 @@ def qwen_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """What Qwen2-MoE and Qwen3-MoE share: routing, expert sizes and the sparse-layer rules."""
     fields = common_fields(hf, rms_norm_eps=1e-6, max_position_embeddings=32768)
     layers = fields["num_hidden_layers"]
-    experts = first_present(hf, "num_experts", "num_local_experts")
+    experts = require_first(hf, "num_experts", "num_local_experts")
     return dict(
         **fields,
         router=RouterConfig(
