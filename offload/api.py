@@ -1,6 +1,7 @@
 """The Python API: offload.load(path) -> Model with logits / generate / stream / chat / chat_stream."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,35 @@ class LoadInfo:
     store: bool = False  # loaded from a pre-quantized store (`offload convert`)
 
 
+class ModelLock:
+    """Serialises the calls that use a model's cache. Waiting is right across threads; within one thread the
+    holder can only be an unfinished stream, and waiting for it would wait forever, so that is an error."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread id of the holder
+
+    def __enter__(self) -> ModelLock:
+        if self._owner == threading.get_ident():
+            raise OffloadError("this thread already has an unfinished stream on this model; exhaust it or call "
+                               "its close() (or use `with model.stream(...) as run:`) before the next call")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._owner = None
+        self._lock.release()
+
+
 class Model:
-    """A loaded checkpoint ready to generate. Holds one sequence's cache; calls run one at a time."""
+    """A loaded checkpoint ready to generate.
+
+    A Model is safe to share between threads: it holds one sequence's cache, so calls that use it (logits,
+    generate, stream, chat, chat_stream, reset_stats) are serialised by a lock, and a second thread waits for
+    the first. A stream holds the lock from its first piece until it is exhausted, closed (`run.close()`, or
+    leaving `with model.stream(...) as run:`) or garbage-collected; in the thread that holds it, another call
+    raises OffloadError instead of waiting forever."""
 
     def __init__(self, path: Path, config: ModelConfig, transformer: Transformer, tokenizer: Tokenizer | None,
                  eos_ids: tuple[int, ...], load_info: LoadInfo, plan: Plan | None, experts: ExpertsBuilder):
@@ -84,6 +112,7 @@ class Model:
         self.plan = plan  # None when every expert stays on the device tier (or all run on the CPU workers)
         self._experts = experts
         self._last: Generation | None = None
+        self._lock = ModelLock()
 
     def stats(self) -> dict[str, Any]:
         """Runtime counters since load (or reset_stats): per-layer expert hits and misses, prefetch precision and
@@ -95,9 +124,10 @@ class Model:
         return [moe.heat.tolist() for moe in self.transformer.moe_blocks()]
 
     def reset_stats(self) -> None:
-        reset_runtime_stats(self._experts, self.transformer.timers)
-        for moe in self.transformer.moe_blocks():
-            moe.heat.zero_()
+        with self._lock:
+            reset_runtime_stats(self._experts, self.transformer.timers)
+            for moe in self.transformer.moe_blocks():
+                moe.heat.zero_()
 
     @property
     def max_context(self) -> int:
@@ -113,7 +143,7 @@ class Model:
         check_token_ids(ids.tolist(), self.config.vocab_size)
         if ids.numel() > self.max_context:
             raise OffloadError(f"{ids.numel()} tokens exceed max_context={self.max_context}; load with a larger max_context")
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             return self.transformer(ids.to(self.device), 0).cpu()
 
     def encode(self, text: str) -> list[int]:
@@ -135,15 +165,17 @@ class Model:
         return GenerationRequest(ids, max_new_tokens, sampling, stops, ignore_eos)
 
     def stream(self, prompt: str | Sequence[int], **sampling: Any) -> GenerationRun:
-        """Iterate for text pieces as they are produced; the run's `.result` holds the Generation afterwards."""
-        run = GenerationRun(self.transformer, self.tokenizer, self.eos_token_ids, self._request(prompt, **sampling))
+        """Iterate for text pieces as they are produced; the run's `.result` holds the Generation afterwards.
+        The run holds the model from its first piece until exhausted or closed (see the class docstring)."""
+        run = GenerationRun(self.transformer, self.tokenizer, self.eos_token_ids, self._request(prompt, **sampling),
+                            self._lock)
         self._last = run.result
         return run
 
     def generate(self, prompt: str | Sequence[int], **sampling: Any) -> Generation:
-        run = self.stream(prompt, **sampling)
-        for _ in run:
-            pass
+        with self.stream(prompt, **sampling) as run:
+            for _ in run:
+                pass
         return run.result
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:

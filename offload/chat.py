@@ -1,16 +1,22 @@
 """Chat: a conversation trimmed to the model's context, its slash commands, and the terminal loop around it.
 
-History trimming keeps the system prompt and drops the oldest user/assistant turns until the next prompt plus
-max_new_tokens fits max_context. A reply stopped with Ctrl-C stays in the history as far as it got, unmarked, so
-the model sees exactly what the user saw.
+History trimming keeps the system prompt and takes the oldest user/assistant turns out of the prompt until the
+next prompt plus max_new_tokens fits max_context; the transcript keeps every turn, and is saved after each one.
+A reply stopped with Ctrl-C stays in the history as far as it got, unmarked, so the model sees exactly what the
+user saw.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import os
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -26,19 +32,22 @@ CountTokens = Callable[[list[Message]], int]  # prompt tokens of messages, chat 
 
 USER_PROMPT, CONTINUATION_PROMPT = "you> ", "...> "
 BLOCK_FENCE = '"""'
+LEAVE_WINDOW = 1.0  # seconds: a second Ctrl-C within this leaves the chat
 COMMANDS = {
     "/help": "show this help",
-    "/reset": "forget the conversation (the system prompt stays)",
+    "/reset": "start afresh: the model forgets the conversation (the system prompt stays; the transcript keeps all)",
     "/stats": "show the last reply's statistics",
     "/plan": "show where the weights and experts live (the placement plan)",
-    "/save FILE": "write the conversation to FILE as JSON",
-    "/exit": "leave (Ctrl-D and Ctrl-C at the prompt leave too)",
+    "/save FILE": "write the whole conversation to FILE as JSON",
+    "/load FILE": "continue a conversation saved by /save or autosaved (later turns are saved to FILE)",
+    "/exit": "leave (so do Ctrl-D, and Ctrl-C twice within a second)",
 }
 # Control characters in a reply (an escape sequence could clear or retitle the terminal) are shown as U+FFFD;
 # the history keeps the text as generated.
 SCREEN_SAFE = {code: "\ufffd" for code in [*range(0, 9), 11, 12, *range(14, 32), 127]}
 INPUT_HELP = (f'End a line with \\ to continue the message on the next line, or put {BLOCK_FENCE} alone on a line to '
-              "start and end a multi-line block. Start a message with // to send a leading /. Ctrl-C stops a reply.")
+              "start and end a multi-line block. Start a message with // to send a leading /. Ctrl-C stops a reply "
+              "or clears the line; the conversation is saved after every reply.")
 
 
 def turns_to_drop(fixed_tokens: int, turn_tokens: Sequence[int], budget: int) -> int | None:
@@ -116,14 +125,25 @@ class Turn:
     tokens: int  # what the turn adds to the prompt, as measured when it was added
 
 
+@dataclass(frozen=True)
+class Transcript:
+    """A saved conversation: the system prompt, every (user, assistant) turn, and where the prompt starts."""
+    system: str | None
+    turns: list[tuple[str, str]]
+    context_start: int = 0  # the turns before it are kept here but no longer sent (trimmed, or /reset)
+
+
 class ChatSession:
-    """One conversation: the system prompt and user/assistant turns, trimmed to fit the context."""
+    """One conversation: the system prompt and every user/assistant turn, of which the prompt holds those from
+    `context_start` on. Trimming to fit the context and /reset move that start forward; no turn is ever deleted,
+    so a saved conversation is always the whole of it."""
 
     def __init__(self, count_tokens: CountTokens, max_context: int, max_new_tokens: int, system: str | None = None):
         self.count_tokens = count_tokens
         self.max_context, self.max_new_tokens = max_context, max_new_tokens
         self.system = system
-        self.turns: list[Turn] = []
+        self.turns: list[Turn] = []  # the transcript: every turn, in order
+        self.context_start = 0  # index of the first turn still in the prompt
         self.last: Generation | None = None  # the last reply, for /stats
 
     @property
@@ -131,44 +151,174 @@ class ChatSession:
         """Prompt tokens allowed: the context minus room for a full reply."""
         return self.max_context - self.max_new_tokens
 
+    @property
+    def context_turns(self) -> list[Turn]:
+        """The turns the model sees."""
+        return self.turns[self.context_start:]
+
     def messages(self, turns: Sequence[Turn] | None = None, user: str | None = None) -> list[Message]:
+        """The prompt's messages: the system prompt, `turns` (default: the context turns), then `user`."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         body = []
-        for turn in self.turns if turns is None else turns:
+        for turn in self.context_turns if turns is None else turns:
             body += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
         tail = [] if user is None else [{"role": "user", "content": user}]
         return head + body + tail
 
     def prompt(self, user: str) -> tuple[list[Message], int]:
-        """The messages to send for a new user message, and how many old turns were dropped to make them fit.
+        """The messages to send for a new user message, and how many old turns were taken out of the prompt to
+        make them fit.
 
         Trimming plans with the turns' measured token counts, then checks the exact count of the prompt, since
         a chat template may render a turn differently once it is no longer the latest one."""
+        context = self.context_turns
         fixed = self.count_tokens(self.messages([], user))
-        dropped = turns_to_drop(fixed, [t.tokens for t in self.turns], self.budget)
+        dropped = turns_to_drop(fixed, [t.tokens for t in context], self.budget)
         if dropped is None:
             raise ContextLengthError(
                 f"this message makes a {fixed}-token prompt{' with the system prompt' if self.system else ''}; "
                 f"with room for max_new_tokens={self.max_new_tokens} it does not fit max_context={self.max_context}. "
                 "Shorten it, lower --max-new-tokens or raise --max-context"
             )
-        while dropped < len(self.turns) and self.count_tokens(self.messages(self.turns[dropped:], user)) > self.budget:
+        while dropped < len(context) and self.count_tokens(self.messages(context[dropped:], user)) > self.budget:
             dropped += 1
-        del self.turns[:dropped]
+        self.context_start += dropped
         return self.messages(user=user), dropped
 
     def add_turn(self, user: str, reply: Generation) -> None:
-        turn = Turn(user, reply.text, tokens=0)
-        turn.tokens = self.count_tokens(self.messages([*self.turns, turn])) - self.count_tokens(self.messages())
-        self.turns.append(turn)
+        self._append(user, reply.text)
         self.last = reply
 
+    def _append(self, user: str, assistant: str) -> None:
+        turn = Turn(user, assistant, tokens=0)
+        turn.tokens = self.count_tokens(self.messages([*self.context_turns, turn])) - self.count_tokens(self.messages())
+        self.turns.append(turn)
+
     def reset(self) -> None:
-        self.turns.clear()
+        """The model forgets the conversation; the transcript keeps it."""
+        self.context_start = len(self.turns)
         self.last = None
 
+    def restore(self, transcript: Transcript) -> None:
+        """Continue a saved conversation: its turns become this session's, measured with this model's template."""
+        self.system, self.turns, self.context_start, self.last = transcript.system, [], 0, None
+        for user, assistant in transcript.turns[:transcript.context_start]:
+            self.turns.append(Turn(user, assistant, tokens=0))  # out of the prompt: never measured
+        self.context_start = len(self.turns)
+        for user, assistant in transcript.turns[transcript.context_start:]:
+            self._append(user, assistant)
+
     def to_json(self) -> dict[str, Any]:
-        return {"messages": self.messages()}
+        """Every message (the system prompt first, then each turn's user and assistant messages), and
+        context_start: how many of the turns are no longer sent to the model."""
+        return {"messages": self.messages(self.turns), "context_start": self.context_start}
+
+
+def parse_transcript(data: Any, source: str) -> Transcript:
+    """A Transcript from the JSON /save and the autosave write; `source` names it in errors."""
+    fix = "pass a file written by /save or by the chat's autosave"
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise OffloadError(f"{source} holds no list of messages with a role and a content; {fix}")
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    body = messages[1:] if system is not None else messages
+    roles = [m["role"] for m in body]
+    if roles != ["user", "assistant"] * (len(body) // 2):
+        raise OffloadError(f"{source}: after the optional system message the messages must alternate user, "
+                           f"assistant (found {', '.join(roles[:6])}{', ...' if len(roles) > 6 else ''}); {fix}")
+    turns = [(body[i]["content"], body[i + 1]["content"]) for i in range(0, len(body), 2)]
+    start = data.get("context_start", 0)
+    if not isinstance(start, int) or not 0 <= start <= len(turns):
+        raise OffloadError(f"{source}: context_start must be a turn index from 0 to {len(turns)}, got {start!r}; "
+                           f"{fix}")
+    return Transcript(system, turns, start)
+
+
+def read_transcript(path: Path) -> Transcript:
+    """A saved conversation; one clear error for a file that is missing, unreadable or not one."""
+    try:
+        data = json.loads(path.expanduser().read_text(encoding="utf-8"))
+    except OSError as error:
+        raise OffloadError(f"cannot read {path}: {error.strerror or error}; pass a conversation saved by the "
+                           "chat") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise OffloadError(f"{path} is not JSON ({error}); pass a conversation saved by the chat") from None
+    return parse_transcript(data, str(path))
+
+
+def default_transcript_path(now: float | None = None) -> Path:
+    """Where a chat is autosaved unless --transcript says otherwise: the user's data folder, one file a session."""
+    base = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return Path(base).expanduser() / "offload" / "chats" / f"chat-{stamp}-{os.getpid()}.json"
+
+
+def prepare_transcript_path(path: Path) -> Path:
+    """Check (before any weight is read) that the transcript can be written: its folder is made if missing."""
+    path = path.expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OffloadError(f"cannot make {path.parent} for the chat transcript: {error.strerror or error}; pass "
+                           "--transcript FILE in a writable folder") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise OffloadError(f"cannot write the chat transcript to {path}; pass --transcript FILE in a writable "
+                           "folder")
+    return path
+
+
+def save_transcript(path: Path, model_path: Path, session: ChatSession) -> None:
+    """Write the whole conversation atomically (a temporary file renamed over `path`), readable by others like
+    every file offload writes (0644 under the usual umask)."""
+    write_json_atomic(path, {"model": str(model_path), **session.to_json()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path.expanduser(), 0o666 & ~umask)
+
+
+class CtrlC:
+    """Ctrl-C in the chat. Inside `armed()` (reading a line, generating a reply) it raises KeyboardInterrupt;
+    anywhere else (adding a turn, saving the transcript, printing) it waits for the next armed section, so it
+    never leaves the conversation half-updated and is never lost. Two presses within LEAVE_WINDOW seconds mean
+    leave: from then on every armed section raises at once."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.leaving = False
+        self._armed = False
+        self._pending = False  # a press that landed outside an armed section
+        self._last_press: float | None = None
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        now = self.clock()
+        if self._last_press is not None and now - self._last_press <= LEAVE_WINDOW:
+            self.leaving = True
+        self._last_press = now
+        if self._armed:
+            raise KeyboardInterrupt
+        self._pending = True
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        if self._pending or self.leaving:
+            self._pending = False
+            raise KeyboardInterrupt
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle SIGINT while the chat runs (main thread only, as Python's signal handlers are)."""
+        previous = signal.signal(signal.SIGINT, self.on_signal)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def stats_line(generation: Generation, hit_rate: float | None = None) -> str:
@@ -232,27 +382,50 @@ def terminal_input() -> Callable[[str], str]:
 
 
 class ChatLoop:
-    """The interactive conversation: reads messages, runs commands, streams replies.
+    """The interactive conversation: reads messages, runs commands, streams replies, and saves the whole
+    conversation to `transcript` after every reply.
 
     I/O comes in through read_line and goes out through two consoles, so tests can drive it without a terminal.
     """
 
     def __init__(self, model: Model, session: ChatSession, sampling: dict[str, Any], out: Console, err: Console,
-                 read_line: Callable[[str], str], show_error: Callable[[OffloadError], None], echo: bool = False):
+                 read_line: Callable[[str], str], show_error: Callable[[OffloadError], None], echo: bool = False,
+                 transcript: Path | None = None, ctrl_c: CtrlC | None = None):
         self.model, self.session, self.sampling = model, session, sampling
         self.out, self.err = out, err
         self.read_line, self.show_error = read_line, show_error
         self.echo = echo  # print what was read, for transcripts of piped input
+        self.transcript = transcript  # autosaved after every reply; None: not saved
+        self.ctrl_c = ctrl_c or CtrlC()
 
     def run(self) -> None:
-        """Until /exit, end of input or Ctrl-C at the prompt."""
+        """Until /exit, end of input or two Ctrl-C within a second; one Ctrl-C stops a reply or clears the line."""
+        with self.ctrl_c.installed():
+            self._converse()
+        if self.transcript is not None and self.session.turns:
+            self.err.print(f"[dim]the conversation is saved in {self.transcript}; --resume {self.transcript} "
+                           "continues it[/dim]", highlight=False)
+
+    def once(self, text: str) -> Generation:
+        """Reply to one message (chat --prompt), with Ctrl-C handled as in a session."""
+        with self.ctrl_c.installed():
+            return self.reply(text)
+
+    def _converse(self) -> None:
         reader = MessageReader()
-        while True:
+        while not self.ctrl_c.leaving:
             try:
-                line = self.read_line(CONTINUATION_PROMPT if reader.continuing else USER_PROMPT)
-            except (EOFError, KeyboardInterrupt):
+                with self.ctrl_c.armed():
+                    line = self.read_line(CONTINUATION_PROMPT if reader.continuing else USER_PROMPT)
+            except EOFError:
                 self.out.print()
                 return
+            except KeyboardInterrupt:
+                self.out.print()
+                reader = MessageReader()  # a half-typed message is dropped, as a shell drops the line
+                if not self.ctrl_c.leaving:
+                    self.err.print("[dim]Ctrl-C again within a second, /exit or Ctrl-D to leave[/dim]")
+                continue
             if self.echo:
                 self.out.print(line, markup=False, highlight=False)
             text = reader.feed(line)
@@ -263,8 +436,6 @@ class ChatLoop:
                     return
             except OffloadError as error:
                 self.show_error(error)
-            except KeyboardInterrupt:
-                self.err.print("[yellow]interrupted[/yellow]")
 
     def handle(self, text: str) -> bool:
         """Act on one message or command; False when the user asked to leave."""
@@ -277,7 +448,8 @@ class ChatLoop:
             self.print_help()
         elif command.name == "/reset":
             self.session.reset()
-            self.err.print("[dim]conversation cleared[/dim]")
+            self.autosave()
+            self.err.print("[dim]conversation cleared (the transcript keeps it)[/dim]")
         elif command.name == "/plan":
             self.out.print(self.model.plan.table() if self.model.plan else placement_summary(self.model),
                            markup=False, highlight=False)
@@ -286,41 +458,67 @@ class ChatLoop:
                 raise OffloadError("no reply yet; /stats shows the last reply's statistics")
             self.out.print(stats_table(self.session.last))
         elif command.name == "/save":
-            if not command.argument:
-                raise OffloadError("/save needs a file name: /save FILE")
-            path = Path(command.argument)
-            write_json_atomic(path, {"model": str(self.model.path), **self.session.to_json()})
+            path = Path(self._file_argument(command))
+            save_transcript(path, self.model.path, self.session)
             turns = len(self.session.turns)
             self.err.print(f"[dim]saved {turns} turn{'' if turns == 1 else 's'} to {path}[/dim]", highlight=False)
+        elif command.name == "/load":
+            path = Path(self._file_argument(command)).expanduser()
+            self.session.restore(read_transcript(path))
+            self.transcript = path
+            turns = len(self.session.turns)
+            self.err.print(f"[dim]loaded {turns} turn{'' if turns == 1 else 's'} from {path}; the conversation goes "
+                           "on there[/dim]", highlight=False)
         return True
+
+    @staticmethod
+    def _file_argument(command: Command) -> str:
+        if not command.argument:
+            raise OffloadError(f"{command.name} needs a file name: {command.name} FILE")
+        return command.argument
 
     def reply(self, text: str, header: bool = False) -> Generation:
         """Stream the model's reply to text. Ctrl-C stops it; what was produced so far stays in the history."""
         messages, dropped = self.session.prompt(text)
         if dropped:
-            self.err.print(f"[yellow]dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} to fit "
-                           f"max_context={self.session.max_context} (the system prompt is kept)[/yellow]")
+            self.err.print(f"[yellow]took the {dropped} oldest turn{'s' if dropped > 1 else ''} out of the prompt to "
+                           f"fit max_context={self.session.max_context} (the system prompt stays; the saved "
+                           "conversation keeps every turn)[/yellow]")
         run = self.model.chat_stream(messages, **self.sampling)
         if header:
             self.out.print("[bold]assistant>[/bold] ", end="")
         shown = 0  # characters of the reply on screen
         try:
-            for piece in run:
-                self._write(piece)
-                shown += len(piece)
-        except KeyboardInterrupt:
-            run.result.finish_reason = "interrupted"
-            # Ctrl-C can land between a piece being produced and printed: show all that the history keeps.
-            self._write(run.result.text[shown:])
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops the reply; it is kept like any other
+                while True:
+                    with self.ctrl_c.armed():  # Ctrl-C lands only while the model works, never mid-print
+                        piece = next(run, None)
+                    if piece is None:
+                        break
+                    self._write(piece)
+                    shown += len(piece)
+        finally:
+            run.close()  # stops an interrupted run (finish_reason "interrupted"); nothing once it is done
+        # Ctrl-C can land between a piece being produced and printed: show all that the history keeps.
+        self._write(run.result.text[shown:])
         self.out.print()
         self.session.add_turn(text, run.result)
+        self.autosave()
         hit_rate = self.model.stats()["totals"]["hit_rate"]
         self.err.print(f"[dim]{stats_line(run.result, hit_rate)}[/dim]", highlight=False)
         return run.result
 
+    def autosave(self) -> None:
+        """Save the conversation to the transcript file; a failure is reported and the conversation goes on."""
+        if self.transcript is None:
+            return
+        try:
+            save_transcript(self.transcript, self.model.path, self.session)
+        except OffloadError as error:
+            self.show_error(error)
+
     def _write(self, text: str) -> None:
-        # Straight to the file, not through rich: Ctrl-C can land anywhere in Python code, and a plain write is
-        # one call, so it never leaves half a piece printed or the console's buffer in a half-updated state.
+        # Straight to the file, not through rich: one plain write per piece, with no markup to interpret.
         self.out.file.write(text.translate(SCREEN_SAFE))
         self.out.file.flush()
 

@@ -1,9 +1,10 @@
 """Prefill then incremental decode for one sequence, with sampling, eos and stop strings, streamed as text."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import ContextManager, Generator, Iterator, Sequence
 
 import torch
 
@@ -46,7 +47,9 @@ class GenerationStats:
 class Generation:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)  # generated tokens only
-    finish_reason: str = "length"  # "stop" (eos or a stop string) | "length"
+    # "stop": an eos token or a stop string; "length": max_new_tokens reached; "interrupted": the run ended before
+    # either (closed, abandoned, Ctrl-C or an error), so text holds what was produced until then.
+    finish_reason: str = "length"
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
@@ -71,15 +74,59 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> Non
         )
 
 
+def check_finite(logits: torch.Tensor, position: int) -> None:
+    """Stop at logits that hold NaN or inf: no token can be chosen from them, and sampling would silently pick
+    one anyway (argmax of NaN), which ends in an empty or garbage completion."""
+    if not bool(torch.isfinite(logits).all()):
+        raise OffloadError(
+            f"the model's logits at position {position} hold NaN or inf, so no next token can be chosen: the "
+            "checkpoint's weights probably contain NaN/inf (re-export or re-download it), or the compute dtype "
+            "overflowed (load with dtype='float32' or 'bfloat16' instead of float16)"
+        )
+
+
 class GenerationRun:
-    """One generation. Iterating yields text pieces as they are produced; `result` is complete afterwards."""
+    """One generation, run once. Iterating yields text pieces as they are produced; `result` holds what was
+    produced so far, and is complete once the run is exhausted.
+
+    The run holds `lock` (its model's) from its first piece until it is exhausted, closed (`close()`, or leaving
+    a `with` block) or garbage-collected, because the model keeps one sequence's cache. A run stopped early
+    reports finish_reason "interrupted"."""
 
     def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, eos_ids: Sequence[int],
-                 request: GenerationRequest):
+                 request: GenerationRequest, lock: ContextManager | None = None):
         check_fits(len(request.prompt_ids), request.max_new_tokens, transformer.max_context)
         self.transformer, self.tokenizer, self.request = transformer, tokenizer, request
         self.eos_ids = set() if request.ignore_eos else set(eos_ids)
-        self.result = Generation(stats=GenerationStats(prompt_tokens=len(request.prompt_ids)))
+        # "interrupted" until the run ends with a stop or at max_new_tokens.
+        self.result = Generation(finish_reason="interrupted",
+                                 stats=GenerationStats(prompt_tokens=len(request.prompt_ids)))
+        self._lock = lock or contextlib.nullcontext()
+        self._pieces: Generator[str, None, None] | None = None  # started on the first next()
+
+    def __iter__(self) -> GenerationRun:
+        return self
+
+    def __next__(self) -> str:
+        if self._pieces is None:
+            self._pieces = self._locked_pieces()
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop the run where it is and release the model; a run never started will not start."""
+        if self._pieces is None:
+            self._pieces = self._locked_pieces()  # closed before its first step, it never takes the lock
+        self._pieces.close()
+
+    def __enter__(self) -> GenerationRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _locked_pieces(self) -> Generator[str, None, None]:
+        with self._lock:
+            yield from self._pieces_of_text()
 
     def token_ids(self) -> Iterator[int]:
         """The sampled tokens, one by one: prefill, then one decode step per token."""
@@ -93,6 +140,7 @@ class GenerationRun:
             logits = model(torch.tensor(req.prompt_ids, device=device), 0, last_only=True)[0].cpu()
         stats.prefill_seconds = time.perf_counter() - t0
         pos = len(req.prompt_ids)
+        check_finite(logits, pos - 1)
         step_ids = torch.empty(1, dtype=torch.long, device=device)  # reused: no allocation per decoded token
         for step in range(req.max_new_tokens):
             with model.timers.section("sampling"):
@@ -106,9 +154,10 @@ class GenerationRun:
             with torch.inference_mode():
                 logits = model(step_ids.fill_(token), pos, last_only=True)[0].cpu()
             stats.decode_seconds += time.perf_counter() - t0
+            check_finite(logits, pos)
             pos += 1
 
-    def __iter__(self) -> Iterator[str]:
+    def _pieces_of_text(self) -> Iterator[str]:
         result = self.result
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
         stops = StopStringMatcher(list(self.request.stop))
@@ -126,6 +175,8 @@ class GenerationRun:
             if hit:
                 result.finish_reason = "stop"
                 return
+        if result.finish_reason != "stop":
+            result.finish_reason = "length"
         if detok is not None:
             piece, hit = stops.push(detok.flush())
             tail = piece if hit else piece + stops.flush()

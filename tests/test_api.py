@@ -1,14 +1,19 @@
 """The Python API and `offload demo` end to end on the built-in demo checkpoint (random weights, real tokenizer)."""
 from __future__ import annotations
 
+import json
+import shutil
+import threading
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import offload
 from offload.cli import app
 from offload.demo import random_demo_checkpoint
-from offload.errors import ContextLengthError
+from offload.errors import ContextLengthError, OffloadError
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +120,118 @@ def test_routing_heat_counts_every_choice(model):
     assert all(sum(row) == positions * cfg.router.top_k for row in heat)
     model.reset_stats()
     assert all(sum(row) == 0 for row in model.routing_heat())
+
+
+def test_two_threads_on_one_model_get_the_single_thread_outputs(model):
+    prompts = [list(range(10, 30)), list(range(200, 212))]
+    kwargs = dict(max_new_tokens=12, ignore_eos=True)
+    alone = [model.generate(p, **kwargs).token_ids for p in prompts]
+    logits_alone = model.logits(prompts[0])
+    start = threading.Barrier(2)
+    got: dict[int, list] = {0: [], 1: []}
+
+    def worker(i: int) -> None:
+        start.wait()
+        for _ in range(3):
+            got[i].append(model.generate(prompts[i], **kwargs).token_ids)
+            got[i].append("".join(model.stream(prompts[i], **kwargs)))
+            got[i].append(model.logits(prompts[0]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        text = model.tokenizer.decode(alone[i])
+        for ids, streamed, logits in zip(got[i][0::3], got[i][1::3], got[i][2::3]):
+            assert ids == alone[i] and streamed == text
+            assert torch.equal(logits, logits_alone)
+
+
+def test_a_stream_holds_the_model_until_it_is_exhausted(model):
+    """Another thread's generate waits for a half-read stream; the stream's tokens are those of a run alone."""
+    kwargs = dict(max_new_tokens=16, ignore_eos=True)
+    expected_a = model.generate("The router picks", **kwargs)
+    expected_b = model.generate("Numbers:", **kwargs)
+    run = model.stream("The router picks", **kwargs)
+    first = next(run)
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(model.generate("Numbers:", **kwargs)))
+    thread.start()
+    rest = "".join(run)
+    thread.join()
+    assert first + rest == expected_a.text and run.result.token_ids == expected_a.token_ids
+    assert other[0].token_ids == expected_b.token_ids
+
+
+def test_a_call_in_the_thread_of_an_unfinished_stream_is_an_error_not_a_hang(model):
+    run = model.stream("Hello", max_new_tokens=16, ignore_eos=True)
+    next(run)
+    with pytest.raises(OffloadError, match="unfinished stream"):
+        model.generate("Hello", max_new_tokens=2)
+    run.close()
+    assert run.result.finish_reason == "interrupted" and 0 < len(run.result.token_ids) < 16
+    assert len(model.generate("Hello", max_new_tokens=2, ignore_eos=True).token_ids) == 2
+
+
+def test_an_interrupted_stream_reports_interrupted(model, monkeypatch):
+    with model.stream("Hello", max_new_tokens=16, ignore_eos=True) as run:
+        next(run)
+    assert run.result.finish_reason == "interrupted"  # left the with block early
+
+    import offload.generate as generate
+
+    real = generate.sample_next
+    calls = []
+
+    def ctrl_c_on_the_fifth_token(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(generate, "sample_next", ctrl_c_on_the_fifth_token)
+    run = model.stream("Hello", max_new_tokens=16, ignore_eos=True)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in run:
+            pass
+    assert run.result.finish_reason == "interrupted" and len(run.result.token_ids) == 4
+    monkeypatch.undo()
+    assert model.generate("Hello", max_new_tokens=3, ignore_eos=True).finish_reason == "length"  # released
+
+
+def test_generate_json_interrupted_prints_the_partial_result_and_exits_130(demo_dir, monkeypatch):
+    import offload.generate as generate
+
+    real = generate.sample_next
+    calls = []
+
+    def ctrl_c_on_the_fourth_token(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(generate, "sample_next", ctrl_c_on_the_fourth_token)
+    result = CliRunner().invoke(app, ["generate", str(demo_dir), "--device", "cpu", "--prompt", "Hello",
+                                      "--max-new-tokens", "20", "--ignore-eos", "--json"])
+    assert result.exit_code == 130
+    printed = json.loads(result.stdout)
+    assert printed["finish_reason"] == "interrupted" and len(printed["token_ids"]) == 3
+    assert printed["stats"]["generated_tokens"] == 3
+
+
+def test_nan_in_the_weights_stops_generation_with_a_clear_error(demo_dir, tmp_path):
+    folder = tmp_path / "nan"
+    shutil.copytree(demo_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors[name][0, :4] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    model = offload.load(folder, device="cpu", max_context=64)
+    with pytest.raises(OffloadError, match="logits at position .* hold NaN or inf.*weights probably contain NaN"):
+        model.generate(list(range(10, 40)), max_new_tokens=8)
+    result = CliRunner().invoke(app, ["generate", str(folder), "--device", "cpu", "--prompt", "Hello world, how are "
+                                      "you today? The quick brown fox", "--max-new-tokens", "8"])
+    assert result.exit_code == 2 and "NaN or inf" in result.output and "Traceback" not in result.output

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import stat
 
 import pytest
 from rich.console import Console
 
 import offload
-from offload.chat import ChatLoop, ChatSession, Command, MessageReader, parse_command, stats_line, turns_to_drop
+from offload.chat import (ChatLoop, ChatSession, Command, CtrlC, MessageReader, Transcript, parse_command,
+                          parse_transcript, read_transcript, stats_line, turns_to_drop)
 from offload.files import write_json_atomic
 from offload.demo import random_demo_checkpoint
 from offload.errors import ContextLengthError, OffloadError
@@ -70,7 +74,7 @@ def test_session_drops_oldest_turns_and_keeps_the_system_prompt():
         messages, dropped = session.prompt(f"q{i}")
         session.add_turn(f"q{i}", reply(f"a{i} a{i}"))
     assert dropped == 1  # 4 + 3 + 1 + 2*7 = 22 > 20 before the third question: q0 went
-    assert [(t.user, t.tokens) for t in session.turns] == [("q1", 7), ("q2", 7)]
+    assert [(t.user, t.tokens) for t in session.context_turns] == [("q1", 7), ("q2", 7)]
     messages, dropped = session.prompt("q3 with more words")  # 4 + 6 + 1 = 11 fixed, room for one turn
     assert dropped == 1
     assert messages == [
@@ -79,6 +83,13 @@ def test_session_drops_oldest_turns_and_keeps_the_system_prompt():
         {"role": "user", "content": "q3 with more words"},
     ]
     assert words(messages) <= session.budget
+    # Trimming shortened the prompt, not the transcript: every turn is still there to save.
+    assert [t.user for t in session.turns] == ["q0", "q1", "q2"]
+    assert session.to_json() == {"messages": [
+        {"role": "system", "content": "be brief"},
+        *[m for i in range(3) for m in ({"role": "user", "content": f"q{i}"},
+                                        {"role": "assistant", "content": f"a{i} a{i}"})],
+    ], "context_start": 2}
 
 
 def test_session_rejects_a_message_that_cannot_fit_and_keeps_its_history():
@@ -107,12 +118,69 @@ def test_session_checks_the_exact_count_when_the_template_is_not_additive():
     assert messages == [{"role": "user", "content": "three four five six seven eight"}]
 
 
-def test_reset_keeps_the_system_prompt():
+def test_reset_keeps_the_system_prompt_and_the_transcript():
     session = ChatSession(words, max_context=100, max_new_tokens=10, system="sys")
     session.prompt("hi")
     session.add_turn("hi", reply("hello"))
     session.reset()
     assert session.messages() == [{"role": "system", "content": "sys"}] and session.last is None
+    assert session.to_json()["messages"][1:] == [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "hello"}]
+
+
+def test_a_saved_conversation_restores_what_the_model_saw():
+    session = ChatSession(words, max_context=30, max_new_tokens=10, system="be brief")
+    for i in range(4):
+        session.prompt(f"q{i}")
+        session.add_turn(f"q{i}", reply(f"a{i} a{i}"))
+    saved = parse_transcript(json.loads(json.dumps(session.to_json())), "chat.json")
+    assert saved == Transcript("be brief", [(f"q{i}", f"a{i} a{i}") for i in range(4)], session.context_start)
+    restored = ChatSession(words, max_context=30, max_new_tokens=10)
+    restored.restore(saved)
+    assert restored.to_json() == session.to_json()
+    assert restored.prompt("next") == session.prompt("next")
+    assert [(t.user, t.tokens) for t in restored.context_turns] == [(t.user, t.tokens) for t in session.context_turns]
+
+
+@pytest.mark.parametrize("data, problem", [
+    ([], "no list of messages"),
+    ({"messages": [{"role": "user"}]}, "no list of messages"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "must alternate user, assistant"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, "must alternate"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "context_start": 2},
+     "context_start must be a turn index from 0 to 1"),
+])
+def test_a_file_that_is_not_a_saved_conversation_is_one_clear_error(data, problem):
+    with pytest.raises(OffloadError, match=problem):
+        parse_transcript(data, "x.json")
+
+
+def test_read_transcript_names_unreadable_and_non_json_files(tmp_path):
+    with pytest.raises(OffloadError, match="cannot read .*missing.json"):
+        read_transcript(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(OffloadError, match="bad.json is not JSON"):
+        read_transcript(tmp_path / "bad.json")
+
+
+def test_ctrl_c_outside_an_armed_section_waits_for_the_next_one_and_twice_means_leave():
+    now = [100.0]
+    ctrl_c = CtrlC(clock=lambda: now[0])
+    ctrl_c.on_signal(signal.SIGINT, None)  # between sections: nothing raised now
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c.armed():
+            pytest.fail("a waiting Ctrl-C raises as the next section opens")
+    now[0] += 1.5
+    with ctrl_c.armed():  # it acted once; inside a section a press raises at once
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.on_signal(signal.SIGINT, None)
+    assert not ctrl_c.leaving  # 1.5 s after the last press
+    now[0] += 0.9
+    ctrl_c.on_signal(signal.SIGINT, None)
+    assert ctrl_c.leaving
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c.armed():
+            pytest.fail("once leaving, every section raises")
 
 
 def test_write_json_atomic_never_leaves_a_partial_file(tmp_path):
@@ -144,8 +212,12 @@ def model(tmp_path_factory):
     return offload.load(random_demo_checkpoint(tmp_path_factory.mktemp("cache")), device="cpu", max_context=256)
 
 
+SIGINT = "SIGINT"  # a Script entry: Ctrl-C while the prompt waits
+
+
 class Script:
-    """read_line from a list; each entry is a line, or an exception to raise at that point."""
+    """read_line from a list; each entry is a line, SIGINT (delivered through the real signal), or an exception
+    to raise at that point."""
 
     def __init__(self, *lines):
         self.lines = list(lines)
@@ -156,17 +228,21 @@ class Script:
         if not self.lines:
             raise EOFError
         line = self.lines.pop(0)
+        if line is SIGINT:
+            signal.raise_signal(signal.SIGINT)  # Python runs the handler before the next line, as during input()
         if isinstance(line, BaseException):
             raise line
         return line
 
 
-def make_loop(model, script, max_new_tokens=8, system=None):
+def make_loop(model, script, max_new_tokens=8, system=None, transcript=None, ctrl_c=None, max_context=None):
     out, err = io.StringIO(), io.StringIO()
-    session = ChatSession(lambda m: len(model.chat_prompt(m)), model.max_context, max_new_tokens, system)
+    session = ChatSession(lambda m: len(model.chat_prompt(m)), max_context or model.max_context, max_new_tokens,
+                          system)
     errors: list[str] = []
     loop = ChatLoop(model, session, dict(max_new_tokens=max_new_tokens, temperature=0.0), Console(file=out, width=200),
-                    Console(file=err, width=200), script, lambda e: errors.append(str(e)))
+                    Console(file=err, width=200), script, lambda e: errors.append(str(e)), transcript=transcript,
+                    ctrl_c=ctrl_c)
     return loop, session, out, err, errors
 
 
@@ -198,44 +274,123 @@ def test_an_error_in_a_turn_does_not_end_the_session(model):
     assert [t.user for t in session.turns] == ["hi"]
 
 
+class Ticks:
+    """A clock for CtrlC that moves `step` seconds at every reading."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 def test_ctrl_c_stops_the_reply_and_keeps_it(model, monkeypatch):
     """KeyboardInterrupt raised while the reply streams, as Ctrl-C would, after the run produced a third piece
-    that was never printed."""
+    that was never printed; then Ctrl-C at the prompt, which clears the line and stays."""
     real_stream = model.chat_stream
     runs = []
 
     class InterruptedRun:
         def __init__(self, run):
-            self.run, self.result = run, run.result
+            self.run, self.result, self.pieces = run, run.result, 0
             runs.append(self)
 
-        def __iter__(self):
-            for i, piece in enumerate(self.run):
-                if i == 2:
-                    raise KeyboardInterrupt
-                yield piece
+        def __next__(self):
+            piece = next(self.run)
+            self.pieces += 1
+            if self.pieces == 3:
+                signal.raise_signal(signal.SIGINT)
+            return piece
+
+        def close(self):
+            self.run.close()
 
     monkeypatch.setattr(model, "chat_stream", lambda messages, **kw: InterruptedRun(real_stream(messages, **kw)))
-    script = Script("hello", "again", KeyboardInterrupt())
-    loop, session, out, err, errors = make_loop(model, script, max_new_tokens=60)
-    loop.run()  # Ctrl-C at the prompt leaves quietly
+    script = Script("hello", "again", SIGINT, "/exit", "never read")
+    loop, session, out, err, errors = make_loop(model, script, max_new_tokens=60, ctrl_c=CtrlC(clock=Ticks(10.0)))
+    loop.run()
+    assert script.lines == ["never read"]  # Ctrl-C at the prompt did not leave; /exit did
     assert len(session.turns) == 2
     for turn, run in zip(session.turns, runs):
         assert turn.assistant == run.result.text != ""  # all that was generated, the unprinted piece too
         assert f"assistant> {turn.assistant}\n" in out.getvalue()  # and the screen shows the same
         assert run.result.finish_reason == "interrupted" and len(run.result.token_ids) < 60
     assert err.getvalue().count("finish: interrupted") == 2
+    assert "Ctrl-C again within a second" in err.getvalue()
+
+
+def test_two_ctrl_c_within_a_second_leave(model):
+    script = Script(SIGINT, SIGINT, "never read")
+    loop, *_ = make_loop(model, script, ctrl_c=CtrlC(clock=Ticks(0.5)))
+    loop.run()
+    assert script.lines == ["never read"]
+
+
+def test_ctrl_c_as_a_reply_ends_neither_leaves_nor_loses_the_turn(model, tmp_path, monkeypatch):
+    """SIGINT delivered at the instant a reply ends, while the turn is recorded: it waits, so the turn and its
+    autosave complete, and then acts on the prompt (a fresh one) instead of leaving."""
+    transcript = tmp_path / "chat.json"
+    script = Script("hello", "again", "/exit")
+    loop, session, out, err, errors = make_loop(model, script, transcript=transcript, ctrl_c=CtrlC(clock=Ticks(10.0)))
+    record = session.add_turn
+
+    def add_turn_under_ctrl_c(user, generation):
+        signal.raise_signal(signal.SIGINT)  # Python runs the handler before the next line
+        record(user, generation)
+
+    monkeypatch.setattr(session, "add_turn", add_turn_under_ctrl_c)
+    loop.run()
+    assert [t.user for t in session.turns] == ["hello", "again"] and not errors
+    assert script.prompts == ["you> "] * 3 and err.getvalue().count("Ctrl-C again within a second") == 2
+    saved = json.loads(transcript.read_text())
+    assert [m["content"] for m in saved["messages"][::2]] == ["hello", "again"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the chat's handler is gone
+
+
+def test_every_reply_is_saved_and_trimming_keeps_every_turn(model, tmp_path):
+    transcript = tmp_path / "chats" / "chat.json"
+    transcript.parent.mkdir()
+    # Messages of about 25 tokens in a 100-token context: the prompt is trimmed after a few turns.
+    script = Script(*[f"question number {i} " + "word " * 20 for i in range(6)], "/save " + str(tmp_path / "all.json"))
+    loop, session, out, err, errors = make_loop(model, script, transcript=transcript, max_context=100)
+    loop.run()
+    assert not errors and "took the" in err.getvalue() and session.context_start > 0
+    for path in (transcript, tmp_path / "all.json"):
+        saved = json.loads(path.read_text())
+        users = [m["content"] for m in saved["messages"] if m["role"] == "user"]
+        assert users == [f"question number {i} " + "word " * 20 for i in range(6)]
+        assert saved["context_start"] == session.context_start and saved["model"] == str(model.path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask()
+    assert sorted(p.name for p in transcript.parent.iterdir()) == ["chat.json"]  # no temporary file left
+
+    # /load continues it: the same conversation, and later replies are saved to the loaded file.
+    again = tmp_path / "again.json"
+    again.write_text(transcript.read_text())
+    loop2, session2, *_ = make_loop(model, Script("/load " + str(again), "one more"), max_context=100)
+    loop2.run()
+    assert [t.user for t in session2.turns][:6] == [t.user for t in session.turns]
+    assert json.loads(again.read_text())["messages"][-2]["content"] == "one more"
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_control_characters_in_a_reply_are_not_sent_to_the_terminal(model, monkeypatch):
     class CannedRun:
         def __init__(self, pieces):
-            self.pieces, self.result = pieces, Generation(finish_reason="stop")
+            self.pieces, self.result = iter(pieces), Generation(finish_reason="stop")
 
-        def __iter__(self):
-            for piece in self.pieces:
-                self.result.text += piece
-                yield piece
+        def __next__(self):
+            piece = next(self.pieces)
+            self.result.text += piece
+            return piece
+
+        def close(self):
+            pass
 
     monkeypatch.setattr(model, "chat_stream", lambda messages, **kw: CannedRun(["clear\x1b[2J", "\tdone\n"]))
     loop, session, out, err, errors = make_loop(model, Script("hi"))
