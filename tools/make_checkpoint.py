@@ -2,29 +2,37 @@
 
     python tools/make_checkpoint.py qwen3-30b-a3b /data/qwen3-int4 --experts-format int4 --dense bf16
     python tools/make_checkpoint.py mixtral-8x7b /data/mixtral-hf --hf
+    python tools/make_checkpoint.py deepseek-v3 /data/dsv3-fp8 --layers 4 --fp8
     python tools/make_checkpoint.py deepseek-v3 /tmp/dsv3-4 --layers 4 --embed-std 1 --out-std 0.002 --skew 1
 
 SHAPE is one of SHAPES: the model's own config.json (architecture values as published on the Hugging Face hub,
-without quantization_config / auto_map: the weights here are bf16). `--layers N` keeps the first N decoder layers.
+without quantization_config / auto_map: the weights here are bf16; `--fp8` adds DeepSeek-V3's). `--layers N` keeps the first N decoder layers.
 
-Two outputs, both streamed one shard (one decoder layer) at a time, each shard written to a temporary name and
+Three outputs, all streamed one shard (one decoder layer) at a time, each shard written to a temporary name and
 renamed when complete:
 
 - `--hf`: a Hugging Face bf16 folder (config.json, generation_config.json, model-0000k-of-0000n.safetensors,
   model.safetensors.index.json). Each shard's safetensors header is written from the shapes first and then every
   tensor in chunks, so memory stays at one chunk (8 MB), not one layer.
+- `--fp8` (implies `--hf`): the same folder in DeepSeek-V3's published FP8 layout, as `offload convert` and
+  `offload.load` read it: every Linear weight of the decoder layers (attention, dense MLPs, shared and routed
+  experts) an F8_E4M3 `weight` plus a float32 `weight_scale_inv` [ceil(O/128), ceil(K/128)], quantized by
+  offload.weights.encoders.encode_fp8_block from the bf16 values `--hf` writes; embeddings, norms, routers and
+  LM head stay bf16; config.json gets DeepSeek-V3's quantization_config. The header is written from the encoded
+  dtypes and shapes (each scale directly after its weight), and each matrix is encoded one band of 128-row tile
+  rows at a time, so memory stays at about one chunk here too.
 - default: offload's pre-quantized store (offload.weights.store.write_store) in `--experts-format` /
   `--dense`: no bf16 copy of the model is ever written. Memory: one layer's packed weights (plus, for the last
   shard, the bf16 embedding and LM head).
 
-Both modes resume an interrupted run from its finished shards when run again with the same arguments.
+All modes resume an interrupted run from its finished shards when run again with the same arguments.
 
-Both modes take the tensor names, shapes and shard grouping from offload's own loader (store.tensor_roles and
+All modes take the tensor names, shapes and shard grouping from offload's own loader (store.tensor_roles and
 store.shard_roles), and every value from `Values`: deterministic per tensor NAME (a generator seeded with
-the CRC-32 of "SEED:NAME"), so the order of writing does not matter, both modes hold identical bf16 values
-(a store equals `offload.load(hf_folder, experts=F, dense=D)` bit for bit) and two runs write identical files
-(store shards: identical up to the order of the keys in the safetensors header's __metadata__, which the
-safetensors library writes in hash-map order).
+the CRC-32 of "SEED:NAME"), so the order of writing does not matter, `--hf` and the store hold identical bf16
+values (a store equals `offload.load(hf_folder, experts=F, dense=D)` bit for bit; `--fp8` holds their block-FP8
+rounding) and two runs write identical files (store shards: identical up to the order of the keys in the
+safetensors header's __metadata__, which the safetensors library writes in hash-map order).
 Rules as offload/synthetic.py: ones for norm weights, zeros for biases and e_score_correction_bias, N(0, std)
 (torch's normal_ straight into bfloat16) for everything else; except that the embedding may have its own
 `--embed-std` and the matrices that write into the residual stream (o_proj, down_proj / w2) their own `--out-std`
@@ -77,6 +85,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offload.arch import architecture  # noqa: E402
+from offload.weights.codecs import FP8_BLOCK  # noqa: E402
+from offload.weights.encoders import encode_fp8_block  # noqa: E402
 from offload.weights.store import (  # noqa: E402
     DENSE_FORMATS, EXPERT_FORMATS, TensorRole, shard_file, shard_roles, tensor_roles, write_store)
 
@@ -88,6 +98,10 @@ EMBEDDING = "model.embed_tokens.weight"
 RECOMMENDATION = ("For realistic routing (see the module docstring): --embed-std 1 --out-std 0.002, plus e.g. "
                   "--skew 1 for hot experts.")
 OUTPUTS = (".o_proj.weight", ".down_proj.weight", ".w2.weight")  # the matrices that write into the residual stream
+FP8_CONFIG: dict[str, Any] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(FP8_BLOCK),
+                              "activation_scheme": "dynamic"}  # DeepSeek-V3's quantization_config
+SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
+DTYPE_BYTES = {"BF16": 2, "F8_E4M3": 1, "F32": 4}  # the safetensors dtypes written here
 
 # --- shapes: the published config.json of each model ----------------------------------------------------------
 
@@ -406,41 +420,108 @@ def parameter_count(roles: list[TensorRole]) -> int:
     return sum(math.prod(shape) for _, shape in hf_tensors(roles))
 
 
-def safetensors_header(tensors: list[tuple[str, tuple[int, ...]]]) -> tuple[bytes, int]:
-    """The header (length prefix included) of a bf16 safetensors file holding `tensors` in order, and the bytes
-    of data that follow it."""
+def fp8_weights(roles: list[TensorRole]) -> set[str]:
+    """The tensors the FP8 layout stores as float8: every Linear weight of the decoder layers (attention, dense
+    MLPs, shared and routed experts), as DeepSeek-V3 is published; routers, norms, embeddings and LM head stay
+    bf16."""
+    return {source for role in roles if role.kind != "plain" and role.name.startswith("model.layers.")
+            for source in role.sources}
+
+
+def stored_tensors(tensors: list[tuple[str, tuple[int, ...]]], fp8: set[str] = frozenset(),
+                   block: tuple[int, int] = FP8_BLOCK) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, safetensors dtype) of each tensor as a file stores it: bf16, or for a name in `fp8` its
+    F8_E4M3 weight directly followed by its F32 weight_scale_inv [ceil(O/bo), ceil(K/bk)] (Fp8Chunks writes
+    the scales from the weight's own pass)."""
+    out: list[tuple[str, tuple[int, ...], str]] = []
+    for name, shape in tensors:
+        if name not in fp8:
+            out.append((name, shape, "BF16"))
+            continue
+        O, K = shape
+        out += [(name, shape, "F8_E4M3"), (name + SCALE_SUFFIX, (-(-O // block[0]), -(-K // block[1])), "F32")]
+    return out
+
+
+def fp8_bands(blocks: Iterator[torch.Tensor], shape: tuple[int, int],
+              block: tuple[int, int] = FP8_BLOCK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """encode_fp8_block of a matrix given as blocks of whole rows (Values.chunks), one band of whole tile rows
+    at a time: (weight float8 [rows, K], scale_inv [ceil(rows/bo), ceil(K/bk)]) per band. No tile straddles
+    two bands, so the bands are exactly the rows of encode_fp8_block(whole matrix); memory stays at one band
+    (about CHUNK values), not one matrix."""
+    O, K = shape
+    band = max(1, CHUNK // (block[0] * K)) * block[0]
+    rows = torch.empty(0, K, dtype=torch.bfloat16)
+    for chunk in blocks:
+        rows = torch.cat([rows, chunk.view(-1, K)])
+        while len(rows) >= band:
+            yield encode_fp8_block(rows[:band], block)
+            rows = rows[band:]
+    if len(rows):
+        yield encode_fp8_block(rows, block)
+
+
+class Fp8Chunks:
+    """write_streaming_safetensors' chunks for the FP8 layout: a name in `fp8` yields its float8 weight band by
+    band and keeps the scales, which the next call (its weight_scale_inv, the next tensor of the file) yields;
+    every other name its bf16 values."""
+
+    def __init__(self, values: Values, fp8: set[str], block: tuple[int, int] = FP8_BLOCK):
+        self.values, self.fp8, self.block = values, fp8, block
+        self.scales: tuple[str, torch.Tensor] | None = None  # (scale name, scale_inv) of the last weight
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in self.fp8:
+            if self.scales is None or self.scales[0] != name:
+                raise RuntimeError(f"{name} must directly follow its weight in the file")
+            yield self.scales[1].flatten()
+            self.scales = None
+            return
+        if name not in self.fp8:
+            yield from self.values.chunks(name, shape)
+            return
+        scales = []
+        for weight, scale_inv in fp8_bands(self.values.chunks(name, shape), shape, self.block):
+            yield weight.flatten()
+            scales.append(scale_inv)
+        self.scales = (name + SCALE_SUFFIX, torch.cat(scales))
+
+
+def safetensors_header(tensors: list[tuple[str, tuple[int, ...], str]]) -> tuple[bytes, int]:
+    """The header (length prefix included) of a safetensors file holding `tensors` (name, shape, dtype) in
+    order, and the bytes of data that follow it."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape in tensors:
-        size = 2 * math.prod(shape)
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+    for name, shape, dtype in tensors:
+        size = DTYPE_BYTES[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text, offset
 
 
-def write_streaming_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]],
+def write_streaming_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], str]],
                                 chunks: Callable[[str, tuple[int, ...]], Iterator[torch.Tensor]]) -> int:
-    """A bf16 safetensors file written header first, then each tensor chunk by chunk (to PATH.tmp, renamed when
-    complete). Returns the bytes of tensor data."""
+    """A safetensors file written header first (from the shapes and dtypes), then each tensor chunk by chunk
+    (to PATH.tmp, renamed when complete). Returns the bytes of tensor data."""
     header, size = safetensors_header(tensors)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(header)
-        for name, shape in tensors:
+        for name, shape, dtype in tensors:
             written = 0
             for block in chunks(name, shape):
-                data = block.contiguous().view(torch.int16).numpy()
+                data = block.contiguous().flatten().view(torch.uint8).numpy()
                 f.write(data.data)
                 written += data.nbytes
-            if written != 2 * math.prod(shape):
-                raise RuntimeError(f"{name}: wrote {written} bytes, expected {2 * math.prod(shape)}")
+            if written != DTYPE_BYTES[dtype] * math.prod(shape):
+                raise RuntimeError(f"{name}: wrote {written} bytes, expected {DTYPE_BYTES[dtype] * math.prod(shape)}")
     os.replace(tmp, path)
     return size
 
 
-def finished_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]]) -> bool:
+def finished_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], str]]) -> bool:
     """Whether `path` is the complete file write_streaming_safetensors writes for `tensors` (same header, same
     size): a shard an interrupted run finished."""
     header, size = safetensors_header(tensors)
@@ -484,30 +565,34 @@ def _start_or_resume_hf(out: Path, options: dict[str, Any]) -> bool:
 
 
 def write_hf(out: str | Path, hf_config: dict[str, Any], seed: int = 0, std: float = 0.02, skew: float = 0.0,
-             embed_std: float | None = None, out_std: float | None = None,
+             embed_std: float | None = None, out_std: float | None = None, fp8: bool = False,
              log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """A Hugging Face bf16 checkpoint folder for hf_config, one shard per decoder layer plus one for the rest.
-    An interrupted run resumes from its finished shards when run again with the same arguments.
-    Returns a summary: bytes, parameters, seconds."""
+    """A Hugging Face bf16 checkpoint folder for hf_config, one shard per decoder layer plus one for the rest;
+    with fp8, in DeepSeek-V3's published FP8 layout (fp8_weights quantized by encode_fp8_block from the same
+    bf16 values, config.json with FP8_CONFIG). An interrupted run resumes from its finished shards when run
+    again with the same arguments. Returns a summary: bytes, parameters, seconds."""
     out = Path(out).expanduser()
     t0 = time.perf_counter()
     config = _bf16_config(hf_config)
+    if fp8:
+        config["quantization_config"] = dict(FP8_CONFIG)
     _start_or_resume_hf(out, {"config": config, "seed": seed, "std": std, "skew": skew, "embed_std": embed_std,
                               "out_std": out_std})
     values = Values(hf_config, seed, std, skew, embed_std, out_std)
     roles = tensor_roles(hf_config)
     shards = shard_roles(roles, int(hf_config["num_hidden_layers"]))
+    quantized = fp8_weights(roles) if fp8 else set()
+    chunks = Fp8Chunks(values, quantized) if fp8 else values.chunks
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(hf_config))
     weight_map: dict[str, str] = {}
     total = 0
     for k, shard in enumerate(shards):
         name = shard_file(k, len(shards))
-        tensors = hf_tensors(shard)
+        tensors = stored_tensors(hf_tensors(shard), quantized)
         kept = finished_safetensors(out / name, tensors)
-        total += safetensors_header(tensors)[1] if kept else write_streaming_safetensors(out / name, tensors,
-                                                                                          values.chunks)
-        weight_map.update(dict.fromkeys((t for t, _ in tensors), name))
+        total += safetensors_header(tensors)[1] if kept else write_streaming_safetensors(out / name, tensors, chunks)
+        weight_map.update(dict.fromkeys((t for t, _, _ in tensors), name))
         if log:
             log(f"[{k + 1}/{len(shards)}] {name}  {_gb((out / name).stat().st_size)}  total {_gb(total)}  "
                 f"{time.perf_counter() - t0:.1f} s{'  (kept from an earlier run)' if kept else ''}")
@@ -605,6 +690,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, metavar="OUT", help="output folder (created; must be empty)")
     parser.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers")
     parser.add_argument("--hf", action="store_true", help="write a Hugging Face bf16 folder instead of a store")
+    parser.add_argument("--fp8", action="store_true", help="write a Hugging Face folder in DeepSeek-V3's FP8 "
+                        "layout (e4m3 weights with a float32 scale per 128x128 block); implies --hf")
     parser.add_argument("--experts-format", choices=EXPERT_FORMATS, default="int8",
                         help="store mode: packed format of the routed experts (default int8)")
     parser.add_argument("--dense", choices=DENSE_FORMATS, default="bf16",
@@ -621,11 +708,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = shape_config(args.shape, args.layers)
     layers = cfg["num_hidden_layers"]
-    what = "hf bf16" if args.hf else f"store experts={args.experts_format} dense={args.dense}"
+    what = "hf fp8" if args.fp8 else "hf bf16" if args.hf else f"store experts={args.experts_format} dense={args.dense}"
     stds = f"std {args.std}, embed std {args.embed_std or args.std}, out std {args.out_std or args.std}"
     print(f"{args.shape}: {layers} layers, {what}, seed {args.seed}, {stds}, skew {args.skew} -> {args.out}")
-    if args.hf:
-        summary = write_hf(args.out, cfg, args.seed, args.std, args.skew, args.embed_std, args.out_std)
+    if args.hf or args.fp8:
+        summary = write_hf(args.out, cfg, args.seed, args.std, args.skew, args.embed_std, args.out_std, args.fp8)
     else:
         label = (f"synthetic {args.shape} layers={layers} seed={args.seed} std={args.std} skew={args.skew} "
                  f"embed_std={args.embed_std} out_std={args.out_std}")
