@@ -270,12 +270,9 @@ def prepare_transcript_path(path: Path) -> Path:
 
 
 def save_transcript(path: Path, model_path: Path, session: ChatSession) -> None:
-    """Write the whole conversation atomically (a temporary file renamed over `path`), readable by others like
-    every file offload writes (0644 under the usual umask)."""
+    """Write the whole conversation atomically (a temporary file renamed over `path`, with the mode of any new
+    file), so an interrupted save never leaves a broken one."""
     write_json_atomic(path, {"model": str(model_path), **session.to_json()})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path.expanduser(), 0o666 & ~umask)
 
 
 class CtrlC:

@@ -5,7 +5,7 @@ import functools
 import inspect
 import json
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, get_type_hints
 
@@ -140,15 +140,24 @@ def load_model(path: Path, options: LoadOptions, progress: bool) -> Model:
 
 
 def _print_stream(run: GenerationRun) -> None:
-    from .chat import stats_line
+    """Print the pieces as they come, then the stats line; Ctrl-C stops the run and exits 130 after both."""
+    from .chat import SCREEN_SAFE, stats_line
 
-    from .chat import SCREEN_SAFE
-
-    for piece in run:
-        out.print(piece.translate(SCREEN_SAFE), end="", markup=False, highlight=False)
-        sys.stdout.flush()
+    try:
+        for piece in run:
+            out.print(piece.translate(SCREEN_SAFE), end="", markup=False, highlight=False)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        run.close()
     out.print()
     err.print(f"[dim]{stats_line(run.result)}[/dim]", highlight=False)
+    _exit_if_interrupted(run)
+
+
+def _exit_if_interrupted(run: GenerationRun) -> None:
+    if run.result.finish_reason == "interrupted":
+        err.print("[red]interrupted[/red]")
+        raise typer.Exit(130)
 
 
 MODEL_ARGUMENT = typer.Argument(..., metavar="MODEL", help="Hugging Face checkpoint folder.")
@@ -160,6 +169,9 @@ def demo(
     prompt: str = typer.Option("What is a list comprehension?", help="The user message."),
     max_new_tokens: int = typer.Option(96, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
+    top_k: int = typer.Option(40, help="0 = off."),
+    repetition_penalty: float = typer.Option(
+        1.3, help="1.0 = off; the small demo model repeats itself without one."),
     seed: int = typer.Option(0, help="Sampling seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
     experts: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
@@ -179,9 +191,18 @@ def demo(
     err.print(f"[dim]demo model: {model.config.model_type}, {model.config.num_hidden_layers} layers, "
               f"{model.config.router.num_experts} experts top-{model.config.router.top_k}, trained on Python's "
               f"documentation; on {model.device}[/dim]")
+    err.print(f"[dim]{sampling_line(temperature, top_k, repetition_penalty)}[/dim]", highlight=False)
     out.print(f"[bold]user:[/bold] {escape(prompt)}\n[bold]assistant:[/bold] ", end="")
     _print_stream(model.chat_stream([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_k=40, repetition_penalty=1.3, seed=seed))
+                                    temperature=temperature, top_k=top_k, repetition_penalty=repetition_penalty,
+                                    seed=seed))
+
+
+def sampling_line(temperature: float, top_k: int, repetition_penalty: float) -> str:
+    """How the demo samples, said once, since its defaults are not the other commands'."""
+    how = "greedy" if temperature == 0 else f"temperature {temperature:g}"
+    return (f"sampling: {how}, top-k {top_k or 'off'}, repetition penalty {repetition_penalty:g} "
+            "(--temperature, --top-k and --repetition-penalty change them)")
 
 
 @app.command()
@@ -227,11 +248,15 @@ def generate(
     if not as_json:
         _print_stream(run)
         return
-    for _ in run:
-        pass
+    try:
+        for _ in run:
+            pass
+    except KeyboardInterrupt:
+        run.close()  # the partial result is printed all the same, with finish_reason "interrupted"
     g = run.result
     out.print_json(json.dumps({"text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason,
                                "stats": g.stats.as_dict()}))
+    _exit_if_interrupted(run)
 
 
 @app.command()
@@ -243,29 +268,52 @@ def chat(
     temperature: float = typer.Option(0.7, help="0 = greedy."),
     top_p: float = typer.Option(0.9, help="1.0 = off."),
     top_k: int = typer.Option(0, help="0 = off."),
+    repetition_penalty: float = typer.Option(1.0, help="1.0 = off (offload demo uses 1.3)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string ending a reply (repeatable)."),
     max_new_tokens: int = typer.Option(512, help="Most tokens per reply; the history is trimmed to leave room."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling (each reply starts from it)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Send one message, print the reply and leave."),
+    transcript: Optional[Path] = typer.Option(
+        None, "--transcript", help="Save the conversation to this file after every reply (default: a new file in "
+                                   "~/.local/share/offload/chats; with --prompt, only when given)."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue a saved conversation (from /save or the autosave); later turns are saved "
+                               "to it unless --transcript says otherwise."),
     *,
     load_options: LoadOptions,
 ) -> None:
-    """Chat with a model through its chat template. /help lists the commands; Ctrl-C stops a reply."""
-    from .chat import ChatLoop, ChatSession, model_summary, require_chat_template, terminal_input
+    """Chat with a model through its chat template. /help lists the commands; Ctrl-C stops a reply; the
+    conversation is saved after every reply."""
+    from .chat import (ChatLoop, ChatSession, default_transcript_path, model_summary, prepare_transcript_path,
+                       read_transcript, require_chat_template, terminal_input)
     from .checks import check_chat
 
     require_chat_template(model_path)
     check_chat(model_path, load_options.max_context, max_new_tokens, system, prompt, temperature=temperature,
-               top_p=top_p, top_k=top_k, seed=seed)
+               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+    saved = read_transcript(resume) if resume is not None else None
+    if transcript is None and (prompt is None or resume is not None):
+        transcript = resume or default_transcript_path()
+    if transcript is not None:
+        transcript = prepare_transcript_path(transcript)
     model = load_model(model_path, load_options, progress=err.is_terminal)
     session = ChatSession(lambda messages: len(model.chat_prompt(messages)), model.max_context, max_new_tokens, system)
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    loop = ChatLoop(model, session, sampling, out, err, terminal_input(), print_error, echo=not sys.stdin.isatty())
+    if saved is not None:
+        session.restore(saved if system is None else replace(saved, system=system))
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+    loop = ChatLoop(model, session, sampling, out, err, terminal_input(), print_error, echo=not sys.stdin.isatty(),
+                    transcript=transcript)
     if prompt is not None:
-        if loop.reply(prompt).finish_reason == "interrupted":
+        if loop.once(prompt).finish_reason == "interrupted":
             raise typer.Exit(130)
         return
     err.print(f"[dim]{model_summary(model)}[/dim]", highlight=False)
-    err.print("[dim]/help for commands, /exit or Ctrl-D to leave[/dim]")
+    if saved is not None:
+        turns = len(session.turns)
+        err.print(f"[dim]resumed {turns} turn{'' if turns == 1 else 's'} from {resume}[/dim]", highlight=False)
+    err.print(f"[dim]/help for commands; /exit, Ctrl-D or Ctrl-C twice to leave; the conversation is saved to "
+              f"{transcript} after every reply[/dim]", highlight=False)
     loop.run()
 
 

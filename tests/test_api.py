@@ -235,3 +235,33 @@ def test_nan_in_the_weights_stops_generation_with_a_clear_error(demo_dir, tmp_pa
     result = CliRunner().invoke(app, ["generate", str(folder), "--device", "cpu", "--prompt", "Hello world, how are "
                                       "you today? The quick brown fox", "--max-new-tokens", "8"])
     assert result.exit_code == 2 and "NaN or inf" in result.output and "Traceback" not in result.output
+
+
+def test_demo_says_how_it_samples_and_takes_other_values():
+    from offload.demo import demo_model
+
+    result = CliRunner().invoke(app, ["demo", "--device", "cpu", "--max-new-tokens", "12", "--top-k", "0",
+                                      "--repetition-penalty", "1.0"])
+    assert result.exit_code == 0, result.output
+    assert "sampling: greedy, top-k off, repetition penalty 1 " in result.stderr
+    question = "What is a list comprehension?"
+    expected = offload.load(demo_model(), device="cpu", max_context=256).chat(
+        [{"role": "user", "content": question}], max_new_tokens=12)
+    assert result.stdout == f"user: {question}\nassistant: {expected.text}\n"
+    default = CliRunner().invoke(app, ["demo", "--device", "cpu", "--max-new-tokens", "1"])
+    assert "sampling: greedy, top-k 40, repetition penalty 1.3 " in default.stderr
+
+
+def test_chat_takes_a_repetition_penalty_and_stop_strings(demo_dir, model):
+    messages = [{"role": "user", "content": "What is a router?"}]
+    sampling = dict(max_new_tokens=24, repetition_penalty=1.3)
+    full = model.chat(messages, **sampling)
+    stop = full.text[len(full.text) // 2:][:3]
+    assert stop.strip(), "the greedy reply is too short to cut"
+    cut = model.chat(messages, stop=stop, **sampling)
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    result = CliRunner().invoke(app, ["chat", str(demo_dir), "--device", "cpu", "--max-context", "128",
+                                      "--temperature", "0", "--max-new-tokens", "24", "--repetition-penalty", "1.3",
+                                      "--stop", stop, "--prompt", "What is a router?"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == cut.text + "\n" and "finish: stop" in result.stderr
