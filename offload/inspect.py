@@ -215,9 +215,8 @@ def _tokenizer_text(t: dict[str, Any]) -> str:
 def _quantization_text(q: dict[str, Any] | None) -> str:
     if q is None:
         return "none"
-    how = "exactly" if q["lossless"] else "requantized"
     return (f"{q['method']}: {q['label']}, {q['bits_per_weight']:.2f} bits per weight; routed experts load as "
-            f"{q['expert_format']} ({how}) unless --experts says otherwise, other quantized matrices are "
+            f"{q['expert_format']} ({q['mapping']}) unless --experts says otherwise, other quantized matrices are "
             "dequantized to the model dtype")
 
 

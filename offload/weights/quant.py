@@ -50,7 +50,8 @@ class QuantScheme:
     """How a quantized checkpoint stores its weights, and what offload turns them into.
 
     expert_format: the offload format the quantized matrices map onto (the default for routed experts);
-    lossless: whether that mapping keeps every value exactly (else `error` says what was measured)."""
+    lossless: whether that mapping keeps every value exactly; mapping: how, in words (docs/formats.md has the
+    measured errors)."""
 
     method: str  # quant_method as the checkpoint names it
     label: str  # human description for `inspect`
@@ -61,10 +62,11 @@ class QuantScheme:
     floats: Callable[[ReadStored, LogicalTensor], torch.Tensor]  # float32, the logical shape
     grid: Callable[[ReadStored, LogicalTensor], "IntGroups | None"]  # the integer grid, where there is one
     round_scales: bool = False  # the grid's scales/offsets take fp16 rounding (GPTQ/AWQ offsets -zero * scale)
+    mapping: str = "exact"
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method, "label": self.label, "bits_per_weight": self.bits_per_weight,
-                "expert_format": self.expert_format, "lossless": self.lossless}
+                "expert_format": self.expert_format, "lossless": self.lossless, "mapping": self.mapping}
 
 
 def read_quant_config(folder: Path, config_json: dict[str, Any]) -> dict[str, Any] | None:
@@ -157,7 +159,7 @@ def _fp8(qc: dict[str, Any], folder: Path) -> QuantScheme:
 
     scale_text = "ue8m0" if qc.get("scale_fmt") == "ue8m0" else "fp32"
     return QuantScheme("fp8", f"FP8 e4m3, {scale_text} scale per {bo}x{bk} block", 8 + 32 / (bo * bk), "int8",
-                       False, group, floats, lambda read, t: None)
+                       False, group, floats, lambda read, t: None, mapping="dequantized, requantized per 32")
 
 
 # --- compressed-tensors pack-quantized int4 ----------------------------------------------------------------------
@@ -199,8 +201,9 @@ def _compressed_tensors(qc: dict[str, Any], folder: Path) -> QuantScheme:
         return groups
 
     label = f"int4 {'symmetric' if symmetric else 'asymmetric'}, scale per {group_size} (compressed-tensors)"
-    return QuantScheme("compressed-tensors", label, 4 + 16 / group_size * (1 if symmetric else 2), "int4",
-                       group_size % 32 == 0, group, _floats_of(grid), grid)
+    exact = group_size % 32 == 0
+    return QuantScheme("compressed-tensors", label, 4 + 16 / group_size * (1 if symmetric else 2), "int4", exact,
+                       group, _floats_of(grid), grid, mapping="exact" if exact else "dequantized, requantized per 32")
 
 
 # --- MXFP4 -------------------------------------------------------------------------------------------------------
@@ -256,8 +259,9 @@ def _gptq(qc: dict[str, Any], folder: Path) -> QuantScheme:
                     checkpoint_format=fmt)
 
     label = f"GPTQ int4, scale and zero per {group_size}" + (", act-order" if qc.get("desc_act") else "")
+    mapping = "dequantized, requantized per 32" if qc.get("desc_act") else "grid kept, offsets rounded to fp16"
     return QuantScheme("gptq", label, 4 + 16 / group_size + 4 / group_size, "int4", False, group,
-                       _floats_of(grid_or_floats), _grid_only(grid_or_floats), round_scales=True)
+                       _floats_of(grid_or_floats), _grid_only(grid_or_floats), round_scales=True, mapping=mapping)
 
 
 def _awq(qc: dict[str, Any], folder: Path) -> QuantScheme:
@@ -284,7 +288,8 @@ def _awq(qc: dict[str, Any], folder: Path) -> QuantScheme:
         return awq(read(t.parts[0]), read(t.parts[1]), read(t.parts[2]), group_size)
 
     return QuantScheme("awq", f"AWQ int4, scale and zero per {group_size}", 4 + 16 / group_size + 4 / group_size,
-                       "int4", False, group, _floats_of(grid), grid, round_scales=True)
+                       "int4", False, group, _floats_of(grid), grid, round_scales=True,
+                       mapping="grid kept, offsets rounded to fp16")
 
 
 def _floats_of(grid_or_floats: Callable[[ReadStored, LogicalTensor], Any]

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from ..experts.base import ExpertWeights, PackedExperts
 
+PACKED_FORMATS = ("bf16", "int8", "int4")  # csrc_py.formats.FORMATS, without importing the kernels
 DenseWeight = Union[torch.Tensor, "PackedMatrix"]  # a Linear's weight [out, in], or packed as a [1, out, in] stack
 
 log = logging.getLogger("offload")
@@ -125,7 +126,7 @@ class WeightSource:
         shapes = ((E, I, H), (E, I, H), (E, H, I))
         if self.prefix + f"{prefix}.{proj[0]}" in self.packed:
             return PackedExperts(*(self._read_packed(f"{prefix}.{p}", s) for p, s in zip(proj, shapes)))
-        if self.expert_format is not None and self.is_quantized(f"{prefix}.0.{proj[0]}.weight"):
+        if self.expert_format in PACKED_FORMATS and self.is_quantized(f"{prefix}.0.{proj[0]}.weight"):
             # A quantized checkpoint's experts are packed one matrix at a time, never a layer in float32.
             return PackedExperts(*(self._pack_experts(prefix, p, s) for p, s in zip(proj, shapes)))
         return ExpertWeights(*(torch.stack([self.take(f"{prefix}.{j}.{p}.weight", s[1:]) for j in range(E)])
