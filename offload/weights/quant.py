@@ -259,8 +259,11 @@ def _gptq(qc: dict[str, Any], folder: Path) -> QuantScheme:
                     checkpoint_format=fmt)
 
     label = f"GPTQ int4, scale and zero per {group_size}" + (", act-order" if qc.get("desc_act") else "")
-    mapping = "dequantized, requantized per 32" if qc.get("desc_act") else "grid kept, offsets rounded to fp16"
-    return QuantScheme("gptq", label, 4 + 16 / group_size + 4 / group_size, "int4", False, group,
+    # A symmetric checkpoint's offset -8 * scale is exact in fp16; -zero * scale rarely is.
+    exact = bool(qc.get("sym", True)) and group_size % 32 == 0
+    mapping = ("dequantized, requantized per 32" if qc.get("desc_act") or group_size % 32
+               else "exact" if exact else "grid kept, offsets rounded to fp16")
+    return QuantScheme("gptq", label, 4 + 16 / group_size + 4 / group_size, "int4", mapping == "exact", group,
                        _floats_of(grid_or_floats), _grid_only(grid_or_floats), round_scales=True, mapping=mapping)
 
 
