@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import stat
 
@@ -404,7 +405,8 @@ def test_plan_command_shows_the_placement(tmp_path):
 
     folder = random_demo_checkpoint(tmp_path)
     planned = offload.load(folder, device="cpu", gpu_memory="9MiB", max_context=512)
-    assert "experts pinned" in placement_summary(planned) and "as bf16" in placement_summary(planned)
+    summary = placement_summary(planned)
+    assert "experts pinned" in summary and summary.endswith(f"experts as {planned.plan.expert_format}")
     on_cpu = offload.load(folder, device="cpu", experts="int8", max_context=512)
     assert placement_summary(on_cpu) == "all routed experts on the CPU workers as int8"
     plain = offload.load(folder, device="cpu", max_context=512)
@@ -413,3 +415,17 @@ def test_plan_command_shows_the_placement(tmp_path):
     loop, _, out, _, errors = make_loop(planned, Script("/plan", "/exit"))
     assert loop.handle("/plan")
     assert "pinned ids" in out.getvalue() and "kv_cache" in out.getvalue() and not errors
+
+
+def test_chat_checks_the_transcript_files_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    from offload.cli import app
+
+    folder = random_demo_checkpoint(tmp_path)
+    cases = [(["--resume", str(tmp_path / "missing.json")], "cannot read .*missing.json"),
+             (["--transcript", str(tmp_path)], "cannot write the chat transcript to")]
+    for args, problem in cases:
+        result = CliRunner().invoke(app, ["chat", str(folder), "--device", "cpu", *args])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert re.search(problem, result.output.replace("\n", "")), result.output
