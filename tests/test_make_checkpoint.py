@@ -167,7 +167,7 @@ def test_values_do_not_depend_on_order_or_chunking(monkeypatch):
 
 
 def test_skew_makes_routing_hot_and_correlated_across_layers(tmp_path):
-    cfg = tiny_config("deepseek_v3", num_hidden_layers=4, n_routed_experts=16)
+    cfg = tiny_config("deepseek_v3", num_hidden_layers=4, n_routed_experts=16, max_position_embeddings=1024)
     heat = {}
     for skew in (0.0, 4.0):
         mc.write_hf(tmp_path / str(skew), cfg, seed=0, skew=skew, embed_std=1.0, out_std=0.002, log=None)
