@@ -116,7 +116,7 @@ def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
 def tokenizer_summary(folder: Path) -> dict[str, Any]:
     """Tokenizer and chat template presence. Reading tokenizer.json takes well under a second even for large
     vocabularies; a broken one is reported rather than fatal, since the weights may still be fine."""
-    if not (folder / "tokenizer.json").is_file():
+    if not Tokenizer.exists(folder):
         return {"present": False, "chat_template": False}
     try:
         tokenizer = Tokenizer.from_dir(folder)
@@ -130,8 +130,13 @@ def checkpoint_summary(checkpoint: Checkpoint) -> dict[str, Any]:
     for info in checkpoint.tensors.values():
         dtypes[info.dtype] += info.nbytes
     files = {info.file for info in checkpoint.tensors.values()}
+    # A multimodal checkpoint's other towers (vision encoder, projector): not loaded.
+    prefixes = architecture(checkpoint.config_json.get("model_type")).skipped_prefixes
+    skipped = [info for name, info in checkpoint.tensors.items() if prefixes and name.startswith(prefixes)]
     return {"files": len(files), "tensors": len(checkpoint.tensors), "bytes": checkpoint.nbytes(),
-            "dtypes": dict(dtypes.most_common())}
+            "dtypes": dict(dtypes.most_common()),
+            "skipped": {"prefixes": list(prefixes), "tensors": len(skipped),
+                        "bytes": sum(info.nbytes for info in skipped)}}
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -206,7 +211,7 @@ def _experts_text(e: dict[str, Any]) -> str:
 
 def _tokenizer_text(t: dict[str, Any]) -> str:
     if not t["present"]:
-        return "none (no tokenizer.json): token ids only"
+        return "none (no tokenizer.json or tiktoken.model): token ids only"
     if "error" in t:
         return f"unreadable: {t['error']}"
     return f"vocab {t['vocab_size']}, chat template {'yes' if t['chat_template'] else 'no'}"
@@ -247,6 +252,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         ("checkpoint", f"{human_bytes(ckpt['bytes'])} in {ckpt['files']} file(s), {ckpt['tensors']} tensors, "
                        + ", ".join(ckpt["dtypes"])),
         ("quantization", _quantization_text(report["quantization"])),
+        *([("skipped", f"{ckpt['skipped']['tensors']} tensors ({human_bytes(ckpt['skipped']['bytes'])}) under "
+                       f"{', '.join(ckpt['skipped']['prefixes'])}: not a part of the text model offload runs")]
+          if ckpt["skipped"]["tensors"] else []),
         ("tokenizer", _tokenizer_text(report["tokenizer"])),
     ]
     for key, value in rows:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Regex, pre_tokenizers
 
 import offload
@@ -339,3 +340,42 @@ def test_kimi_k2_generates_from_text_and_chat(kimi_checkpoint, kimi):
     assert model.chat_prompt(messages) == reference.encode(tok.apply_chat_template(messages), allowed_special="all")
     reply = model.chat(messages, max_new_tokens=8, ignore_eos=True)
     assert len(reply.token_ids) == 8 and reply.text == tok.decode(reply.token_ids)
+
+
+@pytest.fixture(scope="module")
+def kimi_k25_checkpoint(kimi_checkpoint, tmp_path_factory):
+    """Kimi-K2.5's layout: the DeepSeek-V3 text model under `language_model.` and `text_config`, with a vision
+    tower and projector beside it (stand-in tensors: offload must skip them, whatever they hold)."""
+    _, original, ref = kimi_checkpoint
+    folder = tmp_path_factory.mktemp("kimi_k25")
+    tensors = {f"language_model.{name}": t for name, t in load_file(original / "model.safetensors").items()}
+    tensors["vision_tower.encoder.blocks.0.attn.qkv.weight"] = torch.randn(48, 16)
+    tensors["mm_projector.proj.0.weight"] = torch.randn(64, 16)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    text = json.loads((original / "config.json").read_text())
+    config = {"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"], "text_config": text,
+              "vision_config": {"hidden_size": 16}, "media_placeholder_token_id": 163605}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, ref
+
+
+def test_kimi_k25_runs_its_text_model_and_skips_the_vision_tower(kimi_k25_checkpoint, tmp_path):
+    from offload.inspect import describe
+    from offload.weights.store import convert
+
+    folder, ref = kimi_k25_checkpoint
+    ids = torch.randint(0, ref.config.vocab_size, (16,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    model = offload.load(folder, device="cpu", max_context=64)
+    assert model.load_info.skipped_tensors == 2
+    got = model.logits(ids)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    skipped = describe(folder)["checkpoint"]["skipped"]
+    assert skipped["tensors"] == 2 and skipped["prefixes"] == ["vision_tower.", "mm_projector."]
+    # convert writes the text model alone, which loads as DeepSeek-V3 with the same logits
+    store = convert(folder, tmp_path / "store", experts="int8")
+    assert json.loads((store / "config.json").read_text())["model_type"] == "deepseek_v3"
+    torch.testing.assert_close(offload.load(store, device="cpu", max_context=64).logits(ids),
+                               offload.load(folder, device="cpu", max_context=64, experts="int8").logits(ids),
+                               rtol=0, atol=0)

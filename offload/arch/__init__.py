@@ -18,16 +18,50 @@ class CheckpointNames:
 
 
 @dataclass(frozen=True)
+class TextModel:
+    """Where a multimodal checkpoint keeps the language model offload runs, and what it skips."""
+
+    config_key: str  # config.json's sub-config of the text model, e.g. "text_config"
+    model_type: str  # the text model's architecture where its sub-config does not name it
+    prefix: str  # the text model's tensor names start with this, e.g. "language_model."
+    skipped: tuple[str, ...]  # name prefixes of the other towers' tensors (vision encoder, projector)
+
+    def config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """The text model's config.json, with the checkpoint's quantization_config (it covers every tower) and a
+        model_type."""
+        text = hf.get(self.config_key)
+        if not isinstance(text, dict):
+            raise CheckpointError(f"config.json (model_type {hf.get('model_type')!r}) has no '{self.config_key}' "
+                                  "object; the file is incomplete")
+        quant = {"quantization_config": hf["quantization_config"]} if "quantization_config" in hf else {}
+        return {"model_type": self.model_type, **quant, **text}
+
+
+@dataclass(frozen=True)
 class Architecture:
     model_type: str
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     names: CheckpointNames
+    text_model: TextModel | None = None  # a multimodal wrapper: run its text model, skip the other towers
+
+    def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """config.json of the model offload runs (the text model's, for a multimodal checkpoint)."""
+        return self.text_model.config(hf) if self.text_model is not None else hf
+
+    @property
+    def weights_prefix(self) -> str:
+        return self.text_model.prefix if self.text_model is not None else ""
+
+    @property
+    def skipped_prefixes(self) -> tuple[str, ...]:
+        return self.text_model.skipped if self.text_model is not None else ()
 
 
 def _registry() -> dict[str, Architecture]:
     from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-    archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2]
+    archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
+             deepseek.KIMI_K25]
     return {arch.model_type: arch for arch in archs}
 
 

@@ -207,13 +207,15 @@ class InventedSource(WeightSource):
         return False
 
 
-def known_extras(num_layers: int, num_extra_layers: int) -> Callable[[str], bool]:
+def known_extras(num_layers: int, num_extra_layers: int, prefix: str = "",
+                 skipped: tuple[str, ...] = ()) -> Callable[[str], bool]:
     """Tensors real checkpoints ship that inference does not use: DeepSeek-V3's multi-token-prediction layers
-    (`model.layers.{num_hidden_layers}...`) and rotary `inv_freq` buffers saved by old exporters."""
-    layer = re.compile(r"^model\.layers\.(\d+)\.")
+    (`model.layers.{num_hidden_layers}...`), rotary `inv_freq` buffers saved by old exporters, and a multimodal
+    checkpoint's other towers (names starting with one of `skipped`; the text model's names start with `prefix`)."""
+    layer = re.compile(rf"^{re.escape(prefix)}model\.layers\.(\d+)\.")
 
     def is_extra(name: str) -> bool:
-        if name.endswith("rotary_emb.inv_freq"):
+        if name.endswith("rotary_emb.inv_freq") or name.startswith(skipped):
             return True
         match = layer.match(name)
         return bool(match) and num_layers <= int(match.group(1)) < num_layers + num_extra_layers

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
+from ..arch import Architecture, architecture
 from ..errors import CheckpointError, OffloadError
 from .checkpoint import CONVERT_PROGRESS_FILE, INDEX_FILE, Checkpoint, read_safetensors_file
 from .source import InventedSource
@@ -42,7 +43,7 @@ EXPERT_FORMATS = ("bf16", "int8", "int4")
 DENSE_FORMATS = ("bf16", "int8", "int4")  # "bf16": dense weights stay as the source stores them
 ARRAY_DTYPES = {"q": None, "d": "float16", "m": "float16"}  # q's dtype depends on the format
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                "chat_template.jinja", "chat_template.json")
+                "chat_template.jinja", "chat_template.json", "tiktoken.model", "tokenization_kimi.py")
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,6 @@ class RoleRecorder(InventedSource):
 
 def tensor_roles(hf_config: dict[str, Any]) -> list[TensorRole]:
     """Every tensor the loader reads for hf_config, with its role, in build order."""
-    from ..arch import architecture
     from ..experts.reference import ReferenceExperts
     from ..model.transformer import Transformer
 
@@ -359,37 +359,32 @@ def convert(source: str | Path, out: str | Path, experts: str | None, dense: str
             raise OffloadError(f"{checkpoint.folder} is not quantized: choose the experts' format with --experts "
                                f"({', '.join(EXPERT_FORMATS)})")
         experts = checkpoint.scheme.expert_format
-    check_sources(checkpoint, tensor_roles(checkpoint.config_json))
+    # A multimodal checkpoint's store is its text model alone: the text config, names without their prefix.
+    arch = architecture(checkpoint.config_json.get("model_type"))
+    hf_config, prefix = arch.text_config(checkpoint.config_json), arch.weights_prefix
+    check_sources(checkpoint, tensor_roles(hf_config), arch)
 
-    # Each access closes the files after it: the next one maps its file anew, so the source pages a matrix was
-    # read from leave resident memory when that matrix is packed and dropped, instead of staying mapped (and
-    # counted) until the end of the shard (a whole layer of source on top of its packed weights).
     def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        try:
-            return checkpoint.read_logical(name)  # names and shapes were checked by check_sources
-        finally:
-            checkpoint.release()
+        return checkpoint.read_logical(prefix + name)  # names and shapes were checked by check_sources
 
     def kept(name: str) -> dict[str, torch.Tensor]:
-        try:
-            return {part: checkpoint.read(part) for part in checkpoint.logical[name].parts}
-        finally:
-            checkpoint.release()
+        return {part[len(prefix):]: checkpoint.read(part) for part in checkpoint.logical[prefix + name].parts}
 
     def pack_exact(name: str, out: PackedMatrix, e: int) -> bool:
-        try:
-            return checkpoint.pack_exact(name, out, e)
-        finally:
-            checkpoint.release()
+        return checkpoint.pack_exact(prefix + name, out, e)
 
-    return write_store(out, checkpoint.config_json, StoreSource(read, kept, pack_exact), experts, dense,
-                       copy_from=checkpoint.folder, source_label=str(checkpoint.folder.resolve()), on_shard=on_shard)
+    def shard_done(done: int, total: int, name: str, resumed: bool) -> None:
+        checkpoint.release()  # memory stays at about one layer: drop the source pages read for this shard
+        if on_shard is not None:
+            on_shard(done, total, name, resumed)
+
+    return write_store(out, hf_config, StoreSource(read, kept, pack_exact), experts, dense,
+                       copy_from=checkpoint.folder, source_label=str(checkpoint.folder.resolve()), on_shard=shard_done)
 
 
-def check_sources(checkpoint: Checkpoint, roles: list[TensorRole]) -> None:
+def check_sources(checkpoint: Checkpoint, roles: list[TensorRole], arch: Architecture) -> None:
     """Every tensor the roles read is in the checkpoint with its shape, and every stored tensor is read by one of
     them or is a known extra (as WeightSource.finish checks at load): from the headers alone."""
-    from ..arch import config_from_hf
     from .source import known_extras, unexpected_tensors_error
 
     used: set[str] = set()
@@ -397,16 +392,16 @@ def check_sources(checkpoint: Checkpoint, roles: list[TensorRole]) -> None:
         names = role.sources if role.kind != "plain" else (role.name,)
         shape = role.shape[1:] if role.kind == "experts" else role.shape
         for name in names:
-            t = checkpoint.logical.get(name)
+            t = checkpoint.logical.get(arch.weights_prefix + name)
             if t is None:
-                raise CheckpointError(f"tensor {name!r} is missing from {checkpoint.folder}; the checkpoint is "
-                                      "incomplete or does not match config.json")
+                raise CheckpointError(f"tensor {arch.weights_prefix + name!r} is missing from {checkpoint.folder}; "
+                                      "the checkpoint is incomplete or does not match config.json")
             if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"tensor {name!r} in {checkpoint.tensors[t.parts[0]].file.name} has shape "
+                raise CheckpointError(f"tensor {t.name!r} in {checkpoint.tensors[t.parts[0]].file.name} has shape "
                                       f"{list(t.shape)}, config.json implies {list(shape)}")
             used.update(t.parts)
-    cfg = config_from_hf(checkpoint.config_json)
-    is_extra = known_extras(cfg.num_hidden_layers, cfg.num_extra_layers)
+    cfg = arch.config_from_hf(checkpoint.config_json)
+    is_extra = known_extras(cfg.num_hidden_layers, cfg.num_extra_layers, arch.weights_prefix, arch.skipped_prefixes)
     unexpected = [name for name in sorted(set(checkpoint.tensors) - used) if not is_extra(name)]
     if unexpected:
         raise unexpected_tensors_error(checkpoint, unexpected)
