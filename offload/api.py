@@ -13,7 +13,7 @@ from .arch import architecture
 from .checks import check_load, check_max_context, check_token_ids
 from .config import ModelConfig
 from .errors import OffloadError
-from .experts.builder import ExpertsBuilder, ExpertsOptions
+from .experts.builder import ExpertsBuilder, ExpertsOptions, default_host_format
 from .generate import Generation, GenerationRequest, GenerationRun
 from .model.transformer import Transformer
 from .placement import Plan, resolve_plan
@@ -235,8 +235,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     if dense in ("int8", "int4") and torch_device.type != "cpu":
         raise OffloadError(f"dense={dense!r} runs the dense weights on the CPU kernels; on a GPU keep them in torch "
                            "(dense=None)")
-    placement = resolve_plan(config, arch.names, torch_device, torch_dtype, experts or "bf16", max_context,
-                             gpu_memory, plan)
+    placement = resolve_plan(config, arch.names, torch_device, torch_dtype,
+                             experts or default_host_format(torch_dtype), max_context, gpu_memory, plan)
     if placement is not None and experts is not None and experts != placement.expert_format:
         raise OffloadError(f"the plan keeps experts on the host as {placement.expert_format}, not {experts}; "
                            "drop the experts option or make a new plan")
@@ -267,22 +267,25 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  placement, builder)
 
 
-def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None, experts: str = "bf16",
-         device: str = "auto", dtype: str = "auto", heat: list[list[float]] | None = None) -> Plan:
+def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None,
+         experts: str | None = None, device: str = "auto", dtype: str = "auto",
+         heat: list[list[float]] | None = None) -> Plan:
     """The placement load() would use for these budgets, from config.json alone (no weight is read).
+    experts: host format of offloaded experts; None keeps them in the device dtype, as load() does.
     heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`)."""
     checkpoint = Checkpoint(path)
     arch = architecture(checkpoint.config_json.get("model_type"))
     config = arch.config_from_hf(checkpoint.config_json)
     max_context = check_max_context(config, max_context)
-    if experts not in EXPERT_FORMATS:
+    if experts is not None and experts not in EXPERT_FORMATS:
         raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
     torch_device = resolve_device(device)
     if torch_device.type != "cuda" and gpu_memory is None:
         raise OffloadError("no GPU is visible: give the device budget to plan for, e.g. gpu_memory='12GiB' "
                            "(--gpu-memory 12GiB)")
-    return resolve_plan(config, arch.names, torch_device, resolve_dtype(dtype, torch_device), experts, max_context,
-                        gpu_memory, None, heat)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    return resolve_plan(config, arch.names, torch_device, torch_dtype, experts or default_host_format(torch_dtype),
+                        max_context, gpu_memory, None, heat)
 
 
 def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device: torch.device
@@ -300,6 +303,7 @@ def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | No
 
 def _start_cpu_workers(formats: list[str], cpu_threads: int | None) -> tuple[int, float]:
     """Set the thread counts; compile (or load from cache) the CPU kernels of `formats` now, not mid-reply."""
+    formats = [f for f in formats if f in EXPERT_FORMATS]  # float32 / float16 host experts run in torch
     if not formats:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -61,8 +62,9 @@ def check_bench_args(prompt_tokens: int, gen_tokens: int, repeat: int, warmup: i
 
 
 def run_bench(model: Model, prompt_tokens: int, gen_tokens: int, repeat: int, warmup: int = 1,
-              seed: int = 0) -> BenchResult:
-    """Generate gen_tokens after a prompt_tokens prompt, warmup + repeat times; keep the last repeat runs' stats."""
+              seed: int = 0, on_run: Callable[[int, int], None] | None = None) -> BenchResult:
+    """Generate gen_tokens after a prompt_tokens prompt, warmup + repeat times; keep the last repeat runs' stats.
+    on_run(runs done, runs in all, warm-up included) follows the progress."""
     check_bench_args(prompt_tokens, gen_tokens, repeat, warmup)
     prompt = random_prompt(model.config.vocab_size, prompt_tokens, seed)
     runs = []
@@ -70,6 +72,8 @@ def run_bench(model: Model, prompt_tokens: int, gen_tokens: int, repeat: int, wa
         stats = model.generate(prompt, max_new_tokens=gen_tokens, ignore_eos=True).stats
         if i >= warmup:
             runs.append(stats)
+        if on_run is not None:
+            on_run(i + 1, warmup + repeat)
     return BenchResult(prompt_tokens, gen_tokens, str(model.device), torch.get_num_threads(), tuple(runs))
 
 

@@ -1,18 +1,20 @@
 """The `offload` command. This module only parses arguments and delegates; errors become one red line, exit 2."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional, get_type_hints
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 
 from . import __version__
 from .errors import OffloadError, io_error_line
@@ -125,13 +127,15 @@ def with_load_options(command: Callable) -> Callable:
 def load_model(path: Path, options: LoadOptions, progress: bool) -> Model:
     """offload.load() with a progress bar on stderr when `progress` (the bar disappears once loaded)."""
     from . import load
+    from .weights.checkpoint import Checkpoint
 
     if not progress:
         return load(path, **asdict(options))
     columns = (TextColumn("loading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[file]}"))
     with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("load", total=None, file="")
+        # The total from the headers now: the kernels compile before the first tensor is read.
+        task = bar.add_task("load", total=Checkpoint(path).nbytes(), file="")
 
         def on_progress(done: int, total: int, file_name: str) -> None:
             bar.update(task, completed=done, total=total, file=file_name)
@@ -331,11 +335,11 @@ def convert(
     Streams one layer at a time; run it again after an interruption to resume."""
     from .weights.store import convert as convert_checkpoint
 
-    columns = (TextColumn("converting"), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),
+    columns = (TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
                TimeRemainingColumn(), TextColumn("{task.fields[file]}"))
     resumed = [0]
     with Progress(*columns, console=err, transient=not err.is_terminal) as bar:
-        task = bar.add_task("convert", total=None, file="")
+        task = bar.add_task("convert", total=_store_shards(model_path), file="")
 
         def on_shard(done: int, total: int, file_name: str, was_finished: bool) -> None:
             resumed[0] += was_finished
@@ -346,6 +350,27 @@ def convert(
         err.print(f"[dim]resumed: kept {resumed[0]} shards a previous run had finished[/dim]")
     out.print(f"wrote {folder} (experts {experts}, dense {dense}); load it like any checkpoint: "
               f"offload chat {folder}", markup=False)
+
+
+@contextlib.contextmanager
+def _counting_bar(unit: str, description: str, total: int) -> Iterator[tuple[Progress, int]]:
+    """A transient bar on stderr counting `unit` (prompts, runs); hidden when stderr is not a terminal."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        yield bar, bar.add_task(description, total=total)
+
+
+def _store_shards(model_path: Path) -> int | None:
+    """How many shards `convert` writes, for its bar: one per decoder layer and one for the rest (as
+    store.shard_roles). None where config.json cannot tell; convert then reports what is wrong."""
+    from .weights.checkpoint import read_json
+
+    try:
+        layers = read_json(model_path / "config.json").get("num_hidden_layers")
+    except OffloadError:
+        return None
+    return layers + 1 if isinstance(layers, int) else None
 
 
 @app.command("inspect")
@@ -371,7 +396,8 @@ def plan_(
     gpu_memory: Optional[str] = typer.Option(None, help="Device budget, e.g. 12GiB (default: free GPU memory)."),
     max_context: Optional[int] = typer.Option(
         None, help="Context the KV cache is sized for (default: the model's position limit, at most 4096)."),
-    experts: Literal["bf16", "int8", "int4"] = typer.Option("bf16", help="Host format of offloaded experts."),
+    experts: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
+        None, help="Host format of offloaded experts (default: the device dtype, as when loading)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N] (decides the device dtype)."),
     profile: Optional[Path] = typer.Option(None, help="profile.json from `offload profile`: pin the hottest experts."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the plan as JSON to this file."),
@@ -411,8 +437,12 @@ def profile(
                        texts)
     check_profile_prompts(model_path, texts, max_new_tokens, load_options.max_context)
     make_out_dir(out_dir)  # a folder that cannot be made fails now, not after the runs
-    result = run_profile(model_path, texts, max_new_tokens, on_step=lambda step: err.print(f"[dim]{step}[/dim]"),
-                         **asdict(load_options))
+    with _counting_bar("prompts", "profiling", len(texts)) as (bar, task):
+        def on_prompt(plan_name: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{plan_name} plan", completed=done, total=total)
+
+        result = run_profile(model_path, texts, max_new_tokens, on_step=lambda step: err.print(f"[dim]{step}[/dim]"),
+                             on_prompt=on_prompt, **asdict(load_options))
     written = write_profile(result, out_dir)
     render(result, out)
     if not have_matplotlib():
@@ -441,7 +471,9 @@ def bench(
     check_bench_args(prompt_tokens, gen_tokens, repeat, warmup)
     check_bench(model_path, prompt_tokens, gen_tokens, load_options.max_context)
     model = load_model(model_path, load_options, progress=err.is_terminal)
-    result = run_bench(model, prompt_tokens, gen_tokens, repeat, warmup, seed)
+    with _counting_bar("runs (warm-up included)", "benchmarking", warmup + repeat) as (bar, task):
+        result = run_bench(model, prompt_tokens, gen_tokens, repeat, warmup, seed,
+                           on_run=lambda done, total: bar.update(task, completed=done))
     if as_json:
         out.print_json(json.dumps(result.as_dict()))
     else:

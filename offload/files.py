@@ -10,6 +10,14 @@ from typing import Any
 from .errors import OffloadError
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file (0644 under the usual umask 022). A temporary file from mkstemp is 0600,
+    and renamed into place it would make this one output readable by its owner only, unlike every other."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file beside path, then rename it over path: a failed or interrupted write never
     leaves a half-written file behind."""
@@ -20,6 +28,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         reason = error.strerror or error
         raise OffloadError(f"cannot write {path}: {reason}; choose a file in a writable folder") from None
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, ensure_ascii=False)
             f.write("\n")

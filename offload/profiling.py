@@ -35,7 +35,7 @@ from rich.text import Text
 from .errors import OffloadError
 from .experts.cost import CostModel
 from .experts.hybrid import ExpertSizes
-from .files import write_json_atomic
+from .files import new_file_mode, write_json_atomic
 from .generate import check_fits
 from .placement import Plan
 
@@ -244,8 +244,11 @@ class Measured:
     dtype: str
 
 
+PromptProgress = Callable[[str, int, int], None]  # (plan name, prompts done, prompts in all)
+
+
 def measure_plan(model_path: Path, prompts: Sequence[Prompt], max_new_tokens: int, name: str,
-                 load_options: dict[str, Any]) -> Measured:
+                 load_options: dict[str, Any], on_prompt: PromptProgress | None = None) -> Measured:
     """Load with load_options, warm up, then run every prompt with fresh counters."""
     from . import load
 
@@ -256,8 +259,10 @@ def measure_plan(model_path: Path, prompts: Sequence[Prompt], max_new_tokens: in
     model.generate(ids[0], max_new_tokens=2, ignore_eos=True)  # first-call costs (allocations, caches) out
     model.reset_stats()
     run = PlanRun(name, model.plan, [], {})
-    for prompt in ids:
+    for done, prompt in enumerate(ids, 1):
         _run_prompt(model, prompt, max_new_tokens, run)
+        if on_prompt is not None:
+            on_prompt(name, done, len(ids))
     run.heat, run.stats = model.routing_heat(), model.stats()
     cfg = model.config
     sizes = ExpertSizes(model.plan.expert_host_bytes, model.plan.expert_device_bytes,
@@ -279,8 +284,11 @@ def tuned_plan(model_path: Path, baseline: Plan, heat: Heat, device: str, dtype:
     the cache slots: it gives them out before pinning)."""
     from . import plan
 
+    from .experts.torch_host import FLOAT_FORMATS
+
+    experts = None if baseline.expert_format in FLOAT_FORMATS else baseline.expert_format  # None: the dtype's
     return plan(model_path, gpu_memory=baseline.device_budget, max_context=baseline.max_context,
-                experts=baseline.expert_format, device=device, dtype=dtype, heat=heat)
+                experts=experts, device=device, dtype=dtype, heat=heat)
 
 
 # --- the profile -----------------------------------------------------------------------------------------------
@@ -349,21 +357,24 @@ def check_profile_args(model_path: Path, device: str, gpu_memory: int | str | No
 
 
 def run_profile(model_path: str | Path, prompts: Sequence[Prompt], max_new_tokens: int = 32,
-                on_step: Callable[[str], None] | None = None, **load_options: Any) -> Profile:
+                on_step: Callable[[str], None] | None = None, on_prompt: PromptProgress | None = None,
+                **load_options: Any) -> Profile:
     """Profile the prompts under the plan load_options give, tune a plan to the routing heat, and run the prompts
-    again under it. load_options go to offload.load (gpu_memory or plan is needed on a machine without a GPU)."""
+    again under it. load_options go to offload.load (gpu_memory or plan is needed on a machine without a GPU).
+    on_step(message) says what starts; on_prompt(plan name, done, total) follows each run's prompts."""
     say = on_step or (lambda message: None)
     model_path = Path(model_path)
     check_profile_args(model_path, load_options.get("device", "auto"), load_options.get("gpu_memory"),
                        load_options.get("plan"), max_new_tokens, prompts)
     name = "default" if load_options.get("plan") is None else "given"
     say(f"profiling {len(prompts)} prompt(s) x {max_new_tokens} new tokens with the {name} plan")
-    first = measure_plan(model_path, prompts, max_new_tokens, name, load_options)
+    first = measure_plan(model_path, prompts, max_new_tokens, name, load_options, on_prompt)
     _release_device_memory()
     heat = first.run.heat
     tuned = tuned_plan(model_path, first.run.plan, heat, first.device, first.dtype)
     say("profiling the tuned plan")
-    second = measure_plan(model_path, first.ids, max_new_tokens, "tuned", {**load_options, "plan": tuned})
+    second = measure_plan(model_path, first.ids, max_new_tokens, "tuned", {**load_options, "plan": tuned},
+                          on_prompt)
     _release_device_memory()
     fixed = first.run.decode.non_expert_seconds_per_token
     runs = (first.run, second.run)
@@ -407,6 +418,7 @@ def heatmap_text(heat: Heat, moe_layers: Sequence[int]) -> Text:
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file beside path, renamed over it once complete."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         write(Path(tmp))

@@ -153,3 +153,44 @@ def test_quantized_host_experts_stay_within_their_bounds_under_a_plan(bf16_check
         steps = torch.cat([model.transformer(IDS[i : i + 1], i) for i in range(len(IDS))])
     assert ((steps - expected).abs().max() / expected.abs().max()).item() <= max_err
     assert model.stats()["totals"]["hit_rate"] > 0
+
+
+FP32_PLANS = {  # name: (device experts, slots per layer)
+    "pinned_subset": (5, 0),
+    "cache_slots": (3, 1),
+    "cache_and_pinned": (9, 2),
+}
+
+
+@pytest.mark.parametrize("plan_name", sorted(FP32_PLANS))
+def test_fp32_checkpoint_gives_the_same_logits_under_every_plan(checkpoint_dir, plan_name):
+    """Placement never changes the numbers: a float32 model's host experts stay float32 (no bf16 rounding), so
+    pinned, cached and host experts all compute with the checkpoint's weights."""
+    folder, _ = checkpoint_dir("qwen2_moe")
+    reference = offload.load(folder, device="cpu", max_context=64)
+    device_experts, slots = FP32_PLANS[plan_name]
+    placed = plan(folder, device_experts, slots, fmt="float32")
+    model = offload.load(folder, device="cpu", max_context=64, plan=placed)
+    expected = reference.logits(IDS)
+    assert rel_err(model.logits(IDS), expected) <= 1e-6
+    with torch.inference_mode():
+        steps = torch.cat([model.transformer(IDS[i : i + 1], i) for i in range(len(IDS))])
+    assert rel_err(steps, expected) <= 1e-6
+    layers = model.stats()["layers"]
+    assert any(l["cpu_misses"] > 0 for l in layers) and any(l["pinned_hits"] + l["cache_hits"] > 0 for l in layers)
+
+
+def test_a_device_budget_keeps_host_experts_in_the_model_dtype_unless_asked(checkpoint_dir):
+    """The default plan for a float32 model offloads float32 experts; --experts bf16 still asks for bf16."""
+    folder, _ = checkpoint_dir("mixtral")
+    reference = offload.load(folder, device="cpu", max_context=64)
+    cfg = reference.config
+    inv = inventory(cfg, architecture(cfg.model_type).names)
+    budget = sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 64, 4) + 4 * inv.expert_params * 4
+    model = offload.load(folder, device="cpu", max_context=64, gpu_memory=budget)
+    assert model.plan.expert_format == "float32" and model.load_info.expert_format == "float32"
+    assert any(l.host_experts for l in model.plan.layers)
+    assert rel_err(model.logits(IDS), reference.logits(IDS)) <= 1e-6
+    assert offload.plan(folder, gpu_memory=budget, max_context=64).expert_format == "float32"
+    asked = offload.load(folder, device="cpu", max_context=64, gpu_memory=budget, experts="bf16")
+    assert asked.plan.expert_format == "bf16"

@@ -1,6 +1,8 @@
 """Planner properties: within budget, attention and KV always on the device, clear errors, heat-driven pinning."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from offload.arch import architecture
@@ -139,3 +141,14 @@ def test_heat_pins_where_the_cache_would_miss():
     plan = make_plan(inv, request(fixed + 9 * expert, cfg, slots_per_layer=2), heat=heat)  # 8 slots + 1 pin
     assert [l.cache_slots for l in plan.layers] == [2, 2, 2, 2]
     assert [l.pinned for l in plan.layers] == [(), (7,), (), ()]
+
+
+@pytest.mark.parametrize("budget, unit", [(9 * MiB, "MiB"), (64 * MiB, "MiB"), (2 * 2**30, "GiB")])
+def test_plan_table_gives_every_size_in_one_unit_and_names_the_dtype(budget, unit):
+    cfg, inv = demo_inventory()
+    plan = make_plan(inv, request(budget, cfg, device_dtype="bfloat16"))
+    table = plan.table()
+    column = re.findall(r"\d (MiB|GiB)$", table, re.M)  # the size column, one per tier row
+    assert len(column) >= 5 and set(column) == {unit}, table
+    assert "device tier (bfloat16)" in table and "host tier (bf16)" in table
+    assert Plan.from_json(plan.to_json()) == plan

@@ -3,6 +3,9 @@
     no plan, no expert format  -> ReferenceExperts: every expert in torch on the device tier
     no plan, expert format     -> CpuExperts: every routed expert on the CPU workers (device="cpu")
     a plan                     -> HybridExperts: pinned + cached experts on the device, the rest on the CPU
+
+Placement never changes the numbers: unless the user asks for a host format, the host tier holds experts in the
+device tier's dtype (`default_host_format`), so a float32 model's offloaded experts stay float32 (in torch).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from .device import DeviceExpertPool, ExpertUploader
 from .hybrid import ExpertSizes, HybridExperts
 from .prefetch import Prefetcher
 from .reference import ReferenceExperts
+from .torch_host import FLOAT_FORMATS, TorchHostExperts
 
 if TYPE_CHECKING:
     from .cpu import CpuExperts
@@ -28,7 +32,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ExpertsOptions:
-    host_format: str | None = None  # "bf16" | "int8" | "int4"; None keeps experts in torch on the device tier
+    host_format: str | None = None  # "bf16" | "int8" | "int4" | "float32" | "float16"; None: the device tier's
     plan: Plan | None = None
     cache_policy: str = "lru"
     prefetch: bool = True
@@ -51,15 +55,15 @@ class ExpertsBuilder:
         opts = self.options
         if opts.plan is None and opts.host_format is None:
             return ReferenceExperts(_floats(weights))
-        from .cpu import CpuExperts  # here, so the reference path never loads Numba
-
         if opts.plan is None:
+            from .cpu import CpuExperts  # here, so the reference path never loads Numba
+
             if isinstance(weights, PackedExperts):
                 return CpuExperts.from_packed(weights.gate, weights.up, weights.down)
             return CpuExperts(weights, opts.host_format)
         lp = opts.plan.layer(layer)
         host_ids = [e for e in range(weights.num_experts) if e not in set(lp.pinned)]
-        cpu = _host_experts(weights, host_ids, opts.host_format or "bf16") if host_ids else None
+        cpu = _host_experts(weights, host_ids, opts.host_format or opts.plan.expert_format) if host_ids else None
         pool = DeviceExpertPool(lp.pinned, lp.cache_slots, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
                                 self.dtype, self.device)
         if lp.pinned:
@@ -89,7 +93,7 @@ class ExpertsBuilder:
         for hybrid in self.hybrids.values():
             hybrid.prefetcher = self.prefetcher
 
-    def _measure_costs(self, cpu: CpuExperts, uploader: ExpertUploader, host_ids: list[int],
+    def _measure_costs(self, cpu: CpuExperts | TorchHostExperts, uploader: ExpertUploader, host_ids: list[int],
                        pool: DeviceExpertPool, sizes: ExpertSizes) -> CostModel:
         """Time the CPU workers at one and at 64 tokens, one expert copy and a device matmul, once per load."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else None
@@ -108,6 +112,14 @@ class ExpertsBuilder:
                          device_flops=device_flops)
 
 
+def default_host_format(dtype: torch.dtype) -> str:
+    """The host format that keeps experts as the device tier does: the CPU workers' bf16 for a bf16 model, the
+    model's float dtype otherwise (computed in torch on the CPU)."""
+    if dtype == torch.bfloat16:
+        return "bf16"
+    return next(name for name, float_dtype in FLOAT_FORMATS.items() if float_dtype == dtype)
+
+
 def _select(weights: ExpertWeights | PackedExperts, ids: list[int]) -> ExpertWeights | PackedExperts:
     """Experts `ids` of a layer, in that order."""
     if isinstance(weights, PackedExperts):
@@ -116,11 +128,15 @@ def _select(weights: ExpertWeights | PackedExperts, ids: list[int]) -> ExpertWei
     return ExpertWeights(weights.gate[index], weights.up[index], weights.down[index])
 
 
-def _host_experts(weights: ExpertWeights | PackedExperts, ids: list[int], fmt: str) -> CpuExperts:
-    """Experts `ids` on the CPU workers: a store's packed experts as they are, float weights packed as `fmt`."""
+def _host_experts(weights: ExpertWeights | PackedExperts, ids: list[int], fmt: str
+                  ) -> CpuExperts | TorchHostExperts:
+    """Experts `ids` on the host: a store's packed experts as they are, float weights packed as `fmt` for the CPU
+    workers, or kept as float32 / float16 in torch."""
+    selected = _select(weights, ids)
+    if fmt in FLOAT_FORMATS:
+        return TorchHostExperts(_floats(selected), fmt)
     from .cpu import CpuExperts
 
-    selected = _select(weights, ids)
     if isinstance(selected, PackedExperts):
         return CpuExperts.from_packed(selected.gate, selected.up, selected.down)
     return CpuExperts(selected, fmt)

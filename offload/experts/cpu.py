@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -18,16 +18,7 @@ from csrc_py import dispatch, threads
 from csrc_py.formats import FORMATS, PackedMatrix, check_format, pack, unpack
 from offload.errors import FormatError
 from offload.experts.base import ExpertWeights
-
-_worker: ThreadPoolExecutor | None = None
-
-
-def _background() -> ThreadPoolExecutor:
-    """One worker thread for every layer: the layers run one after another anyway and share the cores."""
-    global _worker
-    if _worker is None:
-        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-cpu-experts")
-    return _worker
+from offload.experts.worker import background
 
 
 class CpuExperts:
@@ -91,7 +82,7 @@ class CpuExperts:
 
     def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Future[torch.Tensor]:
         """Start the layer on the background thread; the inputs must stay unchanged until `wait`."""
-        return _background().submit(self._run, x, topk_ids, topk_weights)
+        return background().submit(self._run, x, topk_ids, topk_weights)
 
     def wait(self, handle: Future[torch.Tensor]) -> torch.Tensor:
         """The result of a `submit` (re-raises its exception)."""

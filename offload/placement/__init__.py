@@ -14,6 +14,10 @@ from .planner import Plan, PlanError, PlanRequest, make_plan
 
 def expert_host_bytes(fmt: str, hidden: int, intermediate: int) -> int:
     """One routed expert (gate, up, down) in a host format, padding included."""
+    from ..experts.torch_host import FLOAT_FORMATS
+
+    if fmt in FLOAT_FORMATS:
+        return 3 * hidden * intermediate * FLOAT_FORMATS[fmt].itemsize
     from csrc_py.formats import empty
 
     return 2 * empty(fmt, 1, intermediate, hidden).nbytes + empty(fmt, 1, hidden, intermediate).nbytes
@@ -37,7 +41,8 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
         device_budget=budgets.device_bytes, host_budget=budgets.host_bytes, max_context=max_context,
         kv_cache_bytes=kv_cache_bytes(cfg, max_context, dtype_bytes), dtype_bytes=dtype_bytes,
         expert_format=host_format,
-        expert_host_bytes=expert_host_bytes(host_format, cfg.hidden_size, cfg.moe_intermediate_size))
+        expert_host_bytes=expert_host_bytes(host_format, cfg.hidden_size, cfg.moe_intermediate_size),
+        device_dtype=str(dtype).removeprefix("torch."))
     return make_plan(inventory(cfg, names), request, heat)
 
 

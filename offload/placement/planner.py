@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import OffloadError
 from ..files import write_json_atomic
 from .inventory import Inventory
 
-GiB = 2**30
+MiB, GiB = 2**20, 2**30
 
 
 class PlanError(OffloadError):
@@ -40,11 +40,12 @@ class Plan:
     device_budget: int
     host_budget: int
     max_context: int
-    expert_format: str  # host format of routed experts: "bf16" | "int8" | "int4"
+    expert_format: str  # host format of routed experts: "bf16" | "int8" | "int4" | "float32" | "float16"
     device_groups: dict[str, int]  # always-on-device weight groups and the KV cache, in bytes
     expert_device_bytes: int  # one routed expert in the device dtype
     expert_host_bytes: int  # one routed expert in the host format
     layers: tuple[LayerPlan, ...]
+    device_dtype: str | None = None  # what the device tier's sizes assume ("float32", ...); None in older plans
 
     @property
     def device_fixed_bytes(self) -> int:
@@ -91,14 +92,18 @@ class Plan:
             raise PlanError(f"cannot read plan {path}: {err.strerror}") from None
 
     def table(self) -> str:
-        """A readable summary: bytes per tier, then pinned / slots / host experts per MoE layer."""
-        rows = [f"device budget {_gib(self.device_budget)}, host budget {_gib(self.host_budget)}, "
+        """A readable summary: bytes per tier (every size in one unit), then pinned / slots / host experts per MoE
+        layer."""
+        size = _sizes(self.device_budget, self.device_bytes, self.host_bytes)  # the table's column and budget
+        dtype = f" ({self.device_dtype})" if self.device_dtype else ""
+        ram = _sizes(self.host_budget)
+        rows = [f"device budget {size(self.device_budget)}, host budget {ram(self.host_budget)}, "
                 f"max_context {self.max_context}, experts on host as {self.expert_format}",
-                "", f"{'device tier':<24}{'bytes':>14}"]
-        rows += [f"  {group:<22}{_gib(n):>14}" for group, n in self.device_groups.items() if n]
-        rows += [f"  {'pinned + cache slots':<22}{_gib(self.device_expert_bytes):>14}",
-                 f"  {'total':<22}{_gib(self.device_bytes):>14}",
-                 f"{'host tier (experts)':<24}{_gib(self.host_bytes):>14}", "",
+                "", f"{'device tier' + dtype:<24}{'size':>14}"]
+        rows += [f"  {group:<22}{size(n):>14}" for group, n in self.device_groups.items() if n]
+        rows += [f"  {'pinned + cache slots':<22}{size(self.device_expert_bytes):>14}",
+                 f"  {'total':<22}{size(self.device_bytes):>14}",
+                 f"{'host tier (' + self.expert_format + ')':<24}{size(self.host_bytes):>14}", "",
                  f"{'layer':>6}{'pinned':>8}{'slots':>7}{'host':>6}  pinned ids"]
         for l in self.layers:
             ids = ",".join(map(str, l.pinned[:12])) + (",…" if len(l.pinned) > 12 else "")
@@ -106,8 +111,10 @@ class Plan:
         return "\n".join(rows)
 
 
-def _gib(n: int) -> str:
-    return f"{n / GiB:.3f} GiB" if n >= GiB // 100 else f"{n / 2**20:.2f} MiB"
+def _sizes(*shown: int) -> Callable[[int], str]:
+    """A formatter for sizes shown together: all in GiB when the largest is at least 1 GiB, else all in MiB."""
+    unit, name = (GiB, "GiB") if max(shown) >= GiB else (MiB, "MiB")
+    return lambda n: f"{n / unit:.3f} {name}" if unit == GiB else f"{n / unit:.2f} {name}"
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class PlanRequest:
     expert_format: str  # host format of routed experts
     expert_host_bytes: int  # one routed expert in that format
     slots_per_layer: int | None = None  # cache size per MoE layer; None: twice top-k as far as the budget allows
+    device_dtype: str | None = None  # the device compute dtype's name, for the plan's table
 
 
 def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] | None = None) -> Plan:
@@ -129,10 +137,11 @@ def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] 
     groups = {**inv.device_bytes(req.dtype_bytes), "kv_cache": req.kv_cache_bytes}
     fixed = sum(groups.values())
     if fixed > req.device_budget:
+        size = _sizes(fixed, req.device_budget)
         raise PlanError(
-            f"attention, KV cache and other always-on-device weights need {_gib(fixed)} "
-            f"(KV cache {_gib(req.kv_cache_bytes)} for max_context {req.max_context}) but the device budget is "
-            f"{_gib(req.device_budget)}; lower max_context, use a smaller dtype or raise gpu_memory")
+            f"attention, KV cache and other always-on-device weights need {size(fixed)} "
+            f"(KV cache {size(req.kv_cache_bytes)} for max_context {req.max_context}) but the device budget is "
+            f"{size(req.device_budget)}; lower max_context, use a smaller dtype or raise gpu_memory")
     E, L = inv.num_experts, len(inv.moe_layers)
     expert_bytes = inv.expert_params * req.dtype_bytes
     capacity = (req.device_budget - fixed) // expert_bytes if expert_bytes else 0
@@ -148,10 +157,11 @@ def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] 
         pinned = _pin(capacity - sum(slots), slots, E, heat)
     layers = tuple(LayerPlan(layer, tuple(sorted(p)), s, E) for layer, p, s in zip(inv.moe_layers, pinned, slots))
     plan = Plan(req.device_budget, req.host_budget, req.max_context, req.expert_format, groups, expert_bytes,
-                req.expert_host_bytes, layers)
+                req.expert_host_bytes, layers, req.device_dtype)
     if plan.host_bytes > req.host_budget:
-        raise PlanError(f"the experts left on the host need {_gib(plan.host_bytes)} as {req.expert_format} but "
-                        f"only {_gib(req.host_budget)} of RAM is available; use a smaller expert format (int8, "
+        size = _sizes(plan.host_bytes, req.host_budget)
+        raise PlanError(f"the experts left on the host need {size(plan.host_bytes)} as {req.expert_format} but "
+                        f"only {size(req.host_budget)} of RAM is available; use a smaller expert format (int8, "
                         "int4) or free memory")
     return plan
 

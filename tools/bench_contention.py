@@ -1,0 +1,95 @@
+"""Decode tokens/s on a Qwen3-shaped checkpoint, quiet and with a competing busy process pinned to one core.
+
+    python tools/bench_contention.py /tmp/qwen3-6l             # builds the checkpoint there first if missing
+    GOMP_SPINCOUNT=300000 python tools/bench_contention.py /tmp/qwen3-6l --rounds 7   # libgomp's own default
+
+A workstation always runs something else. The competitor is a Python busy loop pinned with sched_setaffinity to
+one core (core 0), started before and killed after each contended run. The two conditions alternate (each round
+starts with the other one than the last), and the medians and their ratio are printed with the machine, the
+kernels' ISA path and the threading settings in effect. A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import offload  # noqa: E402  (first: it sets the OpenMP environment before torch starts its runtime)
+from csrc_py import simd, threads  # noqa: E402
+
+# Pinned to one core; it spins until the benchmark (its parent) is gone, even if that is killed.
+BUSY_LOOP = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nparent = os.getppid()\n"
+             "while os.getppid() == parent:\n    pass\n")
+
+
+def make_checkpoint(folder: Path, layers: int) -> None:
+    """A Qwen3-30B-A3B-shaped store with `layers` decoder layers, int4 experts and int8 dense (as the full-size
+    run in docs/benchmarks.md)."""
+    from make_checkpoint import shape_config, write_quantized
+
+    cfg = shape_config("qwen3-30b-a3b", layers)
+    write_quantized(folder, cfg, experts="int4", dense="int8", embed_std=1.0, out_std=0.002)
+
+
+def decode_rate(model: offload.Model, prompt: list[int], new_tokens: int) -> float:
+    return model.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).stats.decode_tokens_per_s
+
+
+def contended_rate(model: offload.Model, prompt: list[int], new_tokens: int, core: int) -> float:
+    competitor = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(core)])
+    try:
+        time.sleep(0.2)  # the loop is running and pinned before decoding starts
+        return decode_rate(model, prompt, new_tokens)
+    finally:
+        competitor.kill()
+        competitor.wait()
+
+
+def describe(model: offload.Model) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    isa = "AVX-512 VNNI (vpdpbusd)" if simd.EMIT_VNNI else "AVX-512 without VNNI"
+    env = {name: os.environ.get(name, "unset") for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    return (f"{cpu}, {os.cpu_count()} CPUs; kernels {isa}; threading layer {threads.threading_layer()}, "
+            f"{model.load_info.cpu_threads} threads; " + ", ".join(f"{k}={v}" for k, v in env.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a Qwen3-shaped store (built here when missing)")
+    parser.add_argument("--layers", type=int, default=6, help="decoder layers when building the checkpoint")
+    parser.add_argument("--rounds", type=int, default=5, help="quiet/contended pairs, interleaved")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    parser.add_argument("--core", type=int, default=0, help="the core the competitor is pinned to")
+    args = parser.parse_args()
+
+    if not (args.checkpoint / "config.json").exists():
+        make_checkpoint(args.checkpoint, args.layers)
+    model = offload.load(args.checkpoint, device="cpu", max_context=256, cpu_threads=args.threads)
+    print(describe(model), flush=True)
+    prompt = list(range(1000, 1016))
+    decode_rate(model, prompt, 4)  # first-call allocations out of the measured runs
+    quiet: list[float] = []
+    busy: list[float] = []
+    for round_ in range(args.rounds):
+        order = ("quiet", "busy") if round_ % 2 == 0 else ("busy", "quiet")
+        for condition in order:
+            if condition == "quiet":
+                quiet.append(decode_rate(model, prompt, args.new_tokens))
+            else:
+                busy.append(contended_rate(model, prompt, args.new_tokens, args.core))
+        print(f"round {round_ + 1}: quiet {quiet[-1]:.2f} tok/s, contended {busy[-1]:.2f} tok/s "
+              f"({busy[-1] / quiet[-1]:.0%})", flush=True)
+    q, b = statistics.median(quiet), statistics.median(busy)
+    print(f"median of {args.rounds}: quiet {q:.2f} tok/s, contended {b:.2f} tok/s, contended/quiet {b / q:.0%}")
+
+
+if __name__ == "__main__":
+    main()
