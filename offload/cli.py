@@ -93,7 +93,7 @@ class LoadOptions:
               "position limit, at most 4096).")
     experts: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
         None, "Host format of routed experts run by the CPU workers (default: torch on the device tier when "
-              "everything fits, bf16 when offloading).")
+              "everything fits; when offloading, the device dtype, so placement never changes the numbers).")
     cpu_threads: Optional[int] = _load_option(None, "Threads for the CPU workers and torch (default: physical cores).",
                                               min=1)
     gpu_memory: Optional[str] = _load_option(
