@@ -151,7 +151,7 @@ class Model:
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise OffloadError(f"{self.path} has no tokenizer.json; pass token ids instead of text")
+            raise OffloadError(f"{self.path} has no tokenizer.json or tiktoken.model; pass token ids instead of text")
         return self.tokenizer
 
     def _request(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -208,10 +208,13 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  weight is read.
     experts:     host format of routed experts run by the CPU workers: "bf16" | "int8" | "int4". With
                  device="cpu" and no gpu_memory, every routed expert runs on the CPU workers in this format;
-                 None keeps them in torch with the rest of the model (exact, the reference path).
+                 None keeps them in torch with the rest of the model (exact, the reference path). A quantized
+                 checkpoint (FP8, compressed-tensors, MXFP4, GPTQ, AWQ) defaults to the format its scheme maps
+                 onto (weights.quant; `offload inspect` shows it), as a store defaults to its own.
     gpu_memory:  device budget ("12GiB", bytes). With a GPU, the default is its free memory; on a machine
                  without one it simulates a device tier of that size (planner, cache and prefetcher run as on
-                 a GPU). Experts that do not fit stay on the host in `experts` format (default bf16).
+                 a GPU). Experts that do not fit stay on the host in `experts` format (default: the model
+                 dtype, so that placement never changes the numbers).
     plan:        a Plan or a plan.json path to use instead of planning from the budgets.
     dense:       "int8" | "int4": on the CPU, run attention / MLA projections, dense MLPs, shared experts and
                  the LM head through the quantized CPU kernels (quantized at load); None / "bf16": in torch.
@@ -254,9 +257,11 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     timers = Timers(torch.cuda.synchronize if torch_device.type == "cuda" else None)
     builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch), torch_device,
                              torch_dtype, timers)
-    src = WeightSource(checkpoint, torch_dtype, torch_device, on_read=on_read, dense_format=dense)
+    src = WeightSource(checkpoint, torch_dtype, torch_device, prefix=arch.weights_prefix, on_read=on_read,
+                       dense_format=dense, expert_format=host_format)
     transformer = Transformer(config, arch.names, src, builder, max_context, timers)
-    skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers))
+    skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers, arch.weights_prefix,
+                                      arch.skipped_prefixes))
     checkpoint.release()  # what the model kept (copies, or a store's mapped arrays) stays; the rest is unmapped
     builder.attach_prefetcher(transformer.routers())
     folder = checkpoint.folder
@@ -291,10 +296,12 @@ def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int
 def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device: torch.device
                     ) -> tuple[str | None, str | None]:
     """A store's formats are the defaults (on a GPU its packed dense weights are dequantized instead); asking
-    for other expert formats than a store holds is an error."""
+    for other expert formats than a store holds is an error. A quantized checkpoint's scheme names its default."""
     formats = store_formats(checkpoint)
     if formats is None:
-        return experts, dense
+        # A quantized checkpoint's experts default to the format its grid maps onto (weights.quant).
+        scheme = checkpoint.scheme
+        return experts or (scheme.expert_format if scheme is not None else None), dense
     if experts is not None and experts != formats.experts:
         raise OffloadError(f"{checkpoint.folder} holds {formats.experts} experts, not {experts}; load it without "
                            "experts= or convert the original checkpoint again")
