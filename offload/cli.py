@@ -326,14 +326,17 @@ def chat(
 def convert(
     model_path: Path = MODEL_ARGUMENT,
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder for the converted checkpoint (created)."),
-    experts: Literal["int4", "int8", "bf16"] = typer.Option(..., help="Packed format of the routed experts."),
+    experts: Optional[Literal["int4", "int8", "bf16"]] = typer.Option(
+        None, help="Packed format of the routed experts (default for a quantized checkpoint: the format its "
+                   "quantization maps onto, see `offload inspect`; required otherwise)."),
     dense: Literal["bf16", "int8", "int4"] = typer.Option(
         "bf16", help="Packed format of the dense weights (attention, dense MLPs, shared experts, LM head) for "
                      "CPU-only runs; bf16 keeps them as the source stores them."),
 ) -> None:
     """Write a pre-quantized copy of a checkpoint that loads with no quantization step (memory-mapped).
     Streams one layer at a time; run it again after an interruption to resume."""
-    from .weights.store import convert as convert_checkpoint
+    from .weights.checkpoint import Checkpoint
+    from .weights.store import convert as convert_checkpoint, store_formats
 
     columns = (TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
                TimeRemainingColumn(), TextColumn("{task.fields[file]}"))
@@ -348,7 +351,8 @@ def convert(
         folder = convert_checkpoint(model_path, out_dir, experts, dense, on_shard=on_shard)
     if resumed[0]:
         err.print(f"[dim]resumed: kept {resumed[0]} shards a previous run had finished[/dim]")
-    out.print(f"wrote {folder} (experts {experts}, dense {dense}); load it like any checkpoint: "
+    formats = store_formats(Checkpoint(folder))
+    out.print(f"wrote {folder} (experts {formats.experts}, dense {formats.dense}); load it like any checkpoint: "
               f"offload chat {folder}", markup=False)
 
 
