@@ -278,8 +278,8 @@ def save_transcript(path: Path, model_path: Path, session: ChatSession) -> None:
 class CtrlC:
     """Ctrl-C in the chat. Inside `armed()` (reading a line, generating a reply) it raises KeyboardInterrupt;
     anywhere else (adding a turn, saving the transcript, printing) it waits for the next armed section, so it
-    never leaves the conversation half-updated and is never lost. Two presses within LEAVE_WINDOW seconds mean
-    leave: from then on every armed section raises at once."""
+    never leaves the conversation half-updated and is never lost. Two presses in a row (no line read between
+    them) within LEAVE_WINDOW seconds mean leave: from then on every armed section raises at once."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
@@ -296,6 +296,10 @@ class CtrlC:
         if self._armed:
             raise KeyboardInterrupt
         self._pending = True
+
+    def line_read(self) -> None:
+        """A line was typed: a press before it and one after it are not a pair."""
+        self._last_press = None
 
     @contextlib.contextmanager
     def armed(self) -> Iterator[None]:
@@ -423,6 +427,7 @@ class ChatLoop:
                 if not self.ctrl_c.leaving:
                     self.err.print("[dim]Ctrl-C again within a second, /exit or Ctrl-D to leave[/dim]")
                 continue
+            self.ctrl_c.line_read()
             if self.echo:
                 self.out.print(line, markup=False, highlight=False)
             text = reader.feed(line)

@@ -429,3 +429,20 @@ def test_chat_checks_the_transcript_files_before_loading(tmp_path):
         result = CliRunner().invoke(app, ["chat", str(folder), "--device", "cpu", *args])
         assert result.exit_code == 2 and "Traceback" not in result.output
         assert re.search(problem, result.output.replace("\n", "")), result.output
+
+
+def test_ctrl_c_stopping_two_replies_in_quick_succession_does_not_leave(model, monkeypatch):
+    real_stream = model.chat_stream
+
+    def stopped_at_once(messages, **kw):
+        run = real_stream(messages, **kw)
+        signal.raise_signal(signal.SIGINT)  # lands before the first token: waits for the reply's first step
+        return run
+
+    monkeypatch.setattr(model, "chat_stream", stopped_at_once)
+    script = Script("one", "two", "/exit", "never read")
+    loop, session, *_ = make_loop(model, script, ctrl_c=CtrlC(clock=Ticks(0.1)))
+    loop.run()
+    assert script.lines == ["never read"]
+    assert [t.assistant for t in session.turns] == ["", ""]
+    assert session.last.finish_reason == "interrupted"

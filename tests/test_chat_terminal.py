@@ -70,6 +70,11 @@ class Terminal:
         return code
 
 
+# confirm_ctrl_c: readline notices a SIGINT that arrives between printing the prompt and waiting for keys only
+# at the next key, so each Ctrl-C at a prompt is followed by an empty line: the SIGINT discards it, and where
+# the SIGINT was handled first, an empty line is ignored. Either way one hint and a fresh prompt follow.
+
+
 def chat(demo_dir, *args: str) -> Terminal:
     return Terminal([sys.executable, "-m", "offload.cli", "chat", str(demo_dir), "--device", "cpu",
                      "--temperature", "0", *args])
@@ -85,12 +90,14 @@ def test_ctrl_c_at_the_prompt_and_as_a_reply_ends_keeps_the_session(demo_dir, tm
     term.expect(f"saved to {transcript}")
     term.expect("you> ")
     term.interrupt()  # at the waiting prompt
+    term.send("\n")  # see confirm_ctrl_c
     term.expect("Ctrl-C again within a second")
     term.expect("you> ")
     time.sleep(LEAVE_GAP)  # so that the next Ctrl-C is not the second of a pair
     term.send("hello\n")
     term.expect("finish: ")
     term.interrupt()  # the instant the reply ends: it clears the next prompt's line, as at any prompt
+    term.send("\n")
     term.expect("Ctrl-C again within a second")
     term.expect("you> ")
     term.send("again\n")

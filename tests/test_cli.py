@@ -92,6 +92,11 @@ def test_with_load_options_hands_the_command_a_load_options_object():
 
 # --- chat ---
 
+@pytest.fixture(autouse=True)
+def chat_data_home(tmp_path, monkeypatch):
+    """Chat sessions autosave under $XDG_DATA_HOME: keep the tests' out of the user's."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+
 def test_chat_scripted_session(demo_dir, demo_model, tmp_path):
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     script = f"hello\n/stats\n/save {first}\n/reset\n/save {second}\n/exit\nnever read\n"
@@ -103,9 +108,10 @@ def test_chat_scripted_session(demo_dir, demo_model, tmp_path):
     assert result.stdout.startswith(f"you> hello\nassistant> {reply.text}\nyou> /stats\n")
     assert re.search(r"prompt tokens +\d+", result.stdout) and re.search(r"finish +length", result.stdout)
     assert "never read" not in result.stdout
-    assert json.loads(first.read_text()) == {
-        "model": str(demo_dir), "messages": messages + [{"role": "assistant", "content": reply.text}]}
-    assert json.loads(second.read_text())["messages"] == messages[:1]
+    conversation = messages + [{"role": "assistant", "content": reply.text}]
+    assert json.loads(first.read_text()) == {"model": str(demo_dir), "messages": conversation, "context_start": 0}
+    # /reset: the model forgets the turn, the saved conversation keeps it
+    assert json.loads(second.read_text()) == {"model": str(demo_dir), "messages": conversation, "context_start": 1}
     assert "qwen3_moe: 4 layers (4 MoE), 16 experts top-4, GQA attention, on cpu" in result.stderr
     assert "8 tokens, prefill" in result.stderr and "finish: length" in result.stderr
     assert "saved 1 turn to" in result.stderr and "conversation cleared" in result.stderr
@@ -127,10 +133,10 @@ def test_chat_trims_old_turns_and_keeps_the_system_prompt(demo_dir, tmp_path):
                     "--max-context", "80", "--system", "Be brief.", input="\n".join(questions + [f"/save {saved}"]))
     assert result.exit_code == 0, result.output
     assert "oldest turn" in result.stderr and "max_context=80" in result.stderr
-    messages = json.loads(saved.read_text())["messages"]
-    assert messages[0] == {"role": "system", "content": "Be brief."}
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    assert 0 < len(users) < len(questions) and users == questions[-len(users):]
+    saved = json.loads(saved.read_text())
+    assert saved["messages"][0] == {"role": "system", "content": "Be brief."}
+    users = [m["content"] for m in saved["messages"] if m["role"] == "user"]
+    assert users == questions and 0 < saved["context_start"] < len(questions)  # trimmed the prompt, not the file
 
 
 def test_chat_errors_inside_a_turn_keep_the_session(demo_dir, tmp_path):
@@ -145,14 +151,15 @@ def test_chat_errors_inside_a_turn_keep_the_session(demo_dir, tmp_path):
     assert "you> hi\nassistant> " in result.stdout and "4 tokens" in result.stderr
 
 
-def test_chat_ctrl_c_at_the_prompt_leaves_with_0(demo_dir, monkeypatch):
+def test_chat_two_ctrl_c_at_the_prompt_leave_with_0(demo_dir, monkeypatch):
     def ctrl_c(prompt: str) -> str:
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)  # handled before the next line, as while input() waits
+        return "never sent"
 
     monkeypatch.setattr(chat_module, "terminal_input", lambda: ctrl_c)
     result = invoke("chat", demo_dir, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "interrupted" not in result.output
+    assert result.stderr.count("Ctrl-C again within a second") == 1 and "never sent" not in result.stdout
 
 
 def test_chat_single_turn_too_long_is_exit_2(demo_dir):
@@ -404,9 +411,7 @@ def test_ctrl_c_in_a_real_terminal_stops_the_reply_and_keeps_the_conversation(de
             term.send(f"/save {saved}\r")
             end = term.expect(rf"saved {turn} turns? to", end).end()
             end = term.expect(r"you> ", end).end()
-        # Ctrl-D leaves. (Ctrl-C at the prompt leaves too, but a SIGINT that arrives between readline printing
-        # the prompt and starting to wait for keys is only seen at the next key, so a script cannot send it
-        # reliably; test_chat_ctrl_c_at_the_prompt_leaves_with_0 covers that path.)
+        # Ctrl-D leaves (so do two Ctrl-C within a second: test_chat_two_ctrl_c_at_the_prompt_leave_with_0).
         term.send("\x04")
         assert term.wait_exit() == 0
     finally:
