@@ -364,22 +364,29 @@ def convert(source: str | Path, out: str | Path, experts: str | None, dense: str
     hf_config, prefix = arch.text_config(checkpoint.config_json), arch.weights_prefix
     check_sources(checkpoint, tensor_roles(hf_config), arch)
 
+    # Each access closes the files after it: the next one maps its file anew, so the source pages a matrix was
+    # read from leave resident memory when that matrix is packed and dropped, instead of staying mapped (and
+    # counted) until the end of the shard (a whole layer of source on top of its packed weights).
     def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return checkpoint.read_logical(prefix + name)  # names and shapes were checked by check_sources
+        try:
+            return checkpoint.read_logical(prefix + name)  # names and shapes were checked by check_sources
+        finally:
+            checkpoint.release()
 
     def kept(name: str) -> dict[str, torch.Tensor]:
-        return {part[len(prefix):]: checkpoint.read(part) for part in checkpoint.logical[prefix + name].parts}
+        try:
+            return {part[len(prefix):]: checkpoint.read(part) for part in checkpoint.logical[prefix + name].parts}
+        finally:
+            checkpoint.release()
 
     def pack_exact(name: str, out: PackedMatrix, e: int) -> bool:
-        return checkpoint.pack_exact(prefix + name, out, e)
-
-    def shard_done(done: int, total: int, name: str, resumed: bool) -> None:
-        checkpoint.release()  # memory stays at about one layer: drop the source pages read for this shard
-        if on_shard is not None:
-            on_shard(done, total, name, resumed)
+        try:
+            return checkpoint.pack_exact(prefix + name, out, e)
+        finally:
+            checkpoint.release()
 
     return write_store(out, hf_config, StoreSource(read, kept, pack_exact), experts, dense,
-                       copy_from=checkpoint.folder, source_label=str(checkpoint.folder.resolve()), on_shard=shard_done)
+                       copy_from=checkpoint.folder, source_label=str(checkpoint.folder.resolve()), on_shard=on_shard)
 
 
 def check_sources(checkpoint: Checkpoint, roles: list[TensorRole], arch: Architecture) -> None:
