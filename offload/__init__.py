@@ -34,5 +34,5 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
-__all__ = ["load", "plan", "convert", "Plan", "PlanError", "Model", "ModelConfig", "Generation", "GenerationStats", "SamplingParams", "OffloadError",
-           "CheckpointError", "ContextLengthError", "__version__"]
+__all__ = ["load", "plan", "convert", "Plan", "PlanError", "Model", "ModelConfig", "Generation", "GenerationStats",
+           "SamplingParams", "OffloadError", "CheckpointError", "ContextLengthError", "__version__"]

@@ -4,9 +4,9 @@ libgomp reads its environment once, when torch loads it: this runs before torch 
 csrc_py both call it first) and leaves any setting the user made alone. By default a thread that finishes a
 parallel region spins ~3 ms for the next one; a decode step is hundreds of short regions, so once another
 process shares a core the spinning worker and the waiting caller wait out each other's time slices. Measured on
-2 cores (docs/benchmarks.md, "Decode under contention"): with a busy process on one core, decode fell to 12% of
-quiet with spinning and held 46% or more with passive waits (sleep on a futex at once), which cost ~6 us per
-parallel region when quiet.
+2 cores (docs/benchmarks.md, "Decode under contention"): with a busy process on one core, decode fell to 12-34% of
+quiet with spinning and held 80-99% with passive waits (sleep on a futex at once); on a quiet host passive decodes
+15-20% slower than spinning, which a user with cores to spare takes back with OMP_WAIT_POLICY=ACTIVE.
 """
 from __future__ import annotations
 
