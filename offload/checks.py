@@ -115,10 +115,20 @@ def check_load(checkpoint: Checkpoint, cfg: ModelConfig, max_context: int | None
     torch_device = resolve_device(device)
     if torch_device.type == "cpu" and gpu_memory is None and plan is None:
         dtype_bytes = torch.tensor([], dtype=resolve_dtype(dtype, torch_device)).element_size()
-        check_host_memory(cfg, max_context, dtype_bytes, checkpoint.nbytes(),
+        check_host_memory(cfg, max_context, dtype_bytes, resident_weight_bytes(checkpoint),
                           detect_budgets(torch_device, None).host_bytes)
     check_position_limit(cfg, max_context)
     return max_context
+
+
+def resident_weight_bytes(checkpoint: Checkpoint) -> int:
+    """Weight bytes loading copies into RAM: all of them, except a store's packed matrices, which stay memory-mapped
+    (clean file pages the kernel can drop: a store may be larger than RAM, docs/benchmarks.md)."""
+    from .weights.store import packed_entries
+
+    mapped = sum(checkpoint.tensors[f"{name}.{part}"].nbytes for name in packed_entries(checkpoint)
+                 for part in ("q", "d", "m") if f"{name}.{part}" in checkpoint.tensors)
+    return checkpoint.nbytes() - mapped
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:

@@ -162,6 +162,23 @@ def test_a_context_that_cannot_fit_in_memory_fails_fast_naming_the_bytes(demo_di
     assert 2048 < fits < 2000000
 
 
+def test_a_store_larger_than_free_ram_loads_memory_mapped(checkpoint_dir, tmp_path, monkeypatch):
+    """A store's packed experts stay memory-mapped, so only what loading copies is held against free RAM."""
+    from offload.checks import resident_weight_bytes
+    from offload.weights.checkpoint import Checkpoint
+
+    folder, _ = checkpoint_dir("qwen3_moe")
+    store = offload.convert(folder, tmp_path / "store", experts="int8")
+    checkpoint = Checkpoint(store)
+    resident = resident_weight_bytes(checkpoint)
+    assert resident < checkpoint.nbytes()
+    free = resident + (checkpoint.nbytes() - resident) // 2  # less than the store, more than what is copied
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=free))
+    offload.load(store, device="cpu", max_context=8)
+    with pytest.raises(OffloadError, match="of RAM is free"):
+        offload.load(folder, device="cpu", max_context=8)  # the same model unpacked is copied whole
+
+
 # --- one error path: I/O errors ---
 
 def test_convert_onto_a_full_disk_is_one_line(demo_dir, tmp_path, monkeypatch):
