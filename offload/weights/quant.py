@@ -184,8 +184,8 @@ def _compressed_tensors(qc: dict[str, Any], folder: Path) -> QuantScheme:
             parts += [f"{name}.weight_zero_point"] if not symmetric else []
             for part in parts[1:]:
                 _require(stored, part, f"{name}.weight")
-            # weight_shape holds the true width; 8 values per int32 is it whenever K is a multiple of 8 (checked
-            # against weight_shape when the tensor is read).
+            # 8 values per int32: the true width when K is a multiple of 8, as in every published checkpoint;
+            # weight_shape is checked against it when the tensor is read.
             shape = (packed.shape[0], packed.shape[1] * 8)
             out[f"{name}.weight"] = LogicalTensor(f"{name}.weight", shape, tuple(parts), True)
         return out
@@ -201,9 +201,12 @@ def _compressed_tensors(qc: dict[str, Any], folder: Path) -> QuantScheme:
         return groups
 
     label = f"int4 {'symmetric' if symmetric else 'asymmetric'}, scale per {group_size} (compressed-tensors)"
-    exact = group_size % 32 == 0
-    return QuantScheme("compressed-tensors", label, 4 + 16 / group_size * (1 if symmetric else 2), "int4", exact,
-                       group, _floats_of(grid), grid, mapping="exact" if exact else "dequantized, requantized per 32")
+    # Symmetric: the offset -8 * scale is exact in fp16; an asymmetric -zero * scale is rounded to it.
+    mapping = ("dequantized, requantized per 32" if group_size % 32
+               else "exact" if symmetric else "grid kept, offsets rounded to fp16")
+    return QuantScheme("compressed-tensors", label, 4 + 16 / group_size * (1 if symmetric else 2), "int4",
+                       mapping == "exact", group, _floats_of(grid), grid, round_scales=not symmetric,
+                       mapping=mapping)
 
 
 # --- MXFP4 -------------------------------------------------------------------------------------------------------
