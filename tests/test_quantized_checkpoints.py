@@ -62,9 +62,15 @@ def fp8_parts(name: str, w: torch.Tensor, ue8m0: bool = False) -> dict[str, torc
     return {name: weight, f"{name}_scale_inv": scale_inv.float()}
 
 
-def ct_parts(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+def ct_parts(name: str, w: torch.Tensor, symmetric: bool = True) -> dict[str, torch.Tensor]:
     base = name.removesuffix(".weight")
-    return {f"{base}.{k}": v for k, v in encoders.encode_compressed_int4(w, 32).items()}
+    return {f"{base}.{k}": v for k, v in encoders.encode_compressed_int4(w, 32, symmetric=symmetric).items()}
+
+
+def asymmetric(quant_config: dict) -> dict:
+    group = quant_config["config_groups"]["group_0"]
+    weights = {**group["weights"], "symmetric": False}
+    return {**quant_config, "config_groups": {"group_0": {**group, "weights": weights}}}
 
 
 def mxfp4_parts(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -90,6 +96,8 @@ SCHEMES = {
     "fp8": (DEEPSEEK, ALL_LINEARS, fp8_parts, fp8_config()),
     "fp8_ue8m0": (DEEPSEEK, ALL_LINEARS, lambda n, w: fp8_parts(n, w, ue8m0=True), fp8_config(ue8m0=True)),
     "compressed_int4": (DEEPSEEK, ROUTED_EXPERTS, ct_parts, CT_CONFIG),
+    "compressed_int4_asym": (DEEPSEEK, ROUTED_EXPERTS, lambda n, w: ct_parts(n, w, symmetric=False),
+                             asymmetric(CT_CONFIG)),
     "mxfp4": (QWEN3, ROUTED_EXPERTS, mxfp4_parts, {"quant_method": "mxfp4"}),
     "gptq": (QWEN3, ALL_LINEARS, gptq_parts(False), gptq_config(False)),
     "gptq_act_order": (QWEN3, ALL_LINEARS, gptq_parts(True), gptq_config(True)),
@@ -176,7 +184,8 @@ def test_fp8_matches_transformers_fp8_loader(folders):
     assert relative_error(bf16.logits(IDS), reference) < 0.01
 
 
-@pytest.mark.parametrize("scheme", ["fp8_ue8m0", "compressed_int4", "mxfp4", "gptq", "gptq_act_order", "awq"])
+@pytest.mark.parametrize("scheme", ["fp8_ue8m0", "compressed_int4", "compressed_int4_asym", "mxfp4", "gptq",
+                                    "gptq_act_order", "awq"])
 def test_scheme_matches_dequantized_reference(folders, tmp_path, scheme):
     folder = folders(scheme)
     reference = hf_logits(dequantized_folder(folder, tmp_path / "plain"))
