@@ -74,7 +74,7 @@ def check_position_limit(cfg: ModelConfig, max_context: int) -> None:
 def rope_table_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> int:
     """The rotary table for max_context positions: cos and sin [P, rope_dim/2] in the model dtype, plus the
     float32 angles they are computed from."""
-    half = (cfg.mla.qk_rope_head_dim if cfg.mla else cfg.head_dim) // 2
+    half = cfg.rope_dim // 2
     return max_context * half * (2 * dtype_bytes + 4)
 
 

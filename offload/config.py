@@ -80,9 +80,18 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
-    num_extra_layers: int = 0  # DeepSeek-V3 multi-token-prediction layers shipped after the last layer, unused
+    num_extra_layers: int = 0  # multi-token-prediction layers after the last layer (DeepSeek-V3, GLM-4.x), unused
+    rotary_dim: int | None = None  # partial RoPE (GLM-4.x): rotate only each head's first rotary_dim channels
     extra: dict = field(default_factory=dict, compare=False, hash=False)  # untranslated config.json, for display
 
     @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels of each query/key head that the rotary table turns: MLA's rope part, a partial rotary_dim,
+        else the whole head."""
+        if self.mla:
+            return self.mla.qk_rope_head_dim
+        return self.rotary_dim or self.head_dim

@@ -94,8 +94,8 @@ def attention_summary(cfg: ModelConfig) -> dict[str, Any]:
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     kind = "MHA" if nkv == nh else "MQA" if nkv == 1 else "GQA"
     windows = sorted({w for w in cfg.sliding_windows if w is not None})
-    return {"kind": kind, "heads": nh, "kv_heads": nkv, "head_dim": cfg.head_dim, "qk_norm": cfg.qk_norm,
-            "sliding_window": windows[0] if windows else None}
+    return {"kind": kind, "heads": nh, "kv_heads": nkv, "head_dim": cfg.head_dim, "rope_dim": cfg.rope_dim,
+            "qkv_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm, "sliding_window": windows[0] if windows else None}
 
 
 def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
@@ -193,6 +193,10 @@ def _attention_text(a: dict[str, Any]) -> str:
         return (f"MLA, {a['heads']} heads, q_lora_rank {q}, kv_lora_rank {a['kv_lora_rank']}, qk head dim "
                 f"{a['qk_nope_head_dim']} nope + {a['qk_rope_head_dim']} rope, v head dim {a['v_head_dim']}")
     text = f"{a['kind']}, {a['heads']} query heads, {a['kv_heads']} KV heads, head dim {a['head_dim']}"
+    if a["rope_dim"] != a["head_dim"]:
+        text += f" (rope on the first {a['rope_dim']})"
+    if a["qkv_bias"]:
+        text += ", q/k/v bias"
     if a["qk_norm"]:
         text += f", q/k norm ({a['qk_norm']})"
     if a["sliding_window"]:

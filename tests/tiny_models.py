@@ -49,6 +49,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
         qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_group=2, topk_group=1, rope_interleave=False,
         norm_topk_prob=False)),
+    # GLM-4.5 / 4.6: partial RoPE (half of each head), q/k/v bias, per-head q/k norm, a dense first layer, group
+    # routing with correction bias, a shared expert.
+    "glm4_moe": ("glm4_moe", dict(
+        num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
+        intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        num_nextn_predict_layers=1, eos_token_id=[94, 95])),
+    # GLM-4.5-Air's shape: no q/k norm, one group, two shared experts, a quarter of each head rotated.
+    "glm4_moe_air": ("glm4_moe", dict(
+        num_key_value_heads=1, head_dim=16, partial_rotary_factor=0.25, attention_bias=True, use_qk_norm=False,
+        intermediate_size=80, moe_intermediate_size=24, n_routed_experts=6, num_experts_per_tok=3, n_shared_experts=2,
+        first_k_dense_replace=2, routed_scaling_factor=1.0, norm_topk_prob=False, rope_theta=1e6)),
 }
 
 

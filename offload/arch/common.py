@@ -61,6 +61,19 @@ def read_rope(hf: dict[str, Any]) -> RopeConfig:
     )
 
 
+def partial_rotary_dim(hf: dict[str, Any], head_dim: int, default_factor: float = 1.0) -> int | None:
+    """Channels per head that RoPE turns, from `partial_rotary_factor` (in `rope_parameters` today, top-level in
+    older configs); None when it is the whole head."""
+    params = hf.get("rope_parameters") or {}
+    top_level = first_present(hf, "partial_rotary_factor", default=default_factor)
+    factor = float(first_present(params, "partial_rotary_factor", default=top_level))
+    dim = int(head_dim * factor)  # as transformers rounds it
+    if not 0 < dim <= head_dim or dim % 2:
+        raise CheckpointError(f"partial_rotary_factor {factor:g} of head_dim {head_dim} gives {dim} rotary "
+                              "channels; it must give an even number from 2 to head_dim")
+    return None if dim == head_dim else dim
+
+
 def read_dtype(hf: dict[str, Any]) -> str:
     return str(first_present(hf, "dtype", "torch_dtype", default="float32")).replace("torch.", "")
 

@@ -62,8 +62,13 @@ class RotaryTable:
         self.cos = (angles.cos() * attention_factor).to(device=device, dtype=dtype)
         self.sin = (angles.sin() * attention_factor).to(device=device, dtype=dtype)
 
+    @property
+    def dim(self) -> int:
+        return 2 * self.cos.shape[-1]
+
     def apply(self, x: torch.Tensor, start: int, interleaved: bool = False) -> torch.Tensor:
-        """Rotate x [T, heads, dim] for positions start..start+T-1.
+        """Rotate x [T, heads, d] for positions start..start+T-1: its first `dim` channels, the rest (partial
+        RoPE, d > dim) pass through unchanged after them, as HF's apply_rotary_pos_emb does.
 
         Half layout pairs x[i] with x[i + dim/2] (HF rotate_half). Interleaved layout pairs x[2i] with x[2i+1]
         (DeepSeek); its result is returned in half layout, which changes no dot product between rotated q and k.
@@ -71,9 +76,10 @@ class RotaryTable:
         T = x.shape[0]
         cos = self.cos[start : start + T, None, :]  # [T, 1, dim/2]
         sin = self.sin[start : start + T, None, :]
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
         if interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
         else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            half = self.dim // 2
+            x1, x2 = rot[..., :half], rot[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)

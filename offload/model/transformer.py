@@ -56,8 +56,7 @@ class Transformer(nn.Module):
             self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed))
         else:
             self.lm_head = load_linear(src, "lm_head", V, H)
-        rope_dim = cfg.mla.qk_rope_head_dim if cfg.mla else cfg.head_dim
-        self.rope = RotaryTable(cfg.rope, rope_dim, max_context, device, dtype)
+        self.rope = RotaryTable(cfg.rope, cfg.rope_dim, max_context, device, dtype)
         self.caches = [self._new_cache(dtype, device) for _ in range(cfg.num_hidden_layers)]
 
     def _new_cache(self, dtype: torch.dtype, device: torch.device) -> KVCache | LatentCache:
