@@ -1,5 +1,6 @@
-"""GLM-4.5 / 4.6 / 4.7 (glm4_moe) beyond the shared reference runner: the config.json spellings published
-checkpoints use, the multi-token-prediction layer they ship, the published sizes, and inspect / plan / convert."""
+"""GLM-4.5 / 4.6 / 4.7 (glm4_moe) and GLM-4.7-Flash (glm4_moe_lite) beyond the shared reference runner: the
+config.json spellings published checkpoints use, the multi-token-prediction layer they ship, the published sizes,
+and inspect / plan / convert."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,17 @@ GLM_4_5 = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "v
 GLM_4_5_AIR = {**GLM_4_5, "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408,
                "num_hidden_layers": 46, "n_routed_experts": 128, "first_k_dense_replace": 1, "use_qk_norm": False,
                "routed_scaling_factor": 1.0}
+
+# GLM-4.7-Flash's config.json (glm4_moe_lite): DeepSeek-V3 fields, dense layers as first_k_dense_replace.
+GLM_4_7_FLASH = {"architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite", "vocab_size": 154880,
+                 "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536,
+                 "num_hidden_layers": 47, "num_attention_heads": 20, "num_key_value_heads": 20, "q_lora_rank": 768,
+                 "kv_lora_rank": 512, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256,
+                 "n_routed_experts": 64, "n_shared_experts": 1, "num_experts_per_tok": 4, "n_group": 1,
+                 "topk_group": 1, "topk_method": "noaux_tc", "norm_topk_prob": True, "routed_scaling_factor": 1.8,
+                 "first_k_dense_replace": 1, "attention_bias": False, "partial_rotary_factor": 1.0,
+                 "rope_theta": 1000000.0, "rope_scaling": None, "max_position_embeddings": 202752,
+                 "rms_norm_eps": 1e-05, "num_nextn_predict_layers": 1, "torch_dtype": "bfloat16"}
 
 
 def rel_err(a, b) -> float:
@@ -131,14 +143,40 @@ def test_multi_token_prediction_layer_is_skipped_by_load_and_convert(checkpoint_
         offload.load(clone_with_config(mtp_folder, tmp_path / "no_mtp", no_mtp), device="cpu")
 
 
-@pytest.mark.parametrize("hf, total, active", [(GLM_4_5, 355e9, 32e9), (GLM_4_5_AIR, 106e9, 12e9)])
-def test_parameter_counts_of_published_models(hf, total, active):
-    """Published sizes: GLM-4.5 355B total / 32B active, GLM-4.5-Air 106B / 12B; their active counts leave out the
-    embedding and LM-head matrices, and the totals the multi-token-prediction layer."""
+@pytest.mark.parametrize("hf, total, active, rel", [(GLM_4_5, 355e9, 32e9, 0.02), (GLM_4_5_AIR, 106e9, 12e9, 0.02),
+                                                     (GLM_4_7_FLASH, 30e9, 3e9, 0.1)])
+def test_parameter_counts_of_published_models(hf, total, active, rel):
+    """Published sizes: GLM-4.5 355B total / 32B active, GLM-4.5-Air 106B / 12B, GLM-4.7-Flash "30B-A3B" (hence
+    the looser bound on its active count); active counts leave out the embedding and LM-head matrices, totals
+    the multi-token-prediction layer."""
     counts = param_counts(config_from_hf(hf))
     embeddings = 2 * hf["vocab_size"] * hf["hidden_size"]
     assert counts.total == pytest.approx(total, rel=0.02)
-    assert counts.active - embeddings == pytest.approx(active, rel=0.02)
+    assert counts.active - embeddings == pytest.approx(active, rel=rel)
+
+
+def test_lite_published_spelling_loads_and_agrees(checkpoint_dir, tmp_path):
+    """GLM-4.7-Flash's config.json names its dense layers by first_k_dense_replace, not mlp_layer_types."""
+    folder, ref = checkpoint_dir("glm4_moe_lite")  # mlp_layer_types: dense, dense, sparse
+
+    def published(config):
+        config = published_spelling({**config, "rope_parameters": {**config["rope_parameters"],
+                                                                   "partial_rotary_factor": 1.0}})
+        del config["mlp_layer_types"]
+        return {**config, "first_k_dense_replace": 2, "num_nextn_predict_layers": 1}
+
+    model = offload.load(clone_with_config(folder, tmp_path / "old", published), device="cpu")
+    assert model.config.moe_layers == (False, False, True) and model.config.mla is not None
+    assert rel_err(model.logits(IDS), reference_logits(ref)) <= 1e-4
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"mlp_layer_types": ["dense", "sparse"]}, "mlp_layer_types must give 'dense' or 'sparse' for each of the 47"),
+    ({"mlp_layer_types": ["moe"] * 47}, "mlp_layer_types must give 'dense' or 'sparse'"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor below 1 is not supported")])
+def test_lite_config_errors(edit, message):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        config_from_hf({**GLM_4_7_FLASH, **edit})
 
 
 def invoke(*args):

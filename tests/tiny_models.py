@@ -61,6 +61,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_key_value_heads=1, head_dim=16, partial_rotary_factor=0.25, attention_bias=True, use_qk_norm=False,
         intermediate_size=80, moe_intermediate_size=24, n_routed_experts=6, num_experts_per_tok=3, n_shared_experts=2,
         first_k_dense_replace=2, routed_scaling_factor=1.0, norm_topk_prob=False, rope_theta=1e6)),
+    # GLM-4.7-Flash: DeepSeek-V3's MLA and routing, dense layers listed in mlp_layer_types.
+    "glm4_moe_lite": ("glm4_moe_lite", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=12,
+        qk_rope_head_dim=8, v_head_dim=10, n_group=2, topk_group=1, routed_scaling_factor=1.8,
+        mlp_layer_types=["dense", "dense", "sparse"])),
 }
 
 
