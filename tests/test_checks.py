@@ -182,12 +182,12 @@ def test_a_store_larger_than_free_ram_loads_memory_mapped(checkpoint_dir, tmp_pa
 # --- one error path: I/O errors ---
 
 def test_convert_onto_a_full_disk_is_one_line(demo_dir, tmp_path, monkeypatch):
-    import safetensors.torch
+    import offload.weights.store as store
 
-    def full(tensors, path, metadata=None):
+    def full(path, tensors, jobs, metadata):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(store, "write_safetensors", full)
     result = invoke("convert", demo_dir, tmp_path / "out", "--experts", "int8")
     assert_one_line_error(result, str(tmp_path / "out"), "the disk is full", "free space")
     result = invoke("--debug", "convert", demo_dir, tmp_path / "out2", "--experts", "int8")
@@ -195,12 +195,12 @@ def test_convert_onto_a_full_disk_is_one_line(demo_dir, tmp_path, monkeypatch):
 
 
 def test_convert_onto_a_read_only_file_system_is_one_line(demo_dir, tmp_path, monkeypatch):
-    import safetensors.torch
+    import offload.weights.store as store
 
-    def read_only(tensors, path, metadata=None):
+    def read_only(path, tensors, jobs, metadata):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", read_only)
+    monkeypatch.setattr(store, "write_safetensors", read_only)
     assert_one_line_error(invoke("convert", demo_dir, tmp_path / "out", "--experts", "int8"), "read-only")
 
 

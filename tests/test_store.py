@@ -219,3 +219,36 @@ def test_dense_quantization_needs_the_cpu(checkpoint_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(OffloadError, match="dense='int8' runs the dense weights on the CPU"):
         offload.load(folder, device="cuda", dense="int8")
+
+
+def test_streamed_safetensors_read_back_with_the_library(tmp_path):
+    """The shard writer's files (header first, tensors written by jobs at their offsets, in any order) are
+    ordinary safetensors files, aligned for every dtype, and refuse a job that writes past its tensor."""
+    from safetensors.torch import load_file
+
+    from offload.weights.checkpoint import DTYPE_BYTES, read_safetensors_file
+    from offload.weights.safetensors_writer import TensorSpec, write_safetensors
+
+    tensors = {"odd": torch.arange(7, dtype=torch.uint8), "f32": torch.randn(3, 5),
+               "bf16": torch.randn(4, 2).bfloat16(), "scalar": torch.tensor(2.5, dtype=torch.float64)}
+    dtypes = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
+    specs = [TensorSpec(name, dtypes[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
+
+    def write_in_halves(writer):  # the second half of each tensor first
+        for name, t in reversed(tensors.items()):
+            data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            half = len(data) // 2
+            writer.write(name, half, data[half:])
+            writer.write(name, 0, data[:half])
+
+    write_safetensors(tmp_path / "a.safetensors", specs, [write_in_halves], {"k": "v"})
+    loaded = load_file(tmp_path / "a.safetensors")
+    assert all(torch.equal(loaded[name], t) for name, t in tensors.items())
+    tables, metadata = read_safetensors_file(tmp_path / "a.safetensors")
+    assert metadata == {"k": "v"} and all(info.offset % DTYPE_BYTES[info.dtype] == 0 for info in tables.values())
+
+    def overflow(writer):
+        writer.write("odd", 4, bytes(4))
+
+    with pytest.raises(ValueError, match="overflow tensor 'odd'"):
+        write_safetensors(tmp_path / "b.safetensors", specs, [overflow], {})

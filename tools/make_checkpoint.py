@@ -632,18 +632,22 @@ def write_quantized(out: str | Path, hf_config: dict[str, Any], experts: str = "
 
 
 def store_read_order(roles: list[TensorRole], dense: str, num_layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The (name, shape) write_store reads, in its order (shard by shard, store._write_shard's rules)."""
+    """The (name, shape) write_store reads, in its order (store._write_shard's rules): shard by shard, first the
+    tensors it writes as made (their dtypes go into the header), then the matrices it packs."""
     order: list[tuple[str, tuple[int, ...]]] = []
-    for role in (role for shard in shard_roles(roles, num_layers) for role in shard):
-        if role.kind == "plain":
-            order.append((role.name, role.shape))
-        elif role.kind == "linear":
-            if dense != "bf16" and role.quantize:
-                order.append((role.sources[0], role.shape))
-            elif role.sources == (role.name,):
+    for shard in shard_roles(roles, num_layers):
+        packed: list[tuple[str, tuple[int, ...]]] = []
+        for role in shard:
+            if role.kind == "plain":
                 order.append((role.name, role.shape))
-        else:
-            order.extend((source, role.shape[1:]) for source in role.sources)
+            elif role.kind == "linear":
+                if dense != "bf16" and role.quantize:
+                    packed.append((role.sources[0], role.shape))
+                elif role.sources == (role.name,):
+                    order.append((role.name, role.shape))
+            else:
+                packed.extend((source, role.shape[1:]) for source in role.sources)
+        order.extend(packed)
     return order
 
 

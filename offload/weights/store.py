@@ -18,6 +18,7 @@ second run resumes from the finished shards.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -30,7 +31,8 @@ import torch
 
 from ..arch import Architecture, architecture
 from ..errors import CheckpointError, OffloadError
-from .checkpoint import CONVERT_PROGRESS_FILE, INDEX_FILE, Checkpoint, read_safetensors_file
+from .checkpoint import CONVERT_PROGRESS_FILE, INDEX_FILE, Checkpoint, TensorInfo, read_safetensors_file
+from .safetensors_writer import Job, TensorSpec, TensorWriter, write_safetensors
 from .source import InventedSource
 
 if TYPE_CHECKING:
@@ -42,6 +44,10 @@ PACKED_KEY = "offload.packed"
 EXPERT_FORMATS = ("bf16", "int8", "int4")
 DENSE_FORMATS = ("bf16", "int8", "int4")  # "bf16": dense weights stay as the source stores them
 ARRAY_DTYPES = {"q": None, "d": "float16", "m": "float16"}  # q's dtype depends on the format
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.uint16: "U16", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2", torch.float8_e8m0fnu: "F8_E8M0"}
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "chat_template.jinja", "chat_template.json", "tiktoken.model", "tokenization_kimi.py")
 
@@ -182,19 +188,24 @@ Reader = Callable[[str, tuple[int, ...]], torch.Tensor]  # (source tensor name, 
 
 
 @dataclass(frozen=True)
+class KeptTensor:
+    """A source tensor a store keeps as it is: its name in the store, and where its bytes are in the source."""
+
+    name: str
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
 class StoreSource:
     """What write_store reads. `read(name, shape)`: a tensor the loader asks for (float32 where the source stores
-    it quantized). A quantized checkpoint also gives `kept(name)`, the stored tensors of one the store keeps as it
-    is (its quantized encoding included: the store's config.json keeps the quantization_config that reads them),
-    and `pack_exact(name, out, e)`, which packs a quantized matrix from its own integer grid where the format
-    holds it exactly (False where not)."""
+    it quantized). A checkpoint also gives `kept(name)`, the stored tensors of one the store keeps as it is (a
+    quantized encoding included: the store's config.json keeps the quantization_config that reads them), copied
+    from the source file without being read into memory, and `pack_exact(name, out, e)`, which packs a quantized
+    matrix from its own integer grid where the format holds it exactly (False where not)."""
 
     read: Reader
-    kept: Callable[[str], dict[str, torch.Tensor]] | None = None
+    kept: Callable[[str], list[KeptTensor]] | None = None
     pack_exact: Callable[[str, "PackedMatrix", int], bool] | None = None  # Checkpoint.pack_exact
-
-    def keep(self, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        return self.kept(name) if self.kept is not None else {name: self.read(name, shape)}
 
 
 def write_store(out: str | Path, hf_config: dict[str, Any], read: Reader | StoreSource, experts: str,
@@ -293,51 +304,76 @@ def _finished_shard(path: Path):
 
 
 def _write_shard(path: Path, roles: Iterable[TensorRole], source: StoreSource, experts: str, dense: str):
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
+    """One shard, streamed (weights.safetensors_writer): memory is one packed matrix or one copied chunk."""
+    specs: list[TensorSpec] = []
+    jobs: list[Job] = []
     packed: dict[str, dict[str, Any]] = {}
     for role in roles:
-        if role.kind == "plain":
-            tensors.update(source.keep(role.name, role.shape))
-        elif role.kind == "linear":
-            if dense == "bf16" or not role.quantize:
-                if role.sources == (role.name,):  # a tied head is not written: the loader ties it again
-                    tensors.update(source.keep(role.name, role.shape))
-                continue
-            matrix = _pack_stack([role.sources[0]], role.shape, dense, source)
-            _add_packed(tensors, packed, role.name, matrix)
+        if role.kind == "linear" and (dense == "bf16" or not role.quantize):
+            if role.sources == (role.name,):  # a tied head is not written: the loader ties it again
+                _keep(role, source, specs, jobs)
+        elif role.kind == "plain":
+            _keep(role, source, specs, jobs)
         else:
-            matrix = _pack_stack(list(role.sources), role.shape[1:], experts, source)
-            _add_packed(tensors, packed, role.name, matrix)
-    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+            stack = role.kind == "experts"
+            fmt, shape = (experts, role.shape[1:]) if stack else (dense, role.shape)
+            _pack(role.name, list(role.sources), tuple(shape), fmt, source, specs, jobs)
+            packed[role.name] = {"format": fmt, "shape": [len(role.sources), *shape]}
     tmp = path.with_name(path.name + ".tmp")
-    # One metadata key: safetensors writes keys in hash order, and the same input must give the same bytes.
-    save_file(tensors, tmp, metadata={PACKED_KEY: json.dumps(packed)})
-    os.chmod(tmp, 0o644)  # safetensors creates files readable by their owner only
+    write_safetensors(tmp, specs, jobs, {PACKED_KEY: json.dumps(packed)})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return read_safetensors_file(path)[0]
 
 
-def _pack_stack(sources: list[str], shape: tuple[int, ...], fmt: str, source: StoreSource) -> PackedMatrix:
-    """Pack the matrices `sources` (each [O, K]) as one stack, reading one at a time; a quantized source's own
-    grid is copied where the format holds it exactly (weights.source does the same at load)."""
+def _keep(role: TensorRole, source: StoreSource, specs: list[TensorSpec], jobs: list[Job]) -> None:
+    """A tensor written as the source stores it: copied from the source file, or (a source that makes its
+    tensors, e.g. tools/make_checkpoint.py) made now and written from memory."""
+    if source.kept is not None:
+        for kept in source.kept(role.name):
+            specs.append(TensorSpec(kept.name, kept.info.dtype, tuple(kept.info.shape)))
+            jobs.append(functools.partial(_copy_job, kept))
+        return
+    tensor = source.read(role.name, role.shape).contiguous()
+    specs.append(TensorSpec(role.name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape)))
+    jobs.append(functools.partial(_bytes_job, role.name, tensor))
+
+
+def _copy_job(kept: KeptTensor, writer: TensorWriter) -> None:
+    writer.copy(kept.name, kept.info.file, kept.info.offset)
+
+
+def _bytes_job(name: str, tensor: torch.Tensor, writer: TensorWriter) -> None:
+    writer.write(name, 0, tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _pack(name: str, sources: list[str], shape: tuple[int, int], fmt: str, source: StoreSource,
+          specs: list[TensorSpec], jobs: list[Job]) -> None:
+    """The matrices `sources` (each [O, K]) as one packed stack NAME.q/.d/.m, written one matrix at a time."""
+    from csrc_py.formats import empty
+
+    for part, array in _parts(empty(fmt, 1, *shape)):
+        specs.append(TensorSpec(f"{name}.{part}", SAFETENSORS_DTYPES[torch.from_numpy(array).dtype],
+                                (len(sources), *array.shape[1:])))
+    jobs.append(functools.partial(_pack_job, name, sources, shape, fmt, source))
+
+
+def _pack_job(name: str, sources: list[str], shape: tuple[int, int], fmt: str, source: StoreSource,
+              writer: TensorWriter) -> None:
+    """Each matrix packed alone and written into its slot of the stack: from the source's own integer grid where
+    the format holds it exactly (weights.source does the same at load), else quantized from floats."""
     from csrc_py.formats import empty, pack_expert
 
-    matrix = empty(fmt, len(sources), *shape)
-    for e, name in enumerate(sources):
-        if source.pack_exact is None or not source.pack_exact(name, matrix, e):
-            pack_expert(matrix, e, source.read(name, tuple(shape)))
-    return matrix
+    for e, matrix_name in enumerate(sources):
+        one = empty(fmt, 1, *shape)
+        if source.pack_exact is None or not source.pack_exact(matrix_name, one, 0):
+            pack_expert(one, 0, source.read(matrix_name, shape))
+        for part, array in _parts(one):
+            writer.write(f"{name}.{part}", e * array.nbytes, array.data)
 
 
-def _add_packed(tensors: dict[str, torch.Tensor], packed: dict[str, dict[str, Any]], name: str,
-                matrix: PackedMatrix) -> None:
-    for part in ("q", "d", "m"):
-        array = getattr(matrix, part)
-        if array is not None:
-            tensors[f"{name}.{part}"] = torch.from_numpy(array)
-    packed[name] = {"format": matrix.fmt, "shape": list(matrix.shape)}
+def _parts(matrix: PackedMatrix) -> list[tuple[str, Any]]:
+    return [(part, getattr(matrix, part)) for part in ("q", "d", "m") if getattr(matrix, part) is not None]
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -364,20 +400,18 @@ def convert(source: str | Path, out: str | Path, experts: str | None, dense: str
     hf_config, prefix = arch.text_config(checkpoint.config_json), arch.weights_prefix
     check_sources(checkpoint, tensor_roles(hf_config), arch)
 
-    # Each access closes the files after it: the next one maps its file anew, so the source pages a matrix was
-    # read from leave resident memory when that matrix is packed and dropped, instead of staying mapped (and
-    # counted) until the end of the shard (a whole layer of source on top of its packed weights).
+    # Each read closes the files after it: the next one maps its file anew, so the source pages a matrix was read
+    # from leave resident memory when that matrix is packed and dropped, instead of staying mapped (and counted)
+    # until the end of the shard (a whole layer of source on top of its packed weights).
     def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         try:
             return checkpoint.read_logical(prefix + name)  # names and shapes were checked by check_sources
         finally:
             checkpoint.release()
 
-    def kept(name: str) -> dict[str, torch.Tensor]:
-        try:
-            return {part[len(prefix):]: checkpoint.read(part) for part in checkpoint.logical[prefix + name].parts}
-        finally:
-            checkpoint.release()
+    def kept(name: str) -> list[KeptTensor]:
+        return [KeptTensor(part[len(prefix):], checkpoint.tensors[part])
+                for part in checkpoint.logical[prefix + name].parts]
 
     def pack_exact(name: str, out: PackedMatrix, e: int) -> bool:
         try:
