@@ -334,7 +334,7 @@ def convert(
                      "CPU-only runs; bf16 keeps them as the source stores them."),
 ) -> None:
     """Write a pre-quantized copy of a checkpoint that loads with no quantization step (memory-mapped).
-    Streams one layer at a time; run it again after an interruption to resume."""
+    Streams one matrix at a time; run it again after an interruption to resume."""
     from .weights.checkpoint import Checkpoint
     from .weights.store import convert as convert_checkpoint, store_formats
 

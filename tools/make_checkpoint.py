@@ -22,8 +22,8 @@ renamed when complete:
   dtypes and shapes (each scale directly after its weight), and each matrix is encoded one band of 128-row tile
   rows at a time, so memory stays at about one chunk here too.
 - default: offload's pre-quantized store (offload.weights.store.write_store) in `--experts-format` /
-  `--dense`: no bf16 copy of the model is ever written. Memory: one layer's packed weights (plus, for the last
-  shard, the bf16 embedding and LM head).
+  `--dense`: no bf16 copy of the model is ever written. Memory: one packed matrix, plus the shard's tensors
+  written as made (for the last shard, the bf16 embedding and LM head).
 
 All modes resume an interrupted run from its finished shards when run again with the same arguments.
 

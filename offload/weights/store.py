@@ -12,9 +12,10 @@ weight (`model.layers.3.self_attn.q_proj.weight`, a [1, O, K] stack) — is stor
 NAME.m of csrc_py.formats, and its shard's metadata entry "offload.packed" maps NAME -> {"format", "shape"}.
 Everything else is stored exactly as in the source checkpoint. Byte layouts: docs/formats.md.
 
-Writing streams one shard at a time (memory: one layer's packed weights plus one expert in float), each to a
-temporary name renamed when complete; the index is written last, so a folder without it is unfinished and a
-second run resumes from the finished shards.
+Writing goes one shard at a time, each to a temporary name renamed when complete, and streams within a shard
+(weights.safetensors_writer: the header first, then each matrix as it is packed and each kept tensor copied from
+its source file), so memory is one matrix in float plus its packed copy; the index is written last, so a folder
+without it is unfinished and a second run resumes from the finished shards.
 """
 from __future__ import annotations
 
