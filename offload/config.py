@@ -71,6 +71,7 @@ class ModelConfig:
     moe_layers: tuple[bool, ...]  # per layer: routed experts (True) or a dense MLP (False)
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v projections (and on MLA's q_a / kv_a / o when DeepSeek sets it)
+    attention_output_bias: bool = False  # bias on o_proj too (Qwen3-style attention, dots.llm1, with attention_bias)
     qk_norm: str | None = None  # None | "head" (per-head RMSNorm, Qwen3) | "full" (over the projection, OLMoE)
     clip_qkv: float | None = None
     sliding_windows: tuple[int | None, ...] = ()  # per layer window, None = full attention

@@ -67,12 +67,24 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=12,
         qk_rope_head_dim=8, v_head_dim=10, n_group=2, topk_group=1, routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "dense", "sparse"])),
+    # dots.llm1: Qwen3 attention (per-head q/k norm) with DeepSeek-V3 routing, two shared experts, a dense first layer.
+    "dots1": ("dots1", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True,
+        routed_scaling_factor=2.5, sliding_window=None, rope_theta=1e7)),
+    # dots1 as transformers allows it beyond the published shape: bias on q/k/v/o, sliding window 7 from layer 1 on
+    # (max_window_layers), group-limited routing, unnormalised weights.
+    "dots1_window_bias": ("dots1", dict(
+        num_key_value_heads=2, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, norm_topk_prob=False, n_group=4,
+        topk_group=2, attention_bias=True, sliding_window=7, max_window_layers=1)),
 }
 
 
 def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
     """The transformers model for a variant (config fields changed by `overrides`), in fp32 eval mode, with
-    non-trivial DeepSeek-V3 correction bias."""
+    non-trivial DeepSeek-V3 correction bias and attention projection biases (transformers initialises them to
+    zero, which would leave a dropped bias unnoticed)."""
     import transformers
 
     model_type, variant = VARIANTS[name]
@@ -82,6 +94,10 @@ def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
     for module_name, buffer in model.named_buffers():
         if module_name.endswith("e_score_correction_bias"):
             buffer.copy_(torch.randn_like(buffer) * 0.3)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if ".self_attn." in param_name and param_name.endswith("_proj.bias"):
+                param.copy_(torch.randn_like(param) * 0.1)
     return model
 
 

@@ -58,10 +58,10 @@ class Architecture:
 
 
 def _registry() -> dict[str, Architecture]:
-    from . import deepseek, glm4_moe, glm4_moe_lite, mixtral, olmoe, qwen2_moe, qwen3_moe
+    from . import deepseek, dots1, glm4_moe, glm4_moe_lite, mixtral, olmoe, qwen2_moe, qwen3_moe
 
     archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
-             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH]
+             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH]
     return {arch.model_type: arch for arch in archs}
 
 

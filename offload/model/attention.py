@@ -1,4 +1,4 @@
-"""Grouped-query attention with optional q/k/v bias, per-head or full-width q/k RMSNorm and clip_qkv."""
+"""Grouped-query attention with optional q/k/v (and o) bias, per-head or full-width q/k RMSNorm and clip_qkv."""
 from __future__ import annotations
 
 import torch
@@ -25,7 +25,7 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = nh, nkv, hd
         self.qkv = group_linears([load_linear(src, f"{p}.{name}", width, H, cfg.attention_bias)
                                   for name, width in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd))])
-        self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * hd)
+        self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * hd, cfg.attention_output_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             q_dim, k_dim = (hd, hd) if cfg.qk_norm == "head" else (nh * hd, nkv * hd)
