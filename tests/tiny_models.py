@@ -67,6 +67,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=12,
         qk_rope_head_dim=8, v_head_dim=10, n_group=2, topk_group=1, routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "dense", "sparse"])),
+    # MiniMax-M2: full-width q/k norm, a quarter of each head rotated (the published rotary_dim), sigmoid routing with
+    # the correction bias beside the gate, w1/w3/w2 experts under block_sparse_moe.
+    "minimax_m2": ("minimax_m2", dict(
+        num_key_value_heads=2, head_dim=32, rotary_dim=8, intermediate_size=24, num_local_experts=8,
+        num_experts_per_tok=3, use_qk_norm=True, bos_token_id=1, eos_token_id=95)),
     # dots.llm1: Qwen3 attention (per-head q/k norm) with DeepSeek-V3 routing, two shared experts, a dense first layer.
     "dots1": ("dots1", dict(
         num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,

@@ -15,6 +15,7 @@ class CheckpointNames:
     moe: str = "mlp"  # the sparse block: router at `{moe}.gate`, experts at `{moe}.experts.{j}`
     expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     shared: str | None = None  # shared expert(s) under `{moe}.{shared}`
+    correction_bias: str = "gate.e_score_correction_bias"  # selection bias under `{moe}.` (MiniMax: beside gate)
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ class Architecture:
 
 
 def _registry() -> dict[str, Architecture]:
-    from . import deepseek, dots1, glm4_moe, glm4_moe_lite, mixtral, olmoe, qwen2_moe, qwen3_moe
+    from . import deepseek, dots1, glm4_moe, glm4_moe_lite, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe
 
     archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
-             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH]
+             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH, minimax_m2.ARCH]
     return {arch.model_type: arch for arch in archs}
 
 

@@ -33,15 +33,16 @@ def require_first(hf: dict[str, Any], *keys: str) -> Any:
     return value
 
 
-def read_rope(hf: dict[str, Any]) -> RopeConfig:
-    """Current `rope_parameters` or the older `rope_theta` + `rope_scaling` (with `type` or `rope_type`)."""
+def read_rope(hf: dict[str, Any], default_theta: float = 10000.0) -> RopeConfig:
+    """Current `rope_parameters` or the older `rope_theta` + `rope_scaling` (with `type` or `rope_type`); a config
+    without a theta means its model type's default (transformers' `default_theta`)."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(
             f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
     original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
     factor = params.get("factor")
     if rope_type == "yarn" and factor is None:
@@ -96,7 +97,8 @@ def sliding_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ..
     return (window,) * num_layers
 
 
-def common_fields(hf: dict[str, Any], rms_norm_eps: float, max_position_embeddings: int) -> dict[str, Any]:
+def common_fields(hf: dict[str, Any], rms_norm_eps: float, max_position_embeddings: int,
+                  rope_theta: float = 10000.0) -> dict[str, Any]:
     """The ModelConfig fields every model type spells the same way in config.json (defaults differ per type)."""
     hidden, heads = require(hf, "hidden_size"), require(hf, "num_attention_heads")
     return dict(
@@ -108,7 +110,7 @@ def common_fields(hf: dict[str, Any], rms_norm_eps: float, max_position_embeddin
         head_dim=hf.get("head_dim") or hidden // heads,
         rms_norm_eps=hf.get("rms_norm_eps", rms_norm_eps),
         max_position_embeddings=hf.get("max_position_embeddings", max_position_embeddings),
-        rope=read_rope(hf),
+        rope=read_rope(hf, rope_theta),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=read_eos(hf),

@@ -36,7 +36,7 @@ class MoE(nn.Module):
         # Routers run in fp32 whatever the model dtype: top-k choices must not flip with precision.
         self.router = src.take(f"{p}.gate.weight", (E, H), dtype=torch.float32)  # [E, H]
         self.correction_bias = (
-            src.take(f"{p}.gate.e_score_correction_bias", (E,), dtype=torch.float32)
+            src.take(f"{p}.{names.correction_bias}", (E,), dtype=torch.float32)
             if cfg.router.has_correction_bias else None
         )
         self.experts = make_experts(layer, load_expert_weights(cfg, layer, names, src))

@@ -125,8 +125,11 @@ def _require(stored: dict[str, TensorInfo], name: str, of: str) -> TensorInfo:
 
 # --- FP8 blocks --------------------------------------------------------------------------------------------------
 
+FP8_E4M3_SPELLINGS = ("e4m3", "float8_e4m3fn")  # DeepSeek-V3's config.json, MiniMax-M2's (torch's dtype name)
+
+
 def _fp8(qc: dict[str, Any], folder: Path) -> QuantScheme:
-    if qc.get("fmt", "e4m3") != "e4m3":
+    if qc.get("fmt", "e4m3") not in FP8_E4M3_SPELLINGS:
         raise _unsupported(folder, "fp8", f"fmt {qc.get('fmt')!r} (only e4m3)")
     block = qc.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
