@@ -13,6 +13,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         **qwen_moe_fields(hf),
         model_type="qwen3_moe",
         attention_bias=hf.get("attention_bias", False),
+        attention_output_bias=hf.get("attention_bias", False),  # transformers' Qwen3 attention biases o_proj too
         qk_norm="head",
     )
 
