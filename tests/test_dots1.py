@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from offload.arch.dots1 import layer_types
 from offload.cli import app
 from offload.errors import CheckpointError
 from offload.inspect import param_counts
+from tiny_models import clone_with_config, reference_logits, rel_err
 
 IDS = torch.arange(3, 27)  # 24 tokens: past the window of 7 in dots1_window_bias
 
@@ -30,22 +29,6 @@ DOTS_LLM1 = {"architectures": ["Dots1ForCausalLM"], "model_type": "dots1", "voca
              "attention_bias": False, "rope_theta": 10000000, "rope_scaling": None, "max_position_embeddings": 32768,
              "rms_norm_eps": 1e-05, "sliding_window": None, "max_window_layers": 62, "use_sliding_window": False,
              "tie_word_embeddings": False, "torch_dtype": "bfloat16", "eos_token_id": 151649, "bos_token_id": None}
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def reference_logits(ref) -> torch.Tensor:
-    with torch.no_grad():
-        return ref(IDS[None]).logits[0]
-
-
-def clone_with_config(folder: Path, dest: Path, edit) -> Path:
-    shutil.copytree(folder, dest)
-    config = json.loads((dest / "config.json").read_text())
-    (dest / "config.json").write_text(json.dumps(edit(config)))
-    return dest
 
 
 def published_spelling(config: dict) -> dict:
@@ -63,7 +46,7 @@ def test_published_spelling_loads_and_agrees(checkpoint_dir, tmp_path, name, win
     folder, ref = checkpoint_dir(name)
     model = offload.load(clone_with_config(folder, tmp_path / "old", published_spelling), device="cpu")
     assert model.config.sliding_windows == windows
-    assert rel_err(model.logits(IDS), reference_logits(ref)) <= 1e-4
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 1e-4
 
 
 @pytest.mark.parametrize("hf, expected", [

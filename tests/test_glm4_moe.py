@@ -19,6 +19,7 @@ from offload.arch import config_from_hf
 from offload.cli import app
 from offload.errors import CheckpointError
 from offload.inspect import param_counts
+from tiny_models import clone_with_config, reference_logits, rel_err
 
 IDS = torch.arange(3, 19)
 
@@ -47,22 +48,6 @@ GLM_4_7_FLASH = {"architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm
                  "rms_norm_eps": 1e-05, "num_nextn_predict_layers": 1, "torch_dtype": "bfloat16"}
 
 
-def rel_err(a, b) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def reference_logits(ref) -> torch.Tensor:
-    with torch.no_grad():
-        return ref(IDS[None]).logits[0]
-
-
-def clone_with_config(folder: Path, dest: Path, edit) -> Path:
-    shutil.copytree(folder, dest)
-    config = json.loads((dest / "config.json").read_text())
-    (dest / "config.json").write_text(json.dumps(edit(config)))
-    return dest
-
-
 def published_spelling(config: dict) -> dict:
     """config.json as GLM-4.5 / 4.6 ship it: rope_theta and partial_rotary_factor top-level, rope_scaling null."""
     old = dict(config)
@@ -77,7 +62,7 @@ def test_published_spelling_loads_and_agrees(checkpoint_dir, tmp_path, name, rot
     folder, ref = checkpoint_dir(name)
     model = offload.load(clone_with_config(folder, tmp_path / "old", published_spelling), device="cpu")
     assert model.config.rotary_dim == rotary_dim
-    assert rel_err(model.logits(IDS), reference_logits(ref)) <= 1e-4
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 1e-4
 
 
 def test_missing_partial_rotary_factor_means_half_as_in_transformers(checkpoint_dir, tmp_path):
@@ -89,7 +74,7 @@ def test_missing_partial_rotary_factor_means_half_as_in_transformers(checkpoint_
 
     model = offload.load(clone_with_config(folder, tmp_path / "default", drop), device="cpu")
     assert model.config.rotary_dim == model.config.head_dim // 2
-    assert rel_err(model.logits(IDS), reference_logits(ref)) <= 1e-4
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 1e-4
 
 
 @pytest.mark.parametrize("factor", [0.4, 0.0, 1.5])  # 0.4 of 128: 51 channels
@@ -128,7 +113,7 @@ def test_multi_token_prediction_layer_is_skipped_by_load_and_convert(checkpoint_
         extra = len(list(f.keys()))
     model = offload.load(mtp_folder, device="cpu")
     assert model.load_info.skipped_tensors == extra
-    assert rel_err(model.logits(IDS), reference_logits(ref)) <= 1e-4
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 1e-4
 
     store = convert(mtp_folder, tmp_path / "store", "int8", "bf16")
     assert torch.equal(offload.load(store, device="cpu").logits(IDS),
@@ -167,7 +152,7 @@ def test_lite_published_spelling_loads_and_agrees(checkpoint_dir, tmp_path):
 
     model = offload.load(clone_with_config(folder, tmp_path / "old", published), device="cpu")
     assert model.config.moe_layers == (False, False, True) and model.config.mla is not None
-    assert rel_err(model.logits(IDS), reference_logits(ref)) <= 1e-4
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 1e-4
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from offload.inspect import param_counts
 
 from test_quantized_checkpoints import IDS as FP8_IDS
 from test_quantized_checkpoints import fp8_config, fp8_parts, hf_logits, quantize_folder, relative_error
-from tiny_models import write_checkpoint
+from tiny_models import clone_with_config, reference_logits, rel_err, write_checkpoint
 
 IDS = torch.arange(3, 19)
 
@@ -45,22 +43,6 @@ PUBLISHED_ONLY = {key: MINIMAX_M2[key] for key in ("scoring_func", "use_routing_
                                                    "shared_intermediate_size", "use_mtp", "mtp_transformer_layers")}
 
 
-def rel_err(a, b) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def reference_logits(ref) -> torch.Tensor:
-    with torch.no_grad():
-        return ref(IDS[None]).logits[0]
-
-
-def clone_with_config(folder: Path, dest: Path, edit) -> Path:
-    shutil.copytree(folder, dest)
-    config = json.loads((dest / "config.json").read_text())
-    (dest / "config.json").write_text(json.dumps(edit(config)))
-    return dest
-
-
 def published_spelling(config: dict) -> dict:
     """config.json as MiniMax-M2 ships it: no rope_parameters (rope_theta top-level, rotary_dim alone says how much
     of each head turns), torch_dtype, and the keys only MiniMax's own modeling code reads."""
@@ -74,7 +56,7 @@ def test_published_spelling_loads_and_agrees(checkpoint_dir, tmp_path):
     folder, ref = checkpoint_dir("minimax_m2")  # rotary_dim 8 of head_dim 32
     model = offload.load(clone_with_config(folder, tmp_path / "published", published_spelling), device="cpu")
     assert model.config.rotary_dim == 8 and model.config.rope.theta == 5e6
-    assert rel_err(model.logits(IDS), reference_logits(ref)) <= 1e-4
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 1e-4
 
 
 @pytest.mark.parametrize("spelling", [
@@ -123,7 +105,7 @@ def test_multi_token_prediction_modules_are_skipped(checkpoint_dir, tmp_path):
     save_file({**tensors, **mtp}, dest / "model.safetensors", metadata={"format": "pt"})
     model = offload.load(dest, device="cpu")
     assert model.load_info.skipped_tensors == len(mtp)
-    assert rel_err(model.logits(IDS), reference_logits(ref)) <= 1e-4
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 1e-4
 
     # Without num_mtp_modules the extra layer is not the model's: an error, not a silent skip.
     (dest / "config.json").write_text(json.dumps({**json.loads((dest / "config.json").read_text()),

@@ -1,7 +1,10 @@
 """Tiny random checkpoints for every supported architecture and variant, written by transformers itself."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -114,3 +117,22 @@ def write_checkpoint(name: str, folder: Path, seed: int = 0, overrides: dict | N
     model = build_reference(name, seed, overrides)
     model.save_pretrained(folder, **save_kwargs)
     return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the logits error the tests bound."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def reference_logits(ref, ids: torch.Tensor) -> torch.Tensor:
+    """The transformers model's logits [T, vocab] for one sequence of ids."""
+    with torch.no_grad():
+        return ref(ids[None]).logits[0]
+
+
+def clone_with_config(folder: Path, dest: Path, edit: Callable[[dict], dict]) -> Path:
+    """A copy of a checkpoint folder whose config.json is `edit(config)`: published spellings, broken configs."""
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps(edit(config)))
+    return dest

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import RopeConfig
+from ..config import RopeConfig, RouterConfig
 from ..errors import CheckpointError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
@@ -117,3 +117,22 @@ def common_fields(hf: dict[str, Any], rms_norm_eps: float, max_position_embeddin
         torch_dtype=read_dtype(hf),
         extra=hf,
     )
+
+
+def group_counts(hf: dict[str, Any]) -> dict[str, Any]:
+    """The router fields every DeepSeek-style family spells the same way: expert count, top-k, groups, scaling."""
+    return dict(
+        num_experts=require_first(hf, "n_routed_experts", "num_local_experts", "num_experts"),
+        top_k=require(hf, "num_experts_per_tok"),
+        n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+    )
+
+
+def sigmoid_group_router(hf: dict[str, Any], norm_topk_prob: bool = True) -> RouterConfig:
+    """DeepSeek-V3's routing, shared by Kimi-K2, GLM-4.x and dots.llm1: sigmoid scores, e_score_correction_bias for
+    selection only, group top-k, picked weights optionally renormalised (`norm_topk_prob`, the family's default
+    when config.json omits it) and scaled."""
+    return RouterConfig(**group_counts(hf), scoring="sigmoid", topk_method="noaux_tc",
+                        norm_topk_prob=bool(hf.get("norm_topk_prob", norm_topk_prob)), has_correction_bias=True)

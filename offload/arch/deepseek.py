@@ -10,27 +10,14 @@ from typing import Any
 
 from ..config import MLAConfig, ModelConfig, RouterConfig
 from . import Architecture, CheckpointNames, TextModel
-from .common import common_fields, require, require_first
+from .common import common_fields, group_counts, require, sigmoid_group_router
 
 
 def _router(hf: dict[str, Any], v3: bool) -> RouterConfig:
-    common = dict(
-        num_experts=require_first(hf, "n_routed_experts", "num_local_experts", "num_experts"),
-        top_k=require(hf, "num_experts_per_tok"),
-        n_group=hf.get("n_group") or 1,
-        topk_group=hf.get("topk_group") or 1,
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-    )
     if v3:
-        return RouterConfig(
-            **common,
-            scoring="sigmoid",
-            topk_method="noaux_tc",
-            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-            has_correction_bias=True,
-        )
+        return sigmoid_group_router(hf)
     return RouterConfig(
-        **common,
+        **group_counts(hf),
         scoring="softmax",
         topk_method=hf.get("topk_method") or "greedy",
         # The V2 reference never renormalises the picked weights, whatever norm_topk_prob says.

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ModelConfig, RouterConfig
+from ..config import ModelConfig
 from . import Architecture, CheckpointNames
-from .common import common_fields, require, require_first, sliding_windows
+from .common import common_fields, require, sigmoid_group_router, sliding_windows
 
 
 def layer_types(hf: dict[str, Any], num_layers: int) -> list[str]:
@@ -33,17 +33,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         **fields,
         model_type="dots1",
-        router=RouterConfig(
-            num_experts=require_first(hf, "n_routed_experts", "num_local_experts"),
-            top_k=require(hf, "num_experts_per_tok"),
-            scoring="sigmoid",
-            topk_method="noaux_tc",
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            n_group=hf.get("n_group") or 1,
-            topk_group=hf.get("topk_group") or 1,
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            has_correction_bias=True,
-        ),
+        router=sigmoid_group_router(hf, norm_topk_prob=False),
         moe_intermediate_size=moe_intermediate,
         intermediate_size=require(hf, "intermediate_size"),
         moe_layers=tuple(i >= dense for i in range(layers)),

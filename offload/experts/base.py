@@ -11,7 +11,7 @@ An expert is a SwiGLU MLP: down(silu(gate(x)) * up(x)). The model never knows wh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -68,3 +68,26 @@ class PackedExperts:
             return PackedMatrix(pm.fmt, (len(ids), *pm.shape[1:]), **arrays)
 
         return PackedExperts(take(self.gate), take(self.up), take(self.down))
+
+
+class HostStacks:
+    """Sizes of a host backend that holds one layer's experts as gate, up and down stacks (packed matrices or
+    tensors, each [E, ...]); the hybrid layer reads them to cost copies and plan slots."""
+
+    gate: Any
+    up: Any
+    down: Any
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held by the three stacks (scales included)."""
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Host bytes of one expert."""
+        return self.nbytes // self.num_experts

@@ -17,11 +17,11 @@ import torch
 from csrc_py import dispatch, threads
 from csrc_py.formats import FORMATS, PackedMatrix, check_format, pack, unpack
 from offload.errors import FormatError
-from offload.experts.base import ExpertWeights
+from offload.experts.base import ExpertWeights, HostStacks
 from offload.experts.worker import background
 
 
-class CpuExperts:
+class CpuExperts(HostStacks):
     """Routed experts of one MoE layer in format "bf16", "int8" or "int4" (docs/formats.md)."""
 
     def __init__(self, weights: ExpertWeights, fmt: str = "int8") -> None:
@@ -51,20 +51,6 @@ class CpuExperts:
     @property
     def fmt(self) -> str:
         return self.gate.fmt
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        """Host bytes held by the packed weights."""
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
-
-    @property
-    def expert_nbytes(self) -> int:
-        """Host bytes of one expert (its three matrices, scales included)."""
-        return self.nbytes // self.num_experts
 
     def expert_tensors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One expert's gate [I, H], up [I, H], down [H, I] as CPU tensors, e.g. to copy it to a device: views of

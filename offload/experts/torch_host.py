@@ -12,14 +12,14 @@ from concurrent.futures import Future
 
 import torch
 
-from .base import ExpertWeights
+from .base import ExpertWeights, HostStacks
 from .swiglu import swiglu_experts
 from .worker import background
 
 FLOAT_FORMATS = {"float32": torch.float32, "float16": torch.float16}  # host format -> dtype kept in host RAM
 
 
-class TorchHostExperts:
+class TorchHostExperts(HostStacks):
     """Routed experts of one MoE layer in host RAM as float32 or float16, behind the CpuExperts interface."""
 
     def __init__(self, weights: ExpertWeights, fmt: str) -> None:
@@ -27,18 +27,6 @@ class TorchHostExperts:
         self.fmt = fmt
         self.gate, self.up, self.down = (w.to(device="cpu", dtype=dtype).contiguous()
                                          for w in (weights.gate, weights.up, weights.down))
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
-
-    @property
-    def expert_nbytes(self) -> int:
-        return self.nbytes // self.num_experts
 
     def expert_tensors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One expert's gate [I, H], up [I, H], down [H, I]: views, to copy into a device slot."""
