@@ -11,30 +11,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from typer.testing import CliRunner
 
 import offload
 import offload.chat_template as chat_template
 from offload.checks import default_max_context
-from offload.cli import app
 from offload.demo import random_demo_checkpoint
 from offload.errors import CheckpointError, OffloadError
+from test_cli import assert_one_line_error, invoke
 
 GiB = 2**30
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

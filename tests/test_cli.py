@@ -41,13 +41,15 @@ def invoke(*args, input: str | None = None):
     return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
+def assert_one_line_error(result, *fragments: str) -> str:
+    """Exit 2, no traceback, one red line holding every fragment; returns the line."""
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+    return lines[0]
 
 
 # --- the app itself ---
