@@ -87,7 +87,7 @@ def test_mla_absorbed_form_equals_naive_form(checkpoint_dir, name):
     x = torch.randn(12, 64)
     results = []
     for absorbed in (False, True):
-        cache = model.transformer._new_cache(torch.float32, torch.device("cpu"))
+        cache = mla.new_cache(64, torch.float32, torch.device("cpu"))
         with torch.inference_mode():
             first = mla(x[:9], 0, cache, rope, absorbed=absorbed)  # multi-token prefill
             rest = [mla(x[i : i + 1], i, cache, rope, absorbed=absorbed) for i in range(9, 12)]  # decode

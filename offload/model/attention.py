@@ -35,6 +35,9 @@ class Attention(nn.Module):
         self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.scale = hd**-0.5
 
+    def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        return KVCache(self.kv_heads, max_context, self.head_dim, self.head_dim, dtype, device)
+
     def forward(self, x: torch.Tensor, start: int, cache: KVCache, rope: RotaryTable) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv(x)  # [T, heads*hd], [T, kv*hd] x2

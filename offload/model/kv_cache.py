@@ -1,7 +1,27 @@
-"""Preallocated attention caches for one sequence: full K/V for GQA, the compressed latent for MLA."""
+"""Per-layer sequence state for one sequence, preallocated: full K/V for GQA, the compressed latent for MLA.
+
+Every kind is a `LayerCache`: the transformer asks each layer's attention module for its own (`new_cache`), so a
+stack may mix kinds. A cache that grows with the context holds every position; a fixed-size state (a recurrent
+layer's) holds one point of the sequence, and `resume_point` is how the generation loop learns where a sequence
+sharing a prefix with the cached one may continue.
+"""
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class LayerCache(Protocol):
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, whatever has been written so far."""
+        ...
+
+    def resume_point(self, common: int) -> int:
+        """The largest position p <= common from which this layer can continue a sequence whose first `common`
+        tokens equal the ones it has processed (positions p.. are then recomputed and overwritten); 0 = afresh."""
+        ...
 
 
 class KVCache:
@@ -23,6 +43,9 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def resume_point(self, common: int) -> int:
+        return common  # every position is kept: resume anywhere in the common prefix
+
 
 class LatentCache:
     """MLA's cache: the normalised compressed kv [max_context, kv_lora_rank] and the rotated shared rope key
@@ -41,6 +64,9 @@ class LatentCache:
     @property
     def nbytes(self) -> int:
         return self.c_kv.nbytes + self.k_rope.nbytes
+
+    def resume_point(self, common: int) -> int:
+        return common
 
 
 def causal_mask_args(start: int, T: int, window: int | None, device: torch.device) -> dict:

@@ -53,6 +53,9 @@ class MLA(nn.Module):
         self.w_uk = w_kv[:, : m.qk_nope_head_dim]  # [nh, nope, rank] (a view: no extra memory)
         self.w_uv = w_kv[:, m.qk_nope_head_dim :]  # [nh, v, rank]
 
+    def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> LatentCache:
+        return LatentCache(max_context, self.rank, self.rope_dim, dtype, device)
+
     def forward(self, x: torch.Tensor, start: int, cache: LatentCache, rope: RotaryTable,
                 absorbed: bool | None = None) -> torch.Tensor:
         T = x.shape[0]

@@ -44,7 +44,8 @@ class MoE(nn.Module):
             SwiGLU.load(src, f"{p}.{names.shared}", H, cfg.shared_intermediate_size)
             if cfg.shared_intermediate_size else None
         )
-        self.shared_gate = load_linear(src, f"{p}.shared_expert_gate", 1, H, quantize=False) if cfg.shared_expert_gate else None
+        self.shared_gate = (load_linear(src, f"{p}.shared_expert_gate", 1, H, quantize=False)
+                            if cfg.shared_expert_gate else None)
         self.heat = torch.zeros(E, dtype=torch.long, device=src.device)  # routing counts per expert, for profiles
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from ..config import ModelConfig
 from ..timers import Timers
 from ..weights.source import WeightSource
 from .attention import Attention
-from .kv_cache import KVCache, LatentCache
+from .kv_cache import LayerCache
 from .layers import RMSNorm, SwiGLU, load_linear, make_linear
 from .mla import MLA
 from ..experts.prefetch import Router
@@ -57,17 +57,17 @@ class Transformer(nn.Module):
         else:
             self.lm_head = load_linear(src, "lm_head", V, H)
         self.rope = RotaryTable(cfg.rope, cfg.rope_dim, max_context, device, dtype)
-        self.caches = [self._new_cache(dtype, device) for _ in range(cfg.num_hidden_layers)]
-
-    def _new_cache(self, dtype: torch.dtype, device: torch.device) -> KVCache | LatentCache:
-        cfg, m = self.cfg, self.cfg.mla
-        if m:
-            return LatentCache(self.max_context, m.kv_lora_rank, m.qk_rope_head_dim, dtype, device)
-        return KVCache(cfg.num_key_value_heads, self.max_context, cfg.head_dim, cfg.head_dim, dtype, device)
+        # Each layer's sequence state, of the kind its attention needs (offload/model/kv_cache.py).
+        self.caches: list[LayerCache] = [layer.attn.new_cache(max_context, dtype, device) for layer in self.layers]
 
     @property
     def cache_nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
+
+    def resume_point(self, common: int) -> int:
+        """Where a sequence whose first `common` tokens equal those already processed can continue: the largest
+        position every layer's cache can resume from (0: start afresh)."""
+        return min((cache.resume_point(common) for cache in self.caches), default=0)
 
     def moe_blocks(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
