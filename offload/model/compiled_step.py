@@ -1,0 +1,297 @@
+"""The compiled decode step's side in the model: which decoder layers it runs, and their arguments, prepared once.
+
+A layer keeps its torch modules (prefill, the reference path, the GPU). For a few tokens on the CPU in float32,
+with packed dense weights (dense="int8"/"int4") and CPU-kernel experts, `for_layer` returns a CompiledLayer that
+runs the attention block and the MLP block as one Numba call each (csrc_py.decode_step); any part it does not
+cover (an attention kind without a compiled form, torch weights) stays in torch, and a layer with nothing to
+compile returns None. The numbers are the torch path's within float32 rounding (tests/test_decode_step.py).
+
+OFFLOAD_COMPILED_STEP=0 in the environment, or `set_enabled(False)`, forces the torch path (A/B measurements).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .attention import Attention
+from .layers import FusedLinear, QuantLinear, SwiGLU
+from .moe import MoE
+
+if TYPE_CHECKING:
+    from .rope import RotaryTable
+    from .transformer import DecoderLayer
+
+ENV_SWITCH = "OFFLOAD_COMPILED_STEP"
+MAX_TOKENS = 8  # the compiled stages run on the calling thread: a decode step's few rows, not a prefill
+_NOT_BUILT = object()
+_enabled = os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn the compiled step on or off for every model in this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(on)
+    return previous
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
+    """The compiled form of `layer` for hidden states x [T, H], or None where the torch path runs."""
+    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] > MAX_TOKENS:
+        return None
+    compiled = layer.__dict__.get("_compiled_step", _NOT_BUILT)
+    if compiled is _NOT_BUILT:
+        compiled = CompiledLayer.build(layer)
+        layer.__dict__["_compiled_step"] = compiled
+    return compiled if compiled is not None and compiled.takes(x.shape[0]) else None
+
+
+def _packed(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A PackedMatrix as the (q, d, m) tuple csrc_py.decode_step takes (m is d for int8; empty for bf16)."""
+    if m.fmt == "bf16":
+        empty = np.zeros((1, 1, 1, 1), np.uint16)
+        return m.q, empty, empty
+    bits = m.bits()
+    return (bits[0], bits[1], bits[2] if len(bits) > 2 else bits[1])
+
+
+def _f32(t: torch.Tensor | None) -> np.ndarray:
+    """A float32 numpy view (empty for None: 'absent' to the compiled code)."""
+    if t is None:
+        return np.zeros(0, np.float32)
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+@dataclass
+class _SwiGLUArgs:
+    """A packed SwiGLU (gate/up fused) as csrc_py.decode_step.swiglu takes it, and its scratch widths."""
+
+    gate_up: tuple  # packed
+    dims: tuple[int, int]  # (up_start, width)
+    down: tuple  # packed
+    gate_up_width: int  # padded gate+up output
+    out_width: int  # padded down output
+
+    @classmethod
+    def of(cls, mlp: SwiGLU) -> _SwiGLUArgs | None:
+        if not isinstance(mlp.gate_up, FusedLinear) or mlp.gate_up.bias is not None or \
+                not isinstance(mlp.down, QuantLinear) or mlp.down.bias is not None:
+            return None
+        gate_up, down = mlp.gate_up, mlp.down.packed
+        return cls(_packed(gate_up.packed), (gate_up.starts[1], gate_up.widths[0]), _packed(down),
+                   gate_up.packed.padded_shape[1], down.padded_shape[1])
+
+    @classmethod
+    def absent(cls, fmt: str) -> _SwiGLUArgs:
+        """Tiny matrices in `fmt` with width 0: the argument types of 'no shared expert', never read."""
+        from csrc_py.formats import pack
+
+        m = pack(torch.zeros(1, 32, 32), fmt)
+        return cls(_packed(m), (0, 0), _packed(m), 1, 1)
+
+    def scratch(self, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """gu [T, gate+up], act [T, width], y [T, padded out]."""
+        return (np.zeros((T, self.gate_up_width), np.float32), np.zeros((T, max(self.dims[1], 1)), np.float32),
+                np.zeros((T, self.out_width), np.float32))
+
+
+@dataclass
+class _AttentionPlan:
+    """Attention's arguments to csrc_py.decode_step.attention_block that do not change between steps."""
+
+    norm: tuple  # (weight, eps)
+    qkv: tuple  # packed
+    qkv_bias: np.ndarray
+    dims: tuple[int, ...]
+    qk_norm: int
+    q_norm: np.ndarray
+    k_norm: np.ndarray
+    clip: float
+    window: int
+    scale: float
+    o_proj: tuple
+    o_bias: np.ndarray
+    widths: tuple[int, int, int]  # padded qkv, heads*head_dim, padded o_proj out
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> _AttentionPlan | None:
+        from csrc_py.decode_step import QK_NORM_FULL, QK_NORM_HEAD, QK_NORM_NONE
+
+        attn = layer.attn
+        if type(attn) is not Attention or not isinstance(attn.qkv, FusedLinear) or \
+                not isinstance(attn.o_proj, QuantLinear):
+            return None
+        heads, kv_heads, d = attn.heads, attn.kv_heads, attn.head_dim
+        qk_norm = {None: QK_NORM_NONE, "head": QK_NORM_HEAD, "full": QK_NORM_FULL}[attn.qk_norm or None]
+        eps = attn.q_norm.eps if qk_norm != QK_NORM_NONE else layer.input_norm.eps
+        if qk_norm != QK_NORM_NONE and eps != layer.input_norm.eps:
+            return None  # one eps per block in the compiled code
+        return cls(
+            norm=(_f32(layer.input_norm.weight), float(layer.input_norm.eps)),
+            qkv=_packed(attn.qkv.packed), qkv_bias=_f32(attn.qkv.bias),
+            dims=(heads, kv_heads, d, *attn.qkv.starts), qk_norm=qk_norm,
+            q_norm=_f32(attn.q_norm.weight if qk_norm else None), k_norm=_f32(attn.k_norm.weight if qk_norm else None),
+            clip=float(attn.clip_qkv or 0.0), window=int(attn.window or 0), scale=float(attn.scale),
+            o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
+            widths=(attn.qkv.packed.padded_shape[1], heads * d, attn.o_proj.packed.padded_shape[1]),
+        )
+
+
+@dataclass
+class _MoEPlan:
+    """MoE's arguments to csrc_py.decode_step.moe_block that do not change between steps."""
+
+    moe: MoE
+    norm: tuple
+    router: np.ndarray
+    correction_bias: np.ndarray
+    routing: tuple[int, ...]
+    scaling: float
+    heat: np.ndarray
+    experts: tuple  # (gate, up, down) packed
+    shared: _SwiGLUArgs
+    shared_gate: np.ndarray
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> _MoEPlan | None:
+        cpu = sys.modules.get("offload.experts.cpu")  # not loaded: no CPU-kernel experts (and no Numba) here
+        moe = layer.mlp
+        if cpu is None or type(moe.experts) is not cpu.CpuExperts:
+            return None
+        from csrc_py.decode_step import GROUPS_MAX, GROUPS_NONE, GROUPS_TOP2_SUM, SIGMOID, SOFTMAX
+
+        shared = _SwiGLUArgs.absent(moe.experts.fmt) if moe.shared is None else _SwiGLUArgs.of(moe.shared)
+        if shared is None:
+            return None
+        gate_w = moe.shared_gate
+        if gate_w is not None and (gate_w.bias is not None or not isinstance(gate_w.weight, torch.Tensor)):
+            return None
+        cfg = moe.router_cfg
+        if cfg.scoring == "sigmoid":
+            groups = GROUPS_TOP2_SUM if cfg.n_group > 1 else GROUPS_NONE
+        else:
+            groups = GROUPS_MAX if cfg.topk_method == "group_limited_greedy" and cfg.n_group > 1 else GROUPS_NONE
+        return cls(
+            moe=moe, norm=(_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)),
+            router=_f32(moe.router), correction_bias=_f32(moe.correction_bias),
+            routing=(cfg.top_k, SIGMOID if cfg.scoring == "sigmoid" else SOFTMAX, groups, cfg.n_group,
+                     cfg.topk_group, int(cfg.norm_topk_prob)),
+            scaling=float(cfg.routed_scaling_factor), heat=moe.heat.numpy(),
+            experts=tuple(_packed(m) for m in (moe.experts.gate, moe.experts.up, moe.experts.down)),
+            shared=shared, shared_gate=_f32(gate_w.weight.reshape(-1) if gate_w is not None else None),
+        )
+
+    def takes(self, tokens: int) -> bool:
+        """Whether the fused kernel is the engine the torch path would also pick (bf16 experts: few rows only)."""
+        from csrc_py.dispatch import use_torch
+
+        cfg = self.moe.router_cfg
+        return not use_torch(self.moe.experts.fmt, tokens * cfg.top_k, cfg.num_experts)
+
+    def scratch(self, T: int, H: int) -> tuple[np.ndarray, ...]:
+        """h [T, H], logits [T, E], ids / weights [T, K], routed [T, H], then the shared expert's."""
+        E, K = self.moe.router_cfg.num_experts, self.moe.router_cfg.top_k
+        return (np.zeros((T, H), np.float32), np.zeros((T, E), np.float32), np.zeros((T, K), np.int64),
+                np.zeros((T, K), np.float32), np.zeros((T, H), np.float32), *self.shared.scratch(T))
+
+
+@dataclass
+class _MLPPlan:
+    """A dense SwiGLU layer's arguments to csrc_py.decode_step.mlp_block."""
+
+    norm: tuple
+    swiglu: _SwiGLUArgs
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> _MLPPlan | None:
+        swiglu = _SwiGLUArgs.of(layer.mlp)
+        if swiglu is None:
+            return None
+        return cls((_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)), swiglu)
+
+    def scratch(self, T: int, H: int) -> tuple[np.ndarray, ...]:
+        return (np.zeros((T, H), np.float32), *self.swiglu.scratch(T))
+
+
+class CompiledLayer:
+    """One decoder layer's compiled step: attention (or None: torch) and MLP (or None: torch) blocks."""
+
+    def __init__(self, layer: DecoderLayer, attn: _AttentionPlan | None, mlp: _MoEPlan | _MLPPlan | None):
+        self.layer, self.attn, self.mlp = layer, attn, mlp
+        self._scratch: dict[int, tuple] = {}  # tokens -> buffers
+        self._cache_views: tuple | None = None  # (cache, k, v)
+        self._rope_views: tuple | None = None  # (rope, cos, sin)
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> CompiledLayer | None:
+        attn = _AttentionPlan.build(layer)
+        if isinstance(layer.mlp, MoE):
+            mlp = _MoEPlan.build(layer)
+        elif isinstance(layer.mlp, SwiGLU):
+            mlp = _MLPPlan.build(layer)
+        else:
+            mlp = None
+        return cls(layer, attn, mlp) if attn is not None or mlp is not None else None
+
+    def takes(self, tokens: int) -> bool:
+        return not isinstance(self.mlp, _MoEPlan) or self.mlp.takes(tokens)
+
+    def _scratch_for(self, T: int, H: int) -> tuple[tuple, tuple]:
+        """Buffers for T tokens, allocated at the first step of that size and reused."""
+        buffers = self._scratch.get(T)
+        if buffers is None:
+            attn = ()
+            if self.attn is not None:
+                attn = tuple(np.zeros((T, w), np.float32) for w in (H, *self.attn.widths))
+            mlp = self.mlp.scratch(T, H) if self.mlp is not None else ()
+            buffers = self._scratch[T] = (attn, mlp)
+        return buffers
+
+    def __call__(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
+        from csrc_py.decode_step import attention_block, mlp_block, moe_block
+
+        layer, timers = self.layer, self.layer.timers
+        T, H = x.shape
+        attn_scratch, mlp_scratch = self._scratch_for(T, H)
+        xn = x.detach().contiguous().numpy()
+        out = torch.empty(T, H, dtype=torch.float32)
+        on = out.numpy()
+        with timers.section("attention"):
+            if self.attn is not None:
+                a = self.attn
+                kc, vc = self._cache(cache)
+                cos, sin = self._rope(rope)
+                attention_block(xn, on, *a.norm, a.qkv, a.qkv_bias, a.dims, a.qk_norm, a.q_norm, a.k_norm, a.clip,
+                                cos, sin, start, kc, vc, a.window, a.scale, a.o_proj, a.o_bias, *attn_scratch)
+            else:
+                out.copy_(x + layer.attn(layer.input_norm(x), start, cache, rope))
+        m = self.mlp
+        if isinstance(m, _MoEPlan):
+            with timers.section("experts"):
+                moe_block(on, *m.norm, m.router, m.correction_bias, m.routing, m.scaling, m.heat, *m.experts,
+                          (m.shared.gate_up, m.shared.down), m.shared.dims, m.shared_gate, *mlp_scratch)
+        elif isinstance(m, _MLPPlan):
+            s = m.swiglu
+            mlp_block(on, *m.norm, s.gate_up, *s.dims, s.down, *mlp_scratch)
+        else:
+            out = out + layer.mlp(layer.post_attn_norm(out))
+        return out
+
+    def _cache(self, cache) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache_views is None or self._cache_views[0] is not cache:
+            self._cache_views = (cache, cache.k.numpy(), cache.v.numpy())
+        return self._cache_views[1:]
+
+    def _rope(self, rope: RotaryTable) -> tuple[np.ndarray, np.ndarray]:
+        if self._rope_views is None or self._rope_views[0] is not rope:
+            self._rope_views = (rope, _f32(rope.cos), _f32(rope.sin))
+        return self._rope_views[1:]
+
