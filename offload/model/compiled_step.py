@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..config import RouterConfig
 from .attention import Attention
 from .layers import FusedLinear, QuantLinear, SwiGLU
 from .moe import MoE
@@ -54,6 +55,27 @@ def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
     return compiled if compiled is not None and compiled.takes(x.shape[0]) else None
 
 
+# The state each compiled block reproduces. A module or config that grows a field it does not know (a new attention
+# feature, a new routing variant) keeps the torch path until the compiled code learns it: never other numbers.
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+_ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "window", "scale", "qkv", "o_proj",
+                     "q_norm", "k_norm"}
+_LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
+_NORM_FIELDS = {"weight", "eps"}
+_SWIGLU_FIELDS = {"gate_up", "down"}
+_MOE_FIELDS = {"timers", "router_cfg", "router", "correction_bias", "experts", "shared", "shared_gate", "heat"}
+_ROUTER_FIELDS = {"num_experts", "top_k", "scoring", "topk_method", "norm_topk_prob", "n_group", "topk_group",
+                  "routed_scaling_factor", "has_correction_bias"}
+_TOPK_METHODS = {"greedy", "group_limited_greedy", "noaux_tc"}
+
+
+def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
+    """Whether `module` holds nothing beyond `fields` (and what every nn.Module holds)."""
+    names = set(vars(module)) - _MODULE_INTERNALS
+    names |= set(module._modules) | set(module._parameters) | set(module._buffers)
+    return names <= fields
+
+
 def _packed(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A PackedMatrix as the (q, d, m) tuple csrc_py.decode_step takes (m is d for int8; empty for bf16)."""
     if m.fmt == "bf16":
@@ -70,6 +92,21 @@ def _f32(t: torch.Tensor | None) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
+def _routing_codes(cfg: RouterConfig) -> tuple[int, int, int, int, int, int]:
+    """(top_k, scoring, groups, n_group, topk_group, norm) for csrc_py.decode_step.route: the cases of
+    offload.model.routing.route (sigmoid ranks groups by their two best choices whenever there are groups; softmax
+    by their best score, for group_limited_greedy only)."""
+    from csrc_py.decode_step import GROUPS_MAX, GROUPS_NONE, GROUPS_TOP2_SUM, SIGMOID, SOFTMAX
+
+    grouped = cfg.n_group > 1
+    if cfg.scoring == "sigmoid":
+        scoring, groups = SIGMOID, GROUPS_TOP2_SUM if grouped else GROUPS_NONE
+    else:
+        scoring = SOFTMAX
+        groups = GROUPS_MAX if grouped and cfg.topk_method == "group_limited_greedy" else GROUPS_NONE
+    return cfg.top_k, scoring, groups, cfg.n_group, cfg.topk_group, int(cfg.norm_topk_prob)
+
+
 @dataclass
 class _SwiGLUArgs:
     """A packed SwiGLU (gate/up fused) as csrc_py.decode_step.swiglu takes it, and its scratch widths."""
@@ -82,8 +119,8 @@ class _SwiGLUArgs:
 
     @classmethod
     def of(cls, mlp: SwiGLU) -> _SwiGLUArgs | None:
-        if not isinstance(mlp.gate_up, FusedLinear) or mlp.gate_up.bias is not None or \
-                not isinstance(mlp.down, QuantLinear) or mlp.down.bias is not None:
+        if not _knows(mlp, _SWIGLU_FIELDS) or not isinstance(mlp.gate_up, FusedLinear) or \
+                not isinstance(mlp.down, QuantLinear) or mlp.gate_up.bias is not None or mlp.down.bias is not None:
             return None
         gate_up, down = mlp.gate_up, mlp.down.packed
         return cls(_packed(gate_up.packed), (gate_up.starts[1], gate_up.widths[0]), _packed(down),
@@ -126,8 +163,10 @@ class _AttentionPlan:
         from csrc_py.decode_step import QK_NORM_FULL, QK_NORM_HEAD, QK_NORM_NONE
 
         attn = layer.attn
-        if type(attn) is not Attention or not isinstance(attn.qkv, FusedLinear) or \
-                not isinstance(attn.o_proj, QuantLinear):
+        if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or \
+                not isinstance(attn.qkv, FusedLinear) or not isinstance(attn.o_proj, QuantLinear):
+            return None
+        if attn.qk_norm and not (_knows(attn.q_norm, _NORM_FIELDS) and _knows(attn.k_norm, _NORM_FIELDS)):
             return None
         heads, kv_heads, d = attn.heads, attn.kv_heads, attn.head_dim
         qk_norm = {None: QK_NORM_NONE, "head": QK_NORM_HEAD, "full": QK_NORM_FULL}[attn.qk_norm or None]
@@ -164,26 +203,21 @@ class _MoEPlan:
     def build(cls, layer: DecoderLayer) -> _MoEPlan | None:
         cpu = sys.modules.get("offload.experts.cpu")  # not loaded: no CPU-kernel experts (and no Numba) here
         moe = layer.mlp
-        if cpu is None or type(moe.experts) is not cpu.CpuExperts:
+        cfg = moe.router_cfg
+        if cpu is None or type(moe.experts) is not cpu.CpuExperts or not _knows(moe, _MOE_FIELDS) or \
+                set(vars(cfg)) != _ROUTER_FIELDS or cfg.scoring not in ("softmax", "sigmoid") or \
+                cfg.topk_method not in _TOPK_METHODS:
             return None
-        from csrc_py.decode_step import GROUPS_MAX, GROUPS_NONE, GROUPS_TOP2_SUM, SIGMOID, SOFTMAX
-
         shared = _SwiGLUArgs.absent(moe.experts.fmt) if moe.shared is None else _SwiGLUArgs.of(moe.shared)
         if shared is None:
             return None
         gate_w = moe.shared_gate
         if gate_w is not None and (gate_w.bias is not None or not isinstance(gate_w.weight, torch.Tensor)):
             return None
-        cfg = moe.router_cfg
-        if cfg.scoring == "sigmoid":
-            groups = GROUPS_TOP2_SUM if cfg.n_group > 1 else GROUPS_NONE
-        else:
-            groups = GROUPS_MAX if cfg.topk_method == "group_limited_greedy" and cfg.n_group > 1 else GROUPS_NONE
         return cls(
             moe=moe, norm=(_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)),
             router=_f32(moe.router), correction_bias=_f32(moe.correction_bias),
-            routing=(cfg.top_k, SIGMOID if cfg.scoring == "sigmoid" else SOFTMAX, groups, cfg.n_group,
-                     cfg.topk_group, int(cfg.norm_topk_prob)),
+            routing=_routing_codes(cfg),
             scaling=float(cfg.routed_scaling_factor), heat=moe.heat.numpy(),
             experts=tuple(_packed(m) for m in (moe.experts.gate, moe.experts.up, moe.experts.down)),
             shared=shared, shared_gate=_f32(gate_w.weight.reshape(-1) if gate_w is not None else None),
@@ -232,6 +266,9 @@ class CompiledLayer:
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> CompiledLayer | None:
+        if not _knows(layer, _LAYER_FIELDS) or not all(_knows(n, _NORM_FIELDS) for n in (layer.input_norm,
+                                                                                        layer.post_attn_norm)):
+            return None
         attn = _AttentionPlan.build(layer)
         if isinstance(layer.mlp, MoE):
             mlp = _MoEPlan.build(layer)
