@@ -96,7 +96,7 @@ def attention_summary(cfg: ModelConfig) -> dict[str, Any]:
     kind = "MHA" if nkv == nh else "MQA" if nkv == 1 else "GQA"
     windows = sorted({w for w in cfg.sliding_windows if w is not None})
     return {"kind": kind, "heads": nh, "kv_heads": nkv, "head_dim": cfg.head_dim, "rope_dim": cfg.rope_dim,
-            "qkv_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm, "sliding_window": windows[0] if windows else None}
+            "qkv_bias": cfg.attention_bias, "o_bias": cfg.attention_output_bias, "qk_norm": cfg.qk_norm, "sliding_window": windows[0] if windows else None}
 
 
 def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
@@ -200,7 +200,7 @@ def _attention_text(a: dict[str, Any]) -> str:
     if a["rope_dim"] != a["head_dim"]:
         text += f" (rope on the first {a['rope_dim']})"
     if a["qkv_bias"]:
-        text += ", q/k/v bias"
+        text += ", q/k/v/o bias" if a.get("o_bias") else ", q/k/v bias"
     if a["qk_norm"]:
         text += f", q/k norm ({a['qk_norm']})"
     if a["sliding_window"]:
