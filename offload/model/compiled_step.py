@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -230,11 +231,14 @@ class _MoEPlan:
         cfg = self.moe.router_cfg
         return not use_torch(self.moe.experts.fmt, tokens * cfg.top_k, cfg.num_experts)
 
-    def scratch(self, T: int, H: int) -> tuple[np.ndarray, ...]:
-        """h [T, H], logits [T, E], ids / weights [T, K], routed [T, H], then the shared expert's."""
+    def args(self, T: int, H: int) -> tuple:
+        """moe_block's arguments after x, with buffers for T rows: h [T, H], logits [T, E], ids / weights [T, K],
+        routed [T, H], then the shared expert's."""
         E, K = self.moe.router_cfg.num_experts, self.moe.router_cfg.top_k
-        return (np.zeros((T, H), np.float32), np.zeros((T, E), np.float32), np.zeros((T, K), np.int64),
-                np.zeros((T, K), np.float32), np.zeros((T, H), np.float32), *self.shared.scratch(T))
+        scratch = (np.zeros((T, H), np.float32), np.zeros((T, E), np.float32), np.zeros((T, K), np.int64),
+                   np.zeros((T, K), np.float32), np.zeros((T, H), np.float32), *self.shared.scratch(T))
+        return (*self.norm, self.router, self.correction_bias, self.routing, self.scaling, self.heat, *self.experts,
+                (self.shared.gate_up, self.shared.down), self.shared.dims, self.shared_gate, *scratch)
 
 
 @dataclass
@@ -251,8 +255,22 @@ class _MLPPlan:
             return None
         return cls((_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)), swiglu)
 
-    def scratch(self, T: int, H: int) -> tuple[np.ndarray, ...]:
-        return (np.zeros((T, H), np.float32), *self.swiglu.scratch(T))
+    def args(self, T: int, H: int) -> tuple:
+        """mlp_block's arguments after x, with buffers for T rows."""
+        s = self.swiglu
+        return (*self.norm, s.gate_up, *s.dims, s.down, np.zeros((T, H), np.float32), *s.scratch(T))
+
+
+@dataclass
+class _Prepared:
+    """What a CompiledLayer passes for T tokens besides x, out and the position: views of the layer's cache and
+    the rotary table it was prepared for, and buffers for T rows."""
+
+    cache: object
+    rope: object
+    attn_head: tuple  # attention_block's arguments after (x, out), before start
+    attn_tail: tuple  # ... after start
+    mlp: tuple  # moe_block's / mlp_block's arguments after x
 
 
 class CompiledLayer:
@@ -260,9 +278,8 @@ class CompiledLayer:
 
     def __init__(self, layer: DecoderLayer, attn: _AttentionPlan | None, mlp: _MoEPlan | _MLPPlan | None):
         self.layer, self.attn, self.mlp = layer, attn, mlp
-        self._scratch: dict[int, tuple] = {}  # tokens -> buffers
-        self._cache_views: tuple | None = None  # (cache, k, v)
-        self._rope_views: tuple | None = None  # (rope, cos, sin)
+        self._prepared: dict[int, _Prepared] = {}  # tokens -> arguments
+        self._takes: dict[int, bool] = {}  # tokens -> whether the compiled step runs them
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> CompiledLayer | None:
@@ -279,56 +296,47 @@ class CompiledLayer:
         return cls(layer, attn, mlp) if attn is not None or mlp is not None else None
 
     def takes(self, tokens: int) -> bool:
-        return not isinstance(self.mlp, _MoEPlan) or self.mlp.takes(tokens)
+        takes = self._takes.get(tokens)
+        if takes is None:
+            takes = self._takes[tokens] = not isinstance(self.mlp, _MoEPlan) or self.mlp.takes(tokens)
+        return takes
 
-    def _scratch_for(self, T: int, H: int) -> tuple[tuple, tuple]:
-        """Buffers for T tokens, allocated at the first step of that size and reused."""
-        buffers = self._scratch.get(T)
-        if buffers is None:
-            attn = ()
-            if self.attn is not None:
-                attn = tuple(np.zeros((T, w), np.float32) for w in (H, *self.attn.widths))
-            mlp = self.mlp.scratch(T, H) if self.mlp is not None else ()
-            buffers = self._scratch[T] = (attn, mlp)
-        return buffers
+    def _prepare(self, T: int, H: int, cache, rope: RotaryTable) -> _Prepared:
+        """The arguments for T tokens, made at the first step of that size (and again for another cache)."""
+        head = tail = ()
+        a = self.attn
+        if a is not None:
+            scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *a.widths))
+            head = (*a.norm, a.qkv, a.qkv_bias, a.dims, a.qk_norm, a.q_norm, a.k_norm, a.clip, _f32(rope.cos),
+                    _f32(rope.sin))
+            tail = (cache.k.numpy(), cache.v.numpy(), a.window, a.scale, a.o_proj, a.o_bias, *scratch)
+        mlp = self.mlp.args(T, H) if self.mlp is not None else ()
+        prepared = self._prepared[T] = _Prepared(cache, rope, head, tail, mlp)
+        return prepared
 
     def __call__(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
+        """The layer's output for x [T, H] at positions start.. (a new tensor; x is left as it was)."""
         from csrc_py.decode_step import attention_block, mlp_block, moe_block
 
         layer, timers = self.layer, self.layer.timers
         T, H = x.shape
-        attn_scratch, mlp_scratch = self._scratch_for(T, H)
-        xn = x.detach().contiguous().numpy()
-        out = torch.empty(T, H, dtype=torch.float32)
-        on = out.numpy()
-        with timers.section("attention"):
-            if self.attn is not None:
-                a = self.attn
-                kc, vc = self._cache(cache)
-                cos, sin = self._rope(rope)
-                attention_block(xn, on, *a.norm, a.qkv, a.qkv_bias, a.dims, a.qk_norm, a.q_norm, a.k_norm, a.clip,
-                                cos, sin, start, kc, vc, a.window, a.scale, a.o_proj, a.o_bias, *attn_scratch)
-            else:
-                out.copy_(x + layer.attn(layer.input_norm(x), start, cache, rope))
-        m = self.mlp
-        if isinstance(m, _MoEPlan):
-            with timers.section("experts"):
-                moe_block(on, *m.norm, m.router, m.correction_bias, m.routing, m.scaling, m.heat, *m.experts,
-                          (m.shared.gate_up, m.shared.down), m.shared.dims, m.shared_gate, *mlp_scratch)
-        elif isinstance(m, _MLPPlan):
-            s = m.swiglu
-            mlp_block(on, *m.norm, s.gate_up, *s.dims, s.down, *mlp_scratch)
+        p = self._prepared.get(T)
+        if p is None or p.cache is not cache or p.rope is not rope:
+            p = self._prepare(T, H, cache, rope)
+        on = np.empty((T, H), np.float32)
+        out = torch.from_numpy(on)
+        t0 = time.perf_counter()
+        if self.attn is not None:
+            attention_block(x.detach().contiguous().numpy(), on, *p.attn_head, start, *p.attn_tail)
+        else:
+            out.copy_(x + layer.attn(layer.input_norm(x), start, cache, rope))
+        t1 = time.perf_counter()
+        timers.add("attention", t1 - t0)
+        if isinstance(self.mlp, _MoEPlan):
+            moe_block(on, *p.mlp)
+            timers.add("experts", time.perf_counter() - t1)
+        elif isinstance(self.mlp, _MLPPlan):
+            mlp_block(on, *p.mlp)
         else:
             out = out + layer.mlp(layer.post_attn_norm(out))
         return out
-
-    def _cache(self, cache) -> tuple[np.ndarray, np.ndarray]:
-        if self._cache_views is None or self._cache_views[0] is not cache:
-            self._cache_views = (cache, cache.k.numpy(), cache.v.numpy())
-        return self._cache_views[1:]
-
-    def _rope(self, rope: RotaryTable) -> tuple[np.ndarray, np.ndarray]:
-        if self._rope_views is None or self._rope_views[0] is not rope:
-            self._rope_views = (rope, _f32(rope.cos), _f32(rope.sin))
-        return self._rope_views[1:]
-
