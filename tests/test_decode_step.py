@@ -51,14 +51,16 @@ def test_per_head_norm_matches_the_module():
     assert rel_err(torch.from_numpy(got), expected) < 1e-6
 
 
-@pytest.mark.parametrize("rope_dim", [16, 8])  # whole heads and partial RoPE (the rest passes through)
-def test_rope_matches_the_table(rope_dim):
+# whole heads, partial RoPE (the rest passes through), DeepSeek's interleaved pairs
+@pytest.mark.parametrize("rope_dim, interleaved", [(16, False), (8, False), (16, True)])
+def test_rope_matches_the_table(rope_dim, interleaved):
     table = RotaryTable(RopeConfig(theta=100.0), rope_dim, 32, torch.device("cpu"), torch.float32)
-    x = randn(3, 2, 16)  # [T, heads, d]
-    expected = table.apply(x, 5)
-    got = x.reshape(3, 32).numpy().copy()
-    ds.rope(got, 2, 16, table.cos.numpy(), table.sin.numpy(), 5)
-    assert rel_err(torch.from_numpy(got), expected.reshape(3, 32)) < 1e-6
+    x = randn(3, 2, 20)  # [T, heads, 4 + 16]: the rotated part from channel 4, as MLA's q_rope after q_nope
+    expected = x.clone()
+    expected[..., 4:] = table.apply(x[..., 4:], 5, interleaved)
+    got = x.reshape(3, 40).numpy().copy()
+    ds.rope(got, 2, 20, 4, interleaved, table.cos.numpy(), table.sin.numpy(), 5)
+    assert rel_err(torch.from_numpy(got), expected.reshape(3, 40)) < 1e-6
 
 
 @pytest.mark.parametrize("T, start, window", [(1, 9, 0), (1, 9, 4), (3, 7, 0), (3, 7, 5), (2, 0, 0)])
@@ -148,7 +150,7 @@ def compiled_parts(model) -> tuple[int, int]:
 
 # (variant, experts format, dense format, whether attention compiles): GQA with per-head and full q/k norm, q/k/v
 # and o bias, clip_qkv, sliding windows, partial RoPE; dense MLP layers, shared experts with and without the sigmoid
-# gate; every routing variant; MLA stays in torch while its MoE block compiles.
+# gate; every routing variant; MLA in the absorbed form with and without q-LoRA, interleaved RoPE and YaRN.
 CASES = [
     ("qwen3_moe", "int8", "int8", True),
     ("qwen3_moe_bias", "int4", "int4", True),
@@ -158,8 +160,11 @@ CASES = [
     ("glm4_moe", "int8", "int8", True),
     ("minimax_m2", "int4", "int8", True),
     ("dots1_window_bias", "int8", "int8", True),
-    ("deepseek_v2_group_yarn", "int8", "int8", False),
-    ("deepseek_v3", "bf16", "int8", False),
+    ("deepseek_v2_group_yarn", "int8", "int8", True),
+    ("deepseek_v2", "int4", "int4", True),
+    ("deepseek_v3", "bf16", "int8", True),
+    ("deepseek_v3_no_interleave", "int8", "int8", True),
+    ("glm4_moe_lite", "int8", "int8", True),
 ]
 
 
