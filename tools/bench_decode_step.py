@@ -170,26 +170,34 @@ def main() -> None:
     for compiled in (True, False):  # compile / first-call costs out of the rounds
         step_times(model, args.prompt, 2, compiled, clock)
     context = args.prompt + args.tokens // 2
-    kernels, attention = kernel_seconds(model, 7, clock, context)
+    kernel_seconds(model, 1, clock, context)  # compile / first-call costs out of the rounds
     buf = torch.ones(1 << 28)
     bandwidth = statistics.median(read_bandwidth(buf, clock) for _ in range(5))
     floor = step_bytes(model, context) / bandwidth
     print(f"{args.checkpoint.name}: {L} layers, experts {model.load_info.expert_format}, dense "
           f"{model.load_info.dense_format}; prompt {args.prompt}, {args.tokens} steps per round; {args.clock} clock")
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; bandwidth floor {floor * 1e3:.2f} ms/token; replayed alone: "
-          f"weight kernels {kernels * 1e3:.2f} ms/token, attention over {context} positions {attention * 1e3:.2f}")
-    results: dict[str, list[float]] = {"compiled": [], "torch": []}
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; bandwidth floor {floor * 1e3:.2f} ms/token")
+    # Per round: the kernels replayed, then both paths in alternating order; "outside" is per round, so a round
+    # the host slowed down slows its kernels and its steps alike.
+    steps: dict[str, list[float]] = {"compiled": [], "torch": []}
+    outside: dict[str, list[float]] = {"compiled": [], "torch": []}
     for r in range(args.rounds):
-        order = (True, False) if r % 2 == 0 else (False, True)
-        for compiled in order:
-            ms = statistics.median(step_times(model, args.prompt, args.tokens, compiled, clock)) * 1e3
-            results["compiled" if compiled else "torch"].append(ms)
-    for name, values in results.items():
-        ms = statistics.median(values)
-        outside = (ms / 1e3 - kernels - attention) / L * 1e6
-        print(f"{name:9s} {ms:7.2f} ms/token (rounds: {', '.join(f'{v:.2f}' for v in values)}); outside the kernels "
-              f"{outside:6.0f} us/layer; {floor * 1e3 / ms:.0%} of the bandwidth floor")
-    print(f"torch / compiled: {statistics.median(results['torch']) / statistics.median(results['compiled']):.2f}x")
+        kernels, attention = kernel_seconds(model, 3, clock, context)
+        print(f"round {r + 1}: weight kernels replayed alone {kernels * 1e3:.2f} ms/token, attention over {context} "
+              f"positions {attention * 1e3:.2f}", end="")
+        for compiled in (True, False) if r % 2 == 0 else (False, True):
+            name = "compiled" if compiled else "torch"
+            seconds = statistics.median(step_times(model, args.prompt, args.tokens, compiled, clock))
+            steps[name].append(seconds * 1e3)
+            outside[name].append((seconds - kernels - attention) / L * 1e6)
+            print(f"; {name} {seconds * 1e3:.2f} ms/token", end="")
+        print()
+    for name in steps:
+        ms = statistics.median(steps[name])
+        print(f"{name:9s} {ms:7.2f} ms/token; outside the kernels {statistics.median(outside[name]):6.0f} us/layer "
+              f"(rounds: {', '.join(f'{v:.0f}' for v in outside[name])}); {floor * 1e3 / ms:.0%} of the bandwidth "
+              f"floor")
+    print(f"torch / compiled: {statistics.median(steps['torch']) / statistics.median(steps['compiled']):.2f}x")
     compiled_step.set_enabled(True)
 
 
