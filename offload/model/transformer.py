@@ -59,6 +59,10 @@ class Transformer(nn.Module):
         self.rope = RotaryTable(cfg.rope, cfg.rope_dim, max_context, device, dtype)
         # Each layer's sequence state, of the kind its attention needs (offload/model/kv_cache.py).
         self.caches: list[LayerCache] = [layer.attn.new_cache(max_context, dtype, device) for layer in self.layers]
+        # The token at each position the caches have processed, in order: what a new prompt may share a prefix
+        # with. Emptied before every forward and set again only once it has finished, so a step that fails or is
+        # interrupted half-way leaves nothing to reuse.
+        self.cached_ids: list[int] = []
 
     @property
     def cache_nbytes(self) -> int:
@@ -78,9 +82,16 @@ class Transformer(nn.Module):
 
     def hidden(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """ids [T] -> final-norm hidden states [T, H], writing positions start..start+T-1 to the caches."""
+        held, new_ids = self.cached_ids, ids.tolist()
+        self.cached_ids = []
         x = F.embedding(ids, self.embed)  # [T, H]
         for layer, cache in zip(self.layers, self.caches):
             x = layer(x, start, cache, self.rope)
+        # Positions before `start` are untouched; without a record of them the caches hold nothing reusable.
+        if len(held) >= start:
+            del held[start:]
+            held.extend(new_ids)
+            self.cached_ids = held
         return self.norm(x)
 
     def forward(self, ids: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
