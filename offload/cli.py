@@ -346,9 +346,9 @@ def serve(
     from .server import ServerOptions, check_address, serve as run_server
 
     model_config(model_path)  # a broken folder fails before anything else
-    check_address(host, port)
     if api_key is not None and not api_key.strip():
         raise OffloadError("--api-key is empty; give a key, or leave the option out to serve without one")
+    check_address(host, port)
     model = load_model(model_path, load_options, progress=err.is_terminal)
     options = ServerOptions(name or model.path.name, max_waiting, api_key)
     shown = f"[{host}]" if ":" in host else host

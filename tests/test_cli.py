@@ -67,7 +67,7 @@ def test_version():
     assert result.exit_code == 0 and result.output.strip() == f"offload {offload.__version__}"
 
 
-@pytest.mark.parametrize("command", ["chat", "generate", "bench"])
+@pytest.mark.parametrize("command", ["chat", "generate", "serve", "bench"])
 def test_commands_that_load_share_the_load_options(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0

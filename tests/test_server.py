@@ -339,3 +339,15 @@ def test_past_the_queue_bound_requests_get_429(keyed):
     assert sorted(outcomes) == ["429"] * 5 + [alone] * 3
     assert httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()["requests"][
         "rejected"] == 5
+
+
+def test_serve_refuses_a_port_in_use_and_an_empty_key_before_loading():
+    from test_cli import assert_one_line_error, invoke
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(invoke("serve", demo_model(), "--port", port), f"127.0.0.1:{port}", "--port")
+    assert_one_line_error(invoke("serve", demo_model(), "--api-key", " "), "--api-key is empty")
+    assert_one_line_error(invoke("serve", demo_model(), "--host", "no.such.host.invalid"), "cannot serve on host")

@@ -148,7 +148,8 @@ class ModelWorker:
     def _finished(self, job: Job) -> None:
         self._admitted -= 1
         result = job.run.result
-        self.counters.add(result)
+        if job.started is not None:  # else its client left before it ran: nothing was computed
+            self.counters.add(result)
         if job.run.stop_requested:
             self.counters.cancelled += 1
         elif result.finish_reason == "interrupted":
