@@ -142,7 +142,8 @@ class Model:
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         check_token_ids(ids.tolist(), self.config.vocab_size)
         if ids.numel() > self.max_context:
-            raise OffloadError(f"{ids.numel()} tokens exceed max_context={self.max_context}; load with a larger max_context")
+            raise OffloadError(f"{ids.numel()} tokens exceed max_context={self.max_context}; load with a larger "
+                               "max_context")
         with self._lock, torch.inference_mode():
             return self.transformer(ids.to(self.device), 0).cpu()
 

@@ -123,7 +123,8 @@ def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
     else:
         config = transformers.CONFIG_MAPPING[model_type](**fields)
     torch.manual_seed(seed)
-    auto = transformers.AutoModelForImageTextToText if model_type in VISION_TOWERS else transformers.AutoModelForCausalLM
+    multimodal = model_type in VISION_TOWERS
+    auto = transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
     model = auto.from_config(config, dtype=torch.float32).eval()
     for module_name, buffer in model.named_buffers():
         if module_name.endswith("e_score_correction_bias"):

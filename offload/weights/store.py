@@ -412,7 +412,8 @@ def convert(source: str | Path, out: str | Path, experts: str | None, dense: str
 
     def kept(name: str) -> list[KeptTensor]:
         full = stored(name)  # each part is the logical name plus a suffix (.weight_scale, ...)
-        return [KeptTensor(name + part[len(full):], checkpoint.tensors[part]) for part in checkpoint.logical[full].parts]
+        return [KeptTensor(name + part[len(full):], checkpoint.tensors[part])
+                for part in checkpoint.logical[full].parts]
 
     def pack_exact(name: str, out: PackedMatrix, e: int) -> bool:
         try:
