@@ -21,7 +21,7 @@ from .stats import reset_runtime_stats, runtime_stats
 from .timers import Timers
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
-from .weights.checkpoint import Checkpoint, read_json
+from .weights.checkpoint import Checkpoint, read_config, read_json
 from .weights.source import WeightSource, known_extras
 from .weights.store import store_formats
 
@@ -275,13 +275,14 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
 
 def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None,
          experts: str | None = None, device: str = "auto", dtype: str = "auto",
-         heat: list[list[float]] | None = None) -> Plan:
+         heat: list[list[float]] | None = None, host_memory: int | str | None = None) -> Plan:
     """The placement load() would use for these budgets, from config.json alone (no weight is read).
     experts: host format of offloaded experts; None keeps them in the device dtype, as load() does.
-    heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`)."""
-    checkpoint = Checkpoint(path)
-    arch = architecture(checkpoint.config_json.get("model_type"))
-    config = arch.config_from_hf(checkpoint.config_json)
+    heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`).
+    host_memory: the RAM to plan for (default: what is available now), e.g. to size a machine not at hand."""
+    hf = read_config(path)  # a folder with config.json alone is enough
+    arch = architecture(hf.get("model_type"))
+    config = arch.config_from_hf(hf)
     max_context = check_max_context(config, max_context)
     if experts is not None and experts not in EXPERT_FORMATS:
         raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
@@ -291,7 +292,7 @@ def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int
                            "(--gpu-memory 12GiB)")
     torch_dtype = resolve_dtype(dtype, torch_device)
     return resolve_plan(config, arch.names, torch_device, torch_dtype, experts or default_host_format(torch_dtype),
-                        max_context, gpu_memory, None, heat)
+                        max_context, gpu_memory, None, heat, host_memory)
 
 
 def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device: torch.device

@@ -398,11 +398,16 @@ def inspect_(
 def plan_(
     model_path: Path = MODEL_ARGUMENT,
     gpu_memory: Optional[str] = typer.Option(None, help="Device budget, e.g. 12GiB (default: free GPU memory)."),
+    host_memory: Optional[str] = typer.Option(
+        None, help="RAM to plan for, e.g. 256GiB (default: the RAM available now; set it to size another machine)."),
     max_context: Optional[int] = typer.Option(
         None, help="Context the KV cache is sized for (default: the model's position limit, at most 4096)."),
     experts: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
         None, help="Host format of offloaded experts (default: the device dtype, as when loading)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N] (decides the device dtype)."),
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = typer.Option(
+        "auto", help="Device dtype to plan for (auto: bfloat16 on a GPU, float32 on the CPU; bfloat16 plans for a "
+                     "GPU from a machine without one)."),
     profile: Optional[Path] = typer.Option(None, help="profile.json from `offload profile`: pin the hottest experts."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the plan as JSON to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
@@ -412,7 +417,7 @@ def plan_(
     from .profiling import read_heat
 
     placement = make(model_path, gpu_memory=gpu_memory, max_context=max_context, experts=experts, device=device,
-                     heat=read_heat(profile) if profile else None)
+                     dtype=dtype, heat=read_heat(profile) if profile else None, host_memory=host_memory)
     if out_file is not None:
         placement.save(out_file)
         err.print(f"[dim]wrote {out_file}[/dim]")
