@@ -12,7 +12,7 @@ from ..weights.source import WeightSource
 from .attention import Attention
 from .kv_cache import LayerCache
 from .layers import RMSNorm, SwiGLU, load_linear, make_linear
-from .mla import MLA
+from .mla import MLA, share_index_selections
 from ..experts.prefetch import Router
 from .moe import ExpertsFactory, MoE
 from .rope import RotaryTable
@@ -51,6 +51,7 @@ class Transformer(nn.Module):
         self.embed = src.take("model.embed_tokens.weight", (V, H))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, names, src, make_experts, self.timers)
                                     for i in range(cfg.num_hidden_layers))
+        share_index_selections([layer.attn for layer in self.layers])  # GLM-5: layers reusing an earlier top-k
         self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings and not src.has("lm_head.weight"):
             self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed))
