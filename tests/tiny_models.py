@@ -82,7 +82,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         routed_scaling_factor=2.5, index_topk=8, index_head_dim=16, index_n_heads=8)),
     # GLM-5: the indexer rotates interleaved pairs, and the middle layer reuses the first layer's top-k.
     "glm_moe_dsa": ("glm_moe_dsa", dict(
-        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=6,
         num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=12,
         qk_rope_head_dim=8, v_head_dim=10, n_group=1, topk_group=1, routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "sparse", "sparse"], index_topk=12, index_head_dim=16, index_n_heads=6,

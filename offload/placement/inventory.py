@@ -71,9 +71,11 @@ def inventory(cfg: ModelConfig, names: CheckpointNames) -> Inventory:
 
 
 def kv_cache_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> int:
-    """The attention cache for max_context positions: K and V per layer, or MLA's latent + rope key."""
+    """The attention cache for max_context positions: K and V per layer, or MLA's latent + rope key (plus the
+    lightning indexer's key in each layer that runs one)."""
     if cfg.mla:
         per_position = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
     else:
         per_position = 2 * cfg.num_key_value_heads * cfg.head_dim
-    return cfg.num_hidden_layers * max_context * per_position * dtype_bytes
+    indexer_keys = cfg.indexer.num_indexer_layers * cfg.indexer.head_dim if cfg.indexer else 0
+    return (cfg.num_hidden_layers * per_position + indexer_keys) * max_context * dtype_bytes
