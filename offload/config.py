@@ -58,6 +58,22 @@ class LinearAttentionConfig:
 
 
 @dataclass(frozen=True)
+class IndexerConfig:
+    """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, GLM-5): a small multi-head scorer over its own
+    key cache that picks the `topk` cached positions each query's MLA attends to."""
+
+    n_heads: int  # index_n_heads
+    head_dim: int  # index_head_dim; RoPE turns the first qk_rope_head_dim channels of each indexer head
+    topk: int  # index_topk
+    rope_interleaved: bool  # rope over adjacent pairs (GLM-5) rather than the two halves (DeepSeek-V3.2)
+    own_layers: tuple[bool, ...]  # per layer: runs its own indexer (True) or reuses the top-k of the last one that did
+
+    @property
+    def num_indexer_layers(self) -> int:
+        return sum(self.own_layers)
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """How a MoE layer turns router logits into top-k expert ids and combine weights."""
 
@@ -97,6 +113,7 @@ class ModelConfig:
     clip_qkv: float | None = None
     sliding_windows: tuple[int | None, ...] = ()  # per layer window, None = full attention
     mla: MLAConfig | None = None
+    indexer: IndexerConfig | None = None  # DeepSeek Sparse Attention over the MLA cache
     shared_intermediate_size: int = 0  # 0 = no shared expert
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(gate(x)) scales the shared expert
     bos_token_id: int | None = None

@@ -89,9 +89,13 @@ def memory_by_format(cfg: ModelConfig) -> dict[str, dict[str, int]]:
 def attention_summary(cfg: ModelConfig) -> dict[str, Any]:
     m = cfg.mla
     if m is not None:
+        ix = cfg.indexer
+        sparse = None if ix is None else {
+            "index_topk": ix.topk, "index_n_heads": ix.n_heads, "index_head_dim": ix.head_dim,
+            "rope": "interleaved" if ix.rope_interleaved else "half", "indexer_layers": ix.num_indexer_layers}
         return {"kind": "MLA", "heads": cfg.num_attention_heads, "q_lora_rank": m.q_lora_rank,
                 "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
-                "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim}
+                "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "sparse": sparse}
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     kind = "MHA" if nkv == nh else "MQA" if nkv == 1 else "GQA"
     windows = sorted({w for w in cfg.sliding_windows if w is not None})
@@ -207,8 +211,13 @@ def human_count(n: float) -> str:
 def _attention_text(a: dict[str, Any]) -> str:
     if a["kind"] == "MLA":
         q = "none" if a["q_lora_rank"] is None else a["q_lora_rank"]
-        return (f"MLA, {a['heads']} heads, q_lora_rank {q}, kv_lora_rank {a['kv_lora_rank']}, qk head dim "
+        text = (f"MLA, {a['heads']} heads, q_lora_rank {q}, kv_lora_rank {a['kv_lora_rank']}, qk head dim "
                 f"{a['qk_nope_head_dim']} nope + {a['qk_rope_head_dim']} rope, v head dim {a['v_head_dim']}")
+        if (s := a["sparse"]) is not None:
+            text += (f"; sparse (DSA): top-{s['index_topk']} positions per query, lightning indexer "
+                     f"{s['index_n_heads']} heads x {s['index_head_dim']} ({s['rope']} rope) in "
+                     f"{s['indexer_layers']} layers")
+        return text
     text = f"{a['kind']}, {a['heads']} query heads, {a['kv_heads']} KV heads, head dim {a['head_dim']}"
     if a["rope_dim"] != a["head_dim"]:
         text += f" (rope on the first {a['rope_dim']})"

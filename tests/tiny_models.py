@@ -73,6 +73,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=12,
         qk_rope_head_dim=8, v_head_dim=10, n_group=2, topk_group=1, routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "dense", "sparse"])),
+    # DeepSeek-V3.2: DeepSeek-V3 with a lightning indexer per layer; index_topk 8 is far below the tests' contexts,
+    # so attention really reads a subset of the positions.
+    "deepseek_v32": ("deepseek_v32", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=20, kv_lora_rank=16,
+        qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_group=4, topk_group=2, rope_parameters=YARN,
+        routed_scaling_factor=2.5, index_topk=8, index_head_dim=16, index_n_heads=8)),
+    # GLM-5: the indexer rotates interleaved pairs, and the middle layer reuses the first layer's top-k.
+    "glm_moe_dsa": ("glm_moe_dsa", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=6,
+        num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=12,
+        qk_rope_head_dim=8, v_head_dim=10, n_group=1, topk_group=1, routed_scaling_factor=1.8,
+        mlp_layer_types=["dense", "sparse", "sparse"], index_topk=12, index_head_dim=16, index_n_heads=6,
+        indexer_types=["full", "shared", "full"])),
     # MiniMax-M2: full-width q/k norm, a quarter of each head rotated (the published rotary_dim), sigmoid routing with
     # the correction bias beside the gate, w1/w3/w2 experts under block_sparse_moe.
     "minimax_m2": ("minimax_m2", dict(

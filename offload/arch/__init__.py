@@ -80,12 +80,12 @@ class Architecture:
 
 
 def _registry() -> dict[str, Architecture]:
-    from . import (deepseek, dots1, glm4_moe, glm4_moe_lite, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_5_moe,
-                   qwen3_moe, qwen3_next)
+    from . import (deepseek, deepseek_v32, dots1, glm4_moe, glm4_moe_lite, glm_moe_dsa, minimax_m2, mixtral, olmoe,
+                   qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next)
 
     archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
-             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH, minimax_m2.ARCH, qwen3_next.ARCH,
-             qwen3_5_moe.ARCH, qwen3_5_moe.TEXT_ARCH]
+             deepseek.KIMI_K25, deepseek_v32.ARCH, glm4_moe.ARCH, glm4_moe_lite.ARCH, glm_moe_dsa.ARCH, dots1.ARCH,
+             minimax_m2.ARCH, qwen3_next.ARCH, qwen3_5_moe.ARCH, qwen3_5_moe.TEXT_ARCH]
     return {arch.model_type: arch for arch in archs}
 
 

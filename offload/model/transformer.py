@@ -13,7 +13,7 @@ from .attention import Attention
 from .gated_deltanet import GatedDeltaNet
 from .kv_cache import LayerCache
 from .layers import RMSNorm, SwiGLU, load_linear, make_linear
-from .mla import MLA
+from .mla import MLA, share_index_selections
 from ..experts.prefetch import Router
 from .moe import ExpertsFactory, MoE
 from .rope import RotaryTable
@@ -61,6 +61,7 @@ class Transformer(nn.Module):
         self.embed = src.take("model.embed_tokens.weight", (V, H))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, names, src, make_experts, self.timers)
                                     for i in range(cfg.num_hidden_layers))
+        share_index_selections([layer.attn for layer in self.layers])  # GLM-5: layers reusing an earlier top-k
         self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps, cfg.zero_centred_norm)
         if cfg.tie_word_embeddings and not src.has("lm_head.weight"):
             self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed))
