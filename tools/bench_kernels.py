@@ -252,7 +252,7 @@ def describe_machine(n_threads: int) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"machine: {cpu}, {psutil.cpu_count(logical=False)} cores / {psutil.cpu_count()} threads, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; vpdpbusd {'on' if simd.EMIT_VNNI else 'off'}")
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; kernel ISA tier {simd.TIER}")
     print(f"torch {torch.__version__}, numba {sys.modules['numba'].__version__} ({threads.threading_layer()} "
           f"layer), {n_threads} threads")
 
