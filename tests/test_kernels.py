@@ -223,3 +223,13 @@ def test_threads_and_layer():
     assert torch.get_num_threads() == 1
     assert threads.set_threads() == threads.default_threads()
     assert threads.threading_layer() in ("omp", "tbb", "workqueue")
+
+
+def test_engine_thresholds_follow_torchs_bf16_engine(monkeypatch):
+    native, software = dispatch.torch_min_rows(True), dispatch.torch_min_rows(False)
+    prefill, decode = (512 * 8, 128), (8, 128)  # (token-expert pairs, experts) of a Qwen3 layer
+    assert dispatch.use_torch("bf16", *prefill, native) and not dispatch.use_torch("bf16", *decode, native)
+    assert not any(dispatch.use_torch(fmt, *prefill, software) for fmt in FORMATS)  # an AVX2 host: all fused
+    assert not any(dispatch.use_torch(fmt, *prefill, native) for fmt in ("int8", "int4"))
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # torch's software bf16, as on an AVX2 host
+    assert not dispatch.torch_has_native_bf16()
