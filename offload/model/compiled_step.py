@@ -61,11 +61,12 @@ def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
 # feature, a new routing variant) keeps the torch path until the compiled code learns it: never other numbers.
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 _ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "window", "scale", "qkv", "o_proj",
-                     "q_norm", "k_norm"}
+                     "q_norm", "k_norm", "output_gate"}
 _MLA_FIELDS = {"heads", "nope", "rope_dim", "v_dim", "rank", "interleaved", "input_projs", "q_a_norm", "q_b_proj",
-               "kv_a_norm", "kv_b_proj", "o_proj", "scale", "w_uk", "w_uv"}
+               "kv_a_norm", "kv_b_proj", "o_proj", "scale", "w_uk", "w_uv", "indexer", "shares_selection",
+               "selection_source", "last_selection"}
 _LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
-_NORM_FIELDS = {"weight", "eps"}
+_NORM_FIELDS = {"weight", "eps", "zero_centred"}  # zero-centred: weight holds 1 + w, the same float32 product
 _SWIGLU_FIELDS = {"gate_up", "down"}
 _MOE_FIELDS = {"timers", "router_cfg", "router", "correction_bias", "experts", "shared", "shared_gate", "heat"}
 _ROUTER_FIELDS = {"num_experts", "top_k", "scoring", "topk_method", "norm_topk_prob", "n_group", "topk_group",
@@ -165,7 +166,7 @@ class _AttentionPlan:
     @classmethod
     def build(cls, layer: DecoderLayer) -> _AttentionPlan | None:
         attn = layer.attn
-        if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or \
+        if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or attn.output_gate or \
                 not isinstance(attn.qkv, FusedLinear) or not isinstance(attn.o_proj, QuantLinear):
             return None
         if attn.qk_norm and not (_knows(attn.q_norm, _NORM_FIELDS) and _knows(attn.k_norm, _NORM_FIELDS)):
@@ -222,7 +223,8 @@ class _MLAPlan:
     def build(cls, layer: DecoderLayer) -> _MLAPlan | None:
         attn = layer.attn
         q_lora = attn.q_b_proj is not None
-        if type(attn) is not MLA or not _knows(attn, _MLA_FIELDS) or not isinstance(attn.input_projs, FusedLinear) \
+        if type(attn) is not MLA or not _knows(attn, _MLA_FIELDS) or attn.indexer is not None or \
+                attn.shares_selection or not isinstance(attn.input_projs, FusedLinear) \
                 or not isinstance(attn.o_proj, QuantLinear) or attn.w_uk.dtype != torch.float32 or \
                 (q_lora and not (isinstance(attn.q_b_proj, QuantLinear) and attn.q_b_proj.bias is None)) or \
                 not all(_knows(n, _NORM_FIELDS) for n in (attn.kv_a_norm, attn.q_a_norm) if n is not None):
