@@ -345,7 +345,7 @@ def add_bias(y: np.ndarray, bias: np.ndarray) -> None:
 
 
 @njit(nogil=True, cache=True)
-def swiglu(h: np.ndarray, gate_up, up_start: int, width: int, down, down_width: int, gu: np.ndarray,
+def swiglu(h: np.ndarray, gate_up, up_start: int, width: int, down, gu: np.ndarray,
            act: np.ndarray, y: np.ndarray) -> None:
     """y[:, :padded] = down(silu(gate h) * up h) with gate/up fused in one packed matrix (up from row up_start),
     scratch gu [T, padded gate+up], act [T, width]; offload.model.layers.SwiGLU over a FusedLinear."""
@@ -429,7 +429,7 @@ def mlp_block(x, norm_w, eps, gate_up, up_start, width, down, h, gu, act, y) -> 
     """x += SwiGLU(RMSNorm(x)) (a dense MLP layer), in place; scratch h [T, H], gu, act, y [T, padded H]."""
     H = x.shape[1]
     rms_norm(x, norm_w, eps, h)
-    swiglu(h, gate_up, up_start, width, down, H, gu, act, y)
+    swiglu(h, gate_up, up_start, width, down, gu, act, y)
     for t in range(x.shape[0]):
         for i in range(H):
             x[t, i] += y[t, i]
@@ -455,7 +455,7 @@ def moe_block(x, norm_w, eps, router, correction_bias, routing, scaling, heat, g
     packed_experts(h, ids, weights, gate, up, down, routed)
     up_start, width = shared_dims
     if width > 0:
-        swiglu(h, shared[0], up_start, width, shared[1], H, gu, act, y)
+        swiglu(h, shared[0], up_start, width, shared[1], gu, act, y)
     for t in range(T):
         g = np.float32(1.0)
         if shared_gate.size:
