@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -188,9 +188,9 @@ class _AttentionPlan:
             widths=(attn.qkv.packed.padded_shape[1], heads * d, attn.o_proj.packed.padded_shape[1]),
         )
 
-    def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[tuple, tuple]:
-        """attention_block's arguments after (x, out) before the position, and after it, with buffers for T rows:
-        h [T, H], qkv_out, att, o_out."""
+    def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[Callable, tuple, tuple]:
+        """attention_block, and its arguments after (x, out) before the position and after it, with buffers for T
+        rows: h [T, H], qkv_out, att, o_out."""
         from csrc_py.decode_step import attention_block
 
         scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *self.widths))
@@ -245,8 +245,8 @@ class _MLAPlan:
                     q_b.padded_shape[1], attn.heads * attn.v_dim, attn.o_proj.packed.padded_shape[1]),
         )
 
-    def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[tuple, tuple]:
-        """mla_block's arguments after (x, out) before the position, and after it, with buffers for T rows."""
+    def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[Callable, tuple, tuple]:
+        """mla_block, and its arguments after (x, out) before the position and after it, with buffers for T rows."""
         from csrc_py.decode_step import mla_block
 
         scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *self.widths))
