@@ -5,9 +5,10 @@
 For each context N the caches are set to stand at position N instead of being prefilled (attention layers' K/V
 filled with random values up to N, Gated DeltaNet layers' recurrent states set to random values at position N),
 so long contexts cost no prefill; the decode work per token is the same as after a real prefill of N tokens.
-Contexts are interleaved round by round (machine noise hits them alike) and the median round is reported: ms per
-token in total and in the attention layers' and the DeltaNet layers' token mixers (everything else: MoE, norms,
-LM head). An attention layer's time grows with N; a DeltaNet layer's should not.
+Contexts are interleaved round by round (machine noise hits them alike) and each figure is the median over rounds
+(`--stat min`: the fastest round, the better estimate of the work itself on a loaded machine): ms per token in
+total and in the attention layers' and the DeltaNet layers' token mixers ("rest": MoE, norms, LM head). An
+attention layer's time grows with N; a DeltaNet layer's should not.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--tokens", type=int, default=8, help="decode steps per context and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stat", choices=("median", "min"), default="median", help="of each figure over rounds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -79,23 +81,24 @@ def main(argv: list[str] | None = None) -> None:
                     transformer(token, context + i, last_only=True)
                 total = time.perf_counter() - t0
                 rounds[context].append({"total": total, **seconds})
+    stat = statistics.median if args.stat == "median" else min
     rows = []
     for context in args.contexts:
-        median = sorted(rounds[context], key=lambda r: r["total"])[len(rounds[context]) // 2]
-        rows.append({"context": context, **{k: 1000 * v / args.tokens for k, v in median.items()},
-                     "spread": statistics.pstdev(r["total"] for r in rounds[context]) / median["total"]})
+        figures = {k: stat(r[k] for r in rounds[context]) for k in rounds[context][0]}
+        rows.append({"context": context, **{k: 1000 * v / args.tokens for k, v in figures.items()}})
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.json:
         print(json.dumps({"rows": rows, "peak_rss_bytes": peak_rss, "cache_bytes": transformer.cache_nbytes}))
         return
-    kinds = sorted({k for row in rows for k in row} - {"context", "total", "spread"})
+    kinds = sorted({k for row in rows for k in row} - {"context", "total"})
     print("| context | ms/token | " + " | ".join(f"{k} ms" for k in kinds) + " | rest ms |")
     print("|---" * (3 + len(kinds)) + "|")
     for row in rows:
         parts = [row.get(k, 0.0) for k in kinds]
         print(f"| {row['context']} | {row['total']:.1f} | " + " | ".join(f"{p:.1f}" for p in parts)
               + f" | {row['total'] - sum(parts):.1f} |")
-    print(f"peak RSS {peak_rss / 2**30:.2f} GiB; caches at max_context {transformer.cache_nbytes / 2**20:.0f} MiB")
+    print(f"{args.stat} of {args.rounds} rounds x {args.tokens} tokens; peak RSS {peak_rss / 2**30:.2f} GiB; caches "
+          f"at max_context {transformer.cache_nbytes / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":
