@@ -71,7 +71,7 @@ def random_rule_inputs(T: int, H: int = 3, dk: int = 8, dv: int = 6, seed: int =
 @pytest.mark.parametrize("T", [1, 50, 64, 150])
 def test_chunked_form_equals_the_token_by_token_recurrence(T):
     q, k, v, g, beta, state = random_rule_inputs(T)
-    out, final = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    out, final = recurrent_gated_delta_rule(q, k, v, g, beta, state.clone())
     chunked_out, chunked_final = chunked_gated_delta_rule(q, k, v, g, beta, state)
     assert rel_err(chunked_out, out) <= 1e-5
     assert rel_err(chunked_final, final) <= 1e-5

@@ -60,11 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--tokens", type=int, default=8, help="decode steps per context and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and the kernels; default all)")
     parser.add_argument("--stat", choices=("median", "min"), default="median", help="of each figure over rounds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    model = offload.load(args.folder, device="cpu", max_context=max(args.contexts) + args.tokens + 1)
+    model = offload.load(args.folder, device="cpu", max_context=max(args.contexts) + args.tokens + 1,
+                         cpu_threads=args.threads)
     transformer = model.transformer
     seconds = timed_mixers(transformer)
     generator = torch.Generator().manual_seed(0)
