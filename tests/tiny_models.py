@@ -89,26 +89,40 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_key_value_heads=2, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, norm_topk_prob=False, n_group=4,
         topk_group=2, attention_bias=True, sliding_window=7, max_window_layers=1)),
+    # ERNIE-4.5-21B-A3B: RoPE over adjacent pairs, use_bias on attention and dense/shared MLPs, a dense first layer,
+    # softmax routing with the statistics bias, two shared experts, tied embeddings.
+    "ernie4_5_moe": ("ernie4_5_moe", dict(
+        num_key_value_heads=2, intermediate_size=80, moe_intermediate_size=24, moe_num_experts=8, moe_k=3,
+        moe_num_shared_experts=2, moe_layer_start_index=1, use_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    # ERNIE-4.5-300B-A47B's shape: no shared experts, no biases; here also MoE on every second layer only.
+    "ernie4_5_moe_interval": ("ernie4_5_moe", dict(
+        num_key_value_heads=1, head_dim=32, intermediate_size=80, moe_intermediate_size=24, moe_num_experts=6,
+        moe_k=2, moe_num_shared_experts=0, moe_layer_start_index=0, moe_layer_end_index=2, moe_layer_interval=2,
+        use_bias=False)),
 }
+
+# Selection biases' scale: sigmoid scores spread over (0, 1); softmax scores of E experts sit near 1/E.
+CORRECTION_BIAS_STD = {"ernie4_5_moe": 0.02}
 
 
 def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
     """The transformers model for a variant (config fields changed by `overrides`), in fp32 eval mode, with
-    non-trivial DeepSeek-V3 correction bias and attention projection biases (transformers initialises them to
-    zero, which would leave a dropped bias unnoticed)."""
+    non-trivial router correction biases and projection biases (transformers initialises them to zero, which would
+    leave a dropped bias unnoticed)."""
     import transformers
 
     model_type, variant = VARIANTS[name]
     config = transformers.CONFIG_MAPPING[model_type](**{**COMMON, **variant, **(overrides or {})})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    for module_name, buffer in model.named_buffers():
-        if module_name.endswith("e_score_correction_bias"):
-            buffer.copy_(torch.randn_like(buffer) * 0.3)
+    bias_std = CORRECTION_BIAS_STD.get(model_type, 0.3)
     with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if ".self_attn." in param_name and param_name.endswith("_proj.bias"):
-                param.copy_(torch.randn_like(param) * 0.1)
+        for tensor_name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if tensor_name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.randn_like(tensor) * bias_std)
+            elif tensor_name.endswith(("_proj.bias", "lm_head.bias")):
+                tensor.copy_(torch.randn_like(tensor) * 0.1)
     return model
 
 

@@ -10,12 +10,15 @@ from ..errors import CheckpointError
 
 @dataclass(frozen=True)
 class CheckpointNames:
-    """Where a model_type keeps its MoE tensors under `model.layers.{i}.`."""
+    """Where a model_type keeps its MoE (and renamed attention) tensors under `model.layers.{i}.`."""
 
-    moe: str = "mlp"  # the sparse block: router at `{moe}.gate`, experts at `{moe}.experts.{j}`
+    moe: str = "mlp"  # the sparse block: router at `{moe}.{router}`, experts at `{moe}.experts.{j}`
+    router: str = "gate"  # the router Linear under `{moe}.` (Hunyuan: gate.wg)
     expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     shared: str | None = None  # shared expert(s) under `{moe}.{shared}`
     correction_bias: str = "gate.e_score_correction_bias"  # selection bias under `{moe}.` (MiniMax: beside gate)
+    qk_norm: tuple[str, str] = ("q_norm", "k_norm")  # q/k RMSNorms under `self_attn.` (Hunyuan: query_layernorm)
+    correction_bias_rows: int | None = None  # stored as [rows, E] rather than [E] (ERNIE-4.5's moe_statics: 1 row)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Architecture:
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     names: CheckpointNames
     text_model: TextModel | None = None  # a multimodal wrapper: run its text model, skip the other towers
+    skipped: tuple[str, ...] = ()  # name prefixes of tensors the checkpoint ships and inference does not use
 
     def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
         """config.json of the model offload runs (the text model's, for a multimodal checkpoint)."""
@@ -55,14 +59,15 @@ class Architecture:
 
     @property
     def skipped_prefixes(self) -> tuple[str, ...]:
-        return self.text_model.skipped if self.text_model is not None else ()
+        return self.skipped + (self.text_model.skipped if self.text_model is not None else ())
 
 
 def _registry() -> dict[str, Architecture]:
-    from . import deepseek, dots1, glm4_moe, glm4_moe_lite, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe
+    from . import (deepseek, dots1, ernie4_5_moe, glm4_moe, glm4_moe_lite, minimax_m2, mixtral, olmoe, qwen2_moe,
+                   qwen3_moe)
 
     archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
-             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH, minimax_m2.ARCH]
+             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH, minimax_m2.ARCH, ernie4_5_moe.ARCH]
     return {arch.model_type: arch for arch in archs}
 
 

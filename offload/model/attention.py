@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import CheckpointNames
 from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .kv_cache import KVCache, causal_mask_args
@@ -18,7 +19,7 @@ GROUPED_MAX_TOKENS = 8
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, src: WeightSource):
+    def __init__(self, cfg: ModelConfig, layer: int, src: WeightSource, names: CheckpointNames = CheckpointNames()):
         super().__init__()
         p = f"model.layers.{layer}.self_attn"
         H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -27,10 +28,13 @@ class Attention(nn.Module):
                                   for name, width in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd))])
         self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * hd, cfg.attention_output_bias)
         self.qk_norm = cfg.qk_norm
+        self.qk_norm_after_rope = cfg.qk_norm_after_rope
+        self.rope_interleaved = cfg.rope_interleaved
         if cfg.qk_norm:
             q_dim, k_dim = (hd, hd) if cfg.qk_norm == "head" else (nh * hd, nkv * hd)
-            self.q_norm = RMSNorm.load(src, f"{p}.q_norm", q_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm.load(src, f"{p}.k_norm", k_dim, cfg.rms_norm_eps)
+            q_name, k_name = names.qk_norm
+            self.q_norm = RMSNorm.load(src, f"{p}.{q_name}", q_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm.load(src, f"{p}.{k_name}", k_dim, cfg.rms_norm_eps)
         self.clip_qkv = cfg.clip_qkv
         self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.scale = hd**-0.5
@@ -48,9 +52,11 @@ class Attention(nn.Module):
         q = q.view(T, self.heads, self.head_dim)
         k = k.view(T, self.kv_heads, self.head_dim)
         v = v.view(T, self.kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, start), rope.apply(k, start)
+        q, k = rope.apply(q, start, self.rope_interleaved), rope.apply(k, start, self.rope_interleaved)
+        if self.qk_norm == "head" and self.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         keys, values = cache.write(start, k, v)  # [kv, S, hd]
         mask = causal_mask_args(start, T, self.window, x.device)
         if T <= GROUPED_MAX_TOKENS:

@@ -25,6 +25,13 @@ def load_expert_weights(cfg: ModelConfig, layer: int, names: CheckpointNames, sr
     return src.expert_weights(f"model.layers.{layer}.{names.moe}.experts", names.expert_proj, E, I, H)
 
 
+def load_correction_bias(src: WeightSource, name: str, names: CheckpointNames, E: int) -> torch.Tensor:
+    """The router's selection bias [E] in fp32, however many leading rows of one the checkpoint stores it with."""
+    if names.correction_bias_rows is None:
+        return src.take(name, (E,), dtype=torch.float32)
+    return src.take(name, (names.correction_bias_rows, E), dtype=torch.float32).reshape(E)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, names: CheckpointNames, src: WeightSource,
                  make_experts: ExpertsFactory, timers: Timers):
@@ -34,14 +41,12 @@ class MoE(nn.Module):
         H, E = cfg.hidden_size, cfg.router.num_experts
         self.router_cfg = cfg.router
         # Routers run in fp32 whatever the model dtype: top-k choices must not flip with precision.
-        self.router = src.take(f"{p}.gate.weight", (E, H), dtype=torch.float32)  # [E, H]
-        self.correction_bias = (
-            src.take(f"{p}.{names.correction_bias}", (E,), dtype=torch.float32)
+        self.router = src.take(f"{p}.{names.router}.weight", (E, H), dtype=torch.float32)  # [E, H]
+        self.correction_bias = load_correction_bias(src, f"{p}.{names.correction_bias}", names, E) \
             if cfg.router.has_correction_bias else None
-        )
         self.experts = make_experts(layer, load_expert_weights(cfg, layer, names, src))
         self.shared = (
-            SwiGLU.load(src, f"{p}.{names.shared}", H, cfg.shared_intermediate_size)
+            SwiGLU.load(src, f"{p}.{names.shared}", H, cfg.shared_intermediate_size, bias=cfg.mlp_bias)
             if cfg.shared_intermediate_size else None
         )
         self.shared_gate = (load_linear(src, f"{p}.shared_expert_gate", 1, H, quantize=False)

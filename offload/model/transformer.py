@@ -25,12 +25,12 @@ class DecoderLayer(nn.Module):
         p, H = f"model.layers.{layer}", cfg.hidden_size
         self.timers = timers
         self.input_norm = RMSNorm.load(src, f"{p}.input_layernorm", H, cfg.rms_norm_eps)
-        self.attn = MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src)
+        self.attn = MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src, names)
         self.post_attn_norm = RMSNorm.load(src, f"{p}.post_attention_layernorm", H, cfg.rms_norm_eps)
         if cfg.moe_layers[layer]:
             self.mlp = MoE(cfg, layer, names, src, make_experts, timers)
         else:
-            self.mlp = SwiGLU.load(src, f"{p}.mlp", H, cfg.intermediate_size)
+            self.mlp = SwiGLU.load(src, f"{p}.mlp", H, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
         with self.timers.section("attention"):
@@ -53,9 +53,10 @@ class Transformer(nn.Module):
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings and not src.has("lm_head.weight"):
-            self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed))
+            bias = src.take("lm_head.bias", (V,)) if cfg.lm_head_bias else None
+            self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed), bias)
         else:
-            self.lm_head = load_linear(src, "lm_head", V, H)
+            self.lm_head = load_linear(src, "lm_head", V, H, cfg.lm_head_bias)
         self.rope = RotaryTable(cfg.rope, cfg.rope_dim, max_context, device, dtype)
         # Each layer's sequence state, of the kind its attention needs (offload/model/kv_cache.py).
         self.caches: list[LayerCache] = [layer.attn.new_cache(max_context, dtype, device) for layer in self.layers]
