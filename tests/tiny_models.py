@@ -100,6 +100,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_key_value_heads=1, head_dim=32, intermediate_size=80, moe_intermediate_size=24, moe_num_experts=6,
         moe_k=2, moe_num_shared_experts=0, moe_layer_start_index=0, moe_layer_end_index=2, moe_layer_interval=2,
         use_bias=False)),
+    # Hunyuan-A13B: per-head q/k norm after RoPE, RoPE stretched by NTK alpha, per-layer moe_topk lists, a shared MLP
+    # as wide as each expert, tied embeddings.
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", dict(
+        num_key_value_heads=2, head_dim=16, intermediate_size=24, num_experts=8, moe_topk=[3, 3, 3],
+        use_qk_norm=True, use_mixed_mlp_moe=True, use_cla=False, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
+    # Hunyuan as transformers allows it beyond the published shape: bias on q/k/v/o, plain RoPE, one top-k.
+    "hunyuan_v1_moe_bias": ("hunyuan_v1_moe", dict(
+        num_key_value_heads=4, head_dim=32, intermediate_size=24, num_experts=6, moe_topk=2, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 # Selection biases' scale: sigmoid scores spread over (0, 1); softmax scores of E experts sit near 1/E.
@@ -108,8 +118,8 @@ CORRECTION_BIAS_STD = {"ernie4_5_moe": 0.02}
 
 def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
     """The transformers model for a variant (config fields changed by `overrides`), in fp32 eval mode, with
-    non-trivial router correction biases and projection biases (transformers initialises them to zero, which would
-    leave a dropped bias unnoticed)."""
+    non-trivial router correction biases, projection biases and q/k norm weights (transformers initialises them to
+    zero and one, which would leave a dropped bias or a norm applied on the wrong side of RoPE unnoticed)."""
     import transformers
 
     model_type, variant = VARIANTS[name]
@@ -123,6 +133,8 @@ def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
                 tensor.copy_(torch.randn_like(tensor) * bias_std)
             elif tensor_name.endswith(("_proj.bias", "lm_head.bias")):
                 tensor.copy_(torch.randn_like(tensor) * 0.1)
+            elif ".self_attn." in tensor_name and tensor_name.endswith("norm.weight"):
+                tensor.copy_(1 + torch.randn_like(tensor) * 0.2)  # unit q/k norms commute with RoPE
     return model
 
 

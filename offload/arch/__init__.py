@@ -63,11 +63,12 @@ class Architecture:
 
 
 def _registry() -> dict[str, Architecture]:
-    from . import (deepseek, dots1, ernie4_5_moe, glm4_moe, glm4_moe_lite, minimax_m2, mixtral, olmoe, qwen2_moe,
-                   qwen3_moe)
+    from . import (deepseek, dots1, ernie4_5_moe, glm4_moe, glm4_moe_lite, hunyuan_v1_moe, minimax_m2, mixtral, olmoe,
+                   qwen2_moe, qwen3_moe)
 
     archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
-             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH, minimax_m2.ARCH, ernie4_5_moe.ARCH]
+             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH, minimax_m2.ARCH, ernie4_5_moe.ARCH,
+             hunyuan_v1_moe.ARCH]
     return {arch.model_type: arch for arch in archs}
 
 
