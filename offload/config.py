@@ -53,6 +53,17 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class ExpertActivation:
+    """How an expert joins its gate and up projections before `down`:
+    "silu": silu(gate) * up (every SwiGLU family);
+    "clamped_swiglu": gpt-oss's (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+
+    kind: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the shared transformer needs, with HF field names where one exists."""
 
@@ -87,6 +98,10 @@ class ModelConfig:
     rope_interleaved: bool = False  # GQA RoPE over adjacent channel pairs (ERNIE-4.5), not the two halves
     qk_norm_after_rope: bool = False  # per-head q/k RMSNorm applied to the rotated q/k (Hunyuan), not before
     mlp_bias: bool = False  # bias on the dense MLPs' and shared experts' projections (ERNIE-4.5's use_bias)
+    attention_sinks: bool = False  # a learned per-head logit in every attention softmax (gpt-oss's `sinks`)
+    expert_activation: ExpertActivation = ExpertActivation()  # the routed experts' gating function
+    router_bias: bool = False  # a bias on the router logits (gpt-oss)
+    expert_bias: bool = False  # biases on the routed experts' gate, up and down projections (gpt-oss)
     lm_head_bias: bool = False  # a bias on the LM head (ERNIE-4.5's use_bias), tied embeddings or not
     extra: dict = field(default_factory=dict, compare=False, hash=False)  # untranslated config.json, for display
 

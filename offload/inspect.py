@@ -96,7 +96,8 @@ def attention_summary(cfg: ModelConfig) -> dict[str, Any]:
     windows = sorted({w for w in cfg.sliding_windows if w is not None})
     return {"kind": kind, "heads": nh, "kv_heads": nkv, "head_dim": cfg.head_dim, "rope_dim": cfg.rope_dim,
             "rope_interleaved": cfg.rope_interleaved, "qkv_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm,
-            "qk_norm_after_rope": cfg.qk_norm_after_rope, "sliding_window": windows[0] if windows else None}
+            "qk_norm_after_rope": cfg.qk_norm_after_rope, "sinks": cfg.attention_sinks,
+            "sliding_window": windows[0] if windows else None}
 
 
 def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
@@ -104,7 +105,8 @@ def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "routed": r.num_experts, "top_k": r.top_k, "scoring": r.scoring, "topk_method": r.topk_method,
         "norm_topk_prob": r.norm_topk_prob, "routed_scaling_factor": r.routed_scaling_factor,
-        "selection_bias": r.has_correction_bias,
+        "selection_bias": r.has_correction_bias, "router_bias": cfg.router_bias,
+        "activation": cfg.expert_activation.kind, "expert_bias": cfg.expert_bias,
     }
     if r.n_group > 1:
         summary.update(n_group=r.n_group, topk_group=r.topk_group)
@@ -204,6 +206,8 @@ def _attention_text(a: dict[str, Any]) -> str:
         text += ", q/k/v bias"
     if a["qk_norm"]:
         text += f", q/k norm ({a['qk_norm']}{', after rope' if a['qk_norm_after_rope'] else ''})"
+    if a["sinks"]:
+        text += ", attention sinks"
     if a["sliding_window"]:
         text += f", sliding window {a['sliding_window']}"
     return text
@@ -215,6 +219,10 @@ def _experts_text(e: dict[str, Any]) -> str:
         text += f" ({e['topk_group']} of {e['n_group']} groups)"
     if e["selection_bias"]:
         text += ", selection bias"
+    if e["router_bias"]:
+        text += ", router bias"
+    if e["activation"] != "silu" or e["expert_bias"]:
+        text += f", {e['activation']} experts{' with biases' if e['expert_bias'] else ''}"
     if e["routed_scaling_factor"] != 1.0:
         text += f", weights x {e['routed_scaling_factor']:g}"
     return text

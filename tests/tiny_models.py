@@ -110,6 +110,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "hunyuan_v1_moe_bias": ("hunyuan_v1_moe", dict(
         num_key_value_heads=4, head_dim=32, intermediate_size=24, num_experts=6, moe_topk=2, attention_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # gpt-oss: attention sinks, sliding window on alternate layers (7 here), biases everywhere, router bias,
+    # interleaved fused experts with biases, the clamped SwiGLU (a small limit, so the clamps bite at this scale).
+    "gpt_oss": ("gpt_oss", dict(
+        num_key_value_heads=2, head_dim=16, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=7, swiglu_limit=0.5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 64, "rope_theta": 150000.0})),
 }
 
 # Selection biases' scale: sigmoid scores spread over (0, 1); softmax scores of E experts sit near 1/E.
@@ -131,7 +138,7 @@ def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
         for tensor_name, tensor in [*model.named_buffers(), *model.named_parameters()]:
             if tensor_name.endswith("e_score_correction_bias"):
                 tensor.copy_(torch.randn_like(tensor) * bias_std)
-            elif tensor_name.endswith(("_proj.bias", "lm_head.bias")):
+            elif tensor_name.endswith(("_proj.bias", "lm_head.bias", "_proj_bias")):
                 tensor.copy_(torch.randn_like(tensor) * 0.1)
             elif ".self_attn." in tensor_name and tensor_name.endswith("norm.weight"):
                 tensor.copy_(1 + torch.randn_like(tensor) * 0.2)  # unit q/k norms commute with RoPE

@@ -15,6 +15,7 @@ class CheckpointNames:
     moe: str = "mlp"  # the sparse block: router at `{moe}.{router}`, experts at `{moe}.experts.{j}`
     router: str = "gate"  # the router Linear under `{moe}.` (Hunyuan: gate.wg)
     expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    fused_experts: str | None = None  # whole-layer gate_up_proj / down_proj: "interleaved" (gpt-oss) | "halves"
     shared: str | None = None  # shared expert(s) under `{moe}.{shared}`
     correction_bias: str = "gate.e_score_correction_bias"  # selection bias under `{moe}.` (MiniMax: beside gate)
     qk_norm: tuple[str, str] = ("q_norm", "k_norm")  # q/k RMSNorms under `self_attn.` (Hunyuan: query_layernorm)
@@ -63,12 +64,12 @@ class Architecture:
 
 
 def _registry() -> dict[str, Architecture]:
-    from . import (deepseek, dots1, ernie4_5_moe, glm4_moe, glm4_moe_lite, hunyuan_v1_moe, minimax_m2, mixtral, olmoe,
-                   qwen2_moe, qwen3_moe)
+    from . import (deepseek, dots1, ernie4_5_moe, glm4_moe, glm4_moe_lite, gpt_oss, hunyuan_v1_moe, minimax_m2, mixtral,
+                   olmoe, qwen2_moe, qwen3_moe)
 
     archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
              deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH, minimax_m2.ARCH, ernie4_5_moe.ARCH,
-             hunyuan_v1_moe.ARCH]
+             hunyuan_v1_moe.ARCH, gpt_oss.ARCH]
     return {arch.model_type: arch for arch in archs}
 
 

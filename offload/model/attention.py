@@ -38,6 +38,8 @@ class Attention(nn.Module):
         self.clip_qkv = cfg.clip_qkv
         self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.scale = hd**-0.5
+        # gpt-oss: one learned logit per head that joins every softmax and takes its share of the mass, no value.
+        self.sinks = src.take(f"{p}.sinks", (nh,), dtype=torch.float32) if cfg.attention_sinks else None
 
     def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         return KVCache(self.kv_heads, max_context, self.head_dim, self.head_dim, dtype, device)
@@ -59,7 +61,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         keys, values = cache.write(start, k, v)  # [kv, S, hd]
         mask = causal_mask_args(start, T, self.window, x.device)
-        if T <= GROUPED_MAX_TOKENS:
+        if self.sinks is not None:
+            out = attention_with_sinks(q.transpose(0, 1), keys, values, self.scale, mask, self.sinks)
+        elif T <= GROUPED_MAX_TOKENS:
             group = self.heads // self.kv_heads
             queries = q.transpose(0, 1).reshape(self.kv_heads, group, T, self.head_dim)
             out = grouped_attention(queries, keys, values, self.scale, mask).reshape(self.heads, T, self.head_dim)
@@ -91,3 +95,21 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             scores.masked_fill_(~mask["attn_mask"], float("-inf"))
         out = torch.bmm(scores.float().softmax(-1).to(values.dtype), values)
     return out.view(kv, group, T, values.shape[-1])
+
+
+def attention_with_sinks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: dict,
+                         sinks: torch.Tensor) -> torch.Tensor:
+    """q [heads, T, d] attends to keys [kv, S, d] and values [kv, S, dv] -> [heads, T, dv], each head's softmax
+    taken over its scores and its sink logit `sinks[h]` (gpt-oss), which then attends to nothing: the weights
+    over the keys sum to less than one. `mask` is causal_mask_args for the T queries."""
+    heads, T, d = q.shape
+    kv, S, _ = keys.shape
+    group = heads // kv
+    scores = torch.matmul(q.reshape(kv, group * T, d), keys.transpose(1, 2)).view(heads, T, S) * scale
+    if mask.get("is_causal"):
+        mask = {"attn_mask": torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)}
+    if "attn_mask" in mask:
+        scores = scores.masked_fill(~mask["attn_mask"], float("-inf"))
+    sink = sinks.to(scores.dtype)[:, None, None].expand(heads, T, 1)
+    probs = torch.cat([scores, sink], dim=-1).float().softmax(-1)[..., :S].to(values.dtype)  # [heads, T, S]
+    return torch.matmul(probs.view(kv, group * T, S), values).view(heads, T, values.shape[-1])
