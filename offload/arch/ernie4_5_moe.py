@@ -60,4 +60,4 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 ARCH = Architecture("ernie4_5_moe", config_from_hf,
                     CheckpointNames(shared="shared_experts", correction_bias="moe_statics.e_score_correction_bias",
                                     correction_bias_rows=1),
-                    skipped=("model.mtp_",))
+                    unused=("model.mtp_",))
