@@ -134,7 +134,7 @@ def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):
     text = re.sub(r"\s+", " ", result.stdout)
     assert "ernie4_5_moe (Ernie4_5_MoeForCausalLM)" in text
     assert "layers 3 (2 MoE, dense: [0])" in text
-    assert "GQA, 4 query heads, 2 KV heads, head dim 16, rope on adjacent pairs, q/k/v bias" in text
+    assert "GQA, 4 query heads, 2 KV heads, head dim 16, rope on adjacent pairs, q/k/v/o bias" in text
     assert "8 routed, top-3, softmax scores, greedy, selection bias" in text
     assert "shared experts 2 x intermediate 48" in text
 

@@ -188,7 +188,7 @@ def test_inspect_and_plan_commands(checkpoint_dir):
     assert result.exit_code == 0, result.output
     text = re.sub(r"\s+", " ", result.stdout)
     assert "gpt_oss (GptOssForCausalLM)" in text
-    assert "GQA, 4 query heads, 2 KV heads, head dim 16, q/k/v bias, attention sinks, sliding window 7" in text
+    assert "GQA, 4 query heads, 2 KV heads, head dim 16, q/k/v/o bias, attention sinks, sliding window 7" in text
     assert "8 routed, top-2, softmax scores, greedy, router bias, clamped_swiglu experts with biases" in text
 
     result = CliRunner().invoke(app, ["plan", str(folder), "--gpu-memory", "2MiB", "--max-context", "64", "--json"])

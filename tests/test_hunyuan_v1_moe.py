@@ -105,7 +105,7 @@ def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):
     assert result.exit_code == 0, result.output
     text = re.sub(r"\s+", " ", result.stdout)
     assert "hunyuan_v1_moe (HunYuanMoEV1ForCausalLM)" in text
-    assert "MHA, 4 query heads, 4 KV heads, head dim 32, q/k/v bias, q/k norm (head, after rope)" in text
+    assert "MHA, 4 query heads, 4 KV heads, head dim 32, q/k/v/o bias, q/k norm (head, after rope)" in text
     assert "6 routed, top-2, softmax scores, greedy" in text
     assert "shared experts 1 x intermediate 24" in text
 
