@@ -4,7 +4,6 @@ inspect / plan / convert."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -13,15 +12,13 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 import offload
 from offload.arch import config_from_hf
 from offload.arch.ernie4_5_moe import moe_layers
-from offload.cli import app
 from offload.errors import CheckpointError
 from offload.inspect import param_counts
-from tiny_models import clone_with_config, reference_logits, rel_err
+from tiny_models import check_plan_and_convert, clone_with_config, cli_text, reference_logits, rel_err
 
 IDS = torch.arange(3, 27)
 
@@ -123,27 +120,12 @@ def test_parameter_counts_of_published_models(hf, total, active):
     assert cfg.num_moe_layers == hf["num_hidden_layers"] - hf["moe_layer_start_index"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):
     folder, _ = checkpoint_dir("ernie4_5_moe")
-    result = invoke("inspect", folder)
-    assert result.exit_code == 0, result.output
-    text = re.sub(r"\s+", " ", result.stdout)
+    text = cli_text("inspect", folder)
     assert "ernie4_5_moe (Ernie4_5_MoeForCausalLM)" in text
     assert "layers 3 (2 MoE, dense: [0])" in text
     assert "GQA, 4 query heads, 2 KV heads, head dim 16, rope on adjacent pairs, q/k/v/o bias" in text
     assert "8 routed, top-3, softmax scores, greedy, selection bias" in text
     assert "shared experts 2 x intermediate 48" in text
-
-    result = invoke("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json")
-    assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)["layers"]) == 2
-
-    result = invoke("convert", folder, tmp_path / "store", "--experts", "int4", "--dense", "int8")
-    assert result.exit_code == 0, result.output
-    from_store = offload.load(tmp_path / "store", device="cpu")
-    at_load = offload.load(folder, device="cpu", experts="int4", dense="int8")
-    assert torch.equal(from_store.logits(IDS), at_load.logits(IDS))
+    check_plan_and_convert(folder, tmp_path / "store", 2, IDS)

@@ -20,7 +20,7 @@ from offload.tokenizer import Tokenizer
 from offload.weights.checkpoint import Checkpoint
 from offload.weights.encoders import encode_mxfp4
 from test_tokenizer import _train_byte_level, _write_config
-from tiny_models import reference_logits, rel_err, write_checkpoint
+from tiny_models import cli_text, reference_logits, rel_err, write_checkpoint
 
 IDS = torch.arange(3, 27)  # 24 tokens: past the window of 7 on the sliding layers
 LAYERS_20B = 24
@@ -184,13 +184,9 @@ def test_harmony_chat_template_renders_as_transformers(tmp_path):
 
 def test_inspect_and_plan_commands(checkpoint_dir):
     folder, _ = checkpoint_dir("gpt_oss")
-    result = CliRunner().invoke(app, ["inspect", str(folder)])
-    assert result.exit_code == 0, result.output
-    text = re.sub(r"\s+", " ", result.stdout)
+    text = cli_text("inspect", folder)
     assert "gpt_oss (GptOssForCausalLM)" in text
     assert "GQA, 4 query heads, 2 KV heads, head dim 16, q/k/v/o bias, attention sinks, sliding window 7" in text
     assert "8 routed, top-2, softmax scores, greedy, router bias, clamped_swiglu experts with biases" in text
-
-    result = CliRunner().invoke(app, ["plan", str(folder), "--gpu-memory", "2MiB", "--max-context", "64", "--json"])
-    assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)["layers"]) == 3
+    plan = json.loads(cli_text("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json"))
+    assert len(plan["layers"]) == 3

@@ -3,20 +3,17 @@ checkpoint uses (NTK-alpha `rope_scaling`, per-layer lists), config errors, the 
 convert."""
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import offload
 from offload.arch import config_from_hf
-from offload.cli import app
 from offload.errors import CheckpointError
 from offload.inspect import param_counts
 from offload.model.rope import inverse_frequencies
-from tiny_models import clone_with_config, reference_logits, rel_err
+from tiny_models import check_plan_and_convert, clone_with_config, cli_text, reference_logits, rel_err
 
 IDS = torch.arange(3, 27)
 LAYERS = 32
@@ -95,26 +92,11 @@ def test_published_config_translation_and_size():
     assert counts.active == pytest.approx(13e9, rel=0.05)
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):
     folder, _ = checkpoint_dir("hunyuan_v1_moe_bias")
-    result = invoke("inspect", folder)
-    assert result.exit_code == 0, result.output
-    text = re.sub(r"\s+", " ", result.stdout)
+    text = cli_text("inspect", folder)
     assert "hunyuan_v1_moe (HunYuanMoEV1ForCausalLM)" in text
     assert "MHA, 4 query heads, 4 KV heads, head dim 32, q/k/v/o bias, q/k norm (head, after rope)" in text
     assert "6 routed, top-2, softmax scores, greedy" in text
     assert "shared experts 1 x intermediate 24" in text
-
-    result = invoke("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json")
-    assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)["layers"]) == 3
-
-    result = invoke("convert", folder, tmp_path / "store", "--experts", "int4", "--dense", "int8")
-    assert result.exit_code == 0, result.output
-    from_store = offload.load(tmp_path / "store", device="cpu")
-    at_load = offload.load(folder, device="cpu", experts="int4", dense="int8")
-    assert torch.equal(from_store.logits(IDS), at_load.logits(IDS))
+    check_plan_and_convert(folder, tmp_path / "store", 3, IDS)

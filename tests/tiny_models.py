@@ -211,3 +211,29 @@ def clone_with_config(folder: Path, dest: Path, edit: Callable[[dict], dict]) ->
     config = json.loads((dest / "config.json").read_text())
     (dest / "config.json").write_text(json.dumps(edit(config)))
     return dest
+
+
+def cli_text(*args) -> str:
+    """`offload ARGS`' stdout with whitespace runs as one space (rich wraps table cells); it must succeed."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from offload.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return re.sub(r"\s+", " ", result.stdout)
+
+
+def check_plan_and_convert(folder: Path, store: Path, moe_layers: int, ids: torch.Tensor) -> None:
+    """`offload plan` places every MoE layer; `offload convert` writes a store that gives the logits of converting
+    at load (int4 experts, int8 dense)."""
+    import offload
+
+    plan = json.loads(cli_text("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json"))
+    assert len(plan["layers"]) == moe_layers
+    cli_text("convert", folder, store, "--experts", "int4", "--dense", "int8")
+    from_store = offload.load(store, device="cpu")
+    at_load = offload.load(folder, device="cpu", experts="int4", dense="int8")
+    assert torch.equal(from_store.logits(ids), at_load.logits(ids))
