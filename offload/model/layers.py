@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, Linear (and its packed twin QuantLinear) and the SwiGLU MLP used for dense
+"""Small building blocks: RMSNorm, LayerNorm, Linear (and its packed twin QuantLinear) and the SwiGLU MLP used for dense
 layers and shared experts."""
 from __future__ import annotations
 
@@ -30,6 +30,21 @@ class RMSNorm(nn.Module):
             return (x32 * self.weight).to(x.dtype)
         # Normalise in fp32 and cast back before the weight, as the reference does.
         return self.weight * x32.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (the lightning indexer's key norm), in the input's dtype as torch's."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.bias, self.eps = weight, bias, eps
+
+    @classmethod
+    def load(cls, src: WeightSource, name: str, dim: int, eps: float) -> "LayerNorm":
+        return cls(src.take(f"{name}.weight", (dim,)), src.take(f"{name}.bias", (dim,)), eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class Linear(nn.Module):
@@ -135,11 +150,11 @@ class SwiGLU(nn.Module):
 
     @classmethod
     def load(cls, src: WeightSource, name: str, hidden: int, intermediate: int,
-             proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> "SwiGLU":
+             proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), bias: bool = False) -> "SwiGLU":
         return cls(
-            load_linear(src, f"{name}.{proj[0]}", intermediate, hidden),
-            load_linear(src, f"{name}.{proj[1]}", intermediate, hidden),
-            load_linear(src, f"{name}.{proj[2]}", hidden, intermediate),
+            load_linear(src, f"{name}.{proj[0]}", intermediate, hidden, bias),
+            load_linear(src, f"{name}.{proj[1]}", intermediate, hidden, bias),
+            load_linear(src, f"{name}.{proj[2]}", hidden, intermediate, bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
