@@ -77,6 +77,7 @@ def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, flo
     in step order with fresh expert ids each time (a repeated call would find its weights in the cache): medians
     over `repeats` steps of (weight kernels, attention) seconds."""
     from csrc_py.decode_step import attend
+    from csrc_py.expert_ffn import NO_BIAS, SILU_ACT
 
     LINEAR, EXPERTS = _kernels()
     gen = torch.Generator().manual_seed(0)
@@ -97,7 +98,7 @@ def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, flo
             e, cfg = layer.mlp.experts, layer.mlp.router_cfg
             x = torch.randn(1, e.gate.shape[2], generator=gen).numpy()
             w, y = torch.rand(1, cfg.top_k, generator=gen).numpy(), np.empty_like(x)
-            bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits())
+            bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *(NO_BIAS,) * 3, SILU_ACT)
 
             def experts(e=e, cfg=cfg, x=x, w=w, y=y, bits=bits):
                 ids = torch.randperm(cfg.num_experts, generator=gen)[: cfg.top_k][None].numpy()
@@ -135,6 +136,7 @@ def block_split(model, clock, context: int, repeats: int = 9) -> None:
     """For the middle layer (GQA): each compiled block against the kernels it calls, each call with cold caches
     (a 128 MiB buffer written before it), printed as block, kernels and the difference (the glue)."""
     from csrc_py import decode_step as ds
+    from csrc_py.expert_ffn import NO_BIAS, SILU_ACT
 
     LINEAR, EXPERTS = _kernels()
     t = model.transformer
@@ -170,7 +172,7 @@ def block_split(model, clock, context: int, repeats: int = 9) -> None:
     moe, m = layer.mlp, compiled.mlp
     hh, logits, ids, w, routed = p.mlp[-8:-3]
     e = moe.experts
-    bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits())
+    bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *(NO_BIAS,) * 3, SILU_ACT)
     block = cold(lambda: ds.moe_block(out, *p.mlp))
     parts = [cold(lambda: EXPERTS[e.fmt](hh, ids, w, *bits, routed)),
              cold(lambda: ds.router_logits(hh, m.router, logits))]
