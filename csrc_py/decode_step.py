@@ -209,14 +209,15 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def latent_attend(q: np.ndarray, heads: int, nope: int, w_uk: np.ndarray, w_uv: np.ndarray, c_cache: np.ndarray,
-                  r_cache: np.ndarray, start: int, scale: float, out: np.ndarray) -> None:
+def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray,
+                  start: int, scale: float, out: np.ndarray) -> None:
     """MLA's absorbed attention (offload.model.mla.MLA._absorbed) for q [T, heads*(nope+rope)] at positions
-    start..: per head, q_nope through W_UK [heads, nope, rank] into latent space, causal attention over the cached
-    latents c_cache [P, rank] (keys: latent + rope key r_cache [P, rope]; values: latent), the result through
-    W_UV [heads, v, rank]; out [T, heads*v]. One head per thread."""
+    start..: per head, q_nope through W_UK into latent space, causal attention over the cached latents
+    c_cache [P, rank] (keys: latent + rope key r_cache [P, rope]; values: latent), the result through W_UV;
+    out [T, heads*v]. w_kv is kv_b_proj's weight as [heads, nope + v, rank] (W_UK rows, then W_UV rows): whole
+    contiguous rows, which vectorize where the strided W_UK / W_UV views would not. One head per thread."""
     T = q.shape[0]
-    rank, rope_d, v_dim = c_cache.shape[1], r_cache.shape[1], w_uv.shape[1]
+    rank, rope_d, v_dim = c_cache.shape[1], r_cache.shape[1], w_kv.shape[1] - nope
     qd = nope + rope_d
     for h in prange(heads):
         q_lat = np.empty(rank, np.float32)
@@ -226,7 +227,7 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_uk: np.ndarray, w_uv: 
             qn, qr = q[t, h * qd: h * qd + nope], q[t, h * qd + nope: h * qd + qd]
             q_lat[:] = 0.0
             for i in range(nope):
-                wrow = w_uk[h, i]
+                wrow = w_kv[h, i]
                 for r in range(rank):
                     q_lat[r] += qn[i] * wrow[r]
             hi = start + t + 1
@@ -251,7 +252,7 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_uk: np.ndarray, w_uv: 
                 for r in range(rank):
                     o_lat[r] += p * c[r]
             for i in range(v_dim):
-                wrow = w_uv[h, i]
+                wrow = w_kv[h, nope + i]
                 acc = np.float32(0.0)
                 for r in range(rank):
                     acc += o_lat[r] * wrow[r]
@@ -398,7 +399,7 @@ def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, qk_norm, q_norm_w,
 
 @njit(nogil=True, cache=True)
 def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a_norm_w, cos, sin, interleaved, start,
-              c_cache, r_cache, w_uk, w_uv, scale, o_proj, o_bias, h, proj_out, q_a, q_out, att, o_out) -> None:
+              c_cache, r_cache, w_kv, scale, o_proj, o_bias, h, proj_out, q_a, q_out, att, o_out) -> None:
     """out = x + MLA(RMSNorm(x)) in the absorbed form, for x [T, H] at positions start.. (offload.model.mla.MLA).
 
     in_proj: q_proj or q_a_proj fused with kv_a_proj_with_mqa (from column kv_start); dims = (heads, nope, rope,
@@ -421,7 +422,7 @@ def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a
     r_cache[start: start + T] = proj_out[:, kv0 + rank: kv0 + rank + rope_d]
     rope(r_cache[start: start + T], 1, rope_d, 0, interleaved, cos, sin, start)
     rope(q, heads, qd, nope, interleaved, cos, sin, start)
-    latent_attend(q, heads, nope, w_uk, w_uv, c_cache, r_cache, start, scale, att)
+    latent_attend(q, heads, nope, w_kv, c_cache, r_cache, start, scale, att)
     packed_linear(att, o_proj, o_out)
     add_bias(o_out, o_bias)
     for t in range(T):

@@ -221,8 +221,7 @@ class _MLAPlan:
     q_b: tuple  # packed (in_proj again where there is no q-LoRA: never read)
     kv_a_norm: np.ndarray
     interleaved: bool
-    w_uk: np.ndarray  # [heads, nope, rank]
-    w_uv: np.ndarray  # [heads, v, rank]
+    w_kv: np.ndarray  # [heads, nope + v, rank]: kv_b_proj's weight, W_UK rows then W_UV rows
     scale: float
     o_proj: tuple
     o_bias: np.ndarray
@@ -234,7 +233,8 @@ class _MLAPlan:
         q_lora = attn.q_b_proj is not None
         if type(attn) is not MLA or not _knows(attn, _MLA_FIELDS) or attn.indexer is not None or \
                 attn.shares_selection or not isinstance(attn.input_projs, FusedLinear) \
-                or not isinstance(attn.o_proj, QuantLinear) or attn.w_uk.dtype != torch.float32 or \
+                or not isinstance(attn.o_proj, QuantLinear) or attn.kv_b_proj.weight.dtype != torch.float32 or \
+                not attn.kv_b_proj.weight.is_contiguous() or \
                 (q_lora and not (isinstance(attn.q_b_proj, QuantLinear) and attn.q_b_proj.bias is None)) or \
                 not all(_knows(n, _NORM_FIELDS) for n in (attn.kv_a_norm, attn.q_a_norm) if n is not None):
             return None
@@ -248,7 +248,8 @@ class _MLAPlan:
             dims=(attn.heads, attn.nope, attn.rope_dim, in_proj.widths[0] if q_lora else 0, in_proj.starts[1]),
             q_a_norm=_f32(attn.q_a_norm.weight if q_lora else None), q_b=_packed(q_b),
             kv_a_norm=_f32(attn.kv_a_norm.weight), interleaved=bool(attn.interleaved),
-            w_uk=attn.w_uk.detach().numpy(), w_uv=attn.w_uv.detach().numpy(), scale=float(attn.scale),
+            w_kv=attn.kv_b_proj.weight.detach().numpy().reshape(attn.heads, attn.nope + attn.v_dim, attn.rank),
+            scale=float(attn.scale),
             o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
             widths=(in_proj.packed.padded_shape[1], max(in_proj.widths[0] if q_lora else 0, 1),
                     q_b.padded_shape[1], attn.heads * attn.v_dim, attn.o_proj.packed.padded_shape[1]),
@@ -261,8 +262,7 @@ class _MLAPlan:
         scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *self.widths))
         head = (*self.norm, self.in_proj, self.in_bias, self.dims, self.q_a_norm, self.q_b, self.kv_a_norm,
                 _f32(rope.cos), _f32(rope.sin), self.interleaved)
-        tail = (cache.c_kv.numpy(), cache.k_rope.numpy(), self.w_uk, self.w_uv, self.scale, self.o_proj, self.o_bias,
-                *scratch)
+        tail = (cache.c_kv.numpy(), cache.k_rope.numpy(), self.w_kv, self.scale, self.o_proj, self.o_bias, *scratch)
         return mla_block, head, tail
 
 
