@@ -266,10 +266,10 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     timers = Timers(torch.cuda.synchronize if torch_device.type == "cuda" else None)
     builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch), torch_device,
                              torch_dtype, timers)
-    src = WeightSource(checkpoint, torch_dtype, torch_device, prefix=arch.weights_prefix, on_read=on_read,
+    src = WeightSource(checkpoint, torch_dtype, torch_device, rename=arch.checkpoint_name, on_read=on_read,
                        dense_format=dense, expert_format=host_format)
     transformer = Transformer(config, arch.names, src, builder, max_context, timers)
-    skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers, arch.weights_prefix,
+    skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers, arch.runtime_name,
                                       arch.skipped_prefixes))
     checkpoint.release()  # what the model kept (copies, or a store's mapped arrays) stays; the rest is unmapped
     builder.attach_prefetcher(transformer.routers())

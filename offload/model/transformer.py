@@ -10,12 +10,21 @@ from ..config import ModelConfig
 from ..timers import Timers
 from ..weights.source import WeightSource
 from .attention import Attention
+from .gated_deltanet import GatedDeltaNet
 from .kv_cache import LayerCache
 from .layers import RMSNorm, SwiGLU, load_linear, make_linear
-from .mla import MLA
+from .mla import MLA, share_index_selections
 from ..experts.prefetch import Router
 from .moe import ExpertsFactory, MoE
 from .rope import RotaryTable
+
+
+def token_mixer(cfg: ModelConfig, layer: int, src: WeightSource) -> nn.Module:
+    """The layer's attention: Gated DeltaNet on a linear-attention layer, else MLA or grouped-query attention.
+    Each builds its own kind of cache (`new_cache`)."""
+    if cfg.is_linear_attention(layer):
+        return GatedDeltaNet(cfg, layer, src)
+    return MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src)
 
 
 class DecoderLayer(nn.Module):
@@ -24,9 +33,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         p, H = f"model.layers.{layer}", cfg.hidden_size
         self.timers = timers
-        self.input_norm = RMSNorm.load(src, f"{p}.input_layernorm", H, cfg.rms_norm_eps)
-        self.attn = MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src)
-        self.post_attn_norm = RMSNorm.load(src, f"{p}.post_attention_layernorm", H, cfg.rms_norm_eps)
+        self.input_norm = RMSNorm.load(src, f"{p}.input_layernorm", H, cfg.rms_norm_eps, cfg.zero_centred_norm)
+        self.attn = token_mixer(cfg, layer, src)
+        self.post_attn_norm = RMSNorm.load(src, f"{p}.post_attention_layernorm", H, cfg.rms_norm_eps,
+                                           cfg.zero_centred_norm)
         if cfg.moe_layers[layer]:
             self.mlp = MoE(cfg, layer, names, src, make_experts, timers)
         else:
@@ -51,7 +61,8 @@ class Transformer(nn.Module):
         self.embed = src.take("model.embed_tokens.weight", (V, H))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, names, src, make_experts, self.timers)
                                     for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps)
+        share_index_selections([layer.attn for layer in self.layers])  # GLM-5: layers reusing an earlier top-k
+        self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps, cfg.zero_centred_norm)
         if cfg.tie_word_embeddings and not src.has("lm_head.weight"):
             self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed))
         else:
