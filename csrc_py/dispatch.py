@@ -14,16 +14,39 @@ from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 from csrc_py.torch_path import expert_bf16, moe_torch
 
 # Rows per expert (token-expert pairs / experts used) from which torch's bf16 matmul beats the fused kernel;
-# None: never. Measured on the 2-core Zen4 development machine (docs/benchmarks.md, "CPU expert kernels"): the
-# bf16 kernel is a GEMV at heart and loses from a few rows per expert (crossover ~6 on a Qwen3 layer, ~2-3 on
-# Mixtral); the int8/int4 kernels beat torch bf16 itself at 512 tokens (1.4-2.5x), so dequantizing for torch
-# never pays, and the portable non-VNNI microkernel still beat dequantize + torch 2x.
-TORCH_MIN_ROWS: dict[str, int | None] = {"bf16": 4, "int8": None, "int4": None}
+# None: never. Keyed by whether torch's bf16 matmul has native bf16 dot products (below): the fused int8/int4
+# kernels won against torch on every ISA tier measured, so the kernel tier does not enter the choice.
+# Measured with tools/bench_kernels.py (docs/benchmarks.md, "CPU expert kernels" and "ISA tiers"):
+# - native bf16 (2-core Zen4, AVX512-BF16): the bf16 kernel is a GEMV at heart and loses from a few rows per expert
+#   (crossover ~6 on a Qwen3 layer, ~2-3 on Mixtral); the int8/int4 kernels beat torch bf16 itself at 512 tokens
+#   (1.4-2.5x), so dequantizing for torch never pays, and the portable microkernel still beat dequantize + torch 2x.
+# - no native bf16 (AVX2 hosts: torch converts bf16 in software): torch lost to the fused kernel at every size
+#   (a Qwen3 bf16 layer at 512 tokens: 6150 ms against 1536 ms on a Zen3), so every format stays fused.
+_TORCH_MIN_ROWS: dict[bool, dict[str, int | None]] = {
+    True: {"bf16": 4, "int8": None, "int4": None},
+    False: {"bf16": None, "int8": None, "int4": None},
+}
 
 
-def use_torch(fmt: str, rows: int, experts: int) -> bool:
-    """Whether `rows` token-expert pairs over at most `experts` experts run faster through torch's bf16 matmul."""
-    threshold = TORCH_MIN_ROWS[fmt]
+def torch_has_native_bf16() -> bool:
+    """Whether torch's CPU bf16 matmul runs on oneDNN's native bf16 kernels (AVX512-BF16, AMX), as opposed to a
+    software conversion (AVX2 hosts, or oneDNN switched off)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def torch_min_rows(native_bf16: bool) -> dict[str, int | None]:
+    """Rows per expert from which each format goes to torch, next to a torch with or without native bf16."""
+    return dict(_TORCH_MIN_ROWS[native_bf16])
+
+
+TORCH_MIN_ROWS: dict[str, int | None] = torch_min_rows(torch_has_native_bf16())
+
+
+def use_torch(fmt: str, rows: int, experts: int, thresholds: dict[str, int | None] | None = None) -> bool:
+    """Whether `rows` token-expert pairs over at most `experts` experts run faster through torch's bf16 matmul
+    (by this host's TORCH_MIN_ROWS unless `thresholds` are given)."""
+    threshold = (TORCH_MIN_ROWS if thresholds is None else thresholds)[fmt]
     return threshold is not None and rows > 0 and rows >= threshold * min(experts, rows)
 
 

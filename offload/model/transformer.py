@@ -9,6 +9,7 @@ from ..arch import CheckpointNames
 from ..config import ModelConfig
 from ..timers import Timers
 from ..weights.source import WeightSource
+from . import compiled_step
 from .attention import Attention
 from .gated_deltanet import GatedDeltaNet
 from .kv_cache import LayerCache
@@ -43,6 +44,9 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU.load(src, f"{p}.mlp", H, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
+        compiled = compiled_step.for_layer(self, x)  # a decode step on the CPU: one or two Numba calls
+        if compiled is not None:
+            return compiled(x, start, cache, rope)
         with self.timers.section("attention"):
             x = x + self.attn(self.input_norm(x), start, cache, rope)
         return x + self.mlp(self.post_attn_norm(x))
