@@ -60,9 +60,9 @@ def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
 # feature, a new routing variant) keeps the torch path until the compiled code learns it: never other numbers.
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 _ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "window", "scale", "qkv", "o_proj",
-                     "q_norm", "k_norm", "qk_norm_after_rope", "rope_interleaved", "sinks"}
+                     "q_norm", "k_norm", "qk_norm_after_rope", "rope_interleaved", "sinks", "output_gate"}
 _LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
-_NORM_FIELDS = {"weight", "eps"}
+_NORM_FIELDS = {"weight", "eps", "zero_centred"}
 _SWIGLU_FIELDS = {"gate_up", "down"}
 _MOE_FIELDS = {"timers", "router_cfg", "router", "router_bias", "correction_bias", "experts", "shared", "shared_gate",
                "heat"}
@@ -168,9 +168,9 @@ class _AttentionPlan:
         if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or \
                 not isinstance(attn.qkv, FusedLinear) or not isinstance(attn.o_proj, QuantLinear):
             return None
-        if attn.sinks is not None or attn.rope_interleaved or attn.qk_norm_after_rope:
-            return None  # gpt-oss's sinks, ERNIE-4.5's pair-wise RoPE, Hunyuan's norms after RoPE: torch
-        if attn.qk_norm and not (_knows(attn.q_norm, _NORM_FIELDS) and _knows(attn.k_norm, _NORM_FIELDS)):
+        if attn.sinks is not None or attn.rope_interleaved or attn.qk_norm_after_rope or attn.output_gate:
+            return None  # gpt-oss's sinks, ERNIE-4.5's pair-wise RoPE, Hunyuan's norms after RoPE, Qwen3-Next's gate
+        if attn.qk_norm and not all(_knows(n, _NORM_FIELDS) and not n.zero_centred for n in (attn.q_norm, attn.k_norm)):
             return None
         heads, kv_heads, d = attn.heads, attn.kv_heads, attn.head_dim
         qk_norm = {None: QK_NORM_NONE, "head": QK_NORM_HEAD, "full": QK_NORM_FULL}[attn.qk_norm or None]
@@ -290,8 +290,8 @@ class CompiledLayer:
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> CompiledLayer | None:
-        if not _knows(layer, _LAYER_FIELDS) or not all(_knows(n, _NORM_FIELDS) for n in (layer.input_norm,
-                                                                                        layer.post_attn_norm)):
+        norms = (layer.input_norm, layer.post_attn_norm)
+        if not _knows(layer, _LAYER_FIELDS) or not all(_knows(n, _NORM_FIELDS) and not n.zero_centred for n in norms):
             return None
         attn = _AttentionPlan.build(layer)
         if isinstance(layer.mlp, MoE):
