@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -151,6 +152,8 @@ VISION_TOWERS = {"qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=
 
 # Selection biases' scale: sigmoid scores spread over (0, 1); softmax scores of E experts sit near 1/E.
 CORRECTION_BIAS_STD = {"ernie4_5_moe": 0.02}
+# Families that normalise q/k after RoPE: their norm weights get random values, since unit ones commute with it.
+QK_NORMS_AFTER_ROPE = {"hunyuan_v1_moe"}
 
 
 def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
@@ -180,7 +183,7 @@ def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
                 tensor.copy_(torch.randn_like(tensor) * 0.1)
             elif model_type in ("qwen3_next", "qwen3_5_moe") and tensor_name.endswith("norm.weight"):
                 tensor.add_(torch.randn_like(tensor) * 0.1)  # zero-centred: the scale is 1 + weight
-            elif ".self_attn." in tensor_name and tensor_name.endswith("norm.weight"):
+            elif model_type in QK_NORMS_AFTER_ROPE and re.search(r"\.self_attn\..*norm\.weight$", tensor_name):
                 tensor.copy_(1 + torch.randn_like(tensor) * 0.2)  # unit q/k norms commute with RoPE
             if tensor_name.endswith("linear_attn.A_log"):
                 tensor.copy_(torch.empty_like(tensor).uniform_(0.01, 0.5).log())
