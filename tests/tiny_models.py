@@ -218,8 +218,6 @@ def clone_with_config(folder: Path, dest: Path, edit: Callable[[dict], dict]) ->
 
 def cli_text(*args) -> str:
     """`offload ARGS`' stdout with whitespace runs as one space (rich wraps table cells); it must succeed."""
-    import re
-
     from typer.testing import CliRunner
 
     from offload.cli import app
