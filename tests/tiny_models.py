@@ -132,7 +132,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # Hunyuan-A13B: per-head q/k norm after RoPE, RoPE stretched by NTK alpha, per-layer moe_topk lists, a shared MLP
     # as wide as each expert, tied embeddings.
     "hunyuan_v1_moe": ("hunyuan_v1_moe", dict(
-        num_key_value_heads=2, head_dim=16, intermediate_size=24, num_experts=8, moe_topk=[3, 3, 3],
+        num_key_value_heads=2, head_dim=16, intermediate_size=24, num_experts=8, moe_topk=[2, 2, 2],
         use_qk_norm=True, use_mixed_mlp_moe=True, use_cla=False, tie_word_embeddings=True,
         rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
     # Hunyuan as transformers allows it beyond the published shape: bias on q/k/v/o, plain RoPE, one top-k.
