@@ -71,11 +71,17 @@ _ROUTER_FIELDS = {"num_experts", "top_k", "scoring", "topk_method", "norm_topk_p
 _TOPK_METHODS = {"greedy", "group_limited_greedy", "noaux_tc"}
 
 
+# Options of the shared modules that the compiled code takes only when they are off: (field, value when off).
+_OFF_OPTIONS = {"output_gate": False, "zero_centred": False}
+
+
 def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
-    """Whether `module` holds nothing beyond `fields` (and what every nn.Module holds)."""
+    """Whether `module` holds nothing beyond `fields` (and what every nn.Module holds), options it does not
+    compile being off."""
     names = set(vars(module)) - _MODULE_INTERNALS
     names |= set(module._modules) | set(module._parameters) | set(module._buffers)
-    return names <= fields
+    options = {name for name in names - fields if name in _OFF_OPTIONS}
+    return names - options <= fields and all(getattr(module, name) == _OFF_OPTIONS[name] for name in options)
 
 
 def _packed(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
