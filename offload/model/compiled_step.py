@@ -60,9 +60,9 @@ def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
 # feature, a new routing variant) keeps the torch path until the compiled code learns it: never other numbers.
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 _ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "window", "scale", "qkv", "o_proj",
-                     "q_norm", "k_norm", "qk_norm_after_rope", "rope_interleaved", "sinks", "output_gate"}
+                     "q_norm", "k_norm", "sinks"}
 _LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
-_NORM_FIELDS = {"weight", "eps", "zero_centred"}
+_NORM_FIELDS = {"weight", "eps"}
 _SWIGLU_FIELDS = {"gate_up", "down"}
 _MOE_FIELDS = {"timers", "router_cfg", "router", "router_bias", "correction_bias", "experts", "shared", "shared_gate",
                "heat"}
@@ -72,7 +72,7 @@ _TOPK_METHODS = {"greedy", "group_limited_greedy", "noaux_tc"}
 
 
 # Options of the shared modules that the compiled code takes only when they are off: (field, value when off).
-_OFF_OPTIONS = {"output_gate": False, "zero_centred": False}
+_OFF_OPTIONS = {"output_gate": False, "zero_centred": False, "qk_norm_after_rope": False, "rope_interleaved": False}
 
 
 def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
@@ -174,9 +174,9 @@ class _AttentionPlan:
         if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or \
                 not isinstance(attn.qkv, FusedLinear) or not isinstance(attn.o_proj, QuantLinear):
             return None
-        if attn.sinks is not None or attn.rope_interleaved or attn.qk_norm_after_rope or attn.output_gate:
-            return None  # gpt-oss's sinks, ERNIE-4.5's pair-wise RoPE, Hunyuan's norms after RoPE, Qwen3-Next's gate
-        if attn.qk_norm and not all(_knows(n, _NORM_FIELDS) and not n.zero_centred for n in (attn.q_norm, attn.k_norm)):
+        if attn.sinks is not None:
+            return None  # gpt-oss's attention sinks: torch
+        if attn.qk_norm and not (_knows(attn.q_norm, _NORM_FIELDS) and _knows(attn.k_norm, _NORM_FIELDS)):
             return None
         heads, kv_heads, d = attn.heads, attn.kv_heads, attn.head_dim
         qk_norm = {None: QK_NORM_NONE, "head": QK_NORM_HEAD, "full": QK_NORM_FULL}[attn.qk_norm or None]
@@ -296,8 +296,8 @@ class CompiledLayer:
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> CompiledLayer | None:
-        norms = (layer.input_norm, layer.post_attn_norm)
-        if not _knows(layer, _LAYER_FIELDS) or not all(_knows(n, _NORM_FIELDS) and not n.zero_centred for n in norms):
+        if not _knows(layer, _LAYER_FIELDS) or not all(_knows(n, _NORM_FIELDS) for n in (layer.input_norm,
+                                                                                        layer.post_attn_norm)):
             return None
         attn = _AttentionPlan.build(layer)
         if isinstance(layer.mlp, MoE):
