@@ -273,7 +273,8 @@ def test_inspect_demo_checkpoint_has_a_chat_template(demo_dir):
     assert report["tokenizer"] == {"present": True, "vocab_size": report["tokenizer"]["vocab_size"],
                                    "chat_template": True}
     assert report["attention"] == {"kind": "GQA", "heads": 8, "kv_heads": 2, "head_dim": 32, "rope_dim": 32,
-                                   "qkv_bias": False, "o_bias": False, "qk_norm": "head", "sliding_window": None,
+                                   "rope_interleaved": False, "qkv_bias": False, "o_bias": False, "qk_norm": "head",
+                                   "qk_norm_after_rope": False, "sinks": False, "sliding_window": None,
                                    "output_gate": False}
     assert report["experts"]["routed"] == RANDOM_DEMO_CONFIG["num_experts"] and report["layers"]["moe"] == 4
 
