@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 import offload
@@ -19,6 +20,7 @@ from offload.errors import CheckpointError
 from offload.inspect import param_counts
 from offload.model.kv_cache import LatentCache, LatentIndexCache
 from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
+from test_glm4_moe import with_mtp_layer
 from tiny_models import clone_with_config, reference_logits, rel_err
 
 IDS = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3))
@@ -123,6 +125,19 @@ def test_absorbed_selected_form_equals_masked_naive_form(checkpoint_dir, name):
                     outs.append(layer.attn(x[begin:end], begin, cache, rope, absorbed=absorbed))
         results.append(torch.cat(outs))
     assert rel_err(results[1], results[0]) <= 1e-5
+
+
+def test_multi_token_prediction_layer_with_its_indexer_is_skipped(checkpoint_dir, tmp_path):
+    """DeepSeek-V3.2 and GLM-5 ship an MTP layer (`model.layers.{num_hidden_layers}`, with its own indexer)."""
+    folder, ref = checkpoint_dir("deepseek_v32")
+    mtp = with_mtp_layer(folder, tmp_path / "mtp", ref.config.num_hidden_layers)
+    mtp = clone_with_config(mtp, tmp_path / "declared", lambda c: {**c, "num_nextn_predict_layers": 1})
+    with safe_open(mtp / "mtp.safetensors", "pt") as f:
+        extra = list(f.keys())
+    assert any(".self_attn.indexer.wq_b." in name for name in extra)
+    model = offload.load(mtp, device="cpu", max_context=64)
+    assert model.load_info.skipped_tensors == len(extra)
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 1e-4
 
 
 def test_indexer_caches_and_their_bytes(checkpoint_dir):
