@@ -149,13 +149,12 @@ def test_indexer_caches_and_their_bytes(checkpoint_dir):
     assert cfg.indexer.own_layers == (True, False, True)
     assert [type(c) for c in model.transformer.caches] == [LatentIndexCache, LatentCache, LatentIndexCache]
     assert model.transformer.caches[0].index_k.shape == (48, cfg.indexer.head_dim)
-    assert layers[1].attn.indexer is None and layers[1].attn.selection_source is layers[0].attn
-    assert layers[2].attn.indexer is not None
+    assert layers[1].attn.indexer is None and layers[1].attn.selection is layers[0].attn.selection
+    assert layers[2].attn.indexer is not None and layers[2].attn.selection is not layers[0].attn.selection
     assert model.transformer.cache_nbytes == kv_cache_bytes(cfg, 48, 4)
     with torch.inference_mode():
         model.transformer(IDS[:30], 0)
-    assert layers[1].attn.last_selection is None  # reads layer 0's
-    assert layers[0].attn.last_selection.shape == (30, cfg.indexer.topk)
+    assert layers[0].attn.selection.positions.shape == (30, cfg.indexer.topk)
 
 
 @pytest.mark.parametrize("hf, total, active", [(DEEPSEEK_V32, 671e9, 37e9), (GLM_5, 744e9, 40e9)])

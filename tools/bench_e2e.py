@@ -112,7 +112,7 @@ def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dic
     model = offload.load(path, **kwargs)
     load_s = time.perf_counter() - t0
     model.generate(prompt[:WARMUP_PROMPT], max_new_tokens=WARMUP_NEW, ignore_eos=True)
-    g = model.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
+    g = model.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True, reuse_cache=False)
     return {"load_s": load_s, "prefill_s": g.stats.prefill_seconds, "decode_s": g.stats.decode_seconds,
             "tokens": g.token_ids, "notes": notes}
 

@@ -6,7 +6,8 @@
     python tools/make_checkpoint.py deepseek-v3 /tmp/dsv3-4 --layers 4 --embed-std 1 --out-std 0.002 --skew 1
 
 SHAPE is one of SHAPES: the model's own config.json (architecture values as published on the Hugging Face hub,
-without quantization_config / auto_map: the weights here are bf16; `--fp8` adds DeepSeek-V3's). `--layers N` keeps the first N decoder layers.
+without quantization_config / auto_map: the weights here are bf16; `--fp8` adds DeepSeek-V3's). `--layers N`
+keeps the first N decoder layers.
 
 Three outputs, all streamed one shard (one decoder layer) at a time, each shard written to a temporary name and
 renamed when complete:
