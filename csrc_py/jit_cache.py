@@ -2,8 +2,9 @@
 
 Numba stamps a cached kernel with the hash of its own source file only, but our kernels compile in code from
 other files (the IR in simd.py, the stages of grouped_matmul.py): after editing those, Numba would load stale
-machine code. These locators stamp every csrc_py kernel with a hash of all csrc_py sources instead. Import this
-module before any module that defines a cached kernel: Numba picks the locator when a function is decorated.
+machine code. These locators stamp every csrc_py kernel with a hash of all csrc_py sources and the ISA tier the
+microkernels compile for (OFFLOAD_CPU_ISA can lower it without changing the CPU Numba keys its cache by). Import
+this module before any module that defines a cached kernel: Numba picks the locator when a function is decorated.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import hashlib
 from pathlib import Path
 
 from numba.core import caching
+
+from csrc_py.simd import TIER
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -23,7 +26,7 @@ def _package_hash() -> bytes:
     return digest.digest()
 
 
-_STAMP = _package_hash()
+_STAMP = _package_hash() + TIER.encode()
 
 
 def _in_package(py_file: str) -> bool:

@@ -6,12 +6,25 @@ activation bytes and adds the 16 row sums into 16 int32 lanes, so a panel never 
 LLVM never produces `vpdpbusd` from Numba loops (and plain Numba nibble unpacking caps int4 at ~20% of the
 memory bandwidth), hence this file.
 
-Portability: the instruction is emitted only when the JIT target has AVX512-VNNI (`vnni_available()`, decided
-when the kernel is compiled, i.e. at run time on the user's CPU; Numba's cache is keyed by CPU too). Otherwise the
-same arithmetic is emitted as portable vector IR (widen, multiply, add), which LLVM lowers for any x86-64 or
-ARM target, so an older CPU gets a slower kernel, never an illegal instruction.
+ISA tiers (`isa_tier()`, decided when a kernel is compiled, i.e. at run time on the user's CPU; Numba's cache is
+keyed by CPU and jit_cache adds the tier). Fastest first:
+
+- ``avx512-vnni``: one 512-bit `vpdpbusd` per tile and activation row (the path the layout was made for);
+- ``avx-vnni``: the same instruction on two 256-bit halves (Intel client CPUs' AVX-VNNI, VEX-encoded; EVEX on an
+  AVX512-VL + VNNI CPU, which lets the tier run on an AVX-512 machine);
+- ``avx2``: `vpmaddubsw` + `vpmaddwd` on 256-bit halves, as llama.cpp's Q8_0 / Q4_0 AVX2 dot products. vpmaddubsw
+  saturates its int16 pair sums, so int8 feeds it |w| against sign(w) * x (`vpsignb`): |w| * x <= 127 * 127 and a
+  pair sum stays below 32767 — exact. int4 nibbles (<= 15) against x give pair sums <= 3810, so a whole group of
+  32 columns (8 vpmaddubsw per row) adds up in int16 (<= 30480) and is widened once per group;
+- ``portable``: the same arithmetic as plain vector IR (widen, multiply, add) that LLVM lowers for any x86-64 or
+  ARM target, so an older CPU gets a slower kernel, never an illegal instruction.
+
+OFFLOAD_CPU_ISA=<tier> picks a lower tier than the CPU allows (to compare tiers on one machine); asking for a
+higher one is refused, since the kernel would stop with an illegal instruction.
 """
 from __future__ import annotations
+
+import os
 
 import llvmlite.binding as llvm
 import numba
@@ -20,28 +33,65 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_V64I8 = ir.VectorType(_I8, 64)
-_V16I16 = ir.VectorType(_I16, 16)
-_V16I32 = ir.VectorType(_I32, 16)
-_V16F32 = ir.VectorType(_F32, 16)
+from offload.errors import OffloadError
 
-PANEL = 16  # output rows per panel (one zmm of int32 / float32 lanes)
+_I1, _I8, _I16, _I32, _I64, _F32 = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64),
+                                    ir.FloatType())
+
+PANEL = 16  # output rows per panel (16 int32 / float32 lanes: one zmm, or two ymm halves)
 GROUP = 32  # input columns per quantization group
 MAX_NR = 8  # tokens a microkernel call can handle (register blocking: 8 int + 8 float accumulators)
 # Software prefetch distance for the weight stream: +5% GB/s on a Qwen3 decode (2048-4096 and 8192 measured alike).
 PREFETCH_BYTES = 4096
 
-
-def vnni_available() -> bool:
-    """True when Numba compiles for a CPU with AVX512-VNNI (the host, unless NUMBA_CPU_NAME overrides it)."""
-    if numba.config.CPU_NAME:  # an explicit target, e.g. 'generic' for a portable cache
-        return "+avx512vnni" in (numba.config.CPU_FEATURES or "")
-    return bool(llvm.get_host_cpu_features().get("avx512vnni", False))
+TIERS = ("avx512-vnni", "avx-vnni", "avx2", "portable")  # fastest first
+ISA_VARIABLE = "OFFLOAD_CPU_ISA"
 
 
-# Read when a kernel is compiled; tests set it to False to compile the portable path on a VNNI machine.
-EMIT_VNNI = vnni_available()
+def tier_for(features: frozenset[str]) -> str:
+    """The fastest tier a CPU with these LLVM feature names runs (a pure function of the feature set)."""
+    if {"avx512f", "avx512bw", "avx512vnni"} <= features:
+        return "avx512-vnni"
+    if {"avx2", "fma", "f16c"} <= features:
+        return "avx-vnni" if "avxvnni" in features or {"avx512vl", "avx512vnni"} <= features else "avx2"
+    return "portable"
+
+
+def jit_features() -> frozenset[str]:
+    """The CPU features Numba compiles for: NUMBA_CPU_FEATURES when set, else the host's (Numba uses the host's
+    features even under NUMBA_CPU_NAME, so a restricted target must name its features)."""
+    text = numba.config.CPU_FEATURES
+    if text is None:
+        return frozenset(name for name, on in llvm.get_host_cpu_features().items() if on)
+    return frozenset(f[1:] for f in text.replace(" ", "").split(",") if f.startswith("+"))
+
+
+def isa_tier() -> str:
+    """The tier the kernels compile for: the JIT target's best, or OFFLOAD_CPU_ISA when that is not higher."""
+    best = tier_for(jit_features())
+    asked = os.environ.get(ISA_VARIABLE, "").strip()
+    if not asked:
+        return best
+    if asked not in TIERS:
+        raise OffloadError(f"{ISA_VARIABLE}={asked!r} is not a kernel tier: use one of {', '.join(TIERS)}")
+    if TIERS.index(asked) < TIERS.index(best):
+        raise OffloadError(f"{ISA_VARIABLE}={asked} needs instructions this CPU lacks (its best tier is {best}): "
+                           f"unset it or pick {', '.join(TIERS[TIERS.index(best):])}")
+    return asked
+
+
+# Read when a kernel is compiled; tests set it to compile another tier's kernels.
+TIER = isa_tier()
+
+
+def _lanes() -> int:
+    """int32 lanes per vector register the tier uses: 16 (zmm, or the portable path's LLVM-legalized vectors)
+    or 8 (ymm)."""
+    return 8 if TIER in ("avx-vnni", "avx2") else 16
+
+
+def _vec(elem: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(elem, n)
 
 
 def _call(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list) -> ir.Value:
@@ -87,38 +137,65 @@ def _splat(builder: ir.IRBuilder, scalar, vty: ir.VectorType) -> ir.Value:
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
 
 
+def _const(vty: ir.VectorType, value: int) -> ir.Constant:
+    return ir.Constant(vty, [value] * vty.count)
+
+
 def _dpbusd(builder: ir.IRBuilder, acc, tile, xword) -> ir.Value:
-    """acc[i] += sum_j u8(tile byte 4i+j) * s8(xword byte j): 16 lanes, `tile` <16 x i32>, `xword` a scalar i32
-    holding 4 activation bytes (broadcast to every lane)."""
-    if EMIT_VNNI:
-        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [acc, tile, _splat(builder, xword, _V16I32)])
+    """acc[i] += sum_j u8(tile byte 4i+j) * s8(xword byte j) for every lane i: `tile` and `acc` <lanes x i32>,
+    `xword` a scalar i32 holding 4 activation bytes (broadcast to every lane). The vnni tiers and portable."""
+    lanes = acc.type.count
+    if TIER in ("avx512-vnni", "avx-vnni"):
+        name = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
+        return _call(builder, name, acc.type, [acc, tile, _splat(builder, xword, acc.type)])
     # Portable: byte j of every lane times the scalar byte j; plain 32-bit multiplies vectorize on any target.
     for j in range(4):
-        w_j = builder.and_(builder.lshr(tile, ir.Constant(_V16I32, [8 * j] * 16)), ir.Constant(_V16I32, [0xFF] * 16))
+        w_j = builder.and_(builder.lshr(tile, _const(acc.type, 8 * j)), _const(acc.type, 0xFF))
         x_j = builder.sext(builder.trunc(builder.lshr(xword, _I32(8 * j)), _I8), _I32)
-        acc = builder.add(acc, builder.mul(w_j, _splat(builder, x_j, _V16I32)))
+        acc = builder.add(acc, builder.mul(w_j, _splat(builder, x_j, acc.type)))
     return acc
 
 
-def _fp16x16(builder: ir.IRBuilder, ptr) -> ir.Value:
-    """Load 16 fp16 scales as float32. With VNNI (which implies AVX512F, hence F16C) this is one vcvtph2ps;
-    otherwise integer ops only (no libcall): subnormal halves go through an int->float conversion rather than a
-    float32 subnormal, so a flush-denormals mode cannot zero them."""
-    if EMIT_VNNI:
-        return builder.fpext(builder.bitcast(_load(builder, ptr, _V16I16), ir.VectorType(ir.HalfType(), 16)), _V16F32)
-    h = builder.zext(_load(builder, ptr, _V16I16), _V16I32)
-    vec = lambda c: ir.Constant(_V16I32, [c] * 16)  # noqa: E731
-    mag = builder.and_(h, vec(0x7FFF))
-    normal = builder.add(builder.shl(mag, vec(13)), vec(112 << 23))  # rebias exponent 15 -> 127
-    subnormal = builder.bitcast(builder.fmul(builder.sitofp(mag, _V16F32), ir.Constant(_V16F32, [2.0**-24] * 16)),
-                                _V16I32)
-    is_sub = builder.icmp_unsigned("<", mag, vec(0x0400))
-    bits = builder.or_(builder.select(is_sub, subnormal, normal), builder.shl(builder.and_(h, vec(0x8000)), vec(16)))
-    return builder.bitcast(bits, _V16F32)
+def _maddubs(builder: ir.IRBuilder, unsigned, signed) -> ir.Value:
+    """AVX2 vpmaddubsw: <32 x i8> u8 x s8 -> <16 x i16> sums of adjacent pairs (saturating)."""
+    return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [unsigned, signed])
+
+
+def _widen_pairs(builder: ir.IRBuilder, v16) -> ir.Value:
+    """AVX2 vpmaddwd against ones: <16 x i16> -> <8 x i32> sums of adjacent pairs (exact)."""
+    return _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [v16, _const(_vec(_I16, 16), 1)])
+
+
+def _sign_bytes(builder: ir.IRBuilder, x, w) -> ir.Value:
+    """AVX2 vpsignb: x negated where w < 0, zeroed where w == 0 (<32 x i8>)."""
+    return _call(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), [x, w])
+
+
+def _abs_bytes(builder: ir.IRBuilder, w) -> ir.Value:
+    return _call(builder, "llvm.abs.v32i8", _vec(_I8, 32), [w, ir.Constant(_I1, 0)])
+
+
+def _fp16_to_f32(builder: ir.IRBuilder, ptr, lanes: int) -> ir.Value:
+    """Load `lanes` fp16 scales as float32. Every tier but portable has F16C (AVX-512F implies it; the 256-bit
+    tiers require it): one vcvtph2ps. Portable uses integer ops only (no libcall): subnormal halves go through an
+    int->float conversion rather than a float32 subnormal, so a flush-denormals mode cannot zero them."""
+    vi16, vi32, vf32 = _vec(_I16, lanes), _vec(_I32, lanes), _vec(_F32, lanes)
+    if TIER != "portable":
+        return builder.fpext(builder.bitcast(_load(builder, ptr, vi16), _vec(ir.HalfType(), lanes)), vf32)
+    h = builder.zext(_load(builder, ptr, vi16), vi32)
+    mag = builder.and_(h, _const(vi32, 0x7FFF))
+    normal = builder.add(builder.shl(mag, _const(vi32, 13)), _const(vi32, 112 << 23))  # rebias exponent 15 -> 127
+    subnormal = builder.bitcast(builder.fmul(builder.sitofp(mag, vf32), ir.Constant(vf32, [2.0**-24] * lanes)),
+                                vi32)
+    is_sub = builder.icmp_unsigned("<", mag, _const(vi32, 0x0400))
+    bits = builder.or_(builder.select(is_sub, subnormal, normal),
+                       builder.shl(builder.and_(h, _const(vi32, 0x8000)), _const(vi32, 16)))
+    return builder.bitcast(bits, vf32)
 
 
 def _fma(builder: ir.IRBuilder, a, b, c) -> ir.Value:
-    return _call(builder, "llvm.fma.v16f32", _V16F32, [a, b, c])
+    """a * b + c: one fused instruction where the target has FMA, a multiply and an add elsewhere (no libcall)."""
+    return _call(builder, f"llvm.fmuladd.v{a.type.count}f32", a.type, [a, b, c])
 
 
 def _as_i64(context, builder, val, ty) -> ir.Value:
@@ -162,8 +239,10 @@ def _panel_codegen(q4: bool):
         mp = ptr("m", i64("s_off")) if q4 else None
         r0, nr = i64("r0"), i64("nr")
         with builder.if_else(builder.icmp_signed("==", nr, _I64(MAX_NR))) as (full, partial):
-            with full:
-                emit(r0, MAX_NR)
+            with full:  # 256-bit tiers: two blocks of 4 (8 rows x 2 halves would spill the 16 ymm registers)
+                block = MAX_NR if _lanes() == 16 else MAX_NR // 2
+                for first in range(0, MAX_NR, block):
+                    emit(builder.add(r0, _I64(first)), block)
             with partial:
                 first = r0
                 for width in (4, 2, 1):
@@ -177,60 +256,88 @@ def _panel_codegen(q4: bool):
 
 
 def _panel_rows(builder: ir.IRBuilder, q4: bool, nr: int, ngroups, wp, dp, mp, xp, xsp, xcp, outp) -> None:
-    """The group loop for `nr` activation rows: vpdpbusd per tile, float scaling per group of 32."""
-    facc = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, None)) for _ in range(nr)]
+    """The group loop for `nr` activation rows: per tile, row and register part one dot-product step (see the
+    tiers in the module docstring), float scaling per group of 32."""
+    lanes = _lanes()
+    parts = PANEL // lanes  # a panel's 16 rows: one 512-bit part or two 256-bit halves
+    vi8, vi32, vf32 = _vec(_I8, 4 * lanes), _vec(_I32, lanes), _vec(_F32, lanes)
+    avx2 = TIER == "avx2"
+    facc = [[cgutils.alloca_once_value(builder, ir.Constant(vf32, None)) for _ in range(parts)] for _ in range(nr)]
     group_bytes = PANEL * GROUP // (2 if q4 else 1)
-    low4 = ir.Constant(_V64I8, [0x0F] * 64)
-    flip = ir.Constant(_V64I8, [-128] * 64)
-    # Two accumulators per row (even / odd steps) halve the vpdpbusd dependency chain, which bounds a one-token
+    low4, flip = _const(vi8, 0x0F), _const(vi8, -128)
+    # Two accumulators per row and part (even / odd steps) halve the dependency chain, which bounds a one-token
     # GEMV; with many rows the register file is the limit, so they share one.
-    chains = 2 if nr <= 4 else 1
+    chains = 2 if nr * parts <= 4 else 1
+    # avx2 int4 adds a group's pair sums in int16 (<= 8 * 3810), widened once per group
+    zero = ir.Constant(_vec(_I16, 2 * lanes) if avx2 and q4 else vi32, None)
     scales_ahead = PREFETCH_BYTES // group_bytes * PANEL * 2  # bytes of fp16 scales for PREFETCH_BYTES of tiles
     with cgutils.for_range(builder, ngroups) as loop:
         g = loop.index
         for p in (dp, mp) if q4 else (dp,):  # the scale streams, as far ahead as the weights: +0-6% measured
             _prefetch(builder, builder.gep(p, [builder.mul(g, _I64(PANEL))]), scales_ahead)
-        dv = _fp16x16(builder, builder.gep(dp, [builder.mul(g, _I64(PANEL))]))
+
+        def scales(p):
+            return [_fp16_to_f32(builder, builder.gep(p, [builder.add(builder.mul(g, _I64(PANEL)), _I64(k * lanes))]),
+                                 lanes) for k in range(parts)]
+
+        dv = scales(dp)
         wg = builder.gep(wp, [builder.mul(g, _I64(group_bytes))])
         xg = builder.mul(g, _I64(GROUP))
         xsums = [builder.load(builder.gep(xcp[n], [g])) for n in range(nr)]
-        if q4:
-            acc = [ir.Constant(_V16I32, None) for _ in range(nr * chains)]
-        else:
+        acc = [[[zero] * chains for _ in range(parts)] for _ in range(nr)]  # [row][part][chain]
+        if not q4 and not avx2:
             # int8 weights enter vpdpbusd as unsigned (w ^ 0x80 = w + 128); start from -128 * sum(x) to undo it.
-            acc = [_splat(builder, builder.mul(xsums[n], _I32(-128)), _V16I32) for n in range(nr)]
-            acc += [ir.Constant(_V16I32, None) for _ in range(nr * (chains - 1))]
+            for n in range(nr):
+                bias = _splat(builder, builder.mul(xsums[n], _I32(-128)), vi32)
+                for k in range(parts):
+                    acc[n][k][0] = bias
 
         def step(tile, col, chain):
+            """tile: the parts of one 64-byte tile (unsigned bytes; signed int8 weights on avx2)."""
+            magnitude = [_abs_bytes(builder, w) for w in tile] if avx2 and not q4 else None
             for n in range(nr):
-                xb = builder.load(builder.bitcast(builder.gep(xp[n], [builder.add(xg, _I64(col))]),
-                                                  _I32.as_pointer()), align=1)
-                a = n + nr * chain
-                acc[a] = _dpbusd(builder, acc[a], tile, xb)
+                xword = builder.load(builder.bitcast(builder.gep(xp[n], [builder.add(xg, _I64(col))]),
+                                                     _I32.as_pointer()), align=1)
+                xb = builder.bitcast(_splat(builder, xword, vi32), vi8) if avx2 else None
+                for k in range(parts):
+                    a = acc[n][k][chain]
+                    if not avx2:
+                        a = _dpbusd(builder, a, builder.bitcast(tile[k], vi32), xword)
+                    elif q4:
+                        a = builder.add(a, _maddubs(builder, tile[k], xb))
+                    else:  # |w| * (sign(w) * x) = w * x, pair sums <= 2 * 127 * 127: no saturation
+                        a = builder.add(a, _widen_pairs(builder, _maddubs(builder, magnitude[k],
+                                                                          _sign_bytes(builder, xb, tile[k]))))
+                    acc[n][k][chain] = a
 
         for t in range(GROUP // 8 if q4 else GROUP // 4):
             tile_ptr = builder.gep(wg, [_I64(64 * t)])
             _prefetch(builder, tile_ptr, PREFETCH_BYTES)
-            raw = _load_in_order(builder, tile_ptr, _V64I8)
+            raw = [_load_in_order(builder, builder.gep(tile_ptr, [_I64(4 * lanes * k)]), vi8) for k in range(parts)]
             if q4:  # low nibbles are columns 8t..8t+3, high nibbles 8t+4..8t+7
-                step(builder.bitcast(builder.and_(raw, low4), _V16I32), 8 * t, 0)
-                high = builder.and_(builder.lshr(raw, ir.Constant(_V64I8, [4] * 64)), low4)
-                step(builder.bitcast(high, _V16I32), 8 * t + 4, chains - 1)
+                step([builder.and_(r, low4) for r in raw], 8 * t, 0)
+                step([builder.and_(builder.lshr(r, _const(vi8, 4)), low4) for r in raw], 8 * t + 4, chains - 1)
             else:
-                step(builder.bitcast(builder.xor(raw, flip), _V16I32), 4 * t, t % chains)
-        for n in range(nr, nr * chains):
-            acc[n - nr] = builder.add(acc[n - nr], acc[n])
-        mv = _fp16x16(builder, builder.gep(mp, [builder.mul(g, _I64(PANEL))])) if q4 else None
+                step(raw if avx2 else [builder.xor(r, flip) for r in raw], 4 * t, t % chains)
+        mv = scales(mp) if q4 else None
         for n in range(nr):
             xsn = builder.load(builder.gep(xsp[n], [g]))
-            f = _fma(builder, builder.sitofp(acc[n], _V16F32), builder.fmul(dv, _splat(builder, xsn, _V16F32)),
-                     builder.load(facc[n]))
-            if q4:  # the offset term: m * xs * sum(x)
-                xm = builder.fmul(xsn, builder.sitofp(xsums[n], _F32))
-                f = _fma(builder, mv, _splat(builder, xm, _V16F32), f)
-            builder.store(f, facc[n])
+            xm = builder.fmul(xsn, builder.sitofp(xsums[n], _F32)) if q4 else None  # the offset term: m * xs * sum(x)
+            for k in range(parts):
+                total = acc[n][k][0]
+                for c in range(1, chains):
+                    total = builder.add(total, acc[n][k][c])
+                if avx2 and q4:
+                    total = _widen_pairs(builder, total)
+                f = _fma(builder, builder.sitofp(total, vf32), builder.fmul(dv[k], _splat(builder, xsn, vf32)),
+                         builder.load(facc[n][k]))
+                if q4:
+                    f = _fma(builder, mv[k], _splat(builder, xm, vf32), f)
+                builder.store(f, facc[n][k])
     for n in range(nr):
-        builder.store(builder.load(facc[n]), builder.bitcast(outp[n], _V16F32.as_pointer()), align=1)
+        for k in range(parts):
+            dest = builder.bitcast(builder.gep(outp[n], [_I64(k * lanes)]), vf32.as_pointer())
+            builder.store(builder.load(facc[n][k]), dest, align=1)
 
 
 @intrinsic

@@ -37,22 +37,6 @@ class MLAConfig:
 
 
 @dataclass(frozen=True)
-class IndexerConfig:
-    """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, GLM-5): a small multi-head scorer over its own
-    key cache that picks the `topk` cached positions each query's MLA attends to."""
-
-    n_heads: int  # index_n_heads
-    head_dim: int  # index_head_dim; RoPE turns the first qk_rope_head_dim channels of each indexer head
-    topk: int  # index_topk
-    rope_interleaved: bool  # rope over adjacent pairs (GLM-5) rather than the two halves (DeepSeek-V3.2)
-    own_layers: tuple[bool, ...]  # per layer: runs its own indexer (True) or reuses the top-k of the last one that did
-
-    @property
-    def num_indexer_layers(self) -> int:
-        return sum(self.own_layers)
-
-
-@dataclass(frozen=True)
 class LinearAttentionConfig:
     """Gated DeltaNet layers (Qwen3-Next, Qwen3.5): a short causal convolution over q/k/v, then per value head a
     [key_head_dim, value_head_dim] state updated by the gated delta rule; each key head serves
@@ -74,6 +58,22 @@ class LinearAttentionConfig:
 
 
 @dataclass(frozen=True)
+class IndexerConfig:
+    """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, GLM-5): a small multi-head scorer over its own
+    key cache that picks the `topk` cached positions each query's MLA attends to."""
+
+    n_heads: int  # index_n_heads
+    head_dim: int  # index_head_dim; RoPE turns the first qk_rope_head_dim channels of each indexer head
+    topk: int  # index_topk
+    rope_interleaved: bool  # rope over adjacent pairs (GLM-5) rather than the two halves (DeepSeek-V3.2)
+    own_layers: tuple[bool, ...]  # per layer: runs its own indexer (True) or reuses the top-k of the last one that did
+
+    @property
+    def num_indexer_layers(self) -> int:
+        return sum(self.own_layers)
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """How a MoE layer turns router logits into top-k expert ids and combine weights."""
 
@@ -86,6 +86,18 @@ class RouterConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     has_correction_bias: bool = False  # DeepSeek-V3 e_score_correction_bias: biases selection, not weights
+    norm_min: float = 0.0  # renormalised weights divide by max(sum, norm_min) (ERNIE-4.5's moe_norm_min)
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """How an expert joins its gate and up projections before `down`:
+    "silu": silu(gate) * up (every SwiGLU family);
+    "clamped_swiglu": gpt-oss's (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+
+    kind: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,14 @@ class ModelConfig:
     torch_dtype: str = "float32"
     num_extra_layers: int = 0  # multi-token-prediction layers after the last layer (DeepSeek-V3, GLM-4.x), unused
     rotary_dim: int | None = None  # partial RoPE (GLM-4.x): rotate only each head's first rotary_dim channels
+    rope_interleaved: bool = False  # GQA RoPE over adjacent channel pairs (ERNIE-4.5), not the two halves
+    qk_norm_after_rope: bool = False  # per-head q/k RMSNorm applied to the rotated q/k (Hunyuan), not before
+    mlp_bias: bool = False  # bias on the dense MLPs' and shared experts' projections (ERNIE-4.5's use_bias)
+    attention_sinks: bool = False  # a learned per-head logit in every attention softmax (gpt-oss's `sinks`)
+    expert_activation: ExpertActivation = ExpertActivation()  # the routed experts' gating function
+    router_bias: bool = False  # a bias on the router logits (gpt-oss)
+    expert_bias: bool = False  # biases on the routed experts' gate, up and down projections (gpt-oss)
+    lm_head_bias: bool = False  # a bias on the LM head (ERNIE-4.5's use_bias), tied embeddings or not
     # Per layer "attention" or "linear_attention" (Gated DeltaNet, `linear_attention` below); () = all attention.
     layer_kinds: tuple[str, ...] = ()
     linear_attention: LinearAttentionConfig | None = None

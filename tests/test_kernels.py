@@ -8,7 +8,7 @@ from numba import njit
 
 from csrc_py import dispatch, formats, oracles, simd, threads
 from csrc_py import quant_kernels as qk
-from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8, route
+from csrc_py.expert_ffn import NO_BIAS, SILU_ACT, moe_bf16, moe_q4, moe_q8, route
 from csrc_py.grouped_matmul import matmul_bf16, matmul_q4, matmul_q8
 from csrc_py.torch_path import moe_torch
 from offload.errors import FormatError
@@ -143,7 +143,8 @@ LAYER_CASES = [(8, 64, 96, 1, 1), (8, 64, 96, 3, 2), (6, 40, 50, 3, 4), (16, 96,
 
 def _fused(fmt: str, x, ids, w, g, u, d) -> np.ndarray:
     y = np.empty_like(x)
-    {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4}[fmt](x, ids, w, *g.bits(), *u.bits(), *d.bits(), y)
+    {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4}[fmt](x, ids, w, *g.bits(), *u.bits(), *d.bits(),
+                                                             *(NO_BIAS,) * 3, SILU_ACT, y)
     return y
 
 
@@ -187,8 +188,9 @@ def test_linear_matches_oracle(fmt, T):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_portable_microkernel_without_vnni(fmt, monkeypatch):
-    """The fallback for CPUs without AVX512-VNNI: the production stage compiled afresh (uncached) while
-    simd.EMIT_VNNI is False, as it is on such a CPU, must match the oracle and contain no vpdpbusd."""
+    """The portable tier in this process: the production stage compiled afresh (uncached) while simd.TIER is
+    'portable' must match the oracle and contain no vpdpbusd (tests/test_isa_tiers.py runs every tier as a CPU of
+    that tier compiles it)."""
     rng = np.random.default_rng(5)
     w = rng.standard_normal((3, 48, 64)).astype(np.float32)
     w[1, 3, :32] = 3e-6  # subnormal fp16 scales take the integer conversion path
@@ -196,7 +198,7 @@ def test_portable_microkernel_without_vnni(fmt, monkeypatch):
     seg_expert, seg_start = np.array([1, 2], np.int64), np.array([0, 15, 22], np.int64)  # widths 8+4+2+1, 4+2+1
     a = rng.standard_normal((22, 64)).astype(np.float32)
     acts = qk.quantized_rows(a, 2)
-    monkeypatch.setattr(simd, "EMIT_VNNI", False)
+    monkeypatch.setattr(simd, "TIER", "portable")
     portable = njit(cache=False)((matmul_q8 if fmt == "int8" else matmul_q4).py_func)
     out = np.zeros((22, pm.padded_shape[1]), np.float32)
     portable(*pm.bits(), seg_expert, seg_start, *acts, out)
@@ -205,17 +207,6 @@ def test_portable_microkernel_without_vnni(fmt, monkeypatch):
         ref = oracles.linear(a[rows], pm, expert=int(e))
         np.testing.assert_allclose(out[rows, :48], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     assert "vpdpbusd" not in next(iter(portable.inspect_llvm().values()))
-
-
-def test_vnni_detection_follows_the_jit_target(monkeypatch):
-    monkeypatch.setattr(simd.numba.config, "CPU_NAME", "generic")
-    monkeypatch.setattr(simd.numba.config, "CPU_FEATURES", "")
-    assert not simd.vnni_available()
-    monkeypatch.setattr(simd.numba.config, "CPU_FEATURES", "+avx512f,+avx512vnni")
-    assert simd.vnni_available()
-    monkeypatch.setattr(simd.numba.config, "CPU_NAME", None)
-    monkeypatch.setattr(simd.llvm, "get_host_cpu_features", lambda: {"avx512f": True, "avx2": True})
-    assert not simd.vnni_available()
 
 
 def test_packed_matrix_rejects_bad_arrays():
@@ -233,3 +224,13 @@ def test_threads_and_layer():
     assert torch.get_num_threads() == 1
     assert threads.set_threads() == threads.default_threads()
     assert threads.threading_layer() in ("omp", "tbb", "workqueue")
+
+
+def test_engine_thresholds_follow_torchs_bf16_engine(monkeypatch):
+    native, software = dispatch.torch_min_rows(True), dispatch.torch_min_rows(False)
+    prefill, decode = (512 * 8, 128), (8, 128)  # (token-expert pairs, experts) of a Qwen3 layer
+    assert dispatch.use_torch("bf16", *prefill, native) and not dispatch.use_torch("bf16", *decode, native)
+    assert not any(dispatch.use_torch(fmt, *prefill, software) for fmt in FORMATS)  # an AVX2 host: all fused
+    assert not any(dispatch.use_torch(fmt, *prefill, native) for fmt in ("int8", "int4"))
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # torch's software bf16, as on an AVX2 host
+    assert not dispatch.torch_has_native_bf16()

@@ -54,9 +54,8 @@ def contended_rate(model: offload.Model, prompt: list[int], new_tokens: int, cor
 def describe(model: offload.Model) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
-    isa = "AVX-512 VNNI (vpdpbusd)" if simd.EMIT_VNNI else "AVX-512 without VNNI"
     env = {name: os.environ.get(name, "unset") for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    return (f"{cpu}, {os.cpu_count()} CPUs; kernels {isa}; threading layer {threads.threading_layer()}, "
+    return (f"{cpu}, {os.cpu_count()} CPUs; kernels {simd.TIER}; threading layer {threads.threading_layer()}, "
             f"{model.load_info.cpu_threads} threads; " + ", ".join(f"{k}={v}" for k, v in env.items()))
 
 

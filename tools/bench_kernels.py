@@ -252,9 +252,10 @@ def describe_machine(n_threads: int) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"machine: {cpu}, {psutil.cpu_count(logical=False)} cores / {psutil.cpu_count()} threads, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; vpdpbusd {'on' if simd.EMIT_VNNI else 'off'}")
-    print(f"torch {torch.__version__}, numba {sys.modules['numba'].__version__} ({threads.threading_layer()} "
-          f"layer), {n_threads} threads")
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; kernel ISA tier {simd.TIER}")
+    print(f"torch {torch.__version__} (bf16 matmul {'native' if dispatch.torch_has_native_bf16() else 'software'}), "
+          f"numba {sys.modules['numba'].__version__} ({threads.threading_layer()} layer), {n_threads} threads; "
+          f"engine thresholds (rows per expert to torch): {dispatch.TORCH_MIN_ROWS}")
 
 
 def main() -> None:
@@ -265,12 +266,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--max-gb", type=float, default=10.0, help="RAM budget for one layer's copies")
     parser.add_argument("--quick", action="store_true", help="fewer calls per engine (noisier)")
+    parser.add_argument("--torch-bf16-software", action="store_true",
+                        help="switch oneDNN off: torch's bf16 matmul then converts in software, as on a CPU without "
+                             "AVX512-BF16 (with NUMBA_CPU_NAME/NUMBA_CPU_FEATURES for an AVX2 target: an AVX2 host)")
     parser.add_argument("--kt-threads", type=int, default=1,
                         help="kt-kernel worker threads when it is installed (0: skip it). Default 1: with 2 its "
                              "spinning workers and the waiting caller share 2 cores (a Qwen3 T=1 layer: 16 ms, not 7)")
     args = parser.parse_args()
 
     n_threads = threads.set_threads(args.threads)
+    if args.torch_bf16_software:
+        torch.backends.mkldnn.enabled = False
+        dispatch.TORCH_MIN_ROWS = dispatch.torch_min_rows(dispatch.torch_has_native_bf16())
     describe_machine(n_threads)
     formats = args.formats.split(",")
     jit = sum(warmup(fmt) for fmt in formats)

@@ -70,26 +70,6 @@ class LatentCache:
         return common
 
 
-class LatentIndexCache(LatentCache):
-    """MLA's latent cache plus the lightning indexer's keys [max_context, index_head_dim] (DeepSeek Sparse
-    Attention): one small single-head key per position, which the indexer scores every query against."""
-
-    def __init__(self, max_context: int, kv_lora_rank: int, rope_dim: int, index_head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
-        super().__init__(max_context, kv_lora_rank, rope_dim, dtype, device)
-        self.index_k = torch.zeros(max_context, index_head_dim, dtype=dtype, device=device)
-
-    def write_index_keys(self, start: int, k: torch.Tensor) -> torch.Tensor:
-        """Store indexer keys k [T, index_head_dim] at positions start..; return all so far [S, index_head_dim]."""
-        end = start + k.shape[0]
-        self.index_k[start:end] = k
-        return self.index_k[:end]
-
-    @property
-    def nbytes(self) -> int:
-        return super().nbytes + self.index_k.nbytes
-
-
 class RecurrentState:
     """A linear-attention layer's state: the last kernel-1 inputs of its causal convolution [conv_dim, kernel-1]
     and the per-head matrix state [heads, d_k, d_v] (fp32, as the delta rule accumulates it). Its size does not
@@ -118,6 +98,26 @@ class RecurrentState:
 
     def resume_point(self, common: int) -> int:
         return common if common == self.position else 0  # only the point it stands at was saved
+
+
+class LatentIndexCache(LatentCache):
+    """MLA's latent cache plus the lightning indexer's keys [max_context, index_head_dim] (DeepSeek Sparse
+    Attention): one small single-head key per position, which the indexer scores every query against."""
+
+    def __init__(self, max_context: int, kv_lora_rank: int, rope_dim: int, index_head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__(max_context, kv_lora_rank, rope_dim, dtype, device)
+        self.index_k = torch.zeros(max_context, index_head_dim, dtype=dtype, device=device)
+
+    def write_index_keys(self, start: int, k: torch.Tensor) -> torch.Tensor:
+        """Store indexer keys k [T, index_head_dim] at positions start..; return all so far [S, index_head_dim]."""
+        end = start + k.shape[0]
+        self.index_k[start:end] = k
+        return self.index_k[:end]
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.index_k.nbytes
 
 
 def causal_mask_args(start: int, T: int, window: int | None, device: torch.device) -> dict:

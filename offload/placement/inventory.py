@@ -43,7 +43,8 @@ def _group(name: str, names: CheckpointNames) -> str:
         return "norms"
     if f".{names.moe}.experts." in name:
         return "experts"
-    if re.search(rf"\.{names.moe}\.(gate\.|shared_expert_gate\.)", name) or name.endswith(f".{names.correction_bias}"):
+    router = rf"\.{names.moe}\.({re.escape(names.router)}\.|shared_expert_gate\.)"
+    if re.search(router, name) or name.endswith(f".{names.correction_bias}"):
         return "routers"
     if names.shared and f".{names.moe}.{names.shared}." in name:
         return "shared_experts"
@@ -73,17 +74,17 @@ def inventory(cfg: ModelConfig, names: CheckpointNames) -> Inventory:
 def layer_cache_bytes(cfg: ModelConfig, layer: int, max_context: int, dtype_bytes: int) -> int:
     """One layer's sequence state: a linear-attention layer's is fixed (its convolution window in the model dtype,
     its [heads, d_k, d_v] state in fp32, model/kv_cache.py: RecurrentState); an attention layer's grows with
-    max_context (K and V, or MLA's latent + rope key, plus the lightning indexer's key where the layer runs one)."""
+    max_context (K and V, or MLA's latent + rope key, plus the lightning indexer's key in a layer that runs one)."""
     if cfg.is_linear_attention(layer):
         la = cfg.linear_attention
         state = la.num_value_heads * la.key_head_dim * la.value_head_dim * 4
         return (la.conv_kernel - 1) * la.conv_dim * dtype_bytes + state
     if cfg.mla:
         per_position = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+        if cfg.indexer and cfg.indexer.own_layers[layer]:
+            per_position += cfg.indexer.head_dim
     else:
         per_position = 2 * cfg.num_key_value_heads * cfg.head_dim
-    if cfg.indexer is not None and cfg.indexer.own_layers[layer]:
-        per_position += cfg.indexer.head_dim
     return max_context * per_position * dtype_bytes
 
 

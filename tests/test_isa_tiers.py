@@ -1,0 +1,192 @@
+"""Every ISA tier of the quantized microkernels (csrc_py/simd.py) against the oracles, each compiled the way a CPU
+of that tier compiles it: in a subprocess, for a restricted Numba target or with OFFLOAD_CPU_ISA, with its own
+Numba cache. The integer sums are exact on every tier, so where the target has FMA a tier's dense outputs equal
+the host tier's bit for bit: that is the proof that the AVX2 tier's vpmaddubsw never saturates."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from csrc_py import formats, oracles, simd
+from csrc_py.expert_ffn import NO_BIAS, SILU_ACT, moe_q4, moe_q8
+from csrc_py.linear import linear_q4, linear_q8
+from offload.errors import OffloadError
+
+ROOT = Path(__file__).resolve().parents[1]
+HASWELL = "+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse4.2"
+# tier -> (environment of the child, whether its target has FMA: then dense outputs equal the host's bit for bit)
+TARGETS = {
+    "avx-vnni": ({simd.ISA_VARIABLE: "avx-vnni"}, True),  # the host target: EVEX vpdpbusd on 256-bit registers
+    "avx2": ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL}, True),
+    "portable": ({"NUMBA_CPU_NAME": "x86-64", "NUMBA_CPU_FEATURES": "+sse2"}, False),
+}
+KERNELS = {"int8": (moe_q8, linear_q8), "int4": (moe_q4, linear_q4)}
+LINEAR_ROWS = (1, 11)  # 11 = a block of 8, then 2 + 1
+PACKED_ERROR = 3e-3  # as tests/test_kernels.py: float rounding and the rare activation on a rounding boundary
+
+CHILD = """
+import sys
+import numpy as np
+import csrc_py  # noqa: F401
+from csrc_py import simd
+from csrc_py.grouped_matmul import matmul_q4, matmul_q8
+from tests.test_isa_tiers import run_kernels
+data = dict(np.load(sys.argv[1]))
+out = run_kernels(data)
+asm = "".join(text for kernel in (matmul_q8, matmul_q4) for text in kernel.inspect_asm().values())
+instructions = [name for name in ("vpdpbusd", "vpmaddubsw", "vpsignb", "zmm") if name in asm]
+np.savez(sys.argv[2], tier=simd.TIER, instructions=",".join(instructions), **out)
+"""
+
+
+def _bits(data: dict, fmt: str, name: str) -> list[np.ndarray]:
+    return [data[f"{fmt}.{name}.{a}"] for a in ("q", "d", "m") if f"{fmt}.{name}.{a}" in data]
+
+
+def run_kernels(data: dict) -> dict[str, np.ndarray]:
+    """The int8 and int4 fused MoE layer and dense linear on the arrays of `inputs()`."""
+    out = {}
+    for fmt, (moe, linear) in KERNELS.items():
+        y = np.empty_like(data["x"])
+        moe(data["x"], data["ids"], data["w"], *_bits(data, fmt, "gate"), *_bits(data, fmt, "up"),
+            *_bits(data, fmt, "down"), *(NO_BIAS,) * 3, SILU_ACT, y)
+        out[f"{fmt}.moe"] = y
+        for T in LINEAR_ROWS:
+            lin = _bits(data, fmt, "lin")
+            yl = np.empty((T, lin[1].shape[1] * simd.PANEL), np.float32)
+            linear(data["a"][:T], *lin, yl)
+            out[f"{fmt}.linear{T}"] = yl
+    return out
+
+
+def _packed(fmt: str) -> dict[str, formats.PackedMatrix]:
+    gen = torch.Generator().manual_seed(0)
+    E, H, I = 6, 64, 96
+    mats = {"gate": torch.randn(E, I, H, generator=gen) / 8, "up": torch.randn(E, I, H, generator=gen) / 8,
+            "down": torch.randn(E, H, I, generator=gen) / 10, "lin": torch.randn(1, 48, 96, generator=gen)}
+    mats["lin"][0, 3, :32] = 3e-6  # subnormal fp16 scales
+    mats["lin"][0, 20:36] = torch.where(torch.rand(16, 96, generator=gen) < 0.5, 1.0, -1.0)  # every |q| = 127
+    return {name: formats.pack(m, fmt) for name, m in mats.items()}
+
+
+def inputs() -> tuple[dict[str, np.ndarray], dict[str, dict[str, formats.PackedMatrix]]]:
+    rng = np.random.default_rng(1)
+    data = {"x": rng.standard_normal((3, 64)).astype(np.float32),
+            "ids": np.array([[0, 4], [4, 5], [2, 0]], np.int64),
+            "w": rng.random((3, 2)).astype(np.float32),
+            "a": rng.standard_normal((max(LINEAR_ROWS), 96)).astype(np.float32)}
+    data["a"][0] = np.where(np.arange(96) % 3 == 0, -5.0, 5.0)  # activations at +-127 against the +-127 rows
+    packed = {fmt: _packed(fmt) for fmt in KERNELS}
+    for fmt, mats in packed.items():
+        for name, pm in mats.items():
+            for array, value in zip("qdm", pm.bits()):
+                data[f"{fmt}.{name}.{array}"] = value
+    return data, packed
+
+
+def _runnable(tier: str) -> bool:
+    return simd.TIERS.index(tier) >= simd.TIERS.index(simd.tier_for(simd.jit_features()))
+
+
+@pytest.fixture(scope="module")
+def host_run():
+    data, packed = inputs()
+    return data, packed, run_kernels(data)
+
+
+@pytest.fixture(scope="module")
+def tier_runs(host_run, tmp_path_factory):
+    """One child per runnable tier, all started at once (each compiles the kernels afresh: ~40 s of CPU)."""
+    data = host_run[0]
+    folder = tmp_path_factory.mktemp("tiers")
+    np.savez(folder / "in.npz", **data)
+    runs = {}
+    for tier, (env_extra, _) in TARGETS.items():
+        if not _runnable(tier):
+            continue
+        env = {name: value for name, value in os.environ.items() if name != simd.ISA_VARIABLE}
+        env.update(env_extra, NUMBA_CACHE_DIR=str(folder / tier), PYTHONPATH=str(ROOT))
+        out = folder / f"{tier}.npz"
+        runs[tier] = (subprocess.Popen([sys.executable, "-c", CHILD, str(folder / "in.npz"), str(out)], env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out)
+    yield runs
+    for proc, _ in runs.values():
+        proc.kill()
+        proc.wait()
+
+
+def test_host_tier_matches_the_oracles(host_run):
+    data, packed, out = host_run
+    _check_against_oracles(data, packed, out)
+
+
+@pytest.mark.parametrize("tier", list(TARGETS))
+def test_tier_in_a_subprocess_matches_the_oracles(tier, host_run, tier_runs):
+    if not _runnable(tier):
+        pytest.skip(f"this CPU cannot run the {tier} tier")
+    data, packed, host = host_run
+    proc, out = tier_runs[tier]
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    got = dict(np.load(out))
+    assert str(got.pop("tier")) == tier
+    instructions = str(got.pop("instructions")).split(",")
+    assert ("vpdpbusd" in instructions) == (tier == "avx-vnni")
+    assert ("vpmaddubsw" in instructions and "vpsignb" in instructions) == (tier == "avx2")
+    if tier != "avx-vnni":
+        assert "zmm" not in instructions  # the restricted target really compiled without AVX-512
+    _check_against_oracles(data, packed, got)
+    for name in got:
+        if TARGETS[tier][1] and "linear" in name:  # exact integer sums, the same float operations: bit for bit
+            np.testing.assert_array_equal(got[name], host[name], err_msg=f"{tier} {name}")
+
+
+def _check_against_oracles(data: dict, packed: dict, out: dict) -> None:
+    for fmt, mats in packed.items():
+        ref = oracles.moe_packed(data["x"], data["ids"], data["w"], mats["gate"], mats["up"], mats["down"])
+        assert _rel_l2(out[f"{fmt}.moe"], ref) < PACKED_ERROR, fmt
+        for T in LINEAR_ROWS:
+            ref = oracles.linear(data["a"][:T], mats["lin"])
+            assert _rel_l2(out[f"{fmt}.linear{T}"][:, :48], ref) < 1e-5, (fmt, T)
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("features, tier", [
+    ({"avx512f", "avx512bw", "avx512vnni", "avx512vl", "avx2", "fma", "f16c"}, "avx512-vnni"),
+    ({"avx2", "fma", "f16c", "avxvnni"}, "avx-vnni"),
+    ({"avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512vnni"}, "avx-vnni"),  # VNNI without AVX512BW
+    ({"avx2", "fma", "f16c", "avx512f", "avx512bw"}, "avx2"),  # AVX-512 without VNNI (Skylake-X)
+    ({"avx2", "fma"}, "portable"),
+    ({"sse2"}, "portable"),
+])
+def test_tier_for_features(features, tier):
+    assert simd.tier_for(frozenset(features)) == tier
+
+
+def test_tier_follows_the_jit_target_and_the_override(monkeypatch):
+    monkeypatch.setattr(simd.numba.config, "CPU_FEATURES", HASWELL)
+    monkeypatch.delenv(simd.ISA_VARIABLE, raising=False)
+    assert simd.isa_tier() == "avx2"
+    monkeypatch.setenv(simd.ISA_VARIABLE, "portable")
+    assert simd.isa_tier() == "portable"
+    monkeypatch.setenv(simd.ISA_VARIABLE, "avx512-vnni")
+    with pytest.raises(OffloadError, match="lacks.*avx2, portable"):
+        simd.isa_tier()
+    monkeypatch.setenv(simd.ISA_VARIABLE, "sse9")
+    with pytest.raises(OffloadError, match="not a kernel tier"):
+        simd.isa_tier()
+    monkeypatch.setattr(simd.numba.config, "CPU_FEATURES", None)  # Numba then compiles for the host's features
+    monkeypatch.delenv(simd.ISA_VARIABLE)
+    monkeypatch.setattr(simd.llvm, "get_host_cpu_features", lambda: {"avx2": True, "fma": True, "f16c": True,
+                                                                     "avxvnni": True, "avx512f": False})
+    assert simd.isa_tier() == "avx-vnni"
+
