@@ -14,14 +14,14 @@ from .checks import check_load, check_max_context, check_token_ids
 from .config import ModelConfig
 from .errors import OffloadError
 from .experts.builder import ExpertsBuilder, ExpertsOptions, default_host_format
-from .generate import Generation, GenerationRequest, GenerationRun
+from .generate import Generation, GenerationRequest, GenerationRun, PromptCacheStats
 from .model.transformer import Transformer
 from .placement import Plan, resolve_plan
 from .stats import reset_runtime_stats, runtime_stats
 from .timers import Timers
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
-from .weights.checkpoint import Checkpoint, read_json
+from .weights.checkpoint import Checkpoint, read_config, read_json
 from .weights.source import WeightSource, known_extras
 from .weights.store import store_formats
 
@@ -112,12 +112,14 @@ class Model:
         self.plan = plan  # None when every expert stays on the device tier (or all run on the CPU workers)
         self._experts = experts
         self._last: Generation | None = None
+        self._prompt_cache = PromptCacheStats()
         self._lock = ModelLock()
 
     def stats(self) -> dict[str, Any]:
         """Runtime counters since load (or reset_stats): per-layer expert hits and misses, prefetch precision and
-        recall, bytes copied, seconds per component, the last generation's tokens/s, load and JIT time."""
-        return runtime_stats(self._experts, self.transformer.timers, self._last, self.load_info)
+        recall, bytes copied, seconds per component, prompt tokens reused from the caches vs computed, the last
+        generation's tokens/s, load and JIT time."""
+        return runtime_stats(self._experts, self.transformer.timers, self._last, self.load_info, self._prompt_cache)
 
     def routing_heat(self) -> list[list[int]]:
         """How often each MoE layer routed to each expert since load (or reset_stats): [MoE layer][expert]."""
@@ -126,6 +128,7 @@ class Model:
     def reset_stats(self) -> None:
         with self._lock:
             reset_runtime_stats(self._experts, self.transformer.timers)
+            self._prompt_cache.clear()  # in place: a run made before the reset counts into the same object
             for moe in self.transformer.moe_blocks():
                 moe.heat.zero_()
 
@@ -142,7 +145,8 @@ class Model:
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         check_token_ids(ids.tolist(), self.config.vocab_size)
         if ids.numel() > self.max_context:
-            raise OffloadError(f"{ids.numel()} tokens exceed max_context={self.max_context}; load with a larger max_context")
+            raise OffloadError(f"{ids.numel()} tokens exceed max_context={self.max_context}; "
+                               "load with a larger max_context")
         with self._lock, torch.inference_mode():
             return self.transformer(ids.to(self.device), 0).cpu()
 
@@ -156,19 +160,23 @@ class Model:
 
     def _request(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> GenerationRequest:
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
+                 reuse_cache: bool = True) -> GenerationRequest:
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         check_token_ids(ids, self.config.vocab_size)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
-        return GenerationRequest(ids, max_new_tokens, sampling, stops, ignore_eos)
+        return GenerationRequest(ids, max_new_tokens, sampling, stops, ignore_eos, reuse_cache)
 
     def stream(self, prompt: str | Sequence[int], **sampling: Any) -> GenerationRun:
         """Iterate for text pieces as they are produced; the run's `.result` holds the Generation afterwards.
-        The run holds the model from its first piece until exhausted or closed (see the class docstring)."""
+        The run holds the model from its first piece until exhausted or closed (see the class docstring).
+
+        The prefill resumes after the longest prefix of the prompt the model's caches already hold (a chat's
+        earlier turns), with the same logits as a full prefill; reuse_cache=False prefills from position 0."""
         run = GenerationRun(self.transformer, self.tokenizer, self.eos_token_ids, self._request(prompt, **sampling),
-                            self._lock)
+                            self._lock, self._prompt_cache)
         self._last = run.result
         return run
 
@@ -178,10 +186,11 @@ class Model:
                 pass
         return run.result
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the chat template applied to messages, with the generation prompt added."""
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of the chat template applied to messages, with the generation prompt added; `tools` (OpenAI
+        function specs) are given to the template, which writes them in the model's own tool-call format."""
         tok = self._require_tokenizer()
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
         # The template writes the special tokens (bos included) itself.
         return tok.encode(text, add_special_tokens=False)
 
@@ -257,10 +266,10 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     timers = Timers(torch.cuda.synchronize if torch_device.type == "cuda" else None)
     builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch), torch_device,
                              torch_dtype, timers)
-    src = WeightSource(checkpoint, torch_dtype, torch_device, prefix=arch.weights_prefix, on_read=on_read,
+    src = WeightSource(checkpoint, torch_dtype, torch_device, rename=arch.checkpoint_name, on_read=on_read,
                        dense_format=dense, expert_format=host_format)
     transformer = Transformer(config, arch.names, src, builder, max_context, timers)
-    skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers, arch.weights_prefix,
+    skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers, arch.runtime_name,
                                       arch.skipped_prefixes))
     checkpoint.release()  # what the model kept (copies, or a store's mapped arrays) stays; the rest is unmapped
     builder.attach_prefetcher(transformer.routers())
@@ -274,13 +283,14 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
 
 def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None,
          experts: str | None = None, device: str = "auto", dtype: str = "auto",
-         heat: list[list[float]] | None = None) -> Plan:
+         heat: list[list[float]] | None = None, host_memory: int | str | None = None) -> Plan:
     """The placement load() would use for these budgets, from config.json alone (no weight is read).
     experts: host format of offloaded experts; None keeps them in the device dtype, as load() does.
-    heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`)."""
-    checkpoint = Checkpoint(path)
-    arch = architecture(checkpoint.config_json.get("model_type"))
-    config = arch.config_from_hf(checkpoint.config_json)
+    heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`).
+    host_memory: the RAM to plan for (default: what is available now), e.g. to size a machine not at hand."""
+    hf = read_config(path)  # a folder with config.json alone is enough
+    arch = architecture(hf.get("model_type"))
+    config = arch.config_from_hf(hf)
     max_context = check_max_context(config, max_context)
     if experts is not None and experts not in EXPERT_FORMATS:
         raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
@@ -290,7 +300,7 @@ def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int
                            "(--gpu-memory 12GiB)")
     torch_dtype = resolve_dtype(dtype, torch_device)
     return resolve_plan(config, arch.names, torch_device, torch_dtype, experts or default_host_format(torch_dtype),
-                        max_context, gpu_memory, None, heat)
+                        max_context, gpu_memory, None, heat, host_memory)
 
 
 def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device: torch.device

@@ -69,7 +69,7 @@ def run_bench(model: Model, prompt_tokens: int, gen_tokens: int, repeat: int, wa
     prompt = random_prompt(model.config.vocab_size, prompt_tokens, seed)
     runs = []
     for i in range(warmup + repeat):
-        stats = model.generate(prompt, max_new_tokens=gen_tokens, ignore_eos=True).stats
+        stats = model.generate(prompt, max_new_tokens=gen_tokens, ignore_eos=True, reuse_cache=False).stats
         if i >= warmup:
             runs.append(stats)
         if on_run is not None:

@@ -327,7 +327,8 @@ def stats_line(generation: Generation, hit_rate: float | None = None) -> str:
     s = generation.stats
     tokens = f"{s.generated_tokens} token{'' if s.generated_tokens == 1 else 's'}"
     cache = f", expert hit rate {hit_rate:.0%}" if hit_rate is not None else ""
-    return (f"{tokens}, prefill {s.prefill_tokens_per_s:.1f} tok/s, "
+    reused = f" ({s.cached_prompt_tokens} of {s.prompt_tokens} prompt tokens reused)" if s.cached_prompt_tokens else ""
+    return (f"{tokens}, prefill {s.prefill_tokens_per_s:.1f} tok/s{reused}, "
             f"decode {s.decode_tokens_per_s:.1f} tok/s{cache}, finish: {generation.finish_reason}")
 
 
@@ -337,7 +338,7 @@ def stats_table(generation: Generation) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for key, value in [
-        ("prompt tokens", str(s.prompt_tokens)),
+        ("prompt tokens", f"{s.prompt_tokens} ({s.cached_prompt_tokens} reused from the cache)"),
         ("prefill", f"{s.prefill_seconds:.3f} s, {s.prefill_tokens_per_s:.1f} tok/s"),
         ("generated tokens", str(s.generated_tokens)),
         ("decode", f"{s.decode_seconds:.3f} s, {s.decode_tokens_per_s:.1f} tok/s"),

@@ -79,7 +79,8 @@ def rope_table_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> in
 
 
 def context_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> int:
-    """What max_context costs in memory: the KV (or MLA latent) cache plus the rope table."""
+    """What max_context costs in memory: the layers' caches (KV, MLA latent, fixed recurrent states) plus the rope
+    table."""
     return kv_cache_bytes(cfg, max_context, dtype_bytes) + rope_table_bytes(cfg, max_context, dtype_bytes)
 
 
@@ -89,8 +90,9 @@ def check_host_memory(cfg: ModelConfig, max_context: int, dtype_bytes: int, weig
     context = context_bytes(cfg, max_context, dtype_bytes)
     if context + weight_bytes <= available_bytes:
         return
-    per_position = context_bytes(cfg, 1, dtype_bytes)
-    fits = max(available_bytes - weight_bytes, 0) // per_position
+    fixed = context_bytes(cfg, 0, dtype_bytes)  # recurrent layers' states: the same for any context
+    per_position = context_bytes(cfg, 1, dtype_bytes) - fixed
+    fits = max(available_bytes - weight_bytes - fixed, 0) // per_position
     if fits < 1:
         raise OffloadError(f"the weights need {_gib(weight_bytes)} but only {_gib(available_bytes)} of RAM is "
                            "free; free memory, run the experts as int8 or int4 (--experts), or give a GPU budget")

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from .api import Model
     from .generate import GenerationRun
 
-app = typer.Typer(add_completion=True, no_args_is_help=True, help="Run large sparse MoE language models on one workstation.")
+app = typer.Typer(add_completion=True, no_args_is_help=True,
+                  help="Run large sparse MoE language models on one workstation.")
 err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 DEBUG = {"on": False}
@@ -323,6 +324,43 @@ def chat(
 
 @app.command()
 @user_errors
+@with_load_options
+def serve(
+    model_path: Path = MODEL_ARGUMENT,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 serves every interface (then set "
+                                               "--api-key)."),
+    port: int = typer.Option(8000, help="Port to listen on.", min=1, max=65535),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="OFFLOAD_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (also read from OFFLOAD_API_KEY)."),
+    max_waiting: int = typer.Option(
+        8, help="Requests that may wait behind the one generating; the next gets HTTP 429.", min=0),
+    name: Optional[str] = typer.Option(None, help="Model id the API reports (default: the folder's name)."),
+    *,
+    load_options: LoadOptions,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) with
+    a chat page at /, /health and /metrics. One sequence at a time; a prompt sharing a prefix with the previous
+    one reuses its cache."""
+    from .checks import model_config
+    from .server import ServerOptions, check_address, serve as run_server
+
+    model_config(model_path)  # a broken folder fails before anything else
+    if api_key is not None and not api_key.strip():
+        raise OffloadError("--api-key is empty; give a key, or leave the option out to serve without one")
+    check_address(host, port)
+    model = load_model(model_path, load_options, progress=err.is_terminal)
+    options = ServerOptions(name or model.path.name, max_waiting, api_key)
+    shown = f"[{host}]" if ":" in host else host
+    open_to_others = not api_key and host not in ("127.0.0.1", "localhost", "::1")
+    err.print(f"[dim]serving {options.model_name} on http://{shown}:{port} (chat page at /, OpenAI API at /v1)"
+              f"{'; no --api-key: anyone who can reach this address can use it' if open_to_others else ''}[/dim]",
+              highlight=False)
+    run_server(model, options, host, port)
+
+
+@app.command()
+@user_errors
 def convert(
     model_path: Path = MODEL_ARGUMENT,
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder for the converted checkpoint (created)."),
@@ -398,11 +436,16 @@ def inspect_(
 def plan_(
     model_path: Path = MODEL_ARGUMENT,
     gpu_memory: Optional[str] = typer.Option(None, help="Device budget, e.g. 12GiB (default: free GPU memory)."),
+    host_memory: Optional[str] = typer.Option(
+        None, help="RAM to plan for, e.g. 256GiB (default: the RAM available now; set it to size another machine)."),
     max_context: Optional[int] = typer.Option(
         None, help="Context the KV cache is sized for (default: the model's position limit, at most 4096)."),
     experts: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
         None, help="Host format of offloaded experts (default: the device dtype, as when loading)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N] (decides the device dtype)."),
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = typer.Option(
+        "auto", help="Device dtype to plan for (auto: bfloat16 on a GPU, float32 on the CPU; bfloat16 plans for a "
+                     "GPU from a machine without one)."),
     profile: Optional[Path] = typer.Option(None, help="profile.json from `offload profile`: pin the hottest experts."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the plan as JSON to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
@@ -412,7 +455,7 @@ def plan_(
     from .profiling import read_heat
 
     placement = make(model_path, gpu_memory=gpu_memory, max_context=max_context, experts=experts, device=device,
-                     heat=read_heat(profile) if profile else None)
+                     dtype=dtype, heat=read_heat(profile) if profile else None, host_memory=host_memory)
     if out_file is not None:
         placement.save(out_file)
         err.print(f"[dim]wrote {out_file}[/dim]")

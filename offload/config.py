@@ -37,6 +37,43 @@ class MLAConfig:
 
 
 @dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Gated DeltaNet layers (Qwen3-Next, Qwen3.5): a short causal convolution over q/k/v, then per value head a
+    [key_head_dim, value_head_dim] state updated by the gated delta rule; each key head serves
+    num_value_heads / num_key_heads consecutive value heads."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+    # "qkvz_ba": Qwen3-Next's two projections, their outputs grouped per key head (q, k, v, z | b, a);
+    # "qkv_z_b_a": Qwen3.5's four projections, each laid out head after head.
+    projections: str = "qkv_z_b_a"
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels the convolution runs over: q, k (key heads) and v (value heads)."""
+        return 2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, GLM-5): a small multi-head scorer over its own
+    key cache that picks the `topk` cached positions each query's MLA attends to."""
+
+    n_heads: int  # index_n_heads
+    head_dim: int  # index_head_dim; RoPE turns the first qk_rope_head_dim channels of each indexer head
+    topk: int  # index_topk
+    rope_interleaved: bool  # rope over adjacent pairs (GLM-5) rather than the two halves (DeepSeek-V3.2)
+    own_layers: tuple[bool, ...]  # per layer: runs its own indexer (True) or reuses the top-k of the last one that did
+
+    @property
+    def num_indexer_layers(self) -> int:
+        return sum(self.own_layers)
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """How a MoE layer turns router logits into top-k expert ids and combine weights."""
 
@@ -76,6 +113,7 @@ class ModelConfig:
     clip_qkv: float | None = None
     sliding_windows: tuple[int | None, ...] = ()  # per layer window, None = full attention
     mla: MLAConfig | None = None
+    indexer: IndexerConfig | None = None  # DeepSeek Sparse Attention over the MLA cache
     shared_intermediate_size: int = 0  # 0 = no shared expert
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(gate(x)) scales the shared expert
     bos_token_id: int | None = None
@@ -83,11 +121,23 @@ class ModelConfig:
     torch_dtype: str = "float32"
     num_extra_layers: int = 0  # multi-token-prediction layers after the last layer (DeepSeek-V3, GLM-4.x), unused
     rotary_dim: int | None = None  # partial RoPE (GLM-4.x): rotate only each head's first rotary_dim channels
+    # Per layer "attention" or "linear_attention" (Gated DeltaNet, `linear_attention` below); () = all attention.
+    layer_kinds: tuple[str, ...] = ()
+    linear_attention: LinearAttentionConfig | None = None
+    attention_output_gate: bool = False  # Qwen3-Next: q_proj also yields a gate; output x sigmoid(gate) before o_proj
+    zero_centred_norm: bool = False  # Qwen3-Next: RMSNorm scales by (1 + weight), in fp32
     extra: dict = field(default_factory=dict, compare=False, hash=False)  # untranslated config.json, for display
 
     @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
+
+    def is_linear_attention(self, layer: int) -> bool:
+        return bool(self.layer_kinds) and self.layer_kinds[layer] == "linear_attention"
+
+    @property
+    def num_linear_attention_layers(self) -> int:
+        return sum(kind == "linear_attention" for kind in self.layer_kinds)
 
     @property
     def rope_dim(self) -> int:

@@ -21,10 +21,15 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    cached_prompt_tokens: int = 0  # the prompt's leading tokens the caches already held: reused, not computed
+
+    @property
+    def computed_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_prompt_tokens
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        return self.computed_prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -35,6 +40,8 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "computed_prompt_tokens": self.computed_prompt_tokens,
             "generated_tokens": self.generated_tokens,
             "prefill_seconds": round(self.prefill_seconds, 6),
             "decode_seconds": round(self.decode_seconds, 6),
@@ -60,6 +67,40 @@ class GenerationRequest:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Resume from the longest prefix of the prompt the model's caches already hold (the previous turn of a chat)
+    # instead of prefilling from position 0; the logits are the same either way. Off to measure a full prefill.
+    reuse_cache: bool = True
+
+
+@dataclass
+class PromptCacheStats:
+    """Prompt tokens since load (or reset_stats): reused from the caches, and computed by a prefill."""
+    reused_tokens: int = 0
+    computed_tokens: int = 0
+
+    def clear(self) -> None:
+        self.reused_tokens = self.computed_tokens = 0
+
+    def as_dict(self) -> dict:
+        total = self.reused_tokens + self.computed_tokens
+        return {"reused_tokens": self.reused_tokens, "computed_tokens": self.computed_tokens,
+                "reuse_rate": round(self.reused_tokens / total, 4) if total else None}
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def resume_position(transformer: Transformer, prompt_ids: Sequence[int]) -> int:
+    """Where a prefill of prompt_ids can start: the caches' resume point within the prefix they share with what
+    they hold. The last prompt token is always recomputed, since its logits pick the first new token."""
+    common = common_prefix_length(transformer.cached_ids, prompt_ids, len(prompt_ids) - 1)
+    return transformer.resume_point(common) if common else 0
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
@@ -94,7 +135,8 @@ class GenerationRun:
     reports finish_reason "interrupted"."""
 
     def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, eos_ids: Sequence[int],
-                 request: GenerationRequest, lock: ContextManager | None = None):
+                 request: GenerationRequest, lock: ContextManager | None = None,
+                 prompt_cache: PromptCacheStats | None = None):
         check_fits(len(request.prompt_ids), request.max_new_tokens, transformer.max_context)
         self.transformer, self.tokenizer, self.request = transformer, tokenizer, request
         self.eos_ids = set() if request.ignore_eos else set(eos_ids)
@@ -102,6 +144,8 @@ class GenerationRun:
         self.result = Generation(finish_reason="interrupted",
                                  stats=GenerationStats(prompt_tokens=len(request.prompt_ids)))
         self._lock = lock or contextlib.nullcontext()
+        self._prompt_cache = prompt_cache or PromptCacheStats()
+        self._stop_requested = False
         self._pieces: Generator[str, None, None] | None = None  # started on the first next()
 
     def __iter__(self) -> GenerationRun:
@@ -117,6 +161,15 @@ class GenerationRun:
         if self._pieces is None:
             self._pieces = self._locked_pieces()  # closed before its first step, it never takes the lock
         self._pieces.close()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def request_stop(self) -> None:
+        """Ask the run to end after its current token, from any thread (e.g. a server whose client left while
+        another thread iterates the run); it then ends as "interrupted" and releases the model."""
+        self._stop_requested = True
 
     def __enter__(self) -> GenerationRun:
         return self
@@ -135,10 +188,14 @@ class GenerationRun:
         history = torch.empty(len(req.prompt_ids) + req.max_new_tokens, dtype=torch.long)  # prompt + generated
         history[: len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
         generator = make_generator(req.sampling.seed)
+        start = resume_position(model, req.prompt_ids) if req.reuse_cache else 0
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits = model(torch.tensor(req.prompt_ids, device=device), 0, last_only=True)[0].cpu()
+            logits = model(torch.tensor(req.prompt_ids[start:], device=device), start, last_only=True)[0].cpu()
         stats.prefill_seconds = time.perf_counter() - t0
+        stats.cached_prompt_tokens = start
+        self._prompt_cache.reused_tokens += start
+        self._prompt_cache.computed_tokens += len(req.prompt_ids) - start
         pos = len(req.prompt_ids)
         check_finite(logits, pos - 1)
         step_ids = torch.empty(1, dtype=torch.long, device=device)  # reused: no allocation per decoded token
@@ -166,15 +223,16 @@ class GenerationRun:
             if token in self.eos_ids:
                 result.finish_reason = "stop"
                 break
-            if detok is None:
-                continue
-            piece, hit = stops.push(detok.push(token))
-            if piece:
-                result.text += piece
-                yield piece
-            if hit:
-                result.finish_reason = "stop"
-                return
+            if detok is not None:
+                piece, hit = stops.push(detok.push(token))
+                if piece:
+                    result.text += piece
+                    yield piece
+                if hit:
+                    result.finish_reason = "stop"
+                    return
+            if self._stop_requested:
+                return  # "interrupted", with the text yielded so far
         if result.finish_reason != "stop":
             result.finish_reason = "length"
         if detok is not None:

@@ -18,7 +18,8 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .placement import expert_host_bytes, inventory, kv_cache_bytes
 from .tokenizer import Tokenizer
-from .weights.checkpoint import Checkpoint
+from .weights.checkpoint import Checkpoint, holds_weights, read_config
+from .weights.quant import scheme_for
 
 EXPERT_FORMATS = ("bf16", "int8", "int4")
 DEVICE_BYTES_PER_PARAM = 2  # everything but the routed experts sits on the device in bf16
@@ -88,14 +89,29 @@ def memory_by_format(cfg: ModelConfig) -> dict[str, dict[str, int]]:
 def attention_summary(cfg: ModelConfig) -> dict[str, Any]:
     m = cfg.mla
     if m is not None:
+        ix = cfg.indexer
+        sparse = None if ix is None else {
+            "index_topk": ix.topk, "index_n_heads": ix.n_heads, "index_head_dim": ix.head_dim,
+            "rope": "interleaved" if ix.rope_interleaved else "half", "indexer_layers": ix.num_indexer_layers}
         return {"kind": "MLA", "heads": cfg.num_attention_heads, "q_lora_rank": m.q_lora_rank,
                 "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
-                "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim}
+                "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "sparse": sparse}
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     kind = "MHA" if nkv == nh else "MQA" if nkv == 1 else "GQA"
     windows = sorted({w for w in cfg.sliding_windows if w is not None})
     return {"kind": kind, "heads": nh, "kv_heads": nkv, "head_dim": cfg.head_dim, "rope_dim": cfg.rope_dim,
-            "qkv_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm, "sliding_window": windows[0] if windows else None}
+            "qkv_bias": cfg.attention_bias, "o_bias": cfg.attention_output_bias, "qk_norm": cfg.qk_norm,
+            "sliding_window": windows[0] if windows else None, "output_gate": cfg.attention_output_gate}
+
+
+def linear_attention_summary(cfg: ModelConfig) -> dict[str, Any] | None:
+    """The Gated DeltaNet layers of a hybrid stack (None when every layer is attention)."""
+    la = cfg.linear_attention
+    if la is None or not cfg.num_linear_attention_layers:
+        return None
+    return {"kind": "Gated DeltaNet", "layers": [i for i in range(cfg.num_hidden_layers) if cfg.is_linear_attention(i)],
+            "key_heads": la.num_key_heads, "value_heads": la.num_value_heads, "key_head_dim": la.key_head_dim,
+            "value_head_dim": la.value_head_dim, "conv_kernel": la.conv_kernel}
 
 
 def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
@@ -130,7 +146,7 @@ def checkpoint_summary(checkpoint: Checkpoint) -> dict[str, Any]:
     for info in checkpoint.tensors.values():
         dtypes[info.dtype] += info.nbytes
     files = {info.file for info in checkpoint.tensors.values()}
-    # A multimodal checkpoint's other towers (vision encoder, projector): not loaded.
+    # A multimodal checkpoint's other towers (vision encoder, projector) and unused modules: not loaded.
     prefixes = architecture(checkpoint.config_json.get("model_type")).skipped_prefixes
     skipped = [info for name, info in checkpoint.tensors.items() if prefixes and name.startswith(prefixes)]
     return {"files": len(files), "tensors": len(checkpoint.tensors), "bytes": checkpoint.nbytes(),
@@ -140,15 +156,18 @@ def checkpoint_summary(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """Everything `offload inspect` shows, as plain data (the --json output)."""
-    checkpoint = Checkpoint(path)
-    hf = checkpoint.config_json
+    """Everything `offload inspect` shows, as plain data (the --json output). A folder with config.json alone (no
+    weights yet: deciding what to download) is described from the config; its "checkpoint" is None."""
+    folder = Path(path).expanduser()
+    checkpoint = Checkpoint(folder) if holds_weights(folder) else None
+    hf = checkpoint.config_json if checkpoint is not None else read_config(folder)
+    scheme = checkpoint.scheme if checkpoint is not None else scheme_for(folder, hf)
     cfg = config_from_hf(hf)
     params = param_counts(cfg)
     dense_layers = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
     rope = cfg.rope
     return {
-        "path": str(checkpoint.folder),
+        "path": str(folder),
         "model_type": cfg.model_type,
         "architectures": hf.get("architectures") or [],
         "layers": {"total": cfg.num_hidden_layers, "moe": cfg.num_moe_layers, "dense": len(dense_layers),
@@ -157,17 +176,19 @@ def describe(path: str | Path) -> dict[str, Any]:
         "moe_intermediate_size": cfg.moe_intermediate_size,
         "experts": experts_summary(cfg),
         "attention": attention_summary(cfg),
+        "linear_attention": linear_attention_summary(cfg),
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rope": {"type": rope.type, "theta": rope.theta, "factor": rope.factor,
                  "original_max_position_embeddings": rope.original_max_position_embeddings},
         "parameters": {"total": params.total, "active_per_token": params.active,
                        "routed_experts": params.routed_experts, "per_expert": params.per_expert, "dense": params.dense},
-        "checkpoint": checkpoint_summary(checkpoint),
-        "quantization": checkpoint.scheme.describe() if checkpoint.scheme is not None else None,
-        "memory": {"kv_cache_bytes_per_token": kv_cache_bytes(cfg, 1, 2),
+        "checkpoint": checkpoint_summary(checkpoint) if checkpoint is not None else None,
+        "quantization": scheme.describe() if scheme is not None else None,
+        "memory": {"kv_cache_bytes_per_token": kv_cache_bytes(cfg, 1, 2) - kv_cache_bytes(cfg, 0, 2),
+                   "recurrent_state_bytes": kv_cache_bytes(cfg, 0, 2),
                    "by_expert_format": memory_by_format(cfg)},
-        "tokenizer": tokenizer_summary(checkpoint.folder),
+        "tokenizer": tokenizer_summary(folder),
     }
 
 
@@ -190,18 +211,31 @@ def human_count(n: float) -> str:
 def _attention_text(a: dict[str, Any]) -> str:
     if a["kind"] == "MLA":
         q = "none" if a["q_lora_rank"] is None else a["q_lora_rank"]
-        return (f"MLA, {a['heads']} heads, q_lora_rank {q}, kv_lora_rank {a['kv_lora_rank']}, qk head dim "
+        text = (f"MLA, {a['heads']} heads, q_lora_rank {q}, kv_lora_rank {a['kv_lora_rank']}, qk head dim "
                 f"{a['qk_nope_head_dim']} nope + {a['qk_rope_head_dim']} rope, v head dim {a['v_head_dim']}")
+        if (s := a["sparse"]) is not None:
+            text += (f"; sparse (DSA): top-{s['index_topk']} positions per query, lightning indexer "
+                     f"{s['index_n_heads']} heads x {s['index_head_dim']} ({s['rope']} rope) in "
+                     f"{s['indexer_layers']} layers")
+        return text
     text = f"{a['kind']}, {a['heads']} query heads, {a['kv_heads']} KV heads, head dim {a['head_dim']}"
     if a["rope_dim"] != a["head_dim"]:
         text += f" (rope on the first {a['rope_dim']})"
     if a["qkv_bias"]:
-        text += ", q/k/v bias"
+        text += ", q/k/v/o bias" if a.get("o_bias") else ", q/k/v bias"
     if a["qk_norm"]:
         text += f", q/k norm ({a['qk_norm']})"
     if a["sliding_window"]:
         text += f", sliding window {a['sliding_window']}"
+    if a["output_gate"]:
+        text += ", sigmoid output gate"
     return text
+
+
+def _linear_attention_text(la: dict[str, Any], total_layers: int) -> str:
+    return (f"{la['kind']} on {len(la['layers'])} of {total_layers} layers (the rest attention): {la['key_heads']} "
+            f"key heads x {la['key_head_dim']}, {la['value_heads']} value heads x {la['value_head_dim']}, "
+            f"conv {la['conv_kernel']}; a fixed-size state per layer")
 
 
 def _experts_text(e: dict[str, Any]) -> str:
@@ -229,6 +263,13 @@ def _quantization_text(q: dict[str, Any] | None) -> str:
             "dequantized to the model dtype")
 
 
+def _checkpoint_text(ckpt: dict[str, Any] | None) -> str:
+    if ckpt is None:
+        return "no weights in this folder (config.json only): sizes below are computed from the config"
+    return (f"{human_bytes(ckpt['bytes'])} in {ckpt['files']} file(s), {ckpt['tensors']} tensors, "
+            + ", ".join(ckpt["dtypes"]))
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """The report as two tables: what the model is, and what its weights cost per expert format."""
     layers, rope, params, ckpt = report["layers"], report["rope"], report["parameters"], report["checkpoint"]
@@ -248,17 +289,19 @@ def render(report: dict[str, Any], console: Console) -> None:
         ("shared experts", f"{shared['count']} x intermediate {shared['intermediate_size']}"
                            f"{', sigmoid-gated' if shared['gated'] else ''}" if shared else "none"),
         ("attention", _attention_text(report["attention"])),
+        *([("linear attention", _linear_attention_text(report["linear_attention"], layers["total"]))]
+          if report["linear_attention"] else []),
         ("vocab", str(report["vocab_size"])),
         ("max positions", str(report["max_position_embeddings"])),
         ("rope", rope_text),
         ("parameters", f"{human_count(params['total'])} total, {human_count(params['active_per_token'])} active "
                        f"per token ({human_count(params['per_expert'])} per expert)"),
-        ("checkpoint", f"{human_bytes(ckpt['bytes'])} in {ckpt['files']} file(s), {ckpt['tensors']} tensors, "
-                       + ", ".join(ckpt["dtypes"])),
+        ("checkpoint", _checkpoint_text(ckpt)),
         ("quantization", _quantization_text(report["quantization"])),
         *([("skipped", f"{ckpt['skipped']['tensors']} tensors ({human_bytes(ckpt['skipped']['bytes'])}) under "
-                       f"{', '.join(ckpt['skipped']['prefixes'])}: not a part of the text model offload runs")]
-          if ckpt["skipped"]["tensors"] else []),
+                       f"{', '.join(ckpt['skipped']['prefixes'])}: not loaded (another tower of a multimodal "
+                       "checkpoint, or a multi-token-prediction module)")]
+          if ckpt and ckpt["skipped"]["tensors"] else []),
         ("tokenizer", _tokenizer_text(report["tokenizer"])),
     ]
     for key, value in rows:
@@ -274,4 +317,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     for fmt, row in memory.items():
         table.add_row(fmt, human_bytes(row["device"]), human_bytes(row["experts"]), human_bytes(row["total"]))
     console.print(table)
-    console.print(f"KV cache: {human_bytes(report['memory']['kv_cache_bytes_per_token'])} per token (bf16)")
+    kv_text = f"KV cache: {human_bytes(report['memory']['kv_cache_bytes_per_token'])} per token (bf16)"
+    if report["memory"]["recurrent_state_bytes"]:
+        kv_text += f", plus {human_bytes(report['memory']['recurrent_state_bytes'])} of recurrent state at any context"
+    console.print(kv_text)

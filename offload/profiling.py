@@ -204,7 +204,7 @@ def _counters(stats: dict[str, Any]) -> tuple[int, int, dict[str, float]]:
 def _run_prompt(model: Model, ids: list[int], max_new_tokens: int, run: PlanRun) -> None:
     """Greedy, eos ignored (so every plan decodes the same number of tokens); the decode steps' counters are the
     difference between the stats after the prefill and at the end."""
-    generation = model.stream(ids, max_new_tokens=max_new_tokens, ignore_eos=True, seed=0)
+    generation = model.stream(ids, max_new_tokens=max_new_tokens, ignore_eos=True, seed=0, reuse_cache=False)
     tokens = generation.token_ids()
     next(tokens)  # the prefill, which samples the first token
     uses0, hits0, seconds0 = _counters(model.stats())
@@ -256,7 +256,8 @@ def measure_plan(model_path: Path, prompts: Sequence[Prompt], max_new_tokens: in
     ids = [prompt_ids(model, p) for p in prompts]
     for prompt in ids:  # every prompt fits, or fail before the long part
         check_fits(len(prompt), max_new_tokens, model.max_context)
-    model.generate(ids[0], max_new_tokens=2, ignore_eos=True)  # first-call costs (allocations, caches) out
+    # First-call costs (allocations, caches) out.
+    model.generate(ids[0], max_new_tokens=2, ignore_eos=True, reuse_cache=False)
     model.reset_stats()
     run = PlanRun(name, model.plan, [], {})
     for done, prompt in enumerate(ids, 1):

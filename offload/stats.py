@@ -8,11 +8,12 @@ from .experts.builder import ExpertsBuilder
 from .experts.cache import CacheStats
 from .experts.hybrid import LayerStats
 from .experts.prefetch import PrefetchStats
-from .generate import Generation
+from .generate import Generation, PromptCacheStats
 from .timers import Timers
 
 
-def runtime_stats(experts: ExpertsBuilder, timers: Timers, last: Generation | None, load_info) -> dict[str, Any]:
+def runtime_stats(experts: ExpertsBuilder, timers: Timers, last: Generation | None, load_info,
+                  prompt_cache: PromptCacheStats) -> dict[str, Any]:
     layers = []
     prefetch = experts.prefetcher.stats if experts.prefetcher else {}
     for layer, hybrid in sorted(experts.hybrids.items()):
@@ -49,6 +50,7 @@ def runtime_stats(experts: ExpertsBuilder, timers: Timers, last: Generation | No
     return {
         "layers": layers,
         "totals": totals,
+        "prompt_cache": prompt_cache.as_dict(),
         "seconds": {name: round(v, 6) for name, v in sorted(timers.seconds.items())},
         "last_generation": last.stats.as_dict() if last else None,
         "cost_model": experts.cost.as_dict() if experts.cost else None,

@@ -67,7 +67,7 @@ def test_version():
     assert result.exit_code == 0 and result.output.strip() == f"offload {offload.__version__}"
 
 
-@pytest.mark.parametrize("command", ["chat", "generate", "bench"])
+@pytest.mark.parametrize("command", ["chat", "generate", "serve", "bench"])
 def test_commands_that_load_share_the_load_options(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
@@ -271,7 +271,8 @@ def test_inspect_demo_checkpoint_has_a_chat_template(demo_dir):
     assert report["tokenizer"] == {"present": True, "vocab_size": report["tokenizer"]["vocab_size"],
                                    "chat_template": True}
     assert report["attention"] == {"kind": "GQA", "heads": 8, "kv_heads": 2, "head_dim": 32, "rope_dim": 32,
-                                   "qkv_bias": False, "qk_norm": "head", "sliding_window": None}
+                                   "qkv_bias": False, "o_bias": False, "qk_norm": "head", "sliding_window": None,
+                                   "output_gate": False}
     assert report["experts"]["routed"] == RANDOM_DEMO_CONFIG["num_experts"] and report["layers"]["moe"] == 4
 
 
@@ -453,3 +454,41 @@ def test_chat_with_a_simulated_gpu_budget_reports_the_expert_hit_rate(demo_dir):
                     "--max-new-tokens", "4", "--temperature", "0")
     assert result.exit_code == 0, result.output
     assert "expert hit rate" in result.output
+
+
+# GLM-4.5-Air's published config.json (the keys that size it); no weights: what a user checks before downloading.
+GLM_45_AIR_CONFIG = {
+    "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": 4096, "num_attention_heads": 96,
+    "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 46, "first_k_dense_replace": 1,
+    "n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408, "intermediate_size": 10944,
+    "partial_rotary_factor": 0.5, "vocab_size": 151552, "max_position_embeddings": 131072, "n_shared_experts": 1,
+    "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "use_qk_norm": False, "attention_bias": True,
+    "rope_theta": 1000000, "num_nextn_predict_layers": 1, "norm_topk_prob": True, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5, "eos_token_id": [151329, 151336, 151338]}
+
+
+def test_inspect_and_plan_a_config_only_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GLM_45_AIR_CONFIG))
+    result = invoke("inspect", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "no weights in this folder" in result.output and "106.85B total" in result.output
+    report = json.loads(invoke("inspect", str(tmp_path), "--json").output)
+    assert report["checkpoint"] is None and report["layers"]["moe"] == 45
+
+    # A 24 GB GPU from a machine without one: bf16 device tier, RAM of the machine being sized.
+    result = invoke("plan", str(tmp_path), "--gpu-memory", "24GiB", "--dtype", "bfloat16", "--host-memory", "256GiB",
+                    "--experts", "int4", "--json")
+    assert result.exit_code == 0, result.output
+    plan = offload.Plan.from_json(result.output)
+    assert plan.device_dtype == "bfloat16" and plan.host_budget == 256 * 2**30
+    assert len(plan.layers) == 45 and plan.device_bytes <= plan.device_budget == 24 * 2**30
+    assert plan.expert_format == "int4" and sum(layer.cache_slots for layer in plan.layers) > 0
+    # The RAM check still applies to the machine planned for.
+    assert_one_line_error(invoke("plan", str(tmp_path), "--gpu-memory", "24GiB", "--dtype", "bfloat16",
+                                 "--host-memory", "32GiB", "--experts", "int4"), "RAM", "int4")
+
+
+def test_a_folder_with_an_index_but_no_shards_is_still_an_error_for_inspect(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GLM_45_AIR_CONFIG))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    assert_one_line_error(invoke("inspect", str(tmp_path)), "model-1.safetensors", "missing")

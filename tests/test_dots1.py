@@ -87,7 +87,7 @@ def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):
     assert result.exit_code == 0, result.output
     text = re.sub(r"\s+", " ", result.stdout)
     assert "dots1 (Dots1ForCausalLM)" in text
-    assert "GQA, 4 query heads, 2 KV heads, head dim 16, q/k/v bias, q/k norm (head), sliding window 7" in text
+    assert "GQA, 4 query heads, 2 KV heads, head dim 16, q/k/v/o bias, q/k norm (head), sliding window 7" in text
     assert "8 routed, top-2, sigmoid scores, noaux_tc (2 of 4 groups)" in text
 
     result = invoke("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json")

@@ -73,6 +73,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=12,
         qk_rope_head_dim=8, v_head_dim=10, n_group=2, topk_group=1, routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "dense", "sparse"])),
+    # DeepSeek-V3.2: DeepSeek-V3 with a lightning indexer per layer; index_topk 8 is far below the tests' contexts,
+    # so attention really reads a subset of the positions.
+    "deepseek_v32": ("deepseek_v32", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=20, kv_lora_rank=16,
+        qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_group=4, topk_group=2, rope_parameters=YARN,
+        routed_scaling_factor=2.5, index_topk=8, index_head_dim=16, index_n_heads=8)),
+    # GLM-5: the indexer rotates interleaved pairs, and the middle layer reuses the first layer's top-k.
+    "glm_moe_dsa": ("glm_moe_dsa", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=6,
+        num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=12,
+        qk_rope_head_dim=8, v_head_dim=10, n_group=1, topk_group=1, routed_scaling_factor=1.8,
+        mlp_layer_types=["dense", "sparse", "sparse"], index_topk=12, index_head_dim=16, index_n_heads=6,
+        indexer_types=["full", "shared", "full"])),
     # MiniMax-M2: full-width q/k norm, a quarter of each head rotated (the published rotary_dim), sigmoid routing with
     # the correction bias beside the gate, w1/w3/w2 experts under block_sparse_moe.
     "minimax_m2": ("minimax_m2", dict(
@@ -89,19 +103,43 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_key_value_heads=2, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, norm_topk_prob=False, n_group=4,
         topk_group=2, attention_bias=True, sliding_window=7, max_window_layers=1)),
+    # Qwen3-Next: Gated DeltaNet layers 0 and 2 around a gated full-attention layer (a quarter of each head rotated),
+    # two value heads per key head, a dense last layer.
+    "qwen3_next": ("qwen3_next", dict(
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=12, linear_conv_kernel_dim=4, intermediate_size=48, moe_intermediate_size=24,
+        shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2, full_attention_interval=2,
+        mlp_only_layers=[2], eos_token_id=95)),
+    # Qwen3.5-35B-A3B's layout (a vision tower around the text model), four projections per DeltaNet layer.
+    "qwen3_5_moe": ("qwen3_5_moe", dict(
+        num_key_value_heads=1, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+        num_experts=8, num_experts_per_tok=3, layer_types=["linear_attention", "linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
+                         "mrope_section": [1, 1, 2], "mrope_interleaved": True})),
 }
+# Multimodal checkpoints: the variant's fields are the text model's; this is the (tiny) vision tower around it.
+VISION_TOWERS = {"qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64)}
 
 
 def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
     """The transformers model for a variant (config fields changed by `overrides`), in fp32 eval mode, with
-    non-trivial DeepSeek-V3 correction bias and attention projection biases (transformers initialises them to
-    zero, which would leave a dropped bias unnoticed)."""
+    non-trivial DeepSeek-V3 correction bias, attention projection biases and norm weights (transformers initialises
+    them to zero or one, which would leave a dropped bias or a misread norm unnoticed), and Gated DeltaNet decays
+    slow enough that the recurrent state carries far (A in [0.01, 0.5])."""
     import transformers
 
     model_type, variant = VARIANTS[name]
-    config = transformers.CONFIG_MAPPING[model_type](**{**COMMON, **variant, **(overrides or {})})
+    fields = {**COMMON, **variant, **(overrides or {})}
+    if model_type in VISION_TOWERS:
+        config = transformers.CONFIG_MAPPING[model_type](text_config=fields, vision_config=VISION_TOWERS[model_type],
+                                                         tie_word_embeddings=False)
+    else:
+        config = transformers.CONFIG_MAPPING[model_type](**fields)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    multimodal = model_type in VISION_TOWERS
+    auto = transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32).eval()
     for module_name, buffer in model.named_buffers():
         if module_name.endswith("e_score_correction_bias"):
             buffer.copy_(torch.randn_like(buffer) * 0.3)
@@ -109,6 +147,10 @@ def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
         for param_name, param in model.named_parameters():
             if ".self_attn." in param_name and param_name.endswith("_proj.bias"):
                 param.copy_(torch.randn_like(param) * 0.1)
+            if model_type in ("qwen3_next", "qwen3_5_moe") and param_name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
+            if param_name.endswith("linear_attn.A_log"):
+                param.copy_(torch.empty_like(param).uniform_(0.01, 0.5).log())
     return model
 
 

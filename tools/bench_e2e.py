@@ -177,7 +177,7 @@ def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dic
     meter = KernelMeter()
     model.generate(prompt[:WARMUP_PROMPT], max_new_tokens=WARMUP_NEW, ignore_eos=True)
     meter.calls.clear()
-    g = model.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
+    g = model.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True, reuse_cache=False)
     steps = args.new_tokens - 1
     kernel_s, weight_bytes = meter.decode_per_token(steps)
     token_s = g.stats.decode_seconds / steps

@@ -52,7 +52,7 @@ def sync(device: str) -> None:
 
 
 def offload_round(model, prompt: list[int], new_tokens: int, device: str) -> tuple[float, float]:
-    prefill = model.generate(prompt, max_new_tokens=1, ignore_eos=True).stats.prefill_tokens_per_s
+    prefill = model.generate(prompt, max_new_tokens=1, ignore_eos=True, reuse_cache=False).stats.prefill_tokens_per_s
     g = model.generate(prompt[:16], max_new_tokens=new_tokens + 1, ignore_eos=True)
     return prefill, g.stats.decode_tokens_per_s
 

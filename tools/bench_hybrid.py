@@ -78,7 +78,7 @@ def main() -> None:
                 model.generate(prompt.tolist(), max_new_tokens=4, ignore_eos=True)  # warm-up
                 model.logits(prompt.tolist())  # the prefill's traffic is not decode's
                 model.reset_stats()
-                g = model.generate(prompt.tolist(), max_new_tokens=args.new, ignore_eos=True)
+                g = model.generate(prompt.tolist(), max_new_tokens=args.new, ignore_eos=True, reuse_cache=False)
                 t = model.stats()["totals"]
                 per_token = t["bytes_copied"] / g.stats.generated_tokens / 1e6
                 precision = "-" if t["prefetch_precision"] is None else f"{t['prefetch_precision']:.2f}"

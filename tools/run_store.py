@@ -45,7 +45,7 @@ def main() -> None:
     vocab = model.config.vocab_size
     prompt = torch.randint(3, vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(args.seed))
     for label in ("cold (pages read from disk)", "warm"):
-        g = model.generate(prompt.tolist(), max_new_tokens=args.new_tokens, ignore_eos=True)
+        g = model.generate(prompt.tolist(), max_new_tokens=args.new_tokens, ignore_eos=True, reuse_cache=False)
         s = g.stats
         print(f"{label}: time to first token {s.prefill_seconds:.2f} s for {args.prompt_tokens} prompt tokens "
               f"({s.prefill_tokens_per_s:.1f} tok/s), decode {s.decode_tokens_per_s:.2f} tok/s over "

@@ -24,7 +24,9 @@ class TextModel:
 
     config_key: str  # config.json's sub-config of the text model, e.g. "text_config"
     model_type: str  # the text model's architecture where its sub-config does not name it
-    prefix: str  # the text model's tensor names start with this, e.g. "language_model."
+    # (runtime prefix, stored prefix) pairs: the text model's tensor `model.x` is stored as `{stored}x` for the pair
+    # whose runtime prefix starts the name, e.g. (("", "language_model."),) puts every name under language_model.
+    prefixes: tuple[tuple[str, str], ...]
     skipped: tuple[str, ...]  # name prefixes of the other towers' tensors (vision encoder, projector)
 
     def config(self, hf: dict[str, Any]) -> dict[str, Any]:
@@ -37,6 +39,20 @@ class TextModel:
         quant = {"quantization_config": hf["quantization_config"]} if "quantization_config" in hf else {}
         return {"model_type": self.model_type, **quant, **text}
 
+    def checkpoint_name(self, name: str) -> str:
+        """The stored name of the text model's tensor `name` (as offload's modules ask for it)."""
+        for runtime, stored in self.prefixes:
+            if name.startswith(runtime):
+                return stored + name[len(runtime):]
+        raise KeyError(name)
+
+    def runtime_name(self, stored_name: str) -> str | None:
+        """The inverse of checkpoint_name; None for a tensor outside the text model."""
+        for runtime, stored in sorted(self.prefixes, key=lambda pair: -len(pair[1])):
+            if stored_name.startswith(stored):
+                return runtime + stored_name[len(stored):]
+        return None
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -44,25 +60,32 @@ class Architecture:
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     names: CheckpointNames
     text_model: TextModel | None = None  # a multimodal wrapper: run its text model, skip the other towers
+    unused: tuple[str, ...] = ()  # name prefixes of modules published checkpoints ship and inference skips (MTP)
 
     def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
         """config.json of the model offload runs (the text model's, for a multimodal checkpoint)."""
         return self.text_model.config(hf) if self.text_model is not None else hf
 
-    @property
-    def weights_prefix(self) -> str:
-        return self.text_model.prefix if self.text_model is not None else ""
+    def checkpoint_name(self, name: str) -> str:
+        """Where the checkpoint stores the tensor a module asks for as `name`."""
+        return self.text_model.checkpoint_name(name) if self.text_model is not None else name
+
+    def runtime_name(self, stored_name: str) -> str | None:
+        return self.text_model.runtime_name(stored_name) if self.text_model is not None else stored_name
 
     @property
     def skipped_prefixes(self) -> tuple[str, ...]:
-        return self.text_model.skipped if self.text_model is not None else ()
+        """Other towers' tensors and unused modules: present in published checkpoints, never loaded."""
+        return (self.text_model.skipped if self.text_model is not None else ()) + self.unused
 
 
 def _registry() -> dict[str, Architecture]:
-    from . import deepseek, dots1, glm4_moe, glm4_moe_lite, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe
+    from . import (deepseek, deepseek_v32, dots1, glm4_moe, glm4_moe_lite, glm_moe_dsa, minimax_m2, mixtral, olmoe,
+                   qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next)
 
     archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
-             deepseek.KIMI_K25, glm4_moe.ARCH, glm4_moe_lite.ARCH, dots1.ARCH, minimax_m2.ARCH]
+             deepseek.KIMI_K25, deepseek_v32.ARCH, glm4_moe.ARCH, glm4_moe_lite.ARCH, glm_moe_dsa.ARCH, dots1.ARCH,
+             minimax_m2.ARCH, qwen3_next.ARCH, qwen3_5_moe.ARCH, qwen3_5_moe.TEXT_ARCH]
     return {arch.model_type: arch for arch in archs}
 
 

@@ -68,5 +68,5 @@ V3 = Architecture("deepseek_v3", v3_from_hf, CheckpointNames(shared="shared_expe
 # Kimi-K2-Instruct's config.json: DeepSeek-V3's fields and tensor names, under its own model_type.
 KIMI_K2 = Architecture("kimi_k2", v3_from_hf, V3.names)
 # Kimi-K2.5 wraps a DeepSeek-V3 text model (`text_config`, tensors under `language_model.`) with a vision tower.
-_KIMI_K25_TEXT = TextModel("text_config", "deepseek_v3", "language_model.", ("vision_tower.", "mm_projector."))
+_KIMI_K25_TEXT = TextModel("text_config", "deepseek_v3", (("", "language_model."),), ("vision_tower.", "mm_projector."))
 KIMI_K25 = Architecture("kimi_k25", lambda hf: v3_from_hf(_KIMI_K25_TEXT.config(hf)), V3.names, _KIMI_K25_TEXT)

@@ -12,11 +12,12 @@ from .common import partial_rotary_dim, require
 from .deepseek import V3, v3_from_hf
 
 
-def mlp_layers(hf: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
-    """Per layer: routed experts (True) or a dense MLP; transformers' default is one dense layer first."""
+def mlp_layers(hf: dict[str, Any], num_layers: int, default_dense: int = 1) -> tuple[bool, ...]:
+    """Per layer: routed experts (True) or a dense MLP; transformers' default is `default_dense` dense layers
+    first (one for GLM-4.7-Flash, three for DeepSeek-V3.2 and GLM-5)."""
     kinds = hf.get("mlp_layer_types")
     if kinds is None:
-        dense = hf.get("first_k_dense_replace", 1)
+        dense = hf.get("first_k_dense_replace", default_dense)
         return tuple(i >= dense for i in range(num_layers))
     if len(kinds) != num_layers or not set(kinds) <= {"dense", "sparse"}:
         raise CheckpointError(f"config.json's mlp_layer_types must give 'dense' or 'sparse' for each of the "

@@ -1,4 +1,5 @@
-"""Grouped-query attention with optional q/k/v (and o) bias, per-head or full-width q/k RMSNorm and clip_qkv."""
+"""Grouped-query attention with optional q/k/v (and o) bias, per-head or full-width q/k RMSNorm, clip_qkv and an
+output gate (Qwen3-Next: q_proj also yields a per-channel gate, the output is scaled by its sigmoid)."""
 from __future__ import annotations
 
 import torch
@@ -23,14 +24,16 @@ class Attention(nn.Module):
         p = f"model.layers.{layer}.self_attn"
         H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = nh, nkv, hd
+        self.output_gate = cfg.attention_output_gate
+        q_width = nh * hd * (2 if self.output_gate else 1)  # per head: its query, then its gate
         self.qkv = group_linears([load_linear(src, f"{p}.{name}", width, H, cfg.attention_bias)
-                                  for name, width in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd))])
+                                  for name, width in (("q_proj", q_width), ("k_proj", nkv * hd), ("v_proj", nkv * hd))])
         self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * hd, cfg.attention_output_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             q_dim, k_dim = (hd, hd) if cfg.qk_norm == "head" else (nh * hd, nkv * hd)
-            self.q_norm = RMSNorm.load(src, f"{p}.q_norm", q_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm.load(src, f"{p}.k_norm", k_dim, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm.load(src, f"{p}.q_norm", q_dim, cfg.rms_norm_eps, cfg.zero_centred_norm)
+            self.k_norm = RMSNorm.load(src, f"{p}.k_norm", k_dim, cfg.rms_norm_eps, cfg.zero_centred_norm)
         self.clip_qkv = cfg.clip_qkv
         self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.scale = hd**-0.5
@@ -40,7 +43,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int, cache: KVCache, rope: RotaryTable) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv(x)  # [T, heads*hd], [T, kv*hd] x2
+        q, k, v = self.qkv(x)  # [T, heads*hd (x2 with the gate)], [T, kv*hd] x2
+        if self.output_gate:
+            q, gate = q.reshape(T, self.heads, 2, self.head_dim).unbind(2)  # [T, heads, hd] each
+            q, gate = q.reshape(T, self.heads * self.head_dim), gate.reshape(T, self.heads * self.head_dim)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -60,7 +66,10 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, scale=self.scale, **mask,
                                                  enable_gqa=self.heads != self.kv_heads)  # [heads, T, hd]
-        return self.o_proj(out.transpose(0, 1).reshape(T, self.heads * self.head_dim))
+        out = out.transpose(0, 1).reshape(T, self.heads * self.head_dim)
+        if self.output_gate:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: dict

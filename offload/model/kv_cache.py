@@ -1,4 +1,5 @@
-"""Per-layer sequence state for one sequence, preallocated: full K/V for GQA, the compressed latent for MLA.
+"""Per-layer sequence state for one sequence, preallocated: full K/V for GQA, the compressed latent for MLA (plus
+the indexer's keys under DeepSeek Sparse Attention), a fixed-size recurrent state for Gated DeltaNet.
 
 Every kind is a `LayerCache`: the transformer asks each layer's attention module for its own (`new_cache`), so a
 stack may mix kinds. A cache that grows with the context holds every position; a fixed-size state (a recurrent
@@ -67,6 +68,56 @@ class LatentCache:
 
     def resume_point(self, common: int) -> int:
         return common
+
+
+class RecurrentState:
+    """A linear-attention layer's state: the last kernel-1 inputs of its causal convolution [conv_dim, kernel-1]
+    and the per-head matrix state [heads, d_k, d_v] (fp32, as the delta rule accumulates it). Its size does not
+    depend on the context; it stands at one position (`position`: tokens folded in) and moves only forward."""
+
+    def __init__(self, conv_dim: int, conv_kernel: int, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.conv = torch.zeros(conv_dim, conv_kernel - 1, dtype=dtype, device=device)
+        self.state = torch.zeros(heads, k_dim, v_dim, dtype=torch.float32, device=device)
+        self.position = 0
+
+    def begin(self, start: int) -> None:
+        """Before folding in tokens at positions start..: a prefill at 0 starts afresh; any other start must be
+        where the state stands (it cannot be rewound)."""
+        if start == 0:
+            self.conv.zero_()
+            self.state.zero_()
+            self.position = 0
+        elif start != self.position:
+            raise ValueError(f"a recurrent layer state stands at position {self.position}, not {start}: continue "
+                             f"from {self.position} or start again at 0")
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.state.nbytes
+
+    def resume_point(self, common: int) -> int:
+        return common if common == self.position else 0  # only the point it stands at was saved
+
+
+class LatentIndexCache(LatentCache):
+    """MLA's latent cache plus the lightning indexer's keys [max_context, index_head_dim] (DeepSeek Sparse
+    Attention): one small single-head key per position, which the indexer scores every query against."""
+
+    def __init__(self, max_context: int, kv_lora_rank: int, rope_dim: int, index_head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__(max_context, kv_lora_rank, rope_dim, dtype, device)
+        self.index_k = torch.zeros(max_context, index_head_dim, dtype=dtype, device=device)
+
+    def write_index_keys(self, start: int, k: torch.Tensor) -> torch.Tensor:
+        """Store indexer keys k [T, index_head_dim] at positions start..; return all so far [S, index_head_dim]."""
+        end = start + k.shape[0]
+        self.index_k[start:end] = k
+        return self.index_k[:end]
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.index_k.nbytes
 
 
 def causal_mask_args(start: int, T: int, window: int | None, device: torch.device) -> dict:

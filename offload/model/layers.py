@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, Linear (and its packed twin QuantLinear) and the SwiGLU MLP used for dense
+"""Small building blocks: RMSNorm, LayerNorm, Linear (and its packed twin QuantLinear) and the SwiGLU MLP used for dense
 layers and shared experts."""
 from __future__ import annotations
 
@@ -10,20 +10,41 @@ from ..weights.source import DenseWeight, WeightSource
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    """x / rms(x) * weight; `zero_centred` (Qwen3-Next, Qwen3.5) stores weights around 0 and scales by
+    (1 + weight) in fp32 before casting back, as their reference does."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, zero_centred: bool = False):
         super().__init__()
-        self.weight = weight
+        self.zero_centred = zero_centred
+        self.weight = 1.0 + weight.float() if zero_centred else weight  # [dim]
         self.eps = eps
 
     @classmethod
-    def load(cls, src: WeightSource, name: str, dim: int, eps: float) -> "RMSNorm":
-        return cls(src.take(f"{name}.weight", (dim,)), eps)
+    def load(cls, src: WeightSource, name: str, dim: int, eps: float, zero_centred: bool = False) -> "RMSNorm":
+        return cls(src.take(f"{name}.weight", (dim,)), eps, zero_centred)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as the reference does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centred:
+            return (x32 * self.weight).to(x.dtype)
+        # Normalise in fp32 and cast back before the weight, as the reference does.
         return self.weight * x32.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (the lightning indexer's key norm), in the input's dtype as torch's."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.bias, self.eps = weight, bias, eps
+
+    @classmethod
+    def load(cls, src: WeightSource, name: str, dim: int, eps: float) -> "LayerNorm":
+        return cls(src.take(f"{name}.weight", (dim,)), src.take(f"{name}.bias", (dim,)), eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class Linear(nn.Module):

@@ -5,6 +5,9 @@ Naive (prefill): expand the cached latent through kv_b_proj into per-head keys a
 Absorbed (decode): fold W_UK into the query and W_UV into the output, and attend in latent space as one-KV-head
 attention, so no per-head K/V is ever built — the work per cached position is rank + rope instead of
 heads * (nope + v) multiply-adds for the expansion.
+DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): a lightning indexer (offload/model/indexer.py) picks each
+query's top-k cached positions. The naive form masks the others; the absorbed form gathers the picked latents,
+so a decode step's attention costs k positions once the context is longer than k.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .attention import grouped_attention
-from .kv_cache import LatentCache, causal_mask_args
+from .indexer import LightningIndexer, selection_mask
+from .kv_cache import LatentCache, LatentIndexCache, causal_mask_args
 from .layers import RMSNorm, group_linears, load_linear
 from .rope import RotaryTable, yarn_softmax_scale
 
@@ -52,16 +56,27 @@ class MLA(nn.Module):
         w_kv = self.kv_b_proj.weight.view(nh, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         self.w_uk = w_kv[:, : m.qk_nope_head_dim]  # [nh, nope, rank] (a view: no extra memory)
         self.w_uv = w_kv[:, m.qk_nope_head_dim :]  # [nh, v, rank]
+        # DeepSeek Sparse Attention: this layer's own indexer, or (GLM-5's shared layers) the top-k of the last
+        # layer that has one, linked by share_index_selections.
+        ix = cfg.indexer
+        self.indexer = LightningIndexer(cfg, layer, src) if ix is not None and ix.own_layers[layer] else None
+        self.shares_selection = ix is not None and not ix.own_layers[layer]
+        self.selection_source: MLA | None = None
+        self.last_selection: torch.Tensor | None = None  # the latest call's selection, for the layers sharing it
 
     def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> LatentCache:
+        if self.indexer is not None:
+            return LatentIndexCache(max_context, self.rank, self.rope_dim, self.indexer.head_dim, dtype, device)
         return LatentCache(max_context, self.rank, self.rope_dim, dtype, device)
 
     def forward(self, x: torch.Tensor, start: int, cache: LatentCache, rope: RotaryTable,
                 absorbed: bool | None = None) -> torch.Tensor:
         T = x.shape[0]
         q, kv_a = self.input_projs(x)
+        q_latent = None
         if self.q_b_proj is not None:
-            q = self.q_b_proj(self.q_a_norm(q))
+            q_latent = self.q_a_norm(q)  # [T, q_lora_rank]
+            q = self.q_b_proj(q_latent)
         q = q.reshape(T, self.heads, self.nope + self.rope_dim)
         q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)  # [T, nh, nope], [T, nh, rope]
         c_kv, k_rope = kv_a.split([self.rank, self.rope_dim], dim=-1)
@@ -69,12 +84,28 @@ class MLA(nn.Module):
         q_rope = rope.apply(q_rope, start, self.interleaved)
         k_rope = rope.apply(k_rope[:, None, :], start, self.interleaved)[:, 0]  # [T, rope]
         c_all, k_rope_all = cache.write(start, c_kv, k_rope)  # [S, rank], [S, rope]
-        mask = causal_mask_args(start, T, None, x.device)  # SDPA keyword arguments
-        if use_absorbed(T) if absorbed is None else absorbed:
-            out = self._absorbed(q_nope, q_rope, c_all, k_rope_all, mask)
+        selection = self._select(x, q_latent, start, cache, rope)  # [T, k] positions, or None: every causal one
+        absorbed = use_absorbed(T) if absorbed is None else absorbed
+        if selection is None:
+            mask = causal_mask_args(start, T, None, x.device)  # SDPA keyword arguments
+            attend = self._absorbed if absorbed else self._naive
+            out = attend(q_nope, q_rope, c_all, k_rope_all, mask)
+        elif absorbed:
+            out = self._absorbed_selected(q_nope, q_rope, c_all, k_rope_all, selection, start)
         else:
+            mask = {"attn_mask": selection_mask(selection, start, c_all.shape[0])}
             out = self._naive(q_nope, q_rope, c_all, k_rope_all, mask)
         return self.o_proj(out.reshape(T, self.heads * self.v_dim))
+
+    def _select(self, x, q_latent, start: int, cache: LatentCache, rope: RotaryTable) -> torch.Tensor | None:
+        """The positions each query attends to under DeepSeek Sparse Attention [T, k]; None for all causal ones
+        (no indexer, or a context no longer than index_topk)."""
+        if self.indexer is not None:
+            self.last_selection = self.indexer(x, q_latent, start, cache, rope)
+            return self.last_selection
+        if self.shares_selection:
+            return self.selection_source.last_selection
+        return None
 
     def _naive(self, q_nope, q_rope, c_all, k_rope_all, mask: dict) -> torch.Tensor:
         S = c_all.shape[0]
@@ -92,3 +123,30 @@ class MLA(nn.Module):
         keys = torch.cat((c_all, k_rope_all), dim=-1)[None]  # [1, S, rank+rope]: one latent KV head
         out_latent = grouped_attention(query[None], keys, c_all[None], self.scale, mask)[0]  # [nh, T, rank]
         return torch.einsum("htr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]
+
+    def _absorbed_selected(self, q_nope, q_rope, c_all, k_rope_all, selection: torch.Tensor, start: int
+                           ) -> torch.Tensor:
+        """The absorbed form over each query's selected positions only: gathers k = index_topk latents per query,
+        so a decode step's attention reads k positions whatever the context length."""
+        T = selection.shape[0]
+        q_latent = torch.einsum("thd,hdr->thr", q_nope, self.w_uk)  # [T, nh, rank]
+        query = torch.cat((q_latent, q_rope), dim=-1)  # [T, nh, rank+rope]
+        c_sel = c_all[selection]  # [T, k, rank]
+        keys = torch.cat((c_sel, k_rope_all[selection]), dim=-1)  # [T, k, rank+rope]
+        scores = torch.bmm(query, keys.transpose(1, 2)).mul_(self.scale)  # [T, nh, k]
+        # A short chunk's early queries (fewer causal positions than k) were also given later positions.
+        later = selection > torch.arange(start, start + T, device=selection.device)[:, None]  # [T, k]
+        scores.masked_fill_(later[:, None, :], float("-inf"))
+        out_latent = torch.bmm(scores.float().softmax(-1).to(c_sel.dtype), c_sel)  # [T, nh, rank]
+        return torch.einsum("thr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]
+
+
+def share_index_selections(attentions: list[nn.Module]) -> None:
+    """Link each MLA that reuses an earlier layer's top-k (GLM-5's "shared" indexer layers) to the last layer
+    before it that runs its own indexer; that layer's selection of the same call is then reused as it is."""
+    source = None
+    for attn in attentions:
+        if isinstance(attn, MLA) and attn.indexer is not None:
+            source = attn
+        elif isinstance(attn, MLA) and attn.shares_selection:
+            attn.selection_source = source

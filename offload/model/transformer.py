@@ -9,13 +9,23 @@ from ..arch import CheckpointNames
 from ..config import ModelConfig
 from ..timers import Timers
 from ..weights.source import WeightSource
+from . import compiled_step
 from .attention import Attention
+from .gated_deltanet import GatedDeltaNet
 from .kv_cache import LayerCache
 from .layers import RMSNorm, SwiGLU, load_linear, make_linear
-from .mla import MLA
+from .mla import MLA, share_index_selections
 from ..experts.prefetch import Router
 from .moe import ExpertsFactory, MoE
 from .rope import RotaryTable
+
+
+def token_mixer(cfg: ModelConfig, layer: int, src: WeightSource) -> nn.Module:
+    """The layer's attention: Gated DeltaNet on a linear-attention layer, else MLA or grouped-query attention.
+    Each builds its own kind of cache (`new_cache`)."""
+    if cfg.is_linear_attention(layer):
+        return GatedDeltaNet(cfg, layer, src)
+    return MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src)
 
 
 class DecoderLayer(nn.Module):
@@ -24,15 +34,19 @@ class DecoderLayer(nn.Module):
         super().__init__()
         p, H = f"model.layers.{layer}", cfg.hidden_size
         self.timers = timers
-        self.input_norm = RMSNorm.load(src, f"{p}.input_layernorm", H, cfg.rms_norm_eps)
-        self.attn = MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src)
-        self.post_attn_norm = RMSNorm.load(src, f"{p}.post_attention_layernorm", H, cfg.rms_norm_eps)
+        self.input_norm = RMSNorm.load(src, f"{p}.input_layernorm", H, cfg.rms_norm_eps, cfg.zero_centred_norm)
+        self.attn = token_mixer(cfg, layer, src)
+        self.post_attn_norm = RMSNorm.load(src, f"{p}.post_attention_layernorm", H, cfg.rms_norm_eps,
+                                           cfg.zero_centred_norm)
         if cfg.moe_layers[layer]:
             self.mlp = MoE(cfg, layer, names, src, make_experts, timers)
         else:
             self.mlp = SwiGLU.load(src, f"{p}.mlp", H, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
+        compiled = compiled_step.for_layer(self, x)  # a decode step on the CPU: one or two Numba calls
+        if compiled is not None:
+            return compiled(x, start, cache, rope)
         with self.timers.section("attention"):
             x = x + self.attn(self.input_norm(x), start, cache, rope)
         return x + self.mlp(self.post_attn_norm(x))
@@ -51,7 +65,8 @@ class Transformer(nn.Module):
         self.embed = src.take("model.embed_tokens.weight", (V, H))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, names, src, make_experts, self.timers)
                                     for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps)
+        share_index_selections([layer.attn for layer in self.layers])  # GLM-5: layers reusing an earlier top-k
+        self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps, cfg.zero_centred_norm)
         if cfg.tie_word_embeddings and not src.has("lm_head.weight"):
             self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed))
         else:
@@ -59,6 +74,10 @@ class Transformer(nn.Module):
         self.rope = RotaryTable(cfg.rope, cfg.rope_dim, max_context, device, dtype)
         # Each layer's sequence state, of the kind its attention needs (offload/model/kv_cache.py).
         self.caches: list[LayerCache] = [layer.attn.new_cache(max_context, dtype, device) for layer in self.layers]
+        # The token at each position the caches have processed, in order: what a new prompt may share a prefix
+        # with. Emptied before every forward and set again only once it has finished, so a step that fails or is
+        # interrupted half-way leaves nothing to reuse.
+        self.cached_ids: list[int] = []
 
     @property
     def cache_nbytes(self) -> int:
@@ -78,9 +97,16 @@ class Transformer(nn.Module):
 
     def hidden(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """ids [T] -> final-norm hidden states [T, H], writing positions start..start+T-1 to the caches."""
+        held, new_ids = self.cached_ids, ids.tolist()
+        self.cached_ids = []
         x = F.embedding(ids, self.embed)  # [T, H]
         for layer, cache in zip(self.layers, self.caches):
             x = layer(x, start, cache, self.rope)
+        # Positions before `start` are untouched; without a record of them the caches hold nothing reusable.
+        if len(held) >= start:
+            del held[start:]
+            held.extend(new_ids)
+            self.cached_ids = held
         return self.norm(x)
 
     def forward(self, ids: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:

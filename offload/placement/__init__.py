@@ -25,7 +25,7 @@ def expert_host_bytes(fmt: str, hidden: int, intermediate: int) -> int:
 
 def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device, dtype: torch.dtype,
                  host_format: str, max_context: int, gpu_memory: int | str | None, plan: Plan | str | Path | None,
-                 heat=None) -> Plan | None:
+                 heat=None, host_memory: int | str | None = None) -> Plan | None:
     """The plan to load with: the one given (checked against the model), or one made from the budgets when a GPU
     is used or a device budget is simulated; None when everything stays on the device tier."""
     if isinstance(plan, (str, Path)):
@@ -35,7 +35,7 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
         return plan
     if device.type != "cuda" and gpu_memory is None:
         return None
-    budgets = detect_budgets(device, gpu_memory)
+    budgets = detect_budgets(device, gpu_memory, host_memory)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     request = PlanRequest(
         device_budget=budgets.device_bytes, host_budget=budgets.host_bytes, max_context=max_context,

@@ -33,10 +33,12 @@ class Budgets:
     device_is_simulated: bool  # True when the device tier is torch on the CPU with a budget given by the user
 
 
-def detect_budgets(device: torch.device, gpu_memory: int | str | None) -> Budgets:
+def detect_budgets(device: torch.device, gpu_memory: int | str | None, host_memory: int | str | None = None
+                   ) -> Budgets:
     """The device budget is `gpu_memory` when given, else free CUDA memory minus a reserve. Without a GPU the
-    device tier is the CPU: with gpu_memory it is a simulated budget; without it the device tier holds all."""
-    host = psutil.virtual_memory().available
+    device tier is the CPU: with gpu_memory it is a simulated budget; without it the device tier holds all.
+    The host budget is the RAM available now, or `host_memory` when planning for another machine."""
+    host = parse_bytes(host_memory) if host_memory is not None else psutil.virtual_memory().available
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = parse_bytes(gpu_memory) if gpu_memory is not None else max(free - DEVICE_RESERVE, 0)

@@ -37,7 +37,7 @@ def _group(name: str, names: CheckpointNames) -> str:
         return "embeddings"
     if name.startswith("lm_head"):
         return "lm_head"
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".linear_attn." in name:
         return "attention"
     if name.endswith("norm.weight"):
         return "norms"
@@ -70,10 +70,23 @@ def inventory(cfg: ModelConfig, names: CheckpointNames) -> Inventory:
     return Inventory(params, router, per_expert, moe_layers, cfg.router.num_experts, cfg.router.top_k)
 
 
-def kv_cache_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> int:
-    """The attention cache for max_context positions: K and V per layer, or MLA's latent + rope key."""
+def layer_cache_bytes(cfg: ModelConfig, layer: int, max_context: int, dtype_bytes: int) -> int:
+    """One layer's sequence state: a linear-attention layer's is fixed (its convolution window in the model dtype,
+    its [heads, d_k, d_v] state in fp32, model/kv_cache.py: RecurrentState); an attention layer's grows with
+    max_context (K and V, or MLA's latent + rope key, plus the lightning indexer's key in a layer that runs one)."""
+    if cfg.is_linear_attention(layer):
+        la = cfg.linear_attention
+        state = la.num_value_heads * la.key_head_dim * la.value_head_dim * 4
+        return (la.conv_kernel - 1) * la.conv_dim * dtype_bytes + state
     if cfg.mla:
         per_position = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+        if cfg.indexer and cfg.indexer.own_layers[layer]:
+            per_position += cfg.indexer.head_dim
     else:
         per_position = 2 * cfg.num_key_value_heads * cfg.head_dim
-    return cfg.num_hidden_layers * max_context * per_position * dtype_bytes
+    return max_context * per_position * dtype_bytes
+
+
+def kv_cache_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> int:
+    """Every layer's sequence state for max_context positions (max_context 0: the part that does not grow)."""
+    return sum(layer_cache_bytes(cfg, i, max_context, dtype_bytes) for i in range(cfg.num_hidden_layers))

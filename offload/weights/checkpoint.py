@@ -118,6 +118,21 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, 
     return tensors, metadata
 
 
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint folder's config.json, alone: what a plan or a description needs before any weight exists."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; pass a Hugging Face checkpoint folder")
+    return read_json(folder / "config.json")
+
+
+def holds_weights(folder: str | Path) -> bool:
+    """Whether a folder has (or is writing) safetensors weights; a folder with only config.json describes a model
+    that `plan` and `inspect` can still size."""
+    folder = Path(folder).expanduser()
+    return any((folder / name).exists() for name in (INDEX_FILE, SINGLE_FILE, CONVERT_PROGRESS_FILE))
+
+
 class Checkpoint:
     """The tensors of a checkpoint folder by name, with their files, dtypes and shapes; reads are lazy.
 
@@ -126,9 +141,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).expanduser()
-        if not self.folder.is_dir():
-            raise CheckpointError(f"{self.folder} is not a folder; pass a Hugging Face checkpoint folder")
-        self.config_json = read_json(self.folder / "config.json")
+        self.config_json = read_config(self.folder)
         self.scheme: QuantScheme | None = scheme_for(self.folder, self.config_json)  # before any header or weight
         self.index_metadata: dict[str, Any] = {}
         self.file_metadata: dict[Path, dict[str, str]] = {}  # each file's safetensors __metadata__

@@ -24,7 +24,8 @@ log = logging.getLogger("offload")
 class WeightSource:
     """Reads named tensors from a Checkpoint into one dtype and device, remembering which were taken."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, prefix: str = "",
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
+                 rename: Callable[[str], str] = str,
                  on_read: Callable[[str, int], None] | None = None, dense_format: str | None = None,
                  expert_format: str | None = None):
         from .store import packed_entries
@@ -32,7 +33,7 @@ class WeightSource:
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = device
-        self.prefix = prefix
+        self.rename = rename  # a module's tensor name -> its name in the checkpoint (a multimodal text model's)
         self.on_read = on_read  # (file name, bytes just read): drives progress bars
         # "int8" | "int4": quantize dense Linear weights at load for the CPU kernels; None / "bf16": keep them
         self.dense_format = None if dense_format == "bf16" else dense_format
@@ -47,7 +48,7 @@ class WeightSource:
 
     def _check(self, name: str, shape: tuple[int, ...]) -> str:
         """The full name of logical tensor `name`, checked against the shape config.json implies."""
-        full = self.prefix + name
+        full = self.rename(name)
         info = self.checkpoint.logical.get(full)
         if info is None:
             raise CheckpointError(
@@ -83,18 +84,18 @@ class WeightSource:
             pack_expert(out, e, self._read(full))
 
     def has(self, name: str) -> bool:
-        full = self.prefix + name
+        full = self.rename(name)
         return full in self.checkpoint.logical or full in self.packed
 
     def is_quantized(self, name: str) -> bool:
         """Whether the checkpoint stores logical tensor `name` in a quantization scheme (weights.quant)."""
-        t = self.checkpoint.logical.get(self.prefix + name)
+        t = self.checkpoint.logical.get(self.rename(name))
         return t is not None and t.quantized
 
     def linear_weight(self, name: str, shape: tuple[int, int], quantize: bool = True) -> DenseWeight:
         """A dense Linear's weight [out, in]: packed when the checkpoint stores it packed, or when dense_format asks
         for it and `quantize` allows it; else a tensor in the source's dtype and device."""
-        if self.prefix + name in self.packed:
+        if self.rename(name) in self.packed:
             return self._dense(self._read_packed(name, (1, *shape)))
         if quantize and self.dense_format is not None and self.is_quantized(name):
             from csrc_py.formats import empty
@@ -124,7 +125,7 @@ class WeightSource:
         from ..experts.base import ExpertWeights, PackedExperts
 
         shapes = ((E, I, H), (E, I, H), (E, H, I))
-        if self.prefix + f"{prefix}.{proj[0]}" in self.packed:
+        if self.rename(f"{prefix}.{proj[0]}") in self.packed:
             return PackedExperts(*(self._read_packed(f"{prefix}.{p}", s) for p, s in zip(proj, shapes)))
         if self.expert_format in PACKED_FORMATS and self.is_quantized(f"{prefix}.0.{proj[0]}.weight"):
             # A quantized checkpoint's experts are packed one matrix at a time, never a layer in float32.
@@ -145,7 +146,7 @@ class WeightSource:
     def _read_packed(self, name: str, shape: tuple[int, int, int]) -> PackedMatrix:
         from .store import read_packed
 
-        full = self.prefix + name
+        full = self.rename(name)
         entry = self.packed[full]
         if tuple(entry.shape) != tuple(shape):
             raise CheckpointError(f"packed matrix {full!r} has shape {list(entry.shape)}, config.json implies "
@@ -207,17 +208,18 @@ class InventedSource(WeightSource):
         return False
 
 
-def known_extras(num_layers: int, num_extra_layers: int, prefix: str = "",
+def known_extras(num_layers: int, num_extra_layers: int, runtime_name: Callable[[str], str | None] = str,
                  skipped: tuple[str, ...] = ()) -> Callable[[str], bool]:
     """Tensors real checkpoints ship that inference does not use: DeepSeek-V3's multi-token-prediction layers
-    (`model.layers.{num_hidden_layers}...`), rotary `inv_freq` buffers saved by old exporters, and a multimodal
-    checkpoint's other towers (names starting with one of `skipped`; the text model's names start with `prefix`)."""
-    layer = re.compile(rf"^{re.escape(prefix)}model\.layers\.(\d+)\.")
+    (`model.layers.{num_hidden_layers}...`), rotary `inv_freq` buffers saved by old exporters, a multimodal
+    checkpoint's other towers and unused modules (names starting with one of `skipped`). `runtime_name` maps a
+    stored name to the text model's own (None outside it)."""
+    layer = re.compile(r"^model\.layers\.(\d+)\.")
 
     def is_extra(name: str) -> bool:
         if name.endswith("rotary_emb.inv_freq") or name.startswith(skipped):
             return True
-        match = layer.match(name)
+        match = layer.match(runtime_name(name) or "")
         return bool(match) and num_layers <= int(match.group(1)) < num_layers + num_extra_layers
 
     return is_extra

@@ -396,9 +396,9 @@ def convert(source: str | Path, out: str | Path, experts: str | None, dense: str
             raise OffloadError(f"{checkpoint.folder} is not quantized: choose the experts' format with --experts "
                                f"({', '.join(EXPERT_FORMATS)})")
         experts = checkpoint.scheme.expert_format
-    # A multimodal checkpoint's store is its text model alone: the text config, names without their prefix.
+    # A multimodal checkpoint's store is its text model alone: the text config, the text model's own names.
     arch = architecture(checkpoint.config_json.get("model_type"))
-    hf_config, prefix = arch.text_config(checkpoint.config_json), arch.weights_prefix
+    hf_config, stored = arch.text_config(checkpoint.config_json), arch.checkpoint_name
     check_sources(checkpoint, tensor_roles(hf_config), arch)
 
     # Each read closes the files after it: the next one maps its file anew, so the source pages a matrix was read
@@ -406,17 +406,18 @@ def convert(source: str | Path, out: str | Path, experts: str | None, dense: str
     # until the end of the shard (a whole layer of source on top of its packed weights).
     def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         try:
-            return checkpoint.read_logical(prefix + name)  # names and shapes were checked by check_sources
+            return checkpoint.read_logical(stored(name))  # names and shapes were checked by check_sources
         finally:
             checkpoint.release()
 
     def kept(name: str) -> list[KeptTensor]:
-        return [KeptTensor(part[len(prefix):], checkpoint.tensors[part])
-                for part in checkpoint.logical[prefix + name].parts]
+        full = stored(name)  # each part is the logical name plus a suffix (.weight_scale, ...)
+        return [KeptTensor(name + part[len(full):], checkpoint.tensors[part])
+                for part in checkpoint.logical[full].parts]
 
     def pack_exact(name: str, out: PackedMatrix, e: int) -> bool:
         try:
-            return checkpoint.pack_exact(prefix + name, out, e)
+            return checkpoint.pack_exact(stored(name), out, e)
         finally:
             checkpoint.release()
 
@@ -434,16 +435,16 @@ def check_sources(checkpoint: Checkpoint, roles: list[TensorRole], arch: Archite
         names = role.sources if role.kind != "plain" else (role.name,)
         shape = role.shape[1:] if role.kind == "experts" else role.shape
         for name in names:
-            t = checkpoint.logical.get(arch.weights_prefix + name)
+            t = checkpoint.logical.get(arch.checkpoint_name(name))
             if t is None:
-                raise CheckpointError(f"tensor {arch.weights_prefix + name!r} is missing from {checkpoint.folder}; "
+                raise CheckpointError(f"tensor {arch.checkpoint_name(name)!r} is missing from {checkpoint.folder}; "
                                       "the checkpoint is incomplete or does not match config.json")
             if tuple(t.shape) != tuple(shape):
                 raise CheckpointError(f"tensor {t.name!r} in {checkpoint.tensors[t.parts[0]].file.name} has shape "
                                       f"{list(t.shape)}, config.json implies {list(shape)}")
             used.update(t.parts)
     cfg = arch.config_from_hf(checkpoint.config_json)
-    is_extra = known_extras(cfg.num_hidden_layers, cfg.num_extra_layers, arch.weights_prefix, arch.skipped_prefixes)
+    is_extra = known_extras(cfg.num_hidden_layers, cfg.num_extra_layers, arch.runtime_name, arch.skipped_prefixes)
     unexpected = [name for name in sorted(set(checkpoint.tensors) - used) if not is_extra(name)]
     if unexpected:
         raise unexpected_tensors_error(checkpoint, unexpected)

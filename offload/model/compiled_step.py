@@ -1,0 +1,342 @@
+"""The compiled decode step's side in the model: which decoder layers it runs, and their arguments, prepared once.
+
+A layer keeps its torch modules (prefill, the reference path, the GPU). For a few tokens on the CPU in float32,
+with packed dense weights (dense="int8"/"int4") and CPU-kernel experts, `for_layer` returns a CompiledLayer that
+runs the attention block and the MLP block as one Numba call each (csrc_py.decode_step); any part it does not
+cover (an attention kind without a compiled form, torch weights) stays in torch, and a layer with nothing to
+compile returns None. The numbers are the torch path's within float32 rounding (tests/test_decode_step.py).
+
+OFFLOAD_COMPILED_STEP=0 in the environment, or `set_enabled(False)`, forces the torch path (A/B measurements).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..config import RouterConfig
+from .attention import Attention
+from .layers import FusedLinear, QuantLinear, SwiGLU
+from .moe import MoE
+
+if TYPE_CHECKING:
+    from .rope import RotaryTable
+    from .transformer import DecoderLayer
+
+ENV_SWITCH = "OFFLOAD_COMPILED_STEP"
+MAX_TOKENS = 8  # the compiled stages run on the calling thread: a decode step's few rows, not a prefill
+_NOT_BUILT = object()
+_enabled = os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn the compiled step on or off for every model in this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(on)
+    return previous
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
+    """The compiled form of `layer` for hidden states x [T, H], or None where the torch path runs."""
+    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] > MAX_TOKENS:
+        return None
+    compiled = layer.__dict__.get("_compiled_step", _NOT_BUILT)
+    if compiled is _NOT_BUILT:
+        compiled = CompiledLayer.build(layer)
+        layer.__dict__["_compiled_step"] = compiled
+    return compiled if compiled is not None and compiled.takes(x.shape[0]) else None
+
+
+# The state each compiled block reproduces. A module or config that grows a field it does not know (a new attention
+# feature, a new routing variant) keeps the torch path until the compiled code learns it: never other numbers.
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+_ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "window", "scale", "qkv", "o_proj",
+                     "q_norm", "k_norm"}
+_LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
+_NORM_FIELDS = {"weight", "eps"}
+_SWIGLU_FIELDS = {"gate_up", "down"}
+_MOE_FIELDS = {"timers", "router_cfg", "router", "correction_bias", "experts", "shared", "shared_gate", "heat"}
+_ROUTER_FIELDS = {"num_experts", "top_k", "scoring", "topk_method", "norm_topk_prob", "n_group", "topk_group",
+                  "routed_scaling_factor", "has_correction_bias"}
+_TOPK_METHODS = {"greedy", "group_limited_greedy", "noaux_tc"}
+
+
+def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
+    """Whether `module` holds nothing beyond `fields` (and what every nn.Module holds)."""
+    names = set(vars(module)) - _MODULE_INTERNALS
+    names |= set(module._modules) | set(module._parameters) | set(module._buffers)
+    return names <= fields
+
+
+def _packed(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A PackedMatrix as the (q, d, m) tuple csrc_py.decode_step takes (m is d for int8; empty for bf16)."""
+    if m.fmt == "bf16":
+        empty = np.zeros((1, 1, 1, 1), np.uint16)
+        return m.q, empty, empty
+    bits = m.bits()
+    return (bits[0], bits[1], bits[2] if len(bits) > 2 else bits[1])
+
+
+def _f32(t: torch.Tensor | None) -> np.ndarray:
+    """A float32 numpy view (empty for None: 'absent' to the compiled code)."""
+    if t is None:
+        return np.zeros(0, np.float32)
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def _routing_codes(cfg: RouterConfig) -> tuple[int, int, int, int, int, int]:
+    """(top_k, scoring, groups, n_group, topk_group, norm) for csrc_py.decode_step.route: the cases of
+    offload.model.routing.route (sigmoid ranks groups by their two best choices whenever there are groups; softmax
+    by their best score, for group_limited_greedy only)."""
+    from csrc_py.decode_step import GROUPS_MAX, GROUPS_NONE, GROUPS_TOP2_SUM, SIGMOID, SOFTMAX
+
+    grouped = cfg.n_group > 1
+    if cfg.scoring == "sigmoid":
+        scoring, groups = SIGMOID, GROUPS_TOP2_SUM if grouped else GROUPS_NONE
+    else:
+        scoring = SOFTMAX
+        groups = GROUPS_MAX if grouped and cfg.topk_method == "group_limited_greedy" else GROUPS_NONE
+    return cfg.top_k, scoring, groups, cfg.n_group, cfg.topk_group, int(cfg.norm_topk_prob)
+
+
+@dataclass
+class _SwiGLUArgs:
+    """A packed SwiGLU (gate/up fused) as csrc_py.decode_step.swiglu takes it, and its scratch widths."""
+
+    gate_up: tuple  # packed
+    dims: tuple[int, int]  # (up_start, width)
+    down: tuple  # packed
+    gate_up_width: int  # padded gate+up output
+    out_width: int  # padded down output
+
+    @classmethod
+    def of(cls, mlp: SwiGLU) -> _SwiGLUArgs | None:
+        if not _knows(mlp, _SWIGLU_FIELDS) or not isinstance(mlp.gate_up, FusedLinear) or \
+                not isinstance(mlp.down, QuantLinear) or mlp.gate_up.bias is not None or mlp.down.bias is not None:
+            return None
+        gate_up, down = mlp.gate_up, mlp.down.packed
+        return cls(_packed(gate_up.packed), (gate_up.starts[1], gate_up.widths[0]), _packed(down),
+                   gate_up.packed.padded_shape[1], down.padded_shape[1])
+
+    @classmethod
+    def absent(cls, fmt: str) -> _SwiGLUArgs:
+        """Tiny matrices in `fmt` with width 0: the argument types of 'no shared expert', never read."""
+        from csrc_py.formats import pack
+
+        m = pack(torch.zeros(1, 32, 32), fmt)
+        return cls(_packed(m), (0, 0), _packed(m), 1, 1)
+
+    def scratch(self, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """gu [T, gate+up], act [T, width], y [T, padded out]."""
+        return (np.zeros((T, self.gate_up_width), np.float32), np.zeros((T, max(self.dims[1], 1)), np.float32),
+                np.zeros((T, self.out_width), np.float32))
+
+
+@dataclass
+class _AttentionPlan:
+    """Attention's arguments to csrc_py.decode_step.attention_block that do not change between steps."""
+
+    norm: tuple  # (weight, eps)
+    qkv: tuple  # packed
+    qkv_bias: np.ndarray
+    dims: tuple[int, ...]
+    qk_norm: int
+    q_norm: np.ndarray
+    k_norm: np.ndarray
+    clip: float
+    window: int
+    scale: float
+    o_proj: tuple
+    o_bias: np.ndarray
+    widths: tuple[int, int, int]  # padded qkv, heads*head_dim, padded o_proj out
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> _AttentionPlan | None:
+        from csrc_py.decode_step import QK_NORM_FULL, QK_NORM_HEAD, QK_NORM_NONE
+
+        attn = layer.attn
+        if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or \
+                not isinstance(attn.qkv, FusedLinear) or not isinstance(attn.o_proj, QuantLinear):
+            return None
+        if attn.qk_norm and not (_knows(attn.q_norm, _NORM_FIELDS) and _knows(attn.k_norm, _NORM_FIELDS)):
+            return None
+        heads, kv_heads, d = attn.heads, attn.kv_heads, attn.head_dim
+        qk_norm = {None: QK_NORM_NONE, "head": QK_NORM_HEAD, "full": QK_NORM_FULL}[attn.qk_norm or None]
+        eps = attn.q_norm.eps if qk_norm != QK_NORM_NONE else layer.input_norm.eps
+        if qk_norm != QK_NORM_NONE and eps != layer.input_norm.eps:
+            return None  # one eps per block in the compiled code
+        return cls(
+            norm=(_f32(layer.input_norm.weight), float(layer.input_norm.eps)),
+            qkv=_packed(attn.qkv.packed), qkv_bias=_f32(attn.qkv.bias),
+            dims=(heads, kv_heads, d, *attn.qkv.starts), qk_norm=qk_norm,
+            q_norm=_f32(attn.q_norm.weight if qk_norm else None), k_norm=_f32(attn.k_norm.weight if qk_norm else None),
+            clip=float(attn.clip_qkv or 0.0), window=int(attn.window or 0), scale=float(attn.scale),
+            o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
+            widths=(attn.qkv.packed.padded_shape[1], heads * d, attn.o_proj.packed.padded_shape[1]),
+        )
+
+
+@dataclass
+class _MoEPlan:
+    """MoE's arguments to csrc_py.decode_step.moe_block that do not change between steps."""
+
+    moe: MoE
+    norm: tuple
+    router: np.ndarray
+    correction_bias: np.ndarray
+    routing: tuple[int, ...]
+    scaling: float
+    heat: np.ndarray
+    experts: tuple  # (gate, up, down) packed
+    shared: _SwiGLUArgs
+    shared_gate: np.ndarray
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> _MoEPlan | None:
+        cpu = sys.modules.get("offload.experts.cpu")  # not loaded: no CPU-kernel experts (and no Numba) here
+        moe = layer.mlp
+        cfg = moe.router_cfg
+        if cpu is None or type(moe.experts) is not cpu.CpuExperts or not _knows(moe, _MOE_FIELDS) or \
+                set(vars(cfg)) != _ROUTER_FIELDS or cfg.scoring not in ("softmax", "sigmoid") or \
+                cfg.topk_method not in _TOPK_METHODS:
+            return None
+        shared = _SwiGLUArgs.absent(moe.experts.fmt) if moe.shared is None else _SwiGLUArgs.of(moe.shared)
+        if shared is None:
+            return None
+        gate_w = moe.shared_gate
+        if gate_w is not None and (gate_w.bias is not None or not isinstance(gate_w.weight, torch.Tensor)):
+            return None
+        return cls(
+            moe=moe, norm=(_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)),
+            router=_f32(moe.router), correction_bias=_f32(moe.correction_bias),
+            routing=_routing_codes(cfg),
+            scaling=float(cfg.routed_scaling_factor), heat=moe.heat.numpy(),
+            experts=tuple(_packed(m) for m in (moe.experts.gate, moe.experts.up, moe.experts.down)),
+            shared=shared, shared_gate=_f32(gate_w.weight.reshape(-1) if gate_w is not None else None),
+        )
+
+    def takes(self, tokens: int) -> bool:
+        """Whether the fused kernel is the engine the torch path would also pick (bf16 experts: few rows only)."""
+        from csrc_py.dispatch import use_torch
+
+        cfg = self.moe.router_cfg
+        return not use_torch(self.moe.experts.fmt, tokens * cfg.top_k, cfg.num_experts)
+
+    def args(self, T: int, H: int) -> tuple:
+        """moe_block's arguments after x, with buffers for T rows: h [T, H], logits [T, E], ids / weights [T, K],
+        routed [T, H], then the shared expert's."""
+        E, K = self.moe.router_cfg.num_experts, self.moe.router_cfg.top_k
+        scratch = (np.zeros((T, H), np.float32), np.zeros((T, E), np.float32), np.zeros((T, K), np.int64),
+                   np.zeros((T, K), np.float32), np.zeros((T, H), np.float32), *self.shared.scratch(T))
+        return (*self.norm, self.router, self.correction_bias, self.routing, self.scaling, self.heat, *self.experts,
+                (self.shared.gate_up, self.shared.down), self.shared.dims, self.shared_gate, *scratch)
+
+
+@dataclass
+class _MLPPlan:
+    """A dense SwiGLU layer's arguments to csrc_py.decode_step.mlp_block."""
+
+    norm: tuple
+    swiglu: _SwiGLUArgs
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> _MLPPlan | None:
+        swiglu = _SwiGLUArgs.of(layer.mlp)
+        if swiglu is None:
+            return None
+        return cls((_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)), swiglu)
+
+    def args(self, T: int, H: int) -> tuple:
+        """mlp_block's arguments after x, with buffers for T rows."""
+        s = self.swiglu
+        return (*self.norm, s.gate_up, *s.dims, s.down, np.zeros((T, H), np.float32), *s.scratch(T))
+
+
+@dataclass
+class _Prepared:
+    """What a CompiledLayer passes for T tokens besides x, out and the position: views of the layer's cache and
+    the rotary table it was prepared for, and buffers for T rows."""
+
+    cache: object
+    rope: object
+    attn_head: tuple  # attention_block's arguments after (x, out), before start
+    attn_tail: tuple  # ... after start
+    mlp: tuple  # moe_block's / mlp_block's arguments after x
+
+
+class CompiledLayer:
+    """One decoder layer's compiled step: attention (or None: torch) and MLP (or None: torch) blocks."""
+
+    def __init__(self, layer: DecoderLayer, attn: _AttentionPlan | None, mlp: _MoEPlan | _MLPPlan | None):
+        self.layer, self.attn, self.mlp = layer, attn, mlp
+        self._prepared: dict[int, _Prepared] = {}  # tokens -> arguments
+        self._takes: dict[int, bool] = {}  # tokens -> whether the compiled step runs them
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> CompiledLayer | None:
+        if not _knows(layer, _LAYER_FIELDS) or not all(_knows(n, _NORM_FIELDS) for n in (layer.input_norm,
+                                                                                        layer.post_attn_norm)):
+            return None
+        attn = _AttentionPlan.build(layer)
+        if isinstance(layer.mlp, MoE):
+            mlp = _MoEPlan.build(layer)
+        elif isinstance(layer.mlp, SwiGLU):
+            mlp = _MLPPlan.build(layer)
+        else:
+            mlp = None
+        return cls(layer, attn, mlp) if attn is not None or mlp is not None else None
+
+    def takes(self, tokens: int) -> bool:
+        takes = self._takes.get(tokens)
+        if takes is None:
+            takes = self._takes[tokens] = not isinstance(self.mlp, _MoEPlan) or self.mlp.takes(tokens)
+        return takes
+
+    def _prepare(self, T: int, H: int, cache, rope: RotaryTable) -> _Prepared:
+        """The arguments for T tokens, made at the first step of that size (and again for another cache)."""
+        head = tail = ()
+        a = self.attn
+        if a is not None:
+            scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *a.widths))
+            head = (*a.norm, a.qkv, a.qkv_bias, a.dims, a.qk_norm, a.q_norm, a.k_norm, a.clip, _f32(rope.cos),
+                    _f32(rope.sin))
+            tail = (cache.k.numpy(), cache.v.numpy(), a.window, a.scale, a.o_proj, a.o_bias, *scratch)
+        mlp = self.mlp.args(T, H) if self.mlp is not None else ()
+        prepared = self._prepared[T] = _Prepared(cache, rope, head, tail, mlp)
+        return prepared
+
+    def __call__(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
+        """The layer's output for x [T, H] at positions start.. (a new tensor; x is left as it was)."""
+        from csrc_py.decode_step import attention_block, mlp_block, moe_block
+
+        layer, timers = self.layer, self.layer.timers
+        T, H = x.shape
+        p = self._prepared.get(T)
+        if p is None or p.cache is not cache or p.rope is not rope:
+            p = self._prepare(T, H, cache, rope)
+        on = np.empty((T, H), np.float32)
+        out = torch.from_numpy(on)
+        t0 = time.perf_counter()
+        if self.attn is not None:
+            attention_block(x.detach().contiguous().numpy(), on, *p.attn_head, start, *p.attn_tail)
+        else:
+            out.copy_(x + layer.attn(layer.input_norm(x), start, cache, rope))
+        t1 = time.perf_counter()
+        timers.add("attention", t1 - t0)
+        if isinstance(self.mlp, _MoEPlan):
+            moe_block(on, *p.mlp)
+            timers.add("experts", time.perf_counter() - t1)
+        elif isinstance(self.mlp, _MLPPlan):
+            mlp_block(on, *p.mlp)
+        else:
+            out = out + layer.mlp(layer.post_attn_norm(out))
+        return out

@@ -1,0 +1,198 @@
+"""The compiled decode step (csrc_py.decode_step, offload.model.compiled_step) against its oracles: each stage
+against the torch code it replaces, and whole decode steps of tiny models against the torch path of the same model
+(float32 rounding apart), with a check that the compiled layers really ran."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import offload
+from offload.config import RopeConfig, RouterConfig
+from offload.model import compiled_step
+from offload.model.attention import grouped_attention
+from offload.model.compiled_step import CompiledLayer
+from offload.model.kv_cache import causal_mask_args
+from offload.model.layers import RMSNorm
+from offload.model.rope import RotaryTable
+from offload.model.routing import route as torch_route
+from tiny_models import rel_err, write_checkpoint
+
+import csrc_py  # noqa: F401  (torch before numba)
+from csrc_py import decode_step as ds
+
+IDS = torch.arange(3, 23)
+GEN = torch.Generator().manual_seed(0)
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=GEN)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def test_rms_norm_matches_the_module():
+    x, w = randn(3, 40), randn(40)
+    out = np.empty((3, 40), np.float32)
+    ds.rms_norm(x.numpy(), w.numpy(), 1e-6, out)
+    assert rel_err(torch.from_numpy(out), RMSNorm(w, 1e-6)(x)) < 1e-6
+
+
+def test_per_head_norm_matches_the_module():
+    x, w = randn(2, 3 * 8 + 5), randn(8)  # three heads of 8, then columns the call must leave alone
+    expected = x.clone()
+    expected[:, :24] = RMSNorm(w, 1e-5)(x[:, :24].reshape(2, 3, 8)).reshape(2, 24)
+    got = x.numpy().copy()
+    ds.rms_norm_heads(got, 3, 8, w.numpy(), 1e-5)
+    assert rel_err(torch.from_numpy(got), expected) < 1e-6
+
+
+@pytest.mark.parametrize("rope_dim", [16, 8])  # whole heads and partial RoPE (the rest passes through)
+def test_rope_matches_the_table(rope_dim):
+    table = RotaryTable(RopeConfig(theta=100.0), rope_dim, 32, torch.device("cpu"), torch.float32)
+    x = randn(3, 2, 16)  # [T, heads, d]
+    expected = table.apply(x, 5)
+    got = x.reshape(3, 32).numpy().copy()
+    ds.rope(got, 2, 16, table.cos.numpy(), table.sin.numpy(), 5)
+    assert rel_err(torch.from_numpy(got), expected.reshape(3, 32)) < 1e-6
+
+
+@pytest.mark.parametrize("T, start, window", [(1, 9, 0), (1, 9, 4), (3, 7, 0), (3, 7, 5), (2, 0, 0)])
+def test_attention_over_the_cache_matches_grouped_attention(T, start, window):
+    heads, kv_heads, d, P = 6, 2, 8, 16
+    S = start + T
+    q, k, v = randn(T, heads, d), randn(kv_heads, P, d), randn(kv_heads, P, d)
+    mask = causal_mask_args(start, T, window or None, torch.device("cpu"))
+    queries = q.transpose(0, 1).reshape(kv_heads, heads // kv_heads, T, d)
+    expected = grouped_attention(queries, k[:, :S], v[:, :S], d**-0.5, mask).reshape(heads, T, d).transpose(0, 1)
+    out = np.empty((T, heads * d), np.float32)
+    ds.attend(q.reshape(T, heads * d).numpy(), heads, kv_heads, d, k.numpy(), v.numpy(), start, window, d**-0.5, out)
+    assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) < 1e-5
+
+
+ROUTERS = {
+    "softmax": RouterConfig(8, 2),
+    "softmax_unnormalised_scaled": RouterConfig(8, 3, norm_topk_prob=False, routed_scaling_factor=1.5),
+    "softmax_group_max": RouterConfig(8, 3, topk_method="group_limited_greedy", n_group=4, topk_group=2),
+    "sigmoid": RouterConfig(8, 2, scoring="sigmoid", has_correction_bias=True),
+    "sigmoid_groups": RouterConfig(16, 3, scoring="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
+                                   has_correction_bias=True, routed_scaling_factor=2.5),
+    "sigmoid_unnormalised": RouterConfig(8, 2, scoring="sigmoid", norm_topk_prob=False),
+}
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_routing_matches_every_torch_variant(name):
+    cfg = ROUTERS[name]
+    logits = randn(5, cfg.num_experts) * 2
+    bias = randn(cfg.num_experts) * 0.3 if cfg.has_correction_bias else None
+    ids, weights = torch_route(logits, cfg, bias)
+    plan = compiled_step._routing_codes(cfg)
+    got_ids, got_w = np.empty((5, cfg.top_k), np.int64), np.empty((5, cfg.top_k), np.float32)
+    ds.route(logits.numpy(), *plan, float(cfg.routed_scaling_factor),
+             (bias if bias is not None else torch.zeros(0)).numpy(), got_ids, got_w)
+    for t in range(5):  # the same choices; their order is free (the experts sum them)
+        expected = dict(zip(ids[t].tolist(), weights[t].tolist()))
+        got = dict(zip(got_ids[t].tolist(), got_w[t].tolist()))
+        assert expected.keys() == got.keys()
+        assert all(abs(got[e] - expected[e]) <= 1e-6 * max(1.0, abs(expected[e])) for e in got)
+
+
+def test_router_logits_and_swiglu_activation():
+    h, router = randn(2, 48), randn(6, 48)
+    logits = np.empty((2, 6), np.float32)
+    ds.router_logits(h.numpy(), router.numpy(), logits)
+    assert rel_err(torch.from_numpy(logits), F.linear(h, router)) < 1e-6
+    g, u = randn(2, 10) * 4, randn(2, 10)
+    out = np.empty((2, 10), np.float32)
+    ds.silu_mul(g.numpy(), u.numpy(), out)
+    assert rel_err(torch.from_numpy(out), F.silu(g) * u) < 1e-6
+
+
+# ---------------------------------------------------------------- whole steps
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folders: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in folders:
+            folders[name] = tmp_path_factory.mktemp(name)
+            write_checkpoint(name, folders[name])
+        return folders[name]
+
+    return get
+
+
+def decode_steps(model, compiled: bool) -> torch.Tensor:
+    """Logits of IDS fed one token per forward pass, through the compiled step or the torch path."""
+    previous = compiled_step.set_enabled(compiled)
+    try:
+        with torch.inference_mode():
+            return torch.cat([model.transformer(IDS[i: i + 1], i) for i in range(len(IDS))])
+    finally:
+        compiled_step.set_enabled(previous)
+
+
+def compiled_parts(model) -> tuple[int, int]:
+    """(layers whose attention ran compiled, layers whose MLP did)."""
+    layers = [layer.__dict__.get("_compiled_step") for layer in model.transformer.layers]
+    return (sum(c is not None and c.attn is not None for c in layers),
+            sum(c is not None and c.mlp is not None for c in layers))
+
+
+# (variant, experts format, dense format, whether attention compiles): GQA with per-head and full q/k norm, q/k/v
+# and o bias, clip_qkv, sliding windows, partial RoPE; dense MLP layers, shared experts with and without the sigmoid
+# gate; every routing variant; MLA stays in torch while its MoE block compiles.
+CASES = [
+    ("qwen3_moe", "int8", "int8", True),
+    ("qwen3_moe_bias", "int4", "int4", True),
+    ("mixtral_window_linear_rope", "int8", "int8", True),
+    ("olmoe_clip", "int4", "int8", True),
+    ("qwen2_moe", "int8", "int8", True),
+    ("glm4_moe", "int8", "int8", True),
+    ("minimax_m2", "int4", "int8", True),
+    ("dots1_window_bias", "int8", "int8", True),
+    ("deepseek_v2_group_yarn", "int8", "int8", False),
+    ("deepseek_v3", "bf16", "int8", False),
+]
+
+
+@pytest.mark.parametrize("name, experts, dense, attention", CASES)
+def test_compiled_step_equals_the_torch_step(checkpoint, name, experts, dense, attention):
+    model = offload.load(checkpoint(name), device="cpu", experts=experts, dense=dense, max_context=64)
+    expected = decode_steps(model, compiled=False)
+    heat_torch = [moe.heat.clone() for moe in model.transformer.moe_blocks()]
+    got = decode_steps(model, compiled=True)
+    L = len(model.transformer.layers)
+    assert compiled_parts(model) == ((L if attention else 0), L)
+    assert rel_err(got, expected) < 2e-5
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    # The routing counts grew by the same choices on both paths.
+    for moe, before in zip(model.transformer.moe_blocks(), heat_torch):
+        assert torch.equal(moe.heat, 2 * before)
+
+
+def test_prefill_and_torch_weights_stay_on_the_torch_path(checkpoint):
+    model = offload.load(checkpoint("qwen3_moe"), device="cpu", experts="int8", dense="int8", max_context=64)
+    layer, x = model.transformer.layers[0], torch.zeros(1, model.transformer.cfg.hidden_size)
+    assert isinstance(compiled_step.for_layer(layer, x), CompiledLayer)
+    assert compiled_step.for_layer(layer, torch.zeros(compiled_step.MAX_TOKENS + 1, x.shape[1])) is None
+    assert compiled_step.for_layer(layer, x.to(torch.bfloat16)) is None
+    previous = compiled_step.set_enabled(False)
+    try:
+        assert compiled_step.for_layer(layer, x) is None
+    finally:
+        compiled_step.set_enabled(previous)
+    # A module holding state the compiled code does not know (a new attention feature) keeps the torch path.
+    layer.attn.sinks = torch.zeros(4)
+    assert CompiledLayer.build(layer).attn is None
+    # Dense weights in torch (no dense format): the attention stays in torch, the MoE block still compiles.
+    torch_dense = offload.load(checkpoint("qwen3_moe"), device="cpu", experts="int8", max_context=64)
+    decode_steps(torch_dense, compiled=True)
+    assert compiled_parts(torch_dense)[0] == 0
