@@ -29,11 +29,11 @@ noise. Reported: medians over rounds of prefill and decode tokens/s and load sec
 (ru_maxrss: includes memory-mapped weight pages touched), how many of the first greedy tokens agree with
 transformers' (random weights: near-ties make quantized engines diverge early), and the ratios the targets are
 about. offload's rows also give the kernels' ISA tier and, per decode token, the time inside the Numba kernels
-(every call csrc_py.dispatch makes into them is timed), the time outside them per layer (torch ops, conversions,
-Python), the weight bytes those kernels read (used experts and packed dense matrices; torch-side weights such as
-routers and norms are not counted), and the share of the bandwidth floor: those bytes over the read bandwidth
-measured in the same round (a worker of its own before the engines: a torch sum over 1 GiB on --threads threads,
-best of 3), against the measured time per token. A benchmark, not a test.
+(every call csrc_py.dispatch makes into them, and each block of the compiled decode step, is timed), the time
+outside them per layer (torch ops, conversions, Python), the weight bytes those kernels read (top-k experts and the
+packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
+floor: those bytes over the read bandwidth measured in the same round (a worker of its own before the engines: a
+torch sum over 1 GiB on --threads threads, best of 3), against the measured time per token. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -110,45 +110,52 @@ def offload_load_kwargs(args: argparse.Namespace, experts: str | None) -> tuple[
 
 
 class KernelMeter:
-    """Times every call csrc_py.dispatch makes into a Numba kernel (fused MoE layers, packed linears) and keeps what
-    it needs to count the weight bytes each call reads, by wrapping the kernels in dispatch's namespace."""
+    """Times every call into compiled code that reads weights: the Numba kernels csrc_py.dispatch calls (fused MoE
+    layers, packed linears) and the compiled decode step's blocks (csrc_py.decode_step), by wrapping them in their
+    modules' namespaces (both look them up there at each call)."""
 
-    MOE = ("moe_q8", "moe_q4", "moe_bf16")
-    LINEAR = ("linear_q8", "linear_q4", "linear_bf16")
+    WRAPPED = {"csrc_py.dispatch": ("moe_q8", "moe_q4", "moe_bf16", "linear_q8", "linear_q4", "linear_bf16"),
+               "csrc_py.decode_step": ("attention_block", "moe_block", "mlp_block")}
 
     def __init__(self) -> None:
-        from csrc_py import dispatch
+        import importlib
 
-        self.calls: list[tuple[int, float, object, tuple]] = []  # (rows, seconds, topk ids or None, weight arrays)
-        for name in self.MOE + self.LINEAR:
-            setattr(dispatch, name, self._timed(getattr(dispatch, name), name in self.MOE))
+        self.calls: list[tuple[int, float]] = []  # (rows of the call's first argument, seconds)
+        for module_name, names in self.WRAPPED.items():
+            module = importlib.import_module(module_name)
+            for name in names:
+                setattr(module, name, self._timed(getattr(module, name)))
 
-    def _timed(self, kernel: Callable, moe: bool) -> Callable:
+    def _timed(self, kernel: Callable) -> Callable:
         def timed(*args):
             start = time.perf_counter()
             kernel(*args)
-            seconds = time.perf_counter() - start
-            # moe: (x, ids, weights, *expert arrays, y); linear: (x, *matrix arrays, y)
-            self.calls.append((args[0].shape[0], seconds, args[1] if moe else None, args[3:-1] if moe else args[1:-1]))
+            self.calls.append((args[0].shape[0], time.perf_counter() - start))
         return timed
 
-    @staticmethod
-    def weight_bytes(ids, arrays: tuple) -> int:
-        """Bytes a call read: the used experts' slices of each stacked array, or whole matrices."""
-        if ids is None:
-            return sum(a.nbytes for a in arrays)
-        used = len({int(e) for e in ids.ravel() if e >= 0})
-        return used * sum(a.nbytes // a.shape[0] for a in arrays)
-
-    def decode_per_token(self, steps: int) -> tuple[float, int]:
-        """(kernel seconds, weight bytes) per decode step of the last generation: its calls after the prefill's
-        last multi-row call, less a prefill LM head call on the last position (the leftover of a whole number of
-        calls per step)."""
+    def decode_seconds_per_token(self, steps: int) -> float:
+        """Kernel seconds per decode step of the last generation: its calls after the prefill's last multi-row
+        call, less a prefill LM head call on the last position (the leftover of a whole number of calls per step)."""
         last_prefill = max((i for i, call in enumerate(self.calls) if call[0] > 1), default=-1)
         tail = self.calls[last_prefill + 1:]
-        decode = tail[len(tail) - len(tail) // steps * steps:]
-        seconds = sum(call[1] for call in decode)
-        return seconds / steps, sum(self.weight_bytes(call[2], call[3]) for call in decode) // steps
+        return sum(seconds for _, seconds in tail[len(tail) - len(tail) // steps * steps:]) / steps
+
+
+def decode_weight_bytes(transformer) -> int:
+    """Weight bytes one decode token reads through the CPU kernels: every packed dense matrix (QuantLinear,
+    FusedLinear) and top_k experts' share of each routed-expert stack (one token's top_k experts are distinct).
+    Torch-side weights (norms, routers, the embedding row) are left out."""
+    from csrc_py.formats import PackedMatrix
+    from offload.model.moe import MoE
+
+    total = 0
+    for m in transformer.modules():
+        if isinstance(getattr(m, "packed", None), PackedMatrix):
+            total += m.packed.nbytes
+        if isinstance(m, MoE):
+            stacks = [v for v in vars(m.experts).values() if isinstance(v, PackedMatrix)]
+            total += sum(pm.nbytes * m.router_cfg.top_k // pm.shape[0] for pm in stacks)
+    return total
 
 
 def read_bandwidth(threads: int) -> float:
@@ -179,7 +186,8 @@ def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dic
     meter.calls.clear()
     g = model.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True, reuse_cache=False)
     steps = args.new_tokens - 1
-    kernel_s, weight_bytes = meter.decode_per_token(steps)
+    kernel_s = meter.decode_seconds_per_token(steps)
+    weight_bytes = decode_weight_bytes(model.transformer)
     token_s = g.stats.decode_seconds / steps
     layers = json.loads((Path(path) / "config.json").read_text()).get("num_hidden_layers", 0)
     decode = {"isa_tier": simd.TIER, "kernel_ms_per_token": kernel_s * 1e3, "weight_mb_per_token": weight_bytes / 1e6,
