@@ -73,16 +73,21 @@ def _packed_linear(x, w, y):
 
 @overload(packed_experts)
 def _packed_experts(x, ids, weights, gate, up, down, y):
+    """Plain SwiGLU experts only (no biases, act = SILU: zeros): offload.model.compiled_step declines the others."""
     fmt = _fmt_of(gate[0])
     if fmt == "bf16":
         def impl(x, ids, weights, gate, up, down, y):
-            moe_bf16(x, ids, weights, gate[0], up[0], down[0], y)
+            none, silu = np.zeros((0, 0), np.float32), np.zeros(3, np.float32)
+            moe_bf16(x, ids, weights, gate[0], up[0], down[0], none, none, none, silu, y)
     elif fmt == "int8":
         def impl(x, ids, weights, gate, up, down, y):
-            moe_q8(x, ids, weights, gate[0], gate[1], up[0], up[1], down[0], down[1], y)
+            none, silu = np.zeros((0, 0), np.float32), np.zeros(3, np.float32)
+            moe_q8(x, ids, weights, gate[0], gate[1], up[0], up[1], down[0], down[1], none, none, none, silu, y)
     else:
         def impl(x, ids, weights, gate, up, down, y):
-            moe_q4(x, ids, weights, gate[0], gate[1], gate[2], up[0], up[1], up[2], down[0], down[1], down[2], y)
+            none, silu = np.zeros((0, 0), np.float32), np.zeros(3, np.float32)
+            moe_q4(x, ids, weights, gate[0], gate[1], gate[2], up[0], up[1], up[2], down[0], down[1], down[2],
+                   none, none, none, silu, y)
     return impl
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
+from csrc_py.expert_ffn import NO_BIAS, SILU_ACT, moe_bf16, moe_q4, moe_q8
 from csrc_py.formats import PackedMatrix
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 from csrc_py.torch_path import expert_bf16, moe_torch
@@ -55,23 +55,30 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 
 
 def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: PackedMatrix, up: PackedMatrix,
-        down: PackedMatrix) -> torch.Tensor:
+        down: PackedMatrix, biases: tuple[np.ndarray, ...] | None = None, act: np.ndarray = SILU_ACT
+        ) -> torch.Tensor:
     """One MoE layer's routed experts (the experts contract of offload/experts/base.py); y has x's dtype.
-    Pairs whose id is -1 are left out (a hybrid backend computes them elsewhere)."""
-    if TORCH_MIN_ROWS[gate.fmt] is not None and use_torch(gate.fmt, int((topk_ids >= 0).sum()), gate.shape[0]):
+    Pairs whose id is -1 are left out (a hybrid backend computes them elsewhere). `biases` (gate [E, I], up [E, I],
+    down [E, H] float32) and `act` ([kind, alpha, limit], csrc_py.expert_ffn) describe experts other than plain
+    SwiGLU; those always take the fused kernel."""
+    plain = biases is None and act is SILU_ACT
+    if plain and TORCH_MIN_ROWS[gate.fmt] is not None and \
+            use_torch(gate.fmt, int((topk_ids >= 0).sum()), gate.shape[0]):
         _check_call(x, topk_ids, topk_weights, gate)
         return moe_torch(x, topk_ids.to(torch.int64), topk_weights, gate, up, down).to(x.dtype)
-    return moe_fused(x, topk_ids, topk_weights, gate, up, down)
+    return moe_fused(x, topk_ids, topk_weights, gate, up, down, biases, act)
 
 
 def moe_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: PackedMatrix,
-              up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
+              up: PackedMatrix, down: PackedMatrix, biases: tuple[np.ndarray, ...] | None = None,
+              act: np.ndarray = SILU_ACT) -> torch.Tensor:
     """As `moe`, always through the fused Numba kernel."""
     _check_call(x, topk_ids, topk_weights, gate)
     y = np.empty(x.shape, np.float32)
     kernel = {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4}[gate.fmt]
     ids = topk_ids.detach().to("cpu", torch.int64).contiguous().numpy()
-    kernel(_f32(x), ids, _f32(topk_weights), *gate.bits(), *up.bits(), *down.bits(), y)
+    bias = biases if biases is not None else (NO_BIAS,) * 3
+    kernel(_f32(x), ids, _f32(topk_weights), *gate.bits(), *up.bits(), *down.bits(), *bias, act, y)
     return torch.from_numpy(y).to(x.dtype)
 
 

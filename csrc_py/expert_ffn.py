@@ -1,6 +1,10 @@
 """The fused MoE-layer kernels: one call computes a layer's routed experts for all tokens.
 
-    y[t] = sum_k topk_weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t]),  e = topk_ids[t, k]
+    y[t] = sum_k topk_weights[t, k] * down_e(act(gate_e x[t], up_e x[t])),  e = topk_ids[t, k]
+
+act is the experts' activation (SILU: silu(g) * u; CLAMPED_SWIGLU: gpt-oss's (clamp(u, -limit, limit) + 1) *
+g * sigmoid(alpha * g) with g = min(g, limit)); experts with biases add them after each projection (float32
+[E, I], [E, I], [E, H]; a [0, 0] array means none).
 
 The (token, choice) pairs are sorted by expert into rows, so each used expert's weights are read once per call
 and multiplied with all of its rows (decode: a GEMV per expert; prefill: a small GEMM per expert). int8/int4
@@ -79,27 +83,50 @@ def _gather_rows(src: np.ndarray, rows: np.ndarray) -> np.ndarray:
 # exp(-g) overflows to inf for very negative g (silu -> 0), so no 'ninf'/'nnan' fast-math assumptions.
 _SWIGLU_MATH = {"contract", "afn", "arcp", "reassoc"}
 
+SILU, CLAMPED_SWIGLU = 0, 1  # activation kinds, as offload.config.ExpertActivation.kind "silu" / "clamped_swiglu"
+NO_BIAS = np.zeros((0, 0), np.float32)
+SILU_ACT = np.array([SILU, 0.0, 0.0], np.float32)  # the act argument of plain SwiGLU experts
+
 
 @njit(nogil=True, cache=True, inline="always")
-def _swiglu_row(g: np.ndarray, u: np.ndarray, r: int) -> None:
-    for i in range(g.shape[1]):
-        g[r, i] = g[r, i] / (np.float32(1.0) + np.exp(-g[r, i])) * u[r, i]
+def _swiglu_row(g: np.ndarray, u: np.ndarray, r: int, act: np.ndarray) -> None:
+    if act[0] == CLAMPED_SWIGLU:
+        alpha, limit = act[1], act[2]
+        for i in range(g.shape[1]):
+            gi = min(g[r, i], limit)
+            ui = min(max(u[r, i], -limit), limit)
+            g[r, i] = gi / (np.float32(1.0) + np.exp(-alpha * gi)) * (ui + np.float32(1.0))
+    else:
+        for i in range(g.shape[1]):
+            g[r, i] = g[r, i] / (np.float32(1.0) + np.exp(-g[r, i])) * u[r, i]
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=_SWIGLU_MATH)
-def _swiglu_parallel(g: np.ndarray, u: np.ndarray) -> None:
+def _swiglu_parallel(g: np.ndarray, u: np.ndarray, act: np.ndarray) -> None:
     for r in prange(g.shape[0]):
-        _swiglu_row(g, u, r)
+        _swiglu_row(g, u, r, act)
 
 
 @njit(nogil=True, cache=True, fastmath=_SWIGLU_MATH)
-def _swiglu(g: np.ndarray, u: np.ndarray) -> None:
-    """g <- silu(g) * u, in place."""
+def _swiglu(g: np.ndarray, u: np.ndarray, act: np.ndarray) -> None:
+    """g <- act(g, u), in place; act = [kind, alpha, limit] (float32)."""
     if g.shape[0] <= SERIAL_MAX_ROWS:
         for r in range(g.shape[0]):
-            _swiglu_row(g, u, r)
+            _swiglu_row(g, u, r, act)
     else:
-        _swiglu_parallel(g, u)
+        _swiglu_parallel(g, u, act)
+
+
+@njit(nogil=True, cache=True)
+def _add_bias(out: np.ndarray, bias: np.ndarray, seg_expert: np.ndarray, seg_start: np.ndarray) -> None:
+    """out[r, :W] += bias[e] for the rows r of each used expert e (bias [E, W]; none when it has no rows)."""
+    if bias.shape[0] == 0:
+        return
+    for s in range(seg_expert.size):
+        b = bias[seg_expert[s]]
+        for r in range(seg_start[s], seg_start[s + 1]):
+            for j in range(b.size):
+                out[r, j] += b[j]
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -134,8 +161,9 @@ def _combine(o: np.ndarray, row_of_pair: np.ndarray, topk_weights: np.ndarray, y
 
 
 @njit(nogil=True, cache=True)
-def moe_q8(x, topk_ids, topk_weights, gq, gd, uq, ud, dq, dd, y) -> None:
-    """x float32 [T, H] -> y float32 [T, H] through int8 experts (q, d pairs of csrc_py.formats, d as uint16)."""
+def moe_q8(x, topk_ids, topk_weights, gq, gd, uq, ud, dq, dd, gb, ub, db, act, y) -> None:
+    """x float32 [T, H] -> y float32 [T, H] through int8 experts (q, d pairs of csrc_py.formats, d as uint16),
+    biases gb/ub/db and activation act = [kind, alpha, limit]."""
     seg_expert, seg_start, row_of_pair, token_of_row = route(topk_ids, gq.shape[0])
     R, Ip, Hp = token_of_row.size, gd.shape[1] * 16, dd.shape[1] * 16
     xq, xs, xsum = quantized_rows(x, gd.shape[2])
@@ -143,15 +171,18 @@ def moe_q8(x, topk_ids, topk_weights, gq, gd, uq, ud, dq, dd, y) -> None:
     g, u = np.empty((R, Ip), np.float32), np.empty((R, Ip), np.float32)
     matmul_q8(gq, gd, seg_expert, seg_start, aq, a_s, a_sum, g)
     matmul_q8(uq, ud, seg_expert, seg_start, aq, a_s, a_sum, u)
-    _swiglu(g, u)
+    _add_bias(g, gb, seg_expert, seg_start)
+    _add_bias(u, ub, seg_expert, seg_start)
+    _swiglu(g, u, act)
     hq, h_s, h_sum = quantized_rows(g, dd.shape[2])
     o = np.empty((R, Hp), np.float32)
     matmul_q8(dq, dd, seg_expert, seg_start, hq, h_s, h_sum, o)
+    _add_bias(o, db, seg_expert, seg_start)
     _combine(o, row_of_pair, topk_weights, y)
 
 
 @njit(nogil=True, cache=True)
-def moe_q4(x, topk_ids, topk_weights, gq, gd, gm, uq, ud, um, dq, dd, dm, y) -> None:
+def moe_q4(x, topk_ids, topk_weights, gq, gd, gm, uq, ud, um, dq, dd, dm, gb, ub, db, act, y) -> None:
     """As moe_q8 for int4 experts (q, d, m triples)."""
     seg_expert, seg_start, row_of_pair, token_of_row = route(topk_ids, gq.shape[0])
     R, Ip, Hp = token_of_row.size, gd.shape[1] * 16, dd.shape[1] * 16
@@ -160,15 +191,18 @@ def moe_q4(x, topk_ids, topk_weights, gq, gd, gm, uq, ud, um, dq, dd, dm, y) -> 
     g, u = np.empty((R, Ip), np.float32), np.empty((R, Ip), np.float32)
     matmul_q4(gq, gd, gm, seg_expert, seg_start, aq, a_s, a_sum, g)
     matmul_q4(uq, ud, um, seg_expert, seg_start, aq, a_s, a_sum, u)
-    _swiglu(g, u)
+    _add_bias(g, gb, seg_expert, seg_start)
+    _add_bias(u, ub, seg_expert, seg_start)
+    _swiglu(g, u, act)
     hq, h_s, h_sum = quantized_rows(g, dd.shape[2])
     o = np.empty((R, Hp), np.float32)
     matmul_q4(dq, dd, dm, seg_expert, seg_start, hq, h_s, h_sum, o)
+    _add_bias(o, db, seg_expert, seg_start)
     _combine(o, row_of_pair, topk_weights, y)
 
 
 @njit(nogil=True, cache=True)
-def moe_bf16(x, topk_ids, topk_weights, gw, uw, dw, y) -> None:
+def moe_bf16(x, topk_ids, topk_weights, gw, uw, dw, gb, ub, db, act, y) -> None:
     """As moe_q8 for bf16 experts (bits [E, O, K]); activations stay float32."""
     seg_expert, seg_start, row_of_pair, token_of_row = route(topk_ids, gw.shape[0])
     R, I, H = token_of_row.size, gw.shape[1], dw.shape[1]
@@ -176,7 +210,10 @@ def moe_bf16(x, topk_ids, topk_weights, gw, uw, dw, y) -> None:
     g, u = np.empty((R, I), np.float32), np.empty((R, I), np.float32)
     matmul_bf16(gw, seg_expert, seg_start, a, g)
     matmul_bf16(uw, seg_expert, seg_start, a, u)
-    _swiglu(g, u)
+    _add_bias(g, gb, seg_expert, seg_start)
+    _add_bias(u, ub, seg_expert, seg_start)
+    _swiglu(g, u, act)
     o = np.empty((R, H), np.float32)
     matmul_bf16(dw, seg_expert, seg_start, g, o)
+    _add_bias(o, db, seg_expert, seg_start)
     _combine(o, row_of_pair, topk_weights, y)

@@ -86,6 +86,18 @@ class RouterConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     has_correction_bias: bool = False  # DeepSeek-V3 e_score_correction_bias: biases selection, not weights
+    norm_min: float = 0.0  # renormalised weights divide by max(sum, norm_min) (ERNIE-4.5's moe_norm_min)
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """How an expert joins its gate and up projections before `down`:
+    "silu": silu(gate) * up (every SwiGLU family);
+    "clamped_swiglu": gpt-oss's (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+
+    kind: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,14 @@ class ModelConfig:
     torch_dtype: str = "float32"
     num_extra_layers: int = 0  # multi-token-prediction layers after the last layer (DeepSeek-V3, GLM-4.x), unused
     rotary_dim: int | None = None  # partial RoPE (GLM-4.x): rotate only each head's first rotary_dim channels
+    rope_interleaved: bool = False  # GQA RoPE over adjacent channel pairs (ERNIE-4.5), not the two halves
+    qk_norm_after_rope: bool = False  # per-head q/k RMSNorm applied to the rotated q/k (Hunyuan), not before
+    mlp_bias: bool = False  # bias on the dense MLPs' and shared experts' projections (ERNIE-4.5's use_bias)
+    attention_sinks: bool = False  # a learned per-head logit in every attention softmax (gpt-oss's `sinks`)
+    expert_activation: ExpertActivation = ExpertActivation()  # the routed experts' gating function
+    router_bias: bool = False  # a bias on the router logits (gpt-oss)
+    expert_bias: bool = False  # biases on the routed experts' gate, up and down projections (gpt-oss)
+    lm_head_bias: bool = False  # a bias on the LM head (ERNIE-4.5's use_bias), tied embeddings or not
     # Per layer "attention" or "linear_attention" (Gated DeltaNet, `linear_attention` below); () = all attention.
     layer_kinds: tuple[str, ...] = ()
     linear_attention: LinearAttentionConfig | None = None

@@ -100,7 +100,8 @@ def attention_summary(cfg: ModelConfig) -> dict[str, Any]:
     kind = "MHA" if nkv == nh else "MQA" if nkv == 1 else "GQA"
     windows = sorted({w for w in cfg.sliding_windows if w is not None})
     return {"kind": kind, "heads": nh, "kv_heads": nkv, "head_dim": cfg.head_dim, "rope_dim": cfg.rope_dim,
-            "qkv_bias": cfg.attention_bias, "o_bias": cfg.attention_output_bias, "qk_norm": cfg.qk_norm,
+            "rope_interleaved": cfg.rope_interleaved, "qkv_bias": cfg.attention_bias,
+            "o_bias": cfg.attention_output_bias, "qk_norm": cfg.qk_norm, "qk_norm_after_rope": cfg.qk_norm_after_rope, "sinks": cfg.attention_sinks,
             "sliding_window": windows[0] if windows else None, "output_gate": cfg.attention_output_gate}
 
 
@@ -119,12 +120,15 @@ def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "routed": r.num_experts, "top_k": r.top_k, "scoring": r.scoring, "topk_method": r.topk_method,
         "norm_topk_prob": r.norm_topk_prob, "routed_scaling_factor": r.routed_scaling_factor,
+        "selection_bias": r.has_correction_bias, "router_bias": cfg.router_bias,
+        "activation": cfg.expert_activation.kind, "expert_bias": cfg.expert_bias,
     }
     if r.n_group > 1:
         summary.update(n_group=r.n_group, topk_group=r.topk_group)
     if cfg.shared_intermediate_size:
         # DeepSeek counts its shared experts; Qwen2-MoE has one wide shared expert behind a sigmoid gate.
-        summary["shared"] = {"count": cfg.extra.get("n_shared_experts") or 1,
+        count = cfg.extra.get("n_shared_experts") or cfg.extra.get("moe_num_shared_experts") or 1
+        summary["shared"] = {"count": count,
                              "intermediate_size": cfg.shared_intermediate_size, "gated": cfg.shared_expert_gate}
     return summary
 
@@ -221,10 +225,14 @@ def _attention_text(a: dict[str, Any]) -> str:
     text = f"{a['kind']}, {a['heads']} query heads, {a['kv_heads']} KV heads, head dim {a['head_dim']}"
     if a["rope_dim"] != a["head_dim"]:
         text += f" (rope on the first {a['rope_dim']})"
+    if a["rope_interleaved"]:
+        text += ", rope on adjacent pairs"
     if a["qkv_bias"]:
         text += ", q/k/v/o bias" if a.get("o_bias") else ", q/k/v bias"
     if a["qk_norm"]:
-        text += f", q/k norm ({a['qk_norm']})"
+        text += f", q/k norm ({a['qk_norm']}{', after rope' if a['qk_norm_after_rope'] else ''})"
+    if a["sinks"]:
+        text += ", attention sinks"
     if a["sliding_window"]:
         text += f", sliding window {a['sliding_window']}"
     if a["output_gate"]:
@@ -242,6 +250,12 @@ def _experts_text(e: dict[str, Any]) -> str:
     text = f"{e['routed']} routed, top-{e['top_k']}, {e['scoring']} scores, {e['topk_method']}"
     if "n_group" in e:
         text += f" ({e['topk_group']} of {e['n_group']} groups)"
+    if e["selection_bias"]:
+        text += ", selection bias"
+    if e["router_bias"]:
+        text += ", router bias"
+    if e["activation"] != "silu" or e["expert_bias"]:
+        text += f", {e['activation']} experts{' with biases' if e['expert_bias'] else ''}"
     if e["routed_scaling_factor"] != 1.0:
         text += f", weights x {e['routed_scaling_factor']:g}"
     return text

@@ -40,11 +40,12 @@ def random_tensors(hf_config: dict[str, Any], std: float = 0.02, seed: int = 0, 
     src = InventedSource(_random_maker(std, seed))
     Transformer(cfg, arch.names, src, lambda layer, w: ReferenceExperts(w), max_context=1)
     if skew > 0:
-        skew_routing(src.tensors, cfg.moe_layers, arch.names.moe, std, skew, layer_correlation, seed)
+        router_name = f"{arch.names.moe}.{arch.names.router}"
+        skew_routing(src.tensors, cfg.moe_layers, router_name, std, skew, layer_correlation, seed)
     return src.tensors
 
 
-def skew_routing(tensors: dict[str, torch.Tensor], moe_layers: tuple[bool, ...], moe_prefix: str, std: float,
+def skew_routing(tensors: dict[str, torch.Tensor], moe_layers: tuple[bool, ...], router_name: str, std: float,
                  skew: float, correlation: float, seed: int) -> None:
     """Random routers route almost uniformly; real ones do not. Give every embedding a shared direction u, and
     give each router row a component along u that grows with the expert's hotness: the hottest experts then
@@ -59,7 +60,7 @@ def skew_routing(tensors: dict[str, torch.Tensor], moe_layers: tuple[bool, ...],
     embed += 2 * std * H**0.5 * u  # the shared direction dominates every token's normalised hidden state
     previous_router, previous_order = None, None
     for layer in (i for i, sparse in enumerate(moe_layers) if sparse):
-        router = tensors[f"model.layers.{layer}.{moe_prefix}.gate.weight"]  # [E, H]
+        router = tensors[f"model.layers.{layer}.{router_name}.weight"]  # [E, H]
         E = router.shape[0]
         order = torch.randperm(E, generator=generator)
         if previous_router is not None:

@@ -43,3 +43,29 @@ def test_fused_projections_equal_the_separate_ones(fmt):
             assert torch.equal(got, part(x))
     mixed = group_linears([parts[0], Linear(torch.randn(40, K, generator=gen))])
     assert isinstance(mixed, LinearGroup)
+
+
+@pytest.mark.parametrize("start, T, window", [(0, 6, None), (9, 1, None), (9, 1, 4), (7, 3, 5)])
+def test_attention_sinks_take_their_share_of_the_softmax(start, T, window):
+    """Each head's softmax runs over its scores and its sink logit; the sink attends to nothing. A sink of -inf
+    is plain attention; the explicit definition (scores with the sink column, softmax, column dropped) holds."""
+    from offload.model.attention import attention_with_sinks
+
+    gen = torch.Generator().manual_seed(start + T)
+    kv, group, d, dv, S = 2, 3, 16, 12, start + T
+    q = torch.randn(kv * group, T, d, generator=gen)
+    keys, values = torch.randn(kv, S, d, generator=gen), torch.randn(kv, S, dv, generator=gen)
+    mask = causal_mask_args(start, T, window, q.device)
+    plain = F.scaled_dot_product_attention(q, keys, values, scale=0.3, enable_gqa=True, **mask)
+    none = attention_with_sinks(q, keys, values, 0.3, mask, torch.full((kv * group,), float("-inf")))
+    torch.testing.assert_close(none, plain, rtol=1e-5, atol=1e-6)
+
+    sinks = torch.randn(kv * group, generator=gen)
+    allowed = causal_mask_args(start, T, window if window else S + 1, q.device)
+    allowed = allowed.get("attn_mask", torch.ones(T, S, dtype=torch.bool).tril(S - T))
+    scores = (q @ keys.repeat_interleave(group, 0).transpose(1, 2) * 0.3).masked_fill(~allowed, float("-inf"))
+    probs = torch.cat([scores, sinks[:, None, None].expand(-1, T, 1)], -1).softmax(-1)[..., :-1]
+    expected = probs @ values.repeat_interleave(group, 0)
+    got = attention_with_sinks(q, keys, values, 0.3, mask, sinks)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (probs.sum(-1) < 1).all()

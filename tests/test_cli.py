@@ -251,7 +251,7 @@ def test_inspect_mla_checkpoint(checkpoint_dir, monkeypatch):
     assert "deepseek_v3 (DeepseekV3ForCausalLM)" in text
     assert "layers 3 (2 MoE, dense: [0])" in text
     assert "MLA, 4 heads, q_lora_rank 20, kv_lora_rank 16, qk head dim 12 nope + 8 rope, v head dim 10" in text
-    assert "8 routed, top-2, sigmoid scores, noaux_tc (2 of 4 groups), weights x 2.5" in text
+    assert "8 routed, top-2, sigmoid scores, noaux_tc (2 of 4 groups), selection bias, weights x 2.5" in text
     assert "shared experts 1 x intermediate 24" in text
     assert "rope yarn, theta 10000, factor 4 (from 64)" in text
     assert "tokenizer none" in text

@@ -34,7 +34,8 @@ def bf16_reference(tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-                                  "glm4_moe", "minimax_m2", "dots1", "deepseek_v32", "glm_moe_dsa"])
+                                  "glm4_moe", "minimax_m2", "dots1", "deepseek_v32", "glm_moe_dsa", "ernie4_5_moe",
+                                  "hunyuan_v1_moe", "gpt_oss"])
 def test_cpu_experts_model_matches_transformers(bf16_reference, name, fmt):
     folder, ref, expected = bf16_reference(name)
     model = offload.load(folder, device="cpu", experts=fmt, max_context=64)

@@ -196,3 +196,20 @@ def test_prefill_and_torch_weights_stay_on_the_torch_path(checkpoint):
     torch_dense = offload.load(checkpoint("qwen3_moe"), device="cpu", experts="int8", max_context=64)
     decode_steps(torch_dense, compiled=True)
     assert compiled_parts(torch_dense)[0] == 0
+
+
+# Families whose features the compiled step does not cover yet keep those parts in torch, and the rest compiled:
+# (variant, experts, dense, (layers with compiled attention, layers with a compiled MLP)). ERNIE-4.5's pair-wise
+# RoPE, biased dense MLPs and softmax routing with a selection bias; Hunyuan's q/k norms after RoPE (its MoE
+# compiles); gpt-oss's sinks, router bias and clamped experts with biases.
+TORCH_PARTS = [("ernie4_5_moe", "int8", "int8", (0, 0)), ("hunyuan_v1_moe", "int8", "int8", (0, 3)),
+               ("gpt_oss", "int4", "int8", (0, 0))]
+
+
+@pytest.mark.parametrize("name, experts, dense, parts", TORCH_PARTS)
+def test_uncovered_features_keep_the_torch_path(checkpoint, name, experts, dense, parts):
+    model = offload.load(checkpoint(name), device="cpu", experts=experts, dense=dense, max_context=64)
+    expected = decode_steps(model, compiled=False)
+    got = decode_steps(model, compiled=True)
+    assert compiled_parts(model) == parts
+    assert rel_err(got, expected) < 2e-5

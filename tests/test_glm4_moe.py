@@ -176,7 +176,7 @@ def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):
     assert "glm4_moe (Glm4MoeForCausalLM)" in text
     assert "layers 3 (2 MoE, dense: [0])" in text
     assert "GQA, 4 query heads, 2 KV heads, head dim 32 (rope on the first 16), q/k/v bias, q/k norm (head)" in text
-    assert "8 routed, top-2, sigmoid scores, noaux_tc (2 of 4 groups), weights x 2.5" in text
+    assert "8 routed, top-2, sigmoid scores, noaux_tc (2 of 4 groups), selection bias, weights x 2.5" in text
     assert "shared experts 1 x intermediate 24" in text
 
     result = invoke("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json")

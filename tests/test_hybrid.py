@@ -62,7 +62,7 @@ PLANS = {
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen2_moe", "glm4_moe", "minimax_m2", "dots1",
-                                  "glm_moe_dsa"])
+                                  "glm_moe_dsa", "ernie4_5_moe", "hunyuan_v1_moe", "gpt_oss"])
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
 def test_every_plan_matches_the_reference(bf16_checkpoints, name, plan_name):
     folder = bf16_checkpoints(name)

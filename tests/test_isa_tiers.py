@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from csrc_py import formats, oracles, simd
-from csrc_py.expert_ffn import moe_q4, moe_q8
+from csrc_py.expert_ffn import NO_BIAS, SILU_ACT, moe_q4, moe_q8
 from csrc_py.linear import linear_q4, linear_q8
 from offload.errors import OffloadError
 
@@ -55,7 +55,7 @@ def run_kernels(data: dict) -> dict[str, np.ndarray]:
     for fmt, (moe, linear) in KERNELS.items():
         y = np.empty_like(data["x"])
         moe(data["x"], data["ids"], data["w"], *_bits(data, fmt, "gate"), *_bits(data, fmt, "up"),
-            *_bits(data, fmt, "down"), y)
+            *_bits(data, fmt, "down"), *(NO_BIAS,) * 3, SILU_ACT, y)
         out[f"{fmt}.moe"] = y
         for T in LINEAR_ROWS:
             lin = _bits(data, fmt, "lin")

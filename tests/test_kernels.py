@@ -8,7 +8,7 @@ from numba import njit
 
 from csrc_py import dispatch, formats, oracles, simd, threads
 from csrc_py import quant_kernels as qk
-from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8, route
+from csrc_py.expert_ffn import NO_BIAS, SILU_ACT, moe_bf16, moe_q4, moe_q8, route
 from csrc_py.grouped_matmul import matmul_bf16, matmul_q4, matmul_q8
 from csrc_py.torch_path import moe_torch
 from offload.errors import FormatError
@@ -143,7 +143,8 @@ LAYER_CASES = [(8, 64, 96, 1, 1), (8, 64, 96, 3, 2), (6, 40, 50, 3, 4), (16, 96,
 
 def _fused(fmt: str, x, ids, w, g, u, d) -> np.ndarray:
     y = np.empty_like(x)
-    {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4}[fmt](x, ids, w, *g.bits(), *u.bits(), *d.bits(), y)
+    {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4}[fmt](x, ids, w, *g.bits(), *u.bits(), *d.bits(),
+                                                             *(NO_BIAS,) * 3, SILU_ACT, y)
     return y
 
 

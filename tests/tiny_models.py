@@ -117,16 +117,47 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         num_experts=8, num_experts_per_tok=3, layer_types=["linear_attention", "linear_attention", "full_attention"],
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
                          "mrope_section": [1, 1, 2], "mrope_interleaved": True})),
+    # ERNIE-4.5-21B-A3B: RoPE over adjacent pairs, use_bias on attention and dense/shared MLPs, a dense first layer,
+    # softmax routing with the statistics bias, two shared experts, tied embeddings.
+    "ernie4_5_moe": ("ernie4_5_moe", dict(
+        num_key_value_heads=2, intermediate_size=80, moe_intermediate_size=24, moe_num_experts=8, moe_k=3,
+        moe_num_shared_experts=2, moe_layer_start_index=1, use_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    # ERNIE-4.5-300B-A47B's shape: no shared experts, no biases; here also MoE on every second layer only.
+    "ernie4_5_moe_interval": ("ernie4_5_moe", dict(
+        num_key_value_heads=1, head_dim=32, intermediate_size=80, moe_intermediate_size=24, moe_num_experts=6,
+        moe_k=2, moe_num_shared_experts=0, moe_layer_start_index=0, moe_layer_end_index=2, moe_layer_interval=2,
+        use_bias=False)),
+    # Hunyuan-A13B: per-head q/k norm after RoPE, RoPE stretched by NTK alpha, per-layer moe_topk lists, a shared MLP
+    # as wide as each expert, tied embeddings.
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", dict(
+        num_key_value_heads=2, head_dim=16, intermediate_size=24, num_experts=8, moe_topk=[3, 3, 3],
+        use_qk_norm=True, use_mixed_mlp_moe=True, use_cla=False, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
+    # Hunyuan as transformers allows it beyond the published shape: bias on q/k/v/o, plain RoPE, one top-k.
+    "hunyuan_v1_moe_bias": ("hunyuan_v1_moe", dict(
+        num_key_value_heads=4, head_dim=32, intermediate_size=24, num_experts=6, moe_topk=2, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # gpt-oss: attention sinks, sliding window on alternate layers (7 here), biases everywhere, router bias,
+    # interleaved fused experts with biases, the clamped SwiGLU (a small limit, so the clamps bite at this scale).
+    "gpt_oss": ("gpt_oss", dict(
+        num_key_value_heads=2, head_dim=16, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=7, swiglu_limit=0.5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 64, "rope_theta": 150000.0})),
 }
 # Multimodal checkpoints: the variant's fields are the text model's; this is the (tiny) vision tower around it.
 VISION_TOWERS = {"qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64)}
 
+# Selection biases' scale: sigmoid scores spread over (0, 1); softmax scores of E experts sit near 1/E.
+CORRECTION_BIAS_STD = {"ernie4_5_moe": 0.02}
+
 
 def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
     """The transformers model for a variant (config fields changed by `overrides`), in fp32 eval mode, with
-    non-trivial DeepSeek-V3 correction bias, attention projection biases and norm weights (transformers initialises
-    them to zero or one, which would leave a dropped bias or a misread norm unnoticed), and Gated DeltaNet decays
-    slow enough that the recurrent state carries far (A in [0.01, 0.5])."""
+    non-trivial router correction biases, projection biases and norm weights (transformers initialises them to zero
+    or one, which would leave a dropped bias, a misread norm or a q/k norm on the wrong side of RoPE unnoticed), and
+    Gated DeltaNet decays slow enough that the recurrent state carries far (A in [0.01, 0.5])."""
     import transformers
 
     model_type, variant = VARIANTS[name]
@@ -140,17 +171,19 @@ def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
     multimodal = model_type in VISION_TOWERS
     auto = transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
     model = auto.from_config(config, dtype=torch.float32).eval()
-    for module_name, buffer in model.named_buffers():
-        if module_name.endswith("e_score_correction_bias"):
-            buffer.copy_(torch.randn_like(buffer) * 0.3)
+    bias_std = CORRECTION_BIAS_STD.get(model_type, 0.3)
     with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if ".self_attn." in param_name and param_name.endswith("_proj.bias"):
-                param.copy_(torch.randn_like(param) * 0.1)
-            if model_type in ("qwen3_next", "qwen3_5_moe") and param_name.endswith("norm.weight"):
-                param.add_(torch.randn_like(param) * 0.1)
-            if param_name.endswith("linear_attn.A_log"):
-                param.copy_(torch.empty_like(param).uniform_(0.01, 0.5).log())
+        for tensor_name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if tensor_name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.randn_like(tensor) * bias_std)
+            elif tensor_name.endswith(("_proj.bias", "lm_head.bias", "_proj_bias")):
+                tensor.copy_(torch.randn_like(tensor) * 0.1)
+            elif model_type in ("qwen3_next", "qwen3_5_moe") and tensor_name.endswith("norm.weight"):
+                tensor.add_(torch.randn_like(tensor) * 0.1)  # zero-centred: the scale is 1 + weight
+            elif ".self_attn." in tensor_name and tensor_name.endswith("norm.weight"):
+                tensor.copy_(1 + torch.randn_like(tensor) * 0.2)  # unit q/k norms commute with RoPE
+            if tensor_name.endswith("linear_attn.A_log"):
+                tensor.copy_(torch.empty_like(tensor).uniform_(0.01, 0.5).log())
     return model
 
 
@@ -178,3 +211,29 @@ def clone_with_config(folder: Path, dest: Path, edit: Callable[[dict], dict]) ->
     config = json.loads((dest / "config.json").read_text())
     (dest / "config.json").write_text(json.dumps(edit(config)))
     return dest
+
+
+def cli_text(*args) -> str:
+    """`offload ARGS`' stdout with whitespace runs as one space (rich wraps table cells); it must succeed."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from offload.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return re.sub(r"\s+", " ", result.stdout)
+
+
+def check_plan_and_convert(folder: Path, store: Path, moe_layers: int, ids: torch.Tensor) -> None:
+    """`offload plan` places every MoE layer; `offload convert` writes a store that gives the logits of converting
+    at load (int4 experts, int8 dense)."""
+    import offload
+
+    plan = json.loads(cli_text("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json"))
+    assert len(plan["layers"]) == moe_layers
+    cli_text("convert", folder, store, "--experts", "int4", "--dense", "int8")
+    from_store = offload.load(store, device="cpu")
+    at_load = offload.load(folder, device="cpu", experts="int4", dense="int8")
+    assert torch.equal(from_store.logits(ids), at_load.logits(ids))

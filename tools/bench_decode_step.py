@@ -75,6 +75,7 @@ def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, flo
     in step order with fresh expert ids each time (a repeated call would find its weights in the cache): medians
     over `repeats` steps of (weight kernels, attention) seconds."""
     from csrc_py.decode_step import attend
+    from csrc_py.expert_ffn import NO_BIAS, SILU_ACT
 
     LINEAR, EXPERTS = _kernels()
     gen = torch.Generator().manual_seed(0)
@@ -95,7 +96,7 @@ def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, flo
             e, cfg = layer.mlp.experts, layer.mlp.router_cfg
             x = torch.randn(1, e.gate.shape[2], generator=gen).numpy()
             w, y = torch.rand(1, cfg.top_k, generator=gen).numpy(), np.empty_like(x)
-            bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits())
+            bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *(NO_BIAS,) * 3, SILU_ACT)
 
             def experts(e=e, cfg=cfg, x=x, w=w, y=y, bits=bits):
                 ids = torch.randperm(cfg.num_experts, generator=gen)[: cfg.top_k][None].numpy()

@@ -325,7 +325,7 @@ class Values:
         self.embed_std = std if embed_std is None else embed_std
         self.out_std = std if out_std is None else out_std
         self.moe_layers = [i for i, sparse in enumerate(cfg.moe_layers) if sparse]
-        self.routers = {f"model.layers.{i}.{arch.names.moe}.gate.weight": i for i in self.moe_layers}
+        self.routers = {f"model.layers.{i}.{arch.names.moe}.{arch.names.router}.weight": i for i in self.moe_layers}
         self._chain: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, router before hotness, ranks)
 
     # plain random values

@@ -10,12 +10,16 @@ from ..errors import CheckpointError
 
 @dataclass(frozen=True)
 class CheckpointNames:
-    """Where a model_type keeps its MoE tensors under `model.layers.{i}.`."""
+    """Where a model_type keeps its MoE (and renamed attention) tensors under `model.layers.{i}.`."""
 
-    moe: str = "mlp"  # the sparse block: router at `{moe}.gate`, experts at `{moe}.experts.{j}`
+    moe: str = "mlp"  # the sparse block: router at `{moe}.{router}`, experts at `{moe}.experts.{j}`
+    router: str = "gate"  # the router Linear under `{moe}.` (Hunyuan: gate.wg)
     expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    fused_experts: str | None = None  # whole-layer gate_up_proj / down_proj: "interleaved" (gpt-oss) | "halves"
     shared: str | None = None  # shared expert(s) under `{moe}.{shared}`
     correction_bias: str = "gate.e_score_correction_bias"  # selection bias under `{moe}.` (MiniMax: beside gate)
+    qk_norm: tuple[str, str] = ("q_norm", "k_norm")  # q/k RMSNorms under `self_attn.` (Hunyuan: query_layernorm)
+    correction_bias_rows: int | None = None  # stored as [rows, E] rather than [E] (ERNIE-4.5's moe_statics: 1 row)
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,13 @@ class Architecture:
 
 
 def _registry() -> dict[str, Architecture]:
-    from . import (deepseek, deepseek_v32, dots1, glm4_moe, glm4_moe_lite, glm_moe_dsa, minimax_m2, mixtral, olmoe,
-                   qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next)
+    from . import (deepseek, deepseek_v32, dots1, ernie4_5_moe, glm4_moe, glm4_moe_lite, glm_moe_dsa, gpt_oss,
+                   hunyuan_v1_moe, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next)
 
     archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
              deepseek.KIMI_K25, deepseek_v32.ARCH, glm4_moe.ARCH, glm4_moe_lite.ARCH, glm_moe_dsa.ARCH, dots1.ARCH,
-             minimax_m2.ARCH, qwen3_next.ARCH, qwen3_5_moe.ARCH, qwen3_5_moe.TEXT_ARCH]
+             minimax_m2.ARCH, qwen3_next.ARCH, qwen3_5_moe.ARCH, qwen3_5_moe.TEXT_ARCH, ernie4_5_moe.ARCH,
+             hunyuan_v1_moe.ARCH, gpt_oss.ARCH]
     return {arch.model_type: arch for arch in archs}
 
 

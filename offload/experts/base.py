@@ -6,7 +6,9 @@
     topk_weights [T, K]  float32 combine weights (already normalised / scaled by the router)
     y            [T, H]  sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]), same dtype as x
 
-An expert is a SwiGLU MLP: down(silu(gate(x)) * up(x)). The model never knows where an expert lives.
+An expert is a gated MLP: down(act(gate(x), up(x))), act = silu(gate) * up or gpt-oss's clamped form
+(config.ExpertActivation), with optional biases on all three projections; activation and biases travel with the
+weights to every backend. The model never knows where an expert lives.
 """
 from __future__ import annotations
 
@@ -15,8 +17,35 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..config import ExpertActivation
+
 if TYPE_CHECKING:
     from csrc_py.formats import PackedMatrix
+
+
+SILU = ExpertActivation()
+
+
+@dataclass(frozen=True)
+class ExpertBiases:
+    """Biases of one MoE layer's routed experts, stacked over experts (gpt-oss)."""
+
+    gate: torch.Tensor  # [E, I]
+    up: torch.Tensor  # [E, I]
+    down: torch.Tensor  # [E, H]
+
+    def select(self, ids: list[int]) -> "ExpertBiases":
+        index = torch.tensor(ids, dtype=torch.long)
+        return ExpertBiases(self.gate[index], self.up[index], self.down[index])
+
+    def to(self, **kwargs) -> "ExpertBiases":
+        return ExpertBiases(*(b.to(**kwargs).contiguous() for b in (self.gate, self.up, self.down)))
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gate[e], self.up[e], self.down[e]
+
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gate, self.up, self.down
 
 
 @dataclass(frozen=True)
@@ -26,10 +55,17 @@ class ExpertWeights:
     gate: torch.Tensor  # [E, I, H]
     up: torch.Tensor  # [E, I, H]
     down: torch.Tensor  # [E, H, I]
+    biases: ExpertBiases | None = None
+    activation: ExpertActivation = SILU
 
     @property
     def num_experts(self) -> int:
         return self.gate.shape[0]
+
+    @property
+    def stacks(self) -> list[torch.Tensor]:
+        """gate, up, down (and their biases): the DeviceExpertPool's row order."""
+        return [self.gate, self.up, self.down, *(self.biases.stacks() if self.biases is not None else ())]
 
 
 class Experts(Protocol):
@@ -44,6 +80,8 @@ class PackedExperts:
     gate: "PackedMatrix"
     up: "PackedMatrix"
     down: "PackedMatrix"
+    biases: ExpertBiases | None = None  # float32, beside the packed matrices
+    activation: ExpertActivation = SILU
 
     @property
     def num_experts(self) -> int:
@@ -57,7 +95,8 @@ class PackedExperts:
         """float32 weights for backends that compute in torch (the reference path, experts pinned on a device)."""
         from csrc_py.formats import unpack
 
-        return ExpertWeights(*(torch.from_numpy(unpack(pm)) for pm in (self.gate, self.up, self.down)))
+        return ExpertWeights(*(torch.from_numpy(unpack(pm)) for pm in (self.gate, self.up, self.down)),
+                             self.biases, self.activation)
 
     def select(self, ids: list[int]) -> "PackedExperts":
         """A copy holding only experts `ids`, in that order."""
@@ -67,7 +106,8 @@ class PackedExperts:
             arrays = {n: (None if a is None else a[list(ids)]) for n, a in (("q", pm.q), ("d", pm.d), ("m", pm.m))}
             return PackedMatrix(pm.fmt, (len(ids), *pm.shape[1:]), **arrays)
 
-        return PackedExperts(take(self.gate), take(self.up), take(self.down))
+        biases = self.biases.select(ids) if self.biases is not None else None
+        return PackedExperts(take(self.gate), take(self.up), take(self.down), biases, self.activation)
 
 
 class HostStacks:
@@ -77,6 +117,7 @@ class HostStacks:
     gate: Any
     up: Any
     down: Any
+    biases: ExpertBiases | None = None
 
     @property
     def num_experts(self) -> int:
@@ -84,8 +125,9 @@ class HostStacks:
 
     @property
     def nbytes(self) -> int:
-        """Host bytes held by the three stacks (scales included)."""
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        """Host bytes held by the three stacks (scales included) and the experts' biases."""
+        biases = sum(b.nbytes for b in self.biases.stacks()) if self.biases is not None else 0
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes + biases
 
     @property
     def expert_nbytes(self) -> int:

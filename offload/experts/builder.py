@@ -59,18 +59,18 @@ class ExpertsBuilder:
             from .cpu import CpuExperts  # here, so the reference path never loads Numba
 
             if isinstance(weights, PackedExperts):
-                return CpuExperts.from_packed(weights.gate, weights.up, weights.down)
+                return CpuExperts.from_packed(weights.gate, weights.up, weights.down, weights.biases,
+                                              weights.activation)
             return CpuExperts(weights, opts.host_format)
         lp = opts.plan.layer(layer)
         host_ids = [e for e in range(weights.num_experts) if e not in set(lp.pinned)]
         cpu = _host_experts(weights, host_ids, opts.host_format or opts.plan.expert_format) if host_ids else None
         pool = DeviceExpertPool(lp.pinned, lp.cache_slots, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
-                                self.dtype, self.device)
+                                self.dtype, self.device, weights.biases is not None, weights.activation)
         if lp.pinned:
             pinned = _floats(_select(weights, lp.pinned))  # row i holds expert lp.pinned[i]
-            pool.gate[: len(lp.pinned)].copy_(pinned.gate)
-            pool.up[: len(lp.pinned)].copy_(pinned.up)
-            pool.down[: len(lp.pinned)].copy_(pinned.down)
+            for stack, src in zip(pool.stacks, pinned.stacks, strict=True):
+                stack[: len(lp.pinned)].copy_(src)
         local = {expert: i for i, expert in enumerate(host_ids)}
         uploader = ExpertUploader(pool, lambda e: cpu.expert_tensors(local[e]), self.device)
         sizes = ExpertSizes(cpu.nbytes // cpu.num_experts if cpu else 0, opts.plan.expert_device_bytes,
@@ -125,7 +125,8 @@ def _select(weights: ExpertWeights | PackedExperts, ids: list[int]) -> ExpertWei
     if isinstance(weights, PackedExperts):
         return weights.select(ids)
     index = torch.tensor(ids)
-    return ExpertWeights(weights.gate[index], weights.up[index], weights.down[index])
+    biases = weights.biases.select(ids) if weights.biases is not None else None
+    return ExpertWeights(weights.gate[index], weights.up[index], weights.down[index], biases, weights.activation)
 
 
 def _host_experts(weights: ExpertWeights | PackedExperts, ids: list[int], fmt: str
@@ -138,7 +139,8 @@ def _host_experts(weights: ExpertWeights | PackedExperts, ids: list[int], fmt: s
     from .cpu import CpuExperts
 
     if isinstance(selected, PackedExperts):
-        return CpuExperts.from_packed(selected.gate, selected.up, selected.down)
+        return CpuExperts.from_packed(selected.gate, selected.up, selected.down, selected.biases,
+                                      selected.activation)
     return CpuExperts(selected, fmt)
 
 

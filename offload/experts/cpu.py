@@ -15,10 +15,22 @@ import numpy as np
 import torch
 
 from csrc_py import dispatch, threads
+from csrc_py.expert_ffn import CLAMPED_SWIGLU, SILU, SILU_ACT
 from csrc_py.formats import FORMATS, PackedMatrix, check_format, pack, unpack
+from offload.config import ExpertActivation
 from offload.errors import FormatError
-from offload.experts.base import ExpertWeights, HostStacks
+from offload.experts.base import SILU as SILU_ACTIVATION
+from offload.experts.base import ExpertBiases, ExpertWeights, HostStacks
 from offload.experts.worker import background
+
+ACTIVATION_KINDS = {"silu": SILU, "clamped_swiglu": CLAMPED_SWIGLU}
+
+
+def kernel_activation(activation: ExpertActivation) -> np.ndarray:
+    """An ExpertActivation as the kernels' act argument [kind, alpha, limit]."""
+    if activation == SILU_ACTIVATION:
+        return SILU_ACT
+    return np.array([ACTIVATION_KINDS[activation.kind], activation.alpha, activation.limit], np.float32)
 
 
 class CpuExperts(HostStacks):
@@ -31,39 +43,48 @@ class CpuExperts(HostStacks):
             raise FormatError(f"expert weights must be gate/up [E, I, H] and down [E, H, I], got gate "
                               f"{list(weights.gate.shape)}, up {list(weights.up.shape)}, down "
                               f"{list(weights.down.shape)}")
-        self._set(pack(weights.gate, fmt), pack(weights.up, fmt), pack(weights.down, fmt))
+        self._set(pack(weights.gate, fmt), pack(weights.up, fmt), pack(weights.down, fmt), weights.biases,
+                  weights.activation)
 
     @classmethod
-    def from_packed(cls, gate: PackedMatrix, up: PackedMatrix, down: PackedMatrix) -> CpuExperts:
+    def from_packed(cls, gate: PackedMatrix, up: PackedMatrix, down: PackedMatrix, biases: ExpertBiases | None = None,
+                    activation: ExpertActivation = SILU_ACTIVATION) -> CpuExperts:
         """Wrap already packed matrices (e.g. a pre-quantized store) without copying them. Writable arrays
         reuse the kernels `warmup` compiled; read-only ones (a read-only mmap) compile one more signature."""
         experts = cls.__new__(cls)
-        experts._set(gate, up, down)
+        experts._set(gate, up, down, biases, activation)
         return experts
 
-    def _set(self, gate: PackedMatrix, up: PackedMatrix, down: PackedMatrix) -> None:
+    def _set(self, gate: PackedMatrix, up: PackedMatrix, down: PackedMatrix, biases: ExpertBiases | None,
+             activation: ExpertActivation) -> None:
         E, I, H = gate.shape
         if {gate.fmt, up.fmt, down.fmt} != {gate.fmt} or up.shape != (E, I, H) or down.shape != (E, H, I):
             raise FormatError(f"packed experts disagree: gate {gate.fmt}{list(gate.shape)}, up {up.fmt}"
                               f"{list(up.shape)}, down {down.fmt}{list(down.shape)}; pack all three from one layer")
         self.gate, self.up, self.down = gate, up, down
+        self.biases = biases.to(device="cpu", dtype=torch.float32) if biases is not None else None
+        self.activation = activation
+        self._act = kernel_activation(activation)
+        self._bias_arrays = tuple(b.numpy() for b in self.biases.stacks()) if self.biases is not None else None
 
     @property
     def fmt(self) -> str:
         return self.gate.fmt
 
-    def expert_tensors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One expert's gate [I, H], up [I, H], down [H, I] as CPU tensors, e.g. to copy it to a device: views of
-        the bf16 bits, or freshly dequantized float32 for int8/int4."""
+    def expert_tensors(self, expert: int) -> tuple[torch.Tensor, ...]:
+        """One expert's gate [I, H], up [I, H], down [H, I] (and its float32 biases) as CPU tensors, e.g. to copy
+        it to a device: views of the bf16 bits, or freshly dequantized float32 for int8/int4."""
+        biases = self.biases.expert(expert) if self.biases is not None else ()
         if self.fmt == "bf16":
-            return tuple(torch.from_numpy(pm.q[expert].view(np.int16)).view(torch.bfloat16)
-                         for pm in (self.gate, self.up, self.down))
-        return tuple(torch.from_numpy(unpack(pm, expert)) for pm in (self.gate, self.up, self.down))
+            return (*(torch.from_numpy(pm.q[expert].view(np.int16)).view(torch.bfloat16)
+                      for pm in (self.gate, self.up, self.down)), *biases)
+        return (*(torch.from_numpy(unpack(pm, expert)) for pm in (self.gate, self.up, self.down)), *biases)
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """y [T, H] = sum_k topk_weights[:, k] * expert_{topk_ids[:, k]}(x), in x's dtype and on x's device.
         An id of -1 leaves its pair out (a hybrid backend computes those elsewhere)."""
-        y = dispatch.moe(x.to("cpu"), topk_ids, topk_weights, self.gate, self.up, self.down)
+        y = dispatch.moe(x.to("cpu"), topk_ids, topk_weights, self.gate, self.up, self.down, self._bias_arrays,
+                         self._act)
         return y.to(x.device)
 
     def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Future[torch.Tensor]:

@@ -13,4 +13,4 @@ class ReferenceExperts:
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         w = self.weights
-        return swiglu_experts(x, topk_ids, topk_weights, w.gate, w.up, w.down)
+        return swiglu_experts(x, topk_ids, topk_weights, w.gate, w.up, w.down, w.biases, w.activation)

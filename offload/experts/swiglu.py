@@ -1,13 +1,17 @@
-"""Routed SwiGLU experts over stacked weights in torch: the device-tier compute of every backend.
+"""Routed gated-MLP experts over stacked weights in torch: the device-tier compute of every backend.
 
-    y [T, H] = sum_k weights[t, k] * down_r(silu(gate_r x[t]) * up_r x[t]),  r = rows[t, k]  (-1: skipped)
+    y [T, H] = sum_k weights[t, k] * down_r(act(gate_r x[t], up_r x[t])),  r = rows[t, k]  (-1: skipped)
 
-gate/up are [R, I, H] and down [R, H, I]: a layer's experts (reference backend) or a pool's rows (hybrid).
+gate/up are [R, I, H] and down [R, H, I]: a layer's experts (reference backend) or a pool's rows (hybrid); act is
+the experts' ExpertActivation, and each projection adds its row's bias when the experts have biases.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..config import ExpertActivation
+from .base import SILU, ExpertBiases
 
 # On a GPU, up to this many (token, choice) pairs gather their experts' weights and run three batched matmuls:
 # no host synchronisation and a fixed handful of kernels, where the grouped loop needs the per-expert counts on
@@ -15,26 +19,43 @@ import torch.nn.functional as F
 GATHER_MAX_PAIRS = 16
 
 
+def gated(gate: torch.Tensor, up: torch.Tensor, activation: ExpertActivation) -> torch.Tensor:
+    """The experts' activation on gate/up projections [..., I] -> [..., I]."""
+    if activation.kind == "silu":
+        return F.silu(gate) * up
+    if activation.kind == "clamped_swiglu":
+        gate = gate.clamp(max=activation.limit)
+        up = up.clamp(-activation.limit, activation.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * activation.alpha))
+    raise ValueError(f"unknown expert activation {activation.kind!r}")
+
+
 def swiglu_experts(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor:
+                   down: torch.Tensor, biases: ExpertBiases | None = None, activation: ExpertActivation = SILU
+                   ) -> torch.Tensor:
     if x.is_cuda and rows.numel() <= GATHER_MAX_PAIRS:
-        return _gathered(x, rows, weights, gate, up, down)
-    return _grouped(x, rows, weights, gate, up, down)
+        return _gathered(x, rows, weights, gate, up, down, biases, activation)
+    return _grouped(x, rows, weights, gate, up, down, biases, activation)
 
 
-def _gathered(x, rows, weights, gate, up, down) -> torch.Tensor:
+def _gathered(x, rows, weights, gate, up, down, biases, activation) -> torch.Tensor:
     T, K = rows.shape
     flat = rows.reshape(-1)
     keep = (flat >= 0).to(x.dtype)  # skipped pairs compute row 0 and get weight 0
     flat = flat.clamp(min=0)
     xs = x.repeat_interleave(K, dim=0).unsqueeze(1)  # [T*K, 1, H]
-    h = F.silu(torch.bmm(xs, gate[flat].transpose(1, 2))) * torch.bmm(xs, up[flat].transpose(1, 2))  # [T*K, 1, I]
-    out = torch.bmm(h, down[flat].transpose(1, 2)).view(T, K, -1)  # [T, K, H]
+    g, u = torch.bmm(xs, gate[flat].transpose(1, 2)), torch.bmm(xs, up[flat].transpose(1, 2))  # [T*K, 1, I]
+    if biases is not None:
+        g, u = g + biases.gate[flat, None], u + biases.up[flat, None]
+    out = torch.bmm(gated(g, u, activation), down[flat].transpose(1, 2))  # [T*K, 1, H]
+    if biases is not None:
+        out = out + biases.down[flat, None]
+    out = out.view(T, K, -1)  # [T, K, H]
     combine = (weights.reshape(-1).to(x.dtype) * keep).view(T, K, 1)
     return (out * combine).sum(dim=1)
 
 
-def _grouped(x, rows, weights, gate, up, down) -> torch.Tensor:
+def _grouped(x, rows, weights, gate, up, down, biases, activation) -> torch.Tensor:
     y = torch.zeros_like(x)  # [T, H]
     flat = rows.reshape(-1)
     chosen = (flat >= 0).nonzero().squeeze(1)
@@ -48,7 +69,9 @@ def _grouped(x, rows, weights, gate, up, down) -> torch.Tensor:
     for row, count in zip(used.tolist(), counts.tolist()):
         tokens = token_of[begin : begin + count]
         h = x[tokens]  # [n, H]
-        out = F.linear(F.silu(F.linear(h, gate[row])) * F.linear(h, up[row]), down[row])
+        bias = biases.expert(row) if biases is not None else (None, None, None)
+        out = F.linear(gated(F.linear(h, gate[row], bias[0]), F.linear(h, up[row], bias[1]), activation), down[row],
+                       bias[2])
         y.index_add_(0, tokens, out * combine[begin : begin + count, None].to(out.dtype))
         begin += count
     return y

@@ -27,15 +27,20 @@ class TorchHostExperts(HostStacks):
         self.fmt = fmt
         self.gate, self.up, self.down = (w.to(device="cpu", dtype=dtype).contiguous()
                                          for w in (weights.gate, weights.up, weights.down))
+        self.biases = weights.biases.to(device="cpu", dtype=dtype) if weights.biases is not None else None
+        self.activation = weights.activation
 
-    def expert_tensors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One expert's gate [I, H], up [I, H], down [H, I]: views, to copy into a device slot."""
-        return self.gate[expert], self.up[expert], self.down[expert]
+    def expert_tensors(self, expert: int) -> tuple[torch.Tensor, ...]:
+        """One expert's gate [I, H], up [I, H], down [H, I] (and its biases [I], [I], [H]): views, to copy into a
+        device slot."""
+        biases = self.biases.expert(expert) if self.biases is not None else ()
+        return self.gate[expert], self.up[expert], self.down[expert], *biases
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """y [T, H] in x's dtype and on x's device; an id of -1 leaves its pair out (computed elsewhere)."""
         h = x.to(device="cpu", dtype=self.gate.dtype)
-        y = swiglu_experts(h, topk_ids.cpu(), topk_weights.cpu(), self.gate, self.up, self.down)
+        y = swiglu_experts(h, topk_ids.cpu(), topk_weights.cpu(), self.gate, self.up, self.down, self.biases,
+                           self.activation)
         return y.to(device=x.device, dtype=x.dtype)
 
     def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Future[torch.Tensor]:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import CheckpointNames
 from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .kv_cache import KVCache, causal_mask_args
@@ -19,7 +20,7 @@ GROUPED_MAX_TOKENS = 8
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, src: WeightSource):
+    def __init__(self, cfg: ModelConfig, layer: int, src: WeightSource, names: CheckpointNames = CheckpointNames()):
         super().__init__()
         p = f"model.layers.{layer}.self_attn"
         H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -30,13 +31,18 @@ class Attention(nn.Module):
                                   for name, width in (("q_proj", q_width), ("k_proj", nkv * hd), ("v_proj", nkv * hd))])
         self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * hd, cfg.attention_output_bias)
         self.qk_norm = cfg.qk_norm
+        self.qk_norm_after_rope = cfg.qk_norm_after_rope
+        self.rope_interleaved = cfg.rope_interleaved
         if cfg.qk_norm:
             q_dim, k_dim = (hd, hd) if cfg.qk_norm == "head" else (nh * hd, nkv * hd)
-            self.q_norm = RMSNorm.load(src, f"{p}.q_norm", q_dim, cfg.rms_norm_eps, cfg.zero_centred_norm)
-            self.k_norm = RMSNorm.load(src, f"{p}.k_norm", k_dim, cfg.rms_norm_eps, cfg.zero_centred_norm)
+            q_name, k_name = names.qk_norm
+            self.q_norm = RMSNorm.load(src, f"{p}.{q_name}", q_dim, cfg.rms_norm_eps, cfg.zero_centred_norm)
+            self.k_norm = RMSNorm.load(src, f"{p}.{k_name}", k_dim, cfg.rms_norm_eps, cfg.zero_centred_norm)
         self.clip_qkv = cfg.clip_qkv
         self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.scale = hd**-0.5
+        # gpt-oss: one learned logit per head that joins every softmax and takes its share of the mass, no value.
+        self.sinks = src.take(f"{p}.sinks", (nh,), dtype=torch.float32) if cfg.attention_sinks else None
 
     def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         return KVCache(self.kv_heads, max_context, self.head_dim, self.head_dim, dtype, device)
@@ -54,12 +60,16 @@ class Attention(nn.Module):
         q = q.view(T, self.heads, self.head_dim)
         k = k.view(T, self.kv_heads, self.head_dim)
         v = v.view(T, self.kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, start), rope.apply(k, start)
+        q, k = rope.apply(q, start, self.rope_interleaved), rope.apply(k, start, self.rope_interleaved)
+        if self.qk_norm == "head" and self.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         keys, values = cache.write(start, k, v)  # [kv, S, hd]
         mask = causal_mask_args(start, T, self.window, x.device)
-        if T <= GROUPED_MAX_TOKENS:
+        if self.sinks is not None:
+            out = attention_with_sinks(q.transpose(0, 1), keys, values, self.scale, mask, self.sinks)
+        elif T <= GROUPED_MAX_TOKENS:
             group = self.heads // self.kv_heads
             queries = q.transpose(0, 1).reshape(self.kv_heads, group, T, self.head_dim)
             out = grouped_attention(queries, keys, values, self.scale, mask).reshape(self.heads, T, self.head_dim)
@@ -94,3 +104,21 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             scores.masked_fill_(~mask["attn_mask"], float("-inf"))
         out = torch.bmm(scores.float().softmax(-1).to(values.dtype), values)
     return out.view(kv, group, T, values.shape[-1])
+
+
+def attention_with_sinks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: dict,
+                         sinks: torch.Tensor) -> torch.Tensor:
+    """q [heads, T, d] attends to keys [kv, S, d] and values [kv, S, dv] -> [heads, T, dv], each head's softmax
+    taken over its scores and its sink logit `sinks[h]` (gpt-oss), which then attends to nothing: the weights
+    over the keys sum to less than one. `mask` is causal_mask_args for the T queries."""
+    heads, T, d = q.shape
+    kv, S, _ = keys.shape
+    group = heads // kv
+    scores = torch.matmul(q.reshape(kv, group * T, d), keys.transpose(1, 2)).view(heads, T, S) * scale
+    if mask.get("is_causal"):
+        mask = {"attn_mask": torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)}
+    if "attn_mask" in mask:
+        scores = scores.masked_fill(~mask["attn_mask"], float("-inf"))
+    sink = sinks.to(scores.dtype)[:, None, None].expand(heads, T, 1)
+    probs = torch.cat([scores, sink], dim=-1).float().softmax(-1)[..., :S].to(values.dtype)  # [heads, T, S]
+    return torch.matmul(probs.view(kv, group * T, S), values).view(heads, T, values.shape[-1])

@@ -60,21 +60,28 @@ def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
 # feature, a new routing variant) keeps the torch path until the compiled code learns it: never other numbers.
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 _ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "window", "scale", "qkv", "o_proj",
-                     "q_norm", "k_norm"}
+                     "q_norm", "k_norm", "qk_norm_after_rope", "rope_interleaved", "sinks"}
 _LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
 _NORM_FIELDS = {"weight", "eps"}
 _SWIGLU_FIELDS = {"gate_up", "down"}
-_MOE_FIELDS = {"timers", "router_cfg", "router", "correction_bias", "experts", "shared", "shared_gate", "heat"}
+_MOE_FIELDS = {"timers", "router_cfg", "router", "router_bias", "correction_bias", "experts", "shared", "shared_gate",
+               "heat"}
 _ROUTER_FIELDS = {"num_experts", "top_k", "scoring", "topk_method", "norm_topk_prob", "n_group", "topk_group",
-                  "routed_scaling_factor", "has_correction_bias"}
+                  "routed_scaling_factor", "has_correction_bias", "norm_min"}
 _TOPK_METHODS = {"greedy", "group_limited_greedy", "noaux_tc"}
 
 
+# Options of the shared modules that the compiled code takes only when they are off: (field, value when off).
+_OFF_OPTIONS = {"output_gate": False, "zero_centred": False}
+
+
 def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
-    """Whether `module` holds nothing beyond `fields` (and what every nn.Module holds)."""
+    """Whether `module` holds nothing beyond `fields` (and what every nn.Module holds), options it does not
+    compile being off."""
     names = set(vars(module)) - _MODULE_INTERNALS
     names |= set(module._modules) | set(module._parameters) | set(module._buffers)
-    return names <= fields
+    options = {name for name in names - fields if name in _OFF_OPTIONS}
+    return names - options <= fields and all(getattr(module, name) == _OFF_OPTIONS[name] for name in options)
 
 
 def _packed(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,6 +174,8 @@ class _AttentionPlan:
         if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or \
                 not isinstance(attn.qkv, FusedLinear) or not isinstance(attn.o_proj, QuantLinear):
             return None
+        if attn.sinks is not None or attn.rope_interleaved or attn.qk_norm_after_rope:
+            return None  # gpt-oss's sinks, ERNIE-4.5's pair-wise RoPE, Hunyuan's norms after RoPE: torch
         if attn.qk_norm and not (_knows(attn.q_norm, _NORM_FIELDS) and _knows(attn.k_norm, _NORM_FIELDS)):
             return None
         heads, kv_heads, d = attn.heads, attn.kv_heads, attn.head_dim
@@ -209,6 +218,10 @@ class _MoEPlan:
                 set(vars(cfg)) != _ROUTER_FIELDS or cfg.scoring not in ("softmax", "sigmoid") or \
                 cfg.topk_method not in _TOPK_METHODS:
             return None
+        softmax_bias = cfg.scoring == "softmax" and cfg.has_correction_bias
+        if moe.router_bias is not None or cfg.norm_min != 0.0 or softmax_bias or moe.experts.biases is not None or \
+                moe.experts.activation.kind != "silu":
+            return None  # gpt-oss's router and experts, ERNIE-4.5's routing: torch
         shared = _SwiGLUArgs.absent(moe.experts.fmt) if moe.shared is None else _SwiGLUArgs.of(moe.shared)
         if shared is None:
             return None

@@ -150,11 +150,11 @@ class SwiGLU(nn.Module):
 
     @classmethod
     def load(cls, src: WeightSource, name: str, hidden: int, intermediate: int,
-             proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> "SwiGLU":
+             proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), bias: bool = False) -> "SwiGLU":
         return cls(
-            load_linear(src, f"{name}.{proj[0]}", intermediate, hidden),
-            load_linear(src, f"{name}.{proj[1]}", intermediate, hidden),
-            load_linear(src, f"{name}.{proj[2]}", hidden, intermediate),
+            load_linear(src, f"{name}.{proj[0]}", intermediate, hidden, bias),
+            load_linear(src, f"{name}.{proj[1]}", intermediate, hidden, bias),
+            load_linear(src, f"{name}.{proj[2]}", hidden, intermediate, bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The MoE block: router -> top-k -> experts contract (+ shared expert, optionally sigmoid-gated)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -20,9 +21,22 @@ ExpertsFactory = Callable[[int, "ExpertWeights | PackedExperts"], Experts]  # (l
 
 def load_expert_weights(cfg: ModelConfig, layer: int, names: CheckpointNames, src: WeightSource
                         ) -> ExpertWeights | PackedExperts:
-    """One layer's routed experts: gate/up [E, I, H], down [E, H, I] (packed as they are in a store)."""
+    """One layer's routed experts: gate/up [E, I, H], down [E, H, I] (packed as they are in a store), with their
+    biases and activation."""
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.num_experts
-    return src.expert_weights(f"model.layers.{layer}.{names.moe}.experts", names.expert_proj, E, I, H)
+    prefix = f"model.layers.{layer}.{names.moe}.experts"
+    if names.fused_experts is not None:
+        weights = src.fused_expert_weights(prefix, names.fused_experts, E, I, H, cfg.expert_bias)
+    else:
+        weights = src.expert_weights(prefix, names.expert_proj, E, I, H)
+    return replace(weights, activation=cfg.expert_activation)
+
+
+def load_correction_bias(src: WeightSource, name: str, names: CheckpointNames, E: int) -> torch.Tensor:
+    """The router's selection bias [E] in fp32, however many leading rows of one the checkpoint stores it with."""
+    if names.correction_bias_rows is None:
+        return src.take(name, (E,), dtype=torch.float32)
+    return src.take(name, (names.correction_bias_rows, E), dtype=torch.float32).reshape(E)
 
 
 class MoE(nn.Module):
@@ -34,14 +48,13 @@ class MoE(nn.Module):
         H, E = cfg.hidden_size, cfg.router.num_experts
         self.router_cfg = cfg.router
         # Routers run in fp32 whatever the model dtype: top-k choices must not flip with precision.
-        self.router = src.take(f"{p}.gate.weight", (E, H), dtype=torch.float32)  # [E, H]
-        self.correction_bias = (
-            src.take(f"{p}.{names.correction_bias}", (E,), dtype=torch.float32)
+        self.router = src.take(f"{p}.{names.router}.weight", (E, H), dtype=torch.float32)  # [E, H]
+        self.router_bias = src.take(f"{p}.{names.router}.bias", (E,), dtype=torch.float32) if cfg.router_bias else None
+        self.correction_bias = load_correction_bias(src, f"{p}.{names.correction_bias}", names, E) \
             if cfg.router.has_correction_bias else None
-        )
         self.experts = make_experts(layer, load_expert_weights(cfg, layer, names, src))
         self.shared = (
-            SwiGLU.load(src, f"{p}.{names.shared}", H, cfg.shared_intermediate_size)
+            SwiGLU.load(src, f"{p}.{names.shared}", H, cfg.shared_intermediate_size, bias=cfg.mlp_bias)
             if cfg.shared_intermediate_size else None
         )
         self.shared_gate = (load_linear(src, f"{p}.shared_expert_gate", 1, H, quantize=False)
@@ -50,7 +63,7 @@ class MoE(nn.Module):
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [T, H] -> (topk_ids [T, K], topk_weights [T, K])."""
-        return route(F.linear(h.float(), self.router), self.router_cfg, self.correction_bias)
+        return route(F.linear(h.float(), self.router, self.router_bias), self.router_cfg, self.correction_bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with self.timers.section("router"):

@@ -21,7 +21,10 @@ def _group_mask(scores: torch.Tensor, cfg: RouterConfig, group_score: str) -> to
 
 def route(logits: torch.Tensor, cfg: RouterConfig, correction_bias: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] (float32) -> (topk_ids [T, K] int64, topk_weights [T, K] float32)."""
+    """logits [T, E] (float32) -> (topk_ids [T, K] int64, topk_weights [T, K] float32).
+
+    A correction bias [E] (DeepSeek-V3's e_score_correction_bias, ERNIE-4.5's moe_statics) is added to the scores
+    for choosing experts only; the weights are always the unbiased scores of the chosen ones."""
     logits = logits.float()
     if cfg.scoring == "sigmoid":
         scores = logits.sigmoid()
@@ -29,14 +32,18 @@ def route(logits: torch.Tensor, cfg: RouterConfig, correction_bias: torch.Tensor
         if cfg.n_group > 1:
             choice = choice.masked_fill(~_group_mask(choice, cfg, "top2sum"), float("-inf"))
         ids = choice.topk(cfg.top_k, dim=-1, sorted=False).indices
-        weights = scores.gather(1, ids)  # the bias steers selection only, never the weights
+        weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     else:
         scores = logits.softmax(dim=-1)
         if cfg.topk_method == "group_limited_greedy" and cfg.n_group > 1:
             scores = scores.masked_fill(~_group_mask(scores, cfg, "max"), 0.0)
-        weights, ids = scores.topk(cfg.top_k, dim=-1)
+        if correction_bias is not None:
+            ids = (scores + correction_bias).topk(cfg.top_k, dim=-1).indices
+            weights = scores.gather(1, ids)
+        else:
+            weights, ids = scores.topk(cfg.top_k, dim=-1)
         if cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=cfg.norm_min)
     return ids, weights * cfg.routed_scaling_factor

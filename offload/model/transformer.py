@@ -20,12 +20,12 @@ from .moe import ExpertsFactory, MoE
 from .rope import RotaryTable
 
 
-def token_mixer(cfg: ModelConfig, layer: int, src: WeightSource) -> nn.Module:
+def token_mixer(cfg: ModelConfig, layer: int, src: WeightSource, names: CheckpointNames) -> nn.Module:
     """The layer's attention: Gated DeltaNet on a linear-attention layer, else MLA or grouped-query attention.
     Each builds its own kind of cache (`new_cache`)."""
     if cfg.is_linear_attention(layer):
         return GatedDeltaNet(cfg, layer, src)
-    return MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src)
+    return MLA(cfg, layer, src) if cfg.mla else Attention(cfg, layer, src, names)
 
 
 class DecoderLayer(nn.Module):
@@ -35,13 +35,13 @@ class DecoderLayer(nn.Module):
         p, H = f"model.layers.{layer}", cfg.hidden_size
         self.timers = timers
         self.input_norm = RMSNorm.load(src, f"{p}.input_layernorm", H, cfg.rms_norm_eps, cfg.zero_centred_norm)
-        self.attn = token_mixer(cfg, layer, src)
+        self.attn = token_mixer(cfg, layer, src, names)
         self.post_attn_norm = RMSNorm.load(src, f"{p}.post_attention_layernorm", H, cfg.rms_norm_eps,
                                            cfg.zero_centred_norm)
         if cfg.moe_layers[layer]:
             self.mlp = MoE(cfg, layer, names, src, make_experts, timers)
         else:
-            self.mlp = SwiGLU.load(src, f"{p}.mlp", H, cfg.intermediate_size)
+            self.mlp = SwiGLU.load(src, f"{p}.mlp", H, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
         compiled = compiled_step.for_layer(self, x)  # a decode step on the CPU: one or two Numba calls
@@ -68,9 +68,10 @@ class Transformer(nn.Module):
         share_index_selections([layer.attn for layer in self.layers])  # GLM-5: layers reusing an earlier top-k
         self.norm = RMSNorm.load(src, "model.norm", H, cfg.rms_norm_eps, cfg.zero_centred_norm)
         if cfg.tie_word_embeddings and not src.has("lm_head.weight"):
-            self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed))
+            bias = src.take("lm_head.bias", (V,)) if cfg.lm_head_bias else None
+            self.lm_head = make_linear(src.tied_linear_weight("model.embed_tokens.weight", self.embed), bias)
         else:
-            self.lm_head = load_linear(src, "lm_head", V, H)
+            self.lm_head = load_linear(src, "lm_head", V, H, cfg.lm_head_bias)
         self.rope = RotaryTable(cfg.rope, cfg.rope_dim, max_context, device, dtype)
         # Each layer's sequence state, of the kind its attention needs (offload/model/kv_cache.py).
         self.caches: list[LayerCache] = [layer.attn.new_cache(max_context, dtype, device) for layer in self.layers]

@@ -43,7 +43,8 @@ def _group(name: str, names: CheckpointNames) -> str:
         return "norms"
     if f".{names.moe}.experts." in name:
         return "experts"
-    if re.search(rf"\.{names.moe}\.(gate\.|shared_expert_gate\.)", name) or name.endswith(f".{names.correction_bias}"):
+    router = rf"\.{names.moe}\.({re.escape(names.router)}\.|shared_expert_gate\.)"
+    if re.search(router, name) or name.endswith(f".{names.correction_bias}"):
         return "routers"
     if names.shared and f".{names.moe}.{names.shared}." in name:
         return "shared_experts"

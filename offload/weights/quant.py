@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError
@@ -226,13 +227,22 @@ def _mxfp4(qc: dict[str, Any], folder: Path) -> QuantScheme:
             out[name] = LogicalTensor(name, (*lead, G * 32), (f"{name}_blocks", f"{name}_scales"), True)
         return out
 
-    def grid(read: ReadStored, t: LogicalTensor) -> IntGroups:
+    def grid(read: ReadStored, t: LogicalTensor) -> IntGroups | None:
         from .codecs import mxfp4
 
-        return mxfp4(read(t.parts[0]), read(t.parts[1]))
+        blocks, scales = read(t.parts[0]), read(t.parts[1])
+        return mxfp4(blocks, scales) if blocks.dim() == 3 else None  # a whole-layer stack has no one grid
 
-    return QuantScheme("mxfp4", "MXFP4: e2m1 values, e8m0 scale per 32", 4.25, "int8", True, group,
-                       _floats_of(grid), grid)
+    def floats(read: ReadStored, t: LogicalTensor) -> torch.Tensor:
+        """float32 [*lead, O, K]: a matrix, or gpt-oss's whole-layer expert stacks decoded matrix by matrix."""
+        from .codecs import mxfp4
+
+        blocks, scales = read(t.parts[0]), read(t.parts[1])
+        *lead, O, G, B = blocks.shape
+        matrices = [mxfp4(b, s).dequantize() for b, s in zip(blocks.reshape(-1, O, G, B), scales.reshape(-1, O, G))]
+        return torch.from_numpy(np.stack(matrices)).reshape(*lead, O, G * B * 2)
+
+    return QuantScheme("mxfp4", "MXFP4: e2m1 values, e8m0 scale per 32", 4.25, "int8", True, group, floats, grid)
 
 
 # --- GPTQ / AWQ ----------------------------------------------------------------------------------------------------

@@ -133,6 +133,30 @@ class WeightSource:
         return ExpertWeights(*(torch.stack([self.take(f"{prefix}.{j}.{p}.weight", s[1:]) for j in range(E)])
                                for p, s in zip(proj, shapes)))
 
+    def fused_expert_weights(self, prefix: str, layout: str, E: int, I: int, H: int, biased: bool) -> ExpertWeights:
+        """One MoE layer's routed experts stored as whole-layer tensors: `{prefix}.gate_up_proj` [E, H, 2I] and
+        `{prefix}.down_proj` [E, I, H] (transposed, as gpt-oss and Llama-4 keep them; a quantized checkpoint's
+        MXFP4 blocks are [E, 2I, H] and [E, H, I]), gate and up alternating along 2I ("interleaved", gpt-oss) or
+        its two halves ("halves", Llama-4), biases `{name}_bias` beside them when `biased`."""
+        from ..experts.base import ExpertBiases, ExpertWeights
+
+        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [E, 2I, ...] -> gate, up [E, I, ...]
+            return (t[:, 0::2], t[:, 1::2]) if layout == "interleaved" else (t[:, :I], t[:, I:])
+
+        def matrix(name: str, out_dim: int, in_dim: int) -> torch.Tensor:  # [E, out, in]
+            if self.is_quantized(f"{prefix}.{name}"):
+                return self.take(f"{prefix}.{name}", (E, out_dim, in_dim))
+            return self.take(f"{prefix}.{name}", (E, in_dim, out_dim)).transpose(1, 2)
+
+        gate, up = split(matrix("gate_up_proj", 2 * I, H))
+        down = matrix("down_proj", H, I)
+        biases = None
+        if biased:
+            gate_bias, up_bias = split(self.take(f"{prefix}.gate_up_proj_bias", (E, 2 * I)))
+            biases = ExpertBiases(gate_bias.contiguous(), up_bias.contiguous(),
+                                  self.take(f"{prefix}.down_proj_bias", (E, H)))
+        return ExpertWeights(gate.contiguous(), up.contiguous(), down.contiguous(), biases)
+
     def _pack_experts(self, prefix: str, proj: str, shape: tuple[int, int, int]) -> PackedMatrix:
         """Experts `{prefix}.{j}.{proj}.weight` stacked as one packed [E, O, K] matrix in expert_format."""
         from csrc_py.formats import empty

@@ -157,6 +157,11 @@ class RoleRecorder(InventedSource):
         return ExpertWeights(*(torch.empty(s, device="meta") for s in ((E, I, H), (E, I, H), (E, H, I))))
 
 
+    def fused_expert_weights(self, prefix: str, layout: str, E: int, I: int, H: int, biased: bool):
+        raise OffloadError(f"convert does not yet write experts stored as whole-layer tensors ({prefix}.gate_up_proj,"
+                           " gpt-oss); load the checkpoint itself with --experts int8 / int4 instead")
+
+
 def tensor_roles(hf_config: dict[str, Any]) -> list[TensorRole]:
     """Every tensor the loader reads for hf_config, with its role, in build order."""
     from ..experts.reference import ReferenceExperts

@@ -1,0 +1,33 @@
+"""`offload inspect` and `offload plan` on the published config.json of the newer families alone (the file a
+model page shows before any download): parameters, bytes per tier, and a plan for a 24 GB GPU."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from offload.cli import app
+from test_ernie4_5_moe import ERNIE_21B, ERNIE_300B
+from test_gpt_oss import GPT_OSS_20B, GPT_OSS_120B
+from test_hunyuan_v1_moe import HUNYUAN_A13B
+
+
+@pytest.mark.parametrize("hf, total", [(ERNIE_21B, "21.8"), (ERNIE_300B, "299.4"), (HUNYUAN_A13B, "80."),
+                                       (GPT_OSS_20B, "20.9"), (GPT_OSS_120B, "116.8")])
+def test_inspect_and_plan_of_a_published_config(tmp_path, hf, total):
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = re.sub(r"\s+", " ", result.stdout)
+    assert f"{hf['model_type']} ({hf['architectures'][0]})" in text
+    assert re.search(rf"parameters {total}\d*B total", text), text
+    assert "bf16" in text and "int4" in text  # the weights-by-tier table
+
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--gpu-memory", "24GiB", "--dtype", "bfloat16",
+                                      "--host-memory", "256GiB", "--experts", "int4", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert len(plan["layers"]) == hf["num_hidden_layers"] - hf.get("moe_layer_start_index", 0)  # the MoE layers
+    assert plan["expert_format"] == "int4"
