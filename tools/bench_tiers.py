@@ -8,9 +8,9 @@ copy of the grouped int8/int4 matmuls compiles, uncached), so the tiers take tur
 machine noise. A call is one layer's three expert matmuls (gate, up, down) on prequantized activations, for
 uniform top-k routing drawn afresh per call (decode streams its experts from DRAM); each call is paired with a
 read-bandwidth probe just before it (a torch sum over 256 MiB). Reported per layer, token count, tier and format:
-median and best ms, GB/s of expert bytes touched at the best call, the median over calls of GB/s as % of the
-probe, and G weights/s at the best call (best: on a shared machine the fastest call is the one that was not
-preempted). At T > 1 the
+median and best ms, GB/s of expert bytes touched at the best call, that as % of the best probe of the same
+engine's calls, and G weights/s at the best call (best against best: on a shared machine the fastest call and
+probe are the ones that were not preempted). At T > 1 the
 torch loops over experts (bf16 with oneDNN, bf16 with oneDNN off as on a CPU without AVX512-BF16, and fp32) run
 in the same rounds. The 256-bit tiers compile for this CPU's target here: their microkernels are 256-bit by
 construction, the code around them may use wider registers. Layers hold fewer experts than the model when
@@ -146,7 +146,7 @@ def main() -> None:
             for label, got in samples.items():
                 t = statistics.median(s for s, _, _ in got)
                 fastest, _, touched = min(got)
-                share = statistics.median(b / s / 1e9 / bw for s, bw, b in got)
+                share = touched / fastest / 1e9 / max(bw for _, bw, _ in got)
                 weights = 3 * layer.hidden * layer.intermediate * T * layer.top_k
                 gbps = f"{touched / fastest / 1e9:.1f}" if touched else "-"
                 pct = f"{100 * share:.0f}%" if touched else "-"
