@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import offload
 import offload.chat as chat_module
-from offload.arch import config_from_hf
+from offload.arch import architecture, config_from_hf
 from offload.cli import LoadOptions, app, with_load_options
 from offload.demo import RANDOM_DEMO_CONFIG, random_demo_checkpoint
 from offload.errors import CheckpointError
@@ -197,9 +197,11 @@ def test_generate_unreadable_prompt_file(demo_dir, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_parameter_counts_match_the_checkpoint(checkpoint_dir, name):
+    """The text model's parameters: a multimodal checkpoint's vision tower is not counted."""
     folder, _ = checkpoint_dir(name)
     checkpoint = Checkpoint(folder)
-    numel = sum(math.prod(info.shape) for info in checkpoint.tensors.values())
+    skipped = architecture(checkpoint.config_json["model_type"]).skipped_prefixes
+    numel = sum(math.prod(info.shape) for tensor, info in checkpoint.tensors.items() if not tensor.startswith(skipped))
     assert param_counts(config_from_hf(checkpoint.config_json)).total == numel
 
 
@@ -271,7 +273,8 @@ def test_inspect_demo_checkpoint_has_a_chat_template(demo_dir):
     assert report["tokenizer"] == {"present": True, "vocab_size": report["tokenizer"]["vocab_size"],
                                    "chat_template": True}
     assert report["attention"] == {"kind": "GQA", "heads": 8, "kv_heads": 2, "head_dim": 32, "rope_dim": 32,
-                                   "qkv_bias": False, "o_bias": False, "qk_norm": "head", "sliding_window": None,
+                                   "rope_interleaved": False, "qkv_bias": False, "o_bias": False, "qk_norm": "head",
+                                   "qk_norm_after_rope": False, "sinks": False, "sliding_window": None,
                                    "output_gate": False}
     assert report["experts"]["routed"] == RANDOM_DEMO_CONFIG["num_experts"] and report["layers"]["moe"] == 4
 

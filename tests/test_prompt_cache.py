@@ -46,6 +46,27 @@ def test_a_resumed_prefill_gives_the_cold_logits(checkpoint_dir, name):
     assert rel_err(logits, cold) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["qwen3_next", "deepseek_v32"])
+def test_a_continued_sequence_resumes_where_the_caches_stand(checkpoint_dir, name):
+    """Gated DeltaNet's recurrent state (beside full attention) and DeepSeek Sparse Attention's indexer keys:
+    a prompt that continues what was processed resumes at its end, with the cold logits; one that differs
+    earlier restarts where every layer can (a recurrent state only where it stands, else at 0)."""
+    folder, _ = checkpoint_dir(name)
+    model = offload.load(folder, device="cpu", max_context=64)
+    first = list(range(3, 23))
+    g = model.generate(first, max_new_tokens=4, ignore_eos=True)
+    held = first + g.token_ids[:-1]
+    follow = first + g.token_ids + list(range(40, 46))
+    start, logits = resumed_logits(model, follow)
+    assert start == len(held)
+    assert rel_err(logits, model.logits(follow)[-1]) < 1e-4
+    differs = first[:10] + list(range(60, 70))
+    recurrent = name == "qwen3_next"
+    again = model.generate(differs, max_new_tokens=4, ignore_eos=True)
+    assert again.stats.cached_prompt_tokens == (0 if recurrent else 10)
+    assert again.token_ids == model.generate(differs, max_new_tokens=4, ignore_eos=True, reuse_cache=False).token_ids
+
+
 def test_the_second_chat_turn_computes_only_its_new_tokens(model):
     turn1 = [{"role": "user", "content": "What does the router do?"}]
     first = model.chat(turn1, max_new_tokens=12, ignore_eos=True)

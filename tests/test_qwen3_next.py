@@ -71,7 +71,7 @@ def random_rule_inputs(T: int, H: int = 3, dk: int = 8, dv: int = 6, seed: int =
 @pytest.mark.parametrize("T", [1, 50, 64, 150])
 def test_chunked_form_equals_the_token_by_token_recurrence(T):
     q, k, v, g, beta, state = random_rule_inputs(T)
-    out, final = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    out, final = recurrent_gated_delta_rule(q, k, v, g, beta, state.clone())
     chunked_out, chunked_final = chunked_gated_delta_rule(q, k, v, g, beta, state)
     assert rel_err(chunked_out, out) <= 1e-5
     assert rel_err(chunked_final, final) <= 1e-5
@@ -120,6 +120,22 @@ def test_recurrent_state_resumes_only_where_it_stands_and_restarts_at_zero(check
             t(LONG[20:21], 20)
         again = t(LONG[:30], 0)  # a prefill at 0 resets the state
     assert torch.equal(first, again)
+
+
+def test_prompt_cache_reuses_the_state_only_where_it_stands(checkpoint_dir):
+    """A prompt extending everything processed continues from the recurrent state; one that diverges earlier (or
+    repeats it: its last token must be recomputed) starts afresh. Tokens are those of a cold run either way."""
+    folder, _ = checkpoint_dir("qwen3_5_moe")
+    model = offload.load(folder, device="cpu", max_context=128)
+    kwargs = dict(max_new_tokens=6, ignore_eos=True)
+    model.generate(LONG[:30].tolist(), **kwargs)
+    held = list(model.transformer.cached_ids)  # the prompt and the replies fed back: 35 positions
+    for make_prompt, reused in ((lambda: held + [5, 6, 7], len(held)), (lambda: held[:20] + [9, 9], 0),
+                                (lambda: list(model.transformer.cached_ids), 0)):
+        prompt = make_prompt()
+        warm = model.generate(prompt, **kwargs)
+        assert warm.stats.cached_prompt_tokens == reused
+        assert warm.token_ids == model.generate(prompt, reuse_cache=False, **kwargs).token_ids
 
 
 def test_cache_bytes_follow_the_layer_kinds(checkpoint_dir):

@@ -13,14 +13,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 
 import offload
 from offload.demo import demo_model
 from offload.generate import common_prefix_length
 
-openai = pytest.importorskip("openai")
+openai = pytest.importorskip("openai", reason="the server is tested with the openai client: pip install -e '.[test]'")
+httpx = pytest.importorskip("httpx")  # openai's own HTTP client
 
 MAX_CONTEXT = 256
 STARTUP_SECONDS = 180  # the machine may be busy: loading is slow then, never wrong

@@ -68,55 +68,58 @@ def start_server(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Pop
     raise SystemExit("the server did not start")
 
 
-def through_server(base: str, messages: list[dict], new_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first content chunk, seconds from it to the last, content chunks) of one streamed reply."""
+def through_server(client: httpx.Client, messages: list[dict], new_tokens: int) -> tuple[float, float, float]:
+    """(seconds to the first content chunk, text pieces per second after it, the model's own decode tokens/s)
+    of one streamed reply, timed at the client (one kept-alive connection, as a chat front-end keeps one)."""
     body = {"messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
     t0 = time.perf_counter()
     first = last = None
-    pieces = 0
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
+    pieces, model_speed = 0, 0.0
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            if choices[0].get("delta", {}).get("content"):
+            chunk = json.loads(line[6:])
+            model_speed = chunk.get("timings", {}).get("decode_tokens_per_s", model_speed)
+            if (chunk.get("choices") or [{}])[0].get("delta", {}).get("content"):
                 last = time.perf_counter()
                 first = first or last
                 pieces += 1
-    return first - t0, last - first, pieces
+    return first - t0, (pieces - 1) / (last - first), model_speed
 
 
-def through_api(model: offload.Model, messages: list[dict], new_tokens: int) -> tuple[float, float, int]:
+def through_api(model: offload.Model, messages: list[dict], new_tokens: int) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     first = last = None
     pieces = 0
-    for _ in model.chat_stream(messages, max_new_tokens=new_tokens, ignore_eos=True):
-        last = time.perf_counter()
-        first = first or last
-        pieces += 1
-    return first - t0, last - first, pieces
+    with model.chat_stream(messages, max_new_tokens=new_tokens, ignore_eos=True) as run:
+        for _ in run:
+            last = time.perf_counter()
+            first = first or last
+            pieces += 1
+    return first - t0, (pieces - 1) / (last - first), run.result.stats.decode_tokens_per_s
 
 
-def overhead(args: argparse.Namespace, base: str, model: offload.Model) -> None:
-    rows: dict[str, list[tuple[float, float]]] = {"server": [], "api": []}
+def overhead(args: argparse.Namespace, client: httpx.Client, model: offload.Model) -> None:
+    rows: dict[str, list[tuple[float, float, float]]] = {"server": [], "api": []}
     for i in range(args.rounds + 1):  # round 0 warms both up and is not counted
         messages = [{"role": "user", "content": f"Round {i}: explain Python {TOPICS[i % len(TOPICS)]}."}]
-        for name, run in (("server", lambda m: through_server(base, m, args.new_tokens)),
+        for name, run in (("server", lambda m: through_server(client, m, args.new_tokens)),
                           ("api", lambda m: through_api(model, m, args.new_tokens))):
-            ttft, rest, pieces = run(messages)
+            measured = run(messages)
             if i:
-                rows[name].append((ttft, (pieces - 1) / rest if rest else 0.0))
+                rows[name].append(measured)
     print(f"\n## server vs Python API: {args.rounds} interleaved rounds, {args.new_tokens} new tokens, medians")
-    print("| path | time to first token (ms) | decode tokens/s |\n|---|---:|---:|")
-    med = {name: (statistics.median(r[0] for r in rows[name]), statistics.median(r[1] for r in rows[name]))
-           for name in rows}
-    for name, (ttft, speed) in med.items():
-        print(f"| {name} | {ttft * 1000:.1f} | {speed:.1f} |")
-    print(f"server/API: time to first token x{med['server'][0] / med['api'][0]:.2f}, "
-          f"decode tokens/s x{med['server'][1] / med['api'][1]:.2f}")
+    print("| path | time to first token (ms) | pieces/s at the client | model decode tokens/s |\n"
+          "|---|---:|---:|---:|")
+    med = {name: [statistics.median(r[k] for r in rows[name]) for k in range(3)] for name in rows}
+    for name, (ttft, speed, model_speed) in med.items():
+        print(f"| {name} | {ttft * 1000:.1f} | {speed:.1f} | {model_speed:.1f} |")
+    print(f"server/API: time to first token x{med['server'][0] / med['api'][0]:.2f}, pieces/s "
+          f"x{med['server'][1] / med['api'][1]:.2f}, model decode tokens/s x{med['server'][2] / med['api'][2]:.2f}")
 
 
-def conversation(args: argparse.Namespace, base: str) -> None:
+def conversation(args: argparse.Namespace, client: httpx.Client) -> None:
     messages: list[dict] = []
     computed = total = 0
     print(f"\n## a {args.turns}-turn conversation through the server ({args.turn_tokens} tokens per reply)")
@@ -124,7 +127,7 @@ def conversation(args: argparse.Namespace, base: str) -> None:
     for turn in range(args.turns):
         messages.append({"role": "user", "content": f"Now tell me about {TOPICS[turn % len(TOPICS)]}."})
         body = {"messages": messages, "max_tokens": args.turn_tokens, "temperature": 0, "ignore_eos": True}
-        reply = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=600).json()
+        reply = client.post("/v1/chat/completions", json=body).json()
         usage, timings = reply["usage"], reply["timings"]
         cached = usage["prompt_tokens_details"]["cached_tokens"]
         computed += usage["prompt_tokens"] - cached
@@ -136,16 +139,28 @@ def conversation(args: argparse.Namespace, base: str) -> None:
           f"x{total / computed:.1f} fewer)")
 
 
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512 VNNI (the int8 kernels' fast path)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    return f"{name} ({'AVX-512 VNNI' if 'avx512_vnni' in info else 'no AVX-512 VNNI'})"
+
+
 def main() -> None:
     args = parse_args()
     folder = args.model or demo_model()
-    print(f"# {folder.name} on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"device {args.device}, experts {args.experts or 'torch'}")
+    print(f"# {folder.name} on {cpu_name()}, {os.cpu_count()} CPUs, device {args.device}, "
+          f"experts {args.experts or 'torch'}")
     process, base = start_server(args, folder)
     try:
         model = offload.load(folder, device=args.device, max_context=args.max_context, experts=args.experts)
-        overhead(args, base, model)
-        conversation(args, base)
+        with httpx.Client(base_url=base, timeout=600) as client:
+            overhead(args, client, model)
+            conversation(args, client)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)

@@ -6,7 +6,8 @@
     python tools/make_checkpoint.py deepseek-v3 /tmp/dsv3-4 --layers 4 --embed-std 1 --out-std 0.002 --skew 1
 
 SHAPE is one of SHAPES: the model's own config.json (architecture values as published on the Hugging Face hub,
-without quantization_config / auto_map: the weights here are bf16; `--fp8` adds DeepSeek-V3's). `--layers N` keeps the first N decoder layers.
+without quantization_config / auto_map: the weights here are bf16; `--fp8` adds DeepSeek-V3's); for a multimodal
+model (Qwen3.5) its text model's config. `--layers N` keeps the first N decoder layers.
 
 Three outputs, all streamed one shard (one decoder layer) at a time, each shard written to a temporary name and
 renamed when complete:
@@ -264,12 +265,47 @@ DEEPSEEK_V3: dict[str, Any] = {  # deepseek-ai/DeepSeek-V3 (its fp8 quantization
     "vocab_size": 129280,
 }
 
+QWEN3_5_35B_A3B: dict[str, Any] = {  # Qwen/Qwen3.5-35B-A3B's text_config: its text model, as a store names it
+    "architectures": ["Qwen3_5MoeForCausalLM"],
+    "attention_bias": False,
+    "attn_output_gate": True,
+    "dtype": "bfloat16",
+    "eos_token_id": 248044,
+    "full_attention_interval": 4,
+    "head_dim": 256,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 10,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "linear_value_head_dim": 128,
+    "max_position_embeddings": 262144,
+    "model_type": "qwen3_5_moe_text",
+    "moe_intermediate_size": 512,
+    "mtp_num_hidden_layers": 1,  # the MTP module: offload skips it, and it is not written here
+    "num_attention_heads": 16,
+    "num_experts": 256,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "rope_type": "default",
+                        "rope_theta": 10000000, "partial_rotary_factor": 0.25},
+    "shared_expert_intermediate_size": 512,
+    "tie_word_embeddings": False,
+    "vocab_size": 248320,
+}
+
 SHAPES: dict[str, dict[str, Any]] = {
     "mixtral-8x7b": MIXTRAL_8X7B,
     "mixtral-4.7b": MIXTRAL_4_7B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,
     "deepseek-v2-lite": DEEPSEEK_V2_LITE,
     "deepseek-v3": DEEPSEEK_V3,
+    "qwen3.5-35b-a3b": QWEN3_5_35B_A3B,
 }
 
 

@@ -38,14 +38,15 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                                beta: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token by token. q, k [H, T, dk] (normalised, q scaled), v [H, T, dv], g, beta [H, T], state [H, dk, dv], all
-    fp32 -> (out [H, T, dv], final state)."""
+    fp32 -> (out [H, T, dv], final state). `state` is updated in place (decode allocates no [H, dk, dv] tensor:
+    at real sizes each fresh one is megabytes the CPU page-faults in)."""
     out = torch.empty_like(v)
     for t in range(q.shape[1]):
-        state = state * g[:, t].exp()[:, None, None]
-        remembered = torch.einsum("hk,hkv->hv", k[:, t], state)  # what S already predicts for k_t
-        delta = (v[:, t] - remembered) * beta[:, t, None]  # [H, dv]
-        state = state + k[:, t, :, None] * delta[:, None, :]
-        out[:, t] = torch.einsum("hk,hkv->hv", q[:, t], state)
+        state.mul_(g[:, t].exp()[:, None, None])
+        remembered = torch.bmm(k[:, t, None, :], state)  # [H, 1, dv]: what S already predicts for k_t
+        delta = (v[:, t, None, :] - remembered) * beta[:, t, None, None]
+        state.baddbmm_(k[:, t, :, None], delta)  # S += k_t delta^T
+        out[:, t] = torch.bmm(q[:, t, None, :], state)[:, 0]
     return out, state
 
 
@@ -93,7 +94,8 @@ def fla_kernels():
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k [T, Hk, dk], v [T, Hv, dv], g, beta [T, Hv], state [Hv, dk, dv] fp32 -> (out [T, Hv, dv] in v's dtype,
-    new state). Each key head serves Hv/Hk consecutive value heads; q and k are L2-normalised here."""
+    new state; one token updates `state` in place). Each key head serves Hv/Hk consecutive value heads; q and k are
+    L2-normalised here."""
     T, dtype = q.shape[0], v.dtype
     group = v.shape[1] // k.shape[1]
     q, k = q.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1)
@@ -160,10 +162,12 @@ class GatedDeltaNet(nn.Module):
         return qkv, z.reshape(T, self.v_heads, self.v_dim), b, a
 
     def conv(self, qkv: torch.Tensor, cache: RecurrentState) -> torch.Tensor:
-        """Causal depthwise convolution + SiLU of qkv [T, C], continuing from (and updating) the cached window."""
+        """Causal depthwise convolution + SiLU of qkv [T, C], continuing from (and updating) the cached window.
+        As multiply-and-sum over each position's window: torch's depthwise conv1d costs ~100x more at decode."""
         window = torch.cat((cache.conv, qkv.transpose(0, 1).to(cache.conv.dtype)), dim=1)  # [C, kernel-1+T]
         cache.conv.copy_(window[:, window.shape[1] - cache.conv.shape[1]:])
-        out = F.conv1d(window[None], self.conv_weight, groups=self.conv_dim)[0]  # [C, T]
+        taps = window.unfold(1, self.conv_kernel, 1)  # [C, T, kernel]
+        out = (taps * self.conv_weight).sum(-1)  # weight [C, 1, kernel] -> [C, T]
         return F.silu(out).transpose(0, 1).to(qkv.dtype)
 
     def forward(self, x: torch.Tensor, start: int, cache: RecurrentState, rope: RotaryTable | None = None
@@ -175,7 +179,8 @@ class GatedDeltaNet(nn.Module):
         g = self.neg_A * F.softplus(a.float() + self.dt_bias)  # [T, Hv], log decay
         out, state = gated_delta_rule(q.reshape(T, self.k_heads, self.k_dim), k.reshape(T, self.k_heads, self.k_dim),
                                       v.reshape(T, self.v_heads, self.v_dim), g, b.sigmoid(), cache.state)
-        cache.state.copy_(state)
+        if state is not cache.state:
+            cache.state.copy_(state)
         cache.position = start + T
         out = gated_rms_norm(out, z, self.norm_weight, self.eps)  # [T, Hv, dv]
         return self.out_proj(out.reshape(T, self.v_heads * self.v_dim))

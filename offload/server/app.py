@@ -14,7 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -90,8 +90,18 @@ class OpenAIServer:
         chat = parse_chat_request(parse_json(await read_body(request)))
         if self.model.tokenizer is None or self.model.tokenizer.chat_template is None:
             raise RequestError(f"{self.options.model_name} has no chat template; use /v1/completions", status=400)
-        ids = await run_in_threadpool(_user_errors(self.model.chat_prompt), chat.messages, tools=chat.tools)
+        ids = await run_in_threadpool(self._chat_prompt, chat.messages, chat.tools)
         return await self._generate(request, ids, chat.params, Reply(self.options.model_name, "chat"))
+
+    def _chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        """The prompt's token ids; a template that fails on what the client sent is the request's fault (400)."""
+        try:
+            return self.model.chat_prompt(messages, tools=tools)
+        except OffloadError as error:
+            raise RequestError(str(error), "messages") from None
+        except Exception as error:  # a template's own TypeError, KeyError, ... on unexpected message fields
+            raise RequestError(f"the chat template failed on these messages ({type(error).__name__}: {error}); "
+                               "send messages in the model's chat format", "messages") from None
 
     async def completions(self, request: Request) -> Response:
         completion = parse_completion_request(parse_json(await read_body(request)))
@@ -107,8 +117,11 @@ class OpenAIServer:
 
     async def _generate(self, request: Request, ids: list[int], params: GenerationParams, reply: Reply) -> Response:
         max_tokens = self._max_tokens(len(ids), params.max_tokens)
-        run = _user_errors(self.model.stream)(ids, max_new_tokens=max_tokens, stop=params.stop,
-                                              ignore_eos=params.ignore_eos, **params.sampling)
+        try:  # sampling values out of range, token ids past the vocabulary
+            run = self.model.stream(ids, max_new_tokens=max_tokens, stop=params.stop, ignore_eos=params.ignore_eos,
+                                    **params.sampling)
+        except OffloadError as error:
+            raise RequestError(str(error)) from None
         try:
             job = self.worker.admit(run)
         except QueueFull:
@@ -157,17 +170,6 @@ class OpenAIServer:
     def _usage(job: Job) -> dict[str, Any]:
         s = job.run.result.stats
         return usage(s.prompt_tokens, s.generated_tokens, s.cached_prompt_tokens)
-
-
-def _user_errors(function: Callable[..., T]) -> Callable[..., T]:
-    """The function, with offload's one-line errors (a template that rejects the messages, sampling settings out
-    of range, token ids past the vocabulary) turned into 400s."""
-    def call(*args: Any, **kwargs: Any) -> T:
-        try:
-            return function(*args, **kwargs)
-        except OffloadError as error:
-            raise RequestError(str(error)) from None
-    return call
 
 
 async def read_body(request: Request) -> bytes:

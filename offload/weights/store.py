@@ -403,7 +403,7 @@ def convert(source: str | Path, out: str | Path, experts: str | None, dense: str
         experts = checkpoint.scheme.expert_format
     # A multimodal checkpoint's store is its text model alone: the text config, the text model's own names.
     arch = architecture(checkpoint.config_json.get("model_type"))
-    hf_config, stored = arch.text_config(checkpoint.config_json), arch.checkpoint_name
+    hf_config, stored, own_name = arch.text_config(checkpoint.config_json), arch.checkpoint_name, arch.runtime_name
     check_sources(checkpoint, tensor_roles(hf_config), arch)
 
     # Each read closes the files after it: the next one maps its file anew, so the source pages a matrix was read
@@ -416,9 +416,7 @@ def convert(source: str | Path, out: str | Path, experts: str | None, dense: str
             checkpoint.release()
 
     def kept(name: str) -> list[KeptTensor]:
-        full = stored(name)  # each part is the logical name plus a suffix (.weight_scale, ...)
-        return [KeptTensor(name + part[len(full):], checkpoint.tensors[part])
-                for part in checkpoint.logical[full].parts]
+        return [KeptTensor(own_name(part), checkpoint.tensors[part]) for part in checkpoint.logical[stored(name)].parts]
 
     def pack_exact(name: str, out: PackedMatrix, e: int) -> bool:
         try:
