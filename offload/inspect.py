@@ -102,7 +102,8 @@ def attention_summary(cfg: ModelConfig) -> dict[str, Any]:
     return {"kind": kind, "heads": nh, "kv_heads": nkv, "head_dim": cfg.head_dim, "rope_dim": cfg.rope_dim,
             "rope_interleaved": cfg.rope_interleaved, "qkv_bias": cfg.attention_bias,
             "o_bias": cfg.attention_output_bias, "qk_norm": cfg.qk_norm, "qk_norm_after_rope": cfg.qk_norm_after_rope,
-            "sinks": cfg.attention_sinks, "sliding_window": windows[0] if windows else None, "output_gate": cfg.attention_output_gate}
+            "sinks": cfg.attention_sinks,
+            "sliding_window": windows[0] if windows else None, "output_gate": cfg.attention_output_gate}
 
 
 def linear_attention_summary(cfg: ModelConfig) -> dict[str, Any] | None:

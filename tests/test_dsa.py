@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 import offload
@@ -19,6 +20,7 @@ from offload.errors import CheckpointError
 from offload.inspect import param_counts
 from offload.model.kv_cache import LatentCache, LatentIndexCache
 from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
+from test_glm4_moe import with_mtp_layer
 from tiny_models import clone_with_config, reference_logits, rel_err
 
 IDS = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3))
@@ -125,6 +127,19 @@ def test_absorbed_selected_form_equals_masked_naive_form(checkpoint_dir, name):
     assert rel_err(results[1], results[0]) <= 1e-5
 
 
+def test_multi_token_prediction_layer_with_its_indexer_is_skipped(checkpoint_dir, tmp_path):
+    """DeepSeek-V3.2 and GLM-5 ship an MTP layer (`model.layers.{num_hidden_layers}`, with its own indexer)."""
+    folder, ref = checkpoint_dir("deepseek_v32")
+    mtp = with_mtp_layer(folder, tmp_path / "mtp", ref.config.num_hidden_layers)
+    mtp = clone_with_config(mtp, tmp_path / "declared", lambda c: {**c, "num_nextn_predict_layers": 1})
+    with safe_open(mtp / "mtp.safetensors", "pt") as f:
+        extra = list(f.keys())
+    assert any(".self_attn.indexer.wq_b." in name for name in extra)
+    model = offload.load(mtp, device="cpu", max_context=64)
+    assert model.load_info.skipped_tensors == len(extra)
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 1e-4
+
+
 def test_indexer_caches_and_their_bytes(checkpoint_dir):
     """GLM-5 variant: layers 0 and 2 run an indexer and cache its keys; layer 1 reuses layer 0's top-k and keeps
     the plain latent cache. The planner's cache bytes count exactly what the model allocates."""
@@ -134,13 +149,12 @@ def test_indexer_caches_and_their_bytes(checkpoint_dir):
     assert cfg.indexer.own_layers == (True, False, True)
     assert [type(c) for c in model.transformer.caches] == [LatentIndexCache, LatentCache, LatentIndexCache]
     assert model.transformer.caches[0].index_k.shape == (48, cfg.indexer.head_dim)
-    assert layers[1].attn.indexer is None and layers[1].attn.selection_source is layers[0].attn
-    assert layers[2].attn.indexer is not None
+    assert layers[1].attn.indexer is None and layers[1].attn.selection is layers[0].attn.selection
+    assert layers[2].attn.indexer is not None and layers[2].attn.selection is not layers[0].attn.selection
     assert model.transformer.cache_nbytes == kv_cache_bytes(cfg, 48, 4)
     with torch.inference_mode():
         model.transformer(IDS[:30], 0)
-    assert layers[1].attn.last_selection is None  # reads layer 0's
-    assert layers[0].attn.last_selection.shape == (30, cfg.indexer.topk)
+    assert layers[0].attn.selection.positions.shape == (30, cfg.indexer.topk)
 
 
 @pytest.mark.parametrize("hf, total, active", [(DEEPSEEK_V32, 671e9, 37e9), (GLM_5, 744e9, 40e9)])

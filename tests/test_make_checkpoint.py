@@ -24,10 +24,12 @@ import make_checkpoint as mc  # noqa: E402
 # Published totals (billions of parameters). DeepSeek-V3: 671 B main model; its 685 B on the hub include the
 # 14 B multi-token-prediction module, which offload skips and make_checkpoint does not write.
 PUBLISHED = {"mixtral-8x7b": 46.7, "mixtral-4.7b": 4.73, "qwen3-30b-a3b": 30.5, "deepseek-v2-lite": 15.7,
-             "deepseek-v3": 671.0, "qwen3.5-35b-a3b": 35.0}  # Qwen3.5: the text model (vision tower apart)
-TINY = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2_group_yarn", "deepseek_v3"]  # every model_type
+             "deepseek-v3": 671.0, "deepseek-v3.2": 671.0, "glm-5": 744.0,
+             "qwen3.5-35b-a3b": 35.0}  # Qwen3.5: the text model (vision tower apart)
+TINY = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2_group_yarn", "deepseek_v3", "glm_moe_dsa"]
 FORMATS = {"mixtral": ("int4", "int8"), "qwen2_moe": ("int8", "int4"), "qwen3_moe": ("bf16", "int8"),
-           "olmoe": ("int4", "bf16"), "deepseek_v2_group_yarn": ("int8", "int8"), "deepseek_v3": ("int4", "int4")}
+           "olmoe": ("int4", "bf16"), "deepseek_v2_group_yarn": ("int8", "int8"), "deepseek_v3": ("int4", "int4"),
+           "glm_moe_dsa": ("int8", "int8")}
 
 
 def tiny_config(name: str, **overrides) -> dict:

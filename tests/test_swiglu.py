@@ -21,8 +21,7 @@ def test_gathered_equals_grouped(T, K, activation, with_biases):
     gate, up = torch.randn(R, I, H, generator=g), torch.randn(R, I, H, generator=g)
     down = torch.randn(R, H, I, generator=g)
     x = torch.randn(T, H, generator=g)
-    biases = (ExpertBiases(torch.randn(R, I, generator=g), torch.randn(R, I, generator=g), torch.randn(R, H, generator=g))
-              if with_biases else None)
+    biases = (ExpertBiases(*(torch.randn(R, n, generator=g) for n in (I, I, H))) if with_biases else None)
     rows = torch.randint(0, R, (T, K), generator=g)
     rows[0, 0] = -1  # computed elsewhere
     rows[-1, -1] = rows[0, -1]  # an expert shared by two tokens

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -131,7 +132,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # Hunyuan-A13B: per-head q/k norm after RoPE, RoPE stretched by NTK alpha, per-layer moe_topk lists, a shared MLP
     # as wide as each expert, tied embeddings.
     "hunyuan_v1_moe": ("hunyuan_v1_moe", dict(
-        num_key_value_heads=2, head_dim=16, intermediate_size=24, num_experts=8, moe_topk=[3, 3, 3],
+        num_key_value_heads=2, head_dim=16, intermediate_size=24, num_experts=8, moe_topk=[2, 2, 2],
         use_qk_norm=True, use_mixed_mlp_moe=True, use_cla=False, tie_word_embeddings=True,
         rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
     # Hunyuan as transformers allows it beyond the published shape: bias on q/k/v/o, plain RoPE, one top-k.
@@ -151,6 +152,8 @@ VISION_TOWERS = {"qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=
 
 # Selection biases' scale: sigmoid scores spread over (0, 1); softmax scores of E experts sit near 1/E.
 CORRECTION_BIAS_STD = {"ernie4_5_moe": 0.02}
+# Families that normalise q/k after RoPE: their norm weights get random values, since unit ones commute with it.
+QK_NORMS_AFTER_ROPE = {"hunyuan_v1_moe"}
 
 
 def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
@@ -180,7 +183,7 @@ def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
                 tensor.copy_(torch.randn_like(tensor) * 0.1)
             elif model_type in ("qwen3_next", "qwen3_5_moe") and tensor_name.endswith("norm.weight"):
                 tensor.add_(torch.randn_like(tensor) * 0.1)  # zero-centred: the scale is 1 + weight
-            elif ".self_attn." in tensor_name and tensor_name.endswith("norm.weight"):
+            elif model_type in QK_NORMS_AFTER_ROPE and re.search(r"\.self_attn\..*norm\.weight$", tensor_name):
                 tensor.copy_(1 + torch.randn_like(tensor) * 0.2)  # unit q/k norms commute with RoPE
             if tensor_name.endswith("linear_attn.A_log"):
                 tensor.copy_(torch.empty_like(tensor).uniform_(0.01, 0.5).log())
@@ -199,6 +202,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def share_within(got: torch.Tensor, expected: torch.Tensor, bound: float) -> float:
+    """Share of positions (rows of [T, vocab] logits) whose max |error| / max |expected| is within `bound`.
+
+    A quantized expert format bounds most positions; at a near tie its rounding may flip one router choice, which
+    moves that position's logits by far more than the format's error (and a well-placed bound on the max would only
+    measure the seed). Tests therefore bound the share of positions within the format's error, next to top-1."""
+    per_position = (got - expected).abs().amax(-1) / expected.abs().max()
+    return (per_position <= bound).float().mean().item()
+
+
 def reference_logits(ref, ids: torch.Tensor) -> torch.Tensor:
     """The transformers model's logits [T, vocab] for one sequence of ids."""
     with torch.no_grad():
@@ -215,8 +228,6 @@ def clone_with_config(folder: Path, dest: Path, edit: Callable[[dict], dict]) ->
 
 def cli_text(*args) -> str:
     """`offload ARGS`' stdout with whitespace runs as one space (rich wraps table cells); it must succeed."""
-    import re
-
     from typer.testing import CliRunner
 
     from offload.cli import app

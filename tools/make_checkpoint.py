@@ -265,6 +265,52 @@ DEEPSEEK_V3: dict[str, Any] = {  # deepseek-ai/DeepSeek-V3 (its fp8 quantization
     "vocab_size": 129280,
 }
 
+DEEPSEEK_V32: dict[str, Any] = {  # deepseek-ai/DeepSeek-V3.2: DeepSeek-V3 plus the lightning indexer's fields
+    **{key: value for key, value in DEEPSEEK_V3.items() if key not in ("architectures", "model_type")},
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "index_head_dim": 128,
+    "index_n_heads": 64,
+    "index_topk": 2048,
+}
+
+GLM_5: dict[str, Any] = {  # zai-org/GLM-5 (its MTP layer is not written)
+    "architectures": ["GlmMoeDsaForCausalLM"],
+    "attention_bias": False,
+    "eos_token_id": [154820, 154827, 154829],
+    "first_k_dense_replace": 3,
+    "hidden_act": "silu",
+    "hidden_size": 6144,
+    "index_head_dim": 128,
+    "index_n_heads": 32,
+    "index_topk": 2048,
+    "intermediate_size": 12288,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 202752,
+    "model_type": "glm_moe_dsa",
+    "moe_intermediate_size": 2048,
+    "n_group": 1,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 78,
+    "num_key_value_heads": 64,
+    "num_nextn_predict_layers": 1,
+    "q_lora_rank": 2048,
+    "qk_nope_head_dim": 192,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000,
+    "routed_scaling_factor": 2.5,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "torch_dtype": "bfloat16",
+    "v_head_dim": 256,
+    "vocab_size": 154880,
+}
+
 QWEN3_5_35B_A3B: dict[str, Any] = {  # Qwen/Qwen3.5-35B-A3B's text_config: its text model, as a store names it
     "architectures": ["Qwen3_5MoeForCausalLM"],
     "attention_bias": False,
@@ -305,6 +351,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-30b-a3b": QWEN3_30B_A3B,
     "deepseek-v2-lite": DEEPSEEK_V2_LITE,
     "deepseek-v3": DEEPSEEK_V3,
+    "deepseek-v3.2": DEEPSEEK_V32,
+    "glm-5": GLM_5,
     "qwen3.5-35b-a3b": QWEN3_5_35B_A3B,
 }
 

@@ -60,7 +60,7 @@ def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
 # feature, a new routing variant) keeps the torch path until the compiled code learns it: never other numbers.
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 _ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "window", "scale", "qkv", "o_proj",
-                     "q_norm", "k_norm", "qk_norm_after_rope", "rope_interleaved", "sinks"}
+                     "q_norm", "k_norm", "sinks"}
 _LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
 _NORM_FIELDS = {"weight", "eps"}
 _SWIGLU_FIELDS = {"gate_up", "down"}
@@ -72,7 +72,7 @@ _TOPK_METHODS = {"greedy", "group_limited_greedy", "noaux_tc"}
 
 
 # Options of the shared modules that the compiled code takes only when they are off: (field, value when off).
-_OFF_OPTIONS = {"output_gate": False, "zero_centred": False}
+_OFF_OPTIONS = {"output_gate": False, "zero_centred": False, "qk_norm_after_rope": False, "rope_interleaved": False}
 
 
 def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
@@ -174,8 +174,8 @@ class _AttentionPlan:
         if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or \
                 not isinstance(attn.qkv, FusedLinear) or not isinstance(attn.o_proj, QuantLinear):
             return None
-        if attn.sinks is not None or attn.rope_interleaved or attn.qk_norm_after_rope:
-            return None  # gpt-oss's sinks, ERNIE-4.5's pair-wise RoPE, Hunyuan's norms after RoPE: torch
+        if attn.sinks is not None:
+            return None  # gpt-oss's attention sinks: torch
         if attn.qk_norm and not (_knows(attn.q_norm, _NORM_FIELDS) and _knows(attn.k_norm, _NORM_FIELDS)):
             return None
         heads, kv_heads, d = attn.heads, attn.kv_heads, attn.head_dim

@@ -31,6 +31,13 @@ KEY_NORM_EPS = 1e-6  # the reference's LayerNorm(index_head_dim, eps=1e-6)
 SCORE_BLOCK_ELEMENTS = 1 << 26  # fp32 [queries, heads, positions] scores held at once while ranking: 256 MiB
 
 
+class Selection:
+    """The positions an indexer layer's latest call selected [T, k] (None: every causal one), held apart from the
+    modules so that GLM-5's "shared" layers can read the same object (mla.share_index_selections)."""
+
+    positions: torch.Tensor | None = None
+
+
 class LightningIndexer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, src: WeightSource):
         super().__init__()
@@ -77,16 +84,15 @@ def select_positions(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
     later = torch.arange(S, device=q.device)[None, :] > torch.arange(start, start + T, device=q.device)[:, None]
     picked = []
     for i in range(0, T, block):
-        scores = index_scores(q[i : i + block], keys, weights[i : i + block]).masked_fill_(later[i : i + block],
-                                                                                         float("-inf"))
+        scores = index_scores(q[i : i + block], keys, weights[i : i + block])  # [block, S]
+        scores.masked_fill_(later[i : i + block], float("-inf"))
         picked.append(scores.topk(min(topk, S), dim=-1).indices)
     return torch.cat(picked)
 
 
 def selection_mask(selection: torch.Tensor, start: int, S: int) -> torch.Tensor:
     """selection [T, k] at query positions start.. -> [T, S] boolean attention mask: selected and causal."""
-    T = selection.shape[0]
-    picked = torch.zeros(T, S, dtype=torch.bool, device=selection.device).scatter_(-1, selection, True)
-    causal = torch.arange(S, device=selection.device)[None, :] <= torch.arange(start, start + T,
-                                                                             device=selection.device)[:, None]
+    T, device = selection.shape[0], selection.device
+    picked = torch.zeros(T, S, dtype=torch.bool, device=device).scatter_(-1, selection, True)
+    causal = torch.arange(S, device=device)[None, :] <= torch.arange(start, start + T, device=device)[:, None]
     return picked & causal

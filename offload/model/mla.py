@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .attention import grouped_attention
-from .indexer import LightningIndexer, selection_mask
+from .indexer import LightningIndexer, Selection, selection_mask
 from .kv_cache import LatentCache, LatentIndexCache, causal_mask_args
 from .layers import RMSNorm, group_linears, load_linear
 from .rope import RotaryTable, yarn_softmax_scale
@@ -61,8 +61,7 @@ class MLA(nn.Module):
         ix = cfg.indexer
         self.indexer = LightningIndexer(cfg, layer, src) if ix is not None and ix.own_layers[layer] else None
         self.shares_selection = ix is not None and not ix.own_layers[layer]
-        self.selection_source: MLA | None = None
-        self.last_selection: torch.Tensor | None = None  # the latest call's selection, for the layers sharing it
+        self.selection = Selection()  # this call's; a shared layer's is replaced by its source layer's
 
     def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> LatentCache:
         if self.indexer is not None:
@@ -101,11 +100,8 @@ class MLA(nn.Module):
         """The positions each query attends to under DeepSeek Sparse Attention [T, k]; None for all causal ones
         (no indexer, or a context no longer than index_topk)."""
         if self.indexer is not None:
-            self.last_selection = self.indexer(x, q_latent, start, cache, rope)
-            return self.last_selection
-        if self.shares_selection:
-            return self.selection_source.last_selection
-        return None
+            self.selection.positions = self.indexer(x, q_latent, start, cache, rope)
+        return self.selection.positions
 
     def _naive(self, q_nope, q_rope, c_all, k_rope_all, mask: dict) -> torch.Tensor:
         S = c_all.shape[0]
@@ -142,11 +138,11 @@ class MLA(nn.Module):
 
 
 def share_index_selections(attentions: list[nn.Module]) -> None:
-    """Link each MLA that reuses an earlier layer's top-k (GLM-5's "shared" indexer layers) to the last layer
-    before it that runs its own indexer; that layer's selection of the same call is then reused as it is."""
+    """Give each MLA that reuses an earlier layer's top-k (GLM-5's "shared" indexer layers) the Selection of the
+    last layer before it that runs its own indexer: the selection of the same call is then reused as it is."""
     source = None
     for attn in attentions:
         if isinstance(attn, MLA) and attn.indexer is not None:
-            source = attn
+            source = attn.selection
         elif isinstance(attn, MLA) and attn.shares_selection:
-            attn.selection_source = source
+            attn.selection = source
