@@ -123,15 +123,22 @@ def rms_norm_heads(v: np.ndarray, heads: int, d: int, w: np.ndarray, eps: float)
 
 
 @njit(nogil=True, cache=True)
-def rope(v: np.ndarray, heads: int, d: int, cos: np.ndarray, sin: np.ndarray, start: int) -> None:
-    """Rotate, in place, the first 2*half channels of each of `heads` slices of width d of row t of v [T, ...] for
-    position start+t (half layout: i pairs with i+half); cos, sin [P, half] (RotaryTable)."""
+def rope(v: np.ndarray, heads: int, d: int, offset: int, interleaved: bool, cos: np.ndarray, sin: np.ndarray,
+         start: int) -> None:
+    """RotaryTable.apply in place: rotate 2*half channels from `offset` of each of `heads` slices of width d of row
+    t of v [T, ...] for position start+t; cos, sin [P, half]. Half layout pairs channel i with i+half; interleaved
+    pairs 2i with 2i+1 and leaves the result in half layout, as the table does."""
     half = cos.shape[1]
+    pairs = np.empty(2 * half, np.float32)
     for t in range(v.shape[0]):
         c, s = cos[start + t], sin[start + t]
         row = v[t]
         for h in range(heads):
-            seg = row[h * d: h * d + 2 * half]
+            seg = row[h * d + offset: h * d + offset + 2 * half]
+            if interleaved:
+                pairs[:] = seg
+                for i in range(half):
+                    seg[i], seg[i + half] = pairs[2 * i], pairs[2 * i + 1]
             for i in range(half):
                 x1, x2 = seg[i], seg[i + half]
                 seg[i] = x1 * c[i] - x2 * s[i]
@@ -199,6 +206,57 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
                 hi = start + t + 1
                 lo = max(0, hi - window) if window > 0 else 0
                 _attend_head(q[t, h * d: h * d + d], keys, values, lo, hi, scale, scores, out[t, h * d: h * d + d])
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray,
+                  start: int, scale: float, out: np.ndarray) -> None:
+    """MLA's absorbed attention (offload.model.mla.MLA._absorbed) for q [T, heads*(nope+rope)] at positions
+    start..: per head, q_nope through W_UK into latent space, causal attention over the cached latents
+    c_cache [P, rank] (keys: latent + rope key r_cache [P, rope]; values: latent), the result through W_UV;
+    out [T, heads*v]. w_kv is kv_b_proj's weight as [heads, nope + v, rank] (W_UK rows, then W_UV rows): whole
+    contiguous rows, which vectorize where the strided W_UK / W_UV views would not. One head per thread."""
+    T = q.shape[0]
+    rank, rope_d, v_dim = c_cache.shape[1], r_cache.shape[1], w_kv.shape[1] - nope
+    qd = nope + rope_d
+    for h in prange(heads):
+        q_lat = np.empty(rank, np.float32)
+        o_lat = np.empty(rank, np.float32)
+        scores = np.empty(start + T, np.float32)
+        for t in range(T):
+            qn, qr = q[t, h * qd: h * qd + nope], q[t, h * qd + nope: h * qd + qd]
+            q_lat[:] = 0.0
+            for i in range(nope):
+                wrow = w_kv[h, i]
+                for r in range(rank):
+                    q_lat[r] += qn[i] * wrow[r]
+            hi = start + t + 1
+            best = -np.inf
+            for j in range(hi):
+                c, kr = c_cache[j], r_cache[j]
+                acc = np.float32(0.0)
+                for r in range(rank):
+                    acc += q_lat[r] * c[r]
+                for r in range(rope_d):
+                    acc += qr[r] * kr[r]
+                scores[j] = acc * np.float32(scale)
+                best = max(best, scores[j])
+            total = np.float32(0.0)
+            for j in range(hi):
+                scores[j] = np.exp(scores[j] - best)
+                total += scores[j]
+            o_lat[:] = 0.0
+            for j in range(hi):
+                p = scores[j] / total
+                c = c_cache[j]
+                for r in range(rank):
+                    o_lat[r] += p * c[r]
+            for i in range(v_dim):
+                wrow = w_kv[h, nope + i]
+                acc = np.float32(0.0)
+                for r in range(rank):
+                    acc += o_lat[r] * wrow[r]
+                out[t, h * v_dim + i] = acc
 
 
 @njit(nogil=True, cache=True)
@@ -293,7 +351,7 @@ def add_bias(y: np.ndarray, bias: np.ndarray) -> None:
 
 
 @njit(nogil=True, cache=True)
-def swiglu(h: np.ndarray, gate_up, up_start: int, width: int, down, down_width: int, gu: np.ndarray,
+def swiglu(h: np.ndarray, gate_up, up_start: int, width: int, down, gu: np.ndarray,
            act: np.ndarray, y: np.ndarray) -> None:
     """y[:, :padded] = down(silu(gate h) * up h) with gate/up fused in one packed matrix (up from row up_start),
     scratch gu [T, padded gate+up], act [T, width]; offload.model.layers.SwiGLU over a FusedLinear."""
@@ -328,10 +386,43 @@ def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, qk_norm, q_norm_w,
     if qk_norm == QK_NORM_HEAD:
         rms_norm_heads(q, heads, d, q_norm_w, eps)
         rms_norm_heads(k, kv_heads, d, k_norm_w, eps)
-    rope(q, heads, d, cos, sin, start)
-    rope(k, kv_heads, d, cos, sin, start)
+    rope(q, heads, d, 0, False, cos, sin, start)
+    rope(k, kv_heads, d, 0, False, cos, sin, start)
     write_cache(k, v, kv_heads, d, kcache, vcache, start)
     attend(q, heads, kv_heads, d, kcache, vcache, start, window, scale, att)
+    packed_linear(att, o_proj, o_out)
+    add_bias(o_out, o_bias)
+    for t in range(T):
+        for i in range(x.shape[1]):
+            out[t, i] = x[t, i] + o_out[t, i]
+
+
+@njit(nogil=True, cache=True)
+def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a_norm_w, cos, sin, interleaved, start,
+              c_cache, r_cache, w_kv, scale, o_proj, o_bias, h, proj_out, q_a, q_out, att, o_out) -> None:
+    """out = x + MLA(RMSNorm(x)) in the absorbed form, for x [T, H] at positions start.. (offload.model.mla.MLA).
+
+    in_proj: q_proj or q_a_proj fused with kv_a_proj_with_mqa (from column kv_start); dims = (heads, nope, rope,
+    q_lora_rank (0: no q-LoRA, q_b is not read), kv_start); eps = (input norm, q_a norm, kv_a norm). The latent
+    cache c_cache [P, rank] / r_cache [P, rope] gets the normalised latent and the rotated rope key. Scratch: h [T, H],
+    proj_out [T, padded in_proj width], q_a [T, q_lora_rank], q_out [T, padded q_b width], att [T, heads*v],
+    o_out [T, padded H]."""
+    heads, nope, rope_d, q_lora, kv0 = dims
+    T, rank, qd = x.shape[0], c_cache.shape[1], nope + rope_d
+    rms_norm(x, norm_w, eps[0], h)
+    packed_linear(h, in_proj, proj_out)
+    add_bias(proj_out, in_bias)
+    if q_lora > 0:
+        rms_norm(proj_out[:, :q_lora], q_a_norm_w, eps[1], q_a)
+        packed_linear(q_a, q_b, q_out)
+        q = q_out[:, :heads * qd]
+    else:
+        q = proj_out[:, :heads * qd]
+    rms_norm(proj_out[:, kv0: kv0 + rank], kv_a_norm_w, eps[2], c_cache[start: start + T])
+    r_cache[start: start + T] = proj_out[:, kv0 + rank: kv0 + rank + rope_d]
+    rope(r_cache[start: start + T], 1, rope_d, 0, interleaved, cos, sin, start)
+    rope(q, heads, qd, nope, interleaved, cos, sin, start)
+    latent_attend(q, heads, nope, w_kv, c_cache, r_cache, start, scale, att)
     packed_linear(att, o_proj, o_out)
     add_bias(o_out, o_bias)
     for t in range(T):
@@ -344,7 +435,7 @@ def mlp_block(x, norm_w, eps, gate_up, up_start, width, down, h, gu, act, y) -> 
     """x += SwiGLU(RMSNorm(x)) (a dense MLP layer), in place; scratch h [T, H], gu, act, y [T, padded H]."""
     H = x.shape[1]
     rms_norm(x, norm_w, eps, h)
-    swiglu(h, gate_up, up_start, width, down, H, gu, act, y)
+    swiglu(h, gate_up, up_start, width, down, gu, act, y)
     for t in range(x.shape[0]):
         for i in range(H):
             x[t, i] += y[t, i]
@@ -370,7 +461,7 @@ def moe_block(x, norm_w, eps, router, correction_bias, routing, scaling, heat, g
     packed_experts(h, ids, weights, gate, up, down, routed)
     up_start, width = shared_dims
     if width > 0:
-        swiglu(h, shared[0], up_start, width, shared[1], H, gu, act, y)
+        swiglu(h, shared[0], up_start, width, shared[1], gu, act, y)
     for t in range(T):
         g = np.float32(1.0)
         if shared_gate.size:

@@ -15,6 +15,8 @@ over the cache (the compiled step's attend, GQA layers), and:
 
 where the bytes are the packed weights a token touches (top-k experts per layer, attention, shared experts, the
 router, the LM head) plus the K/V cache it attends over. Medians over the steps of a round; every round printed.
+On a host whose other programs load the memory bus, a whole step's remainder is noise-bound; so at the end the
+middle layer's two compiled blocks are timed against the kernels they call, each call with cold caches.
 A benchmark, not a test.
 """
 from __future__ import annotations
@@ -130,6 +132,54 @@ def read_bandwidth(buf: torch.Tensor, clock) -> float:
     return buf.numel() * buf.element_size() / best
 
 
+def block_split(model, clock, context: int, repeats: int = 9) -> None:
+    """For the middle layer (GQA): each compiled block against the kernels it calls, each call with cold caches
+    (a 128 MiB buffer written before it), printed as block, kernels and the difference (the glue)."""
+    from csrc_py import decode_step as ds
+    from csrc_py.expert_ffn import NO_BIAS, SILU_ACT
+
+    LINEAR, EXPERTS = _kernels()
+    t = model.transformer
+    layer = t.layers[len(t.layers) // 2]
+    compiled = layer.__dict__.get("_compiled_step")
+    if compiled is None or not isinstance(layer.attn, Attention) or not isinstance(layer.mlp, MoE):
+        print("block split: the middle layer is not a compiled GQA + MoE layer")
+        return
+    p = next(iter(compiled._prepared.values()))
+    evict = torch.ones(1 << 25)
+
+    def cold(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            evict.add_(1.0)
+            start = clock()
+            fn()
+            samples.append(clock() - start)
+        return statistics.median(samples) * 1e6
+
+    x = torch.randn(1, t.cfg.hidden_size).numpy()
+    out = np.empty_like(x)
+    a, attn = layer.attn, compiled.attn
+    h, qkv_out, att, o_out = p.attn_tail[-4:]
+    qkv, o = a.qkv.packed, a.o_proj.packed
+    block = cold(lambda: ds.attention_block(x, out, *p.attn_head, context, *p.attn_tail))
+    parts = [cold(lambda: LINEAR[qkv.fmt](h, *qkv.bits(), qkv_out)), cold(lambda: LINEAR[o.fmt](att, *o.bits(), o_out)),
+             cold(lambda: ds.attend(np.ascontiguousarray(qkv_out[:, : a.heads * a.head_dim]), a.heads, a.kv_heads,
+                                    a.head_dim, p.attn_tail[0], p.attn_tail[1], context, attn.window, attn.scale, att))]
+    print(f"attention block {block:.0f} us: q/k/v {parts[0]:.0f} + o_proj {parts[1]:.0f} + attention {parts[2]:.0f}; "
+          f"the rest {block - sum(parts):.0f} us")
+    moe, m = layer.mlp, compiled.mlp
+    hh, logits, ids, w, routed = p.mlp[-8:-3]
+    e = moe.experts
+    bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *(NO_BIAS,) * 3, SILU_ACT)
+    block = cold(lambda: ds.moe_block(out, *p.mlp))
+    parts = [cold(lambda: EXPERTS[e.fmt](hh, ids, w, *bits, routed)),
+             cold(lambda: ds.router_logits(hh, m.router, logits))]
+    print(f"MoE block {block:.0f} us: experts {parts[0]:.0f} + router logits {parts[1]:.0f}; the rest "
+          f"{block - sum(parts):.0f} us")
+
+
 def step_bytes(model, context: int) -> int:
     """Bytes a decode step must read: packed weights it touches plus the K/V it attends over."""
     total = 0
@@ -171,26 +221,35 @@ def main() -> None:
     for compiled in (True, False):  # compile / first-call costs out of the rounds
         step_times(model, args.prompt, 2, compiled, clock)
     context = args.prompt + args.tokens // 2
-    kernels, attention = kernel_seconds(model, 7, clock, context)
+    kernel_seconds(model, 1, clock, context)  # compile / first-call costs out of the rounds
     buf = torch.ones(1 << 28)
     bandwidth = statistics.median(read_bandwidth(buf, clock) for _ in range(5))
     floor = step_bytes(model, context) / bandwidth
     print(f"{args.checkpoint.name}: {L} layers, experts {model.load_info.expert_format}, dense "
           f"{model.load_info.dense_format}; prompt {args.prompt}, {args.tokens} steps per round; {args.clock} clock")
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; bandwidth floor {floor * 1e3:.2f} ms/token; replayed alone: "
-          f"weight kernels {kernels * 1e3:.2f} ms/token, attention over {context} positions {attention * 1e3:.2f}")
-    results: dict[str, list[float]] = {"compiled": [], "torch": []}
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; bandwidth floor {floor * 1e3:.2f} ms/token")
+    # Per round: the kernels replayed, then both paths in alternating order; "outside" is per round, so a round
+    # the host slowed down slows its kernels and its steps alike.
+    steps: dict[str, list[float]] = {"compiled": [], "torch": []}
+    outside: dict[str, list[float]] = {"compiled": [], "torch": []}
     for r in range(args.rounds):
-        order = (True, False) if r % 2 == 0 else (False, True)
-        for compiled in order:
-            ms = statistics.median(step_times(model, args.prompt, args.tokens, compiled, clock)) * 1e3
-            results["compiled" if compiled else "torch"].append(ms)
-    for name, values in results.items():
-        ms = statistics.median(values)
-        outside = (ms / 1e3 - kernels - attention) / L * 1e6
-        print(f"{name:9s} {ms:7.2f} ms/token (rounds: {', '.join(f'{v:.2f}' for v in values)}); outside the kernels "
-              f"{outside:6.0f} us/layer; {floor * 1e3 / ms:.0%} of the bandwidth floor")
-    print(f"torch / compiled: {statistics.median(results['torch']) / statistics.median(results['compiled']):.2f}x")
+        kernels, attention = kernel_seconds(model, 3, clock, context)
+        print(f"round {r + 1}: weight kernels replayed alone {kernels * 1e3:.2f} ms/token, attention over {context} "
+              f"positions {attention * 1e3:.2f}", end="")
+        for compiled in (True, False) if r % 2 == 0 else (False, True):
+            name = "compiled" if compiled else "torch"
+            seconds = statistics.median(step_times(model, args.prompt, args.tokens, compiled, clock))
+            steps[name].append(seconds * 1e3)
+            outside[name].append((seconds - kernels - attention) / L * 1e6)
+            print(f"; {name} {seconds * 1e3:.2f} ms/token", end="")
+        print()
+    for name in steps:
+        ms = statistics.median(steps[name])
+        print(f"{name:9s} {ms:7.2f} ms/token; outside the kernels {statistics.median(outside[name]):6.0f} us/layer "
+              f"(rounds: {', '.join(f'{v:.0f}' for v in outside[name])}); {floor * 1e3 / ms:.0%} of the bandwidth "
+              f"floor")
+    print(f"torch / compiled: {statistics.median(steps['torch']) / statistics.median(steps['compiled']):.2f}x")
+    block_split(model, clock, context)
     compiled_step.set_enabled(True)
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch
 from ..config import RouterConfig
 from .attention import Attention
 from .layers import FusedLinear, QuantLinear, SwiGLU
+from .mla import MLA
 from .moe import MoE
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 _ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "window", "scale", "qkv", "o_proj",
                      "q_norm", "k_norm", "sinks"}
+_MLA_FIELDS = {"heads", "nope", "rope_dim", "v_dim", "rank", "interleaved", "input_projs", "q_a_norm", "q_b_proj",
+               "kv_a_norm", "kv_b_proj", "o_proj", "scale", "w_uk", "w_uv", "indexer", "shares_selection", "selection"}
 _LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
 _NORM_FIELDS = {"weight", "eps"}
 _SWIGLU_FIELDS = {"gate_up", "down"}
@@ -168,8 +171,6 @@ class _AttentionPlan:
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> _AttentionPlan | None:
-        from csrc_py.decode_step import QK_NORM_FULL, QK_NORM_HEAD, QK_NORM_NONE
-
         attn = layer.attn
         if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or \
                 not isinstance(attn.qkv, FusedLinear) or not isinstance(attn.o_proj, QuantLinear):
@@ -178,6 +179,8 @@ class _AttentionPlan:
             return None  # gpt-oss's attention sinks: torch
         if attn.qk_norm and not (_knows(attn.q_norm, _NORM_FIELDS) and _knows(attn.k_norm, _NORM_FIELDS)):
             return None
+        from csrc_py.decode_step import QK_NORM_FULL, QK_NORM_HEAD, QK_NORM_NONE
+
         heads, kv_heads, d = attn.heads, attn.kv_heads, attn.head_dim
         qk_norm = {None: QK_NORM_NONE, "head": QK_NORM_HEAD, "full": QK_NORM_FULL}[attn.qk_norm or None]
         eps = attn.q_norm.eps if qk_norm != QK_NORM_NONE else layer.input_norm.eps
@@ -192,6 +195,74 @@ class _AttentionPlan:
             o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
             widths=(attn.qkv.packed.padded_shape[1], heads * d, attn.o_proj.packed.padded_shape[1]),
         )
+
+    def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[Callable, tuple, tuple]:
+        """attention_block, and its arguments after (x, out) before the position and after it, with buffers for T
+        rows: h [T, H], qkv_out, att, o_out."""
+        from csrc_py.decode_step import attention_block
+
+        scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *self.widths))
+        head = (*self.norm, self.qkv, self.qkv_bias, self.dims, self.qk_norm, self.q_norm, self.k_norm, self.clip,
+                _f32(rope.cos), _f32(rope.sin))
+        tail = (cache.k.numpy(), cache.v.numpy(), self.window, self.scale, self.o_proj, self.o_bias, *scratch)
+        return attention_block, head, tail
+
+
+@dataclass
+class _MLAPlan:
+    """MLA's arguments to csrc_py.decode_step.mla_block (the absorbed form) that do not change between steps."""
+
+    norm: tuple  # (weight, (input eps, q_a eps, kv_a eps))
+    in_proj: tuple  # packed: q_proj or q_a_proj, then kv_a_proj_with_mqa
+    in_bias: np.ndarray
+    dims: tuple[int, ...]  # (heads, nope, rope, q_lora_rank or 0, kv_start)
+    q_a_norm: np.ndarray
+    q_b: tuple  # packed (in_proj again where there is no q-LoRA: never read)
+    kv_a_norm: np.ndarray
+    interleaved: bool
+    w_kv: np.ndarray  # [heads, nope + v, rank]: kv_b_proj's weight, W_UK rows then W_UV rows
+    scale: float
+    o_proj: tuple
+    o_bias: np.ndarray
+    widths: tuple[int, ...]  # padded in_proj, q_lora_rank, padded q_b, heads*v, padded o_proj out
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> _MLAPlan | None:
+        attn = layer.attn
+        q_lora = attn.q_b_proj is not None
+        if type(attn) is not MLA or not _knows(attn, _MLA_FIELDS) or attn.indexer is not None or \
+                attn.shares_selection or not isinstance(attn.input_projs, FusedLinear) \
+                or not isinstance(attn.o_proj, QuantLinear) or attn.kv_b_proj.weight.dtype != torch.float32 or \
+                not attn.kv_b_proj.weight.is_contiguous() or \
+                (q_lora and not (isinstance(attn.q_b_proj, QuantLinear) and attn.q_b_proj.bias is None)) or \
+                not all(_knows(n, _NORM_FIELDS) for n in (attn.kv_a_norm, attn.q_a_norm) if n is not None):
+            return None
+        in_proj = attn.input_projs
+        q_b = attn.q_b_proj.packed if q_lora else in_proj.packed
+        return cls(
+            norm=(_f32(layer.input_norm.weight), (float(layer.input_norm.eps),
+                                                  float(attn.q_a_norm.eps if q_lora else 0.0),
+                                                  float(attn.kv_a_norm.eps))),
+            in_proj=_packed(in_proj.packed), in_bias=_f32(in_proj.bias),
+            dims=(attn.heads, attn.nope, attn.rope_dim, in_proj.widths[0] if q_lora else 0, in_proj.starts[1]),
+            q_a_norm=_f32(attn.q_a_norm.weight if q_lora else None), q_b=_packed(q_b),
+            kv_a_norm=_f32(attn.kv_a_norm.weight), interleaved=bool(attn.interleaved),
+            w_kv=attn.kv_b_proj.weight.detach().numpy().reshape(attn.heads, attn.nope + attn.v_dim, attn.rank),
+            scale=float(attn.scale),
+            o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
+            widths=(in_proj.packed.padded_shape[1], max(in_proj.widths[0] if q_lora else 0, 1),
+                    q_b.padded_shape[1], attn.heads * attn.v_dim, attn.o_proj.packed.padded_shape[1]),
+        )
+
+    def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[Callable, tuple, tuple]:
+        """mla_block, and its arguments after (x, out) before the position and after it, with buffers for T rows."""
+        from csrc_py.decode_step import mla_block
+
+        scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *self.widths))
+        head = (*self.norm, self.in_proj, self.in_bias, self.dims, self.q_a_norm, self.q_b, self.kv_a_norm,
+                _f32(rope.cos), _f32(rope.sin), self.interleaved)
+        tail = (cache.c_kv.numpy(), cache.k_rope.numpy(), self.w_kv, self.scale, self.o_proj, self.o_bias, *scratch)
+        return mla_block, head, tail
 
 
 @dataclass
@@ -281,7 +352,8 @@ class _Prepared:
 
     cache: object
     rope: object
-    attn_head: tuple  # attention_block's arguments after (x, out), before start
+    attn_block: object  # csrc_py.decode_step.attention_block or mla_block
+    attn_head: tuple  # its arguments after (x, out), before start
     attn_tail: tuple  # ... after start
     mlp: tuple  # moe_block's / mlp_block's arguments after x
 
@@ -289,7 +361,8 @@ class _Prepared:
 class CompiledLayer:
     """One decoder layer's compiled step: attention (or None: torch) and MLP (or None: torch) blocks."""
 
-    def __init__(self, layer: DecoderLayer, attn: _AttentionPlan | None, mlp: _MoEPlan | _MLPPlan | None):
+    def __init__(self, layer: DecoderLayer, attn: _AttentionPlan | _MLAPlan | None,
+                 mlp: _MoEPlan | _MLPPlan | None):
         self.layer, self.attn, self.mlp = layer, attn, mlp
         self._prepared: dict[int, _Prepared] = {}  # tokens -> arguments
         self._takes: dict[int, bool] = {}  # tokens -> whether the compiled step runs them
@@ -299,7 +372,7 @@ class CompiledLayer:
         if not _knows(layer, _LAYER_FIELDS) or not all(_knows(n, _NORM_FIELDS) for n in (layer.input_norm,
                                                                                         layer.post_attn_norm)):
             return None
-        attn = _AttentionPlan.build(layer)
+        attn = _MLAPlan.build(layer) if isinstance(layer.attn, MLA) else _AttentionPlan.build(layer)
         if isinstance(layer.mlp, MoE):
             mlp = _MoEPlan.build(layer)
         elif isinstance(layer.mlp, SwiGLU):
@@ -316,20 +389,14 @@ class CompiledLayer:
 
     def _prepare(self, T: int, H: int, cache, rope: RotaryTable) -> _Prepared:
         """The arguments for T tokens, made at the first step of that size (and again for another cache)."""
-        head = tail = ()
-        a = self.attn
-        if a is not None:
-            scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *a.widths))
-            head = (*a.norm, a.qkv, a.qkv_bias, a.dims, a.qk_norm, a.q_norm, a.k_norm, a.clip, _f32(rope.cos),
-                    _f32(rope.sin))
-            tail = (cache.k.numpy(), cache.v.numpy(), a.window, a.scale, a.o_proj, a.o_bias, *scratch)
+        block, head, tail = self.attn.args(T, H, cache, rope) if self.attn is not None else (None, (), ())
         mlp = self.mlp.args(T, H) if self.mlp is not None else ()
-        prepared = self._prepared[T] = _Prepared(cache, rope, head, tail, mlp)
+        prepared = self._prepared[T] = _Prepared(cache, rope, block, head, tail, mlp)
         return prepared
 
     def __call__(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
         """The layer's output for x [T, H] at positions start.. (a new tensor; x is left as it was)."""
-        from csrc_py.decode_step import attention_block, mlp_block, moe_block
+        from csrc_py.decode_step import mlp_block, moe_block
 
         layer, timers = self.layer, self.layer.timers
         T, H = x.shape
@@ -340,7 +407,7 @@ class CompiledLayer:
         out = torch.from_numpy(on)
         t0 = time.perf_counter()
         if self.attn is not None:
-            attention_block(x.detach().contiguous().numpy(), on, *p.attn_head, start, *p.attn_tail)
+            p.attn_block(x.detach().contiguous().numpy(), on, *p.attn_head, start, *p.attn_tail)
         else:
             out.copy_(x + layer.attn(layer.input_norm(x), start, cache, rope))
         t1 = time.perf_counter()
