@@ -25,6 +25,7 @@ class BenchResult:
     device: str
     threads: int  # torch's intra-op threads
     runs: tuple[GenerationStats, ...]  # the measured runs, warm-up excluded
+    kernel_isa: str = ""  # the CPU kernels' ISA tier (csrc_py.simd.TIER)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -37,7 +38,7 @@ class BenchResult:
     def as_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens, "gen_tokens": self.gen_tokens, "repeat": len(self.runs),
-            "device": self.device, "threads": self.threads,
+            "device": self.device, "threads": self.threads, "kernel_isa": self.kernel_isa,
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "runs": [s.as_dict() for s in self.runs],
@@ -74,11 +75,15 @@ def run_bench(model: Model, prompt_tokens: int, gen_tokens: int, repeat: int, wa
             runs.append(stats)
         if on_run is not None:
             on_run(i + 1, warmup + repeat)
-    return BenchResult(prompt_tokens, gen_tokens, str(model.device), torch.get_num_threads(), tuple(runs))
+    from csrc_py.simd import TIER
+
+    return BenchResult(prompt_tokens, gen_tokens, str(model.device), torch.get_num_threads(), tuple(runs), TIER)
 
 
 def render(result: BenchResult, console: Console) -> None:
-    table = Table(title=f"{len(result.runs)} runs on {result.device}, {result.threads} threads", title_justify="left")
+    kernels = f", CPU kernels {result.kernel_isa}" if result.kernel_isa else ""
+    table = Table(title=f"{len(result.runs)} runs on {result.device}, {result.threads} threads{kernels}",
+                  title_justify="left")
     table.add_column("phase")
     table.add_column("tokens", justify="right")
     table.add_column("median tok/s", justify="right")

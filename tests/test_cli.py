@@ -289,12 +289,16 @@ def test_bench_json(demo_dir):
     assert report["repeat"] == 2 and len(report["runs"]) == 2
     assert all(run["prompt_tokens"] == 16 and run["generated_tokens"] == 4 for run in report["runs"])
     assert report["prefill_tokens_per_s"] > 0 and report["decode_tokens_per_s"] > 0
+    from csrc_py.simd import TIER
+
+    assert report["kernel_isa"] == TIER
 
 
 def test_bench_table(demo_dir):
     result = invoke("bench", demo_dir, "--device", "cpu", "--prompt-tokens", "8", "--gen-tokens", "3", "--repeat", "1")
     assert result.exit_code == 0, result.output
     assert re.search(r"prefill\s.*\s8\s", result.stdout) and re.search(r"decode\s.*\s2\s", result.stdout)
+    assert "CPU kernels " in result.stdout
 
 
 def test_bench_rejects_bad_counts(demo_dir):

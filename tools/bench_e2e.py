@@ -28,7 +28,12 @@ engine's memory is released before the next starts; rounds interleave the engine
 noise. Reported: medians over rounds of prefill and decode tokens/s and load seconds, the largest peak RSS
 (ru_maxrss: includes memory-mapped weight pages touched), how many of the first greedy tokens agree with
 transformers' (random weights: near-ties make quantized engines diverge early), and the ratios the targets are
-about. A benchmark, not a test.
+about. offload's rows also give the kernels' ISA tier and, per decode token, the time inside the Numba kernels
+(every call csrc_py.dispatch makes into them, and each block of the compiled decode step, is timed), the time
+outside them per layer (torch ops, conversions, Python), the weight bytes those kernels read (top-k experts and the
+packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
+floor: those bytes over the read bandwidth measured in the same round (a worker of its own before the engines: a
+torch sum over 1 GiB on --threads threads, best of 3), against the measured time per token. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ DEFAULT_ENGINES = ("offload-int8", "offload-int4", "offload-store", "transformer
                    "llama.cpp-q4_0")
 ALL_ENGINES = (*DEFAULT_ENGINES, "llama.cpp-f16")
 RESULT_PREFIX = "BENCH_E2E_RESULT "
+BANDWIDTH = "bandwidth"  # the worker that measures the read bandwidth once per round
 WARMUP_PROMPT, WARMUP_NEW = 64, 4
 AGREEMENT_TOKENS = 16  # first greedy tokens kept per worker to compare engines
 # (label, numerator engine, denominator engine, metric)
@@ -103,18 +109,91 @@ def offload_load_kwargs(args: argparse.Namespace, experts: str | None) -> tuple[
     return kwargs, [f"offload.load has no dense= yet: ran without it (dense={dense!r} ignored)"]
 
 
+class KernelMeter:
+    """Times every call into compiled code that reads weights: the Numba kernels csrc_py.dispatch calls (fused MoE
+    layers, packed linears) and the compiled decode step's blocks (csrc_py.decode_step), by wrapping them in their
+    modules' namespaces (both look them up there at each call)."""
+
+    WRAPPED = {"csrc_py.dispatch": ("moe_q8", "moe_q4", "moe_bf16", "linear_q8", "linear_q4", "linear_bf16"),
+               "csrc_py.decode_step": ("attention_block", "moe_block", "mlp_block")}
+
+    def __init__(self) -> None:
+        import importlib
+
+        self.calls: list[tuple[int, float]] = []  # (rows of the call's first argument, seconds)
+        for module_name, names in self.WRAPPED.items():
+            module = importlib.import_module(module_name)
+            for name in names:
+                setattr(module, name, self._timed(getattr(module, name)))
+
+    def _timed(self, kernel: Callable) -> Callable:
+        def timed(*args):
+            start = time.perf_counter()
+            kernel(*args)
+            self.calls.append((args[0].shape[0], time.perf_counter() - start))
+        return timed
+
+    def decode_seconds_per_token(self, steps: int) -> float:
+        """Kernel seconds per decode step of the last generation: its calls after the prefill's last multi-row
+        call, less a prefill LM head call on the last position (the leftover of a whole number of calls per step)."""
+        last_prefill = max((i for i, call in enumerate(self.calls) if call[0] > 1), default=-1)
+        tail = self.calls[last_prefill + 1:]
+        return sum(seconds for _, seconds in tail[len(tail) - len(tail) // steps * steps:]) / steps
+
+
+def decode_weight_bytes(transformer) -> int:
+    """Weight bytes one decode token reads through the CPU kernels: every packed dense matrix (QuantLinear,
+    FusedLinear) and top_k experts' share of each routed-expert stack (one token's top_k experts are distinct).
+    Torch-side weights (norms, routers, the embedding row) are left out."""
+    from csrc_py.formats import PackedMatrix
+    from offload.model.moe import MoE
+
+    total = 0
+    for m in transformer.modules():
+        if isinstance(getattr(m, "packed", None), PackedMatrix):
+            total += m.packed.nbytes
+        if isinstance(m, MoE):
+            stacks = [v for v in vars(m.experts).values() if isinstance(v, PackedMatrix)]
+            total += sum(pm.nbytes * m.router_cfg.top_k // pm.shape[0] for pm in stacks)
+    return total
+
+
+def read_bandwidth(threads: int) -> float:
+    """GB/s of a torch sum over 1 GiB on `threads` threads, best of 3."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 4 / best / 1e9
+
+
 def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dict:
     import offload
+    from csrc_py import simd
 
     path = args.offload_store if engine == "offload-store" else args.checkpoint
     kwargs, notes = offload_load_kwargs(args, OFFLOAD_EXPERTS.get(engine))
     t0 = time.perf_counter()
     model = offload.load(path, **kwargs)
     load_s = time.perf_counter() - t0
+    meter = KernelMeter()
     model.generate(prompt[:WARMUP_PROMPT], max_new_tokens=WARMUP_NEW, ignore_eos=True)
+    meter.calls.clear()
     g = model.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True, reuse_cache=False)
+    steps = args.new_tokens - 1
+    kernel_s = meter.decode_seconds_per_token(steps)
+    weight_bytes = decode_weight_bytes(model.transformer)
+    token_s = g.stats.decode_seconds / steps
+    layers = json.loads((Path(path) / "config.json").read_text()).get("num_hidden_layers", 0)
+    decode = {"isa_tier": simd.TIER, "kernel_ms_per_token": kernel_s * 1e3, "weight_mb_per_token": weight_bytes / 1e6,
+              "outside_us_per_layer": (token_s - kernel_s) / layers * 1e6 if layers else None}
     return {"load_s": load_s, "prefill_s": g.stats.prefill_seconds, "decode_s": g.stats.decode_seconds,
-            "tokens": g.token_ids, "notes": notes}
+            "tokens": g.token_ids, "notes": notes, "decode_split": decode}
 
 
 def run_transformers(args: argparse.Namespace, prompt: list[int]) -> dict:
@@ -177,6 +256,9 @@ def run_llama_cpp(args: argparse.Namespace, engine: str, prompt: list[int]) -> d
 def worker(args: argparse.Namespace) -> None:
     """Run one engine once and print its result as one JSON line."""
     engine, prompt = args.worker, random_prompt(args)
+    if engine == BANDWIDTH:
+        print(RESULT_PREFIX + json.dumps({"engine": engine, "read_gbps": read_bandwidth(args.threads)}), flush=True)
+        return
     if engine in OFFLOAD_EXPERTS or engine == "offload-store":
         result = run_offload(args, engine, prompt)
     elif engine == "transformers":
@@ -270,6 +352,16 @@ def run_worker(args: argparse.Namespace, engine: str) -> dict:
     return {"engine": engine, "error": f"exit code {proc.returncode}: " + "\n".join(tail)}
 
 
+def add_floor_share(result: dict, read_gbps: float | None, steps: int) -> None:
+    """The round's read bandwidth and the share of the bandwidth floor into an offload result's decode split."""
+    split = result.get("decode_split")
+    if split is None or not read_gbps:
+        return
+    split["read_gbps"] = read_gbps
+    floor_s = split["weight_mb_per_token"] * 1e6 / (read_gbps * 1e9)
+    split["floor_share"] = floor_s / (result["decode_s"] / steps)
+
+
 def median_of(results: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in results)
 
@@ -296,6 +388,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
             "rounds": len(ok),
             "agree_with_transformers": agreement(ok[0]["tokens"], reference) if reference is not None else None,
         }
+        if "decode_split" in ok[0]:  # the split of the median round by decode speed: its figures belong together
+            middle = sorted(ok, key=lambda r: r["decode_tok_s"])[(len(ok) - 1) // 2]
+            summary[engine]["decode_split"] = {**middle["decode_split"], "decode_tok_s": middle["decode_tok_s"]}
     return summary
 
 
@@ -314,6 +409,16 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
         agree = "-" if s["agree_with_transformers"] is None else s["agree_with_transformers"]
         print(f"| {engine} | {s['prefill_tok_s']:.1f} | {s['decode_tok_s']:.2f} | {s['load_s']:.2f} | "
               f"{s['peak_rss_bytes'] / 1e9:.2f} | {agree} |")
+    split = {engine: s["decode_split"] for engine, s in summary.items() if "decode_split" in s}
+    if split:  # the round with the median decode speed
+        print("\n| engine | kernel ISA tier | decode ms/token | in kernels ms | outside kernels us/layer | "
+              "kernel weight MB/token | read GB/s | % of bandwidth floor |\n|---|---|---|---|---|---|---|---|")
+        for engine, d in split.items():
+            outside, bw, floor = (("-" if d.get(k) is None else f"{d[k] * scale:.{digits}f}")
+                                  for k, scale, digits in (("outside_us_per_layer", 1, 0), ("read_gbps", 1, 1),
+                                                           ("floor_share", 100, 0)))
+            print(f"| {engine} | {d['isa_tier']} | {1e3 / d['decode_tok_s']:.2f} | "
+                  f"{d['kernel_ms_per_token']:.2f} | {outside} | {d['weight_mb_per_token']:.1f} | {bw} | {floor}% |")
     if ratio_values:
         print("\n| ratio | value |\n|---|---|")
         for label, value in ratio_values.items():
@@ -351,7 +456,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gguf-dense", default=None, choices=["f16", "q8_0", "q4_0"],
                         help="GGUF format of the non-expert matrices (default: as the experts)")
     parser.add_argument("--json", type=Path, default=None, help="write every round and the summary here")
-    parser.add_argument("--worker", default=None, choices=ALL_ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", default=None, choices=(*ALL_ENGINES, BANDWIDTH), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dense = None if args.dense == "None" else args.dense
     args.gguf_dir = args.gguf_dir or args.checkpoint.parent / f"{args.checkpoint.name}-gguf"
@@ -374,11 +479,17 @@ def main() -> None:
     export_seconds = export_ggufs(args, engines)
     runs: dict[str, list[dict]] = {engine: [] for engine in engines}
     for round_index in range(args.rounds):  # interleaved: every engine once per round
+        probe = run_worker(args, BANDWIDTH)
         for engine in engines:
             result = run_worker(args, engine)
             runs[engine].append(result)
+            add_floor_share(result, probe.get("read_gbps"), args.new_tokens - 1)
             status = result.get("error") or (f"prefill {result['prefill_tok_s']:.1f} tok/s, "
                                              f"decode {result['decode_tok_s']:.2f} tok/s")
+            if "floor_share" in result.get("decode_split", {}):
+                d = result["decode_split"]
+                status += (f" ({d['isa_tier']}; {100 * d['floor_share']:.0f}% of the bandwidth floor, "
+                           f"{d['kernel_ms_per_token']:.2f} ms/token in kernels)")
             print(f"round {round_index + 1}/{args.rounds} {engine}: {status}", flush=True)
             for note in result.get("notes", []) if round_index == 0 else []:
                 print(f"  note: {note}")
