@@ -11,17 +11,15 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 import offload
 from offload.arch import architecture, config_from_hf
-from offload.cli import app
 from offload.errors import CheckpointError
 from offload.inspect import param_counts
 from offload.model.kv_cache import LatentCache, LatentIndexCache
 from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
 from test_glm4_moe import with_mtp_layer
-from tiny_models import clone_with_config, reference_logits, rel_err
+from tiny_models import check_plan_and_convert, cli_text, clone_with_config, reference_logits, rel_err
 
 IDS = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3))
 CPU = torch.device("cpu")
@@ -207,28 +205,13 @@ def test_config_errors(hf, edit, message):
         config_from_hf({**hf, **edit})
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):
     folder, _ = checkpoint_dir("glm_moe_dsa")
-    result = invoke("inspect", folder)
-    assert result.exit_code == 0, result.output
-    text = re.sub(r"\s+", " ", result.stdout)
+    text = cli_text("inspect", folder)
     assert "glm_moe_dsa (GlmMoeDsaForCausalLM)" in text
     assert ("sparse (DSA): top-12 positions per query, lightning indexer 6 heads x 16 (interleaved rope) in 2 "
             "layers") in text
     # per token, bf16: three latents (16 + 8) and two indexer keys (16)
-    report = json.loads(invoke("inspect", folder, "--json").stdout)
+    report = json.loads(cli_text("inspect", folder, "--json"))
     assert report["memory"]["kv_cache_bytes_per_token"] == 2 * (3 * 24 + 2 * 16)
-
-    result = invoke("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json")
-    assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)["layers"]) == 2  # the MoE layers
-
-    result = invoke("convert", folder, tmp_path / "store", "--experts", "int4", "--dense", "int8")
-    assert result.exit_code == 0, result.output
-    from_store = offload.load(tmp_path / "store", device="cpu")
-    at_load = offload.load(folder, device="cpu", experts="int4", dense="int8")
-    assert torch.equal(from_store.logits(IDS), at_load.logits(IDS))
+    check_plan_and_convert(folder, tmp_path / "store", moe_layers=2, ids=IDS)

@@ -11,18 +11,16 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 import offload
 from offload.arch import config_from_hf
-from offload.cli import app
 from offload.errors import CheckpointError
 from offload.inspect import param_counts
 from offload.model.gated_deltanet import chunked_gated_delta_rule, l2norm, recurrent_gated_delta_rule
 from offload.model.kv_cache import RecurrentState
 from offload.placement import inventory, kv_cache_bytes
 from test_cpu_model import BOUNDS
-from tiny_models import clone_with_config, reference_logits, rel_err
+from tiny_models import check_plan_and_convert, cli_text, clone_with_config, reference_logits, rel_err
 
 FAMILIES = ["qwen3_next", "qwen3_5_moe"]
 LONG = torch.randint(0, 96, (80,), generator=torch.Generator().manual_seed(7))  # past one 64-position chunk
@@ -222,15 +220,9 @@ def test_multi_token_prediction_module_is_skipped(checkpoint_dir, tmp_path):
     assert rel_err(model.logits(LONG), reference_logits(ref, LONG)) <= 1e-4
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):
     folder, _ = checkpoint_dir("qwen3_5_moe")
-    result = invoke("inspect", folder)
-    assert result.exit_code == 0, result.output
-    text = re.sub(r"\s+", " ", result.stdout)
+    text = cli_text("inspect", folder)
     assert "qwen3_5_moe (Qwen3_5MoeForConditionalGeneration)" in text
     assert ("MQA, 4 query heads, 1 KV heads, head dim 32 (rope on the first 8), q/k norm (head), sigmoid output "
             "gate") in text
@@ -238,14 +230,6 @@ def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):
             "fixed-size state per layer") in text
     assert re.search(r"skipped 21 tensors \(.*\) under model\.visual\., mtp\.: not loaded", text)
     assert "per token (bf16), plus" in text and "of recurrent state at any context" in text
-
-    result = invoke("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json")
-    assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)["layers"]) == 3
-
-    result = invoke("convert", folder, tmp_path / "store", "--experts", "int4", "--dense", "int8")
-    assert result.exit_code == 0, result.output
+    check_plan_and_convert(folder, tmp_path / "store", moe_layers=3, ids=LONG)
+    # A Qwen3.5 store holds the text model alone.
     assert json.loads((tmp_path / "store" / "config.json").read_text())["model_type"] == "qwen3_5_moe_text"
-    from_store = offload.load(tmp_path / "store", device="cpu", max_context=128)
-    at_load = offload.load(folder, device="cpu", experts="int4", dense="int8", max_context=128)
-    assert torch.equal(from_store.logits(LONG), at_load.logits(LONG))
