@@ -7,6 +7,8 @@
 CHECKPOINT is a Hugging Face Mixtral folder (config.json + safetensors). Engines:
   offload-int8, offload-int4  offload.load(device="cpu", experts=..., dense=...), Model.generate; dense is
                               the experts' format unless --dense says otherwise (matched bits, as the GGUFs)
+  offload-int8-torchstep,     the same with the compiled CPU decode step off (OFFLOAD_COMPILED_STEP=0 in the
+  offload-int4-torchstep      worker): the torch path, for a compiled/torch A/B in one run (not in the default list)
   offload-store               offload.load(--offload-store) as stored (only with --offload-store)
   transformers                AutoModelForCausalLM in --hf-dtype (bfloat16)
   llama.cpp-q8_0, -q4_0       llama-cpp-python on a GGUF written by tools/gguf_export.py (cached in --gguf-dir,
@@ -53,11 +55,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-OFFLOAD_EXPERTS = {"offload-int8": "int8", "offload-int4": "int4"}
+OFFLOAD_EXPERTS = {"offload-int8": "int8", "offload-int4": "int4",
+                   "offload-int8-torchstep": "int8", "offload-int4-torchstep": "int4"}
+TORCH_STEP_ENGINES = ("offload-int8-torchstep", "offload-int4-torchstep")  # compiled decode step off
 GGUF_TYPES = {"llama.cpp-q8_0": "q8_0", "llama.cpp-q4_0": "q4_0", "llama.cpp-f16": "f16"}
 DEFAULT_ENGINES = ("offload-int8", "offload-int4", "offload-store", "transformers", "llama.cpp-q8_0",
                    "llama.cpp-q4_0")
-ALL_ENGINES = (*DEFAULT_ENGINES, "llama.cpp-f16")
+ALL_ENGINES = (*DEFAULT_ENGINES, *TORCH_STEP_ENGINES, "llama.cpp-f16")
 RESULT_PREFIX = "BENCH_E2E_RESULT "
 BANDWIDTH = "bandwidth"  # the worker that measures the read bandwidth once per round
 WARMUP_PROMPT, WARMUP_NEW = 64, 4
@@ -72,6 +76,8 @@ RATIOS = (
     ("offload-int4 / transformers prefill", "offload-int4", "transformers", "prefill_tok_s"),
     ("offload-int8 / llama.cpp-q8_0 prefill", "offload-int8", "llama.cpp-q8_0", "prefill_tok_s"),
     ("offload-int4 / llama.cpp-q4_0 prefill", "offload-int4", "llama.cpp-q4_0", "prefill_tok_s"),
+    ("offload-int8 compiled / torch step decode", "offload-int8", "offload-int8-torchstep", "decode_tok_s"),
+    ("offload-int4 compiled / torch step decode", "offload-int4", "offload-int4-torchstep", "decode_tok_s"),
 )
 
 
@@ -175,6 +181,7 @@ def read_bandwidth(threads: int) -> float:
 def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dict:
     import offload
     from csrc_py import simd
+    from offload.model import compiled_step
 
     path = args.offload_store if engine == "offload-store" else args.checkpoint
     kwargs, notes = offload_load_kwargs(args, OFFLOAD_EXPERTS.get(engine))
@@ -190,7 +197,8 @@ def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dic
     weight_bytes = decode_weight_bytes(model.transformer)
     token_s = g.stats.decode_seconds / steps
     layers = json.loads((Path(path) / "config.json").read_text()).get("num_hidden_layers", 0)
-    decode = {"isa_tier": simd.TIER, "kernel_ms_per_token": kernel_s * 1e3, "weight_mb_per_token": weight_bytes / 1e6,
+    decode = {"isa_tier": simd.TIER, "compiled_step": compiled_step.enabled(),
+              "kernel_ms_per_token": kernel_s * 1e3, "weight_mb_per_token": weight_bytes / 1e6,
               "outside_us_per_layer": (token_s - kernel_s) / layers * 1e6 if layers else None}
     return {"load_s": load_s, "prefill_s": g.stats.prefill_seconds, "decode_s": g.stats.decode_seconds,
             "tokens": g.token_ids, "notes": notes, "decode_split": decode}
@@ -256,6 +264,8 @@ def run_llama_cpp(args: argparse.Namespace, engine: str, prompt: list[int]) -> d
 def worker(args: argparse.Namespace) -> None:
     """Run one engine once and print its result as one JSON line."""
     engine, prompt = args.worker, random_prompt(args)
+    if engine in TORCH_STEP_ENGINES:  # offload.model.compiled_step reads the switch when it is first imported
+        os.environ["OFFLOAD_COMPILED_STEP"] = "0"
     if engine == BANDWIDTH:
         print(RESULT_PREFIX + json.dumps({"engine": engine, "read_gbps": read_bandwidth(args.threads)}), flush=True)
         return
