@@ -1,15 +1,17 @@
 """Llama-4 (llama4, llama4_text) beyond the shared reference runner: guards that each of its options changes the
 tiny models' numbers (so the runner would catch a dropped one), int8 experts, the published configs' translation
-and sizes, inspect / plan."""
+and sizes, inspect / plan, and convert's error."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import offload
 from offload.arch import config_from_hf
+from offload.cli import app
 from offload.inspect import param_counts
 from offload.model.rope import inverse_frequencies
 from tiny_models import cli_text, reference_logits, rel_err
@@ -120,3 +122,10 @@ def test_inspect_and_plan_commands(checkpoint_dir):
     assert "6 routed, top-2, sigmoid scores, greedy, weight scales the expert's input" in text
     plan = json.loads(cli_text("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json"))
     assert len(plan["layers"]) == 1  # MoE on the second of three layers only
+
+
+def test_convert_of_fused_experts_is_one_clear_error(checkpoint_dir, tmp_path):
+    folder, _ = checkpoint_dir("llama4")
+    result = CliRunner().invoke(app, ["convert", str(folder), str(tmp_path / "store"), "--experts", "int8"])
+    assert result.exit_code == 2
+    assert "convert does not yet write experts stored as whole-layer tensors" in result.output
