@@ -68,11 +68,21 @@ PLANS = {
                                   "glm_moe_dsa", "ernie4_5_moe", "hunyuan_v1_moe", "gpt_oss"])
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
 def test_every_plan_matches_the_reference(bf16_checkpoints, name, plan_name, monkeypatch):
+    check_plan_matches_the_reference(bf16_checkpoints(name), plan_name, monkeypatch)
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+def test_every_plan_matches_the_reference_with_input_scaled_routing(bf16_checkpoints, plan_name, monkeypatch):
+    """Llama-4 scales each routed expert's input and calls the experts once per routed slot: about 3 tokens per
+    expert and call in the tiny model's prefill, below the copy crossover, so its small caches may see no hit."""
+    check_plan_matches_the_reference(bf16_checkpoints("llama4"), plan_name, monkeypatch, expect_cache_hits=False)
+
+
+def check_plan_matches_the_reference(folder, plan_name: str, monkeypatch, expect_cache_hits: bool = True) -> None:
     # The miss decisions follow a GPU-like cost model (prefill chunks copy, decode computes on the CPU workers)
     # rather than one measured at load, whose crossover moves with the machine's load: every run then exercises
     # the same copies and cache hits.
     monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: GPU_LIKE_COSTS)
-    folder = bf16_checkpoints(name)
     device_experts, slots, policy, prefetch = PLANS[plan_name]
     reference = offload.load(folder, device="cpu", max_context=64)
     hybrid = offload.load(folder, device="cpu", max_context=64, plan=plan(folder, device_experts, slots),
@@ -94,9 +104,9 @@ def test_every_plan_matches_the_reference(bf16_checkpoints, name, plan_name, mon
     if plan_name == "all_on_cpu":
         assert stats["totals"]["hit_rate"] == 0.0 and all(l["cpu_misses"] == l["expert_uses"] for l in layers)
     if plan_name.startswith("tiny_cache") or plan_name.startswith("cache_and"):
-        assert any(l["cache_hits"] > 0 for l in layers)
+        assert any(l["cache_hits"] > 0 for l in layers) or not expect_cache_hits
         assert (stats["totals"]["prefetch_precision"] is not None) == prefetch
-        assert stats["totals"]["bytes_copied"] > 0
+        assert stats["totals"]["bytes_copied"] > 0 or not expect_cache_hits
 
 
 def test_cost_model_copies_for_prefill_and_computes_decode_on_the_cpu():
