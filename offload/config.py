@@ -9,7 +9,7 @@ class RopeConfig:
     """Rotary embedding parameters (HF `rope_parameters` / older `rope_theta` + `rope_scaling`)."""
 
     theta: float = 10000.0
-    type: str = "default"  # "default" | "linear" | "yarn"
+    type: str = "default"  # "default" | "linear" | "yarn" | "llama3"
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
     beta_fast: float = 32.0
@@ -18,6 +18,8 @@ class RopeConfig:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original / low_freq_factor are divided by `factor`,
+    high_freq_factor: float = 4.0  # those below original / high_freq_factor kept, the band between blended
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,21 @@ class ModelConfig:
     linear_attention: LinearAttentionConfig | None = None
     attention_output_gate: bool = False  # Qwen3-Next: q_proj also yields a gate; output x sigmoid(gate) before o_proj
     zero_centred_norm: bool = False  # Qwen3-Next: RMSNorm scales by (1 + weight), in fp32
+    rope_layers: tuple[bool, ...] = ()  # per layer: RoPE turns q/k (False: a no-RoPE layer, Llama-4); () = every layer
+    attention_chunks: tuple[int | None, ...] = ()  # per layer: queries attend only within their chunk of positions
+    qk_l2_norm: bool = False  # Llama-4: a parameter-free L2 norm (eps rms_norm_eps) of the rotated q/k, RoPE layers
+    # Llama-4's attention temperature on no-RoPE layers: queries at position p scaled by
+    # 1 + attn_scale * log1p(floor((p + 1) / floor_scale)); (floor_scale, attn_scale), None = off.
+    attention_temperature: tuple[float, float] | None = None
+    router_scales_input: bool = False  # Llama-4: expert k runs on weight_k * x and its output is added unweighted
     extra: dict = field(default_factory=dict, compare=False, hash=False)  # untranslated config.json, for display
 
     @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
+
+    def uses_rope(self, layer: int) -> bool:
+        return not self.rope_layers or self.rope_layers[layer]
 
     def is_linear_attention(self, layer: int) -> bool:
         return bool(self.layer_kinds) and self.layer_kinds[layer] == "linear_attention"

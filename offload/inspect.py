@@ -103,7 +103,10 @@ def attention_summary(cfg: ModelConfig) -> dict[str, Any]:
             "rope_interleaved": cfg.rope_interleaved, "qkv_bias": cfg.attention_bias,
             "o_bias": cfg.attention_output_bias, "qk_norm": cfg.qk_norm, "qk_norm_after_rope": cfg.qk_norm_after_rope,
             "sinks": cfg.attention_sinks,
-            "sliding_window": windows[0] if windows else None, "output_gate": cfg.attention_output_gate}
+            "sliding_window": windows[0] if windows else None, "output_gate": cfg.attention_output_gate,
+            "attention_chunk": next((c for c in cfg.attention_chunks if c is not None), None),
+            "no_rope_layers": [i for i in range(cfg.num_hidden_layers) if not cfg.uses_rope(i)],
+            "qk_l2_norm": cfg.qk_l2_norm, "temperature_tuning": cfg.attention_temperature is not None}
 
 
 def linear_attention_summary(cfg: ModelConfig) -> dict[str, Any] | None:
@@ -123,6 +126,7 @@ def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
         "norm_topk_prob": r.norm_topk_prob, "routed_scaling_factor": r.routed_scaling_factor,
         "selection_bias": r.has_correction_bias, "router_bias": cfg.router_bias,
         "activation": cfg.expert_activation.kind, "expert_bias": cfg.expert_bias,
+        "weight_scales_input": cfg.router_scales_input,
     }
     if r.n_group > 1:
         summary.update(n_group=r.n_group, topk_group=r.topk_group)
@@ -238,6 +242,13 @@ def _attention_text(a: dict[str, Any]) -> str:
         text += f", sliding window {a['sliding_window']}"
     if a["output_gate"]:
         text += ", sigmoid output gate"
+    if a["qk_l2_norm"]:
+        text += ", q/k L2 norm"
+    if a["attention_chunk"]:
+        text += f", chunked attention ({a['attention_chunk']} positions)"
+    if a["no_rope_layers"]:
+        text += f", no rope on {len(a['no_rope_layers'])} layers"
+        text += " (full attention, query temperature)" if a["temperature_tuning"] else " (full attention)"
     return text
 
 
@@ -259,6 +270,8 @@ def _experts_text(e: dict[str, Any]) -> str:
         text += f", {e['activation']} experts{' with biases' if e['expert_bias'] else ''}"
     if e["routed_scaling_factor"] != 1.0:
         text += f", weights x {e['routed_scaling_factor']:g}"
+    if e["weight_scales_input"]:
+        text += ", weight scales the expert's input"
     return text
 
 

@@ -33,8 +33,8 @@ def test_fused_projections_equal_the_separate_ones(fmt):
 
     gen = torch.Generator().manual_seed(1)
     K = 80
-    parts = [QuantLinear(pack(torch.randn(1, width, K, generator=gen), fmt), bias)
-             for width, bias in ((72, torch.randn(72, generator=gen)), (40, None), (40, torch.randn(40, generator=gen)))]
+    widths_biases = ((72, torch.randn(72, generator=gen)), (40, None), (40, torch.randn(40, generator=gen)))
+    parts = [QuantLinear(pack(torch.randn(1, width, K, generator=gen), fmt), bias) for width, bias in widths_biases]
     fused = group_linears(parts)
     assert isinstance(fused, FusedLinear) and fused.starts == [0, 96, 160]
     for T in (1, 5):
@@ -69,3 +69,20 @@ def test_attention_sinks_take_their_share_of_the_softmax(start, T, window):
     got = attention_with_sinks(q, keys, values, 0.3, mask, sinks)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert (probs.sum(-1) < 1).all()
+
+
+@pytest.mark.parametrize("start, T", [(0, 24), (0, 5), (5, 6), (13, 1), (16, 1), (3, 20)])
+def test_chunked_mask_is_transformers_chunked_causal_mask(start, T):
+    """Llama-4's chunked attention: a query at position p sees keys k <= p with k // chunk == p // chunk."""
+    from transformers.masking_utils import and_masks, causal_mask_function, chunked_overlay
+
+    chunk = 8
+    allowed = and_masks(causal_mask_function, chunked_overlay(chunk, torch.zeros(1, dtype=torch.long)))
+    q_pos, k_pos = torch.arange(start, start + T)[:, None], torch.arange(start + T)[None, :]
+    expected = allowed(torch.tensor(0), torch.tensor(0), q_pos, k_pos).expand(T, start + T)
+    mask = causal_mask_args(start, T, None, torch.device("cpu"), chunk)
+    if "is_causal" in mask:
+        got = torch.ones(T, start + T, dtype=torch.bool).tril(start)
+    else:
+        got = mask.get("attn_mask", torch.ones(T, start + T, dtype=torch.bool))
+    assert torch.equal(got, expected)

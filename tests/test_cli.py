@@ -279,7 +279,8 @@ def test_inspect_demo_checkpoint_has_a_chat_template(demo_dir):
     assert report["attention"] == {"kind": "GQA", "heads": 8, "kv_heads": 2, "head_dim": 32, "rope_dim": 32,
                                    "rope_interleaved": False, "qkv_bias": False, "o_bias": False, "qk_norm": "head",
                                    "qk_norm_after_rope": False, "sinks": False, "sliding_window": None,
-                                   "output_gate": False}
+                                   "output_gate": False, "attention_chunk": None, "no_rope_layers": [],
+                                   "qk_l2_norm": False, "temperature_tuning": False}
     assert report["experts"]["routed"] == RANDOM_DEMO_CONFIG["num_experts"] and report["layers"]["moe"] == 4
 
 

@@ -10,9 +10,12 @@ import torch
 
 import offload
 from offload.arch import architecture
+from offload.experts.builder import ExpertsBuilder
+from offload.experts.cost import CostModel
 from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
 
 IDS = torch.arange(3, 27)
+GPU_LIKE_COSTS = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_per_s=25e9, device_flops=400e12)
 
 
 def rel_err(a, b) -> float:
@@ -64,8 +67,22 @@ PLANS = {
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen2_moe", "glm4_moe", "minimax_m2", "dots1",
                                   "glm_moe_dsa", "ernie4_5_moe", "hunyuan_v1_moe", "gpt_oss"])
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
-def test_every_plan_matches_the_reference(bf16_checkpoints, name, plan_name):
-    folder = bf16_checkpoints(name)
+def test_every_plan_matches_the_reference(bf16_checkpoints, name, plan_name, monkeypatch):
+    check_plan_matches_the_reference(bf16_checkpoints(name), plan_name, monkeypatch)
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+def test_every_plan_matches_the_reference_with_input_scaled_routing(bf16_checkpoints, plan_name, monkeypatch):
+    """Llama-4 scales each routed expert's input and calls the experts once per routed slot: about 3 tokens per
+    expert and call in the tiny model's prefill, below the copy crossover, so its small caches may see no hit."""
+    check_plan_matches_the_reference(bf16_checkpoints("llama4"), plan_name, monkeypatch, expect_cache_hits=False)
+
+
+def check_plan_matches_the_reference(folder, plan_name: str, monkeypatch, expect_cache_hits: bool = True) -> None:
+    # The miss decisions follow a GPU-like cost model (prefill chunks copy, decode computes on the CPU workers)
+    # rather than one measured at load, whose crossover moves with the machine's load: every run then exercises
+    # the same copies and cache hits.
+    monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: GPU_LIKE_COSTS)
     device_experts, slots, policy, prefetch = PLANS[plan_name]
     reference = offload.load(folder, device="cpu", max_context=64)
     hybrid = offload.load(folder, device="cpu", max_context=64, plan=plan(folder, device_experts, slots),
@@ -87,16 +104,14 @@ def test_every_plan_matches_the_reference(bf16_checkpoints, name, plan_name):
     if plan_name == "all_on_cpu":
         assert stats["totals"]["hit_rate"] == 0.0 and all(l["cpu_misses"] == l["expert_uses"] for l in layers)
     if plan_name.startswith("tiny_cache") or plan_name.startswith("cache_and"):
-        assert any(l["cache_hits"] > 0 for l in layers)
+        assert any(l["cache_hits"] > 0 for l in layers) or not expect_cache_hits
         assert (stats["totals"]["prefetch_precision"] is not None) == prefetch
-        assert stats["totals"]["bytes_copied"] > 0
+        assert stats["totals"]["bytes_copied"] > 0 or not expect_cache_hits
 
 
 def test_cost_model_copies_for_prefill_and_computes_decode_on_the_cpu():
-    from offload.experts.cost import CostModel
-
     # A GPU-like device: fast matmuls, copies over a 25 GB/s link; CPU workers at 40 GB/s and 200 GFLOP/s.
-    cost = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_per_s=25e9, device_flops=400e12)
+    cost = GPU_LIKE_COSTS
     host, device, flops = 12_000_000, 24_000_000, 2 * 3 * 2048 * 1024  # an int8 host copy, a bf16 device copy
     assert not cost.prefer_copy(1, host, device, flops)  # decode: reading 12 MB beats moving 24 MB
     assert cost.prefer_copy(512, host, device, flops)  # prefill: the CPU's FLOPs dominate

@@ -12,12 +12,13 @@ from offload.cli import app
 from test_ernie4_5_moe import ERNIE_21B, ERNIE_300B
 from test_gpt_oss import GPT_OSS_20B, GPT_OSS_120B
 from test_hunyuan_v1_moe import HUNYUAN_A13B
+from test_llama4 import SCOUT
 from test_qwen3_next import QWEN3_5_35B, QWEN3_NEXT_80B
 
 
 @pytest.mark.parametrize("hf, total", [(ERNIE_21B, "21.8"), (ERNIE_300B, "299.4"), (HUNYUAN_A13B, "80."),
                                        (GPT_OSS_20B, "20.9"), (GPT_OSS_120B, "116.8"), (QWEN3_NEXT_80B, "79.6"),
-                                       (QWEN3_5_35B, "34.6")])
+                                       (QWEN3_5_35B, "34.6"), (SCOUT, "107.7")])
 def test_inspect_and_plan_of_a_published_config(tmp_path, hf, total):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     result = CliRunner().invoke(app, ["inspect", str(tmp_path)])

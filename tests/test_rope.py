@@ -31,3 +31,22 @@ def test_partial_rotation_matches_transformers(head_dim, rope_dim, rope):
     torch.testing.assert_close(table.apply(q, start), q_ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(table.apply(k, start), k_ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
     assert torch.equal(table.apply(q, start)[..., rope_dim:], q[..., rope_dim:])
+
+
+@pytest.mark.parametrize("low, high", [(1.0, 4.0), (1.0, 1.0), (2.0, 8.0)])
+def test_llama3_frequencies_are_transformers(low, high):
+    """Llama-3 rope scaling (Llama-3.1, Llama-4 Scout): long wavelengths stretched, short kept, a band blended."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from offload.model.rope import inverse_frequencies
+
+    params = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": low,
+              "high_freq_factor": high, "original_max_position_embeddings": 64}
+    config = LlamaConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=512, rope_parameters=params)
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    ours = RopeConfig(theta=10000.0, type="llama3", factor=8.0, original_max_position_embeddings=64,
+                      low_freq_factor=low, high_freq_factor=high)
+    inv_freq, scale = inverse_frequencies(ours, 64)
+    torch.testing.assert_close(inv_freq, expected, rtol=1e-6, atol=0)
+    assert scale == 1.0 and not torch.equal(inv_freq, inverse_frequencies(RopeConfig(theta=10000.0), 64)[0])

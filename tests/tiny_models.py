@@ -146,9 +146,29 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         sliding_window=7, swiglu_limit=0.5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                          "original_max_position_embeddings": 64, "rope_theta": 150000.0})),
+    # Llama-4 Scout's layout (a vision tower around the text model): every layer MoE with top-1 routing that scales
+    # the expert's input, a shared expert; RoPE layers with chunked attention (chunks of 8, so a 24-token prompt
+    # crosses two boundaries), L2 q/k norm and Llama-3 rope scaling; a no-RoPE layer (the third) with full attention
+    # and the query temperature (floor_scale 4, so it changes every 4 positions here).
+    "llama4": ("llama4", dict(
+        num_key_value_heads=2, head_dim=16, intermediate_size=24, intermediate_size_mlp=40, num_local_experts=8,
+        num_experts_per_tok=1, interleave_moe_layer_step=1, no_rope_layer_interval=3, attention_chunk_size=8,
+        use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    # Llama-4 Maverick's shape as a text-only Llama4ForCausalLM: MoE on every second layer (dense MLPs of
+    # intermediate_size_mlp between), no q/k norm; here also top-2, so each routed slot scales its own input.
+    "llama4_text": ("llama4_text", dict(
+        num_key_value_heads=1, head_dim=32, intermediate_size=24, intermediate_size_mlp=40, num_local_experts=6,
+        num_experts_per_tok=2, interleave_moe_layer_step=2, no_rope_layers=[1, 0, 1], attention_chunk_size=8,
+        use_qk_norm=False, floor_scale=4, attn_scale=0.3,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
 }
 # Multimodal checkpoints: the variant's fields are the text model's; this is the (tiny) vision tower around it.
-VISION_TOWERS = {"qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64)}
+VISION_TOWERS = {"qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64),
+                 "llama4": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                image_size=56, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                                projector_output_dim=32)}
 
 # Selection biases' scale: sigmoid scores spread over (0, 1); softmax scores of E experts sit near 1/E.
 CORRECTION_BIAS_STD = {"ernie4_5_moe": 0.02}
@@ -190,11 +210,17 @@ def build_reference(name: str, seed: int = 0, overrides: dict | None = None):
     return model
 
 
+# Multimodal wrappers whose own forward cannot run a text-only prompt in the installed transformers (Llama-4's reads
+# image outputs from its text model's result): their text model, the same weights, is the reference.
+TEXT_REFERENCES = {"llama4": "language_model"}
+
+
 def write_checkpoint(name: str, folder: Path, seed: int = 0, overrides: dict | None = None, **save_kwargs):
     """Save a variant as a Hugging Face folder; returns the reference model."""
     model = build_reference(name, seed, overrides)
     model.save_pretrained(folder, **save_kwargs)
-    return model
+    text_model = TEXT_REFERENCES.get(VARIANTS[name][0])
+    return getattr(model, text_model) if text_model else model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

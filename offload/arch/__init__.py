@@ -19,6 +19,7 @@ class CheckpointNames:
     shared: str | None = None  # shared expert(s) under `{moe}.{shared}`
     correction_bias: str = "gate.e_score_correction_bias"  # selection bias under `{moe}.` (MiniMax: beside gate)
     qk_norm: tuple[str, str] = ("q_norm", "k_norm")  # q/k RMSNorms under `self_attn.` (Hunyuan: query_layernorm)
+    dense_mlp: str = "mlp"  # a dense layer's MLP under `model.layers.{i}.` (Llama-4: feed_forward, like its MoE)
     correction_bias_rows: int | None = None  # stored as [rows, E] rather than [E] (ERNIE-4.5's moe_statics: 1 row)
 
 
@@ -85,12 +86,12 @@ class Architecture:
 
 def _registry() -> dict[str, Architecture]:
     from . import (deepseek, deepseek_v32, dots1, ernie4_5_moe, glm4_moe, glm4_moe_lite, glm_moe_dsa, gpt_oss,
-                   hunyuan_v1_moe, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next)
+                   hunyuan_v1_moe, llama4, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next)
 
     archs = [mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
              deepseek.KIMI_K25, deepseek_v32.ARCH, glm4_moe.ARCH, glm4_moe_lite.ARCH, glm_moe_dsa.ARCH, dots1.ARCH,
              minimax_m2.ARCH, qwen3_next.ARCH, qwen3_5_moe.ARCH, qwen3_5_moe.TEXT_ARCH, ernie4_5_moe.ARCH,
-             hunyuan_v1_moe.ARCH, gpt_oss.ARCH]
+             hunyuan_v1_moe.ARCH, gpt_oss.ARCH, llama4.ARCH, llama4.TEXT_ARCH]
     return {arch.model_type: arch for arch in archs}
 
 

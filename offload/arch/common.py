@@ -6,12 +6,13 @@ from typing import Any
 from ..config import RopeConfig, RouterConfig
 from ..errors import CheckpointError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 def require(hf: dict[str, Any], key: str) -> Any:
     if key not in hf or hf[key] is None:
-        raise CheckpointError(f"config.json has no '{key}' (model_type {hf.get('model_type')!r}); the file is incomplete")
+        raise CheckpointError(f"config.json has no '{key}' (model_type {hf.get('model_type')!r}); the file is "
+                              "incomplete")
     return hf[key]
 
 
@@ -59,6 +60,8 @@ def read_rope(hf: dict[str, Any], default_theta: float = 10000.0) -> RopeConfig:
         mscale_all_dim=params.get("mscale_all_dim"),
         attention_factor=params.get("attention_factor"),
         truncate=bool(params.get("truncate", True)),
+        low_freq_factor=float(params.get("low_freq_factor") or 1.0),
+        high_freq_factor=float(params.get("high_freq_factor") or 4.0),
     )
 
 

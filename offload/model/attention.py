@@ -1,5 +1,6 @@
-"""Grouped-query attention with optional q/k/v (and o) bias, per-head or full-width q/k RMSNorm, clip_qkv and an
-output gate (Qwen3-Next: q_proj also yields a per-channel gate, the output is scaled by its sigmoid)."""
+"""Grouped-query attention with optional q/k/v (and o) bias, per-head or full-width q/k RMSNorm, clip_qkv, an
+output gate (Qwen3-Next: q_proj also yields a per-channel gate, the output is scaled by its sigmoid), and Llama-4's
+options: chunked attention, no-RoPE layers with a position-dependent query temperature, L2-normalised q/k."""
 from __future__ import annotations
 
 import torch
@@ -40,6 +41,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm.load(src, f"{p}.{k_name}", k_dim, cfg.rms_norm_eps, cfg.zero_centred_norm)
         self.clip_qkv = cfg.clip_qkv
         self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
+        self.chunk = cfg.attention_chunks[layer] if cfg.attention_chunks else None
+        self.rope_layer = cfg.uses_rope(layer)
+        self.l2_eps = cfg.rms_norm_eps if cfg.qk_l2_norm and self.rope_layer else None
+        self.temperature = cfg.attention_temperature if not self.rope_layer else None
         self.scale = hd**-0.5
         # gpt-oss: one learned logit per head that joins every softmax and takes its share of the mass, no value.
         self.sinks = src.take(f"{p}.sinks", (nh,), dtype=torch.float32) if cfg.attention_sinks else None
@@ -62,11 +67,16 @@ class Attention(nn.Module):
         v = v.view(T, self.kv_heads, self.head_dim)
         if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, start, self.rope_interleaved), rope.apply(k, start, self.rope_interleaved)
+        if self.rope_layer:
+            q, k = rope.apply(q, start, self.rope_interleaved), rope.apply(k, start, self.rope_interleaved)
         if self.qk_norm == "head" and self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.l2_eps is not None:
+            q, k = l2_norm(q, self.l2_eps), l2_norm(k, self.l2_eps)
+        if self.temperature is not None:
+            q = (q * query_temperature(start, T, *self.temperature, x.device)[:, None, None]).to(q.dtype)
         keys, values = cache.write(start, k, v)  # [kv, S, hd]
-        mask = causal_mask_args(start, T, self.window, x.device)
+        mask = causal_mask_args(start, T, self.window, x.device, self.chunk)
         if self.sinks is not None:
             out = attention_with_sinks(q.transpose(0, 1), keys, values, self.scale, mask, self.sinks)
         elif T <= GROUPED_MAX_TOKENS:
@@ -80,6 +90,20 @@ class Attention(nn.Module):
         if self.output_gate:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, no weight, in fp32 and cast back (Llama-4's q/k norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def query_temperature(start: int, T: int, floor_scale: float, attn_scale: float, device: torch.device
+                      ) -> torch.Tensor:
+    """Llama-4's per-position query scale on no-RoPE layers [T] (fp32): 1 + attn_scale * log1p(floor((p + 1) /
+    floor_scale)) for positions p = start..start+T-1; it sharpens attention as the context grows."""
+    positions = torch.arange(start, start + T, device=device, dtype=torch.float32)
+    return torch.log1p(torch.floor((positions + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: dict

@@ -75,7 +75,8 @@ _TOPK_METHODS = {"greedy", "group_limited_greedy", "noaux_tc"}
 
 
 # Options of the shared modules that the compiled code takes only when they are off: (field, value when off).
-_OFF_OPTIONS = {"output_gate": False, "zero_centred": False, "qk_norm_after_rope": False, "rope_interleaved": False}
+_OFF_OPTIONS = {"output_gate": False, "zero_centred": False, "qk_norm_after_rope": False, "rope_interleaved": False,
+                "chunk": None, "rope_layer": True, "l2_eps": None, "temperature": None, "scales_input": False}
 
 
 def _knows(module: torch.nn.Module, fields: set[str]) -> bool:

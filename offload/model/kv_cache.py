@@ -120,14 +120,16 @@ class LatentIndexCache(LatentCache):
         return super().nbytes + self.index_k.nbytes
 
 
-def causal_mask_args(start: int, T: int, window: int | None, device: torch.device) -> dict:
+def causal_mask_args(start: int, T: int, window: int | None, device: torch.device, chunk: int | None = None) -> dict:
     """SDPA keyword arguments that make T queries at positions start.. attend causally to the start+T cached keys,
-    optionally only to the last `window` of them.
+    optionally only to the last `window` of them, or only to those in their own `chunk` of positions (Llama-4's
+    chunked attention: positions 0..chunk-1, chunk..2*chunk-1, ...).
 
     A fresh prefill uses SDPA's built-in causal mode (fast kernels); one token without a window needs no mask;
     anything else gets a boolean [T, start+T] mask (True = attend).
     """
-    if window is None or start + T <= window:
+    limit = window if chunk is None else chunk
+    if (window is None and chunk is None) or start + T <= limit:
         if T == 1:
             return {}
         if start == 0:
@@ -137,4 +139,6 @@ def causal_mask_args(start: int, T: int, window: int | None, device: torch.devic
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window
+    if chunk is not None:
+        mask &= k_pos // chunk == q_pos // chunk
     return {"attn_mask": mask}

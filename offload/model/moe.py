@@ -1,4 +1,5 @@
-"""The MoE block: router -> top-k -> experts contract (+ shared expert, optionally sigmoid-gated)."""
+"""The MoE block: router -> top-k -> experts contract (+ shared expert, optionally sigmoid-gated). Llama-4's
+variant scales each chosen expert's input by its routing weight instead of its output."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -59,18 +60,30 @@ class MoE(nn.Module):
         )
         self.shared_gate = (load_linear(src, f"{p}.shared_expert_gate", 1, H, quantize=False)
                             if cfg.shared_expert_gate else None)
+        self.scales_input = cfg.router_scales_input
         self.heat = torch.zeros(E, dtype=torch.long, device=src.device)  # routing counts per expert, for profiles
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [T, H] -> (topk_ids [T, K], topk_weights [T, K])."""
         return route(F.linear(h.float(), self.router, self.router_bias), self.router_cfg, self.correction_bias)
 
+    def routed_input_scaled(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k expert_k(w_k * h) (Llama-4) through the experts contract sum_k w_k * expert_k(x): one call per
+        routed slot k, on that slot's scaled input, with weight 1 (a single call for top-1)."""
+        ones = torch.ones_like(weights[:, :1])  # [T, 1]
+        y = None
+        for k in range(ids.shape[1]):
+            scaled = h * weights[:, k:k + 1].to(h.dtype)  # [T, H]
+            out = self.experts(scaled, ids[:, k:k + 1], ones)
+            y = out if y is None else y + out
+        return y
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with self.timers.section("router"):
             ids, weights = self.route(h)
             self.heat += torch.bincount(ids.reshape(-1), minlength=self.heat.numel())
         with self.timers.section("experts"):  # hybrid backends split this into device, CPU and copy time
-            y = self.experts(h, ids, weights)
+            y = self.routed_input_scaled(h, ids, weights) if self.scales_input else self.experts(h, ids, weights)
         if self.shared is not None:
             with self.timers.section("shared_experts"):
                 shared = self.shared(h)

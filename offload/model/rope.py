@@ -1,4 +1,5 @@
-"""Rotary position embeddings: default, linear and YaRN (with DeepSeek's mscale), as a precomputed table."""
+"""Rotary position embeddings: default, linear, YaRN (with DeepSeek's mscale) and Llama-3's band scaling, as a
+precomputed table."""
 from __future__ import annotations
 
 import math
@@ -25,6 +26,8 @@ def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if rope.type == "linear":
         return inv_freq / rope.factor, 1.0
+    if rope.type == "llama3":
+        return llama3_frequencies(inv_freq, rope), 1.0
     if rope.type != "yarn":
         return inv_freq, 1.0
 
@@ -51,6 +54,22 @@ def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float
     extrapolation = 1 - ramp  # 1 where the frequency is kept, 0 where it is interpolated
     interpolated = inv_freq / factor
     return interpolated * (1 - extrapolation) + inv_freq * extrapolation, attention_factor
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Llama-3's scaling of inv_freq [dim/2]: wavelengths longer than original / low_freq_factor are stretched by
+    `factor`, those shorter than original / high_freq_factor kept, and the band between blended linearly in
+    original / wavelength (transformers' _compute_llama3_parameters)."""
+    original = rope.original_max_position_embeddings
+    low_wavelen, high_wavelen = original / rope.low_freq_factor, original / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    if rope.high_freq_factor == rope.low_freq_factor:
+        return scaled  # no band between the two
+    smooth = (original / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(in_band, blended, scaled)
 
 
 class RotaryTable:

@@ -41,7 +41,7 @@ class DecoderLayer(nn.Module):
         if cfg.moe_layers[layer]:
             self.mlp = MoE(cfg, layer, names, src, make_experts, timers)
         else:
-            self.mlp = SwiGLU.load(src, f"{p}.mlp", H, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.mlp = SwiGLU.load(src, f"{p}.{names.dense_mlp}", H, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
         compiled = compiled_step.for_layer(self, x)  # a decode step on the CPU: one or two Numba calls

@@ -159,7 +159,7 @@ class RoleRecorder(InventedSource):
 
     def fused_expert_weights(self, prefix: str, layout: str, E: int, I: int, H: int, biased: bool):
         raise OffloadError(f"convert does not yet write experts stored as whole-layer tensors ({prefix}.gate_up_proj,"
-                           " gpt-oss); load the checkpoint itself with --experts int8 / int4 instead")
+                           " gpt-oss, Llama-4); load the checkpoint itself with --experts int8 / int4 instead")
 
 
 def tensor_roles(hf_config: dict[str, Any]) -> list[TensorRole]:
