@@ -361,6 +361,14 @@ def swiglu(h: np.ndarray, gate_up, up_start: int, width: int, down, gu: np.ndarr
 
 
 @njit(nogil=True, cache=True)
+def add_rows(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    """out = x + y over x's columns (y may be panel-padded wider): a block's residual."""
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            out[t, i] = x[t, i] + y[t, i]
+
+
+@njit(nogil=True, cache=True)
 def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, qk_norm, q_norm_w, k_norm_w, clip_qkv, cos, sin,
                     start, kcache, vcache, window, scale, o_proj, o_bias, h, qkv_out, att, o_out) -> None:
     """out = x + Attention(RMSNorm(x)) for x [T, H] at positions start.. (offload.model.attention.Attention).
@@ -369,7 +377,6 @@ def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, qk_norm, q_norm_w,
     q/k/v output starts. Scratch: h [T, H], qkv_out [T, padded qkv width], att [T, heads*head_dim],
     o_out [T, padded H]."""
     heads, kv_heads, d, q0, k0, v0 = dims
-    T = x.shape[0]
     rms_norm(x, norm_w, eps, h)
     packed_linear(h, qkv, qkv_out)
     add_bias(qkv_out, qkv_bias)
@@ -392,9 +399,7 @@ def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, qk_norm, q_norm_w,
     attend(q, heads, kv_heads, d, kcache, vcache, start, window, scale, att)
     packed_linear(att, o_proj, o_out)
     add_bias(o_out, o_bias)
-    for t in range(T):
-        for i in range(x.shape[1]):
-            out[t, i] = x[t, i] + o_out[t, i]
+    add_rows(x, o_out, out)
 
 
 @njit(nogil=True, cache=True)
@@ -425,9 +430,7 @@ def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a
     latent_attend(q, heads, nope, w_kv, c_cache, r_cache, start, scale, att)
     packed_linear(att, o_proj, o_out)
     add_bias(o_out, o_bias)
-    for t in range(T):
-        for i in range(x.shape[1]):
-            out[t, i] = x[t, i] + o_out[t, i]
+    add_rows(x, o_out, out)
 
 
 @njit(nogil=True, cache=True)
