@@ -1,11 +1,11 @@
 """What a decode step makes the host wait for or move across the bus, counted on the simulated device tier.
 
 On the CPU nothing waits, so the ledger counts the operations that on a GPU would: every host read of a tensor's
-values (aten._local_scalar_dense or aten.item: item(), bool(), int(); Tensor.tolist / numpy / cpu), every op whose output shape
-depends on the data (nonzero, unique, bincount, masked_select, boolean indexing: each reads a size back), device
-synchronisations, explicit device moves (Tensor.to with a device), and the copies the hybrid layers make on
-purpose: the CPU workers' packed inputs and results (HostLink.down / up) and expert uploads. Only the thread that
-opens the ledger is counted: the CPU workers' own thread computes on the host by design.
+values (aten._local_scalar_dense or aten.item: item(), bool(), int(); Tensor.tolist / numpy / cpu), every op
+whose output shape depends on the data (nonzero, unique, bincount, masked_select, boolean indexing: each reads a
+size back), device synchronisations, explicit device moves (Tensor.to with a device), and the copies the hybrid
+layers make on purpose: the CPU workers' packed inputs and results (HostLink.down / up) and expert uploads. Only
+the thread that opens the ledger is counted: the CPU workers' own thread computes on the host by design.
 
 `OpCounter` counts non-view aten ops per block of each decoder layer.
 """

@@ -18,7 +18,7 @@ import offload
 from offload.experts.builder import ExpertsBuilder
 from offload.experts.device import StagingRing
 from sync_ledger import OpCounter, SyncLedger
-from test_hybrid import GPU_LIKE_COSTS, bf16_checkpoints, plan  # noqa: F401  (bf16_checkpoints: a fixture)
+from test_hybrid import GPU_LIKE_COSTS, plan
 
 PROMPT = torch.arange(3, 9)
 STEPS = 6
@@ -99,8 +99,9 @@ def test_the_step_boundary_admits_what_the_step_missed_and_the_table_holds_withi
     """No pinned experts and as many slots as top-k in each layer: whatever a decode step used at the first MoE
     layer is resident from the next step on (copied at the boundary), and the table the layer's call saw is the
     one still in place when the step ends."""
-    model = hybrid_model(bf16_checkpoints("mixtral"), monkeypatch, device_experts=0, slots=2)
+    model = hybrid_model(bf16_checkpoints("mixtral"), monkeypatch, device_experts=6, slots=2)
     hybrid = model._experts.hybrids[min(model._experts.hybrids)]
+    assert not hybrid.pool.num_pinned and hybrid.cache.num_slots == 2  # room for two slots per layer, no more
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids, the table the call saw)
     real_start = hybrid.start
 
