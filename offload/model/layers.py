@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..weights.source import DenseWeight, WeightSource
+from .device_quant import DeviceQuantLinear, Int4Weight, Int8Weight
 
 
 class RMSNorm(nn.Module):
@@ -128,15 +129,22 @@ def group_linears(parts: list[Linear | QuantLinear]) -> FusedLinear | LinearGrou
     return LinearGroup(parts)
 
 
-def make_linear(weight: DenseWeight, bias: torch.Tensor | None = None) -> Linear | QuantLinear:
-    return Linear(weight, bias) if isinstance(weight, torch.Tensor) else QuantLinear(weight, bias)
+def make_linear(weight: DenseWeight, bias: torch.Tensor | None = None) -> Linear | QuantLinear | DeviceQuantLinear:
+    """The module for a weight as the source hands it: a tensor (torch), packed for the CPU kernels, or quantized
+    for the device tier's torch kernels."""
+    if isinstance(weight, torch.Tensor):
+        return Linear(weight, bias)
+    if isinstance(weight, (Int8Weight, Int4Weight)):
+        return DeviceQuantLinear(weight, bias)
+    return QuantLinear(weight, bias)
 
 
 def load_linear(src: WeightSource, name: str, out_dim: int, in_dim: int, bias: bool = False,
-                quantize: bool = True) -> Linear | QuantLinear:
+                quantize: bool = True) -> Linear | QuantLinear | DeviceQuantLinear:
     """The Linear `name` (weight [out_dim, in_dim], optional bias): a QuantLinear when its weight is packed in the
-    checkpoint or the source quantizes dense weights (`quantize=False` keeps a weight in torch: a gate of one row,
-    MLA's kv_b_proj whose halves the absorbed form multiplies directly)."""
+    checkpoint or the source quantizes dense weights for the CPU kernels, a DeviceQuantLinear when it quantizes them
+    for the device tier (`quantize=False` keeps a weight in the model dtype: a gate of one row, MLA's kv_b_proj
+    whose halves the absorbed form multiplies directly)."""
     weight = src.linear_weight(f"{name}.weight", (out_dim, in_dim), quantize)
     return make_linear(weight, src.take(f"{name}.bias", (out_dim,)) if bias else None)
 
