@@ -184,8 +184,9 @@ def choose_dense_format(inv: Inventory, req: PlanRequest, slot_room: int) -> tup
     needs = [sum(groups.values()) for _, groups in options]
     size = _sizes(*needs, req.device_budget)
     dtype = req.device_dtype or f"{8 * req.dtype_bytes}-bit floats"
-    shown = " and ".join(f"{size(n)} {'with ' + fmt + ' dense weights' if fmt else 'in ' + dtype}"
-                         for (fmt, _), n in zip(options, needs))
+    each = [f"{size(n)} {'with ' + fmt + ' dense weights' if fmt else 'in ' + dtype}" for (fmt, _), n in
+            zip(options, needs)]
+    shown = " or ".join(filter(None, (", ".join(each[:-1]), each[-1])))
     hint = ", quantize the dense weights (dense int8 / int4)" if options[-1][0] is None else ""
     raise PlanError(
         f"attention, KV cache and other always-on-device weights need {shown} "
