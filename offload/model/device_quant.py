@@ -8,7 +8,8 @@ weight-only kernels when the plan quantizes the dense weights (`dense="int8" | "
 - int4: groups of GROUP values along the input dim, `W[o, k] = (q[o, k] - 8) * scale[o, g] + zero[o, g]` with q in
   0..15 (torch's convention: `zero` is the value of q = 8, i.e. min + 8 * scale); packed by
   `torch._convert_weight_to_int4pack` and run by `torch._weight_int4pack_mm` on CUDA, by their `_for_cpu` twins on
-  the CPU. The kernels want K a multiple of GROUP and N a multiple of 16.
+  the CPU. The kernels want K a multiple of GROUP and N a multiple of 16; the CUDA kernel computes in bf16 only
+  (a float32 model's int4 matmuls run in bf16 there).
 
 Odd shapes are padded with zero columns to a multiple of GROUP (both formats) and zero rows to a multiple of ROWS
 (int4): the input is padded per call and the output sliced, so only tiny or unusual matrices pay for it.
@@ -94,7 +95,7 @@ class Int4Weight:
         O = self.shape[0]
         x = _pad_input(x, self.scale_zeros.shape[0] * GROUP)
         if self.packed.device.type == "cuda":
-            y = torch._weight_int4pack_mm(x, self.packed, GROUP, self.scale_zeros)
+            y = torch._weight_int4pack_mm(x.to(torch.bfloat16), self.packed, GROUP, self.scale_zeros).to(x.dtype)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_zeros)
         return y if y.shape[1] == O else y[:, :O]
@@ -129,7 +130,7 @@ def int4_grid(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
 
 def quantize_int4(w: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
     """w [O, K] (any float dtype, on its device) -> grouped asymmetric int4 in the device kernel's layout."""
-    q, scale, zero = int4_grid(w, dtype)
+    q, scale, zero = int4_grid(w, torch.bfloat16 if w.device.type == "cuda" else dtype)
     if q.device.type == "cuda":
         nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [O', K'/2]: even column in the high nibble
         K_padded = q.shape[1]
