@@ -10,9 +10,9 @@ import torch
 
 import offload
 from offload.arch import architecture
-from offload.model.device_quant import (DeviceQuantLinear, Int4Weight, Int8Weight, int4_grid, nbytes, quantize,
+from offload.model.device_quant import (ROWS, DeviceQuantLinear, Int4Weight, Int8Weight, int4_grid, nbytes, quantize,
                                         quantize_int8)
-from offload.model.layers import Linear, QuantLinear
+from offload.model.layers import FusedDeviceQuantLinear, Linear, QuantLinear, group_linears
 from offload.placement import inventory, kv_cache_bytes
 from test_cli import assert_one_line_error, invoke
 from test_store import DENSE_INT4_MEDIAN_ERROR, DENSE_INT8_ARGMAX_AGREEMENT, DENSE_INT8_MEDIAN_ERROR
@@ -47,7 +47,7 @@ def test_int4_linear_is_the_dequantized_matmul(O, K):
     q, scale, zero = int4_grid(w, torch.float32)
     groups = q.shape[1] // 32
     dequantized = ((q.float().reshape(-1, groups, 32) - 8) * scale[..., None] + zero[..., None]).reshape(q.shape)
-    assert q.min() >= 0 and q.max() <= 15 and q.shape[0] % 16 == 0 and q.shape[1] % 32 == 0
+    assert q.min() >= 0 and q.max() <= 15 and q.shape[0] % ROWS == 0 and q.shape[1] % 32 == 0
     step = scale.repeat_interleave(32, dim=1)[:O, :K]
     assert ((dequantized[:O, :K] - w).abs() <= step / 2 + 1e-5).all()  # each group spans its min..max
     linear = DeviceQuantLinear(quantize(w, "int4", torch.float32))
@@ -64,6 +64,23 @@ def test_planned_bytes_are_the_bytes_held(fmt, dtype, O, K):
     assert nbytes(fmt, O, K, torch.tensor([], dtype=dtype).element_size()) == held.nbytes
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linears_reading_one_input_run_as_one_call_with_the_same_numbers(fmt, dtype):
+    """q/k/v-like parts (odd heights, a part without bias) stacked along their outputs: each part's output is the one
+    it computes alone, exactly (the layouts keep rows apart)."""
+    x = torch.randn(3, 40).to(dtype)
+    biases = [torch.randn(20).to(dtype), None, torch.randn(130).to(dtype)]
+    parts = [DeviceQuantLinear(quantize(weights(O, 40, seed=i), fmt, dtype), bias)
+             for i, (O, bias) in enumerate(zip((20, 7, 130), biases))]
+    fused = group_linears(parts)
+    assert type(fused) is FusedDeviceQuantLinear
+    for got, part in zip(fused(x), parts):
+        assert torch.equal(got, part(x))
+    mixed = [parts[0], DeviceQuantLinear(quantize(weights(8, 40), "int4" if fmt == "int8" else "int8", dtype))]
+    assert type(group_linears(mixed)) is not FusedDeviceQuantLinear  # formats differ: one call each
+
+
 def test_dense_int8_and_int4_on_the_device_tier_within_the_documented_bounds(checkpoint_dir):
     """The device tier's formats give the CPU kernels' documented whole-model bounds (tests/test_store.py) on the
     tiny DeepSeek-V3 (MLA with q-LoRA, a dense layer, a shared expert): every projection the CPU path packs is a
@@ -78,8 +95,8 @@ def test_dense_int8_and_int4_on_the_device_tier_within_the_documented_bounds(che
         assert f"dense weights quantized to {dense}" in model.plan.table()
         layers = model.transformer.layers
         attn, mlp, moe = layers[0].attn, layers[0].mlp, layers[1].mlp
-        quantized = [attn.o_proj, attn.q_b_proj, *attn.input_projs.parts, mlp.down, *mlp.gate_up.parts,
-                     moe.shared.down, model.transformer.lm_head]
+        quantized = [attn.o_proj, attn.q_b_proj, attn.input_projs.linear, mlp.down, mlp.gate_up.linear,
+                     moe.shared.down, moe.shared.gate_up.linear, model.transformer.lm_head]
         assert all(type(m) is DeviceQuantLinear and m.weight.fmt == dense for m in quantized)
         assert type(attn.kv_b_proj) is Linear
         got = model.logits(ids)

@@ -8,8 +8,8 @@ weight-only kernels when the plan quantizes the dense weights (`dense="int8" | "
 - int4: groups of GROUP values along the input dim, `W[o, k] = (q[o, k] - 8) * scale[o, g] + zero[o, g]` with q in
   0..15 (torch's convention: `zero` is the value of q = 8, i.e. min + 8 * scale); packed by
   `torch._convert_weight_to_int4pack` and run by `torch._weight_int4pack_mm` on CUDA, by their `_for_cpu` twins on
-  the CPU. The kernels want K a multiple of GROUP and N a multiple of 16; the CUDA kernel computes in bf16 only
-  (a float32 model's int4 matmuls run in bf16 there).
+  the CPU. The kernels want K a multiple of GROUP and N a multiple of 16 (CPU) or 8 (CUDA); the CUDA kernel
+  computes in bf16 only (a float32 model's int4 matmuls run in bf16 there).
 
 Odd shapes are padded with zero columns to a multiple of GROUP (both formats) and zero rows to a multiple of ROWS
 (int4): the input is padded per call and the output sliced, so only tiny or unusual matrices pay for it.
@@ -27,7 +27,7 @@ from torch import nn
 
 DEVICE_FORMATS = ("int8", "int4")
 GROUP = 32  # int4 values per scale and zero along the input dim: offload's CPU int4 group, torch's smallest
-ROWS = 16  # int4 output rows are padded to this (the CPU kernel's block; CUDA's needs 8)
+ROWS = 64  # int4 output rows are padded to this: the CPU kernel packs blocks of 64 rows (N % 16 at least), CUDA 8
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -149,6 +149,27 @@ def quantize(w: torch.Tensor, fmt: str, dtype: torch.dtype) -> DeviceQuantWeight
     if fmt == "int4":
         return quantize_int4(w, dtype)
     raise ValueError(f"unknown device format {fmt!r}: use one of {', '.join(DEVICE_FORMATS)}")
+
+
+def concat_outputs(weights: list[DeviceQuantWeight]) -> tuple[DeviceQuantWeight, list[int]]:
+    """Weights of one format that read the same input, stacked along their outputs so that they run as one kernel
+    call (q/k/v, MLA's q_a/kv_a, gate/up). Each part starts after the previous part's stored rows (int4 rows are
+    padded to ROWS, a whole number of the packed layouts' row blocks: 64 on the CPU, 8 on CUDA). Returns the stack
+    and each part's first output row."""
+    fmt, K = weights[0].fmt, weights[0].shape[1]
+    if any(w.fmt != fmt or w.shape[1] != K for w in weights):
+        raise ValueError("concat_outputs: every part must be in one format with one input width, got "
+                         + ", ".join(f"{w.fmt}{list(w.shape)}" for w in weights))
+    if fmt == "int8":
+        heights = [w.shape[0] for w in weights]
+    else:
+        heights = [w.scale_zeros.shape[1] for w in weights]  # padded rows
+    starts = [sum(heights[:i]) for i in range(len(weights))]
+    shape = (starts[-1] + weights[-1].shape[0], K)
+    if fmt == "int8":
+        return Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]), shape), starts
+    return Int4Weight(torch.cat([w.packed for w in weights]), torch.cat([w.scale_zeros for w in weights], dim=1),
+                      shape), starts
 
 
 class DeviceQuantLinear(nn.Module):
