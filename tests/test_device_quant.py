@@ -128,7 +128,7 @@ def budgets(folder, max_context: int = 64) -> tuple[int, int, int, int]:
 
 
 def test_the_planner_quantizes_the_dense_weights_only_when_the_model_dtype_leaves_no_room(checkpoint_dir):
-    folder, reference = checkpoint_dir("deepseek_v3")
+    folder, _ = checkpoint_dir("deepseek_v3")
     ids = torch.arange(3, 27)
     expected = offload.load(folder, device="cpu", max_context=64).logits(ids)
     fp32, int8, int4, slot_room = budgets(folder)
