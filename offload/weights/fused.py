@@ -74,7 +74,7 @@ class FusedExperts:
     prefix: str
     layout: str
     E: int
-    I: int  # noqa: E741 (the experts' intermediate size, as everywhere)
+    I: int
     H: int
 
     def __post_init__(self) -> None:
@@ -95,7 +95,7 @@ class FusedExperts:
 
     def rows(self, part: int) -> tuple[int, int, int]:
         """Rows of gate (part 0), up (1) or down (2) along their tensor's output axis O'."""
-        I = self.I  # noqa: E741
+        I = self.I
         if part == 2:
             return 0, self.H, 1
         return (part, 2 * I, 2) if self.layout == "interleaved" else (part * I, (part + 1) * I, 1)
