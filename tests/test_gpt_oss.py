@@ -21,7 +21,7 @@ from offload.weights.checkpoint import Checkpoint
 from offload.weights.store import convert
 from offload.weights.encoders import encode_mxfp4
 from test_tokenizer import _train_byte_level, _write_config
-from tiny_models import (FloatTensorSizes, check_misread_fused_rows, check_plan_and_convert, cli_text,
+from tiny_models import (FloatAllocations, check_misread_fused_rows, check_plan_and_convert, cli_text,
                          reference_logits, rel_err, write_checkpoint)
 
 IDS = torch.arange(3, 27)  # 24 tokens: past the window of 7 on the sliding layers
@@ -140,16 +140,16 @@ def test_convert_of_the_mxfp4_checkpoint(mxfp4_checkpoints, tmp_path, experts):
     assert "MXFP4" in cli_text("inspect", store)
 
 
-@pytest.mark.parametrize("experts", ["int8", "int4"])
-def test_convert_carries_biases_and_activation(checkpoint_dir, tmp_path, experts):
+@pytest.mark.parametrize("experts, dense", [("int8", "bf16"), ("int4", "int8")])
+def test_convert_carries_biases_and_activation(checkpoint_dir, tmp_path, experts, dense):
     """A converted gpt-oss store keeps the experts' biases and clamped SwiGLU: it gives the logits of loading the
-    source in the same formats (int8: within int8's bound of transformers')."""
+    source in the same formats (int8 experts alone: within int8's bound of transformers')."""
     folder, ref = checkpoint_dir("gpt_oss")
-    check_plan_and_convert(folder, tmp_path / "store", 3, IDS, experts=experts)
+    check_plan_and_convert(folder, tmp_path / "store", 3, IDS, experts=experts, dense=dense)
     model = offload.load(tmp_path / "store", device="cpu")
     for moe in model.transformer.moe_blocks():
         assert moe.experts.biases is not None and moe.experts.activation.kind == "clamped_swiglu"
-    if experts == "int8":
+    if dense == "bf16":
         assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 2e-2
 
 
@@ -160,21 +160,33 @@ def test_misread_fused_rows_leave_the_int8_bound(checkpoint_dir, tmp_path, monke
     check_misread_fused_rows(*checkpoint_dir("gpt_oss"), tmp_path / "store", monkeypatch, misread, IDS)
 
 
-def test_packed_loads_never_hold_a_layer_in_float(checkpoint_dir, mxfp4_checkpoints, tmp_path):
-    """Loading with packed experts (and converting) cuts the whole-layer tensors one expert at a time: no float
-    tensor as large as one layer's gate stack [E, I, H] is ever made; the float reference load, which keeps such
-    stacks, shows that the probe sees them."""
+WHOLE_LAYER = re.compile(r"experts\.(gate_up|down)_proj(_blocks|_scales)?$")  # a fused layer's weight tensors
+
+
+def test_fused_layers_are_read_one_expert_at_a_time(checkpoint_dir, mxfp4_checkpoints, tmp_path, monkeypatch):
+    """Loading (packed experts, and the float reference) and converting never read a whole-layer expert tensor at
+    once, and with packed experts no float tensor as large as one layer's gate stack [E, I, H] is ever allocated;
+    the float reference load, which keeps such stacks (filled one expert at a time), shows that the probe sees
+    them."""
+    for method in ("read", "read_logical"):
+        def refuse(checkpoint, name, whole=getattr(Checkpoint, method)):
+            assert not WHOLE_LAYER.search(name), f"{name} read whole"
+            return whole(checkpoint, name)
+
+        monkeypatch.setattr(Checkpoint, method, refuse)
     for folder in (checkpoint_dir("gpt_oss")[0], mxfp4_checkpoints[1]):
         cfg = Checkpoint(folder).config_json
         layer_stack = cfg["num_local_experts"] * cfg["intermediate_size"] * cfg["hidden_size"]
         for action in (lambda: offload.load(folder, device="cpu", experts="int4", max_context=64),
                        lambda: convert(folder, tmp_path / folder.name, "int4")):
-            with FloatTensorSizes() as probe:
+            with FloatAllocations() as probe:
                 action()
             assert max(probe.sizes) < layer_stack
-        with FloatTensorSizes() as probe:
-            offload.load(folder, device="cpu", max_context=64)
-        assert max(probe.sizes) >= layer_stack
+    folder = checkpoint_dir("gpt_oss")[0]
+    with FloatAllocations() as probe:  # the float reference load
+        offload.load(folder, device="cpu", max_context=64)
+    cfg = Checkpoint(folder).config_json
+    assert max(probe.sizes) >= cfg["num_local_experts"] * cfg["intermediate_size"] * cfg["hidden_size"]
 
 
 def test_sinks_matter_in_the_tiny_model(checkpoint_dir):

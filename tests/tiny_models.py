@@ -289,9 +289,10 @@ def check_plan_and_convert(folder: Path, store: Path, moe_layers: int, ids: torc
 
 # Misreadings of a fused gate_up_proj (weights.fused.FusedExperts.rows): gate and up swapped, or the rows of the
 # other layout.
-MISREAD_ROWS = {"swapped": lambda fused, part: FusedExperts.rows(fused, 1 - part if part < 2 else part),
-                "as_halves": lambda fused, part: FusedExperts.rows(replace(fused, layout="halves"), part),
-                "as_interleaved": lambda fused, part: FusedExperts.rows(replace(fused, layout="interleaved"), part)}
+_ROWS = FusedExperts.rows
+MISREAD_ROWS = {"swapped": lambda fused, part: _ROWS(fused, 1 - part if part < 2 else part),
+                "as_halves": lambda fused, part: _ROWS(replace(fused, layout="halves"), part),
+                "as_interleaved": lambda fused, part: _ROWS(replace(fused, layout="interleaved"), part)}
 
 
 def check_misread_fused_rows(folder: Path, ref, store: Path, monkeypatch, misread: str, ids: torch.Tensor) -> None:
@@ -308,17 +309,20 @@ def check_misread_fused_rows(folder: Path, ref, store: Path, monkeypatch, misrea
     assert wrong > 5 * max(right, 1e-3), (wrong, right)
 
 
-class FloatTensorSizes(TorchDispatchMode):
-    """Records the element count of every floating-point tensor an op returns (meta tensors aside): what a load or
-    a convert materialises in torch, views included."""
+class FloatAllocations(TorchDispatchMode):
+    """Records the element count of every floating-point tensor an op allocates (meta tensors, and views of the
+    op's inputs, such as a slice of a memory-mapped file, aside): what a load or a convert materialises in torch."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.sizes: list[int] = []
+        self.sizes: list[int] = [0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
-                self.sizes.append(t.numel())
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta" \
+                    and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(t.untyped_storage().nbytes() // t.element_size())
         return out
