@@ -86,7 +86,7 @@ def run(tree: Path, action: str, folder: Path) -> str:
     try:
         env = {**os.environ, "PYTHONPATH": str(tree)}
         done = subprocess.run([sys.executable, "-c", CHILD, action, str(folder), str(out / "store")], env=env,
-                              capture_output=True, text=True)
+                              cwd=tree, capture_output=True, text=True)  # cwd: `-c` puts it first on sys.path
         if done.returncode != 0:
             return "failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
         result = json.loads(done.stdout.strip().splitlines()[-1])
