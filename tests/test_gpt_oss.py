@@ -13,13 +13,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import offload
+from csrc_py.formats import unpack
 from offload.arch import config_from_hf
 from offload.inspect import param_counts
 from offload.tokenizer import Tokenizer
-from csrc_py.formats import unpack
 from offload.weights.checkpoint import Checkpoint
-from offload.weights.store import convert
 from offload.weights.encoders import encode_mxfp4
+from offload.weights.store import convert
 from test_tokenizer import _train_byte_level, _write_config
 from tiny_models import (FloatAllocations, check_misread_fused_rows, check_plan_and_convert, cli_text,
                          reference_logits, rel_err, write_checkpoint)
