@@ -158,14 +158,16 @@ def test_q4_0_experts_with_q8_0_dense_and_f16_fallback(tmp_path):
 
 # ---------------------------------------------------------------- Qwen3-MoE and DeepSeek-V2 (MLA)
 
-# The tiny variants llama.cpp runs as the same model: every Qwen3-MoE layer sparse; DeepSeek-V2 with a plain q_proj,
-# a dense first layer and two shared experts, and with q_a/q_b and YaRN as DeepSeek-V2-Lite publishes it
-# (mscale == mscale_all_dim).
+# The tiny variants llama.cpp runs as the same model: every Qwen3-MoE layer sparse (with and without YaRN);
+# DeepSeek-V2 with a plain q_proj, a dense first layer and two shared experts, and with q_a/q_b and YaRN as
+# DeepSeek-V2-Lite publishes it (mscale == mscale_all_dim).
 LITE_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
              "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
 LLAMA_CPP_CASES = {
     "mixtral": ("mixtral", None),
     "qwen3_moe": ("qwen3_moe", dict(mlp_only_layers=[])),
+    "qwen3_moe_yarn": ("qwen3_moe", dict(mlp_only_layers=[], rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})),
     "deepseek_v2": ("deepseek_v2", None),
     "deepseek_v2_q_lora_yarn": ("deepseek_v2_group_yarn", dict(topk_method="greedy", n_group=1, topk_group=1,
                                                                rope_parameters=LITE_YARN)),
@@ -300,7 +302,8 @@ def transformers_greedy(ref, prompt: list[int], steps: int) -> np.ndarray:
 @pytest.mark.parametrize("name", list(LLAMA_CPP_CASES))
 def test_llama_cpp_runs_the_f32_export_as_transformers(exported, name):
     """The exported GGUF is the same model to llama.cpp: next-token logits within fp32 rounding of transformers'
-    (measured max |error| / max |logit|: 5e-7 to 8e-7 on these variants), and the same greedy tokens."""
+    (measured max |error| / max |logit|: 4e-7 to 6e-7 on these variants; 7e-4 to 1e-3 from an F16 export), and
+    the same greedy tokens."""
     ref, path, _, _ = exported[name]
     got, expected = llama_cpp_greedy(path, PROMPT, STEPS), transformers_greedy(ref, PROMPT, STEPS)
     assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()

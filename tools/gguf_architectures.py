@@ -210,6 +210,33 @@ MIXTRAL_EXPERTS = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_e
 GATED_MLP = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
+@dataclass(frozen=True)
+class GqaShape:
+    """Grouped-query attention's head layout: the keys llama.cpp reads for it, and its q/k/v/o tensors."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, hf: dict[str, Any]) -> GqaShape:
+        heads = hf["num_attention_heads"]
+        return cls(heads, hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hf["hidden_size"] // heads)
+
+    def add_keys(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_head_count_kv(self.num_kv_heads)
+        writer.add_key_length(self.head_dim)
+        writer.add_value_length(self.head_dim)
+        writer.add_rope_dimension_count(self.head_dim)
+
+    def add_tensors(self, out: TensorList, hf_layer: str, blk: str, interleave_rope: bool) -> None:
+        """attn_norm and q/k/v/o; with interleave_rope, q/k rows permuted from rotate-half to interleaved pairs."""
+        out.norm(f"{blk}.attn_norm.weight", f"{hf_layer}.input_layernorm.weight")
+        for proj, name in GQA_ATTENTION.items():
+            heads = {"q_proj": self.num_heads, "k_proj": self.num_kv_heads}.get(proj) if interleave_rope else None
+            rope = (lambda w, n=heads: permute_for_rope(w, n)) if heads else (lambda w: w)
+            out.dense(f"{blk}.{name}.weight", f"{hf_layer}.self_attn.{proj}.weight", rope)
+
+
 class Mixtral:
     """Mixtral as llama.cpp's "llama" architecture: q/k rows permuted from rotate-half to interleaved rope pairs;
     llama.cpp's "llama" has no sliding window, so attention runs over the whole context."""
@@ -217,18 +244,14 @@ class Mixtral:
 
     def __init__(self, hf: dict[str, Any]):
         self.common = CommonShape.from_config(hf, ("num_local_experts",))
-        self.num_kv_heads = hf.get("num_key_value_heads") or self.common.num_heads
-        self.head_dim = hf.get("head_dim") or self.common.hidden_size // self.common.num_heads
+        self.attention = GqaShape.from_config(hf)
         window = hf.get("sliding_window")
         self.notes = ([f"sliding_window={window} is dropped: llama.cpp attends to the whole context"]
                       if window is not None and window < self.common.context_length else [])
 
     def add_keys(self, writer: gguf.GGUFWriter, file_type: gguf.LlamaFileType) -> None:
         self.common.add_keys(writer, "mixtral", file_type)
-        writer.add_head_count_kv(self.num_kv_heads)
-        writer.add_key_length(self.head_dim)
-        writer.add_value_length(self.head_dim)
-        writer.add_rope_dimension_count(self.head_dim)
+        self.attention.add_keys(writer)
         self.common.add_rope_scaling(writer, ("linear",))
 
     def tensor_jobs(self, files: Weights, formats: Formats) -> list[TensorJob]:
@@ -236,11 +259,7 @@ class Mixtral:
         out.embedding()
         for i in range(self.common.num_layers):
             hf, blk = f"model.layers.{i}", f"blk.{i}"
-            out.norm(f"{blk}.attn_norm.weight", f"{hf}.input_layernorm.weight")
-            for proj, name in GQA_ATTENTION.items():
-                heads = {"q_proj": self.common.num_heads, "k_proj": self.num_kv_heads}.get(proj)
-                rope = (lambda w, n=heads: permute_for_rope(w, n)) if heads else (lambda w: w)
-                out.dense(f"{blk}.{name}.weight", f"{hf}.self_attn.{proj}.weight", rope)
+            self.attention.add_tensors(out, hf, blk, interleave_rope=True)
             out.norm(f"{blk}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight")
             out.norm(f"{blk}.ffn_gate_inp.weight", f"{hf}.block_sparse_moe.gate.weight")
             for proj, name in MIXTRAL_EXPERTS.items():
@@ -277,17 +296,13 @@ class Qwen3Moe:
                               "qwen3moe makes every layer MoE")
         if hf.get("attention_bias"):
             raise ExportError("qwen3_moe with attention_bias: llama.cpp's qwen3moe has no q/k/v/o biases")
-        self.num_kv_heads = hf.get("num_key_value_heads") or self.common.num_heads
-        self.head_dim = hf.get("head_dim") or self.common.hidden_size // self.common.num_heads
+        self.attention = GqaShape.from_config(hf)
         self.moe_intermediate_size = hf["moe_intermediate_size"]
         self.notes: list[str] = []
 
     def add_keys(self, writer: gguf.GGUFWriter, file_type: gguf.LlamaFileType) -> None:
         self.common.add_keys(writer, "qwen3_moe", file_type)
-        writer.add_head_count_kv(self.num_kv_heads)
-        writer.add_key_length(self.head_dim)
-        writer.add_value_length(self.head_dim)
-        writer.add_rope_dimension_count(self.head_dim)
+        self.attention.add_keys(writer)
         writer.add_expert_feed_forward_length(self.moe_intermediate_size)
         self.common.add_rope_scaling(writer, ("linear", "yarn"))
 
@@ -296,9 +311,7 @@ class Qwen3Moe:
         out.embedding()
         for i in range(self.common.num_layers):
             hf, blk = f"model.layers.{i}", f"blk.{i}"
-            out.norm(f"{blk}.attn_norm.weight", f"{hf}.input_layernorm.weight")
-            for proj, name in GQA_ATTENTION.items():
-                out.dense(f"{blk}.{name}.weight", f"{hf}.self_attn.{proj}.weight")
+            self.attention.add_tensors(out, hf, blk, interleave_rope=False)  # NEOX rope: rows as they are
             out.norm(f"{blk}.attn_q_norm.weight", f"{hf}.self_attn.q_norm.weight")
             out.norm(f"{blk}.attn_k_norm.weight", f"{hf}.self_attn.k_norm.weight")
             out.norm(f"{blk}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight")
