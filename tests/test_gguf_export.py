@@ -308,3 +308,15 @@ def test_llama_cpp_runs_the_f32_export_as_transformers(exported, name):
     got, expected = llama_cpp_greedy(path, PROMPT, STEPS), transformers_greedy(ref, PROMPT, STEPS)
     assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
     assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
+
+
+def test_a_missing_tensor_is_named_before_anything_is_written(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_checkpoint("deepseek_v2", tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.2.self_attn.kv_b_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(gguf_architectures.ExportError, match="model.layers.2.self_attn.kv_b_proj.weight"):
+        gguf_export.export(tmp_path, tmp_path / "x.gguf", "q8_0", log=lambda _: None)
+    assert not list(tmp_path.glob("x.gguf*"))

@@ -410,7 +410,10 @@ class DeepseekV2:
             out.dense(f"{blk}.attn_kv_a_mqa.weight", f"{attn}.kv_a_proj_with_mqa.weight")
             out.norm(f"{blk}.attn_kv_a_norm.weight", f"{attn}.kv_a_layernorm.weight")
 
-            def kv_b(part: int, name: str = f"{attn}.kv_b_proj.weight") -> np.ndarray:
+            kv_b_name = f"{attn}.kv_b_proj.weight"
+            files.shape(kv_b_name)  # raises ExportError now, before anything is written, if it is missing
+
+            def kv_b(part: int, name: str = kv_b_name) -> np.ndarray:
                 return split_kv_b(files.read(name), heads, self.nope, self.v_dim)[part]
             out.derived(f"{blk}.attn_k_b.weight", (heads, self.kv_lora_rank, self.nope), lambda f=kv_b: f(0))
             out.derived(f"{blk}.attn_v_b.weight", (heads, self.v_dim, self.kv_lora_rank), lambda f=kv_b: f(1))

@@ -141,18 +141,24 @@ def export(src: str | Path, out: str | Path, qtype: str = "q8_0", dense_qtype: s
 
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, model.llama_arch)
-    model.add_keys(writer, FILE_TYPES[qtype])
-    add_placeholder_vocab(writer, model)
-    for t in jobs:  # the tensor table first, from the shapes alone
-        stored_shape, dtype, nbytes = encoded_layout(t.shape, t.qtype)
-        writer.add_tensor_info(t.name, stored_shape, dtype, nbytes, raw_dtype=t.qtype if dtype == np.uint8 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for n, t in enumerate(jobs, 1):  # then the data, one tensor in memory at a time
-        writer.write_tensor_data(encode(t.build(), t.qtype))
-        if per_tensor:
-            log(f"[{n}/{len(jobs)}] {t.name} {t.qtype.name} {list(t.shape)}")
+    try:
+        model.add_keys(writer, FILE_TYPES[qtype])
+        add_placeholder_vocab(writer, model)
+        for t in jobs:  # the tensor table first, from the shapes alone
+            stored_shape, dtype, nbytes = encoded_layout(t.shape, t.qtype)
+            writer.add_tensor_info(t.name, stored_shape, dtype, nbytes,
+                                   raw_dtype=t.qtype if dtype == np.uint8 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for n, t in enumerate(jobs, 1):  # then the data, one tensor in memory at a time
+            writer.write_tensor_data(encode(t.build(), t.qtype))
+            if per_tensor:
+                log(f"[{n}/{len(jobs)}] {t.name} {t.qtype.name} {list(t.shape)}")
+    except BaseException:  # no half-written file left behind under either name
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
     writer.close()
     os.replace(tmp, out)
     return out
