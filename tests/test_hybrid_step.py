@@ -8,6 +8,7 @@
   every step whatever its experts.
 - Decisions at the step boundary: the device table does not change inside a step; an expert a step missed is
   copied in at the boundary and serves the next step from its slot.
+- The host link: one packed block down and the result back, for any top-k and token count.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import offload
 from offload.experts.builder import ExpertsBuilder
 from offload.experts.device import StagingRing
+from offload.experts.link import HostLink
 from sync_ledger import OpCounter, SyncLedger
 from test_hybrid import GPU_LIKE_COSTS, plan
 
@@ -48,7 +50,7 @@ def decode(model, steps: int, mode_for_step):
     return tokens
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen2_moe", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen2_moe", "gpt_oss", "llama4", "hunyuan_v1_moe"])
 def test_a_decode_step_reads_back_only_the_token_and_the_expert_ids(bf16_checkpoints, name, monkeypatch):
     model = hybrid_model(bf16_checkpoints(name), monkeypatch)
     ledgers = [SyncLedger() for _ in range(STEPS)]
@@ -128,3 +130,19 @@ def test_the_step_boundary_admits_what_the_step_missed_and_the_table_holds_withi
         assert (table[previous_ids] >= 0).all()
     stats = model.stats()["layers"][0]
     assert stats["prefetch_copies"] > 0 and stats["cache_hits"] > 0
+
+
+def test_the_host_link_carries_any_top_k_and_token_count_both_ways():
+    """x, ids and weights go down packed in one block and the result comes back added: per-layer top-k (Hunyuan)
+    and a prefill after decode steps reuse or regrow the buffers."""
+    link = HostLink(hidden=8, device=torch.device("cpu"))
+
+    def experts(x, ids, weights):  # any function of all three inputs
+        return x * (ids.float() * weights).sum(1, keepdim=True)
+
+    g = torch.Generator().manual_seed(0)
+    for T, K in ((3, 4), (1, 2), (5, 4), (1, 4)):
+        x, ids, weights = torch.randn(T, 8, generator=g), torch.randint(-1, 6, (T, K), generator=g), torch.rand(T, K)
+        y = torch.ones(T, 8)
+        link.add_result(y, link.submit(experts, x, ids, weights))
+        torch.testing.assert_close(y, 1 + experts(x, ids, weights))

@@ -85,7 +85,7 @@ class ExpertsBuilder:
             # Only a layer with both CPU experts and slots ever decides between them: measure on the first.
             self.cost = self._measure_costs(cpu, uploader, host_ids, pool, sizes)
         cache = ExpertCache(lp.cache_slots, sizes.device_bytes, make_policy(opts.cache_policy))
-        link = HostLink(self.cfg.hidden_size, self.cfg.router.top_k, self.device)
+        link = HostLink(self.cfg.hidden_size, self.device)  # the layer's top-k comes with its ids
         hybrid = HybridExperts(layer, weights.num_experts, host_ids, pool, cache, uploader, cpu, self.cost, sizes,
                                self.timers, link, self.recorder)
         self.hybrids[layer] = hybrid

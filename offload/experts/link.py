@@ -21,8 +21,8 @@ from .worker import background
 
 
 class HostLink:
-    def __init__(self, hidden: int, top_k: int, device: torch.device):
-        self.hidden, self.top_k, self.device = hidden, top_k, device
+    def __init__(self, hidden: int, device: torch.device):
+        self.hidden, self.device = hidden, device
         self.cuda = device.type == "cuda"
         self.inputs = self.results = torch.empty(0)
         self.uploaded: torch.cuda.Event | None = None  # the last copy up, which reads `results`
@@ -32,7 +32,7 @@ class HostLink:
         """Start experts(x, host_ids, weights) on the CPU workers; the device tensors may change afterwards."""
         T = x.shape[0]
         packed = torch.cat((x.float(), host_ids.float(), weights.float()), dim=1)  # [T, H + 2K]
-        self._reserve(T)
+        self._reserve(T, packed.shape[1])
         inputs = self.down(packed, self.inputs[:T])
         ready = None
         if self.cuda:
@@ -60,17 +60,19 @@ class HostLink:
         """On the worker thread: wait for the inputs to land, run the experts, leave the result in `results`."""
         if ready is not None:
             ready.synchronize()
-        H, K = self.hidden, self.top_k
+        H = self.hidden
+        K = (inputs.shape[1] - H) // 2
         x, ids, weights = inputs.split((H, K, K), dim=1)
         y = experts(x.contiguous(), ids.long(), weights.contiguous())
         if self.uploaded is not None:
             self.uploaded.synchronize()  # the previous result's copy up has read the buffer
         return self.results[: y.shape[0]].copy_(y)
 
-    def _reserve(self, tokens: int) -> None:
-        """Host buffers for `tokens` rows (grown, never shrunk: a prefill's size is kept for the next one)."""
-        if self.inputs.shape[0] >= tokens:
+    def _reserve(self, tokens: int, width: int) -> None:
+        """Host buffers for `tokens` rows of `width` inputs (grown, never shrunk: a prefill's size is kept for the
+        next one)."""
+        if self.inputs.shape[0] >= tokens and self.inputs.shape[1] == width:
             return
         with torch.inference_mode(False):  # plain tensors: the worker thread, outside inference mode, writes them
-            self.inputs = torch.empty(tokens, self.hidden + 2 * self.top_k, pin_memory=self.cuda)
+            self.inputs = torch.empty(tokens, width, pin_memory=self.cuda)
             self.results = torch.empty(tokens, self.hidden, pin_memory=self.cuda)
