@@ -24,7 +24,7 @@ class HostLink:
     def __init__(self, hidden: int, device: torch.device):
         self.hidden, self.device = hidden, device
         self.cuda = device.type == "cuda"
-        self.inputs = self.results = torch.empty(0)
+        self.inputs = self.results = torch.empty(0, 0)  # grown by the first call
         self.uploaded: torch.cuda.Event | None = None  # the last copy up, which reads `results`
 
     def submit(self, experts: Experts, x: torch.Tensor, host_ids: torch.Tensor, weights: torch.Tensor
