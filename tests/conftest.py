@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Engines by the fixed thresholds (csrc_py/dispatch.py), in this process and the CLI subprocesses: no test outcome
+# depends on this host's timings. tests/test_crossover.py measures with injected and real timings.
+os.environ.setdefault("OFFLOAD_CROSSOVERS", "fixed")
 
 from tiny_models import write_checkpoint  # noqa: E402
 
