@@ -7,11 +7,12 @@ is measured on the host the first time a call of an *engine class* is dispatched
 
 - `EngineClass`: (kind "moe" | "linear", format, activation dtype, shape class). A shape class rounds each side to
   a power of two in [MIN_SIDE, MAX_SIDE]; the measurement runs on random weights of exactly that shape, so it
-  costs at most ~3 x 2048 x 2048 weights per call whatever the model's size.
+  costs at most ~3 x 1024 x 1024 weights per call whatever the model's size (big matrices share a class: both
+  engines scale with the weights, so the crossover in rows per expert barely moves with size).
 - `time_engines`: both engines on a few row counts (ROWS, fewer when BUDGET_S of timed calls is spent), best of
   REPEATS, interleaved. What to call comes from the caller (dispatch builds the engines; tests feed fake timings).
 - `derive`: the crossover from the timings (a pure function): the row count where torch's time falls below the
-  fused kernel's for good, interpolated between measured points, or extrapolated a little past the last one.
+  fused kernel's for good, interpolated between measured points; None when torch does not win at the last one.
 - `torch_wins(rows, experts, crossover)`: the per-call decision (a pure function).
 - `CrossoverCache`: a JSON file next to Numba's cache (NUMBA_CACHE_DIR, else csrc_py/__pycache__), entries keyed
   by `host_key()` (CPU model, ISA tier, torch version, kernel sources, torch's bf16 path, thread counts), so a new
@@ -22,6 +23,7 @@ is measured on the host the first time a call of an *engine class* is dispatched
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,11 +45,10 @@ from offload.errors import OffloadError
 
 MODE_VARIABLE = "OFFLOAD_CROSSOVERS"
 MODES = ("measure", "fixed")
-ROWS = (1, 2, 4, 8, 16, 32)  # rows per expert timed, while the budget lasts
-BUDGET_S = 0.15  # seconds of timed engine calls per engine class (JIT warm-up and weight packing excluded)
-REPEATS = 2  # calls per engine and row count; the fastest counts (the host is shared)
-EXTRAPOLATE = 4  # a crossover past the largest measured row count is trusted up to this factor beyond it
-MIN_SIDE, MAX_SIDE = 64, 2048
+ROWS = (1, 4, 16, 64)  # rows per expert timed, while the budget lasts
+BUDGET_S = 0.3  # seconds of timed engine calls per engine class (JIT warm-up and weight packing excluded)
+REPEATS = 3  # calls per engine and row count; the fastest counts (a preempted call only looks slower)
+MIN_SIDE, MAX_SIDE = 64, 1024
 CACHE_NAME = "crossovers.json"
 CACHE_VERSION = 1
 _PACKAGE = Path(__file__).resolve().parent
@@ -91,39 +92,33 @@ class Timings:
     torch: tuple[float, ...]
 
 
-def derive(t: Timings, extrapolate: float = EXTRAPOLATE) -> int | None:
-    """The smallest row count from which torch is faster, or None if it is not within reach.
+def derive(t: Timings) -> int | None:
+    """The smallest row count from which torch is faster, or None if it is not faster at the largest measured.
 
-    Torch must be faster at the largest measured row count and stay faster from the crossing on (a crossing
-    followed by a loss is noise or a cache effect, not a crossover); the crossing is interpolated linearly between
-    the two measured counts around it. If torch still loses at the largest count, the last two points' slopes
-    are extrapolated, trusted up to `extrapolate` times that count (a compute-bound torch overtaking a GEMV)."""
+    Torch must win at the largest measured row count and at every count from the crossing on (a win followed by
+    a loss is noise or a cache effect); the crossing is interpolated linearly between the two measured counts
+    around it. Nothing is extrapolated past the largest count: on a busy host one preempted call can fake a trend,
+    and a wrong "torch" costs far more than a missed one (the fused kernel is the engine outside the range)."""
     diff = [tt - tf for tf, tt in zip(t.fused, t.torch)]  # > 0: the fused kernel is faster
-    if not diff:
+    if not diff or diff[-1] > 0:
         return None
-    if diff[-1] <= 0:
-        first = len(diff) - 1
-        while first > 0 and diff[first - 1] <= 0:
-            first -= 1
-        if first == 0:
-            return t.rows[0]
-        r0, r1, d0, d1 = t.rows[first - 1], t.rows[first], diff[first - 1], diff[first]
-        return min(r1, max(r0 + 1, math.ceil(r0 + (r1 - r0) * d0 / (d0 - d1))))
-    if len(diff) < 2:
-        return None
-    r0, r1 = t.rows[-2], t.rows[-1]
-    closing = (diff[-2] - diff[-1]) / (r1 - r0)  # how much faster torch gains per extra row
-    if closing <= 0:
-        return None
-    crossing = math.ceil(r1 + diff[-1] / closing)
-    return crossing if crossing <= extrapolate * r1 else None
+    first = len(diff) - 1
+    while first > 0 and diff[first - 1] <= 0:
+        first -= 1
+    if first == 0:
+        return t.rows[0]
+    r0, r1, d0, d1 = t.rows[first - 1], t.rows[first], diff[first - 1], diff[first]
+    return min(r1, max(r0 + 1, math.ceil(r0 + (r1 - r0) * d0 / (d0 - d1))))
 
 
 def time_engines(fused: Callable[[int], object], torch_engine: Callable[[int], object],
-                 rows: Sequence[int] = ROWS, budget_s: float = BUDGET_S, repeats: int = REPEATS,
+                 rows: Sequence[int] | None = None, budget_s: float | None = None, repeats: int = REPEATS,
                  clock: Callable[[], float] = time.perf_counter) -> Timings:
-    """Time both engines (callables of a row count) at each row count, interleaved, best of `repeats`; stops
-    after the row count at which the timed calls pass `budget_s`. Each engine runs once untimed first (JIT)."""
+    """Time both engines (callables of a row count) at each row count (default ROWS), interleaved, best of
+    `repeats`; stops after the row count at which the timed calls pass `budget_s` (default BUDGET_S). Each engine
+    runs once untimed first (JIT)."""
+    rows = ROWS if rows is None else rows
+    budget_s = BUDGET_S if budget_s is None else budget_s
     fused(rows[0])
     torch_engine(rows[0])
     measured: list[tuple[int, float, float]] = []
@@ -185,7 +180,7 @@ class CrossoverCache:
                     for h in hosts.values()):
                 raise ValueError("not a crossover cache of this version")
             return hosts
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing stored yet (or no folder for it: see store)
             return {}
         except (OSError, ValueError, KeyError, TypeError) as error:
             self._warn(f"crossover cache {self.path} is unreadable ({error}): measuring again and rewriting it")
@@ -211,7 +206,8 @@ class CrossoverCache:
             tmp.write_text(json.dumps({"version": CACHE_VERSION, "hosts": hosts}, indent=1, sort_keys=True))
             os.replace(tmp, self.path)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             self._warn(f"cannot write the crossover cache {self.path} ({error.strerror or error}): crossovers are "
                        f"measured again in every process; set NUMBA_CACHE_DIR to a writable folder")
 

@@ -15,7 +15,7 @@ from offload.errors import OffloadError
 
 KEY = {"cpu": "test CPU", "tier": "portable", "torch": "2.13", "kernels": "abc", "torch_bf16": "native",
        "threads": "numba 2, torch 2"}
-MOE = ("moe", "bf16", "f32", 2048, 768)  # Crossovers.get arguments: class moe/bf16/f32/2048x1024
+MOE = ("moe", "bf16", "f32", 2048, 768)  # Crossovers.get arguments: class moe/bf16/f32/1024x1024
 
 
 def linear_timings(rows, fused, torch_fixed, torch_per_row) -> Timings:
@@ -26,29 +26,25 @@ def linear_timings(rows, fused, torch_fixed, torch_per_row) -> Timings:
 def test_derive_interpolates_the_crossing():
     # fused r ms, torch 3 + 0.25 r ms: equal at r = 4, so torch wins from 4 rows (measured at 1, 2, 8, 16)
     assert derive(linear_timings((1, 2, 8, 16), 1.0, 3.0, 0.25)) == 4
-    assert derive(linear_timings((1, 2, 4, 8), 1.0, 3.5, 0.25)) == 5  # equal at 4.67
+    assert derive(linear_timings((1, 4, 16, 64), 1.0, 3.5, 0.25)) == 5  # equal at 4.67
+    assert derive(linear_timings((1, 4, 16, 64), 1.0, 12.0, 0.5)) == 24  # equal at 24
     assert derive(linear_timings((1, 2, 4), 1.0, 0.1, 0.5)) == 1  # torch faster from the first count on
 
 
-def test_derive_never_when_torch_loses_and_falls_behind():
+def test_derive_never_when_torch_loses_at_the_last_count():
     # the int8 kernel against dequantize + torch: torch's fixed cost and its slope are both worse
-    assert derive(linear_timings((1, 2, 4, 8, 16, 32), 0.1, 3.0, 0.2)) is None
+    assert derive(linear_timings((1, 4, 16, 64), 0.1, 3.0, 0.2)) is None
+    # torch closing in (equal at 80 rows), but not measured to win: nothing is extrapolated
+    assert derive(linear_timings((1, 4, 16, 64), 1.0, 40.0, 0.5)) is None
     assert derive(Timings((1,), (1.0,), (2.0,))) is None
     assert derive(Timings((), (), ())) is None
 
 
-def test_derive_extrapolates_a_little_past_the_last_count():
-    # torch closes 0.5 ms per row and is 4 ms behind at 32 rows: equal at 40 (within 4 x 32)
-    assert derive(linear_timings((8, 16, 32), 1.0, 20.0, 0.5)) == 40
-    # equal at 232 rows: beyond EXTRAPOLATE x 32, not trusted
-    assert derive(linear_timings((8, 16, 32), 1.0, 116.0, 0.5)) is None
-    assert derive(linear_timings((8, 16, 32), 1.0, 116.0, 0.5), extrapolate=8) == 232
-
-
 def test_derive_ignores_a_win_that_does_not_last():
-    # torch ahead at 2 and 4 rows, behind again from 8 on and falling behind: noise, no crossover
-    t = Timings((1, 2, 4, 8, 16), (1, 2, 4, 8, 16), (1.5, 1.9, 3.9, 9, 20))
-    assert derive(t) is None
+    # torch ahead at 2 and 4 rows, behind again from 8 on: noise, no crossover
+    assert derive(Timings((1, 2, 4, 8, 16), (1, 2, 4, 8, 16), (1.5, 1.9, 3.9, 9, 20))) is None
+    # ahead at 4, behind at 16 (a preempted call), ahead at 64: the crossover lies past the loss
+    assert derive(Timings((1, 4, 16, 64), (1, 4, 16, 64), (3, 3, 20, 30))) == 22
 
 
 def test_torch_wins_counts_rows_per_used_expert():
@@ -59,10 +55,10 @@ def test_torch_wins_counts_rows_per_used_expert():
 
 
 def test_engine_classes_round_shapes_to_powers_of_two():
-    assert crossover.engine_class("moe", "int8", "f32", 2048, 768).label == "moe/int8/f32/2048x1024"
-    assert crossover.engine_class("linear", "int4", "bf16", 151936, 2048).dims == (2048, 2048)
+    assert crossover.engine_class("moe", "int8", "f32", 512, 200).label == "moe/int8/f32/512x256"
+    assert crossover.engine_class("linear", "int4", "bf16", 151936, 2048).dims == (1024, 1024)
     assert crossover.engine_class("linear", "int4", "bf16", 5, 40).dims == (64, 64)
-    assert crossover.side_class(1400) == 1024 and crossover.side_class(1500) == 2048
+    assert crossover.side_class(700) == 512 and crossover.side_class(800) == 1024
 
 
 def test_time_engines_warms_up_untimed_and_stops_at_the_budget():
@@ -109,18 +105,18 @@ def test_measured_crossovers_round_trip_through_the_cache(tmp_path):
     first = Crossovers(measure, _fixed, CrossoverCache(path, KEY))
     assert first.get(*MOE) == 5 and first.get(*MOE) == 5
     assert first.get("moe", "bf16", "f32", 2000, 1000) == 5  # same class: not measured again
-    assert measure.calls == ["moe/bf16/f32/2048x1024"]
-    assert first.choices == {"moe/bf16/f32/2048x1024": (5, "measured")}
+    assert measure.calls == ["moe/bf16/f32/1024x1024"]
+    assert first.choices == {"moe/bf16/f32/1024x1024": (5, "measured")}
     never = FakeMeasure(linear_timings((1, 2, 4), 0.1, 3.0, 0.2))
     assert Crossovers(never, _fixed, CrossoverCache(path, KEY)).get("linear", "int8", "bf16", 4096, 4096) is None
 
     again = FakeMeasure(RuntimeError("must not measure"))
     second = Crossovers(again, _fixed, CrossoverCache(path, KEY))
     assert second.get(*MOE) == 5 and second.get("linear", "int8", "bf16", 4096, 4096) is None
-    assert again.calls == [] and second.choices["moe/bf16/f32/2048x1024"] == (5, "cached")
+    assert again.calls == [] and second.choices["moe/bf16/f32/1024x1024"] == (5, "cached")
     stored = json.loads(path.read_text())
     assert stored["hosts"][json.dumps(KEY, sort_keys=True)]["crossovers"] == {
-        "moe/bf16/f32/2048x1024": 5, "linear/int8/bf16/2048x2048": None}
+        "moe/bf16/f32/1024x1024": 5, "linear/int8/bf16/1024x1024": None}
 
 
 def test_a_corrupt_cache_warns_once_measures_again_and_is_rewritten(tmp_path):
@@ -130,7 +126,7 @@ def test_a_corrupt_cache_warns_once_measures_again_and_is_rewritten(tmp_path):
     crossovers = Crossovers(measure, _fixed, CrossoverCache(path, KEY))
     with pytest.warns(RuntimeWarning, match="crossover cache .* is unreadable .*measuring again") as caught:
         assert crossovers.get(*MOE) == 5
-    assert len(caught) == 1 and measure.calls == ["moe/bf16/f32/2048x1024"]
+    assert len(caught) == 1 and measure.calls == ["moe/bf16/f32/1024x1024"]
     assert Crossovers(FakeMeasure(RuntimeError()), _fixed, CrossoverCache(path, KEY)).get(*MOE) == 5
     for wrong in ("[1, 2]", '{"version": 1, "hosts": {"k": {"crossovers": 3}}}', "\x00\xff"):
         path.write_text(wrong)
@@ -144,7 +140,7 @@ def test_a_changed_host_key_measures_again(tmp_path):
     for field, value in (("torch", "2.14"), ("tier", "avx2"), ("cpu", "other CPU"), ("threads", "numba 1, torch 1")):
         measure = FakeMeasure(linear_timings((1, 2, 4, 8), 1.0, 0.1, 0.5))
         assert Crossovers(measure, _fixed, CrossoverCache(path, {**KEY, field: value})).get(*MOE) == 1
-        assert measure.calls == ["moe/bf16/f32/2048x1024"]
+        assert measure.calls == ["moe/bf16/f32/1024x1024"]
     hosts = json.loads(path.read_text())["hosts"]
     assert len(hosts) == 5  # every key keeps its own entries (tiers and thread counts alternate in one tree)
     # new kernel sources drop the entries measured with the old ones when the file is next written
@@ -158,9 +154,9 @@ def test_fixed_mode_and_failed_measurements_use_the_fixed_thresholds(tmp_path):
     assert fixed.get(*MOE) == 4 and fixed.get("moe", "int8", "f32", 2048, 768) is None
     assert measure.calls == [] and not (tmp_path / "c.json").exists()
     failing = Crossovers(FakeMeasure(MemoryError("no room")), _fixed, CrossoverCache(tmp_path / "c.json", KEY))
-    with pytest.warns(RuntimeWarning, match="measuring the moe/bf16/f32/2048x1024 engine crossover failed"):
+    with pytest.warns(RuntimeWarning, match="measuring the moe/bf16/f32/1024x1024 engine crossover failed"):
         assert failing.get(*MOE) == 4
-    assert failing.choices["moe/bf16/f32/2048x1024"] == (4, "fixed (measuring failed)")
+    assert failing.choices["moe/bf16/f32/1024x1024"] == (4, "fixed (measuring failed)")
     assert not (tmp_path / "c.json").exists()  # a failure is not cached: the next process measures again
     with pytest.raises(OffloadError, match="OFFLOAD_CROSSOVERS='sometimes' is not a crossover mode"):
         Crossovers(measure, _fixed, None, mode="sometimes")
@@ -245,6 +241,6 @@ def test_the_real_measurement_runs_on_a_small_class():
     assert timings.rows[0] == 1 and list(timings.rows) == sorted(timings.rows)
     assert all(s > 0 and math.isfinite(s) for s in (*timings.fused, *timings.torch))
     crossing = derive(timings)
-    assert crossing is None or 1 <= crossing <= crossover.EXTRAPOLATE * timings.rows[-1]
+    assert crossing is None or 1 <= crossing <= timings.rows[-1]
     linear = dispatch.measure_engines(EngineClass("linear", "int4", "bf16", (64, 128)))
     assert len(linear.rows) == len(linear.fused) == len(linear.torch) >= 1
