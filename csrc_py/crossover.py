@@ -10,7 +10,9 @@ is measured on the host the first time a call of an *engine class* is dispatched
   costs at most ~3 x 1024 x 1024 weights per call whatever the model's size (big matrices share a class: both
   engines scale with the weights, so the crossover in rows per expert barely moves with size).
 - `time_engines`: both engines on a few row counts (ROWS, fewer when BUDGET_S of timed calls is spent), best of
-  REPEATS, interleaved. What to call comes from the caller (dispatch builds the engines; tests feed fake timings).
+  REPEATS, interleaved, each call after a cache eviction (a model's layer reads its experts from DRAM; a small
+  class's weights left in the cache would flatter the memory-bound fused kernel). What to call comes from the
+  caller (dispatch builds the engines; tests feed fake timings).
 - `derive`: the crossover from the timings (a pure function): the row count where torch's time falls below the
   fused kernel's for good, interpolated between measured points; None when torch does not win at the last one.
 - `torch_wins(rows, experts, crossover)`: the per-call decision (a pure function).
@@ -113,10 +115,11 @@ def derive(t: Timings) -> int | None:
 
 def time_engines(fused: Callable[[int], object], torch_engine: Callable[[int], object],
                  rows: Sequence[int] | None = None, budget_s: float | None = None, repeats: int = REPEATS,
-                 clock: Callable[[], float] = time.perf_counter) -> Timings:
+                 clock: Callable[[], float] = time.perf_counter, before: Callable[[], object] | None = None
+                 ) -> Timings:
     """Time both engines (callables of a row count) at each row count (default ROWS), interleaved, best of
     `repeats`; stops after the row count at which the timed calls pass `budget_s` (default BUDGET_S). Each engine
-    runs once untimed first (JIT)."""
+    runs once untimed first (JIT); `before` runs untimed before every timed call (dispatch evicts the caches)."""
     rows = ROWS if rows is None else rows
     budget_s = BUDGET_S if budget_s is None else budget_s
     fused(rows[0])
@@ -127,6 +130,8 @@ def time_engines(fused: Callable[[int], object], torch_engine: Callable[[int], o
         best = [math.inf, math.inf]
         for _ in range(repeats):
             for i, engine in enumerate((fused, torch_engine)):
+                if before is not None:
+                    before()
                 start = clock()
                 engine(r)
                 seconds = clock() - start

@@ -55,6 +55,8 @@ def use_torch(fmt: str, rows: int, experts: int, thresholds: dict[str, int | Non
     return crossover.torch_wins(rows, experts, (TORCH_MIN_ROWS if thresholds is None else thresholds)[fmt])
 
 
+EVICT_BYTES = 64 << 20  # more than the last-level cache of a workstation CPU (32 MiB per Zen4 CCD)
+
 _crossovers: crossover.Crossovers | None = None
 _crossovers_state: tuple | None = None
 
@@ -105,6 +107,7 @@ def measure_engines(cls: crossover.EngineClass) -> crossover.Timings:
     layer of one expert with top-1 routing (rows = rows per expert), or one dense matrix."""
     gen = torch.Generator().manual_seed(0)
     dtype = torch.float32 if cls.dtype == "f32" else torch.bfloat16
+    flush = torch.ones(EVICT_BYTES // 4)  # read before every timed call: the weights then come from DRAM
 
     def matrix(o: int, k: int) -> PackedMatrix:
         return pack(torch.randn(1, o, k, generator=gen) / k ** 0.5, cls.fmt)
@@ -115,11 +118,13 @@ def measure_engines(cls: crossover.EngineClass) -> crossover.Timings:
         x = torch.randn(max(crossover.ROWS), H, generator=gen).to(dtype)
         ids, weights = torch.zeros(len(x), 1, dtype=torch.int64), torch.ones(len(x), 1)
         return crossover.time_engines(lambda r: moe_fused(x[:r], ids[:r], weights[:r], *mats),
-                                      lambda r: moe_torch(x[:r], ids[:r], weights[:r], *mats).to(dtype))
+                                      lambda r: moe_torch(x[:r], ids[:r], weights[:r], *mats).to(dtype),
+                                      before=flush.sum)
     O, K = cls.dims
     w = matrix(O, K)
     x = torch.randn(max(crossover.ROWS), K, generator=gen)
-    return crossover.time_engines(lambda r: _linear_fused(x[:r], w), lambda r: _linear_torch(x[:r], w))
+    return crossover.time_engines(lambda r: _linear_fused(x[:r], w), lambda r: _linear_torch(x[:r], w),
+                                  before=flush.sum)
 
 
 def describe_crossovers() -> str:

@@ -71,12 +71,14 @@ def test_time_engines_warms_up_untimed_and_stops_at_the_budget():
             now[0] += 100.0 if len(calls) <= 2 else per_row * rows  # the first calls compile: slow
         return run
 
+    evictions = []
     t = crossover.time_engines(engine("fused", 1.0), engine("torch", 0.5), rows=(1, 2, 4, 8, 16), budget_s=10.0,
-                               repeats=2, clock=lambda: now[0])
+                               repeats=2, clock=lambda: now[0], before=lambda: evictions.append(len(calls)))
     assert calls[:2] == [("fused", 1), ("torch", 1)]
     assert t.rows == (1, 2, 4)  # 1 + 0.5 + 2 + 1 ... = 21 s of timed calls passes 10 s after 4 rows
     assert t.fused == (1.0, 2.0, 4.0) and t.torch == (0.5, 1.0, 2.0)
     assert calls[2:6] == [("fused", 1), ("torch", 1), ("fused", 1), ("torch", 1)]  # interleaved
+    assert evictions == list(range(2, len(calls)))  # before every timed call, not the warm-up
 
 
 class FakeMeasure:
