@@ -178,8 +178,8 @@ def _abs_bytes(builder: ir.IRBuilder, w) -> ir.Value:
 
 # Portable int4: a tile as int16 lanes (lane 2i: bytes 0-1 of panel row i, lane 2i+1: bytes 2-3), its four nibbles
 # per lane taken by shift and mask once per tile, then per activation row 4 multiply-adds of 32 int16 lanes per 128
-# weights (32-bit lanes, as for int8, need 8 of 16 lanes, and 32-bit multiplies). Nibble k of byte b (b = 0..3 of
-# the row's 4 bytes) is column 8t + 4k + b: (shift, column of the even lane, column of the odd lane) below.
+# weights (the 32-bit form int8 uses needs 8 multiply-adds of 16 int32 lanes, with 32-bit multiplies). Nibble k of
+# byte b (b = 0..3 of the row's 4 bytes) is column 8t + 4k + b: (shift, even lane's column, odd lane's column).
 _NIBBLES = ((0, 0, 2), (4, 4, 6), (8, 1, 3), (12, 5, 7))
 
 
