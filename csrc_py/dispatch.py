@@ -1,22 +1,26 @@
 """torch tensors in, torch tensors out: the entry points the runtime calls, each picking its engine per call.
 
-Few tokens go to the fused Numba kernels (memory-bound: each weight byte is read once); from a measured number
-of rows per expert on, formats for which torch's bf16 matmul is the faster engine go through csrc_py.torch_path.
+Few tokens go to the fused Numba kernels (memory-bound: each weight byte is read once); from a crossover number of
+rows per expert on, torch's matmul (csrc_py.torch_path) is the faster engine. The crossovers are measured on the
+host at the first call of each engine class and cached on disk (csrc_py.crossover); OFFLOAD_CROSSOVERS=fixed, or a
+failed measurement, uses the fixed thresholds below instead.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
+from csrc_py import crossover, simd
 from csrc_py.expert_ffn import NO_BIAS, SILU_ACT, moe_bf16, moe_q4, moe_q8
-from csrc_py.formats import PackedMatrix
+from csrc_py.formats import PackedMatrix, pack
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 from csrc_py.torch_path import expert_bf16, moe_torch
 
-# Rows per expert (token-expert pairs / experts used) from which torch's bf16 matmul beats the fused kernel;
-# None: never. Keyed by whether torch's bf16 matmul has native bf16 dot products (below): the fused int8/int4
-# kernels won against torch on every ISA tier measured, so the kernel tier does not enter the choice.
-# Measured with tools/bench_kernels.py (docs/benchmarks.md, "CPU expert kernels" and "ISA tiers"):
+# The fixed thresholds (OFFLOAD_CROSSOVERS=fixed, and the fallback when measuring fails): rows per expert (token-
+# expert pairs / experts used) from which torch's matmul beats the fused kernel; None: never. Keyed by whether
+# torch's bf16 matmul has native bf16 dot products (below). Measured with tools/bench_kernels.py
+# (docs/benchmarks.md, "CPU expert kernels" and "ISA tiers"):
 # - native bf16 (2-core Zen4, AVX512-BF16): the bf16 kernel is a GEMV at heart and loses from a few rows per expert
 #   (crossover ~6 on a Qwen3 layer, ~2-3 on Mixtral); the int8/int4 kernels beat torch bf16 itself at 512 tokens
 #   (1.4-2.5x), so dequantizing for torch never pays, and the portable microkernel still beat dequantize + torch 2x.
@@ -36,7 +40,8 @@ def torch_has_native_bf16() -> bool:
 
 
 def torch_min_rows(native_bf16: bool) -> dict[str, int | None]:
-    """Rows per expert from which each format goes to torch, next to a torch with or without native bf16."""
+    """The fixed rows per expert from which each format goes to torch, next to a torch with or without native
+    bf16."""
     return dict(_TORCH_MIN_ROWS[native_bf16])
 
 
@@ -44,10 +49,91 @@ TORCH_MIN_ROWS: dict[str, int | None] = torch_min_rows(torch_has_native_bf16())
 
 
 def use_torch(fmt: str, rows: int, experts: int, thresholds: dict[str, int | None] | None = None) -> bool:
-    """Whether `rows` token-expert pairs over at most `experts` experts run faster through torch's bf16 matmul
-    (by this host's TORCH_MIN_ROWS unless `thresholds` are given)."""
-    threshold = (TORCH_MIN_ROWS if thresholds is None else thresholds)[fmt]
-    return threshold is not None and rows > 0 and rows >= threshold * min(experts, rows)
+    """Whether `rows` token-expert pairs over at most `experts` experts go to torch by the fixed thresholds
+    (this host's TORCH_MIN_ROWS unless `thresholds` are given). The runtime's calls use the measured crossovers:
+    `moe_uses_torch`, `linear_uses_torch`."""
+    return crossover.torch_wins(rows, experts, (TORCH_MIN_ROWS if thresholds is None else thresholds)[fmt])
+
+
+EVICT_BYTES = 64 << 20  # more than the last-level cache of a workstation CPU (32 MiB per Zen4 CCD)
+
+_crossovers: crossover.Crossovers | None = None
+_crossovers_state: tuple | None = None
+
+
+def _host_state() -> tuple:
+    """What the measured crossovers depend on that can change while a process runs (cheap to read per call)."""
+    return numba.get_num_threads(), torch.get_num_threads(), torch.backends.mkldnn.enabled, simd.TIER
+
+
+def crossovers() -> crossover.Crossovers:
+    """This process's engine crossovers, made again when the thread counts or torch's bf16 path change."""
+    global _crossovers, _crossovers_state
+    state = _host_state()
+    if _crossovers is None or state != _crossovers_state:
+        key = crossover.host_key(torch_has_native_bf16())
+        _crossovers = crossover.Crossovers(measure_engines, lambda fmt: TORCH_MIN_ROWS[fmt],
+                                           crossover.CrossoverCache(crossover.cache_path(), key), crossover.mode())
+        _crossovers_state = state
+    return _crossovers
+
+
+def set_crossovers(value: crossover.Crossovers | None) -> None:
+    """Use `value` for the following calls (tests inject fake timings); None: make a new one at the next call."""
+    global _crossovers, _crossovers_state
+    _crossovers, _crossovers_state = value, (_host_state() if value is not None else None)
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    """What torch computes in for activations of this dtype (moe_torch keeps float32, else bf16)."""
+    return "f32" if dtype == torch.float32 else "bf16"
+
+
+def moe_uses_torch(gate: PackedMatrix, pairs: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a MoE layer call with `pairs` token-expert pairs over `gate`'s experts goes to torch (plain SwiGLU
+    experts; others always take the fused kernel)."""
+    E, I, H = gate.shape
+    return crossover.torch_wins(pairs, E, crossovers().get("moe", gate.fmt, _dtype_class(dtype), H, I))
+
+
+def linear_uses_torch(w: PackedMatrix, rows: int) -> bool:
+    """Whether a dense linear over `rows` rows goes to torch (its torch path runs in bf16)."""
+    _, O, K = w.shape
+    return crossover.torch_wins(rows, 1, crossovers().get("linear", w.fmt, "bf16", O, K))
+
+
+def measure_engines(cls: crossover.EngineClass) -> crossover.Timings:
+    """Time the fused kernel against torch on random weights of `cls`'s shape (crossover.time_engines): a MoE
+    layer of one expert with top-1 routing (rows = rows per expert), or one dense matrix."""
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if cls.dtype == "f32" else torch.bfloat16
+    flush = torch.ones(EVICT_BYTES // 4)  # read before every timed call: the weights then come from DRAM
+
+    def matrix(o: int, k: int) -> PackedMatrix:
+        return pack(torch.randn(1, o, k, generator=gen) / k ** 0.5, cls.fmt)
+
+    if cls.kind == "moe":
+        H, I = cls.dims
+        mats = (matrix(I, H), matrix(I, H), matrix(H, I))
+        x = torch.randn(max(crossover.ROWS), H, generator=gen).to(dtype)
+        ids, weights = torch.zeros(len(x), 1, dtype=torch.int64), torch.ones(len(x), 1)
+        return crossover.time_engines(lambda r: moe_fused(x[:r], ids[:r], weights[:r], *mats),
+                                      lambda r: moe_torch(x[:r], ids[:r], weights[:r], *mats).to(dtype),
+                                      before=flush.sum)
+    O, K = cls.dims
+    w = matrix(O, K)
+    x = torch.randn(max(crossover.ROWS), K, generator=gen)
+    return crossover.time_engines(lambda r: _linear_fused(x[:r], w), lambda r: _linear_torch(x[:r], w),
+                                  before=flush.sum)
+
+
+def describe_crossovers() -> str:
+    """One line per engine class dispatched so far: the crossover, where it came from, and the kernels' tier."""
+    lines = [f"{label}: {'never' if value is None else f'from {value} rows per expert'} to torch ({source})"
+             for label, (value, source) in sorted(crossovers().choices.items())]
+    mode = crossover.mode()
+    return f"engine crossovers (tier {simd.TIER}, {mode}; fixed {TORCH_MIN_ROWS}):" + \
+        "".join(f"\n  {line}" for line in lines or ["none dispatched yet"])
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
@@ -62,8 +148,9 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gat
     down [E, H] float32) and `act` ([kind, alpha, limit], csrc_py.expert_ffn) describe experts other than plain
     SwiGLU; those always take the fused kernel."""
     plain = biases is None and act is SILU_ACT
-    if plain and TORCH_MIN_ROWS[gate.fmt] is not None and \
-            use_torch(gate.fmt, int((topk_ids >= 0).sum()), gate.shape[0]):
+    # every pair first (no torch op): only a call that could go to torch counts its computed pairs
+    if plain and moe_uses_torch(gate, topk_ids.numel(), x.dtype) and \
+            moe_uses_torch(gate, int((topk_ids >= 0).sum()), x.dtype):
         _check_call(x, topk_ids, topk_weights, gate)
         return moe_torch(x, topk_ids.to(torch.int64), topk_weights, gate, up, down).to(x.dtype)
     return moe_fused(x, topk_ids, topk_weights, gate, up, down, biases, act)
@@ -95,9 +182,17 @@ def linear(x: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
     if w.shape[0] != 1 or x.shape[-1] != K:
         raise ValueError(f"expected one matrix [1, O, {x.shape[-1]}], got a stack {list(w.shape)}")
     rows = x.reshape(-1, K)
-    if use_torch(w.fmt, rows.shape[0], 1):
-        y = rows.to(torch.bfloat16) @ expert_bf16(w, 0).T
-        return y.reshape(*x.shape[:-1], O).to(x.dtype)
+    y = _linear_torch(rows, w) if linear_uses_torch(w, rows.shape[0]) else _linear_fused(rows, w)
+    return y.reshape(*x.shape[:-1], O).to(x.dtype)
+
+
+def _linear_torch(rows: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
+    """rows [N, K] @ W.T through torch's bf16 matmul (int8/int4 dequantized first) -> bf16 [N, O]."""
+    return rows.to(torch.bfloat16) @ expert_bf16(w, 0).T
+
+
+def _linear_fused(rows: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
+    """rows [N, K] @ W.T through the Numba kernels -> float32 [N, O]."""
     xf = _f32(rows)
     y = np.empty((xf.shape[0], w.padded_shape[1]), np.float32)
     if w.fmt == "bf16":
@@ -106,4 +201,4 @@ def linear(x: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
         linear_q8(xf, *w.bits(), y)
     else:
         linear_q4(xf, *w.bits(), y)
-    return torch.from_numpy(y[:, :O]).reshape(*x.shape[:-1], O).to(x.dtype)
+    return torch.from_numpy(y[:, :w.shape[1]])

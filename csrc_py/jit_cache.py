@@ -26,7 +26,8 @@ def _package_hash() -> bytes:
     return digest.digest()
 
 
-_STAMP = _package_hash() + TIER.encode()
+PACKAGE_HASH = _package_hash()  # also keys the measured engine crossovers (csrc_py.crossover)
+_STAMP = PACKAGE_HASH + TIER.encode()
 
 
 def _in_package(py_file: str) -> bool:

@@ -17,7 +17,8 @@ keyed by CPU and jit_cache adds the tier). Fastest first:
   pair sum stays below 32767 — exact. int4 nibbles (<= 15) against x give pair sums <= 3810, so a whole group of
   32 columns (8 vpmaddubsw per row) adds up in int16 (<= 30480) and is widened once per group;
 - ``portable``: the same arithmetic as plain vector IR (widen, multiply, add) that LLVM lowers for any x86-64 or
-  ARM target, so an older CPU gets a slower kernel, never an illegal instruction.
+  ARM target, so an older CPU gets a slower kernel, never an illegal instruction. int4 multiplies its nibbles in
+  16-bit lanes (a group's sums fit, as on avx2), half the multiply-adds per weight of int8's 32-bit lanes.
 
 OFFLOAD_CPU_ISA=<tier> picks a lower tier than the CPU allows (to compare tiers on one machine); asking for a
 higher one is refused, since the kernel would stop with an illegal instruction.
@@ -175,6 +176,42 @@ def _abs_bytes(builder: ir.IRBuilder, w) -> ir.Value:
     return _call(builder, "llvm.abs.v32i8", _vec(_I8, 32), [w, ir.Constant(_I1, 0)])
 
 
+# Portable int4: a tile as int16 lanes (lane 2i: bytes 0-1 of panel row i, lane 2i+1: bytes 2-3), its four nibbles
+# per lane taken by shift and mask once per tile, then per activation row 4 multiply-adds of 32 int16 lanes per 128
+# weights (the 32-bit form int8 uses needs 8 multiply-adds of 16 int32 lanes, with 32-bit multiplies). Nibble k of
+# byte b (b = 0..3 of the row's 4 bytes) is column 8t + 4k + b: (shift, even lane's column, odd lane's column).
+_NIBBLES = ((0, 0, 2), (4, 4, 6), (8, 1, 3), (12, 5, 7))
+
+
+def _nibbles(builder: ir.IRBuilder, tile) -> list[ir.Value]:
+    """An int4 tile (<64 x i8>) as its 4 nibble vectors <32 x i16>, in _NIBBLES order."""
+    v16 = _vec(_I16, tile.type.count // 2)
+    w = builder.bitcast(tile, v16)
+    return [builder.and_(builder.lshr(w, _const(v16, shift)), _const(v16, 0x0F)) for shift, _, _ in _NIBBLES]
+
+
+def _nibble_products(builder: ir.IRBuilder, acc, nibbles: list, x8_ptr) -> ir.Value:
+    """acc + the products of a tile's nibbles with their 8 activation bytes at x8_ptr, in int16 lanes: nibble
+    (<= 15) x int8 (|x| <= 128) <= 1920, 16 of them per lane and group <= 30720, so a group cannot overflow."""
+    x = builder.sext(_load(builder, x8_ptr, _vec(_I8, 8)), _vec(_I16, 8))
+    undef = ir.Constant(x.type, ir.Undefined)
+    for nibble, (_, even, odd) in zip(nibbles, _NIBBLES):
+        lanes = nibble.type.count
+        xv = builder.shuffle_vector(x, undef, ir.Constant(_vec(_I32, lanes), [even, odd] * (lanes // 2)))
+        acc = builder.add(acc, builder.mul(nibble, xv))
+    return acc
+
+
+def _add_pairs(builder: ir.IRBuilder, v16) -> ir.Value:
+    """Portable <2n x i16> -> <n x i32> sums of adjacent pairs (the plain-IR form of vpmaddwd against ones)."""
+    n = v16.type.count // 2
+    wide = builder.sext(v16, _vec(_I32, 2 * n))
+    undef = ir.Constant(wide.type, ir.Undefined)
+    even = builder.shuffle_vector(wide, undef, ir.Constant(_vec(_I32, n), list(range(0, 2 * n, 2))))
+    odd = builder.shuffle_vector(wide, undef, ir.Constant(_vec(_I32, n), list(range(1, 2 * n, 2))))
+    return builder.add(even, odd)
+
+
 def _fp16_to_f32(builder: ir.IRBuilder, ptr, lanes: int) -> ir.Value:
     """Load `lanes` fp16 scales as float32. Every tier but portable has F16C (AVX-512F implies it; the 256-bit
     tiers require it): one vcvtph2ps. Portable uses integer ops only (no libcall): subnormal halves go through an
@@ -262,14 +299,15 @@ def _panel_rows(builder: ir.IRBuilder, q4: bool, nr: int, ngroups, wp, dp, mp, x
     parts = PANEL // lanes  # a panel's 16 rows: one 512-bit part or two 256-bit halves
     vi8, vi32, vf32 = _vec(_I8, 4 * lanes), _vec(_I32, lanes), _vec(_F32, lanes)
     avx2 = TIER == "avx2"
+    nibble16 = q4 and TIER == "portable"  # int4 nibbles x int8 activations in int16 lanes (_nibble_products)
     facc = [[cgutils.alloca_once_value(builder, ir.Constant(vf32, None)) for _ in range(parts)] for _ in range(nr)]
     group_bytes = PANEL * GROUP // (2 if q4 else 1)
     low4, flip = _const(vi8, 0x0F), _const(vi8, -128)
     # Two accumulators per row and part (even / odd steps) halve the dependency chain, which bounds a one-token
     # GEMV; with many rows the register file is the limit, so they share one.
     chains = 2 if nr * parts <= 4 else 1
-    # avx2 int4 adds a group's pair sums in int16 (<= 8 * 3810), widened once per group
-    zero = ir.Constant(_vec(_I16, 2 * lanes) if avx2 and q4 else vi32, None)
+    # avx2 and portable int4 add a group's products in int16 (<= 30480, above), widened once per group
+    zero = ir.Constant(_vec(_I16, 2 * lanes) if q4 and (avx2 or nibble16) else vi32, None)
     scales_ahead = PREFETCH_BYTES // group_bytes * PANEL * 2  # bytes of fp16 scales for PREFETCH_BYTES of tiles
     with cgutils.for_range(builder, ngroups) as loop:
         g = loop.index
@@ -314,7 +352,14 @@ def _panel_rows(builder: ir.IRBuilder, q4: bool, nr: int, ngroups, wp, dp, mp, x
             tile_ptr = builder.gep(wg, [_I64(64 * t)])
             _prefetch(builder, tile_ptr, PREFETCH_BYTES)
             raw = [_load_in_order(builder, builder.gep(tile_ptr, [_I64(4 * lanes * k)]), vi8) for k in range(parts)]
-            if q4:  # low nibbles are columns 8t..8t+3, high nibbles 8t+4..8t+7
+            if nibble16:
+                nibbles = [_nibbles(builder, r) for r in raw]
+                for n in range(nr):
+                    x8 = builder.gep(xp[n], [builder.add(xg, _I64(8 * t))])
+                    for k in range(parts):
+                        chain = acc[n][k]
+                        chain[t % chains] = _nibble_products(builder, chain[t % chains], nibbles[k], x8)
+            elif q4:  # low nibbles are columns 8t..8t+3, high nibbles 8t+4..8t+7
                 step([builder.and_(r, low4) for r in raw], 8 * t, 0)
                 step([builder.and_(builder.lshr(r, _const(vi8, 4)), low4) for r in raw], 8 * t + 4, chains - 1)
             else:
@@ -329,6 +374,8 @@ def _panel_rows(builder: ir.IRBuilder, q4: bool, nr: int, ngroups, wp, dp, mp, x
                     total = builder.add(total, acc[n][k][c])
                 if avx2 and q4:
                     total = _widen_pairs(builder, total)
+                elif nibble16:
+                    total = _add_pairs(builder, total)
                 f = _fma(builder, builder.sitofp(total, vf32), builder.fmul(dv[k], _splat(builder, xsn, vf32)),
                          builder.load(facc[n][k]))
                 if q4:

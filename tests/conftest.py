@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Engines by the fixed thresholds (csrc_py/dispatch.py), in this process and the CLI subprocesses: no test outcome
+# depends on this host's timings. tests/test_crossover.py measures with injected and real timings.
+os.environ.setdefault("OFFLOAD_CROSSOVERS", "fixed")
 
 from tiny_models import write_checkpoint  # noqa: E402
 

@@ -72,6 +72,9 @@ def _packed(fmt: str) -> dict[str, formats.PackedMatrix]:
             "down": torch.randn(E, H, I, generator=gen) / 10, "lin": torch.randn(1, 48, 96, generator=gen)}
     mats["lin"][0, 3, :32] = 3e-6  # subnormal fp16 scales
     mats["lin"][0, 20:36] = torch.where(torch.rand(16, 96, generator=gen) < 0.5, 1.0, -1.0)  # every |q| = 127
+    # int4 nibble 15 in every column the even int16 lanes of the avx2 / portable int4 paths sum (columns 8t + 0, 1,
+    # 4, 5), 0 in the others: against activations at 127 those lanes reach their bound, 16 * 15 * 127 per group
+    mats["lin"][0, 40:48] = torch.where(torch.tensor([c % 8 in (0, 1, 4, 5) for c in range(96)]), 1.0, -1.0)
     return {name: formats.pack(m, fmt) for name, m in mats.items()}
 
 
@@ -82,6 +85,7 @@ def inputs() -> tuple[dict[str, np.ndarray], dict[str, dict[str, formats.PackedM
             "w": rng.random((3, 2)).astype(np.float32),
             "a": rng.standard_normal((max(LINEAR_ROWS), 96)).astype(np.float32)}
     data["a"][0] = np.where(np.arange(96) % 3 == 0, -5.0, 5.0)  # activations at +-127 against the +-127 rows
+    data["a"][1] = 5.0  # every activation at 127 against the int4 rows at their lanes' bound
     packed = {fmt: _packed(fmt) for fmt in KERNELS}
     for fmt, mats in packed.items():
         for name, pm in mats.items():

@@ -182,7 +182,7 @@ def read_bandwidth(threads: int) -> float:
 
 def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dict:
     import offload
-    from csrc_py import simd
+    from csrc_py import dispatch, simd
     from offload.model import compiled_step
 
     path = args.offload_store if engine == "offload-store" else args.checkpoint
@@ -199,7 +199,9 @@ def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dic
     weight_bytes = decode_weight_bytes(model.transformer)
     token_s = g.stats.decode_seconds / steps
     layers = json.loads((Path(path) / "config.json").read_text()).get("num_hidden_layers", 0)
-    decode = {"isa_tier": simd.TIER, "compiled_step": compiled_step.enabled(),
+    crossovers = {label: {"rows_per_expert": value, "source": source}
+                  for label, (value, source) in sorted(dispatch.crossovers().choices.items())}
+    decode = {"isa_tier": simd.TIER, "crossovers": crossovers, "compiled_step": compiled_step.enabled(),
               "kernel_ms_per_token": kernel_s * 1e3, "weight_mb_per_token": weight_bytes / 1e6,
               "outside_us_per_layer": (token_s - kernel_s) / layers * 1e6 if layers else None}
     return {"load_s": load_s, "prefill_s": g.stats.prefill_seconds, "decode_s": g.stats.decode_seconds,
@@ -437,6 +439,12 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
                                                            ("floor_share", 100, 0)))
             print(f"| {engine} | {d['isa_tier']} | {1e3 / d['decode_tok_s']:.2f} | "
                   f"{d['kernel_ms_per_token']:.2f} | {outside} | {d['weight_mb_per_token']:.1f} | {bw} | {floor}% |")
+        print("\nEngine crossovers each offload engine dispatched by (rows per expert from which torch's matmul "
+              "runs instead of the fused kernel; csrc_py/crossover.py):")
+        for engine, d in split.items():
+            chosen = ", ".join(f"{label} {'never' if c['rows_per_expert'] is None else c['rows_per_expert']} "
+                               f"({c['source']})" for label, c in d.get("crossovers", {}).items())
+            print(f"- {engine} ({d['isa_tier']}): {chosen or 'none dispatched'}")
     if ratio_values:
         print("\n| ratio | value |\n|---|---|")
         for label, value in ratio_values.items():

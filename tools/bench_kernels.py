@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from csrc_py import dispatch, simd, threads  # noqa: E402
+from csrc_py import crossover, dispatch, simd, threads  # noqa: E402
 from csrc_py.torch_path import moe_torch  # noqa: E402
 from offload.experts.base import ExpertWeights  # noqa: E402
 from offload.experts.cpu import CpuExperts, warmup  # noqa: E402
@@ -218,7 +218,7 @@ def bench_layer(bench: Bench, layer: Layer, formats: list[str], token_counts: li
         for T in token_counts:
             # the engine CpuExperts picks first, then the other one for comparison
             fused_tag, torch_tag = f"offload {fmt} fused Numba", f"offload {fmt} via torch bf16"
-            picks_torch = dispatch.use_torch(fmt, T * layer.top_k, experts)
+            picks_torch = dispatch.moe_uses_torch(cpu.gate, T * layer.top_k, torch.bfloat16)  # as Bench's x
             results[T].append(bench.measure(f"{torch_tag if picks_torch else fused_tag} *", cpu, layer, experts, T,
                                             per_expert))
             other = (lambda x, i, w, packed=packed: dispatch.moe_fused(x, i, w, *packed)) if picks_torch else \
@@ -255,7 +255,7 @@ def describe_machine(n_threads: int) -> None:
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; kernel ISA tier {simd.TIER}")
     print(f"torch {torch.__version__} (bf16 matmul {'native' if dispatch.torch_has_native_bf16() else 'software'}), "
           f"numba {sys.modules['numba'].__version__} ({threads.threading_layer()} layer), {n_threads} threads; "
-          f"engine thresholds (rows per expert to torch): {dispatch.TORCH_MIN_ROWS}")
+          f"engine crossovers: {crossover.mode()} ({crossover.MODE_VARIABLE}), printed after the table")
 
 
 def main() -> None:
@@ -303,6 +303,7 @@ def main() -> None:
     print("\n| layer | T | engine | ms/layer | GB/s | % of BW | GFLOP/s | vs torch bf16 |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(bench.rows))
+    print(f"\n{dispatch.describe_crossovers()}")
 
 
 if __name__ == "__main__":
