@@ -159,7 +159,7 @@ def test_the_capturable_block_reads_no_data(models, name):
 
 
 # Ops that read values back to the host or size their output by them.
-DATA_DEPENDENT = {"aten._local_scalar_dense", "aten.nonzero", "aten.unique_consecutive", "aten._unique2",
+DATA_DEPENDENT = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.unique_consecutive", "aten._unique2",
                   "aten.unique_dim", "aten.bincount", "aten.masked_select", "aten.is_nonzero", "aten.equal"}
 
 
@@ -190,8 +190,9 @@ def trace_steps(model, starts: list[int | Positions]) -> list[list[tuple]]:
     with torch.inference_mode():
         model.transformer(PROMPT, 0)
         for token, start in zip(STEPS, starts):
+            token = token[None].clone()  # not a view into STEPS at a step-dependent offset
             with OpTrace() as trace:
-                capturable_block(model, token[None], start)
+                capturable_block(model, token, start)
             traces.append(trace.ops)
     return traces
 

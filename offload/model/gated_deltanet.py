@@ -24,8 +24,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .kv_cache import RecurrentState
-from .positions import Positions
 from .layers import group_linears, load_linear
+from .positions import Positions
 from .rope import RotaryTable
 
 CHUNK = 64  # positions per chunk of the prefill form
