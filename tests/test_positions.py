@@ -149,13 +149,16 @@ def test_the_capturable_block_reads_no_data(models, name):
     """Under FakeTensorMode tensors are metadata only: an op whose result or shape depends on values (.item(),
     nonzero, unique, bincount, a slice at a tensor's value) raises. The position and the token are made inside
     the mode, so no constant stands behind them."""
-    model = models(name)
+    assert fake_step(models(name)).shape == (1, 96)
+
+
+def fake_step(model) -> torch.Tensor:
+    """The capturable block's logits after PROMPT, run under FakeTensorMode at a fake position in a bucket of 32."""
     with torch.inference_mode():
         model.transformer(PROMPT, 0)
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
         token, position = torch.empty(1, dtype=torch.int64), torch.empty((), dtype=torch.int64)
-        logits = capturable_block(model, token, Positions(position, 32))
-    assert logits.shape == (1, 96)
+        return capturable_block(model, token, Positions(position, 32))
 
 
 # Ops that read values back to the host or size their output by them.
@@ -209,6 +212,20 @@ def test_steps_in_one_bucket_issue_the_same_ops(models, name):
     assert next_bucket != first
     host_first, host_second = trace_steps(model, [n, n + 1])
     assert host_first != host_second
+
+
+@pytest.mark.parametrize("dense", ["int8", "int4"])
+@pytest.mark.parametrize("name", [GQA, MLA])
+def test_the_quantized_device_tier_block_is_capturable_too(checkpoint_dir, name, dense):
+    """With the dense weights quantized on the device tier (torch's weight-only int8 / int4 matmuls) the block
+    still reads no data and repeats its ops within a bucket."""
+    model = offload.load(checkpoint_dir(name)[0], device="cpu", gpu_memory="1GiB", max_context=MAX_CONTEXT,
+                         dense=dense)
+    assert type(model.transformer.layers[0].attn.o_proj).__name__ == "DeviceQuantLinear"
+    assert fake_step(model).shape == (1, 96)
+    n = len(PROMPT)
+    first, second = trace_steps(model, [Positions(torch.tensor(n + i), 32) for i in range(2)])
+    assert first == second
 
 
 @pytest.mark.cuda
