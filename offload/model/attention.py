@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .kv_cache import KVCache, causal_mask_args
 from .layers import RMSNorm, group_linears, load_linear
+from .positions import Positions, token_positions
 from .rope import RotaryTable
 
 
@@ -52,7 +53,8 @@ class Attention(nn.Module):
     def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         return KVCache(self.kv_heads, max_context, self.head_dim, self.head_dim, dtype, device)
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache, rope: RotaryTable) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | Positions, cache: KVCache, rope: RotaryTable) -> torch.Tensor:
+        """x [T, H] at positions start.. -> [T, H]; start: a host int, or device Positions (model/positions.py)."""
         T = x.shape[0]
         q, k, v = self.qkv(x)  # [T, heads*hd (x2 with the gate)], [T, kv*hd] x2
         if self.output_gate:
@@ -98,21 +100,23 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def query_temperature(start: int, T: int, floor_scale: float, attn_scale: float, device: torch.device
+def query_temperature(start: int | Positions, T: int, floor_scale: float, attn_scale: float, device: torch.device
                       ) -> torch.Tensor:
     """Llama-4's per-position query scale on no-RoPE layers [T] (fp32): 1 + attn_scale * log1p(floor((p + 1) /
     floor_scale)) for positions p = start..start+T-1; it sharpens attention as the context grows."""
-    positions = torch.arange(start, start + T, device=device, dtype=torch.float32)
+    positions = token_positions(start, T, device).to(torch.float32)
     return torch.log1p(torch.floor((positions + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
-def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: dict
-                      ) -> torch.Tensor:
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: dict,
+                      rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [kv, group, T, d] attends to keys [kv, S, d] and values [kv, S, dv] -> [kv, group, T, dv].
 
     The `group` query heads that share a KV head become one batch row of group*T queries, so K/V are read in
     place; SDPA's enable_gqa would first copy them `group` times (a fresh [heads, S, d] tensor per layer and
-    step). `mask` is causal_mask_args for the T queries."""
+    step). `mask` is causal_mask_args for the T queries. `rope` = (q_rope [kv, group, T, r], k_rope [kv, S, r])
+    adds q_rope . k_rope to the scores: MLA's absorbed form reads its latent cache (keys and values at once) and
+    its rope keys where they lie instead of concatenating the two every step, a copy of the whole context."""
     kv, group, T, d = q.shape
     S = keys.shape[1]
     if mask.get("is_causal"):
@@ -120,10 +124,14 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if "attn_mask" in mask:  # [T, S] -> [group*T, S]: the same rows for every head of the group
         mask = {"attn_mask": mask["attn_mask"].expand(group, T, S).reshape(group * T, S)}
     q = q.reshape(kv, group * T, d)
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" and rope is None:
         out = F.scaled_dot_product_attention(q, keys, values, scale=scale, **mask)
     else:  # SDPA's CPU dispatch costs 2-4x these three ops at decode sizes
-        scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [kv, group*T, S]
+        scores = torch.bmm(q, keys.transpose(1, 2))  # [kv, group*T, S]
+        if rope is not None:
+            q_rope, k_rope = rope
+            scores.baddbmm_(q_rope.reshape(kv, group * T, -1), k_rope.transpose(1, 2))
+        scores.mul_(scale)
         if "attn_mask" in mask:
             scores.masked_fill_(~mask["attn_mask"], float("-inf"))
         out = torch.bmm(scores.float().softmax(-1).to(values.dtype), values)

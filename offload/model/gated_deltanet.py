@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .kv_cache import RecurrentState
 from .layers import group_linears, load_linear
+from .positions import Positions
 from .rope import RotaryTable
 
 CHUNK = 64  # positions per chunk of the prefill form
@@ -170,7 +171,7 @@ class GatedDeltaNet(nn.Module):
         out = (taps * self.conv_weight).sum(-1)  # weight [C, 1, kernel] -> [C, T]
         return F.silu(out).transpose(0, 1).to(qkv.dtype)
 
-    def forward(self, x: torch.Tensor, start: int, cache: RecurrentState, rope: RotaryTable | None = None
+    def forward(self, x: torch.Tensor, start: int | Positions, cache: RecurrentState, rope: RotaryTable | None = None
                 ) -> torch.Tensor:
         T = x.shape[0]
         cache.begin(start)
@@ -181,6 +182,6 @@ class GatedDeltaNet(nn.Module):
                                       v.reshape(T, self.v_heads, self.v_dim), g, b.sigmoid(), cache.state)
         if state is not cache.state:
             cache.state.copy_(state)
-        cache.position = start + T
+        cache.position += T  # begin() has put it at start
         out = gated_rms_norm(out, z, self.norm_weight, self.eps)  # [T, Hv, dv]
         return self.out_proj(out.reshape(T, self.v_heads * self.v_dim))

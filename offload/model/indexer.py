@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..weights.source import WeightSource
 from .kv_cache import LatentIndexCache
 from .layers import LayerNorm, load_linear
+from .positions import Positions, attended_length, token_positions
 from .rope import RotaryTable
 
 KEY_NORM_EPS = 1e-6  # the reference's LayerNorm(index_head_dim, eps=1e-6)
@@ -48,16 +49,18 @@ class LightningIndexer(nn.Module):
         self.k_norm = LayerNorm.load(src, f"{p}.k_norm", ix.head_dim, KEY_NORM_EPS)
         self.weights_proj = src.take(f"{p}.weights_proj.weight", (ix.n_heads, cfg.hidden_size), dtype=torch.float32)
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, start: int, cache: LatentIndexCache,
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, start: int | Positions, cache: LatentIndexCache,
                 rope: RotaryTable) -> torch.Tensor | None:
         """x [T, H] (the attention's input) and q_latent [T, q_lora_rank] at positions start.. -> the positions
-        each query attends to [T, min(topk, start+T)], or None when that is every causal position. Writes this
-        step's indexer keys to the cache either way."""
+        each query attends to [T, min(topk, S)], or None when that is every causal position. Writes this step's
+        indexer keys to the cache either way. With device positions S is the context bucket: the decision
+        follows the bucket, and a bucket longer than topk over a shorter context selects every causal position
+        and some later ones, which the attention masks, as it does for a short chunk's early queries."""
         T = x.shape[0]
         k = self.k_norm(self.wk(x))  # [T, d]
         k = rope.apply(k[:, None, :], start, self.interleaved)[:, 0]
         keys = cache.write_index_keys(start, k)  # [S, d]
-        if start + T <= self.topk:
+        if attended_length(start, T) <= self.topk:
             return None
         q = self.wq_b(q_latent).view(T, self.heads, self.head_dim)
         q = rope.apply(q, start, self.interleaved)  # [T, n, d]
@@ -72,7 +75,7 @@ def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> 
     return torch.matmul(weights[:, None, :], F.relu(scores))[:, 0]  # [T, S]
 
 
-def select_positions(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, start: int, topk: int
+def select_positions(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, start: int | Positions, topk: int
                      ) -> torch.Tensor:
     """The top-`topk` scoring positions for each of the T queries at positions start.., ranked over all S cached
     positions with the later ones at -inf -> [T, min(topk, S)] (int64). A query with fewer than `topk` causal
@@ -81,7 +84,7 @@ def select_positions(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
     T, n, _ = q.shape
     S = keys.shape[0]
     block = max(1, SCORE_BLOCK_ELEMENTS // (n * S))
-    later = torch.arange(S, device=q.device)[None, :] > torch.arange(start, start + T, device=q.device)[:, None]
+    later = torch.arange(S, device=q.device)[None, :] > token_positions(start, T, q.device)[:, None]
     picked = []
     for i in range(0, T, block):
         scores = index_scores(q[i : i + block], keys, weights[i : i + block])  # [block, S]
@@ -90,9 +93,9 @@ def select_positions(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
     return torch.cat(picked)
 
 
-def selection_mask(selection: torch.Tensor, start: int, S: int) -> torch.Tensor:
+def selection_mask(selection: torch.Tensor, start: int | Positions, S: int) -> torch.Tensor:
     """selection [T, k] at query positions start.. -> [T, S] boolean attention mask: selected and causal."""
     T, device = selection.shape[0], selection.device
     picked = torch.zeros(T, S, dtype=torch.bool, device=device).scatter_(-1, selection, True)
-    causal = torch.arange(S, device=device)[None, :] <= torch.arange(start, start + T, device=device)[:, None]
+    causal = torch.arange(S, device=device)[None, :] <= token_positions(start, T, device)[:, None]
     return picked & causal

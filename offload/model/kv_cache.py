@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from .positions import Positions, attended_length, token_positions
+
 
 class LayerCache(Protocol):
     @property
@@ -33,12 +35,11 @@ class KVCache:
         self.k = torch.zeros(kv_heads, max_context, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(kv_heads, max_context, v_dim, dtype=dtype, device=device)
 
-    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [T, kv_heads, dim] at positions start..; return all keys/values so far [kv_heads, S, dim]."""
-        end = start + k.shape[0]
-        self.k[:, start:end] = k.transpose(0, 1)
-        self.v[:, start:end] = v.transpose(0, 1)
-        return self.k[:, :end], self.v[:, :end]
+    def write(self, start: int | Positions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [T, kv_heads, dim] at positions start..; return the keys/values attention reads
+        [kv_heads, S, dim] (S: up to the last written position, or the context bucket)."""
+        keys = write_positions(self.k, start, k.transpose(0, 1), 1)
+        return keys, write_positions(self.v, start, v.transpose(0, 1), 1)
 
     @property
     def nbytes(self) -> int:
@@ -56,11 +57,11 @@ class LatentCache:
         self.c_kv = torch.zeros(max_context, kv_lora_rank, dtype=dtype, device=device)
         self.k_rope = torch.zeros(max_context, rope_dim, dtype=dtype, device=device)
 
-    def write(self, start: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + c_kv.shape[0]
-        self.c_kv[start:end] = c_kv
-        self.k_rope[start:end] = k_rope
-        return self.c_kv[:end], self.k_rope[:end]
+    def write(self, start: int | Positions, c_kv: torch.Tensor, k_rope: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store c_kv [T, rank] and k_rope [T, rope] at positions start..; return the parts attention reads in
+        place, [S, rank] and [S, rope]."""
+        return write_positions(self.c_kv, start, c_kv, 0), write_positions(self.k_rope, start, k_rope, 0)
 
     @property
     def nbytes(self) -> int:
@@ -73,7 +74,8 @@ class LatentCache:
 class RecurrentState:
     """A linear-attention layer's state: the last kernel-1 inputs of its causal convolution [conv_dim, kernel-1]
     and the per-head matrix state [heads, d_k, d_v] (fp32, as the delta rule accumulates it). Its size does not
-    depend on the context; it stands at one position (`position`: tokens folded in) and moves only forward."""
+    depend on the context; it stands at one position (`position`: tokens folded in, a host count the forward
+    advances: a replayed CUDA graph runs no Python, so whatever replays a step advances it) and moves only forward."""
 
     def __init__(self, conv_dim: int, conv_kernel: int, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype,
                  device: torch.device):
@@ -81,9 +83,12 @@ class RecurrentState:
         self.state = torch.zeros(heads, k_dim, v_dim, dtype=torch.float32, device=device)
         self.position = 0
 
-    def begin(self, start: int) -> None:
+    def begin(self, start: int | Positions) -> None:
         """Before folding in tokens at positions start..: a prefill at 0 starts afresh; any other start must be
-        where the state stands (it cannot be rewound)."""
+        where the state stands (it cannot be rewound). Device Positions continue from where it stands: the
+        recurrence needs no position, and checking one would read it back."""
+        if isinstance(start, Positions):
+            return
         if start == 0:
             self.conv.zero_()
             self.state.zero_()
@@ -109,33 +114,46 @@ class LatentIndexCache(LatentCache):
         super().__init__(max_context, kv_lora_rank, rope_dim, dtype, device)
         self.index_k = torch.zeros(max_context, index_head_dim, dtype=dtype, device=device)
 
-    def write_index_keys(self, start: int, k: torch.Tensor) -> torch.Tensor:
-        """Store indexer keys k [T, index_head_dim] at positions start..; return all so far [S, index_head_dim]."""
-        end = start + k.shape[0]
-        self.index_k[start:end] = k
-        return self.index_k[:end]
+    def write_index_keys(self, start: int | Positions, k: torch.Tensor) -> torch.Tensor:
+        """Store indexer keys k [T, index_head_dim] at positions start..; return those the indexer scores
+        [S, index_head_dim]."""
+        return write_positions(self.index_k, start, k, 0)
 
     @property
     def nbytes(self) -> int:
         return super().nbytes + self.index_k.nbytes
 
 
-def causal_mask_args(start: int, T: int, window: int | None, device: torch.device, chunk: int | None = None) -> dict:
-    """SDPA keyword arguments that make T queries at positions start.. attend causally to the start+T cached keys,
-    optionally only to the last `window` of them, or only to those in their own `chunk` of positions (Llama-4's
-    chunked attention: positions 0..chunk-1, chunk..2*chunk-1, ...).
+def write_positions(buffer: torch.Tensor, start: int | Positions, values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Store `values` at positions start.. along `dim` of a cache buffer; return the buffer's prefix that attention
+    reads: up to the last written position, or (device positions) the whole context bucket, a view whose size
+    does not change within the bucket."""
+    T = values.shape[dim]
+    if isinstance(start, Positions):
+        buffer.index_copy_(dim, start.tokens(T), values.to(buffer.dtype))
+    else:
+        buffer.narrow(dim, start, T).copy_(values)
+    return buffer.narrow(dim, 0, attended_length(start, T))
+
+
+def causal_mask_args(start: int | Positions, T: int, window: int | None, device: torch.device,
+                     chunk: int | None = None) -> dict:
+    """SDPA keyword arguments that make T queries at positions start.. attend causally to the cached keys they
+    read (attended_length: start+T, or the context bucket), optionally only to the last `window` of them, or only
+    to those in their own `chunk` of positions (Llama-4's chunked attention: positions 0..chunk-1, ...).
 
     A fresh prefill uses SDPA's built-in causal mode (fast kernels); one token without a window needs no mask;
-    anything else gets a boolean [T, start+T] mask (True = attend).
+    anything else, and every step with device positions (whose keys run past the query), gets a boolean
+    [T, S] mask (True = attend), built on the device.
     """
     limit = window if chunk is None else chunk
-    if (window is None and chunk is None) or start + T <= limit:
+    if not isinstance(start, Positions) and ((window is None and chunk is None) or start + T <= limit):
         if T == 1:
             return {}
         if start == 0:
             return {"is_causal": True}
-    q_pos = torch.arange(start, start + T, device=device)[:, None]
-    k_pos = torch.arange(start + T, device=device)[None, :]
+    q_pos = token_positions(start, T, device)[:, None]
+    k_pos = torch.arange(attended_length(start, T), device=device)[None, :]
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window

@@ -21,6 +21,7 @@ from .attention import grouped_attention
 from .indexer import LightningIndexer, Selection, selection_mask
 from .kv_cache import LatentCache, LatentIndexCache, causal_mask_args
 from .layers import RMSNorm, group_linears, load_linear
+from .positions import Positions, token_positions
 from .rope import RotaryTable, yarn_softmax_scale
 
 ABSORBED_MAX_TOKENS = 8  # decode and short chunks: the absorbed form; longer prefills: the naive form
@@ -68,8 +69,9 @@ class MLA(nn.Module):
             return LatentIndexCache(max_context, self.rank, self.rope_dim, self.indexer.head_dim, dtype, device)
         return LatentCache(max_context, self.rank, self.rope_dim, dtype, device)
 
-    def forward(self, x: torch.Tensor, start: int, cache: LatentCache, rope: RotaryTable,
+    def forward(self, x: torch.Tensor, start: int | Positions, cache: LatentCache, rope: RotaryTable,
                 absorbed: bool | None = None) -> torch.Tensor:
+        """x [T, H] at positions start.. -> [T, H]; start: a host int, or device Positions (model/positions.py)."""
         T = x.shape[0]
         q, kv_a = self.input_projs(x)
         q_latent = None
@@ -82,7 +84,7 @@ class MLA(nn.Module):
         c_kv = self.kv_a_norm(c_kv)  # [T, rank]
         q_rope = rope.apply(q_rope, start, self.interleaved)
         k_rope = rope.apply(k_rope[:, None, :], start, self.interleaved)[:, 0]  # [T, rope]
-        c_all, k_rope_all = cache.write(start, c_kv, k_rope)  # [S, rank], [S, rope]
+        c_all, k_rope_all = cache.write(start, c_kv, k_rope)  # [S, rank], [S, rope]: views of the cache
         selection = self._select(x, q_latent, start, cache, rope)  # [T, k] positions, or None: every causal one
         absorbed = use_absorbed(T) if absorbed is None else absorbed
         if selection is None:
@@ -96,7 +98,8 @@ class MLA(nn.Module):
             out = self._naive(q_nope, q_rope, c_all, k_rope_all, mask)
         return self.o_proj(out.reshape(T, self.heads * self.v_dim))
 
-    def _select(self, x, q_latent, start: int, cache: LatentCache, rope: RotaryTable) -> torch.Tensor | None:
+    def _select(self, x, q_latent, start: int | Positions, cache: LatentCache, rope: RotaryTable
+                ) -> torch.Tensor | None:
         """The positions each query attends to under DeepSeek Sparse Attention [T, k]; None for all causal ones
         (no indexer, or a context no longer than index_topk)."""
         if self.indexer is not None:
@@ -114,14 +117,15 @@ class MLA(nn.Module):
         return out.transpose(0, 1)  # [T, nh, v]
 
     def _absorbed(self, q_nope, q_rope, c_all, k_rope_all, mask: dict) -> torch.Tensor:
+        """One latent KV head: keys are (c_kv, k_rope) and values c_kv, read in place in the cache (the scores are
+        q_latent . c_kv + q_rope . k_rope, two products instead of one over a concatenation of the context)."""
         q_latent = torch.einsum("thd,hdr->htr", q_nope, self.w_uk)  # [nh, T, rank]
-        query = torch.cat((q_latent, q_rope.transpose(0, 1)), dim=-1)  # [nh, T, rank+rope]
-        keys = torch.cat((c_all, k_rope_all), dim=-1)[None]  # [1, S, rank+rope]: one latent KV head
-        out_latent = grouped_attention(query[None], keys, c_all[None], self.scale, mask)[0]  # [nh, T, rank]
-        return torch.einsum("htr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]
+        rope = (q_rope.transpose(0, 1)[None], k_rope_all[None])  # [1, nh, T, rope], [1, S, rope]
+        out_latent = grouped_attention(q_latent[None], c_all[None], c_all[None], self.scale, mask, rope)[0]
+        return torch.einsum("htr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]  (out_latent [nh, T, rank])
 
-    def _absorbed_selected(self, q_nope, q_rope, c_all, k_rope_all, selection: torch.Tensor, start: int
-                           ) -> torch.Tensor:
+    def _absorbed_selected(self, q_nope, q_rope, c_all, k_rope_all, selection: torch.Tensor,
+                           start: int | Positions) -> torch.Tensor:
         """The absorbed form over each query's selected positions only: gathers k = index_topk latents per query,
         so a decode step's attention reads k positions whatever the context length."""
         T = selection.shape[0]
@@ -131,7 +135,7 @@ class MLA(nn.Module):
         keys = torch.cat((c_sel, k_rope_all[selection]), dim=-1)  # [T, k, rank+rope]
         scores = torch.bmm(query, keys.transpose(1, 2)).mul_(self.scale)  # [T, nh, k]
         # A short chunk's early queries (fewer causal positions than k) were also given later positions.
-        later = selection > torch.arange(start, start + T, device=selection.device)[:, None]  # [T, k]
+        later = selection > token_positions(start, T, selection.device)[:, None]  # [T, k]
         scores.masked_fill_(later[:, None, :], float("-inf"))
         out_latent = torch.bmm(scores.float().softmax(-1).to(c_sel.dtype), c_sel)  # [T, nh, rank]
         return torch.einsum("thr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..config import RopeConfig
+from .positions import Positions
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -85,16 +86,21 @@ class RotaryTable:
     def dim(self) -> int:
         return 2 * self.cos.shape[-1]
 
-    def apply(self, x: torch.Tensor, start: int, interleaved: bool = False) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, start: int | Positions, interleaved: bool = False) -> torch.Tensor:
         """Rotate x [T, heads, d] for positions start..start+T-1: its first `dim` channels, the rest (partial
-        RoPE, d > dim) pass through unchanged after them, as HF's apply_rotary_pos_emb does.
+        RoPE, d > dim) pass through unchanged after them, as HF's apply_rotary_pos_emb does. Device positions
+        gather their rows of the table (a slice at a host offset would be baked into a captured step).
 
         Half layout pairs x[i] with x[i + dim/2] (HF rotate_half). Interleaved layout pairs x[2i] with x[2i+1]
         (DeepSeek); its result is returned in half layout, which changes no dot product between rotated q and k.
         """
         T = x.shape[0]
-        cos = self.cos[start : start + T, None, :]  # [T, 1, dim/2]
-        sin = self.sin[start : start + T, None, :]
+        if isinstance(start, Positions):
+            rows = start.tokens(T)
+            cos, sin = self.cos.index_select(0, rows)[:, None, :], self.sin.index_select(0, rows)[:, None, :]
+        else:
+            cos = self.cos[start : start + T, None, :]  # [T, 1, dim/2]
+            sin = self.sin[start : start + T, None, :]
         rot, rest = x[..., : self.dim], x[..., self.dim :]
         if interleaved:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]

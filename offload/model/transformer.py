@@ -17,6 +17,7 @@ from .gated_deltanet import GatedDeltaNet
 from .kv_cache import LayerCache
 from .layers import RMSNorm, SwiGLU, load_linear, make_linear
 from .mla import MLA, share_index_selections
+from .positions import Positions
 from ..experts.prefetch import Router
 from .moe import ExpertsFactory, MoE
 from .rope import RotaryTable
@@ -45,13 +46,20 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU.load(src, f"{p}.{names.dense_mlp}", H, cfg.intermediate_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
-        compiled = compiled_step.for_layer(self, x)  # a decode step on the CPU: one or two Numba calls
+    def forward(self, x: torch.Tensor, start: int | Positions, cache, rope: RotaryTable) -> torch.Tensor:
+        # A decode step on the CPU at a host position: one or two Numba calls.
+        compiled = compiled_step.for_layer(self, x) if isinstance(start, int) else None
         if compiled is not None:
             return compiled(x, start, cache, rope)
         with self.timers.section("attention"):
-            x = x + self.attn(self.input_norm(x), start, cache, rope)
+            x = self.attention_block(x, start, cache, rope)
         return x + self.mlp(self.post_attn_norm(x))
+
+    def attention_block(self, x: torch.Tensor, start: int | Positions, cache, rope: RotaryTable) -> torch.Tensor:
+        """x + attention(norm(x)) [T, H], untimed. At device Positions it reads no host value and issues the same
+        ops at every position of a context bucket: with the post-attention norm and the router, the part of a
+        layer a CUDA graph can hold (tests/test_positions.py)."""
+        return x + self.attn(self.input_norm(x), start, cache, rope)
 
 
 class Transformer(nn.Module):
@@ -107,7 +115,7 @@ class Transformer(nn.Module):
         """Each MoE layer's router (h [T, H] -> topk ids, weights), for the prefetcher."""
         return {i: layer.mlp.route for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}
 
-    def hidden(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, start: int, positions: Positions | None = None) -> torch.Tensor:
         """ids [T] -> final-norm hidden states [T, H], writing positions start..start+T-1 to the caches."""
         self.timers.collect()
         if self.settle_step is not None:
@@ -115,16 +123,20 @@ class Transformer(nn.Module):
         held, self.held = self.held, 0
         x = F.embedding(ids, self.embed)  # [T, H]
         for layer, cache in zip(self.layers, self.caches):
-            x = layer(x, start, cache, self.rope)
+            x = layer(x, start if positions is None else positions, cache, self.rope)
         # Positions before `start` are untouched; without a record of them the caches hold nothing reusable.
         if held >= start:
             self.held_ids[start : start + ids.shape[0]].copy_(ids)
             self.held = start + ids.shape[0]
         return self.norm(x)
 
-    def forward(self, ids: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
-        """ids [T] -> logits [T, V] (or [1, V] with last_only) in float32."""
-        h = self.hidden(ids, start)
+    def forward(self, ids: torch.Tensor, start: int, last_only: bool = False, positions: Positions | None = None
+                ) -> torch.Tensor:
+        """ids [T] -> logits [T, V] (or [1, V] with last_only) in float32. `positions`: the same positions held on
+        the device in their context bucket (Positions.at(start, T, max_context, device)); the layers then take
+        them from there and attend over the bucket, the form of a decode step a CUDA graph replays (the
+        host `start` still keeps the record of cached ids)."""
+        h = self.hidden(ids, start, positions)
         if last_only:
             h = h[-1:]
         with self.timers.section("lm_head"):
