@@ -72,12 +72,21 @@ def _kernels() -> tuple[dict, dict]:
             {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4})
 
 
+def _expert_extras(experts) -> tuple:
+    """The fused MoE kernels' bias and activation arguments for `experts` (CpuExperts)."""
+    from csrc_py.expert_ffn import NO_BIAS
+    from offload.experts.cpu import kernel_activation
+
+    biases = tuple(b.numpy() for b in experts.biases.stacks()) if experts.biases is not None else (NO_BIAS,) * 3
+    return (*biases, kernel_activation(experts.activation))
+
+
 def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, float]:
     """One decode step's weight-reading kernels, and its attention over `context` cached positions, replayed alone
     in step order with fresh expert ids each time (a repeated call would find its weights in the cache): medians
-    over `repeats` steps of (weight kernels, attention) seconds."""
+    over `repeats` steps of (weight kernels, attention) seconds. Gated DeltaNet layers' recurrence is not replayed:
+    it counts as outside the kernels."""
     from csrc_py.decode_step import attend
-    from csrc_py.expert_ffn import NO_BIAS, SILU_ACT
 
     LINEAR, EXPERTS = _kernels()
     gen = torch.Generator().manual_seed(0)
@@ -88,8 +97,9 @@ def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, flo
             q = torch.randn(1, a.heads * a.head_dim, generator=gen).numpy()
             out = np.empty_like(q)
             k, v = cache.k.numpy(), cache.v.numpy()
-            attention.append(lambda a=a, q=q, k=k, v=v, out=out: attend(q, a.heads, a.kv_heads, a.head_dim, k, v,
-                                                                           context, a.window or 0, a.scale, out))
+            sinks = a.sinks.numpy() if a.sinks is not None else np.zeros(0, np.float32)
+            attention.append(lambda a=a, q=q, k=k, v=v, sinks=sinks, out=out: attend(
+                q, a.heads, a.kv_heads, a.head_dim, k, v, context, a.window or 0, a.chunk or 0, a.scale, sinks, out))
         for m in _linears(layer):
             x = torch.randn(1, m.packed.shape[2], generator=gen).numpy()
             calls.append(partial(LINEAR[m.packed.fmt], x, *m.packed.bits(), np.empty((1, m.packed.padded_shape[1]),
@@ -98,7 +108,7 @@ def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, flo
             e, cfg = layer.mlp.experts, layer.mlp.router_cfg
             x = torch.randn(1, e.gate.shape[2], generator=gen).numpy()
             w, y = torch.rand(1, cfg.top_k, generator=gen).numpy(), np.empty_like(x)
-            bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *(NO_BIAS,) * 3, SILU_ACT)
+            bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *_expert_extras(e))
 
             def experts(e=e, cfg=cfg, x=x, w=w, y=y, bits=bits):
                 ids = torch.randperm(cfg.num_experts, generator=gen)[: cfg.top_k][None].numpy()
@@ -136,7 +146,6 @@ def block_split(model, clock, context: int, repeats: int = 9) -> None:
     """For the middle layer (GQA): each compiled block against the kernels it calls, each call with cold caches
     (a 128 MiB buffer written before it), printed as block, kernels and the difference (the glue)."""
     from csrc_py import decode_step as ds
-    from csrc_py.expert_ffn import NO_BIAS, SILU_ACT
 
     LINEAR, EXPERTS = _kernels()
     t = model.transformer
@@ -161,21 +170,22 @@ def block_split(model, clock, context: int, repeats: int = 9) -> None:
     x = torch.randn(1, t.cfg.hidden_size).numpy()
     out = np.empty_like(x)
     a, attn = layer.attn, compiled.attn
-    h, qkv_out, att, o_out = p.attn_tail[-4:]
+    h, qkv_out, _, att, o_out = p.attn_tail[-5:]
     qkv, o = a.qkv.packed, a.o_proj.packed
     block = cold(lambda: ds.attention_block(x, out, *p.attn_head, context, *p.attn_tail))
     parts = [cold(lambda: LINEAR[qkv.fmt](h, *qkv.bits(), qkv_out)), cold(lambda: LINEAR[o.fmt](att, *o.bits(), o_out)),
              cold(lambda: ds.attend(np.ascontiguousarray(qkv_out[:, : a.heads * a.head_dim]), a.heads, a.kv_heads,
-                                    a.head_dim, p.attn_tail[0], p.attn_tail[1], context, attn.window, attn.scale, att))]
+                                    a.head_dim, p.attn_tail[0], p.attn_tail[1], context, *attn.span, attn.scale,
+                                    attn.sinks, att))]
     print(f"attention block {block:.0f} us: q/k/v {parts[0]:.0f} + o_proj {parts[1]:.0f} + attention {parts[2]:.0f}; "
           f"the rest {block - sum(parts):.0f} us")
     moe, m = layer.mlp, compiled.mlp
     hh, logits, ids, w, routed = p.mlp[-8:-3]
     e = moe.experts
-    bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *(NO_BIAS,) * 3, SILU_ACT)
+    bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *_expert_extras(e))
     block = cold(lambda: ds.moe_block(out, *p.mlp))
     parts = [cold(lambda: EXPERTS[e.fmt](hh, ids, w, *bits, routed)),
-             cold(lambda: ds.router_logits(hh, m.router, logits))]
+             cold(lambda: ds.router_logits(hh, m.router, m.router_bias, logits))]
     print(f"MoE block {block:.0f} us: experts {parts[0]:.0f} + router logits {parts[1]:.0f}; the rest "
           f"{block - sum(parts):.0f} us")
 
