@@ -257,7 +257,7 @@ def test_deltanet_block_matches_the_layer(deltanet_model, name):
     block(x.numpy(), out, *args)
     assert rel_err(torch.from_numpy(out), expected) < 2e-5
     assert rel_err(compiled_state.state, torch_state.state) < 1e-5
-    assert torch.equal(compiled_state.conv, torch_state.conv)
+    assert rel_err(compiled_state.conv, torch_state.conv) < 2e-5  # the projected inputs, float32 rounding apart
 
 
 # ---------------------------------------------------------------- whole steps
