@@ -16,7 +16,7 @@ from .errors import OffloadError
 from .experts.builder import ExpertsBuilder, ExpertsOptions, default_host_format
 from .generate import Generation, GenerationRequest, GenerationRun, PromptCacheStats
 from .model.transformer import Transformer
-from .placement import Plan, resolve_plan
+from .placement import Plan, has_device_tier, resolve_plan
 from .stats import reset_runtime_stats, runtime_stats
 from .timers import Timers
 from .sampling import SamplingParams
@@ -70,7 +70,9 @@ class LoadInfo:
     jit_seconds: float  # compiling or loading the CPU kernels from Numba's cache
     cpu_threads: int
     expert_format: str | None  # host format of the routed experts on the CPU workers; None: all in torch
-    dense_format: str | None = None  # "int8" | "int4": dense weights run by the CPU kernels; None: in torch
+    # "int8" | "int4": dense weights quantized (on the device tier's torch kernels, or the CPU kernels on a CPU-only
+    # run); None: in the model dtype
+    dense_format: str | None = None
     store: bool = False  # loaded from a pre-quantized store (`offload convert`)
 
 
@@ -225,9 +227,13 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  a GPU). Experts that do not fit stay on the host in `experts` format (default: the model
                  dtype, so that placement never changes the numbers).
     plan:        a Plan or a plan.json path to use instead of planning from the budgets.
-    dense:       "int8" | "int4": on the CPU, run attention / MLA projections, dense MLPs, shared experts and
-                 the LM head through the quantized CPU kernels (quantized at load); None / "bf16": in torch.
-                 A store's formats are its defaults for experts and dense.
+    dense:       format of the attention / MLA projections, dense MLPs, shared experts and the LM head:
+                 "int8" | "int4" quantized at load, "bf16" in the model dtype. On a device tier (a GPU, a
+                 gpu_memory budget or a plan) they run through torch's int8 / int4 weight-only matmuls
+                 (model/device_quant.py) and None lets the planner choose (the model dtype while it leaves room
+                 for a cache slot per MoE layer, then int8, then int4; the plan's table says which). On the CPU
+                 alone they run through the quantized CPU kernels, and None keeps them in torch. A store's
+                 formats are its defaults for experts and, on the CPU alone, dense.
     cpu_threads: threads for the CPU workers and torch (default: physical cores).
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
@@ -237,24 +243,22 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     arch = architecture(hf.get("model_type"))
     config = arch.config_from_hf(hf)
     max_context = check_load(checkpoint, config, max_context, device, dtype, gpu_memory, plan)
-    if experts is not None and experts not in EXPERT_FORMATS:
-        raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
-    if dense is not None and dense not in EXPERT_FORMATS:
-        raise OffloadError(f"dense must be one of {', '.join(EXPERT_FORMATS)}, got {dense!r}")
+    _check_formats(experts, dense)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    experts, dense = _store_defaults(checkpoint, experts, dense, torch_device)
-    if dense in ("int8", "int4") and torch_device.type != "cpu":
-        raise OffloadError(f"dense={dense!r} runs the dense weights on the CPU kernels; on a GPU keep them in torch "
-                           "(dense=None)")
+    device_tier = has_device_tier(torch_device, gpu_memory, plan)
+    experts, dense = _store_defaults(checkpoint, experts, dense, device_tier)
     placement = resolve_plan(config, arch.names, torch_device, torch_dtype,
-                             experts or default_host_format(torch_dtype), max_context, gpu_memory, plan)
+                             experts or default_host_format(torch_dtype), max_context, gpu_memory, plan, dense=dense)
     if placement is not None and experts is not None and experts != placement.expert_format:
         raise OffloadError(f"the plan keeps experts on the host as {placement.expert_format}, not {experts}; "
                            "drop the experts option or make a new plan")
     host_format = placement.expert_format if placement is not None else experts
-    dense_format = dense if dense in ("int8", "int4") else None
-    threads, jit_seconds = _start_cpu_workers([f for f in (host_format, dense_format) if f], cpu_threads)
+    # The device tier's dense format is the plan's (chosen by the budget, or the one asked for); a CPU-only run
+    # packs dense weights for the CPU kernels only when asked.
+    dense_format = placement.dense_format if placement is not None else dense if dense in ("int8", "int4") else None
+    kernel_formats = (host_format,) if device_tier else (host_format, dense_format)
+    threads, jit_seconds = _start_cpu_workers([f for f in kernel_formats if f], cpu_threads)
 
     total, done = checkpoint.nbytes(), [0]
 
@@ -267,7 +271,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch), torch_device,
                              torch_dtype, timers)
     src = WeightSource(checkpoint, torch_dtype, torch_device, rename=arch.checkpoint_name, on_read=on_read,
-                       dense_format=dense, expert_format=host_format)
+                       dense_format=dense_format, expert_format=host_format, dense_on_device=device_tier)
     transformer = Transformer(config, arch.names, src, builder, max_context, timers)
     skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers, arch.runtime_name,
                                       arch.skipped_prefixes))
@@ -283,30 +287,38 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
 
 def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None,
          experts: str | None = None, device: str = "auto", dtype: str = "auto",
-         heat: list[list[float]] | None = None, host_memory: int | str | None = None) -> Plan:
+         heat: list[list[float]] | None = None, host_memory: int | str | None = None,
+         dense: str | None = None) -> Plan:
     """The placement load() would use for these budgets, from config.json alone (no weight is read).
     experts: host format of offloaded experts; None keeps them in the device dtype, as load() does.
+    dense: the device tier's dense format ("bf16" | "int8" | "int4"); None lets the planner choose, as load() does.
     heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`).
     host_memory: the RAM to plan for (default: what is available now), e.g. to size a machine not at hand."""
     hf = read_config(path)  # a folder with config.json alone is enough
     arch = architecture(hf.get("model_type"))
     config = arch.config_from_hf(hf)
     max_context = check_max_context(config, max_context)
-    if experts is not None and experts not in EXPERT_FORMATS:
-        raise OffloadError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
+    _check_formats(experts, dense)
     torch_device = resolve_device(device)
     if torch_device.type != "cuda" and gpu_memory is None:
         raise OffloadError("no GPU is visible: give the device budget to plan for, e.g. gpu_memory='12GiB' "
                            "(--gpu-memory 12GiB)")
     torch_dtype = resolve_dtype(dtype, torch_device)
     return resolve_plan(config, arch.names, torch_device, torch_dtype, experts or default_host_format(torch_dtype),
-                        max_context, gpu_memory, None, heat, host_memory)
+                        max_context, gpu_memory, None, heat, host_memory, dense)
 
 
-def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device: torch.device
+def _check_formats(experts: str | None, dense: str | None) -> None:
+    for option, value in (("experts", experts), ("dense", dense)):
+        if value is not None and value not in EXPERT_FORMATS:
+            raise OffloadError(f"{option} must be one of {', '.join(EXPERT_FORMATS)}, got {value!r}")
+
+
+def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device_tier: bool
                     ) -> tuple[str | None, str | None]:
-    """A store's formats are the defaults (on a GPU its packed dense weights are dequantized instead); asking
-    for other expert formats than a store holds is an error. A quantized checkpoint's scheme names its default."""
+    """A store's formats are the defaults (on a device tier the plan chooses the dense format, and the store's
+    packed dense weights are dequantized for it); asking for other expert formats than a store holds is an error. A
+    quantized checkpoint's scheme names its default."""
     formats = store_formats(checkpoint)
     if formats is None:
         # A quantized checkpoint's experts default to the format its grid maps onto (weights.quant).
@@ -315,7 +327,7 @@ def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | No
     if experts is not None and experts != formats.experts:
         raise OffloadError(f"{checkpoint.folder} holds {formats.experts} experts, not {experts}; load it without "
                            "experts= or convert the original checkpoint again")
-    return formats.experts, dense or (formats.dense if device.type == "cpu" else None)
+    return formats.experts, dense or (None if device_tier else formats.dense)
 
 
 def _start_cpu_workers(formats: list[str], cpu_threads: int | None) -> tuple[int, float]:

@@ -364,9 +364,10 @@ def placement_summary(model: Model) -> str:
         return f"all routed experts {where}"
     pinned = sum(len(l.pinned) for l in plan.layers)
     slots = sum(l.cache_slots for l in plan.layers)
+    dense = f", dense weights {plan.dense_format}" if plan.dense_format else ""
     return (f"device {plan.device_bytes / 2**20:.1f} MiB of {plan.device_budget / 2**20:.1f} MiB "
-            f"({pinned} experts pinned, {slots} cache slots), host {plan.host_bytes / 2**20:.1f} MiB of experts as "
-            f"{plan.expert_format}")
+            f"({pinned} experts pinned, {slots} cache slots{dense}), host {plan.host_bytes / 2**20:.1f} MiB of "
+            f"experts as {plan.expert_format}")
 
 
 def require_chat_template(folder: Path) -> None:

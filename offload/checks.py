@@ -111,11 +111,12 @@ def check_load(checkpoint: Checkpoint, cfg: ModelConfig, max_context: int | None
     import torch
 
     from .api import resolve_device, resolve_dtype
+    from .placement import has_device_tier
     from .placement.budget import detect_budgets
 
     max_context = resolve_max_context(cfg, max_context)
     torch_device = resolve_device(device)
-    if torch_device.type == "cpu" and gpu_memory is None and plan is None:
+    if not has_device_tier(torch_device, gpu_memory, plan):
         dtype_bytes = torch.tensor([], dtype=resolve_dtype(dtype, torch_device)).element_size()
         check_host_memory(cfg, max_context, dtype_bytes, resident_weight_bytes(checkpoint),
                           detect_budgets(torch_device, None).host_bytes)

@@ -104,8 +104,10 @@ class LoadOptions:
     cache_policy: Literal["lru", "lfu"] = _load_option("lru", "Expert cache eviction policy.")
     prefetch: bool = _load_option(True, "Prefetch the next layer's predicted experts into the cache.")
     dense: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
-        None, "int8 | int4: run attention, dense MLPs, shared experts and the LM head through the quantized CPU "
-              "kernels (CPU only; default: torch, or a converted store's format).")
+        None, "Format of attention, dense MLPs, shared experts and the LM head: int8 | int4 quantized (torch's "
+              "int8/int4 matmuls on a device tier, the CPU kernels on the CPU alone), bf16 the model dtype "
+              "(default: on a device tier the plan's choice, the model dtype while it fits; on the CPU alone "
+              "torch, or a converted store's format).")
 
 
 def with_load_options(command: Callable) -> Callable:
@@ -442,6 +444,9 @@ def plan_(
         None, help="Context the KV cache is sized for (default: the model's position limit, at most 4096)."),
     experts: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
         None, help="Host format of offloaded experts (default: the device dtype, as when loading)."),
+    dense: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
+        None, help="Device tier format of attention, dense MLPs, shared experts and the LM head (default: the "
+                   "device dtype while it leaves room for a cache slot per MoE layer, then int8, then int4)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N] (decides the device dtype)."),
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = typer.Option(
         "auto", help="Device dtype to plan for (auto: bfloat16 on a GPU, float32 on the CPU; bfloat16 plans for a "
@@ -455,7 +460,7 @@ def plan_(
     from .profiling import read_heat
 
     placement = make(model_path, gpu_memory=gpu_memory, max_context=max_context, experts=experts, device=device,
-                     dtype=dtype, heat=read_heat(profile) if profile else None, host_memory=host_memory)
+                     dtype=dtype, heat=read_heat(profile) if profile else None, host_memory=host_memory, dense=dense)
     if out_file is not None:
         placement.save(out_file)
         err.print(f"[dim]wrote {out_file}[/dim]")

@@ -63,7 +63,8 @@ def test_cuda_hybrid_plans_match_the_reference(checkpoint_dir, tmp_path, slots, 
                           cache_policy=policy)
     assert rel_err(hybrid.logits(IDS), reference.logits(IDS)) <= 1e-4
     kwargs = dict(max_new_tokens=16, ignore_eos=True)
-    assert hybrid.generate(IDS[:6].tolist(), **kwargs).token_ids == reference.generate(IDS[:6].tolist(), **kwargs).token_ids
+    prompt = IDS[:6].tolist()
+    assert hybrid.generate(prompt, **kwargs).token_ids == reference.generate(prompt, **kwargs).token_ids
     stats = hybrid.stats()
     assert all(l["hits"] + l["misses"] == l["expert_uses"] for l in stats["layers"])
     if prefetch:
@@ -99,3 +100,35 @@ def close_per_position(got: torch.Tensor, expected: torch.Tensor) -> bool:
     per_position = (got - expected).abs().amax(-1) / expected.abs().amax(-1)
     agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean()
     return per_position.median().item() < 0.04 and agreement.item() >= 0.85
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_quantized_linear_is_the_dequantized_matmul(fmt):
+    """torch's CUDA int8 / int4 weight-only kernels through DeviceQuantLinear, odd shapes padded as on the CPU."""
+    from offload.model.device_quant import DeviceQuantLinear, int4_grid, quantize
+
+    w, x = torch.randn(40, 72, device="cuda"), torch.randn(5, 72, device="cuda", dtype=torch.bfloat16)
+    linear = DeviceQuantLinear(quantize(w, fmt, torch.bfloat16))
+    if fmt == "int8":
+        dequantized = linear.weight.dequantize()
+    else:
+        q, scale, zero = int4_grid(w, torch.bfloat16)
+        groups = q.shape[1] // 32
+        dequantized = ((q.float().reshape(-1, groups, 32) - 8) * scale.float()[..., None]
+                       + zero.float()[..., None]).reshape(q.shape)[:40, :72]
+    assert rel_err(linear(x).float(), x.float() @ dequantized.T) <= 2e-2
+
+
+def test_cuda_dense_int8_model_is_close(checkpoint_dir):
+    from offload.model.device_quant import DeviceQuantLinear
+
+    folder, ref = checkpoint_dir("deepseek_v3")
+    with torch.no_grad():
+        expected = ref(IDS[None]).logits[0]
+    for dense in ("int8", "int4"):
+        gpu = offload.load(folder, device="cuda", max_context=64, dense=dense)
+        assert gpu.plan.dense_format == dense and type(gpu.transformer.lm_head) is DeviceQuantLinear
+        got = gpu.logits(IDS)
+        error = (got - expected).abs().max(-1).values / expected.abs().max(-1).values
+        assert error.median() < (0.06 if dense == "int8" else 0.45), (dense, error.median())
+

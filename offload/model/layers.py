@@ -1,5 +1,6 @@
-"""Small building blocks: RMSNorm, LayerNorm, Linear (and its packed twin QuantLinear) and the SwiGLU MLP used for dense
-layers and shared experts."""
+"""Small building blocks: RMSNorm, LayerNorm, Linear (and its packed twins: QuantLinear for the CPU kernels,
+model/device_quant.py's DeviceQuantLinear for the device tier) and the SwiGLU MLP used for dense layers and shared
+experts."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..weights.source import DenseWeight, WeightSource
+from .device_quant import DeviceQuantLinear, Int4Weight, Int8Weight, concat_outputs
 
 
 class RMSNorm(nn.Module):
@@ -93,12 +95,7 @@ class FusedLinear(nn.Module):
 
         self.packed, self.starts = concat_outputs([p.packed for p in parts])
         self.widths = [p.out_features for p in parts]
-        self.bias = None
-        if any(p.bias is not None for p in parts):
-            self.bias = torch.zeros(self.packed.shape[1], dtype=next(p.bias for p in parts if p.bias is not None).dtype)
-            for p, start, width in zip(parts, self.starts, self.widths):
-                if p.bias is not None:
-                    self.bias[start: start + width] = p.bias
+        self.bias = stacked_bias(parts, self.starts, self.packed.shape[1])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from csrc_py.dispatch import linear
@@ -107,6 +104,35 @@ class FusedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return tuple(y[..., start: start + width] for start, width in zip(self.starts, self.widths))
+
+
+class FusedDeviceQuantLinear(nn.Module):
+    """DeviceQuantLinears that read the same input run as one stacked weight (device_quant.concat_outputs): one
+    kernel call on the device tier. Returns each part's output, as views of the fused result."""
+
+    def __init__(self, parts: list[DeviceQuantLinear]):
+        super().__init__()
+        weight, self.starts = concat_outputs([p.weight for p in parts])
+        self.widths = [p.out_features for p in parts]
+        self.linear = DeviceQuantLinear(weight, stacked_bias(parts, self.starts, weight.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.linear(x)  # [..., O of all parts]
+        return tuple(y[..., start: start + width] for start, width in zip(self.starts, self.widths))
+
+
+def stacked_bias(parts: list[nn.Module], starts: list[int], rows: int) -> torch.Tensor | None:
+    """The biases of Linears stacked along their outputs (zeros between and for parts without one); None if none
+    has a bias."""
+    biases = [p.bias for p in parts]
+    first = next((b for b in biases if b is not None), None)
+    if first is None:
+        return None
+    bias = torch.zeros(rows, dtype=first.dtype, device=first.device)
+    for b, start in zip(biases, starts):
+        if b is not None:
+            bias[start: start + b.shape[0]] = b
+    return bias
 
 
 class LinearGroup(nn.Module):
@@ -120,23 +146,35 @@ class LinearGroup(nn.Module):
         return tuple(part(x) for part in self.parts)
 
 
-def group_linears(parts: list[Linear | QuantLinear]) -> FusedLinear | LinearGroup:
-    """parts(x) as one call: fused when all are packed in one format and input width."""
+def group_linears(parts: list[Linear | QuantLinear | DeviceQuantLinear]
+                  ) -> FusedLinear | FusedDeviceQuantLinear | LinearGroup:
+    """parts(x) as one call: fused when all are packed (for the CPU kernels or the device tier's) in one format and
+    input width."""
     packed = [p.packed for p in parts if isinstance(p, QuantLinear)]
     if len(packed) == len(parts) and len({(m.fmt, m.shape[2]) for m in packed}) == 1:
         return FusedLinear(parts)
+    device = [p.weight for p in parts if isinstance(p, DeviceQuantLinear)]
+    if len(device) == len(parts) and len({(w.fmt, w.shape[1]) for w in device}) == 1:
+        return FusedDeviceQuantLinear(parts)
     return LinearGroup(parts)
 
 
-def make_linear(weight: DenseWeight, bias: torch.Tensor | None = None) -> Linear | QuantLinear:
-    return Linear(weight, bias) if isinstance(weight, torch.Tensor) else QuantLinear(weight, bias)
+def make_linear(weight: DenseWeight, bias: torch.Tensor | None = None) -> Linear | QuantLinear | DeviceQuantLinear:
+    """The module for a weight as the source hands it: a tensor (torch), packed for the CPU kernels, or quantized
+    for the device tier's torch kernels."""
+    if isinstance(weight, torch.Tensor):
+        return Linear(weight, bias)
+    if isinstance(weight, (Int8Weight, Int4Weight)):
+        return DeviceQuantLinear(weight, bias)
+    return QuantLinear(weight, bias)
 
 
 def load_linear(src: WeightSource, name: str, out_dim: int, in_dim: int, bias: bool = False,
-                quantize: bool = True) -> Linear | QuantLinear:
+                quantize: bool = True) -> Linear | QuantLinear | DeviceQuantLinear:
     """The Linear `name` (weight [out_dim, in_dim], optional bias): a QuantLinear when its weight is packed in the
-    checkpoint or the source quantizes dense weights (`quantize=False` keeps a weight in torch: a gate of one row,
-    MLA's kv_b_proj whose halves the absorbed form multiplies directly)."""
+    checkpoint or the source quantizes dense weights for the CPU kernels, a DeviceQuantLinear when it quantizes them
+    for the device tier (`quantize=False` keeps a weight in the model dtype: a gate of one row, MLA's kv_b_proj
+    whose halves the absorbed form multiplies directly)."""
     weight = src.linear_weight(f"{name}.weight", (out_dim, in_dim), quantize)
     return make_linear(weight, src.take(f"{name}.bias", (out_dim,)) if bias else None)
 

@@ -9,7 +9,7 @@ from ..arch import CheckpointNames
 from ..config import ModelConfig
 from .budget import detect_budgets
 from .inventory import inventory, kv_cache_bytes
-from .planner import Plan, PlanError, PlanRequest, make_plan
+from .planner import AUTO_DENSE, Plan, PlanError, PlanRequest, make_plan
 
 
 def expert_host_bytes(fmt: str, hidden: int, intermediate: int) -> int:
@@ -23,17 +23,35 @@ def expert_host_bytes(fmt: str, hidden: int, intermediate: int) -> int:
     return 2 * empty(fmt, 1, intermediate, hidden).nbytes + empty(fmt, 1, hidden, intermediate).nbytes
 
 
+def has_device_tier(device: torch.device, gpu_memory: int | str | None, plan: Plan | str | Path | None) -> bool:
+    """Whether a load places the model on a device tier (a GPU, a simulated budget or a given plan) rather than
+    running it on the CPU alone."""
+    return device.type == "cuda" or gpu_memory is not None or plan is not None
+
+
+def dense_candidates(dense: str | None) -> tuple[str | None, ...]:
+    """The device tier's dense formats the planner may choose from: any (model dtype first) when none is asked
+    for; "bf16" asks for the model dtype."""
+    if dense is None:
+        return AUTO_DENSE
+    return (None,) if dense == "bf16" else (dense,)
+
+
 def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device, dtype: torch.dtype,
                  host_format: str, max_context: int, gpu_memory: int | str | None, plan: Plan | str | Path | None,
-                 heat=None, host_memory: int | str | None = None) -> Plan | None:
-    """The plan to load with: the one given (checked against the model), or one made from the budgets when a GPU
-    is used or a device budget is simulated; None when everything stays on the device tier."""
+                 heat=None, host_memory: int | str | None = None, dense: str | None = None) -> Plan | None:
+    """The plan to load with: the one given (checked against the model and `dense`), or one made from the budgets
+    when a GPU is used or a device budget is simulated; None when everything runs on the CPU alone.
+    dense: the device tier's dense format ("bf16" | "int8" | "int4"); None lets the planner choose."""
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     if plan is not None:
         check_plan_fits_model(plan, cfg, max_context)
+        if dense is not None and dense_candidates(dense) != (plan.dense_format,):
+            raise PlanError(f"the plan keeps the dense weights as {plan.dense_format or plan.device_dtype or 'bf16'}, "
+                            f"not {dense}; drop the dense option or make a new plan")
         return plan
-    if device.type != "cuda" and gpu_memory is None:
+    if not has_device_tier(device, gpu_memory, plan):
         return None
     budgets = detect_budgets(device, gpu_memory, host_memory)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
@@ -42,7 +60,7 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
         kv_cache_bytes=kv_cache_bytes(cfg, max_context, dtype_bytes), dtype_bytes=dtype_bytes,
         expert_format=host_format,
         expert_host_bytes=expert_host_bytes(host_format, cfg.hidden_size, cfg.moe_intermediate_size),
-        device_dtype=str(dtype).removeprefix("torch."))
+        device_dtype=str(dtype).removeprefix("torch."), dense_formats=dense_candidates(dense))
     return make_plan(inventory(cfg, names), request, heat)
 
 
@@ -59,4 +77,4 @@ def check_plan_fits_model(plan: Plan, cfg: ModelConfig, max_context: int) -> Non
 
 
 __all__ = ["Plan", "PlanError", "PlanRequest", "make_plan", "resolve_plan", "inventory", "kv_cache_bytes",
-           "detect_budgets", "expert_host_bytes"]
+           "detect_budgets", "expert_host_bytes", "has_device_tier", "dense_candidates"]

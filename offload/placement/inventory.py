@@ -9,6 +9,7 @@ import torch
 from ..arch import CheckpointNames
 from ..config import ModelConfig
 from ..experts.reference import ReferenceExperts
+from ..model.device_quant import nbytes as quantized_bytes
 from ..weights.source import InventedSource
 
 DEVICE_GROUPS = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense_mlp", "lm_head")
@@ -24,12 +25,31 @@ class Inventory:
     moe_layers: tuple[int, ...]
     num_experts: int
     top_k: int
+    dense_shapes: dict[str, tuple[tuple[int, int], ...]]  # group -> [out, in] of each weight a dense format packs
 
-    def device_bytes(self, dtype_bytes: int) -> dict[str, int]:
-        """Bytes of each always-on-device group in the model's compute dtype (routers in fp32)."""
+    def device_bytes(self, dtype_bytes: int, dense_format: str | None = None) -> dict[str, int]:
+        """Bytes of each always-on-device group in the model's compute dtype (routers in fp32), with the dense
+        weights in `dense_format` ("int8" | "int4", model/device_quant.py) when given."""
         out = {group: n * dtype_bytes for group, n in self.params.items()}
         out["routers"] = self.router_params * 4 + (self.params["routers"] - self.router_params) * dtype_bytes
+        if dense_format is not None:
+            for group, shapes in self.dense_shapes.items():
+                out[group] += sum(quantized_bytes(dense_format, O, K, dtype_bytes) - O * K * dtype_bytes
+                                  for O, K in shapes)
         return out
+
+
+class _InventorySource(InventedSource):
+    """Meta tensors for every weight, and the shapes of the dense weights a dense format would quantize."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda name, shape: torch.empty(shape, device="meta"), device=torch.device("meta"))
+        self.dense: dict[str, tuple[int, int]] = {}
+
+    def linear_weight(self, name: str, shape: tuple[int, int], quantize: bool = True):
+        if quantize:
+            self.dense[name] = tuple(shape)
+        return super().linear_weight(name, shape, quantize)
 
 
 def _group(name: str, names: CheckpointNames) -> str:
@@ -54,9 +74,12 @@ def _group(name: str, names: CheckpointNames) -> str:
 def inventory(cfg: ModelConfig, names: CheckpointNames) -> Inventory:
     from ..model.transformer import Transformer
 
-    src = InventedSource(lambda name, shape: torch.empty(shape, device="meta"), device=torch.device("meta"))
+    src = _InventorySource()
     Transformer(cfg, names, src, lambda layer, weights: ReferenceExperts(weights), max_context=1)
     params = dict.fromkeys(DEVICE_GROUPS, 0)
+    dense_shapes: dict[str, list[tuple[int, int]]] = {group: [] for group in DEVICE_GROUPS}
+    for name, shape in src.dense.items():
+        dense_shapes[_group(name, names)].append(shape)
     router = experts = 0
     for name, tensor in src.tensors.items():
         group = _group(name, names)
@@ -68,7 +91,8 @@ def inventory(cfg: ModelConfig, names: CheckpointNames) -> Inventory:
             router += tensor.numel()
     moe_layers = tuple(i for i, sparse in enumerate(cfg.moe_layers) if sparse)
     per_expert = experts // max(len(moe_layers) * cfg.router.num_experts, 1)
-    return Inventory(params, router, per_expert, moe_layers, cfg.router.num_experts, cfg.router.top_k)
+    return Inventory(params, router, per_expert, moe_layers, cfg.router.num_experts, cfg.router.top_k,
+                     {group: tuple(shapes) for group, shapes in dense_shapes.items() if shapes})
 
 
 def layer_cache_bytes(cfg: ModelConfig, layer: int, max_context: int, dtype_bytes: int) -> int:

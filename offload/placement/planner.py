@@ -1,9 +1,11 @@
 """The placement planner: a pure function from model size, budgets and routing heat to a Plan.
 
 Device tier first: embeddings, attention/MLA, the KV or latent cache for max_context, norms, routers, shared
-experts, dense MLPs and the LM head. What is left of the device budget holds routed experts: first a few cache
-slots per MoE layer (so the prefetcher has somewhere to copy predicted experts), then pinned experts — the
-hottest by routing heat, or evenly without heat. Every other expert stays on the host.
+experts, dense MLPs and the LM head, their dense weights in the model dtype or, when that leaves no room for a
+cache slot per MoE layer, in int8 then int4 (model/device_quant.py; an explicit dense format is the only
+candidate). What is left of the device budget holds routed experts: first a few cache slots per MoE layer (so the
+prefetcher has somewhere to copy predicted experts), then pinned experts — the hottest by routing heat, or evenly
+without heat. Every other expert stays on the host.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class Plan:
     expert_host_bytes: int  # one routed expert in the host format
     layers: tuple[LayerPlan, ...]
     device_dtype: str | None = None  # what the device tier's sizes assume ("float32", ...); None in older plans
+    dense_format: str | None = None  # "int8" | "int4": the device tier's dense weights quantized; None: device dtype
 
     @property
     def device_fixed_bytes(self) -> int:
@@ -95,11 +98,14 @@ class Plan:
         """A readable summary: bytes per tier (every size in one unit), then pinned / slots / host experts per MoE
         layer."""
         size = _sizes(self.device_budget, self.device_bytes, self.host_bytes)  # the table's column and budget
-        dtype = f" ({self.device_dtype})" if self.device_dtype else ""
+        dense = f"dense {self.dense_format}" if self.dense_format else None
+        shown = [part for part in (self.device_dtype, dense) if part]
+        tier = "device tier" + (f" ({', '.join(shown)})" if shown else "")
         ram = _sizes(self.host_budget)
         rows = [f"device budget {size(self.device_budget)}, host budget {ram(self.host_budget)}, "
-                f"max_context {self.max_context}, experts on host as {self.expert_format}",
-                "", f"{'device tier' + dtype:<24}{'size':>14}"]
+                f"max_context {self.max_context}, experts on host as {self.expert_format}"
+                + (f", dense weights quantized to {self.dense_format}" if dense else ""),
+                "", f"{tier:<33} size"]
         rows += [f"  {group:<22}{size(n):>14}" for group, n in self.device_groups.items() if n]
         rows += [f"  {'pinned + cache slots':<22}{size(self.device_expert_bytes):>14}",
                  f"  {'total':<22}{size(self.device_bytes):>14}",
@@ -130,20 +136,20 @@ class PlanRequest:
     expert_host_bytes: int  # one routed expert in that format
     slots_per_layer: int | None = None  # cache size per MoE layer; None: twice top-k as far as the budget allows
     device_dtype: str | None = None  # the device compute dtype's name, for the plan's table
+    # The device tier's dense formats to choose from, in order (None: the device dtype); AUTO_DENSE quantizes
+    # when the device dtype leaves no room for a cache slot per MoE layer.
+    dense_formats: tuple[str | None, ...] = (None,)
+
+
+AUTO_DENSE = (None, "int8", "int4")
 
 
 def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] | None = None) -> Plan:
     """Place a model. heat[i][e] counts how often MoE layer inv.moe_layers[i] routed to expert e."""
-    groups = {**inv.device_bytes(req.dtype_bytes), "kv_cache": req.kv_cache_bytes}
-    fixed = sum(groups.values())
-    if fixed > req.device_budget:
-        size = _sizes(fixed, req.device_budget)
-        raise PlanError(
-            f"attention, KV cache and other always-on-device weights need {size(fixed)} "
-            f"(KV cache {size(req.kv_cache_bytes)} for max_context {req.max_context}) but the device budget is "
-            f"{size(req.device_budget)}; lower max_context, use a smaller dtype or raise gpu_memory")
     E, L = inv.num_experts, len(inv.moe_layers)
     expert_bytes = inv.expert_params * req.dtype_bytes
+    dense_format, groups = choose_dense_format(inv, req, L * expert_bytes)
+    fixed = sum(groups.values())
     capacity = (req.device_budget - fixed) // expert_bytes if expert_bytes else 0
     if heat is not None and (len(heat) != L or any(len(row) != E for row in heat)):
         raise PlanError(f"routing heat must be {L} MoE layers x {E} experts; profile this model again")
@@ -157,13 +163,35 @@ def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] 
         pinned = _pin(capacity - sum(slots), slots, E, heat)
     layers = tuple(LayerPlan(layer, tuple(sorted(p)), s, E) for layer, p, s in zip(inv.moe_layers, pinned, slots))
     plan = Plan(req.device_budget, req.host_budget, req.max_context, req.expert_format, groups, expert_bytes,
-                req.expert_host_bytes, layers, req.device_dtype)
+                req.expert_host_bytes, layers, req.device_dtype, dense_format)
     if plan.host_bytes > req.host_budget:
         size = _sizes(plan.host_bytes, req.host_budget)
         raise PlanError(f"the experts left on the host need {size(plan.host_bytes)} as {req.expert_format} but "
                         f"only {size(req.host_budget)} of RAM is available; use a smaller expert format (int8, "
                         "int4) or free memory")
     return plan
+
+
+def choose_dense_format(inv: Inventory, req: PlanRequest, slot_room: int) -> tuple[str | None, dict[str, int]]:
+    """The first of req.dense_formats whose always-on-device groups (and KV cache) leave `slot_room` (a cache slot
+    per MoE layer) in the budget, else the first that fits at all, with its groups' bytes; PlanError if none fits."""
+    options = [(fmt, {**inv.device_bytes(req.dtype_bytes, fmt), "kv_cache": req.kv_cache_bytes})
+               for fmt in req.dense_formats]
+    for room in (slot_room, 0):
+        for fmt, groups in options:
+            if sum(groups.values()) + room <= req.device_budget:
+                return fmt, groups
+    needs = [sum(groups.values()) for _, groups in options]
+    size = _sizes(*needs, req.device_budget)
+    dtype = req.device_dtype or f"{8 * req.dtype_bytes}-bit floats"
+    each = [f"{size(n)} {'with ' + fmt + ' dense weights' if fmt else 'in ' + dtype}" for (fmt, _), n in
+            zip(options, needs)]
+    shown = " or ".join(filter(None, (", ".join(each[:-1]), each[-1])))
+    hint = ", quantize the dense weights (dense int8 / int4)" if options[-1][0] is None else ""
+    raise PlanError(
+        f"attention, KV cache and other always-on-device weights need {shown} "
+        f"(KV cache {size(req.kv_cache_bytes)} for max_context {req.max_context}) but the device budget is "
+        f"{size(req.device_budget)}; lower max_context{hint}, use a smaller dtype or raise gpu_memory")
 
 
 def _cache_slots(capacity: int, L: int, want: int) -> list[int]:

@@ -27,7 +27,7 @@ class WeightSource:
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
                  rename: Callable[[str], str] = str,
                  on_read: Callable[[str, int], None] | None = None, dense_format: str | None = None,
-                 expert_format: str | None = None):
+                 expert_format: str | None = None, dense_on_device: bool | None = None):
         from .store import packed_entries
 
         self.checkpoint = checkpoint
@@ -35,8 +35,11 @@ class WeightSource:
         self.device = device
         self.rename = rename  # a module's tensor name -> its name in the checkpoint (a multimodal text model's)
         self.on_read = on_read  # (file name, bytes just read): drives progress bars
-        # "int8" | "int4": quantize dense Linear weights at load for the CPU kernels; None / "bf16": keep them
+        # "int8" | "int4": quantize dense Linear weights at load; None / "bf16": keep them in the model dtype
         self.dense_format = None if dense_format == "bf16" else dense_format
+        # Where dense weights run: the device tier's torch matmuls (a GPU, or a simulated budget: model/device_quant.py
+        # for int8 / int4) or, on a CPU-only run, the CPU kernels in offload's packed formats.
+        self.dense_on_device = device.type != "cpu" if dense_on_device is None else dense_on_device
         # The host format of routed experts: a quantized checkpoint's experts are packed in it as they are read.
         self.expert_format = expert_format
         self.packed = packed_entries(checkpoint) if checkpoint is not None else {}  # a store's packed matrices
@@ -93,10 +96,17 @@ class WeightSource:
         return t is not None and t.quantized
 
     def linear_weight(self, name: str, shape: tuple[int, int], quantize: bool = True) -> DenseWeight:
-        """A dense Linear's weight [out, in]: packed when the checkpoint stores it packed, or when dense_format asks
-        for it and `quantize` allows it; else a tensor in the source's dtype and device."""
+        """A dense Linear's weight [out, in]. On the device tier: a tensor in the model dtype, or quantized for the
+        device's kernels when dense_format asks for it and `quantize` allows it. On a CPU-only run: packed when the
+        checkpoint stores it packed or dense_format asks for it, else a tensor."""
+        if self.dense_on_device:
+            if quantize and self.dense_format is not None:
+                from ..model.device_quant import quantize as device_quantize
+
+                return device_quantize(self._device_matrix(name, shape, torch.float32), self.dense_format, self.dtype)
+            return self._device_matrix(name, shape, self.dtype)
         if self.rename(name) in self.packed:
-            return self._dense(self._read_packed(name, (1, *shape)))
+            return self._read_packed(name, (1, *shape))
         if quantize and self.dense_format is not None and self.is_quantized(name):
             from csrc_py.formats import empty
 
@@ -110,9 +120,18 @@ class WeightSource:
             return pack(weight[None], self.dense_format)
         return weight
 
+    def _device_matrix(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """A dense weight [out, in] on the device in `dtype`; a store's packed matrix is dequantized."""
+        if self.rename(name) not in self.packed:
+            return self.take(name, shape, dtype)
+        from csrc_py.formats import unpack
+
+        return torch.from_numpy(unpack(self._read_packed(name, (1, *shape)))[0]).to(self.device, dtype)
+
     def tied_linear_weight(self, embed_name: str, embed: torch.Tensor) -> DenseWeight:
-        """The LM head of a model with tied embeddings: the embedding table itself, or packed from it."""
-        if self.dense_format is not None:
+        """The LM head of a model with tied embeddings: the embedding table itself, or packed from it for the CPU
+        kernels. The device tier keeps it tied: a quantized copy would add bytes beside the table it must keep."""
+        if self.dense_format is not None and not self.dense_on_device:
             from csrc_py.formats import pack
 
             return pack(embed[None], self.dense_format)
@@ -180,14 +199,6 @@ class WeightSource:
         if self.on_read is not None:
             self.on_read(self.checkpoint.tensors[f"{full}.q"].file.name, matrix.nbytes)
         return matrix
-
-    def _dense(self, matrix: PackedMatrix) -> DenseWeight:
-        """Packed dense weights run on the CPU kernels; on a GPU they are dequantized to the model dtype."""
-        if self.device.type == "cpu":
-            return matrix
-        from csrc_py.formats import unpack
-
-        return torch.from_numpy(unpack(matrix)[0]).to(self.device, self.dtype)
 
     def finish(self, is_known_extra: Callable[[str], bool]) -> list[str]:
         """Fail on tensors nobody took; skip known extras (returned, and logged as a notice)."""
