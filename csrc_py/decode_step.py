@@ -18,7 +18,8 @@ is split over KV heads, and the gated delta rule, split over value heads.
 A packed matrix travels as a tuple (q, d, m) of csrc_py.formats arrays (d, m as uint16 bits; m is d for int8, d
 and m are empty for bf16): `packed_linear` picks the kernel from q's type when the caller is compiled.
 Flags are numbers, not types, so one compiled signature serves every layer of a format combination: an empty
-array means "absent" (bias, norm weight, correction bias, shared gate, sinks), 0 means "none" (window, clip).
+array means "absent" (bias, norm weight, correction bias, shared gate, sinks), 0 means "none" (window, chunk,
+clip, L2 eps, temperature).
 """
 from __future__ import annotations
 
