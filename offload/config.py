@@ -1,7 +1,7 @@
 """ModelConfig: one frozen description of every supported MoE transformer, translated from config.json by arch/."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -155,11 +155,23 @@ class ModelConfig:
     # 1 + attn_scale * log1p(floor((p + 1) / floor_scale)); (floor_scale, attn_scale), None = off.
     attention_temperature: tuple[float, float] | None = None
     router_scales_input: bool = False  # Llama-4: expert k runs on weight_k * x and its output is added unweighted
+    # Per layer top-k where it differs between layers (Hunyuan's moe_topk list; router.top_k is then the largest);
+    # () = router.top_k on every layer.
+    layer_top_k: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict, compare=False, hash=False)  # untranslated config.json, for display
 
     @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
+
+    def router_of(self, layer: int) -> RouterConfig:
+        """The routing of MoE layer `layer`: `router`, with that layer's own top-k where they differ."""
+        return replace(self.router, top_k=self.layer_top_k[layer]) if self.layer_top_k else self.router
+
+    @property
+    def routed_per_token(self) -> int:
+        """Routed experts one token uses over all MoE layers."""
+        return sum(self.router_of(i).top_k for i, moe in enumerate(self.moe_layers) if moe)
 
     def uses_rope(self, layer: int) -> bool:
         return not self.rope_layers or self.rope_layers[layer]

@@ -72,7 +72,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         shared_experts=p["shared_experts"],
         routed_experts=len(inv.moe_layers) * inv.num_experts * inv.expert_params,
         per_expert=inv.expert_params,
-        active_experts=len(inv.moe_layers) * inv.top_k,
+        active_experts=cfg.routed_per_token,
     )
 
 
@@ -128,6 +128,8 @@ def experts_summary(cfg: ModelConfig) -> dict[str, Any]:
         "activation": cfg.expert_activation.kind, "expert_bias": cfg.expert_bias,
         "weight_scales_input": cfg.router_scales_input,
     }
+    if cfg.layer_top_k:
+        summary["top_k_by_layer"] = list(cfg.layer_top_k)
     if r.n_group > 1:
         summary.update(n_group=r.n_group, topk_group=r.topk_group)
     if cfg.shared_intermediate_size:
@@ -259,7 +261,9 @@ def _linear_attention_text(la: dict[str, Any], total_layers: int) -> str:
 
 
 def _experts_text(e: dict[str, Any]) -> str:
-    text = f"{e['routed']} routed, top-{e['top_k']}, {e['scoring']} scores, {e['topk_method']}"
+    by_layer = e.get("top_k_by_layer")
+    top_k = f"{min(by_layer)}..{max(by_layer)} by layer" if by_layer else e["top_k"]
+    text = f"{e['routed']} routed, top-{top_k}, {e['scoring']} scores, {e['topk_method']}"
     if "n_group" in e:
         text += f" ({e['topk_group']} of {e['n_group']} groups)"
     if e["selection_bias"]:

@@ -1,4 +1,5 @@
-"""tools/gguf_export.py: a tiny transformers Mixtral exported to GGUF and read back with gguf.GGUFReader."""
+"""tools/gguf_export.py: tiny transformers Mixtral, Qwen3-MoE and DeepSeek-V2 checkpoints exported to GGUF, read
+back with gguf.GGUFReader, and run by llama.cpp (llama-cpp-python, where importable) against transformers."""
 from __future__ import annotations
 
 import sys
@@ -10,7 +11,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import gguf_architectures  # noqa: E402
 import gguf_export  # noqa: E402
+from tiny_models import write_checkpoint  # noqa: E402
 
 Q8_0, Q4_0, F16, F32 = (gguf.GGMLQuantizationType[n] for n in ("Q8_0", "Q4_0", "F16", "F32"))
 SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -107,7 +110,7 @@ def test_q_and_k_rows_are_permuted_for_llama_cpp_rope(mixtral):
     for proj, name, heads in (("q_proj", "attn_q", 4), ("k_proj", "attn_k", 2)):
         hf = weights[f"model.layers.0.self_attn.{proj}.weight"].numpy()
         got = values(tensors[f"blk.0.{name}.weight"])
-        np.testing.assert_allclose(gguf_export.unpermute_for_rope(got, heads), hf, atol=np.abs(hf).max() / 250)
+        np.testing.assert_allclose(gguf_architectures.unpermute_for_rope(got, heads), hf, atol=np.abs(hf).max() / 250)
         assert not np.allclose(got, hf, atol=np.abs(hf).max() / 250)  # the layout did change
 
 
@@ -132,8 +135,9 @@ def rope_interleaved(x: np.ndarray, pos: int, base: float) -> np.ndarray:
 def test_permuted_projections_give_the_same_attention_scores_under_llama_cpp_rope():
     rng = np.random.default_rng(0)
     heads, d, hidden = 2, 8, 16
-    wq, wk, x, y = rng.normal(size=(heads * d, hidden)), rng.normal(size=(heads * d, hidden)), *rng.normal(size=(2, hidden))
-    pq, pk = gguf_export.permute_for_rope(wq, heads), gguf_export.permute_for_rope(wk, heads)
+    wq, wk = rng.normal(size=(2, heads * d, hidden))
+    x, y = rng.normal(size=(2, hidden))
+    pq, pk = gguf_architectures.permute_for_rope(wq, heads), gguf_architectures.permute_for_rope(wk, heads)
     for h in range(heads):
         rows = slice(h * d, (h + 1) * d)
         hf = rope_rotate_half(wq[rows] @ x, 5, 1e4) @ rope_rotate_half(wk[rows] @ y, 2, 1e4)
@@ -150,3 +154,169 @@ def test_q4_0_experts_with_q8_0_dense_and_f16_fallback(tmp_path):
     assert tensors["blk.0.attn_q.weight"].tensor_type == Q8_0
     assert tensors["output.weight"].tensor_type == Q8_0
     assert any("blk.0.ffn_down_exps.weight" in note and "F16" in note for note in notes)
+
+
+# ---------------------------------------------------------------- Qwen3-MoE and DeepSeek-V2 (MLA)
+
+# The tiny variants llama.cpp runs as the same model: every Qwen3-MoE layer sparse (with and without YaRN);
+# DeepSeek-V2 with a plain q_proj, a dense first layer and two shared experts, and with q_a/q_b and YaRN as
+# DeepSeek-V2-Lite publishes it (mscale == mscale_all_dim).
+LITE_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+             "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
+LLAMA_CPP_CASES = {
+    "mixtral": ("mixtral", None),
+    "qwen3_moe": ("qwen3_moe", dict(mlp_only_layers=[])),
+    "qwen3_moe_yarn": ("qwen3_moe", dict(mlp_only_layers=[], rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})),
+    "deepseek_v2": ("deepseek_v2", None),
+    "deepseek_v2_q_lora_yarn": ("deepseek_v2_group_yarn", dict(topk_method="greedy", n_group=1, topk_group=1,
+                                                               rope_parameters=LITE_YARN)),
+}
+PROMPT = [5, 17, 33, 2, 71, 9, 60, 44, 28, 90, 13, 51]
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (transformers model, F32 GGUF path, fields, tensors) for every LLAMA_CPP_CASES variant."""
+    out = {}
+    for name, (variant, overrides) in LLAMA_CPP_CASES.items():
+        folder = tmp_path_factory.mktemp(name)
+        ref = write_checkpoint(variant, folder, overrides=overrides)
+        path = gguf_export.export(folder, folder / "f32.gguf", "f32", log=lambda _: None)
+        out[name] = (ref, path, *read(path))
+    return out
+
+
+def test_qwen3_moe_tensors_and_keys(exported):
+    ref, _, fields, tensors = exported["qwen3_moe"]
+    assert fields["general.architecture"] == "qwen3moe"
+    expected = {"block_count": 3, "embedding_length": 64, "attention.head_count": 4, "attention.head_count_kv": 2,
+                "attention.key_length": 24, "attention.value_length": 24, "rope.dimension_count": 24,
+                "expert_count": 8, "expert_used_count": 3, "expert_feed_forward_length": 32}
+    for key, value in expected.items():
+        assert fields[f"qwen3moe.{key}"] == value, key
+    state = ref.state_dict()
+    np.testing.assert_array_equal(values(tensors["blk.2.attn_q_norm.weight"]),
+                                  state["model.layers.2.self_attn.q_norm.weight"].numpy())
+    np.testing.assert_array_equal(values(tensors["blk.0.attn_k.weight"]),  # no rope permutation: NEOX rope
+                                  state["model.layers.0.self_attn.k_proj.weight"].numpy())
+    assert tuple(tensors["blk.1.ffn_down_exps.weight"].shape.tolist()) == (32, 64, 8)
+    assert "output.weight" in tensors and "blk.0.ffn_gate.weight" not in tensors
+
+
+def test_deepseek_v2_mla_tensors_and_keys(exported):
+    ref, _, fields, tensors = exported["deepseek_v2"]
+    assert fields["general.architecture"] == "deepseek2"
+    expected = {"attention.head_count": 4, "attention.head_count_kv": 1, "attention.key_length": 16 + 8,
+                "attention.value_length": 16, "attention.key_length_mla": 12 + 8, "attention.value_length_mla": 10,
+                "attention.kv_lora_rank": 16, "attention.q_lora_rank": 0, "rope.dimension_count": 8,
+                "leading_dense_block_count": 1, "expert_shared_count": 2, "expert_feed_forward_length": 24,
+                "feed_forward_length": 80, "expert_count": 8, "expert_used_count": 2}
+    for key, value in expected.items():
+        assert fields[f"deepseek2.{key}"] == value, key
+    assert fields["deepseek2.expert_weights_scale"] == pytest.approx(1.5)
+    assert fields["deepseek2.expert_gating_func"] == gguf.ExpertGatingFuncType.SOFTMAX
+    assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_exps.weight" not in tensors  # the dense layer
+    assert {"blk.1.ffn_up_shexp.weight", "blk.1.ffn_gate_exps.weight", "blk.1.attn_q.weight"} <= set(tensors)
+    assert "blk.1.attn_kv_b.weight" not in tensors and "blk.1.attn_q_a.weight" not in tensors
+    # kv_b_proj [heads * (nope + v), kv_lora] = per head: k_b transposed back, then v_b
+    k_b, v_b = values(tensors["blk.1.attn_k_b.weight"]), values(tensors["blk.1.attn_v_b.weight"])
+    assert k_b.shape == (4, 16, 12) and v_b.shape == (4, 10, 16)
+    rebuilt = np.concatenate([k_b.swapaxes(1, 2), v_b], axis=1).reshape(4 * 22, 16)
+    np.testing.assert_array_equal(rebuilt, ref.state_dict()["model.layers.1.self_attn.kv_b_proj.weight"].numpy())
+
+
+def test_deepseek_v2_q_lora_and_yarn_keys(exported):
+    _, _, fields, tensors = exported["deepseek_v2_q_lora_yarn"]
+    assert fields["deepseek2.attention.q_lora_rank"] == 20
+    assert {"blk.0.attn_q_a.weight", "blk.0.attn_q_a_norm.weight", "blk.0.attn_q_b.weight"} <= set(tensors)
+    assert "blk.0.attn_q.weight" not in tensors
+    assert fields["deepseek2.leading_dense_block_count"] == 0 and "blk.0.ffn_gate_exps.weight" in tensors
+    assert fields["deepseek2.rope.scaling.type"] == "yarn"
+    assert fields["deepseek2.rope.scaling.factor"] == pytest.approx(4.0)
+    assert fields["deepseek2.rope.scaling.original_context_length"] == 64
+    assert fields["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.0707)
+
+
+def test_group_limited_routing_keys_with_a_note(tmp_path):
+    write_checkpoint("deepseek_v2_group_yarn", tmp_path)  # 2 of 4 groups, mscale 0.707 != mscale_all_dim 1.0
+    notes: list[str] = []
+    fields, _ = read(gguf_export.export(tmp_path, tmp_path / "q8.gguf", "q8_0", log=notes.append))
+    assert (fields["deepseek2.expert_group_count"], fields["deepseek2.expert_group_used_count"]) == (4, 2)
+    assert any("top-2" in note for note in notes) and any("mscale" in note for note in notes)
+
+
+@pytest.mark.parametrize("overrides, field", [(dict(norm_topk_prob=False), "norm_topk_prob"),
+                                              (dict(mlp_only_layers=[1]), "mlp_only_layers"),
+                                              (dict(mlp_only_layers=[], attention_bias=True), "attention_bias")])
+def test_qwen3_moe_configs_llama_cpp_cannot_run_are_refused(tmp_path, overrides, field):
+    write_checkpoint("qwen3_moe", tmp_path, overrides=overrides)
+    with pytest.raises(gguf_architectures.ExportError, match=field):
+        gguf_export.export(tmp_path, tmp_path / "x.gguf", "q8_0", log=lambda _: None)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_refuses_an_unsupported_model_type_with_one_line_and_exit_2(tmp_path):
+    import subprocess
+
+    write_checkpoint("olmoe", tmp_path)
+    proc = subprocess.run([sys.executable, str(Path(gguf_export.__file__)), str(tmp_path), str(tmp_path / "x.gguf")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: model_type 'olmoe' is not exported to GGUF; supported: mixtral, qwen3_moe, deepseek_v2"]
+
+
+def llama_cpp_greedy(path: Path, prompt: list[int], steps: int) -> np.ndarray:
+    """llama.cpp's last-position logits [steps, vocab] after the prompt and after each greedy token, with an F32
+    KV cache (its default F16 cache would round K and V)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f32 = int(gguf.GGMLQuantizationType.F32)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_ubatch=64, n_threads=1, type_k=f32,
+                          type_v=f32, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
+
+    llm.eval(prompt)
+    logits = [last_logits()]
+    for _ in range(steps - 1):
+        llm.eval([int(logits[-1].argmax())])
+        logits.append(last_logits())
+    llm.close()
+    return np.stack(logits)
+
+
+def transformers_greedy(ref, prompt: list[int], steps: int) -> np.ndarray:
+    """The transformers model's last-position logits [steps, vocab] along its own greedy generation."""
+    ids, logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits.append(ref(torch.tensor([ids])).logits[0, -1].numpy())
+            ids.append(int(logits[-1].argmax()))
+    return np.stack(logits)
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CPP_CASES))
+def test_llama_cpp_runs_the_f32_export_as_transformers(exported, name):
+    """The exported GGUF is the same model to llama.cpp: next-token logits within fp32 rounding of transformers'
+    (measured max |error| / max |logit|: 4e-7 to 6e-7 on these variants; 7e-4 to 1e-3 from an F16 export), and
+    the same greedy tokens."""
+    ref, path, _, _ = exported[name]
+    got, expected = llama_cpp_greedy(path, PROMPT, STEPS), transformers_greedy(ref, PROMPT, STEPS)
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
+
+
+def test_a_missing_tensor_is_named_before_anything_is_written(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_checkpoint("deepseek_v2", tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.2.self_attn.kv_b_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(gguf_architectures.ExportError, match="model.layers.2.self_attn.kv_b_proj.weight"):
+        gguf_export.export(tmp_path, tmp_path / "x.gguf", "q8_0", log=lambda _: None)
+    assert not list(tmp_path.glob("x.gguf*"))

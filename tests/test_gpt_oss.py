@@ -1,5 +1,6 @@
 """gpt-oss (gpt_oss) beyond the shared reference runner: the config.json the published checkpoints use, their MXFP4
-experts in the out-major block layout, the published sizes, the harmony chat format, and inspect / plan."""
+experts in the out-major block layout, the published sizes, the harmony chat format, inspect / plan, and convert of
+the fused experts (bf16 and MXFP4) without a layer ever in float."""
 from __future__ import annotations
 
 import json
@@ -10,17 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
-from typer.testing import CliRunner
 
 import offload
+from csrc_py.formats import unpack
 from offload.arch import config_from_hf
-from offload.cli import app
 from offload.inspect import param_counts
 from offload.tokenizer import Tokenizer
 from offload.weights.checkpoint import Checkpoint
 from offload.weights.encoders import encode_mxfp4
+from offload.weights.store import convert
 from test_tokenizer import _train_byte_level, _write_config
-from tiny_models import cli_text, reference_logits, rel_err, write_checkpoint
+from tiny_models import (FloatAllocations, check_misread_fused_rows, check_plan_and_convert, cli_text,
+                         reference_logits, rel_err, write_checkpoint)
 
 IDS = torch.arange(3, 27)  # 24 tokens: past the window of 7 on the sliding layers
 LAYERS_20B = 24
@@ -83,33 +85,108 @@ def mxfp4_folder(folder, dest):
     return dest
 
 
-def test_mxfp4_experts_load_in_their_block_layout(tmp_path):
-    """The MXFP4 checkpoint equals a bf16 one holding its decoded values in the transposed layout."""
-    folder = tmp_path / "bf16"
-    write_checkpoint("gpt_oss", folder, overrides={"intermediate_size": 32})  # MXFP4 needs in-widths of 32
-    quantized = mxfp4_folder(folder, tmp_path / "mxfp4")
-    model = offload.load(quantized, device="cpu")
-    decoded = tmp_path / "decoded"
-    shutil.copytree(folder, decoded)
+def decoded_folder(folder, quantized, dest):
+    """The bf16 checkpoint `folder` holding the MXFP4 checkpoint `quantized`'s decoded expert values (float32, in
+    the transposed layout)."""
+    shutil.copytree(folder, dest)
     tensors = load_file(folder / "model.safetensors")
     stored = Checkpoint(quantized)
     for name in tensors:
         if name.endswith(("gate_up_proj", "down_proj")):
             tensors[name] = stored.read_logical(name).float().transpose(1, 2).contiguous()
-    save_file(tensors, decoded / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+@pytest.fixture(scope="module")
+def mxfp4_checkpoints(tmp_path_factory):
+    """(bf16 source, its MXFP4 checkpoint, the bf16 checkpoint of the MXFP4 values), MXFP4 needing in-widths of 32."""
+    tmp = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    folder = tmp / "bf16"
+    write_checkpoint("gpt_oss", folder, overrides={"intermediate_size": 32})
+    quantized = mxfp4_folder(folder, tmp / "mxfp4")
+    return folder, quantized, decoded_folder(folder, quantized, tmp / "decoded")
+
+
+def test_mxfp4_experts_load_in_their_block_layout(mxfp4_checkpoints):
+    """The MXFP4 checkpoint equals a bf16 one holding its decoded values in the transposed layout: its experts
+    become int8 on their own grid (unpacking gives the MXFP4 values exactly), gate and up rows taken alternately."""
+    folder, quantized, decoded = mxfp4_checkpoints
+    model = offload.load(quantized, device="cpu")
     # An MXFP4 checkpoint's experts run on the CPU workers as int8 unless asked otherwise.
     assert model.load_info.expert_format == "int8"
-    assert torch.equal(model.logits(IDS), offload.load(decoded, device="cpu", experts="int8").logits(IDS))
+    stacks = load_file(decoded / "model.safetensors")
+    for layer, moe in enumerate(model.transformer.moe_blocks()):
+        gate_up = stacks[f"model.layers.{layer}.mlp.experts.gate_up_proj"].transpose(1, 2)  # [E, 2I, H]
+        down = stacks[f"model.layers.{layer}.mlp.experts.down_proj"].transpose(1, 2)  # [E, H, I]
+        for packed, values in zip((moe.experts.gate, moe.experts.up, moe.experts.down),
+                                  (gate_up[:, 0::2], gate_up[:, 1::2], down)):
+            assert torch.equal(torch.from_numpy(unpack(packed)), values)
     expected = offload.load(decoded, device="cpu").logits(IDS)
     assert rel_err(model.logits(IDS), expected) <= 4e-2
     assert rel_err(expected, offload.load(folder, device="cpu").logits(IDS)) > 1e-4  # MXFP4 did change the values
 
 
-def test_convert_of_fused_experts_is_one_clear_error(checkpoint_dir, tmp_path):
-    folder, _ = checkpoint_dir("gpt_oss")
-    result = CliRunner().invoke(app, ["convert", str(folder), str(tmp_path / "store"), "--experts", "int8"])
-    assert result.exit_code == 2
-    assert "convert does not yet write experts stored as whole-layer tensors" in result.output
+@pytest.mark.parametrize("experts", [None, "int4"])
+def test_convert_of_the_mxfp4_checkpoint(mxfp4_checkpoints, tmp_path, experts):
+    """The published MXFP4 layout converts (int8 by default: its own grid; int4 requantized), and the store gives
+    the logits of loading the MXFP4 checkpoint itself in that format."""
+    _, quantized, _ = mxfp4_checkpoints
+    store = tmp_path / "store"
+    cli_text("convert", quantized, store, *(("--experts", experts) if experts else ()))
+    from_store = offload.load(store, device="cpu")
+    assert from_store.load_info.expert_format == (experts or "int8")
+    assert torch.equal(from_store.logits(IDS), offload.load(quantized, device="cpu", experts=experts).logits(IDS))
+    assert "MXFP4" in cli_text("inspect", store)
+
+
+@pytest.mark.parametrize("experts, dense", [("int8", "bf16"), ("int4", "int8")])
+def test_convert_carries_biases_and_activation(checkpoint_dir, tmp_path, experts, dense):
+    """A converted gpt-oss store keeps the experts' biases and clamped SwiGLU: it gives the logits of loading the
+    source in the same formats (int8 experts alone: within int8's bound of transformers')."""
+    folder, ref = checkpoint_dir("gpt_oss")
+    check_plan_and_convert(folder, tmp_path / "store", 3, IDS, experts=experts, dense=dense)
+    model = offload.load(tmp_path / "store", device="cpu")
+    for moe in model.transformer.moe_blocks():
+        assert moe.experts.biases is not None and moe.experts.activation.kind == "clamped_swiglu"
+    if dense == "bf16":
+        assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) <= 2e-2
+
+
+@pytest.mark.parametrize("misread", ["swapped", "as_halves"])
+def test_misread_fused_rows_leave_the_int8_bound(checkpoint_dir, tmp_path, monkeypatch, misread):
+    """Guard for the convert tests: gate and up swapped, or the interleaved rows read as halves, move a store's
+    logits far further from transformers' than int8 experts do."""
+    check_misread_fused_rows(*checkpoint_dir("gpt_oss"), tmp_path / "store", monkeypatch, misread, IDS)
+
+
+WHOLE_LAYER = re.compile(r"experts\.(gate_up|down)_proj(_blocks|_scales)?$")  # a fused layer's weight tensors
+
+
+def test_fused_layers_are_read_one_expert_at_a_time(checkpoint_dir, mxfp4_checkpoints, tmp_path, monkeypatch):
+    """Loading (packed experts, and the float reference) and converting never read a whole-layer expert tensor at
+    once, and with packed experts no float tensor as large as one layer's gate stack [E, I, H] is ever allocated;
+    the float reference load, which keeps such stacks (filled one expert at a time), shows that the probe sees
+    them."""
+    for method in ("read", "read_logical"):
+        def refuse(checkpoint, name, whole=getattr(Checkpoint, method)):
+            assert not WHOLE_LAYER.search(name), f"{name} read whole"
+            return whole(checkpoint, name)
+
+        monkeypatch.setattr(Checkpoint, method, refuse)
+    for folder in (checkpoint_dir("gpt_oss")[0], mxfp4_checkpoints[1]):
+        cfg = Checkpoint(folder).config_json
+        layer_stack = cfg["num_local_experts"] * cfg["intermediate_size"] * cfg["hidden_size"]
+        for action in (lambda: offload.load(folder, device="cpu", experts="int4", max_context=64),
+                       lambda: convert(folder, tmp_path / folder.name, "int4")):
+            with FloatAllocations() as probe:
+                action()
+            assert max(probe.sizes) < layer_stack
+    folder = checkpoint_dir("gpt_oss")[0]
+    with FloatAllocations() as probe:  # the float reference load
+        offload.load(folder, device="cpu", max_context=64)
+    cfg = Checkpoint(folder).config_json
+    assert max(probe.sizes) >= cfg["num_local_experts"] * cfg["intermediate_size"] * cfg["hidden_size"]
 
 
 def test_sinks_matter_in_the_tiny_model(checkpoint_dir):

@@ -13,7 +13,7 @@ from offload.arch import config_from_hf
 from offload.errors import CheckpointError
 from offload.inspect import param_counts
 from offload.model.rope import inverse_frequencies
-from tiny_models import check_plan_and_convert, clone_with_config, cli_text, reference_logits, rel_err
+from tiny_models import check_plan_and_convert, clone_with_config, cli_text, reference_logits, rel_err, write_checkpoint
 
 IDS = torch.arange(3, 27)
 LAYERS = 32
@@ -72,7 +72,7 @@ def test_norms_after_rope_matter_in_the_tiny_model(checkpoint_dir):
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"moe_topk": [8] * 16 + [4] * 16}, "moe_topk differs between layers ([4, 8])"),
+    ({"moe_topk": [8] * 16}, "moe_topk lists 16 values for 32 layers"),
     ({"num_experts": [64] * 31 + [32]}, "num_experts differs between layers ([32, 64])"),
     ({"use_cla": True}, "config.json sets use_cla (cross-layer KV sharing)"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
@@ -90,6 +90,27 @@ def test_published_config_translation_and_size():
     counts = param_counts(cfg)
     assert counts.total == pytest.approx(80e9, rel=0.02)
     assert counts.active == pytest.approx(13e9, rel=0.05)
+
+
+def test_top_k_per_layer_is_transformers(tmp_path):
+    """A moe_topk list with a top-k of its own per layer (HunYuanMoEV1Gate reads moe_topk[layer_idx]): the
+    reference logits and greedy tokens, on the reference backend and on the CPU workers; inspect shows the range."""
+    folder = tmp_path / "topk"
+    ref = write_checkpoint("hunyuan_v1_moe", folder, overrides={"moe_topk": [1, 3, 2]})
+    expected = reference_logits(ref, IDS)
+    model = offload.load(folder, device="cpu")
+    assert [moe.router_cfg.top_k for moe in model.transformer.moe_blocks()] == [1, 3, 2]
+    assert rel_err(model.logits(IDS), expected) <= 1e-4
+    with torch.no_grad():
+        out = ref.generate(IDS[:6][None], max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           attention_mask=torch.ones(1, 6, dtype=torch.long))
+    assert model.generate(IDS[:6].tolist(), max_new_tokens=24, ignore_eos=True).token_ids == out[0, 6:].tolist()
+    on_workers = offload.load(folder, device="cpu", experts="int8").logits(IDS)
+    assert rel_err(on_workers, expected) <= 2e-2
+    uniform = config_from_hf({**HUNYUAN_A13B, "moe_topk": [3] * LAYERS})
+    assert param_counts(config_from_hf({**HUNYUAN_A13B, "moe_topk": [3, 1] * (LAYERS // 2)})).active < \
+        param_counts(uniform).active
+    assert "8 routed, top-1..3 by layer, softmax scores" in cli_text("inspect", folder)
 
 
 def test_inspect_plan_and_convert_commands(checkpoint_dir, tmp_path):

@@ -1,20 +1,18 @@
 """Llama-4 (llama4, llama4_text) beyond the shared reference runner: guards that each of its options changes the
 tiny models' numbers (so the runner would catch a dropped one), int8 experts, the published configs' translation
-and sizes, inspect / plan, and convert's error."""
+and sizes, inspect / plan, and convert."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import offload
 from offload.arch import config_from_hf
-from offload.cli import app
 from offload.inspect import param_counts
 from offload.model.rope import inverse_frequencies
-from tiny_models import cli_text, reference_logits, rel_err
+from tiny_models import check_misread_fused_rows, check_plan_and_convert, cli_text, reference_logits, rel_err
 
 IDS = torch.arange(3, 27)  # 24 tokens: three attention chunks of 8 on the RoPE layers
 LAYERS = 48
@@ -124,8 +122,19 @@ def test_inspect_and_plan_commands(checkpoint_dir):
     assert len(plan["layers"]) == 1  # MoE on the second of three layers only
 
 
-def test_convert_of_fused_experts_is_one_clear_error(checkpoint_dir, tmp_path):
-    folder, _ = checkpoint_dir("llama4")
-    result = CliRunner().invoke(app, ["convert", str(folder), str(tmp_path / "store"), "--experts", "int8"])
-    assert result.exit_code == 2
-    assert "convert does not yet write experts stored as whole-layer tensors" in result.output
+@pytest.mark.parametrize("name", ["llama4", "llama4_text"])
+def test_convert_writes_a_store_that_loads_as_the_source(checkpoint_dir, tmp_path, name):
+    """The fused experts (gate, up halves) convert: the store (the text model alone, for the multimodal
+    checkpoint) gives the logits of loading the source in the same formats."""
+    folder, ref = checkpoint_dir(name)
+    check_plan_and_convert(folder, tmp_path / "store", 3 if name == "llama4" else 1, IDS, experts="int8", dense="bf16")
+    from_store = offload.load(tmp_path / "store", device="cpu")
+    assert from_store.config.model_type == "llama4_text"
+    assert rel_err(from_store.logits(IDS), reference_logits(ref, IDS)) <= 2e-2
+
+
+@pytest.mark.parametrize("misread", ["swapped", "as_interleaved"])
+def test_misread_fused_rows_leave_the_int8_bound(checkpoint_dir, tmp_path, monkeypatch, misread):
+    """Guard for the convert tests: gate and up swapped, or the halves read as interleaved rows, move a store's
+    logits far further from transformers' than int8 experts do."""
+    check_misread_fused_rows(*checkpoint_dir("llama4"), tmp_path / "store", monkeypatch, misread, IDS)

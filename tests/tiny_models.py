@@ -4,10 +4,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from offload.weights.fused import FusedExperts
 
 COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, initializer_range=0.08,
               max_position_embeddings=256, tie_word_embeddings=False)
@@ -263,14 +268,61 @@ def cli_text(*args) -> str:
     return re.sub(r"\s+", " ", result.stdout)
 
 
-def check_plan_and_convert(folder: Path, store: Path, moe_layers: int, ids: torch.Tensor) -> None:
+def check_plan_and_convert(folder: Path, store: Path, moe_layers: int, ids: torch.Tensor, experts: str = "int4",
+                           dense: str = "int8") -> None:
     """`offload plan` places every MoE layer; `offload convert` writes a store that gives the logits of converting
-    at load (int4 experts, int8 dense)."""
+    at load (int4 experts, int8 dense by default), and that `inspect` and `plan` describe."""
     import offload
 
     plan = json.loads(cli_text("plan", folder, "--gpu-memory", "2MiB", "--max-context", "64", "--json"))
     assert len(plan["layers"]) == moe_layers
-    cli_text("convert", folder, store, "--experts", "int4", "--dense", "int8")
+    cli_text("convert", folder, store, "--experts", experts, "--dense", dense)
     from_store = offload.load(store, device="cpu")
-    at_load = offload.load(folder, device="cpu", experts="int4", dense="int8")
+    at_load = offload.load(folder, device="cpu", experts=experts, dense=dense)
     assert torch.equal(from_store.logits(ids), at_load.logits(ids))
+    described = json.loads(cli_text("inspect", store, "--json"))
+    assert described["layers"]["moe"] == moe_layers and described["parameters"] == json.loads(
+        cli_text("inspect", folder, "--json"))["parameters"]
+    store_plan = json.loads(cli_text("plan", store, "--gpu-memory", "2MiB", "--max-context", "64", "--json"))
+    assert len(store_plan["layers"]) == moe_layers
+
+
+# Misreadings of a fused gate_up_proj (weights.fused.FusedExperts.rows): gate and up swapped, or the rows of the
+# other layout.
+_ROWS = FusedExperts.rows
+MISREAD_ROWS = {"swapped": lambda fused, part: _ROWS(fused, 1 - part if part < 2 else part),
+                "as_halves": lambda fused, part: _ROWS(replace(fused, layout="halves"), part),
+                "as_interleaved": lambda fused, part: _ROWS(replace(fused, layout="interleaved"), part)}
+
+
+def check_misread_fused_rows(folder: Path, ref, store: Path, monkeypatch, misread: str, ids: torch.Tensor) -> None:
+    """A store converted with MISREAD_ROWS[misread] gives logits more than 5x further from transformers' than
+    int8 experts read right do: a store checked against the reference within int8's bound catches the misreading."""
+    import offload
+    from offload.weights.store import convert
+
+    expected = reference_logits(ref, ids)
+    right = rel_err(offload.load(folder, device="cpu", experts="int8").logits(ids), expected)
+    monkeypatch.setattr(FusedExperts, "rows", MISREAD_ROWS[misread])
+    convert(folder, store, "int8")
+    wrong = rel_err(offload.load(store, device="cpu").logits(ids), expected)
+    assert wrong > 5 * max(right, 1e-3), (wrong, right)
+
+
+class FloatAllocations(TorchDispatchMode):
+    """Records the element count of every floating-point tensor an op allocates (meta tensors, and views of the
+    op's inputs, such as a slice of a memory-mapped file, aside): what a load or a convert materialises in torch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = [0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta" \
+                    and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(t.untyped_storage().nbytes() // t.element_size())
+        return out

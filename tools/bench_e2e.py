@@ -4,7 +4,9 @@
     python tools/bench_e2e.py CHECKPOINT --engines offload-int8,llama.cpp-q8_0 --rounds 5 --json out.json
     python tools/bench_e2e.py CHECKPOINT --offload-store STORE  # adds offload on a pre-quantized store
 
-CHECKPOINT is a Hugging Face Mixtral folder (config.json + safetensors). Engines:
+CHECKPOINT is a Hugging Face folder (config.json + safetensors) of a model offload runs; the llama.cpp engines
+need one tools/gguf_export.py exports: mixtral, qwen3_moe or deepseek_v2 (a GGUF per checkpoint and format; a
+checkpoint it refuses skips them with its one-line reason). Engines:
   offload-int8, offload-int4  offload.load(device="cpu", experts=..., dense=...), Model.generate; dense is
                               the experts' format unless --dense says otherwise (matched bits, as the GGUFs)
   offload-int8-torchstep,     the same with the compiled CPU decode step off (OFFLOAD_COMPILED_STEP=0 in the
@@ -319,10 +321,11 @@ def available_engines(args: argparse.Namespace) -> list[str]:
 
 
 def export_ggufs(args: argparse.Namespace, engines: list[str]) -> dict[str, float]:
-    """Write the GGUF files the llama.cpp engines need (reused when newer than the checkpoint); seconds each."""
+    """Write the GGUF files the llama.cpp engines need (reused when newer than the checkpoint); seconds each. An
+    engine whose export fails is removed from `engines`, with the exporter's reason."""
     seconds = {}
     source_time = max(p.stat().st_mtime for p in args.checkpoint.iterdir())
-    for engine in engines:
+    for engine in list(engines):
         if engine not in GGUF_TYPES:
             continue
         out = gguf_file(args, GGUF_TYPES[engine])
@@ -335,7 +338,12 @@ def export_ggufs(args: argparse.Namespace, engines: list[str]) -> dict[str, floa
             command += ["--dense-type", args.gguf_dense]
         print(f"exporting {out} ...", flush=True)
         t0 = time.perf_counter()
-        subprocess.run(command, check=True)
+        proc = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            print(f"skip {engine}: tools/gguf_export.py failed: {reason}")
+            engines.remove(engine)
+            continue
         seconds[engine] = time.perf_counter() - t0
     return seconds
 
@@ -448,7 +456,7 @@ def environment() -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="Hugging Face Mixtral folder (config.json + safetensors)")
+    parser.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint folder (config.json + safetensors)")
     parser.add_argument("--engines", default=None, help=f"comma list of {', '.join(ALL_ENGINES)} "
                         "(default: all available but llama.cpp-f16)")
     parser.add_argument("--prompt-tokens", type=int, default=512)

@@ -4,7 +4,8 @@ every layer MoE: softmax top-k routing by `gate.wg`, renormalised, plus a shared
 `intermediate_size` as each routed expert.
 
 Missing keys take transformers' HunYuanMoEV1Config defaults, so a config.json means what it means there; like
-transformers, the published per-layer lists (`moe_intermediate_size`, `num_shared_expert`) are not read.
+transformers, the published per-layer lists (`moe_intermediate_size`, `num_shared_expert`) are not read, while a
+`moe_topk` list gives each layer its own top-k.
 """
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ def one_per_model(hf: dict[str, Any], key: str, default: Any) -> int:
     return int(value)
 
 
+def top_k_by_layer(hf: dict[str, Any], layers: int) -> tuple[int, ...]:
+    """`moe_topk` for every layer: one value, or a list of one per layer (as HunYuanMoEV1Gate reads it)."""
+    value = first_present(hf, "moe_topk", default=1)
+    if not isinstance(value, list):
+        return (int(value),) * layers
+    if len(value) != layers:
+        raise CheckpointError(f"config.json's moe_topk lists {len(value)} values for {layers} layers; give one per "
+                              "layer or a single number")
+    return tuple(int(k) for k in value)
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("use_cla"):
         raise CheckpointError("config.json sets use_cla (cross-layer KV sharing), which hunyuan_v1_moe does not run; "
@@ -48,11 +60,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     layers = fields["num_hidden_layers"]
     intermediate = first_present(hf, "intermediate_size", default=11008)
     bias = bool(hf.get("attention_bias", False))
+    top_k = top_k_by_layer(hf, layers)
     return ModelConfig(
         **fields,
         model_type="hunyuan_v1_moe",
-        router=RouterConfig(num_experts=one_per_model(hf, "num_experts", 1), top_k=one_per_model(hf, "moe_topk", 1),
-                            norm_topk_prob=True),
+        router=RouterConfig(num_experts=one_per_model(hf, "num_experts", 1), top_k=max(top_k), norm_topk_prob=True),
+        layer_top_k=top_k if len(set(top_k)) > 1 else (),
         moe_intermediate_size=intermediate,  # transformers sizes the routed experts by intermediate_size
         intermediate_size=intermediate,
         moe_layers=(True,) * layers,

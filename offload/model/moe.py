@@ -47,7 +47,7 @@ class MoE(nn.Module):
         self.timers = timers
         p = f"model.layers.{layer}.{names.moe}"
         H, E = cfg.hidden_size, cfg.router.num_experts
-        self.router_cfg = cfg.router
+        self.router_cfg = cfg.router_of(layer)
         # Routers run in fp32 whatever the model dtype: top-k choices must not flip with precision.
         self.router = src.take(f"{p}.{names.router}.weight", (E, H), dtype=torch.float32)  # [E, H]
         self.router_bias = src.take(f"{p}.{names.router}.bias", (E,), dtype=torch.float32) if cfg.router_bias else None

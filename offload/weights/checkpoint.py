@@ -165,26 +165,37 @@ class Checkpoint:
             raise CheckpointError(f"{self.folder} is an unfinished `offload convert` output; run the same convert "
                                   "command again to finish it")
         else:
-            raise CheckpointError(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}; is this a safetensors checkpoint?")
+            raise CheckpointError(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}; is this a safetensors "
+                                  "checkpoint?")
         tensors: dict[str, TensorInfo] = {}
         for shard in shards:
             path = self.folder / shard
             if not path.exists():
-                raise CheckpointError(f"shard {shard} listed in {INDEX_FILE} is missing from {self.folder}; download it")
+                raise CheckpointError(f"shard {shard} listed in {INDEX_FILE} is missing from {self.folder}; "
+                                      "download it")
             shard_tensors, self.file_metadata[path] = read_safetensors_file(path)
             tensors.update(shard_tensors)
         for name, shard in (weight_map or {}).items():
             if name not in tensors or tensors[name].file.name != shard:
-                raise CheckpointError(f"{INDEX_FILE} puts tensor {name!r} in {shard}, which does not hold it; re-download the checkpoint")
+                raise CheckpointError(f"{INDEX_FILE} puts tensor {name!r} in {shard}, which does not hold it; "
+                                      "re-download the checkpoint")
         return tensors
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor as stored (memory-mapped until the caller converts or copies it)."""
+        return self._handle(name).get_tensor(name)
+
+    def read_expert(self, name: str, e: int) -> torch.Tensor:
+        """Expert e of a stored tensor stacked over experts (its first dimension), read alone: one expert's bytes,
+        not the whole layer's."""
+        return self._handle(name).get_slice(name)[e]
+
+    def _handle(self, name: str):
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+        return handle
 
     def read_logical(self, name: str) -> torch.Tensor:
         """A logical tensor: float32 when the scheme stores it quantized, else as stored."""

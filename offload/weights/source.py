@@ -9,6 +9,7 @@ import torch
 
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
+from .fused import ExpertSlice, FusedExperts, pack_slice_exact, read_slice, stored_shape
 
 if TYPE_CHECKING:
     from csrc_py.formats import PackedMatrix
@@ -152,29 +153,54 @@ class WeightSource:
         return ExpertWeights(*(torch.stack([self.take(f"{prefix}.{j}.{p}.weight", s[1:]) for j in range(E)])
                                for p, s in zip(proj, shapes)))
 
-    def fused_expert_weights(self, prefix: str, layout: str, E: int, I: int, H: int, biased: bool) -> ExpertWeights:
-        """One MoE layer's routed experts stored as whole-layer tensors: `{prefix}.gate_up_proj` [E, H, 2I] and
-        `{prefix}.down_proj` [E, I, H] (transposed, as gpt-oss and Llama-4 keep them; a quantized checkpoint's
-        MXFP4 blocks are [E, 2I, H] and [E, H, I]), gate and up alternating along 2I ("interleaved", gpt-oss) or
-        its two halves ("halves", Llama-4), biases `{name}_bias` beside them when `biased`."""
-        from ..experts.base import ExpertBiases, ExpertWeights
+    def fused_expert_weights(self, prefix: str, layout: str, E: int, I: int, H: int, biased: bool
+                             ) -> ExpertWeights | PackedExperts:
+        """One MoE layer's routed experts stored as whole-layer tensors (weights.fused: `{prefix}.gate_up_proj`,
+        `{prefix}.down_proj`, gate and up "interleaved" or as "halves", biases beside them when `biased`), cut
+        expert by expert: packed one matrix at a time in expert_format when it is a packed one, else stacked in
+        the source's dtype; a store's packed stacks as they are. No whole layer is ever decoded to float."""
+        from ..experts.base import ExpertBiases, ExpertWeights, PackedExperts
 
-        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [E, 2I, ...] -> gate, up [E, I, ...]
-            return (t[:, 0::2], t[:, 1::2]) if layout == "interleaved" else (t[:, :I], t[:, I:])
-
-        def matrix(name: str, out_dim: int, in_dim: int) -> torch.Tensor:  # [E, out, in]
-            if self.is_quantized(f"{prefix}.{name}"):
-                return self.take(f"{prefix}.{name}", (E, out_dim, in_dim))
-            return self.take(f"{prefix}.{name}", (E, in_dim, out_dim)).transpose(1, 2)
-
-        gate, up = split(matrix("gate_up_proj", 2 * I, H))
-        down = matrix("down_proj", H, I)
+        fused = FusedExperts(prefix, layout, E, I, H)
         biases = None
         if biased:
-            gate_bias, up_bias = split(self.take(f"{prefix}.gate_up_proj_bias", (E, 2 * I)))
-            biases = ExpertBiases(gate_bias.contiguous(), up_bias.contiguous(),
-                                  self.take(f"{prefix}.down_proj_bias", (E, H)))
-        return ExpertWeights(gate.contiguous(), up.contiguous(), down.contiguous(), biases)
+            (gate_up_name, gate_up_shape), (down_name, down_shape) = fused.biases.items()
+            biases = ExpertBiases(*fused.split_bias(self.take(gate_up_name, gate_up_shape)),
+                                  self.take(down_name, down_shape))
+        stacks = fused.stacks()
+        if self.rename(stacks[0][0]) in self.packed:
+            return PackedExperts(*(self._read_packed(name, shape) for name, shape, _ in stacks), biases)
+        self._take_fused(fused)
+        if self.expert_format in PACKED_FORMATS:
+            return PackedExperts(*(self._pack_slices(slices, shape) for _, shape, slices in stacks), biases)
+        return ExpertWeights(*(self._stack_slices(slices, shape) for _, shape, slices in stacks), biases)
+
+    def _take_fused(self, fused: FusedExperts) -> None:
+        """Check the shapes of a fused layer's whole-layer tensors and count them as read."""
+        for name, stacked in fused.tensors.items():
+            self._mark_read(self._check(name, stored_shape(stacked, self.is_quantized(name))))
+
+    def _read_slice(self, s: ExpertSlice) -> torch.Tensor:
+        """One expert's matrix [O, K] of a whole-layer tensor (float32 where quantized, else as stored)."""
+        return read_slice(self.checkpoint, s.renamed(self.rename))
+
+    def _stack_slices(self, slices: list[ExpertSlice], shape: tuple[int, int, int]) -> torch.Tensor:
+        """[E, O, K] in the source's dtype and device, filled one expert at a time."""
+        stack = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for j, s in enumerate(slices):
+            stack[j] = self._read_slice(s)
+        return stack
+
+    def _pack_slices(self, slices: list[ExpertSlice], shape: tuple[int, int, int]) -> PackedMatrix:
+        """[E, O, K] packed in expert_format, one expert at a time: from its integer grid where the format holds
+        it exactly, else quantized from its floats."""
+        from csrc_py.formats import empty, pack_expert
+
+        stack = empty(self.expert_format, *shape)
+        for j, s in enumerate(slices):
+            if not pack_slice_exact(self.checkpoint, s.renamed(self.rename), stack, j):
+                pack_expert(stack, j, self._read_slice(s))
+        return stack
 
     def _pack_experts(self, prefix: str, proj: str, shape: tuple[int, int, int]) -> PackedMatrix:
         """Experts `{prefix}.{j}.{proj}.weight` stacked as one packed [E, O, K] matrix in expert_format."""
@@ -241,6 +267,13 @@ class InventedSource(WeightSource):
 
     def is_quantized(self, name: str) -> bool:
         return False
+
+    def _take_fused(self, fused: FusedExperts) -> None:
+        for name, stacked in fused.tensors.items():
+            self.take(name, stacked)
+
+    def _read_slice(self, s: ExpertSlice) -> torch.Tensor:
+        return self.tensors[s.tensor][s.expert].T[s.row_slice]
 
 
 def known_extras(num_layers: int, num_extra_layers: int, runtime_name: Callable[[str], str | None] = str,

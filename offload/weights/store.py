@@ -26,13 +26,14 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 import torch
 
 from ..arch import Architecture, architecture
 from ..errors import CheckpointError, OffloadError
 from .checkpoint import CONVERT_PROGRESS_FILE, INDEX_FILE, Checkpoint, TensorInfo, read_safetensors_file
+from .fused import ExpertSlice, FusedExperts, pack_slice_exact, read_slice
 from .safetensors_writer import Job, TensorSpec, TensorWriter, write_safetensors
 from .source import InventedSource
 
@@ -112,6 +113,9 @@ def read_packed(checkpoint: Checkpoint, name: str, entry: PackedEntry) -> Packed
 
 # --- writing ---------------------------------------------------------------------------------------------------
 
+MatrixName = Union[str, ExpertSlice]  # a tensor's name, or one expert's matrix in a whole-layer tensor
+
+
 @dataclass
 class TensorRole:
     """How the loader uses one tensor, and so how a store writes it.
@@ -119,14 +123,14 @@ class TensorRole:
     plain:   stored as in the source (norms, routers, biases, embeddings)
     linear:  a dense Linear weight [out, in]: packed when the store's dense format is quantized and `quantize`
     experts: one layer's stacked routed experts (`name` is the packed name); `sources` are the per-expert
-             tensors, stacked in order
+             tensors, or each expert's slice of whole-layer tensors (weights.fused), stacked in order
     """
 
     name: str
     kind: str
     shape: tuple[int, ...]
     quantize: bool = True
-    sources: tuple[str, ...] = field(default_factory=tuple)
+    sources: tuple[MatrixName, ...] = field(default_factory=tuple)
 
 
 class RoleRecorder(InventedSource):
@@ -156,10 +160,14 @@ class RoleRecorder(InventedSource):
             self.roles.append(TensorRole(f"{prefix}.{p}", "experts", (E, *shape), True, sources))
         return ExpertWeights(*(torch.empty(s, device="meta") for s in ((E, I, H), (E, I, H), (E, H, I))))
 
+    def _take_fused(self, fused: FusedExperts) -> None:
+        """A fused layer is stored as the packed stacks `{prefix}.gate_proj` / `up_proj` / `down_proj`
+        (weights.fused), each expert's matrix cut from the whole-layer tensors (its biases are plain tensors)."""
+        for name, shape, slices in fused.stacks():
+            self.roles.append(TensorRole(name, "experts", shape, True, tuple(slices)))
 
-    def fused_expert_weights(self, prefix: str, layout: str, E: int, I: int, H: int, biased: bool):
-        raise OffloadError(f"convert does not yet write experts stored as whole-layer tensors ({prefix}.gate_up_proj,"
-                           " gpt-oss, Llama-4); load the checkpoint itself with --experts int8 / int4 instead")
+    def _read_slice(self, s: ExpertSlice) -> torch.Tensor:
+        return torch.empty(s.shape, device="meta")
 
 
 def tensor_roles(hf_config: dict[str, Any]) -> list[TensorRole]:
@@ -190,7 +198,7 @@ def shard_file(k: int, n: int) -> str:
     return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
 
-Reader = Callable[[str, tuple[int, ...]], torch.Tensor]  # (source tensor name, shape) -> tensor
+Reader = Callable[[MatrixName, tuple[int, ...]], torch.Tensor]  # (source tensor name, shape) -> tensor
 
 
 @dataclass(frozen=True)
@@ -211,7 +219,7 @@ class StoreSource:
 
     read: Reader
     kept: Callable[[str], list[KeptTensor]] | None = None
-    pack_exact: Callable[[str, "PackedMatrix", int], bool] | None = None  # Checkpoint.pack_exact
+    pack_exact: Callable[[MatrixName, "PackedMatrix", int], bool] | None = None  # Checkpoint.pack_exact
 
 
 def write_store(out: str | Path, hf_config: dict[str, Any], read: Reader | StoreSource, experts: str,
@@ -353,7 +361,7 @@ def _bytes_job(name: str, tensor: torch.Tensor, writer: TensorWriter) -> None:
     writer.write(name, 0, tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def _pack(name: str, sources: list[str], shape: tuple[int, int], fmt: str, source: StoreSource,
+def _pack(name: str, sources: list[MatrixName], shape: tuple[int, int], fmt: str, source: StoreSource,
           specs: list[TensorSpec], jobs: list[Job]) -> None:
     """The matrices `sources` (each [O, K]) as one packed stack NAME.q/.d/.m, written one matrix at a time."""
     from csrc_py.formats import empty
@@ -364,7 +372,7 @@ def _pack(name: str, sources: list[str], shape: tuple[int, int], fmt: str, sourc
     jobs.append(functools.partial(_pack_job, name, sources, shape, fmt, source))
 
 
-def _pack_job(name: str, sources: list[str], shape: tuple[int, int], fmt: str, source: StoreSource,
+def _pack_job(name: str, sources: list[MatrixName], shape: tuple[int, int], fmt: str, source: StoreSource,
               writer: TensorWriter) -> None:
     """Each matrix packed alone and written into its slot of the stack: from the source's own integer grid where
     the format holds it exactly (weights.source does the same at load), else quantized from floats."""
@@ -409,17 +417,21 @@ def convert(source: str | Path, out: str | Path, experts: str | None, dense: str
     # Each read closes the files after it: the next one maps its file anew, so the source pages a matrix was read
     # from leave resident memory when that matrix is packed and dropped, instead of staying mapped (and counted)
     # until the end of the shard (a whole layer of source on top of its packed weights).
-    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        try:
-            return checkpoint.read_logical(stored(name))  # names and shapes were checked by check_sources
+    def read(name: MatrixName, shape: tuple[int, ...]) -> torch.Tensor:
+        try:  # names and shapes were checked by check_sources
+            if isinstance(name, ExpertSlice):
+                return read_slice(checkpoint, name.renamed(stored))
+            return checkpoint.read_logical(stored(name))
         finally:
             checkpoint.release()
 
     def kept(name: str) -> list[KeptTensor]:
         return [KeptTensor(own_name(part), checkpoint.tensors[part]) for part in checkpoint.logical[stored(name)].parts]
 
-    def pack_exact(name: str, out: PackedMatrix, e: int) -> bool:
+    def pack_exact(name: MatrixName, out: PackedMatrix, e: int) -> bool:
         try:
+            if isinstance(name, ExpertSlice):
+                return pack_slice_exact(checkpoint, name.renamed(stored), out, e)
             return checkpoint.pack_exact(stored(name), out, e)
         finally:
             checkpoint.release()
@@ -436,12 +448,14 @@ def check_sources(checkpoint: Checkpoint, roles: list[TensorRole], arch: Archite
     used: set[str] = set()
     for role in roles:
         names = role.sources if role.kind != "plain" else (role.name,)
-        shape = role.shape[1:] if role.kind == "experts" else role.shape
-        for name in names:
+        for source in names:
+            name = source.tensor if isinstance(source, ExpertSlice) else source
             t = checkpoint.logical.get(arch.checkpoint_name(name))
             if t is None:
                 raise CheckpointError(f"tensor {arch.checkpoint_name(name)!r} is missing from {checkpoint.folder}; "
                                       "the checkpoint is incomplete or does not match config.json")
+            shape = source.stored_shape(t.quantized) if isinstance(source, ExpertSlice) else \
+                role.shape[1:] if role.kind == "experts" else role.shape
             if tuple(t.shape) != tuple(shape):
                 raise CheckpointError(f"tensor {t.name!r} in {checkpoint.tensors[t.parts[0]].file.name} has shape "
                                       f"{list(t.shape)}, config.json implies {list(shape)}")
