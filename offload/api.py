@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -96,6 +97,23 @@ class ModelLock:
         self._owner = None
         self._lock.release()
 
+    @contextmanager
+    def unless_busy(self) -> Iterator[bool]:
+        """Hold the lock if no other thread does (yields True) without waiting for it; the thread that holds it
+        counts as idle, since it can only be between two steps when it gets here."""
+        if self._owner == threading.get_ident():
+            yield True
+            return
+        held = self._lock.acquire(blocking=False)
+        if held:
+            self._owner = threading.get_ident()
+        try:
+            yield held
+        finally:
+            if held:
+                self._owner = None
+                self._lock.release()
+
 
 class Model:
     """A loaded checkpoint ready to generate.
@@ -120,7 +138,11 @@ class Model:
     def stats(self) -> dict[str, Any]:
         """Runtime counters since load (or reset_stats): per-layer expert hits and misses, prefetch precision and
         recall, bytes copied, seconds per component, prompt tokens reused from the caches vs computed, the last
-        generation's tokens/s, load and JIT time."""
+        generation's tokens/s, load and JIT time. The last decode step's expert counts join at its step boundary,
+        taken here unless another thread is generating (then they lag by that step)."""
+        with self._lock.unless_busy() as idle:
+            if idle:
+                self._experts.settle()
         return runtime_stats(self._experts, self.transformer.timers, self._last, self.load_info, self._prompt_cache)
 
     def routing_heat(self) -> list[list[int]]:
@@ -267,12 +289,12 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
         if on_progress is not None:
             on_progress(done[0], total, file_name)
 
-    timers = Timers(torch.cuda.synchronize if torch_device.type == "cuda" else None)
+    timers = Timers(torch_device)
     builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch), torch_device,
                              torch_dtype, timers)
     src = WeightSource(checkpoint, torch_dtype, torch_device, rename=arch.checkpoint_name, on_read=on_read,
                        dense_format=dense_format, expert_format=host_format, dense_on_device=device_tier)
-    transformer = Transformer(config, arch.names, src, builder, max_context, timers)
+    transformer = Transformer(config, arch.names, src, builder, max_context, timers, builder.settle)
     skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers, arch.runtime_name,
                                       arch.skipped_prefixes))
     checkpoint.release()  # what the model kept (copies, or a store's mapped arrays) stays; the rest is unmapped

@@ -253,6 +253,7 @@ def measure_plan(model_path: Path, prompts: Sequence[Prompt], max_new_tokens: in
     from . import load
 
     model = load(model_path, **load_options)
+    model.transformer.timers.exact = True  # each section's own time, not its launch's
     ids = [prompt_ids(model, p) for p in prompts]
     for prompt in ids:  # every prompt fits, or fail before the long part
         check_fits(len(prompt), max_new_tokens, model.max_context)

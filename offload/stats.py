@@ -59,6 +59,7 @@ def runtime_stats(experts: ExpertsBuilder, timers: Timers, last: Generation | No
 
 
 def reset_runtime_stats(experts: ExpertsBuilder, timers: Timers) -> None:
+    experts.settle()  # a step before the reset counts before it
     timers.reset()
     for hybrid in experts.hybrids.values():
         hybrid.stats = LayerStats()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -20,6 +21,22 @@ def checkpoint_dir(tmp_path_factory):
         if name not in cache:
             folder = tmp_path_factory.mktemp(name)
             cache[name] = (folder, write_checkpoint(name, folder))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bf16_checkpoints(checkpoint_dir, tmp_path_factory):
+    """bf16 copies of tiny models: bf16 host experts then hold the weights exactly, so plans must agree."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            _, ref = checkpoint_dir(name)
+            folder = tmp_path_factory.mktemp(f"{name}_bf16")
+            copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(folder)
+            cache[name] = folder
         return cache[name]
 
     return get

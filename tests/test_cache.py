@@ -71,6 +71,7 @@ class FakeLayer:
     def __init__(self, slots: int):
         self.cache = ExpertCache(slots, expert_bytes=100, policy=LRUPolicy())
         self.copies: list[int] = []
+        self.staging_free = True  # False: a copy that may not wait finds no staging buffer
 
     @property
     def cache_slots(self) -> int:
@@ -79,8 +80,8 @@ class FakeLayer:
     def is_resident(self, expert: int) -> bool:
         return expert in self.cache
 
-    def prefetch(self, expert: int, protected: set[int]) -> bool:
-        if self.cache.insert(expert, protected) is None:
+    def prefetch(self, expert: int, protected: set[int], wait: bool = True) -> bool:
+        if not (wait or self.staging_free) or self.cache.insert(expert, protected) is None:
             return False
         self.copies.append(expert)
         return True
@@ -119,6 +120,20 @@ def test_prefetch_skips_resident_and_respects_slot_count():
     pre = Prefetcher(layers, {1: fixed_router([[4, 5, 6, 7]])}, {0: FakeLayer(1), 1: target}, expert_bytes=1)
     pre.after_attention(0, torch.zeros(1, 8))
     assert target.copies == [5]  # 4 already resident; two slots' worth of predictions considered
+
+
+def test_step_boundary_prefetch_predicts_that_the_step_repeats_and_scores_it():
+    target = FakeLayer(slots=2)
+    pre = Prefetcher([0], {}, {0: target}, expert_bytes=10)
+    pre.after_step(0, [3, 4, 5])  # most-used first: two slots' worth copied
+    assert target.copies == [3, 4]
+    pre.after_step(0, [3, 6])  # predicted {3, 4, 5}: 3 was useful, 4 a wasted copy; 6 evicts 4 (3 is protected)
+    s = pre.stats[0]
+    assert (s.predicted, s.useful, s.needed, s.copies, s.wasted_copies, s.wasted_bytes) == (3, 1, 2, 3, 1, 10)
+    assert target.copies == [3, 4, 6] and set(target.cache.slot_of) == {3, 6}
+    target.staging_free = False  # the boundary never waits for a staging buffer: the copy is left for later
+    pre.after_step(0, [7])
+    assert target.copies == [3, 4, 6] and pre.stats[0].copies == 3
 
 
 def test_an_interrupted_copy_never_leaves_a_mapped_slot():

@@ -132,3 +132,46 @@ def test_cuda_dense_int8_model_is_close(checkpoint_dir):
         error = (got - expected).abs().max(-1).values / expected.abs().max(-1).values
         assert error.median() < (0.06 if dense == "int8" else 0.45), (dense, error.median())
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_hybrid_moe_blocks_queue_decode_steps_without_a_synchronisation(checkpoint_dir, tmp_path, dtype):
+    """Decode steps of a hybrid model: every MoE block (router, heat, device-table lookups, the CPU workers'
+    packed copies down and up, the resident experts: gathered in float32, read in place by the grouped kernel in
+    bf16 where the GPU has it) runs under torch's sync debug mode "error", which raises on any host
+    synchronisation. In float32 the tokens equal the reference's."""
+    import copy
+
+    from offload.arch import architecture
+    from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
+
+    _, ref = checkpoint_dir("deepseek_v3")
+    folder = tmp_path / "bf16"
+    copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(folder)
+    size = 4 if dtype == "float32" else 2
+    cfg = offload.load(folder, device="cpu", max_context=64).config
+    inv = inventory(cfg, architecture(cfg.model_type).names)
+    kv = kv_cache_bytes(cfg, 64, size)
+    budget = sum(inv.device_bytes(size).values()) + kv + (3 + len(inv.moe_layers)) * inv.expert_params * size
+    plan = make_plan(inv, PlanRequest(budget, 2**34, 64, kv, size, "bf16", inv.expert_params * 2,
+                                      slots_per_layer=1))
+    hybrid = offload.load(folder, device="cuda", dtype=dtype, max_context=64, plan=plan)
+    assert any(h.cpu is not None for h in hybrid._experts.hybrids.values())
+    prompt, new = IDS[:6].tolist(), 12
+    tokens = hybrid.stream(prompt, max_new_tokens=new, ignore_eos=True).token_ids()
+    produced = [next(tokens)]  # the prefill may decide per call (host reads allowed there)
+    handles = []
+    for layer in hybrid.transformer.layers:
+        if layer.mlp in hybrid.transformer.moe_blocks():
+            handles.append(layer.post_attn_norm.register_forward_hook(
+                lambda *args: torch.cuda.set_sync_debug_mode("error")))
+            handles.append(layer.mlp.register_forward_hook(lambda *args: torch.cuda.set_sync_debug_mode(0)))
+    try:
+        produced += list(tokens)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        for handle in handles:
+            handle.remove()
+    assert len(produced) == new
+    if dtype == "float32":
+        reference = offload.load(folder, device="cuda", dtype="float32", max_context=64)
+        assert produced == reference.generate(prompt, max_new_tokens=new, ignore_eos=True).token_ids

@@ -3,8 +3,6 @@ CPU workers, pinned subsets, or a tiny cache with prefetch on and off (LRU and L
 and the same greedy tokens; the counters add up."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -20,22 +18,6 @@ GPU_LIKE_COSTS = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_per
 
 def rel_err(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-@pytest.fixture(scope="module")
-def bf16_checkpoints(checkpoint_dir, tmp_path_factory):
-    """bf16 copies of tiny models: bf16 host experts then hold the weights exactly, so plans must agree."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            _, ref = checkpoint_dir(name)
-            folder = tmp_path_factory.mktemp(f"{name}_bf16")
-            copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(folder)
-            cache[name] = folder
-        return cache[name]
-
-    return get
 
 
 def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None, fmt: str = "bf16"):

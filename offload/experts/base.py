@@ -13,7 +13,7 @@ weights to every backend. The model never knows where an expert lives.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
@@ -70,6 +70,20 @@ class ExpertWeights:
 
 class Experts(Protocol):
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor: ...
+
+
+Finish = Callable[[], torch.Tensor]  # waits for a started experts call and returns its y
+
+
+def start_experts(experts: Experts, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Finish:
+    """Begin one layer's experts and return what finishes them. A backend with a `start` method (the hybrid one)
+    leaves its CPU part running meanwhile, so the caller can queue other device work (the shared expert) before
+    joining it; any other backend computes now."""
+    begin = getattr(experts, "start", None)
+    if begin is not None:
+        return begin(x, topk_ids, topk_weights)
+    y = experts(x, topk_ids, topk_weights)
+    return lambda: y
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,12 @@ from ..timers import Timers
 from .base import ExpertWeights, Experts, PackedExperts
 from .cache import ExpertCache, make_policy
 from .cost import CostModel, best_seconds, measure_device_flops
-from .device import DeviceExpertPool, ExpertUploader
+from .device import DeviceExpertPool, ExpertUploader, StagingRing
 from .hybrid import ExpertSizes, HybridExperts
+from .link import HostLink
 from .prefetch import Prefetcher
 from .reference import ReferenceExperts
+from .step import StepRecorder
 from .torch_host import FLOAT_FORMATS, TorchHostExperts
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ class ExpertsBuilder:
         self.hybrids: dict[int, HybridExperts] = {}
         self.cost: CostModel | None = None
         self.prefetcher: Prefetcher | None = None
+        self.recorder = StepRecorder()  # every hybrid layer's decode-step ids, read back at the step boundary
+        self.ring: StagingRing | None = None  # made with the first pool: one for all layers
         make_policy(options.cache_policy)  # fail on a bad policy name before any weight is read
         H, I = cfg.hidden_size, cfg.moe_intermediate_size
         self.flops_per_token = 2 * 3 * H * I
@@ -72,20 +76,30 @@ class ExpertsBuilder:
             for stack, src in zip(pool.stacks, pinned.stacks, strict=True):
                 stack[: len(lp.pinned)].copy_(src)
         local = {expert: i for i, expert in enumerate(host_ids)}
-        uploader = ExpertUploader(pool, lambda e: cpu.expert_tensors(local[e]), self.device)
+        if self.ring is None:
+            self.ring = StagingRing([stack.shape[1:] for stack in pool.stacks], self.dtype, self.device)
+        uploader = ExpertUploader(pool, lambda e: cpu.expert_tensors(local[e]), self.device, self.ring)
         sizes = ExpertSizes(cpu.nbytes // cpu.num_experts if cpu else 0, opts.plan.expert_device_bytes,
                             self.flops_per_token)
         if self.cost is None and cpu is not None and lp.cache_slots:
             # Only a layer with both CPU experts and slots ever decides between them: measure on the first.
             self.cost = self._measure_costs(cpu, uploader, host_ids, pool, sizes)
         cache = ExpertCache(lp.cache_slots, sizes.device_bytes, make_policy(opts.cache_policy))
+        link = HostLink(self.cfg.hidden_size, self.device)  # the layer's top-k comes with its ids
         hybrid = HybridExperts(layer, weights.num_experts, host_ids, pool, cache, uploader, cpu, self.cost, sizes,
-                               self.timers)
+                               self.timers, link, self.recorder)
         self.hybrids[layer] = hybrid
         return hybrid
 
+    def settle(self) -> None:
+        """The step boundary: the last step's expert ids come back once and every hybrid layer acts on them."""
+        self.recorder.settle()
+
     def attach_prefetcher(self, routers: dict[int, Callable]) -> None:
-        """Once every layer is built: give the hybrid layers a prefetcher over the next layer's router."""
+        """Once every layer is built: give every hybrid layer the cost model measured on one of them, and a
+        prefetcher over the next layer's router."""
+        for hybrid in self.hybrids.values():
+            hybrid.cost = self.cost
         if not self.hybrids or not self.options.prefetch:
             return
         layers = sorted(self.hybrids)

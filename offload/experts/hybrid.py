@@ -1,23 +1,35 @@
 """HybridExperts: one MoE layer's experts split between the device tier (pinned experts and cache slots) and
 the CPU workers, behind the experts contract.
 
-Per call: resident experts (pinned, or cached — possibly prefetched) run on the device; for each miss the cost
-model picks between computing it on the CPU (few tokens: decode) and copying it into a slot (many tokens:
-prefill). The CPU part is submitted first and runs on the CPU workers (GIL released) while the device computes
-its part; the two are summed.
+A device table maps each expert to its pool row (-1: the CPU's); it changes only between steps. Every call looks
+its pairs up in the table on the device, sends the CPU pairs down to the CPU workers in one packed copy (they
+start first and run with the GIL released), computes the resident pairs from the pool rows in place, and joins
+(`start`, then the returned finish; the MoE block queues its shared expert in between).
+
+A decode step (and any call for which the cost model never prefers a copy) reads nothing back: it records its
+expert ids with the step recorder, and at the step boundary (offload/experts/step.py) the layer counts its hits
+and misses and the prefetcher admits the step's missed experts into the cache, copied on the side stream before
+the next step. A prefill chunk for which copies pay decides per call, as it always has: the ids come to the host,
+and each missed expert is copied into a slot or computed on the CPU by the cost model.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 import torch
 
 from ..timers import Timers
 from .cache import ExpertCache
+from .base import Finish
 from .cost import CostModel
 from .device import DeviceExpertPool, ExpertUploader
+from .link import HostLink
 from .prefetch import Prefetcher
+from .step import StepRecorder
 
 if TYPE_CHECKING:
     from .cpu import CpuExperts  # imported lazily at run time: it loads Numba
@@ -44,19 +56,29 @@ class ExpertSizes:
     flops_per_token: int  # 2 * 3 * H * I
 
 
+DECODE_TOKENS = 1  # a call of this many tokens never reads its ids back, whatever the cost model says
+
+
 class HybridExperts:
     def __init__(self, layer: int, num_experts: int, host_ids: list[int], pool: DeviceExpertPool,
                  cache: ExpertCache, uploader: ExpertUploader, cpu: CpuExperts | None, cost: CostModel | None,
-                 sizes: ExpertSizes, timers: Timers):
+                 sizes: ExpertSizes, timers: Timers, link: HostLink, recorder: StepRecorder):
         self.layer, self.num_experts = layer, num_experts
         self.pool, self.cache, self.uploader, self.cpu = pool, cache, uploader, cpu
         self.cost, self.sizes, self.timers = cost, sizes, timers
+        self.link, self.recorder = link, recorder
         self.prefetcher: Prefetcher | None = None  # attached once every layer exists
         self.stats = LayerStats()
         device = pool.gate.device
-        # expert -> pool row (-1: the CPU's), filled on the host each call and copied into the device table
-        self.host_rows = torch.full((num_experts,), -1, dtype=torch.long)
-        self.row_table = self.host_rows if device.type == "cpu" else self.host_rows.to(device)
+        # expert -> pool row (-1: the CPU's) for every resident expert: kept on the host (a numpy view, pinned for
+        # a GPU), copied into the device table whenever the residents change.
+        host_rows = torch.full((num_experts,), -1, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.host_rows, self.host_table = host_rows, host_rows.numpy()
+        self.row_table = host_rows if device.type == "cpu" else host_rows.to(device)
+        self.pinned_table = np.full(num_experts, -1, dtype=np.int64)  # the rows that never change
+        self.pinned_table[list(pool.pinned_row)] = list(pool.pinned_row.values())
+        self.residents_changed = False
+        self._publish(non_blocking=False)
         # The CPU workers hold only the host experts, renumbered 0..len(host_ids)-1; -1 marks pinned ones.
         self.host_index = torch.full((num_experts,), -1, dtype=torch.long, device=device)
         self.host_index[torch.tensor(host_ids, dtype=torch.long)] = torch.arange(len(host_ids)).to(device)
@@ -69,7 +91,11 @@ class HybridExperts:
     def is_resident(self, expert: int) -> bool:
         return expert in self.pool.pinned_row or expert in self.cache
 
-    def prefetch(self, expert: int, protected: set[int]) -> bool:
+    def prefetch(self, expert: int, protected: set[int], wait: bool = True) -> bool:
+        """Copy `expert` into a slot (evicting one not in `protected`); False when no slot can be had or, with
+        wait=False, no staging buffer is free now."""
+        if not wait and not self.uploader.ring.ready():
+            return False
         slot = self.cache.insert(expert, protected)
         if slot is None:
             return False
@@ -82,10 +108,73 @@ class HybridExperts:
                 self.uploader.copy(expert, self.pool.slot_row(slot))
         except BaseException:  # Ctrl-C mid-copy included: a half-filled slot must not stay mapped
             self.cache.remove(expert)
+            self.residents_changed = True
             raise
+        self.residents_changed = True
 
     # --- the experts contract -----------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.start(x, topk_ids, topk_weights)()
+
+    def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Finish:
+        """Submit the CPU pairs, queue the resident pairs on the device, and return the join."""
+        if self._decides_per_call(x.shape[0]):
+            any_on_cpu = self._place_per_call(x, topk_ids)
+        else:
+            self.recorder.record(self, topk_ids)
+            any_on_cpu = self.cpu is not None
+        self.uploader.wait()  # rows copied in since the last call: the compute stream waits for them
+        pair_rows = self.row_table[topk_ids]  # [T, K] pool row, or -1 for the CPU's pairs
+        handle = None
+        if any_on_cpu:
+            with self.timers.section("cpu_experts"):
+                host_ids = torch.where(pair_rows < 0, self.host_index[topk_ids], -1)  # -1: the device's pair
+                handle = self.link.submit(self.cpu, x, host_ids, topk_weights)
+        with self.timers.section("device_experts"):
+            y = self.pool.compute(x, pair_rows, topk_weights) if self.pool.num_rows else torch.zeros_like(x)
+
+        def finish() -> torch.Tensor:
+            if handle is not None:
+                with self.timers.section("cpu_experts"):
+                    self.link.add_result(y, handle)
+            return y
+
+        return finish
+
+    # --- decode: decisions at the step boundary -----------------------------------------------------------
+    def settle(self, calls: list[list[int]]) -> None:
+        """The step is over and its expert ids are on the host: count each call's hits and misses (the table did
+        not change during the step), let the prefetcher admit what it predicts, and publish the new residents."""
+        s = self.stats
+        for ids in calls:
+            ranked = [expert for expert, _ in Counter(ids).most_common()]  # most-used first
+            s.calls += 1
+            s.expert_uses += len(ranked)
+            for expert in ranked:
+                if expert in self.pool.pinned_row:
+                    s.pinned_hits += 1
+                elif self.cache.lookup(expert) is not None:
+                    s.cache_hits += 1
+                else:
+                    s.cpu_misses += 1
+            if self.prefetcher is not None:
+                self.prefetcher.after_step(self.layer, ranked)
+        if self.residents_changed:
+            self._publish(non_blocking=True)  # read by the next step's first kernels, long after this copy
+
+    # --- prefill: decisions per call ----------------------------------------------------------------------
+    def _decides_per_call(self, tokens: int) -> bool:
+        """Whether a call reads its ids back to decide copies itself: a chunk of more than a decode step's tokens
+        for which the cost model prefers copying an expert used by every token (fewer tokens per expert only
+        lower the gain)."""
+        if tokens <= DECODE_TOKENS or not self.cache.num_slots or self.cost is None:
+            return False
+        return self.cost.prefer_copy(tokens, self.sizes.host_bytes, self.sizes.device_bytes,
+                                     self.sizes.flops_per_token)
+
+    def _place_per_call(self, x: torch.Tensor, topk_ids: torch.Tensor) -> bool:
+        """Place this call's experts (host reads allowed): predict the next layers' experts, copy misses that pay
+        into slots, and publish the table. True when some pair is left to the CPU workers."""
         if self.prefetcher is not None:
             self.prefetcher.after_attention(self.layer, x)
         experts, counts = topk_ids.reshape(-1).unique(return_counts=True)
@@ -93,53 +182,36 @@ class HybridExperts:
         used = set(experts)
         if self.prefetcher is not None:
             self.prefetcher.observe(self.layer, used)
+        any_on_cpu = self._place(experts, counts, used)
+        if self.residents_changed:
+            self._publish(non_blocking=False)  # the next call of this layer may change it again at once
+        return any_on_cpu
 
-        rows, on_cpu = self._place(experts, counts, used)
-        host_rows = self.host_rows.numpy()
-        host_rows[:] = -1
-        host_rows[list(rows)] = list(rows.values())
-        if self.row_table is not self.host_rows:
-            self.row_table.copy_(self.host_rows)
-        pair_rows = self.row_table[topk_ids]  # [T, K] pool row, or -1 for the CPU's pairs
-
-        handle = None
-        if on_cpu:
-            with self.timers.section("cpu_experts"):
-                cpu_ids = torch.where(pair_rows < 0, self.host_index[topk_ids], -1).cpu()  # -1: the device's pair
-                handle = self.cpu.submit(x.cpu(), cpu_ids, topk_weights.cpu())
-        with self.timers.section("device_experts"):
-            y = self.pool.compute(x, pair_rows, topk_weights) if rows else torch.zeros_like(x)
-        if handle is not None:
-            with self.timers.section("cpu_experts"):
-                y += self.cpu.wait(handle).to(device=y.device, dtype=y.dtype)
-        return y
-
-    def _place(self, experts: list[int], counts: list[int], used: set[int]) -> tuple[dict[int, int], list[int]]:
-        """Each needed expert -> a pool row (resident, or copied in now) or the CPU list."""
+    def _place(self, experts: list[int], counts: list[int], used: set[int]) -> bool:
+        """Each needed expert stays resident, is copied into a slot now, or is left to the CPU (True if any)."""
         s = self.stats
         s.calls += 1
         s.expert_uses += len(experts)
-        rows: dict[int, int] = {}
-        on_cpu: list[int] = []
+        any_on_cpu = False
         for expert, tokens in zip(experts, counts):
-            row = self.pool.pinned_row.get(expert)
-            if row is not None:
+            if expert in self.pool.pinned_row:
                 s.pinned_hits += 1
-                rows[expert] = row
-                continue
-            slot = self.cache.lookup(expert)
-            if slot is not None:
+            elif self.cache.lookup(expert) is not None:
                 s.cache_hits += 1
-            elif self.cache.num_slots and self.cost.prefer_copy(tokens, self.sizes.host_bytes,
-                                                                self.sizes.device_bytes, self.sizes.flops_per_token):
-                slot = self.cache.insert(expert, protected=used)
-                if slot is not None:
-                    s.copied_misses += 1
-                    self._copy_in(expert, slot)
-            if slot is None:
+            elif self.cost.prefer_copy(tokens, self.sizes.host_bytes, self.sizes.device_bytes,
+                                       self.sizes.flops_per_token) and self.prefetch(expert, protected=used):
+                s.copied_misses += 1
+            else:
                 s.cpu_misses += 1
-                on_cpu.append(expert)
-                continue
-            rows[expert] = self.pool.slot_row(slot)
-            self.uploader.wait(rows[expert])
-        return rows, on_cpu
+                any_on_cpu = True
+        return any_on_cpu
+
+    def _publish(self, non_blocking: bool) -> None:
+        """Rewrite the table from the pinned experts and the cache's slots, and copy it to the device."""
+        table = self.host_table
+        table[:] = self.pinned_table
+        for expert, slot in self.cache.slot_of.items():
+            table[expert] = self.pool.slot_row(slot)
+        if self.row_table is not self.host_rows:
+            self.row_table.copy_(self.host_rows, non_blocking=non_blocking)
+        self.residents_changed = False

@@ -1,5 +1,12 @@
-"""The prefetcher: after layer L's attention, route the current hidden state through the routers of the next
-MoE layers, and start copying the predicted experts that are not resident into those layers' cache slots."""
+"""The prefetcher: predicts which experts a layer will use and starts copying those not resident into its cache
+slots, and scores each prediction against what the layer then used.
+
+- A decode step: at the step boundary (`after_step`), the experts each layer used in the step are the prediction
+  for the next step (consecutive tokens share many experts); their copies run on the side stream while the next
+  step is queued. Nothing is read back inside the step.
+- A prefill chunk that decides per call: after layer L's attention, the current hidden state goes through the
+  routers of the next MoE layers (`after_attention`), and the predicted experts are copied before those layers run.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +21,8 @@ class PrefetchTarget(Protocol):
     """What a layer's hybrid backend offers the prefetcher."""
 
     def is_resident(self, expert: int) -> bool: ...
-    def prefetch(self, expert: int, protected: set[int]) -> bool: ...  # True if a copy was started
+    # True if a copy was started; wait=False: only if a staging buffer is free now
+    def prefetch(self, expert: int, protected: set[int], wait: bool = True) -> bool: ...
     @property
     def cache_slots(self) -> int: ...
 
@@ -70,6 +78,21 @@ class Prefetcher:
                     copied.add(expert)
                     self.stats[target_layer].copies += 1
                 budget -= 1
+
+    def after_step(self, layer: int, ranked: list[int]) -> None:
+        """A decode step used `ranked` (most-used first) at `layer`: score the prediction made for it, predict that
+        the next step uses them again, and start copies of the ones not resident while staging buffers are free
+        (never waiting for one: the step boundary does not block)."""
+        used = set(ranked)
+        self.observe(layer, used)
+        self.predicted[layer] = used
+        copied = self.copied.setdefault(layer, set())
+        target = self.targets[layer]
+        for expert in [e for e in ranked if not target.is_resident(e)][: target.cache_slots]:
+            if not target.prefetch(expert, protected=used, wait=False):
+                break
+            copied.add(expert)
+            self.stats[layer].copies += 1
 
     def observe(self, layer: int, used: set[int]) -> None:
         """The experts `layer` actually used on this call: score the prediction made for it."""

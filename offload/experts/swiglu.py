@@ -4,6 +4,8 @@
 
 gate/up are [R, I, H] and down [R, H, I]: a layer's experts (reference backend) or a pool's rows (hybrid); act is
 the experts' ExpertActivation, and each projection adds its row's bias when the experts have biases.
+`swiglu_experts` is the reference backend's and the host tier's; `swiglu_rows` the hybrid pool's, which reads the
+rows in place with no host read (grouped matmuls).
 """
 from __future__ import annotations
 
@@ -13,10 +15,14 @@ import torch.nn.functional as F
 from ..config import ExpertActivation
 from .base import SILU, ExpertBiases
 
-# On a GPU, up to this many (token, choice) pairs gather their experts' weights and run three batched matmuls:
-# no host synchronisation and a fixed handful of kernels, where the grouped loop needs the per-expert counts on
-# the host. The gather copies the weights, so on the CPU (bandwidth-bound) the grouped loop stays.
+# On a GPU without the in-place grouped kernel (`reads_rows_in_place`), up to this many (token, choice) pairs
+# gather their experts' weights and run three batched matmuls: no host synchronisation and a fixed handful of
+# kernels, where the grouped loop needs the per-expert counts on the host. The gather copies the weights, so on
+# the CPU (bandwidth-bound) the grouped loop stays.
 GATHER_MAX_PAIRS = 16
+# Compute capabilities whose grouped bf16 matmul is torch's CUTLASS kernel; elsewhere torch's grouped_mm is a
+# loop that reads the group offsets back to the host.
+GROUPED_MM_CAPABILITIES = (9, 10)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, activation: ExpertActivation) -> torch.Tensor:
@@ -36,6 +42,46 @@ def swiglu_experts(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, g
     if x.is_cuda and rows.numel() <= GATHER_MAX_PAIRS:
         return _gathered(x, rows, weights, gate, up, down, biases, activation)
     return _grouped(x, rows, weights, gate, up, down, biases, activation)
+
+
+def reads_rows_in_place(device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int) -> bool:
+    """Whether `swiglu_rows` runs on this device tier without a host read: always on the CPU (the simulated
+    tier); on CUDA where torch's grouped matmul is its bf16 kernel (Hopper, Blackwell) and the rows are 16-byte
+    aligned."""
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or dtype != torch.bfloat16 or hidden % 8 or intermediate % 8:
+        return False
+    return torch.cuda.get_device_capability(device)[0] in GROUPED_MM_CAPABILITIES
+
+
+def swiglu_rows(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                down: torch.Tensor, biases: ExpertBiases | None = None, activation: ExpertActivation = SILU
+                ) -> torch.Tensor:
+    """The sum of `swiglu_experts`, reading each used row's weights where they lie: the (token, choice) pairs
+    are sorted by row and three grouped matmuls run over the rows' groups, so a row no pair uses is not read and
+    no weight is copied. Pairs marked -1 sort after every row, past the last group, and are masked out of the
+    combine. Fixed shapes and no host read: the group ends are computed on the device."""
+    T, K = rows.shape
+    R = gate.shape[0]
+    key = torch.where(rows.reshape(-1) < 0, R, rows.reshape(-1))  # [P]: the pair's row, R for skipped pairs
+    key, order = key.sort(stable=True)  # pairs grouped by row
+    ends = torch.searchsorted(key, torch.arange(R, device=x.device), right=True, out_int32=True)  # [R]
+    xs = x[order // K]  # [P, H]
+    g = F.grouped_mm(xs, gate.transpose(1, 2), offs=ends)  # [P, I]
+    u = F.grouped_mm(xs, up.transpose(1, 2), offs=ends)
+    row_of_pair = key.clamp(max=R - 1)  # skipped pairs read row R-1's biases: masked below
+    if biases is not None:
+        g, u = g + biases.gate[row_of_pair], u + biases.up[row_of_pair]
+    out = F.grouped_mm(gated(g, u, activation), down.transpose(1, 2), offs=ends)  # [P, H]
+    if biases is not None:
+        out = out + biases.down[row_of_pair]
+    kept = key < R  # [P]
+    combine = weights.reshape(-1)[order].to(out.dtype)  # [P]
+    # Rows past the last group hold whatever the kernel left there (maybe NaN): where, not a product, drops them.
+    out = torch.where(kept[:, None], out * combine[:, None], 0)
+    by_pair = torch.empty_like(out).index_copy_(0, order, out)  # [P, H] back in (token, choice) order
+    return by_pair.view(T, K, -1).sum(dim=1)
 
 
 def _gathered(x, rows, weights, gate, up, down, biases, activation) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from ..arch import CheckpointNames
 from ..config import ModelConfig
 from ..timers import Timers
-from ..experts.base import ExpertWeights, Experts, PackedExperts
+from ..experts.base import ExpertWeights, Experts, PackedExperts, start_experts
 from ..weights.source import WeightSource
 from .layers import SwiGLU, load_linear
 from .routing import route
@@ -81,13 +81,23 @@ class MoE(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with self.timers.section("router"):
             ids, weights = self.route(h)
-            self.heat += torch.bincount(ids.reshape(-1), minlength=self.heat.numel())
-        with self.timers.section("experts"):  # hybrid backends split this into device, CPU and copy time
-            y = self.routed_input_scaled(h, ids, weights) if self.scales_input else self.experts(h, ids, weights)
+            flat = ids.reshape(-1)
+            self.heat.index_add_(0, flat, torch.ones_like(flat))  # fixed shapes: no host read (bincount has one)
+        # The routed experts start first (a hybrid backend's CPU part then runs on the CPU workers while the
+        # shared expert is computed) and are joined after. Hybrid backends split "experts" into device, CPU and
+        # copy time.
+        with self.timers.section("experts"):
+            if self.scales_input:
+                y = self.routed_input_scaled(h, ids, weights)
+            else:
+                finish = start_experts(self.experts, h, ids, weights)
+        shared = None
         if self.shared is not None:
             with self.timers.section("shared_experts"):
                 shared = self.shared(h)
                 if self.shared_gate is not None:
                     shared = torch.sigmoid(self.shared_gate(h)) * shared
-            y = y + shared
-        return y
+        if not self.scales_input:
+            with self.timers.section("experts"):
+                y = finish()
+        return y if shared is None else y + shared

@@ -1,6 +1,8 @@
 """One shared MoE transformer for every supported architecture, decoding one sequence over a preallocated cache."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +58,7 @@ class Transformer(nn.Module):
     """ids -> logits for one sequence; `start` is the number of positions already in the cache."""
 
     def __init__(self, cfg: ModelConfig, names: CheckpointNames, src: WeightSource, make_experts: ExpertsFactory,
-                 max_context: int, timers: Timers | None = None):
+                 max_context: int, timers: Timers | None = None, settle_step: Callable[[], None] | None = None):
         super().__init__()
         self.cfg, self.max_context = cfg, max_context
         self.timers = timers or Timers()
@@ -76,9 +78,18 @@ class Transformer(nn.Module):
         # Each layer's sequence state, of the kind its attention needs (offload/model/kv_cache.py).
         self.caches: list[LayerCache] = [layer.attn.new_cache(max_context, dtype, device) for layer in self.layers]
         # The token at each position the caches have processed, in order: what a new prompt may share a prefix
-        # with. Emptied before every forward and set again only once it has finished, so a step that fails or is
-        # interrupted half-way leaves nothing to reuse.
-        self.cached_ids: list[int] = []
+        # with. Kept where the forwards got them (no host read per step) and read back only when a prefix match
+        # asks (`cached_ids`). Emptied before every forward and set again only once it has finished, so a step
+        # that fails or is interrupted half-way leaves nothing to reuse.
+        self.held_ids = torch.zeros(max_context, dtype=torch.long, device=device)
+        self.held = 0  # held_ids[:held] are valid
+        # Called before each forward, once the previous one's results were read: the experts' step-boundary work.
+        self.settle_step = settle_step
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The tokens at positions 0.. that the caches hold (one host read)."""
+        return self.held_ids[: self.held].tolist()
 
     @property
     def cache_nbytes(self) -> int:
@@ -98,16 +109,17 @@ class Transformer(nn.Module):
 
     def hidden(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """ids [T] -> final-norm hidden states [T, H], writing positions start..start+T-1 to the caches."""
-        held, new_ids = self.cached_ids, ids.tolist()
-        self.cached_ids = []
+        self.timers.collect()
+        if self.settle_step is not None:
+            self.settle_step()
+        held, self.held = self.held, 0
         x = F.embedding(ids, self.embed)  # [T, H]
         for layer, cache in zip(self.layers, self.caches):
             x = layer(x, start, cache, self.rope)
         # Positions before `start` are untouched; without a record of them the caches hold nothing reusable.
-        if len(held) >= start:
-            del held[start:]
-            held.extend(new_ids)
-            self.cached_ids = held
+        if held >= start:
+            self.held_ids[start : start + ids.shape[0]].copy_(ids)
+            self.held = start + ids.shape[0]
         return self.norm(x)
 
     def forward(self, ids: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""HostLink: one MoE layer's traffic between the device tier and the CPU workers, one copy each way.
+
+    handle = link.submit(experts, x, host_ids, weights)   # packs, copies down, starts the CPU workers
+    ...                                                   # device work queued meanwhile (shared, resident experts)
+    link.add_result(y, handle)                            # y += the CPU part, copied up
+
+x [T, H], the pairs' host expert ids [T, K] (-1: the device's pair) and their weights [T, K] are packed on the
+device into one float32 block [T, H + 2K] (ids below 2**24 are exact in float32) and go down in one copy into a
+pinned host buffer, non-blocking; the worker thread waits for that copy's event, not the host's launch thread.
+The result [T, H] float32 comes back the same way from a second pinned buffer. On the CPU tier the buffers are
+plain tensors and the copies plain copies: the same code and the same numbers.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import torch
+
+from .base import Experts
+from .worker import background
+
+
+class HostLink:
+    def __init__(self, hidden: int, device: torch.device):
+        self.hidden, self.device = hidden, device
+        self.cuda = device.type == "cuda"
+        self.inputs = self.results = torch.empty(0, 0)  # grown by the first call
+        self.uploaded: torch.cuda.Event | None = None  # the last copy up, which reads `results`
+
+    def submit(self, experts: Experts, x: torch.Tensor, host_ids: torch.Tensor, weights: torch.Tensor
+               ) -> Future[torch.Tensor]:
+        """Start experts(x, host_ids, weights) on the CPU workers; the device tensors may change afterwards."""
+        T = x.shape[0]
+        packed = torch.cat((x.float(), host_ids.float(), weights.float()), dim=1)  # [T, H + 2K]
+        self._reserve(T, packed.shape[1])
+        inputs = self.down(packed, self.inputs[:T])
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return background().submit(self._compute, experts, inputs, ready)
+
+    def add_result(self, y: torch.Tensor, handle: Future[torch.Tensor]) -> None:
+        """y [T, H] += the CPU workers' result (re-raises their exception)."""
+        y += self.up(handle.result()).to(y.dtype)
+
+    def down(self, packed: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+        """The one copy down of a layer's CPU inputs."""
+        return host.copy_(packed, non_blocking=True)
+
+    def up(self, result: torch.Tensor) -> torch.Tensor:
+        """The one copy up of a layer's CPU result."""
+        on_device = result.to(self.device, non_blocking=True)
+        if self.cuda:
+            self.uploaded = torch.cuda.Event()
+            self.uploaded.record()
+        return on_device
+
+    def _compute(self, experts: Experts, inputs: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:
+        """On the worker thread: wait for the inputs to land, run the experts, leave the result in `results`."""
+        if ready is not None:
+            ready.synchronize()
+        H = self.hidden
+        K = (inputs.shape[1] - H) // 2
+        x, ids, weights = inputs.split((H, K, K), dim=1)
+        y = experts(x.contiguous(), ids.long(), weights.contiguous())
+        if self.uploaded is not None:
+            self.uploaded.synchronize()  # the previous result's copy up has read the buffer
+        return self.results[: y.shape[0]].copy_(y)
+
+    def _reserve(self, tokens: int, width: int) -> None:
+        """Host buffers for `tokens` rows of `width` inputs (grown, never shrunk: a prefill's size is kept for the
+        next one)."""
+        if self.inputs.shape[0] >= tokens and self.inputs.shape[1] == width:
+            return
+        with torch.inference_mode(False):  # plain tensors: the worker thread, outside inference mode, writes them
+            self.inputs = torch.empty(tokens, width, pin_memory=self.cuda)
+            self.results = torch.empty(tokens, self.hidden, pin_memory=self.cuda)
