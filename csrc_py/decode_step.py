@@ -2,6 +2,9 @@
 preallocated buffers, for a few tokens on the CPU.
 
     attention_block(x, out, ...)   out = x + o_proj(attend(rope(norms(qkv(rms_norm(x))))))   (cache written)
+    mla_block(x, out, ...)         the same for MLA in its absorbed form                     (latent cache written)
+    deltanet_block(x, out, ...)    out = x + out_proj(gated_norm(delta_rule(conv(in_proj(rms_norm(x))))))
+                                                                                       (recurrent state updated)
     moe_block(out, ...)            out += experts(route(h)) + gate * shared(h),  h = rms_norm(out)
     mlp_block(out, ...)            out += swiglu(rms_norm(out))
 
@@ -10,12 +13,13 @@ one; tests/test_decode_step.py checks them stage by stage and whole): Python and
 on the torch path, are what this removes. The weight-reading kernels are the existing ones (csrc_py.linear,
 csrc_py.expert_ffn), called from here; everything between them runs on the calling thread, since at decode sizes
 it costs less than waking the thread pool, except the attention over the cache, which grows with the context and
-is split over KV heads.
+is split over KV heads, and the gated delta rule, split over value heads.
 
 A packed matrix travels as a tuple (q, d, m) of csrc_py.formats arrays (d, m as uint16 bits; m is d for int8, d
 and m are empty for bf16): `packed_linear` picks the kernel from q's type when the caller is compiled.
 Flags are numbers, not types, so one compiled signature serves every layer of a format combination: an empty
-array means "absent" (bias, norm weight, correction bias, shared gate), 0 means "none" (window, clip).
+array means "absent" (bias, norm weight, correction bias, shared gate, sinks), 0 means "none" (window, chunk,
+clip, L2 eps, temperature).
 """
 from __future__ import annotations
 
@@ -41,8 +45,9 @@ def packed_linear(x, w, y):
     raise NotImplementedError("compiled code only")
 
 
-def packed_experts(x, ids, weights, gate, up, down, y):
-    """y = the routed experts of x (csrc_py.expert_ffn.moe_q8 / moe_q4 / moe_bf16 picked by the q arrays)."""
+def packed_experts(x, ids, weights, gate, up, down, biases, act, y):
+    """y = the routed experts of x (csrc_py.expert_ffn.moe_q8 / moe_q4 / moe_bf16 picked by the q arrays), with
+    biases = (gate [E, I], up [E, I], down [E, H]; [0, 0] arrays for none) and act = [kind, alpha, limit]."""
     raise NotImplementedError("compiled code only")
 
 
@@ -72,22 +77,19 @@ def _packed_linear(x, w, y):
 
 
 @overload(packed_experts)
-def _packed_experts(x, ids, weights, gate, up, down, y):
-    """Plain SwiGLU experts only (no biases, act = SILU: zeros): offload.model.compiled_step declines the others."""
+def _packed_experts(x, ids, weights, gate, up, down, biases, act, y):
     fmt = _fmt_of(gate[0])
     if fmt == "bf16":
-        def impl(x, ids, weights, gate, up, down, y):
-            none, silu = np.zeros((0, 0), np.float32), np.zeros(3, np.float32)
-            moe_bf16(x, ids, weights, gate[0], up[0], down[0], none, none, none, silu, y)
+        def impl(x, ids, weights, gate, up, down, biases, act, y):
+            moe_bf16(x, ids, weights, gate[0], up[0], down[0], biases[0], biases[1], biases[2], act, y)
     elif fmt == "int8":
-        def impl(x, ids, weights, gate, up, down, y):
-            none, silu = np.zeros((0, 0), np.float32), np.zeros(3, np.float32)
-            moe_q8(x, ids, weights, gate[0], gate[1], up[0], up[1], down[0], down[1], none, none, none, silu, y)
+        def impl(x, ids, weights, gate, up, down, biases, act, y):
+            moe_q8(x, ids, weights, gate[0], gate[1], up[0], up[1], down[0], down[1], biases[0], biases[1], biases[2],
+                   act, y)
     else:
-        def impl(x, ids, weights, gate, up, down, y):
-            none, silu = np.zeros((0, 0), np.float32), np.zeros(3, np.float32)
+        def impl(x, ids, weights, gate, up, down, biases, act, y):
             moe_q4(x, ids, weights, gate[0], gate[1], gate[2], up[0], up[1], up[2], down[0], down[1], down[2],
-                   none, none, none, silu, y)
+                   biases[0], biases[1], biases[2], act, y)
     return impl
 
 
@@ -109,7 +111,8 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
 
 @njit(nogil=True, cache=True)
 def rms_norm_heads(v: np.ndarray, heads: int, d: int, w: np.ndarray, eps: float) -> None:
-    """RMSNorm each of `heads` slices of width d of every row of v [T, >= heads*d], in place (per-head q/k norm)."""
+    """RMSNorm each of `heads` slices of width d of every row of v [T, >= heads*d], in place (per-head q/k norm;
+    an empty w: no weight, Llama-4's L2 q/k norm)."""
     for t in range(v.shape[0]):
         row = v[t]
         for h in range(heads):
@@ -118,8 +121,24 @@ def rms_norm_heads(v: np.ndarray, heads: int, d: int, w: np.ndarray, eps: float)
             for i in range(d):
                 acc += np.float64(seg[i]) * seg[i]
             r = np.float32(1.0 / np.sqrt(acc / d + eps))
-            for i in range(d):
-                seg[i] = w[i] * (seg[i] * r)
+            if w.size:
+                for i in range(d):
+                    seg[i] = w[i] * (seg[i] * r)
+            else:
+                for i in range(d):
+                    seg[i] = seg[i] * r
+
+
+@njit(nogil=True, cache=True)
+def query_temperature(q: np.ndarray, start: int, floor_scale: float, attn_scale: float) -> None:
+    """q [T, ...] row t *= 1 + attn_scale * log1p(floor((start + t + 1) / floor_scale)), in place (Llama-4's
+    no-RoPE layers; offload.model.attention.query_temperature)."""
+    for t in range(q.shape[0]):
+        position = np.float32(start + t)
+        steps = np.floor((position + np.float32(1.0)) / np.float32(floor_scale))
+        factor = np.float32(np.log1p(steps)) * np.float32(attn_scale) + np.float32(1.0)
+        for i in range(q.shape[1]):
+            q[t, i] *= factor
 
 
 @njit(nogil=True, cache=True)
@@ -165,11 +184,12 @@ def write_cache(k: np.ndarray, v: np.ndarray, kv_heads: int, d: int, kcache: np.
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _attend_head(q: np.ndarray, keys: np.ndarray, values: np.ndarray, lo: int, hi: int, scale: float,
+def _attend_head(q: np.ndarray, keys: np.ndarray, values: np.ndarray, lo: int, hi: int, scale: float, sink: float,
                  scores: np.ndarray, out: np.ndarray) -> None:
-    """out = softmax(scale * keys[lo:hi] q) values[lo:hi] for one query q [d] (out [dv])."""
+    """out = softmax(scale * keys[lo:hi] q) values[lo:hi] for one query q [d] (out [dv]); a finite `sink` logit
+    joins the softmax and attends to nothing (gpt-oss), -inf leaves it out."""
     qs = q * np.float32(scale)
-    best = -np.inf
+    best = np.float32(sink)
     for j in range(lo, hi):
         key = keys[j]
         acc = np.float32(0.0)
@@ -177,7 +197,7 @@ def _attend_head(q: np.ndarray, keys: np.ndarray, values: np.ndarray, lo: int, h
             acc += qs[i] * key[i]
         scores[j] = acc
         best = max(best, acc)
-    total = np.float32(0.0)
+    total = np.float32(np.exp(np.float32(sink) - best))  # 0 without a sink
     for j in range(lo, hi):
         e = np.float32(np.exp(scores[j] - best))
         scores[j] = e
@@ -192,20 +212,26 @@ def _attend_head(q: np.ndarray, keys: np.ndarray, values: np.ndarray, lo: int, h
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray, vcache: np.ndarray, start: int,
-           window: int, scale: float, out: np.ndarray) -> None:
+           window: int, chunk: int, scale: float, sinks: np.ndarray, out: np.ndarray) -> None:
     """Causal grouped-query attention of q [T, heads*d] (positions start..) over the cached keys / values
-    [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` (0: all);
-    out [T, heads*d]. One KV head's query heads run on one thread, so its keys are read once from memory."""
+    [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` and only within
+    the query's `chunk` of positions (0: no limit), with one sink logit per head in every softmax where
+    sinks [heads] is not empty; out [T, heads*d]. One KV head's query heads run on one thread, so its keys are
+    read once from memory."""
     T = q.shape[0]
     group = heads // kv_heads
     for g in prange(kv_heads):
         scores = np.empty(start + T, np.float32)
         keys, values = kcache[g], vcache[g]
         for h in range(g * group, g * group + group):
+            sink = sinks[h] if sinks.size else -np.inf
             for t in range(T):
                 hi = start + t + 1
                 lo = max(0, hi - window) if window > 0 else 0
-                _attend_head(q[t, h * d: h * d + d], keys, values, lo, hi, scale, scores, out[t, h * d: h * d + d])
+                if chunk > 0:
+                    lo = max(lo, (hi - 1) // chunk * chunk)
+                _attend_head(q[t, h * d: h * d + d], keys, values, lo, hi, scale, sink, scores,
+                             out[t, h * d: h * d + d])
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
@@ -261,12 +287,12 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
 
 @njit(nogil=True, cache=True)
 def route(logits: np.ndarray, top_k: int, scoring: int, groups: int, n_group: int, topk_group: int, norm: bool,
-          scaling: float, correction_bias: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+          scaling: float, norm_min: float, correction_bias: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
     """offload.model.routing.route for logits float32 [T, E] -> ids int64 [T, K], weights float32 [T, K].
 
     scoring SOFTMAX | SIGMOID; groups GROUPS_NONE | GROUPS_MAX (rank groups by their best score; softmax) |
-    GROUPS_TOP2_SUM (by the sum of their two best choices; sigmoid); correction_bias [E] or empty (sigmoid:
-    steers the choice, not the weights)."""
+    GROUPS_TOP2_SUM (by the sum of their two best choices; sigmoid); correction_bias [E] or empty (steers the
+    choice, not the weights); softmax weights are normalised by their sum clamped from below at norm_min."""
     T, E = logits.shape
     scores = np.empty(E, np.float32)
     choice = np.empty(E, np.float32)
@@ -286,7 +312,7 @@ def route(logits: np.ndarray, top_k: int, scoring: int, groups: int, n_group: in
                 total += scores[e]
             for e in range(E):
                 scores[e] /= total
-                choice[e] = scores[e]
+                choice[e] = scores[e]  # the selection bias joins after the groups are ranked
         if groups != GROUPS_NONE and n_group > 1:
             for g in range(n_group):
                 seg = choice[g * per_group: (g + 1) * per_group]
@@ -304,14 +330,19 @@ def route(logits: np.ndarray, top_k: int, scoring: int, groups: int, n_group: in
             for g in range(n_group):
                 if not (kept == g).any():
                     choice[g * per_group: (g + 1) * per_group] = dropped
+        if scoring == SOFTMAX:  # the weights are the scores left after the group mask
+            for e in range(E):
+                scores[e] = choice[e]
+                if correction_bias.size:
+                    choice[e] += correction_bias[e]
         order = np.argsort(-choice, kind="mergesort")[:top_k]
         total = np.float32(0.0)
         for k in range(top_k):
             ids[t, k] = order[k]
-            weights[t, k] = scores[order[k]] if scoring == SIGMOID else choice[order[k]]
+            weights[t, k] = scores[order[k]]
             total += weights[t, k]
         if norm:
-            denom = total + np.float32(1e-20) if scoring == SIGMOID else total
+            denom = total + np.float32(1e-20) if scoring == SIGMOID else max(total, np.float32(norm_min))
             for k in range(top_k):
                 weights[t, k] /= denom
         for k in range(top_k):
@@ -319,8 +350,8 @@ def route(logits: np.ndarray, top_k: int, scoring: int, groups: int, n_group: in
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def router_logits(h: np.ndarray, router: np.ndarray, logits: np.ndarray) -> None:
-    """logits [T, E] = h [T, H] @ router [E, H].T in float32."""
+def router_logits(h: np.ndarray, router: np.ndarray, bias: np.ndarray, logits: np.ndarray) -> None:
+    """logits [T, E] = h [T, H] @ router [E, H].T (+ bias [E] unless empty) in float32."""
     for t in range(h.shape[0]):
         x = h[t]
         for e in range(router.shape[0]):
@@ -328,7 +359,7 @@ def router_logits(h: np.ndarray, router: np.ndarray, logits: np.ndarray) -> None
             acc = np.float32(0.0)
             for i in range(x.size):
                 acc += x[i] * w[i]
-            logits[t, e] = acc
+            logits[t, e] = acc + bias[e] if bias.size else acc
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "afn", "arcp", "reassoc"})
@@ -347,17 +378,99 @@ def add_bias(y: np.ndarray, bias: np.ndarray) -> None:
             y[t, i] += bias[i]
 
 
+@njit(nogil=True, cache=True, fastmath={"contract", "afn", "arcp", "reassoc"})
+def short_conv(v: np.ndarray, w: np.ndarray, window: np.ndarray) -> None:
+    """One position through Gated DeltaNet's causal depthwise convolution and SiLU, in place: v [C] (the new
+    inputs) <- silu(sum_j window[c, j] w[c, j] + v[c] w[c, -1]) with w [C, kernel] and window [C, kernel-1] the
+    previous inputs, which then shift by one to take v's (GatedDeltaNet.conv for one token)."""
+    C, past = window.shape
+    for c in range(C):
+        new = v[c]
+        acc = new * w[c, past]
+        for j in range(past):
+            acc += window[c, j] * w[c, j]
+        for j in range(past - 1):
+            window[c, j] = window[c, j + 1]
+        if past > 0:
+            window[c, past - 1] = new
+        v[c] = acc / (np.float32(1.0) + np.exp(-acc))
+
+
+@njit(nogil=True, cache=True)
+def l2_normalise_heads(v: np.ndarray, heads: int, d: int, eps: float, scale: float) -> None:
+    """Each of `heads` slices of width d of v [>= heads*d] <- slice / sqrt(|slice|^2 + eps) * scale, in place
+    (offload.model.gated_deltanet.l2norm on q and k)."""
+    for h in range(heads):
+        seg = v[h * d: h * d + d]
+        acc = np.float32(0.0)
+        for i in range(d):
+            acc += seg[i] * seg[i]
+        r = np.float32(1.0) / np.sqrt(acc + np.float32(eps))
+        for i in range(d):
+            seg[i] = seg[i] * r * np.float32(scale)
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def gated_delta_step(qkv: np.ndarray, z: np.ndarray, b: np.ndarray, a: np.ndarray, dims, neg_A: np.ndarray,
+                     dt_bias: np.ndarray, state: np.ndarray, norm_w: np.ndarray, eps: float, delta: np.ndarray,
+                     out: np.ndarray) -> None:
+    """One position of the gated delta rule on every value head's state [Hv, dk, dv], in place, then the gated
+    RMSNorm: out [Hv*dv] = RMSNorm(S^T q) * norm_w * silu(z) per head (offload.model.gated_deltanet's
+    recurrent_gated_delta_rule and gated_rms_norm for one token).
+
+    qkv [2*Hk*dk + Hv*dv]: the convolved q (normalised and scaled), k (normalised), v; z [Hv*dv]; b, a [Hv];
+    dims = (Hk, Hv, dk, dv), value head h reading key head h // (Hv/Hk); delta [Hv, dv] scratch. Two passes over
+    each state: decay and S^T k, then the update and S^T q. One value head per thread."""
+    k_heads, v_heads, dk, dv = dims
+    group = v_heads // k_heads
+    k0, v0 = k_heads * dk, 2 * k_heads * dk
+    for hv in prange(v_heads):
+        kh = hv // group
+        q, k = qkv[kh * dk: kh * dk + dk], qkv[k0 + kh * dk: k0 + kh * dk + dk]
+        v = qkv[v0 + hv * dv: v0 + hv * dv + dv]
+        x = a[hv] + dt_bias[hv]
+        softplus = x if x > np.float32(20.0) else np.float32(np.log1p(np.exp(x)))
+        decay = np.float32(np.exp(neg_A[hv] * softplus))
+        beta = np.float32(1.0) / (np.float32(1.0) + np.exp(-b[hv]))
+        S, d, o = state[hv], delta[hv], out[hv * dv: hv * dv + dv]
+        d[:] = 0.0
+        for i in range(dk):
+            row = S[i]
+            for j in range(dv):
+                row[j] *= decay
+                d[j] += k[i] * row[j]
+        for j in range(dv):
+            d[j] = (v[j] - d[j]) * beta
+        o[:] = 0.0
+        for i in range(dk):
+            row = S[i]
+            for j in range(dv):
+                row[j] += k[i] * d[j]
+                o[j] += q[i] * row[j]
+        acc = np.float32(0.0)
+        for j in range(dv):
+            acc += o[j] * o[j]
+        r = np.float32(1.0) / np.sqrt(acc / dv + np.float32(eps))
+        zs = z[hv * dv: hv * dv + dv]
+        for j in range(dv):
+            o[j] = norm_w[j] * (o[j] * r) * (zs[j] / (np.float32(1.0) + np.exp(-zs[j])))
+
+
 # ---------------------------------------------------------------- blocks
 
 
 @njit(nogil=True, cache=True)
-def swiglu(h: np.ndarray, gate_up, up_start: int, width: int, down, gu: np.ndarray,
-           act: np.ndarray, y: np.ndarray) -> None:
-    """y[:, :padded] = down(silu(gate h) * up h) with gate/up fused in one packed matrix (up from row up_start),
-    scratch gu [T, padded gate+up], act [T, width]; offload.model.layers.SwiGLU over a FusedLinear."""
+def swiglu(h: np.ndarray, mlp, dims, gu: np.ndarray, act: np.ndarray, y: np.ndarray) -> None:
+    """y[:, :padded] = down(silu(gate h) * up h) with gate/up fused in one packed matrix; offload.model.layers.SwiGLU
+    over a FusedLinear. mlp = (gate_up packed, its bias [gate+up] or empty, down packed, its bias [H] or empty);
+    dims = (up_start: the column where up starts, width); scratch gu [T, padded gate+up], act [T, width]."""
+    gate_up, gate_up_bias, down, down_bias = mlp
+    up_start, width = dims
     packed_linear(h, gate_up, gu)
+    add_bias(gu, gate_up_bias)
     silu_mul(gu[:, :width], gu[:, up_start: up_start + width], act)
     packed_linear(act, down, y)
+    add_bias(y, down_bias)
 
 
 @njit(nogil=True, cache=True)
@@ -369,18 +482,47 @@ def add_rows(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(nogil=True, cache=True)
-def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, qk_norm, q_norm_w, k_norm_w, clip_qkv, cos, sin,
-                    start, kcache, vcache, window, scale, o_proj, o_bias, h, qkv_out, att, o_out) -> None:
+def split_gate(qkv_out: np.ndarray, q0: int, heads: int, d: int, qg: np.ndarray) -> None:
+    """Qwen3-Next's gated query: each head's query then its gate, from column q0 of qkv_out [T, ...], into
+    qg [T, 2*heads*d] as all the queries, then all the gates."""
+    for t in range(qkv_out.shape[0]):
+        for h in range(heads):
+            src = q0 + 2 * h * d
+            for i in range(d):
+                qg[t, h * d + i] = qkv_out[t, src + i]
+                qg[t, (heads + h) * d + i] = qkv_out[t, src + d + i]
+
+
+@njit(nogil=True, cache=True, fastmath={"contract", "afn", "arcp", "reassoc"})
+def mul_sigmoid(v: np.ndarray, gate: np.ndarray) -> None:
+    """v *= sigmoid(gate), elementwise over [T, D] views (the output gate)."""
+    for t in range(v.shape[0]):
+        for i in range(v.shape[1]):
+            v[t, i] *= np.float32(1.0) / (np.float32(1.0) + np.exp(-gate[t, i]))
+
+
+@njit(nogil=True, cache=True)
+def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, flags, q_norm_w, k_norm_w, q_scale, clip_qkv, cos, sin,
+                    start, kcache, vcache, span, scale, sinks, o_proj, o_bias, h, qkv_out, qg, att, o_out) -> None:
     """out = x + Attention(RMSNorm(x)) for x [T, H] at positions start.. (offload.model.attention.Attention).
 
     dims = (heads, kv_heads, head_dim, q_start, k_start, v_start): the column where each part of the fused
-    q/k/v output starts. Scratch: h [T, H], qkv_out [T, padded qkv width], att [T, heads*head_dim],
+    q/k/v output starts. flags = (qk_norm: QK_NORM_*, q/k norm after RoPE, interleaved RoPE, output gate, RoPE
+    applies). q_scale = (L2 q/k norm eps, 0: none; query temperature floor_scale, 0: none; its attn_scale).
+    span = (sliding window, attention chunk; 0: none). sinks [heads] or empty. Scratch: h [T, H], qkv_out
+    [T, padded qkv width], qg [T, 2*heads*head_dim] with the output gate (else [T, 0]), att [T, heads*head_dim],
     o_out [T, padded H]."""
     heads, kv_heads, d, q0, k0, v0 = dims
+    qk_norm, norm_after_rope, interleaved, output_gate, rope_layer = flags
+    l2_eps, floor_scale, attn_scale = q_scale
     rms_norm(x, norm_w, eps, h)
     packed_linear(h, qkv, qkv_out)
     add_bias(qkv_out, qkv_bias)
-    q = qkv_out[:, q0: q0 + heads * d]
+    if output_gate:
+        split_gate(qkv_out, q0, heads, d, qg)
+        q = qg[:, :heads * d]
+    else:
+        q = qkv_out[:, q0: q0 + heads * d]
     k = qkv_out[:, k0: k0 + kv_heads * d]
     v = qkv_out[:, v0: v0 + kv_heads * d]
     if qk_norm == QK_NORM_FULL:
@@ -390,13 +532,25 @@ def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, qk_norm, q_norm_w,
         clip(q, clip_qkv)
         clip(k, clip_qkv)
         clip(v, clip_qkv)
-    if qk_norm == QK_NORM_HEAD:
+    if qk_norm == QK_NORM_HEAD and not norm_after_rope:
         rms_norm_heads(q, heads, d, q_norm_w, eps)
         rms_norm_heads(k, kv_heads, d, k_norm_w, eps)
-    rope(q, heads, d, 0, False, cos, sin, start)
-    rope(k, kv_heads, d, 0, False, cos, sin, start)
+    if rope_layer:
+        rope(q, heads, d, 0, interleaved != 0, cos, sin, start)
+        rope(k, kv_heads, d, 0, interleaved != 0, cos, sin, start)
+    if qk_norm == QK_NORM_HEAD and norm_after_rope:
+        rms_norm_heads(q, heads, d, q_norm_w, eps)
+        rms_norm_heads(k, kv_heads, d, k_norm_w, eps)
+    if l2_eps > 0:
+        no_weight = np.zeros(0, np.float32)
+        rms_norm_heads(q, heads, d, no_weight, l2_eps)
+        rms_norm_heads(k, kv_heads, d, no_weight, l2_eps)
+    if floor_scale > 0:
+        query_temperature(q, start, floor_scale, attn_scale)
     write_cache(k, v, kv_heads, d, kcache, vcache, start)
-    attend(q, heads, kv_heads, d, kcache, vcache, start, window, scale, att)
+    attend(q, heads, kv_heads, d, kcache, vcache, start, span[0], span[1], scale, sinks, att)
+    if output_gate:
+        mul_sigmoid(att, qg[:, heads * d:])
     packed_linear(att, o_proj, o_out)
     add_bias(o_out, o_bias)
     add_rows(x, o_out, out)
@@ -434,37 +588,96 @@ def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a
 
 
 @njit(nogil=True, cache=True)
-def mlp_block(x, norm_w, eps, gate_up, up_start, width, down, h, gu, act, y) -> None:
-    """x += SwiGLU(RMSNorm(x)) (a dense MLP layer), in place; scratch h [T, H], gu, act, y [T, padded H]."""
+def deltanet_block(x, out, norm_w, eps, in_proj, cols, dims, conv_w, conv_window, neg_A, dt_bias, state, norm_out_w,
+                   l2_eps, o_proj, h, proj_out, mixed, delta, core, o_out) -> None:
+    """out = x + GatedDeltaNet(RMSNorm(x)) for x [T, H], folding each token into the recurrent state in place
+    (offload.model.gated_deltanet.GatedDeltaNet; the cache's conv window [C, kernel-1] and state [Hv, dk, dv]).
+
+    in_proj: the layer's fused input projections; cols [C + Hv*dv + 2*Hv] the column of each of q|k|v (the
+    convolution's channel order), z, b, a in its output, whichever projection layout the checkpoint has;
+    dims = (Hk, Hv, dk, dv); eps = (input norm, gated norm); conv_w [C, kernel]. Scratch: h [T, H],
+    proj_out [T, padded in_proj width], mixed [T, cols.size], delta [Hv, dv], core [T, Hv*dv], o_out [T, padded H].
+    """
+    k_heads, v_heads, dk, dv = dims
+    C = conv_window.shape[0]
+    b0, a0 = C + v_heads * dv, C + v_heads * dv + v_heads
+    rms_norm(x, norm_w, eps[0], h)
+    packed_linear(h, in_proj, proj_out)
+    for t in range(x.shape[0]):
+        row = mixed[t]
+        for i in range(cols.size):
+            row[i] = proj_out[t, cols[i]]
+        short_conv(row[:C], conv_w, conv_window)
+        l2_normalise_heads(row, k_heads, dk, l2_eps, 1.0 / np.sqrt(dk))
+        l2_normalise_heads(row[k_heads * dk:], k_heads, dk, l2_eps, 1.0)
+        gated_delta_step(row[:C], row[C: b0], row[b0: a0], row[a0:], dims, neg_A, dt_bias, state, norm_out_w,
+                         eps[1], delta, core[t])
+    packed_linear(core, o_proj, o_out)
+    add_rows(x, o_out, out)
+
+
+@njit(nogil=True, cache=True)
+def mlp_block(x, norm_w, eps, mlp, dims, h, gu, act, y) -> None:
+    """x += SwiGLU(RMSNorm(x)) (a dense MLP layer; mlp, dims as swiglu's), in place; scratch h [T, H], gu, act,
+    y [T, padded H]."""
     H = x.shape[1]
     rms_norm(x, norm_w, eps, h)
-    swiglu(h, gate_up, up_start, width, down, gu, act, y)
+    swiglu(h, mlp, dims, gu, act, y)
     for t in range(x.shape[0]):
         for i in range(H):
             x[t, i] += y[t, i]
 
 
 @njit(nogil=True, cache=True)
-def moe_block(x, norm_w, eps, router, correction_bias, routing, scaling, heat, gate, up, down, shared, shared_dims,
-              shared_gate, h, logits, ids, weights, routed, gu, act, y) -> None:
-    """x += MoE(RMSNorm(x)), in place (offload.model.moe.MoE): router, routed experts, shared expert with its
-    optional sigmoid gate (shared_gate [H] or empty); heat [E] counts the routing choices.
+def experts_of_scaled_inputs(h, ids, weights, gate, up, down, biases, act, pairs, routed) -> None:
+    """routed[t] = sum_k expert_{ids[t, k]}(weights[t, k] * h[t]) (Llama-4: the routing weight scales the expert's
+    input, not its output), as one fused-kernel call over the T*K (token, choice) rows with weight 1, summed in
+    choice order. pairs = (x [T*K, H], ids [T*K, 1], ones [T*K, 1], y [T*K, H]) scratch."""
+    pair_x, pair_ids, ones, pair_y = pairs
+    T, K = ids.shape
+    for t in range(T):
+        for k in range(K):
+            r = t * K + k
+            pair_ids[r, 0] = ids[t, k]
+            ones[r, 0] = 1.0
+            for i in range(h.shape[1]):
+                pair_x[r, i] = h[t, i] * weights[t, k]
+    packed_experts(pair_x, pair_ids, ones, gate, up, down, biases, act, pair_y)
+    for t in range(T):
+        routed[t] = pair_y[t * K]
+        for k in range(1, K):
+            routed[t] += pair_y[t * K + k]
 
-    routing = (top_k, scoring, groups, n_group, topk_group, norm); shared = (gate_up, down) packed or, with
-    shared_dims[1] == 0, no shared expert; shared_dims = (up_start, width). Scratch: h [T, H], logits [T, E],
-    ids / weights [T, K], routed [T, H], gu / act / y the shared expert's (y [T, padded H])."""
-    top_k, scoring, groups, n_group, topk_group, norm = routing
+
+@njit(nogil=True, cache=True)
+def moe_block(x, norm_w, eps, router, router_bias, correction_bias, routing, weighting, heat, gate, up, down,
+              expert_biases, expert_act, pairs, shared, shared_dims, shared_gate, h, logits, ids, weights, routed, gu,
+              act, y) -> None:
+    """x += MoE(RMSNorm(x)), in place (offload.model.moe.MoE): router (with its bias [E] or empty), routed experts
+    (with their biases and activation, csrc_py.expert_ffn's arguments), shared expert with its optional sigmoid
+    gate (shared_gate [H] or empty); heat [E] counts the routing choices.
+
+    routing = (top_k, scoring, groups, n_group, topk_group, norm, input-scaled experts); weighting =
+    (routed_scaling_factor, norm_min); pairs: experts_of_scaled_inputs's scratch (0 rows where the weights scale
+    the outputs); shared, shared_dims: swiglu's mlp and dims, or with shared_dims[1] == 0 no shared expert.
+    Scratch: h [T, H], logits [T, E], ids / weights [T, K], routed [T, H], gu / act / y the shared expert's
+    (y [T, padded H])."""
+    top_k, scoring, groups, n_group, topk_group, norm, scales_input = routing
     T, H = x.shape
     rms_norm(x, norm_w, eps, h)
-    router_logits(h, router, logits)
-    route(logits, top_k, scoring, groups, n_group, topk_group, norm != 0, scaling, correction_bias, ids, weights)
+    router_logits(h, router, router_bias, logits)
+    route(logits, top_k, scoring, groups, n_group, topk_group, norm != 0, weighting[0], weighting[1], correction_bias,
+          ids, weights)
     for t in range(T):
         for k in range(top_k):
             heat[ids[t, k]] += 1
-    packed_experts(h, ids, weights, gate, up, down, routed)
-    up_start, width = shared_dims
+    if scales_input:
+        experts_of_scaled_inputs(h, ids, weights, gate, up, down, expert_biases, expert_act, pairs, routed)
+    else:
+        packed_experts(h, ids, weights, gate, up, down, expert_biases, expert_act, routed)
+    width = shared_dims[1]
     if width > 0:
-        swiglu(h, shared[0], up_start, width, shared[1], gu, act, y)
+        swiglu(h, shared, shared_dims, gu, act, y)
     for t in range(T):
         g = np.float32(1.0)
         if shared_gate.size:

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 import offload
 from offload.config import RopeConfig, RouterConfig
 from offload.model import compiled_step
-from offload.model.attention import grouped_attention
+from offload.model.attention import attention_with_sinks, grouped_attention, l2_norm, query_temperature
 from offload.model.compiled_step import CompiledLayer
-from offload.model.kv_cache import causal_mask_args
+from offload.model.gated_deltanet import L2_EPS, gated_delta_rule, gated_rms_norm, l2norm
+from offload.model.kv_cache import RecurrentState, causal_mask_args
 from offload.model.layers import RMSNorm
 from offload.model.rope import RotaryTable
 from offload.model.routing import route as torch_route
@@ -49,6 +50,18 @@ def test_per_head_norm_matches_the_module():
     got = x.numpy().copy()
     ds.rms_norm_heads(got, 3, 8, w.numpy(), 1e-5)
     assert rel_err(torch.from_numpy(got), expected) < 1e-6
+    # No weight: Llama-4's L2 q/k norm.
+    expected[:, :24] = l2_norm(x[:, :24].reshape(2, 3, 8), 1e-5).reshape(2, 24)
+    got = x.numpy().copy()
+    ds.rms_norm_heads(got, 3, 8, np.zeros(0, np.float32), 1e-5)
+    assert rel_err(torch.from_numpy(got), expected) < 1e-6
+
+
+def test_query_temperature_matches_attention():
+    q = randn(5, 12)
+    got = q.numpy().copy()
+    ds.query_temperature(got, 9, 4.0, 0.5)  # positions 9..13: floor((p + 1) / 4) steps from 2 to 3 at 11
+    assert rel_err(torch.from_numpy(got), q * query_temperature(9, 5, 4.0, 0.5, q.device)[:, None]) < 1e-6
 
 
 # whole heads, partial RoPE (the rest passes through), DeepSeek's interleaved pairs
@@ -63,17 +76,50 @@ def test_rope_matches_the_table(rope_dim, interleaved):
     assert rel_err(torch.from_numpy(got), expected.reshape(3, 40)) < 1e-6
 
 
-@pytest.mark.parametrize("T, start, window", [(1, 9, 0), (1, 9, 4), (3, 7, 0), (3, 7, 5), (2, 0, 0)])
-def test_attention_over_the_cache_matches_grouped_attention(T, start, window):
+# sliding windows; Llama-4's chunks (the 3 queries at 7..9 straddle a boundary of chunks of 8)
+@pytest.mark.parametrize("T, start, window, chunk", [(1, 9, 0, 0), (1, 9, 4, 0), (3, 7, 0, 0), (3, 7, 5, 0),
+                                                     (2, 0, 0, 0), (1, 9, 0, 8), (3, 7, 0, 8)])
+def test_attention_over_the_cache_matches_grouped_attention(T, start, window, chunk):
     heads, kv_heads, d, P = 6, 2, 8, 16
     S = start + T
     q, k, v = randn(T, heads, d), randn(kv_heads, P, d), randn(kv_heads, P, d)
-    mask = causal_mask_args(start, T, window or None, torch.device("cpu"))
+    mask = causal_mask_args(start, T, window or None, torch.device("cpu"), chunk or None)
     queries = q.transpose(0, 1).reshape(kv_heads, heads // kv_heads, T, d)
     expected = grouped_attention(queries, k[:, :S], v[:, :S], d**-0.5, mask).reshape(heads, T, d).transpose(0, 1)
     out = np.empty((T, heads * d), np.float32)
-    ds.attend(q.reshape(T, heads * d).numpy(), heads, kv_heads, d, k.numpy(), v.numpy(), start, window, d**-0.5, out)
+    ds.attend(q.reshape(T, heads * d).numpy(), heads, kv_heads, d, k.numpy(), v.numpy(), start, window, chunk,
+              d**-0.5, np.zeros(0, np.float32), out)
     assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) < 1e-5
+
+
+@pytest.mark.parametrize("T, start, window", [(1, 9, 0), (1, 9, 4), (3, 7, 5)])
+def test_attention_with_sinks_matches_its_torch_form(T, start, window):
+    heads, kv_heads, d, P = 4, 2, 8, 16
+    S = start + T
+    q, k, v, sinks = randn(T, heads, d), randn(kv_heads, P, d), randn(kv_heads, P, d), randn(heads) * 2
+    mask = causal_mask_args(start, T, window or None, torch.device("cpu"))
+    expected = attention_with_sinks(q.transpose(0, 1), k[:, :S], v[:, :S], d**-0.5, mask, sinks).transpose(0, 1)
+    out = np.empty((T, heads * d), np.float32)
+    ds.attend(q.reshape(T, heads * d).numpy(), heads, kv_heads, d, k.numpy(), v.numpy(), start, window, 0, d**-0.5,
+              sinks.numpy(), out)
+    assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) < 1e-5
+    # The sinks take their share: without them the result differs.
+    ds.attend(q.reshape(T, heads * d).numpy(), heads, kv_heads, d, k.numpy(), v.numpy(), start, window, 0, d**-0.5,
+              np.zeros(0, np.float32), out)
+    assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) > 1e-2
+
+
+def test_output_gate_split_and_product_match_attention():
+    T, heads, d, q0 = 2, 3, 4, 5
+    qkv_out = randn(T, q0 + 2 * heads * d + 7)
+    qg = np.empty((T, 2 * heads * d), np.float32)
+    ds.split_gate(qkv_out.numpy(), q0, heads, d, qg)
+    q, gate = qkv_out[:, q0: q0 + 2 * heads * d].reshape(T, heads, 2, d).unbind(2)  # Attention.forward's split
+    assert torch.equal(torch.from_numpy(qg), torch.cat([q.reshape(T, -1), gate.reshape(T, -1)], dim=1))
+    att = randn(T, heads * d)
+    got = att.numpy().copy()
+    ds.mul_sigmoid(got, qg[:, heads * d:])
+    assert rel_err(torch.from_numpy(got), att * torch.sigmoid(gate.reshape(T, -1))) < 1e-6
 
 
 ROUTERS = {
@@ -84,6 +130,8 @@ ROUTERS = {
     "sigmoid_groups": RouterConfig(16, 3, scoring="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
                                    has_correction_bias=True, routed_scaling_factor=2.5),
     "sigmoid_unnormalised": RouterConfig(8, 2, scoring="sigmoid", norm_topk_prob=False),
+    # ERNIE-4.5: softmax with a selection bias, the weights' sum clamped from below (high enough to bite here)
+    "softmax_selection_bias_norm_min": RouterConfig(8, 2, has_correction_bias=True, norm_min=0.6),
 }
 
 
@@ -95,7 +143,7 @@ def test_routing_matches_every_torch_variant(name):
     ids, weights = torch_route(logits, cfg, bias)
     plan = compiled_step._routing_codes(cfg)
     got_ids, got_w = np.empty((5, cfg.top_k), np.int64), np.empty((5, cfg.top_k), np.float32)
-    ds.route(logits.numpy(), *plan, float(cfg.routed_scaling_factor),
+    ds.route(logits.numpy(), *plan, float(cfg.routed_scaling_factor), float(cfg.norm_min),
              (bias if bias is not None else torch.zeros(0)).numpy(), got_ids, got_w)
     for t in range(5):  # the same choices; their order is free (the experts sum them)
         expected = dict(zip(ids[t].tolist(), weights[t].tolist()))
@@ -105,14 +153,111 @@ def test_routing_matches_every_torch_variant(name):
 
 
 def test_router_logits_and_swiglu_activation():
-    h, router = randn(2, 48), randn(6, 48)
+    h, router, bias = randn(2, 48), randn(6, 48), randn(6)
     logits = np.empty((2, 6), np.float32)
-    ds.router_logits(h.numpy(), router.numpy(), logits)
+    ds.router_logits(h.numpy(), router.numpy(), np.zeros(0, np.float32), logits)
     assert rel_err(torch.from_numpy(logits), F.linear(h, router)) < 1e-6
+    ds.router_logits(h.numpy(), router.numpy(), bias.numpy(), logits)
+    assert rel_err(torch.from_numpy(logits), F.linear(h, router, bias)) < 1e-6
     g, u = randn(2, 10) * 4, randn(2, 10)
     out = np.empty((2, 10), np.float32)
     ds.silu_mul(g.numpy(), u.numpy(), out)
     assert rel_err(torch.from_numpy(out), F.silu(g) * u) < 1e-6
+
+
+# ---------------------------------------------------------------- Gated DeltaNet stages
+
+DELTANET_FAMILIES = ["qwen3_next", "qwen3_5_moe"]  # projections grouped per key head / four projections
+
+
+@pytest.fixture(scope="module")
+def deltanet_model(checkpoint):
+    models = {}
+
+    def get(name: str):
+        if name not in models:
+            models[name] = offload.load(checkpoint(name), device="cpu", experts="int8", dense="int8",
+                                        max_context=16).transformer
+        return models[name]
+
+    return get
+
+
+def filled_state(net, seed: int) -> RecurrentState:
+    """A recurrent state at position 5 holding random values (as after a prompt)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = net.new_cache(16, torch.float32, torch.device("cpu"))
+    state.conv.copy_(torch.randn(state.conv.shape, generator=gen))
+    state.state.copy_(torch.randn(state.state.shape, generator=gen) * 0.3)
+    state.position = 5
+    return state
+
+
+@pytest.mark.parametrize("name", DELTANET_FAMILIES)
+def test_deltanet_projection_columns_gather_what_project_returns(deltanet_model, name):
+    from csrc_py.dispatch import linear
+
+    net = deltanet_model(name).layers[0].attn
+    x = randn(3, net.in_proj.packed.shape[2])
+    qkv, z, b, a = net.project(x)
+    fused = linear(x, net.in_proj.packed)  # every projection's output side by side
+    assert torch.equal(fused[:, net.projection_columns(net.in_proj.starts)],
+                       torch.cat([qkv, z.reshape(3, -1), b, a], dim=1))
+
+
+@pytest.mark.parametrize("name", DELTANET_FAMILIES)
+def test_deltanet_token_stages_match_the_module(deltanet_model, name):
+    """Token by token from a filled state: the convolution (and its window), the q/k normalisation, and the delta
+    rule with the gated norm (and the state) against GatedDeltaNet's torch code."""
+    net = deltanet_model(name).layers[0].attn
+    Hk, Hv, dk, dv = net.k_heads, net.v_heads, net.k_dim, net.v_dim
+    cache = filled_state(net, 1)
+    window, state = cache.conv.numpy().copy(), cache.state.numpy().copy()
+    conv_w = net.conv_weight.reshape(net.conv_dim, net.conv_kernel).numpy()
+    for _ in range(3):
+        qkv, z, b, a = randn(1, net.conv_dim), randn(1, Hv, dv), randn(1, Hv), randn(1, Hv)
+        mixed = net.conv(qkv, cache)  # [1, C], the window moves on
+        got = qkv[0].numpy().copy()
+        ds.short_conv(got, conv_w, window)
+        assert rel_err(torch.from_numpy(got), mixed[0]) < 1e-6
+        assert rel_err(torch.from_numpy(window), cache.conv) == 0
+
+        q, k, v = mixed.split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
+        row = mixed[0].numpy().copy()
+        ds.l2_normalise_heads(row, Hk, dk, L2_EPS, dk**-0.5)
+        ds.l2_normalise_heads(row[Hk * dk:], Hk, dk, L2_EPS, 1.0)
+        assert rel_err(torch.from_numpy(row[:Hk * dk]), (l2norm(q.reshape(Hk, dk)) * dk**-0.5).reshape(-1)) < 1e-6
+        assert rel_err(torch.from_numpy(row[Hk * dk: 2 * Hk * dk]), l2norm(k.reshape(Hk, dk)).reshape(-1)) < 1e-6
+
+        g = net.neg_A * F.softplus(a + net.dt_bias)
+        out, _ = gated_delta_rule(q.reshape(1, Hk, dk), k.reshape(1, Hk, dk), v.reshape(1, Hv, dv), g, b.sigmoid(),
+                                  cache.state)  # one token: the state in place
+        expected = gated_rms_norm(out, z, net.norm_weight, net.eps).reshape(-1)
+        core, delta = np.empty(Hv * dv, np.float32), np.empty((Hv, dv), np.float32)
+        ds.gated_delta_step(row, z.reshape(-1).numpy(), b[0].numpy(), a[0].numpy(), (Hk, Hv, dk, dv),
+                            net.neg_A.numpy(), net.dt_bias.numpy(), state, net.norm_weight.numpy(), net.eps, delta,
+                            core)
+        assert rel_err(torch.from_numpy(core), expected) < 1e-5
+        assert rel_err(torch.from_numpy(state), cache.state) < 1e-5
+
+
+@pytest.mark.parametrize("name", DELTANET_FAMILIES)
+def test_deltanet_block_matches_the_layer(deltanet_model, name):
+    """deltanet_block over two tokens = x + GatedDeltaNet(RMSNorm(x)), the recurrent state carried alike."""
+    layer = deltanet_model(name).layers[0]
+    net, H = layer.attn, layer.input_norm.weight.shape[0]
+    plan = compiled_step._DeltaNetPlan.build(layer)
+    assert plan is not None
+    x = randn(2, H)
+    torch_state, compiled_state = filled_state(net, 2), filled_state(net, 2)
+    with torch.inference_mode():
+        expected = x + net(layer.input_norm(x), 5, torch_state)
+    block, args, _ = plan.args(2, H, compiled_state, None)
+    out = np.empty((2, H), np.float32)
+    block(x.numpy(), out, *args)
+    assert rel_err(torch.from_numpy(out), expected) < 2e-5
+    assert rel_err(compiled_state.state, torch_state.state) < 1e-5
+    assert rel_err(compiled_state.conv, torch_state.conv) < 2e-5  # the projected inputs, float32 rounding apart
 
 
 # ---------------------------------------------------------------- whole steps
@@ -162,7 +307,11 @@ def compiled_parts(model) -> tuple[int, int]:
 
 # (variant, experts format, dense format, whether attention compiles): GQA with per-head and full q/k norm, q/k/v
 # and o bias, clip_qkv, sliding windows, partial RoPE; dense MLP layers, shared experts with and without the sigmoid
-# gate; every routing variant; MLA in the absorbed form with and without q-LoRA, interleaved RoPE and YaRN.
+# gate; every routing variant; MLA in the absorbed form with and without q-LoRA, interleaved RoPE and YaRN;
+# Qwen3-Next / Qwen3.5's Gated DeltaNet layers (both projection layouts), gated attention and (1 + w) norms;
+# gpt-oss's sinks, router bias and clamped experts with biases; ERNIE-4.5's pair-wise RoPE, biased dense MLPs and
+# shared experts, softmax routing with a selection bias; Hunyuan's q/k norms after RoPE; Llama-4's chunked
+# attention, no-RoPE layers with the query temperature, L2 q/k norm and input-scaled experts (top-1 and top-2).
 CASES = [
     ("qwen3_moe", "int8", "int8", True),
     ("qwen3_moe_bias", "int4", "int4", True),
@@ -177,6 +326,13 @@ CASES = [
     ("deepseek_v3", "bf16", "int8", True),
     ("deepseek_v3_no_interleave", "int8", "int8", True),
     ("glm4_moe_lite", "int8", "int8", True),
+    ("qwen3_next", "int8", "int8", True),
+    ("qwen3_5_moe", "int4", "int4", True),
+    ("gpt_oss", "int4", "int8", True),
+    ("ernie4_5_moe", "int8", "int8", True),
+    ("hunyuan_v1_moe", "int8", "int8", True),
+    ("llama4", "int8", "int8", True),
+    ("llama4_text", "int4", "int8", True),
 ]
 
 
@@ -205,8 +361,10 @@ def test_prefill_and_torch_weights_stay_on_the_torch_path(checkpoint):
     finally:
         compiled_step.set_enabled(previous)
     # A module holding state the compiled code does not know (a new attention feature) keeps the torch path.
-    layer.attn.sinks = torch.zeros(4)
+    layer.attn.novel_feature = True
     assert CompiledLayer.build(layer).attn is None
+    del layer.attn.novel_feature
+    assert CompiledLayer.build(layer).attn is not None
     # Dense weights in torch (no dense format): the attention stays in torch, the MoE block still compiles.
     torch_dense = offload.load(checkpoint("qwen3_moe"), device="cpu", experts="int8", max_context=64)
     decode_steps(torch_dense, compiled=True)
@@ -214,11 +372,9 @@ def test_prefill_and_torch_weights_stay_on_the_torch_path(checkpoint):
 
 
 # Families whose features the compiled step does not cover yet keep those parts in torch, and the rest compiled:
-# (variant, experts, dense, (layers with compiled attention, layers with a compiled MLP)). ERNIE-4.5's pair-wise
-# RoPE, biased dense MLPs and softmax routing with a selection bias; Hunyuan's q/k norms after RoPE (its MoE
-# compiles); gpt-oss's sinks, router bias and clamped experts with biases.
-TORCH_PARTS = [("ernie4_5_moe", "int8", "int8", (0, 0)), ("hunyuan_v1_moe", "int8", "int8", (0, 3)),
-               ("gpt_oss", "int4", "int8", (0, 0))]
+# (variant, experts, dense, (layers with compiled attention, layers with a compiled MLP)). DeepSeek Sparse
+# Attention's indexer (its MLA stays in torch; the MLP blocks compile).
+TORCH_PARTS = [("deepseek_v32", "int8", "int8", (0, 3))]
 
 
 @pytest.mark.parametrize("name, experts, dense, parts", TORCH_PARTS)

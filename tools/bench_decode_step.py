@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from functools import partial
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ import offload  # noqa: E402
 from bench_kernels import describe_machine  # noqa: E402
 from offload.model import compiled_step  # noqa: E402
 from offload.model.attention import Attention  # noqa: E402
+from offload.model.gated_deltanet import GatedDeltaNet  # noqa: E402
+from offload.model.kv_cache import RecurrentState  # noqa: E402
 from offload.model.layers import FusedLinear, QuantLinear  # noqa: E402
 from offload.model.moe import MoE  # noqa: E402
 
@@ -45,9 +48,26 @@ from offload.model.moe import MoE  # noqa: E402
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def step_times(model, prompt_len: int, tokens: int, compiled: bool, clock) -> list[float]:
-    """Seconds of each of `tokens` single-token forward passes at positions prompt_len.."""
+def recurrent_states(model) -> list[tuple]:
+    """A copy of every recurrent layer state (Gated DeltaNet), to put back with `rewind`: a state cannot move back
+    to the positions the next run decodes again, as a KV cache can."""
+    return [(c, c.conv.clone(), c.state.clone(), c.position) for c in model.transformer.caches
+            if isinstance(c, RecurrentState)]
+
+
+def rewind(saved: list[tuple]) -> None:
+    for cache, conv, state, position in saved:
+        cache.conv.copy_(conv)
+        cache.state.copy_(state)
+        cache.position = position
+
+
+def step_times(model, prompt_len: int, tokens: int, compiled: bool, clock, after_prompt: list[tuple]
+               ) -> list[float]:
+    """Seconds of each of `tokens` single-token forward passes at positions prompt_len.. (recurrent states put back
+    to `after_prompt` first)."""
     compiled_step.set_enabled(compiled)
+    rewind(after_prompt)
     times = []
     with torch.inference_mode():
         for i in range(tokens):
@@ -72,12 +92,21 @@ def _kernels() -> tuple[dict, dict]:
             {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4})
 
 
+def _expert_extras(experts) -> tuple:
+    """The fused MoE kernels' bias and activation arguments for `experts` (CpuExperts)."""
+    from csrc_py.expert_ffn import NO_BIAS
+    from offload.experts.cpu import kernel_activation
+
+    biases = tuple(b.numpy() for b in experts.biases.stacks()) if experts.biases is not None else (NO_BIAS,) * 3
+    return (*biases, kernel_activation(experts.activation))
+
+
 def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, float]:
     """One decode step's weight-reading kernels, and its attention over `context` cached positions, replayed alone
     in step order with fresh expert ids each time (a repeated call would find its weights in the cache): medians
-    over `repeats` steps of (weight kernels, attention) seconds."""
+    over `repeats` steps of (weight kernels, attention) seconds. Gated DeltaNet layers' recurrence is not replayed:
+    it counts as outside the kernels."""
     from csrc_py.decode_step import attend
-    from csrc_py.expert_ffn import NO_BIAS, SILU_ACT
 
     LINEAR, EXPERTS = _kernels()
     gen = torch.Generator().manual_seed(0)
@@ -88,8 +117,9 @@ def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, flo
             q = torch.randn(1, a.heads * a.head_dim, generator=gen).numpy()
             out = np.empty_like(q)
             k, v = cache.k.numpy(), cache.v.numpy()
-            attention.append(lambda a=a, q=q, k=k, v=v, out=out: attend(q, a.heads, a.kv_heads, a.head_dim, k, v,
-                                                                           context, a.window or 0, a.scale, out))
+            sinks = a.sinks.numpy() if a.sinks is not None else np.zeros(0, np.float32)
+            attention.append(lambda a=a, q=q, k=k, v=v, sinks=sinks, out=out: attend(
+                q, a.heads, a.kv_heads, a.head_dim, k, v, context, a.window or 0, a.chunk or 0, a.scale, sinks, out))
         for m in _linears(layer):
             x = torch.randn(1, m.packed.shape[2], generator=gen).numpy()
             calls.append(partial(LINEAR[m.packed.fmt], x, *m.packed.bits(), np.empty((1, m.packed.padded_shape[1]),
@@ -98,7 +128,7 @@ def kernel_seconds(model, repeats: int, clock, context: int) -> tuple[float, flo
             e, cfg = layer.mlp.experts, layer.mlp.router_cfg
             x = torch.randn(1, e.gate.shape[2], generator=gen).numpy()
             w, y = torch.rand(1, cfg.top_k, generator=gen).numpy(), np.empty_like(x)
-            bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *(NO_BIAS,) * 3, SILU_ACT)
+            bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *_expert_extras(e))
 
             def experts(e=e, cfg=cfg, x=x, w=w, y=y, bits=bits):
                 ids = torch.randperm(cfg.num_experts, generator=gen)[: cfg.top_k][None].numpy()
@@ -132,20 +162,8 @@ def read_bandwidth(buf: torch.Tensor, clock) -> float:
     return buf.numel() * buf.element_size() / best
 
 
-def block_split(model, clock, context: int, repeats: int = 9) -> None:
-    """For the middle layer (GQA): each compiled block against the kernels it calls, each call with cold caches
-    (a 128 MiB buffer written before it), printed as block, kernels and the difference (the glue)."""
-    from csrc_py import decode_step as ds
-    from csrc_py.expert_ffn import NO_BIAS, SILU_ACT
-
-    LINEAR, EXPERTS = _kernels()
-    t = model.transformer
-    layer = t.layers[len(t.layers) // 2]
-    compiled = layer.__dict__.get("_compiled_step")
-    if compiled is None or not isinstance(layer.attn, Attention) or not isinstance(layer.mlp, MoE):
-        print("block split: the middle layer is not a compiled GQA + MoE layer")
-        return
-    p = next(iter(compiled._prepared.values()))
+def cold_timer(clock, repeats: int = 9) -> Callable[[Callable], float]:
+    """A timer of one call with cold caches (a 128 MiB buffer written before it): the median of `repeats`, in us."""
     evict = torch.ones(1 << 25)
 
     def cold(fn) -> float:
@@ -158,26 +176,75 @@ def block_split(model, clock, context: int, repeats: int = 9) -> None:
             samples.append(clock() - start)
         return statistics.median(samples) * 1e6
 
+    return cold
+
+
+def block_split(model, clock, context: int) -> None:
+    """For the middle GQA + MoE layer (or the next one that is): each compiled block against the kernels it calls,
+    each call with cold caches, printed as block, kernels and the difference (the glue)."""
+    from csrc_py import decode_step as ds
+
+    LINEAR, EXPERTS = _kernels()
+    t = model.transformer
+    L = len(t.layers)
+    layers = list(t.layers)
+    layer = next((layer for layer in layers[L // 2:] + layers[:L // 2] if isinstance(layer.attn, Attention)
+                  and isinstance(layer.mlp, MoE) and layer.__dict__.get("_compiled_step") is not None), None)
+    if layer is None:
+        print("block split: no compiled GQA + MoE layer")
+        return
+    compiled = layer.__dict__["_compiled_step"]
+    p = next(iter(compiled._prepared.values()))
+    cold = cold_timer(clock)
     x = torch.randn(1, t.cfg.hidden_size).numpy()
     out = np.empty_like(x)
     a, attn = layer.attn, compiled.attn
-    h, qkv_out, att, o_out = p.attn_tail[-4:]
+    h, qkv_out, _, att, o_out = p.attn_tail[-5:]
     qkv, o = a.qkv.packed, a.o_proj.packed
     block = cold(lambda: ds.attention_block(x, out, *p.attn_head, context, *p.attn_tail))
     parts = [cold(lambda: LINEAR[qkv.fmt](h, *qkv.bits(), qkv_out)), cold(lambda: LINEAR[o.fmt](att, *o.bits(), o_out)),
              cold(lambda: ds.attend(np.ascontiguousarray(qkv_out[:, : a.heads * a.head_dim]), a.heads, a.kv_heads,
-                                    a.head_dim, p.attn_tail[0], p.attn_tail[1], context, attn.window, attn.scale, att))]
+                                    a.head_dim, p.attn_tail[0], p.attn_tail[1], context, *attn.span, attn.scale,
+                                    attn.sinks, att))]
     print(f"attention block {block:.0f} us: q/k/v {parts[0]:.0f} + o_proj {parts[1]:.0f} + attention {parts[2]:.0f}; "
           f"the rest {block - sum(parts):.0f} us")
     moe, m = layer.mlp, compiled.mlp
     hh, logits, ids, w, routed = p.mlp[-8:-3]
     e = moe.experts
-    bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *(NO_BIAS,) * 3, SILU_ACT)
+    bits = (*e.gate.bits(), *e.up.bits(), *e.down.bits(), *_expert_extras(e))
     block = cold(lambda: ds.moe_block(out, *p.mlp))
     parts = [cold(lambda: EXPERTS[e.fmt](hh, ids, w, *bits, routed)),
-             cold(lambda: ds.router_logits(hh, m.router, logits))]
+             cold(lambda: ds.router_logits(hh, m.router, m.router_bias, logits))]
     print(f"MoE block {block:.0f} us: experts {parts[0]:.0f} + router logits {parts[1]:.0f}; the rest "
           f"{block - sum(parts):.0f} us")
+
+
+def deltanet_split(model, clock) -> None:
+    """For the first Gated DeltaNet layer: its compiled block against the two projections it calls and against the
+    torch path's x + GatedDeltaNet(RMSNorm(x)), each call with cold caches (the state put back afterwards)."""
+    LINEAR, _ = _kernels()
+    t = model.transformer
+    found = next(((layer, cache) for layer, cache in zip(t.layers, t.caches) if isinstance(layer.attn, GatedDeltaNet)
+                  and layer.__dict__.get("_compiled_step") is not None), None)
+    if found is None:
+        return
+    layer, cache = found
+    compiled, net = layer.__dict__["_compiled_step"], layer.attn
+    p = next(iter(compiled._prepared.values()))
+    saved = [(cache, cache.conv.clone(), cache.state.clone(), cache.position)]
+    cold = cold_timer(clock)
+    x = torch.randn(1, t.cfg.hidden_size)
+    out = np.empty((1, t.cfg.hidden_size), np.float32)
+    h, proj_out, _, _, core, o_out = p.attn_head[-6:]
+    in_proj, out_proj = net.in_proj.packed, net.out_proj.packed
+    with torch.inference_mode():
+        block = cold(lambda: compiled.attn.run(p, x.numpy(), out, cache.position))
+        torch_path = cold(lambda: x + net(layer.input_norm(x), cache.position, cache))
+    parts = [cold(lambda: LINEAR[in_proj.fmt](h, *in_proj.bits(), proj_out)),
+             cold(lambda: LINEAR[out_proj.fmt](core, *out_proj.bits(), o_out))]
+    rewind(saved)
+    print(f"Gated DeltaNet block {block:.0f} us: in_proj {parts[0]:.0f} + out_proj {parts[1]:.0f}; the rest "
+          f"(convolution, delta rule, norms) {block - sum(parts):.0f} us; the torch path's layer {torch_path:.0f} us")
 
 
 def step_bytes(model, context: int) -> int:
@@ -217,9 +284,10 @@ def main() -> None:
     prompt = torch.randint(0, model.transformer.cfg.vocab_size, (args.prompt,), generator=gen)
     with torch.inference_mode():
         model.transformer(prompt, 0, last_only=True)
+    after_prompt = recurrent_states(model)
     clock = CLOCKS[args.clock]
     for compiled in (True, False):  # compile / first-call costs out of the rounds
-        step_times(model, args.prompt, 2, compiled, clock)
+        step_times(model, args.prompt, 2, compiled, clock, after_prompt)
     context = args.prompt + args.tokens // 2
     kernel_seconds(model, 1, clock, context)  # compile / first-call costs out of the rounds
     buf = torch.ones(1 << 28)
@@ -238,7 +306,7 @@ def main() -> None:
               f"positions {attention * 1e3:.2f}", end="")
         for compiled in (True, False) if r % 2 == 0 else (False, True):
             name = "compiled" if compiled else "torch"
-            seconds = statistics.median(step_times(model, args.prompt, args.tokens, compiled, clock))
+            seconds = statistics.median(step_times(model, args.prompt, args.tokens, compiled, clock, after_prompt))
             steps[name].append(seconds * 1e3)
             outside[name].append((seconds - kernels - attention) / L * 1e6)
             print(f"; {name} {seconds * 1e3:.2f} ms/token", end="")
@@ -250,6 +318,7 @@ def main() -> None:
               f"floor")
     print(f"torch / compiled: {statistics.median(steps['torch']) / statistics.median(steps['compiled']):.2f}x")
     block_split(model, clock, context)
+    deltanet_split(model, clock)
     compiled_step.set_enabled(True)
 
 

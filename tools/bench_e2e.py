@@ -123,7 +123,7 @@ class KernelMeter:
     modules' namespaces (both look them up there at each call)."""
 
     WRAPPED = {"csrc_py.dispatch": ("moe_q8", "moe_q4", "moe_bf16", "linear_q8", "linear_q4", "linear_bf16"),
-               "csrc_py.decode_step": ("attention_block", "moe_block", "mlp_block")}
+               "csrc_py.decode_step": ("attention_block", "mla_block", "deltanet_block", "moe_block", "mlp_block")}
 
     def __init__(self) -> None:
         import importlib

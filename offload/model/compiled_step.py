@@ -2,9 +2,10 @@
 
 A layer keeps its torch modules (prefill, the reference path, the GPU). For a few tokens on the CPU in float32,
 with packed dense weights (dense="int8"/"int4") and CPU-kernel experts, `for_layer` returns a CompiledLayer that
-runs the attention block and the MLP block as one Numba call each (csrc_py.decode_step); any part it does not
-cover (an attention kind without a compiled form, torch weights) stays in torch, and a layer with nothing to
-compile returns None. The numbers are the torch path's within float32 rounding (tests/test_decode_step.py).
+runs the token mixer (attention, MLA or Gated DeltaNet) and the MLP block as one Numba call each
+(csrc_py.decode_step); any part it does not cover (an option without a compiled form, torch weights) stays in
+torch, and a layer with nothing to compile returns None. The numbers are the torch path's within float32
+rounding (tests/test_decode_step.py).
 
 OFFLOAD_COMPILED_STEP=0 in the environment, or `set_enabled(False)`, forces the torch path (A/B measurements).
 """
@@ -21,6 +22,7 @@ import torch
 
 from ..config import RouterConfig
 from .attention import Attention
+from .gated_deltanet import L2_EPS, GatedDeltaNet
 from .layers import FusedLinear, QuantLinear, SwiGLU
 from .mla import MLA
 from .moe import MoE
@@ -61,31 +63,28 @@ def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
 # feature, a new routing variant) keeps the torch path until the compiled code learns it: never other numbers.
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 _ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "window", "scale", "qkv", "o_proj",
-                     "q_norm", "k_norm", "sinks"}
+                     "q_norm", "k_norm", "sinks", "output_gate", "qk_norm_after_rope", "rope_interleaved", "chunk",
+                     "rope_layer", "l2_eps", "temperature"}
 _MLA_FIELDS = {"heads", "nope", "rope_dim", "v_dim", "rank", "interleaved", "input_projs", "q_a_norm", "q_b_proj",
                "kv_a_norm", "kv_b_proj", "o_proj", "scale", "w_uk", "w_uv", "indexer", "shares_selection", "selection"}
+_DELTANET_FIELDS = {"k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel", "conv_dim", "projections", "in_proj",
+                    "conv_weight", "neg_A", "dt_bias", "norm_weight", "eps", "out_proj"}
 _LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
-_NORM_FIELDS = {"weight", "eps"}
+# zero_centred changes where the weight meets the rounding to the model dtype: nothing, in the float32 step.
+_NORM_FIELDS = {"weight", "eps", "zero_centred"}
 _SWIGLU_FIELDS = {"gate_up", "down"}
 _MOE_FIELDS = {"timers", "router_cfg", "router", "router_bias", "correction_bias", "experts", "shared", "shared_gate",
-               "heat"}
+               "scales_input", "heat"}
 _ROUTER_FIELDS = {"num_experts", "top_k", "scoring", "topk_method", "norm_topk_prob", "n_group", "topk_group",
                   "routed_scaling_factor", "has_correction_bias", "norm_min"}
 _TOPK_METHODS = {"greedy", "group_limited_greedy", "noaux_tc"}
 
 
-# Options of the shared modules that the compiled code takes only when they are off: (field, value when off).
-_OFF_OPTIONS = {"output_gate": False, "zero_centred": False, "qk_norm_after_rope": False, "rope_interleaved": False,
-                "chunk": None, "rope_layer": True, "l2_eps": None, "temperature": None, "scales_input": False}
-
-
 def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
-    """Whether `module` holds nothing beyond `fields` (and what every nn.Module holds), options it does not
-    compile being off."""
+    """Whether `module` holds nothing beyond `fields` (and what every nn.Module holds)."""
     names = set(vars(module)) - _MODULE_INTERNALS
     names |= set(module._modules) | set(module._parameters) | set(module._buffers)
-    options = {name for name in names - fields if name in _OFF_OPTIONS}
-    return names - options <= fields and all(getattr(module, name) == _OFF_OPTIONS[name] for name in options)
+    return names <= fields
 
 
 def _packed(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,20 +122,19 @@ def _routing_codes(cfg: RouterConfig) -> tuple[int, int, int, int, int, int]:
 class _SwiGLUArgs:
     """A packed SwiGLU (gate/up fused) as csrc_py.decode_step.swiglu takes it, and its scratch widths."""
 
-    gate_up: tuple  # packed
+    weights: tuple  # (gate_up packed, its bias, down packed, its bias)
     dims: tuple[int, int]  # (up_start, width)
-    down: tuple  # packed
     gate_up_width: int  # padded gate+up output
     out_width: int  # padded down output
 
     @classmethod
     def of(cls, mlp: SwiGLU) -> _SwiGLUArgs | None:
         if not _knows(mlp, _SWIGLU_FIELDS) or not isinstance(mlp.gate_up, FusedLinear) or \
-                not isinstance(mlp.down, QuantLinear) or mlp.gate_up.bias is not None or mlp.down.bias is not None:
+                not isinstance(mlp.down, QuantLinear):
             return None
-        gate_up, down = mlp.gate_up, mlp.down.packed
-        return cls(_packed(gate_up.packed), (gate_up.starts[1], gate_up.widths[0]), _packed(down),
-                   gate_up.packed.padded_shape[1], down.padded_shape[1])
+        gate_up, down = mlp.gate_up, mlp.down
+        return cls((_packed(gate_up.packed), _f32(gate_up.bias), _packed(down.packed), _f32(down.bias)),
+                   (gate_up.starts[1], gate_up.widths[0]), gate_up.packed.padded_shape[1], down.packed.padded_shape[1])
 
     @classmethod
     def absent(cls, fmt: str) -> _SwiGLUArgs:
@@ -144,7 +142,7 @@ class _SwiGLUArgs:
         from csrc_py.formats import pack
 
         m = pack(torch.zeros(1, 32, 32), fmt)
-        return cls(_packed(m), (0, 0), _packed(m), 1, 1)
+        return cls((_packed(m), _f32(None), _packed(m), _f32(None)), (0, 0), 1, 1)
 
     def scratch(self, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """gu [T, gate+up], act [T, width], y [T, padded out]."""
@@ -152,23 +150,33 @@ class _SwiGLUArgs:
                 np.zeros((T, self.out_width), np.float32))
 
 
+class _MixerPlan:
+    """A token mixer's plan: `args` prepares its block's arguments, `run` calls it."""
+
+    def run(self, p: _Prepared, x: np.ndarray, out: np.ndarray, start: int) -> None:
+        """out = x + the mixer's output for x [T, H] at positions start.., its cache written."""
+        p.attn_block(x, out, *p.attn_head, start, *p.attn_tail)
+
+
 @dataclass
-class _AttentionPlan:
+class _AttentionPlan(_MixerPlan):
     """Attention's arguments to csrc_py.decode_step.attention_block that do not change between steps."""
 
     norm: tuple  # (weight, eps)
     qkv: tuple  # packed
     qkv_bias: np.ndarray
     dims: tuple[int, ...]
-    qk_norm: int
+    flags: tuple[int, ...]  # (qk norm code, q/k norm after RoPE, interleaved RoPE, output gate, RoPE applies)
     q_norm: np.ndarray
     k_norm: np.ndarray
+    q_scale: tuple[float, float, float]  # (L2 q/k norm eps, temperature floor_scale, attn_scale; 0: none)
     clip: float
-    window: int
+    span: tuple[int, int]  # (sliding window, attention chunk; 0: none)
     scale: float
+    sinks: np.ndarray
     o_proj: tuple
     o_bias: np.ndarray
-    widths: tuple[int, int, int]  # padded qkv, heads*head_dim, padded o_proj out
+    widths: tuple[int, int, int, int]  # padded qkv, gated q (0: no output gate), heads*head_dim, padded o_proj out
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> _AttentionPlan | None:
@@ -176,8 +184,6 @@ class _AttentionPlan:
         if type(attn) is not Attention or not _knows(attn, _ATTENTION_FIELDS) or \
                 not isinstance(attn.qkv, FusedLinear) or not isinstance(attn.o_proj, QuantLinear):
             return None
-        if attn.sinks is not None:
-            return None  # gpt-oss's attention sinks: torch
         if attn.qk_norm and not (_knows(attn.q_norm, _NORM_FIELDS) and _knows(attn.k_norm, _NORM_FIELDS)):
             return None
         from csrc_py.decode_step import QK_NORM_FULL, QK_NORM_HEAD, QK_NORM_NONE
@@ -190,27 +196,33 @@ class _AttentionPlan:
         return cls(
             norm=(_f32(layer.input_norm.weight), float(layer.input_norm.eps)),
             qkv=_packed(attn.qkv.packed), qkv_bias=_f32(attn.qkv.bias),
-            dims=(heads, kv_heads, d, *attn.qkv.starts), qk_norm=qk_norm,
+            dims=(heads, kv_heads, d, *attn.qkv.starts),
+            flags=(qk_norm, int(attn.qk_norm_after_rope), int(attn.rope_interleaved), int(attn.output_gate),
+                   int(attn.rope_layer)),
             q_norm=_f32(attn.q_norm.weight if qk_norm else None), k_norm=_f32(attn.k_norm.weight if qk_norm else None),
-            clip=float(attn.clip_qkv or 0.0), window=int(attn.window or 0), scale=float(attn.scale),
-            o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
-            widths=(attn.qkv.packed.padded_shape[1], heads * d, attn.o_proj.packed.padded_shape[1]),
+            q_scale=(float(attn.l2_eps or 0.0), *(map(float, attn.temperature) if attn.temperature else (0.0, 0.0))),
+            clip=float(attn.clip_qkv or 0.0), span=(int(attn.window or 0), int(attn.chunk or 0)),
+            scale=float(attn.scale),
+            sinks=_f32(attn.sinks), o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
+            widths=(attn.qkv.packed.padded_shape[1], 2 * heads * d if attn.output_gate else 0, heads * d,
+                    attn.o_proj.packed.padded_shape[1]),
         )
 
     def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[Callable, tuple, tuple]:
         """attention_block, and its arguments after (x, out) before the position and after it, with buffers for T
-        rows: h [T, H], qkv_out, att, o_out."""
+        rows: h [T, H], qkv_out, qg, att, o_out."""
         from csrc_py.decode_step import attention_block
 
         scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *self.widths))
-        head = (*self.norm, self.qkv, self.qkv_bias, self.dims, self.qk_norm, self.q_norm, self.k_norm, self.clip,
-                _f32(rope.cos), _f32(rope.sin))
-        tail = (cache.k.numpy(), cache.v.numpy(), self.window, self.scale, self.o_proj, self.o_bias, *scratch)
+        head = (*self.norm, self.qkv, self.qkv_bias, self.dims, self.flags, self.q_norm, self.k_norm, self.q_scale,
+                self.clip, _f32(rope.cos), _f32(rope.sin))
+        tail = (cache.k.numpy(), cache.v.numpy(), self.span, self.scale, self.sinks, self.o_proj, self.o_bias,
+                *scratch)
         return attention_block, head, tail
 
 
 @dataclass
-class _MLAPlan:
+class _MLAPlan(_MixerPlan):
     """MLA's arguments to csrc_py.decode_step.mla_block (the absorbed form) that do not change between steps."""
 
     norm: tuple  # (weight, (input eps, q_a eps, kv_a eps))
@@ -267,17 +279,72 @@ class _MLAPlan:
 
 
 @dataclass
+class _DeltaNetPlan(_MixerPlan):
+    """A Gated DeltaNet layer's arguments to csrc_py.decode_step.deltanet_block that do not change between steps."""
+
+    norm: tuple  # (weight, (input eps, gated norm eps))
+    in_proj: tuple  # packed
+    cols: np.ndarray  # [conv_dim + Hv*dv + 2*Hv]: GatedDeltaNet.projection_columns
+    dims: tuple[int, int, int, int]  # (Hk, Hv, dk, dv)
+    conv_w: np.ndarray  # [conv_dim, kernel]
+    neg_A: np.ndarray
+    dt_bias: np.ndarray
+    norm_w: np.ndarray  # the gated norm's [dv]
+    out_proj: tuple
+    widths: tuple[int, ...]  # padded in_proj, gathered columns, Hv*dv, padded out_proj out
+
+    @classmethod
+    def build(cls, layer: DecoderLayer) -> _DeltaNetPlan | None:
+        net = layer.attn
+        if type(net) is not GatedDeltaNet or not _knows(net, _DELTANET_FIELDS) or \
+                not isinstance(net.in_proj, FusedLinear) or net.in_proj.bias is not None or \
+                not isinstance(net.out_proj, QuantLinear) or net.out_proj.bias is not None:
+            return None
+        cols = net.projection_columns(net.in_proj.starts).numpy()
+        return cls(
+            norm=(_f32(layer.input_norm.weight), (float(layer.input_norm.eps), float(net.eps))),
+            in_proj=_packed(net.in_proj.packed), cols=cols, dims=(net.k_heads, net.v_heads, net.k_dim, net.v_dim),
+            conv_w=_f32(net.conv_weight.reshape(net.conv_dim, net.conv_kernel)), neg_A=_f32(net.neg_A),
+            dt_bias=_f32(net.dt_bias), norm_w=_f32(net.norm_weight), out_proj=_packed(net.out_proj.packed),
+            widths=(net.in_proj.packed.padded_shape[1], cols.size, net.v_heads * net.v_dim,
+                    net.out_proj.packed.padded_shape[1]),
+        )
+
+    def run(self, p: _Prepared, x: np.ndarray, out: np.ndarray, start: int) -> None:
+        """As GatedDeltaNet.forward: the state's position rules (a step at 0 starts afresh), the tokens folded in,
+        and the state then stands after them."""
+        p.cache.begin(start)
+        p.attn_block(x, out, *p.attn_head)
+        p.cache.position = start + x.shape[0]
+
+    def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[Callable, tuple, tuple]:
+        """deltanet_block, and its arguments after (x, out), with buffers for T rows (no position: the state
+        stands where the tokens go)."""
+        from csrc_py.decode_step import deltanet_block
+
+        Hv, dv = self.dims[1], self.dims[3]
+        h, proj_out, mixed, core, o_out = (np.zeros((T, w), np.float32) for w in (H, *self.widths))
+        args = (*self.norm, self.in_proj, self.cols, self.dims, self.conv_w, cache.conv.numpy(), self.neg_A,
+                self.dt_bias, cache.state.numpy(), self.norm_w, L2_EPS, self.out_proj, h, proj_out, mixed,
+                np.zeros((Hv, dv), np.float32), core, o_out)
+        return deltanet_block, args, ()
+
+
+@dataclass
 class _MoEPlan:
     """MoE's arguments to csrc_py.decode_step.moe_block that do not change between steps."""
 
     moe: MoE
     norm: tuple
     router: np.ndarray
+    router_bias: np.ndarray
     correction_bias: np.ndarray
-    routing: tuple[int, ...]
-    scaling: float
+    routing: tuple[int, ...]  # _routing_codes, then whether the routing weights scale the experts' inputs
+    weighting: tuple[float, float]  # (routed_scaling_factor, norm_min)
     heat: np.ndarray
     experts: tuple  # (gate, up, down) packed
+    expert_biases: tuple  # (gate, up, down) [E, width] float32, or [0, 0] each
+    expert_act: np.ndarray  # [kind, alpha, limit]
     shared: _SwiGLUArgs
     shared_gate: np.ndarray
 
@@ -290,40 +357,50 @@ class _MoEPlan:
                 set(vars(cfg)) != _ROUTER_FIELDS or cfg.scoring not in ("softmax", "sigmoid") or \
                 cfg.topk_method not in _TOPK_METHODS:
             return None
-        softmax_bias = cfg.scoring == "softmax" and cfg.has_correction_bias
-        if moe.router_bias is not None or cfg.norm_min != 0.0 or softmax_bias or moe.experts.biases is not None or \
-                moe.experts.activation.kind != "silu":
-            return None  # gpt-oss's router and experts, ERNIE-4.5's routing: torch
         shared = _SwiGLUArgs.absent(moe.experts.fmt) if moe.shared is None else _SwiGLUArgs.of(moe.shared)
         if shared is None:
             return None
         gate_w = moe.shared_gate
         if gate_w is not None and (gate_w.bias is not None or not isinstance(gate_w.weight, torch.Tensor)):
             return None
+        from csrc_py.expert_ffn import NO_BIAS
+
+        experts = moe.experts
         return cls(
             moe=moe, norm=(_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)),
-            router=_f32(moe.router), correction_bias=_f32(moe.correction_bias),
-            routing=_routing_codes(cfg),
-            scaling=float(cfg.routed_scaling_factor), heat=moe.heat.numpy(),
-            experts=tuple(_packed(m) for m in (moe.experts.gate, moe.experts.up, moe.experts.down)),
+            router=_f32(moe.router), router_bias=_f32(moe.router_bias), correction_bias=_f32(moe.correction_bias),
+            routing=(*_routing_codes(cfg), int(moe.scales_input)),
+            weighting=(float(cfg.routed_scaling_factor), float(cfg.norm_min)),
+            heat=moe.heat.numpy(),
+            experts=tuple(_packed(m) for m in (experts.gate, experts.up, experts.down)),
+            expert_biases=tuple(_f32(b) for b in experts.biases.stacks()) if experts.biases is not None else
+            (NO_BIAS,) * 3,
+            expert_act=cpu.kernel_activation(experts.activation),
             shared=shared, shared_gate=_f32(gate_w.weight.reshape(-1) if gate_w is not None else None),
         )
 
     def takes(self, tokens: int) -> bool:
-        """Whether the fused kernel is the engine the torch path would also pick (bf16 experts: few rows only)."""
+        """Whether the fused kernel is the engine the torch path would also pick (csrc_py.dispatch.moe: experts
+        with biases or another activation always take it; plain bf16 experts only for a few rows)."""
         from csrc_py.dispatch import use_torch
 
-        cfg = self.moe.router_cfg
-        return not use_torch(self.moe.experts.fmt, tokens * cfg.top_k, cfg.num_experts)
+        experts, cfg = self.moe.experts, self.moe.router_cfg
+        if experts.biases is not None or experts.activation.kind != "silu":
+            return True
+        return not use_torch(experts.fmt, tokens * cfg.top_k, cfg.num_experts)
 
     def args(self, T: int, H: int) -> tuple:
-        """moe_block's arguments after x, with buffers for T rows: h [T, H], logits [T, E], ids / weights [T, K],
-        routed [T, H], then the shared expert's."""
+        """moe_block's arguments after x, with buffers for T rows: the input-scaled experts' pairs (T*K rows, or
+        none), then h [T, H], logits [T, E], ids / weights [T, K], routed [T, H], then the shared expert's."""
         E, K = self.moe.router_cfg.num_experts, self.moe.router_cfg.top_k
+        P = T * K if self.moe.scales_input else 0
+        pairs = (np.zeros((P, H), np.float32), np.zeros((P, 1), np.int64), np.zeros((P, 1), np.float32),
+                 np.zeros((P, H), np.float32))
         scratch = (np.zeros((T, H), np.float32), np.zeros((T, E), np.float32), np.zeros((T, K), np.int64),
                    np.zeros((T, K), np.float32), np.zeros((T, H), np.float32), *self.shared.scratch(T))
-        return (*self.norm, self.router, self.correction_bias, self.routing, self.scaling, self.heat, *self.experts,
-                (self.shared.gate_up, self.shared.down), self.shared.dims, self.shared_gate, *scratch)
+        return (*self.norm, self.router, self.router_bias, self.correction_bias, self.routing, self.weighting,
+                self.heat, *self.experts, self.expert_biases, self.expert_act, pairs, self.shared.weights,
+                self.shared.dims, self.shared_gate, *scratch)
 
 
 @dataclass
@@ -343,7 +420,7 @@ class _MLPPlan:
     def args(self, T: int, H: int) -> tuple:
         """mlp_block's arguments after x, with buffers for T rows."""
         s = self.swiglu
-        return (*self.norm, s.gate_up, *s.dims, s.down, np.zeros((T, H), np.float32), *s.scratch(T))
+        return (*self.norm, s.weights, s.dims, np.zeros((T, H), np.float32), *s.scratch(T))
 
 
 @dataclass
@@ -353,8 +430,8 @@ class _Prepared:
 
     cache: object
     rope: object
-    attn_block: object  # csrc_py.decode_step.attention_block or mla_block
-    attn_head: tuple  # its arguments after (x, out), before start
+    attn_block: object  # csrc_py.decode_step.attention_block, mla_block or deltanet_block
+    attn_head: tuple  # its arguments after (x, out), before start (deltanet_block: all of them)
     attn_tail: tuple  # ... after start
     mlp: tuple  # moe_block's / mlp_block's arguments after x
 
@@ -362,8 +439,7 @@ class _Prepared:
 class CompiledLayer:
     """One decoder layer's compiled step: attention (or None: torch) and MLP (or None: torch) blocks."""
 
-    def __init__(self, layer: DecoderLayer, attn: _AttentionPlan | _MLAPlan | None,
-                 mlp: _MoEPlan | _MLPPlan | None):
+    def __init__(self, layer: DecoderLayer, attn: _MixerPlan | None, mlp: _MoEPlan | _MLPPlan | None):
         self.layer, self.attn, self.mlp = layer, attn, mlp
         self._prepared: dict[int, _Prepared] = {}  # tokens -> arguments
         self._takes: dict[int, bool] = {}  # tokens -> whether the compiled step runs them
@@ -373,7 +449,8 @@ class CompiledLayer:
         if not _knows(layer, _LAYER_FIELDS) or not all(_knows(n, _NORM_FIELDS) for n in (layer.input_norm,
                                                                                         layer.post_attn_norm)):
             return None
-        attn = _MLAPlan.build(layer) if isinstance(layer.attn, MLA) else _AttentionPlan.build(layer)
+        mixer = {MLA: _MLAPlan, GatedDeltaNet: _DeltaNetPlan}.get(type(layer.attn), _AttentionPlan)
+        attn = mixer.build(layer)
         if isinstance(layer.mlp, MoE):
             mlp = _MoEPlan.build(layer)
         elif isinstance(layer.mlp, SwiGLU):
@@ -408,7 +485,7 @@ class CompiledLayer:
         out = torch.from_numpy(on)
         t0 = time.perf_counter()
         if self.attn is not None:
-            p.attn_block(x.detach().contiguous().numpy(), on, *p.attn_head, start, *p.attn_tail)
+            self.attn.run(p, x.detach().contiguous().numpy(), on, start)
         else:
             out.copy_(x + layer.attn(layer.input_norm(x), start, cache, rope))
         t1 = time.perf_counter()

@@ -29,9 +29,10 @@ from .positions import Positions
 from .rope import RotaryTable
 
 CHUNK = 64  # positions per chunk of the prefill form
+L2_EPS = 1e-6  # q/k L2 normalisation's epsilon
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     """x / |x| over the last dim, as flash-linear-attention and transformers compute it."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
@@ -161,6 +162,22 @@ class GatedDeltaNet(nn.Module):
             return qkv, z.reshape(T, self.v_heads, self.v_dim), b.reshape(T, -1), a.reshape(T, -1)
         qkv, z, b, a = self.in_proj(x)
         return qkv, z.reshape(T, self.v_heads, self.v_dim), b, a
+
+    def projection_columns(self, starts: list[int]) -> torch.Tensor:
+        """Where `project` takes each of its outputs from the projections' outputs laid side by side (part i from
+        column starts[i]): the columns of q|k|v (the convolution's channel order), z (head after head), b, a,
+        as one int64 index [conv_dim + Hv*dv + 2*Hv]. The compiled decode step gathers with it."""
+        Hk, Hv, dk, dv = self.k_heads, self.v_heads, self.k_dim, self.v_dim
+        if self.projections != "qkvz_ba":  # four projections, each head after head
+            return torch.cat([start + torch.arange(width) for start, width in
+                              zip(starts, (self.conv_dim, Hv * dv, Hv, Hv))])
+        r = Hv // Hk  # per key head: q [dk], k [dk], v [r*dv], z [r*dv] | b [r], a [r]
+        per_head = torch.arange(Hk)[:, None]
+        qkvz = starts[0] + per_head * (2 * dk + 2 * r * dv)
+        ba = starts[1] + per_head * 2 * r
+        parts = [(qkvz, 0, dk), (qkvz, dk, dk), (qkvz, 2 * dk, r * dv), (qkvz, 2 * dk + r * dv, r * dv),
+                 (ba, 0, r), (ba, r, r)]  # q, k, v, z, b, a: (head bases, offset within the head, width)
+        return torch.cat([(base + offset + torch.arange(width)).reshape(-1) for base, offset, width in parts])
 
     def conv(self, qkv: torch.Tensor, cache: RecurrentState) -> torch.Tensor:
         """Causal depthwise convolution + SiLU of qkv [T, C], continuing from (and updating) the cached window.
