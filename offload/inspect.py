@@ -20,6 +20,7 @@ from .placement import expert_host_bytes, inventory, kv_cache_bytes
 from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint, holds_weights, read_config
 from .weights.quant import scheme_for
+from .weights.store import store_formats
 
 EXPERT_FORMATS = ("bf16", "int8", "int4")
 DEVICE_BYTES_PER_PARAM = 2  # everything but the routed experts sits on the device in bf16
@@ -173,6 +174,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     checkpoint = Checkpoint(folder) if holds_weights(folder) else None
     hf = checkpoint.config_json if checkpoint is not None else read_config(folder)
     scheme = checkpoint.scheme if checkpoint is not None else scheme_for(folder, hf)
+    formats = store_formats(checkpoint) if checkpoint is not None else None
     cfg = config_from_hf(hf)
     params = param_counts(cfg)
     dense_layers = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
@@ -195,7 +197,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         "parameters": {"total": params.total, "active_per_token": params.active,
                        "routed_experts": params.routed_experts, "per_expert": params.per_expert, "dense": params.dense},
         "checkpoint": checkpoint_summary(checkpoint) if checkpoint is not None else None,
-        "quantization": scheme.describe() if scheme is not None else None,
+        "quantization": scheme.describe() if scheme is not None else None,  # of the source, for a store
+        "store": {"experts": formats.experts, "dense": formats.dense} if formats is not None else None,
         "memory": {"kv_cache_bytes_per_token": kv_cache_bytes(cfg, 1, 2) - kv_cache_bytes(cfg, 0, 2),
                    "recurrent_state_bytes": kv_cache_bytes(cfg, 0, 2),
                    "by_expert_format": memory_by_format(cfg)},
@@ -287,7 +290,11 @@ def _tokenizer_text(t: dict[str, Any]) -> str:
     return f"vocab {t['vocab_size']}, chat template {'yes' if t['chat_template'] else 'no'}"
 
 
-def _quantization_text(q: dict[str, Any] | None) -> str:
+def _quantization_text(q: dict[str, Any] | None, store: dict[str, str] | None) -> str:
+    if store is not None:  # a store keeps its source's quantization_config, but holds its own formats
+        source = f" (converted from {q['method']}: {q['label']})" if q is not None else ""
+        return (f"offload store: routed experts packed as {store['experts']}, dense matrices as {store['dense']}"
+                f"{source}")
     if q is None:
         return "none"
     return (f"{q['method']}: {q['label']}, {q['bits_per_weight']:.2f} bits per weight; routed experts load as "
@@ -329,7 +336,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         ("parameters", f"{human_count(params['total'])} total, {human_count(params['active_per_token'])} active "
                        f"per token ({human_count(params['per_expert'])} per expert)"),
         ("checkpoint", _checkpoint_text(ckpt)),
-        ("quantization", _quantization_text(report["quantization"])),
+        ("quantization", _quantization_text(report["quantization"], report["store"])),
         *([("skipped", f"{ckpt['skipped']['tensors']} tensors ({human_bytes(ckpt['skipped']['bytes'])}) under "
                        f"{', '.join(ckpt['skipped']['prefixes'])}: not loaded (another tower of a multimodal "
                        "checkpoint, or a multi-token-prediction module)")]

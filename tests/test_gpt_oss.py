@@ -137,7 +137,8 @@ def test_convert_of_the_mxfp4_checkpoint(mxfp4_checkpoints, tmp_path, experts):
     from_store = offload.load(store, device="cpu")
     assert from_store.load_info.expert_format == (experts or "int8")
     assert torch.equal(from_store.logits(IDS), offload.load(quantized, device="cpu", experts=experts).logits(IDS))
-    assert "MXFP4" in cli_text("inspect", store)
+    described = cli_text("inspect", store)
+    assert f"routed experts packed as {experts or 'int8'}" in described and "converted from mxfp4" in described
 
 
 @pytest.mark.parametrize("experts, dense", [("int8", "bf16"), ("int4", "int8")])

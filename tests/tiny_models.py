@@ -283,6 +283,8 @@ def check_plan_and_convert(folder: Path, store: Path, moe_layers: int, ids: torc
     described = json.loads(cli_text("inspect", store, "--json"))
     assert described["layers"]["moe"] == moe_layers and described["parameters"] == json.loads(
         cli_text("inspect", folder, "--json"))["parameters"]
+    assert described["store"] == {"experts": experts, "dense": dense}
+    assert f"routed experts packed as {experts}, dense matrices as {dense}" in cli_text("inspect", store)
     store_plan = json.loads(cli_text("plan", store, "--gpu-memory", "2MiB", "--max-context", "64", "--json"))
     assert len(store_plan["layers"]) == moe_layers
 
