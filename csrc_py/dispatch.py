@@ -102,6 +102,15 @@ def linear_uses_torch(w: PackedMatrix, rows: int) -> bool:
     return crossover.torch_wins(rows, 1, crossovers().get("linear", w.fmt, "bf16", O, K))
 
 
+def prepare(moe_gates: list[PackedMatrix], linears: list[PackedMatrix], dtype: torch.dtype) -> None:
+    """Resolve the crossovers of these matrices' classes now (from the cache, or measured and stored): a model's
+    load pays the once-per-host measurement, not its first reply. `dtype`: the experts' activations."""
+    for gate in moe_gates:
+        moe_uses_torch(gate, 1, dtype)
+    for w in linears:
+        linear_uses_torch(w, 1)
+
+
 def measure_engines(cls: crossover.EngineClass) -> crossover.Timings:
     """Time the fused kernel against torch on random weights of `cls`'s shape (crossover.time_engines): a MoE
     layer of one expert with top-1 routing (rows = rows per expert), or one dense matrix."""

@@ -299,6 +299,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                                       arch.skipped_prefixes))
     checkpoint.release()  # what the model kept (copies, or a store's mapped arrays) stays; the rest is unmapped
     builder.attach_prefetcher(transformer.routers())
+    if host_format in EXPERT_FORMATS or dense_format is not None:
+        _prepare_crossovers(transformer, torch_dtype)
     folder = checkpoint.folder
     tokenizer = Tokenizer.from_dir(folder) if Tokenizer.exists(folder) else None
     info = LoadInfo(time.perf_counter() - t0, total, len(skipped), jit_seconds, threads, host_format, dense_format,
@@ -350,6 +352,25 @@ def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | No
         raise OffloadError(f"{checkpoint.folder} holds {formats.experts} experts, not {experts}; load it without "
                            "experts= or convert the original checkpoint again")
     return formats.experts, dense or (None if device_tier else formats.dense)
+
+
+def _prepare_crossovers(transformer: Transformer, dtype: torch.dtype) -> None:
+    """Choose between the CPU kernels and torch for this model's shapes at load (measured once per host, then
+    cached: csrc_py/crossover.py), not in the middle of its first reply."""
+    from csrc_py.dispatch import prepare
+    from .experts.cpu import CpuExperts
+    from .model.layers import FusedLinear, QuantLinear
+
+    gates, hybrid = [], False
+    for block in transformer.moe_blocks():
+        experts = block.experts
+        cpu = experts if isinstance(experts, CpuExperts) else getattr(experts, "cpu", None)
+        hybrid |= cpu is not experts
+        if isinstance(cpu, CpuExperts):
+            gates.append(cpu.gate)
+    linears = [m.packed for m in transformer.modules() if isinstance(m, (QuantLinear, FusedLinear))]
+    # A hybrid layer's CPU inputs travel as float32 (experts/link.py); CPU-only layers get the model dtype.
+    prepare(gates, linears, torch.float32 if hybrid else dtype)
 
 
 def _start_cpu_workers(formats: list[str], cpu_threads: int | None) -> tuple[int, float]:

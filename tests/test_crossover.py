@@ -246,3 +246,19 @@ def test_the_real_measurement_runs_on_a_small_class():
     assert crossing is None or 1 <= crossing <= timings.rows[-1]
     linear = dispatch.measure_engines(EngineClass("linear", "int4", "bf16", (64, 128)))
     assert len(linear.rows) == len(linear.fused) == len(linear.torch) >= 1
+
+
+def test_load_resolves_the_models_crossovers_before_its_first_reply(checkpoint_dir, monkeypatch):
+    """The once-per-host measurement of a model's engine classes happens in `load`, not mid-generation."""
+    import offload
+
+    measure = FakeMeasure(NEVER)
+    crossovers = Crossovers(measure, _fixed, None)
+    monkeypatch.setattr(dispatch, "crossovers", lambda: crossovers)
+    folder, _ = checkpoint_dir("qwen3_moe")
+    model = offload.load(folder, device="cpu", experts="int8", dense="int8")
+    at_load = list(measure.calls)
+    assert any(label.startswith("moe/int8/f32/") for label in at_load)
+    assert any(label.startswith("linear/int8/bf16/") for label in at_load)
+    model.generate([1, 2, 3, 4, 5], max_new_tokens=4)  # a prefill and decode steps
+    assert measure.calls == at_load
