@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .errors import OffloadError
 from .experts.builder import ExpertsBuilder, ExpertsOptions, default_host_format
 from .generate import Generation, GenerationRequest, GenerationRun, PromptCacheStats
+from .model.block_graphs import cuda_capture
 from .model.transformer import Transformer
 from .placement import Plan, has_device_tier, resolve_plan
 from .stats import reset_runtime_stats, runtime_stats
@@ -232,7 +233,8 @@ EXPERT_FORMATS = ("bf16", "int8", "int4")
 def load(path: str | Path, device: str = "auto", max_context: int | None = None, dtype: str = "auto",
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool = True,
-         dense: str | None = None, on_progress: ProgressCallback | None = None) -> Model:
+         dense: str | None = None, cuda_graphs: bool | None = None, on_progress: ProgressCallback | None = None
+         ) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
     `offload convert`, for generation.
 
@@ -256,6 +258,9 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  for a cache slot per MoE layer, then int8, then int4; the plan's table says which). On the CPU
                  alone they run through the quantized CPU kernels, and None keeps them in torch. A store's
                  formats are its defaults for experts and, on the CPU alone, dense.
+    cuda_graphs: replay each layer's attention + norm + router block of a decode step from a CUDA graph captured
+                 once per context bucket (default: on with a CUDA device; a capture that fails leaves that layer
+                 eager, with one warning). Needs a CUDA device.
     cpu_threads: threads for the CPU workers and torch (default: physical cores).
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
@@ -269,6 +274,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     device_tier = has_device_tier(torch_device, gpu_memory, plan)
+    cuda_graphs = _resolve_cuda_graphs(cuda_graphs, torch_device)
     experts, dense = _store_defaults(checkpoint, experts, dense, device_tier)
     placement = resolve_plan(config, arch.names, torch_device, torch_dtype,
                              experts or default_host_format(torch_dtype), max_context, gpu_memory, plan, dense=dense)
@@ -294,7 +300,10 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                              torch_dtype, timers)
     src = WeightSource(checkpoint, torch_dtype, torch_device, rename=arch.checkpoint_name, on_read=on_read,
                        dense_format=dense_format, expert_format=host_format, dense_on_device=device_tier)
-    transformer = Transformer(config, arch.names, src, builder, max_context, timers, builder.settle)
+    transformer = Transformer(config, arch.names, src, builder, max_context, timers, builder.settle,
+                              device_positions=device_tier)
+    if cuda_graphs:
+        transformer.capture_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
     skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers, arch.runtime_name,
                                       arch.skipped_prefixes))
     checkpoint.release()  # what the model kept (copies, or a store's mapped arrays) stays; the rest is unmapped
@@ -336,6 +345,14 @@ def _check_formats(experts: str | None, dense: str | None) -> None:
     for option, value in (("experts", experts), ("dense", dense)):
         if value is not None and value not in EXPERT_FORMATS:
             raise OffloadError(f"{option} must be one of {', '.join(EXPERT_FORMATS)}, got {value!r}")
+
+
+def _resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device) -> bool:
+    """CUDA graphs for decode blocks: on by default with a CUDA device, refused without one."""
+    if cuda_graphs and device.type != "cuda":
+        raise OffloadError(f"cuda_graphs needs a CUDA device, and this model loads on {device}; drop cuda_graphs "
+                           "(--no-cuda-graphs) or load with device='cuda'")
+    return device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
 
 def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device_tier: bool

@@ -209,7 +209,8 @@ class GenerationRun:
             history[pos] = token
             t0 = time.perf_counter()  # model time only: the consumer's time between tokens is not counted
             with torch.inference_mode():
-                logits = model(step_ids.fill_(token), pos, last_only=True)[0].cpu()
+                logits = model(step_ids.fill_(token), pos, last_only=True, positions=model.decode_positions(pos))
+                logits = logits[0].cpu()
             stats.decode_seconds += time.perf_counter() - t0
             check_finite(logits, pos)
             pos += 1

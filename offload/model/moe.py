@@ -78,9 +78,11 @@ class MoE(nn.Module):
             y = out if y is None else y + out
         return y
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """h [T, H] -> [T, H]; `routed`: the router's (ids, weights) for h when they were computed with the
+        attention block (a replayed graph), else the router runs here."""
         with self.timers.section("router"):
-            ids, weights = self.route(h)
+            ids, weights = self.route(h) if routed is None else routed
             flat = ids.reshape(-1)
             self.heat.index_add_(0, flat, torch.ones_like(flat))  # fixed shapes: no host read (bincount has one)
         # The routed experts start first (a hybrid backend's CPU part then runs on the CPU workers while the

@@ -59,3 +59,19 @@ def token_positions(start: int | Positions, T: int, device: torch.device) -> tor
 def attended_length(start: int | Positions, T: int) -> int:
     """How many cached positions the T queries' attention reads: start+T, or the whole context bucket."""
     return start.length if isinstance(start, Positions) else start + T
+
+
+class StepPositions:
+    """The decode steps' device positions: one start tensor, written in place each step (a fill, no host read and
+    no copy), so that every step in a context bucket hands attention the same tensor and the same bucket length,
+    which a captured graph reads from where it was captured."""
+
+    def __init__(self, max_context: int, device: torch.device):
+        self.max_context = max_context
+        self.start = torch.zeros((), dtype=torch.int64, device=device)
+
+    def at(self, start: int, T: int = 1) -> Positions:
+        """T tokens at host position `start`, written into the step's tensor; the bucket holds start+T."""
+        bucket = context_bucket(start + T, self.max_context)
+        self.start.fill_(start)
+        return Positions(self.start, bucket)

@@ -1,6 +1,7 @@
 """One shared MoE transformer for every supported architecture, decoding one sequence over a preallocated cache."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -13,11 +14,12 @@ from ..timers import Timers
 from ..weights.source import WeightSource
 from . import compiled_step
 from .attention import Attention
+from .block_graphs import BlockGraphs, BlockOutputs, Capture, warn_once
 from .gated_deltanet import GatedDeltaNet
 from .kv_cache import LayerCache
 from .layers import RMSNorm, SwiGLU, load_linear, make_linear
 from .mla import MLA, share_index_selections
-from .positions import Positions
+from .positions import Positions, StepPositions
 from ..experts.prefetch import Router
 from .moe import ExpertsFactory, MoE
 from .rope import RotaryTable
@@ -45,12 +47,17 @@ class DecoderLayer(nn.Module):
             self.mlp = MoE(cfg, layer, names, src, make_experts, timers)
         else:
             self.mlp = SwiGLU.load(src, f"{p}.{names.dense_mlp}", H, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.graphs: BlockGraphs | None = None  # captured decode blocks by context bucket (capture_graphs)
 
     def forward(self, x: torch.Tensor, start: int | Positions, cache, rope: RotaryTable) -> torch.Tensor:
         # A decode step on the CPU at a host position: one or two Numba calls.
         compiled = compiled_step.for_layer(self, x) if isinstance(start, int) else None
         if compiled is not None:
             return compiled(x, start, cache, rope)
+        if self.graphs is not None and isinstance(start, Positions):
+            with self.timers.section("attention"):  # attention, norm and router: one replayed graph
+                x, h, *routed = self.graphs.block(x, start)
+            return x + (self.mlp(h, tuple(routed)) if routed else self.mlp(h))
         with self.timers.section("attention"):
             x = self.attention_block(x, start, cache, rope)
         return x + self.mlp(self.post_attn_norm(x))
@@ -61,12 +68,25 @@ class DecoderLayer(nn.Module):
         layer a CUDA graph can hold (tests/test_positions.py)."""
         return x + self.attn(self.input_norm(x), start, cache, rope)
 
+    def graph_block(self, x: torch.Tensor, start: int | Positions, cache, rope: RotaryTable) -> BlockOutputs:
+        """The block a CUDA graph holds: (x + attention [T, H], post-attention norm h [T, H]), then on a MoE layer
+        the router's (topk ids [T, K], topk weights [T, K])."""
+        x = self.attention_block(x, start, cache, rope)
+        h = self.post_attn_norm(x)
+        return (x, h, *self.mlp.route(h)) if isinstance(self.mlp, MoE) else (x, h)
+
+    def replays_safely(self) -> bool:
+        """Whether running the block twice at one position leaves the same state (a capture's warm-up runs it
+        once more): a KV or latent cache rewrites the same rows, a recurrent state would advance again."""
+        return not isinstance(self.attn, GatedDeltaNet)
+
 
 class Transformer(nn.Module):
     """ids -> logits for one sequence; `start` is the number of positions already in the cache."""
 
     def __init__(self, cfg: ModelConfig, names: CheckpointNames, src: WeightSource, make_experts: ExpertsFactory,
-                 max_context: int, timers: Timers | None = None, settle_step: Callable[[], None] | None = None):
+                 max_context: int, timers: Timers | None = None, settle_step: Callable[[], None] | None = None,
+                 device_positions: bool = False):
         super().__init__()
         self.cfg, self.max_context = cfg, max_context
         self.timers = timers or Timers()
@@ -93,6 +113,9 @@ class Transformer(nn.Module):
         self.held = 0  # held_ids[:held] are valid
         # Called before each forward, once the previous one's results were read: the experts' step-boundary work.
         self.settle_step = settle_step
+        # On a device tier, decode steps take their positions from a device tensor and attend over a context bucket:
+        # consecutive steps in a bucket issue the same ops, the precondition for replaying them as a CUDA graph.
+        self.step_positions = StepPositions(max_context, device) if device_positions else None
 
     @property
     def cached_ids(self) -> list[int]:
@@ -114,6 +137,27 @@ class Transformer(nn.Module):
     def routers(self) -> dict[int, Router]:
         """Each MoE layer's router (h [T, H] -> topk ids, weights), for the prefetcher."""
         return {i: layer.mlp.route for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}
+
+    def capture_graphs(self, capture: Capture) -> int:
+        """Replay each layer's attention + norm + router block from a graph captured at its first decode step in a
+        context bucket (model/block_graphs.py); decode steps must then run at device positions. Layers whose
+        block cannot be replayed safely, or that read another layer's indexer selection, stay eager. Returns the
+        number of layers that capture."""
+        shared = {id(layer.attn.selection) for layer in self.layers if getattr(layer.attn, "shares_selection", False)}
+        on_failure = warn_once()
+        captured = 0
+        for i, (layer, cache) in enumerate(zip(self.layers, self.caches)):
+            if not layer.replays_safely() or id(getattr(layer.attn, "selection", None)) in shared:
+                continue
+            run_block = partial(layer.graph_block, cache=cache, rope=self.rope)  # (x, at) -> outputs
+            layer.graphs = BlockGraphs(run_block, capture, on_failure(i))
+            captured += 1
+        return captured
+
+    def decode_positions(self, start: int) -> Positions | None:
+        """A one-token decode step at host position `start` as device Positions in its bucket, or None where
+        this model steps at host positions (the CPU-only path, whose compiled step takes the host int)."""
+        return self.step_positions.at(start) if self.step_positions is not None else None
 
     def hidden(self, ids: torch.Tensor, start: int, positions: Positions | None = None) -> torch.Tensor:
         """ids [T] -> final-norm hidden states [T, H], writing positions start..start+T-1 to the caches."""
