@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -146,3 +148,15 @@ def test_the_host_link_carries_any_top_k_and_token_count_both_ways():
         y = torch.ones(T, 8)
         link.add_result(y, link.submit(experts, x, ids, weights))
         torch.testing.assert_close(y, 1 + experts(x, ids, weights))
+
+
+def test_one_host_link_serves_every_layer_at_the_size_the_plan_counts(bf16_checkpoints, monkeypatch):
+    """The layers share one pair of link buffers (not one per layer: DeepSeek-V3's 58 MoE layers would keep 58
+    prompts' worth), sized as the planner counts them in the host budget."""
+    model = hybrid_model(bf16_checkpoints("mixtral"), monkeypatch)
+    links = {id(h.link) for h in model._experts.hybrids.values()}
+    assert len(model._experts.hybrids) > 1 and len(links) == 1
+    assert decode(model, 2, lambda step: contextlib.nullcontext())
+    link, cfg = model._experts.link, model.config
+    assert link.inputs.nbytes + link.results.nbytes == HostLink.buffer_bytes(cfg.hidden_size, cfg.router.top_k,
+                                                                             len(PROMPT))

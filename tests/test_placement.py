@@ -79,7 +79,8 @@ def test_heat_pins_the_hottest_experts():
 
 def test_impossible_budget_is_a_plan_error_with_numbers():
     cfg, inv = demo_inventory()
-    with pytest.raises(PlanError, match=r"need .*MiB.*KV cache.*max_context 4096.*budget is 4.00 MiB.*lower max_context"):
+    with pytest.raises(PlanError,
+                       match=r"need .*MiB.*KV cache.*max_context 4096.*budget is 4.00 MiB.*lower max_context"):
         make_plan(inv, request(4 * MiB, cfg, max_context=4096))
     with pytest.raises(PlanError, match="heat must be 4 MoE layers x 16 experts"):
         make_plan(inv, request(40 * MiB, cfg), heat=[[1.0] * 16])
@@ -152,3 +153,31 @@ def test_plan_table_gives_every_size_in_one_unit_and_names_the_dtype(budget, uni
     assert len(column) >= 5 and set(column) == {unit}, table
     assert "device tier (bfloat16)" in table and "host tier (bf16)" in table
     assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_staging_buffers_count_in_the_host_budget(tmp_path):
+    """The pinned staging ring (entries x one expert in the device dtype) and the CPU workers' shared link buffers
+    (a whole prompt of inputs and results) are part of the host tier: in the plan, its table, and its RAM check."""
+    import json
+
+    import offload
+    from offload.experts.device import STAGING_RING_ENTRIES
+    from offload.experts.link import HostLink
+
+    (tmp_path / "config.json").write_text(json.dumps(RANDOM_DEMO_CONFIG))
+    kwargs = dict(gpu_memory="9MiB", max_context=512, device="cpu", dtype="bfloat16")
+    plan = offload.plan(tmp_path, host_memory="1GiB", **kwargs)
+    H, K = RANDOM_DEMO_CONFIG["hidden_size"], RANDOM_DEMO_CONFIG["num_experts_per_tok"]
+    assert HostLink.buffer_bytes(H, K, 512) == 512 * (2 * H + 2 * K) * 4  # float32 [T, H + 2K] in, [T, H] out
+    assert plan.host_staging == {"staging ring": STAGING_RING_ENTRIES * plan.expert_device_bytes,
+                                 "host link": HostLink.buffer_bytes(H, K, 512)}
+    assert re.search(r"staging ring +\d+\.\d+ MiB\n  host link +\d+\.\d+ MiB\n  total", plan.table())
+    assert Plan.from_json(plan.to_json()) == plan
+    need = plan.host_bytes + plan.host_staging_bytes
+    assert offload.plan(tmp_path, host_memory=need, **kwargs).host_staging == plan.host_staging
+    with pytest.raises(PlanError) as refused:
+        offload.plan(tmp_path, host_memory=need - 1, **kwargs)  # room for the experts, not for their staging
+    message = str(refused.value)
+    assert "\n" not in message and plan.host_bytes < need - 1
+    assert re.search(r"experts left on the host need [\d.]+ MiB as bf16 plus [\d.]+ MiB of staging buffers but only "
+                     r"[\d.]+ MiB of RAM is available; .*lower max_context", message)

@@ -51,6 +51,7 @@ class ExpertsBuilder:
         self.prefetcher: Prefetcher | None = None
         self.recorder = StepRecorder()  # every hybrid layer's decode-step ids, read back at the step boundary
         self.ring: StagingRing | None = None  # made with the first pool: one for all layers
+        self.link = HostLink(cfg.hidden_size, device)  # the CPU workers' traffic, one pair of buffers for all layers
         make_policy(options.cache_policy)  # fail on a bad policy name before any weight is read
         H, I = cfg.hidden_size, cfg.moe_intermediate_size
         self.flops_per_token = 2 * 3 * H * I
@@ -85,9 +86,8 @@ class ExpertsBuilder:
             # Only a layer with both CPU experts and slots ever decides between them: measure on the first.
             self.cost = self._measure_costs(cpu, uploader, host_ids, pool, sizes)
         cache = ExpertCache(lp.cache_slots, sizes.device_bytes, make_policy(opts.cache_policy))
-        link = HostLink(self.cfg.hidden_size, self.device)  # the layer's top-k comes with its ids
         hybrid = HybridExperts(layer, weights.num_experts, host_ids, pool, cache, uploader, cpu, self.cost, sizes,
-                               self.timers, link, self.recorder)
+                               self.timers, self.link, self.recorder)
         self.hybrids[layer] = hybrid
         return hybrid
 

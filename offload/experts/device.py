@@ -61,13 +61,17 @@ class DeviceExpertPool:
         return compute(x, rows, weights, self.gate, self.up, self.down, self.biases, self.activation)
 
 
+STAGING_RING_ENTRIES = 8  # experts the shared ring stages at once (counted in the plan's host budget)
+
+
 class StagingRing:
     """Pinned host buffers, each one expert in the device format, and the side stream that copies them up, shared
     by every layer's uploads to a GPU (not two buffers per layer: DeepSeek-V3's 58 MoE layers would pin 9.5 GiB).
     Copies leave in order, so entries are taken in turn; an entry is reused once the copy that last read it has
     finished. On the CPU tier there are no buffers and every entry is always free."""
 
-    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device, entries: int = 8):
+    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device,
+                 entries: int = STAGING_RING_ENTRIES):
         self.cuda = device.type == "cuda"
         self.entries = entries
         self.buffers = [[torch.empty(s, dtype=dtype, pin_memory=True) for s in shapes] for _ in range(entries)] \

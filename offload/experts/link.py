@@ -21,6 +21,9 @@ from .worker import background
 
 
 class HostLink:
+    """One per model, shared by its MoE layers: they run one after the other, and a layer's CPU result is read
+    (and its copy up ordered by `uploaded`) before the next layer writes the buffers."""
+
     def __init__(self, hidden: int, device: torch.device):
         self.hidden, self.device = hidden, device
         self.cuda = device.type == "cuda"
@@ -67,6 +70,12 @@ class HostLink:
         if self.uploaded is not None:
             self.uploaded.synchronize()  # the previous result's copy up has read the buffer
         return self.results[: y.shape[0]].copy_(y)
+
+    @staticmethod
+    def buffer_bytes(hidden: int, top_k: int, tokens: int) -> int:
+        """The pinned buffers' size once a forward of `tokens` tokens has run: inputs [T, H + 2K] and results
+        [T, H], float32."""
+        return tokens * (2 * hidden + 2 * top_k) * 4
 
     def _reserve(self, tokens: int, width: int) -> None:
         """Host buffers for `tokens` rows of `width` inputs (grown, never shrunk: a prefill's size is kept for the

@@ -7,6 +7,8 @@ import torch
 
 from ..arch import CheckpointNames
 from ..config import ModelConfig
+from ..experts.device import STAGING_RING_ENTRIES
+from ..experts.link import HostLink
 from .budget import detect_budgets
 from .inventory import inventory, kv_cache_bytes
 from .planner import AUTO_DENSE, Plan, PlanError, PlanRequest, make_plan
@@ -60,7 +62,9 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
         kv_cache_bytes=kv_cache_bytes(cfg, max_context, dtype_bytes), dtype_bytes=dtype_bytes,
         expert_format=host_format,
         expert_host_bytes=expert_host_bytes(host_format, cfg.hidden_size, cfg.moe_intermediate_size),
-        device_dtype=str(dtype).removeprefix("torch."), dense_formats=dense_candidates(dense))
+        device_dtype=str(dtype).removeprefix("torch."), dense_formats=dense_candidates(dense),
+        staging_ring_entries=STAGING_RING_ENTRIES,
+        host_link_bytes=HostLink.buffer_bytes(cfg.hidden_size, cfg.router.top_k, max_context))
     return make_plan(inventory(cfg, names), request, heat)
 
 

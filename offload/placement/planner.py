@@ -10,7 +10,7 @@ without heat. Every other expert stays on the host.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,6 +49,9 @@ class Plan:
     layers: tuple[LayerPlan, ...]
     device_dtype: str | None = None  # what the device tier's sizes assume ("float32", ...); None in older plans
     dense_format: str | None = None  # "int8" | "int4": the device tier's dense weights quantized; None: device dtype
+    # Host buffers beside the experts, in bytes: the pinned staging ring that expert copies pass through and the
+    # CPU workers' link buffers (experts/device.py, experts/link.py); empty in older plans.
+    host_staging: dict[str, int] = field(default_factory=dict)
 
     @property
     def device_fixed_bytes(self) -> int:
@@ -65,6 +68,10 @@ class Plan:
     @property
     def host_bytes(self) -> int:
         return sum(l.host_experts for l in self.layers) * self.expert_host_bytes
+
+    @property
+    def host_staging_bytes(self) -> int:
+        return sum(self.host_staging.values())
 
     def layer(self, index: int) -> LayerPlan:
         for layer in self.layers:
@@ -98,6 +105,7 @@ class Plan:
         """A readable summary: bytes per tier (every size in one unit), then pinned / slots / host experts per MoE
         layer."""
         size = _sizes(self.device_budget, self.device_bytes, self.host_bytes)  # the table's column and budget
+        host_total = self.host_bytes + self.host_staging_bytes
         dense = f"dense {self.dense_format}" if self.dense_format else None
         shown = [part for part in (self.device_dtype, dense) if part]
         tier = "device tier" + (f" ({', '.join(shown)})" if shown else "")
@@ -109,7 +117,10 @@ class Plan:
         rows += [f"  {group:<22}{size(n):>14}" for group, n in self.device_groups.items() if n]
         rows += [f"  {'pinned + cache slots':<22}{size(self.device_expert_bytes):>14}",
                  f"  {'total':<22}{size(self.device_bytes):>14}",
-                 f"{'host tier (' + self.expert_format + ')':<24}{size(self.host_bytes):>14}", "",
+                 f"{'host tier (' + self.expert_format + ')':<33} size",
+                 f"  {'experts':<22}{size(self.host_bytes):>14}"]
+        rows += [f"  {part:<22}{size(n):>14}" for part, n in self.host_staging.items()]
+        rows += [f"  {'total':<22}{size(host_total):>14}", "",
                  f"{'layer':>6}{'pinned':>8}{'slots':>7}{'host':>6}  pinned ids"]
         for l in self.layers:
             ids = ",".join(map(str, l.pinned[:12])) + (",…" if len(l.pinned) > 12 else "")
@@ -139,6 +150,10 @@ class PlanRequest:
     # The device tier's dense formats to choose from, in order (None: the device dtype); AUTO_DENSE quantizes
     # when the device dtype leaves no room for a cache slot per MoE layer.
     dense_formats: tuple[str | None, ...] = (None,)
+    # Host buffers counted in host_budget: the staging ring's entries (one routed expert in the device dtype each)
+    # and the CPU workers' link buffers for the longest forward (0: not counted).
+    staging_ring_entries: int = 0
+    host_link_bytes: int = 0
 
 
 AUTO_DENSE = (None, "int8", "int4")
@@ -162,14 +177,30 @@ def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] 
         slots = _cache_slots(capacity, L, min(want, E))
         pinned = _pin(capacity - sum(slots), slots, E, heat)
     layers = tuple(LayerPlan(layer, tuple(sorted(p)), s, E) for layer, p, s in zip(inv.moe_layers, pinned, slots))
+    staging = host_staging(req, expert_bytes) if L else {}
     plan = Plan(req.device_budget, req.host_budget, req.max_context, req.expert_format, groups, expert_bytes,
-                req.expert_host_bytes, layers, req.device_dtype, dense_format)
-    if plan.host_bytes > req.host_budget:
-        size = _sizes(plan.host_bytes, req.host_budget)
-        raise PlanError(f"the experts left on the host need {size(plan.host_bytes)} as {req.expert_format} but "
-                        f"only {size(req.host_budget)} of RAM is available; use a smaller expert format (int8, "
-                        "int4) or free memory")
+                req.expert_host_bytes, layers, req.device_dtype, dense_format, staging)
+    check_host_fits(plan, req)
     return plan
+
+
+def host_staging(req: PlanRequest, expert_bytes: int) -> dict[str, int]:
+    """The host buffers a device tier keeps beside the experts, by name (those not counted left out)."""
+    parts = {"staging ring": req.staging_ring_entries * expert_bytes, "host link": req.host_link_bytes}
+    return {name: n for name, n in parts.items() if n}
+
+
+def check_host_fits(plan: Plan, req: PlanRequest) -> None:
+    """PlanError when the host experts and staging buffers exceed the RAM budget, with the numbers and the fix."""
+    need = plan.host_bytes + plan.host_staging_bytes
+    if need <= req.host_budget:
+        return
+    size = _sizes(need, req.host_budget)
+    staging = f" plus {size(plan.host_staging_bytes)} of staging buffers" if plan.host_staging else ""
+    link = ", lower max_context (the CPU workers' link holds a whole prompt)" if req.host_link_bytes else ""
+    raise PlanError(f"the experts left on the host need {size(plan.host_bytes)} as {req.expert_format}{staging} "
+                    f"but only {size(req.host_budget)} of RAM is available; use a smaller expert format (int8, "
+                    f"int4){link} or free memory")
 
 
 def choose_dense_format(inv: Inventory, req: PlanRequest, slot_room: int) -> tuple[str | None, dict[str, int]]:
