@@ -15,6 +15,7 @@ from .checks import check_load, check_max_context, check_token_ids
 from .config import ModelConfig
 from .errors import OffloadError
 from .experts.builder import ExpertsBuilder, ExpertsOptions, default_host_format
+from .experts.cost import PrefetchChoice
 from .generate import Generation, GenerationRequest, GenerationRun, PromptCacheStats
 from .model.block_graphs import cuda_capture
 from .model.transformer import Transformer
@@ -158,6 +159,11 @@ class Model:
                 moe.heat.zero_()
 
     @property
+    def prefetch(self) -> PrefetchChoice | None:
+        """Whether the prefetcher runs and why; None where no layer is hybrid (nothing to prefetch)."""
+        return self._experts.prefetch_choice
+
+    @property
     def max_context(self) -> int:
         return self.transformer.max_context
 
@@ -232,7 +238,7 @@ EXPERT_FORMATS = ("bf16", "int8", "int4")
 
 def load(path: str | Path, device: str = "auto", max_context: int | None = None, dtype: str = "auto",
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
-         plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool = True,
+         plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool | None = None,
          dense: str | None = None, cuda_graphs: bool | None = None, on_progress: ProgressCallback | None = None
          ) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
@@ -251,6 +257,9 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  a GPU). Experts that do not fit stay on the host in `experts` format (default: the model
                  dtype, so that placement never changes the numbers).
     plan:        a Plan or a plan.json path to use instead of planning from the budgets.
+    prefetch:    copy the experts a decode step ran on the CPU into cache slots for the next step (and, in a
+                 prefill, the next layers' predicted experts); None: only where the cost model measured at load
+                 says a copy saves more CPU time than it costs (experts/cost.py; `Model.prefetch` says why).
     dense:       format of the attention / MLA projections, dense MLPs, shared experts and the LM head:
                  "int8" | "int4" quantized at load, "bf16" in the model dtype. On a device tier (a GPU, a
                  gpu_memory budget or a plan) they run through torch's int8 / int4 weight-only matmuls

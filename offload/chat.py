@@ -365,9 +365,11 @@ def placement_summary(model: Model) -> str:
     pinned = sum(len(l.pinned) for l in plan.layers)
     slots = sum(l.cache_slots for l in plan.layers)
     dense = f", dense weights {plan.dense_format}" if plan.dense_format else ""
+    choice = model.prefetch
+    prefetch = f"; prefetch {'on' if choice.on else 'off'}: {choice.reason}" if choice else ""
     return (f"device {plan.device_bytes / 2**20:.1f} MiB of {plan.device_budget / 2**20:.1f} MiB "
             f"({pinned} experts pinned, {slots} cache slots{dense}), host {plan.host_bytes / 2**20:.1f} MiB of "
-            f"experts as {plan.expert_format}")
+            f"experts as {plan.expert_format}{prefetch}")
 
 
 def require_chat_template(folder: Path) -> None:

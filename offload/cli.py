@@ -102,7 +102,9 @@ class LoadOptions:
               "this size).")
     plan: Optional[Path] = _load_option(None, "Placement plan JSON to use (from `offload plan` or `offload profile`).")
     cache_policy: Literal["lru", "lfu"] = _load_option("lru", "Expert cache eviction policy.")
-    prefetch: bool = _load_option(True, "Prefetch the next layer's predicted experts into the cache.")
+    prefetch: Optional[bool] = _load_option(
+        None, "Copy the experts a decode step ran on the CPU into cache slots for the next step (default: where "
+              "the copy and CPU-expert times measured at load say it pays).")
     dense: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
         None, "Format of attention, dense MLPs, shared experts and the LM head: int8 | int4 quantized (torch's "
               "int8/int4 matmuls on a device tier, the CPU kernels on the CPU alone), bf16 the model dtype "
@@ -460,6 +462,7 @@ def plan_(
 ) -> None:
     """Show where every weight group and expert would live for a device budget, without loading any weight."""
     from . import plan as make
+    from .experts.cost import prefetch_outlook
     from .profiling import read_heat
 
     placement = make(model_path, gpu_memory=gpu_memory, max_context=max_context, experts=experts, device=device,
@@ -467,7 +470,11 @@ def plan_(
     if out_file is not None:
         placement.save(out_file)
         err.print(f"[dim]wrote {out_file}[/dim]")
-    out.print(placement.to_json() if as_json else placement.table(), markup=False)
+    if as_json:
+        out.print(placement.to_json(), markup=False)
+    else:
+        out.print(placement.table() + "\n\n" + prefetch_outlook(placement.copies_possible,
+                                                                placement.expert_device_bytes), markup=False)
 
 
 @app.command()

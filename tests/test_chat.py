@@ -406,7 +406,9 @@ def test_plan_command_shows_the_placement(tmp_path):
     folder = random_demo_checkpoint(tmp_path)
     planned = offload.load(folder, device="cpu", gpu_memory="9MiB", max_context=512)
     summary = placement_summary(planned)
-    assert "experts pinned" in summary and summary.endswith(f"experts as {planned.plan.expert_format}")
+    assert "experts pinned" in summary and f"experts as {planned.plan.expert_format}; prefetch " in summary
+    choice = planned.prefetch
+    assert summary.endswith(f"; prefetch {'on' if choice.on else 'off'}: {choice.reason}")
     on_cpu = offload.load(folder, device="cpu", experts="int8", max_context=512)
     assert placement_summary(on_cpu) == "all routed experts on the CPU workers as int8"
     plain = offload.load(folder, device="cpu", max_context=512)

@@ -61,7 +61,7 @@ def skewed_profile(skewed) -> profiling.Profile:
     folder, budget = skewed
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 256, (12,), generator=generator).tolist() for _ in range(3)]
-    return run_profile(folder, prompts, 24, device="cpu", max_context=MAX_CONTEXT, gpu_memory=budget)
+    return run_profile(folder, prompts, 24, device="cpu", max_context=MAX_CONTEXT, gpu_memory=budget, prefetch=True)
 
 
 @pytest.fixture(scope="module")

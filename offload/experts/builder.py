@@ -19,7 +19,7 @@ from ..placement.planner import Plan
 from ..timers import Timers
 from .base import ExpertWeights, Experts, PackedExperts
 from .cache import ExpertCache, make_policy
-from .cost import CostModel, best_seconds, measure_device_flops
+from .cost import CostModel, PrefetchChoice, best_seconds, choose_prefetch, measure_device_flops, uniform_reuse_rate
 from .device import DeviceExpertPool, ExpertUploader, StagingRing
 from .hybrid import ExpertSizes, HybridExperts
 from .link import HostLink
@@ -37,7 +37,7 @@ class ExpertsOptions:
     host_format: str | None = None  # "bf16" | "int8" | "int4" | "float32" | "float16"; None: the device tier's
     plan: Plan | None = None
     cache_policy: str = "lru"
-    prefetch: bool = True
+    prefetch: bool | None = None  # None: where the measured cost model says it pays (cost.choose_prefetch)
 
 
 class ExpertsBuilder:
@@ -49,6 +49,7 @@ class ExpertsBuilder:
         self.hybrids: dict[int, HybridExperts] = {}
         self.cost: CostModel | None = None
         self.prefetcher: Prefetcher | None = None
+        self.prefetch_choice: PrefetchChoice | None = None  # made with the prefetcher; None without a hybrid layer
         self.recorder = StepRecorder()  # every hybrid layer's decode-step ids, read back at the step boundary
         self.ring: StagingRing | None = None  # made with the first pool: one for all layers
         self.link = HostLink(cfg.hidden_size, device)  # the CPU workers' traffic, one pair of buffers for all layers
@@ -100,7 +101,13 @@ class ExpertsBuilder:
         prefetcher over the next layer's router."""
         for hybrid in self.hybrids.values():
             hybrid.cost = self.cost
-        if not self.hybrids or not self.options.prefetch:
+        if not self.hybrids:
+            return
+        plan, router = self.options.plan, self.cfg.router
+        self.prefetch_choice = choose_prefetch(self.options.prefetch, self.cost, plan.expert_host_bytes,
+                                               plan.expert_device_bytes, self.flops_per_token,
+                                               uniform_reuse_rate(router.top_k, router.num_experts))
+        if not self.prefetch_choice.on:
             return
         layers = sorted(self.hybrids)
         self.prefetcher = Prefetcher(layers, routers, dict(self.hybrids), self.options.plan.expert_device_bytes)

@@ -35,6 +35,54 @@ class CostModel:
                 "copy_GBps": self.copy_bytes_per_s / 1e9, "device_GFLOPs": self.device_flops / 1e9}
 
 
+@dataclass(frozen=True)
+class PrefetchChoice:
+    on: bool
+    reason: str  # why, as a phrase for the placement line
+
+
+def uniform_reuse_rate(top_k: int, num_experts: int) -> float:
+    """The hit-rate estimate of decode prefetch before anything is measured: the chance that an expert one step
+    used is among the next step's top-k if tokens routed uniformly and independently, K/E. Real routing repeats
+    more than that, so this leans towards leaving prefetch off."""
+    return min(1.0, top_k / num_experts)
+
+
+def prefetch_pays(copy_bytes_per_s: float, cpu_expert_seconds: float, expert_device_bytes: int, hit_rate: float
+                  ) -> PrefetchChoice:
+    """Decode prefetch copies each expert a step ran on the CPU into a cache slot for the next step. One copy costs
+    expert_device_bytes / copy_bytes_per_s of the link and of the step boundary, which prepares it on the host;
+    it saves one CPU expert computation (less the device's, both in cpu_expert_seconds) when the next step uses
+    the expert, i.e. hit_rate of the time. Prefetch pays when the saving exceeds the copy."""
+    copy = expert_device_bytes / copy_bytes_per_s
+    saved = hit_rate * cpu_expert_seconds
+    numbers = f"a copy takes {copy * 1e3:.3g} ms, a hit saves {cpu_expert_seconds * 1e3:.3g} ms at a hit rate " \
+        f"of {hit_rate:.2f}"
+    if saved > copy:
+        return PrefetchChoice(True, f"it pays: {numbers}")
+    return PrefetchChoice(False, f"it does not pay: {numbers}")
+
+
+def choose_prefetch(asked: bool | None, cost: CostModel | None, host_bytes: int, device_bytes: int,
+                    flops_per_token: int, hit_rate: float) -> PrefetchChoice:
+    """Prefetch as asked, or (asked None) where the measured cost model says it pays for one decode token per
+    expert; off where no layer has both CPU experts and cache slots (nothing to copy, or nowhere to copy it)."""
+    if asked is not None:
+        return PrefetchChoice(asked, "as asked")
+    if cost is None:
+        return PrefetchChoice(False, "no layer has both CPU experts and cache slots")
+    cpu_expert = cost.cpu_seconds(1, host_bytes, flops_per_token) - flops_per_token / cost.device_flops
+    return prefetch_pays(cost.copy_bytes_per_s, cpu_expert, device_bytes, hit_rate)
+
+
+def prefetch_outlook(copies_possible: bool, expert_device_bytes: int) -> str:
+    """What a plan means for prefetch before a load measures anything (`offload plan`)."""
+    if not copies_possible:
+        return "prefetch off: no layer has both CPU experts and cache slots"
+    return (f"prefetch decided at load: on where copying an expert ({expert_device_bytes / 2**20:.2f} MiB) costs "
+            "less than the CPU time it saves, from the copy and CPU-expert times measured there")
+
+
 def best_seconds(run: Callable[[], None], repeats: int = 3, sync: Callable[[], None] | None = None) -> float:
     """The fastest of a few runs after one warm-up: a robust estimate on a noisy machine."""
     run()

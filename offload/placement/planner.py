@@ -73,6 +73,11 @@ class Plan:
     def host_staging_bytes(self) -> int:
         return sum(self.host_staging.values())
 
+    @property
+    def copies_possible(self) -> bool:
+        """Whether some layer can copy host experts into cache slots (the only case where prefetch can run)."""
+        return any(l.host_experts and l.cache_slots for l in self.layers)
+
     def layer(self, index: int) -> LayerPlan:
         for layer in self.layers:
             if layer.layer == index:
