@@ -443,7 +443,9 @@ def test_plan_prints_a_table_and_writes_json_without_loading(demo_dir, tmp_path)
     result = invoke("plan", str(demo_dir), "--gpu-memory", "8MiB", "--max-context", "1024", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "kv_cache" in result.output and "pinned ids" in result.output
+    assert "staging ring" in result.output and "host link" in result.output
     plan = Plan.load(out)
+    assert plan.copies_possible and "prefetch decided at load: on where copying an expert" in result.output
     assert plan.device_budget == 8 * 2**20 and plan.max_context == 1024 and len(plan.layers) == 4
     assert plan.device_bytes <= plan.device_budget
 
