@@ -179,5 +179,7 @@ def test_staging_buffers_count_in_the_host_budget(tmp_path):
         offload.plan(tmp_path, host_memory=need - 1, **kwargs)  # room for the experts, not for their staging
     message = str(refused.value)
     assert "\n" not in message and plan.host_bytes < need - 1
+    everything_pinned = offload.plan(tmp_path, host_memory="1GiB", **{**kwargs, "gpu_memory": "1GiB"})
+    assert everything_pinned.host_bytes == 0 and list(everything_pinned.host_staging) == ["staging ring"]
     assert re.search(r"experts left on the host need [\d.]+ MiB as bf16 plus [\d.]+ MiB of staging buffers but only "
                      r"[\d.]+ MiB of RAM is available; .*lower max_context", message)

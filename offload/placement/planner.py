@@ -182,16 +182,18 @@ def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] 
         slots = _cache_slots(capacity, L, min(want, E))
         pinned = _pin(capacity - sum(slots), slots, E, heat)
     layers = tuple(LayerPlan(layer, tuple(sorted(p)), s, E) for layer, p, s in zip(inv.moe_layers, pinned, slots))
-    staging = host_staging(req, expert_bytes) if L else {}
+    staging = host_staging(req, expert_bytes, any(layer.host_experts for layer in layers)) if L else {}
     plan = Plan(req.device_budget, req.host_budget, req.max_context, req.expert_format, groups, expert_bytes,
                 req.expert_host_bytes, layers, req.device_dtype, dense_format, staging)
     check_host_fits(plan, req)
     return plan
 
 
-def host_staging(req: PlanRequest, expert_bytes: int) -> dict[str, int]:
-    """The host buffers a device tier keeps beside the experts, by name (those not counted left out)."""
-    parts = {"staging ring": req.staging_ring_entries * expert_bytes, "host link": req.host_link_bytes}
+def host_staging(req: PlanRequest, expert_bytes: int, host_experts: bool) -> dict[str, int]:
+    """The host buffers a device tier keeps beside the experts, by name (those not counted left out): the staging
+    ring, made with the first MoE layer, and the link to the CPU workers where some expert runs there."""
+    parts = {"staging ring": req.staging_ring_entries * expert_bytes,
+             "host link": req.host_link_bytes if host_experts else 0}
     return {name: n for name, n in parts.items() if n}
 
 
