@@ -69,7 +69,8 @@ _MLA_FIELDS = {"heads", "nope", "rope_dim", "v_dim", "rank", "interleaved", "inp
                "kv_a_norm", "kv_b_proj", "o_proj", "scale", "w_uk", "w_uv", "indexer", "shares_selection", "selection"}
 _DELTANET_FIELDS = {"k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel", "conv_dim", "projections", "in_proj",
                     "conv_weight", "neg_A", "dt_bias", "norm_weight", "eps", "out_proj"}
-_LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
+# `graphs` replays device-position steps only; the compiled step runs at host positions.
+_LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step", "graphs"}
 # zero_centred changes where the weight meets the rounding to the model dtype: nothing, in the float32 step.
 _NORM_FIELDS = {"weight", "eps", "zero_centred"}
 _SWIGLU_FIELDS = {"gate_up", "down"}
