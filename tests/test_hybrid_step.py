@@ -36,9 +36,10 @@ def hybrid_model(folder, monkeypatch, device_experts: int = 3, slots: int = 1, p
                         prefetch=prefetch)
 
 
-def decode(model, steps: int, mode_for_step):
+def decode(model, steps: int, mode_for_step, at_device: bool = False):
     """Prefill PROMPT, then `steps` greedy decode steps, each inside mode_for_step(step) (the step's forward
-    and the readback of its token); returns the tokens."""
+    and the readback of its token), at host positions or (at_device) at the device Positions generation uses;
+    returns the tokens."""
     t = model.transformer
     tokens = []
     with torch.inference_mode():
@@ -46,17 +47,20 @@ def decode(model, steps: int, mode_for_step):
         ids = torch.empty(1, dtype=torch.long)
         for step in range(steps):
             with mode_for_step(step):
-                logits = t(ids.fill_(token), len(PROMPT) + step, last_only=True)
+                start = len(PROMPT) + step
+                logits = t(ids.fill_(token), start, last_only=True,
+                           positions=t.decode_positions(start) if at_device else None)
                 token = int(logits.argmax())  # the token readback
             tokens.append(token)
     return tokens
 
 
+@pytest.mark.parametrize("at_device", [False, True], ids=["host_positions", "device_positions"])
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen2_moe", "gpt_oss", "llama4", "hunyuan_v1_moe"])
-def test_a_decode_step_reads_back_only_the_token_and_the_expert_ids(bf16_checkpoints, name, monkeypatch):
+def test_a_decode_step_reads_back_only_the_token_and_the_expert_ids(bf16_checkpoints, name, monkeypatch, at_device):
     model = hybrid_model(bf16_checkpoints(name), monkeypatch)
     ledgers = [SyncLedger() for _ in range(STEPS)]
-    decode(model, STEPS, lambda step: ledgers[step])
+    decode(model, STEPS, lambda step: ledgers[step], at_device)
     host_layers = sum(h.cpu is not None for h in model._experts.hybrids.values())
     assert host_layers > 0
     for step, ledger in enumerate(ledgers):
