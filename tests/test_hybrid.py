@@ -65,7 +65,8 @@ def check_plan_matches_the_reference(folder, plan_name: str, monkeypatch, expect
     # The miss decisions follow a GPU-like cost model (prefill chunks copy, decode computes on the CPU workers)
     # rather than one measured at load, whose crossover moves with the machine's load: every run then exercises
     # the same copies and cache hits. Without `stream` no chunk streams, so the prefill takes the per-call slot
-    # copies; with it every prefill chunk of 2 tokens or more streams its experts (tests/test_stream.py).
+    # copies; with it a prefill chunk from the cost model's stream threshold on streams its experts
+    # (tests/test_stream.py).
     monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: GPU_LIKE_COSTS)
     if not stream:
         monkeypatch.setattr(ExpertsBuilder, "stream_threshold", property(lambda self: None))
