@@ -244,14 +244,17 @@ def unpack_arrays(fmt: str, O: int, K: int, q: torch.Tensor, d: torch.Tensor | N
     if fmt == "bf16":
         return q.float()
     P, tiles = q.shape[0], q.shape[1]  # q [P, Kp/4 (int8) or Kp/8 (int4), 16, 4]
-    rows = q.permute(0, 2, 1, 3).reshape(P * PANEL, tiles * 4)  # [Op, Kp/4 or Kp/8 bytes' columns]
-    if fmt == "int4":  # byte t*4 + b of a row: column 8t + b in the low nibble, 8t + 4 + b in the high one
+    rows = q.permute(0, 2, 1, 3).reshape(P * PANEL, tiles * 4)  # [Op, bytes per row]: a tile's rows side by side
+    if fmt == "int4":  # byte 4t + b of a row: column 8t + b in the low nibble, 8t + 4 + b in the high one
         pairs = rows.reshape(P * PANEL, tiles, 1, 4)
         rows = torch.cat((pairs & 15, pairs >> 4), dim=2).reshape(P * PANEL, tiles * 8)
-    def per_column(s: torch.Tensor) -> torch.Tensor:  # [P, Kp/32, 16] -> [Op, Kp] float32
-        return s.permute(0, 2, 1).reshape(P * PANEL, -1).float().repeat_interleave(GROUP, dim=1)
-
-    w = rows.float() * per_column(d)
+    w = rows.float() * _per_column(d)  # [Op, Kp]
     if m is not None:
-        w = w + per_column(m)
+        w = w + _per_column(m)  # a product then a sum, each rounded, as the CPU unpack does
     return w[:O, :K]
+
+
+def _per_column(groups: torch.Tensor) -> torch.Tensor:
+    """Group values [P, Kp/32, 16] (fp16) -> float32 [Op, Kp], each repeated over its group's 32 columns."""
+    P = groups.shape[0]
+    return groups.permute(0, 2, 1).reshape(P * PANEL, -1).float().repeat_interleave(GROUP, dim=1)

@@ -14,7 +14,7 @@ from .arch import architecture
 from .checks import check_load, check_max_context, check_token_ids
 from .config import ModelConfig
 from .errors import OffloadError
-from .experts.builder import ExpertsBuilder, ExpertsOptions, default_host_format
+from .experts.builder import ExpertsBuilder, ExpertsOptions, check_prefill_chunk, default_host_format
 from .generate import Generation, GenerationRequest, GenerationRun, PromptCacheStats
 from .model.transformer import Transformer
 from .placement import Plan, has_device_tier, resolve_plan
@@ -269,6 +269,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     config = arch.config_from_hf(hf)
     max_context = check_load(checkpoint, config, max_context, device, dtype, gpu_memory, plan)
     _check_formats(experts, dense)
+    check_prefill_chunk(prefill_chunk)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     device_tier = has_device_tier(torch_device, gpu_memory, plan)

@@ -58,9 +58,10 @@ class ExpertsBuilder:
         self.prefetcher: Prefetcher | None = None
         self.recorder = StepRecorder()  # every hybrid layer's decode-step ids, read back at the step boundary
         self.ring: StagingRing | None = None  # made with the first layer that has host experts: one for all layers
-        # The double buffer of whole-layer streaming (made with the ring): two halves of this many experts.
+        # The double buffer of whole-layer streaming: two halves of this many experts, made once every layer is
+        # built if the cost model says streaming pays.
         self.stream_experts = options.stream_experts or cfg.router.top_k
-        self.stream_pool: DeviceExpertPool | None = None
+        self.stream_buffer: LayerStream | None = None
         make_policy(options.cache_policy)  # fail on a bad policy name before any weight is read
         H, I = cfg.hidden_size, cfg.moe_intermediate_size
         self.flops_per_token = 2 * 3 * H * I
@@ -88,9 +89,6 @@ class ExpertsBuilder:
         local = {expert: i for i, expert in enumerate(host_ids)}.__getitem__
         if self.ring is None and cpu is not None:
             self.ring = StagingRing(cpu.packed_expert(0), self.device)
-            self.stream_pool = DeviceExpertPool((), 2 * self.stream_experts, self.cfg.hidden_size,
-                                                self.cfg.moe_intermediate_size, self.dtype, self.device,
-                                                weights.biases is not None, weights.activation)
         uploader = ExpertUploader(pool, cpu, local, self.device, self.ring)
         sizes = ExpertSizes(cpu.expert_nbytes if cpu else 0, opts.plan.expert_device_bytes, self.flops_per_token)
         if self.cost is None and cpu is not None and lp.cache_slots:
@@ -134,8 +132,7 @@ class ExpertsBuilder:
         """Tokens per prefill forward: the setting, or PREFILL_CHUNK raised to the stream threshold where that
         stays within MAX_PREFILL_CHUNK (a chunk shorter than the threshold would never stream)."""
         if setting is not None:
-            if setting < 1:
-                raise OffloadError(f"prefill_chunk must be at least 1 token, got {setting}")
+            check_prefill_chunk(setting)
             return setting
         threshold = self.stream_threshold
         return max(PREFILL_CHUNK, threshold) if threshold is not None and threshold <= MAX_PREFILL_CHUNK \
@@ -143,16 +140,22 @@ class ExpertsBuilder:
 
     def _attach_streaming(self) -> None:
         """Give every layer with host experts the shared double buffer, once the cost model says streaming pays
-        for some chunk size."""
+        for some chunk size and (on CUDA) the buffer fits in free device memory: the plan does not count it."""
         threshold = self.stream_threshold
         if threshold is None:
             return
-        buffer = LayerStream(self.stream_pool)
-        for hybrid in self.hybrids.values():
-            if hybrid.cpu is not None:
-                uploader = ExpertUploader(self.stream_pool, hybrid.cpu, hybrid.uploader.local, self.device,
-                                          self.ring)
-                hybrid.streaming = Streaming(buffer, uploader, threshold)
+        hosted = [h for h in self.hybrids.values() if h.cpu is not None]
+        pool = hosted[0].pool
+        rows = 2 * self.stream_experts
+        if self.device.type == "cuda" and rows * hosted[0].sizes.device_bytes > torch.cuda.mem_get_info(self.device)[0]:
+            return
+        biased = pool.biases is not None
+        buffer = LayerStream(DeviceExpertPool((), rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
+                                              self.dtype, self.device, biased, pool.activation))
+        self.stream_buffer = buffer
+        for hybrid in hosted:
+            uploader = ExpertUploader(buffer.pool, hybrid.cpu, hybrid.uploader.local, self.device, self.ring)
+            hybrid.streaming = Streaming(buffer, uploader, threshold)
 
     def _measure_costs(self, cpu: CpuExperts | TorchHostExperts, uploader: ExpertUploader, host_ids: list[int],
                        pool: DeviceExpertPool, sizes: ExpertSizes) -> CostModel:
@@ -171,6 +174,12 @@ class ExpertsBuilder:
                          cpu_flops=64 * experts * self.flops_per_token / many,
                          copy_bytes_per_s=sizes.host_bytes / copy,
                          device_flops=device_flops)
+
+
+def check_prefill_chunk(setting: int | None) -> None:
+    if setting is not None and setting < 1:
+        raise OffloadError(f"prefill_chunk must be at least 1 token, got {setting}; give a positive chunk size or "
+                           "leave it unset")
 
 
 def default_host_format(dtype: torch.dtype) -> str:
