@@ -145,13 +145,12 @@ class ExpertsBuilder:
         if threshold is None:
             return
         hosted = [h for h in self.hybrids.values() if h.cpu is not None]
-        pool = hosted[0].pool
         rows = 2 * self.stream_experts
         if self.device.type == "cuda" and rows * hosted[0].sizes.device_bytes > torch.cuda.mem_get_info(self.device)[0]:
             return
-        biased = pool.biases is not None
+        like = hosted[0].pool  # the layers' activation and biases
         buffer = LayerStream(DeviceExpertPool((), rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
-                                              self.dtype, self.device, biased, pool.activation))
+                                              self.dtype, self.device, like.biases is not None, like.activation))
         self.stream_buffer = buffer
         for hybrid in hosted:
             uploader = ExpertUploader(buffer.pool, hybrid.cpu, hybrid.uploader.local, self.device, self.ring)

@@ -75,9 +75,9 @@ class StagingRing:
     def __init__(self, packed: Sequence[torch.Tensor], device: torch.device, entries: int = 8):
         self.cuda = device.type == "cuda"
         self.entries = entries
-        self.buffers = [[torch.empty_like(t, device="cpu", pin_memory=True) for t in packed]
+        self.buffers = [[torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in packed]
                         for _ in range(entries)] if self.cuda else []
-        self.landing = [[torch.empty_like(t, device=device) for t in packed] for _ in range(entries)]
+        self.landing = [[torch.empty(t.shape, dtype=t.dtype, device=device) for t in packed] for _ in range(entries)]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.done: list[torch.cuda.Event | None] = [None] * entries  # the last work out of each entry
         self.turn = 0
