@@ -108,7 +108,7 @@ class CpuExperts(HostStacks):
 
 def warmup(fmt: str) -> float:
     """Compile, or load from Numba's on-disk cache, every kernel a CpuExperts and a dense linear of format `fmt`
-    run (both the few-token and the many-token engines, and `expert_tensors`); returns the seconds spent."""
+    run (both the few-token and the many-token engines); returns the seconds spent."""
     check_format(fmt)
     start = time.perf_counter()
     threads.threading_layer()
@@ -122,7 +122,6 @@ def warmup(fmt: str) -> float:
         x = torch.randn(T, H, generator=gen)
         experts(x, torch.randint(0, E, (T, K), generator=gen), torch.rand(T, K, generator=gen))
         dispatch.linear(x, dense)
-    experts.expert_tensors(0)
     return time.perf_counter() - start
 
 
