@@ -18,7 +18,7 @@ import offload
 from csrc_py.formats import expert_arrays, pack, unpack, unpack_arrays
 from offload.experts.builder import ExpertsBuilder
 from offload.experts.cost import CostModel
-from offload.experts.device import DeviceExpertPool
+from offload.experts.device import DeviceExpertPool, ExpertUploader
 from offload.experts.stream import LayerStream
 from test_hybrid import GPU_LIKE_COSTS, IDS, check_plan_matches_the_reference, plan, rel_err
 
@@ -116,15 +116,23 @@ def test_bytes_copied_per_prefill_chunk_are_the_used_experts_times_the_packed_si
             return real_start(x, ids, weights)
 
         monkeypatch.setattr(hybrid, "start", start)
+    landed = [0]  # bytes copied into the device's landing buffers, counted where the copies happen
+    real_land = ExpertUploader._land
+
+    def land(self, packed, landing, row):
+        landed[0] += sum(src.nbytes for src in packed)
+        return real_land(self, packed, landing, row)
+
+    monkeypatch.setattr(ExpertUploader, "_land", land)
     t = model.transformer
     real_hidden = t.hidden
     copied: list[int] = []  # bytes through the ring per forward
 
     def hidden(ids, start, positions=None):
         chunks.append({})
-        before = builder.ring.bytes_copied
+        before = landed[0]
         h = real_hidden(ids, start, positions)
-        copied.append(builder.ring.bytes_copied - before)
+        copied.append(landed[0] - before)
         return h
 
     monkeypatch.setattr(t, "hidden", hidden)
@@ -135,7 +143,7 @@ def test_bytes_copied_per_prefill_chunk_are_the_used_experts_times_the_packed_si
     for used, nbytes in zip(chunks, copied):
         assert nbytes == sum(len(experts) for experts in used.values()) * packed > 0
     streamed = sum(h.stats.bytes_streamed for h in builder.hybrids.values())
-    assert streamed == sum(copied)
+    assert streamed == sum(copied) == builder.ring.bytes_copied
 
 
 class RecordingUploader:

@@ -106,8 +106,8 @@ class ExpertUploader:
     waits on (on the device, not the host) before the layer reads it. On the CPU tier the same copies and the
     same dequantization run in line, so the behaviour, the numbers and the byte counts are the same."""
 
-    def __init__(self, pool: DeviceExpertPool, host: PackedHost, local: Callable[[int], int], device: torch.device,
-                 ring: StagingRing):
+    def __init__(self, pool: DeviceExpertPool, host: PackedHost | None, local: Callable[[int], int],
+                 device: torch.device, ring: StagingRing | None):  # None, None: a layer with no host experts
         self.pool, self.host, self.local, self.device, self.ring = pool, host, local, device, ring
         self.cuda = device.type == "cuda"
         self.events: dict[int, torch.cuda.Event] = {}  # CUDA: row -> its copy, not yet waited for
