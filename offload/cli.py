@@ -105,6 +105,9 @@ class LoadOptions:
     prefetch: Optional[bool] = _load_option(
         None, "Copy the experts a decode step ran on the CPU into cache slots for the next step (default: where "
               "the copy and CPU-expert times measured at load say it pays).")
+    prefill_chunk: Optional[int] = _load_option(
+        None, "Tokens per prefill forward; a longer prompt runs in chunks (default 512, raised to the cost model's "
+              "stream threshold on a device tier).", min=1)
     dense: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
         None, "Format of attention, dense MLPs, shared experts and the LM head: int8 | int4 quantized (torch's "
               "int8/int4 matmuls on a device tier, the CPU kernels on the CPU alone), bf16 the model dtype "
@@ -474,7 +477,7 @@ def plan_(
         out.print(placement.to_json(), markup=False)
     else:
         out.print(placement.table() + "\n\n" + prefetch_outlook(placement.copies_possible,
-                                                                placement.expert_device_bytes), markup=False)
+                                                                placement.expert_host_bytes), markup=False)
 
 
 @app.command()

@@ -156,7 +156,7 @@ def test_plan_table_gives_every_size_in_one_unit_and_names_the_dtype(budget, uni
 
 
 def test_staging_buffers_count_in_the_host_budget(tmp_path):
-    """The pinned staging ring (entries x one expert in the device dtype) and the CPU workers' shared link buffers
+    """The pinned staging ring (entries x one expert's packed host bytes) and the CPU workers' shared link buffers
     (a whole prompt of inputs and results) are part of the host tier: in the plan, its table, and its RAM check."""
     import json
 
@@ -169,7 +169,7 @@ def test_staging_buffers_count_in_the_host_budget(tmp_path):
     plan = offload.plan(tmp_path, host_memory="1GiB", **kwargs)
     H, K = RANDOM_DEMO_CONFIG["hidden_size"], RANDOM_DEMO_CONFIG["num_experts_per_tok"]
     assert HostLink.buffer_bytes(H, K, 512) == 512 * (2 * H + 2 * K) * 4  # float32 [T, H + 2K] in, [T, H] out
-    assert plan.host_staging == {"staging ring": STAGING_RING_ENTRIES * plan.expert_device_bytes,
+    assert plan.host_staging == {"staging ring": STAGING_RING_ENTRIES * plan.expert_host_bytes,
                                  "host link": HostLink.buffer_bytes(H, K, 512)}
     assert re.search(r"staging ring +\d+\.\d+ MiB\n  host link +\d+\.\d+ MiB\n  total", plan.table())
     assert Plan.from_json(plan.to_json()) == plan
@@ -180,6 +180,6 @@ def test_staging_buffers_count_in_the_host_budget(tmp_path):
     message = str(refused.value)
     assert "\n" not in message and plan.host_bytes < need - 1
     everything_pinned = offload.plan(tmp_path, host_memory="1GiB", **{**kwargs, "gpu_memory": "1GiB"})
-    assert everything_pinned.host_bytes == 0 and list(everything_pinned.host_staging) == ["staging ring"]
+    assert everything_pinned.host_bytes == 0 and everything_pinned.host_staging == {}
     assert re.search(r"experts left on the host need [\d.]+ MiB as bf16 plus [\d.]+ MiB of staging buffers but only "
                      r"[\d.]+ MiB of RAM is available; .*lower max_context", message)

@@ -14,7 +14,7 @@ MB = 10**6
 
 
 def test_prefetch_pays_when_the_cpu_time_a_copy_saves_exceeds_the_copy():
-    on = prefetch_pays(copy_bytes_per_s=25e9, cpu_expert_seconds=0.004, expert_device_bytes=25 * MB, hit_rate=0.5)
+    on = prefetch_pays(copy_bytes_per_s=25e9, cpu_expert_seconds=0.004, copied_bytes=25 * MB, hit_rate=0.5)
     assert on.on and on.reason == "it pays: a copy takes 1 ms, a hit saves 4 ms at a hit rate of 0.50"
     assert not prefetch_pays(25e9, 0.004, 25 * MB, hit_rate=0.2).on  # saves 0.8 ms per copy of 1 ms
     assert not prefetch_pays(25e9, 0.004, 25 * MB, hit_rate=0.25).on  # even: the copy is not worth its risk
@@ -26,20 +26,21 @@ def test_uniform_reuse_rate_is_top_k_over_experts():
     assert uniform_reuse_rate(4, 2) == 1.0
 
 
-# One expert's bytes (gate, up, down): in bf16 on the device, int4 (0.625 bytes per weight) on the host.
+# One expert's weights (gate, up, down); a copy moves them packed, as the host holds them.
 DEEPSEEK_V3 = 3 * 7168 * 2048
 MIXTRAL = 3 * 4096 * 14336
 
 
-@pytest.mark.parametrize("params, top_k, experts, host_bytes_per_weight, cpu_GBps, expected", [
-    (DEEPSEEK_V3, 8, 256, 0.625, 40, False),  # an 88 MB copy against a 0.7 ms CPU expert used 3% of the time
-    (MIXTRAL, 2, 8, 0.625, 40, False),  # a 14 ms copy against a 2.8 ms CPU expert
-    (MIXTRAL, 2, 8, 2, 5, True),  # bf16 on a slow CPU: 70 ms per expert, a quarter of them saved
+@pytest.mark.parametrize("params, top_k, experts, host_bytes_per_weight, cpu_GBps, copy_GBps, expected", [
+    (DEEPSEEK_V3, 8, 256, 0.625, 40, 25, False),  # a 0.9 ms copy against a 0.7 ms CPU expert used 3% of the time
+    (MIXTRAL, 2, 8, 0.625, 40, 25, False),  # a 4.4 ms copy against a 2.8 ms CPU expert used a quarter of the time
+    (MIXTRAL, 2, 8, 2, 5, 25, True),  # bf16 on a slow CPU: a 14 ms copy against 70 ms per expert
 ])
 def test_choose_prefetch_at_real_shapes_on_a_gpu_like_host(params, top_k, experts, host_bytes_per_weight, cpu_GBps,
-                                                           expected):
-    cost = CostModel(cpu_bytes_per_s=cpu_GBps * 1e9, cpu_flops=200e9, copy_bytes_per_s=25e9, device_flops=400e12)
-    choice = choose_prefetch(None, cost, int(params * host_bytes_per_weight), params * 2, 2 * params,
+                                                           copy_GBps, expected):
+    cost = CostModel(cpu_bytes_per_s=cpu_GBps * 1e9, cpu_flops=200e9, copy_bytes_per_s=copy_GBps * 1e9,
+                     device_flops=400e12)
+    choice = choose_prefetch(None, cost, int(params * host_bytes_per_weight), 2 * params,
                              uniform_reuse_rate(top_k, experts))
     assert choice.on == expected
     assert choice.reason.startswith("it pays" if expected else "it does not pay")
@@ -47,10 +48,10 @@ def test_choose_prefetch_at_real_shapes_on_a_gpu_like_host(params, top_k, expert
 
 def test_asking_wins_and_no_copy_candidates_means_off():
     cheap = CostModel(cpu_bytes_per_s=1e9, cpu_flops=1e9, copy_bytes_per_s=1e12, device_flops=1e15)
-    assert choose_prefetch(False, cheap, MB, MB, 1000, 1.0).reason == "as asked"
-    assert not choose_prefetch(False, cheap, MB, MB, 1000, 1.0).on
-    assert choose_prefetch(True, None, MB, MB, 1000, 0.0).on
-    no_cost = choose_prefetch(None, None, MB, MB, 1000, 1.0)
+    assert choose_prefetch(False, cheap, MB, 1000, 1.0).reason == "as asked"
+    assert not choose_prefetch(False, cheap, MB, 1000, 1.0).on
+    assert choose_prefetch(True, None, MB, 1000, 0.0).on
+    no_cost = choose_prefetch(None, None, MB, 1000, 1.0)
     assert not no_cost.on and no_cost.reason == "no layer has both CPU experts and cache slots"
     assert prefetch_outlook(False, 2**20) == "prefetch off: no layer has both CPU experts and cache slots"
     assert prefetch_outlook(True, 3 * 2**20).startswith("prefetch decided at load: on where copying an expert "

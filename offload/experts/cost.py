@@ -1,4 +1,5 @@
 """The miss cost model: for an expert that is not resident, compute it on the CPU or copy it into a device slot?
+And for a prefill chunk: stream the layer's used experts to the device, or run them on the CPU workers?
 
 Fed by numbers measured at load (CPU expert GB/s and GFLOP/s, copy GB/s, device GFLOP/s); the decision is a
 pure function of them, the token count and the expert's sizes.
@@ -22,13 +23,43 @@ class CostModel:
     def cpu_seconds(self, tokens: int, host_bytes: int, flops_per_token: int) -> float:
         return host_bytes / self.cpu_bytes_per_s + tokens * flops_per_token / self.cpu_flops
 
-    def copy_seconds(self, tokens: int, device_bytes: int, flops_per_token: int) -> float:
-        return device_bytes / self.copy_bytes_per_s + tokens * flops_per_token / self.device_flops
+    def copy_seconds(self, tokens: int, copy_bytes: int, flops_per_token: int) -> float:
+        return copy_bytes / self.copy_bytes_per_s + tokens * flops_per_token / self.device_flops
 
-    def prefer_copy(self, tokens: int, host_bytes: int, device_bytes: int, flops_per_token: int) -> bool:
-        """True when copying the expert to the device and computing it there beats computing it on the CPU."""
-        return self.copy_seconds(tokens, device_bytes, flops_per_token) < self.cpu_seconds(
+    def prefer_copy(self, tokens: int, host_bytes: int, copy_bytes: int, flops_per_token: int) -> bool:
+        """True when copying the expert to the device (`copy_bytes`: uploads move the packed host bytes) and
+        computing it there beats computing it on the CPU."""
+        return self.copy_seconds(tokens, copy_bytes, flops_per_token) < self.cpu_seconds(
             tokens, host_bytes, flops_per_token)
+
+    def prefer_stream(self, pairs: int, experts: int, host_bytes: int, flops_per_token: int) -> bool:
+        """True when streaming `experts` experts of a layer (their packed host bytes) to the device and running
+        their `pairs` (token, expert) pairs there beats running them on the CPU workers."""
+        stream = experts * host_bytes / self.copy_bytes_per_s + pairs * flops_per_token / self.device_flops
+        cpu = experts * host_bytes / self.cpu_bytes_per_s + pairs * flops_per_token / self.cpu_flops
+        return stream < cpu
+
+    def stream_threshold(self, num_experts: int, top_k: int, host_bytes: int, flops_per_token: int,
+                         limit: int = 1 << 20) -> int | None:
+        """The fewest tokens per prefill chunk (at least 2: a decode step never streams) for which streaming a
+        layer pays, taking T tokens' T*K pairs to use min(E, T*K) experts (every one, once a chunk is long);
+        None when no chunk of up to `limit` tokens pays. While T*K <= E the costs are proportional to T (one
+        answer for all); past it only the pairs grow, so the first paying T is found by bisection."""
+        def pays(tokens: int) -> bool:
+            pairs = tokens * top_k
+            return self.prefer_stream(pairs, min(num_experts, pairs), host_bytes, flops_per_token)
+
+        if pays(2):
+            return 2
+        lo, hi = max(2, -(-num_experts // top_k)), limit  # the last T of the first region, then bisect
+        if pays(lo):
+            return lo
+        if not pays(hi):
+            return None
+        while hi - lo > 1:  # pays(hi), not pays(lo)
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if pays(mid) else (mid, hi)
+        return hi
 
     def as_dict(self) -> dict[str, float]:
         return {"cpu_GBps": self.cpu_bytes_per_s / 1e9, "cpu_GFLOPs": self.cpu_flops / 1e9,
@@ -48,13 +79,13 @@ def uniform_reuse_rate(top_k: int, num_experts: int) -> float:
     return min(1.0, top_k / num_experts)
 
 
-def prefetch_pays(copy_bytes_per_s: float, cpu_expert_seconds: float, expert_device_bytes: int, hit_rate: float
+def prefetch_pays(copy_bytes_per_s: float, cpu_expert_seconds: float, copied_bytes: int, hit_rate: float
                   ) -> PrefetchChoice:
     """Decode prefetch copies each expert a step ran on the CPU into a cache slot for the next step. One copy costs
-    expert_device_bytes / copy_bytes_per_s of the link and of the step boundary, which prepares it on the host;
-    it saves one CPU expert computation (less the device's, both in cpu_expert_seconds) when the next step uses
-    the expert, i.e. hit_rate of the time. Prefetch pays when the saving exceeds the copy."""
-    copy = expert_device_bytes / copy_bytes_per_s
+    copied_bytes / copy_bytes_per_s of the link and the side stream (the packed bytes the host holds, dequantized
+    on the device); it saves one CPU expert computation (less the device's, both in cpu_expert_seconds) when the
+    next step uses the expert, i.e. hit_rate of the time. Prefetch pays when the saving exceeds the copy."""
+    copy = copied_bytes / copy_bytes_per_s
     saved = hit_rate * cpu_expert_seconds
     numbers = f"a copy takes {copy * 1e3:.3g} ms, a hit saves {cpu_expert_seconds * 1e3:.3g} ms at a hit rate " \
         f"of {hit_rate:.2f}"
@@ -63,23 +94,24 @@ def prefetch_pays(copy_bytes_per_s: float, cpu_expert_seconds: float, expert_dev
     return PrefetchChoice(False, f"it does not pay: {numbers}")
 
 
-def choose_prefetch(asked: bool | None, cost: CostModel | None, host_bytes: int, device_bytes: int,
-                    flops_per_token: int, hit_rate: float) -> PrefetchChoice:
+def choose_prefetch(asked: bool | None, cost: CostModel | None, expert_bytes: int, flops_per_token: int,
+                    hit_rate: float) -> PrefetchChoice:
     """Prefetch as asked, or (asked None) where the measured cost model says it pays for one decode token per
-    expert; off where no layer has both CPU experts and cache slots (nothing to copy, or nowhere to copy it)."""
+    expert (expert_bytes: one expert as the host holds it, what the CPU reads and a copy moves); off where no
+    layer has both CPU experts and cache slots (nothing to copy, or nowhere to copy it)."""
     if asked is not None:
         return PrefetchChoice(asked, "as asked")
     if cost is None:
         return PrefetchChoice(False, "no layer has both CPU experts and cache slots")
-    cpu_expert = cost.cpu_seconds(1, host_bytes, flops_per_token) - flops_per_token / cost.device_flops
-    return prefetch_pays(cost.copy_bytes_per_s, cpu_expert, device_bytes, hit_rate)
+    cpu_expert = cost.cpu_seconds(1, expert_bytes, flops_per_token) - flops_per_token / cost.device_flops
+    return prefetch_pays(cost.copy_bytes_per_s, cpu_expert, expert_bytes, hit_rate)
 
 
-def prefetch_outlook(copies_possible: bool, expert_device_bytes: int) -> str:
+def prefetch_outlook(copies_possible: bool, expert_bytes: int) -> str:
     """What a plan means for prefetch before a load measures anything (`offload plan`)."""
     if not copies_possible:
         return "prefetch off: no layer has both CPU experts and cache slots"
-    return (f"prefetch decided at load: on where copying an expert ({expert_device_bytes / 2**20:.2f} MiB) costs "
+    return (f"prefetch decided at load: on where copying an expert ({expert_bytes / 2**20:.2f} MiB) costs "
             "less than the CPU time it saves, from the copy and CPU-expert times measured there")
 
 

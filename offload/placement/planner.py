@@ -155,7 +155,7 @@ class PlanRequest:
     # The device tier's dense formats to choose from, in order (None: the device dtype); AUTO_DENSE quantizes
     # when the device dtype leaves no room for a cache slot per MoE layer.
     dense_formats: tuple[str | None, ...] = (None,)
-    # Host buffers counted in host_budget: the staging ring's entries (one routed expert in the device dtype each)
+    # Host buffers counted in host_budget: the staging ring's entries (one routed expert's packed host bytes each)
     # and the CPU workers' link buffers for the longest forward (0: not counted).
     staging_ring_entries: int = 0
     host_link_bytes: int = 0
@@ -182,18 +182,20 @@ def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] 
         slots = _cache_slots(capacity, L, min(want, E))
         pinned = _pin(capacity - sum(slots), slots, E, heat)
     layers = tuple(LayerPlan(layer, tuple(sorted(p)), s, E) for layer, p, s in zip(inv.moe_layers, pinned, slots))
-    staging = host_staging(req, expert_bytes, any(layer.host_experts for layer in layers)) if L else {}
+    staging = host_staging(req, any(layer.host_experts for layer in layers))
     plan = Plan(req.device_budget, req.host_budget, req.max_context, req.expert_format, groups, expert_bytes,
                 req.expert_host_bytes, layers, req.device_dtype, dense_format, staging)
     check_host_fits(plan, req)
     return plan
 
 
-def host_staging(req: PlanRequest, expert_bytes: int, host_experts: bool) -> dict[str, int]:
-    """The host buffers a device tier keeps beside the experts, by name (those not counted left out): the staging
-    ring, made with the first MoE layer, and the link to the CPU workers where some expert runs there."""
-    parts = {"staging ring": req.staging_ring_entries * expert_bytes,
-             "host link": req.host_link_bytes if host_experts else 0}
+def host_staging(req: PlanRequest, host_experts: bool) -> dict[str, int]:
+    """The host buffers a device tier keeps beside the experts where some expert stays on the host, by name (those
+    not counted left out): the staging ring (entries of one expert's packed bytes, as the host holds them) and the
+    link to the CPU workers."""
+    if not host_experts:
+        return {}
+    parts = {"staging ring": req.staging_ring_entries * req.expert_host_bytes, "host link": req.host_link_bytes}
     return {name: n for name, n in parts.items() if n}
 
 
