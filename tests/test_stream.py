@@ -48,7 +48,7 @@ def streaming_model(folder, monkeypatch, fmt: str = "bf16", prefill_chunk: int |
 
 
 def test_admissions_copy_the_packed_bytes(bf16_checkpoints, monkeypatch):
-    model = streaming_model(bf16_checkpoints("qwen2_moe"), monkeypatch, fmt="int8")
+    model = streaming_model(bf16_checkpoints("qwen2_moe"), monkeypatch, fmt="int8", prefetch=True)
     builder = model._experts
     ring = builder.ring
     hybrid = next(h for h in builder.hybrids.values() if h.cpu is not None)
