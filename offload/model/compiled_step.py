@@ -22,6 +22,7 @@ import torch
 
 from ..config import RouterConfig
 from .attention import Attention
+from .compiled_indexer import IndexerPlan
 from .gated_deltanet import L2_EPS, GatedDeltaNet
 from .layers import FusedLinear, QuantLinear, SwiGLU
 from .mla import MLA
@@ -69,6 +70,8 @@ _MLA_FIELDS = {"heads", "nope", "rope_dim", "v_dim", "rank", "interleaved", "inp
                "kv_a_norm", "kv_b_proj", "o_proj", "scale", "w_uk", "w_uv", "indexer", "shares_selection", "selection"}
 _DELTANET_FIELDS = {"k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel", "conv_dim", "projections", "in_proj",
                     "conv_weight", "neg_A", "dt_bias", "norm_weight", "eps", "out_proj"}
+_INDEXER_FIELDS = {"heads", "head_dim", "topk", "interleaved", "wq_b", "wk", "k_norm", "weights_proj"}
+_LAYER_NORM_FIELDS = {"weight", "bias", "eps"}
 _LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step"}
 # zero_centred changes where the weight meets the rounding to the model dtype: nothing, in the float32 step.
 _NORM_FIELDS = {"weight", "eps", "zero_centred"}
@@ -238,17 +241,23 @@ class _MLAPlan(_MixerPlan):
     o_proj: tuple
     o_bias: np.ndarray
     widths: tuple[int, ...]  # padded in_proj, q_lora_rank, padded q_b, heads*v, padded o_proj out
+    attn: MLA  # DeepSeek Sparse Attention: its Selection carries the attended positions to and from the torch path
+    indexer: IndexerPlan | None  # the layer's own lightning indexer
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> _MLAPlan | None:
         attn = layer.attn
         q_lora = attn.q_b_proj is not None
-        if type(attn) is not MLA or not _knows(attn, _MLA_FIELDS) or attn.indexer is not None or \
-                attn.shares_selection or not isinstance(attn.input_projs, FusedLinear) \
+        if type(attn) is not MLA or not _knows(attn, _MLA_FIELDS) or not isinstance(attn.input_projs, FusedLinear) \
                 or not isinstance(attn.o_proj, QuantLinear) or attn.kv_b_proj.weight.dtype != torch.float32 or \
                 not attn.kv_b_proj.weight.is_contiguous() or \
                 (q_lora and not (isinstance(attn.q_b_proj, QuantLinear) and attn.q_b_proj.bias is None)) or \
                 not all(_knows(n, _NORM_FIELDS) for n in (attn.kv_a_norm, attn.q_a_norm) if n is not None):
+            return None
+        ix = attn.indexer
+        indexer = IndexerPlan.build(ix) if ix is not None and _knows(ix, _INDEXER_FIELDS) and \
+            _knows(ix.k_norm, _LAYER_NORM_FIELDS) and q_lora else None
+        if ix is not None and indexer is None:
             return None
         in_proj = attn.input_projs
         q_b = attn.q_b_proj.packed if q_lora else in_proj.packed
@@ -265,7 +274,21 @@ class _MLAPlan(_MixerPlan):
             o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
             widths=(in_proj.packed.padded_shape[1], max(in_proj.widths[0] if q_lora else 0, 1),
                     q_b.padded_shape[1], attn.heads * attn.v_dim, attn.o_proj.packed.padded_shape[1]),
+            attn=attn, indexer=indexer,
         )
+
+    def run(self, p: _Prepared, x: np.ndarray, out: np.ndarray, start: int) -> None:
+        """As the base, with DeepSeek Sparse Attention's positions: an indexer layer's choice is published in its
+        Selection (a view of the buffer; None: every causal position), which a shared layer reads (whichever
+        path its source layer ran)."""
+        *tail, selection = p.attn_tail
+        given = self.attn.selection.positions if self.attn.shares_selection else None
+        if given is not None:
+            selection = np.ascontiguousarray(given.numpy())
+        selected = p.attn_block(x, out, *p.attn_head, start, *tail, selection, 0 if given is None else
+                                given.shape[1])
+        if self.indexer is not None:
+            self.attn.selection.positions = torch.from_numpy(selection) if selected else None
 
     def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[Callable, tuple, tuple]:
         """mla_block, and its arguments after (x, out) before the position and after it, with buffers for T rows."""
@@ -274,7 +297,11 @@ class _MLAPlan(_MixerPlan):
         scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *self.widths))
         head = (*self.norm, self.in_proj, self.in_bias, self.dims, self.q_a_norm, self.q_b, self.kv_a_norm,
                 _f32(rope.cos), _f32(rope.sin), self.interleaved)
-        tail = (cache.c_kv.numpy(), cache.k_rope.numpy(), self.w_kv, self.scale, self.o_proj, self.o_bias, *scratch)
+        ix = self.indexer
+        sparse = (None, np.zeros((0, 1), np.float32), np.zeros((T, 0), np.int64)) if ix is None else \
+            (ix.args(T, cache.index_k.shape[0]), cache.index_k.numpy(), np.zeros((T, ix.dims[2]), np.int64))
+        tail = (cache.c_kv.numpy(), cache.k_rope.numpy(), self.w_kv, self.scale, self.o_proj, self.o_bias, *scratch,
+                *sparse)  # ... indexer, index_k, selection buffer: run() passes the selection and its width
         return mla_block, head, tail
 
 
