@@ -283,10 +283,10 @@ class _MLAPlan(_MixerPlan):
         path its source layer ran)."""
         *tail, selection = p.attn_tail
         given = self.attn.selection.positions if self.attn.shares_selection else None
-        if given is not None:
+        if given is not None:  # the source layer's choice [T, k]
             selection = np.ascontiguousarray(given.numpy())
-        selected = p.attn_block(x, out, *p.attn_head, start, *tail, selection, 0 if given is None else
-                                given.shape[1])
+        width = 0 if given is None else selection.shape[1]
+        selected = p.attn_block(x, out, *p.attn_head, start, *tail, selection, width)
         if self.indexer is not None:
             self.attn.selection.positions = torch.from_numpy(selection) if selected else None
 
