@@ -132,10 +132,11 @@ def pack_groups(groups: IntGroups, fmt: str, *, round_scales: bool = False) -> P
 
     int8 takes signed grids with |q| <= 127 and no offset; int4 takes unsigned grids 0..15, and signed -8..7 ones
     as q + 8 with offset - 8 * scale; int4s takes the grids int4 takes whose offset is exactly -8 * scale (signed
-    -8..7 grids without an offset, as Q4_0 and symmetric GPTQ / compressed-tensors store them). The source group must be a multiple of 32 (each group of 32 takes its
-    source group's scale). Scales and offsets must be exact in fp16, unless round_scales: then they are rounded
-    to the nearest fp16 (still None where one overflows fp16). A group whose values are all 0 takes scale 0.
-    Where it returns a matrix without round_scales, unpack() gives groups.dequantize() bit for bit."""
+    -8..7 grids without an offset, as Q4_0 and symmetric GPTQ / compressed-tensors store them). The source group
+    must be a multiple of 32 (each group of 32 takes its source group's scale). Scales and offsets must be exact
+    in fp16, unless round_scales: then they are rounded to the nearest fp16 (still None where one overflows
+    fp16). A group whose values are all 0 takes scale 0. Where it returns a matrix without round_scales, unpack()
+    gives groups.dequantize() bit for bit."""
     check_format(fmt)
     if fmt == "bf16":
         return None

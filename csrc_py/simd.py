@@ -314,7 +314,8 @@ def _panel_rows(builder: ir.IRBuilder, q4: bool, symmetric: bool, nr: int, ngrou
     scales_ahead = PREFETCH_BYTES // group_bytes * PANEL * 2  # bytes of fp16 scales for PREFETCH_BYTES of tiles
     with cgutils.for_range(builder, ngroups) as loop:
         g = loop.index
-        for p in (dp, mp) if mp is not None else (dp,):  # the scale streams, as far ahead as the weights: +0-6% measured
+        # the scale streams, as far ahead as the weights: +0-6% measured
+        for p in (dp, mp) if mp is not None else (dp,):
             _prefetch(builder, builder.gep(p, [builder.mul(g, _I64(PANEL))]), scales_ahead)
 
         def scales(p):
@@ -370,8 +371,9 @@ def _panel_rows(builder: ir.IRBuilder, q4: bool, symmetric: bool, nr: int, ngrou
         mv = scales(mp) if mp is not None else None
         for n in range(nr):
             xsn = builder.load(builder.gep(xsp[n], [g]))
-            xm = builder.fmul(xsn, builder.sitofp(xsums[n], _F32)) if mv is not None else None  # the offset term: m * xs * sum(x)
-            centre = _splat(builder, builder.mul(xsums[n], _I32(-8)), vi32) if symmetric else None  # -8 * sum(x)
+            # the offset term m * xs * sum(x) (int4), or the integer -8 * sum(x) (int4s)
+            xm = builder.fmul(xsn, builder.sitofp(xsums[n], _F32)) if mv is not None else None
+            centre = _splat(builder, builder.mul(xsums[n], _I32(-8)), vi32) if symmetric else None
             for k in range(parts):
                 total = acc[n][k][0]
                 for c in range(1, chains):

@@ -29,7 +29,7 @@ DENSE_INT4_MEDIAN_ERROR = 0.45
 
 
 @pytest.mark.parametrize("variant, experts, dense", [("qwen3_moe", "int4", "int8"), ("deepseek_v3", "int8", "int4"),
-                                                      ("mixtral", "bf16", "bf16")])
+                                                      ("mixtral", "bf16", "bf16"), ("qwen3_moe", "int4s", "int4s")])
 def test_convert_then_load_equals_quantize_at_load(checkpoint_dir, tmp_path, variant, experts, dense):
     folder, _ = checkpoint_dir(variant)
     store = convert(folder, tmp_path / "store", experts, dense)
@@ -54,6 +54,21 @@ def test_store_keeps_packed_arrays_memory_mapped(checkpoint_dir, tmp_path):
     assert model.transformer.layers[0].attn.qkv.packed.fmt == "int8"
     info = json.loads((store / INDEX_FILE).read_text())["metadata"]["offload_store"]
     assert info == {"version": 1, "experts": "int4", "dense": "int8"}
+
+
+def test_int4s_store_holds_no_offsets_and_inspect_names_it(checkpoint_dir, tmp_path):
+    """`offload convert --experts int4s --dense int4s`: the store's packed matrices are q and d only (Q4_0's
+    0.5625 bytes per weight), it loads with the logits of int4s at load, and inspect / plan describe it."""
+    from tiny_models import check_plan_and_convert
+
+    folder, _ = checkpoint_dir("qwen3_moe")
+    store = tmp_path / "store"
+    check_plan_and_convert(folder, store, 2, torch.tensor(PROMPT), experts="int4s", dense="int4s")
+    checkpoint = Checkpoint(store)
+    packed = [name[:-2] for name in checkpoint.tensors if name.endswith(".q")]
+    assert packed and not any(f"{name}.m" in checkpoint.tensors for name in packed)
+    experts = offload.load(store, device="cpu").transformer.moe_blocks()[0].experts
+    assert experts.fmt == "int4s" and experts.gate.nbytes == experts.gate.q.nbytes + experts.gate.d.nbytes
 
 
 def test_convert_copies_tokenizer_and_loads_for_chat(tmp_path):

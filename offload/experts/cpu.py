@@ -34,7 +34,7 @@ def kernel_activation(activation: ExpertActivation) -> np.ndarray:
 
 
 class CpuExperts(HostStacks):
-    """Routed experts of one MoE layer in format "bf16", "int8" or "int4" (docs/formats.md)."""
+    """Routed experts of one MoE layer in format "bf16", "int8", "int4" or "int4s" (docs/formats.md)."""
 
     def __init__(self, weights: ExpertWeights, fmt: str = "int8") -> None:
         check_format(fmt)
@@ -73,7 +73,7 @@ class CpuExperts(HostStacks):
 
     def expert_tensors(self, expert: int) -> tuple[torch.Tensor, ...]:
         """One expert's gate [I, H], up [I, H], down [H, I] (and its float32 biases) as CPU tensors, e.g. to copy
-        it to a device: views of the bf16 bits, or freshly dequantized float32 for int8/int4."""
+        it to a device: views of the bf16 bits, or freshly dequantized float32 for int8/int4/int4s."""
         biases = self.biases.expert(expert) if self.biases is not None else ()
         if self.fmt == "bf16":
             return (*(torch.from_numpy(pm.q[expert].view(np.int16)).view(torch.bfloat16)
