@@ -93,8 +93,8 @@ def run_stage(attn, rope, plan: IndexerPlan, x: torch.Tensor, q_latent: torch.Te
     return torch.from_numpy(selection) if selected else None
 
 
-# (family, dense format): DeepSeek-V3.2 rotates halves, GLM-5 interleaved pairs
-@pytest.mark.parametrize("name, dense", [("deepseek_v32", "int8"), ("glm_moe_dsa", "int4")])
+# (family, dense format): DeepSeek-V3.2 rotates halves, GLM-5 interleaved pairs; int8, int4 and symmetric int4s
+@pytest.mark.parametrize("name, dense", [("deepseek_v32", "int8"), ("glm_moe_dsa", "int4"), ("deepseek_v32", "int4s")])
 def test_index_step_equals_the_torch_indexer(indexer_layer, name, dense):
     """Step by step through a context crossing top-k (a prefill, single tokens, a chunk of 3 across the boundary),
     then back to an earlier position over the same caches (a reused prefix: later keys are stale): the same keys
