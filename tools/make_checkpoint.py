@@ -27,6 +27,8 @@ renamed when complete:
   written as made (for the last shard, the bf16 embedding and LM head).
 
 All modes resume an interrupted run from its finished shards when run again with the same arguments.
+`tools/gguf_export.py --synthetic SHAPE` writes llama.cpp's GGUF of the same values (same options), so a store
+and a GGUF of one model need no bf16 folder on disk.
 
 All modes take the tensor names, shapes and shard grouping from offload's own loader (store.tensor_roles and
 store.shard_roles), and every value from `Values`: deterministic per tensor NAME (a generator seeded with
