@@ -362,7 +362,7 @@ def test_synthetic_export_equals_the_export_of_make_checkpoints_folder(synthetic
     assert list(tensors) == list(folder_tensors)
     for tensor_name, tensor in tensors.items():
         expected = folder_tensors[tensor_name]
-        assert tensor.tensor_type == expected.tensor_type == (F32), tensor_name
+        assert tensor.tensor_type == expected.tensor_type == F32, tensor_name
         assert tensor.shape.tolist() == expected.shape.tolist(), tensor_name
         np.testing.assert_array_equal(tensor.data, expected.data, err_msg=tensor_name)
     assert from_values.read_bytes() == from_folder.read_bytes()
