@@ -120,10 +120,11 @@ def offload_load_kwargs(args: argparse.Namespace, experts: str | None) -> tuple[
 class KernelMeter:
     """Times every call into compiled code that reads weights: the Numba kernels csrc_py.dispatch calls (fused MoE
     layers, packed linears) and the compiled decode step's blocks (csrc_py.decode_step), by wrapping them in their
-    modules' namespaces (both look them up there at each call)."""
+    modules' namespaces (looked up there at each call, the blocks when a layer's step is first prepared)."""
 
     WRAPPED = {"csrc_py.dispatch": ("moe_q8", "moe_q4", "moe_bf16", "linear_q8", "linear_q4", "linear_bf16"),
-               "csrc_py.decode_step": ("attention_block", "mla_block", "deltanet_block", "moe_block", "mlp_block")}
+               "csrc_py.decode_step": ("attention_block", "mla_block", "deltanet_block", "moe_block", "mlp_block",
+                                       "head_block")}
 
     def __init__(self) -> None:
         import importlib
