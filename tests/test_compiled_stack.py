@@ -85,8 +85,8 @@ def test_a_decode_step_is_two_numba_calls_a_layer_and_one_for_the_head(checkpoin
     mlps = calls["moe_block"] + calls["mlp_block"]
     assert (mixers, mlps, calls["head_block"]) == (L, L, 1)
     assert forwards["layer"] == 0  # no DecoderLayer.forward: the stack calls the blocks itself
-    # No torch op per layer: the stack's few (the input's numpy view, the result's tensor) whatever the depth.
-    assert 0 < sum(probe.ops.values()) <= 4, probe.ops
+    # No torch op per layer: the stack's own six (the input's numpy view, the result as a tensor), at any depth.
+    assert 0 < sum(probe.ops.values()) <= 6, probe.ops
     assert logits.shape == (1, transformer.cfg.vocab_size) and torch.isfinite(logits).all()
 
 

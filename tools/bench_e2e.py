@@ -33,8 +33,11 @@ noise. Reported: medians over rounds of prefill and decode tokens/s and load sec
 (ru_maxrss: includes memory-mapped weight pages touched), how many of the first greedy tokens agree with
 transformers' (random weights: near-ties make quantized engines diverge early), and the ratios the targets are
 about. offload's rows also give the kernels' ISA tier and, per decode token, the time inside the Numba kernels
-(every call csrc_py.dispatch makes into them, and each block of the compiled decode step, is timed), the time
-outside them per layer (torch ops, conversions, Python), the weight bytes those kernels read (top-k experts and the
+(every call csrc_py.dispatch makes into them, and each block of the compiled decode step, its head included, is
+timed: wall time of the Numba call, so its dispatch, argument unboxing and the parallel regions inside count as
+"in kernels"), the time outside them per layer ((decode wall time per token - that) / layers: torch ops,
+conversions, Python, the embedding, sampling and the logits' finiteness check, so on a shallow model the
+per-token part weighs on it more than on a deep one), the weight bytes those kernels read (top-k experts and the
 packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
 floor: those bytes over the read bandwidth measured in the same round (a worker of its own before the engines: a
 torch sum over 1 GiB on --threads threads, best of 3), against the measured time per token. A benchmark, not a test.
