@@ -4,8 +4,10 @@ A layer keeps its torch modules (prefill, the reference path, the GPU). For a fe
 with packed dense weights (dense="int8"/"int4") and CPU-kernel experts, `for_layer` returns a CompiledLayer that
 runs the token mixer (attention, MLA or Gated DeltaNet) and the MLP block as one Numba call each
 (csrc_py.decode_step); any part it does not cover (an option without a compiled form, torch weights) stays in
-torch, and a layer with nothing to compile returns None. The numbers are the torch path's within float32
-rounding (tests/test_decode_step.py).
+torch, and a layer with nothing to compile returns None. Where every layer compiles whole, `for_stack` gives the
+Transformer one CompiledStack that runs them all (two Numba calls a layer, no torch op or module call per layer),
+and `for_head` the final norm and packed LM head as one more call. The numbers are the torch path's within float32
+rounding (tests/test_decode_step.py); tests/test_compiled_stack.py counts the calls a step makes.
 
 OFFLOAD_COMPILED_STEP=0 in the environment, or `set_enabled(False)`, forces the torch path (A/B measurements).
 """
