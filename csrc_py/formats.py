@@ -220,3 +220,41 @@ def unpack(pm: PackedMatrix, expert: int | None = None) -> np.ndarray:
         else:
             qk.dequantize_q4(pm.q[e], pm.d[e].view(np.uint16), pm.m[e].view(np.uint16), out[i])
     return out if expert is None else out[0]
+
+
+def expert_arrays(pm: PackedMatrix, expert: int) -> tuple[torch.Tensor, ...]:
+    """Expert `expert` of `pm` as CPU tensors that share its memory: q (bf16 bits as torch.bfloat16), then d and
+    m (float16) where the format has them. What an upload copies to a device, byte for byte."""
+    q = pm.q[expert]
+    values = torch.from_numpy(q.view(np.int16)).view(torch.bfloat16) if pm.fmt == "bf16" else torch.from_numpy(q)
+    return (values, *(torch.from_numpy(a[expert]) for a in (pm.d, pm.m) if a is not None))
+
+
+def arrays_per_matrix(fmt: str) -> int:
+    """How many arrays `expert_arrays` gives for one matrix of format `fmt`."""
+    check_format(fmt)
+    return len(_layouts(fmt, 1, 1, 1))
+
+
+def unpack_arrays(fmt: str, O: int, K: int, q: torch.Tensor, d: torch.Tensor | None = None,
+                  m: torch.Tensor | None = None) -> torch.Tensor:
+    """`expert_arrays` of one [O, K] matrix -> float32 [O, K], in torch on the arrays' device: the same values
+    as `unpack` (the same float32 products and sums, bit for bit), so a device that dequantizes uploaded packed
+    bytes computes with the weights the CPU side holds."""
+    if fmt == "bf16":
+        return q.float()
+    P, tiles = q.shape[0], q.shape[1]  # q [P, Kp/4 (int8) or Kp/8 (int4), 16, 4]
+    rows = q.permute(0, 2, 1, 3).reshape(P * PANEL, tiles * 4)  # [Op, bytes per row]: a tile's rows side by side
+    if fmt == "int4":  # byte 4t + b of a row: column 8t + b in the low nibble, 8t + 4 + b in the high one
+        pairs = rows.reshape(P * PANEL, tiles, 1, 4)
+        rows = torch.cat((pairs & 15, pairs >> 4), dim=2).reshape(P * PANEL, tiles * 8)
+    w = rows.float() * _per_column(d)  # [Op, Kp]
+    if m is not None:
+        w = w + _per_column(m)  # a product then a sum, each rounded, as the CPU unpack does
+    return w[:O, :K]
+
+
+def _per_column(groups: torch.Tensor) -> torch.Tensor:
+    """Group values [P, Kp/32, 16] (fp16) -> float32 [Op, Kp], each repeated over its group's 32 columns."""
+    P = groups.shape[0]
+    return groups.permute(0, 2, 1).reshape(P * PANEL, -1).float().repeat_interleave(GROUP, dim=1)

@@ -14,7 +14,7 @@ from .arch import architecture
 from .checks import check_load, check_max_context, check_token_ids
 from .config import ModelConfig
 from .errors import OffloadError
-from .experts.builder import ExpertsBuilder, ExpertsOptions, default_host_format
+from .experts.builder import ExpertsBuilder, ExpertsOptions, check_prefill_chunk, default_host_format
 from .generate import Generation, GenerationRequest, GenerationRun, PromptCacheStats
 from .model.transformer import Transformer
 from .placement import Plan, has_device_tier, resolve_plan
@@ -232,7 +232,8 @@ EXPERT_FORMATS = ("bf16", "int8", "int4")
 def load(path: str | Path, device: str = "auto", max_context: int | None = None, dtype: str = "auto",
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool = True,
-         dense: str | None = None, on_progress: ProgressCallback | None = None) -> Model:
+         dense: str | None = None, prefill_chunk: int | None = None, on_progress: ProgressCallback | None = None
+         ) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
     `offload convert`, for generation.
 
@@ -256,6 +257,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  for a cache slot per MoE layer, then int8, then int4; the plan's table says which). On the CPU
                  alone they run through the quantized CPU kernels, and None keeps them in torch. A store's
                  formats are its defaults for experts and, on the CPU alone, dense.
+    prefill_chunk: tokens per prefill forward; a longer prompt runs in chunks (default 512, raised to the
+                 cost model's stream threshold where a device tier streams experts; offload/experts/stream.py).
     cpu_threads: threads for the CPU workers and torch (default: physical cores).
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
@@ -266,6 +269,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     config = arch.config_from_hf(hf)
     max_context = check_load(checkpoint, config, max_context, device, dtype, gpu_memory, plan)
     _check_formats(experts, dense)
+    check_prefill_chunk(prefill_chunk)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     device_tier = has_device_tier(torch_device, gpu_memory, plan)
@@ -299,6 +303,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                                       arch.skipped_prefixes))
     checkpoint.release()  # what the model kept (copies, or a store's mapped arrays) stays; the rest is unmapped
     builder.attach_prefetcher(transformer.routers())
+    transformer.prefill_chunk = builder.prefill_chunk(prefill_chunk)
     if host_format in EXPERT_FORMATS or dense_format is not None:
         _prepare_crossovers(transformer, torch_dtype)
     folder = checkpoint.folder

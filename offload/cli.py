@@ -103,6 +103,9 @@ class LoadOptions:
     plan: Optional[Path] = _load_option(None, "Placement plan JSON to use (from `offload plan` or `offload profile`).")
     cache_policy: Literal["lru", "lfu"] = _load_option("lru", "Expert cache eviction policy.")
     prefetch: bool = _load_option(True, "Prefetch the next layer's predicted experts into the cache.")
+    prefill_chunk: Optional[int] = _load_option(
+        None, "Tokens per prefill forward; a longer prompt runs in chunks (default 512, raised to the cost model's "
+              "stream threshold on a device tier).", min=1)
     dense: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
         None, "Format of attention, dense MLPs, shared experts and the LM head: int8 | int4 quantized (torch's "
               "int8/int4 matmuls on a device tier, the CPU kernels on the CPU alone), bf16 the model dtype "

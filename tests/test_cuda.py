@@ -175,3 +175,50 @@ def test_cuda_hybrid_moe_blocks_queue_decode_steps_without_a_synchronisation(che
     if dtype == "float32":
         reference = offload.load(folder, device="cuda", dtype="float32", max_context=64)
         assert produced == reference.generate(prompt, max_new_tokens=new, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_unpack_of_uploaded_tiles_equals_the_cpu_unpack(fmt):
+    import numpy as np
+
+    from csrc_py.formats import expert_arrays, pack, unpack, unpack_arrays
+
+    w = torch.randn(2, 40, 72)
+    pm = pack(w, fmt)
+    got = unpack_arrays(fmt, 40, 72, *(t.cuda() for t in expert_arrays(pm, 1))).cpu().numpy()
+    assert np.array_equal(got.view(np.uint32), unpack(pm, 1).view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_cuda_streamed_prefill_through_the_double_buffer_matches_the_reference(checkpoint_dir, tmp_path, fmt,
+                                                                              monkeypatch):
+    """A long prefill chunk streams each layer's used experts as packed bytes through the double buffer on the
+    side stream (batch b+1's copies overlapping batch b's compute) and gives the reference's logits; the bytes
+    copied are the streamed experts' packed bytes."""
+    import copy
+
+    from offload.arch import architecture
+    from offload.experts.builder import ExpertsBuilder
+    from offload.experts.cost import CostModel
+    from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
+
+    _, ref = checkpoint_dir("qwen2_moe")
+    folder = tmp_path / "bf16"
+    copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(folder)
+    reference = offload.load(folder, device="cuda", dtype="float32", max_context=64)
+    cfg = reference.config
+    inv = inventory(cfg, architecture(cfg.model_type).names)
+    kv = kv_cache_bytes(cfg, 64, 4)
+    budget = sum(inv.device_bytes(4).values()) + kv + (2 + len(inv.moe_layers)) * inv.expert_params * 4
+    plan = make_plan(inv, PlanRequest(budget, 2**34, 64, kv, 4, fmt, inv.expert_params * 2, slots_per_layer=1))
+    fast_link = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_per_s=80e9, device_flops=400e12)
+    monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: fast_link)
+    hybrid = offload.load(folder, device="cuda", dtype="float32", max_context=64, plan=plan, prefill_chunk=12)
+    assert hybrid._experts.stream_buffer is not None
+    ring = hybrid._experts.ring
+    before = ring.bytes_copied
+    got = hybrid.logits(IDS)
+    torch.cuda.synchronize()
+    stats = hybrid.stats()["totals"]
+    assert stats["bytes_streamed"] > 0 and ring.bytes_copied - before == stats["bytes_streamed"]
+    assert rel_err(got, reference.logits(IDS)) <= (1e-4 if fmt == "bf16" else 4e-2)

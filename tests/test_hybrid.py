@@ -60,11 +60,16 @@ def test_every_plan_matches_the_reference_with_input_scaled_routing(bf16_checkpo
     check_plan_matches_the_reference(bf16_checkpoints("llama4"), plan_name, monkeypatch, expect_cache_hits=False)
 
 
-def check_plan_matches_the_reference(folder, plan_name: str, monkeypatch, expect_cache_hits: bool = True) -> None:
+def check_plan_matches_the_reference(folder, plan_name: str, monkeypatch, expect_cache_hits: bool = True,
+                                     stream: bool = False) -> None:
     # The miss decisions follow a GPU-like cost model (prefill chunks copy, decode computes on the CPU workers)
     # rather than one measured at load, whose crossover moves with the machine's load: every run then exercises
-    # the same copies and cache hits.
+    # the same copies and cache hits. Without `stream` no chunk streams, so the prefill takes the per-call slot
+    # copies; with it a prefill chunk from the cost model's stream threshold on streams its experts
+    # (tests/test_stream.py).
     monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: GPU_LIKE_COSTS)
+    if not stream:
+        monkeypatch.setattr(ExpertsBuilder, "stream_threshold", property(lambda self: None))
     device_experts, slots, policy, prefetch = PLANS[plan_name]
     reference = offload.load(folder, device="cpu", max_context=64)
     hybrid = offload.load(folder, device="cpu", max_context=64, plan=plan(folder, device_experts, slots),
@@ -85,8 +90,10 @@ def check_plan_matches_the_reference(folder, plan_name: str, monkeypatch, expect
         assert stats["totals"]["hit_rate"] == 1.0
     if plan_name == "all_on_cpu":
         assert stats["totals"]["hit_rate"] == 0.0 and all(l["cpu_misses"] == l["expert_uses"] for l in layers)
+    if stream and plan_name != "all_on_device":
+        assert stats["totals"]["bytes_streamed"] > 0
     if plan_name.startswith("tiny_cache") or plan_name.startswith("cache_and"):
-        assert any(l["cache_hits"] > 0 for l in layers) or not expect_cache_hits
+        assert any(l["cache_hits"] > 0 for l in layers) or not expect_cache_hits or stream
         assert (stats["totals"]["prefetch_precision"] is not None) == prefetch
         assert stats["totals"]["bytes_copied"] > 0 or not expect_cache_hits
 

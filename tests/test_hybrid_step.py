@@ -61,11 +61,13 @@ def test_a_decode_step_reads_back_only_the_token_and_the_expert_ids(bf16_checkpo
         assert not ledger.data_dependent, f"step {step}: {dict(ledger.data_dependent)}"
         assert ledger.syncs == 0 and ledger.device_moves == 0, f"step {step}"
         # The token, and from the second step on the previous step's expert ids, read once at the boundary.
-        expected = {"item": 1, "tolist": 1} if step else {"item": 1, "tolist": ledger.host_reads["tolist"]}
-        assert dict(ledger.host_reads) == expected and ledger.host_reads["tolist"] <= 1, f"step {step}"
+        # (The first step has no previous decode step's ids to read unless the prefill recorded its own.)
+        tolist = ledger.host_reads["tolist"]
+        assert set(ledger.host_reads) <= {"item", "tolist"} and ledger.host_reads["item"] == 1, f"step {step}"
+        assert (tolist == 1 if step else tolist <= 1), f"step {step}"
         calls_per_layer = model.config.router.top_k if model.config.router_scales_input else 1
         assert ledger.link_copies == 2 * host_layers * calls_per_layer, f"step {step}"
-        assert ledger.uploads <= StagingRing(((1,),), torch.float32, torch.device("cpu")).entries
+        assert ledger.uploads <= StagingRing([torch.empty(1)], torch.device("cpu")).entries
 
 
 # Non-view aten ops per block of a decode step's decoder layer on the simulated tier (float32, hybrid plan).

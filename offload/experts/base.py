@@ -145,5 +145,20 @@ class HostStacks:
 
     @property
     def expert_nbytes(self) -> int:
-        """Host bytes of one expert."""
+        """Host bytes of one expert: what an upload of its packed bytes (`packed_expert`) copies."""
         return self.nbytes // self.num_experts
+
+    def packed_expert(self, expert: int) -> tuple[torch.Tensor, ...]:
+        """One expert as host RAM holds it, as CPU tensors sharing that memory: each of gate, up and down in its
+        storage format, then its biases. An upload copies these bytes and `unpacked` turns them into weights on
+        the device."""
+        raise NotImplementedError
+
+    def unpacked(self, packed: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`packed_expert`'s tensors (on any device) -> gate [I, H], up [I, H], down [H, I] (and the biases), on
+        that device, with the values the host computes with."""
+        raise NotImplementedError
+
+    def expert_tensors(self, expert: int) -> tuple[torch.Tensor, ...]:
+        """One expert's weights (and biases) as CPU tensors."""
+        return self.unpacked(self.packed_expert(expert))

@@ -15,21 +15,27 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..config import ModelConfig
+from ..errors import OffloadError
 from ..placement.planner import Plan
 from ..timers import Timers
 from .base import ExpertWeights, Experts, PackedExperts
 from .cache import ExpertCache, make_policy
 from .cost import CostModel, best_seconds, measure_device_flops
 from .device import DeviceExpertPool, ExpertUploader, StagingRing
-from .hybrid import ExpertSizes, HybridExperts
+from .hybrid import ExpertSizes, HybridExperts, Streaming
 from .link import HostLink
 from .prefetch import Prefetcher
 from .reference import ReferenceExperts
 from .step import StepRecorder
+from .stream import LayerStream
 from .torch_host import FLOAT_FORMATS, TorchHostExperts
 
 if TYPE_CHECKING:
     from .cpu import CpuExperts
+
+
+PREFILL_CHUNK = 512  # tokens per prefill forward by default
+MAX_PREFILL_CHUNK = 4096  # the default chunk is raised to the stream threshold up to this many tokens
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class ExpertsOptions:
     plan: Plan | None = None
     cache_policy: str = "lru"
     prefetch: bool = True
+    stream_experts: int | None = None  # experts per half of the streaming double buffer (None: the router's top-k)
 
 
 class ExpertsBuilder:
@@ -50,7 +57,11 @@ class ExpertsBuilder:
         self.cost: CostModel | None = None
         self.prefetcher: Prefetcher | None = None
         self.recorder = StepRecorder()  # every hybrid layer's decode-step ids, read back at the step boundary
-        self.ring: StagingRing | None = None  # made with the first pool: one for all layers
+        self.ring: StagingRing | None = None  # made with the first layer that has host experts: one for all layers
+        # The double buffer of whole-layer streaming: two halves of this many experts, made once every layer is
+        # built if the cost model says streaming pays.
+        self.stream_experts = options.stream_experts or cfg.router.top_k
+        self.stream_buffer: LayerStream | None = None
         make_policy(options.cache_policy)  # fail on a bad policy name before any weight is read
         H, I = cfg.hidden_size, cfg.moe_intermediate_size
         self.flops_per_token = 2 * 3 * H * I
@@ -75,16 +86,15 @@ class ExpertsBuilder:
             pinned = _floats(_select(weights, lp.pinned))  # row i holds expert lp.pinned[i]
             for stack, src in zip(pool.stacks, pinned.stacks, strict=True):
                 stack[: len(lp.pinned)].copy_(src)
-        local = {expert: i for i, expert in enumerate(host_ids)}
-        if self.ring is None:
-            self.ring = StagingRing([stack.shape[1:] for stack in pool.stacks], self.dtype, self.device)
-        uploader = ExpertUploader(pool, lambda e: cpu.expert_tensors(local[e]), self.device, self.ring)
-        sizes = ExpertSizes(cpu.nbytes // cpu.num_experts if cpu else 0, opts.plan.expert_device_bytes,
-                            self.flops_per_token)
+        local = {expert: i for i, expert in enumerate(host_ids)}.__getitem__
+        if self.ring is None and cpu is not None:
+            self.ring = StagingRing(cpu.packed_expert(0), self.device)
+        uploader = ExpertUploader(pool, cpu, local, self.device, self.ring)
+        sizes = ExpertSizes(cpu.expert_nbytes if cpu else 0, opts.plan.expert_device_bytes, self.flops_per_token)
         if self.cost is None and cpu is not None and lp.cache_slots:
             # Only a layer with both CPU experts and slots ever decides between them: measure on the first.
             self.cost = self._measure_costs(cpu, uploader, host_ids, pool, sizes)
-        cache = ExpertCache(lp.cache_slots, sizes.device_bytes, make_policy(opts.cache_policy))
+        cache = ExpertCache(lp.cache_slots, sizes.host_bytes, make_policy(opts.cache_policy))
         link = HostLink(self.cfg.hidden_size, self.device)  # the layer's top-k comes with its ids
         hybrid = HybridExperts(layer, weights.num_experts, host_ids, pool, cache, uploader, cpu, self.cost, sizes,
                                self.timers, link, self.recorder)
@@ -100,12 +110,51 @@ class ExpertsBuilder:
         prefetcher over the next layer's router."""
         for hybrid in self.hybrids.values():
             hybrid.cost = self.cost
+        self._attach_streaming()
         if not self.hybrids or not self.options.prefetch:
             return
         layers = sorted(self.hybrids)
-        self.prefetcher = Prefetcher(layers, routers, dict(self.hybrids), self.options.plan.expert_device_bytes)
+        expert_bytes = next(h.sizes.host_bytes for h in self.hybrids.values())  # what a prefetch copies
+        self.prefetcher = Prefetcher(layers, routers, dict(self.hybrids), expert_bytes)
         for hybrid in self.hybrids.values():
             hybrid.prefetcher = self.prefetcher
+
+    @property
+    def stream_threshold(self) -> int | None:
+        """The fewest tokens per prefill call for which a layer streams its experts (None: never)."""
+        hybrid = next((h for h in self.hybrids.values() if h.cpu is not None), None)
+        if self.cost is None or hybrid is None:
+            return None
+        return self.cost.stream_threshold(hybrid.num_experts, self.cfg.router.top_k, hybrid.sizes.host_bytes,
+                                          self.flops_per_token)
+
+    def prefill_chunk(self, setting: int | None) -> int:
+        """Tokens per prefill forward: the setting, or PREFILL_CHUNK raised to the stream threshold where that
+        stays within MAX_PREFILL_CHUNK (a chunk shorter than the threshold would never stream)."""
+        if setting is not None:
+            check_prefill_chunk(setting)
+            return setting
+        threshold = self.stream_threshold
+        return max(PREFILL_CHUNK, threshold) if threshold is not None and threshold <= MAX_PREFILL_CHUNK \
+            else PREFILL_CHUNK
+
+    def _attach_streaming(self) -> None:
+        """Give every layer with host experts the shared double buffer, once the cost model says streaming pays
+        for some chunk size and (on CUDA) the buffer fits in free device memory: the plan does not count it."""
+        threshold = self.stream_threshold
+        if threshold is None:
+            return
+        hosted = [h for h in self.hybrids.values() if h.cpu is not None]
+        rows = 2 * self.stream_experts
+        if self.device.type == "cuda" and rows * hosted[0].sizes.device_bytes > torch.cuda.mem_get_info(self.device)[0]:
+            return
+        like = hosted[0].pool  # the layers' activation and biases
+        buffer = LayerStream(DeviceExpertPool((), rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
+                                              self.dtype, self.device, like.biases is not None, like.activation))
+        self.stream_buffer = buffer
+        for hybrid in hosted:
+            uploader = ExpertUploader(buffer.pool, hybrid.cpu, hybrid.uploader.local, self.device, self.ring)
+            hybrid.streaming = Streaming(buffer, uploader, threshold)
 
     def _measure_costs(self, cpu: CpuExperts | TorchHostExperts, uploader: ExpertUploader, host_ids: list[int],
                        pool: DeviceExpertPool, sizes: ExpertSizes) -> CostModel:
@@ -122,8 +171,14 @@ class ExpertsBuilder:
         copy = best_seconds(lambda: uploader.copy(host_expert, pool.slot_row(0)), sync=sync)
         return CostModel(cpu_bytes_per_s=experts * sizes.host_bytes / one,
                          cpu_flops=64 * experts * self.flops_per_token / many,
-                         copy_bytes_per_s=sizes.device_bytes / copy,
+                         copy_bytes_per_s=sizes.host_bytes / copy,
                          device_flops=device_flops)
+
+
+def check_prefill_chunk(setting: int | None) -> None:
+    if setting is not None and setting < 1:
+        raise OffloadError(f"prefill_chunk must be at least 1 token, got {setting}; give a positive chunk size or "
+                           "leave it unset")
 
 
 def default_host_format(dtype: torch.dtype) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from csrc_py import dispatch, threads
 from csrc_py.expert_ffn import CLAMPED_SWIGLU, SILU, SILU_ACT
-from csrc_py.formats import FORMATS, PackedMatrix, check_format, pack, unpack
+from csrc_py.formats import FORMATS, PackedMatrix, arrays_per_matrix, check_format, expert_arrays, pack, unpack_arrays
 from offload.config import ExpertActivation
 from offload.errors import FormatError
 from offload.experts.base import SILU as SILU_ACTIVATION
@@ -71,14 +71,20 @@ class CpuExperts(HostStacks):
     def fmt(self) -> str:
         return self.gate.fmt
 
-    def expert_tensors(self, expert: int) -> tuple[torch.Tensor, ...]:
-        """One expert's gate [I, H], up [I, H], down [H, I] (and its float32 biases) as CPU tensors, e.g. to copy
-        it to a device: views of the bf16 bits, or freshly dequantized float32 for int8/int4."""
+    def packed_expert(self, expert: int) -> tuple[torch.Tensor, ...]:
+        """One expert's packed arrays (gate's, up's, down's: csrc_py.formats.expert_arrays) and its float32
+        biases, sharing host memory."""
         biases = self.biases.expert(expert) if self.biases is not None else ()
-        if self.fmt == "bf16":
-            return (*(torch.from_numpy(pm.q[expert].view(np.int16)).view(torch.bfloat16)
-                      for pm in (self.gate, self.up, self.down)), *biases)
-        return (*(torch.from_numpy(unpack(pm, expert)) for pm in (self.gate, self.up, self.down)), *biases)
+        return (*(a for pm in (self.gate, self.up, self.down) for a in expert_arrays(pm, expert)), *biases)
+
+    def unpacked(self, packed: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """gate, up, down dequantized by torch where the arrays lie (bf16 stays bf16; int8/int4 become float32,
+        bit for bit the CPU side's `unpack`), then the biases."""
+        n = arrays_per_matrix(self.fmt)
+        matrices = tuple(unpack_arrays(self.fmt, *pm.shape[1:], *packed[i * n : (i + 1) * n])
+                         if self.fmt != "bf16" else packed[i]
+                         for i, pm in enumerate((self.gate, self.up, self.down)))
+        return (*matrices, *packed[3 * n :])
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """y [T, H] = sum_k topk_weights[:, k] * expert_{topk_ids[:, k]}(x), in x's dtype and on x's device.
@@ -102,7 +108,7 @@ class CpuExperts(HostStacks):
 
 def warmup(fmt: str) -> float:
     """Compile, or load from Numba's on-disk cache, every kernel a CpuExperts and a dense linear of format `fmt`
-    run (both the few-token and the many-token engines, and `expert_tensors`); returns the seconds spent."""
+    run (both the few-token and the many-token engines); returns the seconds spent."""
     check_format(fmt)
     start = time.perf_counter()
     threads.threading_layer()
@@ -116,7 +122,6 @@ def warmup(fmt: str) -> float:
         x = torch.randn(T, H, generator=gen)
         experts(x, torch.randint(0, E, (T, K), generator=gen), torch.rand(T, K, generator=gen))
         dispatch.linear(x, dense)
-    experts.expert_tensors(0)
     return time.perf_counter() - start
 
 

@@ -2,17 +2,13 @@
 the copy engine that fills slots from host storage, and the grouped SwiGLU over resident experts."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
 from ..config import ExpertActivation
 from .base import SILU, ExpertBiases
 from .swiglu import reads_rows_in_place, swiglu_experts, swiglu_rows
-
-# expert -> CPU gate, up, down (then its gate, up, down biases when the experts have them)
-HostReader = Callable[[int], tuple[torch.Tensor, ...]]
-
 
 class DeviceExpertPool:
     """Rows 0..P-1 hold the pinned experts, rows P..P+S-1 the cache slots: gate/up [P+S, I, H], down [P+S, H, I],
@@ -41,7 +37,7 @@ class DeviceExpertPool:
 
     @property
     def stacks(self) -> list[torch.Tensor]:
-        """Every per-row tensor, in HostReader order: gate, up, down (and their biases)."""
+        """Every per-row tensor, in `packed_expert`'s order: gate, up, down (and their biases)."""
         return [self.gate, self.up, self.down, *(self.biases.stacks() if self.biases is not None else ())]
 
     @property
@@ -61,20 +57,31 @@ class DeviceExpertPool:
         return compute(x, rows, weights, self.gate, self.up, self.down, self.biases, self.activation)
 
 
-class StagingRing:
-    """Pinned host buffers, each one expert in the device format, and the side stream that copies them up, shared
-    by every layer's uploads to a GPU (not two buffers per layer: DeepSeek-V3's 58 MoE layers would pin 9.5 GiB).
-    Copies leave in order, so entries are taken in turn; an entry is reused once the copy that last read it has
-    finished. On the CPU tier there are no buffers and every entry is always free."""
+class PackedHost(Protocol):
+    """A host backend's experts as uploads see them (offload/experts/base.py HostStacks)."""
 
-    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device, entries: int = 8):
+    def packed_expert(self, expert: int) -> tuple[torch.Tensor, ...]: ...
+    def unpacked(self, packed: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]: ...
+
+
+class StagingRing:
+    """Where uploads land, shared by every layer (not two buffers per layer: DeepSeek-V3's 58 MoE layers would pin
+    9.5 GiB): each entry holds one expert's packed bytes (int8/int4 tiles and scales, bf16 bits or float weights,
+    as the host holds them) in a device buffer, and on CUDA also in a pinned host buffer that the side stream
+    copies up from. Copies leave in order, so entries are taken in turn; an entry is reused once the work that
+    last read it (the copy up and the dequantization on the device) has finished. On the CPU tier nothing is
+    asynchronous and every entry is always free."""
+
+    def __init__(self, packed: Sequence[torch.Tensor], device: torch.device, entries: int = 8):
         self.cuda = device.type == "cuda"
         self.entries = entries
-        self.buffers = [[torch.empty(s, dtype=dtype, pin_memory=True) for s in shapes] for _ in range(entries)] \
-            if self.cuda else []
+        self.buffers = [[torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in packed]
+                        for _ in range(entries)] if self.cuda else []
+        self.landing = [[torch.empty(t.shape, dtype=t.dtype, device=device) for t in packed] for _ in range(entries)]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.done: list[torch.cuda.Event | None] = [None] * entries  # the last copy out of each entry
+        self.done: list[torch.cuda.Event | None] = [None] * entries  # the last work out of each entry
         self.turn = 0
+        self.bytes_copied = 0  # host -> device, by every upload through the ring
 
     def ready(self) -> bool:
         """Whether the entry next in turn is free now (queried, never waited for)."""
@@ -82,7 +89,7 @@ class StagingRing:
         return event is None or event.query()
 
     def take(self) -> int:
-        """The next entry in turn, once the copy that last read it has finished."""
+        """The next entry in turn, once the work that last read it has finished."""
         entry = self.turn
         if not self.ready():
             self.done[entry].synchronize()
@@ -91,42 +98,54 @@ class StagingRing:
 
 
 class ExpertUploader:
-    """Copies experts from host storage into pool rows.
+    """Copies experts from host storage into pool rows as the host holds them (packed int8/int4 bytes, not
+    dequantized weights) and dequantizes them on the device, into the row's dtype.
 
-    On CUDA the host tensors go through an entry of the shared staging ring and a side stream; the row records an
-    event that the compute stream waits on (on the device, not the host) before the layer reads its rows. On the
-    CPU tier the copy is a plain (real) copy, so the behaviour and the byte counts are the same."""
+    On CUDA the packed tensors go through an entry of the shared staging ring: a pinned buffer, then on the side
+    stream the copy up and the dequantization into the row; the row records an event that the compute stream
+    waits on (on the device, not the host) before the layer reads it. On the CPU tier the same copies and the
+    same dequantization run in line, so the behaviour, the numbers and the byte counts are the same."""
 
-    def __init__(self, pool: DeviceExpertPool, read_host: HostReader, device: torch.device, ring: StagingRing):
-        self.pool, self.read_host, self.device, self.ring = pool, read_host, device, ring
+    def __init__(self, pool: DeviceExpertPool, host: PackedHost | None, local: Callable[[int], int],
+                 device: torch.device, ring: StagingRing | None):  # None, None: a layer with no host experts
+        self.pool, self.host, self.local, self.device, self.ring = pool, host, local, device, ring
         self.cuda = device.type == "cuda"
         self.events: dict[int, torch.cuda.Event] = {}  # CUDA: row -> its copy, not yet waited for
 
     def copy(self, expert: int, row: int) -> None:
         """Start copying `expert` into `row` (waiting for a staging entry if none is free)."""
-        if not self.cuda:
-            for stack, src in zip(self.pool.stacks, self.read_host(expert), strict=True):
-                stack[row].copy_(src)
-            return
+        packed = self.host.packed_expert(self.local(expert))
         entry = self.ring.take()
+        landing = self.ring.landing[entry]
+        self.ring.bytes_copied += sum(t.nbytes for t in packed)
+        if not self.cuda:
+            self._land(packed, landing, row)
+            return
         staged = self.ring.buffers[entry]
-        for buffer, src in zip(staged, self.read_host(expert), strict=True):
+        for buffer, src in zip(staged, packed, strict=True):
             buffer.copy_(src)
         # The row may still be read by compute queued on the main stream (an evicted expert): wait for it.
         stream = self.ring.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for stack, buffer in zip(self.pool.stacks, staged):
-                stack[row].copy_(buffer, non_blocking=True)
+            self._land(staged, landing, row)
             event = torch.cuda.Event()
             event.record(stream)
         self.events[row] = event
         self.ring.done[entry] = event
 
-    def wait(self) -> None:
-        """Make the compute stream wait until every row copied into holds its expert (no-op on the CPU tier)."""
-        if self.events:
-            stream = torch.cuda.current_stream(self.device)
-            for event in self.events.values():
-                stream.wait_event(event)
-            self.events.clear()
+    def _land(self, packed: Sequence[torch.Tensor], landing: list[torch.Tensor], row: int) -> None:
+        """Copy the packed tensors into the device buffers, then dequantize them there into the pool row."""
+        for buffer, src in zip(landing, packed, strict=True):
+            buffer.copy_(src, non_blocking=True)
+        for stack, weights in zip(self.pool.stacks, self.host.unpacked(tuple(landing)), strict=True):
+            stack[row].copy_(weights)
+
+    def wait(self, rows: Iterable[int] | None = None) -> None:
+        """Make the compute stream wait until the rows copied into (all, or `rows`) hold their experts (no-op
+        on the CPU tier)."""
+        if not self.events:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        for row in list(self.events) if rows is None else [r for r in rows if r in self.events]:
+            stream.wait_event(self.events.pop(row))

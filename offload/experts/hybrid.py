@@ -9,8 +9,11 @@ start first and run with the GIL released), computes the resident pairs from the
 A decode step (and any call for which the cost model never prefers a copy) reads nothing back: it records its
 expert ids with the step recorder, and at the step boundary (offload/experts/step.py) the layer counts its hits
 and misses and the prefetcher admits the step's missed experts into the cache, copied on the side stream before
-the next step. A prefill chunk for which copies pay decides per call, as it always has: the ids come to the host,
-and each missed expert is copied into a slot or computed on the CPU by the cost model.
+the next step. A prefill chunk for which copies pay decides per call: the ids come to the host, and each missed
+expert is copied into a slot or computed on the CPU by the cost model. A prefill chunk of at least the stream
+threshold (the cost model's: streaming the layer's used experts at host-to-device bandwidth beats the CPU
+workers) streams every used expert that is not resident through the shared double buffer (offload/experts/
+stream.py) and runs it on the device: no CPU part, no cache slot taken.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from .device import DeviceExpertPool, ExpertUploader
 from .link import HostLink
 from .prefetch import Prefetcher
 from .step import StepRecorder
+from .stream import LayerStream
 
 if TYPE_CHECKING:
     from .cpu import CpuExperts  # imported lazily at run time: it loads Numba
@@ -43,6 +47,8 @@ class LayerStats:
     cache_hits: int = 0
     cpu_misses: int = 0  # computed by the CPU workers
     copied_misses: int = 0  # copied into a slot on demand, then computed on the device
+    streamed_misses: int = 0  # streamed through the double buffer by a long prefill chunk
+    bytes_streamed: int = 0  # their packed bytes
 
     @property
     def hit_rate(self) -> float:
@@ -51,12 +57,22 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class ExpertSizes:
-    host_bytes: int  # one expert in the host format
+    host_bytes: int  # one expert in the host format: what an upload copies
     device_bytes: int  # one expert in the device dtype
     flops_per_token: int  # 2 * 3 * H * I
 
 
 DECODE_TOKENS = 1  # a call of this many tokens never reads its ids back, whatever the cost model says
+
+
+@dataclass
+class Streaming:
+    """What a layer streams with: the shared double buffer, the layer's uploader into it, and the fewest tokens
+    per call for which streaming pays (the cost model's stream threshold)."""
+
+    buffer: LayerStream
+    uploader: ExpertUploader
+    min_tokens: int
 
 
 class HybridExperts:
@@ -68,6 +84,7 @@ class HybridExperts:
         self.cost, self.sizes, self.timers = cost, sizes, timers
         self.link, self.recorder = link, recorder
         self.prefetcher: Prefetcher | None = None  # attached once every layer exists
+        self.streaming: Streaming | None = None  # attached with the cost model where a layer can stream
         self.stats = LayerStats()
         device = pool.gate.device
         # expert -> pool row (-1: the CPU's) for every resident expert: kept on the host (a numpy view, pinned for
@@ -118,6 +135,8 @@ class HybridExperts:
 
     def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Finish:
         """Submit the CPU pairs, queue the resident pairs on the device, and return the join."""
+        if self._streams(x.shape[0]):
+            return self._start_streamed(x, topk_ids, topk_weights)
         if self._decides_per_call(x.shape[0]):
             any_on_cpu = self._place_per_call(x, topk_ids)
         else:
@@ -169,8 +188,41 @@ class HybridExperts:
         lower the gain)."""
         if tokens <= DECODE_TOKENS or not self.cache.num_slots or self.cost is None:
             return False
-        return self.cost.prefer_copy(tokens, self.sizes.host_bytes, self.sizes.device_bytes,
+        return self.cost.prefer_copy(tokens, self.sizes.host_bytes, self.sizes.host_bytes,
                                      self.sizes.flops_per_token)
+
+    # --- long prefill chunks: whole-layer streaming -------------------------------------------------------
+    def _streams(self, tokens: int) -> bool:
+        return (self.streaming is not None and self.cpu is not None and tokens > DECODE_TOKENS
+                and tokens >= self.streaming.min_tokens)
+
+    def _start_streamed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Finish:
+        """Count the call's experts (ids read back), compute the resident pairs from the pool and stream the
+        others through the double buffer; everything runs on the device."""
+        experts = topk_ids.reshape(-1).unique().tolist()
+        s = self.stats
+        s.calls += 1
+        s.expert_uses += len(experts)
+        streamed = []
+        for expert in experts:
+            if expert in self.pool.pinned_row:
+                s.pinned_hits += 1
+            elif self.cache.lookup(expert) is not None:
+                s.cache_hits += 1
+            else:
+                streamed.append(expert)
+        s.streamed_misses += len(streamed)
+        s.bytes_streamed += len(streamed) * self.sizes.host_bytes
+        if self.prefetcher is not None:
+            self.prefetcher.observe(self.layer, set(experts))
+        self.uploader.wait()
+        with self.timers.section("device_experts"):
+            y = self.pool.compute(x, self.row_table[topk_ids], topk_weights) if self.pool.num_rows \
+                else torch.zeros_like(x)
+        with self.timers.section("streamed_experts"):
+            stream = self.streaming
+            y += stream.buffer.run(stream.uploader, streamed, self.num_experts, x, topk_ids, topk_weights)
+        return lambda: y
 
     def _place_per_call(self, x: torch.Tensor, topk_ids: torch.Tensor) -> bool:
         """Place this call's experts (host reads allowed): predict the next layers' experts, copy misses that pay
@@ -198,7 +250,7 @@ class HybridExperts:
                 s.pinned_hits += 1
             elif self.cache.lookup(expert) is not None:
                 s.cache_hits += 1
-            elif self.cost.prefer_copy(tokens, self.sizes.host_bytes, self.sizes.device_bytes,
+            elif self.cost.prefer_copy(tokens, self.sizes.host_bytes, self.sizes.host_bytes,
                                        self.sizes.flops_per_token) and self.prefetch(expert, protected=used):
                 s.copied_misses += 1
             else:

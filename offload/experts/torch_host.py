@@ -30,11 +30,13 @@ class TorchHostExperts(HostStacks):
         self.biases = weights.biases.to(device="cpu", dtype=dtype) if weights.biases is not None else None
         self.activation = weights.activation
 
-    def expert_tensors(self, expert: int) -> tuple[torch.Tensor, ...]:
-        """One expert's gate [I, H], up [I, H], down [H, I] (and its biases [I], [I], [H]): views, to copy into a
-        device slot."""
+    def packed_expert(self, expert: int) -> tuple[torch.Tensor, ...]:
+        """One expert's gate [I, H], up [I, H], down [H, I] (and its biases [I], [I], [H]): views of host RAM."""
         biases = self.biases.expert(expert) if self.biases is not None else ()
         return self.gate[expert], self.up[expert], self.down[expert], *biases
+
+    def unpacked(self, packed: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return packed  # float weights need no unpacking
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """y [T, H] in x's dtype and on x's device; an id of -1 leaves its pair out (computed elsewhere)."""

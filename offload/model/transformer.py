@@ -93,6 +93,10 @@ class Transformer(nn.Module):
         self.held = 0  # held_ids[:held] are valid
         # Called before each forward, once the previous one's results were read: the experts' step-boundary work.
         self.settle_step = settle_step
+        # A longer prompt runs in forwards of at most this many tokens (None: one forward), so that activations
+        # stay bounded and each chunk is one call per MoE layer, which streams its experts when the chunk is long
+        # enough (offload/experts/stream.py). The logits are the same either way, to rounding.
+        self.prefill_chunk: int | None = None
 
     @property
     def cached_ids(self) -> list[int]:
@@ -145,10 +149,14 @@ class Transformer(nn.Module):
         """ids [T] -> logits [T, V] (or [1, V] with last_only) in float32. `positions`: the same positions held on
         the device in their context bucket (Positions.at(start, T, max_context, device)); the layers then take
         them from there and attend over the bucket, the form of a decode step a CUDA graph replays (the
-        host `start` still keeps the record of cached ids)."""
-        x = self._layers(ids, start, positions)
-        if last_only:
-            x = x[-1:]
+        host `start` still keeps the record of cached ids). A prompt longer than `prefill_chunk` runs in chunks."""
+        chunk = self.prefill_chunk if positions is None and self.prefill_chunk else max(1, ids.shape[0])
+        pieces = []
+        for i in range(0, ids.shape[0], chunk):
+            x = self._layers(ids[i : i + chunk], start + i, positions)  # [chunk, H], before the final norm
+            # a compiled step's result is a buffer the next chunk reuses: every row kept is a copy
+            pieces.append(x[-1:] if last_only else x.clone())
+        x = pieces[-1] if last_only else torch.cat(pieces)
         head = compiled_step.for_head(self, x)
         with self.timers.section("lm_head"):
             if head is not None:  # the final norm and LM head as one Numba call

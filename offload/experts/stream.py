@@ -1,0 +1,50 @@
+"""Whole-layer streaming for long prefill chunks: a layer's used experts that are not resident go to the device
+as the host holds them (packed int8/int4 bytes) and run there, instead of on the CPU workers or through the
+slot-capped copies of the cache.
+
+One double buffer serves every layer: two halves of `half` pool rows in the device dtype. The experts a chunk
+uses are streamed in batches of `half`, alternating halves across batches and layers; batch b+1's copies (and
+their dequantization, on the side stream on CUDA) are issued before batch b's compute, so the copy of the next
+batch, or of the next layer's first one, overlaps the compute of the current one. A half is rewritten only once
+the compute that last read it has run (the uploader's side stream waits for the compute stream).
+"""
+from __future__ import annotations
+
+import torch
+
+from .device import DeviceExpertPool, ExpertUploader
+
+
+class LayerStream:
+    def __init__(self, pool: DeviceExpertPool):
+        if pool.num_pinned or pool.num_slots < 2 or pool.num_slots % 2:
+            raise ValueError(f"a stream buffer needs an even number of rows and no pinned ones, got "
+                             f"{pool.num_pinned} pinned and {pool.num_slots} slots")
+        self.pool = pool
+        self.half = pool.num_slots // 2  # experts per batch
+        self.turn = 0  # the half the next batch goes to
+
+    def run(self, uploader: ExpertUploader, experts: list[int], num_experts: int, x: torch.Tensor,
+            topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """y [T, H] = the sum over the pairs whose expert is in `experts` (the rest give 0), each streamed
+        through the buffer by `uploader` (one layer's, writing into this buffer's rows)."""
+        batches = [experts[i : i + self.half] for i in range(0, len(experts), self.half)]
+        y = torch.zeros_like(x)
+        pending = self._upload(uploader, batches[0]) if batches else []
+        for b, batch in enumerate(batches):
+            rows = pending
+            if b + 1 < len(batches):
+                pending = self._upload(uploader, batches[b + 1])  # overlaps the compute below on CUDA
+            uploader.wait(rows)
+            table = torch.full((num_experts,), -1, dtype=torch.long)  # expert -> its row in this batch
+            table[batch] = torch.tensor(rows)
+            y += self.pool.compute(x, table.to(x.device)[topk_ids], topk_weights)
+        return y
+
+    def _upload(self, uploader: ExpertUploader, batch: list[int]) -> list[int]:
+        """Start copying `batch` into the next half; its rows, in batch order."""
+        rows = [self.turn * self.half + j for j in range(len(batch))]
+        self.turn ^= 1
+        for expert, row in zip(batch, rows):
+            uploader.copy(expert, row)
+        return rows
