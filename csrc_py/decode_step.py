@@ -16,8 +16,8 @@ csrc_py.expert_ffn), called from here; everything between them runs on the calli
 it costs less than waking the thread pool, except the attention over the cache, which grows with the context and
 is split over KV heads, and the gated delta rule, split over value heads.
 
-A packed matrix travels as a tuple (q, d, m) of csrc_py.formats arrays (d, m as uint16 bits; m is d for int8, d
-and m are empty for bf16): `packed_linear` picks the kernel from q's type when the caller is compiled.
+A packed matrix travels as a tuple (q, d, m) of csrc_py.formats arrays (d, m as uint16 bits; m is d for int8, None
+for int4s, d and m are empty for bf16): `packed_linear` picks the kernel from q's type when the caller is compiled.
 Flags are numbers, not types, so one compiled signature serves every layer of a format combination: an empty
 array means "absent" (bias, norm weight, correction bias, shared gate, sinks), 0 means "none" (window, chunk,
 clip, L2 eps, temperature).
@@ -58,7 +58,7 @@ def _fmt_of(q: types.Array) -> str:
     if q.dtype == types.int8 and q.ndim == 5:
         return "int8"
     if q.dtype == types.uint8 and q.ndim == 5:
-        return "int4"
+        return "int4"  # or int4s, whose m is None: the int4 kernels compile their symmetric form for it
     raise TypeError(f"not a packed weight array: {q}")
 
 

@@ -333,6 +333,8 @@ CASES = [
     ("hunyuan_v1_moe", "int8", "int8", True),
     ("llama4", "int8", "int8", True),
     ("llama4_text", "int4", "int8", True),
+    ("qwen3_moe", "int4s", "int4s", True),
+    ("deepseek_v2", "int4s", "int8", True),
 ]
 
 

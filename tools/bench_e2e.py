@@ -7,10 +7,12 @@
 CHECKPOINT is a Hugging Face folder (config.json + safetensors) of a model offload runs; the llama.cpp engines
 need one tools/gguf_export.py exports: mixtral, qwen3_moe or deepseek_v2 (a GGUF per checkpoint and format; a
 checkpoint it refuses skips them with its one-line reason). Engines:
-  offload-int8, offload-int4  offload.load(device="cpu", experts=..., dense=...), Model.generate; dense is
-                              the experts' format unless --dense says otherwise (matched bits, as the GGUFs)
+  offload-int8, offload-int4, offload.load(device="cpu", experts=..., dense=...), Model.generate; dense is
+  offload-int4s               the experts' format unless --dense says otherwise (matched bits, as the GGUFs);
+                              int4s is Q4_0's grid and bytes (llama.cpp-q4_0's weights exactly, dense too)
   offload-int8-torchstep,     the same with the compiled CPU decode step off (OFFLOAD_COMPILED_STEP=0 in the
-  offload-int4-torchstep      worker): the torch path, for a compiled/torch A/B in one run (not in the default list)
+  offload-int4-torchstep,     worker): the torch path, for a compiled/torch A/B in one run (not in the default list)
+  offload-int4s-torchstep
   offload-store               offload.load(--offload-store) as stored (only with --offload-store)
   transformers                AutoModelForCausalLM in --hf-dtype (bfloat16)
   llama.cpp-q8_0, -q4_0       llama-cpp-python on a GGUF written by tools/gguf_export.py (cached in --gguf-dir,
@@ -60,12 +62,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-OFFLOAD_EXPERTS = {"offload-int8": "int8", "offload-int4": "int4",
-                   "offload-int8-torchstep": "int8", "offload-int4-torchstep": "int4"}
-TORCH_STEP_ENGINES = ("offload-int8-torchstep", "offload-int4-torchstep")  # compiled decode step off
+OFFLOAD_EXPERTS = {"offload-int8": "int8", "offload-int4": "int4", "offload-int4s": "int4s",
+                   "offload-int8-torchstep": "int8", "offload-int4-torchstep": "int4",
+                   "offload-int4s-torchstep": "int4s"}
+TORCH_STEP_ENGINES = ("offload-int8-torchstep", "offload-int4-torchstep",
+                      "offload-int4s-torchstep")  # compiled decode step off
 GGUF_TYPES = {"llama.cpp-q8_0": "q8_0", "llama.cpp-q4_0": "q4_0", "llama.cpp-f16": "f16"}
-DEFAULT_ENGINES = ("offload-int8", "offload-int4", "offload-store", "transformers", "llama.cpp-q8_0",
-                   "llama.cpp-q4_0")
+DEFAULT_ENGINES = ("offload-int8", "offload-int4", "offload-int4s", "offload-store", "transformers",
+                   "llama.cpp-q8_0", "llama.cpp-q4_0")
 ALL_ENGINES = (*DEFAULT_ENGINES, *TORCH_STEP_ENGINES, "llama.cpp-f16")
 RESULT_PREFIX = "BENCH_E2E_RESULT "
 BANDWIDTH = "bandwidth"  # the worker that measures the read bandwidth once per round
@@ -75,12 +79,15 @@ AGREEMENT_TOKENS = 16  # first greedy tokens kept per worker to compare engines
 RATIOS = (
     ("offload-int8 / llama.cpp-q8_0 decode", "offload-int8", "llama.cpp-q8_0", "decode_tok_s"),
     ("offload-int4 / llama.cpp-q4_0 decode", "offload-int4", "llama.cpp-q4_0", "decode_tok_s"),
+    ("offload-int4s / llama.cpp-q4_0 decode", "offload-int4s", "llama.cpp-q4_0", "decode_tok_s"),
+    ("offload-int4s / offload-int4 decode", "offload-int4s", "offload-int4", "decode_tok_s"),
     ("offload-int8 / transformers decode", "offload-int8", "transformers", "decode_tok_s"),
     ("offload-int4 / transformers decode", "offload-int4", "transformers", "decode_tok_s"),
     ("offload-int8 / transformers prefill", "offload-int8", "transformers", "prefill_tok_s"),
     ("offload-int4 / transformers prefill", "offload-int4", "transformers", "prefill_tok_s"),
     ("offload-int8 / llama.cpp-q8_0 prefill", "offload-int8", "llama.cpp-q8_0", "prefill_tok_s"),
     ("offload-int4 / llama.cpp-q4_0 prefill", "offload-int4", "llama.cpp-q4_0", "prefill_tok_s"),
+    ("offload-int4s / llama.cpp-q4_0 prefill", "offload-int4s", "llama.cpp-q4_0", "prefill_tok_s"),
     ("offload-int8 compiled / torch step decode", "offload-int8", "offload-int8-torchstep", "decode_tok_s"),
     ("offload-int4 compiled / torch step decode", "offload-int4", "offload-int4-torchstep", "decode_tok_s"),
 )
@@ -476,7 +483,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="of the random prompt")
-    parser.add_argument("--dense", default="matched", choices=["matched", "bf16", "int8", "int4", "None"],
+    parser.add_argument("--dense", default="matched", choices=["matched", "bf16", "int8", "int4", "int4s", "None"],
                         help="offload's dense format (matched: as its experts; None: offload's default)")
     parser.add_argument("--offload-dtype", default="auto", help="offload.load dtype= (auto: float32 on the CPU)")
     parser.add_argument("--offload-store", type=Path, default=None, help="a pre-quantized offload store to add")

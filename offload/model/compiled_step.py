@@ -87,7 +87,8 @@ def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
 
 
 def _packed(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A PackedMatrix as the (q, d, m) tuple csrc_py.decode_step takes (m is d for int8; empty for bf16)."""
+    """A PackedMatrix as the (q, d, m) tuple csrc_py.decode_step takes (m is d for int8, None for int4s; empty for
+    bf16)."""
     if m.fmt == "bf16":
         empty = np.zeros((1, 1, 1, 1), np.uint16)
         return m.q, empty, empty
