@@ -8,6 +8,7 @@ preallocated buffers, for a few tokens on the CPU.
                                                                                        (recurrent state updated)
     moe_block(out, ...)            out += experts(route(h)) + gate * shared(h),  h = rms_norm(out)
     mlp_block(out, ...)            out += swiglu(rms_norm(out))
+    head_block(x, ...)             logits = lm_head(rms_norm(x)) (+ bias)         (the final norm and the LM head)
 
 The stages are the torch modules' math in the same order and in float32 (offload/model/*.py is the oracle of each
 one; tests/test_decode_step.py checks them stage by stage and whole): Python and torch dispatch, ~100 ops per layer
@@ -709,3 +710,12 @@ def moe_block(x, norm_w, eps, router, router_bias, correction_bias, routing, wei
         for i in range(H):
             s = g * y[t, i] if width > 0 else np.float32(0.0)
             x[t, i] += routed[t, i] + s
+
+
+@njit(nogil=True, cache=True)
+def head_block(x, norm_w, eps, lm_head, bias, h, logits) -> None:
+    """logits[:, :V] = RMSNorm(x) @ lm_head.T (+ bias [V] unless empty) for x [T, H]: the model's final norm and
+    its packed LM head (offload.model.transformer.Transformer.forward). Scratch h [T, H]; logits [T, padded V]."""
+    rms_norm(x, norm_w, eps, h)
+    packed_linear(h, lm_head, logits)
+    add_bias(logits, bias)

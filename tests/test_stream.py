@@ -125,17 +125,17 @@ def test_bytes_copied_per_prefill_chunk_are_the_used_experts_times_the_packed_si
 
     monkeypatch.setattr(ExpertUploader, "_land", land)
     t = model.transformer
-    real_hidden = t.hidden
+    real_layers = t._layers  # each chunk's pass through the layers
     copied: list[int] = []  # bytes through the ring per forward
 
-    def hidden(ids, start, positions=None):
+    def layers(ids, start, positions=None):
         chunks.append({})
         before = landed[0]
-        h = real_hidden(ids, start, positions)
+        h = real_layers(ids, start, positions)
         copied.append(landed[0] - before)
         return h
 
-    monkeypatch.setattr(t, "hidden", hidden)
+    monkeypatch.setattr(t, "_layers", layers)
     with torch.inference_mode():
         t(IDS, 0, last_only=True)
     packed = next(h.sizes.host_bytes for h in builder.hybrids.values() if h.cpu is not None)

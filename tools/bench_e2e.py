@@ -35,8 +35,11 @@ noise. Reported: medians over rounds of prefill and decode tokens/s and load sec
 (ru_maxrss: includes memory-mapped weight pages touched), how many of the first greedy tokens agree with
 transformers' (random weights: near-ties make quantized engines diverge early), and the ratios the targets are
 about. offload's rows also give the kernels' ISA tier and, per decode token, the time inside the Numba kernels
-(every call csrc_py.dispatch makes into them, and each block of the compiled decode step, is timed), the time
-outside them per layer (torch ops, conversions, Python), the weight bytes those kernels read (top-k experts and the
+(every call csrc_py.dispatch makes into them, and each block of the compiled decode step, its head included, is
+timed: wall time of the Numba call, so its dispatch, argument unboxing and the parallel regions inside count as
+"in kernels"), the time outside them per layer ((decode wall time per token - that) / layers: torch ops,
+conversions, Python, the embedding, sampling and the logits' finiteness check, so on a shallow model the
+per-token part weighs on it more than on a deep one), the weight bytes those kernels read (top-k experts and the
 packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
 floor: those bytes over the read bandwidth measured in the same round (a worker of its own before the engines: a
 torch sum over 1 GiB on --threads threads, best of 3), against the measured time per token. A benchmark, not a test.
@@ -127,10 +130,11 @@ def offload_load_kwargs(args: argparse.Namespace, experts: str | None) -> tuple[
 class KernelMeter:
     """Times every call into compiled code that reads weights: the Numba kernels csrc_py.dispatch calls (fused MoE
     layers, packed linears) and the compiled decode step's blocks (csrc_py.decode_step), by wrapping them in their
-    modules' namespaces (both look them up there at each call)."""
+    modules' namespaces (looked up there at each call, the blocks when a layer's step is first prepared)."""
 
     WRAPPED = {"csrc_py.dispatch": ("moe_q8", "moe_q4", "moe_bf16", "linear_q8", "linear_q4", "linear_bf16"),
-               "csrc_py.decode_step": ("attention_block", "mla_block", "deltanet_block", "moe_block", "mlp_block")}
+               "csrc_py.decode_step": ("attention_block", "mla_block", "deltanet_block", "moe_block", "mlp_block",
+                                       "head_block")}
 
     def __init__(self) -> None:
         import importlib
