@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import offload
+from offload.errors import ContextLengthError
 from offload.model import compiled_step
 from offload.model.transformer import DecoderLayer
 from tiny_models import rel_err, write_checkpoint
@@ -129,6 +130,7 @@ def counted(*args):
 hook = proto(counted)
 ll.add_symbol("numba_parallel_for", ctypes.cast(hook, ctypes.c_void_p).value)
 import offload
+from offload.errors import ContextLengthError
 model = offload.load(sys.argv[1], device="cpu", experts="int8", dense="int8", max_context=64)
 t = model.transformer
 with torch.inference_mode():
@@ -154,3 +156,18 @@ def test_parallel_regions_per_step_are_the_designed_ones(checkpoint, name):
     assert result.returncode == 0, result.stderr[-2000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["regions"] == designed_regions(got["kinds"]), got
+
+
+def test_a_step_past_max_context_is_refused_before_the_compiled_cache_write(checkpoint):
+    """The compiled blocks write the caches without bounds checks: a position at or past max_context must be
+    refused with one clear line (not written past the cache), and the caches must stay usable."""
+    model = offload.load(checkpoint("qwen3_moe"), device="cpu", experts="int8", dense="int8", max_context=16)
+    transformer = model.transformer
+    with torch.inference_mode():
+        transformer(torch.arange(3, 9), 0, last_only=True)
+        before = transformer(torch.tensor([5]), 6, last_only=True).clone()  # a compiled step
+        with pytest.raises(ContextLengthError, match="max_context=16"):
+            transformer(torch.tensor([5]), 16, last_only=True)
+        with pytest.raises(ContextLengthError, match="max_context=16"):
+            transformer(torch.arange(3, 9), 12)
+        assert torch.equal(transformer(torch.tensor([5]), 6, last_only=True), before)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..arch import CheckpointNames
 from ..config import ModelConfig
+from ..errors import ContextLengthError
 from ..timers import Timers
 from ..weights.source import WeightSource
 from . import compiled_step
@@ -126,6 +127,9 @@ class Transformer(nn.Module):
     def _layers(self, ids: torch.Tensor, start: int, positions: Positions | None) -> torch.Tensor:
         """ids [T] -> the last decoder layer's output [T, H] (before the final norm); on the compiled step it is a
         buffer the next step reuses, so read it before then."""
+        if start + ids.shape[0] > self.max_context:  # the compiled step writes the caches without bounds checks
+            raise ContextLengthError(f"positions {start}..{start + ids.shape[0] - 1} exceed max_context="
+                                     f"{self.max_context}; load with a larger max_context")
         self.timers.collect()
         if self.settle_step is not None:
             self.settle_step()
