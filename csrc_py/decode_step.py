@@ -3,10 +3,12 @@ preallocated buffers, for a few tokens on the CPU.
 
     attention_block(x, out, ...)   out = x + o_proj(attend(rope(norms(qkv(rms_norm(x))))))   (cache written)
     mla_block(x, out, ...)         the same for MLA in its absorbed form                     (latent cache written)
+                                   with DeepSeek Sparse Attention's indexer (csrc_py.indexer_step) where it has one
     deltanet_block(x, out, ...)    out = x + out_proj(gated_norm(delta_rule(conv(in_proj(rms_norm(x))))))
                                                                                        (recurrent state updated)
     moe_block(out, ...)            out += experts(route(h)) + gate * shared(h),  h = rms_norm(out)
     mlp_block(out, ...)            out += swiglu(rms_norm(out))
+    head_block(x, ...)             logits = lm_head(rms_norm(x)) (+ bias)         (the final norm and the LM head)
 
 The stages are the torch modules' math in the same order and in float32 (offload/model/*.py is the oracle of each
 one; tests/test_decode_step.py checks them stage by stage and whole): Python and torch dispatch, ~100 ops per layer
@@ -15,8 +17,8 @@ csrc_py.expert_ffn), called from here; everything between them runs on the calli
 it costs less than waking the thread pool, except the attention over the cache, which grows with the context and
 is split over KV heads, and the gated delta rule, split over value heads.
 
-A packed matrix travels as a tuple (q, d, m) of csrc_py.formats arrays (d, m as uint16 bits; m is d for int8, d
-and m are empty for bf16): `packed_linear` picks the kernel from q's type when the caller is compiled.
+A packed matrix travels as a tuple (q, d, m) of csrc_py.formats arrays (d, m as uint16 bits; m is d for int8, None
+for int4s, d and m are empty for bf16): `packed_linear` picks the kernel from q's type when the caller is compiled.
 Flags are numbers, not types, so one compiled signature serves every layer of a format combination: an empty
 array means "absent" (bias, norm weight, correction bias, shared gate, sinks), 0 means "none" (window, chunk,
 clip, L2 eps, temperature).
@@ -27,6 +29,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from csrc_py import indexer_step
 from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 
@@ -57,7 +60,7 @@ def _fmt_of(q: types.Array) -> str:
     if q.dtype == types.int8 and q.ndim == 5:
         return "int8"
     if q.dtype == types.uint8 and q.ndim == 5:
-        return "int4"
+        return "int4"  # or int4s, whose m is None: the int4 kernels compile their symmetric form for it
     raise TypeError(f"not a packed weight array: {q}")
 
 
@@ -236,12 +239,14 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray,
-                  start: int, scale: float, out: np.ndarray) -> None:
+                  start: int, scale: float, selection: np.ndarray, selected: int, out: np.ndarray) -> None:
     """MLA's absorbed attention (offload.model.mla.MLA._absorbed) for q [T, heads*(nope+rope)] at positions
     start..: per head, q_nope through W_UK into latent space, causal attention over the cached latents
     c_cache [P, rank] (keys: latent + rope key r_cache [P, rope]; values: latent), the result through W_UV;
     out [T, heads*v]. w_kv is kv_b_proj's weight as [heads, nope + v, rank] (W_UK rows, then W_UV rows): whole
-    contiguous rows, which vectorize where the strided W_UK / W_UV views would not. One head per thread."""
+    contiguous rows, which vectorize where the strided W_UK / W_UV views would not. With selected > 0 each query
+    attends only to the positions selection[t, :selected] (DeepSeek Sparse Attention, MLA._absorbed_selected;
+    later positions than the query skipped). One head per thread."""
     T = q.shape[0]
     rank, rope_d, v_dim = c_cache.shape[1], r_cache.shape[1], w_kv.shape[1] - nope
     qd = nope + rope_d
@@ -257,23 +262,31 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
                 for r in range(rank):
                     q_lat[r] += qn[i] * wrow[r]
             hi = start + t + 1
+            n = selected if selected > 0 else hi
             best = -np.inf
-            for j in range(hi):
+            for i in range(n):
+                j = selection[t, i] if selected > 0 else i
+                if j >= hi:
+                    scores[i] = -np.inf
+                    continue
                 c, kr = c_cache[j], r_cache[j]
                 acc = np.float32(0.0)
                 for r in range(rank):
                     acc += q_lat[r] * c[r]
                 for r in range(rope_d):
                     acc += qr[r] * kr[r]
-                scores[j] = acc * np.float32(scale)
-                best = max(best, scores[j])
+                scores[i] = acc * np.float32(scale)
+                best = max(best, scores[i])
             total = np.float32(0.0)
-            for j in range(hi):
-                scores[j] = np.exp(scores[j] - best)
-                total += scores[j]
+            for i in range(n):
+                scores[i] = np.exp(scores[i] - best)
+                total += scores[i]
             o_lat[:] = 0.0
-            for j in range(hi):
-                p = scores[j] / total
+            for i in range(n):
+                j = selection[t, i] if selected > 0 else i
+                if j >= hi:
+                    continue
+                p = scores[i] / total
                 c = c_cache[j]
                 for r in range(rank):
                     o_lat[r] += p * c[r]
@@ -558,14 +571,20 @@ def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, flags, q_norm_w, k
 
 @njit(nogil=True, cache=True)
 def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a_norm_w, cos, sin, interleaved, start,
-              c_cache, r_cache, w_kv, scale, o_proj, o_bias, h, proj_out, q_a, q_out, att, o_out) -> None:
+              c_cache, r_cache, w_kv, scale, o_proj, o_bias, h, proj_out, q_a, q_out, att, o_out, indexer, index_k,
+              selection, selected) -> int:
     """out = x + MLA(RMSNorm(x)) in the absorbed form, for x [T, H] at positions start.. (offload.model.mla.MLA).
 
     in_proj: q_proj or q_a_proj fused with kv_a_proj_with_mqa (from column kv_start); dims = (heads, nope, rope,
     q_lora_rank (0: no q-LoRA, q_b is not read), kv_start); eps = (input norm, q_a norm, kv_a norm). The latent
     cache c_cache [P, rank] / r_cache [P, rope] gets the normalised latent and the rotated rope key. Scratch: h [T, H],
     proj_out [T, padded in_proj width], q_a [T, q_lora_rank], q_out [T, padded q_b width], att [T, heads*v],
-    o_out [T, padded H]."""
+    o_out [T, padded H].
+
+    DeepSeek Sparse Attention: with a lightning indexer (csrc_py.indexer_step.index_step's argument; None: none)
+    the layer writes its keys to index_k and selects each query's positions into selection [T, top-k]; without one,
+    the queries attend to selection[:, :selected] (another layer's choice; 0: every causal position). Returns the
+    number of positions per query attended (0: every causal one)."""
     heads, nope, rope_d, q_lora, kv0 = dims
     T, rank, qd = x.shape[0], c_cache.shape[1], nope + rope_d
     rms_norm(x, norm_w, eps[0], h)
@@ -581,10 +600,13 @@ def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a
     r_cache[start: start + T] = proj_out[:, kv0 + rank: kv0 + rank + rope_d]
     rope(r_cache[start: start + T], 1, rope_d, 0, interleaved, cos, sin, start)
     rope(q, heads, qd, nope, interleaved, cos, sin, start)
-    latent_attend(q, heads, nope, w_kv, c_cache, r_cache, start, scale, att)
+    if indexer is not None:
+        selected = indexer_step.index_step(h, q_a, start, cos, sin, indexer, index_k, selection)
+    latent_attend(q, heads, nope, w_kv, c_cache, r_cache, start, scale, selection, selected, att)
     packed_linear(att, o_proj, o_out)
     add_bias(o_out, o_bias)
     add_rows(x, o_out, out)
+    return selected
 
 
 @njit(nogil=True, cache=True)
@@ -688,3 +710,12 @@ def moe_block(x, norm_w, eps, router, router_bias, correction_bias, routing, wei
         for i in range(H):
             s = g * y[t, i] if width > 0 else np.float32(0.0)
             x[t, i] += routed[t, i] + s
+
+
+@njit(nogil=True, cache=True)
+def head_block(x, norm_w, eps, lm_head, bias, h, logits) -> None:
+    """logits[:, :V] = RMSNorm(x) @ lm_head.T (+ bias [V] unless empty) for x [T, H]: the model's final norm and
+    its packed LM head (offload.model.transformer.Transformer.forward). Scratch h [T, H]; logits [T, padded V]."""
+    rms_norm(x, norm_w, eps, h)
+    packed_linear(h, lm_head, logits)
+    add_bias(logits, bias)

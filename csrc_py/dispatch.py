@@ -27,8 +27,8 @@ from csrc_py.torch_path import expert_bf16, moe_torch
 # - no native bf16 (AVX2 hosts: torch converts bf16 in software): torch lost to the fused kernel at every size
 #   (a Qwen3 bf16 layer at 512 tokens: 6150 ms against 1536 ms on a Zen3), so every format stays fused.
 _TORCH_MIN_ROWS: dict[bool, dict[str, int | None]] = {
-    True: {"bf16": 4, "int8": None, "int4": None},
-    False: {"bf16": None, "int8": None, "int4": None},
+    True: {"bf16": 4, "int8": None, "int4": None, "int4s": None},
+    False: {"bf16": None, "int8": None, "int4": None, "int4s": None},
 }
 
 
@@ -171,7 +171,7 @@ def moe_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     """As `moe`, always through the fused Numba kernel."""
     _check_call(x, topk_ids, topk_weights, gate)
     y = np.empty(x.shape, np.float32)
-    kernel = {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4}[gate.fmt]
+    kernel = {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4, "int4s": moe_q4}[gate.fmt]  # int4s: m is None
     ids = topk_ids.detach().to("cpu", torch.int64).contiguous().numpy()
     bias = biases if biases is not None else (NO_BIAS,) * 3
     kernel(_f32(x), ids, _f32(topk_weights), *gate.bits(), *up.bits(), *down.bits(), *bias, act, y)
@@ -208,6 +208,6 @@ def _linear_fused(rows: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
         linear_bf16(xf, w.q, y)
     elif w.fmt == "int8":
         linear_q8(xf, *w.bits(), y)
-    else:
+    else:  # int4, int4s (bits' m is None)
         linear_q4(xf, *w.bits(), y)
     return torch.from_numpy(y[:, :w.shape[1]])

@@ -183,7 +183,7 @@ def moe_q8(x, topk_ids, topk_weights, gq, gd, uq, ud, dq, dd, gb, ub, db, act, y
 
 @njit(nogil=True, cache=True)
 def moe_q4(x, topk_ids, topk_weights, gq, gd, gm, uq, ud, um, dq, dd, dm, gb, ub, db, act, y) -> None:
-    """As moe_q8 for int4 experts (q, d, m triples)."""
+    """As moe_q8 for int4 experts (q, d, m triples; m None for int4s)."""
     seg_expert, seg_start, row_of_pair, token_of_row = route(topk_ids, gq.shape[0])
     R, Ip, Hp = token_of_row.size, gd.shape[1] * 16, dd.shape[1] * 16
     xq, xs, xsum = quantized_rows(x, gd.shape[2])

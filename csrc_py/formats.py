@@ -1,7 +1,8 @@
 """Packed weight formats: a stack of E matrices [E, O, K] (HF Linear layout, [out, in]) held as numpy arrays.
 
-Exact byte layouts are in docs/formats.md. int8/int4 pad O and K with zeros to multiples of 32 (the kernels
-work on 16-row panels and 32-column groups); bf16 keeps the checkpoint's own layout.
+Exact byte layouts are in docs/formats.md. int8/int4/int4s pad O and K with zeros to multiples of 32 (the kernels
+work on 16-row panels and 32-column groups); bf16 keeps the checkpoint's own layout. int4s ("symmetric int4", like
+llama.cpp's Q4_0) is int4's nibble tiles with one scale per group and no offset: W = (q - 8) * d.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from offload.errors import FormatError
 if TYPE_CHECKING:
     from offload.weights.codecs import IntGroups
 
-FORMATS = ("bf16", "int8", "int4")
+FORMATS = ("bf16", "int8", "int4", "int4s")
+NIBBLE_FORMATS = ("int4", "int4s")  # the formats whose q holds two 4-bit values per byte
 
 
 def padded(n: int) -> int:
@@ -39,13 +41,14 @@ def _layouts(fmt: str, E: int, O: int, K: int) -> dict[str, tuple[tuple[int, ...
     scales = ((E, P, G, PANEL), np.dtype(np.float16))
     if fmt == "int8":
         return {"q": ((E, P, padded(K) // 4, PANEL, 4), np.dtype(np.int8)), "d": scales}
-    return {"q": ((E, P, padded(K) // 8, PANEL, 4), np.dtype(np.uint8)), "d": scales, "m": scales}
+    nibbles = {"q": ((E, P, padded(K) // 8, PANEL, 4), np.dtype(np.uint8)), "d": scales}
+    return nibbles if fmt == "int4s" else {**nibbles, "m": scales}
 
 
 @dataclass(frozen=True)
 class PackedMatrix:
     """E matrices of logical shape [O, K] in format `fmt`: q holds the values, d the fp16 group scales
-    (int8, int4) and m the fp16 group offsets (int4)."""
+    (int8, int4, int4s) and m the fp16 group offsets (int4)."""
 
     fmt: str
     shape: tuple[int, int, int]  # (E, O, K) before padding
@@ -74,8 +77,12 @@ class PackedMatrix:
         E, O, K = self.shape
         return (E, O, K) if self.fmt == "bf16" else (E, padded(O), padded(K))
 
-    def bits(self) -> tuple[np.ndarray, ...]:
-        """The arrays as the kernels take them (fp16 scales reinterpreted as uint16)."""
+    def bits(self) -> tuple[np.ndarray | None, ...]:
+        """The arrays as the kernels take them (fp16 scales reinterpreted as uint16): (q,) for bf16, (q, d) for
+        int8, (q, d, m) for int4 and (q, d, None) for int4s, whose None offsets make the int4 kernels compile
+        their symmetric form."""
+        if self.fmt == "int4s":
+            return self.q, self.d.view(np.uint16), None
         return (self.q,) + tuple(a.view(np.uint16) for a in (self.d, self.m) if a is not None)
 
 
@@ -113,6 +120,8 @@ def pack_expert(out: PackedMatrix, e: int, w: torch.Tensor | np.ndarray) -> None
     we = w.detach().to("cpu", torch.float32).contiguous().numpy()  # [O, K]
     if out.fmt == "int8":
         qk.quantize_q8(we, out.q[e], out.d[e].view(np.uint16))
+    elif out.fmt == "int4s":
+        qk.quantize_q4s(we, out.q[e], out.d[e].view(np.uint16))
     else:
         qk.quantize_q4(we, out.q[e], out.d[e].view(np.uint16), out.m[e].view(np.uint16))
 
@@ -122,10 +131,12 @@ def pack_groups(groups: IntGroups, fmt: str, *, round_scales: bool = False) -> P
     moving its values without requantizing; None where it does not fit (the caller dequantizes and packs).
 
     int8 takes signed grids with |q| <= 127 and no offset; int4 takes unsigned grids 0..15, and signed -8..7 ones
-    as q + 8 with offset - 8 * scale. The source group must be a multiple of 32 (each group of 32 takes its
-    source group's scale). Scales and offsets must be exact in fp16, unless round_scales: then they are rounded
-    to the nearest fp16 (still None where one overflows fp16). A group whose values are all 0 takes scale 0.
-    Where it returns a matrix without round_scales, unpack() gives groups.dequantize() bit for bit."""
+    as q + 8 with offset - 8 * scale; int4s takes the grids int4 takes whose offset is exactly -8 * scale (signed
+    -8..7 grids without an offset, as Q4_0 and symmetric GPTQ / compressed-tensors store them). The source group
+    must be a multiple of 32 (each group of 32 takes its source group's scale). Scales and offsets must be exact
+    in fp16, unless round_scales: then they are rounded to the nearest fp16 (still None where one overflows
+    fp16). A group whose values are all 0 takes scale 0. Where it returns a matrix without round_scales, unpack()
+    gives groups.dequantize() bit for bit."""
     check_format(fmt)
     if fmt == "bf16":
         return None
@@ -143,15 +154,15 @@ def pack_groups_expert(out: PackedMatrix, e: int, groups: IntGroups, *, round_sc
         return False
     q, scale, offset = grid
     d = _fp16(scale, round_scales)
-    m = _fp16(offset, round_scales) if out.fmt == "int4" else None
+    m = _fp16(offset, round_scales) if out.fmt == "int4" else None  # int4s: offset = -8 * scale, not stored
     if d is None or (out.fmt == "int4" and m is None):
         return False
     (_, O, K), (Op, Kp) = out.shape, out.padded_shape[1:]
     P, Gp = Op // PANEL, Kp // GROUP
     source_group = np.arange(Gp) * GROUP // groups.group  # [Gp]: the source group of each group of 32
-    Q = np.zeros((Op, Kp), q.dtype)
+    Q = np.full((Op, Kp), 8 if out.fmt == "int4s" else 0, q.dtype)  # padding: int4s' zero is q = 8
     Q[:O, :K] = q
-    if out.fmt == "int4":  # byte (row, 4t + b): column 8t + b in the low nibble, 8t + 4 + b in the high
+    if out.fmt in NIBBLE_FORMATS:  # byte (row, 4t + b): column 8t + b in the low nibble, 8t + 4 + b in the high
         halves = Q.reshape(Op, Kp // 8, 2, 4)
         Q = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(Op, Kp // 2)
     out.q[e] = Q.reshape(P, PANEL, -1, 4).transpose(0, 2, 1, 3)
@@ -164,7 +175,7 @@ def pack_groups_expert(out: PackedMatrix, e: int, groups: IntGroups, *, round_sc
 
 
 def _target_grid(groups: IntGroups, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(q [O, K] as `fmt` stores it: int8, or uint8 0..15 for int4; scale, offset float64 [O, G]) with
+    """(q [O, K] as `fmt` stores it: int8, or uint8 0..15 for int4 / int4s; scale, offset float64 [O, G]) with
     q * scale + offset = the source's values, or None where the source grid does not fit `fmt`."""
     q = groups.q
     scale = groups.scale.astype(np.float64)
@@ -176,10 +187,13 @@ def _target_grid(groups: IntGroups, fmt: str) -> tuple[np.ndarray, np.ndarray, n
         fits = q.dtype == np.int8 and q.min(initial=0) >= -127 and not offset.any()
         return (q, scale, offset) if fits else None
     if q.dtype == np.uint8 and q.max(initial=0) <= 15:
-        return q, scale, offset
-    if q.dtype == np.int8 and q.min(initial=0) >= -8 and q.max(initial=0) <= 7:
-        return (q.astype(np.int16) + 8).astype(np.uint8), scale, offset - 8 * scale
-    return None
+        grid = q, scale, offset
+    elif q.dtype == np.int8 and q.min(initial=0) >= -8 and q.max(initial=0) <= 7:
+        grid = (q.astype(np.int16) + 8).astype(np.uint8), scale, offset - 8 * scale
+    else:
+        return None
+    symmetric = np.array_equal(grid[2], -8 * scale)  # int4s has no offset array: -8 * scale is implied
+    return grid if fmt == "int4" or symmetric else None
 
 
 def _fp16(values: np.ndarray, round_scales: bool) -> np.ndarray | None:
@@ -218,7 +232,8 @@ def unpack(pm: PackedMatrix, expert: int | None = None) -> np.ndarray:
         elif pm.fmt == "int8":
             qk.dequantize_q8(pm.q[e], pm.d[e].view(np.uint16), out[i])
         else:
-            qk.dequantize_q4(pm.q[e], pm.d[e].view(np.uint16), pm.m[e].view(np.uint16), out[i])
+            qk.dequantize_q4(pm.q[e], pm.d[e].view(np.uint16), None if pm.m is None else pm.m[e].view(np.uint16),
+                             out[i])
     return out if expert is None else out[0]
 
 
@@ -243,14 +258,17 @@ def unpack_arrays(fmt: str, O: int, K: int, q: torch.Tensor, d: torch.Tensor | N
     bytes computes with the weights the CPU side holds."""
     if fmt == "bf16":
         return q.float()
-    P, tiles = q.shape[0], q.shape[1]  # q [P, Kp/4 (int8) or Kp/8 (int4), 16, 4]
+    P, tiles = q.shape[0], q.shape[1]  # q [P, Kp/4 (int8) or Kp/8 (int4, int4s), 16, 4]
     rows = q.permute(0, 2, 1, 3).reshape(P * PANEL, tiles * 4)  # [Op, bytes per row]: a tile's rows side by side
-    if fmt == "int4":  # byte 4t + b of a row: column 8t + b in the low nibble, 8t + 4 + b in the high one
+    if fmt in NIBBLE_FORMATS:  # byte 4t + b of a row: column 8t + b in the low nibble, 8t + 4 + b in the high one
         pairs = rows.reshape(P * PANEL, tiles, 1, 4)
         rows = torch.cat((pairs & 15, pairs >> 4), dim=2).reshape(P * PANEL, tiles * 8)
-    w = rows.float() * _per_column(d)  # [Op, Kp]
+    scale = _per_column(d)
+    w = rows.float() * scale  # [Op, Kp]
     if m is not None:
         w = w + _per_column(m)  # a product then a sum, each rounded, as the CPU unpack does
+    elif fmt == "int4s":
+        w = w + -8 * scale  # q * d - 8 * d: exact, as the CPU unpack computes it
     return w[:O, :K]
 
 

@@ -9,7 +9,8 @@ with the token->expert pairs sorted by expert; a dense linear calls them with on
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from csrc_py.simd import GROUP, MAX_NR, PANEL, bits_to_f32, panel_q4, panel_q8
 
@@ -70,17 +71,35 @@ def matmul_q8(q, d, seg_expert, seg_start, aq, a_s, a_sum, out) -> None:
         panel_q8(wf, panel * PANEL * kp, df, panel * PANEL * G, af, kp, sf, cf, G, G, of, p * PANEL, P * PANEL, r0, nr)
 
 
+def flat_offsets(m, d):
+    """m raveled after checking it against the scales d (int4), or None where m is None (int4s)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(flat_offsets)
+def _flat_offsets(m, d):
+    if isinstance(m, types.NoneType):
+        return lambda m, d: None
+
+    def impl(m, d):
+        if m.shape != d.shape:
+            raise ValueError("grouped matmul: int4 offsets and scales disagree")
+        return m.ravel()
+
+    return impl
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def matmul_q4(q, d, m, seg_expert, seg_start, aq, a_s, a_sum, out) -> None:
-    """As matmul_q8 for int4: q uint8 [E, P, Kp/8, 16, 4], d and m fp16 bits [E, P, G, 16]."""
+    """As matmul_q8 for int4: q uint8 [E, P, Kp/8, 16, 4], d and m fp16 bits [E, P, G, 16]; m None for int4s
+    (W = d * (q - 8): a separate compiled specialisation without the offset stream)."""
     E, P, G = d.shape[0], d.shape[1], d.shape[2]
     kp = G * GROUP
     check_shapes(E, P * PANEL, kp, seg_expert, seg_start, aq, out)
     check_quantized(q, d, 8, a_s, a_sum, seg_start[-1])
-    if m.shape != d.shape:
-        raise ValueError("grouped matmul: int4 offsets and scales disagree")
+    mf = flat_offsets(m, d)
     items = work_items(seg_start, P)
-    wf, df, mf, af, sf, cf, of = q.ravel(), d.ravel(), m.ravel(), aq.ravel(), a_s.ravel(), a_sum.ravel(), out.ravel()
+    wf, df, af, sf, cf, of = q.ravel(), d.ravel(), aq.ravel(), a_s.ravel(), a_sum.ravel(), out.ravel()
     for i in prange(items.shape[0]):
         s, p, r0, nr = items[i, 0], items[i, 1], items[i, 2], items[i, 3]
         panel = seg_expert[s] * P + p

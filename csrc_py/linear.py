@@ -24,7 +24,7 @@ def linear_q8(x: np.ndarray, q: np.ndarray, d: np.ndarray, y: np.ndarray) -> Non
 
 @njit(nogil=True, cache=True)
 def linear_q4(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray, y: np.ndarray) -> None:
-    """As linear_q8 for one int4 matrix."""
+    """As linear_q8 for one int4 matrix (m None: int4s)."""
     seg_expert, seg_start = _one_segment(x.shape[0])
     aq, a_s, a_sum = quantized_rows(x, d.shape[2])
     matmul_q4(q, d, m, seg_expert, seg_start, aq, a_s, a_sum, y)

@@ -55,6 +55,22 @@ def quantize_q4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _tile(packed.reshape(g.shape[0], -1)), _scales(d), _scales(m)
 
 
+def quantize_q4s(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One float32 [O, K] matrix -> (q uint8 nibble tiles, d float16) as quantize_q4s: llama.cpp's Q4_0 rounding
+    (gguf-py's Q4_0.quantize_blocks) per group of 32, padding q = 8 (the value 0)."""
+    O, K = w.shape
+    g = _pad(w).reshape(padded(O), -1, GROUP)  # [Op, G, 32]; padding 0 never has the largest magnitude
+    peak = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)[..., 0]
+    d = (peak / np.float32(-8)).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.clip(np.trunc(g * inv[..., None] + np.float32(8.5)), 0, 15).astype(np.uint8)
+    real = np.zeros(g.shape, bool)
+    real.reshape(padded(O), -1)[:O, :K] = True
+    q = np.where(real, q, 8).reshape(g.shape[0], -1, 2, 4)  # [Op, Kp/8, low|high, 4]
+    packed = q[:, :, 0, :] | (q[:, :, 1, :] << 4)
+    return _tile(packed.reshape(g.shape[0], -1)), _scales(d.astype(np.float16))
+
+
 def dequantize(pm: PackedMatrix) -> np.ndarray:
     """A packed stack -> float32 [E, O, K], straight from the documented layout."""
     E, O, K = pm.shape
@@ -68,7 +84,10 @@ def dequantize(pm: PackedMatrix) -> np.ndarray:
     else:
         b = pm.q.transpose(0, 1, 3, 2, 4).reshape(E, Op, Kp // 8, 4)
         q = np.stack([b & 15, b >> 4], axis=-2).reshape(E, Op, Kp).astype(np.float32)
-        m = pm.m.astype(np.float32).transpose(0, 1, 3, 2).reshape(E, Op, Kp // GROUP)
+        if pm.fmt == "int4s":  # W = d * (q - 8)
+            q, m = q - 8, np.zeros_like(d)
+        else:
+            m = pm.m.astype(np.float32).transpose(0, 1, 3, 2).reshape(E, Op, Kp // GROUP)
         w = (q.reshape(E, Op, -1, GROUP) * d[..., None] + m[..., None]).reshape(E, Op, Kp)
     return np.ascontiguousarray(w[:, :O, :K])
 

@@ -7,7 +7,8 @@ layer never has to exist in float32 at once. Scales are stored as fp16 bits (uin
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from csrc_py.simd import GROUP, PANEL, bits_to_f32, f32_to_bits
 
@@ -107,6 +108,54 @@ def quantize_q4(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> N
 
 
 @njit(parallel=True, nogil=True, cache=True)
+def quantize_q4s(w: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    """w float32 [O, K] -> q uint8 nibble tiles as quantize_q4 and d fp16 bits [Op/16, Kp/32, 16]: w ~ d * (q - 8)
+    per row and group of 32, rounded as llama.cpp's quantize_row_q4_0_ref (d = the value of largest magnitude / -8,
+    q = min(15, trunc(w / d + 8.5)) with 1 / d in float32), so a Q4_0 export of the same weights holds the same
+    numbers."""
+    O, K = w.shape
+    npanels, ngroups = d.shape[0], d.shape[1]
+    for p in prange(npanels):
+        for r in range(PANEL):
+            row = p * PANEL + r
+            for g in range(ngroups):
+                amax = np.float32(0.0)
+                peak = np.float32(0.0)  # the first value of largest magnitude, with its sign
+                if row < O:
+                    for c in range(g * GROUP, min(K, g * GROUP + GROUP)):
+                        if abs(w[row, c]) > amax:
+                            amax = abs(w[row, c])
+                            peak = w[row, c]
+                df = peak / np.float32(-8.0)
+                d[p, g, r] = f32_to_fp16(df)
+                inv = np.float32(1.0) / df if df != 0 else np.float32(0.0)
+                for t in range(g * 4, g * 4 + 4):
+                    for b in range(4):
+                        low = _q4s_value(w, row, 8 * t + b, inv)
+                        high = _q4s_value(w, row, 8 * t + 4 + b, inv)
+                        q[p, t, r, b] = low | (high << np.uint8(4))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _q4s_value(w: np.ndarray, row: int, c: int, inv: np.float32) -> np.uint8:
+    if row >= w.shape[0] or c >= w.shape[1]:
+        return np.uint8(8)  # padding: (8 - 8) * d = 0
+    return np.uint8(min(max(np.trunc(w[row, c] * inv + np.float32(8.5)), np.float32(0.0)), np.float32(15.0)))
+
+
+def group_offset(m, p, g, r, scale):
+    """The float32 offset of group (p, g, r): m's fp16 bits (int4), or -8 * scale where m is None (int4s)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(group_offset)
+def _group_offset(m, p, g, r, scale):
+    if isinstance(m, types.NoneType):
+        return lambda m, p, g, r, scale: np.float32(-8.0) * scale
+    return lambda m, p, g, r, scale: fp16_to_f32(m[p, g, r])
+
+
+@njit(parallel=True, nogil=True, cache=True)
 def dequantize_q8(q: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
     """Inverse of quantize_q8 into out float32 [O, K] (O, K at most the padded shape).
 
@@ -129,7 +178,8 @@ def dequantize_q8(q: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
 
 @njit(parallel=True, nogil=True, cache=True)
 def dequantize_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
-    """Inverse of quantize_q4 into out float32 [O, K]."""
+    """Inverse of quantize_q4 (m fp16 bits) or quantize_q4s (m None) into out float32 [O, K]. int4s comes out
+    exact: q * d - 8 * d is (q - 8) * d, representable, as a sum of two exact products."""
     O, K = out.shape
     words = q.view(np.int32)  # [P, Kp/8, 16, 1]
     for p in prange(d.shape[0]):
@@ -137,7 +187,7 @@ def dequantize_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) 
             row = out[p * PANEL + r]
             for g in range(K // GROUP):
                 s = fp16_to_f32(d[p, g, r])
-                offset = fp16_to_f32(m[p, g, r])
+                offset = group_offset(m, p, g, r, s)
                 cols = row[g * GROUP: g * GROUP + GROUP]
                 for t in range(4):
                     word = words[p, 4 * g + t, r, 0]
@@ -149,7 +199,8 @@ def dequantize_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) 
                 byte = q[p, c // 8, r, c % 4]
                 nib = (byte >> np.uint8(4)) if c % 8 >= 4 else (byte & np.uint8(15))
                 si = c // GROUP
-                row[c] = np.float32(nib) * fp16_to_f32(d[p, si, r]) + fp16_to_f32(m[p, si, r])
+                s = fp16_to_f32(d[p, si, r])
+                row[c] = np.float32(nib) * s + group_offset(m, p, si, r, s)
 
 
 # Up to this many rows, the per-row helpers of a layer call (activation quantization, gathers, SwiGLU, combine)

@@ -244,9 +244,10 @@ _Q8_ARGS = ("w", "w_off", "d", "s_off", "x", "x_stride", "xs", "xsum", "xs_strid
 _Q4_ARGS = _Q8_ARGS[:3] + ("m",) + _Q8_ARGS[3:]
 
 
-def _panel_codegen(q4: bool):
-    """IR for one panel times activation rows r0 .. r0+nr-1 (nr <= 8 at run time): int8 (q4=False) or
-    asymmetric int4 (q4=True). The rows go through register-blocked blocks of 8 | 4 + 2 + 1."""
+def _panel_codegen(q4: bool, symmetric: bool = False):
+    """IR for one panel times activation rows r0 .. r0+nr-1 (nr <= 8 at run time): int8 (q4=False), asymmetric
+    int4 (q4=True) or symmetric int4 (q4 and symmetric: no offsets read). The rows go through register-blocked
+    blocks of 8 | 4 + 2 + 1."""
 
     def codegen(context, builder, sig, args):
         names = _Q4_ARGS if q4 else _Q8_ARGS
@@ -269,11 +270,11 @@ def _panel_codegen(q4: bool):
             xp = [row("x", zero, "x_stride", n) for n in range(nr)]
             xsp = [row("xs", zero, "xs_stride", n) for n in range(nr)]
             xcp = [row("xsum", zero, "xs_stride", n) for n in range(nr)]
-            _panel_rows(builder, q4, nr, i64("ngroups"), wp, dp, mp, xp, xsp, xcp,
+            _panel_rows(builder, q4, symmetric, nr, i64("ngroups"), wp, dp, mp, xp, xsp, xcp,
                         [row("out", i64("out_off"), "out_stride", n) for n in range(nr)])
 
         wp, dp = ptr("w", i64("w_off")), ptr("d", i64("s_off"))
-        mp = ptr("m", i64("s_off")) if q4 else None
+        mp = ptr("m", i64("s_off")) if q4 and not symmetric else None
         r0, nr = i64("r0"), i64("nr")
         with builder.if_else(builder.icmp_signed("==", nr, _I64(MAX_NR))) as (full, partial):
             with full:  # 256-bit tiers: two blocks of 4 (8 rows x 2 halves would spill the 16 ymm registers)
@@ -292,9 +293,11 @@ def _panel_codegen(q4: bool):
     return codegen
 
 
-def _panel_rows(builder: ir.IRBuilder, q4: bool, nr: int, ngroups, wp, dp, mp, xp, xsp, xcp, outp) -> None:
+def _panel_rows(builder: ir.IRBuilder, q4: bool, symmetric: bool, nr: int, ngroups, wp, dp, mp, xp, xsp, xcp,
+                outp) -> None:
     """The group loop for `nr` activation rows: per tile, row and register part one dot-product step (see the
-    tiers in the module docstring), float scaling per group of 32."""
+    tiers in the module docstring), float scaling per group of 32. Asymmetric int4 adds m * xs * sum(x) in float;
+    symmetric int4 subtracts 8 * sum(x) from the integer sum (exact), so d * xs * (sum(q x) - 8 sum(x))."""
     lanes = _lanes()
     parts = PANEL // lanes  # a panel's 16 rows: one 512-bit part or two 256-bit halves
     vi8, vi32, vf32 = _vec(_I8, 4 * lanes), _vec(_I32, lanes), _vec(_F32, lanes)
@@ -311,7 +314,8 @@ def _panel_rows(builder: ir.IRBuilder, q4: bool, nr: int, ngroups, wp, dp, mp, x
     scales_ahead = PREFETCH_BYTES // group_bytes * PANEL * 2  # bytes of fp16 scales for PREFETCH_BYTES of tiles
     with cgutils.for_range(builder, ngroups) as loop:
         g = loop.index
-        for p in (dp, mp) if q4 else (dp,):  # the scale streams, as far ahead as the weights: +0-6% measured
+        # the scale streams, as far ahead as the weights: +0-6% measured
+        for p in (dp, mp) if mp is not None else (dp,):
             _prefetch(builder, builder.gep(p, [builder.mul(g, _I64(PANEL))]), scales_ahead)
 
         def scales(p):
@@ -364,10 +368,12 @@ def _panel_rows(builder: ir.IRBuilder, q4: bool, nr: int, ngroups, wp, dp, mp, x
                 step([builder.and_(builder.lshr(r, _const(vi8, 4)), low4) for r in raw], 8 * t + 4, chains - 1)
             else:
                 step(raw if avx2 else [builder.xor(r, flip) for r in raw], 4 * t, t % chains)
-        mv = scales(mp) if q4 else None
+        mv = scales(mp) if mp is not None else None
         for n in range(nr):
             xsn = builder.load(builder.gep(xsp[n], [g]))
-            xm = builder.fmul(xsn, builder.sitofp(xsums[n], _F32)) if q4 else None  # the offset term: m * xs * sum(x)
+            # the offset term m * xs * sum(x) (int4), or the integer -8 * sum(x) (int4s)
+            xm = builder.fmul(xsn, builder.sitofp(xsums[n], _F32)) if mv is not None else None
+            centre = _splat(builder, builder.mul(xsums[n], _I32(-8)), vi32) if symmetric else None
             for k in range(parts):
                 total = acc[n][k][0]
                 for c in range(1, chains):
@@ -376,9 +382,11 @@ def _panel_rows(builder: ir.IRBuilder, q4: bool, nr: int, ngroups, wp, dp, mp, x
                     total = _widen_pairs(builder, total)
                 elif nibble16:
                     total = _add_pairs(builder, total)
+                if symmetric:
+                    total = builder.add(total, centre)
                 f = _fma(builder, builder.sitofp(total, vf32), builder.fmul(dv[k], _splat(builder, xsn, vf32)),
                          builder.load(facc[n][k]))
-                if q4:
+                if mv is not None:
                     f = _fma(builder, mv[k], _splat(builder, xm, vf32), f)
                 builder.store(f, facc[n][k])
     for n in range(nr):
@@ -403,10 +411,11 @@ def panel_q8(typingctx, w, w_off, d, s_off, x, x_stride, xs, xsum, xs_stride, ng
 @intrinsic
 def panel_q4(typingctx, w, w_off, d, m, s_off, x, x_stride, xs, xsum, xs_stride, ngroups, out, out_off, out_stride,
              r0, nr):
-    """As panel_q8 for the asymmetric int4 layout: W[i, k] = d * q + m, q a nibble, m the group offset."""
+    """As panel_q8 for the int4 layouts: W[i, k] = d * q + m, q a nibble, m the group offset (int4); m None:
+    W[i, k] = d * (q - 8) (int4s), compiled without the offset stream."""
     sig = types.void(w, w_off, d, m, s_off, x, x_stride, xs, xsum, xs_stride, ngroups, out, out_off, out_stride, r0,
                      nr)
-    return sig, _panel_codegen(True)
+    return sig, _panel_codegen(True, isinstance(m, types.NoneType))
 
 
 @intrinsic

@@ -17,8 +17,8 @@ def expert_bf16(pm: PackedMatrix, e: int, scratch: np.ndarray | None = None) -> 
     out = scratch if scratch is not None else np.empty(pm.shape[1:], np.float32)
     if pm.fmt == "int8":
         qk.dequantize_q8(pm.q[e], pm.d[e].view(np.uint16), out)
-    else:
-        qk.dequantize_q4(pm.q[e], pm.d[e].view(np.uint16), pm.m[e].view(np.uint16), out)
+    else:  # int4, or int4s (no offsets)
+        qk.dequantize_q4(pm.q[e], pm.d[e].view(np.uint16), None if pm.m is None else pm.m[e].view(np.uint16), out)
     return torch.from_numpy(out).to(torch.bfloat16)
 
 

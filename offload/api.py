@@ -233,7 +233,8 @@ class Model:
 
 
 ProgressCallback = Callable[[int, int, str], None]  # (bytes read so far, total bytes, current file name)
-EXPERT_FORMATS = ("bf16", "int8", "int4")
+EXPERT_FORMATS = ("bf16", "int8", "int4", "int4s")
+QUANTIZED_DENSE = ("int8", "int4", "int4s")  # dense formats quantized at load
 
 
 def load(path: str | Path, device: str = "auto", max_context: int | None = None, dtype: str = "auto",
@@ -248,7 +249,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     max_context: tokens the cache is allocated for, prompt and reply together (default: the model's
                  max_position_embeddings, at most 4096); checked against that limit and free RAM before any
                  weight is read.
-    experts:     host format of routed experts run by the CPU workers: "bf16" | "int8" | "int4". With
+    experts:     host format of routed experts run by the CPU workers: "bf16" | "int8" | "int4" | "int4s" (symmetric
+                 int4 at Q4_0's 0.5625 bytes per weight, docs/formats.md). With
                  device="cpu" and no gpu_memory, every routed expert runs on the CPU workers in this format;
                  None keeps them in torch with the rest of the model (exact, the reference path). A quantized
                  checkpoint (FP8, compressed-tensors, MXFP4, GPTQ, AWQ) defaults to the format its scheme maps
@@ -262,7 +264,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  prefill, the next layers' predicted experts); None: only where the cost model measured at load
                  says a copy saves more CPU time than it costs (experts/cost.py; `Model.prefetch` says why).
     dense:       format of the attention / MLA projections, dense MLPs, shared experts and the LM head:
-                 "int8" | "int4" quantized at load, "bf16" in the model dtype. On a device tier (a GPU, a
+                 "int8" | "int4" | "int4s" quantized at load, "bf16" in the model dtype. On a device tier (a GPU, a
                  gpu_memory budget or a plan) they run through torch's int8 / int4 weight-only matmuls
                  (model/device_quant.py) and None lets the planner choose (the model dtype while it leaves room
                  for a cache slot per MoE layer, then int8, then int4; the plan's table says which). On the CPU
@@ -297,7 +299,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     host_format = placement.expert_format if placement is not None else experts
     # The device tier's dense format is the plan's (chosen by the budget, or the one asked for); a CPU-only run
     # packs dense weights for the CPU kernels only when asked.
-    dense_format = placement.dense_format if placement is not None else dense if dense in ("int8", "int4") else None
+    dense_format = placement.dense_format if placement is not None else dense if dense in QUANTIZED_DENSE else None
     kernel_formats = (host_format,) if device_tier else (host_format, dense_format)
     threads, jit_seconds = _start_cpu_workers([f for f in kernel_formats if f], cpu_threads)
 
@@ -338,7 +340,8 @@ def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int
          dense: str | None = None) -> Plan:
     """The placement load() would use for these budgets, from config.json alone (no weight is read).
     experts: host format of offloaded experts; None keeps them in the device dtype, as load() does.
-    dense: the device tier's dense format ("bf16" | "int8" | "int4"); None lets the planner choose, as load() does.
+    dense: the device tier's dense format ("bf16" | "int8" | "int4" | "int4s"); None lets the planner choose, as
+    load() does.
     heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`).
     host_memory: the RAM to plan for (default: what is available now), e.g. to size a machine not at hand."""
     hf = read_config(path)  # a folder with config.json alone is enough

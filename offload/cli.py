@@ -92,8 +92,9 @@ class LoadOptions:
     max_context: Optional[int] = _load_option(
         None, "Tokens of context to allocate the cache for, prompt and reply together (default: the model's "
               "position limit, at most 4096).")
-    experts: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
-        None, "Host format of routed experts run by the CPU workers (default: torch on the device tier when "
+    experts: Optional[Literal["bf16", "int8", "int4", "int4s"]] = _load_option(
+        None, "Host format of routed experts run by the CPU workers; int4s is symmetric int4 at Q4_0's bytes "
+              "(default: torch on the device tier when "
               "everything fits; when offloading, the device dtype, so placement never changes the numbers).")
     cpu_threads: Optional[int] = _load_option(None, "Threads for the CPU workers and torch (default: physical cores).",
                                               min=1)
@@ -108,8 +109,8 @@ class LoadOptions:
     prefill_chunk: Optional[int] = _load_option(
         None, "Tokens per prefill forward; a longer prompt runs in chunks (default 512, raised to the cost model's "
               "stream threshold on a device tier).", min=1)
-    dense: Optional[Literal["bf16", "int8", "int4"]] = _load_option(
-        None, "Format of attention, dense MLPs, shared experts and the LM head: int8 | int4 quantized (torch's "
+    dense: Optional[Literal["bf16", "int8", "int4", "int4s"]] = _load_option(
+        None, "Format of attention, dense MLPs, shared experts and the LM head: int8 | int4 | int4s quantized (torch's "
               "int8/int4 matmuls on a device tier, the CPU kernels on the CPU alone), bf16 the model dtype "
               "(default: on a device tier the plan's choice, the model dtype while it fits; on the CPU alone "
               "torch, or a converted store's format).")
@@ -189,7 +190,7 @@ def demo(
         1.3, help="1.0 = off; the small demo model repeats itself without one."),
     seed: int = typer.Option(0, help="Sampling seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
-    experts: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
+    experts: Optional[Literal["bf16", "int8", "int4", "int4s"]] = typer.Option(
         None, help="Run the routed experts on the CPU workers in this format."),
     path: bool = typer.Option(False, "--path", help="Print the demo model's folder (e.g. for offload chat) and exit."),
 ) -> None:
@@ -374,10 +375,11 @@ def serve(
 def convert(
     model_path: Path = MODEL_ARGUMENT,
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder for the converted checkpoint (created)."),
-    experts: Optional[Literal["int4", "int8", "bf16"]] = typer.Option(
-        None, help="Packed format of the routed experts (default for a quantized checkpoint: the format its "
+    experts: Optional[Literal["int4", "int4s", "int8", "bf16"]] = typer.Option(
+        None, help="Packed format of the routed experts; int4s is symmetric int4, Q4_0's bytes (default for a "
+                   "quantized checkpoint: the format its "
                    "quantization maps onto, see `offload inspect`; required otherwise)."),
-    dense: Literal["bf16", "int8", "int4"] = typer.Option(
+    dense: Literal["bf16", "int8", "int4", "int4s"] = typer.Option(
         "bf16", help="Packed format of the dense weights (attention, dense MLPs, shared experts, LM head) for "
                      "CPU-only runs; bf16 keeps them as the source stores them."),
 ) -> None:
@@ -450,9 +452,9 @@ def plan_(
         None, help="RAM to plan for, e.g. 256GiB (default: the RAM available now; set it to size another machine)."),
     max_context: Optional[int] = typer.Option(
         None, help="Context the KV cache is sized for (default: the model's position limit, at most 4096)."),
-    experts: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
+    experts: Optional[Literal["bf16", "int8", "int4", "int4s"]] = typer.Option(
         None, help="Host format of offloaded experts (default: the device dtype, as when loading)."),
-    dense: Optional[Literal["bf16", "int8", "int4"]] = typer.Option(
+    dense: Optional[Literal["bf16", "int8", "int4", "int4s"]] = typer.Option(
         None, help="Device tier format of attention, dense MLPs, shared experts and the LM head (default: the "
                    "device dtype while it leaves room for a cache slot per MoE layer, then int8, then int4)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N] (decides the device dtype)."),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import ContextManager, Generator, Iterator, Sequence
@@ -117,8 +118,9 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> Non
 
 def check_finite(logits: torch.Tensor, position: int) -> None:
     """Stop at logits that hold NaN or inf: no token can be chosen from them, and sampling would silently pick
-    one anyway (argmax of NaN), which ends in an empty or garbage completion."""
-    if not bool(torch.isfinite(logits).all()):
+    one anyway (argmax of NaN), which ends in an empty or garbage completion. Any NaN or inf makes the sum
+    non-finite, so a finite sum (one pass, no [V] mask) clears them all; only a non-finite one is looked at."""
+    if not math.isfinite(float(logits.sum())) and not bool(torch.isfinite(logits).all()):
         raise OffloadError(
             f"the model's logits at position {position} hold NaN or inf, so no next token can be chosen: the "
             "checkpoint's weights probably contain NaN/inf (re-export or re-download it), or the compute dtype "

@@ -22,7 +22,7 @@ from .weights.checkpoint import Checkpoint, holds_weights, read_config
 from .weights.quant import scheme_for
 from .weights.store import store_formats
 
-EXPERT_FORMATS = ("bf16", "int8", "int4")
+EXPERT_FORMATS = ("bf16", "int8", "int4", "int4s")
 DEVICE_BYTES_PER_PARAM = 2  # everything but the routed experts sits on the device in bf16
 
 

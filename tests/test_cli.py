@@ -246,6 +246,7 @@ def test_expert_format_bytes():
     assert matrix_bytes(4096, 14336, "int8") == 4096 * 14336 * 34 // 32
     assert matrix_bytes(4096, 14336, "int4") == 4096 * 14336 * 20 // 32
     assert matrix_bytes(24, 64, "int4") == 32 * 64 * 20 // 32  # rows padded to a whole group
+    assert matrix_bytes(4096, 14336, "int4s") == 4096 * 14336 * 18 // 32  # Q4_0's 18 bytes per 32 weights
 
 
 def test_inspect_mla_checkpoint(checkpoint_dir, monkeypatch):
@@ -268,7 +269,8 @@ def test_inspect_mla_checkpoint(checkpoint_dir, monkeypatch):
     assert report["attention"]["kind"] == "MLA" and report["attention"]["kv_lora_rank"] == 16
     assert report["memory"]["kv_cache_bytes_per_token"] == 3 * (16 + 8) * 2
     formats = report["memory"]["by_expert_format"]
-    assert formats["bf16"]["experts"] > formats["int8"]["experts"] > formats["int4"]["experts"]
+    assert formats["bf16"]["experts"] > formats["int8"]["experts"] > formats["int4"]["experts"] > \
+        formats["int4s"]["experts"]
     assert report["checkpoint"]["bytes"] == numel * 4  # transformers saved float32
 
 

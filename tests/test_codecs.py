@@ -342,15 +342,15 @@ def decoded_schemes() -> dict[str, IntGroups]:
     }
 
 
-# scheme -> the formats it packs into exactly (without rounding scales/offsets)
-EXACT = {"compressed_int4": {"int4", "int8"}, "mxfp4": {"int8"}, "gptq_sym": {"int4"}, "gptq_asym": set(),
-         "awq": set()}
+# scheme -> the formats it packs into exactly (without rounding scales/offsets); int4s takes symmetric grids only
+EXACT = {"compressed_int4": {"int4", "int4s", "int8"}, "mxfp4": {"int8"}, "gptq_sym": {"int4", "int4s"},
+         "gptq_asym": set(), "awq": set()}
 
 
 @pytest.mark.parametrize("scheme", sorted(EXACT))
 def test_pack_groups_exact_where_it_claims(scheme):
     g = decoded_schemes()[scheme]
-    for fmt in ("int8", "int4"):
+    for fmt in ("int8", "int4", "int4s"):
         pm = formats.pack_groups(g, fmt)
         assert (pm is not None) == (fmt in EXACT[scheme]), fmt
         if pm is not None:
@@ -387,6 +387,10 @@ def test_pack_groups_ragged_and_refusals():
     small = IntGroups((q // 16).astype(np.int8), scale, None, 32)
     pm4 = formats.pack_groups(small, "int4")
     assert pm4 is not None and same_bits(formats.unpack(pm4, 0), small.dequantize())
+    pm4s = formats.pack_groups(small, "int4s")  # a signed grid without offsets: Q4_0's, held as q + 8
+    assert pm4s is not None and pm4s.m is None and same_bits(formats.unpack(pm4s, 0), small.dequantize())
+    assert (pm4s.q[0, 3] == 0x88).all()  # padded rows hold q = 8: the value 0
+    assert formats.pack_groups(IntGroups(small.q, scale, scale, 32), "int4s") is None  # an offset: int4 only
     assert formats.pack_groups(IntGroups(q, np.repeat(scale, 2, 1)[:, :5], None, 16), "int8") is None  # group 16
     not_fp16 = scale * np.float32(1 + 2**-20)
     assert formats.pack_groups(IntGroups(q, not_fp16, None, 32), "int8") is None

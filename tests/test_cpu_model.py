@@ -13,9 +13,9 @@ IDS = torch.arange(3, 27)
 # (max |logit error| / max |logit|, least share of positions whose argmax agrees), measured worst case x ~2-3
 # (int8's top-1 share: the random tiny models have near-tie argmaxes; GLM-4.5's agrees at 21 of 24 positions whose
 # logits are within 0.7%.)
-BOUNDS = {"bf16": (1e-4, 1.0), "int8": (4e-2, 0.85), "int4": (0.6, 0.6)}
+BOUNDS = {"bf16": (1e-4, 1.0), "int8": (4e-2, 0.85), "int4": (0.6, 0.6), "int4s": (0.6, 0.6)}
 # Least share of positions within that error: int8 may flip a near-tie router choice at a position or two.
-MIN_WITHIN = {"bf16": 1.0, "int8": 0.9, "int4": 1.0}
+MIN_WITHIN = {"bf16": 1.0, "int8": 0.9, "int4": 1.0, "int4s": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,17 @@ def bf16_reference(tmp_path_factory):
                                   "glm4_moe", "minimax_m2", "dots1", "deepseek_v32", "glm_moe_dsa", "ernie4_5_moe",
                                   "hunyuan_v1_moe", "gpt_oss"])
 def test_cpu_experts_model_matches_transformers(bf16_reference, name, fmt):
+    check_cpu_experts_model(bf16_reference, name, fmt)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_cpu_int4s_experts_model_matches_transformers(bf16_reference, name):
+    """Symmetric int4 (Q4_0's grid) within int4's bound: the GQA, MLA, and biased clamped-SwiGLU expert paths."""
+    check_cpu_experts_model(bf16_reference, name, "int4s")
+
+
+def check_cpu_experts_model(bf16_reference, name: str, fmt: str) -> None:
+    """Prefill and step-by-step logits with `fmt` experts within BOUNDS of transformers' (bf16 also greedy)."""
     folder, ref, expected = bf16_reference(name)
     model = offload.load(folder, device="cpu", experts=fmt, max_context=64)
     max_err, min_top1 = BOUNDS[fmt]

@@ -177,7 +177,7 @@ def test_cuda_hybrid_moe_blocks_queue_decode_steps_without_a_synchronisation(che
         assert produced == reference.generate(prompt, max_new_tokens=new, ignore_eos=True).token_ids
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4s"])
 def test_cuda_unpack_of_uploaded_tiles_equals_the_cpu_unpack(fmt):
     import numpy as np
 

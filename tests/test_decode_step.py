@@ -333,6 +333,10 @@ CASES = [
     ("hunyuan_v1_moe", "int8", "int8", True),
     ("llama4", "int8", "int8", True),
     ("llama4_text", "int4", "int8", True),
+    ("qwen3_moe", "int4s", "int4s", True),
+    ("deepseek_v2", "int4s", "int8", True),
+    ("deepseek_v32", "int8", "int8", True),
+    ("glm_moe_dsa", "int4", "int4", True),
 ]
 
 
@@ -371,16 +375,19 @@ def test_prefill_and_torch_weights_stay_on_the_torch_path(checkpoint):
     assert compiled_parts(torch_dense)[0] == 0
 
 
-# Families whose features the compiled step does not cover yet keep those parts in torch, and the rest compiled:
-# (variant, experts, dense, (layers with compiled attention, layers with a compiled MLP)). DeepSeek Sparse
-# Attention's indexer (its MLA stays in torch; the MLP blocks compile).
-TORCH_PARTS = [("deepseek_v32", "int8", "int8", (0, 3))]
+# DeepSeek Sparse Attention: the lightning indexer runs inside the compiled MLA block (csrc_py.indexer_step), GLM-5's
+# shared layer reading the choice of the layer before it; 20 positions take the sparse path past top-k 8 / 12.
+@pytest.mark.parametrize("name, experts, dense", [("deepseek_v32", "bf16", "int4"), ("glm_moe_dsa", "int8", "int8")])
+def test_compiled_step_runs_the_indexer_without_torch(checkpoint, monkeypatch, name, experts, dense):
+    from offload.model.indexer import LightningIndexer
 
-
-@pytest.mark.parametrize("name, experts, dense, parts", TORCH_PARTS)
-def test_uncovered_features_keep_the_torch_path(checkpoint, name, experts, dense, parts):
     model = offload.load(checkpoint(name), device="cpu", experts=experts, dense=dense, max_context=64)
     expected = decode_steps(model, compiled=False)
+    calls = []
+    monkeypatch.setattr(LightningIndexer, "forward", lambda *args: calls.append(args))
     got = decode_steps(model, compiled=True)
-    assert compiled_parts(model) == parts
+    assert calls == [] and compiled_parts(model)[0] == len(model.transformer.layers)
+    topk = model.config.indexer.topk
+    for layer in model.transformer.layers:  # the last step's choice, published for the shared layers
+        assert layer.attn.selection.positions.shape == (1, topk)
     assert_same_steps(got, expected)

@@ -57,8 +57,24 @@ def test_int4_linear_is_the_dequantized_matmul(O, K):
     assert linear(x[None]).shape == (1, 5, O)  # leading dims kept
 
 
+@pytest.mark.parametrize("O, K", SHAPES)
+def test_int4s_linear_is_the_cpu_int4s_matmul(O, K):
+    """dense="int4s" on the device tier: torch's int4 kernel with zero 0 holds the values of the CPU format (Q4_0's
+    rounding; scales in the model dtype, float32 here, so they round to fp16 alike only where exact)."""
+    from csrc_py.formats import pack, unpack
+
+    w, x = weights(O, K, 2), torch.randn(5, K)
+    q, scale, zero = int4_grid(w, torch.float32, symmetric=True)
+    assert not zero.any() and q.min() >= 0 and q.max() <= 15
+    dequantized = ((q.float().reshape(-1, q.shape[1] // 32, 32) - 8) * scale[..., None]).reshape(q.shape)[:O, :K]
+    cpu = torch.from_numpy(unpack(pack(w[None], "int4s"))[0])
+    assert rel_err(dequantized, cpu) <= 1e-3  # the same grid: the scales differ by fp16 rounding only
+    linear = DeviceQuantLinear(quantize(w, "int4s", torch.float32))
+    assert rel_err(linear(x), x @ dequantized.T) <= 1e-5
+
+
 @pytest.mark.parametrize("fmt, dtype", [("int8", torch.float32), ("int8", torch.bfloat16), ("int4", torch.float32),
-                                        ("int4", torch.bfloat16)])
+                                        ("int4", torch.bfloat16), ("int4s", torch.float32)])
 @pytest.mark.parametrize("O, K", SHAPES)
 def test_planned_bytes_are_the_bytes_held(fmt, dtype, O, K):
     held = quantize(weights(O, K), fmt, dtype)

@@ -320,3 +320,99 @@ def test_a_missing_tensor_is_named_before_anything_is_written(tmp_path):
     with pytest.raises(gguf_architectures.ExportError, match="model.layers.2.self_attn.kv_b_proj.weight"):
         gguf_export.export(tmp_path, tmp_path / "x.gguf", "q8_0", log=lambda _: None)
     assert not list(tmp_path.glob("x.gguf*"))
+
+
+# ---------------------------------------------------------------- --synthetic: make_checkpoint's values, no folder
+
+SYNTHETIC_CASES = {"qwen3_moe": ("qwen3_moe", dict(mlp_only_layers=[])), "deepseek_v2": ("deepseek_v2", {}),
+                   "mixtral": ("mixtral", {})}
+SYNTHETIC_OPTIONS = dict(seed=3, std=0.05, skew=1.0, embed_std=1.0, out_std=0.01)  # every option off its default
+
+
+def synthetic_config(name: str) -> dict:
+    import transformers
+    from tiny_models import COMMON, VARIANTS
+
+    model_type, variant = VARIANTS[SYNTHETIC_CASES[name][0]]
+    return transformers.CONFIG_MAPPING[model_type](**{**COMMON, **variant, **SYNTHETIC_CASES[name][1]}).to_dict()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """name -> (make_checkpoint --hf folder, its F32 export, the --synthetic F32 export of the same values)."""
+    import make_checkpoint
+
+    out = {}
+    for name in SYNTHETIC_CASES:
+        folder = tmp_path_factory.mktemp(f"synthetic-{name}")
+        config = synthetic_config(name)
+        make_checkpoint.write_hf(folder / "hf", config, **SYNTHETIC_OPTIONS, log=None)
+        from_folder = gguf_export.export(folder / "hf", folder / "folder.gguf", "f32", log=lambda _: None)
+        from_values = gguf_export.export_synthetic(config, folder / "synthetic.gguf", "f32", **SYNTHETIC_OPTIONS,
+                                                   log=lambda _: None)
+        out[name] = (folder / "hf", from_folder, from_values)
+    return out
+
+
+@pytest.mark.parametrize("name", list(SYNTHETIC_CASES))
+def test_synthetic_export_equals_the_export_of_make_checkpoints_folder(synthetic, name):
+    _, from_folder, from_values = synthetic[name]
+    (folder_fields, folder_tensors), (fields, tensors) = read(from_folder), read(from_values)
+    assert fields == folder_fields
+    assert list(tensors) == list(folder_tensors)
+    for tensor_name, tensor in tensors.items():
+        expected = folder_tensors[tensor_name]
+        assert tensor.tensor_type == expected.tensor_type == F32, tensor_name
+        assert tensor.shape.tolist() == expected.shape.tolist(), tensor_name
+        np.testing.assert_array_equal(tensor.data, expected.data, err_msg=tensor_name)
+    assert from_values.read_bytes() == from_folder.read_bytes()
+
+
+@pytest.mark.parametrize("name", list(SYNTHETIC_CASES))
+def test_llama_cpp_runs_the_synthetic_export_as_transformers_runs_the_folder(synthetic, name):
+    import transformers
+
+    folder, _, from_values = synthetic[name]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    got, expected = llama_cpp_greedy(from_values, PROMPT, STEPS), transformers_greedy(ref, PROMPT, STEPS)
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
+
+
+def test_experts_and_dense_matrices_are_encoded_in_bands_as_in_one_piece(monkeypatch, tmp_path):
+    """Stacked experts come one expert at a time and every tensor is encoded in bands of rows: the file is the
+    same as encoding each whole tensor at once."""
+    config = synthetic_config("qwen3_moe")
+    whole = gguf_export.export_synthetic(config, tmp_path / "whole.gguf", "q4_0", "q8_0", **SYNTHETIC_OPTIONS,
+                                         log=lambda _: None)
+    monkeypatch.setattr(gguf_export, "BAND_VALUES", 64 * 3)  # 3 rows of 64 values per band: many partial bands
+    banded = gguf_export.export_synthetic(config, tmp_path / "banded.gguf", "q4_0", "q8_0", **SYNTHETIC_OPTIONS,
+                                          log=lambda _: None)
+    assert banded.read_bytes() == whole.read_bytes()
+    _, tensors = read(banded)
+    weights = make_checkpoint_values(config)
+    expert = weights.read("model.layers.1.mlp.experts.5.up_proj.weight")
+    got = values(tensors["blk.1.ffn_up_exps.weight"])[5]
+    assert np.abs(got - expert).max() <= np.abs(expert).max() / 14  # Q4_0: |error| <= absmax / 16 per block
+    assert not (tmp_path / "banded.gguf.tmp").exists()
+
+
+def make_checkpoint_values(config: dict) -> gguf_export.SyntheticWeights:
+    import make_checkpoint
+
+    return gguf_export.SyntheticWeights(config, make_checkpoint.Values(config, **SYNTHETIC_OPTIONS))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--synthetic", "qwen3-30b-a3b", "a", "b.gguf"], "with --synthetic SHAPE give only OUT.gguf"),
+    (["only.gguf"], "give SRC OUT.gguf"),
+    (["src", "out.gguf", "--skew", "1", "--layers", "2"], "--skew, --layers only apply with --synthetic"),
+    (["--synthetic", "deepseek-v3", "x.gguf", "--layers", "1"], "model_type 'deepseek_v3' is not exported"),
+])
+def test_cli_argument_errors_are_one_line_and_exit_2(capsys, tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        gguf_export.main([str(tmp_path / a) if a.endswith(".gguf") else a for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not list(tmp_path.iterdir())

@@ -26,7 +26,7 @@ TARGETS = {
     "avx2": ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL}, True),
     "portable": ({"NUMBA_CPU_NAME": "x86-64", "NUMBA_CPU_FEATURES": "+sse2"}, False),
 }
-KERNELS = {"int8": (moe_q8, linear_q8), "int4": (moe_q4, linear_q4)}
+KERNELS = {"int8": (moe_q8, linear_q8), "int4": (moe_q4, linear_q4), "int4s": (moe_q4, linear_q4)}
 LINEAR_ROWS = (1, 11)  # 11 = a block of 8, then 2 + 1
 PACKED_ERROR = 3e-3  # as tests/test_kernels.py: float rounding and the rare activation on a rounding boundary
 
@@ -45,12 +45,14 @@ np.savez(sys.argv[2], tier=simd.TIER, instructions=",".join(instructions), **out
 """
 
 
-def _bits(data: dict, fmt: str, name: str) -> list[np.ndarray]:
-    return [data[f"{fmt}.{name}.{a}"] for a in ("q", "d", "m") if f"{fmt}.{name}.{a}" in data]
+def _bits(data: dict, fmt: str, name: str) -> list[np.ndarray | None]:
+    """A matrix's kernel arguments (PackedMatrix.bits) from the saved arrays: int4s passes None offsets."""
+    arrays = [data[f"{fmt}.{name}.{a}"] for a in ("q", "d", "m") if f"{fmt}.{name}.{a}" in data]
+    return arrays + [None] if fmt == "int4s" else arrays
 
 
 def run_kernels(data: dict) -> dict[str, np.ndarray]:
-    """The int8 and int4 fused MoE layer and dense linear on the arrays of `inputs()`."""
+    """The int8, int4 and int4s fused MoE layer and dense linear on the arrays of `inputs()`."""
     out = {}
     for fmt, (moe, linear) in KERNELS.items():
         y = np.empty_like(data["x"])
@@ -74,6 +76,7 @@ def _packed(fmt: str) -> dict[str, formats.PackedMatrix]:
     mats["lin"][0, 20:36] = torch.where(torch.rand(16, 96, generator=gen) < 0.5, 1.0, -1.0)  # every |q| = 127
     # int4 nibble 15 in every column the even int16 lanes of the avx2 / portable int4 paths sum (columns 8t + 0, 1,
     # 4, 5), 0 in the others: against activations at 127 those lanes reach their bound, 16 * 15 * 127 per group
+    # (int4s maps +1 to nibble 0 and -1 to 15 here: the odd lanes reach it)
     mats["lin"][0, 40:48] = torch.where(torch.tensor([c % 8 in (0, 1, 4, 5) for c in range(96)]), 1.0, -1.0)
     return {name: formats.pack(m, fmt) for name, m in mats.items()}
 
@@ -90,7 +93,8 @@ def inputs() -> tuple[dict[str, np.ndarray], dict[str, dict[str, formats.PackedM
     for fmt, mats in packed.items():
         for name, pm in mats.items():
             for array, value in zip("qdm", pm.bits()):
-                data[f"{fmt}.{name}.{array}"] = value
+                if value is not None:
+                    data[f"{fmt}.{name}.{array}"] = value
     return data, packed
 
 

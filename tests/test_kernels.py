@@ -13,16 +13,17 @@ from csrc_py.grouped_matmul import matmul_bf16, matmul_q4, matmul_q8
 from csrc_py.torch_path import moe_torch
 from offload.errors import FormatError
 
-FORMATS = ("bf16", "int8", "int4")
+FORMATS = ("bf16", "int8", "int4", "int4s")
 # Relative RMS error of quantize -> dequantize on Gaussian weights, measured (seed 0, 96 x 200): bf16 0.00167,
-# int8 0.00532, int4 0.0775 (scale+offset; docs/formats.md has why int4 is not symmetric).
-WEIGHT_RMSE = {"bf16": 0.0020, "int8": 0.0064, "int4": 0.090}
+# int8 0.00532, int4 0.0775 (scale+offset; docs/formats.md has why int4 is not symmetric), int4s 0.0852 (one
+# scale, no offset: Q4_0).
+WEIGHT_RMSE = {"bf16": 0.0020, "int8": 0.0064, "int4": 0.090, "int4s": 0.10}
 # Relative L2 error of a whole layer vs float64 with exact weights, measured over LAYER_CASES (max):
-# bf16 0.0038, int8 0.018 (weights and int8 activations), int4 0.17.
-LAYER_ERROR = {"bf16": 0.006, "int8": 0.025, "int4": 0.22}
+# bf16 0.0038, int8 0.018 (weights and int8 activations), int4 0.17, int4s 0.18.
+LAYER_ERROR = {"bf16": 0.006, "int8": 0.025, "int4": 0.22, "int4s": 0.23}
 # Kernel vs the oracle that quantizes at the same points: float rounding, plus the rare activation that lands
 # on a rounding boundary in one and not the other (one int8 step of one element).
-PACKED_ERROR = {"bf16": 1e-5, "int8": 3e-3, "int4": 3e-3}
+PACKED_ERROR = {"bf16": 1e-5, "int8": 3e-3, "int4": 3e-3, "int4s": 3e-3}
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,7 +65,11 @@ def test_quantizers_match_oracle(shape):
     np.testing.assert_array_equal(q4.q[1], ref4[0])
     np.testing.assert_array_equal(q4.d[1].view(np.uint16), ref4[1].view(np.uint16))
     np.testing.assert_array_equal(q4.m[1].view(np.uint16), ref4[2].view(np.uint16))
-    for pm in (q8, q4, formats.pack(w, "bf16")):
+    q4s, ref4s = formats.pack(w, "int4s"), oracles.quantize_q4s(w[1])
+    assert q4s.m is None and q4s.nbytes == q4s.q.nbytes + q4s.d.nbytes
+    np.testing.assert_array_equal(q4s.q[1], ref4s[0])
+    np.testing.assert_array_equal(q4s.d[1].view(np.uint16), ref4s[1].view(np.uint16))
+    for pm in (q8, q4, q4s, formats.pack(w, "bf16")):
         np.testing.assert_array_equal(formats.unpack(pm), oracles.dequantize(pm))
         assert formats.unpack(pm).shape == w.shape
 
@@ -75,6 +80,20 @@ def test_quantization_error_bound(fmt):
     err = rel_l2(formats.unpack(formats.pack(w, fmt)), w)
     assert err < WEIGHT_RMSE[fmt]
     assert err > WEIGHT_RMSE[fmt] / 3  # a format that silently stopped quantizing fails too
+
+
+def test_int4s_is_llama_cpp_q4_0():
+    """int4s holds the numbers llama.cpp's Q4_0 holds for the same weights (gguf-py's reference quantizer):
+    the same rounding, the same fp16 scale, W = d * (q - 8); 0.5625 bytes per weight."""
+    gguf = pytest.importorskip("gguf")
+    w = (np.random.default_rng(4).standard_normal((32, 128)) * 0.02).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero group: d = 0
+    w[1, 5] = -0.5  # the peak negative: d > 0
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    ref = gguf.quants.dequantize(gguf.quants.quantize(w, q4_0), q4_0)
+    pm = formats.pack(w[None], "int4s")
+    np.testing.assert_array_equal(formats.unpack(pm)[0], ref)
+    assert pm.nbytes / w.size == 0.5625
 
 
 def test_int4_padding_does_not_widen_the_range():
@@ -143,8 +162,8 @@ LAYER_CASES = [(8, 64, 96, 1, 1), (8, 64, 96, 3, 2), (6, 40, 50, 3, 4), (16, 96,
 
 def _fused(fmt: str, x, ids, w, g, u, d) -> np.ndarray:
     y = np.empty_like(x)
-    {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4}[fmt](x, ids, w, *g.bits(), *u.bits(), *d.bits(),
-                                                             *(NO_BIAS,) * 3, SILU_ACT, y)
+    {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4, "int4s": moe_q4}[fmt](x, ids, w, *g.bits(), *u.bits(),
+                                                                             *d.bits(), *(NO_BIAS,) * 3, SILU_ACT, y)
     return y
 
 
@@ -186,7 +205,7 @@ def test_linear_matches_oracle(fmt, T):
     assert rel_l2(y.float().numpy(), ref) < 0.01  # bf16 output rounding, and bf16 inputs on torch's path
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4s"])
 def test_portable_microkernel_without_vnni(fmt, monkeypatch):
     """The portable tier in this process: the production stage compiled afresh (uncached) while simd.TIER is
     'portable' must match the oracle and contain no vpdpbusd (tests/test_isa_tiers.py runs every tier as a CPU of
@@ -231,6 +250,6 @@ def test_engine_thresholds_follow_torchs_bf16_engine(monkeypatch):
     prefill, decode = (512 * 8, 128), (8, 128)  # (token-expert pairs, experts) of a Qwen3 layer
     assert dispatch.use_torch("bf16", *prefill, native) and not dispatch.use_torch("bf16", *decode, native)
     assert not any(dispatch.use_torch(fmt, *prefill, software) for fmt in FORMATS)  # an AVX2 host: all fused
-    assert not any(dispatch.use_torch(fmt, *prefill, native) for fmt in ("int8", "int4"))
+    assert not any(dispatch.use_torch(fmt, *prefill, native) for fmt in ("int8", "int4", "int4s"))
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # torch's software bf16, as on an AVX2 host
     assert not dispatch.torch_has_native_bf16()

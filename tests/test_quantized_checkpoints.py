@@ -195,15 +195,19 @@ def test_scheme_matches_dequantized_reference(folders, tmp_path, scheme):
     assert relative_error(model.logits(IDS), reference) < 0.03
 
 
-@pytest.mark.parametrize("scheme", ["compressed_int4", "mxfp4"])
-def test_lossless_schemes_keep_every_weight(folders, scheme):
-    """Compressed-tensors int4 -> offload int4 and MXFP4 -> offload int8 move the published grid, bit for bit."""
+@pytest.mark.parametrize("scheme, experts", [("compressed_int4", None), ("mxfp4", None),
+                                             ("compressed_int4", "int4s")])
+def test_lossless_schemes_keep_every_weight(folders, scheme, experts):
+    """Compressed-tensors int4 -> offload int4 and MXFP4 -> offload int8 move the published grid, bit for bit;
+    so does symmetric compressed-tensors int4 -> int4s (its signed grid is Q4_0's, without the offsets)."""
     from csrc_py.formats import unpack
 
     folder = folders(scheme)
     checkpoint = Checkpoint(folder)
-    model = offload.load(folder, device="cpu")
+    model = offload.load(folder, device="cpu", experts=experts)
     from offload.model.moe import MoE
+
+    assert experts is None or model.transformer.moe_blocks()[0].experts.fmt == experts
 
     for layer, block in enumerate(model.transformer.layers):
         if not isinstance(block.mlp, MoE):

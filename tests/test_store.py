@@ -56,6 +56,21 @@ def test_store_keeps_packed_arrays_memory_mapped(checkpoint_dir, tmp_path):
     assert info == {"version": 1, "experts": "int4", "dense": "int8"}
 
 
+def test_int4s_store_holds_no_offsets_and_inspect_names_it(checkpoint_dir, tmp_path):
+    """`offload convert --experts int4s --dense int4s`: the store's packed matrices are q and d only (Q4_0's
+    0.5625 bytes per weight), it loads with the logits of int4s at load, and inspect / plan describe it."""
+    from tiny_models import check_plan_and_convert
+
+    folder, _ = checkpoint_dir("qwen3_moe")
+    store = tmp_path / "store"
+    check_plan_and_convert(folder, store, 2, torch.tensor(PROMPT), experts="int4s", dense="int4s")
+    checkpoint = Checkpoint(store)
+    packed = [name[:-2] for name in checkpoint.tensors if name.endswith(".q")]
+    assert packed and not any(f"{name}.m" in checkpoint.tensors for name in packed)
+    experts = offload.load(store, device="cpu").transformer.moe_blocks()[0].experts
+    assert experts.fmt == "int4s" and experts.gate.nbytes == experts.gate.q.nbytes + experts.gate.d.nbytes
+
+
 def test_convert_copies_tokenizer_and_loads_for_chat(tmp_path):
     from offload.demo import random_demo_checkpoint
 

@@ -1,7 +1,7 @@
 """Packed uploads dequantized on the device, chunked prefill and whole-layer expert streaming, on the simulated
 device tier (the CUDA side-stream form of the double buffer is in tests/test_cuda.py).
 
-- The torch unpack of our int8/int4 tiles (csrc_py.formats.unpack_arrays) equals the CPU unpack bit for bit.
+- The torch unpack of our int8/int4/int4s tiles (csrc_py.formats.unpack_arrays) equals the CPU unpack bit for bit.
 - Admissions to the expert cache copy the packed bytes: int8 tiles and fp16 scales, not dequantized weights.
 - A prompt in chunks gives the logits of one forward; a chunk that streams gives the logits of one that does
   not (bf16: the same weights; int8: within the format's bound), under several plans.
@@ -23,7 +23,7 @@ from offload.experts.stream import LayerStream
 from test_hybrid import GPU_LIKE_COSTS, IDS, check_plan_matches_the_reference, plan, rel_err
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int4s"])
 @pytest.mark.parametrize("shape", [(48, 96), (40, 70), (17, 33)])
 def test_torch_unpack_equals_the_cpu_unpack_bit_for_bit(fmt, shape):
     gen = torch.Generator().manual_seed(sum(shape))
@@ -125,17 +125,17 @@ def test_bytes_copied_per_prefill_chunk_are_the_used_experts_times_the_packed_si
 
     monkeypatch.setattr(ExpertUploader, "_land", land)
     t = model.transformer
-    real_hidden = t.hidden
+    real_layers = t._layers  # each chunk's pass through the layers
     copied: list[int] = []  # bytes through the ring per forward
 
-    def hidden(ids, start, positions=None):
+    def layers(ids, start, positions=None):
         chunks.append({})
         before = landed[0]
-        h = real_hidden(ids, start, positions)
+        h = real_layers(ids, start, positions)
         copied.append(landed[0] - before)
         return h
 
-    monkeypatch.setattr(t, "hidden", hidden)
+    monkeypatch.setattr(t, "_layers", layers)
     with torch.inference_mode():
         t(IDS, 0, last_only=True)
     packed = next(h.sizes.host_bytes for h in builder.hybrids.values() if h.cpu is not None)

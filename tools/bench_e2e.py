@@ -7,10 +7,12 @@
 CHECKPOINT is a Hugging Face folder (config.json + safetensors) of a model offload runs; the llama.cpp engines
 need one tools/gguf_export.py exports: mixtral, qwen3_moe or deepseek_v2 (a GGUF per checkpoint and format; a
 checkpoint it refuses skips them with its one-line reason). Engines:
-  offload-int8, offload-int4  offload.load(device="cpu", experts=..., dense=...), Model.generate; dense is
-                              the experts' format unless --dense says otherwise (matched bits, as the GGUFs)
+  offload-int8, offload-int4, offload.load(device="cpu", experts=..., dense=...), Model.generate; dense is
+  offload-int4s               the experts' format unless --dense says otherwise (matched bits, as the GGUFs);
+                              int4s is Q4_0's grid and bytes (llama.cpp-q4_0's weights exactly, dense too)
   offload-int8-torchstep,     the same with the compiled CPU decode step off (OFFLOAD_COMPILED_STEP=0 in the
-  offload-int4-torchstep      worker): the torch path, for a compiled/torch A/B in one run (not in the default list)
+  offload-int4-torchstep,     worker): the torch path, for a compiled/torch A/B in one run (not in the default list)
+  offload-int4s-torchstep
   offload-store               offload.load(--offload-store) as stored (only with --offload-store)
   transformers                AutoModelForCausalLM in --hf-dtype (bfloat16)
   llama.cpp-q8_0, -q4_0       llama-cpp-python on a GGUF written by tools/gguf_export.py (cached in --gguf-dir,
@@ -33,8 +35,11 @@ noise. Reported: medians over rounds of prefill and decode tokens/s and load sec
 (ru_maxrss: includes memory-mapped weight pages touched), how many of the first greedy tokens agree with
 transformers' (random weights: near-ties make quantized engines diverge early), and the ratios the targets are
 about. offload's rows also give the kernels' ISA tier and, per decode token, the time inside the Numba kernels
-(every call csrc_py.dispatch makes into them, and each block of the compiled decode step, is timed), the time
-outside them per layer (torch ops, conversions, Python), the weight bytes those kernels read (top-k experts and the
+(every call csrc_py.dispatch makes into them, and each block of the compiled decode step, its head included, is
+timed: wall time of the Numba call, so its dispatch, argument unboxing and the parallel regions inside count as
+"in kernels"), the time outside them per layer ((decode wall time per token - that) / layers: torch ops,
+conversions, Python, the embedding, sampling and the logits' finiteness check, so on a shallow model the
+per-token part weighs on it more than on a deep one), the weight bytes those kernels read (top-k experts and the
 packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
 floor: those bytes over the read bandwidth measured in the same round (a worker of its own before the engines: a
 torch sum over 1 GiB on --threads threads, best of 3), against the measured time per token. A benchmark, not a test.
@@ -57,12 +62,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-OFFLOAD_EXPERTS = {"offload-int8": "int8", "offload-int4": "int4",
-                   "offload-int8-torchstep": "int8", "offload-int4-torchstep": "int4"}
-TORCH_STEP_ENGINES = ("offload-int8-torchstep", "offload-int4-torchstep")  # compiled decode step off
+import psutil
+
+OFFLOAD_EXPERTS = {"offload-int8": "int8", "offload-int4": "int4", "offload-int4s": "int4s",
+                   "offload-int8-torchstep": "int8", "offload-int4-torchstep": "int4",
+                   "offload-int4s-torchstep": "int4s"}
+TORCH_STEP_ENGINES = ("offload-int8-torchstep", "offload-int4-torchstep",
+                      "offload-int4s-torchstep")  # compiled decode step off
 GGUF_TYPES = {"llama.cpp-q8_0": "q8_0", "llama.cpp-q4_0": "q4_0", "llama.cpp-f16": "f16"}
-DEFAULT_ENGINES = ("offload-int8", "offload-int4", "offload-store", "transformers", "llama.cpp-q8_0",
-                   "llama.cpp-q4_0")
+DEFAULT_ENGINES = ("offload-int8", "offload-int4", "offload-int4s", "offload-store", "transformers",
+                   "llama.cpp-q8_0", "llama.cpp-q4_0")
 ALL_ENGINES = (*DEFAULT_ENGINES, *TORCH_STEP_ENGINES, "llama.cpp-f16")
 RESULT_PREFIX = "BENCH_E2E_RESULT "
 BANDWIDTH = "bandwidth"  # the worker that measures the read bandwidth once per round
@@ -72,12 +81,15 @@ AGREEMENT_TOKENS = 16  # first greedy tokens kept per worker to compare engines
 RATIOS = (
     ("offload-int8 / llama.cpp-q8_0 decode", "offload-int8", "llama.cpp-q8_0", "decode_tok_s"),
     ("offload-int4 / llama.cpp-q4_0 decode", "offload-int4", "llama.cpp-q4_0", "decode_tok_s"),
+    ("offload-int4s / llama.cpp-q4_0 decode", "offload-int4s", "llama.cpp-q4_0", "decode_tok_s"),
+    ("offload-int4s / offload-int4 decode", "offload-int4s", "offload-int4", "decode_tok_s"),
     ("offload-int8 / transformers decode", "offload-int8", "transformers", "decode_tok_s"),
     ("offload-int4 / transformers decode", "offload-int4", "transformers", "decode_tok_s"),
     ("offload-int8 / transformers prefill", "offload-int8", "transformers", "prefill_tok_s"),
     ("offload-int4 / transformers prefill", "offload-int4", "transformers", "prefill_tok_s"),
     ("offload-int8 / llama.cpp-q8_0 prefill", "offload-int8", "llama.cpp-q8_0", "prefill_tok_s"),
     ("offload-int4 / llama.cpp-q4_0 prefill", "offload-int4", "llama.cpp-q4_0", "prefill_tok_s"),
+    ("offload-int4s / llama.cpp-q4_0 prefill", "offload-int4s", "llama.cpp-q4_0", "prefill_tok_s"),
     ("offload-int8 compiled / torch step decode", "offload-int8", "offload-int8-torchstep", "decode_tok_s"),
     ("offload-int4 compiled / torch step decode", "offload-int4", "offload-int4-torchstep", "decode_tok_s"),
 )
@@ -120,10 +132,11 @@ def offload_load_kwargs(args: argparse.Namespace, experts: str | None) -> tuple[
 class KernelMeter:
     """Times every call into compiled code that reads weights: the Numba kernels csrc_py.dispatch calls (fused MoE
     layers, packed linears) and the compiled decode step's blocks (csrc_py.decode_step), by wrapping them in their
-    modules' namespaces (both look them up there at each call)."""
+    modules' namespaces (looked up there at each call, the blocks when a layer's step is first prepared)."""
 
     WRAPPED = {"csrc_py.dispatch": ("moe_q8", "moe_q4", "moe_bf16", "linear_q8", "linear_q4", "linear_bf16"),
-               "csrc_py.decode_step": ("attention_block", "mla_block", "deltanet_block", "moe_block", "mlp_block")}
+               "csrc_py.decode_step": ("attention_block", "mla_block", "deltanet_block", "moe_block", "mlp_block",
+                                       "head_block")}
 
     def __init__(self) -> None:
         import importlib
@@ -265,9 +278,37 @@ def run_llama_cpp(args: argparse.Namespace, engine: str, prompt: list[int]) -> d
     return {"load_s": load_s, **result, "notes": []}
 
 
+def engine_files(args: argparse.Namespace, engine: str) -> list[Path]:
+    """The weight files an engine reads: its GGUF, or the safetensors shards of its folder."""
+    if engine in GGUF_TYPES:
+        return [gguf_file(args, GGUF_TYPES[engine]).resolve()]
+    folder = args.offload_store if engine == "offload-store" else args.checkpoint
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def preread(files: list[Path], chunk: int = 64 << 20) -> tuple[float, str | None]:
+    """Read the files once, sequentially, so the engine starts on a warm page cache: on a slow disk a model that
+    only just fits in RAM otherwise loads by random page faults, and that time would land in whichever phase
+    touches a page first. (seconds, None), or (0, why not) when the files do not fit in the available memory."""
+    total = sum(f.stat().st_size for f in files)
+    available = psutil.virtual_memory().available
+    if total > 0.9 * available:
+        return 0.0, f"preread skipped: {total / 2**30:.1f} GiB of weights, {available / 2**30:.1f} GiB available"
+    t0 = time.perf_counter()
+    buffer = bytearray(chunk)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buffer):
+                pass
+    return time.perf_counter() - t0, None
+
+
 def worker(args: argparse.Namespace) -> None:
     """Run one engine once and print its result as one JSON line."""
     engine, prompt = args.worker, random_prompt(args)
+    preread_s, preread_note = 0.0, None
+    if args.preread and engine != BANDWIDTH:
+        preread_s, preread_note = preread(engine_files(args, engine))
     if engine in TORCH_STEP_ENGINES:  # offload.model.compiled_step reads the switch when it is first imported
         os.environ["OFFLOAD_COMPILED_STEP"] = "0"
     if engine == BANDWIDTH:
@@ -283,6 +324,9 @@ def worker(args: argparse.Namespace) -> None:
     result["decode_tok_s"] = (args.new_tokens - 1) / result["decode_s"]
     result["tokens"] = [int(t) for t in result["tokens"][:AGREEMENT_TOKENS]]
     result["peak_rss_bytes"] = peak_rss_bytes()
+    result["preread_s"] = preread_s
+    if preread_note:
+        result["notes"].append(preread_note)
     print(RESULT_PREFIX + json.dumps({"engine": engine, **result}), flush=True)
 
 
@@ -355,6 +399,8 @@ def worker_command(args: argparse.Namespace, engine: str) -> list[str]:
                "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
                "--new-tokens", str(args.new_tokens), "--seed", str(args.seed), "--dense", str(args.dense),
                "--offload-dtype", args.offload_dtype, "--hf-dtype", args.hf_dtype, "--gguf-dir", str(args.gguf_dir)]
+    if args.preread:
+        command.append("--preread")
     if args.gguf_dense:
         command += ["--gguf-dense", args.gguf_dense]
     if args.offload_store is not None:
@@ -472,7 +518,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="of the random prompt")
-    parser.add_argument("--dense", default="matched", choices=["matched", "bf16", "int8", "int4", "None"],
+    parser.add_argument("--dense", default="matched", choices=["matched", "bf16", "int8", "int4", "int4s", "None"],
                         help="offload's dense format (matched: as its experts; None: offload's default)")
     parser.add_argument("--offload-dtype", default="auto", help="offload.load dtype= (auto: float32 on the CPU)")
     parser.add_argument("--offload-store", type=Path, default=None, help="a pre-quantized offload store to add")
@@ -482,6 +528,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gguf-dense", default=None, choices=["f16", "q8_0", "q4_0"],
                         help="GGUF format of the non-expert matrices (default: as the experts)")
     parser.add_argument("--json", type=Path, default=None, help="write every round and the summary here")
+    parser.add_argument("--preread", action="store_true",
+                        help="each worker first reads its engine's weight files sequentially (untimed, reported as "
+                             "preread_s) when they fit in the available memory: for models near the RAM size on a "
+                             "slow disk, where loading by page faults would otherwise dominate")
     parser.add_argument("--worker", default=None, choices=(*ALL_ENGINES, BANDWIDTH), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dense = None if args.dense == "None" else args.dense
@@ -506,7 +556,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = {engine: [] for engine in engines}
     for round_index in range(args.rounds):  # interleaved: every engine once per round
         probe = run_worker(args, BANDWIDTH)
-        for engine in engines:
+        # odd rounds run the engines in reverse (A B, B A, A B, ...): each engine is first as often as last, and
+        # the engine at a round's boundary runs twice in a row, on the page cache it left
+        for engine in engines if round_index % 2 == 0 else engines[::-1]:
             result = run_worker(args, engine)
             runs[engine].append(result)
             add_floor_share(result, probe.get("read_gbps"), args.new_tokens - 1)

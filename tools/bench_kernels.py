@@ -1,6 +1,6 @@
 """Benchmark the CPU expert kernels on real MoE layer shapes (a benchmark, not a test).
 
-    python tools/bench_kernels.py                          # qwen3, mixtral, deepseek; bf16/int8/int4; T=1, 512
+    python tools/bench_kernels.py                          # qwen3, mixtral, deepseek; bf16/int8/int4/int4s; T=1, 512
     python tools/bench_kernels.py --layers qwen3 --formats int8 --quick
 
 Prints the machine's read bandwidth (all cores, one core), then per layer and token count the time of one layer
@@ -79,7 +79,7 @@ class KtKernel:
     on GGUF blocks (Q8_0 / Q4_0 / BF16, as llama.cpp; quantized here by the gguf package). Its workers busy-spin
     ~50 ms after each job, so the probes around its calls wait that out."""
 
-    GGML_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+    GGML_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0", "int4s": "Q4_0"}
     SETTLE_S = 0.06
     _pool = None
 
@@ -261,7 +261,7 @@ def describe_machine(n_threads: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="qwen3,mixtral,deepseek", help=f"comma list of {', '.join(LAYERS)}")
-    parser.add_argument("--formats", default="bf16,int8,int4")
+    parser.add_argument("--formats", default="bf16,int8,int4,int4s")
     parser.add_argument("--tokens", default="1,512", help="token counts per layer call")
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--max-gb", type=float, default=10.0, help="RAM budget for one layer's copies")

@@ -4,7 +4,7 @@
     python tools/bench_tiers.py --layers qwen3 --tokens 1 --rounds 30
 
 Every tier this CPU can run (csrc_py.simd.TIERS) is compiled in this one process (simd.TIER patched while each
-copy of the grouped int8/int4 matmuls compiles, uncached), so the tiers take turns call by call and see the same
+copy of the grouped int8/int4/int4s matmuls compiles, uncached), so the tiers take turns call by call and see the same
 machine noise. A call is one layer's three expert matmuls (gate, up, down) on prequantized activations, for
 uniform top-k routing drawn afresh per call (decode streams its experts from DRAM); each call is paired with a
 read-bandwidth probe just before it (a torch sum over 256 MiB). Reported per layer, token count, tier and format:
@@ -35,25 +35,26 @@ from csrc_py import quant_kernels as qk  # noqa: E402
 from csrc_py.grouped_matmul import matmul_q4, matmul_q8  # noqa: E402
 from numba import njit  # noqa: E402
 
-FORMATS = ("int8", "int4")
+FORMATS = ("int8", "int4", "int4s")
+KERNELS = {"int8": matmul_q8, "int4": matmul_q4, "int4s": matmul_q4}  # int4s: matmul_q4 with m None
 
 
-def tier_kernels(tier: str) -> dict[str, object]:
+def tier_kernels(tier: str, formats: tuple[str, ...]) -> dict[str, object]:
     """Uncached copies of the grouped matmuls whose microkernels compile for `tier` (at their first call)."""
     options = {k: v for k, v in matmul_q8.targetoptions.items() if k not in ("cache", "nopython")}
-    return {fmt: njit(**options)(kernel.py_func) for fmt, kernel in (("int8", matmul_q8), ("int4", matmul_q4))}
+    return {fmt: njit(**options)(KERNELS[fmt].py_func) for fmt in formats}
 
 
 class TierLayer:
-    """One MoE layer's expert stacks, packed in both formats, and the calls that run them."""
+    """One MoE layer's expert stacks, packed in each format, and the calls that run them."""
 
-    def __init__(self, layer: Layer, experts: int) -> None:
+    def __init__(self, layer: Layer, experts: int, formats_: tuple[str, ...] = FORMATS) -> None:
         gen = torch.Generator().manual_seed(0)
         self.layer, self.experts = layer, experts
         H, I = layer.hidden, layer.intermediate
         self.float = [(torch.randn(experts, o, k, generator=gen) / k ** 0.5).to(torch.bfloat16)
                       for o, k in ((I, H), (I, H), (H, I))]
-        self.packed = {fmt: [formats.pack(m, fmt) for m in self.float] for fmt in FORMATS}
+        self.packed = {fmt: [formats.pack(m, fmt) for m in self.float] for fmt in formats_}
         self.rng = np.random.default_rng(0)
 
     def routing(self, tokens: int) -> np.ndarray:
@@ -106,7 +107,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="calls per engine (prefill: a third, at least 3)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-gb", type=float, default=2.0, help="RAM budget for one layer's copies")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="packed formats to compare")
     args = parser.parse_args()
+    fmts = tuple(args.formats.split(","))
 
     n_threads = threads.set_threads(args.threads)
     best = simd.tier_for(simd.jit_features())
@@ -115,24 +118,24 @@ def main() -> None:
                 if line.startswith("model name")), "unknown CPU")
     print(f"{cpu}; {n_threads} threads; tiers {', '.join(tiers)} (best: {best}); torch bf16 matmul "
           f"{'native' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'software'}")
-    kernels = {tier: tier_kernels(tier) for tier in tiers}
+    kernels = {tier: tier_kernels(tier, fmts) for tier in tiers}
     probe = torch.ones(1 << 26)
     print("\n| layer | T | engine | median ms | best ms | GB/s | % of BW | G weights/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.layers.split(","):
         layer = LAYERS[name]
         per_expert = 3 * layer.hidden * layer.intermediate * 8  # bf16 + fp32 + int8 + int4 copies, roughly
-        tl = TierLayer(layer, min(layer.experts, max(layer.top_k + 1, int(args.max_gb * 1e9 // per_expert))))
+        tl = TierLayer(layer, min(layer.experts, max(layer.top_k + 1, int(args.max_gb * 1e9 // per_expert))), fmts)
         for tier in tiers:  # compile each tier's copies (simd.TIER is read while they compile)
             previous, simd.TIER = simd.TIER, tier
             try:
-                for fmt in FORMATS:
+                for fmt in fmts:
                     tl.call(kernels[tier][fmt], fmt, tl.routing(1))
             finally:
                 simd.TIER = previous
         for T in [int(t) for t in args.tokens.split(",")]:
             engines = {f"{tier} {fmt}": (lambda ids, k=kernels[tier][fmt], f=fmt, tl=tl: tl.call(k, f, ids))
-                       for tier in tiers for fmt in FORMATS}
+                       for tier in tiers for fmt in fmts}
             if T > 1:
                 for label, call in torch_engines(tl).items():
                     engines[label] = lambda ids, call=call: (call(ids), 0)  # bytes: not comparable

@@ -15,7 +15,7 @@ window dropped, DeepSeek-V2's group-limited routing scored by the top-2 sum inst
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import gguf
 import numpy as np
@@ -29,7 +29,8 @@ class ExportError(ValueError):
 
 
 class Weights(Protocol):
-    """The checkpoint's tensors, read one at a time (gguf_export.WeightFiles)."""
+    """The checkpoint's tensors, read one at a time (gguf_export.WeightFiles: a folder; gguf_export.SyntheticWeights:
+    make_checkpoint's synthetic values)."""
 
     def __contains__(self, name: str) -> bool: ...
 
@@ -40,20 +41,27 @@ class Weights(Protocol):
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One GGUF tensor: its name, shape in PyTorch order, storage type, and how to build it (float32)."""
+    """One GGUF tensor: its name, shape in PyTorch order, storage type, and how to build it: `slabs()` yields its
+    float32 values as consecutive slabs along the leading dimension (the whole tensor, or for stacked experts one
+    expert at a time), so the exporter never needs a whole stacked tensor in float32."""
     name: str
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
-    build: Callable[[], np.ndarray]
+    slabs: Callable[[], Iterable[np.ndarray]]
     fell_back: bool = False  # stored F16 because its rows are not whole blocks of the wanted type
 
 
 def job(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType,
-        build: Callable[[], np.ndarray]) -> TensorJob:
+        slabs: Callable[[], Iterable[np.ndarray]]) -> TensorJob:
     """Stored as `wanted` where the row length is whole blocks of it; F16 otherwise (as llama.cpp's converter)."""
     block_size, _ = gguf.GGML_QUANT_SIZES[wanted]
     fits = shape[-1] % block_size == 0
-    return TensorJob(name, shape, wanted if fits else F16, build, fell_back=not fits)
+    return TensorJob(name, shape, wanted if fits else F16, slabs, fell_back=not fits)
+
+
+def whole(build: Callable[[], np.ndarray]) -> Callable[[], Iterable[np.ndarray]]:
+    """A tensor built in one piece, as TensorJob.slabs."""
+    return lambda: (build(),)
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,8 @@ class TensorList:
 
     def plain(self, gguf_name: str, hf_name: str, qtype: gguf.GGMLQuantizationType,
               transform: Callable[[np.ndarray], np.ndarray] = lambda w: w) -> None:
-        self.jobs.append(job(gguf_name, self.files.shape(hf_name), qtype, lambda: transform(self.files.read(hf_name))))
+        self.jobs.append(job(gguf_name, self.files.shape(hf_name), qtype,
+                             whole(lambda: transform(self.files.read(hf_name)))))
 
     def norm(self, gguf_name: str, hf_name: str) -> None:
         self.plain(gguf_name, hf_name, F32)
@@ -82,13 +91,14 @@ class TensorList:
 
     def derived(self, gguf_name: str, shape: tuple[int, ...], build: Callable[[], np.ndarray]) -> None:
         """A dense-format tensor computed from checkpoint tensors (e.g. a split or transposed matrix)."""
-        self.jobs.append(job(gguf_name, shape, self.formats.dense, build))
+        self.jobs.append(job(gguf_name, shape, self.formats.dense, whole(build)))
 
     def experts(self, gguf_name: str, hf_names: list[str]) -> None:
-        """The routed experts' matrices of one projection stacked into [n_expert, rows, cols]."""
+        """The routed experts' matrices of one projection stacked into [n_expert, rows, cols], read one expert at
+        a time."""
         stacked = (len(hf_names), *self.files.shape(hf_names[0]))
         self.jobs.append(job(gguf_name, stacked, self.formats.experts,
-                             lambda: np.stack([self.files.read(n) for n in hf_names])))
+                             lambda: (self.files.read(n)[None] for n in hf_names)))
 
     def embedding(self) -> None:
         self.dense("token_embd.weight", "model.embed_tokens.weight")

@@ -27,6 +27,8 @@ renamed when complete:
   written as made (for the last shard, the bf16 embedding and LM head).
 
 All modes resume an interrupted run from its finished shards when run again with the same arguments.
+`tools/gguf_export.py --synthetic SHAPE` writes llama.cpp's GGUF of the same values (same options), so a store
+and a GGUF of one model need no bf16 folder on disk.
 
 All modes take the tensor names, shapes and shard grouping from offload's own loader (store.tensor_roles and
 store.shard_roles), and every value from `Values`: deterministic per tensor NAME (a generator seeded with
@@ -771,19 +773,11 @@ def _summary(out: Path, roles: list[TensorRole], t0: float) -> dict[str, Any]:
             "seconds": time.perf_counter() - t0}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RECOMMENDATION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shape", choices=sorted(SHAPES), metavar="SHAPE", help=", ".join(SHAPES))
-    parser.add_argument("out", type=Path, metavar="OUT", help="output folder (created; must be empty)")
+def add_value_options(parser: Any) -> None:
+    """The options that choose the model and its values (--layers, --skew, --seed, --std, --embed-std, --out-std)
+    on an argparse parser or argument group: this tool's, and tools/gguf_export.py's for --synthetic, so both
+    make the same weights from the same options."""
     parser.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers")
-    parser.add_argument("--hf", action="store_true", help="write a Hugging Face bf16 folder instead of a store")
-    parser.add_argument("--fp8", action="store_true", help="write a Hugging Face folder in DeepSeek-V3's FP8 "
-                        "layout (e4m3 weights with a float32 scale per 128x128 block); implies --hf")
-    parser.add_argument("--experts-format", choices=EXPERT_FORMATS, default="int8",
-                        help="store mode: packed format of the routed experts (default int8)")
-    parser.add_argument("--dense", choices=DENSE_FORMATS, default="bf16",
-                        help="store mode: packed format of the dense matrices (default bf16: kept as bf16)")
     parser.add_argument("--skew", type=float, default=0.0,
                         help="skewed routers: the hottest expert's router row is 1 + SKEW times as long as the "
                              "coldest's (default 0: uniform routing)")
@@ -793,6 +787,21 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: --std)")
     parser.add_argument("--out-std", type=float, default=None, help="standard deviation of o_proj and down_proj "
                         "(w2), the matrices that write into the residual stream (default: --std)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RECOMMENDATION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", choices=sorted(SHAPES), metavar="SHAPE", help=", ".join(SHAPES))
+    parser.add_argument("out", type=Path, metavar="OUT", help="output folder (created; must be empty)")
+    parser.add_argument("--hf", action="store_true", help="write a Hugging Face bf16 folder instead of a store")
+    parser.add_argument("--fp8", action="store_true", help="write a Hugging Face folder in DeepSeek-V3's FP8 "
+                        "layout (e4m3 weights with a float32 scale per 128x128 block); implies --hf")
+    parser.add_argument("--experts-format", choices=EXPERT_FORMATS, default="int8",
+                        help="store mode: packed format of the routed experts (default int8)")
+    parser.add_argument("--dense", choices=DENSE_FORMATS, default="bf16",
+                        help="store mode: packed format of the dense matrices (default bf16: kept as bf16)")
+    add_value_options(parser)
     args = parser.parse_args(argv)
     cfg = shape_config(args.shape, args.layers)
     layers = cfg["num_hidden_layers"]

@@ -34,7 +34,7 @@ def kernel_activation(activation: ExpertActivation) -> np.ndarray:
 
 
 class CpuExperts(HostStacks):
-    """Routed experts of one MoE layer in format "bf16", "int8" or "int4" (docs/formats.md)."""
+    """Routed experts of one MoE layer in format "bf16", "int8", "int4" or "int4s" (docs/formats.md)."""
 
     def __init__(self, weights: ExpertWeights, fmt: str = "int8") -> None:
         check_format(fmt)

@@ -4,8 +4,10 @@ A layer keeps its torch modules (prefill, the reference path, the GPU). For a fe
 with packed dense weights (dense="int8"/"int4") and CPU-kernel experts, `for_layer` returns a CompiledLayer that
 runs the token mixer (attention, MLA or Gated DeltaNet) and the MLP block as one Numba call each
 (csrc_py.decode_step); any part it does not cover (an option without a compiled form, torch weights) stays in
-torch, and a layer with nothing to compile returns None. The numbers are the torch path's within float32
-rounding (tests/test_decode_step.py).
+torch, and a layer with nothing to compile returns None. Where every layer compiles whole, `for_stack` gives the
+Transformer one CompiledStack that runs them all (two Numba calls a layer, no torch op or module call per layer),
+and `for_head` the final norm and packed LM head as one more call. The numbers are the torch path's within float32
+rounding (tests/test_decode_step.py); tests/test_compiled_stack.py counts the calls a step makes.
 
 OFFLOAD_COMPILED_STEP=0 in the environment, or `set_enabled(False)`, forces the torch path (A/B measurements).
 """
@@ -22,6 +24,7 @@ import torch
 
 from ..config import RouterConfig
 from .attention import Attention
+from .compiled_indexer import IndexerPlan
 from .gated_deltanet import L2_EPS, GatedDeltaNet
 from .layers import FusedLinear, QuantLinear, SwiGLU
 from .mla import MLA
@@ -50,12 +53,9 @@ def enabled() -> bool:
 
 def for_layer(layer: DecoderLayer, x: torch.Tensor) -> CompiledLayer | None:
     """The compiled form of `layer` for hidden states x [T, H], or None where the torch path runs."""
-    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] > MAX_TOKENS:
+    if not _applies(x):
         return None
-    compiled = layer.__dict__.get("_compiled_step", _NOT_BUILT)
-    if compiled is _NOT_BUILT:
-        compiled = CompiledLayer.build(layer)
-        layer.__dict__["_compiled_step"] = compiled
+    compiled = _compiled(layer)
     return compiled if compiled is not None and compiled.takes(x.shape[0]) else None
 
 
@@ -69,6 +69,8 @@ _MLA_FIELDS = {"heads", "nope", "rope_dim", "v_dim", "rank", "interleaved", "inp
                "kv_a_norm", "kv_b_proj", "o_proj", "scale", "w_uk", "w_uv", "indexer", "shares_selection", "selection"}
 _DELTANET_FIELDS = {"k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel", "conv_dim", "projections", "in_proj",
                     "conv_weight", "neg_A", "dt_bias", "norm_weight", "eps", "out_proj"}
+_INDEXER_FIELDS = {"heads", "head_dim", "topk", "interleaved", "wq_b", "wk", "k_norm", "weights_proj"}
+_LAYER_NORM_FIELDS = {"weight", "bias", "eps"}
 # `graphs` replays device-position steps only; the compiled step runs at host positions.
 _LAYER_FIELDS = {"timers", "input_norm", "attn", "post_attn_norm", "mlp", "_compiled_step", "graphs"}
 # zero_centred changes where the weight meets the rounding to the model dtype: nothing, in the float32 step.
@@ -89,7 +91,8 @@ def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
 
 
 def _packed(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A PackedMatrix as the (q, d, m) tuple csrc_py.decode_step takes (m is d for int8; empty for bf16)."""
+    """A PackedMatrix as the (q, d, m) tuple csrc_py.decode_step takes (m is d for int8, None for int4s; empty for
+    bf16)."""
     if m.fmt == "bf16":
         empty = np.zeros((1, 1, 1, 1), np.uint16)
         return m.q, empty, empty
@@ -239,17 +242,23 @@ class _MLAPlan(_MixerPlan):
     o_proj: tuple
     o_bias: np.ndarray
     widths: tuple[int, ...]  # padded in_proj, q_lora_rank, padded q_b, heads*v, padded o_proj out
+    attn: MLA  # DeepSeek Sparse Attention: its Selection carries the attended positions to and from the torch path
+    indexer: IndexerPlan | None  # the layer's own lightning indexer
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> _MLAPlan | None:
         attn = layer.attn
         q_lora = attn.q_b_proj is not None
-        if type(attn) is not MLA or not _knows(attn, _MLA_FIELDS) or attn.indexer is not None or \
-                attn.shares_selection or not isinstance(attn.input_projs, FusedLinear) \
+        if type(attn) is not MLA or not _knows(attn, _MLA_FIELDS) or not isinstance(attn.input_projs, FusedLinear) \
                 or not isinstance(attn.o_proj, QuantLinear) or attn.kv_b_proj.weight.dtype != torch.float32 or \
                 not attn.kv_b_proj.weight.is_contiguous() or \
                 (q_lora and not (isinstance(attn.q_b_proj, QuantLinear) and attn.q_b_proj.bias is None)) or \
                 not all(_knows(n, _NORM_FIELDS) for n in (attn.kv_a_norm, attn.q_a_norm) if n is not None):
+            return None
+        ix = attn.indexer
+        indexer = IndexerPlan.build(ix) if ix is not None and _knows(ix, _INDEXER_FIELDS) and \
+            _knows(ix.k_norm, _LAYER_NORM_FIELDS) and q_lora else None
+        if ix is not None and indexer is None:
             return None
         in_proj = attn.input_projs
         q_b = attn.q_b_proj.packed if q_lora else in_proj.packed
@@ -266,7 +275,21 @@ class _MLAPlan(_MixerPlan):
             o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
             widths=(in_proj.packed.padded_shape[1], max(in_proj.widths[0] if q_lora else 0, 1),
                     q_b.padded_shape[1], attn.heads * attn.v_dim, attn.o_proj.packed.padded_shape[1]),
+            attn=attn, indexer=indexer,
         )
+
+    def run(self, p: _Prepared, x: np.ndarray, out: np.ndarray, start: int) -> None:
+        """As the base, with DeepSeek Sparse Attention's positions: an indexer layer's choice is published in its
+        Selection (a view of the buffer; None: every causal position), which a shared layer reads (whichever
+        path its source layer ran)."""
+        *tail, selection = p.attn_tail
+        given = self.attn.selection.positions if self.attn.shares_selection else None
+        if given is not None:  # the source layer's choice [T, k]
+            selection = np.ascontiguousarray(given.numpy())
+        width = 0 if given is None else selection.shape[1]
+        selected = p.attn_block(x, out, *p.attn_head, start, *tail, selection, width)
+        if self.indexer is not None:
+            self.attn.selection.positions = torch.from_numpy(selection) if selected else None
 
     def args(self, T: int, H: int, cache, rope: RotaryTable) -> tuple[Callable, tuple, tuple]:
         """mla_block, and its arguments after (x, out) before the position and after it, with buffers for T rows."""
@@ -275,7 +298,11 @@ class _MLAPlan(_MixerPlan):
         scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *self.widths))
         head = (*self.norm, self.in_proj, self.in_bias, self.dims, self.q_a_norm, self.q_b, self.kv_a_norm,
                 _f32(rope.cos), _f32(rope.sin), self.interleaved)
-        tail = (cache.c_kv.numpy(), cache.k_rope.numpy(), self.w_kv, self.scale, self.o_proj, self.o_bias, *scratch)
+        ix = self.indexer
+        sparse = (None, np.zeros((0, 1), np.float32), np.zeros((T, 0), np.int64)) if ix is None else \
+            (ix.args(T, cache.index_k.shape[0]), cache.index_k.numpy(), np.zeros((T, ix.dims[2]), np.int64))
+        tail = (cache.c_kv.numpy(), cache.k_rope.numpy(), self.w_kv, self.scale, self.o_proj, self.o_bias, *scratch,
+                *sparse)  # ... indexer, index_k, selection buffer: run() passes the selection and its width
         return mla_block, head, tail
 
 
@@ -434,7 +461,8 @@ class _Prepared:
     attn_block: object  # csrc_py.decode_step.attention_block, mla_block or deltanet_block
     attn_head: tuple  # its arguments after (x, out), before start (deltanet_block: all of them)
     attn_tail: tuple  # ... after start
-    mlp: tuple  # moe_block's / mlp_block's arguments after x
+    mlp_block: object  # csrc_py.decode_step.moe_block or mlp_block (None: torch)
+    mlp: tuple  # its arguments after x
 
 
 class CompiledLayer:
@@ -442,6 +470,7 @@ class CompiledLayer:
 
     def __init__(self, layer: DecoderLayer, attn: _MixerPlan | None, mlp: _MoEPlan | _MLPPlan | None):
         self.layer, self.attn, self.mlp = layer, attn, mlp
+        self.moe = isinstance(mlp, _MoEPlan)  # the timers' "experts" section holds a MoE block
         self._prepared: dict[int, _Prepared] = {}  # tokens -> arguments
         self._takes: dict[int, bool] = {}  # tokens -> whether the compiled step runs them
 
@@ -460,42 +489,178 @@ class CompiledLayer:
             mlp = None
         return cls(layer, attn, mlp) if attn is not None or mlp is not None else None
 
+    @property
+    def whole(self) -> bool:
+        """Whether both blocks are compiled: the layer then runs with no torch op (what a CompiledStack takes)."""
+        return self.attn is not None and self.mlp is not None
+
     def takes(self, tokens: int) -> bool:
         takes = self._takes.get(tokens)
         if takes is None:
             takes = self._takes[tokens] = not isinstance(self.mlp, _MoEPlan) or self.mlp.takes(tokens)
         return takes
 
-    def _prepare(self, T: int, H: int, cache, rope: RotaryTable) -> _Prepared:
+    def prepared(self, T: int, H: int, cache, rope: RotaryTable) -> _Prepared:
         """The arguments for T tokens, made at the first step of that size (and again for another cache)."""
+        p = self._prepared.get(T)
+        if p is not None and p.cache is cache and p.rope is rope:
+            return p
+        from csrc_py.decode_step import mlp_block, moe_block
+
         block, head, tail = self.attn.args(T, H, cache, rope) if self.attn is not None else (None, (), ())
         mlp = self.mlp.args(T, H) if self.mlp is not None else ()
-        prepared = self._prepared[T] = _Prepared(cache, rope, block, head, tail, mlp)
-        return prepared
+        mlp_fn = None if self.mlp is None else moe_block if self.moe else mlp_block
+        p = self._prepared[T] = _Prepared(cache, rope, block, head, tail, mlp_fn, mlp)
+        return p
+
+    def run(self, p: _Prepared, x: np.ndarray, out: np.ndarray, start: int) -> None:
+        """out = the layer's output for x [T, H] at positions start.. (float32 arrays, not the same one), both
+        blocks compiled (`whole`): two Numba calls and the timers, nothing else."""
+        timers = self.layer.timers
+        t0 = time.perf_counter()
+        self.attn.run(p, x, out, start)
+        t1 = time.perf_counter()
+        timers.add("attention", t1 - t0)
+        p.mlp_block(out, *p.mlp)
+        if self.moe:
+            timers.add("experts", time.perf_counter() - t1)
 
     def __call__(self, x: torch.Tensor, start: int, cache, rope: RotaryTable) -> torch.Tensor:
         """The layer's output for x [T, H] at positions start.. (a new tensor; x is left as it was)."""
-        from csrc_py.decode_step import mlp_block, moe_block
-
-        layer, timers = self.layer, self.layer.timers
+        layer = self.layer
         T, H = x.shape
-        p = self._prepared.get(T)
-        if p is None or p.cache is not cache or p.rope is not rope:
-            p = self._prepare(T, H, cache, rope)
+        p = self.prepared(T, H, cache, rope)
         on = np.empty((T, H), np.float32)
         out = torch.from_numpy(on)
+        if self.whole:
+            self.run(p, x.detach().contiguous().numpy(), on, start)
+            return out
         t0 = time.perf_counter()
         if self.attn is not None:
             self.attn.run(p, x.detach().contiguous().numpy(), on, start)
         else:
             out.copy_(x + layer.attn(layer.input_norm(x), start, cache, rope))
         t1 = time.perf_counter()
-        timers.add("attention", t1 - t0)
-        if isinstance(self.mlp, _MoEPlan):
-            moe_block(on, *p.mlp)
-            timers.add("experts", time.perf_counter() - t1)
-        elif isinstance(self.mlp, _MLPPlan):
-            mlp_block(on, *p.mlp)
+        layer.timers.add("attention", t1 - t0)
+        if self.mlp is not None:
+            p.mlp_block(on, *p.mlp)
+            if self.moe:
+                layer.timers.add("experts", time.perf_counter() - t1)
         else:
             out = out + layer.mlp(layer.post_attn_norm(out))
         return out
+
+
+def _compiled(layer: DecoderLayer) -> CompiledLayer | None:
+    """The layer's CompiledLayer (built at the first ask), or None."""
+    compiled = layer.__dict__.get("_compiled_step", _NOT_BUILT)
+    if compiled is _NOT_BUILT:
+        compiled = CompiledLayer.build(layer)
+        layer.__dict__["_compiled_step"] = compiled
+    return compiled
+
+
+def _applies(x: torch.Tensor) -> bool:
+    """Whether hidden states x [T, H] are a compiled step's: on the CPU, float32, a few rows, the step enabled."""
+    return _enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= MAX_TOKENS
+
+
+class CompiledStack:
+    """Every decoder layer of a model as one loop over the compiled layers: per layer two Numba calls on numpy
+    buffers (two, used in turn, allocated once per token count), no torch op, no module call. Built where every
+    layer is `whole`; a layer that declines a token count (`takes`) sends that step back to the per-layer path."""
+
+    def __init__(self, layers: list[CompiledLayer]):
+        self.layers = layers
+        self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tokens -> the two [T, H] buffers
+        self._takes: dict[int, bool] = {}
+
+    @classmethod
+    def of(cls, transformer) -> CompiledStack | None:
+        stack = transformer.__dict__.get("_compiled_stack", _NOT_BUILT)
+        if stack is _NOT_BUILT:
+            layers = [_compiled(layer) for layer in transformer.layers]
+            stack = cls(layers) if layers and all(c is not None and c.whole for c in layers) else None
+            transformer.__dict__["_compiled_stack"] = stack
+        return stack
+
+    def takes(self, tokens: int) -> bool:
+        takes = self._takes.get(tokens)
+        if takes is None:
+            takes = self._takes[tokens] = all(c.takes(tokens) for c in self.layers)
+        return takes
+
+    def __call__(self, x: torch.Tensor, start: int, caches: list, rope: RotaryTable) -> torch.Tensor:
+        """The last layer's output for x [T, H] at positions start.. . It is one of the stack's buffers, which the
+        next call overwrites: read it (the final norm does) before the next step."""
+        T, H = x.shape
+        buffers = self._buffers.get(T)
+        if buffers is None:
+            buffers = self._buffers[T] = (np.empty((T, H), np.float32), np.empty((T, H), np.float32))
+        a, out = x.detach().contiguous().numpy(), buffers[0]
+        for layer, cache in zip(self.layers, caches):
+            p = layer.prepared(T, H, cache, rope)
+            layer.run(p, a, out, start)
+            a, out = out, (buffers[1] if out is buffers[0] else buffers[0])
+        return torch.from_numpy(a)
+
+
+def for_stack(transformer, x: torch.Tensor) -> CompiledStack | None:
+    """The compiled form of all of `transformer`'s decoder layers for hidden states x [T, H], or None where any
+    layer runs (wholly or in part) on the torch path."""
+    if not _applies(x):
+        return None
+    stack = CompiledStack.of(transformer)
+    return stack if stack is not None and stack.takes(x.shape[0]) else None
+
+
+class CompiledHead:
+    """The final RMSNorm and a packed LM head as one Numba call (csrc_py.decode_step.head_block) on the last
+    rows of a step: the torch path's norm, linear and bias within float32 rounding, and the same engine
+    (csrc_py.dispatch.linear's crossover decides, per row count)."""
+
+    def __init__(self, norm: tuple, lm_head, bias: np.ndarray):
+        self.norm, self.lm_head, self.bias = norm, lm_head, bias
+        self.packed = _packed(lm_head)
+        self._takes: dict[int, bool] = {}
+        self._scratch: dict[int, np.ndarray] = {}  # tokens -> h [T, H]
+
+    @classmethod
+    def of(cls, transformer) -> CompiledHead | None:
+        head = transformer.__dict__.get("_compiled_head", _NOT_BUILT)
+        if head is _NOT_BUILT:
+            norm, lm_head = transformer.norm, transformer.lm_head
+            head = None
+            if _knows(norm, _NORM_FIELDS) and type(lm_head) is QuantLinear and \
+                    _knows(lm_head, {"packed", "bias"}) and lm_head.packed.shape[0] == 1:
+                head = cls((_f32(norm.weight), float(norm.eps)), lm_head.packed, _f32(lm_head.bias))
+            transformer.__dict__["_compiled_head"] = head
+        return head
+
+    def takes(self, tokens: int) -> bool:
+        takes = self._takes.get(tokens)
+        if takes is None:
+            from csrc_py.dispatch import linear_uses_torch
+
+            takes = self._takes[tokens] = not linear_uses_torch(self.lm_head, tokens)
+        return takes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """logits [T, V] float32 (a new tensor) for the last layer's output x [T, H]."""
+        from csrc_py.decode_step import head_block
+
+        T, H = x.shape
+        h = self._scratch.get(T)
+        if h is None:
+            h = self._scratch[T] = np.empty((T, H), np.float32)
+        logits = np.empty((T, self.lm_head.padded_shape[1]), np.float32)
+        head_block(x.detach().contiguous().numpy(), *self.norm, self.packed, self.bias, h, logits)
+        return torch.from_numpy(logits)[:, :self.lm_head.shape[1]]
+
+
+def for_head(transformer, x: torch.Tensor) -> CompiledHead | None:
+    """The compiled final norm and LM head for x [T, H], or None where the torch modules run them."""
+    if not _applies(x):
+        return None
+    head = CompiledHead.of(transformer)
+    return head if head is not None and head.takes(x.shape[0]) else None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEVICE_FORMATS = ("int8", "int4")
+DEVICE_FORMATS = ("int8", "int4", "int4s")  # int4s: int4 with zero 0 and Q4_0 rounding (same device bytes)
 GROUP = 32  # int4 values per scale and zero along the input dim: offload's CPU int4 group, torch's smallest
 ROWS = 64  # int4 output rows are padded to this: the CPU kernel packs blocks of 64 rows (N % 16 at least), CUDA 8
 
@@ -49,7 +49,7 @@ def nbytes(fmt: str, out_features: int, in_features: int, dtype_bytes: int) -> i
     planner counts before anything is loaded."""
     if fmt == "int8":
         return out_features * _round_up(in_features, GROUP) + out_features * dtype_bytes
-    if fmt == "int4":
+    if fmt in ("int4", "int4s"):  # torch's layout keeps a zero per group either way
         O, K = int4_padded(out_features, in_features)
         return O * K // 2 + (K // GROUP) * O * 2 * dtype_bytes
     raise ValueError(f"unknown device format {fmt!r}")
@@ -113,13 +113,21 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
     return Int8Weight(q.to(torch.int8), scale, (O, K))
 
 
-def int4_grid(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def int4_grid(w: torch.Tensor, dtype: torch.dtype, symmetric: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [O, K] -> (q [O', K'] int32 in 0..15, scale [O', K'/GROUP], zero [O', K'/GROUP]) in `dtype`, padded with
-    zeros; each group spans its min..max in 15 steps."""
+    zeros; each group spans its min..max in 15 steps, or (symmetric, int4s) zero 0 and the scale and rounding of
+    llama.cpp's Q4_0: scale = the value of largest magnitude / -8, q = min(15, trunc(w / scale + 8.5))."""
     O, K = w.shape
     O_padded, K_padded = int4_padded(O, K)
     w = F.pad(w.float(), (0, K_padded - K, 0, O_padded - O))
     groups = w.reshape(O_padded, K_padded // GROUP, GROUP)
+    if symmetric:
+        peak = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))[..., 0]  # [O', G]
+        d = peak / -8
+        inv = torch.where(d == 0, 0.0, 1 / d)
+        q = torch.trunc(groups * inv[..., None] + 8.5).clamp(0, 15)
+        return q.reshape(O_padded, K_padded).to(torch.int32), d.to(dtype), torch.zeros_like(d, dtype=dtype)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [O', G]
     scale = ((high - low) / 15).to(dtype)
     zero = (low + 8 * scale.float()).to(dtype)  # the value of q = 8
@@ -128,9 +136,10 @@ def int4_grid(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return q.reshape(O_padded, K_padded).to(torch.int32), scale, zero
 
 
-def quantize_int4(w: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
-    """w [O, K] (any float dtype, on its device) -> grouped asymmetric int4 in the device kernel's layout."""
-    q, scale, zero = int4_grid(w, torch.bfloat16 if w.device.type == "cuda" else dtype)
+def quantize_int4(w: torch.Tensor, dtype: torch.dtype, symmetric: bool = False) -> Int4Weight:
+    """w [O, K] (any float dtype, on its device) -> grouped int4 in the device kernel's layout: asymmetric, or
+    symmetric (int4s: zero 0)."""
+    q, scale, zero = int4_grid(w, torch.bfloat16 if w.device.type == "cuda" else dtype, symmetric)
     if q.device.type == "cuda":
         nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [O', K'/2]: even column in the high nibble
         K_padded = q.shape[1]
@@ -146,8 +155,8 @@ def quantize(w: torch.Tensor, fmt: str, dtype: torch.dtype) -> DeviceQuantWeight
     """w [O, K] on the device tier's device -> its quantized form in `fmt` (scales in `dtype`)."""
     if fmt == "int8":
         return quantize_int8(w, dtype)
-    if fmt == "int4":
-        return quantize_int4(w, dtype)
+    if fmt in ("int4", "int4s"):
+        return quantize_int4(w, dtype, symmetric=fmt == "int4s")
     raise ValueError(f"unknown device format {fmt!r}: use one of {', '.join(DEVICE_FORMATS)}")
 
 

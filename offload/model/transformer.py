@@ -10,6 +10,7 @@ from torch import nn
 
 from ..arch import CheckpointNames
 from ..config import ModelConfig
+from ..errors import ContextLengthError
 from ..timers import Timers
 from ..weights.source import WeightSource
 from . import compiled_step
@@ -165,18 +166,31 @@ class Transformer(nn.Module):
 
     def hidden(self, ids: torch.Tensor, start: int, positions: Positions | None = None) -> torch.Tensor:
         """ids [T] -> final-norm hidden states [T, H], writing positions start..start+T-1 to the caches."""
+        return self.norm(self._layers(ids, start, positions))
+
+    def _layers(self, ids: torch.Tensor, start: int, positions: Positions | None) -> torch.Tensor:
+        """ids [T] -> the last decoder layer's output [T, H] (before the final norm); on the compiled step it is a
+        buffer the next step reuses, so read it before then."""
+        if start + ids.shape[0] > self.max_context:  # the compiled step writes the caches without bounds checks
+            raise ContextLengthError(f"positions {start}..{start + ids.shape[0] - 1} exceed max_context="
+                                     f"{self.max_context}; load with a larger max_context")
         self.timers.collect()
         if self.settle_step is not None:
             self.settle_step()
         held, self.held = self.held, 0
         x = F.embedding(ids, self.embed)  # [T, H]
-        for layer, cache in zip(self.layers, self.caches):
-            x = layer(x, start if positions is None else positions, cache, self.rope)
+        # A decode step on the CPU at a host position: every layer compiled, two Numba calls each.
+        stack = compiled_step.for_stack(self, x) if positions is None else None
+        if stack is not None:
+            x = stack(x, start, self.caches, self.rope)
+        else:
+            for layer, cache in zip(self.layers, self.caches):
+                x = layer(x, start if positions is None else positions, cache, self.rope)
         # Positions before `start` are untouched; without a record of them the caches hold nothing reusable.
         if held >= start:
             self.held_ids[start : start + ids.shape[0]].copy_(ids)
             self.held = start + ids.shape[0]
-        return self.norm(x)
+        return x
 
     def forward(self, ids: torch.Tensor, start: int, last_only: bool = False, positions: Positions | None = None
                 ) -> torch.Tensor:
@@ -187,8 +201,12 @@ class Transformer(nn.Module):
         chunk = self.prefill_chunk if positions is None and self.prefill_chunk else max(1, ids.shape[0])
         pieces = []
         for i in range(0, ids.shape[0], chunk):
-            h = self.hidden(ids[i : i + chunk], start + i, positions)  # [chunk, H]
-            pieces.append(h[-1:] if last_only else h)
-        h = pieces[-1] if last_only else torch.cat(pieces)
+            x = self._layers(ids[i : i + chunk], start + i, positions)  # [chunk, H], before the final norm
+            # a compiled step's result is a buffer the next chunk reuses: every row kept is a copy
+            pieces.append(x[-1:] if last_only else x.clone())
+        x = pieces[-1] if last_only else torch.cat(pieces)
+        head = compiled_step.for_head(self, x)
         with self.timers.section("lm_head"):
-            return self.lm_head(h).float()
+            if head is not None:  # the final norm and LM head as one Numba call
+                return head(x)
+            return self.lm_head(self.norm(x)).float()

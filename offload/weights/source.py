@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from ..experts.base import ExpertWeights, PackedExperts
 
-PACKED_FORMATS = ("bf16", "int8", "int4")  # csrc_py.formats.FORMATS, without importing the kernels
+PACKED_FORMATS = ("bf16", "int8", "int4", "int4s")  # csrc_py.formats.FORMATS, without importing the kernels
 DenseWeight = Union[torch.Tensor, "PackedMatrix"]  # a Linear's weight [out, in], or packed as a [1, out, in] stack
 
 log = logging.getLogger("offload")
@@ -36,7 +36,7 @@ class WeightSource:
         self.device = device
         self.rename = rename  # a module's tensor name -> its name in the checkpoint (a multimodal text model's)
         self.on_read = on_read  # (file name, bytes just read): drives progress bars
-        # "int8" | "int4": quantize dense Linear weights at load; None / "bf16": keep them in the model dtype
+        # "int8" | "int4" | "int4s": quantize dense Linear weights at load; None / "bf16": keep them in the model dtype
         self.dense_format = None if dense_format == "bf16" else dense_format
         # Where dense weights run: the device tier's torch matmuls (a GPU, or a simulated budget: model/device_quant.py
         # for int8 / int4) or, on a CPU-only run, the CPU kernels in offload's packed formats.

@@ -9,7 +9,8 @@ model.safetensors.index.json, whose metadata names the formats:
 
 A packed matrix NAME — a layer's stacked experts (`model.layers.3.mlp.experts.gate_proj`, [E, O, K]) or a dense
 weight (`model.layers.3.self_attn.q_proj.weight`, a [1, O, K] stack) — is stored as the arrays NAME.q, NAME.d and
-NAME.m of csrc_py.formats, and its shard's metadata entry "offload.packed" maps NAME -> {"format", "shape"}.
+NAME.m of csrc_py.formats (those its format has: int8 and int4s have no .m), and its shard's metadata entry
+"offload.packed" maps NAME -> {"format", "shape"}.
 Everything else is stored exactly as in the source checkpoint. Byte layouts: docs/formats.md.
 
 Writing goes one shard at a time, each to a temporary name renamed when complete, and streams within a shard
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
 STORE_VERSION = 1
 STORE_KEY = "offload_store"
 PACKED_KEY = "offload.packed"
-EXPERT_FORMATS = ("bf16", "int8", "int4")
-DENSE_FORMATS = ("bf16", "int8", "int4")  # "bf16": dense weights stay as the source stores them
+EXPERT_FORMATS = ("bf16", "int8", "int4", "int4s")
+DENSE_FORMATS = ("bf16", "int8", "int4", "int4s")  # "bf16": dense weights stay as the source stores them
 ARRAY_DTYPES = {"q": None, "d": "float16", "m": "float16"}  # q's dtype depends on the format
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
