@@ -18,7 +18,7 @@ import offload
 from offload.errors import ContextLengthError
 from offload.model import compiled_step
 from offload.model.transformer import DecoderLayer
-from tiny_models import rel_err, write_checkpoint
+from tiny_models import rel_err
 
 import csrc_py  # noqa: F401  (torch before numba)
 from csrc_py import decode_step as ds
@@ -39,17 +39,10 @@ class TorchOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folders: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in folders:
-            folders[name] = tmp_path_factory.mktemp(name)
-            write_checkpoint(name, folders[name])
-        return folders[name]
-
-    return get
+@pytest.fixture
+def checkpoint(checkpoint_dir):
+    """name -> the tiny model's folder (written once per session by conftest's checkpoint_dir)."""
+    return lambda name: checkpoint_dir(name)[0]
 
 
 @pytest.mark.parametrize("name, experts, dense", [("qwen3_moe", "int8", "int8"), ("deepseek_v2", "int4", "int4"),

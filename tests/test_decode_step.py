@@ -3,7 +3,6 @@ against the torch code it replaces, and whole decode steps of tiny models agains
 (float32 rounding apart), with a check that the compiled layers really ran."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from offload.model.kv_cache import RecurrentState, causal_mask_args
 from offload.model.layers import RMSNorm
 from offload.model.rope import RotaryTable
 from offload.model.routing import route as torch_route
-from tiny_models import rel_err, write_checkpoint
+from tiny_models import rel_err
 
 import csrc_py  # noqa: F401  (torch before numba)
 from csrc_py import decode_step as ds
@@ -263,17 +262,10 @@ def test_deltanet_block_matches_the_layer(deltanet_model, name):
 # ---------------------------------------------------------------- whole steps
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folders: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in folders:
-            folders[name] = tmp_path_factory.mktemp(name)
-            write_checkpoint(name, folders[name])
-        return folders[name]
-
-    return get
+@pytest.fixture
+def checkpoint(checkpoint_dir):
+    """name -> the tiny model's folder (written once per session by conftest's checkpoint_dir)."""
+    return lambda name: checkpoint_dir(name)[0]
 
 
 def decode_steps(model, compiled: bool) -> torch.Tensor:
