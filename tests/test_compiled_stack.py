@@ -39,7 +39,7 @@ class TorchOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def checkpoint(checkpoint_dir):
     """name -> the tiny model's folder (written once per session by conftest's checkpoint_dir)."""
     return lambda name: checkpoint_dir(name)[0]

@@ -262,7 +262,7 @@ def test_deltanet_block_matches_the_layer(deltanet_model, name):
 # ---------------------------------------------------------------- whole steps
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def checkpoint(checkpoint_dir):
     """name -> the tiny model's folder (written once per session by conftest's checkpoint_dir)."""
     return lambda name: checkpoint_dir(name)[0]
