@@ -169,17 +169,21 @@ class HybridExperts:
             ranked = [expert for expert, _ in Counter(ids).most_common()]  # most-used first
             s.calls += 1
             s.expert_uses += len(ranked)
-            for expert in ranked:
-                if expert in self.pool.pinned_row:
-                    s.pinned_hits += 1
-                elif self.cache.lookup(expert) is not None:
-                    s.cache_hits += 1
-                else:
-                    s.cpu_misses += 1
+            s.cpu_misses += sum(not self._count_hit(expert) for expert in ranked)
             if self.prefetcher is not None:
                 self.prefetcher.after_step(self.layer, ranked)
         if self.residents_changed:
             self._publish(non_blocking=True)  # read by the next step's first kernels, long after this copy
+
+    def _count_hit(self, expert: int) -> bool:
+        """Count a use of `expert` as a pinned or cache hit; False (nothing counted) when it is on neither."""
+        if expert in self.pool.pinned_row:
+            self.stats.pinned_hits += 1
+        elif self.cache.lookup(expert) is not None:
+            self.stats.cache_hits += 1
+        else:
+            return False
+        return True
 
     # --- prefill: decisions per call ----------------------------------------------------------------------
     def _decides_per_call(self, tokens: int) -> bool:
@@ -203,14 +207,7 @@ class HybridExperts:
         s = self.stats
         s.calls += 1
         s.expert_uses += len(experts)
-        streamed = []
-        for expert in experts:
-            if expert in self.pool.pinned_row:
-                s.pinned_hits += 1
-            elif self.cache.lookup(expert) is not None:
-                s.cache_hits += 1
-            else:
-                streamed.append(expert)
+        streamed = [expert for expert in experts if not self._count_hit(expert)]
         s.streamed_misses += len(streamed)
         s.bytes_streamed += len(streamed) * self.sizes.host_bytes
         if self.prefetcher is not None:
