@@ -240,7 +240,7 @@ QUANTIZED_DENSE = ("int8", "int4", "int4s")  # dense formats quantized at load
 def load(path: str | Path, device: str = "auto", max_context: int | None = None, dtype: str = "auto",
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool | None = None,
-         dense: str | None = None, prefill_chunk: int | None = None, cuda_graphs: bool | None = None,
+         dense: str | None = None, prefill_chunk: int | None = None, cuda_graphs: bool = False,
          on_progress: ProgressCallback | None = None
          ) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
@@ -273,8 +273,9 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     prefill_chunk: tokens per prefill forward; a longer prompt runs in chunks (default 512, raised to the
                  cost model's stream threshold where a device tier streams experts; offload/experts/stream.py).
     cuda_graphs: replay each layer's attention + norm + router block of a decode step from a CUDA graph captured
-                 once per context bucket (default: on with a CUDA device; a capture that fails leaves that layer
-                 eager, with one warning). Needs a CUDA device.
+                 once per context bucket (a capture that fails leaves that layer eager, with one warning). Needs a
+                 CUDA device. Off by default: the capture is tested on the CPU with a simulated graph only, and
+                 becomes the default once it has run on a GPU.
     cpu_threads: threads for the CPU workers and torch (default: physical cores).
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
@@ -364,12 +365,12 @@ def _check_formats(experts: str | None, dense: str | None) -> None:
             raise OffloadError(f"{option} must be one of {', '.join(EXPERT_FORMATS)}, got {value!r}")
 
 
-def _resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device) -> bool:
-    """CUDA graphs for decode blocks: on by default with a CUDA device, refused without one."""
+def _resolve_cuda_graphs(cuda_graphs: bool, device: torch.device) -> bool:
+    """CUDA graphs for decode blocks: only when asked for, and refused without a CUDA device."""
     if cuda_graphs and device.type != "cuda":
         raise OffloadError(f"cuda_graphs needs a CUDA device, and this model loads on {device}; drop cuda_graphs "
                            "(--no-cuda-graphs) or load with device='cuda'")
-    return device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    return cuda_graphs
 
 
 def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device_tier: bool

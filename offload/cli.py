@@ -114,9 +114,9 @@ class LoadOptions:
               "int8/int4 matmuls on a device tier, the CPU kernels on the CPU alone), bf16 the model dtype "
               "(default: on a device tier the plan's choice, the model dtype while it fits; on the CPU alone "
               "torch, or a converted store's format).")
-    cuda_graphs: Optional[bool] = _load_option(
-        None, "Replay each layer's attention, norm and router of a decode step from a CUDA graph per context "
-              "bucket (default: on with a CUDA device).")
+    cuda_graphs: bool = _load_option(
+        False, "Replay each layer's attention, norm and router of a decode step from a CUDA graph per context "
+               "bucket (needs a CUDA device; off by default until it has run on a GPU).")
 
 
 def with_load_options(command: Callable) -> Callable:

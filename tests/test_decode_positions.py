@@ -158,11 +158,11 @@ def test_cuda_graphs_without_a_cuda_device_is_refused(checkpoint_dir):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["mixtral_window_linear_rope", "gpt_oss", "deepseek_v3", "qwen3_next"])
 def test_cuda_graphs_replay_the_eager_steps(checkpoint_dir, name):
-    """On a GPU, cuda_graphs (the default there) captures real graphs per bucket; tokens and logits equal the
-    eager device-position steps and the host-position steps."""
+    """On a GPU, cuda_graphs captures real graphs per bucket; tokens and logits equal the eager device-position
+    steps (the default) and the host-position steps."""
     folder = checkpoint_dir(name)[0]
-    graphs = offload.load(folder, device="cuda", dtype="float32", max_context=MAX_CONTEXT)
-    eager = offload.load(folder, device="cuda", dtype="float32", max_context=MAX_CONTEXT, cuda_graphs=False)
+    graphs = offload.load(folder, device="cuda", dtype="float32", max_context=MAX_CONTEXT, cuda_graphs=True)
+    eager = offload.load(folder, device="cuda", dtype="float32", max_context=MAX_CONTEXT)
     assert any(layer.graphs is not None for layer in graphs.transformer.layers)
     assert all(layer.graphs is None for layer in eager.transformer.layers)
     check_generation_matches_host_positions(graphs)
