@@ -258,11 +258,7 @@ def unpack_arrays(fmt: str, O: int, K: int, q: torch.Tensor, d: torch.Tensor | N
     bytes computes with the weights the CPU side holds."""
     if fmt == "bf16":
         return q.float()
-    P, tiles = q.shape[0], q.shape[1]  # q [P, Kp/4 (int8) or Kp/8 (int4, int4s), 16, 4]
-    rows = q.permute(0, 2, 1, 3).reshape(P * PANEL, tiles * 4)  # [Op, bytes per row]: a tile's rows side by side
-    if fmt in NIBBLE_FORMATS:  # byte 4t + b of a row: column 8t + b in the low nibble, 8t + 4 + b in the high one
-        pairs = rows.reshape(P * PANEL, tiles, 1, 4)
-        rows = torch.cat((pairs & 15, pairs >> 4), dim=2).reshape(P * PANEL, tiles * 8)
+    rows = unpacked_values(fmt, q)
     scale = _per_column(d)
     w = rows.float() * scale  # [Op, Kp]
     if m is not None:
@@ -272,7 +268,23 @@ def unpack_arrays(fmt: str, O: int, K: int, q: torch.Tensor, d: torch.Tensor | N
     return w[:O, :K]
 
 
+def unpacked_values(fmt: str, q: torch.Tensor) -> torch.Tensor:
+    """An int8/int4/int4s matrix's q tiles [P, Kp/4 or Kp/8, 16, 4] -> its stored values [Op, Kp] (int8: -127..127,
+    nibbles: 0..15, in q's dtype), in torch where q lies: the values before any scale is applied."""
+    P, tiles = q.shape[0], q.shape[1]
+    rows = q.permute(0, 2, 1, 3).reshape(P * PANEL, tiles * 4)  # [Op, bytes per row]: a tile's rows side by side
+    if fmt in NIBBLE_FORMATS:  # byte 4t + b of a row: column 8t + b in the low nibble, 8t + 4 + b in the high one
+        pairs = rows.reshape(P * PANEL, tiles, 1, 4)
+        rows = torch.cat((pairs & 15, pairs >> 4), dim=2).reshape(P * PANEL, tiles * 8)
+    return rows
+
+
+def group_values(groups: torch.Tensor) -> torch.Tensor:
+    """Group values [P, Kp/32, 16] (the d or m array of one matrix) -> [Op, Kp/32], one per row and group."""
+    P = groups.shape[0]
+    return groups.permute(0, 2, 1).reshape(P * PANEL, -1)
+
+
 def _per_column(groups: torch.Tensor) -> torch.Tensor:
     """Group values [P, Kp/32, 16] (fp16) -> float32 [Op, Kp], each repeated over its group's 32 columns."""
-    P = groups.shape[0]
-    return groups.permute(0, 2, 1).reshape(P * PANEL, -1).float().repeat_interleave(GROUP, dim=1)
+    return group_values(groups).float().repeat_interleave(GROUP, dim=1)

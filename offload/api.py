@@ -240,8 +240,8 @@ QUANTIZED_DENSE = ("int8", "int4", "int4s")  # dense formats quantized at load
 def load(path: str | Path, device: str = "auto", max_context: int | None = None, dtype: str = "auto",
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool | None = None,
-         dense: str | None = None, prefill_chunk: int | None = None, cuda_graphs: bool = False,
-         on_progress: ProgressCallback | None = None
+         dense: str | None = None, slots: str | None = None, prefill_chunk: int | None = None,
+         cuda_graphs: bool = False, on_progress: ProgressCallback | None = None
          ) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
     `offload convert`, for generation.
@@ -270,6 +270,11 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  for a cache slot per MoE layer, then int8, then int4; the plan's table says which). On the CPU
                  alone they run through the quantized CPU kernels, and None keeps them in torch. A store's
                  formats are its defaults for experts and, on the CPU alone, dense.
+    slots:       format of the routed experts held on the device tier (pinned experts and cache slots):
+                 "int8" | "int4" | "int4s" quantized rows run by torch's weight-only matmuls (experts/quant_pool.py;
+                 an upload from a host of the same int4 format keeps its values), "bf16" the model dtype. None lets
+                 the planner choose: the model dtype while it leaves top-k slots per MoE layer, then int8, then
+                 int4 (the plan's table says which). Needs a device tier (a GPU, gpu_memory or a plan).
     prefill_chunk: tokens per prefill forward; a longer prompt runs in chunks (default 512, raised to the
                  cost model's stream threshold where a device tier streams experts; offload/experts/stream.py).
     cuda_graphs: replay each layer's attention + norm + router block of a decode step from a CUDA graph captured
@@ -285,15 +290,17 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     arch = architecture(hf.get("model_type"))
     config = arch.config_from_hf(hf)
     max_context = check_load(checkpoint, config, max_context, device, dtype, gpu_memory, plan)
-    _check_formats(experts, dense)
+    _check_formats(experts, dense, slots)
     check_prefill_chunk(prefill_chunk)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     device_tier = has_device_tier(torch_device, gpu_memory, plan)
+    _check_slots_on_device_tier(slots, device_tier)
     cuda_graphs = _resolve_cuda_graphs(cuda_graphs, torch_device)
     experts, dense = _store_defaults(checkpoint, experts, dense, device_tier)
     placement = resolve_plan(config, arch.names, torch_device, torch_dtype,
-                             experts or default_host_format(torch_dtype), max_context, gpu_memory, plan, dense=dense)
+                             experts or default_host_format(torch_dtype), max_context, gpu_memory, plan, dense=dense,
+                             slots=slots)
     if placement is not None and experts is not None and experts != placement.expert_format:
         raise OffloadError(f"the plan keeps experts on the host as {placement.expert_format}, not {experts}; "
                            "drop the experts option or make a new plan")
@@ -338,31 +345,40 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
 def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None,
          experts: str | None = None, device: str = "auto", dtype: str = "auto",
          heat: list[list[float]] | None = None, host_memory: int | str | None = None,
-         dense: str | None = None) -> Plan:
+         dense: str | None = None, slots: str | None = None) -> Plan:
     """The placement load() would use for these budgets, from config.json alone (no weight is read).
     experts: host format of offloaded experts; None keeps them in the device dtype, as load() does.
     dense: the device tier's dense format ("bf16" | "int8" | "int4" | "int4s"); None lets the planner choose, as
     load() does.
+    slots: the format of pinned experts and cache slots ("bf16" | "int8" | "int4" | "int4s"); None lets the planner
+    choose, as load() does.
     heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`).
     host_memory: the RAM to plan for (default: what is available now), e.g. to size a machine not at hand."""
     hf = read_config(path)  # a folder with config.json alone is enough
     arch = architecture(hf.get("model_type"))
     config = arch.config_from_hf(hf)
     max_context = check_max_context(config, max_context)
-    _check_formats(experts, dense)
+    _check_formats(experts, dense, slots)
     torch_device = resolve_device(device)
     if torch_device.type != "cuda" and gpu_memory is None:
         raise OffloadError("no GPU is visible: give the device budget to plan for, e.g. gpu_memory='12GiB' "
                            "(--gpu-memory 12GiB)")
     torch_dtype = resolve_dtype(dtype, torch_device)
     return resolve_plan(config, arch.names, torch_device, torch_dtype, experts or default_host_format(torch_dtype),
-                        max_context, gpu_memory, None, heat, host_memory, dense)
+                        max_context, gpu_memory, None, heat, host_memory, dense, slots)
 
 
-def _check_formats(experts: str | None, dense: str | None) -> None:
-    for option, value in (("experts", experts), ("dense", dense)):
+def _check_formats(experts: str | None, dense: str | None, slots: str | None = None) -> None:
+    for option, value in (("experts", experts), ("dense", dense), ("slots", slots)):
         if value is not None and value not in EXPERT_FORMATS:
             raise OffloadError(f"{option} must be one of {', '.join(EXPERT_FORMATS)}, got {value!r}")
+
+
+def _check_slots_on_device_tier(slots: str | None, device_tier: bool) -> None:
+    """A slot format is for the device tier's experts: refused where everything runs on the CPU alone."""
+    if slots is not None and not device_tier:
+        raise OffloadError(f"slots={slots!r} sets the format of experts held on a device tier, and this load has "
+                           "none; drop slots or give gpu_memory (or a plan, or a CUDA device)")
 
 
 def _resolve_cuda_graphs(cuda_graphs: bool, device: torch.device) -> bool:

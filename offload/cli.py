@@ -114,6 +114,10 @@ class LoadOptions:
               "int8/int4 matmuls on a device tier, the CPU kernels on the CPU alone), bf16 the model dtype "
               "(default: on a device tier the plan's choice, the model dtype while it fits; on the CPU alone "
               "torch, or a converted store's format).")
+    slots: Optional[Literal["bf16", "int8", "int4", "int4s"]] = _load_option(
+        None, "Format of the routed experts held on the device tier (pinned experts and cache slots): int8 | int4 | "
+              "int4s quantized rows (torch's int8/int4 matmuls), bf16 the model dtype (default: the plan's choice, "
+              "the model dtype while it leaves top-k slots per MoE layer, then int8, then int4).")
     cuda_graphs: bool = _load_option(
         False, "Replay each layer's attention, norm and router of a decode step from a CUDA graph per context "
                "bucket (needs a CUDA device; off by default until it has run on a GPU).")
@@ -457,6 +461,9 @@ def plan_(
     dense: Optional[Literal["bf16", "int8", "int4", "int4s"]] = typer.Option(
         None, help="Device tier format of attention, dense MLPs, shared experts and the LM head (default: the "
                    "device dtype while it leaves room for a cache slot per MoE layer, then int8, then int4)."),
+    slots: Optional[Literal["bf16", "int8", "int4", "int4s"]] = typer.Option(
+        None, help="Format of the routed experts held on the device tier, pinned and cached (default: the device "
+                   "dtype while it leaves top-k slots per MoE layer, then int8, then int4)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N] (decides the device dtype)."),
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = typer.Option(
         "auto", help="Device dtype to plan for (auto: bfloat16 on a GPU, float32 on the CPU; bfloat16 plans for a "
@@ -471,7 +478,8 @@ def plan_(
     from .profiling import read_heat
 
     placement = make(model_path, gpu_memory=gpu_memory, max_context=max_context, experts=experts, device=device,
-                     dtype=dtype, heat=read_heat(profile) if profile else None, host_memory=host_memory, dense=dense)
+                     dtype=dtype, heat=read_heat(profile) if profile else None, host_memory=host_memory, dense=dense,
+                     slots=slots)
     if out_file is not None:
         placement.save(out_file)
         err.print(f"[dim]wrote {out_file}[/dim]")

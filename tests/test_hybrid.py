@@ -3,6 +3,8 @@ CPU workers, pinned subsets, or a tiny cache with prefetch on and off (LRU and L
 and the same greedy tokens; the counters add up."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ import offload
 from offload.arch import architecture
 from offload.experts.builder import ExpertsBuilder
 from offload.experts.cost import CostModel
-from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
+from offload.experts.device import STAGING_RING_ENTRIES
+from offload.placement import PlanRequest, expert_host_bytes, inventory, kv_cache_bytes, make_plan
+from offload.placement.planner import device_buffers
 
 IDS = torch.arange(3, 27)
 GPU_LIKE_COSTS = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_per_s=25e9, device_flops=400e12)
@@ -20,18 +24,27 @@ def rel_err(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None, fmt: str = "bf16"):
-    """A plan with room for `device_experts` routed experts on the (simulated) device tier."""
+def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None, fmt: str = "bf16",
+         slot_format: str | None = None):
+    """A plan with room for `device_experts` routed experts on the (simulated) device tier, their rows in
+    `slot_format` (None: the device dtype), and, where experts stay on the host, for the device buffers their
+    uploads go through (the streaming double buffer and the staging ring's landing buffers) beside them."""
     model = offload.load(folder, device="cpu", max_context=64)
     cfg = model.config
     arch = architecture(cfg.model_type)
     inv = inventory(cfg, arch.names)
     fixed = sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 64, 4)
-    request = PlanRequest(device_budget=fixed + device_experts * inv.expert_params * 4, host_budget=2**34,
+    request = PlanRequest(device_budget=fixed + device_experts * inv.slot_bytes(4, slot_format), host_budget=2**34,
                           max_context=64, kv_cache_bytes=kv_cache_bytes(cfg, 64, 4), dtype_bytes=4,
                           expert_format=fmt, expert_host_bytes=inv.expert_params * 2,
-                          slots_per_layer=slots_per_layer)
-    return make_plan(inv, request, heat)
+                          slots_per_layer=slots_per_layer, slot_formats=(slot_format,))
+    placed = make_plan(inv, request, heat)
+    if not any(layer.host_experts for layer in placed.layers):
+        return placed
+    buffers = device_buffers(replace(request, stream_buffer_experts=2 * inv.top_k,
+                                     device_landing_entries=STAGING_RING_ENTRIES), inv.slot_bytes(4))
+    return replace(placed, device_budget=placed.device_budget + sum(buffers.values()), device_buffers=buffers,
+                   stream_buffer_experts=2 * inv.top_k)
 
 
 PLANS = {
@@ -188,16 +201,20 @@ def test_fp32_checkpoint_gives_the_same_logits_under_every_plan(checkpoint_dir, 
 
 
 def test_a_device_budget_keeps_host_experts_in_the_model_dtype_unless_asked(checkpoint_dir):
-    """The default plan for a float32 model offloads float32 experts; --experts bf16 still asks for bf16."""
+    """The default plan for a float32 model offloads float32 experts; --experts bf16 still asks for bf16. (Four
+    device experts are fewer than top-k slots per layer: the rows stay float32 because slots="bf16" asks for the
+    model dtype, tests/test_quant_slots.py has the planner's own choice.)"""
     folder, _ = checkpoint_dir("mixtral")
     reference = offload.load(folder, device="cpu", max_context=64)
     cfg = reference.config
     inv = inventory(cfg, architecture(cfg.model_type).names)
-    budget = sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 64, 4) + 4 * inv.expert_params * 4
-    model = offload.load(folder, device="cpu", max_context=64, gpu_memory=budget)
+    buffers = (2 * inv.top_k * inv.expert_params * 4  # the streaming double buffer and the ring's landing buffers
+               + STAGING_RING_ENTRIES * expert_host_bytes("float32", cfg.hidden_size, cfg.moe_intermediate_size))
+    budget = sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 64, 4) + buffers + 4 * inv.expert_params * 4
+    model = offload.load(folder, device="cpu", max_context=64, gpu_memory=budget, slots="bf16")
     assert model.plan.expert_format == "float32" and model.load_info.expert_format == "float32"
     assert any(l.host_experts for l in model.plan.layers)
     assert rel_err(model.logits(IDS), reference.logits(IDS)) <= 1e-6
     assert offload.plan(folder, gpu_memory=budget, max_context=64).expert_format == "float32"
-    asked = offload.load(folder, device="cpu", max_context=64, gpu_memory=budget, experts="bf16")
+    asked = offload.load(folder, device="cpu", max_context=64, gpu_memory=budget, experts="bf16", slots="bf16")
     assert asked.plan.expert_format == "bf16"

@@ -2,7 +2,8 @@
 
     no plan, no expert format  -> ReferenceExperts: every expert in torch on the device tier
     no plan, expert format     -> CpuExperts: every routed expert on the CPU workers (device="cpu")
-    a plan                     -> HybridExperts: pinned + cached experts on the device, the rest on the CPU
+    a plan                     -> HybridExperts: pinned + cached experts on the device (in the device dtype or the
+                                  plan's slot format), the rest on the CPU
 
 Placement never changes the numbers: unless the user asks for a host format, the host tier holds experts in the
 device tier's dtype (`default_host_format`), so a float32 model's offloaded experts stay float32 (in torch).
@@ -21,8 +22,9 @@ from ..timers import Timers
 from .base import ExpertWeights, Experts, PackedExperts
 from .cache import ExpertCache, make_policy
 from .cost import CostModel, PrefetchChoice, best_seconds, choose_prefetch, measure_device_flops, uniform_reuse_rate
-from .device import DeviceExpertPool, ExpertUploader, StagingRing
+from .device import DeviceExpertPool, ExpertPool, ExpertUploader, StagingRing
 from .hybrid import ExpertSizes, HybridExperts, Streaming
+from .quant_pool import make_pool
 from .link import HostLink
 from .prefetch import Prefetcher
 from .reference import ReferenceExperts
@@ -44,7 +46,6 @@ class ExpertsOptions:
     plan: Plan | None = None
     cache_policy: str = "lru"
     prefetch: bool | None = None  # None: where the measured cost model says it pays (cost.choose_prefetch)
-    stream_experts: int | None = None  # experts per half of the streaming double buffer (None: the router's top-k)
 
 
 class ExpertsBuilder:
@@ -60,9 +61,8 @@ class ExpertsBuilder:
         self.recorder = StepRecorder()  # every hybrid layer's decode-step ids, read back at the step boundary
         self.ring: StagingRing | None = None  # made with the first layer that has host experts: one for all layers
         self.link = HostLink(cfg.hidden_size, device)  # the CPU workers' traffic, one pair of buffers for all layers
-        # The double buffer of whole-layer streaming: two halves of this many experts, made once every layer is
-        # built if the cost model says streaming pays.
-        self.stream_experts = options.stream_experts or cfg.router.top_k
+        # The double buffer of whole-layer streaming: the rows the plan reserves, made once every layer is built if
+        # the cost model says streaming pays.
         self.stream_buffer: LayerStream | None = None
         make_policy(options.cache_policy)  # fail on a bad policy name before any weight is read
         H, I = cfg.hidden_size, cfg.moe_intermediate_size
@@ -82,12 +82,11 @@ class ExpertsBuilder:
         lp = opts.plan.layer(layer)
         host_ids = [e for e in range(weights.num_experts) if e not in set(lp.pinned)]
         cpu = _host_experts(weights, host_ids, opts.host_format or opts.plan.expert_format) if host_ids else None
-        pool = DeviceExpertPool(lp.pinned, lp.cache_slots, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
-                                self.dtype, self.device, weights.biases is not None, weights.activation)
+        pool = make_pool(opts.plan.slot_format, lp.pinned, lp.cache_slots, self.cfg.hidden_size,
+                         self.cfg.moe_intermediate_size, self.dtype, self.device, weights.biases is not None,
+                         weights.activation)
         if lp.pinned:
-            pinned = _floats(_select(weights, lp.pinned))  # row i holds expert lp.pinned[i]
-            for stack, src in zip(pool.stacks, pinned.stacks, strict=True):
-                stack[: len(lp.pinned)].copy_(src)
+            pool.fill(0, _floats(_select(weights, lp.pinned)))  # row i holds expert lp.pinned[i]
         local = {expert: i for i, expert in enumerate(host_ids)}.__getitem__
         if self.ring is None and cpu is not None:
             self.ring = StagingRing(cpu.packed_expert(0), self.device)
@@ -147,14 +146,13 @@ class ExpertsBuilder:
 
     def _attach_streaming(self) -> None:
         """Give every layer with host experts the shared double buffer, once the cost model says streaming pays
-        for some chunk size and (on CUDA) the buffer fits in free device memory: the plan does not count it."""
+        for some chunk size, with the rows the plan reserves in the device budget (a plan without them, made
+        before the planner counted the buffer, streams nothing)."""
         threshold = self.stream_threshold
-        if threshold is None:
+        rows = self.options.plan.stream_buffer_experts if self.options.plan is not None else 0
+        if threshold is None or rows < 2:
             return
         hosted = [h for h in self.hybrids.values() if h.cpu is not None]
-        rows = 2 * self.stream_experts
-        if self.device.type == "cuda" and rows * hosted[0].sizes.device_bytes > torch.cuda.mem_get_info(self.device)[0]:
-            return
         like = hosted[0].pool  # the layers' activation and biases
         buffer = LayerStream(DeviceExpertPool((), rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
                                               self.dtype, self.device, like.biases is not None, like.activation))
@@ -164,7 +162,7 @@ class ExpertsBuilder:
             hybrid.streaming = Streaming(buffer, uploader, threshold)
 
     def _measure_costs(self, cpu: CpuExperts | TorchHostExperts, uploader: ExpertUploader, host_ids: list[int],
-                       pool: DeviceExpertPool, sizes: ExpertSizes) -> CostModel:
+                       pool: ExpertPool, sizes: ExpertSizes) -> CostModel:
         """Time the CPU workers at one and at 64 tokens, one expert copy and a device matmul, once per load."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else None
         H, K = self.cfg.hidden_size, self.cfg.router.top_k

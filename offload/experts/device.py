@@ -7,26 +7,18 @@ from typing import Callable, Iterable, Protocol, Sequence
 import torch
 
 from ..config import ExpertActivation
-from .base import SILU, ExpertBiases
+from .base import SILU, ExpertBiases, ExpertWeights
 from .swiglu import reads_rows_in_place, swiglu_experts, swiglu_rows
 
-class DeviceExpertPool:
-    """Rows 0..P-1 hold the pinned experts, rows P..P+S-1 the cache slots: gate/up [P+S, I, H], down [P+S, H, I],
-    and biases [P+S, I], [P+S, I], [P+S, H] for experts that have them."""
+class ExpertRows:
+    """A layer's device rows for routed experts: rows 0..P-1 hold the pinned experts, rows P..P+S-1 the cache
+    slots. What every pool shares, whatever the format its rows hold."""
 
-    def __init__(self, pinned: Sequence[int], num_slots: int, hidden: int, intermediate: int, dtype: torch.dtype,
-                 device: torch.device, biased: bool = False, activation: ExpertActivation = SILU):
-        rows = len(pinned) + num_slots
-        self.gate = torch.empty(rows, intermediate, hidden, dtype=dtype, device=device)
-        self.up = torch.empty(rows, intermediate, hidden, dtype=dtype, device=device)
-        self.down = torch.empty(rows, hidden, intermediate, dtype=dtype, device=device)
-        self.biases = ExpertBiases(*(torch.empty(rows, width, dtype=dtype, device=device)
-                                     for width in (intermediate, intermediate, hidden))) if biased else None
-        self.activation = activation
+    def __init__(self, pinned: Sequence[int], num_slots: int, device: torch.device):
         self.pinned_row = {expert: row for row, expert in enumerate(pinned)}
         self.num_pinned = len(pinned)
         self.num_slots = num_slots
-        self.in_place = reads_rows_in_place(self.gate.device, dtype, hidden, intermediate)
+        self.device = device
 
     @property
     def num_rows(self) -> int:
@@ -34,6 +26,23 @@ class DeviceExpertPool:
 
     def slot_row(self, slot: int) -> int:
         return self.num_pinned + slot
+
+
+class DeviceExpertPool(ExpertRows):
+    """Rows in the device dtype: gate/up [P+S, I, H], down [P+S, H, I], and biases [P+S, I], [P+S, I], [P+S, H]
+    for experts that have them."""
+
+    def __init__(self, pinned: Sequence[int], num_slots: int, hidden: int, intermediate: int, dtype: torch.dtype,
+                 device: torch.device, biased: bool = False, activation: ExpertActivation = SILU):
+        super().__init__(pinned, num_slots, device)
+        rows = len(pinned) + num_slots
+        self.gate = torch.empty(rows, intermediate, hidden, dtype=dtype, device=device)
+        self.up = torch.empty(rows, intermediate, hidden, dtype=dtype, device=device)
+        self.down = torch.empty(rows, hidden, intermediate, dtype=dtype, device=device)
+        self.biases = ExpertBiases(*(torch.empty(rows, width, dtype=dtype, device=device)
+                                     for width in (intermediate, intermediate, hidden))) if biased else None
+        self.activation = activation
+        self.in_place = reads_rows_in_place(self.gate.device, dtype, hidden, intermediate)
 
     @property
     def stacks(self) -> list[torch.Tensor]:
@@ -48,6 +57,16 @@ class DeviceExpertPool:
     def nbytes(self) -> int:
         return sum(stack.nbytes for stack in self.stacks)
 
+    def fill(self, first: int, experts: ExpertWeights) -> None:
+        """Rows first.. hold `experts` (float weights, one row each, in order)."""
+        for stack, src in zip(self.stacks, experts.stacks, strict=True):
+            stack[first : first + len(src)].copy_(src)
+
+    def land(self, row: int, host: PackedHost, packed: Sequence[torch.Tensor]) -> None:
+        """Row `row` holds the expert whose host arrays `packed` lie on the device: dequantized there."""
+        for stack, weights in zip(self.stacks, host.unpacked(tuple(packed)), strict=True):
+            stack[row].copy_(weights)
+
     def compute(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """y [T, H] = sum over (t, k) with rows[t, k] >= 0 of weights[t, k] * expert_row(x[t]).
         rows [T, K] are pool rows, -1 where the pair is computed elsewhere. The rows are read in place by grouped
@@ -60,8 +79,27 @@ class DeviceExpertPool:
 class PackedHost(Protocol):
     """A host backend's experts as uploads see them (offload/experts/base.py HostStacks)."""
 
+    fmt: str  # the host format: "bf16" | "int8" | "int4" | "int4s" | "float32" | "float16"
+
     def packed_expert(self, expert: int) -> tuple[torch.Tensor, ...]: ...
     def unpacked(self, packed: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]: ...
+
+
+class ExpertPool(Protocol):
+    """What the hybrid layer, the uploader and the builder use of a pool: DeviceExpertPool (the device dtype) or
+    QuantExpertPool (int8 / int4 rows, offload/experts/quant_pool.py)."""
+
+    pinned_row: dict[int, int]
+    num_pinned: int
+    num_slots: int
+    device: torch.device
+
+    @property
+    def num_rows(self) -> int: ...
+    def slot_row(self, slot: int) -> int: ...
+    def fill(self, first: int, experts: ExpertWeights) -> None: ...
+    def land(self, row: int, host: PackedHost, packed: Sequence[torch.Tensor]) -> None: ...
+    def compute(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
 
 
 STAGING_RING_ENTRIES = 8  # experts the shared ring stages at once (counted in the plan's host budget)
@@ -110,7 +148,7 @@ class ExpertUploader:
     waits on (on the device, not the host) before the layer reads it. On the CPU tier the same copies and the
     same dequantization run in line, so the behaviour, the numbers and the byte counts are the same."""
 
-    def __init__(self, pool: DeviceExpertPool, host: PackedHost | None, local: Callable[[int], int],
+    def __init__(self, pool: ExpertPool, host: PackedHost | None, local: Callable[[int], int],
                  device: torch.device, ring: StagingRing | None):  # None, None: a layer with no host experts
         self.pool, self.host, self.local, self.device, self.ring = pool, host, local, device, ring
         self.cuda = device.type == "cuda"
@@ -139,11 +177,10 @@ class ExpertUploader:
         self.ring.done[entry] = event
 
     def _land(self, packed: Sequence[torch.Tensor], landing: list[torch.Tensor], row: int) -> None:
-        """Copy the packed tensors into the device buffers, then dequantize them there into the pool row."""
+        """Copy the packed tensors into the device buffers, then turn them there into the pool row's format."""
         for buffer, src in zip(landing, packed, strict=True):
             buffer.copy_(src, non_blocking=True)
-        for stack, weights in zip(self.pool.stacks, self.host.unpacked(tuple(landing)), strict=True):
-            stack[row].copy_(weights)
+        self.pool.land(row, self.host, landing)
 
     def wait(self, rows: Iterable[int] | None = None) -> None:
         """Make the compute stream wait until the rows copied into (all, or `rows`) hold their experts (no-op

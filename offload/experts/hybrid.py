@@ -29,7 +29,7 @@ from ..timers import Timers
 from .cache import ExpertCache
 from .base import Finish
 from .cost import CostModel
-from .device import DeviceExpertPool, ExpertUploader
+from .device import ExpertPool, ExpertUploader
 from .link import HostLink
 from .prefetch import Prefetcher
 from .step import StepRecorder
@@ -76,7 +76,7 @@ class Streaming:
 
 
 class HybridExperts:
-    def __init__(self, layer: int, num_experts: int, host_ids: list[int], pool: DeviceExpertPool,
+    def __init__(self, layer: int, num_experts: int, host_ids: list[int], pool: ExpertPool,
                  cache: ExpertCache, uploader: ExpertUploader, cpu: CpuExperts | None, cost: CostModel | None,
                  sizes: ExpertSizes, timers: Timers, link: HostLink, recorder: StepRecorder):
         self.layer, self.num_experts = layer, num_experts
@@ -86,7 +86,7 @@ class HybridExperts:
         self.prefetcher: Prefetcher | None = None  # attached once every layer exists
         self.streaming: Streaming | None = None  # attached with the cost model where a layer can stream
         self.stats = LayerStats()
-        device = pool.gate.device
+        device = pool.device
         # expert -> pool row (-1: the CPU's) for every resident expert: kept on the host (a numpy view, pinned for
         # a GPU), copied into the device table whenever the residents change.
         host_rows = torch.full((num_experts,), -1, dtype=torch.long, pin_memory=device.type == "cuda")

@@ -9,6 +9,8 @@ rows in place with no host read (grouped matmuls).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -102,6 +104,18 @@ def _gathered(x, rows, weights, gate, up, down, biases, activation) -> torch.Ten
 
 
 def _grouped(x, rows, weights, gate, up, down, biases, activation) -> torch.Tensor:
+    def run_row(row: int, h: torch.Tensor) -> torch.Tensor:
+        bias = biases.expert(row) if biases is not None else (None, None, None)
+        return F.linear(gated(F.linear(h, gate[row], bias[0]), F.linear(h, up[row], bias[1]), activation), down[row],
+                        bias[2])
+
+    return grouped_rows(x, rows, weights, run_row)
+
+
+def grouped_rows(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
+                 run_row: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """y [T, H] = sum over pairs with rows[t, k] >= 0 of weights[t, k] * run_row(rows[t, k], x[t]): one call of
+    run_row (tokens [n, H] -> [n, H]) per used row, with the used rows and their counts read back to the host."""
     y = torch.zeros_like(x)  # [T, H]
     flat = rows.reshape(-1)
     chosen = (flat >= 0).nonzero().squeeze(1)
@@ -114,10 +128,7 @@ def _grouped(x, rows, weights, gate, up, down, biases, activation) -> torch.Tens
     begin = 0
     for row, count in zip(used.tolist(), counts.tolist()):
         tokens = token_of[begin : begin + count]
-        h = x[tokens]  # [n, H]
-        bias = biases.expert(row) if biases is not None else (None, None, None)
-        out = F.linear(gated(F.linear(h, gate[row], bias[0]), F.linear(h, up[row], bias[1]), activation), down[row],
-                       bias[2])
+        out = run_row(row, x[tokens])  # [n, H]
         y.index_add_(0, tokens, out * combine[begin : begin + count, None].to(out.dtype))
         begin += count
     return y

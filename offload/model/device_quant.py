@@ -139,7 +139,18 @@ def int4_grid(w: torch.Tensor, dtype: torch.dtype, symmetric: bool = False
 def quantize_int4(w: torch.Tensor, dtype: torch.dtype, symmetric: bool = False) -> Int4Weight:
     """w [O, K] (any float dtype, on its device) -> grouped int4 in the device kernel's layout: asymmetric, or
     symmetric (int4s: zero 0)."""
-    q, scale, zero = int4_grid(w, torch.bfloat16 if w.device.type == "cuda" else dtype, symmetric)
+    q, scale, zero = int4_grid(w, int4_scale_dtype(w.device, dtype), symmetric)
+    return pack_int4(q, scale, zero, tuple(w.shape))
+
+
+def int4_scale_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of int4 scales and zeros: the model dtype, bf16 on CUDA (its kernel's only one)."""
+    return torch.bfloat16 if device.type == "cuda" else dtype
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int]) -> Int4Weight:
+    """An int4 grid (q [O', K'] int32 in 0..15, scale and zero [O', K'/GROUP], O' and K' padded as
+    `int4_padded` says) -> the device kernel's layout, for a matrix of `shape` (O, K) before padding."""
     if q.device.type == "cuda":
         nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [O', K'/2]: even column in the high nibble
         K_padded = q.shape[1]
@@ -148,7 +159,7 @@ def quantize_int4(w: torch.Tensor, dtype: torch.dtype, symmetric: bool = False) 
     else:
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
     scale_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()  # [G, O', 2]
-    return Int4Weight(packed, scale_zeros, tuple(w.shape))
+    return Int4Weight(packed, scale_zeros, shape)
 
 
 def quantize(w: torch.Tensor, fmt: str, dtype: torch.dtype) -> DeviceQuantWeight:

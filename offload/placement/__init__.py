@@ -11,7 +11,7 @@ from ..experts.device import STAGING_RING_ENTRIES
 from ..experts.link import HostLink
 from .budget import detect_budgets
 from .inventory import inventory, kv_cache_bytes
-from .planner import AUTO_DENSE, Plan, PlanError, PlanRequest, make_plan
+from .planner import AUTO_DENSE, AUTO_SLOTS, Plan, PlanError, PlanRequest, make_plan
 
 
 def expert_host_bytes(fmt: str, hidden: int, intermediate: int) -> int:
@@ -39,12 +39,22 @@ def dense_candidates(dense: str | None) -> tuple[str | None, ...]:
     return (None,) if dense == "bf16" else (dense,)
 
 
+def slot_candidates(slots: str | None) -> tuple[str | None, ...]:
+    """The pool rows' formats the planner may choose from: any (model dtype first) when none is asked for; "bf16"
+    asks for the model dtype."""
+    if slots is None:
+        return AUTO_SLOTS
+    return (None,) if slots == "bf16" else (slots,)
+
+
 def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device, dtype: torch.dtype,
                  host_format: str, max_context: int, gpu_memory: int | str | None, plan: Plan | str | Path | None,
-                 heat=None, host_memory: int | str | None = None, dense: str | None = None) -> Plan | None:
+                 heat=None, host_memory: int | str | None = None, dense: str | None = None,
+                 slots: str | None = None) -> Plan | None:
     """The plan to load with: the one given (checked against the model and `dense`), or one made from the budgets
     when a GPU is used or a device budget is simulated; None when everything runs on the CPU alone.
-    dense: the device tier's dense format ("bf16" | "int8" | "int4"); None lets the planner choose."""
+    dense: the device tier's dense format ("bf16" | "int8" | "int4"); None lets the planner choose.
+    slots: the format of pinned experts and cache slots ("bf16" | "int8" | "int4" | "int4s"); None lets it choose."""
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     if plan is not None:
@@ -52,6 +62,10 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
         if dense is not None and dense_candidates(dense) != (plan.dense_format,):
             raise PlanError(f"the plan keeps the dense weights as {plan.dense_format or plan.device_dtype or 'bf16'}, "
                             f"not {dense}; drop the dense option or make a new plan")
+        if slots is not None and slot_candidates(slots) != (plan.slot_format,):
+            kept = plan.slot_format or plan.device_dtype or "bf16"
+            raise PlanError(f"the plan keeps pinned experts and slots as {kept}, not {slots}; drop the slots option "
+                            "or make a new plan")
         return plan
     if not has_device_tier(device, gpu_memory, plan):
         return None
@@ -64,7 +78,9 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
         expert_host_bytes=expert_host_bytes(host_format, cfg.hidden_size, cfg.moe_intermediate_size),
         device_dtype=str(dtype).removeprefix("torch."), dense_formats=dense_candidates(dense),
         staging_ring_entries=STAGING_RING_ENTRIES,
-        host_link_bytes=HostLink.buffer_bytes(cfg.hidden_size, cfg.router.top_k, max_context))
+        host_link_bytes=HostLink.buffer_bytes(cfg.hidden_size, cfg.router.top_k, max_context),
+        slot_formats=slot_candidates(slots), stream_buffer_experts=2 * cfg.router.top_k,
+        device_landing_entries=STAGING_RING_ENTRIES)
     return make_plan(inventory(cfg, names), request, heat)
 
 
@@ -81,4 +97,4 @@ def check_plan_fits_model(plan: Plan, cfg: ModelConfig, max_context: int) -> Non
 
 
 __all__ = ["Plan", "PlanError", "PlanRequest", "make_plan", "resolve_plan", "inventory", "kv_cache_bytes",
-           "detect_budgets", "expert_host_bytes", "has_device_tier", "dense_candidates"]
+           "detect_budgets", "expert_host_bytes", "has_device_tier", "dense_candidates", "slot_candidates"]

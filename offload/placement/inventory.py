@@ -26,6 +26,7 @@ class Inventory:
     num_experts: int
     top_k: int
     dense_shapes: dict[str, tuple[tuple[int, int], ...]]  # group -> [out, in] of each weight a dense format packs
+    expert_shape: tuple[int, int] = (0, 0)  # (hidden, intermediate) of a routed expert: its slot format's sizes
 
     def device_bytes(self, dtype_bytes: int, dense_format: str | None = None) -> dict[str, int]:
         """Bytes of each always-on-device group in the model's compute dtype (routers in fp32), with the dense
@@ -37,6 +38,16 @@ class Inventory:
                 out[group] += sum(quantized_bytes(dense_format, O, K, dtype_bytes) - O * K * dtype_bytes
                                   for O, K in shapes)
         return out
+
+    def slot_bytes(self, dtype_bytes: int, slot_format: str | None = None) -> int:
+        """Device bytes of one routed expert's pool row: in the compute dtype, or with its gate, up and down
+        matrices in `slot_format` ("int8" | "int4" | "int4s", as experts/quant_pool.py stores them) and its other
+        parameters (biases) in the compute dtype."""
+        if slot_format is None:
+            return self.expert_params * dtype_bytes
+        H, I = self.expert_shape
+        matrices = 2 * quantized_bytes(slot_format, I, H, dtype_bytes) + quantized_bytes(slot_format, H, I, dtype_bytes)
+        return matrices + (self.expert_params - 3 * H * I) * dtype_bytes
 
 
 class _InventorySource(InventedSource):
@@ -92,7 +103,8 @@ def inventory(cfg: ModelConfig, names: CheckpointNames) -> Inventory:
     moe_layers = tuple(i for i, sparse in enumerate(cfg.moe_layers) if sparse)
     per_expert = experts // max(len(moe_layers) * cfg.router.num_experts, 1)
     return Inventory(params, router, per_expert, moe_layers, cfg.router.num_experts, cfg.router.top_k,
-                     {group: tuple(shapes) for group, shapes in dense_shapes.items() if shapes})
+                     {group: tuple(shapes) for group, shapes in dense_shapes.items() if shapes},
+                     (cfg.hidden_size, cfg.moe_intermediate_size))
 
 
 def layer_cache_bytes(cfg: ModelConfig, layer: int, max_context: int, dtype_bytes: int) -> int:

@@ -5,7 +5,10 @@ experts, dense MLPs and the LM head, their dense weights in the model dtype or, 
 cache slot per MoE layer, in int8 then int4 (model/device_quant.py; an explicit dense format is the only
 candidate). What is left of the device budget holds routed experts: first a few cache slots per MoE layer (so the
 prefetcher has somewhere to copy predicted experts), then pinned experts — the hottest by routing heat, or evenly
-without heat. Every other expert stays on the host.
+without heat. Every other expert stays on the host. The rows of pinned experts and slots hold the device dtype or,
+when that leaves fewer than top-k slots per MoE layer, int8 then int4 (experts/quant_pool.py; an explicit slot
+format is the only candidate). Where experts stay on the host, the device buffers their uploads go through (the
+whole-layer streaming double buffer and the staging ring's landing buffers) are reserved first.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ class Plan:
     max_context: int
     expert_format: str  # host format of routed experts: "bf16" | "int8" | "int4" | "float32" | "float16"
     device_groups: dict[str, int]  # always-on-device weight groups and the KV cache, in bytes
-    expert_device_bytes: int  # one routed expert in the device dtype
+    expert_device_bytes: int  # one routed expert's pool row: in the device dtype, or in slot_format
     expert_host_bytes: int  # one routed expert in the host format
     layers: tuple[LayerPlan, ...]
     device_dtype: str | None = None  # what the device tier's sizes assume ("float32", ...); None in older plans
@@ -52,6 +55,11 @@ class Plan:
     # Host buffers beside the experts, in bytes: the pinned staging ring that expert copies pass through and the
     # CPU workers' link buffers (experts/device.py, experts/link.py); empty in older plans.
     host_staging: dict[str, int] = field(default_factory=dict)
+    slot_format: str | None = None  # "int8" | "int4" | "int4s": pinned experts and slots quantized; None: device dtype
+    # Device buffers beside the weights, in bytes: the whole-layer streaming double buffer (stream_buffer_experts
+    # rows in the device dtype) and the staging ring's landing buffers; empty in older plans (nothing streams).
+    device_buffers: dict[str, int] = field(default_factory=dict)
+    stream_buffer_experts: int = 0
 
     @property
     def device_fixed_bytes(self) -> int:
@@ -62,8 +70,12 @@ class Plan:
         return sum(len(l.pinned) + l.cache_slots for l in self.layers) * self.expert_device_bytes
 
     @property
+    def device_buffer_bytes(self) -> int:
+        return sum(self.device_buffers.values())
+
+    @property
     def device_bytes(self) -> int:
-        return self.device_fixed_bytes + self.device_expert_bytes
+        return self.device_fixed_bytes + self.device_buffer_bytes + self.device_expert_bytes
 
     @property
     def host_bytes(self) -> int:
@@ -112,14 +124,17 @@ class Plan:
         size = _sizes(self.device_budget, self.device_bytes, self.host_bytes)  # the table's column and budget
         host_total = self.host_bytes + self.host_staging_bytes
         dense = f"dense {self.dense_format}" if self.dense_format else None
-        shown = [part for part in (self.device_dtype, dense) if part]
+        slots = f"slots {self.slot_format}" if self.slot_format else None
+        shown = [part for part in (self.device_dtype, dense, slots) if part]
         tier = "device tier" + (f" ({', '.join(shown)})" if shown else "")
         ram = _sizes(self.host_budget)
         rows = [f"device budget {size(self.device_budget)}, host budget {ram(self.host_budget)}, "
                 f"max_context {self.max_context}, experts on host as {self.expert_format}"
-                + (f", dense weights quantized to {self.dense_format}" if dense else ""),
+                + (f", dense weights quantized to {self.dense_format}" if dense else "")
+                + (f", pinned experts and slots quantized to {self.slot_format}" if slots else ""),
                 "", f"{tier:<33} size"]
         rows += [f"  {group:<22}{size(n):>14}" for group, n in self.device_groups.items() if n]
+        rows += [f"  {part:<22}{size(n):>14}" for part, n in self.device_buffers.items()]
         rows += [f"  {'pinned + cache slots':<22}{size(self.device_expert_bytes):>14}",
                  f"  {'total':<22}{size(self.device_bytes):>14}",
                  f"{'host tier (' + self.expert_format + ')':<33} size",
@@ -159,18 +174,35 @@ class PlanRequest:
     # and the CPU workers' link buffers for the longest forward (0: not counted).
     staging_ring_entries: int = 0
     host_link_bytes: int = 0
+    # The pool rows' formats to choose from, in order (None: the device dtype); AUTO_SLOTS quantizes when the
+    # device dtype leaves fewer than top-k slots per MoE layer.
+    slot_formats: tuple[str | None, ...] = (None,)
+    # Device buffers reserved where experts stay on the host (0: not reserved): the streaming double buffer's rows
+    # (device dtype) and the staging ring's landing entries (one expert's packed host bytes each).
+    stream_buffer_experts: int = 0
+    device_landing_entries: int = 0
 
 
 AUTO_DENSE = (None, "int8", "int4")
+AUTO_SLOTS = (None, "int8", "int4")
 
 
 def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] | None = None) -> Plan:
     """Place a model. heat[i][e] counts how often MoE layer inv.moe_layers[i] routed to expert e."""
     E, L = inv.num_experts, len(inv.moe_layers)
-    expert_bytes = inv.expert_params * req.dtype_bytes
-    dense_format, groups = choose_dense_format(inv, req, L * expert_bytes)
+    dense_format, groups = choose_dense_format(inv, req, L * inv.slot_bytes(req.dtype_bytes))
     fixed = sum(groups.values())
-    capacity = (req.device_budget - fixed) // expert_bytes if expert_bytes else 0
+    sizes = {fmt: inv.slot_bytes(req.dtype_bytes, fmt) for fmt in req.slot_formats}
+    buffers = device_buffers(req, inv.slot_bytes(req.dtype_bytes))
+    if L * E * sizes[req.slot_formats[0]] <= req.device_budget - fixed:
+        slot_format, buffers = req.slot_formats[0], {}  # every expert on the device: nothing is uploaded
+    else:
+        check_device_buffers_fit(fixed, buffers, req)
+        slot_format = choose_slot_format(req.slot_formats, req.device_budget - fixed - sum(buffers.values()),
+                                         sizes, L * min(inv.top_k, E))
+    expert_bytes = sizes[slot_format]
+    room = req.device_budget - fixed - sum(buffers.values())
+    capacity = room // expert_bytes if expert_bytes else 0
     if heat is not None and (len(heat) != L or any(len(row) != E for row in heat)):
         raise PlanError(f"routing heat must be {L} MoE layers x {E} experts; profile this model again")
 
@@ -182,9 +214,12 @@ def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] 
         slots = _cache_slots(capacity, L, min(want, E))
         pinned = _pin(capacity - sum(slots), slots, E, heat)
     layers = tuple(LayerPlan(layer, tuple(sorted(p)), s, E) for layer, p, s in zip(inv.moe_layers, pinned, slots))
-    staging = host_staging(req, any(layer.host_experts for layer in layers))
+    uploads = any(layer.host_experts for layer in layers)
+    staging = host_staging(req, uploads)
+    buffers = buffers if uploads else {}
     plan = Plan(req.device_budget, req.host_budget, req.max_context, req.expert_format, groups, expert_bytes,
-                req.expert_host_bytes, layers, req.device_dtype, dense_format, staging)
+                req.expert_host_bytes, layers, req.device_dtype, dense_format, staging, slot_format, buffers,
+                req.stream_buffer_experts if "stream buffer" in buffers else 0)
     check_host_fits(plan, req)
     return plan
 
@@ -197,6 +232,37 @@ def host_staging(req: PlanRequest, host_experts: bool) -> dict[str, int]:
         return {}
     parts = {"staging ring": req.staging_ring_entries * req.expert_host_bytes, "host link": req.host_link_bytes}
     return {name: n for name, n in parts.items() if n}
+
+
+def device_buffers(req: PlanRequest, row_bytes: int) -> dict[str, int]:
+    """The device buffers expert uploads need, by name (those not reserved left out): the streaming double buffer
+    (rows of `row_bytes`, the device dtype) and the staging ring's landing entries (one expert's packed host bytes
+    each)."""
+    parts = {"stream buffer": req.stream_buffer_experts * row_bytes,
+             "staging landing": req.device_landing_entries * req.expert_host_bytes}
+    return {name: n for name, n in parts.items() if n}
+
+
+def check_device_buffers_fit(fixed: int, buffers: dict[str, int], req: PlanRequest) -> None:
+    """PlanError when the always-on-device weights and the upload buffers exceed the device budget."""
+    need = fixed + sum(buffers.values())
+    if need <= req.device_budget:
+        return
+    size = _sizes(need, req.device_budget)
+    parts = " and ".join(f"{size(n)} of {name}" for name, n in buffers.items())
+    raise PlanError(f"the always-on-device weights ({size(fixed)}) and the buffers that expert uploads need "
+                    f"({parts}) exceed the device budget of {size(req.device_budget)}; raise gpu_memory, lower "
+                    "max_context or quantize the dense weights (dense int8 / int4)")
+
+
+def choose_slot_format(formats: Sequence[str | None], room: int, slot_bytes: dict[str | None, int], needed: int
+                       ) -> str | None:
+    """The first of `formats` whose rows (slot_bytes each) give `needed` rows in `room` bytes, else the one that
+    gives the most (the first of equals): quantized rows only where the device dtype leaves too few."""
+    rows = [max(room, 0) // slot_bytes[fmt] if slot_bytes[fmt] else 0 for fmt in formats]
+    enough = [i for i, n in enumerate(rows) if n >= needed]
+    best = enough[0] if enough else max(range(len(formats)), key=lambda i: (rows[i], -i))
+    return formats[best]
 
 
 def check_host_fits(plan: Plan, req: PlanRequest) -> None:
