@@ -18,7 +18,7 @@ from offload.placement.inventory import DEVICE_GROUPS, Inventory
 from offload.placement.planner import AUTO_DENSE
 from test_cli import assert_one_line_error, invoke
 from test_store import DENSE_INT4_MEDIAN_ERROR, DENSE_INT8_ARGMAX_AGREEMENT, DENSE_INT8_MEDIAN_ERROR
-from tiny_models import cli_text, rel_err
+from tiny_models import cli_text, landing_bytes, rel_err
 
 SHAPES = [(48, 64), (40, 72), (20, 40), (7, 33)]  # whole groups and rows, then padded ones
 
@@ -134,13 +134,14 @@ def test_cpu_alone_keeps_the_cpu_kernels(checkpoint_dir):
 
 
 def budgets(folder, max_context: int = 64) -> tuple[int, int, int, int]:
-    """(always-on-device bytes with dense weights in float32, in int8, in int4; one cache slot per MoE layer)."""
+    """(always-on-device bytes with dense weights in float32, in int8, in int4; one cache slot per MoE layer and the
+    staging ring's landing buffers that uploads into it need)."""
     model = offload.load(folder, device="cpu", max_context=max_context)
     cfg = model.config
     inv = inventory(cfg, architecture(cfg.model_type).names)
     kv = kv_cache_bytes(cfg, max_context, 4)
     fixed = [sum(inv.device_bytes(4, fmt).values()) + kv for fmt in (None, "int8", "int4")]
-    return (*fixed, len(inv.moe_layers) * inv.expert_params * 4)
+    return (*fixed, len(inv.moe_layers) * inv.expert_params * 4 + landing_bytes(cfg))
 
 
 def test_the_planner_quantizes_the_dense_weights_only_when_the_model_dtype_leaves_no_room(checkpoint_dir):
@@ -150,7 +151,7 @@ def test_the_planner_quantizes_the_dense_weights_only_when_the_model_dtype_leave
     fp32, int8, int4, slot_room = budgets(folder)
     assert fp32 > int8 and fp32 > int4  # (int4's padding and scales outweigh its nibbles at this size)
 
-    roomy = offload.load(folder, device="cpu", max_context=64, gpu_memory=fp32 + slot_room)
+    roomy = offload.load(folder, device="cpu", max_context=64, gpu_memory=fp32 + slot_room, slots="bf16")
     assert roomy.plan.dense_format is None and "quantized" not in roomy.plan.table()
     assert rel_err(roomy.logits(ids), expected) <= 1e-5  # placement never changes the numbers
 
@@ -221,20 +222,22 @@ A_24GB_CARD = ["--gpu-memory", "24GiB", "--dtype", "bfloat16", "--host-memory", 
 @pytest.mark.parametrize("hf, moe_layers", [(DEEPSEEK_V3, 58), (KIMI_K2, 60)])
 def test_deepseek_v3_and_kimi_k2_plan_on_a_24_gib_card(tmp_path, hf, moe_layers):
     """bf16 leaves no room for a cache slot per MoE layer (DeepSeek-V3's does not even fit): the planner quantizes the
-    dense weights to int8 and says so; a budget too small even for int4 is one clear error."""
+    dense weights to int8 and says so, and, with fewer than top-k bf16 slots per layer left, keeps the resident
+    experts in the host's int4; a budget too small even for int4 is one clear error."""
     (tmp_path / "config.json").write_text(json.dumps(hf))
     plan = offload.Plan.from_json(cli_text("plan", tmp_path, *A_24GB_CARD, "--json"))
     assert plan.dense_format == "int8" and plan.device_dtype == "bfloat16"
     assert len(plan.layers) == moe_layers and plan.device_bytes <= plan.device_budget == 24 * 2**30
     assert sum(layer.cache_slots for layer in plan.layers) >= moe_layers
     table = cli_text("plan", tmp_path, *A_24GB_CARD)
-    assert "dense weights quantized to int8" in table and "device tier (bfloat16, dense int8)" in table
+    assert "dense weights quantized to int8" in table and "device tier (bfloat16, dense int8, slots int4)" in table
+    assert plan.slot_format == "int4" and {"staging landing", "stream buffer"} <= set(plan.device_buffers)
 
     int4 = offload.Plan.from_json(cli_text("plan", tmp_path, *A_24GB_CARD, "--dense", "int4", "--json"))
     assert int4.dense_format == "int4" and int4.device_fixed_bytes < plan.device_fixed_bytes
     roomy = offload.Plan.from_json(cli_text("plan", tmp_path, *A_24GB_CARD[2:], "--gpu-memory", "80GiB", "--json"))
     assert roomy.dense_format is None  # bf16 while it fits
-    smaller = plan.device_fixed_bytes + moe_layers * plan.expert_device_bytes - 1  # int8 leaves no room for slots
+    smaller = plan.device_fixed_bytes + moe_layers * roomy.expert_device_bytes - 1  # int8: no room for bf16 slots
     tight = offload.Plan.from_json(cli_text("plan", tmp_path, *A_24GB_CARD[2:], "--gpu-memory", smaller, "--json"))
     assert tight.dense_format == "int4" and sum(layer.cache_slots for layer in tight.layers) >= moe_layers
 

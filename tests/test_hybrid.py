@@ -13,8 +13,9 @@ from offload.arch import architecture
 from offload.experts.builder import ExpertsBuilder
 from offload.experts.cost import CostModel
 from offload.experts.device import STAGING_RING_ENTRIES
-from offload.placement import PlanRequest, expert_host_bytes, inventory, kv_cache_bytes, make_plan
+from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
 from offload.placement.planner import device_buffers
+from tiny_models import landing_bytes
 
 IDS = torch.arange(3, 27)
 GPU_LIKE_COSTS = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_per_s=25e9, device_flops=400e12)
@@ -41,8 +42,8 @@ def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None, fm
     placed = make_plan(inv, request, heat)
     if not any(layer.host_experts for layer in placed.layers):
         return placed
-    buffers = device_buffers(replace(request, stream_buffer_experts=2 * inv.top_k,
-                                     device_landing_entries=STAGING_RING_ENTRIES), inv.slot_bytes(4))
+    buffers = device_buffers(replace(request, device_budget=2**40, stream_buffer_experts=2 * inv.top_k,
+                                     device_landing_entries=STAGING_RING_ENTRIES), 0, inv.slot_bytes(4))
     return replace(placed, device_budget=placed.device_budget + sum(buffers.values()), device_buffers=buffers,
                    stream_buffer_experts=2 * inv.top_k)
 
@@ -208,8 +209,7 @@ def test_a_device_budget_keeps_host_experts_in_the_model_dtype_unless_asked(chec
     reference = offload.load(folder, device="cpu", max_context=64)
     cfg = reference.config
     inv = inventory(cfg, architecture(cfg.model_type).names)
-    buffers = (2 * inv.top_k * inv.expert_params * 4  # the streaming double buffer and the ring's landing buffers
-               + STAGING_RING_ENTRIES * expert_host_bytes("float32", cfg.hidden_size, cfg.moe_intermediate_size))
+    buffers = 2 * inv.top_k * inv.expert_params * 4 + landing_bytes(cfg)  # the streaming double buffer, the landing
     budget = sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 64, 4) + buffers + 4 * inv.expert_params * 4
     model = offload.load(folder, device="cpu", max_context=64, gpu_memory=budget, slots="bf16")
     assert model.plan.expert_format == "float32" and model.load_info.expert_format == "float32"

@@ -28,11 +28,14 @@ PROMPT = torch.arange(3, 9)
 STEPS = 6
 
 
-def hybrid_model(folder, monkeypatch, device_experts: int = 3, slots: int = 1, prefetch: bool = True):
+def hybrid_model(folder, monkeypatch, device_experts: int = 3, slots: int = 1, prefetch: bool = True,
+                 slot_format: str | None = None):
     """Pinned experts, one cache slot per layer and CPU experts; the miss decisions of a GPU-like cost model (the
-    prefill copies, decode steps compute misses on the CPU workers)."""
+    prefill copies, decode steps compute misses on the CPU workers); the rows in `slot_format` (None: float32)."""
     monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: GPU_LIKE_COSTS)
-    return offload.load(folder, device="cpu", max_context=64, plan=plan(folder, device_experts, slots),
+    host = slot_format if slot_format in ("int4", "int4s") else "bf16"
+    return offload.load(folder, device="cpu", max_context=64,
+                        plan=plan(folder, device_experts, slots, fmt=host, slot_format=slot_format),
                         prefetch=prefetch)
 
 
@@ -58,7 +61,18 @@ def decode(model, steps: int, mode_for_step, at_device: bool = False):
 @pytest.mark.parametrize("at_device", [False, True], ids=["host_positions", "device_positions"])
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen2_moe", "gpt_oss", "llama4", "hunyuan_v1_moe"])
 def test_a_decode_step_reads_back_only_the_token_and_the_expert_ids(bf16_checkpoints, name, monkeypatch, at_device):
-    model = hybrid_model(bf16_checkpoints(name), monkeypatch)
+    check_sync_ledger(hybrid_model(bf16_checkpoints(name), monkeypatch), at_device)
+
+
+@pytest.mark.parametrize("name, slot_format", [("mixtral", "int8"), ("deepseek_v3", "int4"), ("gpt_oss", "int4s")])
+def test_a_decode_step_with_quantized_slots_reads_back_only_the_token_and_the_expert_ids(bf16_checkpoints, name,
+                                                                                          slot_format, monkeypatch):
+    model = hybrid_model(bf16_checkpoints(name), monkeypatch, slot_format=slot_format)
+    assert all(h.pool.fmt == slot_format for h in model._experts.hybrids.values())
+    check_sync_ledger(model, at_device=True)
+
+
+def check_sync_ledger(model, at_device: bool) -> None:
     ledgers = [SyncLedger() for _ in range(STEPS)]
     decode(model, STEPS, lambda step: ledgers[step], at_device)
     host_layers = sum(h.cpu is not None for h in model._experts.hybrids.values())
@@ -82,16 +96,23 @@ def test_a_decode_step_reads_back_only_the_token_and_the_expert_ids(bf16_checkpo
 OP_BUDGET = {
     "mixtral": {"attention": 31, "moe": 44},
     "deepseek_v3": {"attention": 47, "moe": 59, "dense": 12},
+    # Quantized rows: one weight-only matmul per projection over every row, then each pair's own row picked out
+    ("mixtral", "int8"): {"attention": 31, "moe": 38},
+    ("deepseek_v3", "int4"): {"attention": 47, "moe": 53, "dense": 12},
 }
 
 
-@pytest.mark.parametrize("name", sorted(OP_BUDGET))
-def test_decode_step_op_budget_per_layer(bf16_checkpoints, name, monkeypatch):
-    model = hybrid_model(bf16_checkpoints(name), monkeypatch)
+@pytest.mark.parametrize("key", sorted(OP_BUDGET, key=str), ids=str)
+def test_decode_step_op_budget_per_layer(bf16_checkpoints, key, monkeypatch):
+    name, slot_format = key if isinstance(key, tuple) else (key, None)
+    # The prefill runs its CPU pairs through the host link (no streaming), so the link's buffers exist before the
+    # first decode step whatever the format's stream threshold.
+    monkeypatch.setattr(ExpertsBuilder, "stream_threshold", property(lambda self: None))
+    model = hybrid_model(bf16_checkpoints(name), monkeypatch, slot_format=slot_format)
     t = model.transformer
     counters = [OpCounter(t) for _ in range(3)]
     decode(model, 3, lambda step: counters[step])
-    budget = OP_BUDGET[name]
+    budget = OP_BUDGET[key]
     moe_layers = {i for i, layer in enumerate(t.layers) if layer.mlp in t.moe_blocks()}
     for step, counter in enumerate(counters):
         for (layer, block), ops in counter.ops.items():

@@ -16,6 +16,7 @@ from offload.cli import app
 from offload.demo import random_demo_checkpoint
 from offload.errors import OffloadError
 from offload.experts.cost import CostModel
+from offload.experts.device import STAGING_RING_ENTRIES
 from offload.experts.hybrid import ExpertSizes
 from offload.placement.planner import LayerPlan, Plan
 from offload.profiling import (
@@ -48,12 +49,15 @@ MAX_CONTEXT = 128
 
 @pytest.fixture(scope="module")
 def skewed(tmp_path_factory) -> tuple[Path, int]:
-    """The skewed checkpoint and a device budget for its dense part, the cache slots and 2 pinned experts a layer."""
+    """The skewed checkpoint and a device budget for its dense part, the upload buffers (the staging ring's landing
+    entries and the streaming double buffer, each a float32 expert's bytes a row), the cache slots and 2 pinned
+    experts a layer."""
     folder = tmp_path_factory.mktemp("skewed")
     offload.synthetic.write_synthetic_checkpoint(folder, SKEWED_CONFIG, skew=4.0)
     roomy = offload.plan(folder, gpu_memory="1GiB", max_context=MAX_CONTEXT, device="cpu")
     layers, top_k = len(roomy.layers), SKEWED_CONFIG["num_experts_per_tok"]
-    return folder, roomy.device_fixed_bytes + layers * (2 * top_k + 2) * roomy.expert_device_bytes
+    buffer_rows = STAGING_RING_ENTRIES + 2 * top_k
+    return folder, roomy.device_fixed_bytes + (buffer_rows + layers * (2 * top_k + 2)) * roomy.expert_device_bytes
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ from offload.model.gated_deltanet import chunked_gated_delta_rule, l2norm, recur
 from offload.model.kv_cache import RecurrentState
 from offload.placement import inventory, kv_cache_bytes
 from test_cpu_model import BOUNDS
-from tiny_models import check_plan_and_convert, cli_text, clone_with_config, reference_logits, rel_err
+from tiny_models import (check_plan_and_convert, cli_text, clone_with_config, landing_bytes, reference_logits,
+                         rel_err)
 
 FAMILIES = ["qwen3_next", "qwen3_5_moe"]
 LONG = torch.randint(0, 96, (80,), generator=torch.Generator().manual_seed(7))  # past one 64-position chunk
@@ -175,8 +176,9 @@ def test_a_simulated_device_budget_places_experts_without_changing_the_numbers(c
     from offload.arch import architecture
 
     inv = inventory(cfg, architecture(cfg.model_type).names)
-    budget = sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 128, 4) + 6 * inv.expert_params * 4
-    model = offload.load(folder, device="cpu", max_context=128, gpu_memory=budget)
+    budget = (sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 128, 4) + landing_bytes(cfg)
+              + 6 * inv.expert_params * 4)
+    model = offload.load(folder, device="cpu", max_context=128, gpu_memory=budget, slots="bf16")
     assert any(layer.host_experts for layer in model.plan.layers)
     assert rel_err(model.logits(LONG), reference.logits(LONG)) <= 1e-6
 

@@ -18,6 +18,7 @@ from offload.errors import CheckpointError, OffloadError
 from offload.weights.checkpoint import CONVERT_PROGRESS_FILE, INDEX_FILE
 from offload.weights.store import convert, store_formats, write_store
 from offload.weights.checkpoint import Checkpoint
+from test_hybrid import plan
 
 PROMPT = [3, 17, 5, 9, 30, 2, 11, 8, 21, 4, 13, 6]
 # Measured on the tiny variants (48 random tokens, experts bf16; docs/formats.md): per position, the largest
@@ -205,7 +206,7 @@ def test_store_on_the_reference_and_hybrid_paths(checkpoint_dir, tmp_path):
     folder, _ = checkpoint_dir("qwen3_moe")
     store = convert(folder, tmp_path / "store", "int8", "bf16")
     cpu = offload.load(store, device="cpu").logits(PROMPT)
-    hybrid = offload.load(store, device="cpu", gpu_memory="780KiB", max_context=64)
+    hybrid = offload.load(store, device="cpu", max_context=64, plan=plan(store, 5, 1, fmt="int8"))
     layers = hybrid.plan.layers
     assert any(layer.pinned for layer in layers) and any(layer.host_experts for layer in layers)
     got = hybrid.logits(PROMPT)

@@ -228,6 +228,15 @@ def write_checkpoint(name: str, folder: Path, seed: int = 0, overrides: dict | N
     return getattr(model, text_model) if text_model else model
 
 
+def landing_bytes(cfg, fmt: str = "float32") -> int:
+    """The staging ring's device landing buffers (one expert's host bytes in `fmt` per entry) that a plan reserves in
+    the device budget where experts stay on the host."""
+    from offload.experts.device import STAGING_RING_ENTRIES
+    from offload.placement import expert_host_bytes
+
+    return STAGING_RING_ENTRIES * expert_host_bytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the logits error the tests bound."""
     return ((a - b).abs().max() / b.abs().max()).item()

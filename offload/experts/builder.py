@@ -24,7 +24,7 @@ from .cache import ExpertCache, make_policy
 from .cost import CostModel, PrefetchChoice, best_seconds, choose_prefetch, measure_device_flops, uniform_reuse_rate
 from .device import DeviceExpertPool, ExpertPool, ExpertUploader, StagingRing
 from .hybrid import ExpertSizes, HybridExperts, Streaming
-from .quant_pool import make_pool
+from .quant_pool import NIBBLE_FORMATS, make_pool
 from .link import HostLink
 from .prefetch import Prefetcher
 from .reference import ReferenceExperts
@@ -86,7 +86,7 @@ class ExpertsBuilder:
                          self.cfg.moe_intermediate_size, self.dtype, self.device, weights.biases is not None,
                          weights.activation)
         if lp.pinned:
-            pool.fill(0, _floats(_select(weights, lp.pinned)))  # row i holds expert lp.pinned[i]
+            self._fill_pinned(pool, weights, lp.pinned, opts.host_format or opts.plan.expert_format)
         local = {expert: i for i, expert in enumerate(host_ids)}.__getitem__
         if self.ring is None and cpu is not None:
             self.ring = StagingRing(cpu.packed_expert(0), self.device)
@@ -100,6 +100,18 @@ class ExpertsBuilder:
                                self.timers, self.link, self.recorder)
         self.hybrids[layer] = hybrid
         return hybrid
+
+    def _fill_pinned(self, pool: ExpertPool, weights: ExpertWeights | PackedExperts, pinned: tuple[int, ...],
+                     host_format: str) -> None:
+        """Row i holds expert pinned[i]: where the rows keep the host format's int4 / int4s values (slots of that
+        format), packed as the host packs them and laid out as an upload lands, so an expert has the same values on
+        either tier; else from its float weights."""
+        if getattr(pool, "fmt", None) != host_format or host_format not in NIBBLE_FORMATS:
+            pool.fill(0, _floats(_select(weights, pinned)))
+            return
+        host = _host_experts(weights, list(pinned), host_format)
+        for row in range(len(pinned)):
+            pool.land(row, host, [t.to(self.device) for t in host.packed_expert(row)])
 
     def settle(self) -> None:
         """The step boundary: the last step's expert ids come back once and every hybrid layer acts on them."""

@@ -58,7 +58,7 @@ class LayerStats:
 @dataclass(frozen=True)
 class ExpertSizes:
     host_bytes: int  # one expert in the host format: what an upload copies
-    device_bytes: int  # one expert in the device dtype
+    device_bytes: int  # one expert's pool row: in the device dtype or the plan's slot format
     flops_per_token: int  # 2 * 3 * H * I
 
 

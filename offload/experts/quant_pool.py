@@ -30,7 +30,6 @@ from .base import SILU, ExpertBiases, ExpertWeights
 from .device import DeviceExpertPool, ExpertPool, ExpertRows, PackedHost
 from .swiglu import gated, grouped_rows
 
-SLOT_FORMATS = ("int8", "int4", "int4s")  # quantized slot formats; None (or "bf16") keeps the device dtype
 # A call of at most this many (token, choice) pairs runs every row in one kernel per projection (a decode step);
 # a longer one runs its used rows one by one, read back to the host.
 ALL_ROWS_MAX_PAIRS = 16

@@ -39,11 +39,12 @@ def dense_candidates(dense: str | None) -> tuple[str | None, ...]:
     return (None,) if dense == "bf16" else (dense,)
 
 
-def slot_candidates(slots: str | None) -> tuple[str | None, ...]:
-    """The pool rows' formats the planner may choose from: any (model dtype first) when none is asked for; "bf16"
-    asks for the model dtype."""
+def slot_candidates(slots: str | None, host_format: str | None = None) -> tuple[str | None, ...]:
+    """The pool rows' formats the planner may choose from when none is asked for: the model dtype, then the host's
+    own int4 / int4s (the same values on either tier, uploads without dequantization) or else int8 then int4.
+    "bf16" asks for the model dtype."""
     if slots is None:
-        return AUTO_SLOTS
+        return (None, host_format) if host_format in ("int4", "int4s") else AUTO_SLOTS
     return (None,) if slots == "bf16" else (slots,)
 
 
@@ -79,7 +80,7 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
         device_dtype=str(dtype).removeprefix("torch."), dense_formats=dense_candidates(dense),
         staging_ring_entries=STAGING_RING_ENTRIES,
         host_link_bytes=HostLink.buffer_bytes(cfg.hidden_size, cfg.router.top_k, max_context),
-        slot_formats=slot_candidates(slots), stream_buffer_experts=2 * cfg.router.top_k,
+        slot_formats=slot_candidates(slots, host_format), stream_buffer_experts=2 * cfg.router.top_k,
         device_landing_entries=STAGING_RING_ENTRIES)
     return make_plan(inventory(cfg, names), request, heat)
 

@@ -8,7 +8,7 @@ prefetcher has somewhere to copy predicted experts), then pinned experts — the
 without heat. Every other expert stays on the host. The rows of pinned experts and slots hold the device dtype or,
 when that leaves fewer than top-k slots per MoE layer, int8 then int4 (experts/quant_pool.py; an explicit slot
 format is the only candidate). Where experts stay on the host, the device buffers their uploads go through (the
-whole-layer streaming double buffer and the staging ring's landing buffers) are reserved first.
+staging ring's landing buffers, then the whole-layer streaming double buffer where it fits) are reserved first.
 """
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ class Plan:
     # CPU workers' link buffers (experts/device.py, experts/link.py); empty in older plans.
     host_staging: dict[str, int] = field(default_factory=dict)
     slot_format: str | None = None  # "int8" | "int4" | "int4s": pinned experts and slots quantized; None: device dtype
-    # Device buffers beside the weights, in bytes: the whole-layer streaming double buffer (stream_buffer_experts
-    # rows in the device dtype) and the staging ring's landing buffers; empty in older plans (nothing streams).
+    # Device buffers beside the weights, in bytes: the staging ring's landing buffers and, where it fits, the
+    # whole-layer streaming double buffer (stream_buffer_experts rows in the device dtype); without it (and in older
+    # plans) no prefill chunk streams.
     device_buffers: dict[str, int] = field(default_factory=dict)
     stream_buffer_experts: int = 0
 
@@ -190,10 +191,11 @@ AUTO_SLOTS = (None, "int8", "int4")
 def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] | None = None) -> Plan:
     """Place a model. heat[i][e] counts how often MoE layer inv.moe_layers[i] routed to expert e."""
     E, L = inv.num_experts, len(inv.moe_layers)
-    dense_format, groups = choose_dense_format(inv, req, L * inv.slot_bytes(req.dtype_bytes))
+    landing = req.device_landing_entries * req.expert_host_bytes  # what any upload needs beside a slot per layer
+    dense_format, groups = choose_dense_format(inv, req, L * inv.slot_bytes(req.dtype_bytes) + landing)
     fixed = sum(groups.values())
     sizes = {fmt: inv.slot_bytes(req.dtype_bytes, fmt) for fmt in req.slot_formats}
-    buffers = device_buffers(req, inv.slot_bytes(req.dtype_bytes))
+    buffers = device_buffers(req, fixed, inv.slot_bytes(req.dtype_bytes))
     if L * E * sizes[req.slot_formats[0]] <= req.device_budget - fixed:
         slot_format, buffers = req.slot_formats[0], {}  # every expert on the device: nothing is uploaded
     else:
@@ -234,25 +236,30 @@ def host_staging(req: PlanRequest, host_experts: bool) -> dict[str, int]:
     return {name: n for name, n in parts.items() if n}
 
 
-def device_buffers(req: PlanRequest, row_bytes: int) -> dict[str, int]:
-    """The device buffers expert uploads need, by name (those not reserved left out): the streaming double buffer
-    (rows of `row_bytes`, the device dtype) and the staging ring's landing entries (one expert's packed host bytes
-    each)."""
-    parts = {"stream buffer": req.stream_buffer_experts * row_bytes,
-             "staging landing": req.device_landing_entries * req.expert_host_bytes}
+def device_buffers(req: PlanRequest, fixed: int, row_bytes: int) -> dict[str, int]:
+    """The device buffers of expert uploads, by name (those not reserved left out): the staging ring's landing
+    entries (one expert's packed host bytes each), which every upload goes through, and the whole-layer streaming
+    double buffer (rows of `row_bytes`, the device dtype) where it fits beside them and the `fixed` bytes (without
+    it no prefill chunk streams)."""
+    landing = req.device_landing_entries * req.expert_host_bytes
+    stream = req.stream_buffer_experts * row_bytes
+    parts = {"staging landing": landing,
+             "stream buffer": stream if fixed + landing + stream <= req.device_budget else 0}
     return {name: n for name, n in parts.items() if n}
 
 
 def check_device_buffers_fit(fixed: int, buffers: dict[str, int], req: PlanRequest) -> None:
-    """PlanError when the always-on-device weights and the upload buffers exceed the device budget."""
+    """PlanError when the always-on-device weights and the upload buffers (the landing entries: the stream buffer
+    is reserved only where it fits) exceed the device budget."""
     need = fixed + sum(buffers.values())
     if need <= req.device_budget:
         return
     size = _sizes(need, req.device_budget)
     parts = " and ".join(f"{size(n)} of {name}" for name, n in buffers.items())
-    raise PlanError(f"the always-on-device weights ({size(fixed)}) and the buffers that expert uploads need "
+    raise PlanError(f"the always-on-device weights ({size(fixed)}) and the buffers that expert uploads land in "
                     f"({parts}) exceed the device budget of {size(req.device_budget)}; raise gpu_memory, lower "
-                    "max_context or quantize the dense weights (dense int8 / int4)")
+                    "max_context, quantize the dense weights (dense int8 / int4) or keep experts on the host in a "
+                    "smaller format (experts int8 / int4)")
 
 
 def choose_slot_format(formats: Sequence[str | None], room: int, slot_bytes: dict[str | None, int], needed: int
