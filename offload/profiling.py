@@ -282,15 +282,16 @@ def _release_device_memory() -> None:
 
 
 def tuned_plan(model_path: Path, baseline: Plan, heat: Heat, device: str, dtype: str) -> Plan:
-    """The plan for the same budget, context, expert and dense formats with the hottest experts pinned (the planner
-    keeps the cache slots: it gives them out before pinning)."""
+    """The plan for the same budget, context, expert, dense and slot formats with the hottest experts pinned (the
+    planner keeps the cache slots: it gives them out before pinning)."""
     from . import plan
 
     from .experts.torch_host import FLOAT_FORMATS
 
     experts = None if baseline.expert_format in FLOAT_FORMATS else baseline.expert_format  # None: the dtype's
     return plan(model_path, gpu_memory=baseline.device_budget, max_context=baseline.max_context,
-                experts=experts, device=device, dtype=dtype, heat=heat, dense=baseline.dense_format or "bf16")
+                experts=experts, device=device, dtype=dtype, heat=heat, dense=baseline.dense_format or "bf16",
+                slots=baseline.slot_format or "bf16")
 
 
 # --- the profile -----------------------------------------------------------------------------------------------

@@ -191,8 +191,8 @@ AUTO_SLOTS = (None, "int8", "int4")
 def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] | None = None) -> Plan:
     """Place a model. heat[i][e] counts how often MoE layer inv.moe_layers[i] routed to expert e."""
     E, L = inv.num_experts, len(inv.moe_layers)
-    landing = req.device_landing_entries * req.expert_host_bytes  # what any upload needs beside a slot per layer
-    dense_format, groups = choose_dense_format(inv, req, L * inv.slot_bytes(req.dtype_bytes) + landing)
+    landing = req.device_landing_entries * req.expert_host_bytes  # what any upload lands in
+    dense_format, groups = choose_dense_format(inv, req, L * inv.slot_bytes(req.dtype_bytes), landing)
     fixed = sum(groups.values())
     sizes = {fmt: inv.slot_bytes(req.dtype_bytes, fmt) for fmt in req.slot_formats}
     buffers = device_buffers(req, fixed, inv.slot_bytes(req.dtype_bytes))
@@ -285,12 +285,14 @@ def check_host_fits(plan: Plan, req: PlanRequest) -> None:
                     f"int4){link} or free memory")
 
 
-def choose_dense_format(inv: Inventory, req: PlanRequest, slot_room: int) -> tuple[str | None, dict[str, int]]:
+def choose_dense_format(inv: Inventory, req: PlanRequest, slot_room: int, landing: int = 0
+                        ) -> tuple[str | None, dict[str, int]]:
     """The first of req.dense_formats whose always-on-device groups (and KV cache) leave `slot_room` (a cache slot
-    per MoE layer) in the budget, else the first that fits at all, with its groups' bytes; PlanError if none fits."""
+    per MoE layer and the `landing` buffers uploads into it need) in the budget, else the first that leaves the
+    landing buffers, else the first that fits at all, with its groups' bytes; PlanError if none fits."""
     options = [(fmt, {**inv.device_bytes(req.dtype_bytes, fmt), "kv_cache": req.kv_cache_bytes})
                for fmt in req.dense_formats]
-    for room in (slot_room, 0):
+    for room in (slot_room + landing, landing, 0):
         for fmt, groups in options:
             if sum(groups.values()) + room <= req.device_budget:
                 return fmt, groups
