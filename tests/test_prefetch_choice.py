@@ -40,7 +40,7 @@ def test_choose_prefetch_at_real_shapes_on_a_gpu_like_host(params, top_k, expert
                                                            copy_GBps, expected):
     cost = CostModel(cpu_bytes_per_s=cpu_GBps * 1e9, cpu_flops=200e9, copy_bytes_per_s=copy_GBps * 1e9,
                      device_flops=400e12)
-    choice = choose_prefetch(None, cost, int(params * host_bytes_per_weight), 2 * params,
+    choice = choose_prefetch(None, cost, True, int(params * host_bytes_per_weight), 2 * params,
                              uniform_reuse_rate(top_k, experts))
     assert choice.on == expected
     assert choice.reason.startswith("it pays" if expected else "it does not pay")
@@ -48,11 +48,14 @@ def test_choose_prefetch_at_real_shapes_on_a_gpu_like_host(params, top_k, expert
 
 def test_asking_wins_and_no_copy_candidates_means_off():
     cheap = CostModel(cpu_bytes_per_s=1e9, cpu_flops=1e9, copy_bytes_per_s=1e12, device_flops=1e15)
-    assert choose_prefetch(False, cheap, MB, 1000, 1.0).reason == "as asked"
-    assert not choose_prefetch(False, cheap, MB, 1000, 1.0).on
-    assert choose_prefetch(True, None, MB, 1000, 0.0).on
-    no_cost = choose_prefetch(None, None, MB, 1000, 1.0)
-    assert not no_cost.on and no_cost.reason == "no layer has both CPU experts and cache slots"
+    assert choose_prefetch(False, cheap, True, MB, 1000, 1.0).reason == "as asked"
+    assert not choose_prefetch(False, cheap, True, MB, 1000, 1.0).on
+    assert choose_prefetch(True, None, False, MB, 1000, 0.0).on
+    for cost, copies_possible in ((None, True), (cheap, False)):  # nothing measured; measured, but no slots
+        no_copies = choose_prefetch(None, cost, copies_possible, MB, 1000, 1.0)
+        assert not no_copies.on and no_copies.reason == "no layer has both CPU experts and cache slots"
+    assert choose_prefetch(None, cheap, True, MB, 1000, 1.0, "the profile's heat").reason.endswith(
+        "at a hit rate of 1.00 (the profile's heat)")
     assert prefetch_outlook(False, 2**20) == "prefetch off: no layer has both CPU experts and cache slots"
     assert prefetch_outlook(True, 3 * 2**20).startswith("prefetch decided at load: on where copying an expert "
                                                         "(3.00 MiB) costs less")
@@ -69,8 +72,13 @@ def test_load_runs_the_prefetcher_only_where_the_measured_costs_say_so(bf16_chec
     folder = bf16_checkpoints("mixtral")
     monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: costs)
     model = offload.load(folder, device="cpu", max_context=64, plan=plan(folder, 3, 1), prefetch=asked)
-    assert model.prefetch.on == on and (model._experts.prefetcher is not None) == on
+    prefetcher = model._experts.prefetcher
+    assert model.prefetch.on == on and (prefetcher is not None) == (asked is not False)
+    assert prefetcher is None or prefetcher.active == on  # an automatic one measures while it is off
     reason = "as asked" if asked is not None else "it pays" if on else "it does not pay"
     assert f"; prefetch {'on' if on else 'off'}: {reason}" in placement_summary(model)
     model.generate([3, 4, 5, 6], max_new_tokens=4, ignore_eos=True)
-    assert (model.stats()["totals"]["prefetch_precision"] is not None) == on
+    stats = model.stats()
+    assert (stats["totals"]["prefetch_precision"] is not None) == (asked is not False)
+    copies = sum(layer["prefetch_copies"] for layer in stats["layers"])
+    assert on or copies == 0  # none while it is off (too few steps to review the choice)

@@ -152,7 +152,7 @@ class RecordingUploader:
     def __init__(self, pool: DeviceExpertPool, log: list):
         self.pool, self.log = pool, log
 
-    def copy(self, expert: int, row: int) -> None:
+    def copy(self, expert: int, row: int, after=None) -> None:
         self.log.append(("copy", expert, row))
         for stack in self.pool.stacks:
             stack[row].fill_(float(expert))
@@ -198,7 +198,7 @@ def test_streamed_experts_sum_to_the_whole_layer():
     pool = DeviceExpertPool((), 4, H, I, torch.float32, torch.device("cpu"))
 
     class Uploader:
-        def copy(self, expert, row):
+        def copy(self, expert, row, after=None):
             for stack, w in zip(pool.stacks, (gate, up, down)):
                 stack[row].copy_(w[expert])
 
