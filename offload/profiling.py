@@ -237,7 +237,7 @@ class Measured:
 
     run: PlanRun
     ids: list[list[int]]  # the prompts as token ids
-    cost: CostModel | None  # None when no layer has both CPU experts and cache slots: nothing was measured
+    cost: CostModel | None  # None when no layer has CPU experts: nothing was measured
     sizes: ExpertSizes
     top_k: int
     device: str  # where the model ran and in which dtype: the tuned plan is made for the same
@@ -490,8 +490,8 @@ def render(profile: Profile, console: Console) -> None:
     for column in ("pinned", "slots", "predicted tok/s", "measured tok/s", "predicted hit rate", "hit rate"):
         table.add_column(column, justify="right")
     if profile.cost is None:
-        table.caption = ("no tok/s prediction: with this budget no layer has both CPU experts and cache slots, so "
-                         "loading measured no cost model")
+        table.caption = ("no tok/s prediction: with this budget every expert is on the device, so loading measured "
+                         "no cost model")
     for r in profile.report:
         predicted = "-" if r.predicted_tokens_per_s is None else f"{r.predicted_tokens_per_s:.1f}"
         table.add_row(r.plan, str(r.pinned), str(r.cache_slots), predicted, f"{r.tokens_per_s:.1f}",
