@@ -8,8 +8,9 @@ device tier (the CUDA side-stream form of the double buffer is in tests/test_cud
 - Bytes copied per prefill chunk = the chunk's used, non-resident experts x the packed expert size, exactly.
 - The double buffer alternates halves and issues batch b+1's copies before batch b's compute.
 - A plan without cache slots streams too, priced by a cost model measured without a slot.
-- A chunk long enough to use every expert streams all the non-resident ones without reading its ids back: no host
-  read inside the forward, every layer's copies issued before any ids come back (at the step boundary).
+- A chunk long enough to use every expert, in a layer whose last chunk used nearly all it could stream, streams
+  all the non-resident ones without reading its ids back: no host read inside the forward, every layer's copies
+  issued before any ids come back (at the step boundary); a chunk that reads its ids back measures that coverage.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from offload.experts.builder import ExpertsBuilder
 from offload.experts.cost import CostModel
 from offload.experts.device import DeviceExpertPool, ExpertUploader
 from offload.experts.hybrid import HybridExperts
-from offload.experts.stream import LayerStream, every_expert_tokens
+from offload.experts.stream import LayerStream, every_expert_tokens, streams_blind
 from sync_ledger import SyncLedger
 from test_hybrid import GPU_LIKE_COSTS, IDS, check_plan_matches_the_reference, plan, rel_err
 
@@ -286,6 +287,36 @@ def test_every_expert_tokens_is_where_an_unused_expert_becomes_rare(top_k, exper
         assert unused ** tokens <= 0.01 < unused ** (tokens - 1)
 
 
+@pytest.mark.parametrize("tokens, blind_tokens, coverage, expected", [
+    (16, 12, 1.0, True),
+    (16, 12, 0.9, True),
+    (16, 12, 0.89, False),  # the last chunk left too many streamed experts unused: read the ids back
+    (16, 12, None, False),  # nothing measured yet: read the ids back (and measure)
+    (11, 12, 1.0, False),  # too short to use every expert
+    (16, None, 1.0, False),
+])
+def test_streams_blind(tokens, blind_tokens, coverage, expected):
+    assert streams_blind(tokens, blind_tokens, coverage) == expected
+
+
+LONG = torch.arange(3, 103) % 97  # a prompt that routes more widely than IDS
+
+
+def test_a_chunk_that_reads_its_ids_back_measures_the_coverage(bf16_checkpoints, monkeypatch):
+    model = streaming_model(bf16_checkpoints("mixtral"), monkeypatch, slots=0, prefetch=False)
+    hybrids = sorted(model._experts.hybrids.values(), key=lambda h: h.layer)
+    with SyncLedger() as ledger, torch.inference_mode():
+        model.transformer(LONG[:40], 0)
+    assert sum(ledger.data_dependent.values()) == len(hybrids)  # nothing measured before: every layer read back
+    layers = {l["layer"]: l for l in model.stats()["layers"]}
+    for h in hybrids:  # no slots, nothing pinned: every expert could have streamed
+        assert h.stream_coverage == layers[h.layer]["streamed_misses"] / h.num_experts
+    blind = [h for h in hybrids if h.stream_coverage >= 0.9]  # here one layer of the three
+    with SyncLedger() as ledger, torch.inference_mode():
+        model.transformer(LONG[:40], 0)
+    assert sum(ledger.data_dependent.values()) == len(hybrids) - len(blind)
+
+
 def forward_order(model, monkeypatch, chunk: torch.Tensor) -> list[tuple[str, int]]:
     """One prefill forward of `chunk` and its step boundary: the order of each layer's streaming copies
     ("copy", layer) and of the moments its ids reach the host to count the call ("ids", layer)."""
@@ -322,7 +353,9 @@ def test_a_chunk_that_uses_every_expert_streams_them_all_without_reading_ids_bac
     model = streaming_model(folder, monkeypatch, slots=slots, prefetch=False)
     builder = model._experts
     hybrids = sorted(builder.hybrids.values(), key=lambda h: h.layer)
-    assert all(h.streaming.blind_tokens == 12 for h in hybrids)
+    assert all(h.streaming.blind_tokens == 12 and h.stream_coverage is None for h in hybrids)
+    for h in hybrids:
+        h.stream_coverage = 1.0  # as if the layer's last chunk had used every expert it could stream
     non_resident = {h.layer: {e for e in range(h.num_experts) if not h.is_resident(e)} for h in hybrids}
     used: dict[int, set[int]] = {}  # layer -> experts its routing picked, as the test reads them
     for h in hybrids:
@@ -346,7 +379,15 @@ def test_a_chunk_that_uses_every_expert_streams_them_all_without_reading_ids_bac
     for h in hybrids:
         assert layers[h.layer]["expert_uses"] == len(used[h.layer])
         assert layers[h.layer]["streamed_misses"] == len(used[h.layer] & non_resident[h.layer])
+        assert h.stream_coverage == len(used[h.layer] & non_resident[h.layer]) / len(non_resident[h.layer])
+    # A layer whose chunk left more than a tenth of its streamed experts unused reads the next chunk's ids back.
+    wasteful = sum(h.stream_coverage < 0.9 for h in hybrids)
+    with SyncLedger() as ledger, torch.inference_mode():
+        model.transformer(IDS[16:32], 16)
+    assert sum(ledger.data_dependent.values()) == wasteful
 
+    for h in hybrids:
+        h.stream_coverage = 1.0
     order = forward_order(model, monkeypatch, IDS[:16])
     boundary = order.index(("boundary", -1))
     copies = [layer for kind, layer in order[:boundary] if kind == "copy"]

@@ -14,8 +14,9 @@ expert is copied into a slot or computed on the CPU by the cost model. A prefill
 threshold (the cost model's: streaming the layer's used experts at host-to-device bandwidth beats the CPU
 workers) streams every used expert that is not resident through the shared double buffer (offload/experts/
 stream.py) and runs it on the device: no CPU part, no cache slot taken, and a layer without cache slots streams
-as well as one with them. A chunk long enough that it almost surely uses every expert streams all the
-non-resident ones without reading its ids back (they are counted at the step boundary).
+as well as one with them. A chunk long enough that it almost surely uses every expert, in a layer whose last
+measured chunk did, streams all the non-resident ones without reading its ids back (they are counted at the step
+boundary).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .device import DeviceExpertPool, ExpertUploader
 from .link import HostLink
 from .prefetch import Prefetcher
 from .step import StepRecorder
-from .stream import LayerStream
+from .stream import LayerStream, streams_blind
 
 if TYPE_CHECKING:
     from .cpu import CpuExperts  # imported lazily at run time: it loads Numba
@@ -81,15 +82,23 @@ class Streaming:
 
 class StreamedCalls:
     """Counts a layer's calls that streamed every non-resident expert without reading their ids back: their ids
-    come back at the step boundary with the decode steps' (offload/experts/step.py)."""
+    come back at the step boundary with the decode steps' (offload/experts/step.py), and each call's coverage
+    (the share of its streamed experts it used) becomes the layer's."""
 
     def __init__(self, hybrid: "HybridExperts"):
         self.hybrid = hybrid
         self.layer = hybrid.layer
+        self.streamed: list[int] = []  # experts each recorded call streamed, in call order
+
+    def record(self, topk_ids: torch.Tensor, streamed: int) -> None:
+        self.hybrid.recorder.record(self, topk_ids)
+        self.streamed.append(streamed)
 
     def settle(self, calls: list[list[int]]) -> None:
-        for ids in calls:
-            self.hybrid._count_streamed(set(ids))
+        for ids, streamed in zip(calls, self.streamed, strict=True):
+            used = len(self.hybrid._count_streamed(set(ids)))
+            self.hybrid.stream_coverage = used / streamed if streamed else 1.0
+        self.streamed = []
 
 
 class HybridExperts:
@@ -103,6 +112,8 @@ class HybridExperts:
         self.prefetcher: Prefetcher | None = None  # attached once every layer exists
         self.streaming: Streaming | None = None  # attached with the cost model where a layer can stream
         self.streamed_calls = StreamedCalls(self)
+        # The share of the non-resident experts the last measured streamed call used (None: none measured yet).
+        self.stream_coverage: float | None = None
         self.stats = LayerStats()
         device = pool.gate.device
         # expert -> pool row (-1: the CPU's) for every resident expert: kept on the host (a numpy view, pinned for
@@ -220,16 +231,19 @@ class HybridExperts:
 
     def _start_streamed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Finish:
         """Compute the resident pairs from the pool and stream the other experts through the double buffer;
-        everything runs on the device. A call of at least `blind_tokens` streams every non-resident expert and
-        reads nothing back (its ids are counted at the step boundary), so the host goes on to queue the next
-        layer, whose first copies then overlap this layer's compute; a shorter one reads its ids back and streams
-        only the experts it uses."""
+        everything runs on the device. A call of at least `blind_tokens`, in a layer whose last measured call used
+        nearly every expert it could stream (stream.streams_blind), streams every non-resident expert and reads
+        nothing back (its ids are counted at the step boundary), so the host goes on to queue the next layer,
+        whose first copies then overlap this layer's compute; otherwise the call reads its ids back, streams only
+        the experts it uses and measures the layer's coverage."""
         stream = self.streaming
-        if stream.blind_tokens is not None and x.shape[0] >= stream.blind_tokens:
-            self.recorder.record(self.streamed_calls, topk_ids)
-            streamed = [expert for expert in range(self.num_experts) if not self.is_resident(expert)]
+        non_resident = [expert for expert in range(self.num_experts) if not self.is_resident(expert)]
+        if streams_blind(x.shape[0], stream.blind_tokens, self.stream_coverage):
+            streamed = non_resident
+            self.streamed_calls.record(topk_ids, len(streamed))
         else:
             streamed = self._count_streamed(set(topk_ids.reshape(-1).unique().tolist()))
+            self.stream_coverage = len(streamed) / len(non_resident) if non_resident else 1.0
         self.stats.bytes_streamed += len(streamed) * self.sizes.host_bytes
         self.uploader.wait()
         with self.timers.section("device_experts"):

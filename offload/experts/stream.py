@@ -9,9 +9,10 @@ batch, or of the next layer's first one, overlaps the compute of the current one
 the compute that last read it has run: on CUDA that compute records an event and the half's next copies wait for
 it alone (not for everything queued since), so the next batch's copies overlap the current batch's compute.
 
-A chunk long enough to use every expert (almost surely: `every_expert_tokens`) streams all the layer's
-non-resident experts without reading its ids back; the host then queues the next layer at once, and that layer's
-first copies overlap this layer's compute instead of waiting behind a readback.
+A chunk long enough to use every expert (`every_expert_tokens` under uniform routing, and the layer's last
+measured call used nearly all: `streams_blind`) streams all the layer's non-resident experts without reading its
+ids back; the host then queues the next layer at once, and that layer's first copies overlap this layer's compute
+instead of waiting behind a readback.
 """
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ class LayerStream:
         for expert, row in zip(batch, rows):
             uploader.copy(expert, row, after=self.read_done[half])
         return rows
+
+
+BLIND_MIN_COVERAGE = 0.9  # streaming blind needs the layer's last measured call to have used this share
+
+
+def streams_blind(tokens: int, blind_tokens: int | None, coverage: float | None) -> bool:
+    """Whether a streamed call of `tokens` streams every non-resident expert without reading its ids back: from
+    `blind_tokens` on (every_expert_tokens, the uniform-routing bound), and only once the layer's last measured
+    streamed call used at least BLIND_MIN_COVERAGE of the experts it could have streamed (`coverage`; None: not
+    measured yet, so the ids are read back). Skewed routing that leaves many experts unused turns it off, and a
+    call that reads its ids back measures the coverage again, so it comes back once the routing spreads."""
+    if blind_tokens is None or tokens < blind_tokens or coverage is None:
+        return False
+    return coverage >= BLIND_MIN_COVERAGE
 
 
 def every_expert_tokens(top_k: int, num_experts: int, waste: float = 0.01) -> int:
