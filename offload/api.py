@@ -160,7 +160,8 @@ class Model:
 
     @property
     def prefetch(self) -> PrefetchChoice | None:
-        """Whether the prefetcher runs and why; None where no layer is hybrid (nothing to prefetch)."""
+        """Whether the prefetcher runs and why; None where no layer is hybrid (nothing to prefetch). Decided
+        automatically, it changes at step boundaries with the precision the prefetcher measures."""
         return self._experts.prefetch_choice
 
     @property
