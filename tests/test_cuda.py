@@ -201,6 +201,7 @@ def test_cuda_streamed_prefill_through_the_double_buffer_matches_the_reference(c
     from offload.experts.builder import ExpertsBuilder
     from offload.experts.cost import CostModel
     from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
+    from tiny_models import landing_bytes
 
     _, ref = checkpoint_dir("qwen2_moe")
     folder = tmp_path / "bf16"
@@ -209,8 +210,11 @@ def test_cuda_streamed_prefill_through_the_double_buffer_matches_the_reference(c
     cfg = reference.config
     inv = inventory(cfg, architecture(cfg.model_type).names)
     kv = kv_cache_bytes(cfg, 64, 4)
-    budget = sum(inv.device_bytes(4).values()) + kv + (2 + len(inv.moe_layers)) * inv.expert_params * 4
-    plan = make_plan(inv, PlanRequest(budget, 2**34, 64, kv, 4, fmt, inv.expert_params * 2, slots_per_layer=1))
+    buffers = 2 * inv.top_k * inv.expert_params * 4 + landing_bytes(cfg, "bf16")  # the double buffer, the landing
+    budget = sum(inv.device_bytes(4).values()) + kv + buffers + (2 + len(inv.moe_layers)) * inv.expert_params * 4
+    plan = make_plan(inv, PlanRequest(budget, 2**34, 64, kv, 4, fmt, inv.expert_params * 2, slots_per_layer=1,
+                                      stream_buffer_experts=2 * inv.top_k, device_landing_entries=8))
+    assert plan.stream_buffer_experts == 2 * inv.top_k
     fast_link = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_per_s=80e9, device_flops=400e12)
     monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: fast_link)
     hybrid = offload.load(folder, device="cuda", dtype="float32", max_context=64, plan=plan, prefill_chunk=12)

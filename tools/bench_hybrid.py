@@ -18,6 +18,7 @@ import torch
 import offload
 from offload.arch import architecture
 from offload.demo import default_cache_dir
+from offload.experts.device import STAGING_RING_ENTRIES
 from offload.placement import PlanRequest, expert_host_bytes, inventory, kv_cache_bytes, make_plan
 from offload.synthetic import write_synthetic_checkpoint
 
@@ -38,16 +39,20 @@ def checkpoint(skew: float) -> Path:
 
 
 def cache_only_plan(folder: Path, slots: int, max_context: int, dtype: torch.dtype, fmt: str):
-    """A plan with exactly `slots` cache slots per MoE layer and nothing pinned."""
+    """A plan with exactly `slots` cache slots per MoE layer and nothing pinned, beside the device buffers of
+    uploads (the staging ring's landing entries and the streaming double buffer)."""
     arch = architecture(CONFIG["model_type"])
     cfg = arch.config_from_hf(CONFIG)
     inv = inventory(cfg, arch.names)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     kv = kv_cache_bytes(cfg, max_context, dtype_bytes)
     fixed = sum(inv.device_bytes(dtype_bytes).values()) + kv
-    request = PlanRequest(fixed + slots * len(inv.moe_layers) * inv.expert_params * dtype_bytes, 2**40, max_context,
-                          kv, dtype_bytes, fmt, expert_host_bytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size),
-                          slots_per_layer=slots)
+    host_bytes = expert_host_bytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size)
+    row = inv.slot_bytes(dtype_bytes)
+    buffers = STAGING_RING_ENTRIES * host_bytes + 2 * inv.top_k * row
+    request = PlanRequest(fixed + buffers + slots * len(inv.moe_layers) * row, 2**40, max_context, kv, dtype_bytes,
+                          fmt, host_bytes, slots_per_layer=slots, stream_buffer_experts=2 * inv.top_k,
+                          device_landing_entries=STAGING_RING_ENTRIES)
     return make_plan(inv, request)
 
 
