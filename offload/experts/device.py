@@ -141,7 +141,8 @@ class StagingRing:
 
 class ExpertUploader:
     """Copies experts from host storage into pool rows as the host holds them (packed int8/int4 bytes, not
-    dequantized weights) and dequantizes them on the device, into the row's dtype.
+    dequantized weights) and turns them on the device into the row's format (`pool.land`): dequantized into
+    device-dtype rows, laid out again or quantized into int8 / int4 rows (experts/quant_pool.py).
 
     On CUDA the packed tensors go through an entry of the shared staging ring: a pinned buffer, then on the side
     stream the copy up and the dequantization into the row; the row records an event that the compute stream
