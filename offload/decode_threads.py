@@ -7,8 +7,8 @@ machine, under other test runs, one thread decoded 1.5-2.5x faster than two; doc
 threads under load"). Which count wins changes with whatever else runs, so it is measured, not fixed:
 
 - the counts tried form a ladder of halvings of the configured threads (16, 8, 4, 2, 1); a probe times a few
-  steps at the current count's neighbours on the ladder, interleaved with steps at the current count, and moves
-  to a neighbour only when its median step is faster by `margin`;
+  steps at each neighbour of the current count on the ladder (after one untimed step at it) and moves to the
+  neighbour whose median step beats the current count's last steps by `margin`;
 - a probe runs at the first decode steps, then every `period` steps (doubled up to `max_period` each time a
   probe keeps the count, reset when it moves), and at once when the current count's recent steps are
   `drift` times slower than at its last probe (the load changed).
@@ -39,10 +39,10 @@ def neighbours(ladder: tuple[int, ...], current: int) -> tuple[int, ...]:
     return tuple(ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder))
 
 
-def probe_schedule(current: int, others: tuple[int, ...], steps: int) -> list[int]:
-    """Thread counts of a probe's steps: each other count `steps` times, each followed by a step at `current`, so
-    the counts compared see the same load."""
-    return [n for _ in range(steps) for other in others for n in (other, current)]
+def probe_schedule(others: tuple[int, ...], steps: int) -> list[tuple[int, bool]]:
+    """A probe's steps as (thread count, timed): for each other count one untimed step (the first at a new count
+    pays for the change: a pool waking up, caches refilled) and `steps` timed ones."""
+    return [(n, i > 0) for n in others for i in range(steps + 1)]
 
 
 def choose(samples: dict[int, list[float]], current: int, margin: float) -> int:
@@ -74,17 +74,17 @@ class DecodeThreads:
     drift: float = 1.3
     current: int = field(init=False)
     steps: Counter = field(init=False, default_factory=Counter)  # decode steps run at each count
-    _schedule: deque = field(init=False, default_factory=deque)  # counts of the probe's remaining steps
-    _samples: dict = field(init=False, default_factory=dict)  # count -> step seconds during the probe
-    _until_probe: int = field(init=False, default=0)  # steps before the next probe
+    _schedule: deque = field(init=False, default_factory=deque)  # the probe's remaining (count, timed) steps
+    _samples: dict = field(init=False, default_factory=dict)  # count -> timed step seconds of the probe
+    _until_probe: int = field(init=False, default=0)  # steps at the current count before the next probe
     _period: int = field(init=False, default=0)
     _reference: float = field(init=False, default=0.0)  # the current count's median step at the last probe
-    _recent: deque = field(init=False)
+    _recent: deque = field(init=False)  # the current count's latest step seconds
 
     def __post_init__(self) -> None:
         self.current = self.ladder[0]
         self._period = self.period
-        self._recent = deque(maxlen=self.probe_steps + 1)
+        self._recent = deque(maxlen=self.probe_steps)
 
     @classmethod
     def auto(cls, max_threads: int) -> DecodeThreads:
@@ -100,12 +100,11 @@ class DecodeThreads:
 
     def next(self) -> int:
         """The thread count for the next decode step."""
-        if not self.measured:
-            return self.current
-        if not self._schedule and (self._until_probe <= 0 or
-                                   drifted(list(self._recent), self._reference, self.drift)):
-            self._start_probe()
-        return self._schedule[0] if self._schedule else self.current
+        if self.measured and not self._schedule and len(self._recent) == self._recent.maxlen and (
+                self._until_probe <= 0 or drifted(list(self._recent), self._reference, self.drift)):
+            self._samples = {self.current: list(self._recent)}  # the steps just before, at the current count
+            self._schedule.extend(probe_schedule(neighbours(self.ladder, self.current), self.probe_steps))
+        return self._schedule[0][0] if self._schedule else self.current
 
     def record(self, threads: int, seconds: float) -> None:
         """The step run at `threads` took `seconds`."""
@@ -113,8 +112,9 @@ class DecodeThreads:
         if not self.measured:
             return
         if self._schedule:
-            self._samples.setdefault(threads, []).append(seconds)
-            self._schedule.popleft()
+            _, timed = self._schedule.popleft()
+            if timed:
+                self._samples.setdefault(threads, []).append(seconds)
             if not self._schedule:
                 self._end_probe()
             return
@@ -126,16 +126,12 @@ class DecodeThreads:
             return f"{self.current} (fixed)"
         return f"{self.current} (measured among {', '.join(map(str, self.ladder))} while generating)"
 
-    def _start_probe(self) -> None:
-        self._samples = {}
-        self._schedule.extend(probe_schedule(self.current, neighbours(self.ladder, self.current), self.probe_steps))
-
     def _end_probe(self) -> None:
         chosen = choose(self._samples, self.current, self.margin)
         self._period = min(self._period * 2, self.max_period) if chosen == self.current else self.period
         self.current = chosen
         self._reference = statistics.median(self._samples[chosen])
-        self._recent.clear()
+        self._recent.clear()  # refilled at the chosen count before a drift can start the next probe
         self._until_probe = self._period
 
 

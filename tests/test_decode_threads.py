@@ -29,9 +29,9 @@ def test_a_probe_tries_the_rungs_next_to_the_current_count(current, expected):
     assert neighbours((16, 8, 4, 2, 1), current) == expected
 
 
-def test_a_probe_interleaves_each_other_count_with_the_current_one():
-    assert probe_schedule(2, (1,), 3) == [1, 2, 1, 2, 1, 2]
-    assert probe_schedule(4, (8, 2), 2) == [8, 4, 2, 4, 8, 4, 2, 4]
+def test_a_probe_times_each_other_count_after_one_untimed_step():
+    assert probe_schedule((1,), 3) == [(1, False), (1, True), (1, True), (1, True)]
+    assert probe_schedule((8, 2), 2) == [(8, False), (8, True), (8, True), (2, False), (2, True), (2, True)]
 
 
 @pytest.mark.parametrize("samples, current, expected", [
@@ -88,6 +88,18 @@ def test_a_sudden_load_starts_a_probe_before_the_period_is_over():
                     260)
     # the drift noticed it within a few steps, not at the end of the 256-step period
     assert used[slow_from + 12: slow_from + 12 + 24] == [1] * 24
+
+
+def test_the_first_step_at_a_new_count_does_not_count():
+    previous = [2]
+
+    def switching_is_slow(step, n):  # one thread is faster, but the first step after a change is 5x as long
+        seconds = {2: 10.0, 1: 8.0}[n] * (5 if n != previous[0] else 1)
+        previous[0] = n
+        return seconds
+
+    used = simulate(DecodeThreads.auto(2), switching_is_slow, 100)
+    assert used[-50:] == [1] * 50
 
 
 def test_many_cores_walk_the_ladder_one_rung_a_probe():
