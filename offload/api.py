@@ -164,7 +164,8 @@ class Model:
 
     @property
     def prefetch(self) -> PrefetchChoice | None:
-        """Whether the prefetcher runs and why; None where no layer is hybrid (nothing to prefetch)."""
+        """Whether the prefetcher runs and why; None where no layer is hybrid (nothing to prefetch). Decided
+        automatically, it changes at step boundaries with the precision the prefetcher measures."""
         return self._experts.prefetch_choice
 
     @property
@@ -245,7 +246,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool | None = None,
          dense: str | None = None, prefill_chunk: int | None = None, cuda_graphs: bool = False,
-         decode_threads: int | str = "auto", on_progress: ProgressCallback | None = None
+         profile: str | Path | None = None, decode_threads: int | str = "auto",
+         on_progress: ProgressCallback | None = None
          ) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
     `offload convert`, for generation.
@@ -266,7 +268,11 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     plan:        a Plan or a plan.json path to use instead of planning from the budgets.
     prefetch:    copy the experts a decode step ran on the CPU into cache slots for the next step (and, in a
                  prefill, the next layers' predicted experts); None: only where the cost model measured at load
-                 says a copy saves more CPU time than it costs (experts/cost.py; `Model.prefetch` says why).
+                 says a copy saves more CPU time than it costs at the estimated hit rate, reviewed at step
+                 boundaries from the precision the prefetcher measures (experts/cost.py; `Model.prefetch` says
+                 on or off and why).
+    profile:     a profile.json from `offload profile`: its routing heat gives prefetch's hit-rate estimate
+                 before one is measured (instead of uniform routing's top-k / experts).
     dense:       format of the attention / MLA projections, dense MLPs, shared experts and the LM head:
                  "int8" | "int4" | "int4s" quantized at load, "bf16" in the model dtype. On a device tier (a GPU, a
                  gpu_memory budget or a plan) they run through torch's int8 / int4 weight-only matmuls
@@ -309,6 +315,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
         raise OffloadError(f"the plan keeps experts on the host as {placement.expert_format}, not {experts}; "
                            "drop the experts option or make a new plan")
     host_format = placement.expert_format if placement is not None else experts
+    heat = _profile_heat(profile, placement)
     # The device tier's dense format is the plan's (chosen by the budget, or the one asked for); a CPU-only run
     # packs dense weights for the CPU kernels only when asked.
     dense_format = placement.dense_format if placement is not None else dense if dense in QUANTIZED_DENSE else None
@@ -324,8 +331,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
             on_progress(done[0], total, file_name)
 
     timers = Timers(torch_device)
-    builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch), torch_device,
-                             torch_dtype, timers)
+    builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch, heat=heat),
+                             torch_device, torch_dtype, timers)
     src = WeightSource(checkpoint, torch_dtype, torch_device, rename=arch.checkpoint_name, on_read=on_read,
                        dense_format=dense_format, expert_format=host_format, dense_on_device=device_tier)
     transformer = Transformer(config, arch.names, src, builder, max_context, timers, builder.settle,
@@ -380,6 +387,20 @@ def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int
     torch_dtype = resolve_dtype(dtype, torch_device)
     return resolve_plan(config, arch.names, torch_device, torch_dtype, experts or default_host_format(torch_dtype),
                         max_context, gpu_memory, None, heat, host_memory, dense)
+
+
+def _profile_heat(profile: str | Path | None, placement: Plan | None) -> list[list[float]] | None:
+    """A profile's routing heat, checked against the plan's MoE layers before any weight is read; None without a
+    profile, or without a plan (no expert is copied, so the heat has nothing to estimate)."""
+    if profile is None:
+        return None
+    from .profiling import check_heat_fits, read_heat
+
+    heat = read_heat(Path(profile))
+    if placement is None:
+        return None
+    check_heat_fits(placement, heat)
+    return heat
 
 
 def _check_formats(experts: str | None, dense: str | None) -> None:

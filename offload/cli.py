@@ -109,6 +109,9 @@ class LoadOptions:
     prefetch: Optional[bool] = _load_option(
         None, "Copy the experts a decode step ran on the CPU into cache slots for the next step (default: where "
               "the copy and CPU-expert times measured at load say it pays).")
+    profile: Optional[Path] = _load_option(
+        None, "profile.json from `offload profile`: its routing heat gives prefetch's hit-rate estimate until the "
+              "run measures one.")
     prefill_chunk: Optional[int] = _load_option(
         None, "Tokens per prefill forward; a longer prompt runs in chunks (default 512, raised to the cost model's "
               "stream threshold on a device tier).", min=1)

@@ -88,7 +88,7 @@ def expected_hit_share(pinned: Sequence[int], cache_slots: int, heat_row: Sequen
     return (sum(heat_row[e] for e in pinned_set) + sum(others[:cache_slots])) / total
 
 
-def _check_heat_fits(plan: Plan, heat: Heat) -> None:
+def check_heat_fits(plan: Plan, heat: Heat) -> None:
     if len(heat) != len(plan.layers) or any(len(row) != l.num_experts for row, l in zip(heat, plan.layers)):
         raise OffloadError(f"the heat is {len(heat)} MoE layers x {len(heat[0]) if heat else 0} experts but the "
                            f"plan has {len(plan.layers)} MoE layers; profile this model again")
@@ -96,7 +96,7 @@ def _check_heat_fits(plan: Plan, heat: Heat) -> None:
 
 def predict_hit_rate(plan: Plan, heat: Heat) -> float:
     """The expected decode hit rate: every MoE layer serves top_k uses per token, so the layers weigh the same."""
-    _check_heat_fits(plan, heat)
+    check_heat_fits(plan, heat)
     shares = [expected_hit_share(l.pinned, l.cache_slots, row) for l, row in zip(plan.layers, heat)]
     return sum(shares) / len(shares) if shares else 1.0
 
@@ -112,7 +112,7 @@ class UseCosts:
 def predict_tokens_per_s(plan: Plan, heat: Heat, use: UseCosts, fixed_seconds_per_token: float, top_k: int) -> float:
     """Decode tokens/s of `plan` for a workload with this heat (the model in the module docstring):
     1 / (fixed + sum over MoE layers of top_k * (hit share * hit seconds + miss share * miss seconds))."""
-    _check_heat_fits(plan, heat)
+    check_heat_fits(plan, heat)
     seconds = fixed_seconds_per_token
     for layer, row in zip(plan.layers, heat):
         share = expected_hit_share(layer.pinned, layer.cache_slots, row)
@@ -237,7 +237,7 @@ class Measured:
 
     run: PlanRun
     ids: list[list[int]]  # the prompts as token ids
-    cost: CostModel | None  # None when no layer has both CPU experts and cache slots: nothing was measured
+    cost: CostModel | None  # None when no layer has CPU experts: nothing was measured
     sizes: ExpertSizes
     top_k: int
     device: str  # where the model ran and in which dtype: the tuned plan is made for the same
@@ -490,8 +490,8 @@ def render(profile: Profile, console: Console) -> None:
     for column in ("pinned", "slots", "predicted tok/s", "measured tok/s", "predicted hit rate", "hit rate"):
         table.add_column(column, justify="right")
     if profile.cost is None:
-        table.caption = ("no tok/s prediction: with this budget no layer has both CPU experts and cache slots, so "
-                         "loading measured no cost model")
+        table.caption = ("no tok/s prediction: with this budget every expert is on the device, so loading measured "
+                         "no cost model")
     for r in profile.report:
         predicted = "-" if r.predicted_tokens_per_s is None else f"{r.predicted_tokens_per_s:.1f}"
         table.add_row(r.plan, str(r.pinned), str(r.cache_slots), predicted, f"{r.tokens_per_s:.1f}",

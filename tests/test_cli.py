@@ -465,6 +465,15 @@ def test_plan_errors(demo_dir, tmp_path):
                           "not a profile")
 
 
+def test_a_profile_for_the_prefetch_estimate_is_checked_before_loading(demo_dir, tmp_path):
+    common = ("generate", str(demo_dir), "--prompt", "hi", "--gpu-memory", "9MiB", "--max-context", "1024",
+              "--profile")
+    assert_one_line_error(invoke(*common, tmp_path / "missing.json"), "cannot read profile")
+    wrong = tmp_path / "profile.json"
+    wrong.write_text(json.dumps({"heat": [[1, 2, 3]]}))
+    assert_one_line_error(invoke(*common, wrong), "the heat is 1 MoE layers x 3 experts", "profile this model again")
+
+
 def test_chat_with_a_simulated_gpu_budget_reports_the_expert_hit_rate(demo_dir):
     result = invoke("chat", str(demo_dir), "--gpu-memory", "9MiB", "--max-context", "1024", "--prompt", "hi",
                     "--max-new-tokens", "4", "--temperature", "0")

@@ -104,9 +104,9 @@ def test_the_stack_and_the_head_give_the_per_layer_steps_numbers(checkpoint, mon
 
 
 # Parallel regions per decode step, by design: attention = fused q/k/v, attention over the cache, o_proj; a MoE
-# block = the routed experts' gate+up (one region) and down matmuls (+ the shared expert's gate/up and down); a dense MLP =
-# gate/up and down; the LM head = one. Counted from Numba's own launch function, in a process of its own (the
-# count hooks the symbol before any parallel kernel is linked).
+# block = the routed experts' gate and up (one region) and down matmuls (+ the shared expert's gate/up and down);
+# a dense MLP = gate/up and down; the LM head = one. Counted from Numba's own launch function, in a process of its
+# own (the count hooks the symbol before any parallel kernel is linked).
 COUNT_REGIONS = r"""
 import ctypes, json, sys
 import torch

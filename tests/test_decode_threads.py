@@ -198,5 +198,5 @@ def test_a_fixed_count_with_a_device_tier_is_refused_before_any_weight_is_read(c
 
 def test_the_cli_refuses_a_bad_count_in_one_line(checkpoint_dir):
     folder, _ = checkpoint_dir("qwen3_moe")
-    assert_one_line_error(invoke("generate", folder, "--prompt-ids", "1,2,3", "--device", "cpu", "--decode-threads", "0"),
-                          "decode_threads must be 'auto' or a thread count")
+    result = invoke("generate", folder, "--prompt-ids", "1,2,3", "--device", "cpu", "--decode-threads", "0")
+    assert_one_line_error(result, "decode_threads must be 'auto' or a thread count")

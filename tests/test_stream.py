@@ -7,6 +7,10 @@ device tier (the CUDA side-stream form of the double buffer is in tests/test_cud
   not (bf16: the same weights; int8: within the format's bound), under several plans.
 - Bytes copied per prefill chunk = the chunk's used, non-resident experts x the packed expert size, exactly.
 - The double buffer alternates halves and issues batch b+1's copies before batch b's compute.
+- A plan without cache slots streams too, priced by a cost model measured without a slot.
+- A chunk long enough to use every expert, in a layer whose last chunk used nearly all it could stream, streams
+  all the non-resident ones without reading its ids back: no host read inside the forward, every layer's copies
+  issued before any ids come back (at the step boundary); a chunk that reads its ids back measures that coverage.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from csrc_py.formats import expert_arrays, pack, unpack, unpack_arrays
 from offload.experts.builder import ExpertsBuilder
 from offload.experts.cost import CostModel
 from offload.experts.device import DeviceExpertPool, ExpertUploader
-from offload.experts.stream import LayerStream
+from offload.experts.hybrid import HybridExperts
+from offload.experts.stream import LayerStream, every_expert_tokens, streams_blind
+from sync_ledger import SyncLedger
 from test_hybrid import GPU_LIKE_COSTS, IDS, check_plan_matches_the_reference, plan, rel_err
 
 
@@ -40,10 +46,11 @@ FAST_LINK_COSTS = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_pe
 
 
 def streaming_model(folder, monkeypatch, fmt: str = "bf16", prefill_chunk: int | None = None,
-                    costs: CostModel = FAST_LINK_COSTS, **kwargs):
-    """Pinned experts, one slot per layer, the rest on the host in `fmt`, under a fixed cost model."""
+                    costs: CostModel = FAST_LINK_COSTS, slots: int = 1, **kwargs):
+    """Pinned experts and `slots` cache slots per layer (none of either with slots=0: every expert on the host),
+    the rest on the host in `fmt`, under a fixed cost model."""
     monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: costs)
-    return offload.load(folder, device="cpu", max_context=64, plan=plan(folder, 3, 1, fmt=fmt),
+    return offload.load(folder, device="cpu", max_context=64, plan=plan(folder, 3 if slots else 0, slots, fmt=fmt),
                         prefill_chunk=prefill_chunk, **kwargs)
 
 
@@ -82,7 +89,8 @@ def test_a_prompt_in_chunks_gives_the_logits_of_one_forward(checkpoint_dir):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"])
-@pytest.mark.parametrize("plan_name", ["tiny_cache_prefetch_lru", "cache_and_pinned_lfu"])
+@pytest.mark.parametrize("plan_name", ["tiny_cache_prefetch_lru", "cache_and_pinned_lfu", "all_on_cpu",
+                                       "pinned_subset_no_cache"])
 def test_every_plan_matches_the_reference_while_streaming(bf16_checkpoints, name, plan_name, monkeypatch):
     check_plan_matches_the_reference(bf16_checkpoints(name), plan_name, monkeypatch, stream=True)
 
@@ -102,10 +110,16 @@ def test_a_streamed_prefill_equals_one_on_the_cpu_workers_to_the_format(bf16_che
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
+@pytest.mark.parametrize("slots", [1, 0], ids=["slots", "no_slots"])
 def test_bytes_copied_per_prefill_chunk_are_the_used_experts_times_the_packed_size(bf16_checkpoints, monkeypatch,
-                                                                                   fmt):
-    model = streaming_model(bf16_checkpoints("mixtral"), monkeypatch, fmt=fmt, prefill_chunk=8, prefetch=False)
+                                                                                   fmt, slots):
+    """With the ids read back (blind streaming off), with or without cache slots."""
+    model = streaming_model(bf16_checkpoints("mixtral"), monkeypatch, fmt=fmt, prefill_chunk=8, prefetch=False,
+                            slots=slots)
     builder = model._experts
+    for hybrid in builder.hybrids.values():
+        if hybrid.streaming is not None:
+            hybrid.streaming.blind_tokens = None
     chunks: list[dict[int, set[int]]] = []  # per forward: layer -> experts used but not resident
     for hybrid in builder.hybrids.values():
         real_start = hybrid.start
@@ -152,7 +166,7 @@ class RecordingUploader:
     def __init__(self, pool: DeviceExpertPool, log: list):
         self.pool, self.log = pool, log
 
-    def copy(self, expert: int, row: int) -> None:
+    def copy(self, expert: int, row: int, after=None) -> None:
         self.log.append(("copy", expert, row))
         for stack in self.pool.stacks:
             stack[row].fill_(float(expert))
@@ -198,7 +212,7 @@ def test_streamed_experts_sum_to_the_whole_layer():
     pool = DeviceExpertPool((), 4, H, I, torch.float32, torch.device("cpu"))
 
     class Uploader:
-        def copy(self, expert, row):
+        def copy(self, expert, row, after=None):
             for stack, w in zip(pool.stacks, (gate, up, down)):
                 stack[row].copy_(w[expert])
 
@@ -235,3 +249,158 @@ def test_prefill_chunk_follows_the_stream_threshold_unless_set(bf16_checkpoints,
     assert streaming_model(folder, monkeypatch, prefill_chunk=16).transformer.prefill_chunk == 16
     with pytest.raises(offload.OffloadError, match="prefill_chunk must be at least 1"):
         streaming_model(folder, monkeypatch, prefill_chunk=0)
+
+
+def test_the_cost_model_is_measured_without_a_cache_slot(bf16_checkpoints):
+    """Every expert on the host and no slot anywhere: the load still measures copies (into a scratch row), and the
+    timing copies are not counted as the model's traffic."""
+    folder = bf16_checkpoints("mixtral")
+    model = offload.load(folder, device="cpu", max_context=64, plan=plan(folder, 0, 0))
+    builder = model._experts
+    assert all(h.cache_slots == 0 and h.pool.num_rows == 0 for h in builder.hybrids.values())
+    cost = builder.cost
+    assert cost is not None and min(cost.as_dict().values()) > 0
+    assert builder.ring.bytes_copied == 0
+    assert not model.prefetch.on and model.prefetch.reason == "no layer has both CPU experts and cache slots"
+
+
+def test_a_plan_without_cache_slots_streams_and_matches_the_reference(bf16_checkpoints, monkeypatch):
+    folder = bf16_checkpoints("qwen2_moe")
+    reference = offload.load(folder, device="cpu", max_context=64)
+    model = streaming_model(folder, monkeypatch, slots=0, prefill_chunk=8)
+    assert all(h.streaming is not None for h in model._experts.hybrids.values())
+    assert rel_err(model.logits(IDS), reference.logits(IDS)) <= 1e-4
+    kwargs = dict(max_new_tokens=8, ignore_eos=True)
+    assert model.generate(IDS[:13].tolist(), **kwargs).token_ids == reference.generate(IDS[:13].tolist(),
+                                                                                        **kwargs).token_ids
+    totals = model.stats()["totals"]
+    assert totals["bytes_streamed"] > 0 and totals["bytes_copied"] == 0 and totals["hit_rate"] == 0.0
+
+
+@pytest.mark.parametrize("top_k, experts, expected", [(2, 4, 7), (8, 128, 72), (8, 256, 146), (6, 64, 47),
+                                                      (4, 4, 1), (8, 4, 1)])
+def test_every_expert_tokens_is_where_an_unused_expert_becomes_rare(top_k, experts, expected):
+    tokens = every_expert_tokens(top_k, experts)
+    assert tokens == expected
+    if top_k < experts:
+        unused = 1 - top_k / experts
+        assert unused ** tokens <= 0.01 < unused ** (tokens - 1)
+
+
+@pytest.mark.parametrize("tokens, blind_tokens, coverage, expected", [
+    (16, 12, 1.0, True),
+    (16, 12, 0.9, True),
+    (16, 12, 0.89, False),  # the last chunk left too many streamed experts unused: read the ids back
+    (16, 12, None, False),  # nothing measured yet: read the ids back (and measure)
+    (11, 12, 1.0, False),  # too short to use every expert
+    (16, None, 1.0, False),
+])
+def test_streams_blind(tokens, blind_tokens, coverage, expected):
+    assert streams_blind(tokens, blind_tokens, coverage) == expected
+
+
+LONG = torch.arange(3, 103) % 97  # a prompt that routes more widely than IDS
+
+
+def test_a_chunk_that_reads_its_ids_back_measures_the_coverage(bf16_checkpoints, monkeypatch):
+    model = streaming_model(bf16_checkpoints("mixtral"), monkeypatch, slots=0, prefetch=False)
+    hybrids = sorted(model._experts.hybrids.values(), key=lambda h: h.layer)
+    with SyncLedger() as ledger, torch.inference_mode():
+        model.transformer(LONG[:40], 0)
+    assert sum(ledger.data_dependent.values()) == len(hybrids)  # nothing measured before: every layer read back
+    layers = {l["layer"]: l for l in model.stats()["layers"]}
+    for h in hybrids:  # no slots, nothing pinned: every expert could have streamed
+        assert h.stream_coverage == layers[h.layer]["streamed_misses"] / h.num_experts
+    blind = [h for h in hybrids if h.stream_coverage >= 0.9]  # here one layer of the three
+    with SyncLedger() as ledger, torch.inference_mode():
+        model.transformer(LONG[:40], 0)
+    assert sum(ledger.data_dependent.values()) == len(hybrids) - len(blind)
+
+
+def forward_order(model, monkeypatch, chunk: torch.Tensor) -> list[tuple[str, int]]:
+    """One prefill forward of `chunk` and its step boundary: the order of each layer's streaming copies
+    ("copy", layer) and of the moments its ids reach the host to count the call ("ids", layer)."""
+    builder = model._experts
+    log: list[tuple[str, int]] = []
+    for hybrid in builder.hybrids.values():
+        uploader = hybrid.streaming.uploader
+        real_copy = uploader.copy
+
+        def copy(expert, row, after=None, layer=hybrid.layer, real_copy=real_copy):
+            log.append(("copy", layer))
+            return real_copy(expert, row, after=after)
+
+        monkeypatch.setattr(uploader, "copy", copy)
+    real_count = HybridExperts._count_streamed
+
+    def count(self, experts):
+        log.append(("ids", self.layer))
+        return real_count(self, experts)
+
+    monkeypatch.setattr(HybridExperts, "_count_streamed", count)
+    with torch.inference_mode():
+        model.transformer(chunk, 0, last_only=True)
+    log.append(("boundary", -1))
+    builder.settle()
+    return log
+
+
+@pytest.mark.parametrize("slots", [1, 0], ids=["slots", "no_slots"])
+def test_a_chunk_that_uses_every_expert_streams_them_all_without_reading_ids_back(bf16_checkpoints, monkeypatch,
+                                                                                 slots):
+    folder = bf16_checkpoints("mixtral")  # top-2 of 6 experts: from 12 tokens on a chunk streams them all
+    reference = offload.load(folder, device="cpu", max_context=64).logits(IDS[:16])
+    model = streaming_model(folder, monkeypatch, slots=slots, prefetch=False)
+    builder = model._experts
+    hybrids = sorted(builder.hybrids.values(), key=lambda h: h.layer)
+    assert all(h.streaming.blind_tokens == 12 and h.stream_coverage is None for h in hybrids)
+    for h in hybrids:
+        h.stream_coverage = 1.0  # as if the layer's last chunk had used every expert it could stream
+    non_resident = {h.layer: {e for e in range(h.num_experts) if not h.is_resident(e)} for h in hybrids}
+    used: dict[int, set[int]] = {}  # layer -> experts its routing picked, as the test reads them
+    for h in hybrids:
+        def start(x, ids, weights, h=h, real_start=h.start):
+            used[h.layer] = set(ids.reshape(-1).tolist())
+            return real_start(x, ids, weights)
+
+        monkeypatch.setattr(h, "start", start)
+    before = builder.ring.bytes_copied
+    with SyncLedger() as ledger, torch.inference_mode():
+        got = model.transformer(IDS[:16], 0)
+    assert rel_err(got, reference) <= 1e-4
+    assert not ledger.data_dependent  # no ids came back inside the forward (the test's own read aside)
+    assert dict(ledger.host_reads) == {"tolist": len(hybrids)}
+    packed = hybrids[0].sizes.host_bytes
+    streamed = sum(len(experts) for experts in non_resident.values())
+    assert builder.ring.bytes_copied - before == streamed * packed == model.stats()["totals"]["bytes_streamed"]
+    # Counted at the step boundary (stats() settles): the experts used, the non-resident ones among them as
+    # streamed; a non-resident expert no token picked was copied in vain (tiny random routers are skewed).
+    layers = {l["layer"]: l for l in model.stats()["layers"]}
+    for h in hybrids:
+        assert layers[h.layer]["expert_uses"] == len(used[h.layer])
+        assert layers[h.layer]["streamed_misses"] == len(used[h.layer] & non_resident[h.layer])
+        assert h.stream_coverage == len(used[h.layer] & non_resident[h.layer]) / len(non_resident[h.layer])
+    # A layer whose chunk left more than a tenth of its streamed experts unused reads the next chunk's ids back.
+    wasteful = sum(h.stream_coverage < 0.9 for h in hybrids)
+    with SyncLedger() as ledger, torch.inference_mode():
+        model.transformer(IDS[16:32], 16)
+    assert sum(ledger.data_dependent.values()) == wasteful
+
+    for h in hybrids:
+        h.stream_coverage = 1.0
+    order = forward_order(model, monkeypatch, IDS[:16])
+    boundary = order.index(("boundary", -1))
+    copies = [layer for kind, layer in order[:boundary] if kind == "copy"]
+    assert copies == sorted(copies) and set(copies) == {h.layer for h in hybrids}  # layer by layer, all queued
+    assert order[boundary + 1 :] == [("ids", h.layer) for h in hybrids]  # the ids only after the forward
+
+
+def test_a_shorter_chunk_reads_its_ids_back_before_each_layer_streams(bf16_checkpoints, monkeypatch):
+    model = streaming_model(bf16_checkpoints("mixtral"), monkeypatch, prefetch=False)
+    hybrids = sorted(model._experts.hybrids.values(), key=lambda h: h.layer)
+    order = forward_order(model, monkeypatch, IDS[:8])  # 8 tokens: under the 12 that stream every expert
+    assert order[-1] == ("boundary", -1)
+    first_copy = [order.index(("copy", h.layer)) for h in hybrids if ("copy", h.layer) in order]
+    ids_at = [order.index(("ids", h.layer)) for h in hybrids]
+    assert first_copy and all(ids_at[i] < copy for i, copy in enumerate(first_copy))
+    assert all(ids_at[i] > order.index(("copy", hybrids[i - 1].layer)) for i in range(1, len(first_copy)))

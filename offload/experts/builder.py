@@ -20,14 +20,15 @@ from ..placement.planner import Plan
 from ..timers import Timers
 from .base import ExpertWeights, Experts, PackedExperts
 from .cache import ExpertCache, make_policy
-from .cost import CostModel, PrefetchChoice, best_seconds, choose_prefetch, measure_device_flops, uniform_reuse_rate
+from .cost import (CostModel, PrefetchChoice, best_seconds, choose_prefetch, heat_reuse_rate, measure_device_flops,
+                   prefetch_price, uniform_reuse_rate)
 from .device import DeviceExpertPool, ExpertUploader, StagingRing
 from .hybrid import ExpertSizes, HybridExperts, Streaming
 from .link import HostLink
-from .prefetch import Prefetcher
+from .prefetch import Prefetcher, PrefetchReview
 from .reference import ReferenceExperts
 from .step import StepRecorder
-from .stream import LayerStream
+from .stream import LayerStream, every_expert_tokens
 from .torch_host import FLOAT_FORMATS, TorchHostExperts
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class ExpertsOptions:
     cache_policy: str = "lru"
     prefetch: bool | None = None  # None: where the measured cost model says it pays (cost.choose_prefetch)
     stream_experts: int | None = None  # experts per half of the streaming double buffer (None: the router's top-k)
+    heat: list[list[float]] | None = None  # a profile's routing heat [MoE layer][expert]: prefetch's first estimate
 
 
 class ExpertsBuilder:
@@ -57,6 +59,7 @@ class ExpertsBuilder:
         self.cost: CostModel | None = None
         self.prefetcher: Prefetcher | None = None
         self.prefetch_choice: PrefetchChoice | None = None  # made with the prefetcher; None without a hybrid layer
+        self.prefetch_review: PrefetchReview | None = None  # where prefetch is decided automatically
         self.recorder = StepRecorder()  # every hybrid layer's decode-step ids, read back at the step boundary
         self.ring: StagingRing | None = None  # made with the first layer that has host experts: one for all layers
         self.link = HostLink(cfg.hidden_size, device)  # the CPU workers' traffic, one pair of buffers for all layers
@@ -93,9 +96,9 @@ class ExpertsBuilder:
             self.ring = StagingRing(cpu.packed_expert(0), self.device)
         uploader = ExpertUploader(pool, cpu, local, self.device, self.ring)
         sizes = ExpertSizes(cpu.expert_nbytes if cpu else 0, opts.plan.expert_device_bytes, self.flops_per_token)
-        if self.cost is None and cpu is not None and lp.cache_slots:
-            # Only a layer with both CPU experts and slots ever decides between them: measure on the first.
-            self.cost = self._measure_costs(cpu, uploader, host_ids, pool, sizes)
+        if self.cost is None and cpu is not None:
+            # Measured once, on the first layer with host experts: slots or none, a layer may copy or stream them.
+            self.cost = self._measure_costs(cpu, host_ids, pool, sizes)
         cache = ExpertCache(lp.cache_slots, sizes.host_bytes, make_policy(opts.cache_policy))
         hybrid = HybridExperts(layer, weights.num_experts, host_ids, pool, cache, uploader, cpu, self.cost, sizes,
                                self.timers, self.link, self.recorder)
@@ -103,28 +106,46 @@ class ExpertsBuilder:
         return hybrid
 
     def settle(self) -> None:
-        """The step boundary: the last step's expert ids come back once and every hybrid layer acts on them."""
+        """The step boundary: the last step's expert ids come back once, every hybrid layer acts on them, and an
+        automatic prefetch choice is reviewed from the precision measured so far."""
         self.recorder.settle()
+        if self.prefetch_review is not None:
+            self.prefetch_choice = self.prefetch_review.review()
 
     def attach_prefetcher(self, routers: dict[int, Callable]) -> None:
         """Once every layer is built: give every hybrid layer the cost model measured on one of them, and a
-        prefetcher over the next layer's router."""
+        prefetcher over the next layer's router. Decided automatically, the prefetcher starts on or off by the
+        hit rate estimated from the profile's heat (else uniform routing) and is reviewed at step boundaries;
+        while off it only measures."""
         for hybrid in self.hybrids.values():
             hybrid.cost = self.cost
         self._attach_streaming()
         if not self.hybrids:
             return
-        router = self.cfg.router
-        hit_rate = uniform_reuse_rate(router.top_k, router.num_experts)
-        self.prefetch_choice = choose_prefetch(self.options.prefetch, self.cost, self.options.plan.expert_host_bytes,
-                                               self.flops_per_token, hit_rate)
-        if not self.prefetch_choice.on:
-            return
         layers = sorted(self.hybrids)
+        copies_possible = any(h.cpu is not None and h.cache_slots for h in self.hybrids.values())
+        hit_rate, source = self._estimated_hit_rate(layers)
+        asked, host_bytes = self.options.prefetch, self.options.plan.expert_host_bytes
+        self.prefetch_choice = choose_prefetch(asked, self.cost, copies_possible, host_bytes, self.flops_per_token,
+                                               hit_rate, source)
+        reviewed = asked is None and copies_possible and self.cost is not None
+        if not (self.prefetch_choice.on or reviewed):
+            return
         expert_bytes = next(h.sizes.host_bytes for h in self.hybrids.values())  # what a prefetch copies
         self.prefetcher = Prefetcher(layers, routers, dict(self.hybrids), expert_bytes)
         for hybrid in self.hybrids.values():
             hybrid.prefetcher = self.prefetcher
+        if reviewed:
+            price = prefetch_price(self.cost, host_bytes, self.flops_per_token)
+            self.prefetch_review = PrefetchReview(self.prefetcher, self.prefetch_choice, price)
+
+    def _estimated_hit_rate(self, layers: list[int]) -> tuple[float, str]:
+        """Decode prefetch's hit rate before one is measured, and where it comes from."""
+        router, heat = self.cfg.router, self.options.heat
+        if heat is None:
+            return uniform_reuse_rate(router.top_k, router.num_experts), "uniform routing"
+        pinned = [set(self.options.plan.layer(layer).pinned) for layer in layers]
+        return heat_reuse_rate(heat, router.top_k, pinned), "the profile's heat"
 
     @property
     def stream_threshold(self) -> int | None:
@@ -147,7 +168,8 @@ class ExpertsBuilder:
 
     def _attach_streaming(self) -> None:
         """Give every layer with host experts the shared double buffer, once the cost model says streaming pays
-        for some chunk size and (on CUDA) the buffer fits in free device memory: the plan does not count it."""
+        for some chunk size and (on CUDA) the buffer fits in free device memory: the plan does not count it.
+        Cache slots are not needed: a plan that leaves every expert on the host streams as well."""
         threshold = self.stream_threshold
         if threshold is None:
             return
@@ -159,13 +181,16 @@ class ExpertsBuilder:
         buffer = LayerStream(DeviceExpertPool((), rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
                                               self.dtype, self.device, like.biases is not None, like.activation))
         self.stream_buffer = buffer
+        blind = every_expert_tokens(self.cfg.router.top_k, hosted[0].num_experts)
         for hybrid in hosted:
             uploader = ExpertUploader(buffer.pool, hybrid.cpu, hybrid.uploader.local, self.device, self.ring)
-            hybrid.streaming = Streaming(buffer, uploader, threshold)
+            hybrid.streaming = Streaming(buffer, uploader, threshold, blind)
 
-    def _measure_costs(self, cpu: CpuExperts | TorchHostExperts, uploader: ExpertUploader, host_ids: list[int],
-                       pool: DeviceExpertPool, sizes: ExpertSizes) -> CostModel:
-        """Time the CPU workers at one and at 64 tokens, one expert copy and a device matmul, once per load."""
+    def _measure_costs(self, cpu: CpuExperts | TorchHostExperts, host_ids: list[int], pool: DeviceExpertPool,
+                       sizes: ExpertSizes) -> CostModel:
+        """Time the CPU workers at one and at 64 tokens, one expert copy and a device matmul, once per load. The
+        copy lands in a one-row scratch pool like the layer's (`pool`), so a plan without cache slots is priced
+        the same way as one with them."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else None
         H, K = self.cfg.hidden_size, self.cfg.router.top_k
         device_flops = measure_device_flops(self.device, self.dtype, H, self.cfg.moe_intermediate_size, sync)
@@ -174,8 +199,11 @@ class ExpertsBuilder:
         one = best_seconds(lambda: cpu(torch.randn(1, H), ids, torch.ones(1, experts)))
         many_ids = torch.arange(64 * experts).remainder(cpu.num_experts).reshape(64, experts)
         many = best_seconds(lambda: cpu(torch.randn(64, H), many_ids, torch.ones(64, experts)))
-        host_expert = host_ids[0]
-        copy = best_seconds(lambda: uploader.copy(host_expert, pool.slot_row(0)), sync=sync)
+        scratch = DeviceExpertPool((), 1, H, self.cfg.moe_intermediate_size, self.dtype, self.device,
+                                   pool.biases is not None, pool.activation)
+        uploader = ExpertUploader(scratch, cpu, {host_ids[0]: 0}.__getitem__, self.device, self.ring)
+        copy = best_seconds(lambda: uploader.copy(host_ids[0], 0), sync=sync)
+        self.ring.bytes_copied = 0  # the timing copies are no traffic of the model's
         return CostModel(cpu_bytes_per_s=experts * sizes.host_bytes / one,
                          cpu_flops=64 * experts * self.flops_per_token / many,
                          copy_bytes_per_s=sizes.host_bytes / copy,

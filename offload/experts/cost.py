@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection, Sequence
 
 import torch
 
@@ -79,40 +79,102 @@ def uniform_reuse_rate(top_k: int, num_experts: int) -> float:
     return min(1.0, top_k / num_experts)
 
 
-def prefetch_pays(copy_bytes_per_s: float, cpu_expert_seconds: float, copied_bytes: int, hit_rate: float
-                  ) -> PrefetchChoice:
+def heat_reuse_rate(heat: Sequence[Sequence[float]], top_k: int, pinned: Sequence[Collection[int]]) -> float:
+    """The hit-rate estimate of decode prefetch from a profile's routing heat [MoE layer][expert]: the chance that
+    an expert a step ran on the CPU is used again by the next step, if each token picks expert e with probability
+    q_e = min(1, K * heat_e / layer heat) independently. The prefetcher predicts the step's non-pinned experts (e
+    with chance q_e) and is right for each with chance q_e again, so the rate is sum q_e^2 / sum q_e over every
+    layer's non-pinned experts; uniform heat gives K/E. A layer without heat counts as uniform."""
+    squares = total = 0.0
+    for row, resident in zip(heat, pinned, strict=True):
+        layer_heat = sum(row)
+        for expert, h in enumerate(row):
+            if expert in resident:
+                continue
+            q = min(1.0, top_k * h / layer_heat) if layer_heat > 0 else min(1.0, top_k / len(row))
+            squares, total = squares + q * q, total + q
+    return squares / total if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class PrefetchPrice:
+    """What one prefetch copy costs and what it saves when the next step uses the expert (seconds)."""
+
+    copy_seconds: float  # the packed bytes over the link (and the side stream)
+    saved_seconds: float  # one CPU expert computation less the device's
+
+    @property
+    def break_even(self) -> float:
+        """The hit rate above which prefetch pays: a copy costs less than the CPU time it saves on average."""
+        return self.copy_seconds / self.saved_seconds if self.saved_seconds > 0 else float("inf")
+
+    def numbers(self) -> str:
+        return f"a copy takes {self.copy_seconds * 1e3:.3g} ms, a hit saves {self.saved_seconds * 1e3:.3g} ms"
+
+
+def prefetch_price(cost: CostModel, expert_bytes: int, flops_per_token: int) -> PrefetchPrice:
+    """One decode token per expert (expert_bytes: one expert as the host holds it, what the CPU reads and a copy
+    moves)."""
+    cpu_expert = cost.cpu_seconds(1, expert_bytes, flops_per_token) - flops_per_token / cost.device_flops
+    return PrefetchPrice(expert_bytes / cost.copy_bytes_per_s, cpu_expert)
+
+
+def prefetch_pays(copy_bytes_per_s: float, cpu_expert_seconds: float, copied_bytes: int, hit_rate: float,
+                  source: str | None = None) -> PrefetchChoice:
     """Decode prefetch copies each expert a step ran on the CPU into a cache slot for the next step. One copy costs
     copied_bytes / copy_bytes_per_s of the link and the side stream (the packed bytes the host holds, dequantized
     on the device); it saves one CPU expert computation (less the device's, both in cpu_expert_seconds) when the
-    next step uses the expert, i.e. hit_rate of the time. Prefetch pays when the saving exceeds the copy."""
-    copy = copied_bytes / copy_bytes_per_s
-    saved = hit_rate * cpu_expert_seconds
-    numbers = f"a copy takes {copy * 1e3:.3g} ms, a hit saves {cpu_expert_seconds * 1e3:.3g} ms at a hit rate " \
-        f"of {hit_rate:.2f}"
-    if saved > copy:
+    next step uses the expert, i.e. hit_rate of the time. Prefetch pays when the saving exceeds the copy.
+    `source` says where the hit rate comes from, for the reason."""
+    price = PrefetchPrice(copied_bytes / copy_bytes_per_s, cpu_expert_seconds)
+    numbers = f"{price.numbers()} at a hit rate of {hit_rate:.2f}" + (f" ({source})" if source else "")
+    if hit_rate * price.saved_seconds > price.copy_seconds:
         return PrefetchChoice(True, f"it pays: {numbers}")
     return PrefetchChoice(False, f"it does not pay: {numbers}")
 
 
-def choose_prefetch(asked: bool | None, cost: CostModel | None, expert_bytes: int, flops_per_token: int,
-                    hit_rate: float) -> PrefetchChoice:
+NO_COPIES = "no layer has both CPU experts and cache slots"
+
+
+def choose_prefetch(asked: bool | None, cost: CostModel | None, copies_possible: bool, expert_bytes: int,
+                    flops_per_token: int, hit_rate: float, source: str | None = None) -> PrefetchChoice:
     """Prefetch as asked, or (asked None) where the measured cost model says it pays for one decode token per
-    expert (expert_bytes: one expert as the host holds it, what the CPU reads and a copy moves); off where no
-    layer has both CPU experts and cache slots (nothing to copy, or nowhere to copy it)."""
+    expert (expert_bytes: one expert as the host holds it, what the CPU reads and a copy moves) at the estimated
+    `hit_rate`; off where no layer has both CPU experts and cache slots (nothing to copy, or nowhere to copy it)."""
     if asked is not None:
         return PrefetchChoice(asked, "as asked")
-    if cost is None:
-        return PrefetchChoice(False, "no layer has both CPU experts and cache slots")
-    cpu_expert = cost.cpu_seconds(1, expert_bytes, flops_per_token) - flops_per_token / cost.device_flops
-    return prefetch_pays(cost.copy_bytes_per_s, cpu_expert, expert_bytes, hit_rate)
+    if cost is None or not copies_possible:
+        return PrefetchChoice(False, NO_COPIES)
+    price = prefetch_price(cost, expert_bytes, flops_per_token)
+    return prefetch_pays(cost.copy_bytes_per_s, price.saved_seconds, expert_bytes, hit_rate, source)
+
+
+# Reviewing the choice from the precision measured during the run (offload/experts/prefetch.py PrefetchReview).
+REVIEW_MIN_CANDIDATES = 64  # scored copy candidates before a measured precision counts
+REVIEW_BAND = 0.25  # hysteresis: off below break-even x (1 - band), on again above break-even x (1 + band)
+
+
+def review_prefetch(on: bool, precision: float, candidates: int, break_even: float,
+                    min_candidates: int = REVIEW_MIN_CANDIDATES, band: float = REVIEW_BAND) -> bool:
+    """Prefetch on or off for the next steps, from the precision measured over `candidates` scored predictions
+    (experts a step ran on the CPU, and whether the next step used them). Too few candidates keep the current
+    state; otherwise a running prefetcher stops once the precision falls below the break-even hit rate by more
+    than the band, and a stopped one starts once it rises above it by more than the band, so noise around the
+    break-even does not toggle it every step."""
+    if candidates < min_candidates:
+        return on
+    if on:
+        return precision >= break_even * (1 - band)
+    return precision > break_even * (1 + band)
 
 
 def prefetch_outlook(copies_possible: bool, expert_bytes: int) -> str:
     """What a plan means for prefetch before a load measures anything (`offload plan`)."""
     if not copies_possible:
-        return "prefetch off: no layer has both CPU experts and cache slots"
+        return f"prefetch off: {NO_COPIES}"
     return (f"prefetch decided at load: on where copying an expert ({expert_bytes / 2**20:.2f} MiB) costs "
-            "less than the CPU time it saves, from the copy and CPU-expert times measured there")
+            "less than the CPU time it saves, from the copy and CPU-expert times measured there, and reviewed "
+            "during the run from the prefetcher's measured precision")
 
 
 def best_seconds(run: Callable[[], None], repeats: int = 3, sync: Callable[[], None] | None = None) -> float:

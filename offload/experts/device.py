@@ -116,8 +116,10 @@ class ExpertUploader:
         self.cuda = device.type == "cuda"
         self.events: dict[int, torch.cuda.Event] = {}  # CUDA: row -> its copy, not yet waited for
 
-    def copy(self, expert: int, row: int) -> None:
-        """Start copying `expert` into `row` (waiting for a staging entry if none is free)."""
+    def copy(self, expert: int, row: int, after: torch.cuda.Event | None = None) -> None:
+        """Start copying `expert` into `row` (waiting for a staging entry if none is free). On CUDA the row is
+        written once the compute stream has passed `after` (the last work that read the row), or without it
+        everything queued there so far."""
         packed = self.host.packed_expert(self.local(expert))
         entry = self.ring.take()
         landing = self.ring.landing[entry]
@@ -130,7 +132,10 @@ class ExpertUploader:
             buffer.copy_(src)
         # The row may still be read by compute queued on the main stream (an evicted expert): wait for it.
         stream = self.ring.stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        if after is not None:
+            stream.wait_event(after)
+        else:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._land(staged, landing, row)
             event = torch.cuda.Event()

@@ -13,7 +13,10 @@ the next step. A prefill chunk for which copies pay decides per call: the ids co
 expert is copied into a slot or computed on the CPU by the cost model. A prefill chunk of at least the stream
 threshold (the cost model's: streaming the layer's used experts at host-to-device bandwidth beats the CPU
 workers) streams every used expert that is not resident through the shared double buffer (offload/experts/
-stream.py) and runs it on the device: no CPU part, no cache slot taken.
+stream.py) and runs it on the device: no CPU part, no cache slot taken, and a layer without cache slots streams
+as well as one with them. A chunk long enough that it almost surely uses every expert, in a layer whose last
+measured chunk did, streams all the non-resident ones without reading its ids back (they are counted at the step
+boundary).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from .device import DeviceExpertPool, ExpertUploader
 from .link import HostLink
 from .prefetch import Prefetcher
 from .step import StepRecorder
-from .stream import LayerStream
+from .stream import LayerStream, streams_blind
 
 if TYPE_CHECKING:
     from .cpu import CpuExperts  # imported lazily at run time: it loads Numba
@@ -67,12 +70,35 @@ DECODE_TOKENS = 1  # a call of this many tokens never reads its ids back, whatev
 
 @dataclass
 class Streaming:
-    """What a layer streams with: the shared double buffer, the layer's uploader into it, and the fewest tokens
-    per call for which streaming pays (the cost model's stream threshold)."""
+    """What a layer streams with: the shared double buffer, the layer's uploader into it, the fewest tokens per
+    call for which streaming pays (the cost model's stream threshold), and the fewest from which a call streams
+    every non-resident expert without reading its ids back (stream.every_expert_tokens; None: never)."""
 
     buffer: LayerStream
     uploader: ExpertUploader
     min_tokens: int
+    blind_tokens: int | None = None
+
+
+class StreamedCalls:
+    """Counts a layer's calls that streamed every non-resident expert without reading their ids back: their ids
+    come back at the step boundary with the decode steps' (offload/experts/step.py), and each call's coverage
+    (the share of its streamed experts it used) becomes the layer's."""
+
+    def __init__(self, hybrid: "HybridExperts"):
+        self.hybrid = hybrid
+        self.layer = hybrid.layer
+        self.streamed: list[int] = []  # experts each recorded call streamed, in call order
+
+    def record(self, topk_ids: torch.Tensor, streamed: int) -> None:
+        self.hybrid.recorder.record(self, topk_ids)
+        self.streamed.append(streamed)
+
+    def settle(self, calls: list[list[int]]) -> None:
+        for ids, streamed in zip(calls, self.streamed, strict=True):
+            used = len(self.hybrid._count_streamed(set(ids)))
+            self.hybrid.stream_coverage = used / streamed if streamed else 1.0
+        self.streamed = []
 
 
 class HybridExperts:
@@ -85,6 +111,9 @@ class HybridExperts:
         self.link, self.recorder = link, recorder
         self.prefetcher: Prefetcher | None = None  # attached once every layer exists
         self.streaming: Streaming | None = None  # attached with the cost model where a layer can stream
+        self.streamed_calls = StreamedCalls(self)
+        # The share of the non-resident experts the last measured streamed call used (None: none measured yet).
+        self.stream_coverage: float | None = None
         self.stats = LayerStats()
         device = pool.gate.device
         # expert -> pool row (-1: the CPU's) for every resident expert: kept on the host (a numpy view, pinned for
@@ -201,25 +230,39 @@ class HybridExperts:
                 and tokens >= self.streaming.min_tokens)
 
     def _start_streamed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Finish:
-        """Count the call's experts (ids read back), compute the resident pairs from the pool and stream the
-        others through the double buffer; everything runs on the device."""
-        experts = topk_ids.reshape(-1).unique().tolist()
-        s = self.stats
-        s.calls += 1
-        s.expert_uses += len(experts)
-        streamed = [expert for expert in experts if not self._count_hit(expert)]
-        s.streamed_misses += len(streamed)
-        s.bytes_streamed += len(streamed) * self.sizes.host_bytes
-        if self.prefetcher is not None:
-            self.prefetcher.observe(self.layer, set(experts))
+        """Compute the resident pairs from the pool and stream the other experts through the double buffer;
+        everything runs on the device. A call of at least `blind_tokens`, in a layer whose last measured call used
+        nearly every expert it could stream (stream.streams_blind), streams every non-resident expert and reads
+        nothing back (its ids are counted at the step boundary), so the host goes on to queue the next layer,
+        whose first copies then overlap this layer's compute; otherwise the call reads its ids back, streams only
+        the experts it uses and measures the layer's coverage."""
+        stream = self.streaming
+        non_resident = [expert for expert in range(self.num_experts) if not self.is_resident(expert)]
+        if streams_blind(x.shape[0], stream.blind_tokens, self.stream_coverage):
+            streamed = non_resident
+            self.streamed_calls.record(topk_ids, len(streamed))
+        else:
+            streamed = self._count_streamed(set(topk_ids.reshape(-1).unique().tolist()))
+            self.stream_coverage = len(streamed) / len(non_resident) if non_resident else 1.0
+        self.stats.bytes_streamed += len(streamed) * self.sizes.host_bytes
         self.uploader.wait()
         with self.timers.section("device_experts"):
             y = self.pool.compute(x, self.row_table[topk_ids], topk_weights) if self.pool.num_rows \
                 else torch.zeros_like(x)
         with self.timers.section("streamed_experts"):
-            stream = self.streaming
             y += stream.buffer.run(stream.uploader, streamed, self.num_experts, x, topk_ids, topk_weights)
         return lambda: y
+
+    def _count_streamed(self, experts: set[int]) -> list[int]:
+        """Count a streamed call that used `experts`; the ones not resident (streamed), in id order."""
+        s = self.stats
+        s.calls += 1
+        s.expert_uses += len(experts)
+        streamed = [expert for expert in sorted(experts) if not self._count_hit(expert)]
+        s.streamed_misses += len(streamed)
+        if self.prefetcher is not None:
+            self.prefetcher.observe(self.layer, experts)
+        return streamed
 
     def _place_per_call(self, x: torch.Tensor, topk_ids: torch.Tensor) -> bool:
         """Place this call's experts (host reads allowed): predict the next layers' experts, copy misses that pay

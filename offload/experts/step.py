@@ -3,7 +3,9 @@
 While a step runs, each hybrid layer only records its routed expert ids (device tensors) here. At the boundary
 (before the next forward, or when statistics are read) they are concatenated and read back in one copy; then each
 layer, in order, counts its hits and misses and lets the prefetcher choose admissions into its cache, whose copies
-start on the side stream and are mapped into the layer's device table before the next step.
+start on the side stream and are mapped into the layer's device table before the next step. A prefill chunk that
+streams every non-resident expert of a layer records its ids here too (through the layer's `StreamedCalls`), so
+that nothing inside the forward waits for the device.
 """
 from __future__ import annotations
 
@@ -32,12 +34,11 @@ class StepRecorder:
             return
         calls, self.calls = self.calls, []
         flat = torch.cat([ids.reshape(-1) for _, ids in calls]).tolist()  # the step's one readback
-        by_layer: dict[int, tuple[SettlingLayer, list[list[int]]]] = {}
+        by_recipient: dict[int, tuple[SettlingLayer, list[list[int]]]] = {}  # id(recipient) -> its calls
         begin = 0
         for layer, ids in calls:
             end = begin + ids.numel()
-            by_layer.setdefault(layer.layer, (layer, []))[1].append(flat[begin:end])
+            by_recipient.setdefault(id(layer), (layer, []))[1].append(flat[begin:end])
             begin = end
-        for number in sorted(by_layer):
-            layer, layer_calls = by_layer[number]
+        for layer, layer_calls in sorted(by_recipient.values(), key=lambda entry: entry[0].layer):
             layer.settle(layer_calls)
