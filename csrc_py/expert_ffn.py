@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from csrc_py.grouped_matmul import matmul_bf16, matmul_q4, matmul_q8
+from csrc_py.grouped_matmul import matmul_bf16, matmul_q4, matmul_q4_pair, matmul_q8, matmul_q8_pair
 from csrc_py.quant_kernels import SERIAL_MAX_ROWS, quantized_rows
 
 
@@ -169,8 +169,7 @@ def moe_q8(x, topk_ids, topk_weights, gq, gd, uq, ud, dq, dd, gb, ub, db, act, y
     xq, xs, xsum = quantized_rows(x, gd.shape[2])
     aq, a_s, a_sum = _gather_rows(xq, token_of_row), _gather_rows(xs, token_of_row), _gather_rows(xsum, token_of_row)
     g, u = np.empty((R, Ip), np.float32), np.empty((R, Ip), np.float32)
-    matmul_q8(gq, gd, seg_expert, seg_start, aq, a_s, a_sum, g)
-    matmul_q8(uq, ud, seg_expert, seg_start, aq, a_s, a_sum, u)
+    matmul_q8_pair(gq, gd, uq, ud, seg_expert, seg_start, aq, a_s, a_sum, g, u)
     _add_bias(g, gb, seg_expert, seg_start)
     _add_bias(u, ub, seg_expert, seg_start)
     _swiglu(g, u, act)
@@ -189,8 +188,7 @@ def moe_q4(x, topk_ids, topk_weights, gq, gd, gm, uq, ud, um, dq, dd, dm, gb, ub
     xq, xs, xsum = quantized_rows(x, gd.shape[2])
     aq, a_s, a_sum = _gather_rows(xq, token_of_row), _gather_rows(xs, token_of_row), _gather_rows(xsum, token_of_row)
     g, u = np.empty((R, Ip), np.float32), np.empty((R, Ip), np.float32)
-    matmul_q4(gq, gd, gm, seg_expert, seg_start, aq, a_s, a_sum, g)
-    matmul_q4(uq, ud, um, seg_expert, seg_start, aq, a_s, a_sum, u)
+    matmul_q4_pair(gq, gd, gm, uq, ud, um, seg_expert, seg_start, aq, a_s, a_sum, g, u)
     _add_bias(g, gb, seg_expert, seg_start)
     _add_bias(u, ub, seg_expert, seg_start)
     _swiglu(g, u, act)

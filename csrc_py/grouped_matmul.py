@@ -55,20 +55,51 @@ def check_quantized(q, d, tile_cols: int, a_s, a_sum, rows: int) -> None:
         raise ValueError("grouped matmul: activation scales must be [rows, K/32]")
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _q8_item(wf, df, P, G, seg_expert, items, i, af, sf, cf, of) -> None:
+    """Work item i of an int8 matmul (raveled arrays, P panels, G groups): one 16-row panel of one expert times up
+    to 8 activation rows."""
+    kp = G * GROUP
+    s, p, r0, nr = items[i, 0], items[i, 1], items[i, 2], items[i, 3]
+    panel = seg_expert[s] * P + p
+    panel_q8(wf, panel * PANEL * kp, df, panel * PANEL * G, af, kp, sf, cf, G, G, of, p * PANEL, P * PANEL, r0, nr)
+
+
+@njit(nogil=True, cache=True)
+def _check_q8(q, d, seg_expert, seg_start, aq, a_s, a_sum, out) -> None:
+    E, P, G = d.shape[0], d.shape[1], d.shape[2]
+    check_shapes(E, P * PANEL, G * GROUP, seg_expert, seg_start, aq, out)
+    check_quantized(q, d, 4, a_s, a_sum, seg_start[-1])
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def matmul_q8(q, d, seg_expert, seg_start, aq, a_s, a_sum, out) -> None:
     """q int8 [E, P, Kp/4, 16, 4], d fp16 bits [E, P, G, 16]; aq int8 [R, Kp], a_s f32 / a_sum i32 [R, G]
     (quantize_activations); out float32 [R, P*16]."""
-    E, P, G = d.shape[0], d.shape[1], d.shape[2]
-    kp = G * GROUP
-    check_shapes(E, P * PANEL, kp, seg_expert, seg_start, aq, out)
-    check_quantized(q, d, 4, a_s, a_sum, seg_start[-1])
+    _check_q8(q, d, seg_expert, seg_start, aq, a_s, a_sum, out)
+    P, G = d.shape[1], d.shape[2]
     items = work_items(seg_start, P)
     wf, df, af, sf, cf, of = q.ravel(), d.ravel(), aq.ravel(), a_s.ravel(), a_sum.ravel(), out.ravel()
     for i in prange(items.shape[0]):
-        s, p, r0, nr = items[i, 0], items[i, 1], items[i, 2], items[i, 3]
-        panel = seg_expert[s] * P + p
-        panel_q8(wf, panel * PANEL * kp, df, panel * PANEL * G, af, kp, sf, cf, G, G, of, p * PANEL, P * PANEL, r0, nr)
+        _q8_item(wf, df, P, G, seg_expert, items, i, af, sf, cf, of)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def matmul_q8_pair(q, d, q2, d2, seg_expert, seg_start, aq, a_s, a_sum, out, out2) -> None:
+    """matmul_q8 of two matrices of one shape on the same activations (the experts' gate and up) in one parallel
+    region: one launch instead of two, each thread streaming its share of both."""
+    _check_q8(q, d, seg_expert, seg_start, aq, a_s, a_sum, out)
+    _check_q8(q2, d2, seg_expert, seg_start, aq, a_s, a_sum, out2)
+    P, G = d.shape[1], d.shape[2]
+    items = work_items(seg_start, P)
+    n = items.shape[0]
+    wf, df, of, wf2, df2, of2 = q.ravel(), d.ravel(), out.ravel(), q2.ravel(), d2.ravel(), out2.ravel()
+    af, sf, cf = aq.ravel(), a_s.ravel(), a_sum.ravel()
+    for j in prange(2 * n):
+        if j < n:
+            _q8_item(wf, df, P, G, seg_expert, items, j, af, sf, cf, of)
+        else:
+            _q8_item(wf2, df2, P, G, seg_expert, items, j - n, af, sf, cf, of2)
 
 
 def flat_offsets(m, d):
@@ -89,22 +120,52 @@ def _flat_offsets(m, d):
     return impl
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _q4_item(wf, df, mf, P, G, seg_expert, items, i, af, sf, cf, of) -> None:
+    """Work item i of an int4 matmul (mf: the raveled offsets, None for int4s)."""
+    kp = G * GROUP
+    s, p, r0, nr = items[i, 0], items[i, 1], items[i, 2], items[i, 3]
+    panel = seg_expert[s] * P + p
+    panel_q4(wf, panel * PANEL * kp // 2, df, mf, panel * PANEL * G, af, kp, sf, cf, G, G, of, p * PANEL, P * PANEL,
+             r0, nr)
+
+
+@njit(nogil=True, cache=True)
+def _check_q4(q, d, seg_expert, seg_start, aq, a_s, a_sum, out) -> None:
+    E, P, G = d.shape[0], d.shape[1], d.shape[2]
+    check_shapes(E, P * PANEL, G * GROUP, seg_expert, seg_start, aq, out)
+    check_quantized(q, d, 8, a_s, a_sum, seg_start[-1])
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def matmul_q4(q, d, m, seg_expert, seg_start, aq, a_s, a_sum, out) -> None:
     """As matmul_q8 for int4: q uint8 [E, P, Kp/8, 16, 4], d and m fp16 bits [E, P, G, 16]; m None for int4s
     (W = d * (q - 8): a separate compiled specialisation without the offset stream)."""
-    E, P, G = d.shape[0], d.shape[1], d.shape[2]
-    kp = G * GROUP
-    check_shapes(E, P * PANEL, kp, seg_expert, seg_start, aq, out)
-    check_quantized(q, d, 8, a_s, a_sum, seg_start[-1])
+    _check_q4(q, d, seg_expert, seg_start, aq, a_s, a_sum, out)
     mf = flat_offsets(m, d)
+    P, G = d.shape[1], d.shape[2]
     items = work_items(seg_start, P)
     wf, df, af, sf, cf, of = q.ravel(), d.ravel(), aq.ravel(), a_s.ravel(), a_sum.ravel(), out.ravel()
     for i in prange(items.shape[0]):
-        s, p, r0, nr = items[i, 0], items[i, 1], items[i, 2], items[i, 3]
-        panel = seg_expert[s] * P + p
-        panel_q4(wf, panel * PANEL * kp // 2, df, mf, panel * PANEL * G, af, kp, sf, cf, G, G, of, p * PANEL,
-                 P * PANEL, r0, nr)
+        _q4_item(wf, df, mf, P, G, seg_expert, items, i, af, sf, cf, of)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def matmul_q4_pair(q, d, m, q2, d2, m2, seg_expert, seg_start, aq, a_s, a_sum, out, out2) -> None:
+    """matmul_q8_pair for int4 (m, m2 None for int4s)."""
+    _check_q4(q, d, seg_expert, seg_start, aq, a_s, a_sum, out)
+    _check_q4(q2, d2, seg_expert, seg_start, aq, a_s, a_sum, out2)
+    mf, mf2 = flat_offsets(m, d), flat_offsets(m2, d2)
+    P, G = d.shape[1], d.shape[2]
+    items = work_items(seg_start, P)
+    n = items.shape[0]
+    wf, df, of, wf2, df2, of2 = q.ravel(), d.ravel(), out.ravel(), q2.ravel(), d2.ravel(), out2.ravel()
+    af, sf, cf = aq.ravel(), a_s.ravel(), a_sum.ravel()
+    for j in prange(2 * n):
+        if j < n:
+            _q4_item(wf, df, mf, P, G, seg_expert, items, j, af, sf, cf, of)
+        else:
+            _q4_item(wf2, df2, mf2, P, G, seg_expert, items, j - n, af, sf, cf, of2)
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})  # reassoc: a vectorized dot product

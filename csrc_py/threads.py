@@ -35,9 +35,24 @@ def set_threads(n: int | None = None) -> int:
     return _threads
 
 
+def configured() -> int:
+    """The configured thread count (set_threads'), or the default."""
+    return _threads if _threads is not None else min(default_threads(), numba.config.NUMBA_NUM_THREADS)
+
+
+def use(n: int) -> None:
+    """Run the calling thread's next Numba kernels and torch ops on `n` threads (at most the configured count),
+    e.g. one decode step at a measured count (offload.decode_threads); `apply()` returns to the configured count."""
+    n = max(1, min(n, configured()))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def apply() -> None:
     """Apply the configured count to the calling thread's Numba kernels (call once in every worker thread)."""
-    numba.set_num_threads(_threads if _threads is not None else min(default_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(configured())
 
 
 @njit(parallel=True, nogil=True, cache=True)

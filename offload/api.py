@@ -13,6 +13,8 @@ import torch
 from .arch import architecture
 from .checks import check_load, check_max_context, check_token_ids
 from .config import ModelConfig
+from .decode_threads import DecodeThreads
+from .decode_threads import parse as parse_decode_threads
 from .errors import OffloadError
 from .experts.builder import ExpertsBuilder, ExpertsOptions, check_prefill_chunk, default_host_format
 from .experts.cost import PrefetchChoice
@@ -127,12 +129,14 @@ class Model:
     raises OffloadError instead of waiting forever."""
 
     def __init__(self, path: Path, config: ModelConfig, transformer: Transformer, tokenizer: Tokenizer | None,
-                 eos_ids: tuple[int, ...], load_info: LoadInfo, plan: Plan | None, experts: ExpertsBuilder):
+                 eos_ids: tuple[int, ...], load_info: LoadInfo, plan: Plan | None, experts: ExpertsBuilder,
+                 decode_threads: DecodeThreads | None = None):
         self.path, self.config, self.transformer, self.tokenizer = path, config, transformer, tokenizer
         self.eos_token_ids = eos_ids
         self.load_info = load_info
         self.plan = plan  # None when every expert stays on the device tier (or all run on the CPU workers)
         self._experts = experts
+        self.decode_threads = decode_threads  # the CPU decode step's thread count per step; None: as configured
         self._last: Generation | None = None
         self._prompt_cache = PromptCacheStats()
         self._lock = ModelLock()
@@ -208,7 +212,7 @@ class Model:
         The prefill resumes after the longest prefix of the prompt the model's caches already hold (a chat's
         earlier turns), with the same logits as a full prefill; reuse_cache=False prefills from position 0."""
         run = GenerationRun(self.transformer, self.tokenizer, self.eos_token_ids, self._request(prompt, **sampling),
-                            self._lock, self._prompt_cache)
+                            self._lock, self._prompt_cache, self.decode_threads)
         self._last = run.result
         return run
 
@@ -242,7 +246,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool | None = None,
          dense: str | None = None, slots: str | None = None, prefill_chunk: int | None = None,
-         cuda_graphs: bool = False, profile: str | Path | None = None, on_progress: ProgressCallback | None = None
+         cuda_graphs: bool = False, profile: str | Path | None = None, decode_threads: int | str = "auto",
+         on_progress: ProgressCallback | None = None
          ) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
     `offload convert`, for generation.
@@ -287,6 +292,9 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  CUDA device. Off by default: the capture is tested on the CPU with a simulated graph only, and
                  becomes the default once it has run on a GPU.
     cpu_threads: threads for the CPU workers and torch (default: physical cores).
+    decode_threads: threads of a CPU-only decode step: "auto" times steps at cpu_threads and at fewer while it
+                 generates and keeps the fastest, re-measured as the host's load changes (offload/decode_threads.py;
+                 the numbers never depend on it); an int fixes the count (at most cpu_threads).
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
     t0 = time.perf_counter()
@@ -297,11 +305,15 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     max_context = check_load(checkpoint, config, max_context, device, dtype, gpu_memory, plan)
     _check_formats(experts, dense, slots)
     check_prefill_chunk(prefill_chunk)
+    fixed_decode_threads = parse_decode_threads(decode_threads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     device_tier = has_device_tier(torch_device, gpu_memory, plan)
     _check_slots_on_device_tier(slots, device_tier)
     cuda_graphs = _resolve_cuda_graphs(cuda_graphs, torch_device)
+    if device_tier and fixed_decode_threads is not None:
+        raise OffloadError("decode_threads sets the threads of a CPU-only decode step; with a device tier the CPU "
+                           "experts run on their workers: set cpu_threads instead")
     experts, dense = _store_defaults(checkpoint, experts, dense, device_tier)
     placement = resolve_plan(config, arch.names, torch_device, torch_dtype,
                              experts or default_host_format(torch_dtype), max_context, gpu_memory, plan, dense=dense,
@@ -316,6 +328,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     dense_format = placement.dense_format if placement is not None else dense if dense in QUANTIZED_DENSE else None
     kernel_formats = (host_format,) if device_tier else (host_format, dense_format)
     threads, jit_seconds = _start_cpu_workers([f for f in kernel_formats if f], cpu_threads)
+    decode = _decode_threads(fixed_decode_threads, threads, device_tier, any(kernel_formats))
 
     total, done = checkpoint.nbytes(), [0]
 
@@ -345,7 +358,18 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     info = LoadInfo(time.perf_counter() - t0, total, len(skipped), jit_seconds, threads, host_format, dense_format,
                     store_formats(checkpoint) is not None)
     return Model(folder, config, transformer, tokenizer, eos_token_ids(folder, config, tokenizer), info,
-                 placement, builder)
+                 placement, builder, decode)
+
+
+def _decode_threads(fixed: int | None, threads: int, device_tier: bool, cpu_kernels: bool) -> DecodeThreads | None:
+    """The decode step's thread counts: a fixed count as asked (at most `threads`); measured among `threads` and
+    fewer where the step is CPU-only and runs the CPU kernels; else None (left as configured: on a device tier
+    the CPU experts run on their own workers, and torch alone decodes as torch sets itself)."""
+    if fixed is not None:
+        return DecodeThreads.fixed(min(fixed, threads))
+    if device_tier or not cpu_kernels or threads < 2:
+        return None
+    return DecodeThreads.auto(threads)
 
 
 def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None,

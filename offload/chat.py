@@ -342,6 +342,9 @@ def stats_table(generation: Generation) -> Table:
         ("prefill", f"{s.prefill_seconds:.3f} s, {s.prefill_tokens_per_s:.1f} tok/s"),
         ("generated tokens", str(s.generated_tokens)),
         ("decode", f"{s.decode_seconds:.3f} s, {s.decode_tokens_per_s:.1f} tok/s"),
+        *([("decode threads", ", ".join(f"{n} for {steps} step{'' if steps == 1 else 's'}"
+                                        for n, steps in sorted(s.decode_threads.items(), reverse=True)))]
+          if s.decode_threads else []),
         ("finish", generation.finish_reason),
     ]:
         table.add_row(key, value)
@@ -361,7 +364,8 @@ def placement_summary(model: Model) -> str:
     if plan is None:
         where = "on the CPU workers as " + model.load_info.expert_format if model.load_info.expert_format else \
             f"on {model.device} with the rest of the model"
-        return f"all routed experts {where}"
+        threads = f"; decode threads {model.decode_threads.describe()}" if model.decode_threads else ""
+        return f"all routed experts {where}{threads}"
     pinned = sum(len(l.pinned) for l in plan.layers)
     slots = sum(l.cache_slots for l in plan.layers)
     dense = f", dense weights {plan.dense_format}" if plan.dense_format else ""

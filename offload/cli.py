@@ -98,6 +98,9 @@ class LoadOptions:
               "everything fits; when offloading, the device dtype, so placement never changes the numbers).")
     cpu_threads: Optional[int] = _load_option(None, "Threads for the CPU workers and torch (default: physical cores).",
                                               min=1)
+    decode_threads: str = _load_option(
+        "auto", "Threads of a CPU-only decode step: auto measures cpu-threads against fewer while generating and "
+                "keeps the fastest as the host's load changes; a number fixes it.")
     gpu_memory: Optional[str] = _load_option(
         None, "Device memory budget, e.g. 12GiB (default: free GPU memory; without a GPU, simulates a device of "
               "this size).")

@@ -9,6 +9,9 @@ from typing import ContextManager, Generator, Iterator, Sequence
 
 import torch
 
+from csrc_py import threads as cpu_threads
+
+from .decode_threads import DecodeThreads
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
 from .errors import ContextLengthError, OffloadError
 from .model.transformer import Transformer
@@ -23,6 +26,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     cached_prompt_tokens: int = 0  # the prompt's leading tokens the caches already held: reused, not computed
+    decode_threads: dict[int, int] = field(default_factory=dict)  # thread count -> decode steps run with it
 
     @property
     def computed_prompt_tokens(self) -> int:
@@ -48,6 +52,7 @@ class GenerationStats:
             "decode_seconds": round(self.decode_seconds, 6),
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "decode_threads": {str(n): steps for n, steps in sorted(self.decode_threads.items(), reverse=True)},
         }
 
 
@@ -138,7 +143,7 @@ class GenerationRun:
 
     def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, eos_ids: Sequence[int],
                  request: GenerationRequest, lock: ContextManager | None = None,
-                 prompt_cache: PromptCacheStats | None = None):
+                 prompt_cache: PromptCacheStats | None = None, threads: DecodeThreads | None = None):
         check_fits(len(request.prompt_ids), request.max_new_tokens, transformer.max_context)
         self.transformer, self.tokenizer, self.request = transformer, tokenizer, request
         self.eos_ids = set() if request.ignore_eos else set(eos_ids)
@@ -147,6 +152,7 @@ class GenerationRun:
                                  stats=GenerationStats(prompt_tokens=len(request.prompt_ids)))
         self._lock = lock or contextlib.nullcontext()
         self._prompt_cache = prompt_cache or PromptCacheStats()
+        self._threads = threads  # the CPU decode step's thread count per step; None: left as configured
         self._stop_requested = False
         self._pieces: Generator[str, None, None] | None = None  # started on the first next()
 
@@ -201,21 +207,41 @@ class GenerationRun:
         pos = len(req.prompt_ids)
         check_finite(logits, pos - 1)
         step_ids = torch.empty(1, dtype=torch.long, device=device)  # reused: no allocation per decoded token
-        for step in range(req.max_new_tokens):
-            with model.timers.section("sampling"):
-                token = sample_next(logits, req.sampling, generator, history[:pos])
-            stats.generated_tokens += 1
-            yield token
-            if token in self.eos_ids or step == req.max_new_tokens - 1:
-                break
-            history[pos] = token
-            t0 = time.perf_counter()  # model time only: the consumer's time between tokens is not counted
-            with torch.inference_mode():
-                logits = model(step_ids.fill_(token), pos, last_only=True, positions=model.decode_positions(pos))
-                logits = logits[0].cpu()
-            stats.decode_seconds += time.perf_counter() - t0
-            check_finite(logits, pos)
-            pos += 1
+        try:
+            for step in range(req.max_new_tokens):
+                with model.timers.section("sampling"):
+                    token = sample_next(logits, req.sampling, generator, history[:pos])
+                stats.generated_tokens += 1
+                yield token
+                if token in self.eos_ids or step == req.max_new_tokens - 1:
+                    break
+                history[pos] = token
+                threads = self._use_decode_threads()
+                t0 = time.perf_counter()  # model time only: the consumer's time between tokens is not counted
+                with torch.inference_mode():
+                    logits = model(step_ids.fill_(token), pos, last_only=True, positions=model.decode_positions(pos))
+                    logits = logits[0].cpu()
+                seconds = time.perf_counter() - t0
+                stats.decode_seconds += seconds
+                self._record_decode_threads(threads, seconds)
+                check_finite(logits, pos)
+                pos += 1
+        finally:
+            if self._threads is not None:
+                cpu_threads.use(cpu_threads.configured())  # the prefill and everything else: every thread
+
+    def _use_decode_threads(self) -> int | None:
+        if self._threads is None:
+            return None
+        n = self._threads.next()
+        cpu_threads.use(n)
+        return n
+
+    def _record_decode_threads(self, threads: int | None, seconds: float) -> None:
+        if threads is not None:
+            self._threads.record(threads, seconds)
+            counts = self.result.stats.decode_threads
+            counts[threads] = counts.get(threads, 0) + 1
 
     def _pieces_of_text(self) -> Iterator[str]:
         result = self.result

@@ -410,7 +410,8 @@ def test_plan_command_shows_the_placement(tmp_path):
     choice = planned.prefetch
     assert summary.endswith(f"; prefetch {'on' if choice.on else 'off'}: {choice.reason}")
     on_cpu = offload.load(folder, device="cpu", experts="int8", max_context=512)
-    assert placement_summary(on_cpu) == "all routed experts on the CPU workers as int8"
+    threads = f"; decode threads {on_cpu.decode_threads.describe()}" if on_cpu.decode_threads else ""
+    assert placement_summary(on_cpu) == f"all routed experts on the CPU workers as int8{threads}"
     plain = offload.load(folder, device="cpu", max_context=512)
     assert placement_summary(plain) == "all routed experts on cpu with the rest of the model"
 

@@ -104,9 +104,9 @@ def test_the_stack_and_the_head_give_the_per_layer_steps_numbers(checkpoint, mon
 
 
 # Parallel regions per decode step, by design: attention = fused q/k/v, attention over the cache, o_proj; a MoE
-# block = the routed experts' gate, up and down matmuls (+ the shared expert's gate/up and down); a dense MLP =
-# gate/up and down; the LM head = one. Counted from Numba's own launch function, in a process of its own (the
-# count hooks the symbol before any parallel kernel is linked).
+# block = the routed experts' gate and up (one region) and down matmuls (+ the shared expert's gate/up and down);
+# a dense MLP = gate/up and down; the LM head = one. Counted from Numba's own launch function, in a process of its
+# own (the count hooks the symbol before any parallel kernel is linked).
 COUNT_REGIONS = r"""
 import ctypes, json, sys
 import torch
@@ -138,7 +138,7 @@ print(json.dumps({"regions": count[0], "kinds": kinds}))
 
 
 def designed_regions(kinds: list[tuple[str, bool]]) -> int:
-    per_mlp = {"MoE": 3, "SwiGLU": 2}
+    per_mlp = {"MoE": 2, "SwiGLU": 2}
     return sum(3 + per_mlp[kind] + (2 if shared else 0) for kind, shared in kinds) + 1
 
 

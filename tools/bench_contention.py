@@ -2,6 +2,11 @@
 
     python tools/bench_contention.py /tmp/qwen3-6l             # builds the checkpoint there first if missing
     GOMP_SPINCOUNT=300000 python tools/bench_contention.py /tmp/qwen3-6l --rounds 7   # libgomp's own default
+    python tools/bench_contention.py /tmp/qwen3-6l --decode-threads auto,2,1        # thread settings compared
+
+Each --decode-threads setting (offload.load's decode_threads: auto measures the count while decoding, a number
+fixes it) decodes on the same loaded model, settings interleaved within every round and condition; an auto
+setting keeps its measurements from run to run, as a chat does.
 
 A workstation always runs something else. The competitor is a Python busy loop pinned with sched_setaffinity to
 one core (core 0), started before and killed after each contended run. The two conditions alternate (each round
@@ -22,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import offload  # noqa: E402  (first: it sets the OpenMP environment before torch starts its runtime)
 from csrc_py import simd, threads  # noqa: E402
+from offload.decode_threads import DecodeThreads, parse  # noqa: E402
 
 # Pinned to one core; it spins until the benchmark (its parent) is gone, even if that is killed.
 BUSY_LOOP = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nparent = os.getppid()\n"
@@ -67,7 +73,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     parser.add_argument("--core", type=int, default=0, help="the core the competitor is pinned to")
+    parser.add_argument("--decode-threads", default="auto",
+                        help="comma list of decode_threads settings to compare (auto, or a thread count)")
     args = parser.parse_args()
+    settings = args.decode_threads.split(",")
 
     if not (args.checkpoint / "config.json").exists():
         make_checkpoint(args.checkpoint, args.layers)
@@ -75,19 +84,31 @@ def main() -> None:
     print(describe(model), flush=True)
     prompt = list(range(1000, 1016))
     decode_rate(model, prompt, 4)  # first-call allocations out of the measured runs
-    quiet: list[float] = []
-    busy: list[float] = []
+    tuners = {s: decode_threads(s, model.load_info.cpu_threads) for s in settings}
+    quiet: dict[str, list[float]] = {s: [] for s in settings}
+    busy: dict[str, list[float]] = {s: [] for s in settings}
     for round_ in range(args.rounds):
         order = ("quiet", "busy") if round_ % 2 == 0 else ("busy", "quiet")
         for condition in order:
-            if condition == "quiet":
-                quiet.append(decode_rate(model, prompt, args.new_tokens))
-            else:
-                busy.append(contended_rate(model, prompt, args.new_tokens, args.core))
-        print(f"round {round_ + 1}: quiet {quiet[-1]:.2f} tok/s, contended {busy[-1]:.2f} tok/s "
-              f"({busy[-1] / quiet[-1]:.0%})", flush=True)
-    q, b = statistics.median(quiet), statistics.median(busy)
-    print(f"median of {args.rounds}: quiet {q:.2f} tok/s, contended {b:.2f} tok/s, contended/quiet {b / q:.0%}")
+            for setting in settings if round_ % 2 == 0 else settings[::-1]:
+                model.decode_threads = tuners[setting]
+                if condition == "quiet":
+                    quiet[setting].append(decode_rate(model, prompt, args.new_tokens))
+                else:
+                    busy[setting].append(contended_rate(model, prompt, args.new_tokens, args.core))
+        for setting in settings:
+            print(f"round {round_ + 1}, decode_threads {setting}: quiet {quiet[setting][-1]:.2f} tok/s, contended "
+                  f"{busy[setting][-1]:.2f} tok/s ({busy[setting][-1] / quiet[setting][-1]:.0%})", flush=True)
+    for setting in settings:
+        q, b = statistics.median(quiet[setting]), statistics.median(busy[setting])
+        steps = ", ".join(f"{n}: {k}" for n, k in sorted(tuners[setting].steps.items(), reverse=True))
+        print(f"decode_threads {setting}, median of {args.rounds}: quiet {q:.2f} tok/s, contended {b:.2f} tok/s, "
+              f"contended/quiet {b / q:.0%} (steps per thread count {steps})")
+
+
+def decode_threads(setting: str, cpu_threads: int) -> DecodeThreads:
+    n = parse(setting)
+    return DecodeThreads.auto(cpu_threads) if n is None else DecodeThreads.fixed(min(n, cpu_threads))
 
 
 if __name__ == "__main__":

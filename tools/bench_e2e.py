@@ -120,6 +120,8 @@ def offload_load_kwargs(args: argparse.Namespace, experts: str | None) -> tuple[
 
     kwargs = dict(device="cpu", cpu_threads=args.threads, max_context=args.prompt_tokens + args.new_tokens,
                   dtype=args.offload_dtype)
+    if "decode_threads" in inspect.signature(offload.load).parameters:
+        kwargs["decode_threads"] = args.decode_threads
     if experts is None:  # a pre-quantized store: its formats are in the store
         return kwargs, []
     kwargs["experts"] = experts
@@ -216,7 +218,8 @@ def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dic
                   for label, (value, source) in sorted(dispatch.crossovers().choices.items())}
     decode = {"isa_tier": simd.TIER, "crossovers": crossovers, "compiled_step": compiled_step.enabled(),
               "kernel_ms_per_token": kernel_s * 1e3, "weight_mb_per_token": weight_bytes / 1e6,
-              "outside_us_per_layer": (token_s - kernel_s) / layers * 1e6 if layers else None}
+              "outside_us_per_layer": (token_s - kernel_s) / layers * 1e6 if layers else None,
+              "decode_threads": g.stats.as_dict().get("decode_threads")}
     return {"load_s": load_s, "prefill_s": g.stats.prefill_seconds, "decode_s": g.stats.decode_seconds,
             "tokens": g.token_ids, "notes": notes, "decode_split": decode}
 
@@ -396,7 +399,8 @@ def export_ggufs(args: argparse.Namespace, engines: list[str]) -> dict[str, floa
 
 def worker_command(args: argparse.Namespace, engine: str) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), str(args.checkpoint), "--worker", engine,
-               "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
+               "--threads", str(args.threads), "--decode-threads", str(args.decode_threads),
+               "--prompt-tokens", str(args.prompt_tokens),
                "--new-tokens", str(args.new_tokens), "--seed", str(args.seed), "--dense", str(args.dense),
                "--offload-dtype", args.offload_dtype, "--hf-dtype", args.hf_dtype, "--gguf-dir", str(args.gguf_dir)]
     if args.preread:
@@ -440,6 +444,11 @@ def agreement(tokens: list[int], reference: list[int]) -> int:
     return n
 
 
+def thread_steps(counts: dict[str, int] | None) -> str:
+    """"2: 120, 1: 7" (decode steps run at each thread count), "-" where the engine does not say."""
+    return ", ".join(f"{n}: {steps}" for n, steps in counts.items()) if counts else "-"
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
     """Medians per engine over its successful rounds."""
     reference = next((r["tokens"] for r in runs.get("transformers", []) if "tokens" in r), None)
@@ -477,14 +486,16 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
               f"{s['peak_rss_bytes'] / 1e9:.2f} | {agree} |")
     split = {engine: s["decode_split"] for engine, s in summary.items() if "decode_split" in s}
     if split:  # the round with the median decode speed
-        print("\n| engine | kernel ISA tier | decode ms/token | in kernels ms | outside kernels us/layer | "
-              "kernel weight MB/token | read GB/s | % of bandwidth floor |\n|---|---|---|---|---|---|---|---|")
+        print("\n| engine | kernel ISA tier | decode threads: steps | decode ms/token | in kernels ms | "
+              "outside kernels us/layer | kernel weight MB/token | read GB/s | % of bandwidth floor |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         for engine, d in split.items():
             outside, bw, floor = (("-" if d.get(k) is None else f"{d[k] * scale:.{digits}f}")
                                   for k, scale, digits in (("outside_us_per_layer", 1, 0), ("read_gbps", 1, 1),
                                                            ("floor_share", 100, 0)))
-            print(f"| {engine} | {d['isa_tier']} | {1e3 / d['decode_tok_s']:.2f} | "
-                  f"{d['kernel_ms_per_token']:.2f} | {outside} | {d['weight_mb_per_token']:.1f} | {bw} | {floor}% |")
+            print(f"| {engine} | {d['isa_tier']} | {thread_steps(d.get('decode_threads'))} | "
+                  f"{1e3 / d['decode_tok_s']:.2f} | {d['kernel_ms_per_token']:.2f} | {outside} | "
+                  f"{d['weight_mb_per_token']:.1f} | {bw} | {floor}% |")
         print("\nEngine crossovers each offload engine dispatched by (rows per expert from which torch's matmul "
               "runs instead of the fused kernel; csrc_py/crossover.py):")
         for engine, d in split.items():
@@ -517,6 +528,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decode-threads", default="auto",
+                        help="offload.load decode_threads= (auto: measured while decoding, up to --threads)")
     parser.add_argument("--seed", type=int, default=0, help="of the random prompt")
     parser.add_argument("--dense", default="matched", choices=["matched", "bf16", "int8", "int4", "int4s", "None"],
                         help="offload's dense format (matched: as its experts; None: offload's default)")
@@ -567,7 +580,8 @@ def main() -> None:
             if "floor_share" in result.get("decode_split", {}):
                 d = result["decode_split"]
                 status += (f" ({d['isa_tier']}; {100 * d['floor_share']:.0f}% of the bandwidth floor, "
-                           f"{d['kernel_ms_per_token']:.2f} ms/token in kernels)")
+                           f"{d['kernel_ms_per_token']:.2f} ms/token in kernels; decode threads: steps "
+                           f"{thread_steps(d.get('decode_threads'))})")
             print(f"round {round_index + 1}/{args.rounds} {engine}: {status}", flush=True)
             for note in result.get("notes", []) if round_index == 0 else []:
                 print(f"  note: {note}")

@@ -1,0 +1,202 @@
+"""The CPU decode step's thread count, measured while generating (offload/decode_threads.py): the decisions as
+tables, the tuner against simulated hosts whose fastest count changes, the numbers unchanged by the count (bit
+for bit), and the option's checks."""
+from __future__ import annotations
+
+import numba
+import pytest
+import torch
+
+import offload
+from offload.decode_threads import (DecodeThreads, choose, drifted, neighbours, parse, probe_schedule,
+                                    thread_ladder)
+from offload.errors import OffloadError
+from test_cli import assert_one_line_error, invoke
+
+import csrc_py  # noqa: F401  (torch before numba)
+from csrc_py import threads as cpu_threads
+
+TWO_THREADS = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+
+
+@pytest.mark.parametrize("max_threads, ladder", [(1, (1,)), (2, (2, 1)), (6, (6, 3, 1)), (16, (16, 8, 4, 2, 1))])
+def test_the_ladder_halves_down_to_one_thread(max_threads, ladder):
+    assert thread_ladder(max_threads) == ladder
+
+
+@pytest.mark.parametrize("current, expected", [(16, (8,)), (4, (8, 2)), (1, (2,))])
+def test_a_probe_tries_the_rungs_next_to_the_current_count(current, expected):
+    assert neighbours((16, 8, 4, 2, 1), current) == expected
+
+
+def test_a_probe_times_each_other_count_after_one_untimed_step():
+    assert probe_schedule((1,), 3) == [(1, False), (1, True), (1, True), (1, True)]
+    assert probe_schedule((8, 2), 2) == [(8, False), (8, True), (8, True), (2, False), (2, True), (2, True)]
+
+
+@pytest.mark.parametrize("samples, current, expected", [
+    ({2: [10, 11, 12], 1: [8, 9, 20]}, 2, 1),      # medians 11 against 9: more than 5% faster
+    ({2: [10, 11, 12], 1: [10.6, 10.7, 30]}, 2, 2),  # 10.7 against 11: within the margin, stay
+    ({2: [10, 11, 12], 1: [12, 13, 14]}, 2, 2),    # slower: stay
+    ({4: [10, 10, 10], 8: [7, 7, 7], 2: [8, 8, 8]}, 4, 8),  # the fastest of several
+    ({4: [], 8: [1, 1, 1]}, 4, 4),                 # no sample of the current count: stay
+])
+def test_choose_moves_only_to_a_count_faster_by_the_margin(samples, current, expected):
+    assert choose(samples, current, margin=0.05) == expected
+
+
+@pytest.mark.parametrize("recent, reference, expected", [([1.0, 1.1, 1.5], 1.0, False), ([1.4, 1.4, 1.0], 1.0, True),
+                                                         ([], 1.0, False), ([5.0], 0.0, False)])
+def test_drift_is_the_recent_median_against_the_probes(recent, reference, expected):
+    assert drifted(recent, reference, factor=1.3) is expected
+
+
+def simulate(tuner: DecodeThreads, seconds_of, steps: int) -> list[int]:
+    """Run `steps` decode steps on a simulated host: seconds_of(step, threads) is a step's time."""
+    used = []
+    for step in range(steps):
+        n = tuner.next()
+        tuner.record(n, seconds_of(step, n))
+        used.append(n)
+    return used
+
+
+def test_on_a_quiet_host_all_threads_stay_and_probes_thin_out():
+    quiet = lambda step, n: {2: 10.0, 1: 13.0}[n] + (step % 3) * 0.1  # noqa: E731
+    used = simulate(DecodeThreads.auto(2), quiet, 600)
+    assert used[-100:] == [2] * 100
+    assert used.count(1) <= 18  # probes of 3 steps, their period doubling from 32 to 256
+
+
+def test_under_load_the_tuner_moves_to_fewer_threads_and_back_when_the_load_goes():
+    def loaded_until_300(step, n):
+        if step < 300:  # another program on a core: the second thread makes every region wait
+            return {2: 30.0, 1: 14.0}[n]
+        return {2: 10.0, 1: 13.0}[n]
+
+    tuner = DecodeThreads.auto(2)
+    used = simulate(tuner, loaded_until_300, 700)
+    assert used[10:300].count(1) > 0.9 * 290  # settled on one thread within the first probe
+    assert used[-100:].count(2) >= 90  # back on two once they are faster again (probes aside)
+    assert tuner.steps[1] + tuner.steps[2] == 700
+
+
+def test_a_sudden_load_starts_a_probe_before_the_period_is_over():
+    tuner = DecodeThreads.auto(2)
+    slow_from = 200
+    used = simulate(tuner, lambda step, n: {2: 10.0, 1: 13.0}[n] if step < slow_from else {2: 40.0, 1: 14.0}[n],
+                    260)
+    # the drift noticed it within a few steps, not at the end of the 256-step period
+    assert used[slow_from + 12: slow_from + 12 + 24] == [1] * 24
+
+
+def test_the_first_step_at_a_new_count_does_not_count():
+    previous = [2]
+
+    def switching_is_slow(step, n):  # one thread is faster, but the first step after a change is 5x as long
+        seconds = {2: 10.0, 1: 8.0}[n] * (5 if n != previous[0] else 1)
+        previous[0] = n
+        return seconds
+
+    used = simulate(DecodeThreads.auto(2), switching_is_slow, 100)
+    assert used[-50:] == [1] * 50
+
+
+def test_many_cores_walk_the_ladder_one_rung_a_probe():
+    best = 4
+    used = simulate(DecodeThreads.auto(16), lambda step, n: 10.0 + abs(n - best), 400)
+    assert used[-50:] == [best] * 50
+    assert set(used) <= {16, 8, 4, 2}  # one never tried: it is not next to the best count
+
+
+def test_a_fixed_count_never_probes():
+    tuner = DecodeThreads.fixed(1)
+    assert simulate(tuner, lambda step, n: 1.0, 100) == [1] * 100
+    assert tuner.describe() == "1 (fixed)"
+
+
+@pytest.mark.parametrize("value, expected", [("auto", None), ("AUTO", None), (3, 3), ("2", 2)])
+def test_parse(value, expected):
+    assert parse(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", 0, -1, "two", "", True, 1.5])
+def test_parse_refuses_what_is_not_a_count(value):
+    with pytest.raises(OffloadError, match="decode_threads must be 'auto' or a thread count"):
+        parse(value)
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
+def decode_logits(model, threads_per_step: list[int], prompt: list[int]) -> list[torch.Tensor]:
+    """Greedy decode steps of `model` after a prefill of `prompt`, step i on threads_per_step[i] threads."""
+    transformer = model.transformer
+    out = []
+    with torch.inference_mode():
+        logits = transformer(torch.tensor(prompt), 0, last_only=True)[0]
+        pos = len(prompt)
+        try:
+            for n in threads_per_step:
+                cpu_threads.use(n)
+                token = int(logits.argmax())
+                logits = transformer(torch.tensor([token]), pos, last_only=True)[0].clone()
+                out.append(logits)
+                pos += 1
+        finally:
+            cpu_threads.use(cpu_threads.configured())
+    return out
+
+
+@TWO_THREADS
+@pytest.mark.parametrize("name, experts, dense", [("qwen3_moe", "int8", "int8"), ("deepseek_v2", "int4s", "int4s"),
+                                                  ("mixtral", "int4", None)])
+def test_the_thread_count_never_changes_the_logits(checkpoint_dir, name, experts, dense):
+    folder, _ = checkpoint_dir(name)
+    model = offload.load(folder, device="cpu", experts=experts, dense=dense, max_context=64, cpu_threads=2)
+    prompt = [3, 5, 7, 11, 13, 17]
+    one = decode_logits(model, [1] * 6, prompt)
+    two = decode_logits(model, [2] * 6, prompt)
+    mixed = decode_logits(model, [2, 1, 1, 2, 1, 2], prompt)
+    for a, b, c in zip(one, two, mixed):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@TWO_THREADS
+def test_generation_measures_the_counts_and_reports_its_steps(checkpoint_dir):
+    folder, _ = checkpoint_dir("qwen3_moe")
+    model = offload.load(folder, device="cpu", experts="int8", max_context=128, cpu_threads=2)
+    assert model.decode_threads is not None and model.decode_threads.ladder == (2, 1)
+    fixed = offload.load(folder, device="cpu", experts="int8", max_context=128, cpu_threads=2, decode_threads=2)
+    g = model.generate([3, 5, 7], max_new_tokens=40, ignore_eos=True)
+    reference = fixed.generate([3, 5, 7], max_new_tokens=40, ignore_eos=True)
+    assert g.token_ids == reference.token_ids
+    steps = g.stats.decode_threads
+    assert sum(steps.values()) == 39 and steps.get(1, 0) >= 3  # the first probe tried one thread
+    assert reference.stats.decode_threads == {2: 39}
+    assert g.stats.as_dict()["decode_threads"] == {str(n): s for n, s in sorted(steps.items(), reverse=True)}
+    assert numba.get_num_threads() == 2 and torch.get_num_threads() == 2  # restored after the decode
+
+
+def test_no_measured_count_where_the_cpu_kernels_do_not_decode(checkpoint_dir):
+    folder, _ = checkpoint_dir("qwen3_moe")
+    assert offload.load(folder, device="cpu", max_context=64).decode_threads is None  # torch alone
+    assert offload.load(folder, device="cpu", experts="int8", max_context=64, cpu_threads=1).decode_threads is None
+    one = offload.load(folder, device="cpu", experts="int8", max_context=64, cpu_threads=2, decode_threads=1)
+    assert one.decode_threads.ladder == (1,) and one.decode_threads.describe() == "1 (fixed)"
+
+
+def test_a_fixed_count_with_a_device_tier_is_refused_before_any_weight_is_read(checkpoint_dir, monkeypatch):
+    folder, _ = checkpoint_dir("qwen3_moe")
+    from offload.weights import checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module.Checkpoint, "read", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(OffloadError, match="with a device tier the CPU experts run on their workers"):
+        offload.load(folder, device="cpu", gpu_memory="1GiB", decode_threads=1)
+    with pytest.raises(OffloadError, match="decode_threads must be"):
+        offload.load(folder, device="cpu", experts="int8", decode_threads="many")
+
+
+def test_the_cli_refuses_a_bad_count_in_one_line(checkpoint_dir):
+    folder, _ = checkpoint_dir("qwen3_moe")
+    result = invoke("generate", folder, "--prompt-ids", "1,2,3", "--device", "cpu", "--decode-threads", "0")
+    assert_one_line_error(result, "decode_threads must be 'auto' or a thread count")
