@@ -10,8 +10,10 @@ threads under load"). Which count wins changes with whatever else runs, so it is
   steps at each neighbour of the current count on the ladder (after one untimed step at it) and moves to the
   neighbour whose median step beats the current count's last steps by `margin`;
 - a probe runs at the first decode steps, then every `period` steps (doubled up to `max_period` each time a
-  probe keeps the count, reset when it moves), and at once when the current count's recent steps are
-  `drift` times slower than at its last probe (the load changed).
+  probe keeps the count, reset when it moves), and at once when the current count's recent steps are `drift`
+  times slower or faster than at its last probe (the load changed). One thread decodes about as fast with a
+  competitor as without one, so only the periodic probe finds that more threads win again: `max_period` bounds
+  how long that takes (64 steps) and what probing costs (4 steps in 64 at the slower count).
 
 Thread counts never change the numbers: every parallel loop of the CPU kernels writes disjoint outputs
 (tests/test_decode_threads.py checks the logits bit for bit). `load(decode_threads=N)` fixes the count instead.
@@ -56,8 +58,12 @@ def choose(samples: dict[int, list[float]], current: int, margin: float) -> int:
 
 
 def drifted(recent: list[float], reference: float, factor: float) -> bool:
-    """Whether recent steps (their median) are `factor` times slower than the reference step time."""
-    return bool(recent) and reference > 0 and statistics.median(recent) > factor * reference
+    """Whether recent steps (their median) are `factor` times slower or faster than the reference step time: the
+    load changed, and another count may now win."""
+    if not recent or reference <= 0:
+        return False
+    ratio = statistics.median(recent) / reference
+    return ratio > factor or ratio < 1.0 / factor
 
 
 @dataclass
@@ -69,7 +75,7 @@ class DecodeThreads:
     ladder: tuple[int, ...]
     probe_steps: int = 3
     period: int = 32
-    max_period: int = 256
+    max_period: int = 64
     margin: float = 0.05
     drift: float = 1.3
     current: int = field(init=False)

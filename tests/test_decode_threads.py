@@ -46,6 +46,7 @@ def test_choose_moves_only_to_a_count_faster_by_the_margin(samples, current, exp
 
 
 @pytest.mark.parametrize("recent, reference, expected", [([1.0, 1.1, 1.5], 1.0, False), ([1.4, 1.4, 1.0], 1.0, True),
+                                                         ([0.7, 0.7, 1.0], 1.0, True), ([0.8, 0.9, 0.5], 1.0, False),
                                                          ([], 1.0, False), ([5.0], 0.0, False)])
 def test_drift_is_the_recent_median_against_the_probes(recent, reference, expected):
     assert drifted(recent, reference, factor=1.3) is expected
@@ -64,8 +65,8 @@ def simulate(tuner: DecodeThreads, seconds_of, steps: int) -> list[int]:
 def test_on_a_quiet_host_all_threads_stay_and_probes_thin_out():
     quiet = lambda step, n: {2: 10.0, 1: 13.0}[n] + (step % 3) * 0.1  # noqa: E731
     used = simulate(DecodeThreads.auto(2), quiet, 600)
-    assert used[-100:] == [2] * 100
-    assert used.count(1) <= 18  # probes of 3 steps, their period doubling from 32 to 256
+    assert used[-64:].count(2) >= 60  # one probe of 4 steps in the last period
+    assert used.count(1) <= 4 * (600 // 64 + 2)  # probes of 4 steps, every 32 then 64 steps
 
 
 def test_under_load_the_tuner_moves_to_fewer_threads_and_back_when_the_load_goes():
@@ -86,7 +87,7 @@ def test_a_sudden_load_starts_a_probe_before_the_period_is_over():
     slow_from = 200
     used = simulate(tuner, lambda step, n: {2: 10.0, 1: 13.0}[n] if step < slow_from else {2: 40.0, 1: 14.0}[n],
                     260)
-    # the drift noticed it within a few steps, not at the end of the 256-step period
+    # the drift noticed it within a few steps, not at the end of the 64-step period
     assert used[slow_from + 12: slow_from + 12 + 24] == [1] * 24
 
 
@@ -105,7 +106,7 @@ def test_the_first_step_at_a_new_count_does_not_count():
 def test_many_cores_walk_the_ladder_one_rung_a_probe():
     best = 4
     used = simulate(DecodeThreads.auto(16), lambda step, n: 10.0 + abs(n - best), 400)
-    assert used[-50:] == [best] * 50
+    assert used[-64:].count(best) >= 56  # one probe of both neighbours, 4 steps each, in the last period
     assert set(used) <= {16, 8, 4, 2}  # one never tried: it is not next to the best count
 
 
