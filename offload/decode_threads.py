@@ -6,14 +6,15 @@ every region pays for the competitor's time slices and fewer threads decode fast
 machine, under other test runs, one thread decoded 1.5-2.5x faster than two; docs/benchmarks.md, "Decode
 threads under load"). Which count wins changes with whatever else runs, so it is measured, not fixed:
 
-- the counts tried form a ladder of halvings of the configured threads (16, 8, 4, 2, 1); a probe times a few
-  steps at each neighbour of the current count on the ladder (after one untimed step at it) and moves to the
-  neighbour whose median step beats the current count's last steps by `margin`;
+- the counts tried form a ladder of halvings of the configured threads (16, 8, 4, 2, 1); a probe runs pairs of
+  steps, one at a neighbour of the current count on the ladder and one at the current count, so that both steps
+  of a pair see the same load, and moves to the neighbour when its steps are faster by `margin` in the median of
+  the pairs' ratios and in most pairs outright (a fluctuating load then does not move it on a few lucky steps);
 - a probe runs at the first decode steps, then every `period` steps (doubled up to `max_period` each time a
-  probe keeps the count, reset when it moves), and at once when the current count's recent steps are `drift`
-  times slower or faster than at its last probe (the load changed). One thread decodes about as fast with a
+  probe keeps the count, reset when it moves), and at once when the median of the current count's last
+  `drift_window` steps is `drift` times slower or faster than at its last probe (the load changed). One thread decodes about as fast with a
   competitor as without one, so only the periodic probe finds that more threads win again: `max_period` bounds
-  how long that takes (64 steps) and what probing costs (4 steps in 64 at the slower count).
+  how long that takes (64 steps) and what probing costs (4 steps in 64 at the other count).
 
 Thread counts never change the numbers: every parallel loop of the CPU kernels writes disjoint outputs
 (tests/test_decode_threads.py checks the logits bit for bit). `load(decode_threads=N)` fixes the count instead.
@@ -41,20 +42,26 @@ def neighbours(ladder: tuple[int, ...], current: int) -> tuple[int, ...]:
     return tuple(ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder))
 
 
-def probe_schedule(others: tuple[int, ...], steps: int) -> list[tuple[int, bool]]:
-    """A probe's steps as (thread count, timed): for each other count one untimed step (the first at a new count
-    pays for the change: a pool waking up, caches refilled) and `steps` timed ones."""
-    return [(n, i > 0) for n in others for i in range(steps + 1)]
+def probe_schedule(current: int, others: tuple[int, ...], pairs: int) -> list[int]:
+    """A probe's thread counts, step by step: for each other count, `pairs` pairs of a step at it and a step at
+    `current`, so that the two steps of a pair see the same load."""
+    return [n for other in others for _ in range(pairs) for n in (other, current)]
 
 
-def choose(samples: dict[int, list[float]], current: int, margin: float) -> int:
-    """The count to decode with after a probe: the one with the fastest median step, where it beats the current
-    count's median by more than `margin` (a fraction); else the current count."""
-    medians = {n: statistics.median(s) for n, s in samples.items() if s}
-    if current not in medians:
-        return current
-    best = min(medians, key=medians.get)
-    return best if medians[best] < medians[current] * (1.0 - margin) else current
+def choose(pairs: dict[int, list[tuple[float, float]]], current: int, margin: float) -> int:
+    """The count to decode with after a probe, from (other count's step, current count's next step) seconds per
+    pair: the other count whose pairs favour it most (lowest median ratio), where that median is below 1 - margin
+    and it won more than half of its pairs outright; else the current count. Paired medians and the majority keep a
+    fluctuating load from moving the count on a few lucky steps."""
+    best, best_ratio = current, 1.0 - margin
+    for n, timed in pairs.items():
+        ratios = [other / cur for other, cur in timed if cur > 0]
+        if not ratios or 2 * sum(r < 1.0 for r in ratios) <= len(ratios):
+            continue
+        ratio = statistics.median(ratios)
+        if ratio < best_ratio:
+            best, best_ratio = n, ratio
+    return best
 
 
 def drifted(recent: list[float], reference: float, factor: float) -> bool:
@@ -73,24 +80,26 @@ class DecodeThreads:
     A fixed count (a one-rung ladder) never probes."""
 
     ladder: tuple[int, ...]
-    probe_steps: int = 3
+    probe_pairs: int = 4
     period: int = 32
     max_period: int = 64
     margin: float = 0.05
-    drift: float = 1.3
+    drift: float = 1.5
+    drift_window: int = 5
     current: int = field(init=False)
     steps: Counter = field(init=False, default_factory=Counter)  # decode steps run at each count
-    _schedule: deque = field(init=False, default_factory=deque)  # the probe's remaining (count, timed) steps
-    _samples: dict = field(init=False, default_factory=dict)  # count -> timed step seconds of the probe
+    _schedule: deque = field(init=False, default_factory=deque)  # the probe's remaining step counts
+    _pairs: dict = field(init=False, default_factory=dict)  # other count -> [(its step, the next current step)]
+    _pending: tuple = field(init=False, default=(0, 0.0))  # the probe's last step at another count, unpaired
     _until_probe: int = field(init=False, default=0)  # steps at the current count before the next probe
     _period: int = field(init=False, default=0)
-    _reference: float = field(init=False, default=0.0)  # the current count's median step at the last probe
-    _recent: deque = field(init=False)  # the current count's latest step seconds
+    _reference: float = field(init=False, default=0.0)  # the current count's median step in the last probe
+    _recent: deque = field(init=False)  # the current count's latest step seconds outside probes
 
     def __post_init__(self) -> None:
         self.current = self.ladder[0]
         self._period = self.period
-        self._recent = deque(maxlen=self.probe_steps)
+        self._recent = deque(maxlen=self.drift_window)
 
     @classmethod
     def auto(cls, max_threads: int) -> DecodeThreads:
@@ -106,11 +115,12 @@ class DecodeThreads:
 
     def next(self) -> int:
         """The thread count for the next decode step."""
-        if self.measured and not self._schedule and len(self._recent) == self._recent.maxlen and (
+        if self.measured and not self._schedule and (
                 self._until_probe <= 0 or drifted(list(self._recent), self._reference, self.drift)):
-            self._samples = {self.current: list(self._recent)}  # the steps just before, at the current count
-            self._schedule.extend(probe_schedule(neighbours(self.ladder, self.current), self.probe_steps))
-        return self._schedule[0][0] if self._schedule else self.current
+            self._pairs = {}
+            self._schedule.extend(probe_schedule(self.current, neighbours(self.ladder, self.current),
+                                                 self.probe_pairs))
+        return self._schedule[0] if self._schedule else self.current
 
     def record(self, threads: int, seconds: float) -> None:
         """The step run at `threads` took `seconds`."""
@@ -118,9 +128,12 @@ class DecodeThreads:
         if not self.measured:
             return
         if self._schedule:
-            _, timed = self._schedule.popleft()
-            if timed:
-                self._samples.setdefault(threads, []).append(seconds)
+            self._schedule.popleft()
+            if threads != self.current:
+                self._pending = (threads, seconds)
+            else:
+                other, other_seconds = self._pending
+                self._pairs.setdefault(other, []).append((other_seconds, seconds))
             if not self._schedule:
                 self._end_probe()
             return
@@ -133,10 +146,14 @@ class DecodeThreads:
         return f"{self.current} (measured among {', '.join(map(str, self.ladder))} while generating)"
 
     def _end_probe(self) -> None:
-        chosen = choose(self._samples, self.current, self.margin)
+        chosen = choose(self._pairs, self.current, self.margin)
         self._period = min(self._period * 2, self.max_period) if chosen == self.current else self.period
+        if chosen == self.current:
+            seconds = [cur for timed in self._pairs.values() for _, cur in timed]
+        else:
+            seconds = [other for other, _ in self._pairs[chosen]]
+        self._reference = statistics.median(seconds) if seconds else 0.0
         self.current = chosen
-        self._reference = statistics.median(self._samples[chosen])
         self._recent.clear()  # refilled at the chosen count before a drift can start the next probe
         self._until_probe = self._period
 
