@@ -14,7 +14,7 @@ threads under load"). Which count wins changes with whatever else runs, so it is
   probe keeps the count, reset when it moves), and at once when the median of the current count's last
   `drift_window` steps is `drift` times slower or faster than at its last probe (the load changed). One thread decodes about as fast with a
   competitor as without one, so only the periodic probe finds that more threads win again: `max_period` bounds
-  how long that takes (128 steps) and what probing costs (4 steps in 128 at the other count).
+  how long that takes (64 steps) and what probing costs (4 steps in 64 at the other count).
 
 Thread counts never change the numbers: every parallel loop of the CPU kernels writes disjoint outputs
 (tests/test_decode_threads.py checks the logits bit for bit). `load(decode_threads=N)` fixes the count instead.
@@ -82,7 +82,7 @@ class DecodeThreads:
     ladder: tuple[int, ...]
     probe_pairs: int = 4
     period: int = 32
-    max_period: int = 128
+    max_period: int = 64
     margin: float = 0.05
     drift: float = 1.5
     drift_window: int = 5
