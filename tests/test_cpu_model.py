@@ -50,17 +50,22 @@ def test_cpu_int4s_experts_model_matches_transformers(bf16_reference, name):
     check_cpu_experts_model(bf16_reference, name, "int4s")
 
 
+def assert_within_bounds(model, expected: torch.Tensor, fmt: str, ids: torch.Tensor) -> None:
+    """Prefill and step-by-step logits of `model` for `ids` within BOUNDS[fmt] of `expected` (transformers')."""
+    max_err, min_top1 = BOUNDS[fmt]
+    prefill = model.logits(ids)
+    with torch.inference_mode():
+        steps = torch.cat([model.transformer(ids[i : i + 1], i) for i in range(len(ids))])
+    for got in (prefill, steps):
+        assert share_within(got, expected, max_err) >= MIN_WITHIN[fmt]
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= min_top1
+
+
 def check_cpu_experts_model(bf16_reference, name: str, fmt: str) -> None:
     """Prefill and step-by-step logits with `fmt` experts within BOUNDS of transformers' (bf16 also greedy)."""
     folder, ref, expected = bf16_reference(name)
     model = offload.load(folder, device="cpu", experts=fmt, max_context=64)
-    max_err, min_top1 = BOUNDS[fmt]
-    prefill = model.logits(IDS)
-    with torch.inference_mode():
-        steps = torch.cat([model.transformer(IDS[i : i + 1], i) for i in range(len(IDS))])
-    for got in (prefill, steps):
-        assert share_within(got, expected, max_err) >= MIN_WITHIN[fmt]
-        assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= min_top1
+    assert_within_bounds(model, expected, fmt, IDS)
     if fmt == "bf16":
         with torch.no_grad():
             out = ref.generate(IDS[:6][None], max_new_tokens=16, do_sample=False, eos_token_id=None,

@@ -32,10 +32,9 @@ from offload.placement.planner import AUTO_SLOTS, choose_slot_format
 from offload.arch import architecture
 from test_cli import assert_one_line_error, invoke
 import test_cpu_model
-from test_cpu_model import BOUNDS, MIN_WITHIN
+from test_cpu_model import assert_within_bounds
 from test_hybrid import GPU_LIKE_COSTS, IDS, plan, rel_err
 from sync_ledger import SyncLedger
-from tiny_models import share_within
 
 bf16_reference = test_cpu_model.bf16_reference  # a fixture: tiny bf16 checkpoints and transformers' logits
 QUANT = ("int8", "int4", "int4s")
@@ -139,13 +138,7 @@ def test_plans_with_quantized_slots_stay_within_the_formats_bound_of_transformer
                          prefetch=True)
     hybrid = next(iter(model._experts.hybrids.values()))
     assert isinstance(hybrid.pool, QuantExpertPool) and hybrid.pool.fmt == fmt
-    max_err, min_top1 = BOUNDS[fmt]
-    prefill = model.logits(IDS)
-    with torch.inference_mode():
-        steps = torch.cat([model.transformer(IDS[i : i + 1], i) for i in range(len(IDS))])
-    for got in (prefill, steps):
-        assert share_within(got, expected, max_err) >= MIN_WITHIN[fmt]
-        assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= min_top1
+    assert_within_bounds(model, expected, fmt, IDS)
     model.generate(IDS[:6].tolist(), max_new_tokens=8, ignore_eos=True)
     layers = model.stats()["layers"]
     assert any(l["cache_hits"] > 0 for l in layers) and any(l["pinned_hits"] > 0 for l in layers)
