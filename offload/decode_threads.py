@@ -12,9 +12,10 @@ threads under load"). Which count wins changes with whatever else runs, so it is
   the pairs' ratios and in most pairs outright (a fluctuating load then does not move it on a few lucky steps);
 - a probe runs at the first decode steps, then every `period` steps (doubled up to `max_period` each time a
   probe keeps the count, reset when it moves), and at once when the median of the current count's last
-  `drift_window` steps is `drift` times slower or faster than at its last probe (the load changed). One thread decodes about as fast with a
-  competitor as without one, so only the periodic probe finds that more threads win again: `max_period` bounds
-  how long that takes (64 steps) and what probing costs (4 steps in 64 at the other count).
+  `drift_window` steps is `drift` times slower or faster than at its last probe (the load changed). One thread
+  decodes about as fast with a competitor as without one, so only the periodic probe finds that more threads win
+  again: `max_period` bounds how long that takes (64 steps) and what probing costs (4 steps in 64 at the other
+  count; 128 left a run at one thread for whole replies after a busy spell, docs/benchmarks.md).
 
 Thread counts never change the numbers: every parallel loop of the CPU kernels writes disjoint outputs
 (tests/test_decode_threads.py checks the logits bit for bit). `load(decode_threads=N)` fixes the count instead.
