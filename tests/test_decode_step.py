@@ -281,11 +281,13 @@ def decode_steps(model, compiled: bool) -> torch.Tensor:
 def assert_same_steps(got: torch.Tensor, expected: torch.Tensor) -> bool:
     """The compiled step's logits [positions, V] are the torch step's within float32 rounding. The int8 activations
     of the packed kernels are a step function of their input: where float32 rounding moves one value across a
-    rounding boundary, that position differs by a quantum (~1e-3 relative) and nothing else does. So: most
-    positions within float32 rounding, none beyond a quantum, the same greedy tokens. Returns whether every
+    rounding boundary, that position differs by a quantum (~1e-3 relative). A flipped quantum that reaches the KV
+    cache stays there, so later positions may carry a few of them (1.1e-2 measured on an Intel AVX-512/AMX host,
+    whose torch kernels sum in another order). So: most positions within float32 rounding, none beyond half of
+    int8's own bound against transformers (4e-2, test_cpu_model), the same greedy tokens. Returns whether every
     position agreed within float32 rounding."""
     errors = torch.tensor([rel_err(g, e) for g, e in zip(got, expected)])
-    assert errors.median() < 2e-5 and errors.max() < 1e-2, errors.tolist()
+    assert errors.median() < 2e-5 and errors.max() < 2e-2, errors.tolist()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
     return bool(errors.max() < 2e-5)
 
