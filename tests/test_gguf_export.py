@@ -348,8 +348,8 @@ def synthetic(tmp_path_factory):
         config = synthetic_config(name)
         make_checkpoint.write_hf(folder / "hf", config, **SYNTHETIC_OPTIONS, log=None)
         from_folder = gguf_export.export(folder / "hf", folder / "folder.gguf", "f32", log=lambda _: None)
-        from_values = gguf_export.export_synthetic(config, folder / "synthetic.gguf", "f32", **SYNTHETIC_OPTIONS,
-                                                   log=lambda _: None)
+        out_file = folder / "not-yet-made" / "synthetic.gguf"  # the export makes the folder
+        from_values = gguf_export.export_synthetic(config, out_file, "f32", **SYNTHETIC_OPTIONS, log=lambda _: None)
         out[name] = (folder / "hf", from_folder, from_values)
     return out
 

@@ -202,8 +202,9 @@ def export_synthetic(hf_config: dict[str, Any], out: str | Path, qtype: str = "q
 
 def write_gguf(config: dict[str, Any], weights: WeightFiles | SyntheticWeights, out: str | Path, qtype: str,
                dense_qtype: str | None, log: Callable[[str], None], per_tensor: bool) -> Path:
-    """The GGUF of the model `config` describes, its tensors read from `weights`."""
+    """The GGUF of the model `config` describes, its tensors read from `weights` (OUT's folder made if missing)."""
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     model = architecture(config)
     for note in model.notes:
         log(f"note: {note}")
