@@ -88,8 +88,8 @@ def _kernels() -> tuple[dict, dict]:
     from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
     from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 
-    return ({"bf16": linear_bf16, "int8": linear_q8, "int4": linear_q4},
-            {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4})
+    return ({"bf16": linear_bf16, "int8": linear_q8, "int4": linear_q4, "int4s": linear_q4},  # int4s: m is None
+            {"bf16": moe_bf16, "int8": moe_q8, "int4": moe_q4, "int4s": moe_q4})
 
 
 def _expert_extras(experts) -> tuple:
