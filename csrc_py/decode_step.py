@@ -186,31 +186,36 @@ def write_cache(k: np.ndarray, v: np.ndarray, kv_heads: int, d: int, kcache: np.
             vcache[g, start + t] = v[t, g * d: g * d + d]
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _attend_head(q: np.ndarray, keys: np.ndarray, values: np.ndarray, lo: int, hi: int, scale: float, sink: float,
-                 scores: np.ndarray, out: np.ndarray) -> None:
-    """out = softmax(scale * keys[lo:hi] q) values[lo:hi] for one query q [d] (out [dv]); a finite `sink` logit
-    joins the softmax and attends to nothing (gpt-oss), -inf leaves it out."""
-    qs = q * np.float32(scale)
-    best = np.float32(sink)
-    for j in range(lo, hi):
-        key = keys[j]
-        acc = np.float32(0.0)
-        for i in range(q.size):
-            acc += qs[i] * key[i]
-        scores[j] = acc
-        best = max(best, acc)
-    total = np.float32(np.exp(np.float32(sink) - best))  # 0 without a sink
-    for j in range(lo, hi):
-        e = np.float32(np.exp(scores[j] - best))
-        scores[j] = e
-        total += e
-    out[:] = 0.0
-    for j in range(lo, hi):
-        p = scores[j] / total
-        value = values[j]
-        for i in range(out.size):
-            out[i] += p * value[i]
+# Cephes' expf: exp(x) = 2^k exp(r), x = k ln2 + r, |r| <= ln2 / 2, ln2 in two parts; 1-2 ulp.
+LOG2E = np.float32(1.4426950408889634)
+LN2_HI, LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+EXP_MIN = np.float32(-87.0)  # below it exp underflows float32's normal range: 0
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract"})
+def exp_shifted(s: np.ndarray, n: int, best: float, pow2: np.ndarray) -> float:
+    """s[:n] = exp(s[:n] - best) in place and their sum, for best >= max(s[:n]) (-inf entries give 0): softmax's
+    numerators. Written as plain arithmetic so the loops vectorize (np.exp is a scalar libm call per value without
+    Intel's SVML). pow2: int32 scratch of >= n values (2^k as float32 bits)."""
+    for j in range(n):
+        x = s[j] - best
+        c = max(x, EXP_MIN)
+        k = np.floor(c * LOG2E + np.float32(0.5))
+        r = c - k * LN2_HI - k * LN2_LO
+        y = np.float32(1.9875691500e-4)
+        y = y * r + np.float32(1.3981999507e-3)
+        y = y * r + np.float32(8.3334519073e-3)
+        y = y * r + np.float32(4.1665795894e-2)
+        y = y * r + np.float32(1.6666665459e-1)
+        y = y * r + np.float32(5.0000001201e-1)
+        s[j] = y * r * r + r + np.float32(1.0)
+        pow2[j] = (np.int32(k) + np.int32(127)) << 23 if x > EXP_MIN else np.int32(0)
+    scale = pow2[:n].view(np.float32)
+    total = np.float32(0.0)
+    for j in range(n):
+        s[j] *= scale[j]
+        total += s[j]
+    return total
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
@@ -219,22 +224,53 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
     """Causal grouped-query attention of q [T, heads*d] (positions start..) over the cached keys / values
     [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` and only within
     the query's `chunk` of positions (0: no limit), with one sink logit per head in every softmax where
-    sinks [heads] is not empty; out [T, heads*d]. One KV head's query heads run on one thread, so its keys are
-    read once from memory."""
+    sinks [heads] is not empty; out [T, heads*d]. One KV head per thread, its query heads together: each key and
+    value row is read once for the whole group."""
     T = q.shape[0]
     group = heads // kv_heads
     for g in prange(kv_heads):
-        scores = np.empty(start + T, np.float32)
+        scores = np.empty((group, start + T), np.float32)  # [query head of the group, position from lo]
+        pow2 = np.empty(start + T, np.int32)
+        qs = np.empty((group, d), np.float32)
+        acc = np.empty((group, d), np.float32)
         keys, values = kcache[g], vcache[g]
-        for h in range(g * group, g * group + group):
-            sink = sinks[h] if sinks.size else -np.inf
-            for t in range(T):
-                hi = start + t + 1
-                lo = max(0, hi - window) if window > 0 else 0
-                if chunk > 0:
-                    lo = max(lo, (hi - 1) // chunk * chunk)
-                _attend_head(q[t, h * d: h * d + d], keys, values, lo, hi, scale, sink, scores,
-                             out[t, h * d: h * d + d])
+        for t in range(T):
+            hi = start + t + 1
+            lo = max(0, hi - window) if window > 0 else 0
+            if chunk > 0:
+                lo = max(lo, (hi - 1) // chunk * chunk)
+            n = hi - lo
+            for a in range(group):
+                for i in range(d):
+                    qs[a, i] = q[t, (g * group + a) * d + i] * np.float32(scale)
+            for j in range(n):
+                key = keys[lo + j]
+                for a in range(group):
+                    dot = np.float32(0.0)
+                    for i in range(d):
+                        dot += qs[a, i] * key[i]
+                    scores[a, j] = dot
+            for a in range(group):
+                sink = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
+                row = scores[a]
+                best = sink
+                for j in range(n):
+                    best = max(best, row[j])
+                inv = np.float32(1.0) / (exp_shifted(row, n, best, pow2) + np.float32(np.exp(sink - best)))
+                for j in range(n):
+                    row[j] *= inv
+            acc[:] = 0.0
+            for j in range(n):
+                value = values[lo + j]
+                for a in range(group):
+                    p = scores[a, j]
+                    for i in range(d):
+                        acc[a, i] += p * value[i]
+            for a in range(group):
+                out[t, (g * group + a) * d: (g * group + a + 1) * d] = acc[a]
+
+
+LATENT_HEADS_PER_THREAD = 4  # MLA query heads that share one pass over the latent cache
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
@@ -246,56 +282,72 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
     out [T, heads*v]. w_kv is kv_b_proj's weight as [heads, nope + v, rank] (W_UK rows, then W_UV rows): whole
     contiguous rows, which vectorize where the strided W_UK / W_UV views would not. With selected > 0 each query
     attends only to the positions selection[t, :selected] (DeepSeek Sparse Attention, MLA._absorbed_selected;
-    later positions than the query skipped). One head per thread."""
+    later positions than the query skipped). Blocks of LATENT_HEADS_PER_THREAD heads per thread: each cached
+    latent is read once per block, not once per head."""
     T = q.shape[0]
     rank, rope_d, v_dim = c_cache.shape[1], r_cache.shape[1], w_kv.shape[1] - nope
     qd = nope + rope_d
-    for h in prange(heads):
-        q_lat = np.empty(rank, np.float32)
-        o_lat = np.empty(rank, np.float32)
-        scores = np.empty(start + T, np.float32)
+    per = LATENT_HEADS_PER_THREAD
+    for b in prange((heads + per - 1) // per):
+        h0 = b * per
+        hb = min(per, heads - h0)
+        q_lat = np.empty((hb, rank), np.float32)
+        q_rope = np.empty((hb, rope_d), np.float32)
+        o_lat = np.empty((hb, rank), np.float32)
+        n_max = selected if selected > 0 else start + T
+        scores = np.empty((hb, n_max), np.float32)  # [head of the block, attended position]
+        pow2 = np.empty(n_max, np.int32)
         for t in range(T):
-            qn, qr = q[t, h * qd: h * qd + nope], q[t, h * qd + nope: h * qd + qd]
             q_lat[:] = 0.0
-            for i in range(nope):
-                wrow = w_kv[h, i]
-                for r in range(rank):
-                    q_lat[r] += qn[i] * wrow[r]
+            for a in range(hb):
+                h = h0 + a
+                for i in range(nope):
+                    qi = q[t, h * qd + i]
+                    wrow = w_kv[h, i]
+                    for r in range(rank):
+                        q_lat[a, r] += qi * wrow[r]
+                q_rope[a] = q[t, h * qd + nope: h * qd + qd]
             hi = start + t + 1
             n = selected if selected > 0 else hi
-            best = -np.inf
             for i in range(n):
                 j = selection[t, i] if selected > 0 else i
                 if j >= hi:
-                    scores[i] = -np.inf
+                    scores[:, i] = -np.inf
                     continue
                 c, kr = c_cache[j], r_cache[j]
-                acc = np.float32(0.0)
-                for r in range(rank):
-                    acc += q_lat[r] * c[r]
-                for r in range(rope_d):
-                    acc += qr[r] * kr[r]
-                scores[i] = acc * np.float32(scale)
-                best = max(best, scores[i])
-            total = np.float32(0.0)
-            for i in range(n):
-                scores[i] = np.exp(scores[i] - best)
-                total += scores[i]
+                for a in range(hb):
+                    acc = np.float32(0.0)
+                    for r in range(rank):
+                        acc += q_lat[a, r] * c[r]
+                    for r in range(rope_d):
+                        acc += q_rope[a, r] * kr[r]
+                    scores[a, i] = acc * np.float32(scale)
+            for a in range(hb):
+                row = scores[a]
+                best = np.float32(-np.inf)
+                for i in range(n):
+                    best = max(best, row[i])
+                inv = np.float32(1.0) / exp_shifted(row, n, best, pow2)
+                for i in range(n):
+                    row[i] *= inv
             o_lat[:] = 0.0
             for i in range(n):
                 j = selection[t, i] if selected > 0 else i
                 if j >= hi:
                     continue
-                p = scores[i] / total
                 c = c_cache[j]
-                for r in range(rank):
-                    o_lat[r] += p * c[r]
-            for i in range(v_dim):
-                wrow = w_kv[h, nope + i]
-                acc = np.float32(0.0)
-                for r in range(rank):
-                    acc += o_lat[r] * wrow[r]
-                out[t, h * v_dim + i] = acc
+                for a in range(hb):
+                    p = scores[a, i]
+                    for r in range(rank):
+                        o_lat[a, r] += p * c[r]
+            for a in range(hb):
+                h = h0 + a
+                for i in range(v_dim):
+                    wrow = w_kv[h, nope + i]
+                    acc = np.float32(0.0)
+                    for r in range(rank):
+                        acc += o_lat[a, r] * wrow[r]
+                    out[t, h * v_dim + i] = acc
 
 
 @njit(nogil=True, cache=True)

@@ -75,6 +75,25 @@ def test_rope_matches_the_table(rope_dim, interleaved):
     assert rel_err(torch.from_numpy(got), expected.reshape(3, 40)) < 1e-6
 
 
+def test_softmax_numerators_match_exp_to_float32_rounding():
+    """exp_shifted, the vectorizable exp of the attention softmax: within 2 ulp of exp in float64 over the range
+    softmax meets (score - max from 0 down past float32's underflow), 0 for -inf and from -87 down (where exp
+    leaves float32's normal range: < 1.7e-38 of the largest term, which is 1), and the sum it returns is the sum
+    of what it wrote."""
+    x = np.concatenate([-np.logspace(-8, 2, 4000), [0.0, -np.inf, -86.9, -87.5, -200.0], np.linspace(-30, 0, 997)])
+    best = np.float32(3.0)
+    s = (x + 3.0).astype(np.float32)
+    shifted = (s - best).astype(np.float64)  # what the kernel exponentiates
+    pow2 = np.empty(s.size, np.int32)
+    total = ds.exp_shifted(s, s.size, best, pow2)
+    kept = shifted > -87.0
+    expected = np.exp(shifted[kept])
+    ulp = np.spacing(expected.astype(np.float32)).astype(np.float64)
+    assert (np.abs(s[kept] - expected) <= 2 * ulp).all()
+    assert (s[~kept] == 0).all() and (~kept).sum() >= 3
+    assert total == pytest.approx(float(s.astype(np.float64).sum()), rel=1e-5)
+
+
 # sliding windows; Llama-4's chunks (the 3 queries at 7..9 straddle a boundary of chunks of 8)
 @pytest.mark.parametrize("T, start, window, chunk", [(1, 9, 0, 0), (1, 9, 4, 0), (3, 7, 0, 0), (3, 7, 5, 0),
                                                      (2, 0, 0, 0), (1, 9, 0, 8), (3, 7, 0, 8)])
