@@ -32,6 +32,7 @@ from numba.extending import overload
 from csrc_py import indexer_step
 from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
+from csrc_py.simd import bits_to_f32
 
 # Routing codes (offload.model.routing.route's cases).
 SOFTMAX, SIGMOID = 0, 1
@@ -94,6 +95,18 @@ def _packed_experts(x, ids, weights, gate, up, down, biases, act, y):
             moe_q4(x, ids, weights, gate[0], gate[1], gate[2], up[0], up[1], up[2], down[0], down[1], down[2],
                    biases[0], biases[1], biases[2], act, y)
     return impl
+
+
+def weight(row, i):
+    """row[i] as float32, for a float32 row or a row of bf16 bits (uint16)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(weight, inline="always")
+def _weight(row, i):
+    if row.dtype == types.uint16:
+        return lambda row, i: bits_to_f32(np.uint32(row[i]) << np.uint32(16))
+    return lambda row, i: row[i]
 
 
 # ---------------------------------------------------------------- stages
@@ -193,10 +206,11 @@ EXP_MIN = np.float32(-87.0)  # below it exp underflows float32's normal range: 0
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract"})
-def exp_shifted(s: np.ndarray, n: int, best: float, pow2: np.ndarray) -> float:
+def exp_shifted(s: np.ndarray, n: int, best: float) -> float:
     """s[:n] = exp(s[:n] - best) in place and their sum, for best >= max(s[:n]) (-inf entries give 0): softmax's
-    numerators. Written as plain arithmetic so the loops vectorize (np.exp is a scalar libm call per value without
-    Intel's SVML). pow2: int32 scratch of >= n values (2^k as float32 bits)."""
+    numerators. Written as plain arithmetic so the loop vectorizes (np.exp is a scalar libm call per value without
+    Intel's SVML)."""
+    total = np.float32(0.0)
     for j in range(n):
         x = s[j] - best
         c = max(x, EXP_MIN)
@@ -208,12 +222,8 @@ def exp_shifted(s: np.ndarray, n: int, best: float, pow2: np.ndarray) -> float:
         y = y * r + np.float32(4.1665795894e-2)
         y = y * r + np.float32(1.6666665459e-1)
         y = y * r + np.float32(5.0000001201e-1)
-        s[j] = y * r * r + r + np.float32(1.0)
-        pow2[j] = (np.int32(k) + np.int32(127)) << 23 if x > EXP_MIN else np.int32(0)
-    scale = pow2[:n].view(np.float32)
-    total = np.float32(0.0)
-    for j in range(n):
-        s[j] *= scale[j]
+        pow2 = bits_to_f32((np.int32(k) + np.int32(127)) << 23) if x > EXP_MIN else np.float32(0.0)  # 2^k
+        s[j] = (y * r * r + r + np.float32(1.0)) * pow2
         total += s[j]
     return total
 
@@ -230,7 +240,6 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
     group = heads // kv_heads
     for g in prange(kv_heads):
         scores = np.empty((group, start + T), np.float32)  # [query head of the group, position from lo]
-        pow2 = np.empty(start + T, np.int32)
         qs = np.empty((group, d), np.float32)
         acc = np.empty((group, d), np.float32)
         keys, values = kcache[g], vcache[g]
@@ -256,7 +265,7 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
                 best = sink
                 for j in range(n):
                     best = max(best, row[j])
-                inv = np.float32(1.0) / (exp_shifted(row, n, best, pow2) + np.float32(np.exp(sink - best)))
+                inv = np.float32(1.0) / (exp_shifted(row, n, best) + np.float32(np.exp(sink - best)))
                 for j in range(n):
                     row[j] *= inv
             acc[:] = 0.0
@@ -279,11 +288,11 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
     """MLA's absorbed attention (offload.model.mla.MLA._absorbed) for q [T, heads*(nope+rope)] at positions
     start..: per head, q_nope through W_UK into latent space, causal attention over the cached latents
     c_cache [P, rank] (keys: latent + rope key r_cache [P, rope]; values: latent), the result through W_UV;
-    out [T, heads*v]. w_kv is kv_b_proj's weight as [heads, nope + v, rank] (W_UK rows, then W_UV rows): whole
-    contiguous rows, which vectorize where the strided W_UK / W_UV views would not. With selected > 0 each query
-    attends only to the positions selection[t, :selected] (DeepSeek Sparse Attention, MLA._absorbed_selected;
-    later positions than the query skipped). Blocks of LATENT_HEADS_PER_THREAD heads per thread: each cached
-    latent is read once per block, not once per head."""
+    out [T, heads*v]. w_kv is kv_b_proj's weight as [heads, nope + v, rank] (W_UK rows, then W_UV rows), float32
+    or bf16 bits: whole contiguous rows, which vectorize where the strided W_UK / W_UV views would not. With
+    selected > 0 each query attends only to the positions selection[t, :selected] (DeepSeek Sparse Attention,
+    MLA._absorbed_selected; later positions than the query skipped). Blocks of LATENT_HEADS_PER_THREAD heads per
+    thread: each cached latent is read once per block, not once per head."""
     T = q.shape[0]
     rank, rope_d, v_dim = c_cache.shape[1], r_cache.shape[1], w_kv.shape[1] - nope
     qd = nope + rope_d
@@ -296,7 +305,6 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
         o_lat = np.empty((hb, rank), np.float32)
         n_max = selected if selected > 0 else start + T
         scores = np.empty((hb, n_max), np.float32)  # [head of the block, attended position]
-        pow2 = np.empty(n_max, np.int32)
         for t in range(T):
             q_lat[:] = 0.0
             for a in range(hb):
@@ -305,7 +313,7 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
                     qi = q[t, h * qd + i]
                     wrow = w_kv[h, i]
                     for r in range(rank):
-                        q_lat[a, r] += qi * wrow[r]
+                        q_lat[a, r] += qi * weight(wrow, r)
                 q_rope[a] = q[t, h * qd + nope: h * qd + qd]
             hi = start + t + 1
             n = selected if selected > 0 else hi
@@ -327,7 +335,7 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
                 best = np.float32(-np.inf)
                 for i in range(n):
                     best = max(best, row[i])
-                inv = np.float32(1.0) / exp_shifted(row, n, best, pow2)
+                inv = np.float32(1.0) / exp_shifted(row, n, best)
                 for i in range(n):
                     row[i] *= inv
             o_lat[:] = 0.0
@@ -346,7 +354,7 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
                     wrow = w_kv[h, nope + i]
                     acc = np.float32(0.0)
                     for r in range(rank):
-                        acc += o_lat[a, r] * wrow[r]
+                        acc += o_lat[a, r] * weight(wrow, r)
                     out[t, h * v_dim + i] = acc
 
 

@@ -84,8 +84,7 @@ def test_softmax_numerators_match_exp_to_float32_rounding():
     best = np.float32(3.0)
     s = (x + 3.0).astype(np.float32)
     shifted = (s - best).astype(np.float64)  # what the kernel exponentiates
-    pow2 = np.empty(s.size, np.int32)
-    total = ds.exp_shifted(s, s.size, best, pow2)
+    total = ds.exp_shifted(s, s.size, best)
     kept = shifted > -87.0
     expected = np.exp(shifted[kept])
     ulp = np.spacing(expected.astype(np.float32)).astype(np.float64)
@@ -125,6 +124,47 @@ def test_attention_with_sinks_matches_its_torch_form(T, start, window):
     ds.attend(q.reshape(T, heads * d).numpy(), heads, kv_heads, d, k.numpy(), v.numpy(), start, window, 0, d**-0.5,
               np.zeros(0, np.float32), out)
     assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) > 1e-2
+
+
+@pytest.mark.parametrize("T, start, selected", [(1, 9, 0), (3, 7, 0), (2, 8, 4)])
+def test_latent_attention_matches_the_absorbed_form(T, start, selected):
+    """MLA's absorbed attention over the latent cache, heads in blocks (6 heads: a full block and a partial one),
+    against its einsum form; with DSA's selection (positions after the query skipped); kv_b_proj's weight as
+    float32 and as bf16 bits gives the same floats."""
+    heads, nope, rope_d, v, rank, P = 6, 8, 4, 8, 16, 16
+    q, w_kv = randn(T, heads, nope + rope_d), randn(heads, nope + v, rank).to(torch.bfloat16).float()
+    c, kr = randn(P, rank), randn(P, rope_d)
+    g = torch.Generator().manual_seed(0)  # distinct positions per query, some after it
+    selection = torch.stack([torch.randperm(start + T, generator=g)[:max(selected, 1)] for _ in range(T)])
+    q_lat = torch.einsum("thd,hdr->thr", q[..., :nope], w_kv[:, :nope])
+    scores = (torch.einsum("thr,pr->thp", q_lat, c) + torch.einsum("thd,pd->thp", q[..., nope:], kr)) * 0.3
+    visible = torch.arange(P)[None, :] <= start + torch.arange(T)[:, None]  # [T, P]
+    if selected:
+        chosen = torch.zeros(T, P, dtype=torch.bool).scatter_(1, selection, True)
+        visible &= chosen
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    expected = torch.einsum("thp,pr,hvr->thv", probs, c, w_kv[:, nope:]).reshape(T, heads * v)
+    sel = selection.numpy().astype(np.int64) if selected else np.zeros((T, 0), np.int64)
+    outs = []
+    for w in (w_kv.numpy(), w_kv.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)):
+        out = np.empty((T, heads * v), np.float32)
+        ds.latent_attend(q.reshape(T, -1).numpy(), heads, nope, w, c.numpy(), kr.numpy(), start, 0.3, sel,
+                         selected, out)
+        outs.append(torch.from_numpy(out))
+    assert rel_err(outs[0], expected) < 1e-5
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_kv_b_proj_goes_to_the_compiled_step_as_bf16_only_when_exact():
+    from offload.model.compiled_step import _exact_bf16_or_f32
+
+    w = randn(8, 16).to(torch.bfloat16).float()
+    narrow = _exact_bf16_or_f32(w)
+    widened = torch.from_numpy(narrow.view(np.int16)).view(torch.bfloat16).float()
+    assert narrow.dtype == np.uint16 and torch.equal(widened, w)
+    w[3, 5] += 1e-4  # one value off bf16's grid: all of it stays float32
+    wide = _exact_bf16_or_f32(w)
+    assert wide.dtype == np.float32 and torch.equal(torch.from_numpy(wide), w)
 
 
 def test_output_gate_split_and_product_match_attention():

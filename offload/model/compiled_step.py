@@ -107,6 +107,15 @@ def _f32(t: torch.Tensor | None) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
+def _exact_bf16_or_f32(w: torch.Tensor) -> np.ndarray:
+    """w float32 as bf16 bits (uint16, half the bytes a decode step reads) when every value is a bf16 value, as
+    a bf16 or bf16-stored checkpoint's are; else as float32. The compiled code widens either to the same floats."""
+    narrow = w.to(torch.bfloat16)
+    if torch.equal(narrow.to(torch.float32), w):
+        return narrow.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return w.contiguous().numpy()
+
+
 def _routing_codes(cfg: RouterConfig) -> tuple[int, int, int, int, int, int]:
     """(top_k, scoring, groups, n_group, topk_group, norm) for csrc_py.decode_step.route: the cases of
     offload.model.routing.route (sigmoid ranks groups by their two best choices whenever there are groups; softmax
@@ -237,7 +246,7 @@ class _MLAPlan(_MixerPlan):
     q_b: tuple  # packed (in_proj again where there is no q-LoRA: never read)
     kv_a_norm: np.ndarray
     interleaved: bool
-    w_kv: np.ndarray  # [heads, nope + v, rank]: kv_b_proj's weight, W_UK rows then W_UV rows
+    w_kv: np.ndarray  # [heads, nope + v, rank]: kv_b_proj's weight, W_UK rows then W_UV rows (bf16 bits if exact)
     scale: float
     o_proj: tuple
     o_bias: np.ndarray
@@ -270,7 +279,8 @@ class _MLAPlan(_MixerPlan):
             dims=(attn.heads, attn.nope, attn.rope_dim, in_proj.widths[0] if q_lora else 0, in_proj.starts[1]),
             q_a_norm=_f32(attn.q_a_norm.weight if q_lora else None), q_b=_packed(q_b),
             kv_a_norm=_f32(attn.kv_a_norm.weight), interleaved=bool(attn.interleaved),
-            w_kv=attn.kv_b_proj.weight.detach().numpy().reshape(attn.heads, attn.nope + attn.v_dim, attn.rank),
+            w_kv=_exact_bf16_or_f32(attn.kv_b_proj.weight.detach()).reshape(attn.heads, attn.nope + attn.v_dim,
+                                                                              attn.rank),
             scale=float(attn.scale),
             o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
             widths=(in_proj.packed.padded_shape[1], max(in_proj.widths[0] if q_lora else 0, 1),
