@@ -47,7 +47,7 @@ def cache_only_plan(folder: Path, slots: int, max_context: int, dtype: torch.dty
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     kv = kv_cache_bytes(cfg, max_context, dtype_bytes)
     fixed = sum(inv.device_bytes(dtype_bytes).values()) + kv
-    host_bytes = expert_host_bytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size)
+    host_bytes = expert_host_bytes(cfg, fmt)
     row = inv.slot_bytes(dtype_bytes)
     buffers = STAGING_RING_ENTRIES * host_bytes + 2 * inv.top_k * row
     request = PlanRequest(fixed + buffers + slots * len(inv.moe_layers) * row, 2**40, max_context, kv, dtype_bytes,
