@@ -192,7 +192,9 @@ class ExpertsBuilder:
                                        self.cfg.moe_intermediate_size, self.dtype, self.device,
                                        like.biases is not None, like.activation))
         self.stream_buffer = buffer
-        blind = every_expert_tokens(self.cfg.router.top_k, hosted[0].num_experts)
+        # Streaming blind saves the ids' readback; rows computed with a host read per batch (quantized rows, or a
+        # GPU without the in-place grouped kernel) would still read back, and copy unused experts besides.
+        blind = every_expert_tokens(self.cfg.router.top_k, hosted[0].num_experts) if buffer.pool.in_place else None
         for hybrid in hosted:
             uploader = ExpertUploader(buffer.pool, hybrid.cpu, hybrid.uploader.local, self.device, self.ring)
             hybrid.streaming = Streaming(buffer, uploader, threshold, blind)
