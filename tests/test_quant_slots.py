@@ -10,8 +10,10 @@
   rounding.
 - The planner quantizes the rows only when the device dtype leaves fewer than top-k slots per MoE layer, or when
   asked; the choice is in the table and the JSON; a wrong slots option is one line, exit 2.
-- The plan reserves the staging ring's landing buffers and the streaming double buffer: their bytes equal the
-  buffers the load allocates; a budget without room for the landing buffers is refused in one line.
+- The plan reserves the staging ring's landing buffers and the streaming double buffer (its rows in the slot
+  format, each candidate format weighed with its own): the plan's landing, stream buffer, row and host figures equal
+  the bytes the load allocates, expert biases included (gpt-oss); a budget without room for the landing buffers is
+  refused in one line.
 """
 from __future__ import annotations
 

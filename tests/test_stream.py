@@ -8,6 +8,8 @@ device tier (the CUDA side-stream form of the double buffer is in tests/test_cud
 - Bytes copied per prefill chunk = the chunk's used, non-resident experts x the packed expert size, exactly.
 - The double buffer alternates halves and issues batch b+1's copies before batch b's compute.
 - A plan without cache slots streams too, priced by a cost model measured without a slot.
+- A stream buffer of int8 / int4 / int4s rows (the plan's slot format) stays within the format's bound of the CPU
+  workers, and reads its ids back (never blind: its compute reads rows back per batch anyway).
 - A chunk long enough to use every expert, in a layer whose last chunk used nearly all it could stream, streams
   all the non-resident ones without reading its ids back: no host read inside the forward, every layer's copies
   issued before any ids come back (at the step boundary); a chunk that reads its ids back measures that coverage.
