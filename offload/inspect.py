@@ -28,8 +28,7 @@ DEVICE_BYTES_PER_PARAM = 2  # everything but the routed experts sits on the devi
 
 def routed_expert_bytes(cfg: ModelConfig, fmt: str) -> int:
     """Every routed expert of every MoE layer: what lives in host RAM (or the expert cache)."""
-    return cfg.num_moe_layers * cfg.router.num_experts * expert_host_bytes(fmt, cfg.hidden_size,
-                                                                           cfg.moe_intermediate_size)
+    return cfg.num_moe_layers * cfg.router.num_experts * expert_host_bytes(cfg, fmt)
 
 
 @dataclass(frozen=True)

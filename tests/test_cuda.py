@@ -226,3 +226,27 @@ def test_cuda_streamed_prefill_through_the_double_buffer_matches_the_reference(c
     stats = hybrid.stats()["totals"]
     assert stats["bytes_streamed"] > 0 and ring.bytes_copied - before == stats["bytes_streamed"]
     assert rel_err(got, reference.logits(IDS)) <= (1e-4 if fmt == "bf16" else 4e-2)
+
+
+@pytest.mark.parametrize("host, rows", [("int4", "int4"), ("bf16", "int8")])
+def test_cuda_stream_buffer_in_the_slot_format_computes_what_the_cpu_workers_do(bf16_checkpoints, monkeypatch, host,
+                                                                                rows):
+    """The double buffer's rows in the plan's slot format on the side stream: int4 rows re-laid from the host's
+    nibbles (bf16 scales on CUDA), int8 rows quantized on the device; a long chunk's logits stay within int8's bound
+    of the same plan with streaming off."""
+    from offload.experts.builder import ExpertsBuilder
+    from offload.experts.quant_pool import QuantExpertPool
+    from test_hybrid import plan
+    from test_stream import FAST_LINK_COSTS
+
+    folder = bf16_checkpoints("qwen2_moe")
+    placed = plan(folder, 3, 1, fmt=host, slot_format=rows)
+    monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: FAST_LINK_COSTS)
+    streamed = offload.load(folder, device="cuda", dtype="float32", max_context=64, plan=placed)
+    assert isinstance(streamed._experts.stream_buffer.pool, QuantExpertPool)
+    got = streamed.logits(IDS)
+    torch.cuda.synchronize()
+    assert streamed.stats()["totals"]["bytes_streamed"] > 0
+    monkeypatch.setattr(ExpertsBuilder, "stream_threshold", property(lambda self: None))
+    on_cpu = offload.load(folder, device="cuda", dtype="float32", max_context=64, plan=placed)
+    assert rel_err(got, on_cpu.logits(IDS)) <= 4e-2

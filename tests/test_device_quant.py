@@ -232,6 +232,9 @@ def test_deepseek_v3_and_kimi_k2_plan_on_a_24_gib_card(tmp_path, hf, moe_layers)
     table = cli_text("plan", tmp_path, *A_24GB_CARD)
     assert "dense weights quantized to int8" in table and "device tier (bfloat16, dense int8, slots int4)" in table
     assert plan.slot_format == "int4" and {"staging landing", "stream buffer"} <= set(plan.device_buffers)
+    # The double buffer's 16 rows are int4 rows like the slots' (26.3 MiB each for DeepSeek-V3, not 84.0 in bf16).
+    assert plan.stream_buffer_format == "int4" and plan.stream_buffer_experts == 16
+    assert plan.device_buffers["stream buffer"] == 16 * plan.expert_device_bytes and "16 rows of int4" in table
 
     int4 = offload.Plan.from_json(cli_text("plan", tmp_path, *A_24GB_CARD, "--dense", "int4", "--json"))
     assert int4.dense_format == "int4" and int4.device_fixed_bytes < plan.device_fixed_bytes
@@ -243,3 +246,13 @@ def test_deepseek_v3_and_kimi_k2_plan_on_a_24_gib_card(tmp_path, hf, moe_layers)
 
     assert_one_line_error(invoke("plan", tmp_path, *A_24GB_CARD[2:], "--gpu-memory", "6GiB"),
                           "with int4 dense weights", "device budget is 6.000 GiB")
+
+
+def test_deepseek_v3_streams_where_its_room_holds_int4_rows_but_not_bf16_ones(tmp_path):
+    """14.5 GiB: beside the int4 dense weights and the landing buffers, 0.96 GiB is left: less than 16 bf16 rows
+    (1.3 GiB: no streaming when the double buffer was always bf16), more than 16 int4 rows (0.4 GiB)."""
+    (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3))
+    plan = offload.Plan.from_json(cli_text("plan", tmp_path, *A_24GB_CARD[2:], "--gpu-memory", "14.5GiB", "--json"))
+    room = plan.device_budget - plan.device_fixed_bytes - plan.device_buffers["staging landing"]
+    assert plan.dense_format == "int4" and plan.slot_format == "int4" and 16 * 84 * 2**20 > room
+    assert plan.device_buffers["stream buffer"] == 16 * plan.expert_device_bytes <= room

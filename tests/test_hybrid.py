@@ -13,7 +13,7 @@ from offload.arch import architecture
 from offload.experts.builder import ExpertsBuilder
 from offload.experts.cost import CostModel
 from offload.experts.device import STAGING_RING_ENTRIES
-from offload.placement import PlanRequest, inventory, kv_cache_bytes, make_plan
+from offload.placement import PlanRequest, expert_host_bytes, inventory, kv_cache_bytes, make_plan
 from offload.placement.planner import device_buffers
 from tiny_models import landing_bytes
 
@@ -29,7 +29,8 @@ def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None, fm
          slot_format: str | None = None):
     """A plan with room for `device_experts` routed experts on the (simulated) device tier, their rows in
     `slot_format` (None: the device dtype), and, where experts stay on the host, for the device buffers their
-    uploads go through (the streaming double buffer and the staging ring's landing buffers) beside them."""
+    uploads go through (the streaming double buffer, its rows in the slot format, and the staging ring's landing
+    buffers) beside them."""
     model = offload.load(folder, device="cpu", max_context=64)
     cfg = model.config
     arch = architecture(cfg.model_type)
@@ -37,15 +38,15 @@ def plan(folder, device_experts: int, slots_per_layer: int | None, heat=None, fm
     fixed = sum(inv.device_bytes(4).values()) + kv_cache_bytes(cfg, 64, 4)
     request = PlanRequest(device_budget=fixed + device_experts * inv.slot_bytes(4, slot_format), host_budget=2**34,
                           max_context=64, kv_cache_bytes=kv_cache_bytes(cfg, 64, 4), dtype_bytes=4,
-                          expert_format=fmt, expert_host_bytes=inv.expert_params * 2,
+                          expert_format=fmt, expert_host_bytes=expert_host_bytes(cfg, fmt),
                           slots_per_layer=slots_per_layer, slot_formats=(slot_format,))
     placed = make_plan(inv, request, heat)
     if not any(layer.host_experts for layer in placed.layers):
         return placed
     buffers = device_buffers(replace(request, device_budget=2**40, stream_buffer_experts=2 * inv.top_k,
-                                     device_landing_entries=STAGING_RING_ENTRIES), 0, inv.slot_bytes(4))
+                                     device_landing_entries=STAGING_RING_ENTRIES), 0, inv.slot_bytes(4, slot_format))
     return replace(placed, device_budget=placed.device_budget + sum(buffers.values()), device_buffers=buffers,
-                   stream_buffer_experts=2 * inv.top_k)
+                   stream_buffer_experts=2 * inv.top_k, stream_buffer_format=slot_format)
 
 
 PLANS = {

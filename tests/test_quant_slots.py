@@ -10,8 +10,10 @@
   rounding.
 - The planner quantizes the rows only when the device dtype leaves fewer than top-k slots per MoE layer, or when
   asked; the choice is in the table and the JSON; a wrong slots option is one line, exit 2.
-- The plan reserves the staging ring's landing buffers and the streaming double buffer: their bytes equal the
-  buffers the load allocates; a budget without room for the landing buffers is refused in one line.
+- The plan reserves the staging ring's landing buffers and the streaming double buffer (its rows in the slot
+  format, each candidate format weighed with its own): the plan's landing, stream buffer, row and host figures equal
+  the bytes the load allocates, expert biases included (gpt-oss); a budget without room for the landing buffers is
+  refused in one line.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from offload.experts.device import DeviceExpertPool, ExpertUploader, StagingRing
 from offload.experts.quant_pool import QuantExpertPool
 from offload.experts.swiglu import swiglu_experts
 from offload.placement import PlanError, PlanRequest, expert_host_bytes, inventory, kv_cache_bytes, make_plan
-from offload.placement.planner import AUTO_SLOTS, choose_slot_format
+from offload.placement.planner import AUTO_SLOTS, choose_slot_format, stream_buffer_bytes
 from offload.arch import architecture
 from test_cli import assert_one_line_error, invoke
 import test_cpu_model
@@ -190,6 +192,11 @@ def test_the_slot_format_choice():
     assert choose_slot_format(AUTO_SLOTS, 50, sizes, 10) == "int4"
     assert choose_slot_format(AUTO_SLOTS, 10, sizes, 10) is None  # no row in any: the first of equals
     assert choose_slot_format(("int8",), 10_000, sizes, 10) == "int8"  # asked for
+    # The stream buffer's rows (4 here) in each candidate's format come first where they fit.
+    assert choose_slot_format(AUTO_SLOTS, 1000, sizes, 10, stream_rows=4) == "int8"  # 6 rows after 400, 29 after 120
+    assert choose_slot_format(AUTO_SLOTS, 350, sizes, 10, stream_rows=4) == "int4"  # 400 does not fit; 13 after 80
+    assert choose_slot_format(AUTO_SLOTS, 1400, sizes, 10, stream_rows=4) is None  # 10 after 400
+    assert stream_buffer_bytes(350, 4, 100) == 0 and stream_buffer_bytes(350, 4, 20) == 80
 
 
 def test_the_planner_quantizes_the_slots_only_when_the_device_dtype_leaves_fewer_than_top_k(checkpoint_dir):
@@ -208,32 +215,48 @@ def test_the_planner_quantizes_the_slots_only_when_the_device_dtype_leaves_fewer
     assert asked.slot_format == "int4" and all(len(l.pinned) == inv.num_experts for l in asked.layers)
 
 
-def test_the_plan_reserves_the_device_buffers_the_load_allocates(bf16_reference, monkeypatch):
-    folder, _, _ = bf16_reference("mixtral")
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])  # gpt-oss: experts with biases
+@pytest.mark.parametrize("experts, slots", [(None, "bf16"), ("int8", "int8"), ("int4", "int4")])
+def test_the_plans_bytes_are_the_bytes_the_load_allocates(bf16_reference, monkeypatch, name, experts, slots):
+    """Host experts, the landing buffers, the stream buffer (its rows in the slot format) and the pool rows: each
+    figure of the plan is what the load allocates, biases included."""
+    folder, _, _ = bf16_reference(name)
     monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: GPU_LIKE_COSTS)
-    roomy = offload.plan(folder, gpu_memory="1GiB", max_context=64, device="cpu")
-    assert not roomy.device_buffers  # every expert on the device: nothing is uploaded
     cfg = offload.load(folder, device="cpu", max_context=64).config
     inv = inventory(cfg, architecture(cfg.model_type).names)
-    fixed = roomy.device_fixed_bytes
-    host_expert = expert_host_bytes("float32", cfg.hidden_size, cfg.moe_intermediate_size)
-    buffers = 8 * host_expert + 2 * inv.top_k * inv.slot_bytes(4)
-    budget = fixed + buffers + 3 * inv.slot_bytes(4)
-    model = offload.load(folder, device="cpu", max_context=64, gpu_memory=budget)
-    placed = model.plan
-    assert set(placed.device_buffers) == {"staging landing", "stream buffer"}
-    builder = model._experts
+    fixed = offload.plan(folder, gpu_memory="1GiB", max_context=64, device="cpu").device_fixed_bytes
+    fmt = None if slots == "bf16" else slots  # the float32 model's own dtype for "bf16"
+    row, host_expert = inv.slot_bytes(4, fmt), expert_host_bytes(cfg, experts or "float32")
+    rows = 2 * inv.top_k
+    budget = fixed + 8 * host_expert + rows * row + 3 * row
+    model = offload.load(folder, device="cpu", max_context=64, gpu_memory=budget, experts=experts, slots=slots,
+                         dense="bf16")
+    placed, builder = model.plan, model._experts
+    assert placed.slot_format == placed.stream_buffer_format == fmt and placed.stream_buffer_experts == rows
+    assert placed.device_buffers == {"staging landing": 8 * host_expert, "stream buffer": rows * row}
     assert placed.device_buffers["staging landing"] == sum(t.nbytes for entry in builder.ring.landing for t in entry)
-    assert isinstance(builder.stream_buffer.pool, DeviceExpertPool)
-    assert placed.device_buffers["stream buffer"] == builder.stream_buffer.pool.nbytes
-    assert placed.device_bytes <= budget
-    assert placed.device_bytes == fixed + buffers + placed.device_expert_bytes
-    table = placed.table()
-    assert "staging landing" in table and "stream buffer" in table
-    assert json.loads(placed.to_json())["device_buffers"] == placed.device_buffers
+    stream = builder.stream_buffer.pool
+    assert isinstance(stream, QuantExpertPool if fmt else DeviceExpertPool) and getattr(stream, "fmt", None) == fmt
+    assert placed.device_buffers["stream buffer"] == stream.nbytes and stream.num_rows == rows
+    hybrids = list(builder.hybrids.values())
+    assert placed.device_expert_bytes == sum(h.pool.nbytes for h in hybrids) > 0
+    hosted = [h.cpu for h in hybrids if h.cpu is not None]
+    assert placed.expert_host_bytes == hosted[0].expert_nbytes and placed.host_bytes == sum(c.nbytes for c in hosted)
+    assert placed.device_bytes == fixed + 8 * host_expert + rows * row + placed.device_expert_bytes <= budget
+    assert f"{rows} rows of {fmt or 'float32'}" in placed.table()
+    assert json.loads(placed.to_json())["stream_buffer_format"] == fmt
+
+
+def test_a_budget_without_room_for_the_landing_buffers_is_refused(bf16_reference):
+    folder, _, _ = bf16_reference("mixtral")
+    cfg = offload.load(folder, device="cpu", max_context=64).config
+    roomy = offload.plan(folder, gpu_memory="1GiB", max_context=64, device="cpu")
+    assert not roomy.device_buffers  # every expert on the device: nothing is uploaded
+    fixed, host_expert = roomy.device_fixed_bytes, expert_host_bytes(cfg, "float32")
     # Room for the landing buffers but not the double buffer: nothing streams, the rest still loads.
     narrow = offload.plan(folder, gpu_memory=fixed + 8 * host_expert + 1, max_context=64, device="cpu", dense="bf16")
     assert set(narrow.device_buffers) == {"staging landing"} and narrow.stream_buffer_experts == 0
+    assert narrow.stream_buffer_format is None
     with pytest.raises(PlanError, match="buffers that expert uploads land in"):
         offload.plan(folder, gpu_memory=fixed + 8 * host_expert - 1, max_context=64, device="cpu", dense="bf16")
 

@@ -8,6 +8,8 @@ device tier (the CUDA side-stream form of the double buffer is in tests/test_cud
 - Bytes copied per prefill chunk = the chunk's used, non-resident experts x the packed expert size, exactly.
 - The double buffer alternates halves and issues batch b+1's copies before batch b's compute.
 - A plan without cache slots streams too, priced by a cost model measured without a slot.
+- A stream buffer of int8 / int4 / int4s rows (the plan's slot format) stays within the format's bound of the CPU
+  workers, and reads its ids back (never blind: its compute reads rows back per batch anyway).
 - A chunk long enough to use every expert, in a layer whose last chunk used nearly all it could stream, streams
   all the non-resident ones without reading its ids back: no host read inside the forward, every layer's copies
   issued before any ids come back (at the step boundary); a chunk that reads its ids back measures that coverage.
@@ -24,6 +26,7 @@ from offload.experts.builder import ExpertsBuilder
 from offload.experts.cost import CostModel
 from offload.experts.device import DeviceExpertPool, ExpertUploader
 from offload.experts.hybrid import HybridExperts
+from offload.experts.quant_pool import QuantExpertPool
 from offload.experts.stream import LayerStream, every_expert_tokens, streams_blind
 from sync_ledger import SyncLedger
 from test_hybrid import GPU_LIKE_COSTS, IDS, check_plan_matches_the_reference, plan, rel_err
@@ -46,12 +49,13 @@ FAST_LINK_COSTS = CostModel(cpu_bytes_per_s=40e9, cpu_flops=200e9, copy_bytes_pe
 
 
 def streaming_model(folder, monkeypatch, fmt: str = "bf16", prefill_chunk: int | None = None,
-                    costs: CostModel = FAST_LINK_COSTS, slots: int = 1, **kwargs):
+                    costs: CostModel = FAST_LINK_COSTS, slots: int = 1, slot_format: str | None = None, **kwargs):
     """Pinned experts and `slots` cache slots per layer (none of either with slots=0: every expert on the host),
-    the rest on the host in `fmt`, under a fixed cost model."""
+    the rest on the host in `fmt`, under a fixed cost model; the pool rows and the stream buffer's in
+    `slot_format` (None: the device dtype)."""
     monkeypatch.setattr(ExpertsBuilder, "_measure_costs", lambda *args: costs)
-    return offload.load(folder, device="cpu", max_context=64, plan=plan(folder, 3 if slots else 0, slots, fmt=fmt),
-                        prefill_chunk=prefill_chunk, **kwargs)
+    placed = plan(folder, 3 if slots else 0, slots, fmt=fmt, slot_format=slot_format)
+    return offload.load(folder, device="cpu", max_context=64, plan=placed, prefill_chunk=prefill_chunk, **kwargs)
 
 
 def test_admissions_copy_the_packed_bytes(bf16_checkpoints, monkeypatch):
@@ -107,6 +111,34 @@ def test_a_streamed_prefill_equals_one_on_the_cpu_workers_to_the_format(bf16_che
     on_cpu = streaming_model(folder, monkeypatch, fmt=fmt)
     assert rel_err(got, reference) <= max_err and rel_err(on_cpu.logits(IDS), reference) <= max_err
     assert on_cpu.stats()["totals"]["bytes_streamed"] == 0
+
+
+# int4 / int4s rows hold the host's values: only the CPU kernels' activation rounding differs (2-4e-3 measured);
+# int8 rows add their own rounding (2e-3 measured), bounded as int8 is against transformers.
+@pytest.mark.parametrize("name, host, rows, max_err", [("qwen2_moe", "int4", "int4", 1e-2),
+                                                       ("qwen2_moe", "int4s", "int4s", 1e-2),
+                                                       ("gpt_oss", "int4", "int4", 1e-2),
+                                                       ("qwen2_moe", "bf16", "int8", 4e-2)])
+def test_a_stream_buffer_in_the_slot_format_computes_what_the_cpu_workers_do(bf16_checkpoints, monkeypatch, name,
+                                                                             host, rows, max_err):
+    """The stream buffer's rows in the plan's slot format: int4 / int4s rows landed from a host of that format hold
+    the CPU workers' own values; int8 rows add their rounding. Within the format's bound of the same plan with
+    streaming off. Quantized rows read their used rows back per batch (no grouped kernel), so a chunk never
+    streams blind: it reads its ids back and copies only the experts it uses."""
+    folder = bf16_checkpoints(name)
+    streamed = streaming_model(folder, monkeypatch, fmt=host, slot_format=rows)
+    stream = streamed._experts.stream_buffer.pool
+    assert isinstance(stream, QuantExpertPool) and stream.fmt == rows
+    hybrids = list(streamed._experts.hybrids.values())
+    assert all(h.streaming.blind_tokens is None for h in hybrids)
+    got = streamed.logits(IDS)
+    used = sum(h.stats.streamed_misses for h in hybrids) * hybrids[0].sizes.host_bytes
+    assert streamed.stats()["totals"]["bytes_streamed"] == used > 0
+    monkeypatch.setattr(ExpertsBuilder, "stream_threshold", property(lambda self: None))
+    on_cpu = streaming_model(folder, monkeypatch, fmt=host, slot_format=rows)
+    expected = on_cpu.logits(IDS)
+    assert on_cpu.stats()["totals"]["bytes_streamed"] == 0
+    assert rel_err(got, expected) <= max_err
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])

@@ -234,7 +234,7 @@ def landing_bytes(cfg, fmt: str = "float32") -> int:
     from offload.experts.device import STAGING_RING_ENTRIES
     from offload.placement import expert_host_bytes
 
-    return STAGING_RING_ENTRIES * expert_host_bytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size)
+    return STAGING_RING_ENTRIES * expert_host_bytes(cfg, fmt)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

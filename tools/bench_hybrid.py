@@ -38,21 +38,23 @@ def checkpoint(skew: float) -> Path:
     return folder
 
 
-def cache_only_plan(folder: Path, slots: int, max_context: int, dtype: torch.dtype, fmt: str):
+def cache_only_plan(folder: Path, slots: int, max_context: int, dtype: torch.dtype, fmt: str,
+                    slot_format: str | None = None):
     """A plan with exactly `slots` cache slots per MoE layer and nothing pinned, beside the device buffers of
-    uploads (the staging ring's landing entries and the streaming double buffer)."""
+    uploads (the staging ring's landing entries and the streaming double buffer); the slots' and the double
+    buffer's rows in `slot_format` (None: the device dtype)."""
     arch = architecture(CONFIG["model_type"])
     cfg = arch.config_from_hf(CONFIG)
     inv = inventory(cfg, arch.names)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     kv = kv_cache_bytes(cfg, max_context, dtype_bytes)
     fixed = sum(inv.device_bytes(dtype_bytes).values()) + kv
-    host_bytes = expert_host_bytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size)
-    row = inv.slot_bytes(dtype_bytes)
+    host_bytes = expert_host_bytes(cfg, fmt)
+    row = inv.slot_bytes(dtype_bytes, slot_format)
     buffers = STAGING_RING_ENTRIES * host_bytes + 2 * inv.top_k * row
     request = PlanRequest(fixed + buffers + slots * len(inv.moe_layers) * row, 2**40, max_context, kv, dtype_bytes,
-                          fmt, host_bytes, slots_per_layer=slots, stream_buffer_experts=2 * inv.top_k,
-                          device_landing_entries=STAGING_RING_ENTRIES)
+                          fmt, host_bytes, slots_per_layer=slots, slot_formats=(slot_format,),
+                          stream_buffer_experts=2 * inv.top_k, device_landing_entries=STAGING_RING_ENTRIES)
     return make_plan(inv, request)
 
 

@@ -2,14 +2,16 @@
 
     python tools/bench_stream.py                      # CPU: the device tier is simulated (torch on the CPU)
     python tools/bench_stream.py --device cuda        # a real GPU tier: packed uploads on the side stream
+    python tools/bench_stream.py --experts int4 --rows int4   # slots and stream buffer as int4 rows
 
 The synthetic Qwen3-style checkpoint of tools/bench_hybrid.py, --slots cache slots per layer (default 2; 0: every
-expert on the host), nothing pinned, experts in --experts format on the host. Each round prefills a
+expert on the host), nothing pinned, experts in --experts format on the host, the slots' and the stream buffer's
+rows in --rows format (default: the device dtype). Each round prefills a
 --prompt-token prompt in --chunk-token chunks with streaming forced on, blind (every chunk of at least
 every_expert_tokens streams every non-resident expert without reading its ids back, whatever coverage the layer
 measured) and with the ids read back (only the used experts stream), and forced off (the CPU workers run them),
 interleaved. Prints per mode: bytes copied host -> device per chunk and per streamed (used) expert (packed,
-against the device dtype's size), host reads of tensor values inside the forward (Tensor.tolist / item), non-view
+against the row's size), host reads of tensor values inside the forward (Tensor.tolist / item), non-view
 aten ops per chunk on the main thread, and prefill wall and CPU seconds, with same-run ratios. On the simulated
 tier the "device" is the same CPU, so the times say what streaming costs here, not what it gains on a GPU. A
 benchmark, not a test.
@@ -74,10 +76,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slots", type=int, default=2, help="cache slots per MoE layer (0: none)")
+    parser.add_argument("--rows", default=None, choices=["int8", "int4", "int4s"],
+                        help="format of the slots' and the stream buffer's rows (default: the device dtype)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     folder = checkpoint(0)
-    plan = cache_only_plan(folder, args.slots, args.prompt + 8, dtype, args.experts)
+    plan = cache_only_plan(folder, args.slots, args.prompt + 8, dtype, args.experts, args.rows)
     models = {}
     for mode, threshold in (("blind", 2), ("readback", 2), ("cpu", None)):
         ExpertsBuilder.stream_threshold = property(lambda self, t=threshold: t)
@@ -102,8 +106,8 @@ def main() -> None:
     hybrid = next(iter(models["blind"]._experts.hybrids.values()))
     print(f"{args.device}, {args.experts} host experts, {args.slots} slots per layer, {args.prompt}-token prompt in "
           f"{chunks} chunks of {args.chunk} (blind from {blind_from} tokens); one expert: "
-          f"{hybrid.sizes.host_bytes / 1e6:.3f} MB packed, {hybrid.sizes.device_bytes / 1e6:.3f} MB in the device "
-          "dtype")
+          f"{hybrid.sizes.host_bytes / 1e6:.3f} MB packed, {hybrid.sizes.device_bytes / 1e6:.3f} MB as a "
+          f"{args.rows or 'device dtype'} row")
     best = {mode: {k: min(r[k] for r in rs[1:]) for k in ("wall", "cpu")} for mode, rs in results.items()}
     for mode, rs in results.items():
         r = rs[-1]

@@ -32,8 +32,7 @@ def cache_only_plan(hf_config: dict, slots: int, max_context: int, fmt: str):
     kv = kv_cache_bytes(cfg, max_context, 4)
     fixed = sum(inv.device_bytes(4).values()) + kv
     request = PlanRequest(fixed + slots * len(inv.moe_layers) * inv.expert_params * 4, 2**40, max_context, kv, 4,
-                          fmt, expert_host_bytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size),
-                          slots_per_layer=slots)
+                          fmt, expert_host_bytes(cfg, fmt), slots_per_layer=slots)
     return make_plan(inv, request)
 
 

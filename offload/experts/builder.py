@@ -23,7 +23,7 @@ from .base import ExpertWeights, Experts, PackedExperts
 from .cache import ExpertCache, make_policy
 from .cost import (CostModel, PrefetchChoice, best_seconds, choose_prefetch, heat_reuse_rate, measure_device_flops,
                    prefetch_price, uniform_reuse_rate)
-from .device import DeviceExpertPool, ExpertPool, ExpertUploader, StagingRing
+from .device import ExpertPool, ExpertUploader, StagingRing
 from .hybrid import ExpertSizes, HybridExperts, Streaming
 from .quant_pool import NIBBLE_FORMATS, make_pool
 from .link import HostLink
@@ -179,19 +179,22 @@ class ExpertsBuilder:
 
     def _attach_streaming(self) -> None:
         """Give every layer with host experts the shared double buffer, once the cost model says streaming pays
-        for some chunk size, with the rows the plan reserves in the device budget (a plan without them, made
-        before the planner counted the buffer, streams nothing). Cache slots are not needed: a plan that leaves
-        every expert on the host streams as well."""
+        for some chunk size, with the rows the plan reserves in the device budget, in the plan's format for them
+        (the slots'; a plan without them, made before the planner counted the buffer, streams nothing). Cache slots
+        are not needed: a plan that leaves every expert on the host streams as well."""
         threshold = self.stream_threshold
         rows = self.options.plan.stream_buffer_experts if self.options.plan is not None else 0
         if threshold is None or rows < 2:
             return
         hosted = [h for h in self.hybrids.values() if h.cpu is not None]
         like = hosted[0].pool  # the layers' activation and biases
-        buffer = LayerStream(DeviceExpertPool((), rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
-                                              self.dtype, self.device, like.biases is not None, like.activation))
+        buffer = LayerStream(make_pool(self.options.plan.stream_buffer_format, (), rows, self.cfg.hidden_size,
+                                       self.cfg.moe_intermediate_size, self.dtype, self.device,
+                                       like.biases is not None, like.activation))
         self.stream_buffer = buffer
-        blind = every_expert_tokens(self.cfg.router.top_k, hosted[0].num_experts)
+        # Streaming blind saves the ids' readback; rows computed with a host read per batch (quantized rows, or a
+        # GPU without the in-place grouped kernel) would still read back, and copy unused experts besides.
+        blind = every_expert_tokens(self.cfg.router.top_k, hosted[0].num_experts) if buffer.pool.in_place else None
         for hybrid in hosted:
             uploader = ExpertUploader(buffer.pool, hybrid.cpu, hybrid.uploader.local, self.device, self.ring)
             hybrid.streaming = Streaming(buffer, uploader, threshold, blind)
@@ -199,8 +202,8 @@ class ExpertsBuilder:
     def _measure_costs(self, cpu: CpuExperts | TorchHostExperts, host_ids: list[int], pool: ExpertPool,
                        sizes: ExpertSizes) -> CostModel:
         """Time the CPU workers at one and at 64 tokens, one expert copy and a device matmul, once per load. The
-        copy lands in a one-row scratch pool of the device dtype with the layer's (`pool`) biases and activation,
-        so a plan without cache slots is priced the same way as one with them."""
+        copy lands in a one-row scratch pool of the slots' format (the stream buffer's too) with the layer's
+        (`pool`) biases and activation, so a plan without cache slots is priced the same way as one with them."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else None
         H, K = self.cfg.hidden_size, self.cfg.router.top_k
         device_flops = measure_device_flops(self.device, self.dtype, H, self.cfg.moe_intermediate_size, sync)
@@ -209,8 +212,8 @@ class ExpertsBuilder:
         one = best_seconds(lambda: cpu(torch.randn(1, H), ids, torch.ones(1, experts)))
         many_ids = torch.arange(64 * experts).remainder(cpu.num_experts).reshape(64, experts)
         many = best_seconds(lambda: cpu(torch.randn(64, H), many_ids, torch.ones(64, experts)))
-        scratch = DeviceExpertPool((), 1, H, self.cfg.moe_intermediate_size, self.dtype, self.device,
-                                   pool.biases is not None, pool.activation)
+        scratch = make_pool(self.options.plan.slot_format, (), 1, H, self.cfg.moe_intermediate_size, self.dtype,
+                            self.device, pool.biases is not None, pool.activation)
         uploader = ExpertUploader(scratch, cpu, {host_ids[0]: 0}.__getitem__, self.device, self.ring)
         copy = best_seconds(lambda: uploader.copy(host_ids[0], 0), sync=sync)
         self.ring.bytes_copied = 0  # the timing copies are no traffic of the model's

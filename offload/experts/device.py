@@ -93,6 +93,7 @@ class ExpertPool(Protocol):
     num_pinned: int
     num_slots: int
     device: torch.device
+    in_place: bool  # whether compute reads no value back to the host, however many pairs a call has
 
     @property
     def num_rows(self) -> int: ...

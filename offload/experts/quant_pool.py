@@ -94,6 +94,8 @@ class QuantExpertPool(ExpertRows):
     """A layer's pinned experts and cache slots as int8 / int4 / int4s rows (biases, where the experts have them,
     in the device dtype)."""
 
+    in_place = False  # a call of more than ALL_ROWS_MAX_PAIRS pairs reads its used rows back (no grouped kernel)
+
     def __init__(self, fmt: str, pinned: Sequence[int], num_slots: int, hidden: int, intermediate: int,
                  dtype: torch.dtype, device: torch.device, biased: bool = False, activation: ExpertActivation = SILU):
         super().__init__(pinned, num_slots, device)

@@ -2,10 +2,11 @@
 as the host holds them (packed int8/int4 bytes) and run there, instead of on the CPU workers or through the
 slot-capped copies of the cache.
 
-One double buffer serves every layer: two halves of `half` pool rows in the device dtype. The experts a chunk
-uses are streamed in batches of `half`, alternating halves across batches and layers; batch b+1's copies (and
-their dequantization, on the side stream on CUDA) are issued before batch b's compute, so the copy of the next
-batch, or of the next layer's first one, overlaps the compute of the current one. A half is rewritten only once
+One double buffer serves every layer: two halves of `half` pool rows, in the device dtype or in the plan's slot
+format (a QuantExpertPool of int8 / int4 rows, landed as the slots are). The experts a chunk uses are streamed in
+batches of `half`, alternating halves across batches and layers; batch b+1's copies (and their dequantization or
+re-layout, on the side stream on CUDA) are issued before batch b's compute, so the copy of the next batch, or of
+the next layer's first one, overlaps the compute of the current one. A half is rewritten only once
 the compute that last read it has run: on CUDA that compute records an event and the half's next copies wait for
 it alone (not for everything queued since), so the next batch's copies overlap the current batch's compute.
 
@@ -20,18 +21,18 @@ import math
 
 import torch
 
-from .device import DeviceExpertPool, ExpertUploader
+from .device import ExpertPool, ExpertUploader
 
 
 class LayerStream:
-    def __init__(self, pool: DeviceExpertPool):
+    def __init__(self, pool: ExpertPool):
         if pool.num_pinned or pool.num_slots < 2 or pool.num_slots % 2:
             raise ValueError(f"a stream buffer needs an even number of rows and no pinned ones, got "
                              f"{pool.num_pinned} pinned and {pool.num_slots} slots")
         self.pool = pool
         self.half = pool.num_slots // 2  # experts per batch
         self.turn = 0  # the half the next batch goes to
-        self.cuda = pool.gate.device.type == "cuda"
+        self.cuda = pool.device.type == "cuda"
         self.read_done: list[torch.cuda.Event | None] = [None, None]  # CUDA: the last compute that read each half
 
     def run(self, uploader: ExpertUploader, experts: list[int], num_experts: int, x: torch.Tensor,

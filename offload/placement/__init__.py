@@ -14,15 +14,19 @@ from .inventory import inventory, kv_cache_bytes
 from .planner import AUTO_DENSE, AUTO_SLOTS, Plan, PlanError, PlanRequest, make_plan
 
 
-def expert_host_bytes(fmt: str, hidden: int, intermediate: int) -> int:
-    """One routed expert (gate, up, down) in a host format, padding included."""
+def expert_host_bytes(cfg: ModelConfig, fmt: str) -> int:
+    """One routed expert as the host holds it in format `fmt` and an upload copies it: gate, up and down, padding
+    included, and the biases of experts that have them (gpt-oss), kept in float32 beside packed matrices and in
+    the float format itself beside float ones (experts/cpu.py, experts/torch_host.py)."""
     from ..experts.torch_host import FLOAT_FORMATS
 
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    bias_params = 2 * I + H if cfg.expert_bias else 0
     if fmt in FLOAT_FORMATS:
-        return 3 * hidden * intermediate * FLOAT_FORMATS[fmt].itemsize
+        return (3 * H * I + bias_params) * FLOAT_FORMATS[fmt].itemsize
     from csrc_py.formats import empty
 
-    return 2 * empty(fmt, 1, intermediate, hidden).nbytes + empty(fmt, 1, hidden, intermediate).nbytes
+    return 2 * empty(fmt, 1, I, H).nbytes + empty(fmt, 1, H, I).nbytes + bias_params * 4
 
 
 def has_device_tier(device: torch.device, gpu_memory: int | str | None, plan: Plan | str | Path | None) -> bool:
@@ -76,7 +80,7 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
         device_budget=budgets.device_bytes, host_budget=budgets.host_bytes, max_context=max_context,
         kv_cache_bytes=kv_cache_bytes(cfg, max_context, dtype_bytes), dtype_bytes=dtype_bytes,
         expert_format=host_format,
-        expert_host_bytes=expert_host_bytes(host_format, cfg.hidden_size, cfg.moe_intermediate_size),
+        expert_host_bytes=expert_host_bytes(cfg, host_format),
         device_dtype=str(dtype).removeprefix("torch."), dense_formats=dense_candidates(dense),
         staging_ring_entries=STAGING_RING_ENTRIES,
         host_link_bytes=HostLink.buffer_bytes(cfg.hidden_size, cfg.router.top_k, max_context),

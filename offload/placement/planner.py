@@ -8,7 +8,8 @@ prefetcher has somewhere to copy predicted experts), then pinned experts — the
 without heat. Every other expert stays on the host. The rows of pinned experts and slots hold the device dtype or,
 when that leaves fewer than top-k slots per MoE layer, int8 then int4 (experts/quant_pool.py; an explicit slot
 format is the only candidate). Where experts stay on the host, the device buffers their uploads go through (the
-staging ring's landing buffers, then the whole-layer streaming double buffer where it fits) are reserved first.
+staging ring's landing buffers, then the whole-layer streaming double buffer where it fits) are reserved first;
+the double buffer's rows are in the slots' format, so each candidate format is weighed with its own buffer.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..files import write_json_atomic
 from .inventory import Inventory
 
 MiB, GiB = 2**20, 2**30
+LANDING, STREAM_BUFFER = "staging landing", "stream buffer"  # the device buffers' names in Plan.device_buffers
 
 
 class PlanError(OffloadError):
@@ -57,10 +59,11 @@ class Plan:
     host_staging: dict[str, int] = field(default_factory=dict)
     slot_format: str | None = None  # "int8" | "int4" | "int4s": pinned experts and slots quantized; None: device dtype
     # Device buffers beside the weights, in bytes: the staging ring's landing buffers and, where it fits, the
-    # whole-layer streaming double buffer (stream_buffer_experts rows in the device dtype); without it (and in older
-    # plans) no prefill chunk streams.
+    # whole-layer streaming double buffer (stream_buffer_experts rows in stream_buffer_format); without it (and in
+    # older plans) no prefill chunk streams.
     device_buffers: dict[str, int] = field(default_factory=dict)
     stream_buffer_experts: int = 0
+    stream_buffer_format: str | None = None  # the double buffer's rows: slot_format's; None: the device dtype
 
     @property
     def device_fixed_bytes(self) -> int:
@@ -135,7 +138,7 @@ class Plan:
                 + (f", pinned experts and slots quantized to {self.slot_format}" if slots else ""),
                 "", f"{tier:<33} size"]
         rows += [f"  {group:<22}{size(n):>14}" for group, n in self.device_groups.items() if n]
-        rows += [f"  {part:<22}{size(n):>14}" for part, n in self.device_buffers.items()]
+        rows += [f"  {part:<22}{size(n):>14}" + self._buffer_note(part) for part, n in self.device_buffers.items()]
         rows += [f"  {'pinned + cache slots':<22}{size(self.device_expert_bytes):>14}",
                  f"  {'total':<22}{size(self.device_bytes):>14}",
                  f"{'host tier (' + self.expert_format + ')':<33} size",
@@ -147,6 +150,13 @@ class Plan:
             ids = ",".join(map(str, l.pinned[:12])) + (",…" if len(l.pinned) > 12 else "")
             rows.append(f"{l.layer:>6}{len(l.pinned):>8}{l.cache_slots:>7}{l.host_experts:>6}  {ids}")
         return "\n".join(rows)
+
+    def _buffer_note(self, part: str) -> str:
+        """What a device buffer of the table holds, where it holds pool rows (the stream buffer)."""
+        if part != STREAM_BUFFER:
+            return ""
+        fmt = self.stream_buffer_format or self.device_dtype or "the device dtype"
+        return f"  {self.stream_buffer_experts} rows of {fmt}"
 
 
 def _sizes(*shown: int) -> Callable[[int], str]:
@@ -179,7 +189,7 @@ class PlanRequest:
     # device dtype leaves fewer than top-k slots per MoE layer.
     slot_formats: tuple[str | None, ...] = (None,)
     # Device buffers reserved where experts stay on the host (0: not reserved): the streaming double buffer's rows
-    # (device dtype) and the staging ring's landing entries (one expert's packed host bytes each).
+    # (in the slot format chosen) and the staging ring's landing entries (one expert's packed host bytes each).
     stream_buffer_experts: int = 0
     device_landing_entries: int = 0
 
@@ -195,13 +205,13 @@ def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] 
     dense_format, groups = choose_dense_format(inv, req, L * inv.slot_bytes(req.dtype_bytes), landing)
     fixed = sum(groups.values())
     sizes = {fmt: inv.slot_bytes(req.dtype_bytes, fmt) for fmt in req.slot_formats}
-    buffers = device_buffers(req, fixed, inv.slot_bytes(req.dtype_bytes))
     if L * E * sizes[req.slot_formats[0]] <= req.device_budget - fixed:
         slot_format, buffers = req.slot_formats[0], {}  # every expert on the device: nothing is uploaded
     else:
-        check_device_buffers_fit(fixed, buffers, req)
-        slot_format = choose_slot_format(req.slot_formats, req.device_budget - fixed - sum(buffers.values()),
-                                         sizes, L * min(inv.top_k, E))
+        check_landing_fits(fixed, landing, req)
+        slot_format = choose_slot_format(req.slot_formats, req.device_budget - fixed - landing, sizes,
+                                         L * min(inv.top_k, E), req.stream_buffer_experts)
+        buffers = device_buffers(req, fixed, sizes[slot_format])
     expert_bytes = sizes[slot_format]
     room = req.device_budget - fixed - sum(buffers.values())
     capacity = room // expert_bytes if expert_bytes else 0
@@ -219,9 +229,10 @@ def make_plan(inv: Inventory, req: PlanRequest, heat: Sequence[Sequence[float]] 
     uploads = any(layer.host_experts for layer in layers)
     staging = host_staging(req, uploads)
     buffers = buffers if uploads else {}
+    streams = STREAM_BUFFER in buffers
     plan = Plan(req.device_budget, req.host_budget, req.max_context, req.expert_format, groups, expert_bytes,
                 req.expert_host_bytes, layers, req.device_dtype, dense_format, staging, slot_format, buffers,
-                req.stream_buffer_experts if "stream buffer" in buffers else 0)
+                req.stream_buffer_experts if streams else 0, slot_format if streams else None)
     check_host_fits(plan, req)
     return plan
 
@@ -239,36 +250,47 @@ def host_staging(req: PlanRequest, host_experts: bool) -> dict[str, int]:
 def device_buffers(req: PlanRequest, fixed: int, row_bytes: int) -> dict[str, int]:
     """The device buffers of expert uploads, by name (those not reserved left out): the staging ring's landing
     entries (one expert's packed host bytes each), which every upload goes through, and the whole-layer streaming
-    double buffer (rows of `row_bytes`, the device dtype) where it fits beside them and the `fixed` bytes (without
+    double buffer (rows of `row_bytes`: the slots' format) where it fits beside them and the `fixed` bytes (without
     it no prefill chunk streams)."""
     landing = req.device_landing_entries * req.expert_host_bytes
-    stream = req.stream_buffer_experts * row_bytes
-    parts = {"staging landing": landing,
-             "stream buffer": stream if fixed + landing + stream <= req.device_budget else 0}
+    stream = stream_buffer_bytes(req.device_budget - fixed - landing, req.stream_buffer_experts, row_bytes)
+    parts = {LANDING: landing, STREAM_BUFFER: stream}
     return {name: n for name, n in parts.items() if n}
 
 
-def check_device_buffers_fit(fixed: int, buffers: dict[str, int], req: PlanRequest) -> None:
-    """PlanError when the always-on-device weights and the upload buffers (the landing entries: the stream buffer
-    is reserved only where it fits) exceed the device budget."""
-    need = fixed + sum(buffers.values())
+def stream_buffer_bytes(room: int, rows: int, row_bytes: int) -> int:
+    """The streaming double buffer's bytes: `rows` rows of `row_bytes` where they fit in `room` (the device budget
+    left beside the always-on weights and the landing buffers), else 0."""
+    stream = rows * row_bytes
+    return stream if stream <= room else 0
+
+
+def check_landing_fits(fixed: int, landing: int, req: PlanRequest) -> None:
+    """PlanError when the always-on-device weights and the landing buffers every upload goes through exceed the
+    device budget (the stream buffer is reserved only where it fits)."""
+    need = fixed + landing
     if need <= req.device_budget:
         return
     size = _sizes(need, req.device_budget)
-    parts = " and ".join(f"{size(n)} of {name}" for name, n in buffers.items())
     raise PlanError(f"the always-on-device weights ({size(fixed)}) and the buffers that expert uploads land in "
-                    f"({parts}) exceed the device budget of {size(req.device_budget)}; raise gpu_memory, lower "
-                    "max_context, quantize the dense weights (dense int8 / int4) or keep experts on the host in a "
-                    "smaller format (experts int8 / int4)")
+                    f"({size(landing)} of {LANDING}) exceed the device budget of {size(req.device_budget)}; raise "
+                    "gpu_memory, lower max_context, quantize the dense weights (dense int8 / int4) or keep experts on "
+                    "the host in a smaller format (experts int8 / int4)")
 
 
-def choose_slot_format(formats: Sequence[str | None], room: int, slot_bytes: dict[str | None, int], needed: int
-                       ) -> str | None:
-    """The first of `formats` whose rows (slot_bytes each) give `needed` rows in `room` bytes, else the one that
-    gives the most (the first of equals): quantized rows only where the device dtype leaves too few."""
-    rows = [max(room, 0) // slot_bytes[fmt] if slot_bytes[fmt] else 0 for fmt in formats]
-    enough = [i for i, n in enumerate(rows) if n >= needed]
-    best = enough[0] if enough else max(range(len(formats)), key=lambda i: (rows[i], -i))
+def choose_slot_format(formats: Sequence[str | None], room: int, slot_bytes: dict[str | None, int], needed: int,
+                       stream_rows: int = 0) -> str | None:
+    """The first of `formats` whose rows (slot_bytes each) give `needed` rows for pinned experts and slots in `room`
+    bytes, else the one that gives the most (the first of equals): quantized rows only where the device dtype
+    leaves too few. Each format's room first holds the streaming double buffer's `stream_rows` rows in that format,
+    where they fit (stream_buffer_bytes)."""
+    def rows(fmt: str | None) -> int:
+        left = max(room, 0) - stream_buffer_bytes(max(room, 0), stream_rows, slot_bytes[fmt])
+        return left // slot_bytes[fmt] if slot_bytes[fmt] else 0
+
+    counts = [rows(fmt) for fmt in formats]
+    enough = [i for i, n in enumerate(counts) if n >= needed]
+    best = enough[0] if enough else max(range(len(formats)), key=lambda i: (counts[i], -i))
     return formats[best]
 
 
