@@ -424,14 +424,15 @@ def route(logits: np.ndarray, top_k: int, scoring: int, groups: int, n_group: in
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def router_logits(h: np.ndarray, router: np.ndarray, bias: np.ndarray, logits: np.ndarray) -> None:
-    """logits [T, E] = h [T, H] @ router [E, H].T (+ bias [E] unless empty) in float32."""
+    """logits [T, E] = h [T, H] @ router [E, H].T (+ bias [E] unless empty) in float32; router float32 or bf16
+    bits (a bf16 checkpoint's router, exact in half the bytes)."""
     for t in range(h.shape[0]):
         x = h[t]
         for e in range(router.shape[0]):
             w = router[e]
             acc = np.float32(0.0)
             for i in range(x.size):
-                acc += x[i] * w[i]
+                acc += x[i] * weight(w, i)
             logits[t, e] = acc + bias[e] if bias.size else acc
 
 

@@ -217,6 +217,12 @@ def test_router_logits_and_swiglu_activation():
     assert rel_err(torch.from_numpy(logits), F.linear(h, router)) < 1e-6
     ds.router_logits(h.numpy(), router.numpy(), bias.numpy(), logits)
     assert rel_err(torch.from_numpy(logits), F.linear(h, router, bias)) < 1e-6
+    # A bf16 router as bf16 bits: the same floats as its float32 copy, so the same logits exactly.
+    narrow = router.to(torch.bfloat16)
+    wide = np.empty((2, 6), np.float32)
+    ds.router_logits(h.numpy(), narrow.float().numpy(), bias.numpy(), wide)
+    ds.router_logits(h.numpy(), narrow.view(torch.int16).numpy().view(np.uint16), bias.numpy(), logits)
+    assert np.array_equal(logits, wide)
     g, u = randn(2, 10) * 4, randn(2, 10)
     out = np.empty((2, 10), np.float32)
     ds.silu_mul(g.numpy(), u.numpy(), out)

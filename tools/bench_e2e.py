@@ -256,6 +256,9 @@ def run_llama_cpp(args: argparse.Namespace, engine: str, prompt: list[int]) -> d
 
     gguf_path = gguf_file(args, GGUF_TYPES[engine])
     n_batch = max(args.prompt_tokens, 512)  # the whole prompt in one batch and one micro-batch
+    notes = []
+    if args.llama_buffers == "plain":
+        notes.append(plain_weight_buffers(llama_cpp))
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=args.prompt_tokens + args.new_tokens + 16,
                           n_batch=n_batch, n_ubatch=n_batch, n_threads=args.threads, n_threads_batch=args.threads,
@@ -278,7 +281,24 @@ def run_llama_cpp(args: argparse.Namespace, engine: str, prompt: list[int]) -> d
 
     timed_generation(prefill, step, prompt[:WARMUP_PROMPT], WARMUP_NEW)
     result = timed_generation(prefill, step, prompt, args.new_tokens)
-    return {"load_s": load_s, **result, "notes": []}
+    return {"load_s": load_s, **result, "notes": notes}
+
+
+def plain_weight_buffers(llama_cpp) -> str:
+    """Have llama.cpp keep its weights in plain CPU buffers (model parameter use_extra_bufts = false: no AMX and
+    no repacked Q4_0 / Q8_0 layouts; its AVX-512 / AVX2 Q4_0 x Q8_0 dot products on the file's blocks). With
+    llama-cpp-python 0.3.36 on an Intel Xeon with AMX (a KVM guest), both extra buffer types end the process with
+    a segmentation fault at the first eval; this is what runs there. A note says so: it is not llama.cpp at its
+    fastest on such a host."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params  # what llama_cpp.Llama calls
+    return "llama.cpp weights in plain CPU buffers, no AMX or repacked layouts (--llama-buffers plain)"
 
 
 def engine_files(args: argparse.Namespace, engine: str) -> list[Path]:
@@ -407,6 +427,7 @@ def worker_command(args: argparse.Namespace, engine: str) -> list[str]:
         command.append("--preread")
     if args.gguf_dense:
         command += ["--gguf-dense", args.gguf_dense]
+    command += ["--llama-buffers", args.llama_buffers]
     if args.offload_store is not None:
         command += ["--offload-store", str(args.offload_store)]
     return command
@@ -540,6 +561,9 @@ def parse_args() -> argparse.Namespace:
                         "(default: CHECKPOINT-gguf beside the checkpoint)")
     parser.add_argument("--gguf-dense", default=None, choices=["f16", "q8_0", "q4_0"],
                         help="GGUF format of the non-expert matrices (default: as the experts)")
+    parser.add_argument("--llama-buffers", default="default", choices=["default", "plain"],
+                        help="plain: llama.cpp's weights in plain CPU buffers, without its AMX and repacked "
+                             "layouts (both crash on an Intel AMX host; see plain_weight_buffers)")
     parser.add_argument("--json", type=Path, default=None, help="write every round and the summary here")
     parser.add_argument("--preread", action="store_true",
                         help="each worker first reads its engine's weight files sequentially (untimed, reported as "

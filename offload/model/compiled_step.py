@@ -107,6 +107,10 @@ def _f32(t: torch.Tensor | None) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
+def _f32_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
 def _exact_bf16_or_f32(w: torch.Tensor) -> np.ndarray:
     """w float32 as bf16 bits (uint16, half the bytes a decode step reads) when every value is a bf16 value, as
     a bf16 or bf16-stored checkpoint's are; else as float32. The compiled code widens either to the same floats."""
@@ -374,7 +378,7 @@ class _MoEPlan:
 
     moe: MoE
     norm: tuple
-    router: np.ndarray
+    router: np.ndarray  # [E, H], bf16 bits where exact
     router_bias: np.ndarray
     correction_bias: np.ndarray
     routing: tuple[int, ...]  # _routing_codes, then whether the routing weights scale the experts' inputs
@@ -406,7 +410,8 @@ class _MoEPlan:
         experts = moe.experts
         return cls(
             moe=moe, norm=(_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)),
-            router=_f32(moe.router), router_bias=_f32(moe.router_bias), correction_bias=_f32(moe.correction_bias),
+            router=_exact_bf16_or_f32(_f32_tensor(moe.router)), router_bias=_f32(moe.router_bias),
+            correction_bias=_f32(moe.correction_bias),
             routing=(*_routing_codes(cfg), int(moe.scales_input)),
             weighting=(float(cfg.routed_scaling_factor), float(cfg.norm_min)),
             heat=moe.heat.numpy(),
