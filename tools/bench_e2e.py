@@ -440,7 +440,11 @@ def run_worker(args: argparse.Namespace, engine: str) -> dict:
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-    return {"engine": engine, "error": f"exit code {proc.returncode}: " + "\n".join(tail)}
+    hint = ""
+    if proc.returncode < 0 and engine in GGUF_TYPES and args.llama_buffers == "default":
+        hint = (f" (llama.cpp killed by signal {-proc.returncode}; where its AMX or repacked weight buffers crash, "
+                "as on an Intel AMX host with llama-cpp-python 0.3.36, --llama-buffers plain runs it without them)")
+    return {"engine": engine, "error": f"exit code {proc.returncode}{hint}: " + "\n".join(tail)}
 
 
 def add_floor_share(result: dict, read_gbps: float | None, steps: int) -> None:
