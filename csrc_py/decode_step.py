@@ -279,7 +279,7 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
                 out[t, (g * group + a) * d: (g * group + a + 1) * d] = acc[a]
 
 
-LATENT_HEADS_PER_THREAD = 4  # MLA query heads that share one pass over the latent cache
+LATENT_HEADS_PER_BLOCK = 4  # MLA query heads that share one pass over the latent cache (a block per prange item)
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
@@ -291,12 +291,12 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
     out [T, heads*v]. w_kv is kv_b_proj's weight as [heads, nope + v, rank] (W_UK rows, then W_UV rows), float32
     or bf16 bits: whole contiguous rows, which vectorize where the strided W_UK / W_UV views would not. With
     selected > 0 each query attends only to the positions selection[t, :selected] (DeepSeek Sparse Attention,
-    MLA._absorbed_selected; later positions than the query skipped). Blocks of LATENT_HEADS_PER_THREAD heads per
-    thread: each cached latent is read once per block, not once per head."""
+    MLA._absorbed_selected; later positions than the query skipped). The heads go to the threads in blocks
+    of LATENT_HEADS_PER_BLOCK: each cached latent is read once per block, not once per head."""
     T = q.shape[0]
     rank, rope_d, v_dim = c_cache.shape[1], r_cache.shape[1], w_kv.shape[1] - nope
     qd = nope + rope_d
-    per = LATENT_HEADS_PER_THREAD
+    per = LATENT_HEADS_PER_BLOCK
     for b in prange((heads + per - 1) // per):
         h0 = b * per
         hb = min(per, heads - h0)
