@@ -19,11 +19,12 @@ MB = 10**6
 
 
 def test_prefetch_pays_when_the_cpu_time_a_copy_saves_exceeds_the_copy():
-    on = prefetch_pays(copy_bytes_per_s=25e9, cpu_expert_seconds=0.004, copied_bytes=25 * MB, hit_rate=0.5)
+    on = prefetch_pays(PrefetchPrice(copy_seconds=25 * MB / 25e9, saved_seconds=0.004), hit_rate=0.5)
     assert on.on and on.reason == "it pays: a copy takes 1 ms, a hit saves 4 ms at a hit rate of 0.50"
-    assert not prefetch_pays(25e9, 0.004, 25 * MB, hit_rate=0.2).on  # saves 0.8 ms per copy of 1 ms
-    assert not prefetch_pays(25e9, 0.004, 25 * MB, hit_rate=0.25).on  # even: the copy is not worth its risk
-    assert not prefetch_pays(25e9, 0.004, 250 * MB, hit_rate=1.0).on  # a 10 ms copy for a 4 ms expert
+    one_ms_copy = PrefetchPrice(25 * MB / 25e9, 0.004)
+    assert not prefetch_pays(one_ms_copy, hit_rate=0.2).on  # saves 0.8 ms per copy of 1 ms
+    assert not prefetch_pays(one_ms_copy, hit_rate=0.25).on  # even: the copy is not worth its risk
+    assert not prefetch_pays(PrefetchPrice(250 * MB / 25e9, 0.004), hit_rate=1.0).on  # a 10 ms copy for a 4 ms expert
 
 
 def test_uniform_reuse_rate_is_top_k_over_experts():

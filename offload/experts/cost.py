@@ -119,14 +119,12 @@ def prefetch_price(cost: CostModel, expert_bytes: int, flops_per_token: int) -> 
     return PrefetchPrice(expert_bytes / cost.copy_bytes_per_s, cpu_expert)
 
 
-def prefetch_pays(copy_bytes_per_s: float, cpu_expert_seconds: float, copied_bytes: int, hit_rate: float,
-                  source: str | None = None) -> PrefetchChoice:
+def prefetch_pays(price: PrefetchPrice, hit_rate: float, source: str | None = None) -> PrefetchChoice:
     """Decode prefetch copies each expert a step ran on the CPU into a cache slot for the next step. One copy costs
-    copied_bytes / copy_bytes_per_s of the link and the side stream (the packed bytes the host holds, dequantized
-    on the device); it saves one CPU expert computation (less the device's, both in cpu_expert_seconds) when the
-    next step uses the expert, i.e. hit_rate of the time. Prefetch pays when the saving exceeds the copy.
-    `source` says where the hit rate comes from, for the reason."""
-    price = PrefetchPrice(copied_bytes / copy_bytes_per_s, cpu_expert_seconds)
+    price.copy_seconds of the link and the side stream (the packed bytes the host holds, dequantized on the
+    device); it saves price.saved_seconds (one CPU expert computation less the device's) when the next step uses
+    the expert, i.e. hit_rate of the time. Prefetch pays when the saving exceeds the copy. `source` says where the
+    hit rate comes from, for the reason."""
     numbers = f"{price.numbers()} at a hit rate of {hit_rate:.2f}" + (f" ({source})" if source else "")
     if hit_rate * price.saved_seconds > price.copy_seconds:
         return PrefetchChoice(True, f"it pays: {numbers}")
@@ -145,8 +143,7 @@ def choose_prefetch(asked: bool | None, cost: CostModel | None, copies_possible:
         return PrefetchChoice(asked, "as asked")
     if cost is None or not copies_possible:
         return PrefetchChoice(False, NO_COPIES)
-    price = prefetch_price(cost, expert_bytes, flops_per_token)
-    return prefetch_pays(cost.copy_bytes_per_s, price.saved_seconds, expert_bytes, hit_rate, source)
+    return prefetch_pays(prefetch_price(cost, expert_bytes, flops_per_token), hit_rate, source)
 
 
 # Reviewing the choice from the precision measured during the run (offload/experts/prefetch.py PrefetchReview).
