@@ -1,21 +1,48 @@
-"""The OpenMP wait policy for torch's and the CPU kernels' thread pools (one libgomp serves both).
+"""How the OpenMP threads of torch and the CPU kernels wait between parallel regions (one libgomp serves both).
 
-libgomp reads its environment once, when torch loads it: this runs before torch is imported (offload and
-csrc_py both call it first) and leaves any setting the user made alone. By default a thread that finishes a
-parallel region spins ~3 ms for the next one; a decode step is hundreds of short regions, so once another
-process shares a core the spinning worker and the waiting caller wait out each other's time slices. Measured on
-2 cores (docs/benchmarks.md, "Decode under contention"): with a busy process on one core, decode fell to 12-34% of
-quiet with spinning and held 80-99% with passive waits (sleep on a futex at once); on a quiet host passive decodes
-15-20% slower than spinning, which a user with cores to spare takes back with OMP_WAIT_POLICY=ACTIVE.
+libgomp reads its environment once, when torch loads it: `set_default_wait_policy` runs before torch is imported
+(offload and csrc_py both call it first) and leaves any setting the user made alone. A decode step is hundreds of
+short parallel regions a few microseconds apart, so how a worker waits for the next one matters:
+
+- libgomp's own default spins ~3 ms (GOMP_SPINCOUNT 300,000). Once another process shares a core, the spinning
+  worker and the waiting caller wait out each other's time slices: decode fell to 12-34% of quiet.
+- Passive waits (sleep on a futex at once) hold 80-99% of quiet beside a busy core, but every region then starts
+  by waking a sleeping thread; on the virtual machines measured that made a quiet decode 15-20% slower.
+- A short spin (`SPIN_COUNT`, ~0.1-0.5 ms depending on the CPU's `pause`) spans the gaps inside a step and sleeps
+  between steps. Beside a busy core it costs two threads more than passive waits, but a CPU-only run measures its
+  decode thread count while generating (offload.decode_threads, the default) and moves to one thread there.
+  Measured with that default, against passive waits: 1.11-1.20x quiet and 0.96-1.06x beside a busy core on an
+  Intel Xeon, 1.24x / 0.88x on an AMD EPYC (docs/benchmarks.md, "OpenMP waits").
+
+So a machine without a GPU gets the short spin, and one with a GPU keeps passive waits: there the CPU experts run
+on worker threads beside the thread driving the GPU, whose load the decode-thread measurement does not cover.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+SPIN_COUNT = 10_000  # libgomp spin iterations (one `pause` each: 11 ns on the Intel host measured, up to ~50)
+# Device nodes a GPU driver creates (NVIDIA's, AMD ROCm's): present where offload may run a device tier.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")
+
+
+def default_wait_settings(environ: Mapping[str, str], gpu_present: bool) -> dict[str, str]:
+    """The OpenMP variables to set (a pure decision): none where the user chose a policy or a spin count, passive
+    waits on a machine with a GPU, else a spin of SPIN_COUNT iterations."""
+    if any(name in environ for name in POLICY_VARIABLES):
+        return {}
+    if gpu_present:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": str(SPIN_COUNT)}
+
+
+def gpu_present() -> bool:
+    """Whether a GPU driver's device node exists (checked without importing torch, which would load libgomp)."""
+    return any(os.path.exists(node) for node in GPU_DEVICE_NODES)
 
 
 def set_default_wait_policy() -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless the user chose a policy or a spin count."""
-    if not any(name in os.environ for name in POLICY_VARIABLES):
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    """Put default_wait_settings into the environment, before libgomp is loaded."""
+    os.environ.update(default_wait_settings(os.environ, gpu_present()))
