@@ -10,6 +10,7 @@ from typing import ContextManager, Generator, Iterator, Sequence
 import torch
 
 from csrc_py import threads as cpu_threads
+from csrc_py.logits import all_finite
 
 from .decode_threads import DecodeThreads
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
@@ -124,8 +125,13 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> Non
 def check_finite(logits: torch.Tensor, position: int) -> None:
     """Stop at logits that hold NaN or inf: no token can be chosen from them, and sampling would silently pick
     one anyway (argmax of NaN), which ends in an empty or garbage completion. Any NaN or inf makes the sum
-    non-finite, so a finite sum (one pass, no [V] mask) clears them all; only a non-finite one is looked at."""
-    if not math.isfinite(float(logits.sum())) and not bool(torch.isfinite(logits).all()):
+    non-finite, so a finite sum (one pass, no [V] mask) clears them all; only a non-finite one is looked at. A CPU
+    float32 vector is summed on the calling thread (csrc_py.logits.all_finite), not split over the decode threads."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1 and logits.is_contiguous():
+        finite = all_finite(logits.numpy())
+    else:
+        finite = math.isfinite(float(logits.sum())) or bool(torch.isfinite(logits).all())
+    if not finite:
         raise OffloadError(
             f"the model's logits at position {position} hold NaN or inf, so no next token can be chosen: the "
             "checkpoint's weights probably contain NaN/inf (re-export or re-download it), or the compute dtype "
