@@ -256,7 +256,7 @@ def run_llama_cpp(args: argparse.Namespace, engine: str, prompt: list[int]) -> d
 
     gguf_path = gguf_file(args, GGUF_TYPES[engine])
     n_batch = max(args.prompt_tokens, 512)  # the whole prompt in one batch and one micro-batch
-    notes = []
+    notes = [llama_build(llama_cpp)]
     if args.llama_buffers == "plain":
         notes.append(plain_weight_buffers(llama_cpp))
     t0 = time.perf_counter()
@@ -282,6 +282,14 @@ def run_llama_cpp(args: argparse.Namespace, engine: str, prompt: list[int]) -> d
     timed_generation(prefill, step, prompt[:WARMUP_PROMPT], WARMUP_NEW)
     result = timed_generation(prefill, step, prompt, args.new_tokens)
     return {"load_s": load_s, **result, "notes": notes}
+
+
+def llama_build(llama_cpp) -> str:
+    """Which llama.cpp ran and the CPU features its build uses (llama_print_system_info). Another build, e.g. one
+    compiled on the host with `CMAKE_ARGS=... pip install --target DIR llama-cpp-python`, runs with
+    PYTHONPATH=DIR (docs/benchmarks.md shows one without AMX, which crashes on the Intel guest)."""
+    features = " ".join(llama_cpp.llama_print_system_info().decode().split())
+    return f"llama-cpp-python from {Path(llama_cpp.__file__).parent}: {features}"
 
 
 def plain_weight_buffers(llama_cpp) -> str:
