@@ -25,6 +25,7 @@ clip, L2 eps, temperature).
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -279,7 +280,183 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
                 out[t, (g * group + a) * d: (g * group + a + 1) * d] = acc[a]
 
 
-LATENT_HEADS_PER_BLOCK = 4  # MLA query heads that share one pass over the latent cache (a block per prange item)
+LATENT_HEADS_MAX_BLOCK = 16  # most MLA query heads sharing one pass over the latent cache (a block per prange item)
+LATENT_QUAD = 4  # heads per score microkernel: block sizes are multiples of it, a partial block padded with zero heads
+LATENT_THREADS_GUESS = 1
+LATENT_CHUNK = 64  # cached positions per online-softmax step: their latents (64 KiB) stay in L1/L2 for both uses
+
+
+@njit(nogil=True, cache=True)
+def latent_heads_per_block(heads: int, threads: int) -> int:
+    """Heads per block of latent_attend: as many as keep every thread busy (fewer passes over the latent cache),
+    a multiple of LATENT_QUAD, at most LATENT_HEADS_MAX_BLOCK. A head's numbers do not depend on it."""
+    per = (heads + threads - 1) // threads
+    per = (per + LATENT_QUAD - 1) // LATENT_QUAD * LATENT_QUAD
+    return min(per, LATENT_HEADS_MAX_BLOCK)
+
+
+@njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def latent_queries(q: np.ndarray, h0: int, hb: int, nope: int, w_kv: np.ndarray, q_lat: np.ndarray,
+                   q_rope: np.ndarray) -> None:
+    """q_lat [T, per, rank] = each head's q_nope through its W_UK (w_kv[h, :nope]), q_rope [T, per, rope] its rope
+    part, for the heads h0..h0+hb-1 (rows from hb on stay 0). Four W_UK rows per pass over q_lat, each row read
+    once for all T queries."""
+    T, per, rank = q_lat.shape
+    rope_d = q_rope.shape[2]
+    qd = nope + rope_d
+    q_lat[:] = 0.0
+    q_rope[:] = 0.0
+    for a in range(hb):
+        h = h0 + a
+        for t in range(T):
+            q_rope[t, a] = q[t, h * qd + nope: h * qd + qd]
+        i = 0
+        while i + 4 <= nope:
+            w0, w1, w2, w3 = w_kv[h, i], w_kv[h, i + 1], w_kv[h, i + 2], w_kv[h, i + 3]
+            for t in range(T):
+                x0, x1, x2, x3 = q[t, h * qd + i], q[t, h * qd + i + 1], q[t, h * qd + i + 2], q[t, h * qd + i + 3]
+                acc = q_lat[t, a]
+                for r in range(rank):
+                    acc[r] += (x0 * weight(w0, r) + x1 * weight(w1, r)) + (x2 * weight(w2, r) + x3 * weight(w3, r))
+            i += 4
+        for i in range(i, nope):
+            w0 = w_kv[h, i]
+            for t in range(T):
+                x0 = q[t, h * qd + i]
+                acc = q_lat[t, a]
+                for r in range(rank):
+                    acc[r] += x0 * weight(w0, r)
+
+
+@njit(nogil=True, cache=True)
+def latent_positions(selection: np.ndarray, selected: int, t: int, hi: int, idx: np.ndarray) -> int:
+    """idx[:n] = the cached positions query t attends (below hi: every one, or its selection's, in order); n."""
+    if selected <= 0:
+        for i in range(hi):
+            idx[i] = i
+        return hi
+    n = 0
+    for i in range(selected):
+        j = selection[t, i]
+        if j < hi:
+            idx[n] = j
+            n += 1
+    return n
+
+
+@njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, idx: np.ndarray,
+                  scale: float, s: np.ndarray) -> None:
+    """s[a, k] = scale * (q_lat[a] . c_cache[idx[k]] + q_rope[a] . r_cache[idx[k]]) for q_lat [per, rank] (per a
+    multiple of LATENT_QUAD), idx [n]: four heads by two positions per pass (eight sums in registers, each latent
+    element loaded once for four heads)."""
+    per, rank = q_lat.shape
+    rope_d = q_rope.shape[1]
+    n = idx.size
+    sc = np.float32(scale)
+    for k in range(0, n, 2):
+        k1 = min(k + 1, n - 1)  # the last of an odd count pairs with itself
+        c0, c1, r0, r1 = c_cache[idx[k]], c_cache[idx[k1]], r_cache[idx[k]], r_cache[idx[k1]]
+        for a in range(0, per, LATENT_QUAD):
+            qa, qb, qc, qd = q_lat[a], q_lat[a + 1], q_lat[a + 2], q_lat[a + 3]
+            s0a = s0b = s0c = s0d = s1a = s1b = s1c = s1d = np.float32(0.0)
+            for r in range(rank):
+                x0, x1 = c0[r], c1[r]
+                s0a += qa[r] * x0
+                s0b += qb[r] * x0
+                s0c += qc[r] * x0
+                s0d += qd[r] * x0
+                s1a += qa[r] * x1
+                s1b += qb[r] * x1
+                s1c += qc[r] * x1
+                s1d += qd[r] * x1
+            qa, qb, qc, qd = q_rope[a], q_rope[a + 1], q_rope[a + 2], q_rope[a + 3]
+            for r in range(rope_d):
+                x0, x1 = r0[r], r1[r]
+                s0a += qa[r] * x0
+                s0b += qb[r] * x0
+                s0c += qc[r] * x0
+                s0d += qd[r] * x0
+                s1a += qa[r] * x1
+                s1b += qb[r] * x1
+                s1c += qc[r] * x1
+                s1d += qd[r] * x1
+            s[a, k], s[a + 1, k], s[a + 2, k], s[a + 3, k] = s0a * sc, s0b * sc, s0c * sc, s0d * sc
+            s[a, k1], s[a + 1, k1], s[a + 2, k1], s[a + 3, k1] = s1a * sc, s1b * sc, s1c * sc, s1d * sc
+
+
+@njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def latent_accumulate(s: np.ndarray, c_cache: np.ndarray, idx: np.ndarray, best: np.ndarray, total: np.ndarray,
+                      o_lat: np.ndarray) -> None:
+    """One online-softmax step over the positions idx [n] with scores s [per, n] (overwritten by their exps): for
+    each head a, rescale the running sum total[a] and latent o_lat[a] [rank] to the new running maximum best[a],
+    then add exp(s - best) and exp(s - best) * c_cache[idx[k]]. Four heads by four positions per pass over o_lat
+    (per a multiple of LATENT_QUAD)."""
+    n = idx.size
+    per, rank = o_lat.shape
+    for a in range(per):
+        row = s[a, :n]
+        m = best[a]
+        for k in range(n):
+            m = max(m, row[k])
+        if m > best[a]:
+            shrink = np.float32(np.exp(best[a] - m))  # 0 on the first step (best -inf, o_lat and total 0)
+            total[a] *= shrink
+            o = o_lat[a]
+            for r in range(rank):
+                o[r] *= shrink
+            best[a] = m
+        total[a] += exp_shifted(row, n, m)
+    for a in range(0, per, LATENT_QUAD):
+        oa, ob, oc, od = o_lat[a], o_lat[a + 1], o_lat[a + 2], o_lat[a + 3]
+        sa, sb, sc, sd = s[a], s[a + 1], s[a + 2], s[a + 3]
+        k = 0
+        while k + 4 <= n:
+            c0, c1, c2, c3 = c_cache[idx[k]], c_cache[idx[k + 1]], c_cache[idx[k + 2]], c_cache[idx[k + 3]]
+            a0, a1, a2, a3 = sa[k], sa[k + 1], sa[k + 2], sa[k + 3]
+            b0, b1, b2, b3 = sb[k], sb[k + 1], sb[k + 2], sb[k + 3]
+            d0, d1, d2, d3 = sc[k], sc[k + 1], sc[k + 2], sc[k + 3]
+            e0, e1, e2, e3 = sd[k], sd[k + 1], sd[k + 2], sd[k + 3]
+            for r in range(rank):
+                x0, x1, x2, x3 = c0[r], c1[r], c2[r], c3[r]
+                oa[r] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
+                ob[r] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
+                oc[r] += (d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)
+                od[r] += (e0 * x0 + e1 * x1) + (e2 * x2 + e3 * x3)
+            k += 4
+        for k in range(k, n):
+            c0, a0, b0, d0, e0 = c_cache[idx[k]], sa[k], sb[k], sc[k], sd[k]
+            for r in range(rank):
+                x0 = c0[r]
+                oa[r] += a0 * x0
+                ob[r] += b0 * x0
+                oc[r] += d0 * x0
+                od[r] += e0 * x0
+
+
+@njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def latent_values(o_lat: np.ndarray, total: np.ndarray, h0: int, hb: int, nope: int, w_kv: np.ndarray,
+                  out: np.ndarray) -> None:
+    """out[t, h*v: (h+1)*v] = W_UV (w_kv[h, nope:]) @ o_lat[t, a] / total[t, a] for the heads h = h0 + a, a < hb;
+    each W_UV row read once for all T queries."""
+    T, rank = o_lat.shape[0], o_lat.shape[2]
+    v_dim = w_kv.shape[1] - nope
+    for t in range(T):
+        for a in range(hb):
+            inv = np.float32(1.0) / total[t, a]
+            o = o_lat[t, a]
+            for r in range(rank):
+                o[r] *= inv
+    for a in range(hb):
+        h = h0 + a
+        for i in range(v_dim):
+            wrow = w_kv[h, nope + i]
+            for t in range(T):
+                o = o_lat[t, a]
+                acc = np.float32(0.0)
+                for r in range(rank):
+                    acc += o[r] * weight(wrow, r)
+                out[t, h * v_dim + i] = acc
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
@@ -291,71 +468,38 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
     out [T, heads*v]. w_kv is kv_b_proj's weight as [heads, nope + v, rank] (W_UK rows, then W_UV rows), float32
     or bf16 bits: whole contiguous rows, which vectorize where the strided W_UK / W_UV views would not. With
     selected > 0 each query attends only to the positions selection[t, :selected] (DeepSeek Sparse Attention,
-    MLA._absorbed_selected; later positions than the query skipped). The heads go to the threads in blocks
-    of LATENT_HEADS_PER_BLOCK: each cached latent is read once per block, not once per head."""
+    MLA._absorbed_selected; later positions than the query skipped).
+
+    The heads go to the threads in blocks (latent_heads_per_block); a block walks its queries' positions in chunks
+    of LATENT_CHUNK with an online softmax (running maximum and sum per head), so each cached latent is read
+    from memory once per block and query, and its second use (the weighted sum) finds it in cache."""
     T = q.shape[0]
-    rank, rope_d, v_dim = c_cache.shape[1], r_cache.shape[1], w_kv.shape[1] - nope
-    qd = nope + rope_d
-    per = LATENT_HEADS_PER_BLOCK
+    rank, rope_d = c_cache.shape[1], r_cache.shape[1]
+    per = latent_heads_per_block(heads, LATENT_THREADS_GUESS)
+    n_max = selected if selected > 0 else start + T
     for b in prange((heads + per - 1) // per):
         h0 = b * per
         hb = min(per, heads - h0)
-        q_lat = np.empty((hb, rank), np.float32)
-        q_rope = np.empty((hb, rope_d), np.float32)
-        o_lat = np.empty((hb, rank), np.float32)
-        n_max = selected if selected > 0 else start + T
-        scores = np.empty((hb, n_max), np.float32)  # [head of the block, attended position]
+        q_lat = np.empty((T, per, rank), np.float32)
+        q_rope = np.empty((T, per, rope_d), np.float32)
+        latent_queries(q, h0, hb, nope, w_kv, q_lat, q_rope)
+        o_lat = np.zeros((T, per, rank), np.float32)
+        best = np.full((T, per), -np.inf, np.float32)
+        total = np.zeros((T, per), np.float32)
+        idx = np.empty((T, n_max), np.int64)
+        n = np.empty(T, np.int64)
         for t in range(T):
-            q_lat[:] = 0.0
-            for a in range(hb):
-                h = h0 + a
-                for i in range(nope):
-                    qi = q[t, h * qd + i]
-                    wrow = w_kv[h, i]
-                    for r in range(rank):
-                        q_lat[a, r] += qi * weight(wrow, r)
-                q_rope[a] = q[t, h * qd + nope: h * qd + qd]
-            hi = start + t + 1
-            n = selected if selected > 0 else hi
-            for i in range(n):
-                j = selection[t, i] if selected > 0 else i
-                if j >= hi:
-                    scores[:, i] = -np.inf
+            n[t] = latent_positions(selection, selected, t, start + t + 1, idx[t])
+        s = np.empty((per, LATENT_CHUNK), np.float32)
+        for k0 in range(0, n_max, LATENT_CHUNK):
+            for t in range(T):  # without a selection, the queries' chunks are the same positions: read once
+                k1 = min(k0 + LATENT_CHUNK, n[t])
+                if k1 <= k0:
                     continue
-                c, kr = c_cache[j], r_cache[j]
-                for a in range(hb):
-                    acc = np.float32(0.0)
-                    for r in range(rank):
-                        acc += q_lat[a, r] * c[r]
-                    for r in range(rope_d):
-                        acc += q_rope[a, r] * kr[r]
-                    scores[a, i] = acc * np.float32(scale)
-            for a in range(hb):
-                row = scores[a]
-                best = np.float32(-np.inf)
-                for i in range(n):
-                    best = max(best, row[i])
-                inv = np.float32(1.0) / exp_shifted(row, n, best)
-                for i in range(n):
-                    row[i] *= inv
-            o_lat[:] = 0.0
-            for i in range(n):
-                j = selection[t, i] if selected > 0 else i
-                if j >= hi:
-                    continue
-                c = c_cache[j]
-                for a in range(hb):
-                    p = scores[a, i]
-                    for r in range(rank):
-                        o_lat[a, r] += p * c[r]
-            for a in range(hb):
-                h = h0 + a
-                for i in range(v_dim):
-                    wrow = w_kv[h, nope + i]
-                    acc = np.float32(0.0)
-                    for r in range(rank):
-                        acc += o_lat[a, r] * weight(wrow, r)
-                    out[t, h * v_dim + i] = acc
+                chunk = idx[t, k0: k1]
+                latent_scores(q_lat[t], q_rope[t], c_cache, r_cache, chunk, scale, s)
+                latent_accumulate(s, c_cache, chunk, best[t], total[t], o_lat[t])
+        latent_values(o_lat, total, h0, hb, nope, w_kv, out)
 
 
 @njit(nogil=True, cache=True)
