@@ -25,10 +25,10 @@ clip, L2 eps, temperature).
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
+from numba.np.ufunc.parallel import _iget_num_threads
 
 from csrc_py import indexer_step
 from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
@@ -280,10 +280,16 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
                 out[t, (g * group + a) * d: (g * group + a + 1) * d] = acc[a]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def calling_threads() -> int:
+    """numba.get_num_threads() in compiled code, by the threading layer's symbol (the public one holds a ctypes
+    pointer, which stops a function from being cached)."""
+    return _iget_num_threads()
+
+
 LATENT_HEADS_MAX_BLOCK = 16  # most MLA query heads sharing one pass over the latent cache (a block per prange item)
 LATENT_QUAD = 4  # heads per score microkernel: block sizes are multiples of it, a partial block padded with zero heads
-LATENT_THREADS_GUESS = 1
-LATENT_CHUNK = 64  # cached positions per online-softmax step: their latents (64 KiB) stay in L1/L2 for both uses
+LATENT_CHUNK = 32  # cached positions per online-softmax step: their latents (64 KiB) stay in L1/L2 for both uses
 
 
 @njit(nogil=True, cache=True)
@@ -475,7 +481,7 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
     from memory once per block and query, and its second use (the weighted sum) finds it in cache."""
     T = q.shape[0]
     rank, rope_d = c_cache.shape[1], r_cache.shape[1]
-    per = latent_heads_per_block(heads, LATENT_THREADS_GUESS)
+    per = latent_heads_per_block(heads, calling_threads())
     n_max = selected if selected > 0 else start + T
     for b in prange((heads + per - 1) // per):
         h0 = b * per

@@ -126,24 +126,44 @@ def test_attention_with_sinks_matches_its_torch_form(T, start, window):
     assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) > 1e-2
 
 
-@pytest.mark.parametrize("T, start, selected", [(1, 9, 0), (3, 7, 0), (2, 8, 4)])
-def test_latent_attention_matches_the_absorbed_form(T, start, selected):
-    """MLA's absorbed attention over the latent cache, heads in blocks (6 heads: a full block and a partial one),
-    against its einsum form; with DSA's selection (positions after the query skipped); kv_b_proj's weight as
-    float32 and as bf16 bits gives the same floats."""
-    heads, nope, rope_d, v, rank, P = 6, 8, 4, 8, 16, 16
-    q, w_kv = randn(T, heads, nope + rope_d), randn(heads, nope + v, rank).to(torch.bfloat16).float()
-    c, kr = randn(P, rank), randn(P, rope_d)
-    g = torch.Generator().manual_seed(0)  # distinct positions per query, some after it
-    selection = torch.stack([torch.randperm(start + T, generator=g)[:max(selected, 1)] for _ in range(T)])
+def absorbed_attention(q, w_kv, c, kr, start, scale, selection, selected):
+    """MLA's absorbed attention in its einsum form (out [T, heads*v]) over the cache rows 0..start+T-1: every
+    causal position, or with selected > 0 those of selection [T, selected] that are not after the query."""
+    T, heads, qd = q.shape
+    nope = qd - kr.shape[1]
+    S = start + T
+    c, kr = c[:S], kr[:S]
     q_lat = torch.einsum("thd,hdr->thr", q[..., :nope], w_kv[:, :nope])
-    scores = (torch.einsum("thr,pr->thp", q_lat, c) + torch.einsum("thd,pd->thp", q[..., nope:], kr)) * 0.3
-    visible = torch.arange(P)[None, :] <= start + torch.arange(T)[:, None]  # [T, P]
+    scores = (torch.einsum("thr,pr->thp", q_lat, c) + torch.einsum("thd,pd->thp", q[..., nope:], kr)) * scale
+    visible = torch.arange(S)[None, :] <= start + torch.arange(T)[:, None]  # [T, S]
     if selected:
-        chosen = torch.zeros(T, P, dtype=torch.bool).scatter_(1, selection, True)
-        visible &= chosen
+        visible &= torch.zeros(T, S, dtype=torch.bool).scatter_(1, selection, True)
     probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
-    expected = torch.einsum("thp,pr,hvr->thv", probs, c, w_kv[:, nope:]).reshape(T, heads * v)
+    return torch.einsum("thp,pr,hvr->thv", probs, c, w_kv[:, nope:]).reshape(T, -1)
+
+
+# (T, start, selected, heads, nope, rank): one position; positions and selections that are not a multiple of
+# latent_attend's chunk (32), position block (4) or pair (2); queries whose positions end in different chunks;
+# heads not a multiple of the block (6 and 10: a block and a partial one, padded with zero heads); W_UK rows not
+# a multiple of 4 (nope 6); a rank that is not a whole number of SIMD vectors (20).
+LATENT_CASES = [(1, 9, 0, 6, 8, 16), (3, 7, 0, 6, 8, 16), (2, 8, 4, 6, 8, 16), (1, 0, 0, 6, 8, 16),
+                (1, 40, 0, 6, 6, 20), (3, 31, 0, 10, 8, 16), (3, 70, 37, 6, 8, 16), (8, 60, 0, 4, 8, 16),
+                (1, 2, 3, 6, 8, 16)]
+
+
+@pytest.mark.parametrize("T, start, selected, heads, nope, rank", LATENT_CASES)
+def test_latent_attention_matches_the_absorbed_form(T, start, selected, heads, nope, rank):
+    """MLA's absorbed attention over the latent cache, heads in blocks, positions in chunks, against its einsum
+    form; with DSA's selection (positions after the query skipped); kv_b_proj's weight as float32 and as bf16 bits
+    gives the same floats. The cache rows after the last query are NaN: never read."""
+    rope_d, v = 4, 8
+    S = start + T
+    q, w_kv = randn(T, heads, nope + rope_d), randn(heads, nope + v, rank).to(torch.bfloat16).float()
+    c, kr = randn(S + 3, rank) * 0.3, randn(S + 3, rope_d)
+    g = torch.Generator().manual_seed(0)  # distinct positions per query, some after it
+    selection = torch.stack([torch.randperm(S, generator=g)[:max(selected, 1)] for _ in range(T)])
+    expected = absorbed_attention(q, w_kv, c, kr, start, 0.3, selection, selected)
+    c[S:], kr[S:] = float("nan"), float("nan")
     sel = selection.numpy().astype(np.int64) if selected else np.zeros((T, 0), np.int64)
     outs = []
     for w in (w_kv.numpy(), w_kv.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)):
@@ -153,6 +173,35 @@ def test_latent_attention_matches_the_absorbed_form(T, start, selected):
         outs.append(torch.from_numpy(out))
     assert rel_err(outs[0], expected) < 1e-5
     assert torch.equal(outs[0], outs[1])
+
+
+def test_latent_heads_per_block_fills_the_threads_with_whole_quads():
+    assert ds.latent_heads_per_block(16, 1) == 16  # one thread: one pass over the cache for every head
+    assert ds.latent_heads_per_block(128, 1) == ds.LATENT_HEADS_MAX_BLOCK
+    assert ds.latent_heads_per_block(16, 2) == 8
+    assert ds.latent_heads_per_block(16, 3) == 8  # 6 rounded up to a whole quad
+    assert ds.latent_heads_per_block(16, 16) == ds.LATENT_QUAD
+    assert ds.latent_heads_per_block(6, 1) == 8  # a partial block is padded
+
+
+def test_latent_attention_numbers_do_not_depend_on_the_thread_count():
+    """The heads per block follow the thread count; each head's arithmetic does not."""
+    import numba
+
+    T, start, heads, nope, rope_d, v, rank = 2, 45, 10, 8, 4, 8, 16
+    q, w_kv = randn(T, heads * (nope + rope_d)).numpy(), randn(heads, nope + v, rank).numpy()
+    c, kr = randn(start + T, rank).numpy(), randn(start + T, rope_d).numpy()
+    before = numba.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            out = np.empty((T, heads * v), np.float32)
+            ds.latent_attend(q, heads, nope, w_kv, c, kr, start, 0.3, np.zeros((T, 0), np.int64), 0, out)
+            outs.append(out)
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
 def test_kv_b_proj_goes_to_the_compiled_step_as_bf16_only_when_exact():
