@@ -335,12 +335,8 @@ def latent_queries(q: np.ndarray, h0: int, hb: int, nope: int, w_kv: np.ndarray,
 
 
 @njit(nogil=True, cache=True)
-def latent_positions(selection: np.ndarray, selected: int, t: int, hi: int, idx: np.ndarray) -> int:
-    """idx[:n] = the cached positions query t attends (below hi: every one, or its selection's, in order); n."""
-    if selected <= 0:
-        for i in range(hi):
-            idx[i] = i
-        return hi
+def latent_selected_positions(selection: np.ndarray, selected: int, t: int, hi: int, idx: np.ndarray) -> int:
+    """idx[:n] = the positions of selection[t, :selected] that query t may attend (below hi), in order; n."""
     n = 0
     for i in range(selected):
         j = selection[t, i]
@@ -351,18 +347,19 @@ def latent_positions(selection: np.ndarray, selected: int, t: int, hi: int, idx:
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, idx: np.ndarray,
-                  scale: float, s: np.ndarray) -> None:
-    """s[a, k] = scale * (q_lat[a] . c_cache[idx[k]] + q_rope[a] . r_cache[idx[k]]) for q_lat [per, rank] (per a
-    multiple of LATENT_QUAD), idx [n]: four heads by two positions per pass (eight sums in registers, each latent
-    element loaded once for four heads)."""
+def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, base: int,
+                  idx: np.ndarray, scale: float, s: np.ndarray) -> None:
+    """s[a, k] = scale * (q_lat[a] . c_cache[j] + q_rope[a] . r_cache[j]), j = base + idx[k], for q_lat [per, rank]
+    (per a multiple of LATENT_QUAD), idx [n]: four heads by two positions per pass (eight sums in registers, each
+    latent element loaded once for four heads)."""
     per, rank = q_lat.shape
     rope_d = q_rope.shape[1]
     n = idx.size
     sc = np.float32(scale)
     for k in range(0, n, 2):
         k1 = min(k + 1, n - 1)  # the last of an odd count pairs with itself
-        c0, c1, r0, r1 = c_cache[idx[k]], c_cache[idx[k1]], r_cache[idx[k]], r_cache[idx[k1]]
+        j0, j1 = base + idx[k], base + idx[k1]
+        c0, c1, r0, r1 = c_cache[j0], c_cache[j1], r_cache[j0], r_cache[j1]
         for a in range(0, per, LATENT_QUAD):
             qa, qb, qc, qd = q_lat[a], q_lat[a + 1], q_lat[a + 2], q_lat[a + 3]
             s0a = s0b = s0c = s0d = s1a = s1b = s1c = s1d = np.float32(0.0)
@@ -392,12 +389,12 @@ def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def latent_accumulate(s: np.ndarray, c_cache: np.ndarray, idx: np.ndarray, best: np.ndarray, total: np.ndarray,
-                      o_lat: np.ndarray) -> None:
-    """One online-softmax step over the positions idx [n] with scores s [per, n] (overwritten by their exps): for
-    each head a, rescale the running sum total[a] and latent o_lat[a] [rank] to the new running maximum best[a],
-    then add exp(s - best) and exp(s - best) * c_cache[idx[k]]. Four heads by four positions per pass over o_lat
-    (per a multiple of LATENT_QUAD)."""
+def latent_accumulate(s: np.ndarray, c_cache: np.ndarray, base: int, idx: np.ndarray, best: np.ndarray,
+                      total: np.ndarray, o_lat: np.ndarray) -> None:
+    """One online-softmax step over the positions base + idx [n] with scores s [per, n] (overwritten by their
+    exps): for each head a, rescale the running sum total[a] and latent o_lat[a] [rank] to the new running maximum
+    best[a], then add exp(s - best) and exp(s - best) * c_cache[base + idx[k]]. Four heads by four positions per
+    pass over o_lat (per a multiple of LATENT_QUAD)."""
     n = idx.size
     per, rank = o_lat.shape
     for a in range(per):
@@ -418,7 +415,8 @@ def latent_accumulate(s: np.ndarray, c_cache: np.ndarray, idx: np.ndarray, best:
         sa, sb, sc, sd = s[a], s[a + 1], s[a + 2], s[a + 3]
         k = 0
         while k + 4 <= n:
-            c0, c1, c2, c3 = c_cache[idx[k]], c_cache[idx[k + 1]], c_cache[idx[k + 2]], c_cache[idx[k + 3]]
+            c0, c1 = c_cache[base + idx[k]], c_cache[base + idx[k + 1]]
+            c2, c3 = c_cache[base + idx[k + 2]], c_cache[base + idx[k + 3]]
             a0, a1, a2, a3 = sa[k], sa[k + 1], sa[k + 2], sa[k + 3]
             b0, b1, b2, b3 = sb[k], sb[k + 1], sb[k + 2], sb[k + 3]
             d0, d1, d2, d3 = sc[k], sc[k + 1], sc[k + 2], sc[k + 3]
@@ -431,7 +429,7 @@ def latent_accumulate(s: np.ndarray, c_cache: np.ndarray, idx: np.ndarray, best:
                 od[r] += (e0 * x0 + e1 * x1) + (e2 * x2 + e3 * x3)
             k += 4
         for k in range(k, n):
-            c0, a0, b0, d0, e0 = c_cache[idx[k]], sa[k], sb[k], sc[k], sd[k]
+            c0, a0, b0, d0, e0 = c_cache[base + idx[k]], sa[k], sb[k], sc[k], sd[k]
             for r in range(rank):
                 x0 = c0[r]
                 oa[r] += a0 * x0
@@ -492,19 +490,21 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
         o_lat = np.zeros((T, per, rank), np.float32)
         best = np.full((T, per), -np.inf, np.float32)
         total = np.zeros((T, per), np.float32)
-        idx = np.empty((T, n_max), np.int64)
-        n = np.empty(T, np.int64)
+        n = np.empty(T, np.int64)  # positions each query attends: in idx[t] with a selection, 0.. without
+        idx = np.empty((T, max(selected, 0)), np.int64)
         for t in range(T):
-            n[t] = latent_positions(selection, selected, t, start + t + 1, idx[t])
+            hi = start + t + 1
+            n[t] = latent_selected_positions(selection, selected, t, hi, idx[t]) if selected > 0 else hi
+        offsets = np.arange(LATENT_CHUNK)  # a chunk's positions from its first, without a selection
         s = np.empty((per, LATENT_CHUNK), np.float32)
         for k0 in range(0, n_max, LATENT_CHUNK):
             for t in range(T):  # without a selection, the queries' chunks are the same positions: read once
                 k1 = min(k0 + LATENT_CHUNK, n[t])
                 if k1 <= k0:
                     continue
-                chunk = idx[t, k0: k1]
-                latent_scores(q_lat[t], q_rope[t], c_cache, r_cache, chunk, scale, s)
-                latent_accumulate(s, c_cache, chunk, best[t], total[t], o_lat[t])
+                base, chunk = (0, idx[t, k0: k1]) if selected > 0 else (k0, offsets[: k1 - k0])
+                latent_scores(q_lat[t], q_rope[t], c_cache, r_cache, base, chunk, scale, s)
+                latent_accumulate(s, c_cache, base, chunk, best[t], total[t], o_lat[t])
         latent_values(o_lat, total, h0, hb, nope, w_kv, out)
 
 

@@ -145,10 +145,10 @@ def absorbed_attention(q, w_kv, c, kr, start, scale, selection, selected):
 # (T, start, selected, heads, nope, rank): one position; positions and selections that are not a multiple of
 # latent_attend's chunk (32), position block (4) or pair (2); queries whose positions end in different chunks;
 # heads not a multiple of the block (6 and 10: a block and a partial one, padded with zero heads); W_UK rows not
-# a multiple of 4 (nope 6); a rank that is not a whole number of SIMD vectors (20).
+# a multiple of 4 (nope 6); a rank that is not a whole number of SIMD vectors (20); DeepSeek's nope and rank.
 LATENT_CASES = [(1, 9, 0, 6, 8, 16), (3, 7, 0, 6, 8, 16), (2, 8, 4, 6, 8, 16), (1, 0, 0, 6, 8, 16),
                 (1, 40, 0, 6, 6, 20), (3, 31, 0, 10, 8, 16), (3, 70, 37, 6, 8, 16), (8, 60, 0, 4, 8, 16),
-                (1, 2, 3, 6, 8, 16)]
+                (1, 2, 3, 6, 8, 16), (2, 45, 0, 4, 128, 512), (2, 45, 30, 4, 128, 512)]
 
 
 @pytest.mark.parametrize("T, start, selected, heads, nope, rank", LATENT_CASES)
