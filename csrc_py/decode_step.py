@@ -346,44 +346,41 @@ def latent_selected_positions(selection: np.ndarray, selected: int, t: int, hi: 
     return n
 
 
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def latent_quad_dots(q4: np.ndarray, x0: np.ndarray, x1: np.ndarray, sums: tuple) -> tuple:
+    """sums + (q4[a] . x0 for a < 4) + (q4[a] . x1 for a < 4): four heads' rows q4 [4, d] against two key rows [d],
+    eight sums in registers (each key element loaded once for four heads)."""
+    qa, qb, qc, qd = q4[0], q4[1], q4[2], q4[3]
+    s0a, s0b, s0c, s0d, s1a, s1b, s1c, s1d = sums
+    for r in range(x0.size):
+        y0, y1 = x0[r], x1[r]
+        s0a += qa[r] * y0
+        s0b += qb[r] * y0
+        s0c += qc[r] * y0
+        s0d += qd[r] * y0
+        s1a += qa[r] * y1
+        s1b += qb[r] * y1
+        s1c += qc[r] * y1
+        s1d += qd[r] * y1
+    return s0a, s0b, s0c, s0d, s1a, s1b, s1c, s1d
+
+
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, base: int,
                   idx: np.ndarray, scale: float, s: np.ndarray) -> None:
     """s[a, k] = scale * (q_lat[a] . c_cache[j] + q_rope[a] . r_cache[j]), j = base + idx[k], for q_lat [per, rank]
-    (per a multiple of LATENT_QUAD), idx [n]: four heads by two positions per pass (eight sums in registers, each
-    latent element loaded once for four heads)."""
-    per, rank = q_lat.shape
-    rope_d = q_rope.shape[1]
+    (per a multiple of LATENT_QUAD), idx [n]: four heads by two positions per pass."""
+    per = q_lat.shape[0]
     n = idx.size
     sc = np.float32(scale)
+    zero = np.float32(0.0)
     for k in range(0, n, 2):
         k1 = min(k + 1, n - 1)  # the last of an odd count pairs with itself
         j0, j1 = base + idx[k], base + idx[k1]
-        c0, c1, r0, r1 = c_cache[j0], c_cache[j1], r_cache[j0], r_cache[j1]
         for a in range(0, per, LATENT_QUAD):
-            qa, qb, qc, qd = q_lat[a], q_lat[a + 1], q_lat[a + 2], q_lat[a + 3]
-            s0a = s0b = s0c = s0d = s1a = s1b = s1c = s1d = np.float32(0.0)
-            for r in range(rank):
-                x0, x1 = c0[r], c1[r]
-                s0a += qa[r] * x0
-                s0b += qb[r] * x0
-                s0c += qc[r] * x0
-                s0d += qd[r] * x0
-                s1a += qa[r] * x1
-                s1b += qb[r] * x1
-                s1c += qc[r] * x1
-                s1d += qd[r] * x1
-            qa, qb, qc, qd = q_rope[a], q_rope[a + 1], q_rope[a + 2], q_rope[a + 3]
-            for r in range(rope_d):
-                x0, x1 = r0[r], r1[r]
-                s0a += qa[r] * x0
-                s0b += qb[r] * x0
-                s0c += qc[r] * x0
-                s0d += qd[r] * x0
-                s1a += qa[r] * x1
-                s1b += qb[r] * x1
-                s1c += qc[r] * x1
-                s1d += qd[r] * x1
+            sums = latent_quad_dots(q_lat[a: a + 4], c_cache[j0], c_cache[j1], (zero, zero, zero, zero, zero, zero,
+                                                                                zero, zero))
+            s0a, s0b, s0c, s0d, s1a, s1b, s1c, s1d = latent_quad_dots(q_rope[a: a + 4], r_cache[j0], r_cache[j1], sums)
             s[a, k], s[a + 1, k], s[a + 2, k], s[a + 3, k] = s0a * sc, s0b * sc, s0c * sc, s0d * sc
             s[a, k1], s[a + 1, k1], s[a + 2, k1], s[a + 3, k1] = s1a * sc, s1b * sc, s1c * sc, s1d * sc
 
