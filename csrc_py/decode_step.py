@@ -347,42 +347,59 @@ def latent_selected_positions(selection: np.ndarray, selected: int, t: int, hi: 
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
-def latent_quad_dots(q4: np.ndarray, x0: np.ndarray, x1: np.ndarray, sums: tuple) -> tuple:
-    """sums + (q4[a] . x0 for a < 4) + (q4[a] . x1 for a < 4): four heads' rows q4 [4, d] against two key rows [d],
-    eight sums in registers (each key element loaded once for four heads)."""
+def latent_quad_dots(q4: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndarray, x3: np.ndarray,
+                     sums: np.ndarray) -> None:
+    """sums[k, a] += q4[a] . xk for four heads' rows q4 [4, d] and four key rows xk [d]: sixteen sums in registers
+    (each key element loaded once for four heads, each query element once for four keys)."""
     qa, qb, qc, qd = q4[0], q4[1], q4[2], q4[3]
-    s0a, s0b, s0c, s0d, s1a, s1b, s1c, s1d = sums
+    s0a, s0b, s0c, s0d = sums[0, 0], sums[0, 1], sums[0, 2], sums[0, 3]
+    s1a, s1b, s1c, s1d = sums[1, 0], sums[1, 1], sums[1, 2], sums[1, 3]
+    s2a, s2b, s2c, s2d = sums[2, 0], sums[2, 1], sums[2, 2], sums[2, 3]
+    s3a, s3b, s3c, s3d = sums[3, 0], sums[3, 1], sums[3, 2], sums[3, 3]
     for r in range(x0.size):
-        y0, y1 = x0[r], x1[r]
-        s0a += qa[r] * y0
-        s0b += qb[r] * y0
-        s0c += qc[r] * y0
-        s0d += qd[r] * y0
-        s1a += qa[r] * y1
-        s1b += qb[r] * y1
-        s1c += qc[r] * y1
-        s1d += qd[r] * y1
-    return s0a, s0b, s0c, s0d, s1a, s1b, s1c, s1d
+        y0, y1, y2, y3 = x0[r], x1[r], x2[r], x3[r]
+        wa, wb, wc, wd = qa[r], qb[r], qc[r], qd[r]
+        s0a += wa * y0
+        s0b += wb * y0
+        s0c += wc * y0
+        s0d += wd * y0
+        s1a += wa * y1
+        s1b += wb * y1
+        s1c += wc * y1
+        s1d += wd * y1
+        s2a += wa * y2
+        s2b += wb * y2
+        s2c += wc * y2
+        s2d += wd * y2
+        s3a += wa * y3
+        s3b += wb * y3
+        s3c += wc * y3
+        s3d += wd * y3
+    sums[0, 0], sums[0, 1], sums[0, 2], sums[0, 3] = s0a, s0b, s0c, s0d
+    sums[1, 0], sums[1, 1], sums[1, 2], sums[1, 3] = s1a, s1b, s1c, s1d
+    sums[2, 0], sums[2, 1], sums[2, 2], sums[2, 3] = s2a, s2b, s2c, s2d
+    sums[3, 0], sums[3, 1], sums[3, 2], sums[3, 3] = s3a, s3b, s3c, s3d
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, base: int,
                   idx: np.ndarray, scale: float, s: np.ndarray) -> None:
     """s[a, k] = scale * (q_lat[a] . c_cache[j] + q_rope[a] . r_cache[j]), j = base + idx[k], for q_lat [per, rank]
-    (per a multiple of LATENT_QUAD), idx [n]: four heads by two positions per pass."""
+    (per a multiple of LATENT_QUAD), idx [n]: four heads by four positions per pass."""
     per = q_lat.shape[0]
     n = idx.size
     sc = np.float32(scale)
-    zero = np.float32(0.0)
-    for k in range(0, n, 2):
-        k1 = min(k + 1, n - 1)  # the last of an odd count pairs with itself
-        j0, j1 = base + idx[k], base + idx[k1]
+    sums = np.empty((4, 4), np.float32)
+    for k in range(0, n, 4):
+        j0, j1 = base + idx[k], base + idx[min(k + 1, n - 1)]  # the last of a partial four repeat
+        j2, j3 = base + idx[min(k + 2, n - 1)], base + idx[min(k + 3, n - 1)]
         for a in range(0, per, LATENT_QUAD):
-            sums = latent_quad_dots(q_lat[a: a + 4], c_cache[j0], c_cache[j1], (zero, zero, zero, zero, zero, zero,
-                                                                                zero, zero))
-            s0a, s0b, s0c, s0d, s1a, s1b, s1c, s1d = latent_quad_dots(q_rope[a: a + 4], r_cache[j0], r_cache[j1], sums)
-            s[a, k], s[a + 1, k], s[a + 2, k], s[a + 3, k] = s0a * sc, s0b * sc, s0c * sc, s0d * sc
-            s[a, k1], s[a + 1, k1], s[a + 2, k1], s[a + 3, k1] = s1a * sc, s1b * sc, s1c * sc, s1d * sc
+            sums[:] = 0.0
+            latent_quad_dots(q_lat[a: a + 4], c_cache[j0], c_cache[j1], c_cache[j2], c_cache[j3], sums)
+            latent_quad_dots(q_rope[a: a + 4], r_cache[j0], r_cache[j1], r_cache[j2], r_cache[j3], sums)
+            for i in range(min(4, n - k)):
+                for e in range(4):
+                    s[a + e, k + i] = sums[i, e] * sc
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
