@@ -228,6 +228,104 @@ def exp_shifted(s: np.ndarray, n: int, best: float) -> float:
     return total
 
 
+# Positions per pass of the attention over the cache: the scores of KEYS_PER_PASS keys against two query heads come
+# from one pass over d (each loaded query or key value feeds 4 or 2 multiply-adds, where one dot product at a time
+# fed one multiply-add per two loads), and VALUES_PER_PASS value rows go into a head's accumulators per pass over d
+# (one load and store of the accumulators per 8 rows, not per row).
+KEYS_PER_PASS = 4
+VALUES_PER_PASS = 8
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def dots_2x4(qa, qb, k0, k1, k2, k3):
+    """The 8 dot products of query rows qa, qb with key rows k0..k3 (all [d]), in one pass over d."""
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+    for i in range(qa.size):
+        x, y = qa[i], qb[i]
+        a0 += x * k0[i]
+        a1 += x * k1[i]
+        a2 += x * k2[i]
+        a3 += x * k3[i]
+        b0 += y * k0[i]
+        b1 += y * k1[i]
+        b2 += y * k2[i]
+        b3 += y * k3[i]
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def dots_1x4(qa, k0, k1, k2, k3):
+    """The 4 dot products of query row qa with key rows k0..k3 (all [d]), in one pass over d."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for i in range(qa.size):
+        x = qa[i]
+        a0 += x * k0[i]
+        a1 += x * k1[i]
+        a2 += x * k2[i]
+        a3 += x * k3[i]
+    return a0, a1, a2, a3
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def store_scores(scores: np.ndarray, best: np.ndarray, a: int, j: int, s0, s1, s2, s3) -> None:
+    """scores[a, j..j+3] = s0..s3, and best[a] raised to their maximum."""
+    scores[a, j], scores[a, j + 1], scores[a, j + 2], scores[a, j + 3] = s0, s1, s2, s3
+    best[a] = max(best[a], max(max(s0, s1), max(s2, s3)))
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def score_keys(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray) -> None:
+    """scores[a, j] = qs[a] . keys[j] for the query heads qs [group, d] and keys [n, d]; best[a] raised to the
+    largest score of head a. Four keys at a time against two heads (dots_2x4), then the odd head, then the keys
+    left over one at a time."""
+    group, n = qs.shape[0], keys.shape[0]
+    whole = n - n % KEYS_PER_PASS
+    for j in range(0, whole, KEYS_PER_PASS):
+        k0, k1, k2, k3 = keys[j], keys[j + 1], keys[j + 2], keys[j + 3]
+        for a in range(0, group - 1, 2):
+            a0, a1, a2, a3, b0, b1, b2, b3 = dots_2x4(qs[a], qs[a + 1], k0, k1, k2, k3)
+            store_scores(scores, best, a, j, a0, a1, a2, a3)
+            store_scores(scores, best, a + 1, j, b0, b1, b2, b3)
+        if group % 2:
+            a0, a1, a2, a3 = dots_1x4(qs[group - 1], k0, k1, k2, k3)
+            store_scores(scores, best, group - 1, j, a0, a1, a2, a3)
+    for j in range(whole, n):
+        key = keys[j]
+        for a in range(group):
+            qa = qs[a]
+            dot = np.float32(0.0)
+            for i in range(key.size):
+                dot += qa[i] * key[i]
+            scores[a, j] = dot
+            best[a] = max(best[a], dot)
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def weigh_values(weights: np.ndarray, values: np.ndarray, acc: np.ndarray) -> None:
+    """acc[a] = sum over j of weights[a, j] * values[j] for values [n, d], weights [group, >= n], acc [group, d].
+    Eight value rows per pass over a head's accumulators, then the rows left over one at a time."""
+    group, n = acc.shape[0], values.shape[0]
+    acc[:] = 0.0
+    whole = n - n % VALUES_PER_PASS
+    for j in range(0, whole, VALUES_PER_PASS):
+        v0, v1, v2, v3 = values[j], values[j + 1], values[j + 2], values[j + 3]
+        v4, v5, v6, v7 = values[j + 4], values[j + 5], values[j + 6], values[j + 7]
+        for a in range(group):
+            w = weights[a]
+            p0, p1, p2, p3, p4, p5, p6, p7 = w[j], w[j + 1], w[j + 2], w[j + 3], w[j + 4], w[j + 5], w[j + 6], w[j + 7]
+            acc_a = acc[a]
+            for i in range(acc_a.size):
+                acc_a[i] += (p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
+                             + p4 * v4[i] + p5 * v5[i] + p6 * v6[i] + p7 * v7[i])
+    for j in range(whole, n):
+        value = values[j]
+        for a in range(group):
+            p = weights[a, j]
+            acc_a = acc[a]
+            for i in range(acc_a.size):
+                acc_a[i] += p * value[i]
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray, vcache: np.ndarray, start: int,
            window: int, chunk: int, scale: float, sinks: np.ndarray, out: np.ndarray) -> None:
@@ -235,13 +333,15 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
     [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` and only within
     the query's `chunk` of positions (0: no limit), with one sink logit per head in every softmax where
     sinks [heads] is not empty; out [T, heads*d]. One KV head per thread, its query heads together: each key and
-    value row is read once for the whole group."""
+    value row is read once for the whole group (score_keys, weigh_values), and the softmax's division is applied
+    to the d outputs of a head, not to its n weights."""
     T = q.shape[0]
     group = heads // kv_heads
     for g in prange(kv_heads):
         scores = np.empty((group, start + T), np.float32)  # [query head of the group, position from lo]
         qs = np.empty((group, d), np.float32)
         acc = np.empty((group, d), np.float32)
+        best = np.empty(group, np.float32)  # each head's largest logit (sink included), then 1 / softmax sum
         keys, values = kcache[g], vcache[g]
         for t in range(T):
             hi = start + t + 1
@@ -250,33 +350,19 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
                 lo = max(lo, (hi - 1) // chunk * chunk)
             n = hi - lo
             for a in range(group):
+                best[a] = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
                 for i in range(d):
                     qs[a, i] = q[t, (g * group + a) * d + i] * np.float32(scale)
-            for j in range(n):
-                key = keys[lo + j]
-                for a in range(group):
-                    dot = np.float32(0.0)
-                    for i in range(d):
-                        dot += qs[a, i] * key[i]
-                    scores[a, j] = dot
-            for a in range(group):
+            score_keys(qs, keys[lo:hi], scores, best)
+            for a in range(group):  # scores -> softmax numerators; best -> 1 / their sum
                 sink = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
-                row = scores[a]
-                best = sink
-                for j in range(n):
-                    best = max(best, row[j])
-                inv = np.float32(1.0) / (exp_shifted(row, n, best) + np.float32(np.exp(sink - best)))
-                for j in range(n):
-                    row[j] *= inv
-            acc[:] = 0.0
-            for j in range(n):
-                value = values[lo + j]
-                for a in range(group):
-                    p = scores[a, j]
-                    for i in range(d):
-                        acc[a, i] += p * value[i]
+                total = exp_shifted(scores[a], n, best[a]) + np.float32(np.exp(sink - best[a]))
+                best[a] = np.float32(1.0) / total
+            weigh_values(scores, values[lo:hi], acc)
             for a in range(group):
-                out[t, (g * group + a) * d: (g * group + a + 1) * d] = acc[a]
+                o = out[t, (g * group + a) * d: (g * group + a + 1) * d]
+                for i in range(d):
+                    o[i] = acc[a, i] * best[a]
 
 
 LATENT_HEADS_PER_BLOCK = 4  # MLA query heads that share one pass over the latent cache (a block per prange item)
