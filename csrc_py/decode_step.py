@@ -237,7 +237,7 @@ VALUES_PER_PASS = 8
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
-def dots_2x4(qa, qb, k0, k1, k2, k3):
+def dots_2x4(qa: np.ndarray, qb: np.ndarray, k0: np.ndarray, k1: np.ndarray, k2: np.ndarray, k3: np.ndarray):
     """The 8 dot products of query rows qa, qb with key rows k0..k3 (all [d]), in one pass over d."""
     a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
     for i in range(qa.size):
@@ -254,7 +254,7 @@ def dots_2x4(qa, qb, k0, k1, k2, k3):
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
-def dots_1x4(qa, k0, k1, k2, k3):
+def dots_1x4(qa: np.ndarray, k0: np.ndarray, k1: np.ndarray, k2: np.ndarray, k3: np.ndarray):
     """The 4 dot products of query row qa with key rows k0..k3 (all [d]), in one pass over d."""
     a0 = a1 = a2 = a3 = np.float32(0.0)
     for i in range(qa.size):
@@ -267,7 +267,8 @@ def dots_1x4(qa, k0, k1, k2, k3):
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
-def store_scores(scores: np.ndarray, best: np.ndarray, a: int, j: int, s0, s1, s2, s3) -> None:
+def store_scores(scores: np.ndarray, best: np.ndarray, a: int, j: int, s0: float, s1: float, s2: float,
+                 s3: float) -> None:
     """scores[a, j..j+3] = s0..s3, and best[a] raised to their maximum."""
     scores[a, j], scores[a, j + 1], scores[a, j + 2], scores[a, j + 3] = s0, s1, s2, s3
     best[a] = max(best[a], max(max(s0, s1), max(s2, s3)))
@@ -341,7 +342,8 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
         scores = np.empty((group, start + T), np.float32)  # [query head of the group, position from lo]
         qs = np.empty((group, d), np.float32)
         acc = np.empty((group, d), np.float32)
-        best = np.empty(group, np.float32)  # each head's largest logit (sink included), then 1 / softmax sum
+        best = np.empty(group, np.float32)  # each head's largest logit, its sink included
+        inv = np.empty(group, np.float32)  # 1 / each head's softmax denominator
         keys, values = kcache[g], vcache[g]
         for t in range(T):
             hi = start + t + 1
@@ -354,15 +356,14 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
                 for i in range(d):
                     qs[a, i] = q[t, (g * group + a) * d + i] * np.float32(scale)
             score_keys(qs, keys[lo:hi], scores, best)
-            for a in range(group):  # scores -> softmax numerators; best -> 1 / their sum
+            for a in range(group):  # scores -> softmax numerators
                 sink = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
-                total = exp_shifted(scores[a], n, best[a]) + np.float32(np.exp(sink - best[a]))
-                best[a] = np.float32(1.0) / total
+                inv[a] = np.float32(1.0) / (exp_shifted(scores[a], n, best[a]) + np.float32(np.exp(sink - best[a])))
             weigh_values(scores, values[lo:hi], acc)
             for a in range(group):
                 o = out[t, (g * group + a) * d: (g * group + a + 1) * d]
                 for i in range(d):
-                    o[i] = acc[a, i] * best[a]
+                    o[i] = acc[a, i] * inv[a]
 
 
 LATENT_HEADS_PER_BLOCK = 4  # MLA query heads that share one pass over the latent cache (a block per prange item)
