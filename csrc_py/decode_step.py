@@ -327,43 +327,93 @@ def weigh_values(weights: np.ndarray, values: np.ndarray, acc: np.ndarray) -> No
                 acc_a[i] += p * value[i]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def first_seen(position: int, window: int, chunk: int) -> int:
+    """The first cached position a query at `position` attends to: the last `window` positions only and those of
+    its `chunk` only (0: no limit)."""
+    lo = max(0, position + 1 - window) if window > 0 else 0
+    return max(lo, position // chunk * chunk) if chunk > 0 else lo
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def score_tails(qs: np.ndarray, keys: np.ndarray, group: int, common: int, scores: np.ndarray,
+                best: np.ndarray) -> None:
+    """The keys past a run's common part: token i of the run (rows i*group.. of qs) also sees keys[common:common+i]
+    (the causal triangle); scores and best as score_keys."""
+    for r in range(qs.shape[0]):
+        qa = qs[r]
+        for j in range(common, common + r // group):
+            key = keys[j]
+            dot = np.float32(0.0)
+            for i in range(key.size):
+                dot += qa[i] * key[i]
+            scores[r, j] = dot
+            best[r] = max(best[r], dot)
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def weigh_tails(weights: np.ndarray, values: np.ndarray, group: int, common: int, acc: np.ndarray) -> None:
+    """acc[r] += the weighted value rows past a run's common part (rows of token i: values[common:common+i])."""
+    for r in range(acc.shape[0]):
+        acc_r = acc[r]
+        for j in range(common, common + r // group):
+            p, value = weights[r, j], values[j]
+            for i in range(acc_r.size):
+                acc_r[i] += p * value[i]
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray, vcache: np.ndarray, start: int,
            window: int, chunk: int, scale: float, sinks: np.ndarray, out: np.ndarray) -> None:
     """Causal grouped-query attention of q [T, heads*d] (positions start..) over the cached keys / values
     [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` and only within
     the query's `chunk` of positions (0: no limit), with one sink logit per head in every softmax where
-    sinks [heads] is not empty; out [T, heads*d]. One KV head per thread, its query heads together: each key and
-    value row is read once for the whole group (score_keys, weigh_values), and the softmax's division is applied
-    to the d outputs of a head, not to its n weights."""
+    sinks [heads] is not empty; out [T, heads*d]. One KV head per thread, its query heads together, and the
+    consecutive tokens that see the same first position (a run: all T without a window or chunk boundary) together
+    too: each key and value row is read once per run for all of them (score_keys, weigh_values over the positions
+    the whole run sees, score_tails, weigh_tails for the causal triangle after them). The softmax's division is
+    applied to the d outputs of a head, not to its n weights."""
     T = q.shape[0]
     group = heads // kv_heads
     for g in prange(kv_heads):
-        scores = np.empty((group, start + T), np.float32)  # [query head of the group, position from lo]
-        qs = np.empty((group, d), np.float32)
-        acc = np.empty((group, d), np.float32)
-        best = np.empty(group, np.float32)  # each head's largest logit, its sink included
-        inv = np.empty(group, np.float32)  # 1 / each head's softmax denominator
+        scores = np.empty((T * group, start + T), np.float32)  # [token x query head of the group, position - lo]
+        qs = np.empty((T * group, d), np.float32)
+        acc = np.empty((T * group, d), np.float32)
+        best = np.empty(T * group, np.float32)  # each row's largest logit, its sink included
+        inv = np.empty(T * group, np.float32)  # 1 / each row's softmax denominator
         keys, values = kcache[g], vcache[g]
-        for t in range(T):
-            hi = start + t + 1
-            lo = max(0, hi - window) if window > 0 else 0
-            if chunk > 0:
-                lo = max(lo, (hi - 1) // chunk * chunk)
-            n = hi - lo
-            for a in range(group):
-                best[a] = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
-                for i in range(d):
-                    qs[a, i] = q[t, (g * group + a) * d + i] * np.float32(scale)
-            score_keys(qs, keys[lo:hi], scores, best)
-            for a in range(group):  # scores -> softmax numerators
-                sink = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
-                inv[a] = np.float32(1.0) / (exp_shifted(scores[a], n, best[a]) + np.float32(np.exp(sink - best[a])))
-            weigh_values(scores, values[lo:hi], acc)
-            for a in range(group):
-                o = out[t, (g * group + a) * d: (g * group + a + 1) * d]
-                for i in range(d):
-                    o[i] = acc[a, i] * inv[a]
+        t0 = 0
+        while t0 < T:  # one run of tokens t0..t1-1
+            lo = first_seen(start + t0, window, chunk)
+            t1 = t0 + 1
+            while t1 < T and first_seen(start + t1, window, chunk) == lo:
+                t1 += 1
+            for t in range(t0, t1):
+                for a in range(group):
+                    r = t * group + a
+                    best[r] = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
+                    for i in range(d):
+                        qs[r, i] = q[t, (g * group + a) * d + i] * np.float32(scale)
+            rows = slice(t0 * group, t1 * group)
+            common = start + t0 + 1 - lo  # positions every token of the run sees
+            run_keys, run_values = keys[lo: start + t1], values[lo: start + t1]
+            score_keys(qs[rows], run_keys[:common], scores[rows], best[rows])
+            score_tails(qs[rows], run_keys, group, common, scores[rows], best[rows])
+            for t in range(t0, t1):  # scores -> softmax numerators
+                for a in range(group):
+                    r = t * group + a
+                    sink = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
+                    total = exp_shifted(scores[r], common + t - t0, best[r]) + np.float32(np.exp(sink - best[r]))
+                    inv[r] = np.float32(1.0) / total
+            weigh_values(scores[rows], run_values[:common], acc[rows])
+            weigh_tails(scores[rows], run_values, group, common, acc[rows])
+            for t in range(t0, t1):
+                for a in range(group):
+                    r = t * group + a
+                    o = out[t, (g * group + a) * d: (g * group + a + 1) * d]
+                    for i in range(d):
+                        o[i] = acc[r, i] * inv[r]
+            t0 = t1
 
 
 LATENT_HEADS_PER_BLOCK = 4  # MLA query heads that share one pass over the latent cache (a block per prange item)
