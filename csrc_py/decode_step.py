@@ -228,10 +228,10 @@ def exp_shifted(s: np.ndarray, n: int, best: float) -> float:
     return total
 
 
-# Positions per pass of the attention over the cache: the scores of KEYS_PER_PASS keys against two query heads come
+# Positions per pass of the attention over the cache: the scores of KEYS_PER_PASS keys against two query rows come
 # from one pass over d (each loaded query or key value feeds 4 or 2 multiply-adds, where one dot product at a time
-# fed one multiply-add per two loads), and VALUES_PER_PASS value rows go into a head's accumulators per pass over d
-# (one load and store of the accumulators per 8 rows, not per row).
+# fed one multiply-add per two loads), and VALUES_PER_PASS value rows go into a query row's accumulators per pass
+# over d (one load and store of the accumulators per 8 value rows, not per value row).
 KEYS_PER_PASS = 4
 VALUES_PER_PASS = 8
 
@@ -267,6 +267,15 @@ def dots_1x4(qa: np.ndarray, k0: np.ndarray, k1: np.ndarray, k2: np.ndarray, k3:
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def dot(x: np.ndarray, y: np.ndarray) -> float:
+    """x . y for x, y [d] (float32)."""
+    total = np.float32(0.0)
+    for i in range(x.size):
+        total += x[i] * y[i]
+    return total
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
 def store_scores(scores: np.ndarray, best: np.ndarray, a: int, j: int, s0: float, s1: float, s2: float,
                  s3: float) -> None:
     """scores[a, j..j+3] = s0..s3, and best[a] raised to their maximum."""
@@ -276,42 +285,37 @@ def store_scores(scores: np.ndarray, best: np.ndarray, a: int, j: int, s0: float
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
 def score_keys(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray) -> None:
-    """scores[a, j] = qs[a] . keys[j] for the query heads qs [group, d] and keys [n, d]; best[a] raised to the
-    largest score of head a. Four keys at a time against two heads (dots_2x4), then the odd head, then the keys
+    """scores[a, j] = qs[a] . keys[j] for the query rows qs [rows, d] and keys [n, d]; best[a] raised to the
+    largest score of row a. Four keys at a time against two rows (dots_2x4), then the odd row, then the keys
     left over one at a time."""
-    group, n = qs.shape[0], keys.shape[0]
+    rows, n = qs.shape[0], keys.shape[0]
     whole = n - n % KEYS_PER_PASS
     for j in range(0, whole, KEYS_PER_PASS):
         k0, k1, k2, k3 = keys[j], keys[j + 1], keys[j + 2], keys[j + 3]
-        for a in range(0, group - 1, 2):
+        for a in range(0, rows - 1, 2):
             a0, a1, a2, a3, b0, b1, b2, b3 = dots_2x4(qs[a], qs[a + 1], k0, k1, k2, k3)
             store_scores(scores, best, a, j, a0, a1, a2, a3)
             store_scores(scores, best, a + 1, j, b0, b1, b2, b3)
-        if group % 2:
-            a0, a1, a2, a3 = dots_1x4(qs[group - 1], k0, k1, k2, k3)
-            store_scores(scores, best, group - 1, j, a0, a1, a2, a3)
+        if rows % 2:
+            a0, a1, a2, a3 = dots_1x4(qs[rows - 1], k0, k1, k2, k3)
+            store_scores(scores, best, rows - 1, j, a0, a1, a2, a3)
     for j in range(whole, n):
-        key = keys[j]
-        for a in range(group):
-            qa = qs[a]
-            dot = np.float32(0.0)
-            for i in range(key.size):
-                dot += qa[i] * key[i]
-            scores[a, j] = dot
-            best[a] = max(best[a], dot)
+        for a in range(rows):
+            scores[a, j] = dot(qs[a], keys[j])
+            best[a] = max(best[a], scores[a, j])
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
 def weigh_values(weights: np.ndarray, values: np.ndarray, acc: np.ndarray) -> None:
-    """acc[a] = sum over j of weights[a, j] * values[j] for values [n, d], weights [group, >= n], acc [group, d].
-    Eight value rows per pass over a head's accumulators, then the rows left over one at a time."""
-    group, n = acc.shape[0], values.shape[0]
+    """acc[a] = sum over j of weights[a, j] * values[j] for values [n, d], weights [rows, >= n], acc [rows, d].
+    Eight value rows per pass over a query row's accumulators, then the value rows left over one at a time."""
+    rows, n = acc.shape[0], values.shape[0]
     acc[:] = 0.0
     whole = n - n % VALUES_PER_PASS
     for j in range(0, whole, VALUES_PER_PASS):
         v0, v1, v2, v3 = values[j], values[j + 1], values[j + 2], values[j + 3]
         v4, v5, v6, v7 = values[j + 4], values[j + 5], values[j + 6], values[j + 7]
-        for a in range(group):
+        for a in range(rows):
             w = weights[a]
             p0, p1, p2, p3, p4, p5, p6, p7 = w[j], w[j + 1], w[j + 2], w[j + 3], w[j + 4], w[j + 5], w[j + 6], w[j + 7]
             acc_a = acc[a]
@@ -320,7 +324,7 @@ def weigh_values(weights: np.ndarray, values: np.ndarray, acc: np.ndarray) -> No
                              + p4 * v4[i] + p5 * v5[i] + p6 * v6[i] + p7 * v7[i])
     for j in range(whole, n):
         value = values[j]
-        for a in range(group):
+        for a in range(rows):
             p = weights[a, j]
             acc_a = acc[a]
             for i in range(acc_a.size):
@@ -341,14 +345,9 @@ def score_tails(qs: np.ndarray, keys: np.ndarray, group: int, common: int, score
     """The keys past a run's common part: token i of the run (rows i*group.. of qs) also sees keys[common:common+i]
     (the causal triangle); scores and best as score_keys."""
     for r in range(qs.shape[0]):
-        qa = qs[r]
         for j in range(common, common + r // group):
-            key = keys[j]
-            dot = np.float32(0.0)
-            for i in range(key.size):
-                dot += qa[i] * key[i]
-            scores[r, j] = dot
-            best[r] = max(best[r], dot)
+            scores[r, j] = dot(qs[r], keys[j])
+            best[r] = max(best[r], scores[r, j])
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
