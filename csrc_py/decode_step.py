@@ -365,13 +365,13 @@ def weigh_tails(weights: np.ndarray, values: np.ndarray, group: int, common: int
 def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray, vcache: np.ndarray, start: int,
            window: int, chunk: int, scale: float, sinks: np.ndarray, out: np.ndarray) -> None:
     """Causal grouped-query attention of q [T, heads*d] (positions start..) over the cached keys / values
-    [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` and only within
-    the query's `chunk` of positions (0: no limit), with one sink logit per head in every softmax where
-    sinks [heads] is not empty; out [T, heads*d]. One KV head per thread, its query heads together, and the
-    consecutive tokens that see the same first position (a run: all T without a window or chunk boundary) together
-    too: each key and value row is read once per run for all of them (score_keys, weigh_values over the positions
-    the whole run sees, score_tails, weigh_tails for the causal triangle after them). The softmax's division is
-    applied to the d outputs of a head, not to its n weights."""
+    [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` and only within the
+    query's `chunk` of positions (0: no limit), with one sink logit per head in every softmax where sinks [heads] is
+    not empty; out [T, heads*d]. One KV head per thread, its query heads together, and the consecutive tokens that
+    see the same first position (a run: all T unless a window moves or a chunk starts) together too: each key and
+    value row is read once per run for all of them (score_keys, weigh_values over the positions the whole run sees,
+    score_tails, weigh_tails for the causal triangle after them). The softmax's division is applied to the d outputs
+    of a head, not to its n weights."""
     T = q.shape[0]
     group = heads // kv_heads
     for g in prange(kv_heads):

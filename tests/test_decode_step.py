@@ -152,12 +152,13 @@ def softmax_attention_f64(q, k, v, start, window, chunk, scale, sinks):
 
 
 # positions around and between the kernel's passes (4 keys, 8 value rows): 1, 33, 257, 1000 cached positions;
-# 3 or 8 new tokens together, or split where the window moves and where they cross a chunk boundary (at 256)
+# 3 or 8 new tokens together, or split where the window starts to move (30 at 33 positions: after the 5th of 8)
+# and where they cross a chunk boundary (at 256)
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("S", [1, 33, 257, 1000])
 @pytest.mark.parametrize("group", [1, 2, 3, 8])
-@pytest.mark.parametrize("window, chunk, with_sinks", [(0, 0, False), (100, 0, False), (0, 128, False),
-                                                       (0, 0, True), (50, 0, True)])
+@pytest.mark.parametrize("window, chunk, with_sinks", [(0, 0, False), (100, 0, False), (30, 0, False),
+                                                       (0, 128, False), (0, 0, True), (50, 0, True)])
 def test_attention_over_the_cache_matches_float64_softmax(T, S, group, window, chunk, with_sinks):
     """attend against softmax attention in float64 over every shape its position and head blocking splits
     differently (head groups odd and even; cache lengths that are and are not multiples of the blocks), with
