@@ -229,55 +229,191 @@ def exp_shifted(s: np.ndarray, n: int, best: float) -> float:
     return total
 
 
+# Positions per pass of the attention over the cache: the scores of KEYS_PER_PASS keys against two query rows come
+# from one pass over d (each loaded query or key value feeds 4 or 2 multiply-adds, where one dot product at a time
+# fed one multiply-add per two loads), and VALUES_PER_PASS value rows go into a query row's accumulators per pass
+# over d (one load and store of the accumulators per 8 value rows, not per value row).
+KEYS_PER_PASS = 4
+VALUES_PER_PASS = 8
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def dots_2x4(qa: np.ndarray, qb: np.ndarray, k0: np.ndarray, k1: np.ndarray, k2: np.ndarray, k3: np.ndarray):
+    """The 8 dot products of query rows qa, qb with key rows k0..k3 (all [d]), in one pass over d."""
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+    for i in range(qa.size):
+        x, y = qa[i], qb[i]
+        a0 += x * k0[i]
+        a1 += x * k1[i]
+        a2 += x * k2[i]
+        a3 += x * k3[i]
+        b0 += y * k0[i]
+        b1 += y * k1[i]
+        b2 += y * k2[i]
+        b3 += y * k3[i]
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def dots_1x4(qa: np.ndarray, k0: np.ndarray, k1: np.ndarray, k2: np.ndarray, k3: np.ndarray):
+    """The 4 dot products of query row qa with key rows k0..k3 (all [d]), in one pass over d."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for i in range(qa.size):
+        x = qa[i]
+        a0 += x * k0[i]
+        a1 += x * k1[i]
+        a2 += x * k2[i]
+        a3 += x * k3[i]
+    return a0, a1, a2, a3
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def dot(x: np.ndarray, y: np.ndarray) -> float:
+    """x . y for x, y [d] (float32)."""
+    total = np.float32(0.0)
+    for i in range(x.size):
+        total += x[i] * y[i]
+    return total
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def store_scores(scores: np.ndarray, best: np.ndarray, a: int, j: int, s0: float, s1: float, s2: float,
+                 s3: float) -> None:
+    """scores[a, j..j+3] = s0..s3, and best[a] raised to their maximum."""
+    scores[a, j], scores[a, j + 1], scores[a, j + 2], scores[a, j + 3] = s0, s1, s2, s3
+    best[a] = max(best[a], max(max(s0, s1), max(s2, s3)))
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def score_keys(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray) -> None:
+    """scores[a, j] = qs[a] . keys[j] for the query rows qs [rows, d] and keys [n, d]; best[a] raised to the
+    largest score of row a. Four keys at a time against two rows (dots_2x4), then the odd row, then the keys
+    left over one at a time."""
+    rows, n = qs.shape[0], keys.shape[0]
+    whole = n - n % KEYS_PER_PASS
+    for j in range(0, whole, KEYS_PER_PASS):
+        k0, k1, k2, k3 = keys[j], keys[j + 1], keys[j + 2], keys[j + 3]
+        for a in range(0, rows - 1, 2):
+            a0, a1, a2, a3, b0, b1, b2, b3 = dots_2x4(qs[a], qs[a + 1], k0, k1, k2, k3)
+            store_scores(scores, best, a, j, a0, a1, a2, a3)
+            store_scores(scores, best, a + 1, j, b0, b1, b2, b3)
+        if rows % 2:
+            a0, a1, a2, a3 = dots_1x4(qs[rows - 1], k0, k1, k2, k3)
+            store_scores(scores, best, rows - 1, j, a0, a1, a2, a3)
+    for j in range(whole, n):
+        for a in range(rows):
+            scores[a, j] = dot(qs[a], keys[j])
+            best[a] = max(best[a], scores[a, j])
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def weigh_values(weights: np.ndarray, values: np.ndarray, acc: np.ndarray) -> None:
+    """acc[a] = sum over j of weights[a, j] * values[j] for values [n, d], weights [rows, >= n], acc [rows, d].
+    Eight value rows per pass over a query row's accumulators, then the value rows left over one at a time."""
+    rows, n = acc.shape[0], values.shape[0]
+    acc[:] = 0.0
+    whole = n - n % VALUES_PER_PASS
+    for j in range(0, whole, VALUES_PER_PASS):
+        v0, v1, v2, v3 = values[j], values[j + 1], values[j + 2], values[j + 3]
+        v4, v5, v6, v7 = values[j + 4], values[j + 5], values[j + 6], values[j + 7]
+        for a in range(rows):
+            w = weights[a]
+            p0, p1, p2, p3, p4, p5, p6, p7 = w[j], w[j + 1], w[j + 2], w[j + 3], w[j + 4], w[j + 5], w[j + 6], w[j + 7]
+            acc_a = acc[a]
+            for i in range(acc_a.size):
+                acc_a[i] += (p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
+                             + p4 * v4[i] + p5 * v5[i] + p6 * v6[i] + p7 * v7[i])
+    for j in range(whole, n):
+        value = values[j]
+        for a in range(rows):
+            p = weights[a, j]
+            acc_a = acc[a]
+            for i in range(acc_a.size):
+                acc_a[i] += p * value[i]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def first_seen(position: int, window: int, chunk: int) -> int:
+    """The first cached position a query at `position` attends to: the last `window` positions only and those of
+    its `chunk` only (0: no limit)."""
+    lo = max(0, position + 1 - window) if window > 0 else 0
+    return max(lo, position // chunk * chunk) if chunk > 0 else lo
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def score_tails(qs: np.ndarray, keys: np.ndarray, group: int, common: int, scores: np.ndarray,
+                best: np.ndarray) -> None:
+    """The keys past a run's common part: token i of the run (rows i*group.. of qs) also sees keys[common:common+i]
+    (the causal triangle); scores and best as score_keys."""
+    for r in range(qs.shape[0]):
+        for j in range(common, common + r // group):
+            scores[r, j] = dot(qs[r], keys[j])
+            best[r] = max(best[r], scores[r, j])
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def weigh_tails(weights: np.ndarray, values: np.ndarray, group: int, common: int, acc: np.ndarray) -> None:
+    """acc[r] += the weighted value rows past a run's common part (rows of token i: values[common:common+i])."""
+    for r in range(acc.shape[0]):
+        acc_r = acc[r]
+        for j in range(common, common + r // group):
+            p, value = weights[r, j], values[j]
+            for i in range(acc_r.size):
+                acc_r[i] += p * value[i]
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray, vcache: np.ndarray, start: int,
            window: int, chunk: int, scale: float, sinks: np.ndarray, out: np.ndarray) -> None:
     """Causal grouped-query attention of q [T, heads*d] (positions start..) over the cached keys / values
-    [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` and only within
-    the query's `chunk` of positions (0: no limit), with one sink logit per head in every softmax where
-    sinks [heads] is not empty; out [T, heads*d]. One KV head per thread, its query heads together: each key and
-    value row is read once for the whole group."""
+    [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` and only within the
+    query's `chunk` of positions (0: no limit), with one sink logit per head in every softmax where sinks [heads] is
+    not empty; out [T, heads*d]. One KV head per thread, its query heads together, and the consecutive tokens that
+    see the same first position (a run: all T unless a window moves or a chunk starts) together too: each key and
+    value row is read once per run for all of them (score_keys, weigh_values over the positions the whole run sees,
+    score_tails, weigh_tails for the causal triangle after them). The softmax's division is applied to the d outputs
+    of a head, not to its n weights."""
     T = q.shape[0]
     group = heads // kv_heads
     for g in prange(kv_heads):
-        scores = np.empty((group, start + T), np.float32)  # [query head of the group, position from lo]
-        qs = np.empty((group, d), np.float32)
-        acc = np.empty((group, d), np.float32)
+        scores = np.empty((T * group, start + T), np.float32)  # [token x query head of the group, position - lo]
+        qs = np.empty((T * group, d), np.float32)
+        acc = np.empty((T * group, d), np.float32)
+        best = np.empty(T * group, np.float32)  # each row's largest logit, its sink included
+        inv = np.empty(T * group, np.float32)  # 1 / each row's softmax denominator
         keys, values = kcache[g], vcache[g]
-        for t in range(T):
-            hi = start + t + 1
-            lo = max(0, hi - window) if window > 0 else 0
-            if chunk > 0:
-                lo = max(lo, (hi - 1) // chunk * chunk)
-            n = hi - lo
-            for a in range(group):
-                for i in range(d):
-                    qs[a, i] = q[t, (g * group + a) * d + i] * np.float32(scale)
-            for j in range(n):
-                key = keys[lo + j]
+        t0 = 0
+        while t0 < T:  # one run of tokens t0..t1-1
+            lo = first_seen(start + t0, window, chunk)
+            t1 = t0 + 1
+            while t1 < T and first_seen(start + t1, window, chunk) == lo:
+                t1 += 1
+            for t in range(t0, t1):
                 for a in range(group):
-                    dot = np.float32(0.0)
+                    r = t * group + a
+                    best[r] = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
                     for i in range(d):
-                        dot += qs[a, i] * key[i]
-                    scores[a, j] = dot
-            for a in range(group):
-                sink = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
-                row = scores[a]
-                best = sink
-                for j in range(n):
-                    best = max(best, row[j])
-                inv = np.float32(1.0) / (exp_shifted(row, n, best) + np.float32(np.exp(sink - best)))
-                for j in range(n):
-                    row[j] *= inv
-            acc[:] = 0.0
-            for j in range(n):
-                value = values[lo + j]
+                        qs[r, i] = q[t, (g * group + a) * d + i] * np.float32(scale)
+            rows = slice(t0 * group, t1 * group)
+            common = start + t0 + 1 - lo  # positions every token of the run sees
+            run_keys, run_values = keys[lo: start + t1], values[lo: start + t1]
+            score_keys(qs[rows], run_keys[:common], scores[rows], best[rows])
+            score_tails(qs[rows], run_keys, group, common, scores[rows], best[rows])
+            for t in range(t0, t1):  # scores -> softmax numerators
                 for a in range(group):
-                    p = scores[a, j]
+                    r = t * group + a
+                    sink = np.float32(sinks[g * group + a]) if sinks.size else np.float32(-np.inf)
+                    total = exp_shifted(scores[r], common + t - t0, best[r]) + np.float32(np.exp(sink - best[r]))
+                    inv[r] = np.float32(1.0) / total
+            weigh_values(scores[rows], run_values[:common], acc[rows])
+            weigh_tails(scores[rows], run_values, group, common, acc[rows])
+            for t in range(t0, t1):
+                for a in range(group):
+                    r = t * group + a
+                    o = out[t, (g * group + a) * d: (g * group + a + 1) * d]
                     for i in range(d):
-                        acc[a, i] += p * value[i]
-            for a in range(group):
-                out[t, (g * group + a) * d: (g * group + a + 1) * d] = acc[a]
+                        o[i] = acc[r, i] * inv[r]
+            t0 = t1
 
 
 @njit(nogil=True, cache=True, inline="always")

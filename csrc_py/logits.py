@@ -2,7 +2,7 @@
 
 Both run once per decoded token over the whole vocabulary (151,936 values on Qwen3). torch's argmax tracks an index
 per element (~0.19 ms on one thread for that vocabulary, measured on the Intel development host) and its sum splits
-~0.6 MB over the decode threads; here each is one pass on the calling thread (~4 and ~30 us).
+~0.6 MB over the decode threads; here they take ~4 and ~50 us on the calling thread.
 """
 from __future__ import annotations
 

@@ -126,6 +126,61 @@ def test_attention_with_sinks_matches_its_torch_form(T, start, window):
     assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) > 1e-2
 
 
+def softmax_attention_f64(q, k, v, start, window, chunk, scale, sinks):
+    """The float64 oracle of attend: q [T, heads, d] at positions start.., k, v [kv_heads, P, d]; query position
+    s sees cached position p <= s, with s - p < window (window > 0) and p in s's chunk (chunk > 0); a head's sink
+    logit (sinks [heads], or None) joins its softmax and attends to nothing. Returns [T, heads, d]."""
+    T, heads, d = q.shape
+    group = heads // k.shape[0]
+    positions = np.arange(start + T)
+    out = np.zeros((T, heads, d))
+    for t in range(T):
+        s = start + t
+        seen = positions <= s
+        if window:
+            seen &= s - positions < window
+        if chunk:
+            seen &= positions // chunk == s // chunk
+        for h in range(heads):
+            keys, values = k[h // group, : start + T][seen], v[h // group, : start + T][seen]
+            logits = keys @ q[t, h] * scale
+            top = max(logits.max(), sinks[h]) if sinks is not None else logits.max()
+            weights = np.exp(logits - top)
+            total = weights.sum() + (np.exp(sinks[h] - top) if sinks is not None else 0.0)
+            out[t, h] = weights @ values / total
+    return out
+
+
+# positions around and between the kernel's passes (4 keys, 8 value rows): 1, 33, 257, 1000 cached positions;
+# 3 or 8 new tokens together, or split where the window starts to move (30 at 33 positions: after the 5th of 8)
+# and where they cross a chunk boundary (at 256)
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("S", [1, 33, 257, 1000])
+@pytest.mark.parametrize("group", [1, 2, 3, 8])
+@pytest.mark.parametrize("window, chunk, with_sinks", [(0, 0, False), (100, 0, False), (30, 0, False),
+                                                       (0, 128, False), (0, 0, True), (50, 0, True)])
+def test_attention_over_the_cache_matches_float64_softmax(T, S, group, window, chunk, with_sinks):
+    """attend against softmax attention in float64 over every shape its position and head blocking splits
+    differently (head groups odd and even; cache lengths that are and are not multiples of the blocks), with
+    windows, chunks and sinks: equal within float32 rounding."""
+    if S < T:
+        pytest.skip("fewer cached positions than new tokens")
+    kv_heads, d, start = 2, 40, S - T
+    heads = kv_heads * group
+    rng = np.random.default_rng(S * 100 + group * 10 + T)
+    q = rng.standard_normal((T, heads, d)) * 2  # peaked softmaxes as well as flat ones
+    k, v = rng.standard_normal((kv_heads, S + 5, d)), rng.standard_normal((kv_heads, S + 5, d))
+    sinks = (rng.standard_normal(heads) * 3).astype(np.float32) if with_sinks else None
+    q32, k32, v32 = q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)
+    expected = softmax_attention_f64(q32.astype(np.float64), k32.astype(np.float64), v32.astype(np.float64), start,
+                                     window, chunk, d**-0.5, sinks)
+    out = np.empty((T, heads * d), np.float32)
+    ds.attend(q32.reshape(T, heads * d), heads, kv_heads, d, k32, v32, start, window, chunk, d**-0.5,
+              sinks if with_sinks else np.zeros(0, np.float32), out)
+    got = out.reshape(T, heads, d).astype(np.float64)
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 2e-6
+
+
 def absorbed_attention(q, w_kv, c, kr, start, scale, selection, selected):
     """MLA's absorbed attention in its einsum form (out [T, heads*v]) over the cache rows 0..start+T-1: every
     causal position, or with selected > 0 those of selection [T, selected] that are not after the query."""
