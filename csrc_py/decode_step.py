@@ -626,7 +626,8 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
 
     The heads go to the threads in blocks (latent_heads_per_block); a block walks its queries' positions in chunks
     of LATENT_CHUNK with an online softmax (running maximum and sum per head), so each cached latent is read
-    from memory once per block and query, and its second use (the weighted sum) finds it in cache."""
+    from memory once per block (and query, with a selection), and its second use (the weighted sum) finds it in
+    cache. A head's numbers do not depend on its block."""
     T = q.shape[0]
     rank, rope_d = c_cache.shape[1], r_cache.shape[1]
     per = latent_heads_per_block(heads, calling_threads())
