@@ -28,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
-from numba.np.ufunc.parallel import _iget_num_threads
 
 from csrc_py import indexer_step
 from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
@@ -414,6 +413,14 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
                     for i in range(d):
                         o[i] = acc[r, i] * inv[r]
             t0 = t1
+
+
+try:  # the threading layer's own getter: numba.get_num_threads() holds a ctypes pointer, which stops caching
+    from numba.np.ufunc.parallel import _iget_num_threads
+except ImportError:  # a Numba without that private name: size for two threads (a head's numbers do not depend on it)
+    @njit(nogil=True, cache=True)
+    def _iget_num_threads() -> int:
+        return 2
 
 
 @njit(nogil=True, cache=True, inline="always")
