@@ -327,6 +327,14 @@ def test_router_logits_and_swiglu_activation():
     ds.router_logits(h.numpy(), narrow.float().numpy(), bias.numpy(), wide)
     ds.router_logits(h.numpy(), narrow.view(torch.int16).numpy().view(np.uint16), bias.numpy(), logits)
     assert np.array_equal(logits, wide)
+    # Split over the threads by expert (routers of ROUTER_PARALLEL_MIN values and more): the same sums exactly.
+    split = np.empty((2, 6), np.float32)
+    ds._router_logits_parallel(h.numpy(), narrow.view(torch.int16).numpy().view(np.uint16), bias.numpy(), split)
+    assert np.array_equal(split, logits)
+    h, router = randn(3, 2048), randn(ds.ROUTER_PARALLEL_MIN // 2048, 2048)
+    logits = np.empty((3, router.shape[0]), np.float32)
+    ds.router_logits(h.numpy(), router.numpy(), np.zeros(0, np.float32), logits)
+    assert rel_err(torch.from_numpy(logits), F.linear(h, router)) < 1e-6
     g, u = randn(2, 10) * 4, randn(2, 10)
     out = np.empty((2, 10), np.float32)
     ds.silu_mul(g.numpy(), u.numpy(), out)
