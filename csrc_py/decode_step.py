@@ -730,9 +730,10 @@ def route(logits: np.ndarray, top_k: int, scoring: int, groups: int, n_group: in
             weights[t, k] *= np.float32(scaling)
 
 
-# Router weights (experts x hidden values) from which the decode threads share the logits: one thread reads a
-# cold router at ~5-8 GB/s (Qwen3-30B-A3B's 128 x 2048 bf16: ~0.1 ms), a parallel region costs a few us.
-ROUTER_PARALLEL_MIN = 1 << 18
+# Router weights (experts x hidden values) from which the decode threads share the logits. Cold, two threads
+# against one (docs/benchmarks.md, "The router's logits split over the threads"): Mixtral's 8 x 4096 1.07x,
+# DeepSeek-V2-Lite's 64 x 2048 1.27x, Qwen3-30B-A3B's 128 x 2048 1.70x, DeepSeek-V3's 256 x 7168 1.61x.
+ROUTER_PARALLEL_MIN = 1 << 17
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
