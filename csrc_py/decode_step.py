@@ -731,8 +731,8 @@ def route(logits: np.ndarray, top_k: int, scoring: int, groups: int, n_group: in
 
 
 # Router weights (experts x hidden values) from which the decode threads share the logits. Cold, two threads
-# against one (docs/benchmarks.md, "The router's logits split over the threads"): Mixtral's 8 x 4096 1.07x,
-# DeepSeek-V2-Lite's 64 x 2048 1.27x, Qwen3-30B-A3B's 128 x 2048 1.70x, DeepSeek-V3's 256 x 7168 1.61x.
+# against one (tools/bench_router.py on the Intel host): DeepSeek-V2-Lite's 64 x 2048 1.34x, Qwen3-30B-A3B's
+# 128 x 2048 1.32x, DeepSeek-V3's 256 x 7168 1.26x; Mixtral's 8 x 4096 stays on one thread.
 ROUTER_PARALLEL_MIN = 1 << 17
 
 
