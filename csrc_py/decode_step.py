@@ -526,13 +526,12 @@ def latent_quad_dots(q4: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndar
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, base: int,
-                  idx: np.ndarray, scale: float, s: np.ndarray) -> None:
+                  idx: np.ndarray, scale: float, s: np.ndarray, sums: np.ndarray) -> None:
     """s[a, k] = scale * (q_lat[a] . c_cache[j] + q_rope[a] . r_cache[j]), j = base + idx[k], for q_lat [per, rank]
-    (per a multiple of LATENT_QUAD), idx [n]: four heads by four positions per pass."""
+    (per a multiple of LATENT_QUAD), idx [n]: four heads by four positions per pass; sums [4, 4] scratch."""
     per = q_lat.shape[0]
     n = idx.size
     sc = np.float32(scale)
-    sums = np.empty((4, 4), np.float32)
     for k in range(0, n, 4):
         j0, j1 = base + idx[k], base + idx[min(k + 1, n - 1)]  # the last of a partial four repeat
         j2, j3 = base + idx[min(k + 2, n - 1)], base + idx[min(k + 3, n - 1)]
@@ -655,13 +654,14 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
             n[t] = latent_selected_positions(selection, selected, t, hi, idx[t]) if selected > 0 else hi
         offsets = np.arange(LATENT_CHUNK)  # a chunk's positions from its first, without a selection
         s = np.empty((per, LATENT_CHUNK), np.float32)
+        sums = np.empty((4, 4), np.float32)
         for k0 in range(0, n_max, LATENT_CHUNK):
             for t in range(T):  # without a selection, the queries' chunks are the same positions: read once
                 k1 = min(k0 + LATENT_CHUNK, n[t])
                 if k1 <= k0:
                     continue
                 base, chunk = (0, idx[t, k0: k1]) if selected > 0 else (k0, offsets[: k1 - k0])
-                latent_scores(q_lat[t], q_rope[t], c_cache, r_cache, base, chunk, scale, s)
+                latent_scores(q_lat[t], q_rope[t], c_cache, r_cache, base, chunk, scale, s, sums)
                 latent_accumulate(s, c_cache, base, chunk, best[t], total[t], o_lat[t])
         latent_values(o_lat, total, h0, hb, nope, w_kv, out)
 

@@ -7,6 +7,7 @@ per element (~0.19 ms on one thread for that vocabulary, measured on the Intel d
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numba import njit
 
 
@@ -56,14 +57,19 @@ def first_argmax(x: np.ndarray) -> int:
     index."""
     if x.size == 0 or not all_finite(x):
         return -1
-    nblocks = (x.size + BLOCK - 1) // BLOCK
-    block_max = np.empty(nblocks, x.dtype)
-    for b in range(nblocks):
-        block_max[b] = _max(x, b * BLOCK, min(x.size, (b + 1) * BLOCK))
-    best = _max(block_max, 0, nblocks)
-    for b in range(nblocks):
-        if block_max[b] == best:
-            for i in range(b * BLOCK, min(x.size, (b + 1) * BLOCK)):
-                if x[i] == best:
-                    return i
+    best, first = x[0], 0  # the largest value so far and the first block holding it
+    for lo in range(0, x.size, BLOCK):
+        m = _max(x, lo, min(x.size, lo + BLOCK))
+        if m > best:
+            best, first = m, lo
+    for i in range(first, min(x.size, first + BLOCK)):
+        if x[i] == best:
+            return i
     return -1
+
+
+def float32_vector(t: torch.Tensor) -> np.ndarray | None:
+    """t [V] as a numpy view when it is a contiguous float32 vector on the CPU (what these passes take), else None."""
+    if t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous():
+        return t.numpy()
+    return None

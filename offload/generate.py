@@ -10,7 +10,7 @@ from typing import ContextManager, Generator, Iterator, Sequence
 import torch
 
 from csrc_py import threads as cpu_threads
-from csrc_py.logits import all_finite
+from csrc_py.logits import all_finite, float32_vector
 
 from .decode_threads import DecodeThreads
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
@@ -127,8 +127,9 @@ def check_finite(logits: torch.Tensor, position: int) -> None:
     one anyway (argmax of NaN), which ends in an empty or garbage completion. Any NaN or inf makes the sum
     non-finite, so a finite sum (one pass, no [V] mask) clears them all; only a non-finite one is looked at. A CPU
     float32 vector is summed on the calling thread (csrc_py.logits.all_finite), not split over the decode threads."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1 and logits.is_contiguous():
-        finite = all_finite(logits.numpy())
+    vector = float32_vector(logits)
+    if vector is not None:
+        finite = all_finite(vector)
     else:
         finite = math.isfinite(float(logits.sum())) or bool(torch.isfinite(logits).all())
     if not finite:

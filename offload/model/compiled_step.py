@@ -107,13 +107,10 @@ def _f32(t: torch.Tensor | None) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
-def _f32_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32).contiguous()
-
-
 def _exact_bf16_or_f32(w: torch.Tensor) -> np.ndarray:
-    """w float32 as bf16 bits (uint16, half the bytes a decode step reads) when every value is a bf16 value, as
-    a bf16 or bf16-stored checkpoint's are; else as float32. The compiled code widens either to the same floats."""
+    """w as bf16 bits (uint16, half the bytes a decode step reads) when every value is a bf16 value, as a bf16 or
+    bf16-stored checkpoint's are; else as float32. The compiled code widens either to the same floats."""
+    w = w.detach().to(torch.float32)
     narrow = w.to(torch.bfloat16)
     if torch.equal(narrow.to(torch.float32), w):
         return narrow.contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -283,8 +280,7 @@ class _MLAPlan(_MixerPlan):
             dims=(attn.heads, attn.nope, attn.rope_dim, in_proj.widths[0] if q_lora else 0, in_proj.starts[1]),
             q_a_norm=_f32(attn.q_a_norm.weight if q_lora else None), q_b=_packed(q_b),
             kv_a_norm=_f32(attn.kv_a_norm.weight), interleaved=bool(attn.interleaved),
-            w_kv=_exact_bf16_or_f32(attn.kv_b_proj.weight.detach()).reshape(attn.heads, attn.nope + attn.v_dim,
-                                                                              attn.rank),
+            w_kv=_exact_bf16_or_f32(attn.kv_b_proj.weight).reshape(attn.heads, attn.nope + attn.v_dim, attn.rank),
             scale=float(attn.scale),
             o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
             widths=(in_proj.packed.padded_shape[1], max(in_proj.widths[0] if q_lora else 0, 1),
@@ -410,7 +406,7 @@ class _MoEPlan:
         experts = moe.experts
         return cls(
             moe=moe, norm=(_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)),
-            router=_exact_bf16_or_f32(_f32_tensor(moe.router)), router_bias=_f32(moe.router_bias),
+            router=_exact_bf16_or_f32(moe.router), router_bias=_f32(moe.router_bias),
             correction_bias=_f32(moe.correction_bias),
             routing=(*_routing_codes(cfg), int(moe.scales_input)),
             weighting=(float(cfg.routed_scaling_factor), float(cfg.norm_min)),
