@@ -15,6 +15,7 @@ import torch
 from csrc_py import quant_kernels as qk
 from csrc_py.simd import GROUP, PANEL
 from offload.errors import FormatError
+from offload.weights import hugepages
 
 if TYPE_CHECKING:
     from offload.weights.codecs import IntGroups
@@ -88,7 +89,7 @@ class PackedMatrix:
 
 def empty(fmt: str, E: int, O: int, K: int) -> PackedMatrix:
     check_format(fmt)
-    arrays = {name: np.empty(shape, dtype) for name, (shape, dtype) in _layouts(fmt, E, O, K).items()}
+    arrays = {name: hugepages.empty(shape, dtype) for name, (shape, dtype) in _layouts(fmt, E, O, K).items()}
     return PackedMatrix(fmt, (E, O, K), **arrays)
 
 
@@ -216,8 +217,11 @@ def concat_outputs(mats: list[PackedMatrix]) -> tuple[PackedMatrix, list[int]]:
                           + ", ".join(f"{m.fmt}{list(m.shape)}" for m in mats))
     heights = [m.shape[1] if fmt == "bf16" else padded(m.shape[1]) for m in mats]
     starts = [sum(heights[:i]) for i in range(len(mats))]
-    arrays = {name: np.concatenate([getattr(m, name) for m in mats], axis=1)
-              for name in _layouts(fmt, 1, 1, 1)}
+    arrays = {}
+    for name in _layouts(fmt, 1, 1, 1):
+        parts = [getattr(m, name) for m in mats]
+        shape = (1, sum(a.shape[1] for a in parts), *parts[0].shape[2:])
+        arrays[name] = np.concatenate(parts, axis=1, out=hugepages.empty(shape, parts[0].dtype))
     return PackedMatrix(fmt, (1, starts[-1] + mats[-1].shape[1], K), **arrays), starts
 
 

@@ -1,6 +1,7 @@
 """The Python API: offload.load(path) -> Model with logits / generate / stream / chat / chat_stream."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -341,7 +342,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     builder = ExpertsBuilder(config, ExpertsOptions(host_format, placement, cache_policy, prefetch, heat=heat),
                              torch_device, torch_dtype, timers)
     src = WeightSource(checkpoint, torch_dtype, torch_device, rename=arch.checkpoint_name, on_read=on_read,
-                       dense_format=dense_format, expert_format=host_format, dense_on_device=device_tier)
+                       dense_format=dense_format, expert_format=host_format, dense_on_device=device_tier,
+                       huge_pages=_store_in_huge_pages(checkpoint, device_tier))
     transformer = Transformer(config, arch.names, src, builder, max_context, timers, builder.settle,
                               device_positions=device_tier)
     if cuda_graphs:
@@ -410,6 +412,20 @@ def _profile_heat(profile: str | Path | None, placement: Plan | None) -> list[li
         return None
     check_heat_fits(placement, heat)
     return heat
+
+
+def _store_in_huge_pages(checkpoint: Checkpoint, device_tier: bool) -> bool:
+    """Whether a CPU-only run reads a store's packed matrices into huge pages (weights.hugepages) rather than
+    memory-mapping them: the kernel offers them and the copies fit in the memory available."""
+    from .weights import hugepages
+    from .weights.store import packed_entries, packed_nbytes
+
+    if device_tier or not hugepages.offered(os.environ, hugepages.system_mode()):
+        return False
+    import psutil
+
+    needed = packed_nbytes(checkpoint, packed_entries(checkpoint))
+    return needed > 0 and hugepages.copies_fit(needed, psutil.virtual_memory().available)
 
 
 def _check_formats(experts: str | None, dense: str | None, slots: str | None = None) -> None:

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from . import hugepages
 from .quant import LogicalTensor, QuantScheme, logical_tensors, scheme_for
 
 if TYPE_CHECKING:
@@ -215,10 +216,18 @@ class Checkpoint:
         """Bytes of a logical tensor's stored parts."""
         return sum(self.tensors[part].nbytes for part in self.logical[name].parts)
 
-    def array(self, name: str, dtype: np.dtype) -> np.ndarray:
+    def array(self, name: str, dtype: np.dtype, huge_pages: bool = False) -> np.ndarray:
         """One tensor as a numpy array over a copy-on-write memory map of its file: no bytes are read until used,
-        and the pages it touches are shared with the page cache (zero-copy loading of packed stores)."""
+        and the pages it touches are shared with the page cache (zero-copy loading of packed stores). With
+        `huge_pages`, a tensor of at least hugepages.MIN_BYTES is read into anonymous huge pages instead."""
         info = self.tensors[name]
+        if huge_pages and info.nbytes >= hugepages.MIN_BYTES:
+            out = hugepages.empty(info.shape, dtype)
+            if out.nbytes != info.nbytes:
+                raise CheckpointError(f"{info.file.name}: tensor {name!r} holds {info.nbytes} bytes, not the "
+                                      f"{out.nbytes} of {np.dtype(dtype)}{list(info.shape)}; convert the model again")
+            hugepages.read_into(info.file, info.offset, out)
+            return out
         whole = self._maps.get(info.file)
         if whole is None:
             with info.file.open("rb") as f:

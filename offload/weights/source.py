@@ -28,7 +28,7 @@ class WeightSource:
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
                  rename: Callable[[str], str] = str,
                  on_read: Callable[[str, int], None] | None = None, dense_format: str | None = None,
-                 expert_format: str | None = None, dense_on_device: bool | None = None):
+                 expert_format: str | None = None, dense_on_device: bool | None = None, huge_pages: bool = False):
         from .store import packed_entries
 
         self.checkpoint = checkpoint
@@ -45,6 +45,7 @@ class WeightSource:
         self.expert_format = expert_format
         self.packed = packed_entries(checkpoint) if checkpoint is not None else {}  # a store's packed matrices
         self.taken: set[str] = set()
+        self.huge_pages = huge_pages  # a store's large packed arrays are read into huge pages, not memory-mapped
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         full = self._check(name, shape)
@@ -220,7 +221,7 @@ class WeightSource:
         if tuple(entry.shape) != tuple(shape):
             raise CheckpointError(f"packed matrix {full!r} has shape {list(entry.shape)}, config.json implies "
                                   f"{list(shape)}")
-        matrix = read_packed(self.checkpoint, full, entry)
+        matrix = read_packed(self.checkpoint, full, entry, self.huge_pages)
         self.taken.update(f"{full}.{part}" for part in ("q", "d", "m"))
         if self.on_read is not None:
             self.on_read(self.checkpoint.tensors[f"{full}.q"].file.name, matrix.nbytes)

@@ -93,8 +93,16 @@ def packed_entries(checkpoint: Checkpoint) -> dict[str, PackedEntry]:
     return entries
 
 
-def read_packed(checkpoint: Checkpoint, name: str, entry: PackedEntry) -> PackedMatrix:
-    """A packed matrix over memory-mapped arrays (checked against the layout its format needs)."""
+def packed_nbytes(checkpoint: Checkpoint, entries: dict[str, PackedEntry]) -> int:
+    """Bytes of the stored arrays of the packed matrices `entries` (packed_entries(checkpoint))."""
+    tensors = checkpoint.tensors
+    return sum(tensors[f"{name}.{part}"].nbytes for name in entries for part in ARRAY_DTYPES
+               if f"{name}.{part}" in tensors)
+
+
+def read_packed(checkpoint: Checkpoint, name: str, entry: PackedEntry, huge_pages: bool = False) -> PackedMatrix:
+    """A packed matrix (checked against the layout its format needs) over memory-mapped arrays, or with
+    `huge_pages` its large arrays read into huge pages (Checkpoint.array)."""
     import numpy as np
 
     from csrc_py.formats import PackedMatrix, empty
@@ -108,7 +116,7 @@ def read_packed(checkpoint: Checkpoint, name: str, entry: PackedEntry) -> Packed
         if array_name not in checkpoint.tensors:
             raise CheckpointError(f"{checkpoint.folder}: packed matrix {name!r} has no {part} array; the store is "
                                   "incomplete, convert the model again")
-        arrays[part] = checkpoint.array(array_name, np.dtype(getattr(layout, part).dtype))
+        arrays[part] = checkpoint.array(array_name, np.dtype(getattr(layout, part).dtype), huge_pages)
     return PackedMatrix(entry.fmt, entry.shape, **arrays)
 
 
