@@ -42,7 +42,8 @@ conversions, Python, the embedding, sampling and the logits' finiteness check, s
 per-token part weighs on it more than on a deep one), the weight bytes those kernels read (top-k experts and the
 packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
 floor: those bytes over the read bandwidth measured in the same round (a worker of its own before the engines: a
-torch sum over 1 GiB on --threads threads, best of 3), against the measured time per token. A benchmark, not a test.
+torch sum over 1 GiB on --threads threads, best of 3, in huge pages where the kernel offers them, as offload keeps
+its weights: offload/weights/hugepages.py), against the measured time per token. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -182,11 +183,15 @@ def decode_weight_bytes(transformer) -> int:
 
 
 def read_bandwidth(threads: int) -> float:
-    """GB/s of a torch sum over 1 GiB on `threads` threads, best of 3."""
+    """GB/s of a torch sum over 1 GiB on `threads` threads, best of 3, in the memory offload keeps its weights in
+    (huge pages where the kernel offers them: offload.weights.hugepages; a read of 4 KiB pages is slower)."""
     import torch
 
+    from offload.weights import hugepages
+
     torch.set_num_threads(threads)
-    buf = torch.ones(1 << 28)
+    buf = torch.from_numpy(hugepages.empty((1 << 28,), "float32"))
+    buf.fill_(1.0)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
