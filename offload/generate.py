@@ -10,13 +10,13 @@ from typing import ContextManager, Generator, Iterator, Sequence
 import torch
 
 from csrc_py import threads as cpu_threads
-from csrc_py.logits import all_finite, float32_vector
+from csrc_py.logits import all_finite, first_argmax, float32_vector
 
 from .decode_threads import DecodeThreads
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
 from .errors import ContextLengthError, OffloadError
 from .model.transformer import Transformer
-from .sampling import SamplingParams, make_generator, sample_next
+from .sampling import SamplingParams, make_generator, plain_greedy, sample_next
 from .tokenizer import Tokenizer
 
 
@@ -122,13 +122,19 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> Non
         )
 
 
-def check_finite(logits: torch.Tensor, position: int) -> None:
+def check_finite(logits: torch.Tensor, position: int, argmax: bool = False) -> int | None:
     """Stop at logits that hold NaN or inf: no token can be chosen from them, and sampling would silently pick
     one anyway (argmax of NaN), which ends in an empty or garbage completion. Any NaN or inf makes the sum
     non-finite, so a finite sum (one pass, no [V] mask) clears them all; only a non-finite one is looked at. A CPU
-    float32 vector is summed on the calling thread (csrc_py.logits.all_finite), not split over the decode threads."""
+    float32 vector is summed on the calling thread (csrc_py.logits.all_finite), not split over the decode threads.
+    With `argmax` (greedy sampling next), such a vector's argmax is found in the same pass and returned; else
+    None."""
     vector = float32_vector(logits)
-    if vector is not None:
+    best = None
+    if vector is not None and argmax:
+        best = first_argmax(vector)  # -1: NaN or inf
+        finite = best >= 0
+    elif vector is not None:
         finite = all_finite(vector)
     else:
         finite = math.isfinite(float(logits.sum())) or bool(torch.isfinite(logits).all())
@@ -138,6 +144,7 @@ def check_finite(logits: torch.Tensor, position: int) -> None:
             "checkpoint's weights probably contain NaN/inf (re-export or re-download it), or the compute dtype "
             "overflowed (load with dtype='float32' or 'bfloat16' instead of float16)"
         )
+    return best
 
 
 class GenerationRun:
@@ -212,12 +219,13 @@ class GenerationRun:
         self._prompt_cache.reused_tokens += start
         self._prompt_cache.computed_tokens += len(req.prompt_ids) - start
         pos = len(req.prompt_ids)
-        check_finite(logits, pos - 1)
+        greedy = plain_greedy(req.sampling)
+        best = check_finite(logits, pos - 1, greedy)  # the argmax, for greedy sampling, from the same pass
         step_ids = torch.empty(1, dtype=torch.long, device=device)  # reused: no allocation per decoded token
         try:
             for step in range(req.max_new_tokens):
                 with model.timers.section("sampling"):
-                    token = sample_next(logits, req.sampling, generator, history[:pos])
+                    token = sample_next(logits, req.sampling, generator, history[:pos], best)
                 stats.generated_tokens += 1
                 yield token
                 if token in self.eos_ids or step == req.max_new_tokens - 1:
@@ -231,7 +239,7 @@ class GenerationRun:
                 seconds = time.perf_counter() - t0
                 stats.decode_seconds += seconds
                 self._record_decode_threads(threads, seconds)
-                check_finite(logits, pos)
+                best = check_finite(logits, pos, greedy)
                 pos += 1
         finally:
             if self._threads is not None:

@@ -46,13 +46,23 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
     return generator
 
 
+def plain_greedy(params: SamplingParams) -> bool:
+    """Whether the next token is the logits' own argmax (greedy, no repetition penalty)."""
+    return params.temperature == 0 and params.repetition_penalty == 1.0
+
+
 def sample_next(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None,
     seen_ids: torch.Tensor,
+    argmax: int | None = None,
 ) -> int:
-    """The next token id from `logits` [V] float32; `seen_ids` [N] int64 are the prompt and generated ids so far."""
+    """The next token id from `logits` [V] float32; `seen_ids` [N] int64 are the prompt and generated ids so far.
+    `argmax`: the logits' argmax when the caller already has it (generate's finiteness pass finds it), the token
+    of `plain_greedy` sampling."""
+    if argmax is not None and plain_greedy(params):
+        return argmax
     scores = logits
     if params.repetition_penalty != 1.0 and seen_ids.numel() > 0:
         scores = apply_repetition_penalty(scores, seen_ids, params.repetition_penalty)

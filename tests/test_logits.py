@@ -65,3 +65,23 @@ def test_greedy_sampling_picks_torchs_argmax_for_any_tensor():
     assert greedy(x) == int(torch.argmax(x))  # NaN: torch's answer (the generate loop refuses such logits first)
     y = torch.randn(1000, generator=g)
     assert sample_next(y, SamplingParams(), None, torch.empty(0, dtype=torch.long)) == int(torch.argmax(y))
+
+
+def test_the_finiteness_pass_gives_greedy_sampling_its_argmax():
+    from offload.errors import OffloadError
+    from offload.generate import check_finite
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(151_936, generator=g)
+    best = check_finite(logits, 7, argmax=True)
+    assert best == int(torch.argmax(logits))
+    assert check_finite(logits, 7) is None  # sampling with a temperature: no argmax pass
+    assert check_finite(logits.double(), 7, argmax=True) is None  # not a float32 vector: torch's check, no argmax
+    seen = torch.tensor([best])
+    assert sample_next(logits, SamplingParams(), None, seen, best) == best
+    # a repetition penalty changes the scores the argmax is taken over: the hint is not used
+    penalised = sample_next(logits, SamplingParams(repetition_penalty=1e6), None, seen, best)
+    assert penalised == sample_next(logits, SamplingParams(repetition_penalty=1e6), None, seen) != best
+    logits[5] = float("nan")
+    with pytest.raises(OffloadError, match="position 7 hold NaN or inf"):
+        check_finite(logits, 7, argmax=True)
