@@ -26,8 +26,10 @@ clip, L2 eps, temperature).
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from csrc_py import indexer_step
 from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
@@ -430,51 +432,117 @@ def calling_threads() -> int:
     return _iget_num_threads()
 
 
-LATENT_HEADS_MAX_BLOCK = 16  # most MLA query heads sharing one pass over the latent cache (a block per prange item)
-LATENT_QUAD = 4  # heads per score microkernel: block sizes are multiples of it, a partial block padded with zero heads
+LATENT_HEADS_MAX_BLOCK = 16  # most MLA query heads sharing one pass over a span of the latent cache
+LATENT_QUAD = 4  # heads per score microkernel: blocks are multiples of it, the heads padded with zero heads
 LATENT_CHUNK = 32  # cached positions per online-softmax step: their latents (64 KiB) stay in L1/L2 for both uses
+LATENT_SPANS = 8  # spans the attended positions are cut into (flash-decoding), whatever the thread count
+LATENT_SPAN_MIN = 16  # fewest positions per span
+LATENT_LINE = 64  # bytes per cache line
+LATENT_AHEAD_BYTES = 8192  # how far ahead in a weight stream (W_UK, W_UV rows) the software prefetch runs
+
+
+@intrinsic
+def latent_prefetch(typingctx, arr, byte):
+    """A hint to bring the cache line at `byte` bytes into arr's data into L2 (llvm.prefetch: no fault, no wait)."""
+    if not isinstance(arr, types.Array) or not isinstance(byte, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        offset = context.cast(builder, args[1], sig.args[1], types.int64)
+        at = builder.gep(builder.bitcast(data, i8p), [offset])
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [at, i32(0), i32(2), i32(1)])  # read, locality 2 (prefetcht1: L2), data
+        return context.get_dummy_value()
+
+    return types.void(arr, byte), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def latent_prefetch_row(a: np.ndarray, row: int) -> None:
+    """Prefetch row `row` of a C-contiguous 2-D array a (nothing for a row past its last)."""
+    if row < a.shape[0]:
+        size = a.shape[1] * a.itemsize
+        for at in range(row * size, (row + 1) * size, LATENT_LINE):
+            latent_prefetch(a, at)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def latent_prefetch_values(w_kv: np.ndarray, nope: int, h0: int, line0: int, line1: int) -> None:
+    """Prefetch lines line0..line1-1 of the W_UV rows (w_kv[h, nope:]) of the heads h0, h0 + 1, .. counted as one
+    stream (a head's rows are contiguous; its W_UK rows lie between two heads')."""
+    head = w_kv.shape[1] * w_kv.shape[2] * w_kv.itemsize
+    uk = nope * w_kv.shape[2] * w_kv.itemsize
+    lines = (head - uk + LATENT_LINE - 1) // LATENT_LINE
+    for line in range(line0, line1):
+        latent_prefetch(w_kv, (h0 + line // lines) * head + uk + line % lines * LATENT_LINE)
 
 
 @njit(nogil=True, cache=True)
-def latent_heads_per_block(heads: int, threads: int) -> int:
-    """Heads per block of latent_attend: as many as keep every thread busy (fewer passes over the latent cache),
-    a multiple of LATENT_QUAD, at most LATENT_HEADS_MAX_BLOCK. A head's numbers do not depend on it."""
-    per = (heads + threads - 1) // threads
-    per = (per + LATENT_QUAD - 1) // LATENT_QUAD * LATENT_QUAD
-    return min(per, LATENT_HEADS_MAX_BLOCK)
+def latent_value_lines(w_kv: np.ndarray, nope: int) -> int:
+    """Cache lines of one head's W_UV rows (latent_prefetch_values' stream per head)."""
+    return ((w_kv.shape[1] - nope) * w_kv.shape[2] * w_kv.itemsize + LATENT_LINE - 1) // LATENT_LINE
+
+
+@njit(nogil=True, cache=True)
+def latent_span(n_max: int) -> int:
+    """Positions per span of latent_attend's split of the attended positions: about n_max / LATENT_SPANS, a whole
+    number of quads, at least LATENT_SPAN_MIN. A function of the positions alone, so the split (and with it the
+    float32 summation order) does not depend on the thread count."""
+    span = (n_max + LATENT_SPANS - 1) // LATENT_SPANS
+    span = (span + LATENT_QUAD - 1) // LATENT_QUAD * LATENT_QUAD
+    return max(span, LATENT_SPAN_MIN)
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def latent_queries(q: np.ndarray, h0: int, hb: int, nope: int, w_kv: np.ndarray, q_lat: np.ndarray,
-                   q_rope: np.ndarray) -> None:
-    """q_lat [T, per, rank] = each head's q_nope through its W_UK (w_kv[h, :nope]), q_rope [T, per, rope] its rope
-    part, for the heads h0..h0+hb-1 (rows from hb on stay 0). Four W_UK rows per pass over q_lat, each row read
-    once for all T queries."""
-    T, per, rank = q_lat.shape
+def latent_query(q: np.ndarray, h: int, heads: int, nope: int, w_kv: np.ndarray, q_lat: np.ndarray,
+                 q_rope: np.ndarray) -> None:
+    """q_lat[t, h] [rank] = head h's q_nope through its W_UK (w_kv[h, :nope]), q_rope[t, h] [rope] its rope part,
+    for q_lat [T, padded heads, rank] (zeros for a padding head h >= heads). Four W_UK rows per pass over
+    q_lat[t, h], each row read once for all T queries, LATENT_AHEAD_BYTES of the rows prefetched ahead."""
+    T, rank = q_lat.shape[0], q_lat.shape[2]
     rope_d = q_rope.shape[2]
     qd = nope + rope_d
-    q_lat[:] = 0.0
-    q_rope[:] = 0.0
-    for a in range(hb):
-        h = h0 + a
+    for t in range(T):
+        q_lat[t, h] = 0.0
+        q_rope[t, h] = 0.0
+    if h >= heads:
+        return
+    w = w_kv[h]
+    ahead = max(LATENT_AHEAD_BYTES // (rank * w_kv.itemsize), 1)
+    for t in range(T):
+        q_rope[t, h] = q[t, h * qd + nope: h * qd + qd]
+    i = 0
+    while i + 4 <= nope:
+        for j in range(i + ahead, min(i + ahead + 4, nope)):
+            latent_prefetch_row(w, j)
+        w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
         for t in range(T):
-            q_rope[t, a] = q[t, h * qd + nope: h * qd + qd]
-        i = 0
-        while i + 4 <= nope:
-            w0, w1, w2, w3 = w_kv[h, i], w_kv[h, i + 1], w_kv[h, i + 2], w_kv[h, i + 3]
-            for t in range(T):
-                x0, x1, x2, x3 = q[t, h * qd + i], q[t, h * qd + i + 1], q[t, h * qd + i + 2], q[t, h * qd + i + 3]
-                acc = q_lat[t, a]
-                for r in range(rank):
-                    acc[r] += (x0 * weight(w0, r) + x1 * weight(w1, r)) + (x2 * weight(w2, r) + x3 * weight(w3, r))
-            i += 4
-        for i in range(i, nope):
-            w0 = w_kv[h, i]
-            for t in range(T):
-                x0 = q[t, h * qd + i]
-                acc = q_lat[t, a]
-                for r in range(rank):
-                    acc[r] += x0 * weight(w0, r)
+            x0, x1, x2, x3 = q[t, h * qd + i], q[t, h * qd + i + 1], q[t, h * qd + i + 2], q[t, h * qd + i + 3]
+            acc = q_lat[t, h]
+            for r in range(rank):
+                acc[r] += (x0 * weight(w0, r) + x1 * weight(w1, r)) + (x2 * weight(w2, r) + x3 * weight(w3, r))
+        i += 4
+    for i in range(i, nope):
+        w0 = w[i]
+        for t in range(T):
+            x0 = q[t, h * qd + i]
+            acc = q_lat[t, h]
+            for r in range(rank):
+                acc[r] += x0 * weight(w0, r)
+
+
+@njit(nogil=True, cache=True)
+def latent_positions(selection: np.ndarray, selected: int, start: int, n: np.ndarray, idx: np.ndarray) -> int:
+    """n[t] = the number of positions query t (at start + t) attends: with a selection (selected > 0) its selected
+    positions up to itself, in idx[t, :n[t]] (latent_selected_positions), without one all of 0..start+t; the most."""
+    for t in range(n.size):
+        hi = start + t + 1
+        n[t] = latent_selected_positions(selection, selected, t, hi, idx[t]) if selected > 0 else hi
+    return n.max()
 
 
 @njit(nogil=True, cache=True)
@@ -526,13 +594,23 @@ def latent_quad_dots(q4: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndar
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, base: int,
-                  idx: np.ndarray, scale: float, s: np.ndarray, sums: np.ndarray) -> None:
+                  idx: np.ndarray, scale: float, s: np.ndarray, sums: np.ndarray, ahead_base: int,
+                  ahead: np.ndarray, w_kv: np.ndarray, nope: int, h0: int, line0: int, line1: int) -> None:
     """s[a, k] = scale * (q_lat[a] . c_cache[j] + q_rope[a] . r_cache[j]), j = base + idx[k], for q_lat [per, rank]
-    (per a multiple of LATENT_QUAD), idx [n]: four heads by four positions per pass; sums [4, 4] scratch."""
+    (per a multiple of LATENT_QUAD), idx [n]: four heads by four positions per pass; sums [4, 4] scratch. Spread
+    over the passes, prefetches the cache rows ahead_base + ahead[:] (the next chunk) and the W_UV lines
+    line0..line1-1 of the heads from h0 (latent_prefetch_values), so they arrive while this chunk computes."""
     per = q_lat.shape[0]
     n = idx.size
+    passes = (n + 3) // 4
     sc = np.float32(scale)
     for k in range(0, n, 4):
+        for i in range(k, min(k + 4, ahead.size)):
+            latent_prefetch_row(c_cache, ahead_base + ahead[i])
+            latent_prefetch_row(r_cache, ahead_base + ahead[i])
+        p = k // 4
+        latent_prefetch_values(w_kv, nope, h0, line0 + (line1 - line0) * p // passes,
+                               line0 + (line1 - line0) * (p + 1) // passes)
         j0, j1 = base + idx[k], base + idx[min(k + 1, n - 1)]  # the last of a partial four repeat
         j2, j3 = base + idx[min(k + 2, n - 1)], base + idx[min(k + 3, n - 1)]
         for a in range(0, per, LATENT_QUAD):
@@ -598,9 +676,10 @@ def latent_accumulate(s: np.ndarray, c_cache: np.ndarray, base: int, idx: np.nda
 def latent_values(o_lat: np.ndarray, total: np.ndarray, h0: int, hb: int, nope: int, w_kv: np.ndarray,
                   out: np.ndarray) -> None:
     """out[t, h*v: (h+1)*v] = W_UV (w_kv[h, nope:]) @ o_lat[t, a] / total[t, a] for the heads h = h0 + a, a < hb;
-    each W_UV row read once for all T queries."""
+    each W_UV row read once for all T queries, LATENT_AHEAD_BYTES of the rows prefetched ahead."""
     T, rank = o_lat.shape[0], o_lat.shape[2]
     v_dim = w_kv.shape[1] - nope
+    ahead = max(LATENT_AHEAD_BYTES // (rank * w_kv.itemsize), 1)
     for t in range(T):
         for a in range(hb):
             inv = np.float32(1.0) / total[t, a]
@@ -609,14 +688,82 @@ def latent_values(o_lat: np.ndarray, total: np.ndarray, h0: int, hb: int, nope: 
                 o[r] *= inv
     for a in range(hb):
         h = h0 + a
+        w = w_kv[h]
         for i in range(v_dim):
-            wrow = w_kv[h, nope + i]
+            if i + ahead < v_dim:
+                latent_prefetch_row(w, nope + i + ahead)
+            wrow = w[nope + i]
             for t in range(T):
                 o = o_lat[t, a]
                 acc = np.float32(0.0)
                 for r in range(rank):
                     acc += o[r] * weight(wrow, r)
                 out[t, h * v_dim + i] = acc
+
+
+@njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def latent_partial(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, h0: int,
+                   k0: int, k1: int, n: np.ndarray, idx: np.ndarray, selected: int, scale: float, w_kv: np.ndarray,
+                   nope: int, hv0: int, hv1: int, best: np.ndarray, total: np.ndarray, o_lat: np.ndarray) -> None:
+    """One span's online softmax for the heads h0..h0+per-1 of q_lat [T, heads', rank] (q_rope alike): each query
+    t over its attended positions k0 <= k < min(k1, n[t]) (the positions idx[t, k] with a selection, k without),
+    in chunks of LATENT_CHUNK: best, total [T, per] (running maximum and sum), o_lat [T, per, rank] (the
+    exp-weighted sum of latents), all relative to best. Prefetches each query's next chunk, and spread over the
+    span the W_UV rows of the heads hv0..hv1-1 (which this thread's share of latent_attend's last stage reads)."""
+    T, per = best.shape
+    o_lat[:] = 0.0
+    best[:] = -np.inf
+    total[:] = 0.0
+    n_max = n.max()
+    offsets = np.arange(2 * LATENT_CHUNK)  # a chunk's and the next one's positions from its first, without a selection
+    none = offsets[:0]
+    s = np.empty((per, LATENT_CHUNK), np.float32)
+    sums = np.empty((4, 4), np.float32)
+    lines = (hv1 - hv0) * latent_value_lines(w_kv, nope)
+    chunks = (k1 - k0 + LATENT_CHUNK - 1) // LATENT_CHUNK
+    for c in range(chunks):
+        c0 = k0 + c * LATENT_CHUNK
+        line0, line1 = lines * c // chunks, lines * (c + 1) // chunks
+        for t in range(T):
+            c1 = min(c0 + LATENT_CHUNK, n[t], k1)
+            if c1 <= c0:
+                continue
+            if selected > 0:  # each query its own positions: its next chunk (past this span too)
+                base, chunk = 0, idx[t, c0: c1]
+                ahead = idx[t, c1: min(c1 + LATENT_CHUNK, n[t])]
+            else:  # the queries' positions are the same: the next chunk prefetched once
+                base, chunk = c0, offsets[: c1 - c0]
+                ahead = offsets[LATENT_CHUNK: LATENT_CHUNK + max(min(LATENT_CHUNK, n_max - c0 - LATENT_CHUNK), 0)] \
+                    if t == 0 else none
+            latent_scores(q_lat[t, h0: h0 + per], q_rope[t, h0: h0 + per], c_cache, r_cache, base, chunk, scale, s,
+                          sums, base, ahead, w_kv, nope, hv0, line0, line1)
+            line0 = line1  # issued once per chunk
+            latent_accumulate(s, c_cache, base, chunk, best[t], total[t], o_lat[t])
+
+
+@njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def latent_merge(best: np.ndarray, total: np.ndarray, o_part: np.ndarray, a: int, o_lat: np.ndarray,
+                 sums: np.ndarray) -> None:
+    """o_lat[t, 0] = sum over spans of exp(best - m) * o_part[span, t, a], sums[t, 0] = sum of exp(best - m) *
+    total, m = the largest best (flash-decoding's merge of partial softmaxes, spans in order); best, total
+    [spans, T, per], o_part [spans, T, per, rank], o_lat [T, 1, rank]; a span a query does not reach adds nothing."""
+    spans, T = best.shape[0], best.shape[1]
+    rank = o_lat.shape[2]
+    for t in range(T):
+        m = np.float32(-np.inf)
+        for sp in range(spans):
+            m = max(m, best[sp, t, a])
+        o = o_lat[t, 0]
+        o[:] = 0.0
+        sums[t, 0] = 0.0
+        for sp in range(spans):
+            if best[sp, t, a] == -np.inf:
+                continue
+            f = np.float32(np.exp(best[sp, t, a] - m))
+            sums[t, 0] += f * total[sp, t, a]
+            part = o_part[sp, t, a]
+            for r in range(rank):
+                o[r] += f * part[r]
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
@@ -630,40 +777,45 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
     selected > 0 each query attends only to the positions selection[t, :selected] (DeepSeek Sparse Attention,
     MLA._absorbed_selected; later positions than the query skipped).
 
-    The heads go to the threads in blocks (latent_heads_per_block); a block walks its queries' positions in chunks
-    of LATENT_CHUNK with an online softmax (running maximum and sum per head), so each cached latent is read
-    from memory once per block (and query, with a selection), and its second use (the weighted sum) finds it in
-    cache. A head's numbers do not depend on its block."""
+    Three parallel stages, for inputs that come from DRAM (a decode step's previous layer evicted them):
+    1. the heads' latent queries (latent_query), the W_UK rows split over the threads;
+    2. flash-decoding: the attended positions cut into spans (latent_span: LATENT_SPANS of them, whatever the
+       thread count), one online softmax (latent_partial) per span and block of up to LATENT_HEADS_MAX_BLOCK heads,
+       so each cached latent is read from memory once per block in all, not once per thread; each span prefetches
+       its next chunk, and the W_UV rows its thread will read in stage 3 while it computes;
+    3. per head, the spans' partials merged in order (latent_merge) and put through W_UV (latent_values).
+    Every split is a function of the shapes alone: the numbers do not depend on the thread count."""
     T = q.shape[0]
     rank, rope_d = c_cache.shape[1], r_cache.shape[1]
-    per = latent_heads_per_block(heads, calling_threads())
-    n_max = selected if selected > 0 else start + T
-    for b in prange((heads + per - 1) // per):
+    padded = (heads + LATENT_QUAD - 1) // LATENT_QUAD * LATENT_QUAD  # zero heads pad the last quad
+    per = min(padded, LATENT_HEADS_MAX_BLOCK)
+    blocks = (padded + per - 1) // per
+    q_lat = np.empty((T, padded, rank), np.float32)  # the padding heads' rows zeroed by latent_query
+    q_rope = np.empty((T, padded, rope_d), np.float32)
+    for h in prange(padded):
+        latent_query(q, h, heads, nope, w_kv, q_lat, q_rope)
+    n = np.empty(T, np.int64)  # positions each query attends: in idx[t] with a selection, 0.. without
+    idx = np.empty((T, max(selected, 0)), np.int64)
+    n_max = latent_positions(selection, selected, start, n, idx)
+    span = latent_span(n_max)
+    spans = (n_max + span - 1) // span
+    best = np.empty((blocks, spans, T, per), np.float32)
+    total = np.empty((blocks, spans, T, per), np.float32)
+    o_part = np.empty((blocks, spans, T, per, rank), np.float32)
+    for item in prange(blocks * spans):
+        b, sp = item // spans, item % spans
         h0 = b * per
         hb = min(per, heads - h0)
-        q_lat = np.empty((T, per, rank), np.float32)
-        q_rope = np.empty((T, per, rope_d), np.float32)
-        latent_queries(q, h0, hb, nope, w_kv, q_lat, q_rope)
-        o_lat = np.zeros((T, per, rank), np.float32)
-        best = np.full((T, per), -np.inf, np.float32)
-        total = np.zeros((T, per), np.float32)
-        n = np.empty(T, np.int64)  # positions each query attends: in idx[t] with a selection, 0.. without
-        idx = np.empty((T, max(selected, 0)), np.int64)
-        for t in range(T):
-            hi = start + t + 1
-            n[t] = latent_selected_positions(selection, selected, t, hi, idx[t]) if selected > 0 else hi
-        offsets = np.arange(LATENT_CHUNK)  # a chunk's positions from its first, without a selection
-        s = np.empty((per, LATENT_CHUNK), np.float32)
-        sums = np.empty((4, 4), np.float32)
-        for k0 in range(0, n_max, LATENT_CHUNK):
-            for t in range(T):  # without a selection, the queries' chunks are the same positions: read once
-                k1 = min(k0 + LATENT_CHUNK, n[t])
-                if k1 <= k0:
-                    continue
-                base, chunk = (0, idx[t, k0: k1]) if selected > 0 else (k0, offsets[: k1 - k0])
-                latent_scores(q_lat[t], q_rope[t], c_cache, r_cache, base, chunk, scale, s, sums)
-                latent_accumulate(s, c_cache, base, chunk, best[t], total[t], o_lat[t])
-        latent_values(o_lat, total, h0, hb, nope, w_kv, out)
+        hv0, hv1 = h0 + hb * sp // spans, h0 + hb * (sp + 1) // spans  # stage 3's heads in the same order as items
+        latent_partial(q_lat, q_rope, c_cache, r_cache, h0, sp * span, (sp + 1) * span, n, idx, selected, scale,
+                       w_kv, nope, hv0, hv1, best[b, sp], total[b, sp], o_part[b, sp])
+
+    for h in prange(heads):
+        b = h // per
+        o_lat = np.empty((T, 1, rank), np.float32)
+        sums = np.empty((T, 1), np.float32)
+        latent_merge(best[b], total[b], o_part[b], h - b * per, o_lat, sums)
+        latent_values(o_lat, sums, h, 1, nope, w_kv, out)
 
 
 @njit(nogil=True, cache=True)

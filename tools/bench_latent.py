@@ -1,0 +1,121 @@
+"""MLA's absorbed attention (csrc_py.decode_step.latent_attend) alone, against another commit's version of it in
+the same run, with its inputs in DRAM (as in a decode step, where the previous layer's experts evicted them) and
+in cache.
+
+    python tools/bench_latent.py --against main --positions 512 2048 8192 --tokens 1 4 --dsa 2048:8192
+
+Shape: DeepSeek-V2-Lite (16 heads, nope 128, rope 64, rank 512, v 128), kv_b_proj's weight as bf16 bits. T new
+tokens after positions - T cached ones; `--dsa N:P` adds a case where each query attends N selected positions of
+P. Cold: a read of a --evict-mb buffer before each call (wall time: cold work is memory time); warm: the same
+arrays called again. `--against REF` loads REF's csrc_py/decode_step.py (git show) as a separate module; the
+kernels are called in turn (interleaved, so the shared host's noise falls on both), each figure the median of
+--calls calls, and the ratio REF / this is per case. Also prints max |this - REF| / max |REF| (float32 summation
+order). A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch  # noqa: F401  (torch before numba)
+import numba
+
+from csrc_py import decode_step
+
+HEADS, NOPE, ROPE, RANK, V = 16, 128, 64, 512, 128  # DeepSeek-V2-Lite
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_latent_attend_at(ref: str, folder: Path):
+    """latent_attend as of commit `ref`, imported from a copy of that commit's csrc_py/decode_step.py."""
+    source = subprocess.run(["git", "show", f"{ref}:csrc_py/decode_step.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    path = folder / "decode_step_at_ref.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("decode_step_at_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.latent_attend
+
+
+def case_inputs(positions: int, T: int, selected: int, rng: np.random.Generator) -> tuple:
+    """(q, w_kv bf16 bits, c_cache, r_cache, start, selection) for T queries ending at `positions`."""
+    q = rng.standard_normal((T, HEADS * (NOPE + ROPE)), dtype=np.float32)
+    w = torch.from_numpy(rng.standard_normal((HEADS, NOPE + V, RANK), dtype=np.float32) * 0.05)
+    w_kv = w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    c = rng.standard_normal((positions, RANK), dtype=np.float32)
+    r = rng.standard_normal((positions, ROPE), dtype=np.float32)
+    start = positions - T
+    if selected:
+        selection = np.stack([np.sort(rng.permutation(positions)[:selected]) for _ in range(T)]).astype(np.int64)
+    else:
+        selection = np.zeros((T, 0), np.int64)
+    return q, w_kv, c, r, start, selection
+
+
+def time_case(kernels: dict, positions: int, T: int, selected: int, calls: int, evict: np.ndarray) -> dict:
+    """{name: (cold median us, warm median us, output)}: each kernel called in turn, cold then warm."""
+    q, w_kv, c, r, start, selection = case_inputs(positions, T, selected, np.random.default_rng(0))
+    outs = {name: np.empty((T, HEADS * V), np.float32) for name in kernels}
+    cold = {name: [] for name in kernels}
+    warm = {name: [] for name in kernels}
+    scale = (NOPE + ROPE) ** -0.5
+    for name, kernel in kernels.items():  # compile and warm up
+        kernel(q, HEADS, NOPE, w_kv, c, r, start, scale, selection, selected, outs[name])
+    for _ in range(calls):
+        for name, kernel in kernels.items():
+            evict.sum()
+            t0 = time.perf_counter()
+            kernel(q, HEADS, NOPE, w_kv, c, r, start, scale, selection, selected, outs[name])
+            t1 = time.perf_counter()
+            kernel(q, HEADS, NOPE, w_kv, c, r, start, scale, selection, selected, outs[name])
+            t2 = time.perf_counter()
+            cold[name].append(t1 - t0)
+            warm[name].append(t2 - t1)
+    return {name: (1e6 * statistics.median(cold[name]), 1e6 * statistics.median(warm[name]), outs[name])
+            for name in kernels}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", help="a git commit or branch whose latent_attend to time alongside this tree's")
+    parser.add_argument("--positions", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="new tokens T per call (at most 8)")
+    parser.add_argument("--dsa", nargs="*", default=["2048:8192"], help="SELECTED:POSITIONS cases")
+    parser.add_argument("--calls", type=int, default=15, help="timed calls per kernel and case")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--evict-mb", type=int, default=256, help="buffer read before each cold call")
+    args = parser.parse_args()
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    evict = np.ones(args.evict_mb << 18, np.float32)
+    cases = [(p, T, 0) for T in args.tokens for p in args.positions]
+    cases += [(int(p), T, int(n)) for T in args.tokens for n, p in (d.split(":") for d in args.dsa)]
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels = {"this": decode_step.latent_attend}
+        if args.against:
+            kernels[args.against] = load_latent_attend_at(args.against, Path(tmp))
+        ref = args.against
+        names = list(kernels)
+        print(f"threads {numba.get_num_threads()}, evict {args.evict_mb} MB, {args.calls} calls, median wall us")
+        print("| T | positions | selected | " + " | ".join(f"{n} cold | {n} warm" for n in names)
+              + (f" | {ref} / this cold | {ref} / this warm | max rel diff |" if ref else " |"))
+        print("|---" * (3 + 2 * len(names) + (3 if ref else 0)) + "|")
+        for positions, T, selected in cases:
+            got = time_case(kernels, positions, T, selected, args.calls, evict)
+            row = f"| {T} | {positions} | {selected or '-'} | " + " | ".join(
+                f"{c:.0f} | {w:.0f}" for c, w, _ in got.values())
+            if ref:
+                (c_this, w_this, out_this), (c_ref, w_ref, out_ref) = got["this"], got[ref]
+                diff = np.abs(out_this - out_ref).max() / np.abs(out_ref).max()
+                row += f" | {c_ref / c_this:.2f}x | {w_ref / w_this:.2f}x | {diff:.1e}"
+            print(row + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
