@@ -435,7 +435,7 @@ def calling_threads() -> int:
 LATENT_HEADS_MAX_BLOCK = 16  # most MLA query heads sharing one pass over a span of the latent cache
 LATENT_QUAD = 4  # heads per score microkernel: blocks are multiples of it, the heads padded with zero heads
 LATENT_CHUNK = 32  # cached positions per online-softmax step: their latents (64 KiB) stay in L1/L2 for both uses
-LATENT_SPANS = 8  # spans the attended positions are cut into (flash-decoding), whatever the thread count
+LATENT_SPANS = 4  # spans the attended positions are cut into (flash-decoding), whatever the thread count
 LATENT_SPAN_MIN = 16  # fewest positions per span
 LATENT_LINE = 64  # bytes per cache line
 LATENT_AHEAD_BYTES = 8192  # how far ahead in a weight stream (W_UK, W_UV rows) the software prefetch runs
@@ -468,23 +468,6 @@ def latent_prefetch_row(a: np.ndarray, row: int) -> None:
         size = a.shape[1] * a.itemsize
         for at in range(row * size, (row + 1) * size, LATENT_LINE):
             latent_prefetch(a, at)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def latent_prefetch_values(w_kv: np.ndarray, nope: int, h0: int, line0: int, line1: int) -> None:
-    """Prefetch lines line0..line1-1 of the W_UV rows (w_kv[h, nope:]) of the heads h0, h0 + 1, .. counted as one
-    stream (a head's rows are contiguous; its W_UK rows lie between two heads')."""
-    head = w_kv.shape[1] * w_kv.shape[2] * w_kv.itemsize
-    uk = nope * w_kv.shape[2] * w_kv.itemsize
-    lines = (head - uk + LATENT_LINE - 1) // LATENT_LINE
-    for line in range(line0, line1):
-        latent_prefetch(w_kv, (h0 + line // lines) * head + uk + line % lines * LATENT_LINE)
-
-
-@njit(nogil=True, cache=True)
-def latent_value_lines(w_kv: np.ndarray, nope: int) -> int:
-    """Cache lines of one head's W_UV rows (latent_prefetch_values' stream per head)."""
-    return ((w_kv.shape[1] - nope) * w_kv.shape[2] * w_kv.itemsize + LATENT_LINE - 1) // LATENT_LINE
 
 
 @njit(nogil=True, cache=True)
@@ -594,23 +577,18 @@ def latent_quad_dots(q4: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndar
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, base: int,
-                  idx: np.ndarray, scale: float, s: np.ndarray, sums: np.ndarray, ahead_base: int,
-                  ahead: np.ndarray, w_kv: np.ndarray, nope: int, h0: int, line0: int, line1: int) -> None:
+                  idx: np.ndarray, scale: float, s: np.ndarray, sums: np.ndarray, ahead: np.ndarray) -> None:
     """s[a, k] = scale * (q_lat[a] . c_cache[j] + q_rope[a] . r_cache[j]), j = base + idx[k], for q_lat [per, rank]
     (per a multiple of LATENT_QUAD), idx [n]: four heads by four positions per pass; sums [4, 4] scratch. Spread
-    over the passes, prefetches the cache rows ahead_base + ahead[:] (the next chunk) and the W_UV lines
-    line0..line1-1 of the heads from h0 (latent_prefetch_values), so they arrive while this chunk computes."""
+    over the passes, prefetches the cache rows base + ahead[:] (the next chunk), so they arrive while this chunk
+    computes."""
     per = q_lat.shape[0]
     n = idx.size
-    passes = (n + 3) // 4
     sc = np.float32(scale)
     for k in range(0, n, 4):
         for i in range(k, min(k + 4, ahead.size)):
-            latent_prefetch_row(c_cache, ahead_base + ahead[i])
-            latent_prefetch_row(r_cache, ahead_base + ahead[i])
-        p = k // 4
-        latent_prefetch_values(w_kv, nope, h0, line0 + (line1 - line0) * p // passes,
-                               line0 + (line1 - line0) * (p + 1) // passes)
+            latent_prefetch_row(c_cache, base + ahead[i])
+            latent_prefetch_row(r_cache, base + ahead[i])
         j0, j1 = base + idx[k], base + idx[min(k + 1, n - 1)]  # the last of a partial four repeat
         j2, j3 = base + idx[min(k + 2, n - 1)], base + idx[min(k + 3, n - 1)]
         for a in range(0, per, LATENT_QUAD):
@@ -703,13 +681,13 @@ def latent_values(o_lat: np.ndarray, total: np.ndarray, h0: int, hb: int, nope: 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def latent_partial(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, h0: int,
-                   k0: int, k1: int, n: np.ndarray, idx: np.ndarray, selected: int, scale: float, w_kv: np.ndarray,
-                   nope: int, hv0: int, hv1: int, best: np.ndarray, total: np.ndarray, o_lat: np.ndarray) -> None:
+                   k0: int, k1: int, n: np.ndarray, idx: np.ndarray, selected: int, scale: float, best: np.ndarray,
+                   total: np.ndarray, o_lat: np.ndarray) -> None:
     """One span's online softmax for the heads h0..h0+per-1 of q_lat [T, heads', rank] (q_rope alike): each query
     t over its attended positions k0 <= k < min(k1, n[t]) (the positions idx[t, k] with a selection, k without),
     in chunks of LATENT_CHUNK: best, total [T, per] (running maximum and sum), o_lat [T, per, rank] (the
-    exp-weighted sum of latents), all relative to best. Prefetches each query's next chunk, and spread over the
-    span the W_UV rows of the heads hv0..hv1-1 (which this thread's share of latent_attend's last stage reads)."""
+    exp-weighted sum of latents), all relative to best. Prefetches each query's next chunk (past the span: the
+    thread's next span is usually the next one)."""
     T, per = best.shape
     o_lat[:] = 0.0
     best[:] = -np.inf
@@ -719,11 +697,7 @@ def latent_partial(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r
     none = offsets[:0]
     s = np.empty((per, LATENT_CHUNK), np.float32)
     sums = np.empty((4, 4), np.float32)
-    lines = (hv1 - hv0) * latent_value_lines(w_kv, nope)
-    chunks = (k1 - k0 + LATENT_CHUNK - 1) // LATENT_CHUNK
-    for c in range(chunks):
-        c0 = k0 + c * LATENT_CHUNK
-        line0, line1 = lines * c // chunks, lines * (c + 1) // chunks
+    for c0 in range(k0, k1, LATENT_CHUNK):
         for t in range(T):
             c1 = min(c0 + LATENT_CHUNK, n[t], k1)
             if c1 <= c0:
@@ -736,8 +710,7 @@ def latent_partial(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r
                 ahead = offsets[LATENT_CHUNK: LATENT_CHUNK + max(min(LATENT_CHUNK, n_max - c0 - LATENT_CHUNK), 0)] \
                     if t == 0 else none
             latent_scores(q_lat[t, h0: h0 + per], q_rope[t, h0: h0 + per], c_cache, r_cache, base, chunk, scale, s,
-                          sums, base, ahead, w_kv, nope, hv0, line0, line1)
-            line0 = line1  # issued once per chunk
+                          sums, ahead)
             latent_accumulate(s, c_cache, base, chunk, best[t], total[t], o_lat[t])
 
 
@@ -787,9 +760,9 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
     Every split is a function of the shapes alone: the numbers do not depend on the thread count."""
     T = q.shape[0]
     rank, rope_d = c_cache.shape[1], r_cache.shape[1]
-    padded = (heads + LATENT_QUAD - 1) // LATENT_QUAD * LATENT_QUAD  # zero heads pad the last quad
-    per = min(padded, LATENT_HEADS_MAX_BLOCK)
-    blocks = (padded + per - 1) // per
+    per = min((heads + LATENT_QUAD - 1) // LATENT_QUAD * LATENT_QUAD, LATENT_HEADS_MAX_BLOCK)  # heads per block
+    blocks = (heads + per - 1) // per
+    padded = blocks * per  # zero heads fill the last block
     q_lat = np.empty((T, padded, rank), np.float32)  # the padding heads' rows zeroed by latent_query
     q_rope = np.empty((T, padded, rope_d), np.float32)
     for h in prange(padded):
@@ -804,11 +777,8 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
     o_part = np.empty((blocks, spans, T, per, rank), np.float32)
     for item in prange(blocks * spans):
         b, sp = item // spans, item % spans
-        h0 = b * per
-        hb = min(per, heads - h0)
-        hv0, hv1 = h0 + hb * sp // spans, h0 + hb * (sp + 1) // spans  # stage 3's heads in the same order as items
-        latent_partial(q_lat, q_rope, c_cache, r_cache, h0, sp * span, (sp + 1) * span, n, idx, selected, scale,
-                       w_kv, nope, hv0, hv1, best[b, sp], total[b, sp], o_part[b, sp])
+        latent_partial(q_lat, q_rope, c_cache, r_cache, b * per, sp * span, (sp + 1) * span, n, idx, selected, scale,
+                       best[b, sp], total[b, sp], o_part[b, sp])
 
     for h in prange(heads):
         b = h // per

@@ -199,11 +199,14 @@ def absorbed_attention(q, w_kv, c, kr, start, scale, selection, selected):
 
 # (T, start, selected, heads, nope, rank): one position; positions and selections that are not a multiple of
 # latent_attend's chunk (32), position block (4) or pair (2); queries whose positions end in different chunks;
-# heads not a multiple of the block (6 and 10: a block and a partial one, padded with zero heads); W_UK rows not
-# a multiple of 4 (nope 6); a rank that is not a whole number of SIMD vectors (20); DeepSeek's nope and rank.
+# heads not a multiple of the block (6 and 10: a block and a partial one, padded with zero heads; 18: two blocks of
+# 16, the second mostly padding); W_UK rows not a multiple of 4 (nope 6); a rank that is not a whole number of SIMD
+# vectors (20); DeepSeek's nope and rank; positions cut into spans unevenly (71: 20, 20, 20, 11); queries whose last
+# span differs (start 57, T 8: spans of 20, the first query ends in the third, its fourth partial is empty).
 LATENT_CASES = [(1, 9, 0, 6, 8, 16), (3, 7, 0, 6, 8, 16), (2, 8, 4, 6, 8, 16), (1, 0, 0, 6, 8, 16),
                 (1, 40, 0, 6, 6, 20), (3, 31, 0, 10, 8, 16), (3, 70, 37, 6, 8, 16), (8, 60, 0, 4, 8, 16),
-                (1, 2, 3, 6, 8, 16), (2, 45, 0, 4, 128, 512), (2, 45, 30, 4, 128, 512)]
+                (1, 2, 3, 6, 8, 16), (2, 45, 0, 4, 128, 512), (2, 45, 30, 4, 128, 512), (1, 70, 0, 6, 8, 16),
+                (8, 57, 0, 4, 8, 16), (2, 45, 0, 18, 8, 16), (3, 80, 41, 18, 8, 20)]
 
 
 @pytest.mark.parametrize("T, start, selected, heads, nope, rank", LATENT_CASES)
@@ -230,32 +233,41 @@ def test_latent_attention_matches_the_absorbed_form(T, start, selected, heads, n
     assert torch.equal(outs[0], outs[1])
 
 
-def test_latent_heads_per_block_fills_the_threads_with_whole_quads():
-    assert ds.latent_heads_per_block(16, 1) == 16  # one thread: one pass over the cache for every head
-    assert ds.latent_heads_per_block(128, 1) == ds.LATENT_HEADS_MAX_BLOCK
-    assert ds.latent_heads_per_block(16, 2) == 8
-    assert ds.latent_heads_per_block(16, 3) == 8  # 6 rounded up to a whole quad
-    assert ds.latent_heads_per_block(16, 16) == ds.LATENT_QUAD
-    assert ds.latent_heads_per_block(6, 1) == 8  # a partial block is padded
+def test_latent_spans_cover_the_positions_in_whole_quads_whatever_the_threads():
+    """latent_attend's split of the positions: at most LATENT_SPANS spans of whole quads, none empty, and a
+    function of the positions alone (it takes no thread count)."""
+    assert ds.latent_span(540) == 136  # 540 / 4 = 135, rounded up to a whole quad: spans of 136, 136, 136, 132
+    assert ds.latent_span(1) == ds.LATENT_SPAN_MIN
+    for n in range(1, 3000):
+        span = ds.latent_span(n)
+        spans = -(-n // span)
+        assert span % ds.LATENT_QUAD == 0 and span >= ds.LATENT_SPAN_MIN
+        assert 1 <= spans <= ds.LATENT_SPANS and (spans - 1) * span < n
 
 
-def test_latent_attention_numbers_do_not_depend_on_the_thread_count():
-    """The heads per block follow the thread count; each head's arithmetic does not."""
+@pytest.mark.parametrize("T, start, selected, heads", [(2, 45, 0, 10), (3, 80, 41, 18), (1, 539, 0, 16)])
+def test_latent_attention_numbers_do_not_depend_on_the_thread_count(T, start, selected, heads):
+    """The spans and head blocks follow the shapes; the threads only share them out: 1, 2 and 3 threads give the
+    same bits (with a selection, two blocks of heads, and positions split unevenly over the threads)."""
     import numba
 
-    T, start, heads, nope, rope_d, v, rank = 2, 45, 10, 8, 4, 8, 16
+    nope, rope_d, v, rank = 8, 4, 8, 16
     q, w_kv = randn(T, heads * (nope + rope_d)).numpy(), randn(heads, nope + v, rank).numpy()
     c, kr = randn(start + T, rank).numpy(), randn(start + T, rope_d).numpy()
+    g = torch.Generator().manual_seed(1)
+    sel = (torch.stack([torch.randperm(start + T, generator=g)[:selected] for _ in range(T)]).numpy()
+           if selected else np.zeros((T, 0), np.int64))
     before = numba.get_num_threads()
     outs = []
     try:
         for threads in (1, 2, 3):
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             out = np.empty((T, heads * v), np.float32)
-            ds.latent_attend(q, heads, nope, w_kv, c, kr, start, 0.3, np.zeros((T, 0), np.int64), 0, out)
+            ds.latent_attend(q, heads, nope, w_kv, c, kr, start, 0.3, sel, selected, out)
             outs.append(out)
     finally:
         numba.set_num_threads(before)
+    assert np.isfinite(outs[0]).all()
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
