@@ -417,21 +417,6 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
             t0 = t1
 
 
-try:  # the threading layer's own getter: numba.get_num_threads() holds a ctypes pointer, which stops caching
-    from numba.np.ufunc.parallel import _iget_num_threads
-except ImportError:  # a Numba without that private name: size for two threads (a head's numbers do not depend on it)
-    @njit(nogil=True, cache=True)
-    def _iget_num_threads() -> int:
-        return 2
-
-
-@njit(nogil=True, cache=True, inline="always")
-def calling_threads() -> int:
-    """numba.get_num_threads() in compiled code, by the threading layer's symbol (the public one holds a ctypes
-    pointer, which stops a function from being cached)."""
-    return _iget_num_threads()
-
-
 LATENT_HEADS_MAX_BLOCK = 16  # most MLA query heads sharing one pass over a span of the latent cache
 LATENT_QUAD = 4  # heads per score microkernel: blocks are multiples of it, the heads padded with zero heads
 LATENT_CHUNK = 32  # cached positions per online-softmax step: their latents (64 KiB) stay in L1/L2 for both uses
@@ -754,8 +739,8 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
     1. the heads' latent queries (latent_query), the W_UK rows split over the threads;
     2. flash-decoding: the attended positions cut into spans (latent_span: LATENT_SPANS of them, whatever the
        thread count), one online softmax (latent_partial) per span and block of up to LATENT_HEADS_MAX_BLOCK heads,
-       so each cached latent is read from memory once per block in all, not once per thread; each span prefetches
-       its next chunk, and the W_UV rows its thread will read in stage 3 while it computes;
+       so each cached latent is read from memory once per block in all, not once per thread, each chunk's
+       successor prefetched while it computes (LATENT_AHEAD_BYTES of the W_UK / W_UV rows, likewise);
     3. per head, the spans' partials merged in order (latent_merge) and put through W_UV (latent_values).
     Every split is a function of the shapes alone: the numbers do not depend on the thread count."""
     T = q.shape[0]

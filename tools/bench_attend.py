@@ -30,8 +30,9 @@ SHAPES = {"qwen3": (32, 4, 128), "gpt-oss": (64, 8, 64), "olmoe": (16, 16, 128)}
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_attend_at(ref: str, folder: Path):
-    """attend as of commit `ref`, imported from a copy of that commit's csrc_py/decode_step.py."""
+def decode_step_at(ref: str, folder: Path):
+    """csrc_py/decode_step.py as of commit `ref`, imported from a copy in `folder` as a separate module (also
+    tools/bench_latent.py's)."""
     source = subprocess.run(["git", "show", f"{ref}:csrc_py/decode_step.py"], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout
     path = folder / "decode_step_at_ref.py"
@@ -39,7 +40,7 @@ def load_attend_at(ref: str, folder: Path):
     spec = importlib.util.spec_from_file_location("decode_step_at_ref", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.attend
+    return module
 
 
 def time_kernels(kernels: dict, shape: tuple[int, int, int], context: int, T: int, calls: int) -> dict:
@@ -72,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         kernels = {"this": decode_step.attend}
         if args.against:
-            kernels[args.against] = load_attend_at(args.against, Path(tmp))
+            kernels[args.against] = decode_step_at(args.against, Path(tmp)).attend
         ref = args.against
         print("| shape | heads / KV / d | T | positions | " + " | ".join(f"{name} us" for name in kernels)
               + (f" | {ref} / this | max rel diff |" if ref else " |"))

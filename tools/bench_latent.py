@@ -16,9 +16,7 @@ prints max |this - REF| / max |REF| (float32 summation order). A benchmark, not 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,22 +26,10 @@ import torch  # noqa: F401  (torch before numba)
 import numba
 from numba import njit, prange
 
+from bench_attend import decode_step_at  # tools/ is the script's folder, so on sys.path
 from csrc_py import decode_step
 
 HEADS, NOPE, ROPE, RANK, V = 16, 128, 64, 512, 128  # DeepSeek-V2-Lite
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_latent_attend_at(ref: str, folder: Path):
-    """latent_attend as of commit `ref`, imported from a copy of that commit's csrc_py/decode_step.py."""
-    source = subprocess.run(["git", "show", f"{ref}:csrc_py/decode_step.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
-    path = folder / "decode_step_at_ref.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("decode_step_at_ref", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.latent_attend
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -111,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         kernels = {"this": decode_step.latent_attend}
         if args.against:
-            kernels[args.against] = load_latent_attend_at(args.against, Path(tmp))
+            kernels[args.against] = decode_step_at(args.against, Path(tmp)).latent_attend
         ref = args.against
         names = list(kernels)
         print(f"threads {numba.get_num_threads()}, evict {args.evict_mb} MB, {args.calls} calls, median wall us")
