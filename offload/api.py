@@ -416,11 +416,11 @@ def _profile_heat(profile: str | Path | None, placement: Plan | None) -> list[li
 
 def _store_in_huge_pages(checkpoint: Checkpoint, device_tier: bool) -> bool:
     """Whether a CPU-only run reads a store's packed matrices into huge pages (weights.hugepages) rather than
-    memory-mapping them: the kernel offers them and the copies fit in the memory available."""
+    memory-mapping them: asked for, offered by the kernel, and the copies fit in the memory available."""
     from .weights import hugepages
     from .weights.store import packed_entries, packed_nbytes
 
-    if device_tier or not hugepages.offered(os.environ, hugepages.system_mode()):
+    if device_tier or not hugepages.stores_read_in(os.environ, hugepages.system_mode()):
         return False
     import psutil
 

@@ -1,5 +1,5 @@
-"""Weights in transparent huge pages (offload/weights/hugepages.py): the decisions, the memory, and a store loaded
-into it giving the memory-mapped load's numbers exactly."""
+"""Weights in transparent huge pages (offload/weights/hugepages.py): the decisions, the memory, matrices packed at
+load allocated there, and a store read into it giving the memory-mapped load's numbers exactly."""
 from __future__ import annotations
 
 import sys
@@ -23,12 +23,13 @@ def test_thp_mode_reads_the_bracketed_choice(setting, mode):
     assert hugepages.thp_mode(setting) == mode
 
 
-@pytest.mark.parametrize("environ, mode, expected", [({}, "madvise", True), ({}, "always", True), ({}, "never", False),
-                                                     ({}, None, False),
-                                                     ({hugepages.ENV_SWITCH: "0"}, "madvise", False),
-                                                     ({hugepages.ENV_SWITCH: "1"}, "always", True)])
-def test_offered_needs_the_kernel_and_the_user(environ, mode, expected):
-    assert hugepages.offered(environ, mode) is expected
+@pytest.mark.parametrize("environ, mode, allocations, stores", [
+    ({}, "madvise", True, False), ({}, "always", True, False), ({}, "never", False, False), ({}, None, False, False),
+    ({hugepages.ENV_SWITCH: "0"}, "madvise", False, False), ({hugepages.ENV_SWITCH: "1"}, "always", True, True),
+    ({hugepages.ENV_SWITCH: "1"}, "never", False, False)])
+def test_allocations_by_default_store_copies_when_asked(environ, mode, allocations, stores):
+    assert hugepages.offered(environ, mode) is allocations
+    assert hugepages.stores_read_in(environ, mode) is stores
 
 
 def test_copies_must_leave_the_reserve():
@@ -37,7 +38,9 @@ def test_copies_must_leave_the_reserve():
     assert not hugepages.copies_fit(10 * gib, 10 * gib + hugepages.RESERVE_BYTES - 1)
 
 
-def test_empty_starts_on_a_huge_page_and_holds_the_shape():
+def test_empty_starts_on_a_huge_page_and_holds_the_shape(monkeypatch):
+    monkeypatch.setattr(hugepages, "system_mode", lambda: "madvise")
+    monkeypatch.delenv(hugepages.ENV_SWITCH, raising=False)
     a = hugepages.empty((3, 1 << 20), np.float16)  # 6 MiB
     assert a.shape == (3, 1 << 20) and a.dtype == np.float16 and a.flags.c_contiguous and a.flags.writeable
     assert a.ctypes.data % hugepages.HUGE_PAGE == 0
@@ -45,6 +48,9 @@ def test_empty_starts_on_a_huge_page_and_holds_the_shape():
     assert float(a.sum(dtype=np.float64)) == 1.5 * a.size
     small = hugepages.empty((4, 8), np.int8)  # under MIN_BYTES: an ordinary array
     assert small.shape == (4, 8) and small.dtype == np.int8
+    monkeypatch.setattr(hugepages, "system_mode", lambda: "never")  # not offered: np.empty, whatever the size
+    plain = hugepages.empty((3, 1 << 20), np.float16)
+    assert plain.shape == (3, 1 << 20) and plain.base is None
 
 
 def test_read_into_reads_the_bytes_at_the_offset(tmp_path):
@@ -73,11 +79,11 @@ def _mapping_of(array: np.ndarray) -> str:
 def test_store_read_into_huge_pages_gives_the_mapped_numbers(checkpoint_dir, tmp_path, monkeypatch):
     folder, _ = checkpoint_dir("qwen3_moe")
     store = convert(folder, tmp_path / "store", "int4", "int8")
-    monkeypatch.setenv(hugepages.ENV_SWITCH, "0")
-    mapped = offload.load(store, device="cpu")
-    monkeypatch.setenv(hugepages.ENV_SWITCH, "1")
     monkeypatch.setattr(hugepages, "system_mode", lambda: "madvise")
     monkeypatch.setattr(hugepages, "MIN_BYTES", 0)  # the tiny model's arrays are all under one huge page
+    monkeypatch.delenv(hugepages.ENV_SWITCH, raising=False)
+    mapped = offload.load(store, device="cpu")  # by default a store stays memory-mapped
+    monkeypatch.setenv(hugepages.ENV_SWITCH, "1")
     copied = offload.load(store, device="cpu")
     for model, kind in ((mapped, "mapped"), (copied, "copied")):
         experts = model.transformer.moe_blocks()[0].experts
@@ -103,7 +109,7 @@ def test_matrices_packed_at_load_lie_in_huge_pages(checkpoint_dir, monkeypatch):
     folder, _ = checkpoint_dir("qwen3_moe")
     monkeypatch.setattr(hugepages, "system_mode", lambda: "madvise")
     monkeypatch.setattr(hugepages, "MIN_BYTES", 0)  # the tiny model's arrays are all under one huge page
-    monkeypatch.setenv(hugepages.ENV_SWITCH, "1")
+    monkeypatch.delenv(hugepages.ENV_SWITCH, raising=False)  # the default
     huge = offload.load(folder, device="cpu", experts="int8", dense="int8")
     assert all(_aligned(huge))
     monkeypatch.setenv(hugepages.ENV_SWITCH, "0")

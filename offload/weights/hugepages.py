@@ -1,16 +1,17 @@
 """Weights in transparent huge pages: host arrays the CPU kernels stream at every decode step, in anonymous memory
 the kernel backs with 2 MiB pages.
 
-A decode step streams every active weight once; with 4 KiB pages that is a TLB miss every 4 KiB, and in a virtual
-machine each miss walks two page tables. On the 2-core test VM a two-thread read of anonymous 2 MiB pages runs at
-~29 GB/s against ~25 GB/s over a store's memory-mapped file pages and ~22 GB/s over 4 KiB anonymous pages
-(docs/benchmarks.md, "Weights in huge pages"). So where the kernel offers transparent huge pages (`offered`),
-packed matrices are allocated there (`empty`: csrc_py.formats makes every packed array with it), and a store's
-packed matrices are read into such memory at load (`read_into`) instead of memory-mapped, where the copies fit in
-the memory available (`copies_fit`). The numbers do not change: the same bytes, elsewhere.
+Where the kernel offers transparent huge pages (`offered`), every packed matrix of at least one huge page is
+allocated in such memory (`empty`: csrc_py.formats makes every packed array with it). It costs nothing (the memory
+is allocated either way) and the numbers do not change (the same bytes, elsewhere).
 
-OFFLOAD_HUGE_PAGES=0 in the environment keeps the memory maps and ordinary allocations (A/B measurements, or a
-machine where the load-time copy does not pay).
+A store's packed matrices are memory-mapped (file pages, read at first use). With OFFLOAD_HUGE_PAGES=1 they are
+read into huge pages at load instead (`read_into`), where the copies fit in the memory available (`copies_fit`).
+Measured on the 2-core test VM (docs/benchmarks.md, "Weights in huge pages"): decode 1.42x faster on a store whose
+bytes per token (430 MB) are near the size of the host's last-level cache, 1.10x at 754 MB, and no faster on the
+full Qwen3-30B-A3B and DeepSeek-V2-Lite shapes (the kernels' software prefetch already hides the page walks that
+slow a plain read of 4 KiB pages), while the load reads the whole store first (~1-2 s per GB from the page
+cache). Hence opt-in. OFFLOAD_HUGE_PAGES=0 keeps ordinary allocations too (A/B measurements).
 """
 from __future__ import annotations
 
@@ -43,9 +44,15 @@ def thp_mode(setting: str | None) -> str | None:
 
 
 def offered(environ: dict[str, str], mode: str | None) -> bool:
-    """Whether weights go to huge pages at all: the kernel offers them (mode "always" or "madvise") and the user
-    did not turn it off. Packing at load then allocates there: the memory is allocated either way."""
-    return environ.get(ENV_SWITCH, "1") != "0" and mode in ("always", "madvise")
+    """Whether packed weights are allocated in huge pages: the kernel offers them (mode "always" or "madvise") and
+    the user did not turn them off (OFFLOAD_HUGE_PAGES=0)."""
+    return environ.get(ENV_SWITCH, "") != "0" and mode in ("always", "madvise")
+
+
+def stores_read_in(environ: dict[str, str], mode: str | None) -> bool:
+    """Whether a store's packed matrices are read into huge pages at load rather than memory-mapped: asked for
+    (OFFLOAD_HUGE_PAGES=1) and offered."""
+    return environ.get(ENV_SWITCH, "") == "1" and offered(environ, mode)
 
 
 def copies_fit(needed: int, available: int) -> bool:
