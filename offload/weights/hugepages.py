@@ -11,7 +11,8 @@ Measured on the 2-core test VM (docs/benchmarks.md, "Weights in huge pages"): de
 Mixtral 4.7B stores, 1.03-1.42x on an 8-layer Qwen3-30B-A3B-shaped one (the memory map's own speed depends on
 whether the kernel holds the file in large folios), and no faster on the full Qwen3-30B-A3B and DeepSeek-V2-Lite
 shapes (the kernels' software prefetch already hides the page walks that slow a plain read of 4 KiB pages), while
-the load reads the whole store first (~1-2 s per GB from the page cache). Hence opt-in. OFFLOAD_HUGE_PAGES=0 keeps ordinary allocations too (A/B measurements).
+the load reads the whole store first (~1-2 s per GB from the page cache). Hence opt-in.
+OFFLOAD_HUGE_PAGES=0 keeps ordinary allocations too (A/B measurements).
 """
 from __future__ import annotations
 
