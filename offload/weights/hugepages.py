@@ -8,10 +8,10 @@ is allocated either way) and the numbers do not change (the same bytes, elsewher
 A store's packed matrices are memory-mapped (file pages, read at first use). With OFFLOAD_HUGE_PAGES=1 they are
 read into huge pages at load instead (`read_into`), where the copies fit in the memory available (`copies_fit`).
 Measured on the 2-core test VM (docs/benchmarks.md, "Weights in huge pages"): decode 1.07-1.14x faster on the
-Mixtral 4.7B stores, 1.03-1.42x on an 8-layer Qwen3-30B-A3B-shaped one (the memory map's own speed depends on
-whether the kernel holds the file in large folios), and no faster on the full Qwen3-30B-A3B and DeepSeek-V2-Lite
-shapes (the kernels' software prefetch already hides the page walks that slow a plain read of 4 KiB pages), while
-the load reads the whole store first (~1-2 s per GB from the page cache). Hence opt-in.
+Mixtral 4.7B stores, 1.03-1.42x on an 8-layer Qwen3-30B-A3B-shaped one (the memory map's own speed varied between
+runs), and no faster on the full Qwen3-30B-A3B and DeepSeek-V2-Lite shapes (the kernels' software prefetch already
+hides the page walks that slow a plain read of 4 KiB pages), while the load reads the whole store first (~1-2 s per
+GB from the page cache). Hence opt-in.
 OFFLOAD_HUGE_PAGES=0 keeps ordinary allocations too (A/B measurements).
 """
 from __future__ import annotations
