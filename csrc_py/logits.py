@@ -20,16 +20,22 @@ def _sum(x: np.ndarray) -> float:
 
 
 @njit(nogil=True, cache=True)
-def all_finite(x: np.ndarray) -> bool:
-    """Whether x [V] holds no NaN or inf. Any of them makes the sum non-finite, so a finite sum clears them all in
+def _finite(x: np.ndarray, lo: int, hi: int) -> bool:
+    """Whether x[lo:hi] holds no NaN or inf. Any of them makes the sum non-finite, so a finite sum clears them all in
     one vectorized pass; only a non-finite sum (NaN, inf, or finite values that overflow it) is looked at value by
     value."""
-    if np.isfinite(_sum(x)):
+    if np.isfinite(_sum(x[lo:hi])):
         return True
-    for i in range(x.size):
+    for i in range(lo, hi):
         if not np.isfinite(x[i]):
             return False
     return True
+
+
+@njit(nogil=True, cache=True)
+def all_finite(x: np.ndarray) -> bool:
+    """Whether x [V] holds no NaN or inf."""
+    return _finite(x, 0, x.size)
 
 
 BLOCK = 4096  # values per block of the argmax: the first block holding the largest value is scanned alone
@@ -53,13 +59,16 @@ def _max(x: np.ndarray, lo: int, hi: int) -> float:
 @njit(nogil=True, cache=True)
 def first_argmax(x: np.ndarray) -> int:
     """torch.argmax(x) for x [V]: the first index of the largest value; -1 when x is empty or holds NaN or inf
-    (the caller decides what those mean). Only the first block reaching the largest value is scanned for its
-    index."""
-    if x.size == 0 or not all_finite(x):
+    (the caller decides what those mean). One pass over memory: each block is checked for finiteness, then its
+    maximum taken while it is in L1; only the first block reaching the largest value is scanned for its index."""
+    if x.size == 0:
         return -1
     best, first = x[0], 0  # the largest value so far and the first block holding it
     for lo in range(0, x.size, BLOCK):
-        m = _max(x, lo, min(x.size, lo + BLOCK))
+        hi = min(x.size, lo + BLOCK)
+        if not _finite(x, lo, hi):
+            return -1
+        m = _max(x, lo, hi)
         if m > best:
             best, first = m, lo
     for i in range(first, min(x.size, first + BLOCK)):

@@ -127,8 +127,8 @@ def check_finite(logits: torch.Tensor, position: int, argmax: bool = False) -> i
     one anyway (argmax of NaN), which ends in an empty or garbage completion. Any NaN or inf makes the sum
     non-finite, so a finite sum (one pass, no [V] mask) clears them all; only a non-finite one is looked at. A CPU
     float32 vector is summed on the calling thread (csrc_py.logits.all_finite), not split over the decode threads.
-    With `argmax` (greedy sampling next), such a vector's argmax is found in the same pass and returned; else
-    None."""
+    With `argmax` (greedy sampling next), such a vector's argmax is found in the same pass (first_argmax checks
+    each block before taking its maximum) and returned; else None."""
     vector = float32_vector(logits)
     best = None
     if vector is not None and argmax:
