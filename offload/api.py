@@ -1,6 +1,7 @@
 """The Python API: offload.load(path) -> Model with logits / generate / stream / chat / chat_stream."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint, read_config, read_json
 from .weights.source import WeightSource, known_extras
 from .weights.store import store_formats
+
+log = logging.getLogger("offload")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -416,16 +419,31 @@ def _profile_heat(profile: str | Path | None, placement: Plan | None) -> list[li
 
 def _store_in_huge_pages(checkpoint: Checkpoint, device_tier: bool) -> bool:
     """Whether a CPU-only run reads a store's packed matrices into huge pages (weights.hugepages) rather than
-    memory-mapping them: asked for, offered by the kernel, and the copies fit in the memory available."""
+    memory-mapping them: asked for, offered by the kernel, and the copies fit in the memory available. Asked for
+    but not possible is one warning, and the store stays mapped."""
     from .weights import hugepages
     from .weights.store import packed_entries, packed_nbytes
 
-    if device_tier or not hugepages.stores_read_in(os.environ, hugepages.system_mode()):
+    hugepages.check_setting(os.environ)
+    if os.environ.get(hugepages.ENV_SWITCH) != "1":
+        return False
+    if device_tier:
+        log.warning("%s=1 reads a store into huge pages on a CPU-only run; with a device tier it stays memory-mapped",
+                    hugepages.ENV_SWITCH)
+        return False
+    if not hugepages.stores_read_in(os.environ, hugepages.system_mode()):
+        log.warning("%s=1, but the kernel offers no transparent huge pages (%s: %s): the store stays memory-mapped",
+                    hugepages.ENV_SWITCH, hugepages.THP_SETTING, hugepages.system_mode())
         return False
     import psutil
 
-    needed = packed_nbytes(checkpoint, packed_entries(checkpoint))
-    return needed > 0 and hugepages.copies_fit(needed, psutil.virtual_memory().available)
+    needed, available = packed_nbytes(checkpoint, packed_entries(checkpoint)), psutil.virtual_memory().available
+    if not hugepages.copies_fit(needed, available):
+        log.warning("%s=1, but the store's %.1f GiB of packed weights would leave less than %.0f GiB of the %.1f GiB "
+                    "available: it stays memory-mapped", hugepages.ENV_SWITCH, needed / 2**30,
+                    hugepages.RESERVE_BYTES / 2**30, available / 2**30)
+        return False
+    return needed > 0
 
 
 def _check_formats(experts: str | None, dense: str | None, slots: str | None = None) -> None:

@@ -116,3 +116,29 @@ def test_matrices_packed_at_load_lie_in_huge_pages(checkpoint_dir, monkeypatch):
     plain = offload.load(folder, device="cpu", experts="int8", dense="int8")
     assert not all(_aligned(plain))
     assert torch.equal(huge.logits(PROMPT), plain.logits(PROMPT))
+
+
+def test_a_bad_setting_is_one_clear_error_before_any_weight(checkpoint_dir, tmp_path, monkeypatch):
+    import subprocess
+
+    from offload.errors import OffloadError
+
+    folder, _ = checkpoint_dir("qwen3_moe")
+    store = convert(folder, tmp_path / "store", "int4", "int8")
+    monkeypatch.setenv(hugepages.ENV_SWITCH, "yes")
+    with pytest.raises(OffloadError, match="OFFLOAD_HUGE_PAGES='yes' is not a setting: use 1"):
+        offload.load(store, device="cpu")
+    result = subprocess.run([sys.executable, "-m", "offload.cli", "generate", str(store), "--prompt", "hi"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "OFFLOAD_HUGE_PAGES" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_asked_but_not_offered_warns_and_keeps_the_map(checkpoint_dir, tmp_path, monkeypatch, caplog):
+    folder, _ = checkpoint_dir("qwen3_moe")
+    store = convert(folder, tmp_path / "store", "int4", "int8")
+    monkeypatch.setenv(hugepages.ENV_SWITCH, "1")
+    monkeypatch.setattr(hugepages, "system_mode", lambda: "never")
+    with caplog.at_level("WARNING", logger="offload"):
+        model = offload.load(store, device="cpu")
+    assert "no transparent huge pages" in caplog.text and "stays memory-mapped" in caplog.text
+    assert _mapping_of(model.transformer.moe_blocks()[0].experts.gate.q).endswith(".safetensors")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import OffloadError
+
 ENV_SWITCH = "OFFLOAD_HUGE_PAGES"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGE_PAGE = 2 << 20  # the x86-64 PMD page: what MADV_HUGEPAGE asks for
@@ -42,6 +44,17 @@ def thp_mode(setting: str | None) -> str | None:
         if word.startswith("[") and word.endswith("]"):
             return word[1:-1]
     return None
+
+
+SETTINGS = ("0", "1")  # OFFLOAD_HUGE_PAGES: unset (the default), 0 (off) or 1 (stores read in too)
+
+
+def check_setting(environ: dict[str, str]) -> None:
+    """A clear error for an OFFLOAD_HUGE_PAGES value other than 0 or 1 (checked at load, before any weight)."""
+    value = environ.get(ENV_SWITCH)
+    if value is not None and value not in SETTINGS:
+        raise OffloadError(f"{ENV_SWITCH}={value!r} is not a setting: use 1 (read stores into huge pages), 0 (no huge "
+                           "pages), or leave it unset")
 
 
 def offered(environ: dict[str, str], mode: str | None) -> bool:
