@@ -128,7 +128,7 @@ def test_a_bad_setting_is_one_clear_error_before_any_weight(checkpoint_dir, tmp_
     monkeypatch.setenv(hugepages.ENV_SWITCH, "yes")
     with pytest.raises(OffloadError, match="OFFLOAD_HUGE_PAGES='yes' is not a setting: use 1"):
         offload.load(store, device="cpu")
-    result = subprocess.run([sys.executable, "-m", "offload.cli", "generate", str(store), "--prompt", "hi"],
+    result = subprocess.run([sys.executable, "-m", "offload.cli", "generate", str(store), "--prompt-ids", "3,17,5"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "OFFLOAD_HUGE_PAGES" in result.stderr and "Traceback" not in result.stderr
 
