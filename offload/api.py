@@ -425,25 +425,26 @@ def _store_in_huge_pages(checkpoint: Checkpoint, device_tier: bool) -> bool:
     from .weights.store import packed_entries, packed_nbytes
 
     hugepages.check_setting(os.environ)
-    if os.environ.get(hugepages.ENV_SWITCH) != "1":
+    needed = packed_nbytes(checkpoint, packed_entries(checkpoint))  # 0: not a store
+    if os.environ.get(hugepages.ENV_SWITCH) != "1" or needed == 0:
         return False
     if device_tier:
         log.warning("%s=1 reads a store into huge pages on a CPU-only run; with a device tier it stays memory-mapped",
                     hugepages.ENV_SWITCH)
         return False
-    if not hugepages.stores_read_in(os.environ, hugepages.system_mode()):
+    if not hugepages.offered(os.environ, hugepages.system_mode()):
         log.warning("%s=1, but the kernel offers no transparent huge pages (%s: %s): the store stays memory-mapped",
                     hugepages.ENV_SWITCH, hugepages.THP_SETTING, hugepages.system_mode())
         return False
     import psutil
 
-    needed, available = packed_nbytes(checkpoint, packed_entries(checkpoint)), psutil.virtual_memory().available
+    available = psutil.virtual_memory().available
     if not hugepages.copies_fit(needed, available):
         log.warning("%s=1, but the store's %.1f GiB of packed weights would leave less than %.0f GiB of the %.1f GiB "
                     "available: it stays memory-mapped", hugepages.ENV_SWITCH, needed / 2**30,
                     hugepages.RESERVE_BYTES / 2**30, available / 2**30)
         return False
-    return needed > 0
+    return True
 
 
 def _check_formats(experts: str | None, dense: str | None, slots: str | None = None) -> None:

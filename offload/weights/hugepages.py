@@ -63,12 +63,6 @@ def offered(environ: dict[str, str], mode: str | None) -> bool:
     return environ.get(ENV_SWITCH, "") != "0" and mode in ("always", "madvise")
 
 
-def stores_read_in(environ: dict[str, str], mode: str | None) -> bool:
-    """Whether a store's packed matrices are read into huge pages at load rather than memory-mapped: asked for
-    (OFFLOAD_HUGE_PAGES=1) and offered."""
-    return environ.get(ENV_SWITCH, "") == "1" and offered(environ, mode)
-
-
 def copies_fit(needed: int, available: int) -> bool:
     """Whether a store's `needed` bytes of packed matrices, read into anonymous memory instead of mapped, leave
     RESERVE_BYTES of the `available` memory. A store larger than that keeps its memory maps, whose pages the kernel
