@@ -765,12 +765,12 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
         latent_partial(q_lat, q_rope, c_cache, r_cache, b * per, sp * span, (sp + 1) * span, n, idx, selected, scale,
                        best[b, sp], total[b, sp], o_part[b, sp])
 
+    o_lat = np.empty((heads, T, 1, rank), np.float32)  # each head's merged latent and softmax sum
+    sums = np.empty((heads, T, 1), np.float32)
     for h in prange(heads):
         b = h // per
-        o_lat = np.empty((T, 1, rank), np.float32)
-        sums = np.empty((T, 1), np.float32)
-        latent_merge(best[b], total[b], o_part[b], h - b * per, o_lat, sums)
-        latent_values(o_lat, sums, h, 1, nope, w_kv, out)
+        latent_merge(best[b], total[b], o_part[b], h - b * per, o_lat[h], sums[h])
+        latent_values(o_lat[h], sums[h], h, 1, nope, w_kv, out)
 
 
 @njit(nogil=True, cache=True)
