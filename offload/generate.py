@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import ContextManager, Generator, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from csrc_py import threads as cpu_threads
-from csrc_py.logits import all_finite, first_argmax, float32_vector
+from csrc_py.logits import all_finite, first_argmax
 
 from .decode_threads import DecodeThreads
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
@@ -122,23 +122,15 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> Non
         )
 
 
-def check_finite(logits: torch.Tensor, position: int, argmax: bool = False) -> int | None:
-    """Stop at logits that hold NaN or inf: no token can be chosen from them, and sampling would silently pick
-    one anyway (argmax of NaN), which ends in an empty or garbage completion. Any NaN or inf makes the sum
-    non-finite, so a finite sum (one pass, no [V] mask) clears them all; only a non-finite one is looked at. A CPU
-    float32 vector is summed on the calling thread (csrc_py.logits.all_finite), not split over the decode threads.
-    With `argmax` (greedy sampling next), such a vector's argmax is found in the same pass (first_argmax checks
-    each block before taking its maximum) and returned; else None."""
-    vector = float32_vector(logits)
-    best = None
-    if vector is not None and argmax:
-        best = first_argmax(vector)  # -1: NaN or inf
-        finite = best >= 0
-    elif vector is not None:
-        finite = all_finite(vector)
-    else:
-        finite = math.isfinite(float(logits.sum())) or bool(torch.isfinite(logits).all())
-    if not finite:
+def check_finite(logits: np.ndarray, position: int, argmax: bool = False) -> int | None:
+    """Stop at logits [V] (float32, on the host) that hold NaN or inf: no token can be chosen from them, and
+    sampling would silently pick one anyway (argmax of NaN), which ends in an empty or garbage completion. One pass
+    on the calling thread (csrc_py.logits), not split over the decode threads. With `argmax` (greedy sampling next),
+    the logits' argmax is found in the same pass (first_argmax checks each block before taking its maximum) and
+    returned; else None."""
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    best = first_argmax(logits) if argmax else None  # -1: NaN or inf
+    if not (best >= 0 if argmax else all_finite(logits)):
         raise OffloadError(
             f"the model's logits at position {position} hold NaN or inf, so no next token can be chosen: the "
             "checkpoint's weights probably contain NaN/inf (re-export or re-download it), or the compute dtype "
@@ -207,25 +199,29 @@ class GenerationRun:
         """The sampled tokens, one by one: prefill, then one decode step per token."""
         req, model, stats = self.request, self.transformer, self.result.stats
         device = model.embed.device
-        history = torch.empty(len(req.prompt_ids) + req.max_new_tokens, dtype=torch.long)  # prompt + generated
-        history[: len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
+        history = np.empty(len(req.prompt_ids) + req.max_new_tokens, np.int64)  # prompt + generated
+        history[: len(req.prompt_ids)] = req.prompt_ids
         generator = make_generator(req.sampling.seed)
         start = resume_position(model, req.prompt_ids) if req.reuse_cache else 0
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits = model(torch.tensor(req.prompt_ids[start:], device=device), start, last_only=True)[0].cpu()
+            ids = torch.tensor(req.prompt_ids[start:], device=device)
+            logits = model(ids, start, last_only=True)[0].cpu().numpy()  # [V] float32
         stats.prefill_seconds = time.perf_counter() - t0
         stats.cached_prompt_tokens = start
         self._prompt_cache.reused_tokens += start
         self._prompt_cache.computed_tokens += len(req.prompt_ids) - start
         pos = len(req.prompt_ids)
         greedy = plain_greedy(req.sampling)
-        best = check_finite(logits, pos - 1, greedy)  # the argmax, for greedy sampling, from the same pass
-        step_ids = torch.empty(1, dtype=torch.long, device=device)  # reused: no allocation per decoded token
+        best = check_finite(logits, pos - 1, greedy)  # greedy sampling's token, from the same pass
         try:
             for step in range(req.max_new_tokens):
-                with model.timers.section("sampling"):
-                    token = sample_next(logits, req.sampling, generator, history[:pos], best)
+                if greedy:
+                    token = best
+                else:
+                    with model.timers.section("sampling"):
+                        token = sample_next(torch.from_numpy(logits), req.sampling, generator,
+                                            torch.from_numpy(history[:pos]))
                 stats.generated_tokens += 1
                 yield token
                 if token in self.eos_ids or step == req.max_new_tokens - 1:
@@ -233,9 +229,7 @@ class GenerationRun:
                 history[pos] = token
                 threads = self._use_decode_threads()
                 t0 = time.perf_counter()  # model time only: the consumer's time between tokens is not counted
-                with torch.inference_mode():
-                    logits = model(step_ids.fill_(token), pos, last_only=True, positions=model.decode_positions(pos))
-                    logits = logits[0].cpu()
+                logits = model.step_logits(token, pos)
                 seconds = time.perf_counter() - t0
                 stats.decode_seconds += seconds
                 self._record_decode_threads(threads, seconds)

@@ -56,13 +56,9 @@ def sample_next(
     params: SamplingParams,
     generator: torch.Generator | None,
     seen_ids: torch.Tensor,
-    argmax: int | None = None,
 ) -> int:
     """The next token id from `logits` [V] float32; `seen_ids` [N] int64 are the prompt and generated ids so far.
-    `argmax`: the logits' argmax when the caller already has it (generate's finiteness pass finds it), the token
-    of `plain_greedy` sampling."""
-    if argmax is not None and plain_greedy(params):
-        return argmax
+    (Generate takes a `plain_greedy` token from its finiteness pass instead.)"""
     scores = logits
     if params.repetition_penalty != 1.0 and seen_ids.numel() > 0:
         scores = apply_repetition_penalty(scores, seen_ids, params.repetition_penalty)

@@ -182,7 +182,7 @@ def test_an_interrupted_stream_reports_interrupted(model, monkeypatch):
 
     import offload.generate as generate
 
-    real = generate.sample_next
+    real = generate.check_finite  # once a token, on every path
     calls = []
 
     def ctrl_c_on_the_fifth_token(*args):
@@ -191,7 +191,7 @@ def test_an_interrupted_stream_reports_interrupted(model, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(generate, "sample_next", ctrl_c_on_the_fifth_token)
+    monkeypatch.setattr(generate, "check_finite", ctrl_c_on_the_fifth_token)
     run = model.stream("Hello", max_new_tokens=16, ignore_eos=True)
     with pytest.raises(KeyboardInterrupt):
         for _ in run:
@@ -204,7 +204,7 @@ def test_an_interrupted_stream_reports_interrupted(model, monkeypatch):
 def test_generate_json_interrupted_prints_the_partial_result_and_exits_130(demo_dir, monkeypatch):
     import offload.generate as generate
 
-    real = generate.sample_next
+    real = generate.check_finite  # once a token, on every path
     calls = []
 
     def ctrl_c_on_the_fourth_token(*args):
@@ -213,7 +213,7 @@ def test_generate_json_interrupted_prints_the_partial_result_and_exits_130(demo_
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(generate, "sample_next", ctrl_c_on_the_fourth_token)
+    monkeypatch.setattr(generate, "check_finite", ctrl_c_on_the_fourth_token)
     result = CliRunner().invoke(app, ["generate", str(demo_dir), "--device", "cpu", "--prompt", "Hello",
                                       "--max-new-tokens", "20", "--ignore-eos", "--json"])
     assert result.exit_code == 130

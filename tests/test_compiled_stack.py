@@ -164,3 +164,31 @@ def test_a_step_past_max_context_is_refused_before_the_compiled_cache_write(chec
         with pytest.raises(ContextLengthError, match="max_context=16"):
             transformer(torch.arange(3, 9), 12)
         assert torch.equal(transformer(torch.tensor([5]), 6, last_only=True), before)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v2"])
+def test_a_generations_step_is_the_compiled_forward_without_a_torch_op(checkpoint, name):
+    """Transformer.step_logits (what a generation calls per token): on the compiled CPU path no torch op at all,
+    the same Numba calls as forward, the same logits bit for bit, the token recorded as held; the torch path
+    (the step switched off) gives the forward's logits too, and a position past max_context is one clear error."""
+    model = offload.load(checkpoint(name), device="cpu", experts="int8", dense="int8", max_context=16)
+    transformer = model.transformer
+    with torch.inference_mode():
+        transformer(torch.arange(3, 9), 0, last_only=True)
+        forward = transformer(torch.tensor([5]), 6, last_only=True)[0].clone()
+    assert compiled_step.for_token(transformer) is not None
+    probe = TorchOps()
+    with probe:
+        logits = transformer.step_logits(5, 6)
+    assert not probe.ops, probe.ops
+    assert torch.equal(torch.from_numpy(logits), forward)
+    assert transformer.cached_ids == [3, 4, 5, 6, 7, 8, 5]
+    previous = compiled_step.set_enabled(False)
+    try:
+        assert compiled_step.for_token(transformer) is None
+        assert rel_err(torch.from_numpy(transformer.step_logits(5, 6)), forward) < 1e-5
+    finally:
+        compiled_step.set_enabled(previous)
+    with pytest.raises(ContextLengthError, match="max_context=16"):
+        transformer.step_logits(5, 16)
+    assert torch.equal(torch.from_numpy(transformer.step_logits(5, 6)), forward)  # the caches still usable

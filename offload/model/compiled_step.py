@@ -604,16 +604,20 @@ class CompiledStack:
     def __call__(self, x: torch.Tensor, start: int, caches: list, rope: RotaryTable) -> torch.Tensor:
         """The last layer's output for x [T, H] at positions start.. . It is one of the stack's buffers, which the
         next call overwrites: read it (the final norm does) before the next step."""
+        return torch.from_numpy(self.run(x.detach().contiguous().numpy(), start, caches, rope))
+
+    def run(self, x: np.ndarray, start: int, caches: list, rope: RotaryTable) -> np.ndarray:
+        """As __call__ on float32 arrays: x [T, H] is only read (it may be a view of the embedding table)."""
         T, H = x.shape
         buffers = self._buffers.get(T)
         if buffers is None:
             buffers = self._buffers[T] = (np.empty((T, H), np.float32), np.empty((T, H), np.float32))
-        a, out = x.detach().contiguous().numpy(), buffers[0]
+        a, out = x, buffers[0]
         for layer, cache in zip(self.layers, caches):
             p = layer.prepared(T, H, cache, rope)
             layer.run(p, a, out, start)
             a, out = out, (buffers[1] if out is buffers[0] else buffers[0])
-        return torch.from_numpy(a)
+        return a
 
 
 def for_stack(transformer, x: torch.Tensor) -> CompiledStack | None:
@@ -658,6 +662,10 @@ class CompiledHead:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """logits [T, V] float32 (a new tensor) for the last layer's output x [T, H]."""
+        return torch.from_numpy(self.run(x.detach().contiguous().numpy()))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """As __call__ on float32 arrays: logits [T, V], a view of a new array's rows (padded to whole panels)."""
         from csrc_py.decode_step import head_block
 
         T, H = x.shape
@@ -665,8 +673,8 @@ class CompiledHead:
         if h is None:
             h = self._scratch[T] = np.empty((T, H), np.float32)
         logits = np.empty((T, self.lm_head.padded_shape[1]), np.float32)
-        head_block(x.detach().contiguous().numpy(), *self.norm, self.packed, self.bias, h, logits)
-        return torch.from_numpy(logits)[:, :self.lm_head.shape[1]]
+        head_block(x, *self.norm, self.packed, self.bias, h, logits)
+        return logits[:, :self.lm_head.shape[1]]
 
 
 def for_head(transformer, x: torch.Tensor) -> CompiledHead | None:
@@ -675,3 +683,36 @@ def for_head(transformer, x: torch.Tensor) -> CompiledHead | None:
         return None
     head = CompiledHead.of(transformer)
     return head if head is not None and head.takes(x.shape[0]) else None
+
+
+class CompiledToken:
+    """One decode token on the CPU, all compiled: the embedding row (a view of the float32 table), the stack, the
+    final norm and LM head, on numpy arrays. What a generation calls per token where `for_token` offers it: the
+    same Numba calls as forward's compiled path, without its torch ops and module calls around them."""
+
+    def __init__(self, embed: np.ndarray, stack: CompiledStack, head: CompiledHead, timers):
+        self.embed, self.stack, self.head, self.timers = embed, stack, head, timers
+
+    def __call__(self, token: int, start: int, caches: list, rope: RotaryTable) -> np.ndarray:
+        """logits [V] float32 (a new array's row) of `token` at position `start`, the caches written."""
+        x = self.stack.run(self.embed[token : token + 1], start, caches, rope)  # [1, H]
+        t0 = time.perf_counter()
+        logits = self.head.run(x)[0]
+        self.timers.add("lm_head", time.perf_counter() - t0)
+        return logits
+
+
+def for_token(transformer) -> CompiledToken | None:
+    """The compiled form of a whole one-token decode step at a host position, or None where it runs as forward
+    does (the step disabled, a device, positions on the device, a float32-less embedding, a torch layer or head)."""
+    if not _enabled:
+        return None
+    step = transformer.__dict__.get("_compiled_token", _NOT_BUILT)
+    if step is _NOT_BUILT:
+        step, embed = None, transformer.embed
+        if transformer.step_positions is None and embed.device.type == "cpu" and embed.dtype == torch.float32:
+            stack, head = CompiledStack.of(transformer), CompiledHead.of(transformer)
+            if stack is not None and head is not None and stack.takes(1) and head.takes(1):
+                step = CompiledToken(embed.detach().numpy(), stack, head, transformer.timers)
+        transformer.__dict__["_compiled_token"] = step
+    return step

@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,6 +113,8 @@ class Transformer(nn.Module):
         # that fails or is interrupted half-way leaves nothing to reuse.
         self.held_ids = torch.zeros(max_context, dtype=torch.long, device=device)
         self.held = 0  # held_ids[:held] are valid
+        self._held_on_host = self.held_ids.numpy() if self.held_ids.device.type == "cpu" else None
+        self._step_ids = torch.empty(1, dtype=torch.long, device=device)  # step_logits' token: no allocation per step
         # Called before each forward, once the previous one's results were read: the experts' step-boundary work.
         self.settle_step = settle_step
         # On a device tier, decode steps take their positions from a device tensor and attend over a context bucket:
@@ -168,16 +171,38 @@ class Transformer(nn.Module):
         """ids [T] -> final-norm hidden states [T, H], writing positions start..start+T-1 to the caches."""
         return self.norm(self._layers(ids, start, positions))
 
-    def _layers(self, ids: torch.Tensor, start: int, positions: Positions | None) -> torch.Tensor:
-        """ids [T] -> the last decoder layer's output [T, H] (before the final norm); on the compiled step it is a
-        buffer the next step reuses, so read it before then."""
-        if start + ids.shape[0] > self.max_context:  # the compiled step writes the caches without bounds checks
-            raise ContextLengthError(f"positions {start}..{start + ids.shape[0] - 1} exceed max_context="
+    def step_logits(self, token: int, start: int) -> np.ndarray:
+        """logits [V] float32 on the host of one new token at position `start`, its caches written: a generation's
+        step. Where the whole step compiles (compiled_step.for_token: on the CPU, at host positions) it is numpy
+        and Numba calls only; else forward at the model's decode positions, in inference mode."""
+        step = compiled_step.for_token(self)
+        if step is None:
+            with torch.inference_mode():
+                ids = self._step_ids.fill_(token)
+                return self(ids, start, last_only=True, positions=self.decode_positions(start))[0].cpu().numpy()
+        held = self._begin_step(start, 1)
+        logits = step(token, start, self.caches, self.rope)
+        if held >= start:
+            self._held_on_host[start] = token  # a numpy view of held_ids (on the CPU, as for_token requires)
+            self.held = start + 1
+        return logits
+
+    def _begin_step(self, start: int, tokens: int) -> int:
+        """What precedes every forward of `tokens` at positions start..: the bounds check, the timers and experts
+        settled, the record of held ids emptied. Returns how many ids it held."""
+        if start + tokens > self.max_context:  # the compiled step writes the caches without bounds checks
+            raise ContextLengthError(f"positions {start}..{start + tokens - 1} exceed max_context="
                                      f"{self.max_context}; load with a larger max_context")
         self.timers.collect()
         if self.settle_step is not None:
             self.settle_step()
         held, self.held = self.held, 0
+        return held
+
+    def _layers(self, ids: torch.Tensor, start: int, positions: Positions | None) -> torch.Tensor:
+        """ids [T] -> the last decoder layer's output [T, H] (before the final norm); on the compiled step it is a
+        buffer the next step reuses, so read it before then."""
+        held = self._begin_step(start, ids.shape[0])
         x = F.embedding(ids, self.embed)  # [T, H]
         # A decode step on the CPU at a host position: every layer compiled, two Numba calls each.
         stack = compiled_step.for_stack(self, x) if positions is None else None
