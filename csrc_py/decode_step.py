@@ -34,6 +34,7 @@ from numba.extending import intrinsic, overload
 from csrc_py import indexer_step
 from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
+from csrc_py.fast_math import exp_f32, exp_reduced
 from csrc_py.simd import bits_to_f32
 
 # Routing codes (offload.model.routing.route's cases).
@@ -233,30 +234,20 @@ def prefetch_rows(a: np.ndarray, first: int, stop: int) -> None:
         prefetch(a, at)
 
 
-LOG2E = np.float32(1.4426950408889634)
-LN2_HI, LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
-EXP_MIN = np.float32(-87.0)  # below it exp underflows float32's normal range: 0
+SOFTMAX_EXP_MIN = np.float32(-87.0)  # a softmax numerator below exp(-87) is 0
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract"})
 def exp_shifted(s: np.ndarray, n: int, best: float) -> float:
     """s[:n] = exp(s[:n] - best) in place and their sum, for best >= max(s[:n]) (-inf entries give 0): softmax's
-    numerators. Written as plain arithmetic so the loop vectorizes (np.exp is a scalar libm call per value without
-    Intel's SVML)."""
+    numerators, vectorized (csrc_py.fast_math.exp_reduced: arguments here are <= 0, so fewer selects than exp_f32's,
+    measured 3% faster over the attention)."""
     total = np.float32(0.0)
     for j in range(n):
         x = s[j] - best
-        c = max(x, EXP_MIN)
-        k = np.floor(c * LOG2E + np.float32(0.5))
-        r = c - k * LN2_HI - k * LN2_LO
-        y = np.float32(1.9875691500e-4)
-        y = y * r + np.float32(1.3981999507e-3)
-        y = y * r + np.float32(8.3334519073e-3)
-        y = y * r + np.float32(4.1665795894e-2)
-        y = y * r + np.float32(1.6666665459e-1)
-        y = y * r + np.float32(5.0000001201e-1)
-        pow2 = bits_to_f32((np.int32(k) + np.int32(127)) << 23) if x > EXP_MIN else np.float32(0.0)  # 2^k
-        s[j] = (y * r * r + r + np.float32(1.0)) * pow2
+        p, k = exp_reduced(max(x, SOFTMAX_EXP_MIN))
+        pow2 = bits_to_f32((np.int32(k) + np.int32(127)) << 23) if x > SOFTMAX_EXP_MIN else np.float32(0.0)  # 2^k
+        s[j] = p * pow2
         total += s[j]
     return total
 
@@ -883,12 +874,12 @@ def router_logits(h: np.ndarray, router: np.ndarray, bias: np.ndarray, logits: n
             _router_logit(h, router, bias, logits, t, e)
 
 
-@njit(nogil=True, cache=True, fastmath={"contract", "afn", "arcp", "reassoc"})
+@njit(nogil=True, cache=True, fastmath={"contract", "afn", "arcp", "reassoc"}, error_model="numpy")
 def silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
     """out = silu(g) * u, elementwise over [T, I] views."""
     for t in range(g.shape[0]):
         for i in range(g.shape[1]):
-            out[t, i] = g[t, i] / (np.float32(1.0) + np.exp(-g[t, i])) * u[t, i]
+            out[t, i] = g[t, i] / (np.float32(1.0) + exp_f32(-g[t, i])) * u[t, i]
 
 
 @njit(nogil=True, cache=True)
@@ -1014,12 +1005,12 @@ def split_gate(qkv_out: np.ndarray, q0: int, heads: int, d: int, qg: np.ndarray)
                 qg[t, (heads + h) * d + i] = qkv_out[t, src + d + i]
 
 
-@njit(nogil=True, cache=True, fastmath={"contract", "afn", "arcp", "reassoc"})
+@njit(nogil=True, cache=True, fastmath={"contract", "afn", "arcp", "reassoc"}, error_model="numpy")
 def mul_sigmoid(v: np.ndarray, gate: np.ndarray) -> None:
     """v *= sigmoid(gate), elementwise over [T, D] views (the output gate)."""
     for t in range(v.shape[0]):
         for i in range(v.shape[1]):
-            v[t, i] *= np.float32(1.0) / (np.float32(1.0) + np.exp(-gate[t, i]))
+            v[t, i] *= np.float32(1.0) / (np.float32(1.0) + exp_f32(-gate[t, i]))
 
 
 @njit(nogil=True, cache=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from csrc_py.fast_math import exp_f32
 from csrc_py.grouped_matmul import matmul_bf16, matmul_q4, matmul_q4_pair, matmul_q8, matmul_q8_pair
 from csrc_py.quant_kernels import SERIAL_MAX_ROWS, quantized_rows
 
@@ -80,7 +81,9 @@ def _gather_rows(src: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-# exp(-g) overflows to inf for very negative g (silu -> 0), so no 'ninf'/'nnan' fast-math assumptions.
+# exp(-g) overflows to inf for very negative g (silu -> 0), so no 'ninf'/'nnan' fast-math assumptions. The exp is
+# csrc_py.fast_math's and the division unchecked (error_model="numpy": Python's zero-division check is a branch per
+# value), so the loop vectorizes: 8 against 35 us for a decode step's 2 x 5632 values.
 _SWIGLU_MATH = {"contract", "afn", "arcp", "reassoc"}
 
 SILU, CLAMPED_SWIGLU = 0, 1  # activation kinds, as offload.config.ExpertActivation.kind "silu" / "clamped_swiglu"
@@ -95,19 +98,19 @@ def _swiglu_row(g: np.ndarray, u: np.ndarray, r: int, act: np.ndarray) -> None:
         for i in range(g.shape[1]):
             gi = min(g[r, i], limit)
             ui = min(max(u[r, i], -limit), limit)
-            g[r, i] = gi / (np.float32(1.0) + np.exp(-alpha * gi)) * (ui + np.float32(1.0))
+            g[r, i] = gi / (np.float32(1.0) + exp_f32(-alpha * gi)) * (ui + np.float32(1.0))
     else:
         for i in range(g.shape[1]):
-            g[r, i] = g[r, i] / (np.float32(1.0) + np.exp(-g[r, i])) * u[r, i]
+            g[r, i] = g[r, i] / (np.float32(1.0) + exp_f32(-g[r, i])) * u[r, i]
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath=_SWIGLU_MATH)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_SWIGLU_MATH, error_model="numpy")
 def _swiglu_parallel(g: np.ndarray, u: np.ndarray, act: np.ndarray) -> None:
     for r in prange(g.shape[0]):
         _swiglu_row(g, u, r, act)
 
 
-@njit(nogil=True, cache=True, fastmath=_SWIGLU_MATH)
+@njit(nogil=True, cache=True, fastmath=_SWIGLU_MATH, error_model="numpy")
 def _swiglu(g: np.ndarray, u: np.ndarray, act: np.ndarray) -> None:
     """g <- act(g, u), in place; act = [kind, alpha, limit] (float32)."""
     if g.shape[0] <= SERIAL_MAX_ROWS:
