@@ -192,3 +192,15 @@ def test_a_generations_step_is_the_compiled_forward_without_a_torch_op(checkpoin
     with pytest.raises(ContextLengthError, match="max_context=16"):
         transformer.step_logits(5, 16)
     assert torch.equal(torch.from_numpy(transformer.step_logits(5, 6)), forward)  # the caches still usable
+
+
+def test_a_token_outside_the_vocabulary_is_refused_by_the_compiled_token_step(checkpoint):
+    model = offload.load(checkpoint("qwen3_moe"), device="cpu", experts="int8", dense="int8", max_context=16)
+    transformer = model.transformer
+    with torch.inference_mode():
+        transformer(torch.arange(3, 9), 0, last_only=True)
+    rows = transformer.embed.shape[0]
+    for token in (rows, -1):
+        with pytest.raises(IndexError, match=f"outside the embedding table's {rows} rows"):
+            transformer.step_logits(token, 6)
+    assert transformer.step_logits(5, 6).shape == (transformer.cfg.vocab_size,)

@@ -695,6 +695,8 @@ class CompiledToken:
 
     def __call__(self, token: int, start: int, caches: list, rope: RotaryTable) -> np.ndarray:
         """logits [V] float32 (a new array's row) of `token` at position `start`, the caches written."""
+        if not 0 <= token < self.embed.shape[0]:  # a slice past the table would be empty, not an error
+            raise IndexError(f"token id {token} is outside the embedding table's {self.embed.shape[0]} rows")
         x = self.stack.run(self.embed[token : token + 1], start, caches, rope)  # [1, H]
         t0 = time.perf_counter()
         logits = self.head.run(x)[0]
