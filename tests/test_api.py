@@ -265,3 +265,16 @@ def test_chat_takes_a_repetition_penalty_and_stop_strings(demo_dir, model):
                                       "--stop", stop, "--prompt", "What is a router?"])
     assert result.exit_code == 0, result.output
     assert result.stdout == cut.text + "\n" and "finish: stop" in result.stderr
+
+
+def test_greedy_generation_applies_a_repetition_penalty(model):
+    """A greedy token comes from the finiteness pass only without a penalty; with one, generate must sample from
+    the penalised scores: with a huge penalty no token of the prompt or of the reply comes back."""
+    prompt = "the the the the"
+    ids = model.tokenizer.encode(prompt)
+    plain = model.generate(prompt, max_new_tokens=24, temperature=0, ignore_eos=True).token_ids
+    seen = set(ids) | set(plain)
+    assert len(seen) < len(ids) + len(plain), "precondition: the plain greedy reply repeats a token"
+    penalised = model.generate(prompt, max_new_tokens=24, temperature=0, repetition_penalty=1e6,
+                               ignore_eos=True).token_ids
+    assert len(set(ids) | set(penalised)) == len(set(ids)) + len(penalised)
