@@ -34,7 +34,7 @@ from numba.extending import intrinsic, overload
 from csrc_py import indexer_step
 from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
 from csrc_py.fast_math import exp_f32, exp_reduced
-from csrc_py.linear import linear_bf16, linear_q4, linear_q8
+from csrc_py.linear import heads_q4, heads_q8, linear_bf16, linear_q4, linear_q8
 from csrc_py.simd import bits_to_f32
 
 # Routing codes (offload.model.routing.route's cases).
@@ -80,6 +80,26 @@ def _packed_linear(x, w, y):
     else:
         def impl(x, w, y):
             linear_q4(x, w[0], w[1], w[2], y)
+    return impl
+
+
+def packed_heads(x, w, y):
+    """y[h*N + n, :Op] = x[h*N + n] @ W[h].T for x float32 [heads*N, K] (head-major), W a packed (q, d, m) stack of
+    per-head int8 / int4 / int4s matrices (csrc_py.linear.heads_q8 / heads_q4)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(packed_heads)
+def _packed_heads(x, w, y):
+    fmt = _fmt_of(w[0])
+    if fmt == "bf16":
+        raise TypeError("packed_heads takes int8 / int4 / int4s stacks")
+    if fmt == "int8":
+        def impl(x, w, y):
+            heads_q8(x, w[0], w[1], y)
+    else:
+        def impl(x, w, y):
+            heads_q4(x, w[0], w[1], w[2], y)
     return impl
 
 
@@ -738,21 +758,87 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
 
     Three parallel stages, for inputs that come from DRAM (a decode step's previous layer evicted them):
     1. the heads' latent queries (latent_query), the W_UK rows split over the threads;
-    2. flash-decoding: the attended positions cut into spans (latent_span: LATENT_SPANS of them, whatever the
-       thread count), one online softmax (latent_partial) per span and block of up to LATENT_HEADS_MAX_BLOCK heads,
-       so each cached latent is read from memory once per block in all, not once per thread, each chunk's
-       successor prefetched while it computes (LATENT_AHEAD_BYTES of the W_UK / W_UV rows, likewise);
+    2. latent_spans: the softmax over the cached latents, by spans of positions;
     3. per head, the spans' partials merged in order (latent_merge) and put through W_UV (latent_values).
     Every split is a function of the shapes alone: the numbers do not depend on the thread count."""
     T = q.shape[0]
     rank, rope_d = c_cache.shape[1], r_cache.shape[1]
-    per = min((heads + LATENT_QUAD - 1) // LATENT_QUAD * LATENT_QUAD, LATENT_HEADS_MAX_BLOCK)  # heads per block
-    blocks = (heads + per - 1) // per
-    padded = blocks * per  # zero heads fill the last block
-    q_lat = np.empty((T, padded, rank), np.float32)  # the padding heads' rows zeroed by latent_query
-    q_rope = np.empty((T, padded, rope_d), np.float32)
-    for h in prange(padded):
+    per, blocks = latent_blocks(heads)
+    q_lat = np.empty((T, blocks * per, rank), np.float32)  # the padding heads' rows zeroed by latent_query
+    q_rope = np.empty((T, blocks * per, rope_d), np.float32)
+    for h in prange(blocks * per):
         latent_query(q, h, heads, nope, w_kv, q_lat, q_rope)
+    best, total, o_part = latent_spans(q_lat, q_rope, c_cache, r_cache, start, scale, selection, selected, per)
+    o_lat = np.empty((heads, T, 1, rank), np.float32)  # each head's merged latent and softmax sum
+    sums = np.empty((heads, T, 1), np.float32)
+    for h in prange(heads):
+        b = h // per
+        latent_merge(best[b], total[b], o_part[b], h - b * per, o_lat[h], sums[h])
+        latent_values(o_lat[h], sums[h], h, 1, nope, w_kv, out)
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: tuple, c_cache: np.ndarray,
+                         r_cache: np.ndarray, start: int, scale: float, selection: np.ndarray, selected: int,
+                         out: np.ndarray) -> None:
+    """latent_attend with W_UK and W_UV packed per head (int8 / int4 / int4s; offload.model.mla.MLA._pack_absorbed):
+    k_b [heads, rank, nope] and v_b [heads, v, rank] as (q, d, m) tuples. The two products are per-head GEMVs, each
+    one grouped kernel call over every head (activations quantized per 32, as every packed matmul); between them
+    the same softmax over the cached latents (latent_spans) and merge."""
+    T = q.shape[0]
+    rank, rope_d = c_cache.shape[1], r_cache.shape[1]
+    qd = nope + rope_d
+    per, blocks = latent_blocks(heads)
+    rows = np.empty((heads * T, nope), np.float32)  # q_nope, head-major
+    for h in range(heads):
+        for t in range(T):
+            rows[h * T + t] = q[t, h * qd: h * qd + nope]
+    lat = np.empty((heads * T, k_b[1].shape[1] * 16), np.float32)  # [heads*T, padded rank]
+    packed_heads(rows, k_b, lat)
+    q_lat = np.zeros((T, blocks * per, rank), np.float32)  # zero padding heads
+    q_rope = np.zeros((T, blocks * per, rope_d), np.float32)
+    for h in range(heads):
+        for t in range(T):
+            q_lat[t, h] = lat[h * T + t, :rank]
+            q_rope[t, h] = q[t, h * qd + nope: h * qd + qd]
+    best, total, o_part = latent_spans(q_lat, q_rope, c_cache, r_cache, start, scale, selection, selected, per)
+    o_lat = np.empty((heads, T, 1, rank), np.float32)
+    sums = np.empty((heads, T, 1), np.float32)
+    for h in prange(heads):
+        b = h // per
+        latent_merge(best[b], total[b], o_part[b], h - b * per, o_lat[h], sums[h])
+    o_rows = np.empty((heads * T, rank), np.float32)  # the merged latents over their sums, head-major
+    for h in range(heads):
+        for t in range(T):
+            o_rows[h * T + t] = o_lat[h, t, 0] / sums[h, t, 0]
+    v_dim = v_b[1].shape[1] * 16
+    o_out = np.empty((heads * T, v_dim), np.float32)  # [heads*T, padded v]
+    packed_heads(o_rows, v_b, o_out)
+    v = out.shape[1] // heads
+    for h in range(heads):
+        for t in range(T):
+            out[t, h * v: (h + 1) * v] = o_out[h * T + t, :v]
+
+
+@njit(nogil=True, cache=True)
+def latent_blocks(heads: int) -> tuple[int, int]:
+    """(heads per block, blocks) of the softmax over the cached latents: whole quads of heads, at most
+    LATENT_HEADS_MAX_BLOCK per block; zero heads pad the last block."""
+    per = min((heads + LATENT_QUAD - 1) // LATENT_QUAD * LATENT_QUAD, LATENT_HEADS_MAX_BLOCK)
+    return per, (heads + per - 1) // per
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
+def latent_spans(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, start: int,
+                 scale: float, selection: np.ndarray, selected: int, per: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flash-decoding over the cached latents for the latent queries q_lat [T, blocks*per, rank] (rope parts
+    q_rope): the attended positions cut into spans (latent_span: LATENT_SPANS of them, whatever the thread count),
+    one online softmax (latent_partial) per span and block of `per` heads, so each cached latent is read from
+    memory once per block in all, not once per thread, each chunk's successor prefetched while it computes.
+    Returns the partials best, total [blocks, spans, T, per] and o_part [blocks, spans, T, per, rank]."""
+    T, padded, rank = q_lat.shape
+    blocks = padded // per
     n = np.empty(T, np.int64)  # positions each query attends: in idx[t] with a selection, 0.. without
     idx = np.empty((T, max(selected, 0)), np.int64)
     n_max = latent_positions(selection, selected, start, n, idx)
@@ -765,13 +851,25 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
         b, sp = item // spans, item % spans
         latent_partial(q_lat, q_rope, c_cache, r_cache, b * per, sp * span, (sp + 1) * span, n, idx, selected, scale,
                        best[b, sp], total[b, sp], o_part[b, sp])
+    return best, total, o_part
 
-    o_lat = np.empty((heads, T, 1, rank), np.float32)  # each head's merged latent and softmax sum
-    sums = np.empty((heads, T, 1), np.float32)
-    for h in prange(heads):
-        b = h // per
-        latent_merge(best[b], total[b], o_part[b], h - b * per, o_lat[h], sums[h])
-        latent_values(o_lat[h], sums[h], h, 1, nope, w_kv, out)
+
+def absorbed_attend(q, heads, nope, w, c_cache, r_cache, start, scale, selection, selected, out):
+    """MLA's absorbed attention: latent_attend for kv_b_proj's weight as one array w [heads, nope + v, rank],
+    latent_attend_packed for (k_b, v_b) packed per head."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(absorbed_attend)
+def _absorbed_attend(q, heads, nope, w, c_cache, r_cache, start, scale, selection, selected, out):
+    if isinstance(w, types.Array):
+        def impl(q, heads, nope, w, c_cache, r_cache, start, scale, selection, selected, out):
+            latent_attend(q, heads, nope, w, c_cache, r_cache, start, scale, selection, selected, out)
+    else:
+        def impl(q, heads, nope, w, c_cache, r_cache, start, scale, selection, selected, out):
+            latent_attend_packed(q, heads, nope, w[0], w[1], c_cache, r_cache, start, scale, selection, selected,
+                                 out)
+    return impl
 
 
 @njit(nogil=True, cache=True)
@@ -1075,7 +1173,8 @@ def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a
 
     in_proj: q_proj or q_a_proj fused with kv_a_proj_with_mqa (from column kv_start); dims = (heads, nope, rope,
     q_lora_rank (0: no q-LoRA, q_b is not read), kv_start); eps = (input norm, q_a norm, kv_a norm). The latent
-    cache c_cache [P, rank] / r_cache [P, rope] gets the normalised latent and the rotated rope key. Scratch: h [T, H],
+    cache c_cache [P, rank] / r_cache [P, rope] gets the normalised latent and the rotated rope key; w_kv is
+    kv_b_proj's weight [heads, nope + v, rank] or W_UK / W_UV packed per head (absorbed_attend). Scratch: h [T, H],
     proj_out [T, padded in_proj width], q_a [T, q_lora_rank], q_out [T, padded q_b width], att [T, heads*v],
     o_out [T, padded H].
 
@@ -1100,7 +1199,7 @@ def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a
     rope(q, heads, qd, nope, interleaved, cos, sin, start)
     if indexer is not None:
         selected = indexer_step.index_step(h, q_a, start, cos, sin, indexer, index_k, selection)
-    latent_attend(q, heads, nope, w_kv, c_cache, r_cache, start, scale, selection, selected, att)
+    absorbed_attend(q, heads, nope, w_kv, c_cache, r_cache, start, scale, selection, selected, att)
     packed_linear(att, o_proj, o_out)
     add_bias(o_out, o_bias)
     add_rows(x, o_out, out)

@@ -14,7 +14,7 @@ import torch
 from csrc_py import crossover, simd
 from csrc_py.expert_ffn import NO_BIAS, SILU_ACT, moe_bf16, moe_q4, moe_q8
 from csrc_py.formats import PackedMatrix, pack
-from csrc_py.linear import linear_bf16, linear_q4, linear_q8
+from csrc_py.linear import heads_q4, heads_q8, linear_bf16, linear_q4, linear_q8
 from csrc_py.torch_path import expert_bf16, moe_torch
 
 # The fixed thresholds (OFFLOAD_CROSSOVERS=fixed, and the fallback when measuring fails): rows per expert (token-
@@ -211,3 +211,20 @@ def _linear_fused(rows: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
     else:  # int4, int4s (bits' m is None)
         linear_q4(xf, *w.bits(), y)
     return torch.from_numpy(y[:, :w.shape[1]])
+
+
+def heads_linear(x: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
+    """y[h] = x[h] @ W[h].T for a stack of int8 / int4 / int4s matrices [heads, O, K]: x [heads, N, K] ->
+    [heads, N, O] in x's dtype, every head in one grouped kernel call (MLA's absorbed W_UK and W_UV)."""
+    heads, O, K = w.shape
+    if w.fmt == "bf16" or x.dim() != 3 or x.shape[0] != heads or x.shape[2] != K:
+        raise ValueError(f"expected x [{heads}, N, {K}] and a quantized stack, got x {list(x.shape)} and a "
+                         f"{w.fmt} stack {list(w.shape)}")
+    N = x.shape[1]
+    rows = _f32(x.reshape(heads * N, K))
+    y = np.empty((heads * N, w.padded_shape[1]), np.float32)
+    if w.fmt == "int8":
+        heads_q8(rows, *w.bits(), y)
+    else:  # int4, int4s (bits' m is None)
+        heads_q4(rows, *w.bits(), y)
+    return torch.from_numpy(y)[:, :O].reshape(heads, N, O).to(x.dtype)

@@ -467,14 +467,54 @@ def decode_steps(model, compiled: bool) -> torch.Tensor:
         compiled_step.set_enabled(previous)
 
 
+def paired_steps(model) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """IDS fed one token per forward pass, each position through the torch path and then the compiled step, so
+    both steps of a position read the same cache (the one the compiled steps wrote): a rounding flip of the int8
+    activations at one position (assert_same_steps) does not follow either path into the next. A recurrent state
+    (Gated DeltaNet), which cannot run a position twice, is put back as it was before the torch step. What the
+    compiled step writes into the caches is checked against what the torch step wrote, position by position, as
+    the logits are. Returns the compiled logits, the torch logits and what the torch steps added to each MoE block's
+    heat."""
+    moes = list(model.transformer.moe_blocks())
+    caches = [[t for t in vars(c).values() if torch.is_tensor(t)] for c in model.transformer.caches]
+    states = [c for c in model.transformer.caches if isinstance(c, RecurrentState)]
+    got, expected, heat, cache_errors = [], [], [torch.zeros_like(m.heat) for m in moes], []
+    with torch.inference_mode():
+        for i in range(len(IDS)):
+            before = [m.heat.clone() for m in moes]
+            saved = [(c.conv.clone(), c.state.clone(), c.position) for c in states]
+            previous = compiled_step.set_enabled(False)
+            try:
+                expected.append(model.transformer(IDS[i: i + 1], i).clone())
+            finally:
+                compiled_step.set_enabled(previous)
+            for h, m, b in zip(heat, moes, before):
+                h += m.heat - b
+            written = [[t.clone() for t in tensors] for tensors in caches]
+            for c, (conv, state, position) in zip(states, saved):
+                c.conv.copy_(conv)
+                c.state.copy_(state)
+                c.position = position
+            previous = compiled_step.set_enabled(True)
+            try:
+                got.append(model.transformer(IDS[i: i + 1], i).clone())
+            finally:
+                compiled_step.set_enabled(previous)
+            cache_errors.append(max(rel_err(t, w) for tensors, ws in zip(caches, written) for t, w in zip(tensors, ws)))
+    errors = torch.tensor(cache_errors)
+    assert errors.median() < 2e-5 and errors.max() < 2e-2, errors.tolist()
+    return torch.cat(got), torch.cat(expected), heat
+
+
 def assert_same_steps(got: torch.Tensor, expected: torch.Tensor) -> bool:
     """The compiled step's logits [positions, V] are the torch step's within float32 rounding. The int8 activations
     of the packed kernels are a step function of their input: where float32 rounding moves one value across a
-    rounding boundary, that position differs by a quantum (~1e-3 relative). A flipped quantum that reaches the KV
-    cache stays there, so later positions may carry a few of them (1.1e-2 measured on an Intel AVX-512/AMX host,
-    whose torch kernels sum in another order). So: most positions within float32 rounding, none beyond half of
-    int8's own bound against transformers (4e-2, test_cpu_model), the same greedy tokens. Returns whether every
-    position agreed within float32 rounding."""
+    rounding boundary, that position differs by a quantum (~1e-3 relative; up to 1e-2 in these tiny models' short
+    groups). Where each path runs on its own (decode_steps), a flipped quantum that reaches the KV cache stays
+    there, so later positions may carry it (1.1e-2 measured on an Intel AVX-512/AMX host, whose torch kernels sum
+    in another order); paired_steps keeps both paths on one cache. So: most positions within float32 rounding,
+    none beyond half of int8's own bound against transformers (4e-2, test_cpu_model), the same greedy tokens.
+    Returns whether every position agreed within float32 rounding."""
     errors = torch.tensor([rel_err(g, e) for g, e in zip(got, expected)])
     assert errors.median() < 2e-5 and errors.max() < 2e-2, errors.tolist()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
@@ -526,14 +566,12 @@ CASES = [
 @pytest.mark.parametrize("name, experts, dense, attention", CASES)
 def test_compiled_step_equals_the_torch_step(checkpoint, name, experts, dense, attention):
     model = offload.load(checkpoint(name), device="cpu", experts=experts, dense=dense, max_context=64)
-    expected = decode_steps(model, compiled=False)
-    heat_torch = [moe.heat.clone() for moe in model.transformer.moe_blocks()]
-    got = decode_steps(model, compiled=True)
+    got, expected, heat_torch = paired_steps(model)
     L = len(model.transformer.layers)
     assert compiled_parts(model) == ((L if attention else 0), L)
     if assert_same_steps(got, expected):  # the same routing choices, so the counts grew alike on both paths
-        for moe, before in zip(model.transformer.moe_blocks(), heat_torch):
-            assert torch.equal(moe.heat, 2 * before)
+        for moe, torch_part in zip(model.transformer.moe_blocks(), heat_torch):
+            assert torch.equal(moe.heat, 2 * torch_part)
 
 
 def test_prefill_and_torch_weights_stay_on_the_torch_path(checkpoint):

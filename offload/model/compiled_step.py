@@ -66,7 +66,8 @@ _ATTENTION_FIELDS = {"heads", "kv_heads", "head_dim", "qk_norm", "clip_qkv", "wi
                      "q_norm", "k_norm", "sinks", "output_gate", "qk_norm_after_rope", "rope_interleaved", "chunk",
                      "rope_layer", "l2_eps", "temperature"}
 _MLA_FIELDS = {"heads", "nope", "rope_dim", "v_dim", "rank", "interleaved", "input_projs", "q_a_norm", "q_b_proj",
-               "kv_a_norm", "kv_b_proj", "o_proj", "scale", "w_uk", "w_uv", "indexer", "shares_selection", "selection"}
+               "kv_a_norm", "kv_b_proj", "k_b", "v_b", "o_proj", "scale", "w_uk", "w_uv", "indexer", "shares_selection",
+               "selection"}
 _DELTANET_FIELDS = {"k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel", "conv_dim", "projections", "in_proj",
                     "conv_weight", "neg_A", "dt_bias", "norm_weight", "eps", "out_proj"}
 _INDEXER_FIELDS = {"heads", "head_dim", "topk", "interleaved", "wq_b", "wk", "k_norm", "weights_proj"}
@@ -247,7 +248,9 @@ class _MLAPlan(_MixerPlan):
     q_b: tuple  # packed (in_proj again where there is no q-LoRA: never read)
     kv_a_norm: np.ndarray
     interleaved: bool
-    w_kv: np.ndarray  # [heads, nope + v, rank]: kv_b_proj's weight, W_UK rows then W_UV rows (bf16 bits if exact)
+    # kv_b_proj's weight [heads, nope + v, rank], W_UK rows then W_UV rows (bf16 bits if exact); or, where the run
+    # packs dense weights, (k_b, v_b) packed per head (MLA._pack_absorbed)
+    w_kv: np.ndarray | tuple
     scale: float
     o_proj: tuple
     o_bias: np.ndarray
@@ -260,8 +263,8 @@ class _MLAPlan(_MixerPlan):
         attn = layer.attn
         q_lora = attn.q_b_proj is not None
         if type(attn) is not MLA or not _knows(attn, _MLA_FIELDS) or not isinstance(attn.input_projs, FusedLinear) \
-                or not isinstance(attn.o_proj, QuantLinear) or attn.kv_b_proj.weight.dtype != torch.float32 or \
-                not attn.kv_b_proj.weight.is_contiguous() or \
+                or not isinstance(attn.o_proj, QuantLinear) or (attn.k_b is None and (
+                    attn.kv_b_proj.weight.dtype != torch.float32 or not attn.kv_b_proj.weight.is_contiguous())) or \
                 (q_lora and not (isinstance(attn.q_b_proj, QuantLinear) and attn.q_b_proj.bias is None)) or \
                 not all(_knows(n, _NORM_FIELDS) for n in (attn.kv_a_norm, attn.q_a_norm) if n is not None):
             return None
@@ -280,7 +283,8 @@ class _MLAPlan(_MixerPlan):
             dims=(attn.heads, attn.nope, attn.rope_dim, in_proj.widths[0] if q_lora else 0, in_proj.starts[1]),
             q_a_norm=_f32(attn.q_a_norm.weight if q_lora else None), q_b=_packed(q_b),
             kv_a_norm=_f32(attn.kv_a_norm.weight), interleaved=bool(attn.interleaved),
-            w_kv=_exact_bf16_or_f32(attn.kv_b_proj.weight).reshape(attn.heads, attn.nope + attn.v_dim, attn.rank),
+            w_kv=_exact_bf16_or_f32(attn.kv_b_proj.weight).reshape(attn.heads, attn.nope + attn.v_dim, attn.rank)
+            if attn.k_b is None else (_packed(attn.k_b.packed), _packed(attn.v_b.packed)),
             scale=float(attn.scale),
             o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
             widths=(in_proj.packed.padded_shape[1], max(in_proj.widths[0] if q_lora else 0, 1),

@@ -85,6 +85,27 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class HeadsLinear(nn.Module):
+    """y[h] = x[h] W[h]^T for a stack of per-head matrices W [heads, out, in] packed as int8 / int4 / int4s and run
+    by the CPU kernels, every head in one call (MLA's absorbed W_UK and W_UV on a CPU-only run)."""
+
+    def __init__(self, packed):
+        super().__init__()
+        self.packed = packed  # PackedMatrix [heads, out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [heads, N, in] -> [heads, N, out]."""
+        from csrc_py.dispatch import heads_linear
+
+        return heads_linear(x, self.packed)
+
+    def weight(self) -> torch.Tensor:
+        """The matrices as the kernels see them, dequantized: float32 [heads, out, in]."""
+        from csrc_py.formats import unpack
+
+        return torch.from_numpy(unpack(self.packed))
+
+
 class FusedLinear(nn.Module):
     """QuantLinears that read the same input (q/k/v, gate/up) run as one packed matrix: one kernel call, the input
     quantized once. Returns each part's output, as views of the fused result."""

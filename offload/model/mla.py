@@ -20,7 +20,7 @@ from ..weights.source import WeightSource
 from .attention import grouped_attention
 from .indexer import LightningIndexer, Selection, selection_mask
 from .kv_cache import LatentCache, LatentIndexCache, causal_mask_args
-from .layers import RMSNorm, group_linears, load_linear
+from .layers import HeadsLinear, RMSNorm, group_linears, load_linear
 from .positions import Positions, token_positions
 from .rope import RotaryTable, yarn_softmax_scale
 
@@ -49,14 +49,20 @@ class MLA(nn.Module):
             self.q_a_norm = RMSNorm.load(src, f"{p}.q_a_layernorm", m.q_lora_rank, cfg.rms_norm_eps)
             self.q_b_proj = load_linear(src, f"{p}.q_b_proj", nh * m.qk_head_dim, m.q_lora_rank)
         self.kv_a_norm = RMSNorm.load(src, f"{p}.kv_a_layernorm", m.kv_lora_rank, cfg.rms_norm_eps)
-        # Kept in torch: the absorbed form multiplies its two halves directly.
-        self.kv_b_proj = load_linear(src, f"{p}.kv_b_proj", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank,
-                                     quantize=False)
+        # Read in the model dtype: the absorbed form multiplies its two halves directly.
+        kv_b_proj = load_linear(src, f"{p}.kv_b_proj", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank,
+                                quantize=False)
         self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * m.v_head_dim, bias)
         self.scale = yarn_softmax_scale(cfg.rope, m.qk_head_dim)
-        w_kv = self.kv_b_proj.weight.view(nh, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
-        self.w_uk = w_kv[:, : m.qk_nope_head_dim]  # [nh, nope, rank] (a view: no extra memory)
-        self.w_uv = w_kv[:, m.qk_nope_head_dim :]  # [nh, v, rank]
+        w_kv = kv_b_proj.weight.view(nh, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        if src.packs_dense:  # a CPU-only run with quantized dense weights: W_UK and W_UV packed per head instead
+            self.k_b, self.v_b = pack_absorbed(w_kv, m.qk_nope_head_dim, src.dense_format)
+            self.kv_b_proj = self.w_uk = self.w_uv = None
+        else:
+            self.k_b = self.v_b = None
+            self.kv_b_proj = kv_b_proj
+            self.w_uk = w_kv[:, : m.qk_nope_head_dim]  # [nh, nope, rank] (a view: no extra memory)
+            self.w_uv = w_kv[:, m.qk_nope_head_dim :]  # [nh, v, rank]
         # DeepSeek Sparse Attention: this layer's own indexer, or (GLM-5's shared layers) the top-k of the last
         # layer that has one, linked by share_index_selections.
         ix = cfg.indexer
@@ -108,7 +114,7 @@ class MLA(nn.Module):
 
     def _naive(self, q_nope, q_rope, c_all, k_rope_all, mask: dict) -> torch.Tensor:
         S = c_all.shape[0]
-        kv = self.kv_b_proj(c_all).view(S, self.heads, self.nope + self.v_dim)
+        kv = self._expand(c_all).view(S, self.heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [S, nh, nope], [S, nh, v]
         keys = torch.cat((k_nope, k_rope_all[:, None, :].expand(S, self.heads, self.rope_dim)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)  # [T, nh, nope+rope]
@@ -116,20 +122,28 @@ class MLA(nn.Module):
             query.transpose(0, 1), keys.transpose(0, 1), v.transpose(0, 1), scale=self.scale, **mask)
         return out.transpose(0, 1)  # [T, nh, v]
 
+    def _expand(self, c_all: torch.Tensor) -> torch.Tensor:
+        """The cached latents [S, rank] through kv_b_proj: every head's key (nope part) and value, [S, nh*(nope+v)].
+        Packed per head, the weight is dequantized for the call: the same values the absorbed form multiplies."""
+        if self.kv_b_proj is not None:
+            return self.kv_b_proj(c_all)
+        w_kv = torch.cat((self.k_b.weight().transpose(1, 2), self.v_b.weight()), dim=1)  # [nh, nope + v, rank]
+        return F.linear(c_all, w_kv.reshape(-1, self.rank).to(c_all.dtype))
+
     def _absorbed(self, q_nope, q_rope, c_all, k_rope_all, mask: dict) -> torch.Tensor:
         """One latent KV head: keys are (c_kv, k_rope) and values c_kv, read in place in the cache (the scores are
         q_latent . c_kv + q_rope . k_rope, two products instead of one over a concatenation of the context)."""
-        q_latent = torch.einsum("thd,hdr->htr", q_nope, self.w_uk)  # [nh, T, rank]
+        q_latent = self._latent_query(q_nope)  # [nh, T, rank]
         rope = (q_rope.transpose(0, 1)[None], k_rope_all[None])  # [1, nh, T, rope], [1, S, rope]
         out_latent = grouped_attention(q_latent[None], c_all[None], c_all[None], self.scale, mask, rope)[0]
-        return torch.einsum("htr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]  (out_latent [nh, T, rank])
+        return self._latent_values(out_latent)  # [T, nh, v]
 
     def _absorbed_selected(self, q_nope, q_rope, c_all, k_rope_all, selection: torch.Tensor,
                            start: int | Positions) -> torch.Tensor:
         """The absorbed form over each query's selected positions only: gathers k = index_topk latents per query,
         so a decode step's attention reads k positions whatever the context length."""
         T = selection.shape[0]
-        q_latent = torch.einsum("thd,hdr->thr", q_nope, self.w_uk)  # [T, nh, rank]
+        q_latent = self._latent_query(q_nope).transpose(0, 1)  # [T, nh, rank]
         query = torch.cat((q_latent, q_rope), dim=-1)  # [T, nh, rank+rope]
         c_sel = c_all[selection]  # [T, k, rank]
         keys = torch.cat((c_sel, k_rope_all[selection]), dim=-1)  # [T, k, rank+rope]
@@ -138,7 +152,29 @@ class MLA(nn.Module):
         later = selection > token_positions(start, T, selection.device)[:, None]  # [T, k]
         scores.masked_fill_(later[:, None, :], float("-inf"))
         out_latent = torch.bmm(scores.float().softmax(-1).to(c_sel.dtype), c_sel)  # [T, nh, rank]
-        return torch.einsum("thr,hvr->thv", out_latent, self.w_uv)  # [T, nh, v]
+        return self._latent_values(out_latent.transpose(0, 1))  # [T, nh, v]
+
+    def _latent_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, nh, nope] through each head's W_UK into latent space: [nh, T, rank]."""
+        if self.k_b is not None:
+            return self.k_b(q_nope.transpose(0, 1))
+        return torch.einsum("thd,hdr->htr", q_nope, self.w_uk)
+
+    def _latent_values(self, out_latent: torch.Tensor) -> torch.Tensor:
+        """Attention outputs in latent space [nh, T, rank] through each head's W_UV: [T, nh, v]."""
+        if self.v_b is not None:
+            return self.v_b(out_latent).transpose(0, 1)
+        return torch.einsum("htr,hvr->thv", out_latent, self.w_uv)
+
+
+def pack_absorbed(w_kv: torch.Tensor, nope: int, fmt: str) -> tuple[HeadsLinear, HeadsLinear]:
+    """kv_b_proj's weight [nh, nope + v, rank] as the absorbed form's two per-head products in `fmt` (int8 / int4 /
+    int4s), laid out as llama.cpp's attn_k_b and attn_v_b: k_b [nh, rank, nope] (W_UK transposed per head, quantized
+    along nope) and v_b [nh, v, rank] (W_UV, quantized along rank), so that both are per-head GEMVs on the packed
+    kernels."""
+    from csrc_py.formats import pack
+
+    return HeadsLinear(pack(w_kv[:, :nope].transpose(1, 2), fmt)), HeadsLinear(pack(w_kv[:, nope:], fmt))
 
 
 def share_index_selections(attentions: list[nn.Module]) -> None:

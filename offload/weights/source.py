@@ -47,6 +47,12 @@ class WeightSource:
         self.taken: set[str] = set()
         self.huge_pages = huge_pages  # a store's large packed arrays are read into huge pages, not memory-mapped
 
+    @property
+    def packs_dense(self) -> bool:
+        """Whether dense weights are quantized for the CPU kernels: a CPU-only run with an int8 / int4 / int4s
+        dense format."""
+        return self.dense_format is not None and not self.dense_on_device
+
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         full = self._check(name, shape)
         return self._read(full).to(device=self.device, dtype=dtype or self.dtype)
