@@ -781,7 +781,7 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
 def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: tuple, c_cache: np.ndarray,
                          r_cache: np.ndarray, start: int, scale: float, selection: np.ndarray, selected: int,
                          out: np.ndarray) -> None:
-    """latent_attend with W_UK and W_UV packed per head (int8 / int4 / int4s; offload.model.mla.MLA._pack_absorbed):
+    """latent_attend with W_UK and W_UV packed per head (int8 / int4 / int4s; offload.model.mla.pack_absorbed):
     k_b [heads, rank, nope] and v_b [heads, v, rank] as (q, d, m) tuples. The two products are per-head GEMVs, each
     one grouped kernel call over every head (activations quantized per 32, as every packed matmul); between them
     the same softmax over the cached latents (latent_spans) and merge."""
@@ -793,7 +793,7 @@ def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: 
     for h in range(heads):
         for t in range(T):
             rows[h * T + t] = q[t, h * qd: h * qd + nope]
-    lat = np.empty((heads * T, k_b[1].shape[1] * 16), np.float32)  # [heads*T, padded rank]
+    lat = np.empty((heads * T, k_b[1].shape[1] * k_b[1].shape[3]), np.float32)  # [heads*T, panels * 16 >= rank]
     packed_heads(rows, k_b, lat)
     q_lat = np.zeros((T, blocks * per, rank), np.float32)  # zero padding heads
     q_rope = np.zeros((T, blocks * per, rope_d), np.float32)
@@ -811,8 +811,7 @@ def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: 
     for h in range(heads):
         for t in range(T):
             o_rows[h * T + t] = o_lat[h, t, 0] / sums[h, t, 0]
-    v_dim = v_b[1].shape[1] * 16
-    o_out = np.empty((heads * T, v_dim), np.float32)  # [heads*T, padded v]
+    o_out = np.empty((heads * T, v_b[1].shape[1] * v_b[1].shape[3]), np.float32)  # [heads*T, panels * 16 >= v]
     packed_heads(o_rows, v_b, o_out)
     v = out.shape[1] // heads
     for h in range(heads):

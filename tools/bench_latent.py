@@ -3,6 +3,7 @@ the same run, with its inputs in DRAM (as in a decode step, where the previous l
 in cache.
 
     python tools/bench_latent.py --against main --positions 512 2048 8192 --tokens 1 4 --dsa 2048:8192
+    python tools/bench_latent.py --packed int4s int8    # W_UK / W_UV packed per head, against bf16 bits
 
 Shape: DeepSeek-V2-Lite (16 heads, nope 128, rope 64, rank 512, v 128), kv_b_proj's weight as bf16 bits. T new
 tokens after positions - T cached ones; `--dsa N:P` adds a case where each query attends N selected positions of
@@ -11,7 +12,9 @@ parallel loop so the pool's threads are awake as in a decode step (waking a slee
 millisecond, which would swamp the figures); warm: the same arrays called again. `--against REF` loads REF's
 csrc_py/decode_step.py (git show) as a separate module; the kernels are called in turn (interleaved, so the shared
 host's noise falls on both), each figure the median of --calls calls, and the ratio REF / this is per case. Also
-prints max |this - REF| / max |REF| (float32 summation order). A benchmark, not a test.
+prints max |this - REF| / max |REF| (float32 summation order). `--packed FMT ...` adds this tree's
+latent_attend_packed with the same W_UK / W_UV packed per head in each format (offload.model.mla.pack_absorbed, as
+a CPU-only run with dense=FMT holds them), interleaved likewise. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -80,6 +83,25 @@ def time_case(kernels: dict, positions: int, T: int, selected: int, calls: int, 
             for name in kernels}
 
 
+def packed_attend(fmt: str):
+    """A callable with latent_attend's arguments that runs latent_attend_packed on w_kv (bf16 bits [heads,
+    nope + v, rank]) packed per head in `fmt`, packed once per weight array."""
+    from offload.model.compiled_step import _packed
+    from offload.model.mla import pack_absorbed
+
+    packed: dict[int, tuple] = {}
+
+    def attend(q, heads, nope, w_kv, c, r, start, scale, selection, selected, out):
+        if id(w_kv) not in packed:
+            w = torch.from_numpy(w_kv.view(np.int16)).view(torch.bfloat16).float()
+            k_b, v_b = pack_absorbed(w, nope, fmt)
+            packed[id(w_kv)] = (w_kv, _packed(k_b.packed), _packed(v_b.packed))  # w_kv kept: its id stays its own
+        _, k_b, v_b = packed[id(w_kv)]
+        decode_step.latent_attend_packed(q, heads, nope, k_b, v_b, c, r, start, scale, selection, selected, out)
+
+    return attend
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", help="a git commit or branch whose latent_attend to time alongside this tree's")
@@ -87,6 +109,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="new tokens T per call (at most 8)")
     parser.add_argument("--dsa", nargs="*", default=["2048:8192"], help="SELECTED:POSITIONS cases")
     parser.add_argument("--calls", type=int, default=15, help="timed calls per kernel and case")
+    parser.add_argument("--packed", nargs="*", default=[], choices=["int8", "int4", "int4s"],
+                        help="also time W_UK / W_UV packed per head in these formats")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--evict-mb", type=int, default=256, help="buffer read before each cold call")
     args = parser.parse_args()
@@ -96,6 +120,8 @@ def main() -> None:
     cases += [(int(p), T, int(n)) for T in args.tokens for n, p in (d.split(":") for d in args.dsa)]
     with tempfile.TemporaryDirectory() as tmp:
         kernels = {"this": decode_step.latent_attend}
+        for fmt in args.packed:
+            kernels[f"packed {fmt}"] = packed_attend(fmt)
         if args.against:
             kernels[args.against] = decode_step_at(args.against, Path(tmp)).latent_attend
         ref = args.against

@@ -249,7 +249,7 @@ class _MLAPlan(_MixerPlan):
     kv_a_norm: np.ndarray
     interleaved: bool
     # kv_b_proj's weight [heads, nope + v, rank], W_UK rows then W_UV rows (bf16 bits if exact); or, where the run
-    # packs dense weights, (k_b, v_b) packed per head (MLA._pack_absorbed)
+    # packs dense weights, (k_b, v_b) packed per head (mla.pack_absorbed)
     w_kv: np.ndarray | tuple
     scale: float
     o_proj: tuple
