@@ -804,13 +804,14 @@ def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: 
     best, total, o_part = latent_spans(q_lat, q_rope, c_cache, r_cache, start, scale, selection, selected, per)
     o_lat = np.empty((heads, T, 1, rank), np.float32)
     sums = np.empty((heads, T, 1), np.float32)
+    o_rows = np.empty((heads * T, rank), np.float32)  # the merged latents over their sums, head-major
     for h in prange(heads):
         b = h // per
         latent_merge(best[b], total[b], o_part[b], h - b * per, o_lat[h], sums[h])
-    o_rows = np.empty((heads * T, rank), np.float32)  # the merged latents over their sums, head-major
-    for h in range(heads):
         for t in range(T):
-            o_rows[h * T + t] = o_lat[h, t, 0] / sums[h, t, 0]
+            inv = np.float32(1.0) / sums[h, t, 0]
+            for r in range(rank):
+                o_rows[h * T + t, r] = o_lat[h, t, 0, r] * inv
     o_out = np.empty((heads * T, v_b[1].shape[1] * v_b[1].shape[3]), np.float32)  # [heads*T, panels * 16 >= v]
     packed_heads(o_rows, v_b, o_out)
     v = out.shape[1] // heads
