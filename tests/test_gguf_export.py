@@ -416,3 +416,19 @@ def test_cli_argument_errors_are_one_line_and_exit_2(capsys, tmp_path, args, mes
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_a_cpu_int4s_run_multiplies_the_attn_k_b_and_attn_v_b_of_a_q4_0_export(tmp_path):
+    """offload with dense="int4s" packs MLA's W_UK / W_UV per head as the very numbers a Q4_0 GGUF of the same
+    checkpoint holds in attn_k_b (W_UK transposed per head) and attn_v_b: the absorbed attention runs the same
+    weights in both engines. Head dims and rank of 32, so every row is whole Q4_0 blocks."""
+    import offload
+
+    write_checkpoint("deepseek_v2", tmp_path, overrides=dict(qk_nope_head_dim=32, v_head_dim=32, kv_lora_rank=32))
+    _, tensors = read(gguf_export.export(tmp_path, tmp_path / "q4.gguf", "q4_0", log=lambda _: None))
+    model = offload.load(tmp_path, device="cpu", experts="int4s", dense="int4s", max_context=16)
+    for i, layer in enumerate(model.transformer.layers):
+        for name, per_head in (("attn_k_b", layer.attn.k_b), ("attn_v_b", layer.attn.v_b)):
+            tensor = tensors[f"blk.{i}.{name}.weight"]
+            assert tensor.tensor_type == Q4_0
+            np.testing.assert_array_equal(values(tensor), per_head.weight().numpy())
