@@ -34,7 +34,7 @@ from numba.extending import intrinsic, overload
 from csrc_py import indexer_step
 from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
 from csrc_py.fast_math import exp_f32, exp_reduced
-from csrc_py.linear import heads_q4, heads_q8, linear_bf16, linear_q4, linear_q8
+from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 from csrc_py.simd import bits_to_f32
 
 # Routing codes (offload.model.routing.route's cases).
@@ -48,7 +48,8 @@ QK_NORM_NONE, QK_NORM_HEAD, QK_NORM_FULL = 0, 1, 2
 
 
 def packed_linear(x, w, y):
-    """y[:, :Op] = x @ W.T for x float32 [T, K], W a packed (q, d, m) tuple, y float32 [T, >= padded O]."""
+    """y[:, :Op] = x @ W.T for x float32 [T, K], W a packed (q, d, m) tuple, y float32 [T, >= padded O]; for a
+    stack of E matrices (MLA's per-head maps) the rows split evenly over them, in order (csrc_py.linear)."""
     raise NotImplementedError("compiled code only")
 
 
@@ -80,26 +81,6 @@ def _packed_linear(x, w, y):
     else:
         def impl(x, w, y):
             linear_q4(x, w[0], w[1], w[2], y)
-    return impl
-
-
-def packed_heads(x, w, y):
-    """y[h*N + n, :Op] = x[h*N + n] @ W[h].T for x float32 [heads*N, K] (head-major), W a packed (q, d, m) stack of
-    per-head int8 / int4 / int4s matrices (csrc_py.linear.heads_q8 / heads_q4)."""
-    raise NotImplementedError("compiled code only")
-
-
-@overload(packed_heads)
-def _packed_heads(x, w, y):
-    fmt = _fmt_of(w[0])
-    if fmt == "bf16":
-        raise TypeError("packed_heads takes int8 / int4 / int4s stacks")
-    if fmt == "int8":
-        def impl(x, w, y):
-            heads_q8(x, w[0], w[1], y)
-    else:
-        def impl(x, w, y):
-            heads_q4(x, w[0], w[1], w[2], y)
     return impl
 
 
@@ -794,7 +775,7 @@ def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: 
         for t in range(T):
             rows[h * T + t] = q[t, h * qd: h * qd + nope]
     lat = np.empty((heads * T, k_b[1].shape[1] * k_b[1].shape[3]), np.float32)  # [heads*T, panels * 16 >= rank]
-    packed_heads(rows, k_b, lat)
+    packed_linear(rows, k_b, lat)
     q_lat = np.zeros((T, blocks * per, rank), np.float32)  # zero padding heads
     q_rope = np.zeros((T, blocks * per, rope_d), np.float32)
     for h in range(heads):
@@ -813,7 +794,7 @@ def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: 
             for r in range(rank):
                 o_rows[h * T + t, r] = o_lat[h, t, 0, r] * inv
     o_out = np.empty((heads * T, v_b[1].shape[1] * v_b[1].shape[3]), np.float32)  # [heads*T, panels * 16 >= v]
-    packed_heads(o_rows, v_b, o_out)
+    packed_linear(o_rows, v_b, o_out)
     v = out.shape[1] // heads
     for h in range(heads):
         for t in range(T):

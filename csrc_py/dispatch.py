@@ -14,7 +14,7 @@ import torch
 from csrc_py import crossover, simd
 from csrc_py.expert_ffn import NO_BIAS, SILU_ACT, moe_bf16, moe_q4, moe_q8
 from csrc_py.formats import PackedMatrix, pack
-from csrc_py.linear import heads_q4, heads_q8, linear_bf16, linear_q4, linear_q8
+from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 from csrc_py.torch_path import expert_bf16, moe_torch
 
 # The fixed thresholds (OFFLOAD_CROSSOVERS=fixed, and the fallback when measuring fails): rows per expert (token-
@@ -201,7 +201,8 @@ def _linear_torch(rows: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
 
 
 def _linear_fused(rows: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
-    """rows [N, K] @ W.T through the Numba kernels -> float32 [N, O]."""
+    """rows [E*N, K] through the Numba kernels -> float32 [E*N, O], rows e*N.. through matrix e of the stack (a
+    dense linear's stack is one matrix)."""
     xf = _f32(rows)
     y = np.empty((xf.shape[0], w.padded_shape[1]), np.float32)
     if w.fmt == "bf16":
@@ -214,17 +215,11 @@ def _linear_fused(rows: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
 
 
 def heads_linear(x: torch.Tensor, w: PackedMatrix) -> torch.Tensor:
-    """y[h] = x[h] @ W[h].T for a stack of int8 / int4 / int4s matrices [heads, O, K]: x [heads, N, K] ->
-    [heads, N, O] in x's dtype, every head in one grouped kernel call (MLA's absorbed W_UK and W_UV)."""
+    """y[h] = x[h] @ W[h].T for a stack of matrices [heads, O, K]: x [heads, N, K] -> [heads, N, O] in x's dtype,
+    every head in one grouped kernel call (MLA's absorbed W_UK and W_UV)."""
     heads, O, K = w.shape
-    if w.fmt == "bf16" or x.dim() != 3 or x.shape[0] != heads or x.shape[2] != K:
-        raise ValueError(f"expected x [{heads}, N, {K}] and a quantized stack, got x {list(x.shape)} and a "
-                         f"{w.fmt} stack {list(w.shape)}")
+    if x.dim() != 3 or x.shape[0] != heads or x.shape[2] != K:
+        raise ValueError(f"expected x [{heads}, N, {K}] for a stack of {heads} matrices [{O}, {K}], "
+                         f"got {list(x.shape)}")
     N = x.shape[1]
-    rows = _f32(x.reshape(heads * N, K))
-    y = np.empty((heads * N, w.padded_shape[1]), np.float32)
-    if w.fmt == "int8":
-        heads_q8(rows, *w.bits(), y)
-    else:  # int4, int4s (bits' m is None)
-        heads_q4(rows, *w.bits(), y)
-    return torch.from_numpy(y)[:, :O].reshape(heads, N, O).to(x.dtype)
+    return _linear_fused(x.reshape(heads * N, K), w).reshape(heads, N, O).to(x.dtype)

@@ -431,4 +431,4 @@ def test_a_cpu_int4s_run_multiplies_the_attn_k_b_and_attn_v_b_of_a_q4_0_export(t
         for name, per_head in (("attn_k_b", layer.attn.k_b), ("attn_v_b", layer.attn.v_b)):
             tensor = tensors[f"blk.{i}.{name}.weight"]
             assert tensor.tensor_type == Q4_0
-            np.testing.assert_array_equal(values(tensor), per_head.weight().numpy())
+            np.testing.assert_array_equal(values(tensor), per_head.dequantized().numpy())

@@ -2,16 +2,18 @@
 as llama.cpp's attn_k_b / attn_v_b: the per-head linear, the layout, and one set of weights for every form."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import offload
 from csrc_py.dispatch import heads_linear, linear
 from csrc_py.formats import pack, unpack
+from csrc_py.linear import linear_q8
 from offload.model.layers import HeadsLinear
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "int4s"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int4s"])
 def test_heads_linear_is_each_heads_own_linear(fmt):
     """One grouped call over every head gives, bit for bit, each head's matrix run as a dense linear (the same
     kernel and activation quantization), and stays within int8 activations' rounding of the float product."""
@@ -32,7 +34,9 @@ def test_heads_linear_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="expected x"):
         heads_linear(torch.randn(3, 1, 32), packed)  # three heads for a stack of two
     with pytest.raises(ValueError, match="expected x"):
-        heads_linear(torch.randn(2, 1, 32), pack(torch.randn(2, 16, 32), "bf16"))
+        heads_linear(torch.randn(2, 1, 16), packed)  # rows of 16 for matrices of 32 columns
+    with pytest.raises(ValueError, match="whole number per matrix"):  # the kernel's own check: 3 rows over 2
+        linear_q8(np.zeros((3, 32), np.float32), *packed.bits()[:2], np.zeros((3, 16), np.float32))
 
 
 @pytest.mark.parametrize("dense", ["int8", "int4s"])
@@ -49,7 +53,7 @@ def test_a_cpu_run_packs_w_uk_and_w_uv_per_head(checkpoint_dir, dense):
         assert attn.v_b.packed.shape == (attn.heads, attn.v_dim, attn.rank)
         want = reference.state_dict()[f"model.layers.{i}.self_attn.kv_b_proj.weight"].float()
         want = want.view(attn.heads, attn.nope + attn.v_dim, attn.rank)
-        w_uk, w_uv = attn.k_b.weight().transpose(1, 2), attn.v_b.weight()
+        w_uk, w_uv = attn.k_b.dequantized().transpose(1, 2), attn.v_b.dequantized()
         bound = 0.01 if dense == "int8" else 0.15  # a group's rounding: absmax / 254 and / 16
         assert (w_uk - want[:, : attn.nope]).norm() / want[:, : attn.nope].norm() < bound
         assert (w_uv - want[:, attn.nope:]).norm() / want[:, attn.nope:].norm() < bound

@@ -148,13 +148,14 @@ class KernelMeter:
         for module_name, names in self.WRAPPED.items():
             module = importlib.import_module(module_name)
             for name in names:
-                setattr(module, name, self._timed(getattr(module, name)))
+                setattr(module, name, self._timed(getattr(module, name), name.startswith("linear_")))
 
-    def _timed(self, kernel: Callable) -> Callable:
+    def _timed(self, kernel: Callable, per_matrix: bool) -> Callable:
         def timed(*args):
             start = time.perf_counter()
             kernel(*args)
-            self.calls.append((args[0].shape[0], time.perf_counter() - start))
+            rows = args[0].shape[0] // (args[1].shape[0] if per_matrix else 1)  # a stack's rows split over it
+            self.calls.append((rows, time.perf_counter() - start))
         return timed
 
     def decode_seconds_per_token(self, steps: int) -> float:

@@ -99,7 +99,7 @@ class HeadsLinear(nn.Module):
 
         return heads_linear(x, self.packed)
 
-    def weight(self) -> torch.Tensor:
+    def dequantized(self) -> torch.Tensor:
         """The matrices as the kernels see them, dequantized: float32 [heads, out, in]."""
         from csrc_py.formats import unpack
 

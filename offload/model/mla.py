@@ -127,7 +127,8 @@ class MLA(nn.Module):
         Packed per head, the weight is dequantized for the call: the same values the absorbed form multiplies."""
         if self.kv_b_proj is not None:
             return self.kv_b_proj(c_all)
-        w_kv = torch.cat((self.k_b.weight().transpose(1, 2), self.v_b.weight()), dim=1)  # [nh, nope + v, rank]
+        w_uk, w_uv = self.k_b.dequantized().transpose(1, 2), self.v_b.dequantized()  # [nh, nope | v, rank]
+        w_kv = torch.cat((w_uk, w_uv), dim=1)
         return F.linear(c_all, w_kv.reshape(-1, self.rank).to(c_all.dtype))
 
     def _absorbed(self, q_nope, q_rope, c_all, k_rope_all, mask: dict) -> torch.Tensor:
