@@ -35,7 +35,7 @@ from csrc_py import indexer_step
 from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
 from csrc_py.fast_math import exp_f32, exp_reduced
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
-from csrc_py.simd import bits_to_f32
+from csrc_py.simd import bits_to_f32, f32_to_bits
 
 # Routing codes (offload.model.routing.route's cases).
 SOFTMAX, SIGMOID = 0, 1
@@ -101,16 +101,42 @@ def _packed_experts(x, ids, weights, gate, up, down, biases, act, y):
     return impl
 
 
-def weight(row, i):
-    """row[i] as float32, for a float32 row or a row of bf16 bits (uint16)."""
+def widen(row, i):
+    """row[i] as float32, for a float32 row or a row of bf16 bits (uint16): a weight, or a cached key / value /
+    latent of a bf16 cache."""
     raise NotImplementedError("compiled code only")
 
 
-@overload(weight, inline="always")
-def _weight(row, i):
+@overload(widen, inline="always")
+def _widen(row, i):
     if row.dtype == types.uint16:
         return lambda row, i: bits_to_f32(np.uint32(row[i]) << np.uint32(16))
     return lambda row, i: row[i]
+
+
+BF16_NAN = np.uint16(0x7FC0)  # a quiet NaN (torch's scalar conversion writes it; its vectorized one 0xFFFF)
+
+
+def store(row, i, x):
+    """row[i] = the float32 x, for a float32 row, or as bf16 bits (uint16) rounded to nearest even, as torch's
+    .to(torch.bfloat16) rounds: a bf16 cache holds the same values whichever path wrote it (a NaN as a NaN)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(store, inline="always")
+def _store(row, i, x):
+    if row.dtype == types.uint16:
+        def impl(row, i, x):
+            bits = np.uint32(f32_to_bits(np.float32(x)))
+            if x != x:
+                row[i] = BF16_NAN
+            else:
+                row[i] = np.uint16((bits + ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))
+                                   >> np.uint32(16))
+        return impl
+    def impl(row, i, x):
+        row[i] = x
+    return impl
 
 
 # ---------------------------------------------------------------- stages
@@ -196,11 +222,21 @@ def clip(v: np.ndarray, limit: float) -> None:
 @njit(nogil=True, cache=True)
 def write_cache(k: np.ndarray, v: np.ndarray, kv_heads: int, d: int, kcache: np.ndarray, vcache: np.ndarray,
                 start: int) -> None:
-    """k, v [T, kv_heads*d] -> kcache, vcache [kv_heads, P, d] at positions start..start+T-1."""
-    for t in range(k.shape[0]):
-        for g in range(kv_heads):
-            kcache[g, start + t] = k[t, g * d: g * d + d]
-            vcache[g, start + t] = v[t, g * d: g * d + d]
+    """k, v [T, kv_heads*d] -> kcache, vcache [kv_heads, P, d] (float32, or bf16 bits) at positions
+    start..start+T-1."""
+    T = k.shape[0]
+    for g in range(kv_heads):
+        store_rows(k[:, g * d: g * d + d], kcache[g, start: start + T])
+        store_rows(v[:, g * d: g * d + d], vcache[g, start: start + T])
+
+
+@njit(nogil=True, cache=True)
+def store_rows(x: np.ndarray, out: np.ndarray) -> None:
+    """out = x for x [T, n] float32 and out [T, n] float32 or bf16 bits (store)."""
+    for t in range(x.shape[0]):
+        row = out[t]
+        for i in range(x.shape[1]):
+            store(row, i, x[t, i])
 
 
 LINE = 64  # bytes per cache line
@@ -270,14 +306,15 @@ def dots_2x4(qa: np.ndarray, qb: np.ndarray, k0: np.ndarray, k1: np.ndarray, k2:
     a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
     for i in range(qa.size):
         x, y = qa[i], qb[i]
-        a0 += x * k0[i]
-        a1 += x * k1[i]
-        a2 += x * k2[i]
-        a3 += x * k3[i]
-        b0 += y * k0[i]
-        b1 += y * k1[i]
-        b2 += y * k2[i]
-        b3 += y * k3[i]
+        c0, c1, c2, c3 = widen(k0, i), widen(k1, i), widen(k2, i), widen(k3, i)
+        a0 += x * c0
+        a1 += x * c1
+        a2 += x * c2
+        a3 += x * c3
+        b0 += y * c0
+        b1 += y * c1
+        b2 += y * c2
+        b3 += y * c3
     return a0, a1, a2, a3, b0, b1, b2, b3
 
 
@@ -287,19 +324,19 @@ def dots_1x4(qa: np.ndarray, k0: np.ndarray, k1: np.ndarray, k2: np.ndarray, k3:
     a0 = a1 = a2 = a3 = np.float32(0.0)
     for i in range(qa.size):
         x = qa[i]
-        a0 += x * k0[i]
-        a1 += x * k1[i]
-        a2 += x * k2[i]
-        a3 += x * k3[i]
+        a0 += x * widen(k0, i)
+        a1 += x * widen(k1, i)
+        a2 += x * widen(k2, i)
+        a3 += x * widen(k3, i)
     return a0, a1, a2, a3
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
 def dot(x: np.ndarray, y: np.ndarray) -> float:
-    """x . y for x, y [d] (float32)."""
+    """x . y for x [d] float32 and y [d] float32 or bf16 bits."""
     total = np.float32(0.0)
     for i in range(x.size):
-        total += x[i] * y[i]
+        total += x[i] * widen(y, i)
     return total
 
 
@@ -351,15 +388,15 @@ def weigh_values(weights: np.ndarray, values: np.ndarray, acc: np.ndarray, ahead
             p0, p1, p2, p3, p4, p5, p6, p7 = w[j], w[j + 1], w[j + 2], w[j + 3], w[j + 4], w[j + 5], w[j + 6], w[j + 7]
             acc_a = acc[a]
             for i in range(acc_a.size):
-                acc_a[i] += (p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
-                             + p4 * v4[i] + p5 * v5[i] + p6 * v6[i] + p7 * v7[i])
+                acc_a[i] += (p0 * widen(v0, i) + p1 * widen(v1, i) + p2 * widen(v2, i) + p3 * widen(v3, i)
+                             + p4 * widen(v4, i) + p5 * widen(v5, i) + p6 * widen(v6, i) + p7 * widen(v7, i))
     for j in range(whole, n):
         value = values[j]
         for a in range(rows):
             p = weights[a, j]
             acc_a = acc[a]
             for i in range(acc_a.size):
-                acc_a[i] += p * value[i]
+                acc_a[i] += p * widen(value, i)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -389,7 +426,7 @@ def weigh_tails(weights: np.ndarray, values: np.ndarray, group: int, common: int
         for j in range(common, common + r // group):
             p, value = weights[r, j], values[j]
             for i in range(acc_r.size):
-                acc_r[i] += p * value[i]
+                acc_r[i] += p * widen(value, i)
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
@@ -494,7 +531,7 @@ def latent_query(q: np.ndarray, h: int, heads: int, nope: int, w_kv: np.ndarray,
             x0, x1, x2, x3 = q[t, h * qd + i], q[t, h * qd + i + 1], q[t, h * qd + i + 2], q[t, h * qd + i + 3]
             acc = q_lat[t, h]
             for r in range(rank):
-                acc[r] += (x0 * weight(w0, r) + x1 * weight(w1, r)) + (x2 * weight(w2, r) + x3 * weight(w3, r))
+                acc[r] += (x0 * widen(w0, r) + x1 * widen(w1, r)) + (x2 * widen(w2, r) + x3 * widen(w3, r))
         i += 4
     for i in range(i, nope):
         w0 = w[i]
@@ -502,7 +539,7 @@ def latent_query(q: np.ndarray, h: int, heads: int, nope: int, w_kv: np.ndarray,
             x0 = q[t, h * qd + i]
             acc = q_lat[t, h]
             for r in range(rank):
-                acc[r] += x0 * weight(w0, r)
+                acc[r] += x0 * widen(w0, r)
 
 
 @njit(nogil=True, cache=True)
@@ -538,7 +575,7 @@ def latent_quad_dots(q4: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndar
     s2a, s2b, s2c, s2d = sums[2, 0], sums[2, 1], sums[2, 2], sums[2, 3]
     s3a, s3b, s3c, s3d = sums[3, 0], sums[3, 1], sums[3, 2], sums[3, 3]
     for r in range(x0.size):
-        y0, y1, y2, y3 = x0[r], x1[r], x2[r], x3[r]
+        y0, y1, y2, y3 = widen(x0, r), widen(x1, r), widen(x2, r), widen(x3, r)
         wa, wb, wc, wd = qa[r], qb[r], qc[r], qd[r]
         s0a += wa * y0
         s0b += wb * y0
@@ -621,7 +658,7 @@ def latent_accumulate(s: np.ndarray, c_cache: np.ndarray, base: int, idx: np.nda
             d0, d1, d2, d3 = sc[k], sc[k + 1], sc[k + 2], sc[k + 3]
             e0, e1, e2, e3 = sd[k], sd[k + 1], sd[k + 2], sd[k + 3]
             for r in range(rank):
-                x0, x1, x2, x3 = c0[r], c1[r], c2[r], c3[r]
+                x0, x1, x2, x3 = widen(c0, r), widen(c1, r), widen(c2, r), widen(c3, r)
                 oa[r] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
                 ob[r] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
                 oc[r] += (d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)
@@ -630,7 +667,7 @@ def latent_accumulate(s: np.ndarray, c_cache: np.ndarray, base: int, idx: np.nda
         for k in range(k, n):
             c0, a0, b0, d0, e0 = c_cache[base + idx[k]], sa[k], sb[k], sc[k], sd[k]
             for r in range(rank):
-                x0 = c0[r]
+                x0 = widen(c0, r)
                 oa[r] += a0 * x0
                 ob[r] += b0 * x0
                 oc[r] += d0 * x0
@@ -662,7 +699,7 @@ def latent_values(o_lat: np.ndarray, total: np.ndarray, h0: int, hb: int, nope: 
                 o = o_lat[t, a]
                 acc = np.float32(0.0)
                 for r in range(rank):
-                    acc += o[r] * weight(wrow, r)
+                    acc += o[r] * widen(wrow, r)
                 out[t, h * v_dim + i] = acc
 
 
@@ -928,7 +965,7 @@ def _router_logit(h: np.ndarray, router: np.ndarray, bias: np.ndarray, logits: n
     x, w = h[t], router[e]
     acc = np.float32(0.0)
     for i in range(x.size):
-        acc += x[i] * weight(w, i)
+        acc += x[i] * widen(w, i)
     logits[t, e] = acc + bias[e] if bias.size else acc
 
 
@@ -1148,16 +1185,16 @@ def attention_block(x, out, norm_w, eps, qkv, qkv_bias, dims, flags, q_norm_w, k
 
 @njit(nogil=True, cache=True)
 def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a_norm_w, cos, sin, interleaved, start,
-              c_cache, r_cache, w_kv, scale, o_proj, o_bias, h, proj_out, q_a, q_out, att, o_out, indexer, index_k,
-              selection, selected) -> int:
+              c_cache, r_cache, w_kv, scale, o_proj, o_bias, h, proj_out, q_a, q_out, att, o_out, latent, indexer,
+              index_k, selection, selected) -> int:
     """out = x + MLA(RMSNorm(x)) in the absorbed form, for x [T, H] at positions start.. (offload.model.mla.MLA).
 
     in_proj: q_proj or q_a_proj fused with kv_a_proj_with_mqa (from column kv_start); dims = (heads, nope, rope,
     q_lora_rank (0: no q-LoRA, q_b is not read), kv_start); eps = (input norm, q_a norm, kv_a norm). The latent
-    cache c_cache [P, rank] / r_cache [P, rope] gets the normalised latent and the rotated rope key; w_kv is
-    kv_b_proj's weight [heads, nope + v, rank] or W_UK / W_UV packed per head (absorbed_attend). Scratch: h [T, H],
-    proj_out [T, padded in_proj width], q_a [T, q_lora_rank], q_out [T, padded q_b width], att [T, heads*v],
-    o_out [T, padded H].
+    cache c_cache [P, rank] / r_cache [P, rope] (float32, or bf16 bits) gets the normalised latent and the rotated
+    rope key; w_kv is kv_b_proj's weight [heads, nope + v, rank] or W_UK / W_UV packed per head (absorbed_attend).
+    Scratch: h [T, H], proj_out [T, padded in_proj width], q_a [T, q_lora_rank], q_out [T, padded q_b width],
+    att [T, heads*v], o_out [T, padded H], latent [T, rank + rope] (the cache rows before they are stored).
 
     DeepSeek Sparse Attention: with a lightning indexer (csrc_py.indexer_step.index_step's argument; None: none)
     the layer writes its keys to index_k and selects each query's positions into selection [T, top-k]; without one,
@@ -1174,9 +1211,11 @@ def mla_block(x, out, norm_w, eps, in_proj, in_bias, dims, q_a_norm_w, q_b, kv_a
         q = q_out[:, :heads * qd]
     else:
         q = proj_out[:, :heads * qd]
-    rms_norm(proj_out[:, kv0: kv0 + rank], kv_a_norm_w, eps[2], c_cache[start: start + T])
-    r_cache[start: start + T] = proj_out[:, kv0 + rank: kv0 + rank + rope_d]
-    rope(r_cache[start: start + T], 1, rope_d, 0, interleaved, cos, sin, start)
+    rms_norm(proj_out[:, kv0: kv0 + rank], kv_a_norm_w, eps[2], latent[:, :rank])
+    latent[:, rank:] = proj_out[:, kv0 + rank: kv0 + rank + rope_d]
+    rope(latent[:, rank:], 1, rope_d, 0, interleaved, cos, sin, start)
+    store_rows(latent[:, :rank], c_cache[start: start + T])
+    store_rows(latent[:, rank:], r_cache[start: start + T])
     rope(q, heads, qd, nope, interleaved, cos, sin, start)
     if indexer is not None:
         selected = indexer_step.index_step(h, q_a, start, cos, sin, indexer, index_k, selection)

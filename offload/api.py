@@ -57,6 +57,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}  # load's kv_cache
+
+
+def resolve_kv_dtype(kv_cache: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the caches that grow with the context: kv_cache's, or the model dtype for None."""
+    if kv_cache is None:
+        return dtype
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise OffloadError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}")
+    return KV_CACHE_DTYPES[kv_cache]
+
+
 def eos_token_ids(folder: Path, config: ModelConfig, tokenizer: Tokenizer | None) -> tuple[int, ...]:
     """generation_config.json's eos ids win over config.json's; the tokenizer's eos is the last resort."""
     gen_path = folder / "generation_config.json"
@@ -251,7 +263,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool | None = None,
          dense: str | None = None, slots: str | None = None, prefill_chunk: int | None = None,
          cuda_graphs: bool = False, profile: str | Path | None = None, decode_threads: int | str = "auto",
-         on_progress: ProgressCallback | None = None
+         kv_cache: str | None = None, on_progress: ProgressCallback | None = None
          ) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
     `offload convert`, for generation.
@@ -299,6 +311,10 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     decode_threads: threads of a CPU-only decode step: "auto" times steps at cpu_threads and at fewer while it
                  generates and keeps the fastest, re-measured as the host's load changes (offload/decode_threads.py;
                  the numbers never depend on it); an int fixes the count (at most cpu_threads).
+    kv_cache:    dtype of the KV cache (MLA: the latent cache): "float32" | "bf16"; None keeps the model dtype
+                 (float32 on the CPU, bf16 on a GPU). "bf16" on the CPU halves the cache's memory and the bytes a
+                 decode step reads from it, and rounds every cached value to bf16 (8 significant bits): the
+                 numbers change, by about what a bf16 model's cache changes them.
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
     t0 = time.perf_counter()
@@ -306,12 +322,13 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     hf = checkpoint.config_json
     arch = architecture(hf.get("model_type"))
     config = arch.config_from_hf(hf)
-    max_context = check_load(checkpoint, config, max_context, device, dtype, gpu_memory, plan)
+    max_context = check_load(checkpoint, config, max_context, device, dtype, gpu_memory, plan, kv_cache)
     _check_formats(experts, dense, slots)
     check_prefill_chunk(prefill_chunk)
     fixed_decode_threads = parse_decode_threads(decode_threads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    kv_dtype = resolve_kv_dtype(kv_cache, torch_dtype)
     device_tier = has_device_tier(torch_device, gpu_memory, plan)
     _check_slots_on_device_tier(slots, device_tier)
     cuda_graphs = _resolve_cuda_graphs(cuda_graphs, torch_device)
@@ -321,7 +338,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     experts, dense = _store_defaults(checkpoint, experts, dense, device_tier)
     placement = resolve_plan(config, arch.names, torch_device, torch_dtype,
                              experts or default_host_format(torch_dtype), max_context, gpu_memory, plan, dense=dense,
-                             slots=slots)
+                             slots=slots, kv_dtype=kv_dtype)
     if placement is not None and experts is not None and experts != placement.expert_format:
         raise OffloadError(f"the plan keeps experts on the host as {placement.expert_format}, not {experts}; "
                            "drop the experts option or make a new plan")
@@ -348,7 +365,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                        dense_format=dense_format, expert_format=host_format, dense_on_device=device_tier,
                        huge_pages=_store_in_huge_pages(checkpoint, device_tier))
     transformer = Transformer(config, arch.names, src, builder, max_context, timers, builder.settle,
-                              device_positions=device_tier)
+                              device_positions=device_tier, kv_dtype=kv_dtype)
     if cuda_graphs:
         transformer.capture_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
     skipped = src.finish(known_extras(config.num_hidden_layers, config.num_extra_layers, arch.runtime_name,

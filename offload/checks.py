@@ -78,48 +78,48 @@ def rope_table_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> in
     return max_context * half * (2 * dtype_bytes + 4)
 
 
-def context_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> int:
-    """What max_context costs in memory: the layers' caches (KV, MLA latent, fixed recurrent states) plus the rope
-    table."""
-    return kv_cache_bytes(cfg, max_context, dtype_bytes) + rope_table_bytes(cfg, max_context, dtype_bytes)
+def context_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int, kv_bytes: int | None = None) -> int:
+    """What max_context costs in memory: the layers' caches (KV, MLA latent, fixed recurrent states; kv_bytes a
+    cached value, None: dtype_bytes) plus the rope table."""
+    return kv_cache_bytes(cfg, max_context, dtype_bytes, kv_bytes) + rope_table_bytes(cfg, max_context, dtype_bytes)
 
 
 def check_host_memory(cfg: ModelConfig, max_context: int, dtype_bytes: int, weight_bytes: int,
-                      available_bytes: int) -> None:
+                      available_bytes: int, kv_bytes: int | None = None) -> None:
     """Everything on the host (no device tier): the context and the weights must fit the RAM that is free."""
-    context = context_bytes(cfg, max_context, dtype_bytes)
+    context = context_bytes(cfg, max_context, dtype_bytes, kv_bytes)
     if context + weight_bytes <= available_bytes:
         return
-    fixed = context_bytes(cfg, 0, dtype_bytes)  # recurrent layers' states: the same for any context
-    per_position = context_bytes(cfg, 1, dtype_bytes) - fixed
+    fixed = context_bytes(cfg, 0, dtype_bytes, kv_bytes)  # recurrent layers' states: the same for any context
+    per_position = context_bytes(cfg, 1, dtype_bytes, kv_bytes) - fixed
     fits = max(available_bytes - weight_bytes - fixed, 0) // per_position
     if fits < 1:
         raise OffloadError(f"the weights need {_gib(weight_bytes)} but only {_gib(available_bytes)} of RAM is "
                            "free; free memory, run the experts as int8 or int4 (--experts), or give a GPU budget")
+    halve = " or keep the cache as bf16 (--kv-cache bf16)" if (kv_bytes or dtype_bytes) > 2 else ""
     raise OffloadError(f"max_context {max_context} needs {_gib(context)} for the KV cache and rope table on top "
                        f"of {_gib(weight_bytes)} of weights, but only {_gib(available_bytes)} of RAM is free; "
-                       f"lower max_context (at most {min(fits, max_context - 1)} fits)")
+                       f"lower max_context (at most {min(fits, max_context - 1)} fits){halve}")
 
 
 def check_load(checkpoint: Checkpoint, cfg: ModelConfig, max_context: int | None, device: str, dtype: str,
-               gpu_memory: int | str | None, plan: object) -> int:
+               gpu_memory: int | str | None, plan: object, kv_cache: str | None = None) -> int:
     """What load() checks before reading a weight; returns the max_context to load with.
 
     With a device tier (a GPU, a simulated budget or a plan) the planner weighs the KV cache against the device
     budget before any weight is read; without one the whole model and its cache live in host RAM, checked here.
     """
-    import torch
-
-    from .api import resolve_device, resolve_dtype
+    from .api import resolve_device, resolve_dtype, resolve_kv_dtype
     from .placement import has_device_tier
     from .placement.budget import detect_budgets
 
     max_context = resolve_max_context(cfg, max_context)
     torch_device = resolve_device(device)
     if not has_device_tier(torch_device, gpu_memory, plan):
-        dtype_bytes = torch.tensor([], dtype=resolve_dtype(dtype, torch_device)).element_size()
-        check_host_memory(cfg, max_context, dtype_bytes, resident_weight_bytes(checkpoint),
-                          detect_budgets(torch_device, None).host_bytes)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        kv_bytes = resolve_kv_dtype(kv_cache, torch_dtype).itemsize
+        check_host_memory(cfg, max_context, torch_dtype.itemsize, resident_weight_bytes(checkpoint),
+                          detect_budgets(torch_device, None).host_bytes, kv_bytes)
     check_position_limit(cfg, max_context)
     return max_context
 

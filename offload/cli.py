@@ -124,6 +124,9 @@ class LoadOptions:
         None, "Format of the routed experts held on the device tier (pinned experts and cache slots): int8 | int4 | "
               "int4s quantized rows (torch's int8/int4 matmuls), bf16 the model dtype (default: the plan's choice, "
               "the model dtype while it leaves top-k slots per MoE layer, then int8, then int4).")
+    kv_cache: Optional[Literal["float32", "bf16"]] = _load_option(
+        None, "Dtype of the KV cache (MLA: the latent cache): bf16 halves its memory and what a CPU decode step reads "
+              "from it, and rounds the cached values to bf16 (default: the model dtype, float32 on the CPU).")
     cuda_graphs: bool = _load_option(
         False, "Replay each layer's attention, norm and router of a decode step from a CUDA graph per context "
                "bucket (needs a CUDA device; off by default until it has run on a GPU).")

@@ -147,6 +147,19 @@ def test_a_context_that_cannot_fit_in_memory_fails_fast_naming_the_bytes(demo_di
     assert 2048 < fits < 2000000
 
 
+def test_a_bf16_kv_cache_fits_about_twice_the_context_and_the_error_says_so(demo_dir, tmp_path, monkeypatch):
+    small = with_config(demo_dir, tmp_path / "small", max_position_embeddings=2048)
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=2 * GiB))
+    fits = {}
+    for kv_cache in ("float32", "bf16"):
+        result = invoke("generate", small, "--device", "cpu", "--max-context", "2000000", "--kv-cache", kv_cache,
+                        "--prompt", "hi")
+        line = assert_one_line_error(result, "max_context 2000000 needs", "lower max_context")
+        fits[kv_cache] = int(line.split("at most ")[1].split()[0])
+        assert ("--kv-cache bf16" in line) == (kv_cache == "float32")
+    assert 1.8 < fits["bf16"] / fits["float32"] <= 2  # the rope table stays float32
+
+
 def test_a_store_larger_than_free_ram_loads_memory_mapped(checkpoint_dir, tmp_path, monkeypatch):
     """A store's packed experts stay memory-mapped, so only what loading copies is held against free RAM."""
     from offload.checks import resident_weight_bytes

@@ -109,6 +109,57 @@ def test_attention_over_the_cache_matches_grouped_attention(T, start, window, ch
     assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) < 1e-5
 
 
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    """t rounded to bf16, as the bits (uint16) the compiled code reads a bf16 cache as."""
+    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def test_a_bf16_cache_write_rounds_as_torch_does():
+    """The compiled step's cache writes (store_rows into bf16 bits) hold the values torch's cache writes hold:
+    round to nearest even over magnitudes from subnormal to near the float32 limit, exact ties both ways, the
+    largest float32 (rounds to inf), infinities, signed zeros; a NaN stays a NaN."""
+    scales = torch.pow(10.0, torch.randint(-40, 38, (4000,), generator=GEN).double()).float()
+    ties = (torch.randint(0, 1 << 15, (200,), generator=GEN, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4028235e38, -3.4028235e38, 1e-45, float("nan")])
+    x = torch.cat([randn(4000) * scales, ties, -ties, special]).reshape(2, -1)
+    bits = np.empty(x.shape, np.uint16)
+    ds.store_rows(x.numpy(), bits)
+    expected, nan = bf16_bits(x), x.isnan().numpy()
+    assert np.array_equal(bits[~nan], expected[~nan])
+    assert torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)[torch.from_numpy(nan)].isnan().all()
+
+
+@pytest.mark.parametrize("T, start, window", [(1, 9, 0), (3, 7, 5), (2, 40, 0)])
+def test_attention_over_a_bf16_cache_equals_it_over_the_same_values_in_float32(T, start, window):
+    """attend reads a bf16 cache (bits) as the float32 values those bits are: bit for bit the same output."""
+    heads, kv_heads, d, P = 8, 2, 16, 48
+    q, k, v = randn(T, heads * d), randn(kv_heads, P, d), randn(kv_heads, P, d)
+    k16, v16 = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    outs = []
+    for kc, vc in ((bf16_bits(k16), bf16_bits(v16)), (k16.float().numpy(), v16.float().numpy())):
+        out = np.empty((T, heads * d), np.float32)
+        ds.attend(q.numpy(), heads, kv_heads, d, kc, vc, start, window, 0, d**-0.5, np.zeros(0, np.float32), out)
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("T, start, selected", [(1, 9, 0), (3, 70, 37), (2, 45, 0)])
+def test_latent_attention_over_a_bf16_cache_equals_it_over_the_same_values_in_float32(T, start, selected):
+    heads, nope, rank, rope_d, v = 6, 8, 16, 4, 8
+    S = start + T
+    q, w_kv = randn(T, heads * (nope + rope_d)), randn(heads, nope + v, rank)
+    c, kr = (randn(S, rank) * 0.3).to(torch.bfloat16), randn(S, rope_d).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    sel = torch.stack([torch.randperm(S, generator=g)[:selected] for _ in range(T)]).numpy().astype(np.int64) \
+        if selected else np.zeros((T, 0), np.int64)
+    outs = []
+    for cc, rc in ((bf16_bits(c), bf16_bits(kr)), (c.float().numpy(), kr.float().numpy())):
+        out = np.empty((T, heads * v), np.float32)
+        ds.latent_attend(q.numpy(), heads, nope, w_kv.numpy(), cc, rc, start, 0.3, sel, selected, out)
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("T, start, window", [(1, 9, 0), (1, 9, 4), (3, 7, 5)])
 def test_attention_with_sinks_matches_its_torch_form(T, start, window):
     heads, kv_heads, d, P = 4, 2, 8, 16
@@ -572,6 +623,24 @@ def test_compiled_step_equals_the_torch_step(checkpoint, name, experts, dense, a
     if assert_same_steps(got, expected):  # the same routing choices, so the counts grew alike on both paths
         for moe, torch_part in zip(model.transformer.moe_blocks(), heat_torch):
             assert torch.equal(moe.heat, 2 * torch_part)
+
+
+# A bf16 KV cache (load's kv_cache="bf16"): GQA with sinks and sliding windows, MLA (the packed absorbed form too),
+# DSA (the indexer's keys stay float32), Gated DeltaNet beside gated attention.
+@pytest.mark.parametrize("name, experts, dense", [("qwen3_moe", "int8", "int8"), ("gpt_oss", "int4", "int8"),
+                                                  ("mixtral_window_linear_rope", "int8", "int8"),
+                                                  ("deepseek_v2", "int4s", "int4s"), ("deepseek_v32", "int8", "int8"),
+                                                  ("qwen3_next", "int8", "int8")])
+def test_compiled_step_equals_the_torch_step_over_a_bf16_cache(checkpoint, name, experts, dense):
+    model = offload.load(checkpoint(name), device="cpu", experts=experts, dense=dense, max_context=64,
+                         kv_cache="bf16")
+    grown = [c for c in model.transformer.caches if not isinstance(c, RecurrentState)]
+    assert grown and all(t.dtype == torch.bfloat16 for c in grown for t in (getattr(c, "k", None), getattr(
+        c, "v", None), getattr(c, "c_kv", None), getattr(c, "k_rope", None)) if t is not None)
+    got, expected, _ = paired_steps(model)
+    L = len(model.transformer.layers)
+    assert compiled_parts(model) == (L, L)
+    assert_same_steps(got, expected)
 
 
 def test_prefill_and_torch_weights_stay_on_the_torch_path(checkpoint):

@@ -123,6 +123,8 @@ def offload_load_kwargs(args: argparse.Namespace, experts: str | None) -> tuple[
                   dtype=args.offload_dtype)
     if "decode_threads" in inspect.signature(offload.load).parameters:
         kwargs["decode_threads"] = args.decode_threads
+    if args.kv_cache is not None:  # an older offload.load without kv_cache= fails here, as it should
+        kwargs["kv_cache"] = args.kv_cache
     if experts is None:  # a pre-quantized store: its formats are in the store
         return kwargs, []
     kwargs["experts"] = experts
@@ -573,6 +575,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dense", default="matched", choices=["matched", "bf16", "int8", "int4", "int4s", "None"],
                         help="offload's dense format (matched: as its experts; None: offload's default)")
     parser.add_argument("--offload-dtype", default="auto", help="offload.load dtype= (auto: float32 on the CPU)")
+    parser.add_argument("--kv-cache", default=None, choices=["float32", "bf16"],
+                        help="offload.load kv_cache= (default: not passed, the model dtype; llama.cpp's is F16)")
     parser.add_argument("--offload-store", type=Path, default=None, help="a pre-quantized offload store to add")
     parser.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--gguf-dir", type=Path, default=None, help="where the GGUF files are cached "

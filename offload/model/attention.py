@@ -50,8 +50,10 @@ class Attention(nn.Module):
         # gpt-oss: one learned logit per head that joins every softmax and takes its share of the mass, no value.
         self.sinks = src.take(f"{p}.sinks", (nh,), dtype=torch.float32) if cfg.attention_sinks else None
 
-    def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        return KVCache(self.kv_heads, max_context, self.head_dim, self.head_dim, dtype, device)
+    def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device,
+                  kv_dtype: torch.dtype | None = None) -> KVCache:
+        """Keys and values in kv_dtype (None: the model dtype)."""
+        return KVCache(self.kv_heads, max_context, self.head_dim, self.head_dim, kv_dtype or dtype, device)
 
     def forward(self, x: torch.Tensor, start: int | Positions, cache: KVCache, rope: RotaryTable) -> torch.Tensor:
         """x [T, H] at positions start.. -> [T, H]; start: a host int, or device Positions (model/positions.py)."""

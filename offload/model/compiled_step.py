@@ -108,6 +108,13 @@ def _f32(t: torch.Tensor | None) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
+def _cache_array(t: torch.Tensor) -> np.ndarray:
+    """A cache buffer as the compiled code writes and reads it in place: float32, or bf16 as its bits (uint16)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
 def _exact_bf16_or_f32(w: torch.Tensor) -> np.ndarray:
     """w as bf16 bits (uint16, half the bytes a decode step reads) when every value is a bf16 value, as a bf16 or
     bf16-stored checkpoint's are; else as float32. The compiled code widens either to the same floats."""
@@ -231,8 +238,8 @@ class _AttentionPlan(_MixerPlan):
         scratch = tuple(np.zeros((T, w), np.float32) for w in (H, *self.widths))
         head = (*self.norm, self.qkv, self.qkv_bias, self.dims, self.flags, self.q_norm, self.k_norm, self.q_scale,
                 self.clip, _f32(rope.cos), _f32(rope.sin))
-        tail = (cache.k.numpy(), cache.v.numpy(), self.span, self.scale, self.sinks, self.o_proj, self.o_bias,
-                *scratch)
+        tail = (_cache_array(cache.k), _cache_array(cache.v), self.span, self.scale, self.sinks, self.o_proj,
+                self.o_bias, *scratch)
         return attention_block, head, tail
 
 
@@ -254,7 +261,7 @@ class _MLAPlan(_MixerPlan):
     scale: float
     o_proj: tuple
     o_bias: np.ndarray
-    widths: tuple[int, ...]  # padded in_proj, q_lora_rank, padded q_b, heads*v, padded o_proj out
+    widths: tuple[int, ...]  # padded in_proj, q_lora_rank, padded q_b, heads*v, padded o_proj out, rank + rope
     attn: MLA  # DeepSeek Sparse Attention: its Selection carries the attended positions to and from the torch path
     indexer: IndexerPlan | None  # the layer's own lightning indexer
 
@@ -288,7 +295,8 @@ class _MLAPlan(_MixerPlan):
             scale=float(attn.scale),
             o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
             widths=(in_proj.packed.padded_shape[1], max(in_proj.widths[0] if q_lora else 0, 1),
-                    q_b.padded_shape[1], attn.heads * attn.v_dim, attn.o_proj.packed.padded_shape[1]),
+                    q_b.padded_shape[1], attn.heads * attn.v_dim, attn.o_proj.packed.padded_shape[1],
+                    attn.rank + attn.rope_dim),
             attn=attn, indexer=indexer,
         )
 
@@ -315,8 +323,8 @@ class _MLAPlan(_MixerPlan):
         ix = self.indexer
         sparse = (None, np.zeros((0, 1), np.float32), np.zeros((T, 0), np.int64)) if ix is None else \
             (ix.args(T, cache.index_k.shape[0]), cache.index_k.numpy(), np.zeros((T, ix.dims[2]), np.int64))
-        tail = (cache.c_kv.numpy(), cache.k_rope.numpy(), self.w_kv, self.scale, self.o_proj, self.o_bias, *scratch,
-                *sparse)  # ... indexer, index_k, selection buffer: run() passes the selection and its width
+        tail = (_cache_array(cache.c_kv), _cache_array(cache.k_rope), self.w_kv, self.scale, self.o_proj, self.o_bias,
+                *scratch, *sparse)  # ... indexer, index_k, selection buffer: run() passes the selection and its width
         return mla_block, head, tail
 
 

@@ -146,7 +146,9 @@ class GatedDeltaNet(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.out_proj = load_linear(src, f"{p}.out_proj", H, value_width)
 
-    def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> RecurrentState:
+    def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device,
+                  kv_dtype: torch.dtype | None = None) -> RecurrentState:
+        """A fixed-size state in the model dtype (and fp32): kv_dtype is for the caches that grow with the context."""
         return RecurrentState(self.conv_dim, self.conv_kernel, self.v_heads, self.k_dim, self.v_dim, dtype, device)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

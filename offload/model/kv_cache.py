@@ -110,9 +110,9 @@ class LatentIndexCache(LatentCache):
     Attention): one small single-head key per position, which the indexer scores every query against."""
 
     def __init__(self, max_context: int, kv_lora_rank: int, rope_dim: int, index_head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, index_dtype: torch.dtype | None = None):
         super().__init__(max_context, kv_lora_rank, rope_dim, dtype, device)
-        self.index_k = torch.zeros(max_context, index_head_dim, dtype=dtype, device=device)
+        self.index_k = torch.zeros(max_context, index_head_dim, dtype=index_dtype or dtype, device=device)
 
     def write_index_keys(self, start: int | Positions, k: torch.Tensor) -> torch.Tensor:
         """Store indexer keys k [T, index_head_dim] at positions start..; return those the indexer scores
@@ -127,13 +127,15 @@ class LatentIndexCache(LatentCache):
 def write_positions(buffer: torch.Tensor, start: int | Positions, values: torch.Tensor, dim: int) -> torch.Tensor:
     """Store `values` at positions start.. along `dim` of a cache buffer; return the buffer's prefix that attention
     reads: up to the last written position, or (device positions) the whole context bucket, a view whose size
-    does not change within the bucket."""
+    does not change within the bucket. A buffer of another dtype than the values (a bf16 cache of a float32
+    model: load's kv_cache) stores them rounded to its dtype and returns the prefix widened to theirs, a copy."""
     T = values.shape[dim]
     if isinstance(start, Positions):
         buffer.index_copy_(dim, start.tokens(T), values.to(buffer.dtype))
     else:
         buffer.narrow(dim, start, T).copy_(values)
-    return buffer.narrow(dim, 0, attended_length(start, T))
+    prefix = buffer.narrow(dim, 0, attended_length(start, T))
+    return prefix if prefix.dtype == values.dtype else prefix.to(values.dtype)
 
 
 def causal_mask_args(start: int | Positions, T: int, window: int | None, device: torch.device,

@@ -70,10 +70,14 @@ class MLA(nn.Module):
         self.shares_selection = ix is not None and not ix.own_layers[layer]
         self.selection = Selection()  # this call's; a shared layer's is replaced by its source layer's
 
-    def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device) -> LatentCache:
+    def new_cache(self, max_context: int, dtype: torch.dtype, device: torch.device,
+                  kv_dtype: torch.dtype | None = None) -> LatentCache:
+        """The latent and rope keys in kv_dtype (None: the model dtype); the indexer's keys in the model dtype."""
+        kv_dtype = kv_dtype or dtype
         if self.indexer is not None:
-            return LatentIndexCache(max_context, self.rank, self.rope_dim, self.indexer.head_dim, dtype, device)
-        return LatentCache(max_context, self.rank, self.rope_dim, dtype, device)
+            return LatentIndexCache(max_context, self.rank, self.rope_dim, self.indexer.head_dim, kv_dtype, device,
+                                    dtype)
+        return LatentCache(max_context, self.rank, self.rope_dim, kv_dtype, device)
 
     def forward(self, x: torch.Tensor, start: int | Positions, cache: LatentCache, rope: RotaryTable,
                 absorbed: bool | None = None) -> torch.Tensor:

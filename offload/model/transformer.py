@@ -88,7 +88,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, names: CheckpointNames, src: WeightSource, make_experts: ExpertsFactory,
                  max_context: int, timers: Timers | None = None, settle_step: Callable[[], None] | None = None,
-                 device_positions: bool = False):
+                 device_positions: bool = False, kv_dtype: torch.dtype | None = None):
         super().__init__()
         self.cfg, self.max_context = cfg, max_context
         self.timers = timers or Timers()
@@ -105,8 +105,10 @@ class Transformer(nn.Module):
         else:
             self.lm_head = load_linear(src, "lm_head", V, H, cfg.lm_head_bias)
         self.rope = RotaryTable(cfg.rope, cfg.rope_dim, max_context, device, dtype)
-        # Each layer's sequence state, of the kind its attention needs (offload/model/kv_cache.py).
-        self.caches: list[LayerCache] = [layer.attn.new_cache(max_context, dtype, device) for layer in self.layers]
+        # Each layer's sequence state, of the kind its attention needs (offload/model/kv_cache.py); what grows with
+        # the context in kv_dtype (None: the model dtype).
+        self.caches: list[LayerCache] = [layer.attn.new_cache(max_context, dtype, device, kv_dtype)
+                                         for layer in self.layers]
         # The token at each position the caches have processed, in order: what a new prompt may share a prefix
         # with. Kept where the forwards got them (no host read per step) and read back only when a prefix match
         # asks (`cached_ids`). Emptied before every forward and set again only once it has finished, so a step

@@ -55,11 +55,12 @@ def slot_candidates(slots: str | None, host_format: str | None = None) -> tuple[
 def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device, dtype: torch.dtype,
                  host_format: str, max_context: int, gpu_memory: int | str | None, plan: Plan | str | Path | None,
                  heat=None, host_memory: int | str | None = None, dense: str | None = None,
-                 slots: str | None = None) -> Plan | None:
+                 slots: str | None = None, kv_dtype: torch.dtype | None = None) -> Plan | None:
     """The plan to load with: the one given (checked against the model and `dense`), or one made from the budgets
     when a GPU is used or a device budget is simulated; None when everything runs on the CPU alone.
     dense: the device tier's dense format ("bf16" | "int8" | "int4"); None lets the planner choose.
-    slots: the format of pinned experts and cache slots ("bf16" | "int8" | "int4" | "int4s"); None lets it choose."""
+    slots: the format of pinned experts and cache slots ("bf16" | "int8" | "int4" | "int4s"); None lets it choose.
+    kv_dtype: the KV cache's dtype (None: dtype)."""
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     if plan is not None:
@@ -78,7 +79,8 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     request = PlanRequest(
         device_budget=budgets.device_bytes, host_budget=budgets.host_bytes, max_context=max_context,
-        kv_cache_bytes=kv_cache_bytes(cfg, max_context, dtype_bytes), dtype_bytes=dtype_bytes,
+        kv_cache_bytes=kv_cache_bytes(cfg, max_context, dtype_bytes, (kv_dtype or dtype).itemsize),
+        dtype_bytes=dtype_bytes,
         expert_format=host_format,
         expert_host_bytes=expert_host_bytes(cfg, host_format),
         device_dtype=str(dtype).removeprefix("torch."), dense_formats=dense_candidates(dense),

@@ -107,23 +107,26 @@ def inventory(cfg: ModelConfig, names: CheckpointNames) -> Inventory:
                      (cfg.hidden_size, cfg.moe_intermediate_size))
 
 
-def layer_cache_bytes(cfg: ModelConfig, layer: int, max_context: int, dtype_bytes: int) -> int:
+def layer_cache_bytes(cfg: ModelConfig, layer: int, max_context: int, dtype_bytes: int,
+                      kv_bytes: int | None = None) -> int:
     """One layer's sequence state: a linear-attention layer's is fixed (its convolution window in the model dtype,
     its [heads, d_k, d_v] state in fp32, model/kv_cache.py: RecurrentState); an attention layer's grows with
-    max_context (K and V, or MLA's latent + rope key, plus the lightning indexer's key in a layer that runs one)."""
+    max_context (K and V, or MLA's latent + rope key, kv_bytes a value (None: the model dtype's dtype_bytes); plus
+    the lightning indexer's key, in the model dtype, in a layer that runs one)."""
+    kv_bytes = kv_bytes or dtype_bytes
     if cfg.is_linear_attention(layer):
         la = cfg.linear_attention
         state = la.num_value_heads * la.key_head_dim * la.value_head_dim * 4
         return (la.conv_kernel - 1) * la.conv_dim * dtype_bytes + state
     if cfg.mla:
-        per_position = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+        per_position = (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * kv_bytes
         if cfg.indexer and cfg.indexer.own_layers[layer]:
-            per_position += cfg.indexer.head_dim
+            per_position += cfg.indexer.head_dim * dtype_bytes
     else:
-        per_position = 2 * cfg.num_key_value_heads * cfg.head_dim
-    return max_context * per_position * dtype_bytes
+        per_position = 2 * cfg.num_key_value_heads * cfg.head_dim * kv_bytes
+    return max_context * per_position
 
 
-def kv_cache_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int) -> int:
+def kv_cache_bytes(cfg: ModelConfig, max_context: int, dtype_bytes: int, kv_bytes: int | None = None) -> int:
     """Every layer's sequence state for max_context positions (max_context 0: the part that does not grow)."""
-    return sum(layer_cache_bytes(cfg, i, max_context, dtype_bytes) for i in range(cfg.num_hidden_layers))
+    return sum(layer_cache_bytes(cfg, i, max_context, dtype_bytes, kv_bytes) for i in range(cfg.num_hidden_layers))
