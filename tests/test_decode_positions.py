@@ -84,6 +84,16 @@ def test_generation_on_a_device_tier_steps_at_device_positions(checkpoint_dir, n
     assert len(starts) == 1
 
 
+@pytest.mark.parametrize("name", ["mixtral_window_linear_rope", "deepseek_v3"])
+def test_a_bf16_kv_cache_on_a_device_tier_steps_at_device_positions(checkpoint_dir, name):
+    """A bf16 cache under a float32 device tier: written at device positions (index_copy_), read widened."""
+    model = offload.load(checkpoint_dir(name)[0], device="cpu", gpu_memory="1GiB", max_context=MAX_CONTEXT,
+                         kv_cache="bf16")
+    assert model.transformer.caches[0].nbytes * 2 == device_tier_model(checkpoint_dir(name)[0]).transformer.caches[
+        0].nbytes
+    check_generation_matches_host_positions(model)
+
+
 def test_the_cpu_only_path_keeps_host_positions(checkpoint_dir):
     model = offload.load(checkpoint_dir("mixtral")[0], device="cpu", max_context=MAX_CONTEXT)
     assert model.transformer.step_positions is None
