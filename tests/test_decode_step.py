@@ -145,6 +145,7 @@ def test_attention_over_a_bf16_cache_equals_it_over_the_same_values_in_float32(T
 
 @pytest.mark.parametrize("T, start, selected", [(1, 9, 0), (3, 70, 37), (2, 45, 0)])
 def test_latent_attention_over_a_bf16_cache_equals_it_over_the_same_values_in_float32(T, start, selected):
+    """latent_attend reads a bf16 latent cache and rope keys as the float32 values those bits are."""
     heads, nope, rank, rope_d, v = 6, 8, 16, 4, 8
     S = start + T
     q, w_kv = randn(T, heads * (nope + rope_d)), randn(heads, nope + v, rank)
@@ -634,9 +635,9 @@ def test_compiled_step_equals_the_torch_step(checkpoint, name, experts, dense, a
 def test_compiled_step_equals_the_torch_step_over_a_bf16_cache(checkpoint, name, experts, dense):
     model = offload.load(checkpoint(name), device="cpu", experts=experts, dense=dense, max_context=64,
                          kv_cache="bf16")
-    grown = [c for c in model.transformer.caches if not isinstance(c, RecurrentState)]
-    assert grown and all(t.dtype == torch.bfloat16 for c in grown for t in (getattr(c, "k", None), getattr(
-        c, "v", None), getattr(c, "c_kv", None), getattr(c, "k_rope", None)) if t is not None)
+    cached = [(c.k, c.v) if hasattr(c, "k") else (c.c_kv, c.k_rope) for c in model.transformer.caches
+              if not isinstance(c, RecurrentState)]
+    assert cached and all(t.dtype == torch.bfloat16 for pair in cached for t in pair)
     got, expected, _ = paired_steps(model)
     L = len(model.transformer.layers)
     assert compiled_parts(model) == (L, L)
