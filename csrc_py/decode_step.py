@@ -433,13 +433,13 @@ def weigh_tails(weights: np.ndarray, values: np.ndarray, group: int, common: int
 def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray, vcache: np.ndarray, start: int,
            window: int, chunk: int, scale: float, sinks: np.ndarray, out: np.ndarray) -> None:
     """Causal grouped-query attention of q [T, heads*d] (positions start..) over the cached keys / values
-    [kv_heads, P, d] (positions 0..start+T-1 already written), optionally only the last `window` and only within the
-    query's `chunk` of positions (0: no limit), with one sink logit per head in every softmax where sinks [heads] is
-    not empty; out [T, heads*d]. One KV head per thread, its query heads together, and the consecutive tokens that
-    see the same first position (a run: all T unless a window moves or a chunk starts) together too: each key and
-    value row is read once per run for all of them (score_keys, weigh_values over the positions the whole run sees,
-    score_tails, weigh_tails for the causal triangle after them). The softmax's division is applied to the d outputs
-    of a head, not to its n weights."""
+    [kv_heads, P, d] (float32, or bf16 bits read through widen; positions 0..start+T-1 already written), optionally
+    only the last `window` and only within the query's `chunk` of positions (0: no limit), with one sink logit per
+    head in every softmax where sinks [heads] is not empty; out [T, heads*d]. One KV head per thread, its query
+    heads together, and the consecutive tokens that see the same first position (a run: all T unless a window moves
+    or a chunk starts) together too: each key and value row is read once per run for all of them (score_keys,
+    weigh_values over the positions the whole run sees, score_tails, weigh_tails for the causal triangle after
+    them). The softmax's division is applied to the d outputs of a head, not to its n weights."""
     T = q.shape[0]
     group = heads // kv_heads
     ahead = max(ATTEND_AHEAD_BYTES // (d * kcache.itemsize), 1)  # rows
@@ -768,7 +768,8 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
                   start: int, scale: float, selection: np.ndarray, selected: int, out: np.ndarray) -> None:
     """MLA's absorbed attention (offload.model.mla.MLA._absorbed) for q [T, heads*(nope+rope)] at positions
     start..: per head, q_nope through W_UK into latent space, causal attention over the cached latents
-    c_cache [P, rank] (keys: latent + rope key r_cache [P, rope]; values: latent), the result through W_UV;
+    c_cache [P, rank] (keys: latent + rope key r_cache [P, rope]; values: latent; either cache float32 or bf16
+    bits), the result through W_UV;
     out [T, heads*v]. w_kv is kv_b_proj's weight as [heads, nope + v, rank] (W_UK rows, then W_UV rows), float32
     or bf16 bits: whole contiguous rows, which vectorize where the strided W_UK / W_UV views would not. With
     selected > 0 each query attends only to the positions selection[t, :selected] (DeepSeek Sparse Attention,

@@ -314,7 +314,10 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     kv_cache:    dtype of the KV cache (MLA: the latent cache): "float32" | "bf16"; None keeps the model dtype
                  (float32 on the CPU, bf16 on a GPU). "bf16" on the CPU halves the cache's memory and the bytes a
                  decode step reads from it, and rounds every cached value to bf16 (8 significant bits): the
-                 numbers change, by about what a bf16 model's cache changes them.
+                 numbers change, by about what a bf16 model's cache changes them. The compiled decode step (a
+                 CPU-only run with a dense format) reads the bf16 values in place; the torch path widens the
+                 cached prefix to the model dtype each forward, a copy that keeps the memory saving but not the
+                 read saving.
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
     t0 = time.perf_counter()
