@@ -109,6 +109,28 @@ def test_attention_over_the_cache_matches_grouped_attention(T, start, window, ch
     assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) < 1e-5
 
 
+# The kernel paths of attend (a row count per score pass: fours, pairs, an odd one; the value tile's row pairs and
+# odd row, column chunks in 8 | 4 + 2 + 1, column blocks past WEIGH_CHUNKS, position blocks of WEIGH_BLOCK_BYTES)
+# and the Numba value loop where d is not a multiple of the vector width.
+@pytest.mark.parametrize("heads, kv_heads, d, P, T, start, window", [
+    (16, 2, 128, 80, 1, 72, 0),  # Qwen3's group of 8: two row fours, three blocks of 32 positions (the last short)
+    (6, 2, 48, 40, 3, 30, 0),  # 9 rows: two fours and an odd one; 48 columns: 3 (or 6) chunks
+    (4, 4, 256, 24, 2, 10, 0),  # one row per KV head; 256 columns: 2 column blocks (8 at 8 lanes)
+    (10, 2, 112, 300, 2, 290, 100),  # 10 rows: fours and a pair; 7 (14) chunks; a window over several blocks
+    (4, 2, 24, 20, 1, 15, 0),  # 24 columns at 16 lanes: the Numba value loop
+])
+def test_attention_kernel_paths_match_grouped_attention(heads, kv_heads, d, P, T, start, window):
+    S = start + T
+    q, k, v = randn(T, heads, d), randn(kv_heads, P, d), randn(kv_heads, P, d)
+    mask = causal_mask_args(start, T, window or None, torch.device("cpu"))
+    queries = q.transpose(0, 1).reshape(kv_heads, heads // kv_heads, T, d)
+    expected = grouped_attention(queries, k[:, :S], v[:, :S], d**-0.5, mask).reshape(heads, T, d).transpose(0, 1)
+    out = np.empty((T, heads * d), np.float32)
+    ds.attend(q.reshape(T, heads * d).numpy(), heads, kv_heads, d, k.numpy(), v.numpy(), start, window, 0,
+              d**-0.5, np.zeros(0, np.float32), out)
+    assert rel_err(torch.from_numpy(out), expected.reshape(T, heads * d)) < 1e-5
+
+
 def bf16_bits(t: torch.Tensor) -> np.ndarray:
     """t rounded to bf16, as the bits (uint16) the compiled code reads a bf16 cache as."""
     return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)

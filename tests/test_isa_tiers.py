@@ -1,7 +1,8 @@
-"""Every ISA tier of the quantized microkernels (csrc_py/simd.py) against the oracles, each compiled the way a CPU
-of that tier compiles it: in a subprocess, for a restricted Numba target or with OFFLOAD_CPU_ISA, with its own
-Numba cache. The integer sums are exact on every tier, so where the target has FMA a tier's dense outputs equal
-the host tier's bit for bit: that is the proof that the AVX2 tier's vpmaddubsw never saturates."""
+"""Every ISA tier of the quantized microkernels (csrc_py/simd.py) and of the attention's value tile
+(csrc_py/attend_simd.py) against the oracles, each compiled the way a CPU of that tier compiles it: in a
+subprocess, for a restricted Numba target or with OFFLOAD_CPU_ISA, with its own Numba cache. The integer sums are
+exact on every tier, so where the target has FMA a tier's dense outputs equal the host tier's bit for bit: that
+is the proof that the AVX2 tier's vpmaddubsw never saturates."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from csrc_py import formats, oracles, simd
+from csrc_py import decode_step, formats, oracles, simd
 from csrc_py.expert_ffn import NO_BIAS, SILU_ACT, moe_q4, moe_q8
 from csrc_py.linear import linear_q4, linear_q8
 from offload.errors import OffloadError
@@ -28,6 +29,8 @@ TARGETS = {
 }
 KERNELS = {"int8": (moe_q8, linear_q8), "int4": (moe_q4, linear_q4), "int4s": (moe_q4, linear_q4)}
 LINEAR_ROWS = (1, 11)  # 11 = a block of 8, then 2 + 1
+# attend's shape: 3 query heads per KV head and 2 tokens (6 rows: a four and a pair), 48 columns (3 or 6 chunks)
+ATTEND = {"heads": 6, "kv_heads": 2, "d": 48, "positions": 40, "tokens": 2, "start": 30}
 PACKED_ERROR = 3e-3  # as tests/test_kernels.py: float rounding and the rare activation on a rounding boundary
 
 CHILD = """
@@ -64,6 +67,12 @@ def run_kernels(data: dict) -> dict[str, np.ndarray]:
             yl = np.empty((T, lin[1].shape[1] * simd.PANEL), np.float32)
             linear(data["a"][:T], *lin, yl)
             out[f"{fmt}.linear{T}"] = yl
+    a = ATTEND
+    for cache in ("float32", "bf16"):
+        y = np.empty((a["tokens"], a["heads"] * a["d"]), np.float32)
+        decode_step.attend(data["attn.q"], a["heads"], a["kv_heads"], a["d"], data[f"attn.k.{cache}"],
+                           data[f"attn.v.{cache}"], a["start"], 0, 0, a["d"] ** -0.5, np.zeros(0, np.float32), y)
+        out[f"attend.{cache}"] = y
     return out
 
 
@@ -89,6 +98,12 @@ def inputs() -> tuple[dict[str, np.ndarray], dict[str, dict[str, formats.PackedM
             "a": rng.standard_normal((max(LINEAR_ROWS), 96)).astype(np.float32)}
     data["a"][0] = np.where(np.arange(96) % 3 == 0, -5.0, 5.0)  # activations at +-127 against the +-127 rows
     data["a"][1] = 5.0  # every activation at 127 against the int4 rows at their lanes' bound
+    a = ATTEND
+    data["attn.q"] = rng.standard_normal((a["tokens"], a["heads"] * a["d"])).astype(np.float32)
+    for name in "kv":
+        values = rng.standard_normal((a["kv_heads"], a["positions"], a["d"])).astype(np.float32)
+        data[f"attn.{name}.float32"] = values
+        data[f"attn.{name}.bf16"] = (values.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits, truncated
     packed = {fmt: _packed(fmt) for fmt in KERNELS}
     for fmt, mats in packed.items():
         for name, pm in mats.items():
@@ -162,6 +177,25 @@ def _check_against_oracles(data: dict, packed: dict, out: dict) -> None:
         for T in LINEAR_ROWS:
             ref = oracles.linear(data["a"][:T], mats["lin"])
             assert _rel_l2(out[f"{fmt}.linear{T}"][:, :48], ref) < 1e-5, (fmt, T)
+    for cache in ("float32", "bf16"):
+        k, v = (data[f"attn.{name}.{cache}"] for name in "kv")
+        if cache == "bf16":
+            k, v = ((x.astype(np.uint32) << 16).view(np.float32) for x in (k, v))
+        assert _rel_l2(out[f"attend.{cache}"], _attention(data["attn.q"], k, v)) < 1e-5, cache
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Causal grouped-query attention of ATTEND's tokens over the cached k, v [kv_heads, positions, d], in float64."""
+    a = ATTEND
+    group, out = a["heads"] // a["kv_heads"], np.empty((a["tokens"], a["heads"] * a["d"]))
+    for t in range(a["tokens"]):
+        seen = a["start"] + t + 1
+        for h in range(a["heads"]):
+            keys, values = k[h // group, :seen].astype(np.float64), v[h // group, :seen].astype(np.float64)
+            logits = keys @ q[t, h * a["d"]:(h + 1) * a["d"]] * a["d"] ** -0.5
+            p = np.exp(logits - logits.max())
+            out[t, h * a["d"]:(h + 1) * a["d"]] = p @ values / p.sum()
+    return out
 
 
 def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
