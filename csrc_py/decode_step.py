@@ -420,9 +420,11 @@ def score_keys(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.nd
     """scores[a, j] = qs[a] . keys[j] for the query rows qs [rows, d] and keys [n, d]; best[a] raised to the
     largest score of row a; the keys `ahead` rows on prefetched. The rows in fours (score_key_quads), the two or
     three left over in a second pass over the keys (score_key_pairs): one loop handling both measured as slow as
-    two rows at a time throughout (LLVM's code for the four-row body suffers from the other's presence)."""
+    two rows at a time throughout (LLVM's code for the four-row body suffers from the other's presence). On the
+    256-bit tiers all rows go in pairs: their 16 vector registers cannot hold 16 accumulators (four rows measured
+    0.56-0.75x of two there)."""
     rows = qs.shape[0]
-    quads = rows - rows % 4
+    quads = rows - rows % 4 if LANES == 16 else 0
     if quads:
         score_key_quads(qs[:quads], keys, scores[:quads], best[:quads], ahead)
     if rows > quads:
@@ -434,7 +436,8 @@ def weigh_values(weights: np.ndarray, values: np.ndarray, acc: np.ndarray, ahead
     """acc[a] = sum over j of weights[a, j] * values[j] for values [n, d], weights [rows, >= n], acc [rows, d]
     (rows contiguous). With d a multiple of the vector width: blocks of positions whose value rows (about
     WEIGH_BLOCK_BYTES) stay in L1 while two query rows at a time pass over them (attend_simd.weigh_tile), the next
-    block prefetched; otherwise weigh_value_rows, the values `ahead` rows on prefetched."""
+    block prefetched in shares before each call (the whole next block at once measured up to 1.2x slower from
+    DRAM); otherwise weigh_value_rows, the values `ahead` rows on prefetched."""
     rows, n, d = acc.shape[0], values.shape[0], acc.shape[1]
     acc[:] = 0.0
     if d % LANES:
@@ -443,11 +446,16 @@ def weigh_values(weights: np.ndarray, values: np.ndarray, acc: np.ndarray, ahead
     block = max(WEIGH_BLOCK_BYTES // (d * values.itemsize), 1)
     w_stride, v_stride = weights.strides[0] // weights.itemsize, values.strides[0] // values.itemsize
     a_stride = acc.strides[0] // acc.itemsize
+    calls = max(-(-d // (WEIGH_CHUNKS * LANES)) * ((rows + 1) // 2), 1)  # weigh_tile calls per block
+    share = -(-block // calls)  # rows of the next block prefetched before each of them
+    prefetch_rows(values, 0, block)
     for p0 in range(0, n, block):
-        prefetch_rows(values, p0 + block, p0 + 2 * block)
+        call = 0
         for c0 in range(0, d, WEIGH_CHUNKS * LANES):
             chunks = min(WEIGH_CHUNKS, (d - c0) // LANES)
             for a in range(0, rows, 2):
+                prefetch_rows(values, p0 + block + call * share, p0 + block + (call + 1) * share)
+                call += 1
                 weigh_tile(weights, a * w_stride + p0, w_stride, values, p0 * v_stride + c0, v_stride,
                            min(block, n - p0), acc, a * a_stride + c0, a_stride, min(2, rows - a), chunks)
 
