@@ -1,13 +1,17 @@
-"""The compiled decode step's GQA attention over the cache (csrc_py.decode_step.attend) alone, one thread, against
-another commit's version of it in the same run.
+"""The compiled decode step's GQA attention over the cache (csrc_py.decode_step.attend) alone, against another
+commit's version of it in the same run.
 
     python tools/bench_attend.py --against main --contexts 128 512 2048 8192 --tokens 1 8
+    python tools/bench_attend.py --against main --cold --threads 2 --kv-cache float32 bf16 --contexts 640 4096
 
-Shapes: Qwen3-30B-A3B (32 heads, 4 KV heads, d 128), gpt-oss (64 heads, 8 KV heads, d 64), OLMoE (16 heads, 16 KV
-heads, d 128: a group of one). T new tokens after context - T cached positions, no window, no sinks; the same cache
-arrays every call (warm caches). `--against REF` loads REF's csrc_py/decode_step.py (git show) as a separate module;
-the two kernels are called in turn, and each figure is the median CPU time of the calling thread
-(time.thread_time: on a shared machine it stays near the work done while wall time swings). Also prints
+Shapes: Qwen3-30B-A3B (32 heads, 4 KV heads, d 128), gpt-oss (64 heads, 8 KV heads, d 64), the 4.7 B Mixtral of
+tools/make_checkpoint.py (32 heads, 8 KV heads, d 64), OLMoE (16 heads, 16 KV heads, d 128: a group of one). T new
+tokens after context - T cached positions, no window, no sinks, a float32 cache or one of bf16 bits. Warm (the
+default): the same cache arrays every call, each figure the median CPU time of the calling thread (time.thread_time:
+on a shared machine it stays near the work done while wall time swings). `--cold`: a read of an --evict-mb buffer
+and a trivial parallel loop (the pool's threads awake, as in a decode step) before each call, whose wall time is
+the cold figure; a second call right after it gives the warm one (wall time too). `--against REF` loads REF's
+csrc_py/decode_step.py (git show) as a separate module; the two kernels are called in turn. Also prints
 max |this - REF| / max |REF| over the outputs (float32 summation order). A benchmark, not a test.
 """
 from __future__ import annotations
@@ -23,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch  # noqa: F401  (torch before numba)
 import numba
+from numba import njit, prange
 
 from csrc_py import decode_step
 
-SHAPES = {"qwen3": (32, 4, 128), "gpt-oss": (64, 8, 64), "olmoe": (16, 16, 128)}  # heads, KV heads, head dim
+# heads, KV heads, head dim
+SHAPES = {"qwen3": (32, 4, 128), "gpt-oss": (64, 8, 64), "mixtral-4.7b": (32, 8, 64), "olmoe": (16, 16, 128)}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -43,22 +49,50 @@ def decode_step_at(ref: str, folder: Path):
     return module
 
 
-def time_kernels(kernels: dict, shape: tuple[int, int, int], context: int, T: int, calls: int) -> dict:
-    """{name: (median us, output [T, heads*d])} for each kernel, called in turn `calls` times after one warm-up."""
+@njit(parallel=True, nogil=True, cache=True)
+def wake_threads(a: np.ndarray) -> None:
+    """A trivial parallel loop: the thread pool's workers running again (a decode step's kernels before the
+    attention leave them so), not asleep after an eviction's single-threaded read (also tools/bench_latent.py's)."""
+    for i in prange(a.size):
+        a[i] += 1.0
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """x rounded to bf16 (nearest even), as the bits a bf16 cache holds."""
+    return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def time_kernels(kernels: dict, shape: tuple[int, int, int], context: int, T: int, calls: int, cache: str,
+                 evict: np.ndarray | None) -> dict:
+    """{name: (median us, cold median us or None, output [T, heads*d])} for each kernel, called in turn `calls`
+    times after one warm-up; with `evict`, each call cold (after reading evict) and then warm, in wall time."""
     heads, kv_heads, d = shape
     rng = np.random.default_rng(0)
     k = rng.standard_normal((kv_heads, context, d), dtype=np.float32)
     v = rng.standard_normal((kv_heads, context, d), dtype=np.float32)
+    if cache == "bf16":
+        k, v = bf16_bits(k), bf16_bits(v)
     q = rng.standard_normal((T, heads * d), dtype=np.float32)
     no_sinks = np.zeros(0, np.float32)
+    scratch = np.zeros(64, np.float32)
     outs = {name: np.empty((T, heads * d), np.float32) for name in kernels}
-    times = {name: [] for name in kernels}
+    warm = {name: [] for name in kernels}
+    cold = {name: [] for name in kernels}
+    clock = time.thread_time if evict is None else time.perf_counter
     for _ in range(calls + 1):
         for name, attend in kernels.items():
-            start = time.thread_time()
+            if evict is not None:
+                evict.sum()
+                wake_threads(scratch)
+                start = clock()
+                attend(q, heads, kv_heads, d, k, v, context - T, 0, 0, d**-0.5, no_sinks, outs[name])
+                cold[name].append(clock() - start)
+            start = clock()
             attend(q, heads, kv_heads, d, k, v, context - T, 0, 0, d**-0.5, no_sinks, outs[name])
-            times[name].append(time.thread_time() - start)
-    return {name: (1e6 * statistics.median(times[name][1:]), outs[name]) for name in kernels}
+            warm[name].append(clock() - start)
+    return {name: (1e6 * statistics.median(warm[name][1:]),
+                   1e6 * statistics.median(cold[name][1:]) if evict is not None else None, outs[name])
+            for name in kernels}
 
 
 def main() -> None:
@@ -67,29 +101,43 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048, 8192])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1], help="new tokens T per call (at most 8)")
+    parser.add_argument("--kv-cache", nargs="+", default=["float32"], choices=["float32", "bf16"])
     parser.add_argument("--calls", type=int, default=40, help="timed calls per kernel and case")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cold", action="store_true", help="also time each call after evicting the caches")
+    parser.add_argument("--evict-mb", type=int, default=256, help="buffer read before each cold call")
     args = parser.parse_args()
-    numba.set_num_threads(1)
+    numba.set_num_threads(args.threads)
+    evict = np.ones(args.evict_mb << 18, np.float32) if args.cold else None
     with tempfile.TemporaryDirectory() as tmp:
         kernels = {"this": decode_step.attend}
         if args.against:
             kernels[args.against] = decode_step_at(args.against, Path(tmp)).attend
         ref = args.against
-        print("| shape | heads / KV / d | T | positions | " + " | ".join(f"{name} us" for name in kernels)
-              + (f" | {ref} / this | max rel diff |" if ref else " |"))
-        print("|---" * (4 + len(kernels) + (2 if ref else 0)) + "|")
+        columns = [f"{name} {kind} us" for name in kernels for kind in (("cold", "warm") if args.cold else ("",))]
+        ratios = [f"{ref} / this {kind}" for kind in (("cold", "warm") if args.cold else ("",))] if ref else []
+        print(f"threads {args.threads}, {'wall time, cold and warm' if args.cold else 'CPU time, warm'}, "
+              f"median of {args.calls} calls")
+        print("| shape | heads / KV / d | cache | T | positions | " + " | ".join(c.replace("  ", " ") for c in
+              columns + ratios) + (" | max rel diff |" if ref else " |"))
+        print("|---" * (5 + len(columns) + len(ratios) + (1 if ref else 0)) + "|")
         for shape_name in args.shapes:
             shape = SHAPES[shape_name]
-            for T in args.tokens:
-                for context in args.contexts:
-                    got = time_kernels(kernels, shape, context, T, args.calls)
-                    row = f"| {shape_name} | {' / '.join(map(str, shape))} | {T} | {context} | " + " | ".join(
-                        f"{us:.0f}" for us, _ in got.values())
-                    if ref:
-                        (this_us, this_out), (ref_us, ref_out) = got["this"], got[ref]
-                        diff = np.abs(this_out - ref_out).max() / np.abs(ref_out).max()
-                        row += f" | {ref_us / this_us:.2f}x | {diff:.1e}"
-                    print(row + " |", flush=True)
+            for cache in args.kv_cache:
+                for T in args.tokens:
+                    for context in args.contexts:
+                        got = time_kernels(kernels, shape, context, T, args.calls, cache, evict)
+                        cells = [f"{us:.0f}" for warm_us, cold_us, _ in got.values()
+                                 for us in ((cold_us, warm_us) if args.cold else (warm_us,))]
+                        row = f"| {shape_name} | {' / '.join(map(str, shape))} | {cache} | {T} | {context} | "
+                        row += " | ".join(cells)
+                        if ref:
+                            (this_warm, this_cold, this_out), (ref_warm, ref_cold, ref_out) = got["this"], got[ref]
+                            pairs = ((ref_cold, this_cold), (ref_warm, this_warm)) if args.cold else \
+                                ((ref_warm, this_warm),)
+                            diff = np.abs(this_out - ref_out).max() / np.abs(ref_out).max()
+                            row += " | " + " | ".join(f"{a / b:.2f}x" for a, b in pairs) + f" | {diff:.1e}"
+                        print(row + " |", flush=True)
 
 
 if __name__ == "__main__":

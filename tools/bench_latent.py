@@ -27,20 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch  # noqa: F401  (torch before numba)
 import numba
-from numba import njit, prange
 
-from bench_attend import decode_step_at  # tools/ is the script's folder, so on sys.path
+from bench_attend import decode_step_at, wake_threads  # tools/ is the script's folder, so on sys.path
 from csrc_py import decode_step
 
 HEADS, NOPE, ROPE, RANK, V = 16, 128, 64, 512, 128  # DeepSeek-V2-Lite
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def wake_threads(a: np.ndarray) -> None:
-    """A trivial parallel loop: the thread pool's workers running again (a decode step's kernels before
-    latent_attend leave them so), not asleep after the eviction's single-threaded read."""
-    for i in prange(a.size):
-        a[i] += 1.0
 
 
 def case_inputs(positions: int, T: int, selected: int, rng: np.random.Generator) -> tuple:
