@@ -10,8 +10,9 @@ horizontal sums folded together.
 
 It reads float32 values or bf16 bits (uint16, widened by a shift as `decode_step.widen` does), accumulates in
 float32 with fused multiply-adds, and compiles for the tier of `simd` (16 lanes: zmm, or the portable path's
-vectors; 8 lanes: the 256-bit tiers). Each position's product is added in order, as the Numba loop's fastmath
-allowed it to reorder them: results agree with it to float32 rounding, not bit for bit.
+vectors; 8 lanes: the 256-bit tiers). Each position's products are added in position order, one fused
+multiply-add per vector; the Numba loop summed 8 positions before adding them, so the two agree to float32
+rounding, not bit for bit.
 """
 from __future__ import annotations
 

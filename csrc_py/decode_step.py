@@ -289,11 +289,12 @@ def exp_shifted(s: np.ndarray, n: int, best: float) -> float:
     return total
 
 
-# Positions per pass of the attention over the cache: the scores of KEYS_PER_PASS keys against four query rows come
-# from one pass over d (16 accumulators: each loaded query or key value feeds 4 multiply-adds, where one dot product
-# at a time fed one multiply-add per two loads; four rows against four keys measured 1.4-1.7x faster than two rows
-# against four). Without the value tile (d not a multiple of the vector width), VALUES_PER_PASS value rows go into
-# a query row's accumulators per pass over d (one load and store of the accumulators per 8 value rows).
+# Positions per pass of the attention over the cache: the scores of KEYS_PER_PASS keys against four query rows (two
+# on the 256-bit tiers) come from one pass over d (16 accumulators: each loaded query or key value feeds 4
+# multiply-adds, where one dot product at a time fed one multiply-add per two loads; with 512-bit vectors four rows
+# against four keys measured 1.4-1.7x faster than two rows against four). Without the value tile (d not a multiple
+# of the vector width), VALUES_PER_PASS value rows go into a query row's accumulators per pass over d (one load and
+# store of the accumulators per 8 value rows).
 KEYS_PER_PASS = 4
 VALUES_PER_PASS = 8
 # Bytes of value rows per block of weigh_values: they stay in L1 (32-48 KiB on the hosts measured) while every pair
@@ -387,10 +388,7 @@ def score_key_quads(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: 
             store_scores(scores, best, a + 1, j, s[4], s[5], s[6], s[7])
             store_scores(scores, best, a + 2, j, s[8], s[9], s[10], s[11])
             store_scores(scores, best, a + 3, j, s[12], s[13], s[14], s[15])
-    for j in range(whole, n):
-        for a in range(rows):
-            scores[a, j] = dot(qs[a], keys[j])
-            best[a] = max(best[a], scores[a, j])
+    score_keys_one_by_one(qs, keys, whole, scores, best)
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
@@ -409,8 +407,14 @@ def score_key_pairs(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: 
         if rows % 2:
             a0, a1, a2, a3 = dots_1x4(qs[rows - 1], k0, k1, k2, k3)
             store_scores(scores, best, rows - 1, j, a0, a1, a2, a3)
-    for j in range(whole, n):
-        for a in range(rows):
+    score_keys_one_by_one(qs, keys, whole, scores, best)
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def score_keys_one_by_one(qs: np.ndarray, keys: np.ndarray, first: int, scores: np.ndarray, best: np.ndarray) -> None:
+    """score_keys for the keys from `first` on (those after the last whole pass), one dot product at a time."""
+    for j in range(first, keys.shape[0]):
+        for a in range(qs.shape[0]):
             scores[a, j] = dot(qs[a], keys[j])
             best[a] = max(best[a], scores[a, j])
 
