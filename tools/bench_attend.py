@@ -29,7 +29,7 @@ import torch  # noqa: F401  (torch before numba)
 import numba
 from numba import njit, prange
 
-from csrc_py import decode_step
+from csrc_py import decode_step, simd
 
 # heads, KV heads, head dim
 SHAPES = {"qwen3": (32, 4, 128), "gpt-oss": (64, 8, 64), "mixtral-4.7b": (32, 8, 64), "olmoe": (16, 16, 128)}
@@ -116,8 +116,8 @@ def main() -> None:
         ref = args.against
         columns = [f"{name} {kind} us" for name in kernels for kind in (("cold", "warm") if args.cold else ("",))]
         ratios = [f"{ref} / this {kind}" for kind in (("cold", "warm") if args.cold else ("",))] if ref else []
-        print(f"threads {args.threads}, {'wall time, cold and warm' if args.cold else 'CPU time, warm'}, "
-              f"median of {args.calls} calls")
+        print(f"kernel ISA tier {simd.TIER}, threads {args.threads}, "
+              f"{'wall time, cold and warm' if args.cold else 'CPU time, warm'}, median of {args.calls} calls")
         print("| shape | heads / KV / d | cache | T | positions | " + " | ".join(c.replace("  ", " ") for c in
               columns + ratios) + (" | max rel diff |" if ref else " |"))
         print("|---" * (5 + len(columns) + len(ratios) + (1 if ref else 0)) + "|")
