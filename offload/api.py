@@ -400,7 +400,7 @@ def _decode_threads(fixed: int | None, threads: int, device_tier: bool, cpu_kern
 def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None,
          experts: str | None = None, device: str = "auto", dtype: str = "auto",
          heat: list[list[float]] | None = None, host_memory: int | str | None = None,
-         dense: str | None = None, slots: str | None = None) -> Plan:
+         dense: str | None = None, slots: str | None = None, kv_cache: str | None = None) -> Plan:
     """The placement load() would use for these budgets, from config.json alone (no weight is read).
     experts: host format of offloaded experts; None keeps them in the device dtype, as load() does.
     dense: the device tier's dense format ("bf16" | "int8" | "int4" | "int4s"); None lets the planner choose, as
@@ -408,7 +408,8 @@ def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int
     slots: the format of pinned experts and cache slots ("bf16" | "int8" | "int4" | "int4s"); None lets the planner
     choose, as load() does.
     heat[i][e]: how often the i-th MoE layer routed to expert e (from `offload profile`).
-    host_memory: the RAM to plan for (default: what is available now), e.g. to size a machine not at hand."""
+    host_memory: the RAM to plan for (default: what is available now), e.g. to size a machine not at hand.
+    kv_cache: the KV cache's dtype, as load() takes it ("float32" | "bf16"; None: the device dtype)."""
     hf = read_config(path)  # a folder with config.json alone is enough
     arch = architecture(hf.get("model_type"))
     config = arch.config_from_hf(hf)
@@ -419,8 +420,9 @@ def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int
         raise OffloadError("no GPU is visible: give the device budget to plan for, e.g. gpu_memory='12GiB' "
                            "(--gpu-memory 12GiB)")
     torch_dtype = resolve_dtype(dtype, torch_device)
+    kv_dtype = resolve_kv_dtype(kv_cache, torch_dtype)
     return resolve_plan(config, arch.names, torch_device, torch_dtype, experts or default_host_format(torch_dtype),
-                        max_context, gpu_memory, None, heat, host_memory, dense, slots)
+                        max_context, gpu_memory, None, heat, host_memory, dense, slots, kv_dtype)
 
 
 def _profile_heat(profile: str | Path | None, placement: Plan | None) -> list[list[float]] | None:

@@ -477,6 +477,8 @@ def plan_(
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = typer.Option(
         "auto", help="Device dtype to plan for (auto: bfloat16 on a GPU, float32 on the CPU; bfloat16 plans for a "
                      "GPU from a machine without one)."),
+    kv_cache: Optional[Literal["float32", "bf16"]] = typer.Option(
+        None, help="KV cache dtype to plan for, as when loading (default: the device dtype)."),
     profile: Optional[Path] = typer.Option(None, help="profile.json from `offload profile`: pin the hottest experts."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the plan as JSON to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
@@ -488,7 +490,7 @@ def plan_(
 
     placement = make(model_path, gpu_memory=gpu_memory, max_context=max_context, experts=experts, device=device,
                      dtype=dtype, heat=read_heat(profile) if profile else None, host_memory=host_memory, dense=dense,
-                     slots=slots)
+                     slots=slots, kv_cache=kv_cache)
     if out_file is not None:
         placement.save(out_file)
         err.print(f"[dim]wrote {out_file}[/dim]")

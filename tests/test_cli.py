@@ -21,7 +21,7 @@ import offload.chat as chat_module
 from offload.arch import architecture, config_from_hf
 from offload.cli import LoadOptions, app, with_load_options
 from offload.demo import RANDOM_DEMO_CONFIG, random_demo_checkpoint
-from offload.errors import CheckpointError
+from offload.errors import CheckpointError, OffloadError
 from offload.inspect import param_counts
 from offload.weights.checkpoint import Checkpoint
 from tiny_models import VARIANTS
@@ -450,6 +450,23 @@ def test_plan_prints_a_table_and_writes_json_without_loading(demo_dir, tmp_path)
     assert plan.copies_possible and "prefetch decided at load: on where copying an expert" in result.output
     assert plan.device_budget == 8 * 2**20 and plan.max_context == 1024 and len(plan.layers) == 4
     assert plan.device_bytes <= plan.device_budget
+
+
+def test_plan_sizes_the_kv_cache_at_the_kv_cache_dtype(demo_dir, tmp_path):
+    from offload.placement import Plan
+
+    sizes = {}
+    for kv_cache in ("float32", "bf16"):
+        out = tmp_path / f"plan-{kv_cache}.json"
+        result = invoke("plan", str(demo_dir), "--gpu-memory", "64MiB", "--dtype", "float32", "--max-context", "1024",
+                        "--kv-cache", kv_cache, "--out", str(out))
+        assert result.exit_code == 0, result.output
+        sizes[kv_cache] = Plan.load(out).device_groups["kv_cache"]
+    assert sizes["bf16"] * 2 == sizes["float32"] > 0
+    result = invoke("plan", str(demo_dir), "--gpu-memory", "64MiB", "--kv-cache", "fp16")
+    assert result.exit_code == 2 and "fp16" in result.output
+    with pytest.raises(OffloadError, match="kv_cache must be one of"):
+        offload.plan(demo_dir, gpu_memory="64MiB", kv_cache="fp16")
 
 
 def test_plan_errors(demo_dir, tmp_path):
