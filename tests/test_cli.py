@@ -22,6 +22,7 @@ from offload.arch import architecture, config_from_hf
 from offload.cli import LoadOptions, app, with_load_options
 from offload.demo import RANDOM_DEMO_CONFIG, random_demo_checkpoint
 from offload.errors import CheckpointError, OffloadError
+from offload.placement import PlanError
 from offload.inspect import param_counts
 from offload.weights.checkpoint import Checkpoint
 from tiny_models import VARIANTS
@@ -463,6 +464,10 @@ def test_plan_sizes_the_kv_cache_at_the_kv_cache_dtype(demo_dir, tmp_path):
         assert result.exit_code == 0, result.output
         sizes[kv_cache] = Plan.load(out).device_groups["kv_cache"]
     assert sizes["bf16"] * 2 == sizes["float32"] > 0
+    with pytest.raises(PlanError, match="KV cache.*--kv-cache"):  # a float32 cache would overrun the bf16 plan
+        offload.load(demo_dir, plan=tmp_path / "plan-bf16.json", max_context=1024, dtype="float32")
+    offload.load(demo_dir, plan=tmp_path / "plan-bf16.json", max_context=1024, dtype="float32",
+                 kv_cache="bf16")  # the fix the error names loads
     result = invoke("plan", str(demo_dir), "--gpu-memory", "64MiB", "--kv-cache", "fp16")
     assert result.exit_code == 2 and "fp16" in result.output
     with pytest.raises(OffloadError, match="kv_cache must be one of"):

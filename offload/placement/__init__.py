@@ -65,6 +65,8 @@ def resolve_plan(cfg: ModelConfig, names: CheckpointNames, device: torch.device,
         plan = Plan.load(plan)
     if plan is not None:
         check_plan_fits_model(plan, cfg, max_context)
+        check_plan_holds_cache(plan, kv_cache_bytes(cfg, max_context, torch.tensor([], dtype=dtype).element_size(),
+                                                    (kv_dtype or dtype).itemsize))
         if dense is not None and dense_candidates(dense) != (plan.dense_format,):
             raise PlanError(f"the plan keeps the dense weights as {plan.dense_format or plan.device_dtype or 'bf16'}, "
                             f"not {dense}; drop the dense option or make a new plan")
@@ -101,6 +103,16 @@ def check_plan_fits_model(plan: Plan, cfg: ModelConfig, max_context: int) -> Non
     if max_context > plan.max_context:
         raise PlanError(f"the plan was made for max_context {plan.max_context}, not {max_context}; "
                         "load with that max_context or make a new plan")
+
+
+def check_plan_holds_cache(plan: Plan, cache_bytes: int) -> None:
+    """A plan sized its KV cache for one dtype: a load whose cache needs more (a float32 cache where the plan
+    counted bf16) would overrun the device budget the plan kept to."""
+    planned = plan.device_groups.get("kv_cache")
+    if planned is not None and cache_bytes > planned:
+        raise PlanError(f"the plan holds a {planned / 2**20:.1f} MiB KV cache, but this load's needs "
+                        f"{cache_bytes / 2**20:.1f} MiB (a wider cache dtype than the plan's); load with the plan's "
+                        "--kv-cache or make a new plan with this one")
 
 
 __all__ = ["Plan", "PlanError", "PlanRequest", "make_plan", "resolve_plan", "inventory", "kv_cache_bytes",
