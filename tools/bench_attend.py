@@ -12,7 +12,10 @@ on a shared machine it stays near the work done while wall time swings). `--cold
 and a trivial parallel loop (the pool's threads awake, as in a decode step) before each call, whose wall time is
 the cold figure; a second call right after it gives the warm one (wall time too). `--against REF` loads REF's
 csrc_py/decode_step.py (git show) as a separate module; the two kernels are called in turn. Also prints
-max |this - REF| / max |REF| over the outputs (float32 summation order). A benchmark, not a test.
+max |this - REF| / max |REF| over the outputs (float32 summation order). `--read` adds `read`, a plain parallel
+sum over the same cached K / V rows split over the threads as attend splits them (one KV head per thread): with
+--cold its cold figure is what streaming the cache alone costs, so attend's cold - max(read cold, attend warm) is
+the part of the read its arithmetic does not hide. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -55,6 +58,21 @@ def wake_threads(a: np.ndarray) -> None:
     attention leave them so), not asleep after an eviction's single-threaded read (also tools/bench_latent.py's)."""
     for i in prange(a.size):
         a[i] += 1.0
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc"})  # reassoc: the sums vectorize
+def read_cache(q, heads, kv_heads, d, kcache, vcache, start, window, chunk, scale, sinks, out) -> None:
+    """attend's arguments, none of its arithmetic: every cached key and value row a query at start.. reads, summed
+    (bits as numbers) one KV head per thread; out[0, g] = head g's sum, so the reads are not optimised away."""
+    n = start + q.shape[0]
+    for g in prange(kv_heads):
+        total = np.float32(0.0)
+        for cache in (kcache, vcache):
+            rows = cache[g]
+            for j in range(n):
+                for i in range(d):
+                    total += np.float32(rows[j, i])
+        out[0, g] = total
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -106,6 +124,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cold", action="store_true", help="also time each call after evicting the caches")
     parser.add_argument("--evict-mb", type=int, default=256, help="buffer read before each cold call")
+    parser.add_argument("--read", action="store_true", help="also time a plain read of the same cache rows")
     args = parser.parse_args()
     numba.set_num_threads(args.threads)
     evict = np.ones(args.evict_mb << 18, np.float32) if args.cold else None
@@ -114,6 +133,8 @@ def main() -> None:
         if args.against:
             kernels[args.against] = decode_step_at(args.against, Path(tmp)).attend
         ref = args.against
+        if args.read:
+            kernels["read"] = read_cache
         columns = [f"{name} {kind} us" for name in kernels for kind in (("cold", "warm") if args.cold else ("",))]
         ratios = [f"{ref} / this {kind}" for kind in (("cold", "warm") if args.cold else ("",))] if ref else []
         print(f"kernel ISA tier {simd.TIER}, threads {args.threads}, "
