@@ -43,7 +43,10 @@ per-token part weighs on it more than on a deep one), the weight bytes those ker
 packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
 floor: those bytes over the read bandwidth measured in the same round (a worker of its own before the engines: a
 torch sum over 1 GiB on --threads threads, best of 3, in huge pages where the kernel offers them, as offload keeps
-its weights: offload/weights/hugepages.py), against the measured time per token. A benchmark, not a test.
+its weights: offload/weights/hugepages.py), against the measured time per token. A llama.cpp engine whose GGUF
+holds the same bytes as an offload engine of the run (int8 and Q8_0, int4s and Q4_0, experts and dense alike) gets
+its share of the same floor, and the report prints 1 / that share: how much faster than llama.cpp an engine reading
+at the probe's rate can be on that host. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -224,7 +227,9 @@ def run_offload(args: argparse.Namespace, engine: str, prompt: list[int]) -> dic
     layers = json.loads((Path(path) / "config.json").read_text()).get("num_hidden_layers", 0)
     crossovers = {label: {"rows_per_expert": value, "source": source}
                   for label, (value, source) in sorted(dispatch.crossovers().choices.items())}
-    decode = {"isa_tier": simd.TIER, "crossovers": crossovers, "compiled_step": compiled_step.enabled(),
+    info = model.load_info
+    decode = {"isa_tier": simd.TIER, "formats": {"experts": info.expert_format, "dense": info.dense_format},
+              "crossovers": crossovers, "compiled_step": compiled_step.enabled(),
               "kernel_ms_per_token": kernel_s * 1e3, "weight_mb_per_token": weight_bytes / 1e6,
               "outside_us_per_layer": (token_s - kernel_s) / layers * 1e6 if layers else None,
               "decode_threads": g.stats.as_dict().get("decode_threads")}
@@ -473,6 +478,32 @@ def add_floor_share(result: dict, read_gbps: float | None, steps: int) -> None:
     split["floor_share"] = floor_s / (result["decode_s"] / steps)
 
 
+def same_bytes_gguf(formats: dict | None) -> str | None:
+    """The GGUF type holding exactly the bytes of offload's formats (int8 = Q8_0's 34 bytes per 32 weights, int4s =
+    Q4_0's 18, on experts and dense matrices alike), None where no GGUF type does (int4's offsets, bf16, mixed)."""
+    same = {"int8": "q8_0", "int4s": "q4_0"}
+    if not formats or formats.get("experts") != formats.get("dense"):
+        return None
+    return same.get(formats.get("experts"))
+
+
+def add_peer_floor_shares(round_results: dict[str, dict], read_gbps: float | None, steps: int) -> None:
+    """Each llama.cpp result's share of the round's bandwidth floor, where an offload engine of the same round read
+    exactly its bytes (same_bytes_gguf): the floor belongs to the weights, not the engine, so the offload engine's
+    weight bytes per token are the llama.cpp engine's too. 1 / that share is the most any engine can be faster than
+    it on this round's bandwidth."""
+    if not read_gbps:
+        return
+    for engine, result in round_results.items():
+        if engine not in GGUF_TYPES or "decode_s" not in result:
+            continue
+        twin = next((r["decode_split"] for r in round_results.values() if "decode_split" in r
+                     and same_bytes_gguf(r["decode_split"].get("formats")) == GGUF_TYPES[engine]), None)
+        if twin is not None:
+            floor_s = twin["weight_mb_per_token"] * 1e6 / (read_gbps * 1e9)
+            result["floor_share"] = floor_s / (result["decode_s"] / steps)
+
+
 def median_of(results: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in results)
 
@@ -504,6 +535,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
             "rounds": len(ok),
             "agree_with_transformers": agreement(ok[0]["tokens"], reference) if reference is not None else None,
         }
+        shares = [r["floor_share"] for r in ok if "floor_share" in r]
+        if shares:  # a llama.cpp engine's, over the rounds that had a same-bytes offload engine
+            summary[engine]["floor_share"] = statistics.median(shares)
+            summary[engine]["floor_shares"] = shares
         if "decode_split" in ok[0]:  # the split of the median round by decode speed: its figures belong together
             middle = sorted(ok, key=lambda r: r["decode_tok_s"])[(len(ok) - 1) // 2]
             summary[engine]["decode_split"] = {**middle["decode_split"], "decode_tok_s": middle["decode_tok_s"]}
@@ -511,7 +546,17 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def ratios(summary: dict[str, dict]) -> dict[str, float]:
-    return {label: summary[num][metric] / summary[den][metric] for label, num, den, metric in RATIOS
+    """RATIOS' ratios, and each offload engine's against the llama.cpp engine of the same bytes (same_bytes_gguf:
+    a store's formats are known only once it ran)."""
+    pairs = list(RATIOS)
+    for engine, s in summary.items():
+        gguf = same_bytes_gguf(s.get("decode_split", {}).get("formats"))
+        peer = next((name for name, qtype in GGUF_TYPES.items() if qtype == gguf and name in summary), None)
+        if peer is not None:
+            pairs += [(f"{engine} / {peer} {kind} (same bytes)", engine, peer, metric)
+                      for kind, metric in (("decode", "decode_tok_s"), ("prefill", "prefill_tok_s"))
+                      if (engine, peer, metric) not in {pair[1:] for pair in RATIOS}]
+    return {label: summary[num][metric] / summary[den][metric] for label, num, den, metric in pairs
             if num in summary and den in summary}
 
 
@@ -543,6 +588,15 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
             chosen = ", ".join(f"{label} {'never' if c['rows_per_expert'] is None else c['rows_per_expert']} "
                                f"({c['source']})" for label, c in d.get("crossovers", {}).items())
             print(f"- {engine} ({d['isa_tier']}): {chosen or 'none dispatched'}")
+    peers = {engine: s for engine, s in summary.items() if "floor_share" in s}
+    if peers:
+        print("\nllama.cpp's share of the same bandwidth floor (its GGUF holds the same-bytes offload engine's "
+              "weights: the same bytes a token; each round's own read probe), and so how much faster than it an "
+              "engine reading at the probe's rate can be:")
+        for engine, s in peers.items():
+            rounds = ", ".join(f"{100 * share:.0f}%" for share in s["floor_shares"])
+            print(f"- {engine}: {100 * s['floor_share']:.0f}% of the floor (rounds: {rounds}): at most "
+                  f"{1 / s['floor_share']:.2f}x")
     if ratio_values:
         print("\n| ratio | value |\n|---|---|")
         for label, value in ratio_values.items():
@@ -617,8 +671,9 @@ def main() -> None:
         probe = run_worker(args, BANDWIDTH)
         # odd rounds run the engines in reverse (A B, B A, A B, ...): each engine is first as often as last, and
         # the engine at a round's boundary runs twice in a row, on the page cache it left
+        round_results = {}
         for engine in engines if round_index % 2 == 0 else engines[::-1]:
-            result = run_worker(args, engine)
+            result = round_results[engine] = run_worker(args, engine)
             runs[engine].append(result)
             add_floor_share(result, probe.get("read_gbps"), args.new_tokens - 1)
             status = result.get("error") or (f"prefill {result['prefill_tok_s']:.1f} tok/s, "
@@ -631,6 +686,11 @@ def main() -> None:
             print(f"round {round_index + 1}/{args.rounds} {engine}: {status}", flush=True)
             for note in result.get("notes", []) if round_index == 0 else []:
                 print(f"  note: {note}")
+        add_peer_floor_shares(round_results, probe.get("read_gbps"), args.new_tokens - 1)
+        for engine, result in round_results.items():
+            if "floor_share" in result:
+                print(f"round {round_index + 1}/{args.rounds} {engine}: {100 * result['floor_share']:.0f}% of the "
+                      "bandwidth floor (the same bytes as offload's)", flush=True)
     summary = summarize(runs)
     ratio_values = ratios(summary)
     print_report(args, summary, ratio_values)
