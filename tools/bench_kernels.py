@@ -48,6 +48,7 @@ class Layer:
 LAYERS = {
     "qwen3": Layer("Qwen3-30B-A3B", 128, 8, 2048, 768),
     "mixtral": Layer("Mixtral-8x7B", 8, 2, 4096, 14336),
+    "mixtral-4.7b": Layer("Mixtral-4.7B", 8, 2, 2048, 5632),  # tools/make_checkpoint.py's mixtral-4.7b
     "deepseek": Layer("DeepSeek-V3", 256, 8, 7168, 2048),
 }
 
