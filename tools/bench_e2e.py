@@ -468,14 +468,18 @@ def run_worker(args: argparse.Namespace, engine: str) -> dict:
     return {"engine": engine, "error": f"exit code {proc.returncode}{hint}: " + "\n".join(tail)}
 
 
+def floor_share(weight_mb_per_token: float, read_gbps: float, decode_s: float, steps: int) -> float:
+    """The bandwidth floor of a token (its weight bytes over the read bandwidth) over the measured time per token."""
+    return weight_mb_per_token * 1e6 / (read_gbps * 1e9) / (decode_s / steps)
+
+
 def add_floor_share(result: dict, read_gbps: float | None, steps: int) -> None:
     """The round's read bandwidth and the share of the bandwidth floor into an offload result's decode split."""
     split = result.get("decode_split")
     if split is None or not read_gbps:
         return
     split["read_gbps"] = read_gbps
-    floor_s = split["weight_mb_per_token"] * 1e6 / (read_gbps * 1e9)
-    split["floor_share"] = floor_s / (result["decode_s"] / steps)
+    split["floor_share"] = floor_share(split["weight_mb_per_token"], read_gbps, result["decode_s"], steps)
 
 
 def same_bytes_gguf(formats: dict | None) -> str | None:
@@ -500,8 +504,7 @@ def add_peer_floor_shares(round_results: dict[str, dict], read_gbps: float | Non
         twin = next((r["decode_split"] for r in round_results.values() if "decode_split" in r
                      and same_bytes_gguf(r["decode_split"].get("formats")) == GGUF_TYPES[engine]), None)
         if twin is not None:
-            floor_s = twin["weight_mb_per_token"] * 1e6 / (read_gbps * 1e9)
-            result["floor_share"] = floor_s / (result["decode_s"] / steps)
+            result["floor_share"] = floor_share(twin["weight_mb_per_token"], read_gbps, result["decode_s"], steps)
 
 
 def median_of(results: list[dict], key: str) -> float:
@@ -537,7 +540,6 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
         }
         shares = [r["floor_share"] for r in ok if "floor_share" in r]
         if shares:  # a llama.cpp engine's, over the rounds that had a same-bytes offload engine
-            summary[engine]["floor_share"] = statistics.median(shares)
             summary[engine]["floor_shares"] = shares
         if "decode_split" in ok[0]:  # the split of the median round by decode speed: its figures belong together
             middle = sorted(ok, key=lambda r: r["decode_tok_s"])[(len(ok) - 1) // 2]
@@ -548,14 +550,14 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
 def ratios(summary: dict[str, dict]) -> dict[str, float]:
     """RATIOS' ratios, and each offload engine's against the llama.cpp engine of the same bytes (same_bytes_gguf:
     a store's formats are known only once it ran)."""
-    pairs = list(RATIOS)
+    pairs, fixed = list(RATIOS), {pair[1:] for pair in RATIOS}
     for engine, s in summary.items():
         gguf = same_bytes_gguf(s.get("decode_split", {}).get("formats"))
         peer = next((name for name, qtype in GGUF_TYPES.items() if qtype == gguf and name in summary), None)
         if peer is not None:
             pairs += [(f"{engine} / {peer} {kind} (same bytes)", engine, peer, metric)
                       for kind, metric in (("decode", "decode_tok_s"), ("prefill", "prefill_tok_s"))
-                      if (engine, peer, metric) not in {pair[1:] for pair in RATIOS}]
+                      if (engine, peer, metric) not in fixed]
     return {label: summary[num][metric] / summary[den][metric] for label, num, den, metric in pairs
             if num in summary and den in summary}
 
@@ -588,15 +590,15 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
             chosen = ", ".join(f"{label} {'never' if c['rows_per_expert'] is None else c['rows_per_expert']} "
                                f"({c['source']})" for label, c in d.get("crossovers", {}).items())
             print(f"- {engine} ({d['isa_tier']}): {chosen or 'none dispatched'}")
-    peers = {engine: s for engine, s in summary.items() if "floor_share" in s}
+    peers = {engine: s["floor_shares"] for engine, s in summary.items() if "floor_shares" in s}
     if peers:
         print("\nllama.cpp's share of the same bandwidth floor (its GGUF holds the same-bytes offload engine's "
               "weights: the same bytes a token; each round's own read probe), and so how much faster than it an "
               "engine reading at the probe's rate can be:")
-        for engine, s in peers.items():
-            rounds = ", ".join(f"{100 * share:.0f}%" for share in s["floor_shares"])
-            print(f"- {engine}: {100 * s['floor_share']:.0f}% of the floor (rounds: {rounds}): at most "
-                  f"{1 / s['floor_share']:.2f}x")
+        for engine, shares in peers.items():
+            share = statistics.median(shares)
+            rounds = ", ".join(f"{100 * x:.0f}%" for x in shares)
+            print(f"- {engine}: {100 * share:.0f}% of the floor (rounds: {rounds}): at most {1 / share:.2f}x")
     if ratio_values:
         print("\n| ratio | value |\n|---|---|")
         for label, value in ratio_values.items():

@@ -1,0 +1,46 @@
+"""tools/bench_e2e.py's same-bytes pairing: llama.cpp's share of the bandwidth floor is computed from an offload
+engine's weight bytes, which is right only while those formats hold exactly the GGUF type's bytes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_e2e  # noqa: E402
+
+from csrc_py import formats  # noqa: E402
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4s"])
+def test_paired_formats_hold_the_gguf_types_bytes(fmt):
+    E, O, K = 2, 64, 256  # whole panels and groups, as every real shape has them
+    packed = formats.pack(torch.randn(E, O, K), fmt)
+    qtype = bench_e2e.same_bytes_gguf({"experts": fmt, "dense": fmt})
+    block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]]
+    assert packed.nbytes == E * O * K // block * block_bytes
+
+
+def test_no_pairing_where_the_bytes_differ():
+    assert bench_e2e.same_bytes_gguf({"experts": "int4", "dense": "int4"}) is None  # its offsets add bytes
+    assert bench_e2e.same_bytes_gguf({"experts": "int8", "dense": "int4s"}) is None
+    assert bench_e2e.same_bytes_gguf({"experts": "bf16", "dense": None}) is None
+    assert bench_e2e.same_bytes_gguf(None) is None
+
+
+def test_llama_cpp_share_uses_the_same_bytes_offload_engine_of_the_round():
+    steps = 10
+    offload = {"decode_s": 1.0, "decode_split": {"formats": {"experts": "int4s", "dense": "int4s"},
+                                                 "weight_mb_per_token": 100.0}}
+    other = {"decode_s": 1.0, "decode_split": {"formats": {"experts": "int8", "dense": "int8"},
+                                               "weight_mb_per_token": 999.0}}
+    q4, q8 = {"decode_s": 2.0}, {"decode_s": 2.0}
+    round_results = {"offload-int8": other, "offload-int4s": offload, "llama.cpp-q4_0": q4, "llama.cpp-q8_0": q8}
+    bench_e2e.add_peer_floor_shares(round_results, 50.0, steps)
+    # 100 MB at 50 GB/s is a 2 ms floor; llama.cpp takes 200 ms a token
+    assert q4["floor_share"] == pytest.approx(0.002 / 0.2)
+    assert q8["floor_share"] == pytest.approx(999e6 / 50e9 / 0.2)
+    assert "floor_share" not in offload
