@@ -44,3 +44,18 @@ def test_llama_cpp_share_uses_the_same_bytes_offload_engine_of_the_round():
     assert q4["floor_share"] == pytest.approx(0.002 / 0.2)
     assert q8["floor_share"] == pytest.approx(999e6 / 50e9 / 0.2)
     assert "floor_share" not in offload
+
+
+def test_a_rounds_bandwidth_is_the_median_of_its_probes():
+    # probes before, between and after two engines: one caught a burst, one failed
+    probes = [{"read_gbps": 31.0}, {"read_gbps": 55.0}, {"engine": "bandwidth", "error": "exit code 1"},
+              {"read_gbps": 33.0}]
+    assert bench_e2e.round_read_gbps(probes) == 33.0
+    assert bench_e2e.round_read_gbps([{"error": "exit code 1"}]) is None
+
+
+def test_the_floor_share_records_the_probes_it_rests_on():
+    result = {"decode_s": 1.0, "decode_split": {"weight_mb_per_token": 100.0}}
+    bench_e2e.add_floor_share(result, 50.0, 10, [40.0, 50.0, 60.0])
+    assert result["decode_split"]["read_probes_gbps"] == [40.0, 50.0, 60.0]
+    assert result["decode_split"]["floor_share"] == pytest.approx(0.002 / 0.1)

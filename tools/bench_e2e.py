@@ -41,12 +41,13 @@ timed: wall time of the Numba call, so its dispatch, argument unboxing and the p
 conversions, Python, the embedding, sampling and the logits' finiteness check, so on a shallow model the
 per-token part weighs on it more than on a deep one), the weight bytes those kernels read (top-k experts and the
 packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
-floor: those bytes over the read bandwidth measured in the same round (a worker of its own before the engines: a
-torch sum over 1 GiB on --threads threads, best of 3, in huge pages where the kernel offers them, as offload keeps
-its weights: offload/weights/hugepages.py), against the measured time per token. A llama.cpp engine whose GGUF
-holds the same bytes as an offload engine of the run (int8 and Q8_0, int4s and Q4_0, experts and dense alike) gets
-its share of the same floor, and the report prints 1 / that share: how much faster than llama.cpp an engine reading
-at the probe's rate can be on that host. A benchmark, not a test.
+floor: those bytes over the read bandwidth measured in the same round (the median of read probes before and after
+every engine of the round, each a worker of its own: a torch sum over 1 GiB on --threads threads, best of 3, in huge
+pages where the kernel offers them, as offload keeps its weights: offload/weights/hugepages.py; a burst of the host's
+memory system that one probe catches moves the median less than it moves that probe), against the measured time per
+token. A llama.cpp engine whose GGUF holds the same bytes as an offload engine of the run (int8 and Q8_0, int4s and
+Q4_0, experts and dense alike) gets its share of the same floor, and the report prints 1 / that share: how much
+faster than llama.cpp an engine reading at the probes' rate can be on that host. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ DEFAULT_ENGINES = ("offload-int8", "offload-int4", "offload-int4s", "offload-sto
                    "llama.cpp-q8_0", "llama.cpp-q4_0")
 ALL_ENGINES = (*DEFAULT_ENGINES, *TORCH_STEP_ENGINES, "llama.cpp-f16")
 RESULT_PREFIX = "BENCH_E2E_RESULT "
-BANDWIDTH = "bandwidth"  # the worker that measures the read bandwidth once per round
+BANDWIDTH = "bandwidth"  # the worker that measures the read bandwidth, before and after every engine
 WARMUP_PROMPT, WARMUP_NEW = 64, 4
 AGREEMENT_TOKENS = 16  # first greedy tokens kept per worker to compare engines
 # (label, numerator engine, denominator engine, metric)
@@ -468,17 +469,27 @@ def run_worker(args: argparse.Namespace, engine: str) -> dict:
     return {"engine": engine, "error": f"exit code {proc.returncode}{hint}: " + "\n".join(tail)}
 
 
+def round_read_gbps(probes: list[dict]) -> float | None:
+    """A round's read bandwidth: the median of its probes (before and after each engine) that measured one; None
+    where none did."""
+    readings = [p["read_gbps"] for p in probes if p.get("read_gbps")]
+    return statistics.median(readings) if readings else None
+
+
 def floor_share(weight_mb_per_token: float, read_gbps: float, decode_s: float, steps: int) -> float:
     """The bandwidth floor of a token (its weight bytes over the read bandwidth) over the measured time per token."""
     return weight_mb_per_token * 1e6 / (read_gbps * 1e9) / (decode_s / steps)
 
 
-def add_floor_share(result: dict, read_gbps: float | None, steps: int) -> None:
-    """The round's read bandwidth and the share of the bandwidth floor into an offload result's decode split."""
+def add_floor_share(result: dict, read_gbps: float | None, steps: int, probes: list[float] | None = None) -> None:
+    """The round's read bandwidth (and the probes it is the median of) and the share of the bandwidth floor into an
+    offload result's decode split."""
     split = result.get("decode_split")
     if split is None or not read_gbps:
         return
     split["read_gbps"] = read_gbps
+    if probes is not None:
+        split["read_probes_gbps"] = probes
     split["floor_share"] = floor_share(split["weight_mb_per_token"], read_gbps, result["decode_s"], steps)
 
 
@@ -593,7 +604,7 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
     peers = {engine: s["floor_shares"] for engine, s in summary.items() if "floor_shares" in s}
     if peers:
         print("\nllama.cpp's share of the same bandwidth floor (its GGUF holds the same-bytes offload engine's "
-              "weights: the same bytes a token; each round's own read probe), and so how much faster than it an "
+              "weights: the same bytes a token; each round's own read probes), and so how much faster than it an "
               "engine reading at the probe's rate can be:")
         for engine, shares in peers.items():
             share = statistics.median(shares)
@@ -670,25 +681,32 @@ def main() -> None:
     export_seconds = export_ggufs(args, engines)
     runs: dict[str, list[dict]] = {engine: [] for engine in engines}
     for round_index in range(args.rounds):  # interleaved: every engine once per round
-        probe = run_worker(args, BANDWIDTH)
+        probes = [run_worker(args, BANDWIDTH)]
         # odd rounds run the engines in reverse (A B, B A, A B, ...): each engine is first as often as last, and
         # the engine at a round's boundary runs twice in a row, on the page cache it left
         round_results = {}
         for engine in engines if round_index % 2 == 0 else engines[::-1]:
             result = round_results[engine] = run_worker(args, engine)
             runs[engine].append(result)
-            add_floor_share(result, probe.get("read_gbps"), args.new_tokens - 1)
+            probes.append(run_worker(args, BANDWIDTH))
             status = result.get("error") or (f"prefill {result['prefill_tok_s']:.1f} tok/s, "
                                              f"decode {result['decode_tok_s']:.2f} tok/s")
-            if "floor_share" in result.get("decode_split", {}):
-                d = result["decode_split"]
-                status += (f" ({d['isa_tier']}; {100 * d['floor_share']:.0f}% of the bandwidth floor, "
-                           f"{d['kernel_ms_per_token']:.2f} ms/token in kernels; decode threads: steps "
-                           f"{thread_steps(d.get('decode_threads'))})")
             print(f"round {round_index + 1}/{args.rounds} {engine}: {status}", flush=True)
             for note in result.get("notes", []) if round_index == 0 else []:
                 print(f"  note: {note}")
-        add_peer_floor_shares(round_results, probe.get("read_gbps"), args.new_tokens - 1)
+        read_gbps = round_read_gbps(probes)
+        readings = [p["read_gbps"] for p in probes if p.get("read_gbps")]
+        print(f"round {round_index + 1}/{args.rounds} read probes: "
+              f"{', '.join(f'{x:.1f}' for x in readings) or 'none'} GB/s"
+              + (f" (median {read_gbps:.1f})" if read_gbps else ""), flush=True)
+        for engine, result in round_results.items():
+            add_floor_share(result, read_gbps, args.new_tokens - 1, readings)
+            if "floor_share" in result.get("decode_split", {}):
+                d = result["decode_split"]
+                print(f"round {round_index + 1}/{args.rounds} {engine}: {d['isa_tier']}; {100 * d['floor_share']:.0f}% "
+                      f"of the bandwidth floor, {d['kernel_ms_per_token']:.2f} ms/token in kernels; decode threads: "
+                      f"steps {thread_steps(d.get('decode_threads'))}", flush=True)
+        add_peer_floor_shares(round_results, read_gbps, args.new_tokens - 1)
         for engine, result in round_results.items():
             if "floor_share" in result:
                 print(f"round {round_index + 1}/{args.rounds} {engine}: {100 * result['floor_share']:.0f}% of the "
