@@ -50,8 +50,8 @@ def test_a_rounds_bandwidth_is_the_median_of_its_probes():
     # probes before, between and after two engines: one caught a burst, one failed
     probes = [{"read_gbps": 31.0}, {"read_gbps": 55.0}, {"engine": "bandwidth", "error": "exit code 1"},
               {"read_gbps": 33.0}]
-    assert bench_e2e.round_read_gbps(probes) == 33.0
-    assert bench_e2e.round_read_gbps([{"error": "exit code 1"}]) is None
+    assert bench_e2e.round_bandwidth(probes) == ([31.0, 55.0, 33.0], 33.0)
+    assert bench_e2e.round_bandwidth([{"error": "exit code 1"}]) == ([], None)
 
 
 def test_the_floor_share_records_the_probes_it_rests_on():

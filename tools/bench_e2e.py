@@ -469,11 +469,11 @@ def run_worker(args: argparse.Namespace, engine: str) -> dict:
     return {"engine": engine, "error": f"exit code {proc.returncode}{hint}: " + "\n".join(tail)}
 
 
-def round_read_gbps(probes: list[dict]) -> float | None:
-    """A round's read bandwidth: the median of its probes (before and after each engine) that measured one; None
-    where none did."""
+def round_bandwidth(probes: list[dict]) -> tuple[list[float], float | None]:
+    """A round's probes (before and after each engine): the GB/s of those that measured one, and their median, the
+    round's read bandwidth (None where none did)."""
     readings = [p["read_gbps"] for p in probes if p.get("read_gbps")]
-    return statistics.median(readings) if readings else None
+    return readings, statistics.median(readings) if readings else None
 
 
 def floor_share(weight_mb_per_token: float, read_gbps: float, decode_s: float, steps: int) -> float:
@@ -481,15 +481,14 @@ def floor_share(weight_mb_per_token: float, read_gbps: float, decode_s: float, s
     return weight_mb_per_token * 1e6 / (read_gbps * 1e9) / (decode_s / steps)
 
 
-def add_floor_share(result: dict, read_gbps: float | None, steps: int, probes: list[float] | None = None) -> None:
-    """The round's read bandwidth (and the probes it is the median of) and the share of the bandwidth floor into an
-    offload result's decode split."""
+def add_floor_share(result: dict, read_gbps: float | None, steps: int, readings: list[float]) -> None:
+    """The round's read bandwidth, the probe readings it is the median of, and the share of the bandwidth floor into
+    an offload result's decode split."""
     split = result.get("decode_split")
     if split is None or not read_gbps:
         return
     split["read_gbps"] = read_gbps
-    if probes is not None:
-        split["read_probes_gbps"] = probes
+    split["read_probes_gbps"] = readings
     split["floor_share"] = floor_share(split["weight_mb_per_token"], read_gbps, result["decode_s"], steps)
 
 
@@ -605,7 +604,7 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
     if peers:
         print("\nllama.cpp's share of the same bandwidth floor (its GGUF holds the same-bytes offload engine's "
               "weights: the same bytes a token; each round's own read probes), and so how much faster than it an "
-              "engine reading at the probe's rate can be:")
+              "engine reading at the probes' rate can be:")
         for engine, shares in peers.items():
             share = statistics.median(shares)
             rounds = ", ".join(f"{100 * x:.0f}%" for x in shares)
@@ -694,8 +693,7 @@ def main() -> None:
             print(f"round {round_index + 1}/{args.rounds} {engine}: {status}", flush=True)
             for note in result.get("notes", []) if round_index == 0 else []:
                 print(f"  note: {note}")
-        read_gbps = round_read_gbps(probes)
-        readings = [p["read_gbps"] for p in probes if p.get("read_gbps")]
+        readings, read_gbps = round_bandwidth(probes)
         print(f"round {round_index + 1}/{args.rounds} read probes: "
               f"{', '.join(f'{x:.1f}' for x in readings) or 'none'} GB/s"
               + (f" (median {read_gbps:.1f})" if read_gbps else ""), flush=True)
