@@ -1,5 +1,6 @@
-"""tools/bench_e2e.py's same-bytes pairing: llama.cpp's share of the bandwidth floor is computed from an offload
-engine's weight bytes, which is right only while those formats hold exactly the GGUF type's bytes."""
+"""tools/bench_e2e.py's bandwidth floor: a round's read bandwidth is the median of its probes, and llama.cpp's
+share of the floor is computed from an offload engine's weight bytes, which is right only while those formats hold
+exactly the GGUF type's bytes."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_e2e  # noqa: E402
 
@@ -17,6 +17,7 @@ from csrc_py import formats  # noqa: E402
 
 @pytest.mark.parametrize("fmt", ["int8", "int4s"])
 def test_paired_formats_hold_the_gguf_types_bytes(fmt):
+    gguf = pytest.importorskip("gguf")
     E, O, K = 2, 64, 256  # whole panels and groups, as every real shape has them
     packed = formats.pack(torch.randn(E, O, K), fmt)
     qtype = bench_e2e.same_bytes_gguf({"experts": fmt, "dense": fmt})

@@ -41,13 +41,14 @@ timed: wall time of the Numba call, so its dispatch, argument unboxing and the p
 conversions, Python, the embedding, sampling and the logits' finiteness check, so on a shallow model the
 per-token part weighs on it more than on a deep one), the weight bytes those kernels read (top-k experts and the
 packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
-floor: those bytes over the read bandwidth measured in the same round (the median of read probes before and after
-every engine of the round, each a worker of its own: a torch sum over 1 GiB on --threads threads, best of 3, in huge
-pages where the kernel offers them, as offload keeps its weights: offload/weights/hugepages.py; a burst of the host's
-memory system that one probe catches moves the median less than it moves that probe), against the measured time per
-token. A llama.cpp engine whose GGUF holds the same bytes as an offload engine of the run (int8 and Q8_0, int4s and
-Q4_0, experts and dense alike) gets its share of the same floor, and the report prints 1 / that share: how much
-faster than llama.cpp an engine reading at the probes' rate can be on that host. A benchmark, not a test.
+floor: those bytes over the read bandwidth measured in the same round (the median of read probes, two before the
+round's first engine and one after every engine, each a worker of its own: a torch sum over 1 GiB on --threads
+threads, best of 3, in huge pages where the kernel offers them, as offload keeps its weights:
+offload/weights/hugepages.py; a burst of the host's memory system that one probe catches does not set the median,
+even with a single engine), against the measured time per token. A llama.cpp engine whose GGUF holds the same bytes
+as an offload engine of the run (int8 and Q8_0, int4s and Q4_0, experts and dense alike) gets its share of the same
+floor, and the report prints 1 / that share: how much faster than llama.cpp an engine reading at the probes' rate
+can be on that host. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ DEFAULT_ENGINES = ("offload-int8", "offload-int4", "offload-int4s", "offload-sto
                    "llama.cpp-q8_0", "llama.cpp-q4_0")
 ALL_ENGINES = (*DEFAULT_ENGINES, *TORCH_STEP_ENGINES, "llama.cpp-f16")
 RESULT_PREFIX = "BENCH_E2E_RESULT "
-BANDWIDTH = "bandwidth"  # the worker that measures the read bandwidth, before and after every engine
+BANDWIDTH = "bandwidth"  # the worker that measures the read bandwidth: twice before a round, once after each engine
 WARMUP_PROMPT, WARMUP_NEW = 64, 4
 AGREEMENT_TOKENS = 16  # first greedy tokens kept per worker to compare engines
 # (label, numerator engine, denominator engine, metric)
@@ -470,8 +471,8 @@ def run_worker(args: argparse.Namespace, engine: str) -> dict:
 
 
 def round_bandwidth(probes: list[dict]) -> tuple[list[float], float | None]:
-    """A round's probes (before and after each engine): the GB/s of those that measured one, and their median, the
-    round's read bandwidth (None where none did)."""
+    """A round's probes (two before it, one after each engine): the GB/s of those that measured one, and their
+    median, the round's read bandwidth (None where none did)."""
     readings = [p["read_gbps"] for p in probes if p.get("read_gbps")]
     return readings, statistics.median(readings) if readings else None
 
@@ -680,7 +681,7 @@ def main() -> None:
     export_seconds = export_ggufs(args, engines)
     runs: dict[str, list[dict]] = {engine: [] for engine in engines}
     for round_index in range(args.rounds):  # interleaved: every engine once per round
-        probes = [run_worker(args, BANDWIDTH)]
+        probes = [run_worker(args, BANDWIDTH) for _ in range(2)]  # with one after each engine: 3 or more probes
         # odd rounds run the engines in reverse (A B, B A, A B, ...): each engine is first as often as last, and
         # the engine at a round's boundary runs twice in a row, on the page cache it left
         round_results = {}
@@ -697,6 +698,8 @@ def main() -> None:
         print(f"round {round_index + 1}/{args.rounds} read probes: "
               f"{', '.join(f'{x:.1f}' for x in readings) or 'none'} GB/s"
               + (f" (median {read_gbps:.1f})" if read_gbps else ""), flush=True)
+        for failed in (p for p in probes if "error" in p):
+            print(f"  read probe failed: {failed['error']}")
         for engine, result in round_results.items():
             add_floor_share(result, read_gbps, args.new_tokens - 1, readings)
             if "floor_share" in result.get("decode_split", {}):
