@@ -3,6 +3,7 @@ share of the floor is computed from an offload engine's weight bytes, which is r
 exactly the GGUF type's bytes."""
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -60,3 +61,19 @@ def test_the_floor_share_records_the_probes_it_rests_on():
     bench_e2e.add_floor_share(result, 50.0, 10, [40.0, 50.0, 60.0])
     assert result["decode_split"]["read_probes_gbps"] == [40.0, 50.0, 60.0]
     assert result["decode_split"]["floor_share"] == pytest.approx(0.002 / 0.1)
+
+
+def test_ratios_pair_each_round_and_skip_a_failed_one():
+    runs = {"offload-int4s": [{"decode_tok_s": 30.0, "prefill_tok_s": 100.0}, {"decode_tok_s": 20.0,
+                                                                                "prefill_tok_s": 90.0},
+                              {"error": "killed"}, {"decode_tok_s": 26.0, "prefill_tok_s": 80.0}],
+            "llama.cpp-q4_0": [{"decode_tok_s": 20.0, "prefill_tok_s": 50.0}, {"decode_tok_s": 10.0,
+                                                                                "prefill_tok_s": 45.0},
+                               {"decode_tok_s": 99.0, "prefill_tok_s": 99.0}, {"decode_tok_s": 20.0,
+                                                                                "prefill_tok_s": 40.0}]}
+    summary = {engine: {metric: statistics.median(r[metric] for r in results if "error" not in r)
+                        for metric in ("decode_tok_s", "prefill_tok_s")} for engine, results in runs.items()}
+    decode = bench_e2e.ratios(summary, runs)["offload-int4s / llama.cpp-q4_0 decode"]
+    assert decode["by_round"] == [1.5, 2.0, 1.3]  # the failed round has no ratio, the rest keep their pairs
+    assert decode["median_by_round"] == 1.5
+    assert decode["of_medians"] == 26.0 / 20.0  # medians 26 (of 30, 20, 26) and 20 (of 20, 10, 99, 20)

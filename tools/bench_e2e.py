@@ -558,9 +558,17 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
-def ratios(summary: dict[str, dict]) -> dict[str, float]:
+def round_ratios(runs: dict[str, list[dict]], num: str, den: str, metric: str) -> list[float]:
+    """num / den in every round both engines ran in: the same-minute ratio, which the host's drift between rounds
+    does not move as it moves each engine's median."""
+    return [a[metric] / b[metric] for a, b in zip(runs.get(num, []), runs.get(den, []))
+            if "error" not in a and "error" not in b]
+
+
+def ratios(summary: dict[str, dict], runs: dict[str, list[dict]]) -> dict[str, dict]:
     """RATIOS' ratios, and each offload engine's against the llama.cpp engine of the same bytes (same_bytes_gguf:
-    a store's formats are known only once it ran)."""
+    a store's formats are known only once it ran): per label, the ratio of the engines' medians, the ratio in each
+    round, and the median of those."""
     pairs, fixed = list(RATIOS), {pair[1:] for pair in RATIOS}
     for engine, s in summary.items():
         gguf = same_bytes_gguf(s.get("decode_split", {}).get("formats"))
@@ -569,11 +577,16 @@ def ratios(summary: dict[str, dict]) -> dict[str, float]:
             pairs += [(f"{engine} / {peer} {kind} (same bytes)", engine, peer, metric)
                       for kind, metric in (("decode", "decode_tok_s"), ("prefill", "prefill_tok_s"))
                       if (engine, peer, metric) not in fixed]
-    return {label: summary[num][metric] / summary[den][metric] for label, num, den, metric in pairs
-            if num in summary and den in summary}
+    values = {}
+    for label, num, den, metric in pairs:
+        if num in summary and den in summary:
+            by_round = round_ratios(runs, num, den, metric)
+            values[label] = {"of_medians": summary[num][metric] / summary[den][metric], "by_round": by_round,
+                             "median_by_round": statistics.median(by_round)}
+    return values
 
 
-def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_values: dict[str, float]) -> None:
+def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_values: dict[str, dict]) -> None:
     print(f"\n# {args.checkpoint.name}: prompt {args.prompt_tokens} tokens, decode {args.new_tokens} tokens, "
           f"{args.threads} threads, offload dense {args.dense}, transformers {args.hf_dtype}, "
           f"median of {args.rounds} interleaved rounds")
@@ -611,9 +624,10 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
             rounds = ", ".join(f"{100 * x:.0f}%" for x in shares)
             print(f"- {engine}: {100 * share:.0f}% of the floor (rounds: {rounds}): at most {1 / share:.2f}x")
     if ratio_values:
-        print("\n| ratio | value |\n|---|---|")
-        for label, value in ratio_values.items():
-            print(f"| {label} | {value:.2f}x |")
+        print("\n| ratio | of the medians | by round | median by round |\n|---|---|---|---|")
+        for label, r in ratio_values.items():
+            by_round = " / ".join(f"{x:.2f}" for x in r["by_round"])
+            print(f"| {label} | {r['of_medians']:.2f}x | {by_round} | {r['median_by_round']:.2f}x |")
 
 
 def environment() -> dict:
@@ -713,7 +727,7 @@ def main() -> None:
                 print(f"round {round_index + 1}/{args.rounds} {engine}: {100 * result['floor_share']:.0f}% of the "
                       "bandwidth floor (the same bytes as offload's)", flush=True)
     summary = summarize(runs)
-    ratio_values = ratios(summary)
+    ratio_values = ratios(summary, runs)
     print_report(args, summary, ratio_values)
     if args.json:
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
