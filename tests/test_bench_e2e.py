@@ -63,17 +63,26 @@ def test_the_floor_share_records_the_probes_it_rests_on():
     assert result["decode_split"]["floor_share"] == pytest.approx(0.002 / 0.1)
 
 
+def _rounds(*pairs):
+    """One engine's rounds from (decode, prefill) tok/s pairs; None is a failed round."""
+    return [{"error": "killed"} if p is None else {"decode_tok_s": p[0], "prefill_tok_s": p[1]} for p in pairs]
+
+
+def _medians(runs):
+    return {engine: {metric: statistics.median(r[metric] for r in results if "error" not in r)
+                     for metric in ("decode_tok_s", "prefill_tok_s")} for engine, results in runs.items()}
+
+
 def test_ratios_pair_each_round_and_skip_a_failed_one():
-    runs = {"offload-int4s": [{"decode_tok_s": 30.0, "prefill_tok_s": 100.0}, {"decode_tok_s": 20.0,
-                                                                                "prefill_tok_s": 90.0},
-                              {"error": "killed"}, {"decode_tok_s": 26.0, "prefill_tok_s": 80.0}],
-            "llama.cpp-q4_0": [{"decode_tok_s": 20.0, "prefill_tok_s": 50.0}, {"decode_tok_s": 10.0,
-                                                                                "prefill_tok_s": 45.0},
-                               {"decode_tok_s": 99.0, "prefill_tok_s": 99.0}, {"decode_tok_s": 20.0,
-                                                                                "prefill_tok_s": 40.0}]}
-    summary = {engine: {metric: statistics.median(r[metric] for r in results if "error" not in r)
-                        for metric in ("decode_tok_s", "prefill_tok_s")} for engine, results in runs.items()}
-    decode = bench_e2e.ratios(summary, runs)["offload-int4s / llama.cpp-q4_0 decode"]
+    runs = {"offload-int4s": _rounds((30.0, 100.0), (20.0, 90.0), None, (26.0, 80.0)),
+            "llama.cpp-q4_0": _rounds((20.0, 50.0), (10.0, 45.0), (99.0, 99.0), (20.0, 40.0))}
+    decode = bench_e2e.ratios(_medians(runs), runs)["offload-int4s / llama.cpp-q4_0 decode"]
     assert decode["by_round"] == [1.5, 2.0, 1.3]  # the failed round has no ratio, the rest keep their pairs
     assert decode["median_by_round"] == 1.5
     assert decode["of_medians"] == 26.0 / 20.0  # medians 26 (of 30, 20, 26) and 20 (of 20, 10, 99, 20)
+
+
+def test_ratios_of_engines_that_never_ran_in_the_same_round():
+    runs = {"offload-int4s": _rounds((30.0, 100.0), None), "llama.cpp-q4_0": _rounds(None, (20.0, 50.0))}
+    decode = bench_e2e.ratios(_medians(runs), runs)["offload-int4s / llama.cpp-q4_0 decode"]
+    assert decode == {"of_medians": 1.5, "by_round": [], "median_by_round": None}

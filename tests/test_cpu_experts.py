@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csrc_py import dispatch, formats, oracles
+from csrc_py import crossover, dispatch, formats, oracles
 from offload.errors import FormatError
 from offload.experts.base import ExpertWeights
 from offload.experts.cpu import CpuExperts, warmup
@@ -81,10 +81,21 @@ def test_nbytes_counts_the_packed_arrays(weights):
     assert CpuExperts(weights, "int4").nbytes == 3 * E * 64 * 96 * (0.5 + 4 / 32)
 
 
-def test_many_rows_take_the_torch_path_for_bf16(weights):
+def test_many_rows_take_the_torch_path_for_bf16(weights, monkeypatch):
+    """Where torch's bf16 matmul is native (AVX512-BF16, AMX), many rows go to it, and its result must match. The
+    thresholds of such a host are injected, so a CPU without native bf16 (which keeps bf16 fused) tests it too."""
+    native = dispatch.torch_min_rows(native_bf16=True)
     x, ids, w = _inputs(40, 8)
-    assert dispatch.use_torch("bf16", ids.numel(), weights.num_experts)
-    y = CpuExperts(weights, "bf16")(x, ids, w)
+    assert dispatch.use_torch("bf16", ids.numel(), weights.num_experts, native)
+    torch_calls = []
+    real_moe_torch = dispatch.moe_torch
+    monkeypatch.setattr(dispatch, "moe_torch", lambda *args: torch_calls.append(1) or real_moe_torch(*args))
+    dispatch.set_crossovers(crossover.Crossovers(measure=None, fixed=native.__getitem__, cache=None, mode="fixed"))
+    try:
+        y = CpuExperts(weights, "bf16")(x, ids, w)
+    finally:
+        dispatch.set_crossovers(None)
+    assert torch_calls == [1]
     ref = oracles.moe(x, ids, w, weights.gate, weights.up, weights.down)
     assert _rel(y, ref) < LAYER_ERROR["bf16"] + 0.01  # torch's path multiplies in bf16
 

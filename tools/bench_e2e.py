@@ -568,7 +568,7 @@ def round_ratios(runs: dict[str, list[dict]], num: str, den: str, metric: str) -
 def ratios(summary: dict[str, dict], runs: dict[str, list[dict]]) -> dict[str, dict]:
     """RATIOS' ratios, and each offload engine's against the llama.cpp engine of the same bytes (same_bytes_gguf:
     a store's formats are known only once it ran): per label, the ratio of the engines' medians, the ratio in each
-    round, and the median of those."""
+    round both ran in, and the median of those (None where they never ran in the same round)."""
     pairs, fixed = list(RATIOS), {pair[1:] for pair in RATIOS}
     for engine, s in summary.items():
         gguf = same_bytes_gguf(s.get("decode_split", {}).get("formats"))
@@ -582,7 +582,7 @@ def ratios(summary: dict[str, dict], runs: dict[str, list[dict]]) -> dict[str, d
         if num in summary and den in summary:
             by_round = round_ratios(runs, num, den, metric)
             values[label] = {"of_medians": summary[num][metric] / summary[den][metric], "by_round": by_round,
-                             "median_by_round": statistics.median(by_round)}
+                             "median_by_round": statistics.median(by_round) if by_round else None}
     return values
 
 
@@ -626,8 +626,9 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
     if ratio_values:
         print("\n| ratio | of the medians | by round | median by round |\n|---|---|---|---|")
         for label, r in ratio_values.items():
-            by_round = " / ".join(f"{x:.2f}" for x in r["by_round"])
-            print(f"| {label} | {r['of_medians']:.2f}x | {by_round} | {r['median_by_round']:.2f}x |")
+            by_round = " / ".join(f"{x:.2f}" for x in r["by_round"]) or "-"
+            median = "-" if r["median_by_round"] is None else f"{r['median_by_round']:.2f}x"
+            print(f"| {label} | {r['of_medians']:.2f}x | {by_round} | {median} |")
 
 
 def environment() -> dict:
