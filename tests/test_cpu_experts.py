@@ -89,7 +89,12 @@ def test_many_rows_take_the_torch_path_for_bf16(weights, monkeypatch):
     assert dispatch.use_torch("bf16", ids.numel(), weights.num_experts, native)
     torch_calls = []
     real_moe_torch = dispatch.moe_torch
-    monkeypatch.setattr(dispatch, "moe_torch", lambda *args: torch_calls.append(1) or real_moe_torch(*args))
+
+    def counted_moe_torch(*args):
+        torch_calls.append(1)
+        return real_moe_torch(*args)
+
+    monkeypatch.setattr(dispatch, "moe_torch", counted_moe_torch)
     dispatch.set_crossovers(crossover.Crossovers(measure=None, fixed=native.__getitem__, cache=None, mode="fixed"))
     try:
         y = CpuExperts(weights, "bf16")(x, ids, w)

@@ -34,21 +34,22 @@ engine's memory is released before the next starts; rounds interleave the engine
 noise. Reported: medians over rounds of prefill and decode tokens/s and load seconds, the largest peak RSS
 (ru_maxrss: includes memory-mapped weight pages touched), how many of the first greedy tokens agree with
 transformers' (random weights: near-ties make quantized engines diverge early), and the ratios the targets are
-about. offload's rows also give the kernels' ISA tier and, per decode token, the time inside the Numba kernels
-(every call csrc_py.dispatch makes into them, and each block of the compiled decode step, its head included, is
-timed: wall time of the Numba call, so its dispatch, argument unboxing and the parallel regions inside count as
-"in kernels"), the time outside them per layer ((decode wall time per token - that) / layers: torch ops,
-conversions, Python, the embedding, sampling and the logits' finiteness check, so on a shallow model the
-per-token part weighs on it more than on a deep one), the weight bytes those kernels read (top-k experts and the
-packed dense matrices; torch-side weights such as norms and routers are not counted), and the share of the bandwidth
-floor: those bytes over the read bandwidth measured in the same round (the median of read probes, two before the
-round's first engine and one after every engine, each a worker of its own: a torch sum over 1 GiB on --threads
-threads, best of 3, in huge pages where the kernel offers them, as offload keeps its weights:
-offload/weights/hugepages.py; a burst of the host's memory system that one probe catches does not set the median,
-even with a single engine), against the measured time per token. A llama.cpp engine whose GGUF holds the same bytes
-as an offload engine of the run (int8 and Q8_0, int4s and Q4_0, experts and dense alike) gets its share of the same
-floor, and the report prints 1 / that share: how much faster than llama.cpp an engine reading at the probes' rate
-can be on that host. A benchmark, not a test.
+about, each as the ratio of the two engines' medians, as the ratio in every round and as the median of those (the
+same-minute ratios: the host's drift between rounds moves each engine's median, not them). offload's rows also
+give the kernels' ISA tier and, per decode token, the time inside the Numba kernels (every call csrc_py.dispatch
+makes into them, and each block of the compiled decode step, its head included, is timed: wall time of the Numba
+call, so its dispatch, argument unboxing and the parallel regions inside count as "in kernels"), the time outside
+them per layer ((decode wall time per token - that) / layers: torch ops, conversions, Python, the embedding,
+sampling and the logits' finiteness check, so on a shallow model the per-token part weighs on it more than on a
+deep one), the weight bytes those kernels read (top-k experts and the packed dense matrices; torch-side weights
+such as norms and routers are not counted), and the share of the bandwidth floor: those bytes over the read
+bandwidth measured in the same round (the median of read probes, two before the round's first engine and one after
+every engine, each a worker of its own: a torch sum over 1 GiB on --threads threads, best of 3, in huge pages
+where the kernel offers them, as offload keeps its weights: offload/weights/hugepages.py; a burst of the host's
+memory system that one probe catches does not set the median, even with a single engine), against the measured
+time per token. A llama.cpp engine whose GGUF holds the same bytes as an offload engine of the run (int8 and Q8_0,
+int4s and Q4_0, experts and dense alike) gets its share of the same floor, and the report prints 1 / that share:
+how much faster than llama.cpp an engine reading at the probes' rate can be on that host. A benchmark, not a test.
 """
 from __future__ import annotations
 
