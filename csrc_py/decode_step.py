@@ -33,7 +33,7 @@ from numba.extending import intrinsic, overload
 
 from csrc_py import indexer_step
 from csrc_py.attend_simd import LANES, WEIGH_CHUNKS, weigh_tile
-from csrc_py.expert_ffn import moe_bf16, moe_q4, moe_q8
+from csrc_py.expert_ffn import packed_experts, packed_format
 from csrc_py.fast_math import exp_f32, exp_reduced
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 from csrc_py.simd import bits_to_f32, f32_to_bits
@@ -54,25 +54,9 @@ def packed_linear(x, w, y):
     raise NotImplementedError("compiled code only")
 
 
-def packed_experts(x, ids, weights, gate, up, down, biases, act, y):
-    """y = the routed experts of x (csrc_py.expert_ffn.moe_q8 / moe_q4 / moe_bf16 picked by the q arrays), with
-    biases = (gate [E, I], up [E, I], down [E, H]; [0, 0] arrays for none) and act = [kind, alpha, limit]."""
-    raise NotImplementedError("compiled code only")
-
-
-def _fmt_of(q: types.Array) -> str:
-    if q.dtype == types.uint16 and q.ndim == 3:
-        return "bf16"
-    if q.dtype == types.int8 and q.ndim == 5:
-        return "int8"
-    if q.dtype == types.uint8 and q.ndim == 5:
-        return "int4"  # or int4s, whose m is None: the int4 kernels compile their symmetric form for it
-    raise TypeError(f"not a packed weight array: {q}")
-
-
 @overload(packed_linear)
 def _packed_linear(x, w, y):
-    fmt = _fmt_of(w[0])
+    fmt = packed_format(w[0])
     if fmt == "bf16":
         def impl(x, w, y):
             linear_bf16(x, w[0], y)
@@ -82,23 +66,6 @@ def _packed_linear(x, w, y):
     else:
         def impl(x, w, y):
             linear_q4(x, w[0], w[1], w[2], y)
-    return impl
-
-
-@overload(packed_experts)
-def _packed_experts(x, ids, weights, gate, up, down, biases, act, y):
-    fmt = _fmt_of(gate[0])
-    if fmt == "bf16":
-        def impl(x, ids, weights, gate, up, down, biases, act, y):
-            moe_bf16(x, ids, weights, gate[0], up[0], down[0], biases[0], biases[1], biases[2], act, y)
-    elif fmt == "int8":
-        def impl(x, ids, weights, gate, up, down, biases, act, y):
-            moe_q8(x, ids, weights, gate[0], gate[1], up[0], up[1], down[0], down[1], biases[0], biases[1], biases[2],
-                   act, y)
-    else:
-        def impl(x, ids, weights, gate, up, down, biases, act, y):
-            moe_q4(x, ids, weights, gate[0], gate[1], gate[2], up[0], up[1], up[2], down[0], down[1], down[2],
-                   biases[0], biases[1], biases[2], act, y)
     return impl
 
 

@@ -86,6 +86,16 @@ class PackedMatrix:
             return self.q, self.d.view(np.uint16), None
         return (self.q,) + tuple(a.view(np.uint16) for a in (self.d, self.m) if a is not None)
 
+    def kernel_tuple(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(q, d, m) as compiled callers take a matrix of any format (csrc_py.expert_ffn.packed_experts, the
+        compiled decode step): d and m as uint16 bits, m is d for int8 and None for int4s, d and m a dummy array
+        for bf16."""
+        if self.fmt == "bf16":
+            dummy = np.zeros((1, 1, 1, 1), np.uint16)
+            return self.q, dummy, dummy
+        bits = self.bits()
+        return bits[0], bits[1], bits[2] if len(bits) > 2 else bits[1]
+
 
 def empty(fmt: str, E: int, O: int, K: int) -> PackedMatrix:
     check_format(fmt)

@@ -1,6 +1,7 @@
 """CpuExperts: the experts contract on the Numba kernels, blocking and in the background."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from csrc_py import crossover, dispatch, formats, oracles
 from offload.errors import FormatError
 from offload.experts.base import ExpertWeights
 from offload.experts.cpu import CpuExperts, warmup
+from offload.experts.link import HostLink
 
 FORMATS = ("bf16", "int8", "int4")
 # Relative L2 error of a layer vs float64 (measured maxima in tests/test_kernels.py, plus bf16 input/output
@@ -116,6 +118,9 @@ def test_bad_shapes_are_reported(weights):
     x, ids, w = _inputs(2, 2)
     with pytest.raises(ValueError):
         CpuExperts(weights, "int8")(x, ids[:1], w[:1])
+    for rows, width in ((2, 80 + 5), (3, 80 + 4)):  # a block [T, H + 2K] that does not fit y [2, H]
+        with pytest.raises(ValueError, match="block"):
+            CpuExperts(weights, "int8").run_block(np.zeros((rows, width), np.float32), np.empty((2, 80), np.float32))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -162,13 +167,9 @@ def test_biases_and_clamped_activation_match_the_reference_backend(fmt, T):
     from dataclasses import replace
 
     from offload.config import ExpertActivation
-    from offload.experts.base import ExpertBiases
     from offload.experts.reference import ReferenceExperts
 
-    gen = torch.Generator().manual_seed(5)
-    E, H, I = 8, 80, 48
-    biases = ExpertBiases(*(torch.randn(E, n, generator=gen) * 0.5 for n in (I, I, H)))
-    weights = replace(_weights(), biases=biases, activation=ExpertActivation("clamped_swiglu", 1.702, 0.4))
+    weights = _gpt_oss_weights()
     experts = CpuExperts(weights, fmt)
     packed = replace(ReferenceExperts(weights).weights, gate=_dequantized(experts.gate), up=_dequantized(experts.up),
                      down=_dequantized(experts.down))
@@ -180,5 +181,68 @@ def test_biases_and_clamped_activation_match_the_reference_backend(fmt, T):
         assert _rel(ReferenceExperts(other)(x, ids, w), expected) > 0.05
 
 
+def _gpt_oss_weights() -> ExpertWeights:
+    """_weights with gpt-oss's biases on gate / up / down and its clamped SwiGLU (the clamps bite at 0.4)."""
+    from dataclasses import replace
+
+    from offload.config import ExpertActivation
+    from offload.experts.base import ExpertBiases
+
+    gen = torch.Generator().manual_seed(5)
+    E, H, I = 8, 80, 48
+    biases = ExpertBiases(*(torch.randn(E, n, generator=gen) * 0.5 for n in (I, I, H)))
+    return replace(_weights(), biases=biases, activation=ExpertActivation("clamped_swiglu", 1.702, 0.4))
+
+
 def _dequantized(pm) -> torch.Tensor:
     return torch.from_numpy(formats.unpack(pm))
+
+
+def _spy_run_block(monkeypatch) -> list[bool]:
+    """What each CpuExperts.run_block call returned (True: it computed the block)."""
+    returned = []
+    real = CpuExperts.run_block
+
+    def spy(self, block, y):
+        returned.append(real(self, block, y))
+        return returned[-1]
+
+    monkeypatch.setattr(CpuExperts, "run_block", spy)
+    return returned
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ("int4s",))
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("kind", ["plain", "gpt_oss"])
+def test_a_host_link_block_gives_the_call_s_numbers(fmt, T, kind, monkeypatch):
+    """A hybrid layer's CPU side: HostLink hands CpuExperts its block of inputs as it lies and they compute it in
+    one compiled call (run_block), to the same bits as the call on tensors, the device's pairs (-1) left out."""
+    experts = CpuExperts(_weights() if kind == "plain" else _gpt_oss_weights(), fmt)
+    x, ids, w = _inputs(T, 4)
+    ids[::2, 1:3] = -1
+    ran = _spy_run_block(monkeypatch)
+    link = HostLink(hidden=80, device=torch.device("cpu"))
+    for _ in range(2):  # the second call reuses the link's buffers and their numpy views
+        y = torch.zeros(T, 80)
+        link.add_result(y, link.submit(experts, x, ids, w))
+        assert torch.equal(y, experts(x, ids, w))
+    assert ran == [True, True]
+
+
+def test_a_host_link_block_that_torch_computes_goes_through_the_call(weights, monkeypatch):
+    """Many rows of plain bf16 experts next to a native-bf16 torch take torch's matmul: run_block declines and the
+    link calls the experts on tensors, which pick torch as a direct call would."""
+    native = dispatch.torch_min_rows(native_bf16=True)
+    experts = CpuExperts(weights, "bf16")
+    x, ids, w = _inputs(40, 8)
+    ran = _spy_run_block(monkeypatch)
+    dispatch.set_crossovers(crossover.Crossovers(measure=None, fixed=native.__getitem__, cache=None, mode="fixed"))
+    try:
+        link = HostLink(hidden=80, device=torch.device("cpu"))
+        y = torch.zeros(40, 80)
+        link.add_result(y, link.submit(experts, x, ids, w))
+        expected = experts(x, ids, w)
+    finally:
+        dispatch.set_crossovers(None)
+    assert ran == [False]
+    assert torch.equal(y, expected)

@@ -177,6 +177,28 @@ def test_the_host_link_carries_any_top_k_and_token_count_both_ways():
         torch.testing.assert_close(y, 1 + experts(x, ids, weights))
 
 
+def test_the_host_link_s_worker_runs_the_kernels_on_the_configured_threads():
+    """Numba's thread count is per calling thread: the worker thread takes the configured count (--threads), not
+    every CPU the machine has (on a machine with hyperthreads, twice the cores)."""
+    import numba
+
+    from csrc_py import threads
+
+    link = HostLink(hidden=8, device=torch.device("cpu"))
+    seen = []
+
+    def experts(x, ids, weights):
+        seen.append(numba.get_num_threads())
+        return x
+
+    try:
+        threads.set_threads(1)
+        link.add_result(torch.zeros(1, 8), link.submit(experts, torch.randn(1, 8), torch.zeros(1, 2), torch.ones(1, 2)))
+    finally:
+        threads.set_threads()
+    assert seen == [1]
+
+
 def test_one_host_link_serves_every_layer_at_the_size_the_plan_counts(bf16_checkpoints, monkeypatch):
     """The layers share one pair of link buffers (not one per layer: DeepSeek-V3's 58 MoE layers would keep 58
     prompts' worth), sized as the planner counts them in the host budget."""

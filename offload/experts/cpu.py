@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from csrc_py import dispatch, threads
-from csrc_py.expert_ffn import CLAMPED_SWIGLU, SILU, SILU_ACT
+from csrc_py.expert_ffn import CLAMPED_SWIGLU, NO_BIAS, SILU, SILU_ACT, moe_from_block
 from csrc_py.formats import FORMATS, PackedMatrix, arrays_per_matrix, check_format, expert_arrays, pack, unpack_arrays
 from offload.config import ExpertActivation
 from offload.errors import FormatError
@@ -31,6 +32,16 @@ def kernel_activation(activation: ExpertActivation) -> np.ndarray:
     if activation == SILU_ACTIVATION:
         return SILU_ACT
     return np.array([ACTIVATION_KINDS[activation.kind], activation.alpha, activation.limit], np.float32)
+
+
+class KernelArguments(NamedTuple):
+    """One layer's experts as compiled callers take them (csrc_py.expert_ffn.packed_experts)."""
+
+    gate: tuple  # (q, d, m): csrc_py.formats.PackedMatrix.kernel_tuple
+    up: tuple
+    down: tuple
+    biases: tuple  # (gate [E, I], up [E, I], down [E, H]) float32; [0, 0] arrays for none
+    act: np.ndarray  # [kind, alpha, limit]
 
 
 class CpuExperts(HostStacks):
@@ -66,6 +77,9 @@ class CpuExperts(HostStacks):
         self.activation = activation
         self._act = kernel_activation(activation)
         self._bias_arrays = tuple(b.numpy() for b in self.biases.stacks()) if self.biases is not None else None
+        self._plain = self._bias_arrays is None and self._act is SILU_ACT  # the experts torch can compute too
+        self.kernel_arguments = KernelArguments(gate.kernel_tuple(), up.kernel_tuple(), down.kernel_tuple(),
+                                                self._bias_arrays or (NO_BIAS,) * 3, self._act)
 
     @property
     def fmt(self) -> str:
@@ -92,6 +106,17 @@ class CpuExperts(HostStacks):
         y = dispatch.moe(x.to("cpu"), topk_ids, topk_weights, self.gate, self.up, self.down, self._bias_arrays,
                          self._act)
         return y.to(x.device)
+
+    def run_block(self, block: np.ndarray, y: np.ndarray) -> bool:
+        """y [T, H] = the experts of a block of inputs [T, H + 2K] float32 (x, the ids, the weights: the layout of
+        csrc_py.expert_ffn.moe_from_block), in one compiled call, where the fused kernel is the engine `__call__`
+        would take on float32 inputs; False, with nothing done, where torch may be (plain experts on many rows:
+        `__call__` decides)."""
+        T, H = y.shape
+        if self._plain and dispatch.moe_uses_torch(self.gate, T * ((block.shape[1] - H) // 2), torch.float32):
+            return False
+        moe_from_block(block, *self.kernel_arguments, y)
+        return True
 
     def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Future[torch.Tensor]:
         """Start the layer on the background thread; the inputs must stay unchanged until `wait`."""
@@ -122,6 +147,7 @@ def warmup(fmt: str) -> float:
         x = torch.randn(T, H, generator=gen)
         experts(x, torch.randint(0, E, (T, K), generator=gen), torch.rand(T, K, generator=gen))
         dispatch.linear(x, dense)
+    experts.run_block(np.zeros((1, H + 2 * K), np.float32), np.empty((1, H), np.float32))  # a hybrid layer's call
     return time.perf_counter() - start
 
 

@@ -25,13 +25,11 @@ class IndexerPlan:
     @classmethod
     def build(cls, ix: LightningIndexer) -> IndexerPlan | None:
         """None where the compiled stage does not cover this indexer (torch weights)."""
-        from .compiled_step import _packed
-
         if not all(isinstance(m, QuantLinear) and m.bias is None for m in (ix.wq_b, ix.wk)) or \
                 ix.weights_proj.dtype != torch.float32:
             return None
         norm = tuple(t.detach().to(torch.float32).contiguous().numpy() for t in (ix.k_norm.weight, ix.k_norm.bias))
-        return cls(_packed(ix.wq_b.packed), _packed(ix.wk.packed), (*norm, float(ix.k_norm.eps)),
+        return cls(ix.wq_b.packed.kernel_tuple(), ix.wk.packed.kernel_tuple(), (*norm, float(ix.k_norm.eps)),
                    ix.weights_proj.detach().contiguous().numpy(), (ix.heads, ix.head_dim, ix.topk, int(ix.interleaved)),
                    (ix.wk.packed.padded_shape[1], ix.wq_b.packed.padded_shape[1]))
 

@@ -91,16 +91,6 @@ def _knows(module: torch.nn.Module, fields: set[str]) -> bool:
     return names <= fields
 
 
-def _packed(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A PackedMatrix as the (q, d, m) tuple csrc_py.decode_step takes (m is d for int8, None for int4s; empty for
-    bf16)."""
-    if m.fmt == "bf16":
-        empty = np.zeros((1, 1, 1, 1), np.uint16)
-        return m.q, empty, empty
-    bits = m.bits()
-    return (bits[0], bits[1], bits[2] if len(bits) > 2 else bits[1])
-
-
 def _f32(t: torch.Tensor | None) -> np.ndarray:
     """A float32 numpy view (empty for None: 'absent' to the compiled code)."""
     if t is None:
@@ -155,7 +145,7 @@ class _SwiGLUArgs:
                 not isinstance(mlp.down, QuantLinear):
             return None
         gate_up, down = mlp.gate_up, mlp.down
-        return cls((_packed(gate_up.packed), _f32(gate_up.bias), _packed(down.packed), _f32(down.bias)),
+        return cls((gate_up.packed.kernel_tuple(), _f32(gate_up.bias), down.packed.kernel_tuple(), _f32(down.bias)),
                    (gate_up.starts[1], gate_up.widths[0]), gate_up.packed.padded_shape[1], down.packed.padded_shape[1])
 
     @classmethod
@@ -164,7 +154,7 @@ class _SwiGLUArgs:
         from csrc_py.formats import pack
 
         m = pack(torch.zeros(1, 32, 32), fmt)
-        return cls((_packed(m), _f32(None), _packed(m), _f32(None)), (0, 0), 1, 1)
+        return cls((m.kernel_tuple(), _f32(None), m.kernel_tuple(), _f32(None)), (0, 0), 1, 1)
 
     def scratch(self, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """gu [T, gate+up], act [T, width], y [T, padded out]."""
@@ -217,7 +207,7 @@ class _AttentionPlan(_MixerPlan):
             return None  # one eps per block in the compiled code
         return cls(
             norm=(_f32(layer.input_norm.weight), float(layer.input_norm.eps)),
-            qkv=_packed(attn.qkv.packed), qkv_bias=_f32(attn.qkv.bias),
+            qkv=attn.qkv.packed.kernel_tuple(), qkv_bias=_f32(attn.qkv.bias),
             dims=(heads, kv_heads, d, *attn.qkv.starts),
             flags=(qk_norm, int(attn.qk_norm_after_rope), int(attn.rope_interleaved), int(attn.output_gate),
                    int(attn.rope_layer)),
@@ -225,7 +215,7 @@ class _AttentionPlan(_MixerPlan):
             q_scale=(float(attn.l2_eps or 0.0), *(map(float, attn.temperature) if attn.temperature else (0.0, 0.0))),
             clip=float(attn.clip_qkv or 0.0), span=(int(attn.window or 0), int(attn.chunk or 0)),
             scale=float(attn.scale),
-            sinks=_f32(attn.sinks), o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
+            sinks=_f32(attn.sinks), o_proj=attn.o_proj.packed.kernel_tuple(), o_bias=_f32(attn.o_proj.bias),
             widths=(attn.qkv.packed.padded_shape[1], 2 * heads * d if attn.output_gate else 0, heads * d,
                     attn.o_proj.packed.padded_shape[1]),
         )
@@ -286,14 +276,14 @@ class _MLAPlan(_MixerPlan):
             norm=(_f32(layer.input_norm.weight), (float(layer.input_norm.eps),
                                                   float(attn.q_a_norm.eps if q_lora else 0.0),
                                                   float(attn.kv_a_norm.eps))),
-            in_proj=_packed(in_proj.packed), in_bias=_f32(in_proj.bias),
+            in_proj=in_proj.packed.kernel_tuple(), in_bias=_f32(in_proj.bias),
             dims=(attn.heads, attn.nope, attn.rope_dim, in_proj.widths[0] if q_lora else 0, in_proj.starts[1]),
-            q_a_norm=_f32(attn.q_a_norm.weight if q_lora else None), q_b=_packed(q_b),
+            q_a_norm=_f32(attn.q_a_norm.weight if q_lora else None), q_b=q_b.kernel_tuple(),
             kv_a_norm=_f32(attn.kv_a_norm.weight), interleaved=bool(attn.interleaved),
             w_kv=_exact_bf16_or_f32(attn.kv_b_proj.weight).reshape(attn.heads, attn.nope + attn.v_dim, attn.rank)
-            if attn.k_b is None else (_packed(attn.k_b.packed), _packed(attn.v_b.packed)),
+            if attn.k_b is None else (attn.k_b.packed.kernel_tuple(), attn.v_b.packed.kernel_tuple()),
             scale=float(attn.scale),
-            o_proj=_packed(attn.o_proj.packed), o_bias=_f32(attn.o_proj.bias),
+            o_proj=attn.o_proj.packed.kernel_tuple(), o_bias=_f32(attn.o_proj.bias),
             widths=(in_proj.packed.padded_shape[1], max(in_proj.widths[0] if q_lora else 0, 1),
                     q_b.padded_shape[1], attn.heads * attn.v_dim, attn.o_proj.packed.padded_shape[1],
                     attn.rank + attn.rope_dim),
@@ -353,9 +343,9 @@ class _DeltaNetPlan(_MixerPlan):
         cols = net.projection_columns(net.in_proj.starts).numpy()
         return cls(
             norm=(_f32(layer.input_norm.weight), (float(layer.input_norm.eps), float(net.eps))),
-            in_proj=_packed(net.in_proj.packed), cols=cols, dims=(net.k_heads, net.v_heads, net.k_dim, net.v_dim),
+            in_proj=net.in_proj.packed.kernel_tuple(), cols=cols, dims=(net.k_heads, net.v_heads, net.k_dim, net.v_dim),
             conv_w=_f32(net.conv_weight.reshape(net.conv_dim, net.conv_kernel)), neg_A=_f32(net.neg_A),
-            dt_bias=_f32(net.dt_bias), norm_w=_f32(net.norm_weight), out_proj=_packed(net.out_proj.packed),
+            dt_bias=_f32(net.dt_bias), norm_w=_f32(net.norm_weight), out_proj=net.out_proj.packed.kernel_tuple(),
             widths=(net.in_proj.packed.padded_shape[1], cols.size, net.v_heads * net.v_dim,
                     net.out_proj.packed.padded_shape[1]),
         )
@@ -413,9 +403,7 @@ class _MoEPlan:
         gate_w = moe.shared_gate
         if gate_w is not None and (gate_w.bias is not None or not isinstance(gate_w.weight, torch.Tensor)):
             return None
-        from csrc_py.expert_ffn import NO_BIAS
-
-        experts = moe.experts
+        kernel = moe.experts.kernel_arguments
         return cls(
             moe=moe, norm=(_f32(layer.post_attn_norm.weight), float(layer.post_attn_norm.eps)),
             router=_exact_bf16_or_f32(moe.router), router_bias=_f32(moe.router_bias),
@@ -423,10 +411,7 @@ class _MoEPlan:
             routing=(*_routing_codes(cfg), int(moe.scales_input)),
             weighting=(float(cfg.routed_scaling_factor), float(cfg.norm_min)),
             heat=moe.heat.numpy(),
-            experts=tuple(_packed(m) for m in (experts.gate, experts.up, experts.down)),
-            expert_biases=tuple(_f32(b) for b in experts.biases.stacks()) if experts.biases is not None else
-            (NO_BIAS,) * 3,
-            expert_act=cpu.kernel_activation(experts.activation),
+            experts=(kernel.gate, kernel.up, kernel.down), expert_biases=kernel.biases, expert_act=kernel.act,
             shared=shared, shared_gate=_f32(gate_w.weight.reshape(-1) if gate_w is not None else None),
         )
 
@@ -648,7 +633,7 @@ class CompiledHead:
 
     def __init__(self, norm: tuple, lm_head, bias: np.ndarray):
         self.norm, self.lm_head, self.bias = norm, lm_head, bias
-        self.packed = _packed(lm_head)
+        self.packed = lm_head.kernel_tuple()
         self._takes: dict[int, bool] = {}
         self._scratch: dict[int, np.ndarray] = {}  # tokens -> h [T, H]
 
