@@ -39,17 +39,23 @@ SHAPES = {"qwen3": (32, 4, 128), "gpt-oss": (64, 8, 64), "mixtral-4.7b": (32, 8,
 REPO = Path(__file__).resolve().parent.parent
 
 
-def decode_step_at(ref: str, folder: Path):
-    """csrc_py/decode_step.py as of commit `ref`, imported from a copy in `folder` as a separate module (also
-    tools/bench_latent.py's)."""
-    source = subprocess.run(["git", "show", f"{ref}:csrc_py/decode_step.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
-    path = folder / "decode_step_at_ref.py"
+def module_at(ref: str, file: str, name: str, folder: Path):
+    """The repository's `file` as of commit `ref`, imported from a copy in `folder` as a separate module called
+    `name` (a dotted name puts it in that package, for its relative imports; also tools/bench_latent.py's and
+    tools/bench_kernels.py's)."""
+    source = subprocess.run(["git", "show", f"{ref}:{file}"], cwd=REPO, check=True, capture_output=True,
+                            text=True).stdout
+    path = folder / f"{name.rpartition('.')[2]}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("decode_step_at_ref", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def decode_step_at(ref: str, folder: Path):
+    """csrc_py/decode_step.py as of commit `ref`, a separate module."""
+    return module_at(ref, "csrc_py/decode_step.py", "decode_step_at_ref", folder)
 
 
 @njit(parallel=True, nogil=True, cache=True)
