@@ -263,9 +263,10 @@ def _packed_experts(x, ids, weights, gate, up, down, biases, act, y):
 @njit(nogil=True, cache=True)
 def moe_from_block(block: np.ndarray, gate, up, down, biases, act, y: np.ndarray) -> None:
     """y [T, H] = the routed experts of one block of inputs [T, H + 2K] float32: each row x, then its K expert ids
-    (integers below 2**24, exact in float32; -1: computed elsewhere), then its K weights. The whole call is one
-    compiled function: unpacking the block in Python and torch cost 200-240 us a Qwen3-30B-A3B layer on a 2-core
-    Zen 3, a fifth of the layer's kernel time (offload.experts.link.HostLink, docs/benchmarks.md)."""
+    (integers below 2**24, exact in float32; -1: computed elsewhere), then its K weights (the block
+    offload.experts.link.HostLink copies down). One compiled call: with the block split into tensors and converted
+    in Python, a hybrid layer's CPU side of a Qwen3-30B-A3B decode call took 1.22-1.40x its kernel's time on a
+    2-core Zen 3, this way 1.15-1.25x (tools/bench_host_link.py, docs/benchmarks.md)."""
     T, H = y.shape
     K = (block.shape[1] - H) // 2
     if block.shape[0] != T or block.shape[1] != H + 2 * K:

@@ -1,8 +1,13 @@
-"""How the OpenMP threads of torch and the CPU kernels wait between parallel regions (one libgomp serves both).
+"""How the OpenMP threads of torch and the CPU kernels wait between parallel regions.
 
-libgomp reads its environment once, when torch loads it: `set_default_wait_policy` runs before torch is imported
-(offload and csrc_py both call it first) and leaves any setting the user made alone. A decode step is hundreds of
-short parallel regions a few microseconds apart, so how a worker waits for the next one matters:
+libgomp reads its environment once, when it is loaded: `set_default_wait_policy` runs before torch is imported
+(offload and csrc_py both call it first) and leaves any setting the user made alone. The process may hold two
+libgomp runtimes, each with its threads: torch's wheel bundles one (torch 2.13.0+cpu: torch/lib/libgomp.so.1),
+and Numba's omp layer asks for the system's by its file name (libgomp.so.1.0.0), which the loader does not take
+for torch's copy. Both read the same environment when they load, so the setting reaches both.
+
+A decode step is hundreds of short parallel regions a few microseconds apart, so how a worker waits for the next
+one matters:
 
 - libgomp's own default spins ~3 ms (GOMP_SPINCOUNT 300,000). Once another process shares a core, the spinning
   worker and the waiting caller wait out each other's time slices: decode fell to 12-34% of quiet.

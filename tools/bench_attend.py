@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 def module_at(ref: str, file: str, name: str, folder: Path):
     """The repository's `file` as of commit `ref`, imported from a copy in `folder` as a separate module called
     `name` (a dotted name puts it in that package, for its relative imports; also tools/bench_latent.py's and
-    tools/bench_kernels.py's)."""
+    tools/bench_host_link.py's)."""
     source = subprocess.run(["git", "show", f"{ref}:{file}"], cwd=REPO, check=True, capture_output=True,
                             text=True).stdout
     path = folder / f"{name.rpartition('.')[2]}.py"

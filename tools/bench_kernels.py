@@ -13,7 +13,8 @@ too, which cost a ~1 ms Qwen3 layer 50-100 us). Layers too big for --max-gb hold
 (the output says so). When kt-kernel (and gguf) are installed, the same layer also runs through its CPU MoE
 operator; otherwise that engine is skipped. At decode token counts a row "via the host link" times the CPU side
 of a hybrid (GPU + CPU) layer's call on the CPU tier: offload.experts.link.HostLink's packing, hand-off to the
-worker thread and result, around the same kernel; `--link-against REF` adds REF's HostLink beside it.
+worker thread and result, around the same kernel (tools/bench_host_link.py sets it against the kernel alone and
+another commit's link, interleaved call by call).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import argparse
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,8 +38,6 @@ from csrc_py.torch_path import moe_torch  # noqa: E402
 from offload.experts.base import ExpertWeights  # noqa: E402
 from offload.experts.cpu import CpuExperts, warmup  # noqa: E402
 from offload.experts.link import HostLink  # noqa: E402
-
-from bench_attend import module_at  # noqa: E402  (tools/ is the script's folder, so on sys.path)
 
 
 @dataclass(frozen=True)
@@ -152,7 +150,6 @@ class Bench:
     def __init__(self, decode_calls: int, prefill_calls: int, max_gb: float) -> None:
         self.decode_calls, self.prefill_calls, self.max_gb = decode_calls, prefill_calls, max_gb
         self.kt_threads = 0  # kt-kernel's worker threads; 0: not run
-        self.links: dict[str, type] = {"": HostLink}  # HostLink classes by commit ("": this tree's)
         self.buf = torch.ones(1 << 28)  # 1 GiB of float32: the headline bandwidth
         self.probe = self.buf[: 1 << 26]  # 256 MiB, still 8x the L3: the per-call probe
         self.rows: list[str] = []
@@ -246,10 +243,10 @@ def bench_layer(bench: Bench, layer: Layer, formats: list[str], token_counts: li
                 (lambda x, i, w, packed=packed: moe_torch(x, i, w, *packed))
             results[T].append(bench.measure(fused_tag if picks_torch else torch_tag, other, layer, experts, T,
                                             per_expert))
-            for ref, link in bench.links.items() if T < 64 else ():  # a hybrid layer's CPU side at decode
-                name = f"offload {fmt} via {ref}'s host link" if ref else f"offload {fmt} via the host link"
-                results[T].append(bench.measure(name, HostLinkCall(cpu, link(layer.hidden, torch.device("cpu"))),
-                                                layer, experts, T, per_expert))
+            if T < 64:  # a hybrid layer's CPU side at decode
+                link = HostLinkCall(cpu, HostLink(layer.hidden, torch.device("cpu")))
+                results[T].append(bench.measure(f"offload {fmt} via the host link", link, layer, experts, T,
+                                                per_expert))
         del cpu, packed
     for fmt in formats if bench.kt_threads else []:
         kt = KtKernel(src, fmt, layer.top_k, bench.kt_threads, max(token_counts))
@@ -297,8 +294,6 @@ def main() -> None:
     parser.add_argument("--kt-threads", type=int, default=1,
                         help="kt-kernel worker threads when it is installed (0: skip it). Default 1: with 2 its "
                              "spinning workers and the waiting caller share 2 cores (a Qwen3 T=1 layer: 16 ms, not 7)")
-    parser.add_argument("--link-against", metavar="REF",
-                        help="also time the host link of commit REF (its offload/experts/link.py) at decode sizes")
     args = parser.parse_args()
 
     n_threads = threads.set_threads(args.threads)
@@ -310,10 +305,6 @@ def main() -> None:
     jit = sum(warmup(fmt) for fmt in formats)
     print(f"JIT warmup (compile or load cache): {jit:.1f} s")
     bench = Bench(decode_calls=15 if args.quick else 60, prefill_calls=3 if args.quick else 7, max_gb=args.max_gb)
-    if args.link_against:
-        folder = Path(tempfile.mkdtemp())
-        bench.links[args.link_against] = module_at(args.link_against, "offload/experts/link.py",
-                                                   "offload.experts.link_at_ref", folder).HostLink
     installed = KtKernel.available()
     bench.kt_threads = args.kt_threads if installed else 0
     print(f"kt-kernel: {bench.kt_threads} worker threads" if bench.kt_threads else
