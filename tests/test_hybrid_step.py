@@ -191,11 +191,12 @@ def test_the_host_link_s_worker_runs_the_kernels_on_the_configured_threads():
         seen.append(numba.get_num_threads())
         return x
 
+    configured = threads.configured()
     try:
         threads.set_threads(1)
         link.add_result(torch.zeros(1, 8), link.submit(experts, torch.randn(1, 8), torch.zeros(1, 2), torch.ones(1, 2)))
     finally:
-        threads.set_threads()
+        threads.set_threads(configured)
     assert seen == [1]
 
 
