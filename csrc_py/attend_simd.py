@@ -1,12 +1,16 @@
-"""Hand-written LLVM IR for the attention over the cache at decode (a Numba intrinsic): the weighted sum of the
-value rows in `decode_step.attend`, register-blocked.
+"""Hand-written LLVM IR for the attention over the cache at decode (Numba intrinsics): the weighted sum of the
+value rows in `decode_step.attend`, register-blocked, and on the 256-bit tiers its score tile.
 
 ``weigh_tile``: acc[rows, cols] += weights[rows, :n] @ values[:n, cols] for one or two query rows and up to
 WEIGH_CHUNKS vectors of columns, the accumulators in registers across the n positions. The loop Numba makes of the
 same sum loads and stores the accumulators every 8 positions and ran at a third of the multiply-add rate; this
-one measured 2.1-2.4x faster (float32 values) and 1.7-1.8x (bf16). The scores need no such kernel: four query
-rows against four keys in Numba (`decode_step.dots_4x4`) measured as fast as an IR tile with the 16 dot products'
-horizontal sums folded together.
+one measured 2.1-2.4x faster (float32 values) and 1.7-1.8x (bf16). With 512-bit vectors the scores need no such
+kernel: four query rows against four keys in Numba (`decode_step.dots_4x4`) measured as fast as an IR tile with the
+16 dot products' horizontal sums folded together. With 256-bit vectors they do (``score_tile``): two rows against
+four keys in Numba (`decode_step.dots_2x4`) sum each of its 8 dot products across a vector on its own, in six
+instructions, as many as a third of the tile's multiply-adds at d 128; folded, a row's four sums take five. A
+Qwen3 KV head's score pass (8 rows) measured 1.12-1.35x faster and `attend` 1.04-1.24x on a 2-core Zen 3
+(docs/benchmarks.md).
 
 It reads float32 values or bf16 bits (uint16, widened by a shift as `decode_step.widen` does), accumulates in
 float32 with fused multiply-adds, and compiles for the tier of `simd` (16 lanes: zmm, or the portable path's
@@ -21,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from csrc_py.simd import _F32, _I16, _I32, _I64, _as_i64, _fma, _lanes, _load, _ptr, _splat, _vec
+from csrc_py.simd import _F32, _I16, _I32, _I64, _as_i64, _call, _fma, _lanes, _load, _ptr, _splat, _vec
 
 LANES = _lanes()  # float32 lanes per vector: the columns of one weigh_tile chunk
 # Accumulators per weigh_tile call: two rows x WEIGH_CHUNKS vectors of columns, half the register file (32 zmm /
@@ -97,3 +101,52 @@ def weigh_tile(typingctx, weights, w_off, w_stride, values, v_off, v_stride, n, 
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+_SCORE_ARGS = ("qs", "q_off", "q_stride", "keys", "k_off", "k_stride", "d", "scores", "s_off", "s_stride")
+
+
+@intrinsic
+def score_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride):
+    """scores[s_off + r*s_stride + c] = sum_{i<d} qs[q_off + r*q_stride + i] * keys[k_off + c*k_stride + i] for two
+    query rows r and four keys c, d a multiple of LANES (the 256-bit tiers: 8): eight accumulators over d, then each
+    row's four sums folded together by three horizontal adds and one add of the two halves (where a sum at a time
+    takes six instructions) and stored as one vector. qs, scores float32; keys float32 or bf16 bits."""
+    sig = types.void(qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride)
+    bf16 = keys.dtype == types.uint16
+
+    def codegen(context, builder, sig, args):
+        val, ty = dict(zip(_SCORE_ARGS, args)), dict(zip(_SCORE_ARGS, sig.args))
+
+        def i64(name):
+            return _as_i64(context, builder, val[name], ty[name])
+
+        vf32 = _vec(_F32, LANES)
+        qp = _ptr(context, builder, ty["qs"], val["qs"], i64("q_off"))
+        kp = _ptr(context, builder, ty["keys"], val["keys"], i64("k_off"))
+        sp = _ptr(context, builder, ty["scores"], val["scores"], i64("s_off"))
+        q_rows = [builder.gep(qp, [builder.mul(i64("q_stride"), _I64(r))]) for r in range(2)]
+        k_rows = [builder.gep(kp, [builder.mul(i64("k_stride"), _I64(c))]) for c in range(4)]
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf32, None)) for _ in range(4)] for _ in range(2)]
+        with cgutils.for_range_slice(builder, _I64(0), i64("d"), _I64(LANES)) as (i, _):
+            k = [_widened(builder, builder.gep(row, [i]), bf16) for row in k_rows]
+            for r in range(2):
+                q = _load(builder, builder.gep(q_rows[r], [i]), vf32)
+                for c in range(4):
+                    builder.store(_fma(builder, q, k[c], builder.load(acc[r][c])), acc[r][c])
+        v4 = _vec(_F32, 4)
+        for r in range(2):
+            a = [builder.load(acc[r][c]) for c in range(4)]
+            folded = _hadd(builder, _hadd(builder, a[0], a[1]), _hadd(builder, a[2], a[3]))
+            low = builder.shuffle_vector(folded, folded, ir.Constant(_vec(_I32, 4), [0, 1, 2, 3]))
+            high = builder.shuffle_vector(folded, folded, ir.Constant(_vec(_I32, 4), [4, 5, 6, 7]))
+            dest = builder.gep(sp, [builder.mul(i64("s_stride"), _I64(r))])
+            builder.store(builder.fadd(low, high), builder.bitcast(dest, v4.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _hadd(builder: ir.IRBuilder, a, b) -> ir.Value:
+    """AVX vhaddps on <8 x float>: per 128-bit half, [a0+a1, a2+a3, b0+b1, b2+b3]."""
+    return _call(builder, "llvm.x86.avx.hadd.ps.256", a.type, [a, b])

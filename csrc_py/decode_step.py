@@ -32,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from csrc_py import indexer_step
-from csrc_py.attend_simd import LANES, WEIGH_CHUNKS, weigh_tile
+from csrc_py.attend_simd import LANES, WEIGH_CHUNKS, score_tile, weigh_tile
 from csrc_py.expert_ffn import packed_experts, packed_format
 from csrc_py.fast_math import exp_f32, exp_reduced
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
@@ -378,6 +378,36 @@ def score_key_pairs(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: 
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def score_key_pair_tiles(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray, ahead: int) -> None:
+    """score_key_pairs on the 256-bit tiers for d a multiple of 8: each pair of rows against four keys is one
+    attend_simd.score_tile (its sums folded: 1.12-1.35x dots_2x4's pass over a Qwen3 KV head's 528-4096 positions
+    on a 2-core Zen 3); the odd row as there; best raised once the pass is over."""
+    rows, n, d = qs.shape[0], keys.shape[0], qs.shape[1]
+    whole = n - n % KEYS_PER_PASS
+    pairs = rows - rows % 2
+    q_stride, k_stride = qs.strides[0] // qs.itemsize, keys.strides[0] // keys.itemsize
+    s_stride = scores.strides[0] // scores.itemsize
+    for j in range(0, whole, KEYS_PER_PASS):
+        prefetch_rows(keys, j + ahead, j + ahead + KEYS_PER_PASS)
+        for a in range(0, pairs, 2):
+            score_tile(qs, a * q_stride, q_stride, keys, j * k_stride, k_stride, d, scores, a * s_stride + j,
+                       s_stride)
+        if rows % 2:
+            a0, a1, a2, a3 = dots_1x4(qs[rows - 1], keys[j], keys[j + 1], keys[j + 2], keys[j + 3])
+            store_scores(scores, best, rows - 1, j, a0, a1, a2, a3)
+    for a in range(pairs):
+        top = best[a]
+        for j in range(whole):
+            top = max(top, scores[a, j])
+        best[a] = top
+    score_keys_one_by_one(qs, keys, whole, scores, best)
+
+
+# The pair pass of score_keys: folded tiles where the vector registers are 256 bits (LANES 8), dots_2x4 elsewhere.
+score_pair_pass = score_key_pair_tiles if LANES == 8 else score_key_pairs
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
 def score_keys_one_by_one(qs: np.ndarray, keys: np.ndarray, first: int, scores: np.ndarray, best: np.ndarray) -> None:
     """score_keys for the keys from `first` on (those after the last whole pass), one dot product at a time."""
     for j in range(first, keys.shape[0]):
@@ -393,13 +423,16 @@ def score_keys(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.nd
     three left over in a second pass over the keys (score_key_pairs): one loop handling both measured as slow as
     two rows at a time throughout (LLVM's code for the four-row body suffers from the other's presence). On the
     256-bit tiers all rows go in pairs: their 16 vector registers cannot hold 16 accumulators (four rows measured
-    0.56-0.75x of two there)."""
+    0.56-0.75x of two there); with d a multiple of 8 the pairs are attend_simd.score_tile's (score_pair_pass)."""
     rows = qs.shape[0]
     quads = rows - rows % 4 if LANES == 16 else 0
     if quads:
         score_key_quads(qs[:quads], keys, scores[:quads], best[:quads], ahead)
     if rows > quads:
-        score_key_pairs(qs[quads:], keys, scores[quads:], best[quads:], ahead)
+        if qs.shape[1] % LANES == 0:
+            score_pair_pass(qs[quads:], keys, scores[quads:], best[quads:], ahead)
+        else:
+            score_key_pairs(qs[quads:], keys, scores[quads:], best[quads:], ahead)
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})

@@ -23,6 +23,7 @@ from tiny_models import rel_err
 
 import csrc_py  # noqa: F401  (torch before numba)
 from csrc_py import decode_step as ds
+from csrc_py import simd
 
 IDS = torch.arange(3, 23)
 GEN = torch.Generator().manual_seed(0)
@@ -134,6 +135,23 @@ def test_attention_kernel_paths_match_grouped_attention(heads, kv_heads, d, P, T
 def bf16_bits(t: torch.Tensor) -> np.ndarray:
     """t rounded to bf16, as the bits (uint16) the compiled code reads a bf16 cache as."""
     return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.skipif("avx" not in simd.jit_features(), reason="score_tile is AVX code")
+@pytest.mark.parametrize("cache", ["float32", "bf16"])
+def test_the_folded_score_tiles_give_every_score_and_each_row_s_best(cache):
+    """score_key_pair_tiles (the 256-bit tiers' pair pass, called directly here so an AVX-512 host tests it too):
+    two pairs of rows and an odd one against 20 keys in tiles of four and 3 left over; rows and keys inside larger
+    arrays (strides), the scores of a wider buffer."""
+    q, k = randn(6, 32), randn(30, 32)
+    keys = k.numpy() if cache == "float32" else bf16_bits(k)
+    expected = q[1:6] @ (k if cache == "float32" else k.to(torch.bfloat16).float())[4:27].T  # [5, 23]
+    scores = np.full((5, 40), np.nan, np.float32)
+    best = np.full(5, -np.inf, np.float32)
+    ds.score_key_pair_tiles(q.numpy()[1:6], keys[4:27], scores, best, 8)
+    assert rel_err(torch.from_numpy(scores[:, :23]), expected) < 1e-6
+    assert np.isnan(scores[:, 23:]).all()
+    assert torch.allclose(torch.from_numpy(best), expected.max(dim=1).values, rtol=1e-6, atol=1e-6)
 
 
 def test_a_bf16_cache_write_rounds_as_torch_does():
