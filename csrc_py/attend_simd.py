@@ -33,12 +33,12 @@ LANES = _lanes()  # float32 lanes per vector: the columns of one weigh_tile chun
 WEIGH_CHUNKS = 8 if LANES == 16 else 4
 
 
-def _widened(builder: ir.IRBuilder, ptr, bf16: bool) -> ir.Value:
-    """LANES float32 from ptr: float32, or bf16 bits shifted into a float32's high half."""
+def _widened(builder: ir.IRBuilder, ptr, bf16: bool, lanes: int = LANES) -> ir.Value:
+    """`lanes` float32 from ptr: float32, or bf16 bits shifted into a float32's high half."""
     if not bf16:
-        return _load(builder, ptr, _vec(_F32, LANES))
-    bits = builder.zext(_load(builder, ptr, _vec(_I16, LANES)), _vec(_I32, LANES))
-    return builder.bitcast(builder.shl(bits, ir.Constant(_vec(_I32, LANES), [16] * LANES)), _vec(_F32, LANES))
+        return _load(builder, ptr, _vec(_F32, lanes))
+    bits = builder.zext(_load(builder, ptr, _vec(_I16, lanes)), _vec(_I32, lanes))
+    return builder.bitcast(builder.shl(bits, ir.Constant(_vec(_I32, lanes), [16] * lanes)), _vec(_F32, lanes))
 
 
 _WEIGH_ARGS = ("weights", "w_off", "w_stride", "values", "v_off", "v_stride", "n", "acc", "acc_off", "acc_stride",
@@ -104,14 +104,15 @@ def weigh_tile(typingctx, weights, w_off, w_stride, values, v_off, v_stride, n, 
 
 
 _SCORE_ARGS = ("qs", "q_off", "q_stride", "keys", "k_off", "k_stride", "d", "scores", "s_off", "s_stride")
+SCORE_LANES = 8  # score_tile's vectors are 256 bits whatever the tier (its horizontal adds are AVX's)
 
 
 @intrinsic
 def score_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride):
     """scores[s_off + r*s_stride + c] = sum_{i<d} qs[q_off + r*q_stride + i] * keys[k_off + c*k_stride + i] for two
-    query rows r and four keys c, d a multiple of LANES (the 256-bit tiers: 8): eight accumulators over d, then each
-    row's four sums folded together by three horizontal adds and one add of the two halves (where a sum at a time
-    takes six instructions) and stored as one vector. qs, scores float32; keys float32 or bf16 bits."""
+    query rows r and four keys c, d a multiple of SCORE_LANES: eight accumulators over d, then each row's four sums
+    folded together by three horizontal adds and one add of the two halves (where a sum at a time takes six
+    instructions) and stored as one vector. qs, scores float32; keys float32 or bf16 bits. Needs AVX."""
     sig = types.void(qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride)
     bf16 = keys.dtype == types.uint16
 
@@ -121,15 +122,15 @@ def score_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, scores,
         def i64(name):
             return _as_i64(context, builder, val[name], ty[name])
 
-        vf32 = _vec(_F32, LANES)
+        vf32 = _vec(_F32, SCORE_LANES)
         qp = _ptr(context, builder, ty["qs"], val["qs"], i64("q_off"))
         kp = _ptr(context, builder, ty["keys"], val["keys"], i64("k_off"))
         sp = _ptr(context, builder, ty["scores"], val["scores"], i64("s_off"))
         q_rows = [builder.gep(qp, [builder.mul(i64("q_stride"), _I64(r))]) for r in range(2)]
         k_rows = [builder.gep(kp, [builder.mul(i64("k_stride"), _I64(c))]) for c in range(4)]
         acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf32, None)) for _ in range(4)] for _ in range(2)]
-        with cgutils.for_range_slice(builder, _I64(0), i64("d"), _I64(LANES)) as (i, _):
-            k = [_widened(builder, builder.gep(row, [i]), bf16) for row in k_rows]
+        with cgutils.for_range_slice(builder, _I64(0), i64("d"), _I64(SCORE_LANES)) as (i, _):
+            k = [_widened(builder, builder.gep(row, [i]), bf16, SCORE_LANES) for row in k_rows]
             for r in range(2):
                 q = _load(builder, builder.gep(q_rows[r], [i]), vf32)
                 for c in range(4):

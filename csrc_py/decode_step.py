@@ -32,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from csrc_py import indexer_step
-from csrc_py.attend_simd import LANES, WEIGH_CHUNKS, score_tile, weigh_tile
+from csrc_py.attend_simd import LANES, SCORE_LANES, WEIGH_CHUNKS, score_tile, weigh_tile
 from csrc_py.expert_ffn import packed_experts, packed_format
 from csrc_py.fast_math import exp_f32, exp_reduced
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
@@ -379,9 +379,9 @@ def score_key_pairs(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
 def score_key_pair_tiles(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray, ahead: int) -> None:
-    """score_key_pairs on the 256-bit tiers for d a multiple of 8: each pair of rows against four keys is one
-    attend_simd.score_tile (its sums folded: 1.12-1.35x dots_2x4's pass over a Qwen3 KV head's 528-4096 positions
-    on a 2-core Zen 3); the odd row as there; best raised once the pass is over."""
+    """score_key_pairs for d a multiple of SCORE_LANES (8), on a CPU with AVX: each pair of rows against four keys
+    is one attend_simd.score_tile (its sums folded: 1.12-1.35x dots_2x4's pass over a Qwen3 KV head's 528-4096
+    positions on a 2-core Zen 3); the odd row as there; best raised once the pass is over."""
     rows, n, d = qs.shape[0], keys.shape[0], qs.shape[1]
     whole = n - n % KEYS_PER_PASS
     pairs = rows - rows % 2
@@ -429,7 +429,7 @@ def score_keys(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.nd
     if quads:
         score_key_quads(qs[:quads], keys, scores[:quads], best[:quads], ahead)
     if rows > quads:
-        if qs.shape[1] % LANES == 0:
+        if qs.shape[1] % SCORE_LANES == 0:
             score_pair_pass(qs[quads:], keys, scores[quads:], best[quads:], ahead)
         else:
             score_key_pairs(qs[quads:], keys, scores[quads:], best[quads:], ahead)
