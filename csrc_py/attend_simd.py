@@ -41,6 +41,20 @@ def _widened(builder: ir.IRBuilder, ptr, bf16: bool, lanes: int = LANES) -> ir.V
     return builder.bitcast(builder.shl(bits, ir.Constant(_vec(_I32, lanes), [16] * lanes)), _vec(_F32, lanes))
 
 
+def _named(context, builder, names: tuple[str, ...], sig, args):
+    """An intrinsic's arguments by name: i64(name), an integer argument as i64, and ptr(array, offset), the
+    address of element `offset` (an argument's name) of an array argument's data."""
+    val, ty = dict(zip(names, args)), dict(zip(names, sig.args))
+
+    def i64(name):
+        return _as_i64(context, builder, val[name], ty[name])
+
+    def ptr(name, offset):
+        return _ptr(context, builder, ty[name], val[name], i64(offset))
+
+    return i64, ptr
+
+
 _WEIGH_ARGS = ("weights", "w_off", "w_stride", "values", "v_off", "v_stride", "n", "acc", "acc_off", "acc_stride",
                "rows", "chunks")
 
@@ -56,15 +70,9 @@ def weigh_tile(typingctx, weights, w_off, w_stride, values, v_off, v_stride, n, 
     bf16 = values.dtype == types.uint16
 
     def codegen(context, builder, sig, args):
-        val, ty = dict(zip(_WEIGH_ARGS, args)), dict(zip(_WEIGH_ARGS, sig.args))
-
-        def i64(name):
-            return _as_i64(context, builder, val[name], ty[name])
-
+        i64, ptr = _named(context, builder, _WEIGH_ARGS, sig, args)
         vf32 = _vec(_F32, LANES)
-        wp = _ptr(context, builder, ty["weights"], val["weights"], i64("w_off"))
-        vp = _ptr(context, builder, ty["values"], val["values"], i64("v_off"))
-        ap = _ptr(context, builder, ty["acc"], val["acc"], i64("acc_off"))
+        wp, vp, ap = ptr("weights", "w_off"), ptr("values", "v_off"), ptr("acc", "acc_off")
         w_stride, v_stride, a_stride, n = i64("w_stride"), i64("v_stride"), i64("acc_stride"), i64("n")
 
         def emit(nr: int, first_chunk, width: int) -> None:
@@ -117,15 +125,9 @@ def score_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, scores,
     bf16 = keys.dtype == types.uint16
 
     def codegen(context, builder, sig, args):
-        val, ty = dict(zip(_SCORE_ARGS, args)), dict(zip(_SCORE_ARGS, sig.args))
-
-        def i64(name):
-            return _as_i64(context, builder, val[name], ty[name])
-
+        i64, ptr = _named(context, builder, _SCORE_ARGS, sig, args)
         vf32 = _vec(_F32, SCORE_LANES)
-        qp = _ptr(context, builder, ty["qs"], val["qs"], i64("q_off"))
-        kp = _ptr(context, builder, ty["keys"], val["keys"], i64("k_off"))
-        sp = _ptr(context, builder, ty["scores"], val["scores"], i64("s_off"))
+        qp, kp, sp = ptr("qs", "q_off"), ptr("keys", "k_off"), ptr("scores", "s_off")
         q_rows = [builder.gep(qp, [builder.mul(i64("q_stride"), _I64(r))]) for r in range(2)]
         k_rows = [builder.gep(kp, [builder.mul(i64("k_stride"), _I64(c))]) for c in range(4)]
         acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf32, None)) for _ in range(4)] for _ in range(2)]
