@@ -351,7 +351,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     # packs dense weights for the CPU kernels only when asked.
     dense_format = placement.dense_format if placement is not None else dense if dense in QUANTIZED_DENSE else None
     kernel_formats = (host_format,) if device_tier else (host_format, dense_format)
-    threads, jit_seconds = _start_cpu_workers([f for f in kernel_formats if f], cpu_threads)
+    threads, jit_seconds = _start_cpu_workers([f for f in kernel_formats if f], cpu_threads, device_tier)
     decode = _decode_threads(fixed_decode_threads, threads, device_tier, any(kernel_formats))
 
     total, done = checkpoint.nbytes(), [0]
@@ -525,8 +525,9 @@ def _prepare_crossovers(transformer: Transformer, dtype: torch.dtype) -> None:
     prepare(gates, linears, torch.float32 if hybrid else dtype)
 
 
-def _start_cpu_workers(formats: list[str], cpu_threads: int | None) -> tuple[int, float]:
-    """Set the thread counts; compile (or load from cache) the CPU kernels of `formats` now, not mid-reply."""
+def _start_cpu_workers(formats: list[str], cpu_threads: int | None, device_tier: bool) -> tuple[int, float]:
+    """Set the thread counts; compile (or load from cache) the CPU kernels of `formats` now, not mid-reply (with
+    a device tier, the hybrid layers' block entry too)."""
     formats = [f for f in formats if f in EXPERT_FORMATS]  # float32 / float16 host experts run in torch
     if not formats:
         if cpu_threads:
@@ -536,4 +537,4 @@ def _start_cpu_workers(formats: list[str], cpu_threads: int | None) -> tuple[int
     from .experts.cpu import warmup
 
     threads = set_threads(cpu_threads)
-    return threads, sum(warmup(fmt) for fmt in dict.fromkeys(formats))
+    return threads, sum(warmup(fmt, host_link=device_tier) for fmt in dict.fromkeys(formats))

@@ -124,8 +124,9 @@ def test_bad_shapes_are_reported(weights):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_warmup_reports_seconds(fmt):
-    seconds = warmup(fmt)
+@pytest.mark.parametrize("host_link", [False, True])
+def test_warmup_reports_seconds(fmt, host_link):
+    seconds = warmup(fmt, host_link=host_link)
     assert isinstance(seconds, float) and seconds >= 0.0
 
 

@@ -77,7 +77,7 @@ class CpuExperts(HostStacks):
         self.activation = activation
         self._act = kernel_activation(activation)
         self._bias_arrays = tuple(b.numpy() for b in self.biases.stacks()) if self.biases is not None else None
-        self._plain = self._bias_arrays is None and self._act is SILU_ACT  # the experts torch can compute too
+        self._plain = self._bias_arrays is None and self._act is SILU_ACT  # as dispatch.moe: torch computes these too
         self.kernel_arguments = KernelArguments(gate.kernel_tuple(), up.kernel_tuple(), down.kernel_tuple(),
                                                 self._bias_arrays or (NO_BIAS,) * 3, self._act)
 
@@ -113,10 +113,16 @@ class CpuExperts(HostStacks):
         would take on float32 inputs; False, with nothing done, where torch may be (plain experts on many rows:
         `__call__` decides)."""
         T, H = y.shape
-        if self._plain and dispatch.moe_uses_torch(self.gate, T * ((block.shape[1] - H) // 2), torch.float32):
+        if not self.fused_engine(T * ((block.shape[1] - H) // 2), torch.float32):
             return False
         moe_from_block(block, *self.kernel_arguments, y)
         return True
+
+    def fused_engine(self, pairs: int, dtype: torch.dtype) -> bool:
+        """Whether a call of `pairs` token-expert pairs on `dtype` activations takes the fused kernel: experts with
+        biases or another activation always do, plain ones up to the crossover measured on this host (the first
+        check of csrc_py.dispatch.moe, which also counts the pairs marked -1 before choosing torch)."""
+        return not self._plain or not dispatch.moe_uses_torch(self.gate, pairs, dtype)
 
     def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Future[torch.Tensor]:
         """Start the layer on the background thread; the inputs must stay unchanged until `wait`."""
@@ -131,9 +137,10 @@ class CpuExperts(HostStacks):
         return self(x, topk_ids, topk_weights)
 
 
-def warmup(fmt: str) -> float:
+def warmup(fmt: str, host_link: bool = False) -> float:
     """Compile, or load from Numba's on-disk cache, every kernel a CpuExperts and a dense linear of format `fmt`
-    run (both the few-token and the many-token engines); returns the seconds spent."""
+    run (both the few-token and the many-token engines), and with `host_link` the block entry a hybrid layer's CPU
+    side calls (offload.experts.link); returns the seconds spent."""
     check_format(fmt)
     start = time.perf_counter()
     threads.threading_layer()
@@ -147,7 +154,8 @@ def warmup(fmt: str) -> float:
         x = torch.randn(T, H, generator=gen)
         experts(x, torch.randint(0, E, (T, K), generator=gen), torch.rand(T, K, generator=gen))
         dispatch.linear(x, dense)
-    experts.run_block(np.zeros((1, H + 2 * K), np.float32), np.empty((1, H), np.float32))  # a hybrid layer's call
+    if host_link:
+        experts.run_block(np.zeros((1, H + 2 * K), np.float32), np.empty((1, H), np.float32))
     return time.perf_counter() - start
 
 

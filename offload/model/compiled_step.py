@@ -418,12 +418,7 @@ class _MoEPlan:
     def takes(self, tokens: int) -> bool:
         """Whether the fused kernel is the engine the torch path would also pick (csrc_py.dispatch.moe: experts
         with biases or another activation always take it; plain experts up to the crossover measured on this host)."""
-        from csrc_py.dispatch import moe_uses_torch
-
-        experts, cfg = self.moe.experts, self.moe.router_cfg
-        if experts.biases is not None or experts.activation.kind != "silu":
-            return True
-        return not moe_uses_torch(experts.gate, tokens * cfg.top_k, torch.float32)
+        return self.moe.experts.fused_engine(tokens * self.moe.router_cfg.top_k, torch.float32)
 
     def args(self, T: int, H: int) -> tuple:
         """moe_block's arguments after x, with buffers for T rows: the input-scaled experts' pairs (T*K rows, or
