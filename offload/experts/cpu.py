@@ -77,7 +77,6 @@ class CpuExperts(HostStacks):
         self.activation = activation
         self._act = kernel_activation(activation)
         self._bias_arrays = tuple(b.numpy() for b in self.biases.stacks()) if self.biases is not None else None
-        self._plain = self._bias_arrays is None and self._act is SILU_ACT  # as dispatch.moe: torch computes these too
         self.kernel_arguments = KernelArguments(gate.kernel_tuple(), up.kernel_tuple(), down.kernel_tuple(),
                                                 self._bias_arrays or (NO_BIAS,) * 3, self._act)
 
@@ -122,7 +121,8 @@ class CpuExperts(HostStacks):
         """Whether a call of `pairs` token-expert pairs on `dtype` activations takes the fused kernel: experts with
         biases or another activation always do, plain ones up to the crossover measured on this host (the first
         check of csrc_py.dispatch.moe, which also counts the pairs marked -1 before choosing torch)."""
-        return not self._plain or not dispatch.moe_uses_torch(self.gate, pairs, dtype)
+        plain = self._bias_arrays is None and self._act is SILU_ACT  # dispatch.moe's test
+        return not plain or not dispatch.moe_uses_torch(self.gate, pairs, dtype)
 
     def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Future[torch.Tensor]:
         """Start the layer on the background thread; the inputs must stay unchanged until `wait`."""
