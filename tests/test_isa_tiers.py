@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -21,11 +22,24 @@ from offload.errors import OffloadError
 
 ROOT = Path(__file__).resolve().parents[1]
 HASWELL = "+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse4.2"
-# tier -> (environment of the child, whether its target has FMA: then dense outputs equal the host's bit for bit)
+
+
+class Target(NamedTuple):
+    env: dict[str, str]  # the child's environment: a restricted Numba target, or OFFLOAD_CPU_ISA
+    tier: str  # the tier the child's kernels compile for
+    fma: bool  # the target has FMA: then its dense outputs equal the host's bit for bit
+    host_feature: str | None = None  # an LLVM feature name the host CPU must have to run the child's code
+
+
 TARGETS = {
-    "avx-vnni": ({simd.ISA_VARIABLE: "avx-vnni"}, True),  # the host target: EVEX vpdpbusd on 256-bit registers
-    "avx2": ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL}, True),
-    "portable": ({"NUMBA_CPU_NAME": "x86-64", "NUMBA_CPU_FEATURES": "+sse2"}, False),
+    # the host target lowered by OFFLOAD_CPU_ISA: on an AVX-512 host, EVEX vpdpbusd on 256-bit registers
+    "avx-vnni": Target({simd.ISA_VARIABLE: "avx-vnni"}, "avx-vnni", True),
+    # an Intel client CPU's target (Alder Lake and later: AVX-VNNI, no AVX-512): VEX vpdpbusd, which only a CPU
+    # with AVX-VNNI runs (an AVX-512 VNNI CPU without it, e.g. Zen 4 or Ice Lake, stops at it)
+    "avx-vnni-vex": Target({"NUMBA_CPU_NAME": "alderlake", "NUMBA_CPU_FEATURES": HASWELL + ",+avxvnni"}, "avx-vnni",
+                           True, "avxvnni"),
+    "avx2": Target({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL}, "avx2", True),
+    "portable": Target({"NUMBA_CPU_NAME": "x86-64", "NUMBA_CPU_FEATURES": "+sse2"}, "portable", False),
 }
 KERNELS = {"int8": (moe_q8, linear_q8), "int4": (moe_q4, linear_q4), "int4s": (moe_q4, linear_q4)}
 LINEAR_ROWS = (1, 11)  # 11 = a block of 8, then 2 + 1
@@ -43,7 +57,7 @@ from tests.test_isa_tiers import run_kernels
 data = dict(np.load(sys.argv[1]))
 out = run_kernels(data)
 asm = "".join(text for kernel in (matmul_q8, matmul_q4) for text in kernel.inspect_asm().values())
-instructions = [name for name in ("vpdpbusd", "vpmaddubsw", "vpsignb", "zmm") if name in asm]
+instructions = [name for name in ("vpdpbusd", "{vex}", "vpmaddubsw", "vpsignb", "zmm") if name in asm]
 np.savez(sys.argv[2], tier=simd.TIER, instructions=",".join(instructions), **out)
 """
 
@@ -113,8 +127,10 @@ def inputs() -> tuple[dict[str, np.ndarray], dict[str, dict[str, formats.PackedM
     return data, packed
 
 
-def _runnable(tier: str) -> bool:
-    return simd.TIERS.index(tier) >= simd.TIERS.index(simd.tier_for(simd.jit_features()))
+def _runnable(target: Target) -> bool:
+    if target.host_feature is not None and not simd.llvm.get_host_cpu_features().get(target.host_feature, False):
+        return False
+    return simd.TIERS.index(target.tier) >= simd.TIERS.index(simd.tier_for(simd.jit_features()))
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +146,13 @@ def tier_runs(host_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiers")
     np.savez(folder / "in.npz", **data)
     runs = {}
-    for tier, (env_extra, _) in TARGETS.items():
-        if not _runnable(tier):
+    for name, target in TARGETS.items():
+        if not _runnable(target):
             continue
-        env = {name: value for name, value in os.environ.items() if name != simd.ISA_VARIABLE}
-        env.update(env_extra, NUMBA_CACHE_DIR=str(folder / tier), PYTHONPATH=str(ROOT))
-        out = folder / f"{tier}.npz"
-        runs[tier] = (subprocess.Popen([sys.executable, "-c", CHILD, str(folder / "in.npz"), str(out)], env=env,
+        env = {key: value for key, value in os.environ.items() if key != simd.ISA_VARIABLE}
+        env.update(target.env, NUMBA_CACHE_DIR=str(folder / name), PYTHONPATH=str(ROOT))
+        out = folder / f"{name}.npz"
+        runs[name] = (subprocess.Popen([sys.executable, "-c", CHILD, str(folder / "in.npz"), str(out)], env=env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out)
     yield runs
     for proc, _ in runs.values():
@@ -149,25 +165,28 @@ def test_host_tier_matches_the_oracles(host_run):
     _check_against_oracles(data, packed, out)
 
 
-@pytest.mark.parametrize("tier", list(TARGETS))
-def test_tier_in_a_subprocess_matches_the_oracles(tier, host_run, tier_runs):
-    if not _runnable(tier):
-        pytest.skip(f"this CPU cannot run the {tier} tier")
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_tier_in_a_subprocess_matches_the_oracles(name, host_run, tier_runs):
+    target = TARGETS[name]
+    if not _runnable(target):
+        pytest.skip(f"this CPU cannot run the {name} target's code")
     data, packed, host = host_run
-    proc, out = tier_runs[tier]
+    proc, out = tier_runs[name]
     _, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
     got = dict(np.load(out))
-    assert str(got.pop("tier")) == tier
+    assert str(got.pop("tier")) == target.tier
     instructions = str(got.pop("instructions")).split(",")
-    assert ("vpdpbusd" in instructions) == (tier == "avx-vnni")
-    assert ("vpmaddubsw" in instructions and "vpsignb" in instructions) == (tier == "avx2")
-    if tier != "avx-vnni":
+    assert ("vpdpbusd" in instructions) == (target.tier == "avx-vnni")
+    assert ("vpmaddubsw" in instructions and "vpsignb" in instructions) == (target.tier == "avx2")
+    if "NUMBA_CPU_FEATURES" in target.env:
         assert "zmm" not in instructions  # the restricted target really compiled without AVX-512
+    if name == "avx-vnni-vex":
+        assert "{vex}" in instructions  # AVX-VNNI's encoding, not AVX512-VL's
     _check_against_oracles(data, packed, got)
-    for name in got:
-        if TARGETS[tier][1] and "linear" in name:  # exact integer sums, the same float operations: bit for bit
-            np.testing.assert_array_equal(got[name], host[name], err_msg=f"{tier} {name}")
+    for key in got:
+        if target.fma and "linear" in key:  # exact integer sums, the same float operations: bit for bit
+            np.testing.assert_array_equal(got[key], host[key], err_msg=f"{name} {key}")
 
 
 def _check_against_oracles(data: dict, packed: dict, out: dict) -> None:
