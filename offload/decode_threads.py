@@ -15,7 +15,11 @@ threads under load"). Which count wins changes with whatever else runs, so it is
   `drift_window` steps is `drift` times slower or faster than at its last probe (the load changed). One thread
   decodes about as fast with a competitor as without one, so only the periodic probe finds that more threads win
   again: `max_period` bounds how long that takes (64 steps) and what probing costs (4 steps in 64 at the other
-  count; 128 left a run at one thread for whole replies after a busy spell, docs/benchmarks.md).
+  count; 128 left a run at one thread for whole replies after a busy spell, docs/benchmarks.md);
+- at the top of the ladder, where every fewer-threads count ran at least `drift` times slower in the probe, the
+  drift check alone notices any load under which one of them would win (its steps change little, so the current
+  count's must slow past `drift` first): probes there come every `settled_period` steps (256), a safety net, and
+  cost 4 slow steps in 256 instead of 64 on a quiet host (`drift_covers`).
 
 Thread counts never change the numbers: every parallel loop of the CPU kernels writes disjoint outputs
 (tests/test_decode_threads.py checks the logits bit for bit). `load(decode_threads=N)` fixes the count instead.
@@ -74,6 +78,22 @@ def drifted(recent: list[float], reference: float, factor: float) -> bool:
     return ratio > factor or ratio < 1.0 / factor
 
 
+def drift_covers(pairs: dict[int, list[tuple[float, float]]], current: int, ladder: tuple[int, ...],
+                 factor: float) -> bool:
+    """Whether the drift check alone notices every load under which a probe would move from `current`: it is the
+    ladder's top (no more-threads count that a load's end could favour), and each fewer-threads count's steps took
+    at least `factor` times the current count's in the median of the probe's pairs. A load hardly slows a count
+    with fewer threads than the cores, so it wins only once the current count's steps have slowed past `factor`,
+    and that starts a probe at once."""
+    if current != ladder[0] or not pairs:
+        return False
+    for timed in pairs.values():
+        ratios = [other / cur for other, cur in timed if cur > 0]
+        if not ratios or statistics.median(ratios) < factor:
+            return False
+    return True
+
+
 @dataclass
 class DecodeThreads:
     """The thread count of each decode step of a model: `next()` before a step, `record()` after it.
@@ -84,6 +104,7 @@ class DecodeThreads:
     probe_pairs: int = 4
     period: int = 32
     max_period: int = 64
+    settled_period: int = 256  # at the ladder's top where the drift check covers the fewer-threads counts
     margin: float = 0.05
     drift: float = 1.5
     drift_window: int = 5
@@ -148,7 +169,12 @@ class DecodeThreads:
 
     def _end_probe(self) -> None:
         chosen = choose(self._pairs, self.current, self.margin)
-        self._period = min(self._period * 2, self.max_period) if chosen == self.current else self.period
+        if chosen != self.current:
+            self._period = self.period
+        elif drift_covers(self._pairs, self.current, self.ladder, self.drift):
+            self._period = self.settled_period
+        else:
+            self._period = min(self._period * 2, self.max_period)
         if chosen == self.current:
             seconds = [cur for timed in self._pairs.values() for _, cur in timed]
         else:

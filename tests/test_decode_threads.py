@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import offload
-from offload.decode_threads import (DecodeThreads, choose, drifted, neighbours, parse, probe_schedule,
-                                    thread_ladder)
+from offload.decode_threads import (DecodeThreads, choose, drift_covers, drifted, neighbours, parse,
+                                    probe_schedule, thread_ladder)
 from offload.errors import OffloadError
 from test_cli import assert_one_line_error, invoke
 
@@ -55,6 +55,19 @@ def test_drift_is_the_recent_median_against_the_probes(recent, reference, expect
     assert drifted(recent, reference, factor=1.3) is expected
 
 
+@pytest.mark.parametrize("pairs, current, ladder, expected", [
+    ({1: [(18, 10), (17, 10), (19, 10), (12, 10)]}, 2, (2, 1), True),   # the fewer-threads count 1.75x slower
+    ({1: [(13, 10)] * 4}, 2, (2, 1), False),                            # 1.3x: a load under 1.5x may favour it
+    ({8: [(16, 10)] * 4}, 16, (16, 8, 4, 2, 1), True),
+    ({4: [(16, 10)] * 4, 16: [(16, 10)] * 4}, 8, (16, 8, 4, 2, 1), False),  # not the top: a load's end favours 16
+    ({1: []}, 2, (2, 1), False),                                        # no complete pair
+    ({}, 2, (2, 1), False),
+])
+def test_the_drift_check_covers_a_probe_at_the_top_whose_other_counts_were_much_slower(pairs, current, ladder,
+                                                                                      expected):
+    assert drift_covers(pairs, current, ladder, factor=1.5) is expected
+
+
 def simulate(tuner: DecodeThreads, seconds_of, steps: int) -> list[int]:
     """Run `steps` decode steps on a simulated host: seconds_of(step, threads) is a step's time."""
     used = []
@@ -70,6 +83,25 @@ def test_on_a_quiet_host_all_threads_stay_and_probes_thin_out():
     used = simulate(DecodeThreads.auto(2), quiet, 600)
     assert used[-64:].count(2) >= 60  # one probe of 4 steps in the last period
     assert used.count(1) <= 4 * (600 // 64 + 2)  # probes of 4 steps, every 32 then 64 steps
+
+
+def test_where_one_thread_is_much_slower_the_quiet_host_probes_every_256_steps():
+    quiet = lambda step, n: {2: 10.0, 1: 18.0}[n] + (step % 3) * 0.1  # noqa: E731
+    used = simulate(DecodeThreads.auto(2), quiet, 1000)
+    assert used[:8] == [1, 2] * 4  # the first probe
+    assert used[8:].count(1) == 4 * ((1000 - 8) // (256 + 8))  # then one probe of 4 steps every 256
+
+
+def test_after_settling_a_load_still_moves_it_at_once_and_its_end_moves_it_back():
+    def loaded_from_300_to_600(step, n):
+        if 300 <= step < 600:  # one thread as fast as on a quiet host, two waiting for the busy core
+            return {2: 40.0, 1: 18.0}[n]
+        return {2: 10.0, 1: 18.0}[n]
+
+    used = simulate(DecodeThreads.auto(2), loaded_from_300_to_600, 800)
+    assert used[314:342] == [1] * 28  # the drift started a probe within a few steps of the load, not 256 later
+    assert used[314:600].count(1) > 0.9 * 286  # the lower count's own probes aside
+    assert used[-100:].count(2) >= 96  # back on two within the lower count's 32-64 step period, then settled
 
 
 def test_under_load_the_tuner_moves_to_fewer_threads_and_back_when_the_load_goes():
