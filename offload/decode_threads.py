@@ -17,9 +17,9 @@ threads under load"). Which count wins changes with whatever else runs, so it is
   again: `max_period` bounds how long that takes (64 steps) and what probing costs (4 steps in 64 at the other
   count; 128 left a run at one thread for whole replies after a busy spell, docs/benchmarks.md);
 - at the top of the ladder, where every fewer-threads count ran at least `drift` times slower in the probe, the
-  drift check alone notices any load under which one of them would win (its steps change little, so the current
-  count's must slow past `drift` first): probes there come every `settled_period` steps (256), a safety net, and
-  cost 4 slow steps in 256 instead of 64 on a quiet host (`drift_covers`).
+  drift check alone notices any load under which one of them would win (a load makes no count faster, so the
+  current count's steps must slow past `drift` first): probes there come every `settled_period` steps (256), a
+  safety net, and cost 4 slow steps in 256 instead of 64 on a quiet host (`drift_covers`).
 
 Thread counts never change the numbers: every parallel loop of the CPU kernels writes disjoint outputs
 (tests/test_decode_threads.py checks the logits bit for bit). `load(decode_threads=N)` fixes the count instead.
@@ -82,9 +82,9 @@ def drift_covers(pairs: dict[int, list[tuple[float, float]]], current: int, ladd
                  factor: float) -> bool:
     """Whether the drift check alone notices every load under which a probe would move from `current`: it is the
     ladder's top (no more-threads count that a load's end could favour), and each fewer-threads count's steps took
-    at least `factor` times the current count's in the median of the probe's pairs. A load hardly slows a count
-    with fewer threads than the cores, so it wins only once the current count's steps have slowed past `factor`,
-    and that starts a probe at once."""
+    at least `factor` times the current count's in the median of the probe's pairs. A new load makes no count
+    faster, so such a count wins only once the current count's steps have slowed past `factor` times their probe
+    time, and that starts a probe at once (drifted)."""
     if current != ladder[0] or not pairs:
         return False
     for timed in pairs.values():
