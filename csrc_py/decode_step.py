@@ -887,6 +887,50 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
         latent_values(o_lat[h], sums[h], h, 1, nope, w_kv, out)
 
 
+# latent_attend_packed's copies between the token-major and the head-major layouts live in functions of their own:
+# in a parallel=True function Numba turns every slice assignment and np.zeros outside a prange into a parallel loop
+# of its own (a region each: ~60 per call for DeepSeek-V2-Lite's 16 heads, 50-60 us of its ~250).
+
+
+@njit(nogil=True, cache=True)
+def q_nope_rows(q: np.ndarray, heads: int, nope: int, rope_d: int) -> np.ndarray:
+    """The heads' q_nope parts of q [T, heads*(nope+rope)] as rows [heads*T, nope], head-major."""
+    T, qd = q.shape[0], nope + rope_d
+    rows = np.empty((heads * T, nope), np.float32)
+    for h in range(heads):
+        for t in range(T):
+            for i in range(nope):
+                rows[h * T + t, i] = q[t, h * qd + i]
+    return rows
+
+
+@njit(nogil=True, cache=True)
+def latent_queries_of_rows(lat: np.ndarray, q: np.ndarray, heads: int, nope: int, q_lat: np.ndarray,
+                           q_rope: np.ndarray) -> None:
+    """q_lat [T, padded heads, rank] from the head-major W_UK products lat [heads*T, >= rank] and q_rope
+    [T, padded heads, rope] from q's rope parts; zeros for the padding heads."""
+    T, padded, rank = q_lat.shape
+    rope_d = q_rope.shape[2]
+    qd = nope + rope_d
+    for t in range(T):
+        for h in range(padded):
+            for r in range(rank):
+                q_lat[t, h, r] = lat[h * T + t, r] if h < heads else np.float32(0.0)
+            for i in range(rope_d):
+                q_rope[t, h, i] = q[t, h * qd + nope + i] if h < heads else np.float32(0.0)
+
+
+@njit(nogil=True, cache=True)
+def heads_to_tokens(rows: np.ndarray, heads: int, out: np.ndarray) -> None:
+    """out [T, heads*v] from head-major rows [heads*T, >= v]."""
+    T = out.shape[0]
+    v = out.shape[1] // heads
+    for h in range(heads):
+        for t in range(T):
+            for i in range(v):
+                out[t, h * v + i] = rows[h * T + t, i]
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: tuple, c_cache: np.ndarray,
                          r_cache: np.ndarray, start: int, scale: float, selection: np.ndarray, selected: int,
@@ -897,20 +941,13 @@ def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: 
     the same softmax over the cached latents (latent_spans) and merge."""
     T = q.shape[0]
     rank, rope_d = c_cache.shape[1], r_cache.shape[1]
-    qd = nope + rope_d
     per, blocks = latent_blocks(heads)
-    rows = np.empty((heads * T, nope), np.float32)  # q_nope, head-major
-    for h in range(heads):
-        for t in range(T):
-            rows[h * T + t] = q[t, h * qd: h * qd + nope]
+    rows = q_nope_rows(q, heads, nope, rope_d)
     lat = np.empty((heads * T, k_b[1].shape[1] * k_b[1].shape[3]), np.float32)  # [heads*T, panels * 16 >= rank]
     packed_linear(rows, k_b, lat)
-    q_lat = np.zeros((T, blocks * per, rank), np.float32)  # zero padding heads
-    q_rope = np.zeros((T, blocks * per, rope_d), np.float32)
-    for h in range(heads):
-        for t in range(T):
-            q_lat[t, h] = lat[h * T + t, :rank]
-            q_rope[t, h] = q[t, h * qd + nope: h * qd + qd]
+    q_lat = np.empty((T, blocks * per, rank), np.float32)
+    q_rope = np.empty((T, blocks * per, rope_d), np.float32)
+    latent_queries_of_rows(lat, q, heads, nope, q_lat, q_rope)
     best, total, o_part = latent_spans(q_lat, q_rope, c_cache, r_cache, start, scale, selection, selected, per)
     o_lat = np.empty((heads, T, 1, rank), np.float32)
     sums = np.empty((heads, T, 1), np.float32)
@@ -924,10 +961,7 @@ def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: 
                 o_rows[h * T + t, r] = o_lat[h, t, 0, r] * inv
     o_out = np.empty((heads * T, v_b[1].shape[1] * v_b[1].shape[3]), np.float32)  # [heads*T, panels * 16 >= v]
     packed_linear(o_rows, v_b, o_out)
-    v = out.shape[1] // heads
-    for h in range(heads):
-        for t in range(T):
-            out[t, h * v: (h + 1) * v] = o_out[h * T + t, :v]
+    heads_to_tokens(o_out, heads, out)
 
 
 @njit(nogil=True, cache=True)

@@ -325,6 +325,26 @@ def test_latent_attention_matches_the_absorbed_form(T, start, selected, heads, n
     assert torch.equal(outs[0], outs[1])
 
 
+def test_latent_attend_packed_moves_rows_between_token_and_head_major():
+    """The packed absorbed form's layout steps: q_nope as head-major rows, the W_UK products back per token with
+    q's rope parts beside them (zeros for the padding heads of the last block), the W_UV products per token."""
+    T, heads, nope, rope_d, rank, v = 3, 6, 5, 4, 7, 2
+    q = randn(T, heads * (nope + rope_d)).numpy()
+    by_head = q.reshape(T, heads, nope + rope_d)
+    rows = ds.q_nope_rows(q, heads, nope, rope_d)
+    assert np.array_equal(rows, by_head[:, :, :nope].transpose(1, 0, 2).reshape(heads * T, nope))
+    padded = 8
+    lat = randn(heads * T, rank + 9).numpy()  # a padded kernel output: columns past rank are not read
+    q_lat, q_rope = np.full((T, padded, rank), np.nan, np.float32), np.full((T, padded, rope_d), np.nan, np.float32)
+    ds.latent_queries_of_rows(lat, q, heads, nope, q_lat, q_rope)
+    assert np.array_equal(q_lat[:, :heads], lat[:, :rank].reshape(heads, T, rank).transpose(1, 0, 2))
+    assert np.array_equal(q_rope[:, :heads], by_head[:, :, nope:])
+    assert not q_lat[:, heads:].any() and not q_rope[:, heads:].any()
+    o_rows, out = randn(heads * T, v + 3).numpy(), np.empty((T, heads * v), np.float32)
+    ds.heads_to_tokens(o_rows, heads, out)
+    assert np.array_equal(out, o_rows[:, :v].reshape(heads, T, v).transpose(1, 0, 2).reshape(T, heads * v))
+
+
 def test_latent_spans_cover_the_positions_in_whole_quads_whatever_the_threads():
     """latent_attend's split of the positions: at most LATENT_SPANS spans of whole quads, none empty, and a
     function of the positions alone (it takes no thread count)."""

@@ -74,10 +74,10 @@ def time_case(kernels: dict, positions: int, T: int, selected: int, calls: int, 
             for name in kernels}
 
 
-def packed_attend(fmt: str):
-    """A callable with latent_attend's arguments that runs latent_attend_packed on w_kv (bf16 bits [heads,
-    nope + v, rank]) packed per head in `fmt`, packed once per weight array."""
-    from offload.model.compiled_step import _packed
+def packed_attend(fmt: str, module=decode_step):
+    """A callable with latent_attend's arguments that runs `module`'s latent_attend_packed (this tree's
+    csrc_py.decode_step, or another commit's) on w_kv (bf16 bits [heads, nope + v, rank]) packed per head in
+    `fmt`, packed once per weight array."""
     from offload.model.mla import pack_absorbed
 
     packed: dict[int, tuple] = {}
@@ -86,9 +86,10 @@ def packed_attend(fmt: str):
         if id(w_kv) not in packed:
             w = torch.from_numpy(w_kv.view(np.int16)).view(torch.bfloat16).float()
             k_b, v_b = pack_absorbed(w, nope, fmt)
-            packed[id(w_kv)] = (w_kv, _packed(k_b.packed), _packed(v_b.packed))  # w_kv kept: its id stays its own
+            # w_kv kept: its id stays its own
+            packed[id(w_kv)] = (w_kv, k_b.packed.kernel_tuple(), v_b.packed.kernel_tuple())
         _, k_b, v_b = packed[id(w_kv)]
-        decode_step.latent_attend_packed(q, heads, nope, k_b, v_b, c, r, start, scale, selection, selected, out)
+        module.latent_attend_packed(q, heads, nope, k_b, v_b, c, r, start, scale, selection, selected, out)
 
     return attend
 
@@ -110,23 +111,28 @@ def main() -> None:
     cases = [(p, T, 0) for T in args.tokens for p in args.positions]
     cases += [(int(p), T, int(n)) for T in args.tokens for n, p in (d.split(":") for d in args.dsa)]
     with tempfile.TemporaryDirectory() as tmp:
+        ref = args.against
+        at_ref = decode_step_at(ref, Path(tmp)) if ref else None
         kernels = {"this": decode_step.latent_attend}
+        if ref:
+            kernels[ref] = at_ref.latent_attend
+        pairs = [("this", ref)] if ref else []  # (this tree's kernel, REF's) compared per case
         for fmt in args.packed:
             kernels[f"packed {fmt}"] = packed_attend(fmt)
-        if args.against:
-            kernels[args.against] = decode_step_at(args.against, Path(tmp)).latent_attend
-        ref = args.against
+            if ref:
+                kernels[f"{ref} packed {fmt}"] = packed_attend(fmt, at_ref)
+                pairs.append((f"packed {fmt}", f"{ref} packed {fmt}"))
         names = list(kernels)
         print(f"threads {numba.get_num_threads()}, evict {args.evict_mb} MB, {args.calls} calls, median wall us")
-        print("| T | positions | selected | " + " | ".join(f"{n} cold | {n} warm" for n in names)
-              + (f" | {ref} / this cold | {ref} / this warm | max rel diff |" if ref else " |"))
-        print("|---" * (3 + 2 * len(names) + (3 if ref else 0)) + "|")
+        print("| T | positions | selected | " + " | ".join(f"{n} cold | {n} warm" for n in names) + "".join(
+            f" | {theirs} / {mine} cold | warm | max rel diff" for mine, theirs in pairs) + " |")
+        print("|---" * (3 + 2 * len(names) + 3 * len(pairs)) + "|")
         for positions, T, selected in cases:
             got = time_case(kernels, positions, T, selected, args.calls, evict)
             row = f"| {T} | {positions} | {selected or '-'} | " + " | ".join(
                 f"{c:.0f} | {w:.0f}" for c, w, _ in got.values())
-            if ref:
-                (c_this, w_this, out_this), (c_ref, w_ref, out_ref) = got["this"], got[ref]
+            for mine, theirs in pairs:
+                (c_this, w_this, out_this), (c_ref, w_ref, out_ref) = got[mine], got[theirs]
                 diff = np.abs(out_this - out_ref).max() / np.abs(out_ref).max()
                 row += f" | {c_ref / c_this:.2f}x | {w_ref / w_this:.2f}x | {diff:.1e}"
             print(row + " |", flush=True)
