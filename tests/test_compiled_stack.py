@@ -105,9 +105,11 @@ def test_the_stack_and_the_head_give_the_per_layer_steps_numbers(checkpoint, mon
 
 # Parallel regions per decode step, by design: attention = fused q/k/v, attention over the cache, o_proj; MLA with
 # packed dense weights = fused q (or q_a) + kv_a, q_b with a q-LoRA, W_UK, the spans' softmax over the latents,
-# their merge, W_UV, o_proj; a MoE block = the routed experts' gate and up (one region) and down matmuls (+ the
-# shared expert's gate/up and down); a dense MLP = gate/up and down; the LM head = one. Counted from Numba's own
-# launch function, in a process of its own (the count hooks the symbol before any parallel kernel is linked).
+# their merge, W_UV, o_proj, + a lightning indexer's wk where the layer has its own (the counted step's context is
+# within index_topk: no selection yet); Gated DeltaNet = in_proj, the delta rule, out_proj; a MoE block = the
+# routed experts' gate and up (one region) and down matmuls (+ the shared expert's gate/up and down); a dense MLP =
+# gate/up and down; the LM head = one. Counted from Numba's own launch function, in a process of its own (the count
+# hooks the symbol before any parallel kernel is linked).
 COUNT_REGIONS = r"""
 import ctypes, json, sys
 import torch
@@ -132,20 +134,22 @@ with torch.inference_mode():
     t(torch.tensor([5]), 6, last_only=True)
     count[0] = 0
     t(torch.tensor([7]), 7, last_only=True)
-kinds = [(type(layer.attn).__name__, getattr(layer.attn, "q_b_proj", None) is not None, type(layer.mlp).__name__,
+kinds = [(type(layer.attn).__name__, getattr(layer.attn, "q_b_proj", None) is not None,
+          getattr(layer.attn, "indexer", None) is not None, type(layer.mlp).__name__,
           layer.mlp.shared is not None if hasattr(layer.mlp, "shared") else False) for layer in t.layers]
 print(json.dumps({"regions": count[0], "kinds": kinds}))
 """
 
 
-def designed_regions(kinds: list[tuple[str, bool, str, bool]]) -> int:
-    per_attention = {"Attention": 3, "MLA": 6}
+def designed_regions(kinds: list[tuple[str, bool, bool, str, bool]]) -> int:
+    per_attention = {"Attention": 3, "MLA": 6, "GatedDeltaNet": 3}
     per_mlp = {"MoE": 2, "SwiGLU": 2}
-    return sum(per_attention[attn] + (1 if q_lora else 0) + per_mlp[mlp] + (2 if shared else 0)
-               for attn, q_lora, mlp, shared in kinds) + 1
+    return sum(per_attention[attn] + q_lora + indexer + per_mlp[mlp] + 2 * shared
+               for attn, q_lora, indexer, mlp, shared in kinds) + 1
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v2_group_yarn"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v2_group_yarn", "deepseek_v32",
+                                  "glm_moe_dsa", "qwen3_next", "gpt_oss"])
 def test_parallel_regions_per_step_are_the_designed_ones(checkpoint, name):
     result = subprocess.run([sys.executable, "-c", COUNT_REGIONS, str(checkpoint(name))], capture_output=True,
                             text=True, cwd=REPO, timeout=600)
