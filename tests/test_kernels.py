@@ -101,9 +101,12 @@ def test_int4_padding_does_not_widen_the_range():
     np.testing.assert_allclose(formats.unpack(formats.pack(w, "int4")), w, rtol=3e-4)
 
 
-def test_activation_quantizer_matches_oracle():
-    x = (np.random.default_rng(2).standard_normal((5, 70)) * 3).astype(np.float32)
+@pytest.mark.parametrize("rows", [5, 11])  # on the calling thread, and split over the threads (over 8 rows)
+def test_activation_quantizer_matches_oracle(rows):
+    x = (np.random.default_rng(2).standard_normal((rows, 70)) * 3).astype(np.float32)
     x[1] = 0.0
+    # a group's largest magnitude in each of the quantizer's four max chains (column % 4), negative in two
+    x[2, 4], x[2, 32 + 5], x[3, 6], x[3, 32 + 7] = 9.0, -11.0, -9.0, 12.0
     ngroups = formats.padded(70) // simd.GROUP
     got = qk.quantized_rows(x, ngroups)
     for a, b in zip(got, oracles.quantize_activations(x)):
