@@ -887,9 +887,9 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
         latent_values(o_lat[h], sums[h], h, 1, nope, w_kv, out)
 
 
-# latent_attend_packed's copies between the token-major and the head-major layouts live in functions of their own:
-# in a parallel=True function Numba turns every slice assignment and np.zeros outside a prange into a parallel loop
-# of its own (a region each: ~60 per call for DeepSeek-V2-Lite's 16 heads, 50-60 us of its ~250).
+# latent_attend_packed's copies between the token-major and the head-major layouts live in serial functions of
+# their own: in a parallel=True function Numba turns every slice assignment and np.zeros outside a prange into a
+# parallel region (~60 a call at DeepSeek-V2-Lite's 16 heads, 40-80 us of its ~250-450).
 
 
 @njit(nogil=True, cache=True)
@@ -899,8 +899,7 @@ def q_nope_rows(q: np.ndarray, heads: int, nope: int, rope_d: int) -> np.ndarray
     rows = np.empty((heads * T, nope), np.float32)
     for h in range(heads):
         for t in range(T):
-            for i in range(nope):
-                rows[h * T + t, i] = q[t, h * qd + i]
+            rows[h * T + t] = q[t, h * qd: h * qd + nope]
     return rows
 
 
@@ -909,15 +908,14 @@ def latent_queries_of_rows(lat: np.ndarray, q: np.ndarray, heads: int, nope: int
                            q_rope: np.ndarray) -> None:
     """q_lat [T, padded heads, rank] from the head-major W_UK products lat [heads*T, >= rank] and q_rope
     [T, padded heads, rope] from q's rope parts; zeros for the padding heads."""
-    T, padded, rank = q_lat.shape
-    rope_d = q_rope.shape[2]
-    qd = nope + rope_d
-    for t in range(T):
-        for h in range(padded):
-            for r in range(rank):
-                q_lat[t, h, r] = lat[h * T + t, r] if h < heads else np.float32(0.0)
-            for i in range(rope_d):
-                q_rope[t, h, i] = q[t, h * qd + nope + i] if h < heads else np.float32(0.0)
+    T, rank = q_lat.shape[0], q_lat.shape[2]
+    qd = nope + q_rope.shape[2]
+    q_lat[:, heads:] = 0.0
+    q_rope[:, heads:] = 0.0
+    for h in range(heads):
+        for t in range(T):
+            q_lat[t, h] = lat[h * T + t, :rank]
+            q_rope[t, h] = q[t, h * qd + nope: h * qd + qd]
 
 
 @njit(nogil=True, cache=True)
@@ -927,8 +925,7 @@ def heads_to_tokens(rows: np.ndarray, heads: int, out: np.ndarray) -> None:
     v = out.shape[1] // heads
     for h in range(heads):
         for t in range(T):
-            for i in range(v):
-                out[t, h * v + i] = rows[h * T + t, i]
+            out[t, h * v: (h + 1) * v] = rows[h * T + t, :v]
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
