@@ -50,7 +50,8 @@ def case_inputs(positions: int, T: int, selected: int, rng: np.random.Generator)
 
 
 def time_case(kernels: dict, positions: int, T: int, selected: int, calls: int, evict: np.ndarray) -> dict:
-    """{name: (cold median us, warm median us, output)}: each kernel called in turn, cold then warm."""
+    """{name: (cold median us, warm median us, output)}: each kernel called in turn, cold then warm, the order
+    rotated call by call so that no kernel always runs right after the same one."""
     q, w_kv, c, r, start, selection = case_inputs(positions, T, selected, np.random.default_rng(0))
     outs = {name: np.empty((T, HEADS * V), np.float32) for name in kernels}
     cold = {name: [] for name in kernels}
@@ -59,8 +60,10 @@ def time_case(kernels: dict, positions: int, T: int, selected: int, calls: int, 
     scratch = np.zeros(64, np.float32)
     for name, kernel in kernels.items():  # compile and warm up
         kernel(q, HEADS, NOPE, w_kv, c, r, start, scale, selection, selected, outs[name])
-    for _ in range(calls):
-        for name, kernel in kernels.items():
+    names = list(kernels)
+    for call in range(calls):
+        for name in names[call % len(names):] + names[:call % len(names)]:
+            kernel = kernels[name]
             evict.sum()
             wake_threads(scratch)
             t0 = time.perf_counter()
