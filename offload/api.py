@@ -17,6 +17,7 @@ from .checks import check_load, check_max_context, check_token_ids
 from .config import ModelConfig
 from .decode_threads import DecodeThreads
 from .decode_threads import parse as parse_decode_threads
+from .host_load import LoadMeter
 from .errors import OffloadError
 from .experts.builder import ExpertsBuilder, ExpertsOptions, check_prefill_chunk, default_host_format
 from .experts.cost import PrefetchChoice
@@ -394,7 +395,7 @@ def _decode_threads(fixed: int | None, threads: int, device_tier: bool, cpu_kern
         return DecodeThreads.fixed(min(fixed, threads))
     if device_tier or not cpu_kernels or threads < 2:
         return None
-    return DecodeThreads.auto(threads)
+    return DecodeThreads.auto(threads, load=LoadMeter())
 
 
 def plan(path: str | Path, gpu_memory: int | str | None = None, max_context: int | None = None,

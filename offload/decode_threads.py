@@ -16,6 +16,11 @@ threads under load"). Which count wins changes with whatever else runs, so it is
   decodes about as fast with a competitor as without one, so only the periodic probe finds that more threads win
   again: `max_period` bounds how long that takes (64 steps) and what probing costs (4 steps in 64 at the other
   count; 128 left a run at one thread for whole replies after a busy spell, docs/benchmarks.md);
+- below the top of the ladder, where another program's load made fewer threads win, the steps cannot tell when
+  that program is gone (one thread decodes about as fast beside it as without it), but the host's CPU time can:
+  with a `load` meter (offload/host_load.py; the model's tuner has one) a probe also runs at once when the cores
+  other programs keep busy fall, against the first reading after the probe that chose the count, by half the
+  threads the next rung up adds (`load_eased`); the periodic probe stays as the safety net;
 - at the top of the ladder, where every fewer-threads count ran at least `drift` times slower in the probe, the
   drift check alone notices any load under which one of them would win (a load makes no count faster, so the
   current count's steps must slow past `drift` first): probes there come every `settled_period` steps (256), a
@@ -29,6 +34,8 @@ from __future__ import annotations
 import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
+
+from .host_load import LoadMeter
 
 AUTO = "auto"
 
@@ -94,6 +101,12 @@ def drift_covers(pairs: dict[int, list[tuple[float, float]]], current: int, ladd
     return True
 
 
+def load_eased(reference: float, busy: float, freed: int) -> bool:
+    """Whether the cores other programs keep busy fell from `reference` to `busy` by at least half of `freed`,
+    the threads the next rung up would add: that rung may win again."""
+    return reference - busy >= freed / 2
+
+
 @dataclass
 class DecodeThreads:
     """The thread count of each decode step of a model: `next()` before a step, `record()` after it.
@@ -108,6 +121,7 @@ class DecodeThreads:
     margin: float = 0.05
     drift: float = 1.5
     drift_window: int = 5
+    load: LoadMeter | None = None  # others' busy cores on this process's CPUs; None: step times alone
     current: int = field(init=False)
     steps: Counter = field(init=False, default_factory=Counter)  # decode steps run at each count
     _schedule: deque = field(init=False, default_factory=deque)  # the probe's remaining step counts
@@ -117,6 +131,7 @@ class DecodeThreads:
     _period: int = field(init=False, default=0)
     _reference: float = field(init=False, default=0.0)  # the current count's median step in the last probe
     _recent: deque = field(init=False)  # the current count's latest step seconds outside probes
+    _load_reference: float | None = field(init=False, default=None)  # the first load reading at the current count
 
     def __post_init__(self) -> None:
         self.current = self.ladder[0]
@@ -124,8 +139,8 @@ class DecodeThreads:
         self._recent = deque(maxlen=self.drift_window)
 
     @classmethod
-    def auto(cls, max_threads: int) -> DecodeThreads:
-        return cls(thread_ladder(max_threads))
+    def auto(cls, max_threads: int, load: LoadMeter | None = None) -> DecodeThreads:
+        return cls(thread_ladder(max_threads), load=load)
 
     @classmethod
     def fixed(cls, threads: int) -> DecodeThreads:
@@ -138,7 +153,8 @@ class DecodeThreads:
     def next(self) -> int:
         """The thread count for the next decode step."""
         if self.measured and not self._schedule and (
-                self._until_probe <= 0 or drifted(list(self._recent), self._reference, self.drift)):
+                self._until_probe <= 0 or drifted(list(self._recent), self._reference, self.drift)
+                or self._load_eased()):
             self._pairs = {}
             self._schedule.extend(probe_schedule(self.current, neighbours(self.ladder, self.current),
                                                  self.probe_pairs))
@@ -167,6 +183,20 @@ class DecodeThreads:
             return f"{self.current} (fixed)"
         return f"{self.current} (measured among {', '.join(map(str, self.ladder))} while generating)"
 
+    def _load_eased(self) -> bool:
+        """Below the ladder's top with a load meter: whether its latest reading (one every min_seconds) found
+        the other programs' busy cores fallen enough since the first reading at this count (load_eased)."""
+        if self.load is None or self.current == self.ladder[0]:
+            return False
+        busy = self.load.reading()
+        if busy is None:
+            return False
+        if self._load_reference is None:
+            self._load_reference = busy
+            return False
+        up = self.ladder[self.ladder.index(self.current) - 1]
+        return load_eased(self._load_reference, busy, up - self.current)
+
     def _end_probe(self) -> None:
         chosen = choose(self._pairs, self.current, self.margin)
         if chosen != self.current:
@@ -183,6 +213,9 @@ class DecodeThreads:
         self.current = chosen
         self._recent.clear()  # refilled at the chosen count before a drift can start the next probe
         self._until_probe = self._period
+        if self.load is not None:  # readings at the chosen count only, the first one the reference
+            self.load.restart()
+            self._load_reference = None
 
 
 def parse(value: int | str) -> int | None:

@@ -4,15 +4,17 @@ for bit), and the option's checks."""
 from __future__ import annotations
 
 import random
+import time
 
 import numba
 import pytest
 import torch
 
 import offload
-from offload.decode_threads import (DecodeThreads, choose, drift_covers, drifted, neighbours, parse,
+from offload.decode_threads import (DecodeThreads, choose, drift_covers, drifted, load_eased, neighbours, parse,
                                     probe_schedule, thread_ladder)
 from offload.errors import OffloadError
+from offload.host_load import LoadMeter, allowed_cpus, idle_cpu_seconds, others_busy
 from test_cli import assert_one_line_error, invoke
 
 import csrc_py  # noqa: F401  (torch before numba)
@@ -151,6 +153,110 @@ def test_many_cores_walk_the_ladder_one_rung_a_probe():
     used = simulate(DecodeThreads.auto(16), lambda step, n: 10.0 + abs(n - best), 400)
     assert used[-64:].count(best) >= 56  # one probe of both neighbours, 4 steps each, in the last period
     assert set(used) <= {16, 8, 4, 2}  # one never tried: it is not next to the best count
+
+
+@pytest.mark.parametrize("cpus, wall, idle, own, expected", [
+    (2, 1.0, 0.0, 1.0, 1.0),  # one thread of ours, the other CPU busy all along
+    (2, 1.0, 1.0, 1.0, 0.0),  # one thread of ours, the other CPU idle
+    (2, 0.5, 0.0, 1.0, 0.0),  # both CPUs ours
+    (16, 2.0, 8.0, 8.0, 8.0),  # 4 threads of ours, 8 cores busy with others, 4 idle
+    (2, 1.0, 1.2, 1.0, 0.0),  # idle counted in 10 ms ticks can exceed the rest: never below 0
+    (2, 0.0, 0.0, 0.0, 0.0),
+])
+def test_others_busy_is_the_cpu_time_neither_idle_nor_ours(cpus, wall, idle, own, expected):
+    assert others_busy(cpus, wall, idle, own) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("reference, busy, freed, expected", [
+    (1.0, 0.0, 1, True), (1.0, 0.6, 1, False), (1.0, 0.5, 1, True), (0.0, 0.0, 1, False), (0.0, 1.0, 1, False),
+    (8.0, 5.0, 8, False), (8.0, 4.0, 8, True),
+])
+def test_a_load_eases_when_others_free_half_the_next_rungs_threads(reference, busy, freed, expected):
+    assert load_eased(reference, busy, freed) is expected
+
+
+class SimulatedHost:
+    """A host's clock and CPU time for a LoadMeter: each step adds its seconds, the CPU time of our threads and
+    the idle time the other programs' busy cores leave."""
+
+    def __init__(self, cpus: int = 2):
+        self.cpus, self.t, self.idle, self.own = cpus, 0.0, 0.0, 0.0
+
+    def run(self, seconds: float, threads: int, others: float) -> None:
+        self.t += seconds
+        self.own += threads * seconds
+        self.idle += max(0.0, self.cpus - threads - others) * seconds
+
+    def meter(self) -> LoadMeter:
+        return LoadMeter(min_seconds=0.2, cpus=set(range(self.cpus)), clock=lambda: self.t,
+                         idle_seconds=lambda cpus: self.idle, own_seconds=lambda: self.own)
+
+
+def simulate_on(host: SimulatedHost, tuner: DecodeThreads, others_of, seconds_of, steps: int,
+                pause_at: int = -1) -> list[int]:
+    """simulate() where others_of(step) cores are busy with other programs; at step `pause_at` this process
+    waits 10 s first (a chat between replies)."""
+    used = []
+    for step in range(steps):
+        if step == pause_at:
+            host.run(10.0, 0, others_of(step))
+        n = tuner.next()
+        seconds = seconds_of(step, n)
+        host.run(seconds, n, others_of(step))
+        tuner.record(n, seconds)
+        used.append(n)
+    return used
+
+
+def back_on(used: list[int], threads: int, after: int) -> int:
+    """The first step from `after` on that starts 16 steps in a row at `threads`."""
+    return next(i for i in range(after, len(used)) if used[i: i + 16] == [threads] * 16)
+
+
+BUSY_UNTIL = 300
+
+
+def busy_until(step: int) -> float:  # another program keeps one core busy until BUSY_UNTIL
+    return 1.0 if step < BUSY_UNTIL else 0.0
+
+
+def two_waiting_for_it(step: int, n: int) -> float:  # two threads wait for the busy core; one is as fast as ever
+    return {2: 0.080, 1: 0.035}[n] if step < BUSY_UNTIL else {2: 0.020, 1: 0.035}[n]
+
+
+def test_with_a_load_meter_the_end_of_a_busy_spell_moves_it_back_within_a_few_steps():
+    host = SimulatedHost()
+    with_meter = simulate_on(host, DecodeThreads.auto(2, load=host.meter()), busy_until, two_waiting_for_it, 500)
+    without = simulate_on(SimulatedHost(), DecodeThreads.auto(2), busy_until, two_waiting_for_it, 500)
+    assert with_meter[16:BUSY_UNTIL].count(1) > 0.9 * (BUSY_UNTIL - 16)  # on one thread during the spell
+    assert back_on(with_meter, 2, BUSY_UNTIL) <= BUSY_UNTIL + 20  # two readings of 0.2 s and a probe
+    assert back_on(without, 2, BUSY_UNTIL) >= BUSY_UNTIL + 30  # the periodic probe: up to 64 steps
+    assert with_meter[BUSY_UNTIL + 20:].count(1) <= with_meter[:16].count(1) * 2  # probes thin out again
+
+
+def test_a_load_meter_adds_no_probe_while_the_others_keep_their_cores():
+    def one_thread_wins(step, n):  # a host where one thread is faster anyway (others' load unchanged)
+        return {2: 0.040, 1: 0.030}[n]
+
+    for others in (lambda step: 0.0, lambda step: 1.0):
+        host = SimulatedHost()
+        with_meter = simulate_on(host, DecodeThreads.auto(2, load=host.meter()), others, one_thread_wins, 600,
+                                 pause_at=200)
+        without = simulate_on(SimulatedHost(), DecodeThreads.auto(2), others, one_thread_wins, 600, pause_at=200)
+        assert with_meter == without  # nothing eased that two threads could use, pause included
+
+
+def test_the_load_meter_reads_this_hosts_cpu_time():
+    cpus = allowed_cpus()
+    assert cpus and idle_cpu_seconds(cpus) > 0
+    meter = LoadMeter(min_seconds=0.05)
+    assert meter.reading() is None  # the first call starts a span
+    assert meter.reading() is None  # shorter than min_seconds
+    deadline = time.monotonic() + 0.1
+    while time.monotonic() < deadline:  # this process busy: not counted as others'
+        pass
+    busy = meter.reading()
+    assert busy is not None and 0.0 <= busy <= len(cpus)
 
 
 def test_a_fixed_count_never_probes():

@@ -1,0 +1,70 @@
+"""How many cores other programs keep busy on the CPUs this process may run on, between two readings.
+
+The decode thread count (offload/decode_threads.py) moves to fewer threads while another program takes a core. A
+step at the fewer threads then runs about as fast beside that program as without it, so step times cannot tell
+when it is gone; the host's CPU time can. A reading is the CPU-seconds per second that neither this process nor
+idleness took on its CPUs: (CPUs x wall time - idle time - this process's CPU time) / wall time. Idle time is
+/proc/stat's per-CPU idle + iowait (psutil.cpu_times), counted in clock ticks (10 ms), so a reading spans at least
+`min_seconds`; this process's CPU time (all its threads) comes from time.process_time. Time this process spends
+waiting (between replies of a chat) is idle on both sides and does not move a reading.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+
+def others_busy(cpus: int, wall: float, idle: float, own: float) -> float:
+    """Cores kept busy by other programs over `wall` seconds on `cpus` CPUs that were idle `idle` CPU-seconds
+    while this process ran `own` CPU-seconds (never below 0: the tick-counted idle time is coarse)."""
+    if wall <= 0:
+        return 0.0
+    return max(0.0, (cpus * wall - idle - own) / wall)
+
+
+def allowed_cpus() -> set[int]:
+    """The CPU numbers this process may run on (all of them where the OS cannot say)."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(psutil.cpu_count() or 1))
+
+
+def idle_cpu_seconds(cpus: set[int]) -> float:
+    """Idle + iowait CPU-seconds since boot of the CPUs numbered `cpus`."""
+    per_cpu = psutil.cpu_times(percpu=True)
+    return sum(t.idle + getattr(t, "iowait", 0.0) for i, t in enumerate(per_cpu) if i in cpus)
+
+
+@dataclass
+class LoadMeter:
+    """Readings of others_busy on this process's CPUs, each over at least `min_seconds` since the previous one
+    (or since `restart`). The clock and the CPU-time sources are arguments so that a test can script a host."""
+
+    min_seconds: float = 0.2
+    cpus: set[int] = field(default_factory=allowed_cpus)
+    clock: Callable[[], float] = time.monotonic
+    idle_seconds: Callable[[set[int]], float] = idle_cpu_seconds
+    own_seconds: Callable[[], float] = time.process_time
+    _since: tuple[float, float, float] | None = field(init=False, default=None)  # (clock, idle, own) at the start
+
+    def restart(self) -> None:
+        """Start the next reading's span now."""
+        self._since = (self.clock(), self.idle_seconds(self.cpus), self.own_seconds())
+
+    def reading(self) -> float | None:
+        """Cores other programs kept busy since the span started (which this starts if none has), once it is at
+        least min_seconds long; else None. Each reading starts the next span."""
+        if self._since is None:
+            self.restart()
+            return None
+        t0, idle0, own0 = self._since
+        now = self.clock()
+        if now - t0 < self.min_seconds:
+            return None
+        idle, own = self.idle_seconds(self.cpus), self.own_seconds()
+        self._since = (now, idle, own)
+        return others_busy(len(self.cpus), now - t0, idle - idle0, own - own0)
