@@ -19,8 +19,8 @@ threads under load"). Which count wins changes with whatever else runs, so it is
 - below the top of the ladder, where another program's load made fewer threads win, the steps cannot tell when
   that program is gone (one thread decodes about as fast beside it as without it), but the host's CPU time can:
   with a `load` meter (offload/host_load.py; the model's tuner has one) a probe also runs at once when the cores
-  other programs keep busy fall, against the first reading after the probe that chose the count, by half the
-  threads the next rung up adds (`load_eased`); the periodic probe stays as the safety net;
+  other programs keep busy fall so far that the next rung up fits in the cores they leave, where it did not at the
+  first reading after the probe that chose the count (`load_eased`); the periodic probe stays as the safety net;
 - at the top of the ladder, where every fewer-threads count ran at least `drift` times slower in the probe, the
   drift check alone notices any load under which one of them would win (a load makes no count faster, so the
   current count's steps must slow past `drift` first): probes there come every `settled_period` steps (256), a
@@ -101,10 +101,14 @@ def drift_covers(pairs: dict[int, list[tuple[float, float]]], current: int, ladd
     return True
 
 
-def load_eased(reference: float, busy: float, freed: int) -> bool:
-    """Whether the cores other programs keep busy fell from `reference` to `busy` by at least half of `freed`,
-    the threads the next rung up would add: that rung may win again."""
-    return reference - busy >= freed / 2
+def load_eased(cores: float, reference: float, busy: float, threads: int) -> bool:
+    """Whether `threads` (the next rung up) fit, within half a core, in the host's `cores` that other programs
+    leave now that they keep `busy` of them busy, where they did not at the `reference` reading: that rung may win
+    again. (A rung that already fit there lost on a host as loaded as now.)"""
+    def fits(others: float) -> bool:
+        return cores - others >= threads - 0.5
+
+    return fits(busy) and not fits(reference)
 
 
 @dataclass
@@ -195,7 +199,7 @@ class DecodeThreads:
             self._load_reference = busy
             return False
         up = self.ladder[self.ladder.index(self.current) - 1]
-        return load_eased(self._load_reference, busy, up - self.current)
+        return load_eased(self.load.cores, self._load_reference, busy, up)
 
     def _end_probe(self) -> None:
         chosen = choose(self._pairs, self.current, self.margin)

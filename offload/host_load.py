@@ -33,6 +33,12 @@ def allowed_cpus() -> set[int]:
     return set(range(psutil.cpu_count() or 1))
 
 
+def cores_of(cpus: set[int]) -> float:
+    """The physical cores behind the logical CPUs `cpus` (hyperthreads share a core), as the host's ratio."""
+    logical, physical = psutil.cpu_count() or 1, psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    return len(cpus) * physical / logical
+
+
 def idle_cpu_seconds(cpus: set[int]) -> float:
     """Idle + iowait CPU-seconds since boot of the CPUs numbered `cpus`."""
     per_cpu = psutil.cpu_times(percpu=True)
@@ -42,14 +48,20 @@ def idle_cpu_seconds(cpus: set[int]) -> float:
 @dataclass
 class LoadMeter:
     """Readings of others_busy on this process's CPUs, each over at least `min_seconds` since the previous one
-    (or since `restart`). The clock and the CPU-time sources are arguments so that a test can script a host."""
+    (or since `restart`); `cores`, the physical cores behind those CPUs, is what the readings take from. The
+    clock and the CPU-time sources are arguments so that a test can script a host."""
 
     min_seconds: float = 0.2
     cpus: set[int] = field(default_factory=allowed_cpus)
+    cores: float = -1.0  # default: cores_of(cpus)
     clock: Callable[[], float] = time.monotonic
     idle_seconds: Callable[[set[int]], float] = idle_cpu_seconds
     own_seconds: Callable[[], float] = time.process_time
     _since: tuple[float, float, float] | None = field(init=False, default=None)  # (clock, idle, own) at the start
+
+    def __post_init__(self) -> None:
+        if self.cores < 0:
+            self.cores = cores_of(self.cpus)
 
     def restart(self) -> None:
         """Start the next reading's span now."""

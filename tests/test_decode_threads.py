@@ -167,12 +167,17 @@ def test_others_busy_is_the_cpu_time_neither_idle_nor_ours(cpus, wall, idle, own
     assert others_busy(cpus, wall, idle, own) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("reference, busy, freed, expected", [
-    (1.0, 0.0, 1, True), (1.0, 0.6, 1, False), (1.0, 0.5, 1, True), (0.0, 0.0, 1, False), (0.0, 1.0, 1, False),
-    (8.0, 5.0, 8, False), (8.0, 4.0, 8, True),
+@pytest.mark.parametrize("cores, reference, busy, threads, expected", [
+    (2, 1.0, 0.0, 2, True),  # the other program on the second core is gone: two threads fit again
+    (2, 1.0, 0.6, 2, False), (2, 1.0, 0.5, 2, True),  # within half a core
+    (2, 0.0, 0.0, 2, False),  # two threads fitted all along and lost anyway: nothing new to try
+    (2, 0.0, 1.0, 2, False), (2, 2.0, 1.0, 2, False),  # a load came; one of two programs left, one core still taken
+    (16, 1.0, 0.0, 16, True),  # 16 cores, at 8 threads since one core was taken: 16 fit again
+    (16, 10.0, 6.0, 8, True), (16, 10.0, 9.0, 8, False),  # at 4 threads: 8 fit again once 8 cores are left
+    (8, 4.0, 0.0, 8, True),  # 8 cores behind 16 hyperthreads, another program on 4 of them
 ])
-def test_a_load_eases_when_others_free_half_the_next_rungs_threads(reference, busy, freed, expected):
-    assert load_eased(reference, busy, freed) is expected
+def test_a_load_eases_when_the_next_rung_fits_in_the_cores_others_leave(cores, reference, busy, threads, expected):
+    assert load_eased(cores, reference, busy, threads) is expected
 
 
 class SimulatedHost:
@@ -188,7 +193,7 @@ class SimulatedHost:
         self.idle += max(0.0, self.cpus - threads - others) * seconds
 
     def meter(self) -> LoadMeter:
-        return LoadMeter(min_seconds=0.2, cpus=set(range(self.cpus)), clock=lambda: self.t,
+        return LoadMeter(min_seconds=0.2, cpus=set(range(self.cpus)), cores=self.cpus, clock=lambda: self.t,
                          idle_seconds=lambda cpus: self.idle, own_seconds=lambda: self.own)
 
 
@@ -220,18 +225,27 @@ def busy_until(step: int) -> float:  # another program keeps one core busy until
     return 1.0 if step < BUSY_UNTIL else 0.0
 
 
-def two_waiting_for_it(step: int, n: int) -> float:  # two threads wait for the busy core; one is as fast as ever
-    return {2: 0.080, 1: 0.035}[n] if step < BUSY_UNTIL else {2: 0.020, 1: 0.035}[n]
+def all_waiting_for_it(cores: int):
+    """Step seconds where every thread count below `cores` decodes as fast beside the busy core as without it
+    and the full count waits for it until BUSY_UNTIL (4x), then is the fastest (each halving 1.4x slower)."""
+    def seconds(step: int, n: int) -> float:
+        if n == cores:
+            return 0.020 * (4.0 if step < BUSY_UNTIL else 1.0)
+        return 0.020 * 1.4 ** (cores // n).bit_length()
+    return seconds
 
 
-def test_with_a_load_meter_the_end_of_a_busy_spell_moves_it_back_within_a_few_steps():
-    host = SimulatedHost()
-    with_meter = simulate_on(host, DecodeThreads.auto(2, load=host.meter()), busy_until, two_waiting_for_it, 500)
-    without = simulate_on(SimulatedHost(), DecodeThreads.auto(2), busy_until, two_waiting_for_it, 500)
-    assert with_meter[16:BUSY_UNTIL].count(1) > 0.9 * (BUSY_UNTIL - 16)  # on one thread during the spell
-    assert back_on(with_meter, 2, BUSY_UNTIL) <= BUSY_UNTIL + 20  # two readings of 0.2 s and a probe
-    assert back_on(without, 2, BUSY_UNTIL) >= BUSY_UNTIL + 30  # the periodic probe: up to 64 steps
-    assert with_meter[BUSY_UNTIL + 20:].count(1) <= with_meter[:16].count(1) * 2  # probes thin out again
+@pytest.mark.parametrize("cores", [2, 16])
+def test_with_a_load_meter_the_end_of_a_busy_spell_moves_it_back_within_a_few_steps(cores):
+    host = SimulatedHost(cores)
+    steps = all_waiting_for_it(cores)
+    with_meter = simulate_on(host, DecodeThreads.auto(cores, load=host.meter()), busy_until, steps, 500)
+    without = simulate_on(SimulatedHost(cores), DecodeThreads.auto(cores), busy_until, steps, 500)
+    below = cores // 2
+    assert with_meter[40:BUSY_UNTIL].count(below) > 0.85 * (BUSY_UNTIL - 40)  # one rung down during the spell
+    assert back_on(with_meter, cores, BUSY_UNTIL) <= BUSY_UNTIL + 28  # two readings of 0.2 s, a probe of 8-16 steps
+    assert back_on(without, cores, BUSY_UNTIL) >= BUSY_UNTIL + 30  # the periodic probe: up to 64 steps
+    assert with_meter[BUSY_UNTIL + 20:].count(below) <= 8  # then probes thin out as before
 
 
 def test_a_load_meter_adds_no_probe_while_the_others_keep_their_cores():
@@ -250,6 +264,7 @@ def test_the_load_meter_reads_this_hosts_cpu_time():
     cpus = allowed_cpus()
     assert cpus and idle_cpu_seconds(cpus) > 0
     meter = LoadMeter(min_seconds=0.05)
+    assert 0 < meter.cores <= len(cpus)
     assert meter.reading() is None  # the first call starts a span
     assert meter.reading() is None  # shorter than min_seconds
     deadline = time.monotonic() + 0.1
