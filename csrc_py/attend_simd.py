@@ -1,16 +1,19 @@
 """Hand-written LLVM IR for the attention over the cache at decode (Numba intrinsics): the weighted sum of the
-value rows in `decode_step.attend`, register-blocked, and on the 256-bit tiers its score tile.
+value rows in `decode_step.attend`, register-blocked, and its score tiles (two rows on the 256-bit tiers, four on
+the 16-lane ones).
 
 ``weigh_tile``: acc[rows, cols] += weights[rows, :n] @ values[:n, cols] for one or two query rows and up to
 WEIGH_CHUNKS vectors of columns, the accumulators in registers across the n positions. The loop Numba makes of the
 same sum loads and stores the accumulators every 8 positions and ran at a third of the multiply-add rate; this
-one measured 2.1-2.4x faster (float32 values) and 1.7-1.8x (bf16). With 512-bit vectors the scores need no such
-kernel: four query rows against four keys in Numba (`decode_step.dots_4x4`) measured as fast as an IR tile with the
-16 dot products' horizontal sums folded together. With 256-bit vectors they do (``score_tile``): two rows against
-four keys in Numba (`decode_step.dots_2x4`) sum each of its 8 dot products across a vector on its own, in six
-instructions, as many as a third of the tile's multiply-adds at d 128; folded, a row's four sums take five. A
-Qwen3 KV head's score pass (8 rows) measured 1.12-1.35x faster and `attend` 1.04-1.24x on a 2-core Zen 3
-(docs/benchmarks.md).
+one measured 2.1-2.4x faster (float32 values) and 1.7-1.8x (bf16). The scores: with 256-bit vectors
+(``score_tile``) two rows against four keys in Numba (`decode_step.dots_2x4`) sum each of its 8 dot products across
+a vector on its own, in six instructions, as many as a third of the tile's multiply-adds at d 128; folded, a row's
+four sums take five. A Qwen3 KV head's score pass (8 rows) measured 1.12-1.35x faster and `attend` 1.04-1.24x on a
+2-core Zen 3 (docs/benchmarks.md). With 16-lane vectors (``score_quad_tile``) four rows against four keys in Numba
+(`decode_step.dots_4x4`) took ~180 cycles a tile on the Intel host, 128 multiply-adds and 16 horizontal sums of 8
+instructions; the folded IR tile takes ~130, and it keeps each row's running maxima in a vector, where the scalar
+max of every score its callers took cost as much as the fold saved (an earlier IR tile without that measured no
+faster): `attend` 1.10-1.40x warm on one thread, 1.04-1.14x cold on two.
 
 It reads float32 values or bf16 bits (uint16, widened by a shift as `decode_step.widen` does), accumulates in
 float32 with fused multiply-adds, and compiles for the tier of `simd` (16 lanes: zmm, or the portable path's
@@ -148,6 +151,70 @@ def score_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, scores,
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+_QUAD_ARGS = _SCORE_ARGS + ("tops", "t_off")
+
+
+@intrinsic
+def score_quad_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride, tops, t_off):
+    """scores[s_off + r*s_stride + c] = sum_{i<d} qs[q_off + r*q_stride + i] * keys[k_off + c*k_stride + i] for four
+    query rows r and four keys c, d a multiple of LANES (16): 16 accumulators over d, their sums folded into one
+    vector (_fold_sums) and stored as four rows of four; tops[t_off + 4r + c] = max(itself, that score), each row's
+    running maxima in four lanes (one vector max a tile; the scalar max of every score, as dots_4x4's callers take
+    it, cost about as much as the fold saved). qs, scores, tops float32; keys float32 or bf16 bits. 16-lane tiers."""
+    if LANES != 16:
+        raise TypeError("score_quad_tile needs 16-lane vectors (the avx512-vnni and portable tiers)")
+    sig = types.void(qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride, tops, t_off)
+    bf16 = keys.dtype == types.uint16
+
+    def codegen(context, builder, sig, args):
+        i64, ptr = _named(context, builder, _QUAD_ARGS, sig, args)
+        vf32 = _vec(_F32, LANES)
+        qp, kp, sp, tp = ptr("qs", "q_off"), ptr("keys", "k_off"), ptr("scores", "s_off"), ptr("tops", "t_off")
+        q_rows = [builder.gep(qp, [builder.mul(i64("q_stride"), _I64(r))]) for r in range(4)]
+        k_rows = [builder.gep(kp, [builder.mul(i64("k_stride"), _I64(c))]) for c in range(4)]
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf32, None)) for _ in range(4)] for _ in range(4)]
+        with cgutils.for_range_slice(builder, _I64(0), i64("d"), _I64(LANES)) as (i, _):
+            k = [_widened(builder, builder.gep(row, [i]), bf16) for row in k_rows]
+            for r in range(4):
+                q = _load(builder, builder.gep(q_rows[r], [i]), vf32)
+                for c in range(4):
+                    builder.store(_fma(builder, q, k[c], builder.load(acc[r][c])), acc[r][c])
+        sums = _fold_sums(builder, [builder.load(acc[r][c]) for r in range(4) for c in range(4)])
+        v4 = _vec(_F32, 4)
+        for r in range(4):
+            row = builder.shuffle_vector(sums, sums, ir.Constant(_vec(_I32, 4), [4 * r + c for c in range(4)]))
+            dest = builder.gep(sp, [builder.mul(i64("s_stride"), _I64(r))])
+            builder.store(row, builder.bitcast(dest, v4.as_pointer()), align=1)
+        top_ptr = builder.bitcast(tp, vf32.as_pointer())
+        old = builder.load(top_ptr, align=1)
+        builder.store(builder.select(builder.fcmp_ordered(">", sums, old), sums, old), top_ptr, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _fold_sums(builder: ir.IRBuilder, vectors: list) -> ir.Value:
+    """The horizontal sums of 16 vectors of 16 float32, as one vector (lane i: the sum of vectors[i]). Four
+    halvings: each adds the two halves of every group of lanes, two vectors into one (two shuffles and an add), so
+    16 -> 8 -> 4 -> 2 -> 1 vectors in 30 shuffles and 15 adds, and a last shuffle puts the sums in order."""
+    width = 16
+    current = [(v, [i] * 16) for i, v in enumerate(vectors)]  # (vector, which sum each lane's partial belongs to)
+    while len(current) > 1:
+        half = width // 2
+        folded = []
+        for (x, x_sums), (y, y_sums) in zip(current[::2], current[1::2]):
+            low = [src + g + j for src in (0, 16) for g in range(0, 16, width) for j in range(half)]
+            high = [lane + half for lane in low]
+            a = builder.shuffle_vector(x, y, ir.Constant(_vec(_I32, 16), low))
+            b = builder.shuffle_vector(x, y, ir.Constant(_vec(_I32, 16), high))
+            folded.append((builder.fadd(a, b), [(x_sums + y_sums)[lane] for lane in low]))
+        current, width = folded, half
+    vector, sums = current[0]
+    order = [sums.index(i) for i in range(16)]
+    return vector if order == list(range(16)) else builder.shuffle_vector(vector, vector,
+                                                                          ir.Constant(_vec(_I32, 16), order))
 
 
 def _hadd(builder: ir.IRBuilder, a, b) -> ir.Value:

@@ -32,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from csrc_py import indexer_step
-from csrc_py.attend_simd import LANES, SCORE_LANES, WEIGH_CHUNKS, score_tile, weigh_tile
+from csrc_py.attend_simd import LANES, SCORE_LANES, WEIGH_CHUNKS, score_quad_tile, score_tile, weigh_tile
 from csrc_py.expert_ffn import packed_experts, packed_format
 from csrc_py.fast_math import exp_f32, exp_reduced
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
@@ -359,6 +359,29 @@ def score_key_quads(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: 
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
+def score_key_quad_tiles(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray, ahead: int) -> None:
+    """score_key_quads for d a multiple of LANES (16): each four rows against four keys one
+    attend_simd.score_quad_tile (its 16 sums folded, each row's running maxima kept in four lanes), best raised from
+    those maxima once the pass is over, the keys left over one at a time."""
+    rows, n, d = qs.shape[0], keys.shape[0], qs.shape[1]
+    whole = n - n % KEYS_PER_PASS
+    tops = np.empty(rows * 4, np.float32)  # [row, 4]: the row's largest score in each tile lane
+    for i in range(tops.size):
+        tops[i] = -np.inf
+    q_stride, k_stride = qs.strides[0] // qs.itemsize, keys.strides[0] // keys.itemsize
+    s_stride = scores.strides[0] // scores.itemsize
+    for j in range(0, whole, KEYS_PER_PASS):
+        prefetch_rows(keys, j + ahead, j + ahead + KEYS_PER_PASS)
+        for a in range(0, rows, 4):
+            score_quad_tile(qs, a * q_stride, q_stride, keys, j * k_stride, k_stride, d, scores, a * s_stride + j,
+                            s_stride, tops, 4 * a)
+    for a in range(rows):
+        top = max(max(tops[4 * a], tops[4 * a + 1]), max(tops[4 * a + 2], tops[4 * a + 3]))
+        best[a] = max(best[a], top)
+    score_keys_one_by_one(qs, keys, whole, scores, best)
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
 def score_key_pairs(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray, ahead: int) -> None:
     """score_keys for any number of query rows: four keys at a time against two rows (dots_2x4), then the odd row,
     then the keys left over one at a time."""
@@ -403,8 +426,10 @@ def score_key_pair_tiles(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, b
     score_keys_one_by_one(qs, keys, whole, scores, best)
 
 
-# The pair pass of score_keys: folded tiles where the vector registers are 256 bits (LANES 8), dots_2x4 elsewhere.
+# The pair pass of score_keys: folded tiles where the vector registers are 256 bits (LANES 8), dots_2x4 elsewhere;
+# its four-row pass (16 lanes only): folded IR tiles (the 8-lane tiers never take it, nor compile the tile).
 score_pair_pass = score_key_pair_tiles if LANES == 8 else score_key_pairs
+score_quad_pass = score_key_quad_tiles if LANES == 16 else score_key_quads
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
@@ -419,14 +444,17 @@ def score_keys_one_by_one(qs: np.ndarray, keys: np.ndarray, first: int, scores: 
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
 def score_keys(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray, ahead: int) -> None:
     """scores[a, j] = qs[a] . keys[j] for the query rows qs [rows, d] and keys [n, d]; best[a] raised to the
-    largest score of row a; the keys `ahead` rows on prefetched. The rows in fours (score_key_quads), the two or
-    three left over in a second pass over the keys (score_key_pairs): one loop handling both measured as slow as
-    two rows at a time throughout (LLVM's code for the four-row body suffers from the other's presence). On the
-    256-bit tiers all rows go in pairs: their 16 vector registers cannot hold 16 accumulators (four rows measured
-    0.56-0.75x of two there); with d a multiple of 8 the pairs are attend_simd.score_tile's (score_pair_pass)."""
+    largest score of row a; the keys `ahead` rows on prefetched. The rows in fours (score_quad_pass: folded IR
+    tiles where d is a multiple of 16, else score_key_quads), the two or three left over in a second pass over the
+    keys (score_key_pairs): one loop handling both measured as slow as two rows at a time throughout (LLVM's code
+    for the four-row body suffers from the other's presence). On the 256-bit tiers all rows go in pairs: their 16
+    vector registers cannot hold 16 accumulators (four rows measured 0.56-0.75x of two there); with d a multiple of
+    8 the pairs are attend_simd.score_tile's (score_pair_pass)."""
     rows = qs.shape[0]
     quads = rows - rows % 4 if LANES == 16 else 0
-    if quads:
+    if quads and qs.shape[1] % LANES == 0:
+        score_quad_pass(qs[:quads], keys, scores[:quads], best[:quads], ahead)
+    elif quads:
         score_key_quads(qs[:quads], keys, scores[:quads], best[:quads], ahead)
     if rows > quads:
         if qs.shape[1] % SCORE_LANES == 0:

@@ -24,6 +24,7 @@ from tiny_models import rel_err
 import csrc_py  # noqa: F401  (torch before numba)
 from csrc_py import decode_step as ds
 from csrc_py import simd
+from csrc_py.attend_simd import LANES
 
 IDS = torch.arange(3, 23)
 GEN = torch.Generator().manual_seed(0)
@@ -152,6 +153,26 @@ def test_the_folded_score_tiles_give_every_score_and_each_row_s_best(cache):
     assert rel_err(torch.from_numpy(scores[:, :23]), expected) < 1e-6
     assert np.isnan(scores[:, 23:]).all()
     assert torch.allclose(torch.from_numpy(best), expected.max(dim=1).values, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(LANES != 16, reason="the quad tile is the 16-lane tiers' (avx512-vnni, portable)")
+@pytest.mark.parametrize("cache", ["float32", "bf16"])
+def test_the_folded_quad_tiles_give_every_score_and_each_row_s_best(cache):
+    """score_key_quad_tiles: two fours of rows against 23 keys in tiles of four and 3 left over; rows and keys inside
+    larger arrays (strides), the scores of a wider buffer; each row's best from the tiles' running maxima, the
+    leftover keys and its earlier value (a sink above every score in row 2)."""
+    q, k = randn(9, 32), randn(30, 32)
+    keys = k.numpy() if cache == "float32" else bf16_bits(k)
+    expected = q[1:9] @ (k if cache == "float32" else k.to(torch.bfloat16).float())[4:27].T  # [8, 23]
+    scores = np.full((8, 40), np.nan, np.float32)
+    best = np.full(8, -np.inf, np.float32)
+    best[2] = 1e3
+    ds.score_key_quad_tiles(q.numpy()[1:9], keys[4:27], scores, best, 8)
+    assert rel_err(torch.from_numpy(scores[:, :23]), expected) < 1e-6
+    assert np.isnan(scores[:, 23:]).all()
+    top = expected.max(dim=1).values
+    top[2] = 1e3
+    assert torch.allclose(torch.from_numpy(best), top, rtol=1e-6, atol=1e-6)
 
 
 def test_a_bf16_cache_write_rounds_as_torch_does():
