@@ -5,15 +5,16 @@ the 16-lane ones).
 ``weigh_tile``: acc[rows, cols] += weights[rows, :n] @ values[:n, cols] for one or two query rows and up to
 WEIGH_CHUNKS vectors of columns, the accumulators in registers across the n positions. The loop Numba makes of the
 same sum loads and stores the accumulators every 8 positions and ran at a third of the multiply-add rate; this
-one measured 2.1-2.4x faster (float32 values) and 1.7-1.8x (bf16). The scores: with 256-bit vectors
-(``score_tile``) two rows against four keys in Numba (`decode_step.dots_2x4`) sum each of its 8 dot products across
-a vector on its own, in six instructions, as many as a third of the tile's multiply-adds at d 128; folded, a row's
-four sums take five. A Qwen3 KV head's score pass (8 rows) measured 1.12-1.35x faster and `attend` 1.04-1.24x on a
-2-core Zen 3 (docs/benchmarks.md). With 16-lane vectors (``score_quad_tile``) four rows against four keys in Numba
-(`decode_step.dots_4x4`) took ~180 cycles a tile on the Intel host, 128 multiply-adds and 16 horizontal sums of 8
-instructions; the folded IR tile takes ~130, and it keeps each row's running maxima in a vector, where the scalar
-max of every score its callers took cost as much as the fold saved (an earlier IR tile without that measured no
-faster): `attend` 1.10-1.40x warm on one thread, 1.04-1.14x cold on two.
+one measured 2.1-2.4x faster (float32 values) and 1.7-1.8x (bf16). The scores: with 256-bit vectors (``score_tile``)
+two rows against four keys in Numba (`decode_step.dots_2x4`) sum each of its 8 dot products across a vector on its
+own, in six instructions, as many as a third of the tile's multiply-adds at d 128; folded, a row's four sums take
+five. A Qwen3 KV head's score pass (8 rows) measured 1.12-1.35x faster and `attend` 1.04-1.24x on a 2-core Zen 3
+(docs/benchmarks.md); keeping each row's running maxima in the tile (as below) added 1.10-1.31x warm and 1.06-1.27x
+cold (the avx2 tier run on the Intel host, OFFLOAD_CPU_ISA=avx2). With 16-lane vectors (``score_quad_tile``) four
+rows against four keys in Numba (`decode_step.dots_4x4`) took ~180 cycles a tile on the Intel host, 128 multiply-
+adds and 16 horizontal sums of 8 instructions; the folded IR tile takes ~130, and it keeps each row's running maxima
+in a vector, where the scalar max of every score its callers took cost as much as the fold saved (an earlier IR tile
+without that measured no faster): `attend` 1.10-1.40x warm on one thread, 1.04-1.14x cold on two.
 
 It reads float32 values or bf16 bits (uint16, widened by a shift as `decode_step.widen` does), accumulates in
 float32 with fused multiply-adds, and compiles for the tier of `simd` (16 lanes: zmm, or the portable path's
@@ -115,20 +116,22 @@ def weigh_tile(typingctx, weights, w_off, w_stride, values, v_off, v_stride, n, 
 
 
 _SCORE_ARGS = ("qs", "q_off", "q_stride", "keys", "k_off", "k_stride", "d", "scores", "s_off", "s_stride")
+_QUAD_ARGS = _SCORE_ARGS + ("tops", "t_off")
 SCORE_LANES = 8  # score_tile's vectors are 256 bits whatever the tier (its horizontal adds are AVX's)
 
 
 @intrinsic
-def score_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride):
+def score_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride, tops, t_off):
     """scores[s_off + r*s_stride + c] = sum_{i<d} qs[q_off + r*q_stride + i] * keys[k_off + c*k_stride + i] for two
     query rows r and four keys c, d a multiple of SCORE_LANES: eight accumulators over d, then each row's four sums
     folded together by three horizontal adds and one add of the two halves (where a sum at a time takes six
-    instructions) and stored as one vector. qs, scores float32; keys float32 or bf16 bits. Needs AVX."""
-    sig = types.void(qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride)
+    instructions) and stored as one vector; tops[t_off + 4r + c] = max(itself, that score), each row's running
+    maxima (as score_quad_tile's). qs, scores, tops float32; keys float32 or bf16 bits. Needs AVX."""
+    sig = types.void(qs, q_off, q_stride, keys, k_off, k_stride, d, scores, s_off, s_stride, tops, t_off)
     bf16 = keys.dtype == types.uint16
 
     def codegen(context, builder, sig, args):
-        i64, ptr = _named(context, builder, _SCORE_ARGS, sig, args)
+        i64, ptr = _named(context, builder, _QUAD_ARGS, sig, args)
         vf32 = _vec(_F32, SCORE_LANES)
         qp, kp, sp = ptr("qs", "q_off"), ptr("keys", "k_off"), ptr("scores", "s_off")
         q_rows = [builder.gep(qp, [builder.mul(i64("q_stride"), _I64(r))]) for r in range(2)]
@@ -147,13 +150,12 @@ def score_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, scores,
             low = builder.shuffle_vector(folded, folded, ir.Constant(_vec(_I32, 4), [0, 1, 2, 3]))
             high = builder.shuffle_vector(folded, folded, ir.Constant(_vec(_I32, 4), [4, 5, 6, 7]))
             dest = builder.gep(sp, [builder.mul(i64("s_stride"), _I64(r))])
-            builder.store(builder.fadd(low, high), builder.bitcast(dest, v4.as_pointer()), align=1)
+            row = builder.fadd(low, high)
+            builder.store(row, builder.bitcast(dest, v4.as_pointer()), align=1)
+            _raise_tops(builder, builder.gep(ptr("tops", "t_off"), [_I64(4 * r)]), row)
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-_QUAD_ARGS = _SCORE_ARGS + ("tops", "t_off")
 
 
 @intrinsic
@@ -187,12 +189,17 @@ def score_quad_tile(typingctx, qs, q_off, q_stride, keys, k_off, k_stride, d, sc
             row = builder.shuffle_vector(sums, sums, ir.Constant(_vec(_I32, 4), [4 * r + c for c in range(4)]))
             dest = builder.gep(sp, [builder.mul(i64("s_stride"), _I64(r))])
             builder.store(row, builder.bitcast(dest, v4.as_pointer()), align=1)
-        top_ptr = builder.bitcast(tp, vf32.as_pointer())
-        old = builder.load(top_ptr, align=1)
-        builder.store(builder.select(builder.fcmp_ordered(">", sums, old), sums, old), top_ptr, align=1)
+        _raise_tops(builder, tp, sums)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _raise_tops(builder: ir.IRBuilder, ptr, scores) -> None:
+    """The float32 vector at ptr raised lane by lane to `scores` (a vector max)."""
+    top_ptr = builder.bitcast(ptr, scores.type.as_pointer())
+    old = builder.load(top_ptr, align=1)
+    builder.store(builder.select(builder.fcmp_ordered(">", scores, old), scores, old), top_ptr, align=1)
 
 
 def _fold_sums(builder: ir.IRBuilder, vectors: list) -> ir.Value:

@@ -358,6 +358,29 @@ def score_key_quads(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: 
     score_keys_one_by_one(qs, keys, whole, scores, best)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def row_strides(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray) -> tuple[int, int, int]:
+    """The row strides of a score tile's arrays, in elements (the tiles take element offsets)."""
+    return qs.strides[0] // qs.itemsize, keys.strides[0] // keys.itemsize, scores.strides[0] // scores.itemsize
+
+
+@njit(nogil=True, cache=True, inline="always")
+def lowest_tops(rows: int) -> np.ndarray:
+    """[rows * 4] float32 -inf: each row's running maxima in the four lanes of a score tile's output."""
+    tops = np.empty(rows * 4, np.float32)
+    for i in range(tops.size):
+        tops[i] = -np.inf
+    return tops
+
+
+@njit(nogil=True, cache=True, inline="always")
+def raise_best(best: np.ndarray, tops: np.ndarray, rows: int) -> None:
+    """best[a] = max(best[a], its four running maxima tops[4a..4a+3]) for the first `rows` rows."""
+    for a in range(rows):
+        top = max(max(tops[4 * a], tops[4 * a + 1]), max(tops[4 * a + 2], tops[4 * a + 3]))
+        best[a] = max(best[a], top)
+
+
 @njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
 def score_key_quad_tiles(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray, ahead: int) -> None:
     """score_key_quads for d a multiple of LANES (16): each four rows against four keys one
@@ -365,19 +388,14 @@ def score_key_quad_tiles(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, b
     those maxima once the pass is over, the keys left over one at a time."""
     rows, n, d = qs.shape[0], keys.shape[0], qs.shape[1]
     whole = n - n % KEYS_PER_PASS
-    tops = np.empty(rows * 4, np.float32)  # [row, 4]: the row's largest score in each tile lane
-    for i in range(tops.size):
-        tops[i] = -np.inf
-    q_stride, k_stride = qs.strides[0] // qs.itemsize, keys.strides[0] // keys.itemsize
-    s_stride = scores.strides[0] // scores.itemsize
+    tops = lowest_tops(rows)
+    q_stride, k_stride, s_stride = row_strides(qs, keys, scores)
     for j in range(0, whole, KEYS_PER_PASS):
         prefetch_rows(keys, j + ahead, j + ahead + KEYS_PER_PASS)
         for a in range(0, rows, 4):
             score_quad_tile(qs, a * q_stride, q_stride, keys, j * k_stride, k_stride, d, scores, a * s_stride + j,
                             s_stride, tops, 4 * a)
-    for a in range(rows):
-        top = max(max(tops[4 * a], tops[4 * a + 1]), max(tops[4 * a + 2], tops[4 * a + 3]))
-        best[a] = max(best[a], top)
+    raise_best(best, tops, rows)
     score_keys_one_by_one(qs, keys, whole, scores, best)
 
 
@@ -404,25 +422,22 @@ def score_key_pairs(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: 
 def score_key_pair_tiles(qs: np.ndarray, keys: np.ndarray, scores: np.ndarray, best: np.ndarray, ahead: int) -> None:
     """score_key_pairs for d a multiple of SCORE_LANES (8), on a CPU with AVX: each pair of rows against four keys
     is one attend_simd.score_tile (its sums folded: 1.12-1.35x dots_2x4's pass over a Qwen3 KV head's 528-4096
-    positions on a 2-core Zen 3); the odd row as there; best raised once the pass is over."""
+    positions on a 2-core Zen 3; each row's running maxima kept by the tile in four lanes); the odd row as there;
+    best raised from those maxima once the pass is over."""
     rows, n, d = qs.shape[0], keys.shape[0], qs.shape[1]
     whole = n - n % KEYS_PER_PASS
     pairs = rows - rows % 2
-    q_stride, k_stride = qs.strides[0] // qs.itemsize, keys.strides[0] // keys.itemsize
-    s_stride = scores.strides[0] // scores.itemsize
+    tops = lowest_tops(pairs)
+    q_stride, k_stride, s_stride = row_strides(qs, keys, scores)
     for j in range(0, whole, KEYS_PER_PASS):
         prefetch_rows(keys, j + ahead, j + ahead + KEYS_PER_PASS)
         for a in range(0, pairs, 2):
             score_tile(qs, a * q_stride, q_stride, keys, j * k_stride, k_stride, d, scores, a * s_stride + j,
-                       s_stride)
+                       s_stride, tops, 4 * a)
         if rows % 2:
             a0, a1, a2, a3 = dots_1x4(qs[rows - 1], keys[j], keys[j + 1], keys[j + 2], keys[j + 3])
             store_scores(scores, best, rows - 1, j, a0, a1, a2, a3)
-    for a in range(pairs):
-        top = best[a]
-        for j in range(whole):
-            top = max(top, scores[a, j])
-        best[a] = top
+    raise_best(best, tops, pairs)
     score_keys_one_by_one(qs, keys, whole, scores, best)
 
 
