@@ -81,6 +81,13 @@ def read_cache(q, heads, kv_heads, d, kcache, vcache, start, window, chunk, scal
         out[0, g] = total
 
 
+def cache_aligned(x: np.ndarray) -> np.ndarray:
+    """A copy of x in memory torch allocated: 64-byte aligned, as the model's caches are (torch.zeros). numpy puts a
+    large array 16 or 32 bytes off a cache line, so every 64-byte vector load splits in two: the value pass ran
+    1.1-1.4x slower on such a copy (also tools/bench_latent.py's)."""
+    return torch.from_numpy(x).clone().numpy()
+
+
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """x rounded to bf16 (nearest even), as the bits a bf16 cache holds."""
     return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
@@ -92,11 +99,11 @@ def time_kernels(kernels: dict, shape: tuple[int, int, int], context: int, T: in
     times after one warm-up; with `evict`, each call cold (after reading evict) and then warm, in wall time."""
     heads, kv_heads, d = shape
     rng = np.random.default_rng(0)
-    k = rng.standard_normal((kv_heads, context, d), dtype=np.float32)
-    v = rng.standard_normal((kv_heads, context, d), dtype=np.float32)
+    k = cache_aligned(rng.standard_normal((kv_heads, context, d), dtype=np.float32))
+    v = cache_aligned(rng.standard_normal((kv_heads, context, d), dtype=np.float32))
     if cache == "bf16":
         k, v = bf16_bits(k), bf16_bits(v)
-    q = rng.standard_normal((T, heads * d), dtype=np.float32)
+    q = cache_aligned(rng.standard_normal((T, heads * d), dtype=np.float32))
     no_sinks = np.zeros(0, np.float32)
     scratch = np.zeros(64, np.float32)
     outs = {name: np.empty((T, heads * d), np.float32) for name in kernels}

@@ -28,7 +28,7 @@ import numpy as np
 import torch  # noqa: F401  (torch before numba)
 import numba
 
-from bench_attend import decode_step_at, wake_threads  # tools/ is the script's folder, so on sys.path
+from bench_attend import cache_aligned, decode_step_at, wake_threads  # tools/ is the script's folder, so on sys.path
 from csrc_py import decode_step
 
 HEADS, NOPE, ROPE, RANK, V = 16, 128, 64, 512, 128  # DeepSeek-V2-Lite
@@ -36,11 +36,11 @@ HEADS, NOPE, ROPE, RANK, V = 16, 128, 64, 512, 128  # DeepSeek-V2-Lite
 
 def case_inputs(positions: int, T: int, selected: int, rng: np.random.Generator) -> tuple:
     """(q, w_kv bf16 bits, c_cache, r_cache, start, selection) for T queries ending at `positions`."""
-    q = rng.standard_normal((T, HEADS * (NOPE + ROPE)), dtype=np.float32)
+    q = cache_aligned(rng.standard_normal((T, HEADS * (NOPE + ROPE)), dtype=np.float32))
     w = torch.from_numpy(rng.standard_normal((HEADS, NOPE + V, RANK), dtype=np.float32) * 0.05)
     w_kv = w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    c = rng.standard_normal((positions, RANK), dtype=np.float32)
-    r = rng.standard_normal((positions, ROPE), dtype=np.float32)
+    c = cache_aligned(rng.standard_normal((positions, RANK), dtype=np.float32))
+    r = cache_aligned(rng.standard_normal((positions, ROPE), dtype=np.float32))
     start = positions - T
     if selected:
         selection = np.stack([np.sort(rng.permutation(positions)[:selected]) for _ in range(T)]).astype(np.int64)
