@@ -17,11 +17,11 @@ from .checks import check_load, check_max_context, check_token_ids
 from .config import ModelConfig
 from .decode_threads import DecodeThreads
 from .decode_threads import parse as parse_decode_threads
-from .host_load import LoadMeter
 from .errors import OffloadError
 from .experts.builder import ExpertsBuilder, ExpertsOptions, check_prefill_chunk, default_host_format
 from .experts.cost import PrefetchChoice
 from .generate import Generation, GenerationRequest, GenerationRun, PromptCacheStats
+from .host_load import LoadMeter
 from .model.block_graphs import cuda_capture
 from .model.transformer import Transformer
 from .placement import Plan, has_device_tier, resolve_plan

@@ -53,14 +53,14 @@ class LoadMeter:
 
     min_seconds: float = 0.2
     cpus: set[int] = field(default_factory=allowed_cpus)
-    cores: float = -1.0  # default: cores_of(cpus)
+    cores: float | None = None  # None: cores_of(cpus)
     clock: Callable[[], float] = time.monotonic
     idle_seconds: Callable[[set[int]], float] = idle_cpu_seconds
     own_seconds: Callable[[], float] = time.process_time
     _since: tuple[float, float, float] | None = field(init=False, default=None)  # (clock, idle, own) at the start
 
     def __post_init__(self) -> None:
-        if self.cores < 0:
+        if self.cores is None:
             self.cores = cores_of(self.cpus)
 
     def restart(self) -> None:
