@@ -10,11 +10,12 @@ two rows against four keys in Numba (`decode_step.dots_2x4`) sum each of its 8 d
 own, in six instructions, as many as a third of the tile's multiply-adds at d 128; folded, a row's four sums take
 five. A Qwen3 KV head's score pass (8 rows) measured 1.12-1.35x faster and `attend` 1.04-1.24x on a 2-core Zen 3
 (docs/benchmarks.md); keeping each row's running maxima in the tile (as below) added 1.10-1.31x warm and 1.06-1.27x
-cold (the avx2 tier run on the Intel host, OFFLOAD_CPU_ISA=avx2). With 16-lane vectors (``score_quad_tile``) four
-rows against four keys in Numba (`decode_step.dots_4x4`) took ~180 cycles a tile on the Intel host, 128
-multiply-adds and 16 horizontal sums of 8 instructions; the folded IR tile takes ~130, and it keeps each row's
-running maxima in a vector, where the scalar max of every score its callers took cost as much as the fold saved (an
-earlier IR tile without that measured no faster): `attend` 1.10-1.40x warm on one thread, 1.04-1.14x cold on two.
+cold (the avx2 tier run on the Intel host, OFFLOAD_CPU_ISA=avx2; 1.11-1.30x and 1.04-1.24x on aligned caches). With
+16-lane vectors (``score_quad_tile``) four rows against four keys in Numba (`decode_step.dots_4x4`) took ~180 cycles
+a tile on the Intel host, 128 multiply-adds and 16 horizontal sums of 8 instructions; the folded IR tile takes ~130,
+and it keeps each row's running maxima in a vector, where the scalar max of every score its callers took cost as
+much as the fold saved (an earlier IR tile without that measured no faster): `attend` 1.14-1.44x warm on one thread,
+1.02-1.16x cold on two.
 
 It reads float32 values or bf16 bits (uint16, widened by a shift as `decode_step.widen` does), accumulates in
 float32 with fused multiply-adds, and compiles for the tier of `simd` (16 lanes: zmm, or the portable path's
