@@ -49,7 +49,9 @@ def idle_cpu_seconds(cpus: set[int]) -> float:
 class LoadMeter:
     """Readings of others_busy on this process's CPUs, each over at least `min_seconds` since the previous one
     (or since `restart`); `cores`, the physical cores behind those CPUs, is what the readings take from. The
-    clock and the CPU-time sources are arguments so that a test can script a host."""
+    clock and the CPU-time sources are arguments so that a test can script a host. Where the CPU times cannot be
+    read (no /proc/stat in a sandbox), the meter stops reading and the tuner goes on with step times alone: a
+    missing hint never stops a generation."""
 
     min_seconds: float = 0.2
     cpus: set[int] = field(default_factory=allowed_cpus)
@@ -58,6 +60,7 @@ class LoadMeter:
     idle_seconds: Callable[[set[int]], float] = idle_cpu_seconds
     own_seconds: Callable[[], float] = time.process_time
     _since: tuple[float, float, float] | None = field(init=False, default=None)  # (clock, idle, own) at the start
+    _unreadable: bool = field(init=False, default=False)  # the CPU times failed once: no more readings
 
     def __post_init__(self) -> None:
         if self.cores is None:
@@ -65,11 +68,12 @@ class LoadMeter:
 
     def restart(self) -> None:
         """Start the next reading's span now."""
-        self._since = (self.clock(), self.idle_seconds(self.cpus), self.own_seconds())
+        self._since = self._sample(self.clock())
 
     def reading(self) -> float | None:
         """Cores other programs kept busy since the span started (which this starts if none has), once it is at
-        least min_seconds long; else None. Each reading starts the next span."""
+        least min_seconds long; else None (always None once the CPU times could not be read). Each reading starts
+        the next span."""
         if self._since is None:
             self.restart()
             return None
@@ -77,6 +81,17 @@ class LoadMeter:
         now = self.clock()
         if now - t0 < self.min_seconds:
             return None
-        idle, own = self.idle_seconds(self.cpus), self.own_seconds()
-        self._since = (now, idle, own)
+        self._since = self._sample(now)
+        if self._since is None:
+            return None
+        _, idle, own = self._since
         return others_busy(len(self.cpus), now - t0, idle - idle0, own - own0)
+
+    def _sample(self, now: float) -> tuple[float, float, float] | None:
+        if self._unreadable:
+            return None
+        try:
+            return now, self.idle_seconds(self.cpus), self.own_seconds()
+        except (OSError, psutil.Error, ValueError):
+            self._unreadable = True
+            return None

@@ -274,6 +274,19 @@ def test_the_load_meter_reads_this_hosts_cpu_time():
     assert busy is not None and 0.0 <= busy <= len(cpus)
 
 
+def test_a_host_whose_cpu_times_cannot_be_read_decodes_on_step_times_alone():
+    def no_proc_stat(cpus):
+        raise FileNotFoundError("/proc/stat")
+
+    host = SimulatedHost()
+    meter = host.meter()
+    meter.idle_seconds = no_proc_stat
+    steps = all_waiting_for_it(2)
+    blind = simulate_on(host, DecodeThreads.auto(2, load=meter), busy_until, steps, 500)
+    assert meter.reading() is None
+    assert blind == simulate_on(SimulatedHost(), DecodeThreads.auto(2), busy_until, steps, 500)
+
+
 def test_a_fixed_count_never_probes():
     tuner = DecodeThreads.fixed(1)
     assert simulate(tuner, lambda step, n: 1.0, 100) == [1] * 100
