@@ -35,6 +35,8 @@ from csrc_py import indexer_step
 from csrc_py.attend_simd import LANES, SCORE_LANES, WEIGH_CHUNKS, score_quad_tile, score_tile, weigh_tile
 from csrc_py.expert_ffn import packed_experts, packed_format
 from csrc_py.fast_math import exp_f32, exp_reduced
+from csrc_py.latent_simd import HEADS_LANES, latent_score_tile, latent_weigh_tile
+from csrc_py.latent_simd import TILE as LATENT_TILE
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 from csrc_py.simd import bits_to_f32, f32_to_bits
 
@@ -620,8 +622,7 @@ def attend(q: np.ndarray, heads: int, kv_heads: int, d: int, kcache: np.ndarray,
             t0 = t1
 
 
-LATENT_HEADS_MAX_BLOCK = 16  # most MLA query heads sharing one pass over a span of the latent cache
-LATENT_QUAD = 4  # heads per score microkernel: blocks are multiples of it, the heads padded with zero heads
+LATENT_QUAD = 4  # spans of the attended positions are whole quads of them
 LATENT_CHUNK = 32  # cached positions per online-softmax step: their latents (64 KiB) stay in L1/L2 for both uses
 LATENT_SPANS = 4  # spans the attended positions are cut into (flash-decoding), whatever the thread count
 LATENT_SPAN_MIN = 16  # fewest positions per span
@@ -698,114 +699,53 @@ def latent_selected_positions(selection: np.ndarray, selected: int, t: int, hi: 
     return n
 
 
-@njit(nogil=True, cache=True, inline="always", fastmath={"contract", "reassoc"})
-def latent_quad_dots(q4: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndarray, x3: np.ndarray,
-                     sums: np.ndarray) -> None:
-    """sums[k, a] += q4[a] . xk for four heads' rows q4 [4, d] and four key rows xk [d]: sixteen sums in registers
-    (each key element loaded once for four heads, each query element once for four keys)."""
-    qa, qb, qc, qd = q4[0], q4[1], q4[2], q4[3]
-    s0a, s0b, s0c, s0d = sums[0, 0], sums[0, 1], sums[0, 2], sums[0, 3]
-    s1a, s1b, s1c, s1d = sums[1, 0], sums[1, 1], sums[1, 2], sums[1, 3]
-    s2a, s2b, s2c, s2d = sums[2, 0], sums[2, 1], sums[2, 2], sums[2, 3]
-    s3a, s3b, s3c, s3d = sums[3, 0], sums[3, 1], sums[3, 2], sums[3, 3]
-    for r in range(x0.size):
-        y0, y1, y2, y3 = widen(x0, r), widen(x1, r), widen(x2, r), widen(x3, r)
-        wa, wb, wc, wd = qa[r], qb[r], qc[r], qd[r]
-        s0a += wa * y0
-        s0b += wb * y0
-        s0c += wc * y0
-        s0d += wd * y0
-        s1a += wa * y1
-        s1b += wb * y1
-        s1c += wc * y1
-        s1d += wd * y1
-        s2a += wa * y2
-        s2b += wb * y2
-        s2c += wc * y2
-        s2d += wd * y2
-        s3a += wa * y3
-        s3b += wb * y3
-        s3c += wc * y3
-        s3d += wd * y3
-    sums[0, 0], sums[0, 1], sums[0, 2], sums[0, 3] = s0a, s0b, s0c, s0d
-    sums[1, 0], sums[1, 1], sums[1, 2], sums[1, 3] = s1a, s1b, s1c, s1d
-    sums[2, 0], sums[2, 1], sums[2, 2], sums[2, 3] = s2a, s2b, s2c, s2d
-    sums[3, 0], sums[3, 1], sums[3, 2], sums[3, 3] = s3a, s3b, s3c, s3d
-
-
-@njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def latent_scores(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, base: int,
-                  idx: np.ndarray, scale: float, s: np.ndarray, sums: np.ndarray, ahead: np.ndarray) -> None:
-    """s[a, k] = scale * (q_lat[a] . c_cache[j] + q_rope[a] . r_cache[j]), j = base + idx[k], for q_lat [per, rank]
-    (per a multiple of LATENT_QUAD), idx [n]: four heads by four positions per pass; sums [4, 4] scratch. Spread
-    over the passes, prefetches the cache rows base + ahead[:] (the next chunk), so they arrive while this chunk
-    computes."""
-    per = q_lat.shape[0]
-    n = idx.size
+@njit(nogil=True, cache=True)
+def latent_transposed_queries(q_lat: np.ndarray, q_rope: np.ndarray, scale: float) -> np.ndarray:
+    """qt [blocks, T, rank + rope, HEADS_LANES]: scale times the latent queries q_lat [T, blocks * HEADS_LANES, rank]
+    with their rope parts q_rope [T, blocks * HEADS_LANES, rope] after them, each block's heads in the last axis
+    (csrc_py.latent_simd's layout)."""
+    T, padded, rank = q_lat.shape
+    rope_d = q_rope.shape[2]
+    blocks = padded // HEADS_LANES
+    qt = np.empty((blocks, T, rank + rope_d, HEADS_LANES), np.float32)
     sc = np.float32(scale)
-    for k in range(0, n, 4):
-        for i in range(k, min(k + 4, ahead.size)):
-            prefetch_rows(c_cache, base + ahead[i], base + ahead[i] + 1)
-            prefetch_rows(r_cache, base + ahead[i], base + ahead[i] + 1)
-        j0, j1 = base + idx[k], base + idx[min(k + 1, n - 1)]  # the last of a partial four repeat
-        j2, j3 = base + idx[min(k + 2, n - 1)], base + idx[min(k + 3, n - 1)]
-        for a in range(0, per, LATENT_QUAD):
-            sums[:] = 0.0
-            latent_quad_dots(q_lat[a: a + 4], c_cache[j0], c_cache[j1], c_cache[j2], c_cache[j3], sums)
-            latent_quad_dots(q_rope[a: a + 4], r_cache[j0], r_cache[j1], r_cache[j2], r_cache[j3], sums)
-            for i in range(min(4, n - k)):
-                for e in range(4):
-                    s[a + e, k + i] = sums[i, e] * sc
+    for b in range(blocks):
+        for t in range(T):
+            for a in range(HEADS_LANES):
+                h = b * HEADS_LANES + a
+                for i in range(rank):
+                    qt[b, t, i, a] = sc * q_lat[t, h, i]
+                for i in range(rope_d):
+                    qt[b, t, rank + i, a] = sc * q_rope[t, h, i]
+    return qt
 
 
-@njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def latent_accumulate(s: np.ndarray, c_cache: np.ndarray, base: int, idx: np.ndarray, best: np.ndarray,
-                      total: np.ndarray, o_lat: np.ndarray) -> None:
-    """One online-softmax step over the positions base + idx [n] with scores s [per, n] (overwritten by their
-    exps): for each head a, rescale the running sum total[a] and latent o_lat[a] [rank] to the new running maximum
-    best[a], then add exp(s - best) and exp(s - best) * c_cache[base + idx[k]]. Four heads by four positions per
-    pass over o_lat (per a multiple of LATENT_QUAD)."""
-    n = idx.size
-    per, rank = o_lat.shape
-    for a in range(per):
-        row = s[a, :n]
-        m = best[a]
-        for k in range(n):
-            m = max(m, row[k])
-        if m > best[a]:
-            shrink = np.float32(np.exp(best[a] - m))  # 0 on the first step (best -inf, o_lat and total 0)
-            total[a] *= shrink
-            o = o_lat[a]
-            for r in range(rank):
-                o[r] *= shrink
-            best[a] = m
-        total[a] += exp_shifted(row, n, m)
-    for a in range(0, per, LATENT_QUAD):
-        oa, ob, oc, od = o_lat[a], o_lat[a + 1], o_lat[a + 2], o_lat[a + 3]
-        sa, sb, sc, sd = s[a], s[a + 1], s[a + 2], s[a + 3]
-        k = 0
-        while k + 4 <= n:
-            c0, c1 = c_cache[base + idx[k]], c_cache[base + idx[k + 1]]
-            c2, c3 = c_cache[base + idx[k + 2]], c_cache[base + idx[k + 3]]
-            a0, a1, a2, a3 = sa[k], sa[k + 1], sa[k + 2], sa[k + 3]
-            b0, b1, b2, b3 = sb[k], sb[k + 1], sb[k + 2], sb[k + 3]
-            d0, d1, d2, d3 = sc[k], sc[k + 1], sc[k + 2], sc[k + 3]
-            e0, e1, e2, e3 = sd[k], sd[k + 1], sd[k + 2], sd[k + 3]
-            for r in range(rank):
-                x0, x1, x2, x3 = widen(c0, r), widen(c1, r), widen(c2, r), widen(c3, r)
-                oa[r] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
-                ob[r] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
-                oc[r] += (d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)
-                od[r] += (e0 * x0 + e1 * x1) + (e2 * x2 + e3 * x3)
-            k += 4
-        for k in range(k, n):
-            c0, a0, b0, d0, e0 = c_cache[base + idx[k]], sa[k], sb[k], sc[k], sd[k]
-            for r in range(rank):
-                x0 = widen(c0, r)
-                oa[r] += a0 * x0
-                ob[r] += b0 * x0
-                oc[r] += d0 * x0
-                od[r] += e0 * x0
+@njit(nogil=True, cache=True, inline="always")
+def latent_new_maxima(best: np.ndarray, tops: np.ndarray, total: np.ndarray, shrink: np.ndarray) -> bool:
+    """Where a head's running maximum rose (tops[a] > best[a]): shrink[a] = exp(best[a] - tops[a]) (0 on the first
+    step: best -inf), total[a] scaled by it and best[a] raised; elsewhere shrink[a] = 1. Whether any rose (its
+    running latent sums then need the same scaling: latent_weigh_tile's rescale)."""
+    rose = False
+    for a in range(HEADS_LANES):
+        up = tops[a] > best[a]
+        shrink[a] = np.float32(np.exp(best[a] - tops[a])) if up else np.float32(1.0)
+        best[a] = tops[a] if up else best[a]
+        total[a] *= shrink[a]
+        rose |= up
+    return rose
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"contract"})
+def exp_lanes(s: np.ndarray, n: int, best: np.ndarray, total: np.ndarray) -> None:
+    """s[16k + a] = exp(s[16k + a] - best[a]) in place for the n positions k of a chunk's scores (a position's
+    HEADS_LANES heads side by side), best[a] >= every s of head a; total[a] += head a's, in position order."""
+    for k in range(n):
+        for a in range(HEADS_LANES):
+            x = s[k * HEADS_LANES + a] - best[a]
+            p, e = exp_reduced(max(x, SOFTMAX_EXP_MIN))
+            pow2 = bits_to_f32((np.int32(e) + np.int32(127)) << 23) if x > SOFTMAX_EXP_MIN else np.float32(0.0)
+            s[k * HEADS_LANES + a] = p * pow2
+            total[a] += p * pow2
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
@@ -838,23 +778,23 @@ def latent_values(o_lat: np.ndarray, total: np.ndarray, h0: int, hb: int, nope: 
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def latent_partial(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, h0: int,
-                   k0: int, k1: int, n: np.ndarray, idx: np.ndarray, selected: int, scale: float, best: np.ndarray,
-                   total: np.ndarray, o_lat: np.ndarray) -> None:
-    """One span's online softmax for the heads h0..h0+per-1 of q_lat [T, heads', rank] (q_rope alike): each query
-    t over its attended positions k0 <= k < min(k1, n[t]) (the positions idx[t, k] with a selection, k without),
-    in chunks of LATENT_CHUNK: best, total [T, per] (running maximum and sum), o_lat [T, per, rank] (the
-    exp-weighted sum of latents), all relative to best. Prefetches each query's next chunk (past the span: the
-    thread's next span is usually the next one)."""
-    T, per = best.shape
-    o_lat[:] = 0.0
+def latent_partial(qt: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, k0: int, k1: int, n: np.ndarray,
+                   idx: np.ndarray, selected: int, best: np.ndarray, total: np.ndarray, o_part: np.ndarray) -> None:
+    """One span's online softmax for one block of HEADS_LANES heads, qt [T, rank + rope, HEADS_LANES] their scaled
+    queries (latent_transposed_queries): each query t over its attended positions k0 <= k < min(k1, n[t]) (the
+    positions idx[t, k] with a selection, k without), in chunks of LATENT_CHUNK: best, total [T, HEADS_LANES]
+    (running maximum and sum), o_part [T, rank, HEADS_LANES] (the exp-weighted sum of the latents, relative to
+    best). Prefetches each query's next chunk (past the span: the thread's next span is usually the next one)."""
+    T = best.shape[0]
+    o_part[:] = 0.0
     best[:] = -np.inf
     total[:] = 0.0
     n_max = n.max()
     offsets = np.arange(2 * LATENT_CHUNK)  # a chunk's and the next one's positions from its first, without a selection
     none = offsets[:0]
-    s = np.empty((per, LATENT_CHUNK), np.float32)
-    sums = np.empty((4, 4), np.float32)
+    s = np.empty(LATENT_CHUNK * HEADS_LANES, np.float32)  # a chunk's scores, then their exps: position-major
+    tops = np.empty(HEADS_LANES, np.float32)
+    shrink = np.empty(HEADS_LANES, np.float32)
     for c0 in range(k0, k1, LATENT_CHUNK):
         for t in range(T):
             c1 = min(c0 + LATENT_CHUNK, n[t], k1)
@@ -867,34 +807,57 @@ def latent_partial(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r
                 base, chunk = c0, offsets[: c1 - c0]
                 ahead = offsets[LATENT_CHUNK: LATENT_CHUNK + max(min(LATENT_CHUNK, n_max - c0 - LATENT_CHUNK), 0)] \
                     if t == 0 else none
-            latent_scores(q_lat[t, h0: h0 + per], q_rope[t, h0: h0 + per], c_cache, r_cache, base, chunk, scale, s,
-                          sums, ahead)
-            latent_accumulate(s, c_cache, base, chunk, best[t], total[t], o_lat[t])
+            m = c1 - c0
+            tops[:] = best[t]
+            for k in range(0, m, LATENT_TILE):
+                for i in range(k, min(k + LATENT_TILE, ahead.size)):
+                    prefetch_rows(c_cache, base + ahead[i], base + ahead[i] + 1)
+                    prefetch_rows(r_cache, base + ahead[i], base + ahead[i] + 1)
+                latent_score_tile(qt[t], 0, c_cache, r_cache, base, chunk, k, min(LATENT_TILE, m - k), s,
+                                  k * HEADS_LANES, tops)
+            rescale = latent_new_maxima(best[t], tops, total[t], shrink)
+            exp_lanes(s, m, best[t], total[t])
+            for k in range(0, m, LATENT_TILE):
+                latent_weigh_tile(s, k * HEADS_LANES, c_cache, base, chunk, k, min(LATENT_TILE, m - k), o_part[t],
+                                  shrink, rescale and k == 0)
 
 
 @njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def latent_merge(best: np.ndarray, total: np.ndarray, o_part: np.ndarray, a: int, o_lat: np.ndarray,
+def latent_merge(best: np.ndarray, total: np.ndarray, o_part: np.ndarray, heads: int, o_lat: np.ndarray,
                  sums: np.ndarray) -> None:
-    """o_lat[t, 0] = sum over spans of exp(best - m) * o_part[span, t, a], sums[t, 0] = sum of exp(best - m) *
-    total, m = the largest best (flash-decoding's merge of partial softmaxes, spans in order); best, total
-    [spans, T, per], o_part [spans, T, per, rank], o_lat [T, 1, rank]; a span a query does not reach adds nothing."""
-    spans, T = best.shape[0], best.shape[1]
-    rank = o_lat.shape[2]
-    for t in range(T):
-        m = np.float32(-np.inf)
-        for sp in range(spans):
-            m = max(m, best[sp, t, a])
-        o = o_lat[t, 0]
-        o[:] = 0.0
-        sums[t, 0] = 0.0
-        for sp in range(spans):
-            if best[sp, t, a] == -np.inf:
-                continue
-            f = np.float32(np.exp(best[sp, t, a] - m))
-            sums[t, 0] += f * total[sp, t, a]
-            part = o_part[sp, t, a]
-            for r in range(rank):
-                o[r] += f * part[r]
+    """o_lat[h, t, 0] = sum over spans of exp(best - m) * o_part[b, span, t, :, a], sums[h, t, 0] = sum of
+    exp(best - m) * total, m the largest best, for the heads h = b * HEADS_LANES + a < heads (flash-decoding's
+    merge of partial softmaxes, spans in order, a block's heads in vector lanes); best, total [blocks, spans, T,
+    HEADS_LANES], o_part [blocks, spans, T, rank, HEADS_LANES], o_lat [heads, T, 1, rank]; a span a query does not
+    reach adds nothing."""
+    blocks, spans, T = best.shape[0], best.shape[1], best.shape[2]
+    rank = o_part.shape[3]
+    f = np.empty((spans, HEADS_LANES), np.float32)
+    acc = np.empty((rank, HEADS_LANES), np.float32)
+    tot = np.empty(HEADS_LANES, np.float32)
+    for b in range(blocks):
+        for t in range(T):
+            for a in range(HEADS_LANES):
+                m = np.float32(-np.inf)
+                for sp in range(spans):
+                    m = max(m, best[b, sp, t, a])
+                for sp in range(spans):
+                    reached = best[b, sp, t, a] > -np.inf
+                    f[sp, a] = np.float32(np.exp(best[b, sp, t, a] - m)) if reached else np.float32(0.0)
+            acc[:] = 0.0
+            tot[:] = 0.0
+            for sp in range(spans):
+                part = o_part[b, sp, t]
+                for i in range(rank):
+                    for a in range(HEADS_LANES):
+                        acc[i, a] += f[sp, a] * part[i, a]
+                for a in range(HEADS_LANES):
+                    tot[a] += f[sp, a] * total[b, sp, t, a]
+            for a in range(min(HEADS_LANES, heads - b * HEADS_LANES)):
+                h = b * HEADS_LANES + a
+                sums[h, t, 0] = tot[a]
+                for i in range(rank):
+                    o_lat[h, t, 0, i] = acc[i, a]
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
@@ -911,22 +874,22 @@ def latent_attend(q: np.ndarray, heads: int, nope: int, w_kv: np.ndarray, c_cach
 
     Three parallel stages, for inputs that come from DRAM (a decode step's previous layer evicted them):
     1. the heads' latent queries (latent_query), the W_UK rows split over the threads;
-    2. latent_spans: the softmax over the cached latents, by spans of positions;
-    3. per head, the spans' partials merged in order (latent_merge) and put through W_UV (latent_values).
+    2. latent_spans: the softmax over the cached latents, by spans of positions, the heads in vector lanes;
+    3. the spans' partials merged in order (latent_merge, serial), then per head through W_UV (latent_values).
     Every split is a function of the shapes alone: the numbers do not depend on the thread count."""
     T = q.shape[0]
     rank, rope_d = c_cache.shape[1], r_cache.shape[1]
-    per, blocks = latent_blocks(heads)
-    q_lat = np.empty((T, blocks * per, rank), np.float32)  # the padding heads' rows zeroed by latent_query
-    q_rope = np.empty((T, blocks * per, rope_d), np.float32)
-    for h in prange(blocks * per):
+    padded = latent_blocks(heads) * HEADS_LANES
+    q_lat = np.empty((T, padded, rank), np.float32)  # the padding heads' rows zeroed by latent_query
+    q_rope = np.empty((T, padded, rope_d), np.float32)
+    for h in prange(padded):
         latent_query(q, h, heads, nope, w_kv, q_lat, q_rope)
-    best, total, o_part = latent_spans(q_lat, q_rope, c_cache, r_cache, start, scale, selection, selected, per)
+    qt = latent_transposed_queries(q_lat, q_rope, scale)
+    best, total, o_part = latent_spans(qt, c_cache, r_cache, start, selection, selected)
     o_lat = np.empty((heads, T, 1, rank), np.float32)  # each head's merged latent and softmax sum
     sums = np.empty((heads, T, 1), np.float32)
+    latent_merge(best, total, o_part, heads, o_lat, sums)
     for h in prange(heads):
-        b = h // per
-        latent_merge(best[b], total[b], o_part[b], h - b * per, o_lat[h], sums[h])
         latent_values(o_lat[h], sums[h], h, 1, nope, w_kv, out)
 
 
@@ -971,7 +934,7 @@ def heads_to_tokens(rows: np.ndarray, heads: int, out: np.ndarray) -> None:
             out[t, h * v: (h + 1) * v] = rows[h * T + t, :v]
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
+@njit(nogil=True, cache=True, fastmath={"contract", "reassoc"})
 def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: tuple, c_cache: np.ndarray,
                          r_cache: np.ndarray, start: int, scale: float, selection: np.ndarray, selected: int,
                          out: np.ndarray) -> None:
@@ -981,60 +944,68 @@ def latent_attend_packed(q: np.ndarray, heads: int, nope: int, k_b: tuple, v_b: 
     the same softmax over the cached latents (latent_spans) and merge."""
     T = q.shape[0]
     rank, rope_d = c_cache.shape[1], r_cache.shape[1]
-    per, blocks = latent_blocks(heads)
+    padded = latent_blocks(heads) * HEADS_LANES
     rows = q_nope_rows(q, heads, nope, rope_d)
     lat = np.empty((heads * T, k_b[1].shape[1] * k_b[1].shape[3]), np.float32)  # [heads*T, panels * 16 >= rank]
     packed_linear(rows, k_b, lat)
-    q_lat = np.empty((T, blocks * per, rank), np.float32)
-    q_rope = np.empty((T, blocks * per, rope_d), np.float32)
+    q_lat = np.empty((T, padded, rank), np.float32)
+    q_rope = np.empty((T, padded, rope_d), np.float32)
     latent_queries_of_rows(lat, q, heads, nope, q_lat, q_rope)
-    best, total, o_part = latent_spans(q_lat, q_rope, c_cache, r_cache, start, scale, selection, selected, per)
+    qt = latent_transposed_queries(q_lat, q_rope, scale)
+    best, total, o_part = latent_spans(qt, c_cache, r_cache, start, selection, selected)
     o_lat = np.empty((heads, T, 1, rank), np.float32)
     sums = np.empty((heads, T, 1), np.float32)
-    o_rows = np.empty((heads * T, rank), np.float32)  # the merged latents over their sums, head-major
-    for h in prange(heads):
-        b = h // per
-        latent_merge(best[b], total[b], o_part[b], h - b * per, o_lat[h], sums[h])
-        for t in range(T):
-            inv = np.float32(1.0) / sums[h, t, 0]
-            for r in range(rank):
-                o_rows[h * T + t, r] = o_lat[h, t, 0, r] * inv
+    latent_merge(best, total, o_part, heads, o_lat, sums)
+    o_rows = latent_rows_over_sums(o_lat, sums)
     o_out = np.empty((heads * T, v_b[1].shape[1] * v_b[1].shape[3]), np.float32)  # [heads*T, panels * 16 >= v]
     packed_linear(o_rows, v_b, o_out)
     heads_to_tokens(o_out, heads, out)
 
 
 @njit(nogil=True, cache=True)
-def latent_blocks(heads: int) -> tuple[int, int]:
-    """(heads per block, blocks) of the softmax over the cached latents: whole quads of heads, at most
-    LATENT_HEADS_MAX_BLOCK per block; zero heads pad the last block."""
-    per = min((heads + LATENT_QUAD - 1) // LATENT_QUAD * LATENT_QUAD, LATENT_HEADS_MAX_BLOCK)
-    return per, (heads + per - 1) // per
+def latent_rows_over_sums(o_lat: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """The merged latents o_lat [heads, T, 1, rank] over their softmax sums [heads, T, 1], as head-major rows
+    [heads*T, rank]."""
+    heads, T, rank = o_lat.shape[0], o_lat.shape[1], o_lat.shape[3]
+    rows = np.empty((heads * T, rank), np.float32)
+    for h in range(heads):
+        for t in range(T):
+            inv = np.float32(1.0) / sums[h, t, 0]
+            for r in range(rank):
+                rows[h * T + t, r] = o_lat[h, t, 0, r] * inv
+    return rows
+
+
+@njit(nogil=True, cache=True)
+def latent_blocks(heads: int) -> int:
+    """Blocks of HEADS_LANES heads the softmax over the cached latents takes the heads in (zero heads pad the
+    last)."""
+    return (heads + HEADS_LANES - 1) // HEADS_LANES
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "reassoc"})
-def latent_spans(q_lat: np.ndarray, q_rope: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, start: int,
-                 scale: float, selection: np.ndarray, selected: int, per: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flash-decoding over the cached latents for the latent queries q_lat [T, blocks*per, rank] (rope parts
-    q_rope): the attended positions cut into spans (latent_span: LATENT_SPANS of them, whatever the thread count),
-    one online softmax (latent_partial) per span and block of `per` heads, so each cached latent is read from
-    memory once per block in all, not once per thread, each chunk's successor prefetched while it computes.
-    Returns the partials best, total [blocks, spans, T, per] and o_part [blocks, spans, T, per, rank]."""
-    T, padded, rank = q_lat.shape
-    blocks = padded // per
+def latent_spans(qt: np.ndarray, c_cache: np.ndarray, r_cache: np.ndarray, start: int, selection: np.ndarray,
+                 selected: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flash-decoding over the cached latents for the scaled latent queries qt [blocks, T, rank + rope,
+    HEADS_LANES] (latent_transposed_queries): the attended positions cut into spans (latent_span: LATENT_SPANS of
+    them, whatever the thread count), one online softmax (latent_partial) per span and block of heads, so each
+    cached latent is read from memory once per block in all, not once per thread, each chunk's successor
+    prefetched while it computes. Returns the partials best, total [blocks, spans, T, HEADS_LANES] and o_part
+    [blocks, spans, T, rank, HEADS_LANES]."""
+    blocks, T = qt.shape[0], qt.shape[1]
+    rank = c_cache.shape[1]
     n = np.empty(T, np.int64)  # positions each query attends: in idx[t] with a selection, 0.. without
     idx = np.empty((T, max(selected, 0)), np.int64)
     n_max = latent_positions(selection, selected, start, n, idx)
     span = latent_span(n_max)
     spans = (n_max + span - 1) // span
-    best = np.empty((blocks, spans, T, per), np.float32)
-    total = np.empty((blocks, spans, T, per), np.float32)
-    o_part = np.empty((blocks, spans, T, per, rank), np.float32)
+    best = np.empty((blocks, spans, T, HEADS_LANES), np.float32)
+    total = np.empty((blocks, spans, T, HEADS_LANES), np.float32)
+    o_part = np.empty((blocks, spans, T, rank, HEADS_LANES), np.float32)
     for item in prange(blocks * spans):
         b, sp = item // spans, item % spans
-        latent_partial(q_lat, q_rope, c_cache, r_cache, b * per, sp * span, (sp + 1) * span, n, idx, selected, scale,
-                       best[b, sp], total[b, sp], o_part[b, sp])
+        latent_partial(qt[b], c_cache, r_cache, sp * span, (sp + 1) * span, n, idx, selected, best[b, sp],
+                       total[b, sp], o_part[b, sp])
     return best, total, o_part
 
 

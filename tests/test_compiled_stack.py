@@ -104,8 +104,8 @@ def test_the_stack_and_the_head_give_the_per_layer_steps_numbers(checkpoint, mon
 
 
 # Parallel regions per decode step, by design: attention = fused q/k/v, attention over the cache, o_proj; MLA with
-# packed dense weights = fused q (or q_a) + kv_a, q_b with a q-LoRA, W_UK, the spans' softmax over the latents,
-# their merge, W_UV, o_proj, + a lightning indexer's wk where the layer has its own (the counted step's context is
+# packed dense weights = fused q (or q_a) + kv_a, q_b with a q-LoRA, W_UK, the spans' softmax over the latents
+# (merged serially), W_UV, o_proj, + a lightning indexer's wk where the layer has its own (the counted step's context is
 # within index_topk: no selection yet); Gated DeltaNet = in_proj, the delta rule, out_proj; a MoE block = the
 # routed experts' gate and up (one region) and down matmuls (+ the shared expert's gate/up and down); a dense MLP =
 # gate/up and down; the LM head = one. Counted from Numba's own launch function, in a process of its own (the count
@@ -142,7 +142,7 @@ print(json.dumps({"regions": count[0], "kinds": kinds}))
 
 
 def designed_regions(kinds: list[tuple[str, bool, bool, str, bool]]) -> int:
-    per_attention = {"Attention": 3, "MLA": 6, "GatedDeltaNet": 3}
+    per_attention = {"Attention": 3, "MLA": 5, "GatedDeltaNet": 3}
     per_mlp = {"MoE": 2, "SwiGLU": 2}
     return sum(per_attention[attn] + q_lora + indexer + per_mlp[mlp] + 2 * shared
                for attn, q_lora, indexer, mlp, shared in kinds) + 1

@@ -175,6 +175,46 @@ def test_the_folded_quad_tiles_give_every_score_and_each_row_s_best(cache):
     assert torch.allclose(torch.from_numpy(best), top, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("cache", ["float32", "bf16"])
+def test_the_latent_tiles_take_the_heads_in_lanes(cache):
+    """latent_simd's tiles on their own: 16 heads' scores of 7 listed cache rows (a tile of TILE or fewer, its
+    positions as base + rows[r_off:]: blocks of 4 + 2 + 1 where TILE is 8) over a rank that is not a whole number of
+    SCORE_RUNs, each head's running maximum raised from an earlier one; the weighted sums into running sums that
+    the tile's first block scales when asked, and only then."""
+    from numba import njit
+
+    from csrc_py.latent_simd import HEADS_LANES, SCORE_RUN, TILE, latent_score_tile, latent_weigh_tile
+
+    score = njit(lambda *a: latent_score_tile(*a))
+    weigh = njit(lambda *a: latent_weigh_tile(*a))
+    rank, rope, nk = 2 * SCORE_RUN + 5, 4, min(7, TILE)
+    c, kr = randn(20, rank), randn(20, rope)
+    if cache == "bf16":
+        c, kr = c.to(torch.bfloat16).float(), kr.to(torch.bfloat16).float()
+    caches = (c.numpy(), kr.numpy()) if cache == "float32" else (bf16_bits(c), bf16_bits(kr))
+    qt = randn(rank + rope, HEADS_LANES)
+    rows = np.array([9, 0, 3, 5, 6, 8, 2, 1, 4], np.int64)  # r_off 2: positions base + 3, 5, 6, ...
+    base, r_off = 4, 2
+    at = torch.from_numpy(base + rows[r_off: r_off + nk])
+    expected = c[at] @ qt[:rank] + kr[at] @ qt[rank:]  # [nk, 16]
+    s = np.full((TILE + 1) * HEADS_LANES, np.nan, np.float32)
+    tops = np.full(HEADS_LANES, -np.inf, np.float32)
+    tops[3] = 1e3
+    score(qt.numpy(), 0, caches[0], caches[1], base, rows, r_off, nk, s, HEADS_LANES, tops)
+    assert rel_err(torch.from_numpy(s[HEADS_LANES: (nk + 1) * HEADS_LANES].reshape(nk, -1)), expected) < 1e-6
+    assert np.isnan(s[:HEADS_LANES]).all() and np.isnan(s[(nk + 1) * HEADS_LANES:]).all()
+    top = expected.max(dim=0).values
+    top[3] = 1e3
+    assert torch.allclose(torch.from_numpy(tops), top, rtol=1e-6, atol=1e-6)
+
+    p, o0, shrink = randn(nk, HEADS_LANES), randn(rank, HEADS_LANES), torch.rand(HEADS_LANES)
+    for rescale in (False, True):
+        o = o0.numpy().copy()
+        weigh(p.numpy().ravel(), 0, caches[0], base, rows, r_off, nk, o, shrink.numpy(), rescale)
+        want = (o0 * shrink if rescale else o0) + c[at].T @ p
+        assert rel_err(torch.from_numpy(o), want) < 1e-6
+
+
 def test_a_bf16_cache_write_rounds_as_torch_does():
     """The compiled step's cache writes (store_rows into bf16 bits) hold the values torch's cache writes hold:
     round to nearest even over magnitudes from subnormal to near the float32 limit, exact ties both ways, the
