@@ -35,7 +35,7 @@ from csrc_py import indexer_step
 from csrc_py.attend_simd import LANES, SCORE_LANES, WEIGH_CHUNKS, score_quad_tile, score_tile, weigh_tile
 from csrc_py.expert_ffn import packed_experts, packed_format
 from csrc_py.fast_math import exp_f32, exp_reduced
-from csrc_py.latent_simd import HEADS_LANES, latent_score_tile, latent_weigh_tile
+from csrc_py.latent_simd import HEADS_LANES, lanes_fma, latent_score_tile, latent_weigh_tile
 from csrc_py.latent_simd import TILE as LATENT_TILE
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
 from csrc_py.simd import bits_to_f32, f32_to_bits
@@ -847,10 +847,7 @@ def latent_merge(best: np.ndarray, total: np.ndarray, o_part: np.ndarray, heads:
             acc[:] = 0.0
             tot[:] = 0.0
             for sp in range(spans):
-                part = o_part[b, sp, t]
-                for i in range(rank):
-                    for a in range(HEADS_LANES):
-                        acc[i, a] += f[sp, a] * part[i, a]
+                lanes_fma(acc, o_part[b, sp, t], f[sp])
                 for a in range(HEADS_LANES):
                     tot[a] += f[sp, a] * total[b, sp, t, a]
             for a in range(min(HEADS_LANES, heads - b * HEADS_LANES)):

@@ -177,3 +177,25 @@ def latent_weigh_tile(typingctx, p, p_off, cache, base, rows, r_off, nk, o, shri
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def lanes_fma(typingctx, acc, x, f):
+    """acc[16i + a] += f[a] * x[16i + a] for every i < acc.size / 16 and the 16 heads a: one partial softmax's
+    running sums [rank, 16] added into another's, each head scaled by its factor (the spans' merge). Float32 arrays,
+    C-contiguous, x at least as long as acc."""
+    sig = types.void(acc, x, f)
+
+    def codegen(context, builder, sig, args):
+        vf = _vec(_F32, HEADS_LANES)
+        acc_arr, x_arr, f_arr = (context.make_array(t)(context, builder, a) for t, a in zip(sig.args, args))
+        fv = _load(builder, f_arr.data, vf)
+        n = builder.sdiv(acc_arr.nitems, _I64(HEADS_LANES))
+        with cgutils.for_range(builder, n) as loop:
+            at = builder.mul(loop.index, _I64(HEADS_LANES))
+            a_ptr = builder.bitcast(builder.gep(acc_arr.data, [at]), vf.as_pointer())
+            x = _load(builder, builder.gep(x_arr.data, [at]), vf)
+            builder.store(_fma(builder, fv, x, builder.load(a_ptr, align=1)), a_ptr, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
