@@ -351,9 +351,9 @@ def absorbed_attention(q, w_kv, c, kr, start, scale, selection, selected):
 
 
 # (T, start, selected, heads, nope, rank): one position; positions and selections that are not a multiple of
-# latent_attend's chunk (32), position block (4) or pair (2); queries whose positions end in different chunks;
-# heads not a multiple of the block (6 and 10: a block and a partial one, padded with zero heads; 18: two blocks of
-# 16, the second mostly padding); W_UK rows not a multiple of 4 (nope 6); a rank that is not a whole number of SIMD
+# latent_attend's chunk (32), tile (8 or 4: blocks of 4 + 2 + 1 positions) or pair (2); queries whose positions end
+# in different chunks; heads not a multiple of the block of 16 (6 and 10: one block padded with zero heads; 18: two
+# blocks, the second mostly padding); W_UK rows not a multiple of 4 (nope 6); a rank that is not a whole number of SIMD
 # vectors (20); DeepSeek's nope and rank; positions cut into spans unevenly (71: 20, 20, 20, 11); queries whose last
 # span differs (start 57, T 8: spans of 20, the first query ends in the third, its fourth partial is empty).
 LATENT_CASES = [(1, 9, 0, 6, 8, 16), (3, 7, 0, 6, 8, 16), (2, 8, 4, 6, 8, 16), (1, 0, 0, 6, 8, 16),
