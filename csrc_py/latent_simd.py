@@ -10,8 +10,10 @@ folded in), and the running sums are kept transposed, [rank, 16].
 
 The four-heads-by-four-positions loops in Numba these replace ran at about a third of this core's multiply-add rate
 (16 horizontal sums per tile, and the weighted sum stored its accumulators every 4 positions); figures in
-docs/benchmarks.md. A tile covers up to TILE positions with its accumulators (scores) or weights (sums) in
-registers: 8 sixteen-lane vectors on the 16-lane tiers, 4 where a vector is two 256-bit halves (16 ymm registers).
+docs/benchmarks.md; these run at ~70-90% of it on the Intel host, bound by their broadcast loads (one per
+multiply-add). A tile covers up to TILE positions with its accumulators (scores) or weights (sums) in registers: 8
+sixteen-lane vectors on the 16-lane tiers, 4 where a vector is two 256-bit halves (16 ymm registers; a weigh tile
+of 16 positions measured slower on the 16-lane tier).
 
 Caches are float32 or bf16 bits (uint16, widened by a shift); sums in float32 with fused multiply-adds, each
 position's products added in position order.
@@ -29,8 +31,9 @@ from csrc_py.simd import _F32, _I32, _I64, _fma, _lanes, _load, _splat, _vec
 HEADS_LANES = 16  # query heads per block: one float32 lane each
 TILE = 8 if _lanes() == 16 else 4  # positions per tile
 # A score's products are summed in runs of SCORE_RUN, each run's sum then added to the score: one chain of 576
-# products (DeepSeek's rank 512 + rope 64) put 5x more float32 rounding into the softmax than the summation order of
-# the loops before (measured against float64 on the tests' cases); runs of 32 bring it back to theirs.
+# products (DeepSeek's rank 512 + rope 64) put 5x more float32 rounding into the output than the loops before
+# (4.4e-6 against 8.5e-7 relative to float64, the tests' worst case); runs of 32 gave 1.5e-6, of 16 9.6e-7, of 8
+# 6.8e-7, at the same speed within the host's noise.
 SCORE_RUN = 8
 
 
