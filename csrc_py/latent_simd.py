@@ -45,7 +45,7 @@ def _cache_value(builder: ir.IRBuilder, ptr, bf16: bool) -> ir.Value:
 
 
 def _row_starts(context, builder, sig, args, names, cache_name: str, rows_name: str, base, first, count: int):
-    """Pointers to the cache rows base + rows[first + k] for k < count (a 2-D C-contiguous cache)."""
+    """Pointers to the cache rows base + rows[first + k] for k < count (a 2-D cache, rows of unit stride)."""
     ty, val = dict(zip(names, sig.args)), dict(zip(names, args))
     cache = context.make_array(ty[cache_name])(context, builder, val[cache_name])
     stride = builder.sdiv(cgutils.unpack_tuple(builder, cache.strides, 2)[0], _I64(ty[cache_name].dtype.bitwidth // 8))
@@ -75,11 +75,10 @@ _SCORE_ARGS = ("qt", "q_off", "cache", "rope_cache", "base", "rows", "r_off", "n
 @intrinsic
 def latent_score_tile(typingctx, qt, q_off, cache, rope_cache, base, rows, r_off, nk, s, s_off, tops):
     """s[s_off + 16k + a] = sum_{i<rank} cache[j, i] * qt[q_off + 16i + a] + sum_{i<rope} rope_cache[j, i] *
-    qt[q_off + 16(rank + i) + a], j = base + rows[r_off + k], for k < nk (<= TILE) and the 16 heads a (each
-    sum in runs of SCORE_RUN products);
-    tops[:16] = max(itself, each of those scores), lane by lane. cache [P, rank] and rope_cache [P, rope] float32
-    or bf16 bits, C-contiguous; qt, s, tops float32 (qt: the block's queries transposed, [rank + rope, 16]); rows
-    int64."""
+    qt[q_off + 16(rank + i) + a], j = base + rows[r_off + k], for k < nk (<= TILE) and the 16 heads a, each sum
+    in runs of SCORE_RUN products; tops[:16] = max(itself, each of those scores), lane by lane. cache [P, rank] and
+    rope_cache [P, rope]: float32 or bf16 bits, rows of unit stride (views of one cache, as the model's, are fine);
+    qt, s, tops float32, contiguous (qt: the block's queries transposed, [rank + rope, 16]); rows int64."""
     sig = types.void(qt, q_off, cache, rope_cache, base, rows, r_off, nk, s, s_off, tops)
     bf16 = (cache.dtype == types.uint16, rope_cache.dtype == types.uint16)
 
@@ -136,8 +135,8 @@ def latent_weigh_tile(typingctx, p, p_off, cache, base, rows, r_off, nk, o, shri
     """o[16i + a] = o[16i + a] * (shrink[a] if rescale else 1) + sum_{k<nk} p[p_off + 16k + a] * cache[base +
     rows[r_off + k], i] for every latent coordinate i < rank and the 16 heads a, nk <= TILE: the nk weight vectors
     stay in registers over the pass, each o vector is loaded and stored once (the online softmax's rescaling of
-    the running sums rides on the first tile of a chunk). cache [P, rank] float32 or bf16 bits, C-contiguous; p,
-    o, shrink float32 (o: the block's running sums transposed, [rank, 16]); rows int64."""
+    the running sums rides on the first tile of a chunk). cache [P, rank] float32 or bf16 bits, rows of unit stride;
+    p, o, shrink float32, contiguous (o: the block's running sums transposed, [rank, 16]); rows int64."""
     sig = types.void(p, p_off, cache, base, rows, r_off, nk, o, shrink, rescale)
     bf16 = cache.dtype == types.uint16
 
