@@ -127,11 +127,12 @@ def _load_in_order(builder: ir.IRBuilder, ptr, vty: ir.Type) -> ir.Value:
 
 
 # The weight streams' prefetch hint: LLVM locality 2, prefetcht1 (into L2, not L1). On the Intel AMX VM, whose loads
-# wait ~170-300 ns, prefetcht0 holds an L1 fill buffer per line in flight and so caps the lines a core has in flight;
-# into L2, the gate/up pair of 8 Qwen3 experts streamed cold 1.06-1.08x faster and DeepSeek-V2-Lite decoded
-# 1.14-1.16x faster end to end (docs/benchmarks.md, "prefetcht1"). Data already in L3 is read ~12% slower that way
-# (L1 misses then wait on L2): a model's weights are read once a token, from DRAM. AMD's Zen 4 also prefetches
-# into L2 for this hint (not measured here); earlier AMD cores fill L1 for every hint, as before.
+# wait ~170 ns, it streamed the gate/up pair of 8 Qwen3 experts cold 1.06-1.08x faster than prefetcht0 and decoded
+# DeepSeek-V2-Lite 1.14-1.16x, Mixtral 4.7B 1.07-1.09x, the 48-layer Qwen3 1.03-1.06x faster end to end
+# (docs/benchmarks.md, "the weight streams prefetched into L2"); presumably a prefetcht0 holds one of L1's few fill
+# buffers per line in flight, which caps the lines a core can have in flight. Data already in L3 is read ~12% slower
+# this way (L1 misses then wait on L2), but a model's weights come from DRAM once a token. AMD's Zen 4 also
+# prefetches into L2 for this hint (not measured here); earlier AMD cores fill L1 for every hint, as before.
 PREFETCH_LOCALITY = 2
 
 
