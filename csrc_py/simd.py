@@ -127,7 +127,7 @@ def _load_in_order(builder: ir.IRBuilder, ptr, vty: ir.Type) -> ir.Value:
 
 
 # The weight streams' prefetch hint: LLVM locality 2, prefetcht1 (into L2, not L1). On the Intel AMX VM, whose loads
-# wait ~170 ns, it streamed the gate/up pair of 8 Qwen3 experts cold 1.06-1.08x faster than prefetcht0 and decoded
+# wait ~170 ns, it streamed the gate/up pair of 8 Qwen3 experts cold 1.05-1.10x faster than prefetcht0 and decoded
 # DeepSeek-V2-Lite 1.14-1.16x, Mixtral 4.7B 1.07-1.09x, the 48-layer Qwen3 1.03-1.06x faster end to end
 # (docs/benchmarks.md, "the weight streams prefetched into L2"); presumably a prefetcht0 holds one of L1's few fill
 # buffers per line in flight, which caps the lines a core can have in flight. Data already in L3 is read ~12% slower
