@@ -26,10 +26,8 @@ clip, L2 eps, temperature).
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from csrc_py import indexer_step
 from csrc_py.attend_simd import LANES, SCORE_LANES, WEIGH_CHUNKS, score_quad_tile, score_tile, weigh_tile
@@ -38,7 +36,7 @@ from csrc_py.fast_math import exp_f32, exp_reduced
 from csrc_py.latent_simd import HEADS_LANES, lanes_fma, latent_score_tile, latent_weigh_tile
 from csrc_py.latent_simd import TILE as LATENT_TILE
 from csrc_py.linear import linear_bf16, linear_q4, linear_q8
-from csrc_py.simd import bits_to_f32, f32_to_bits
+from csrc_py.simd import bits_to_f32, f32_to_bits, prefetch
 
 # Routing codes (offload.model.routing.route's cases).
 SOFTMAX, SIGMOID = 0, 1
@@ -210,26 +208,6 @@ def store_rows(x: np.ndarray, out: np.ndarray) -> None:
 
 
 LINE = 64  # bytes per cache line
-
-
-@intrinsic
-def prefetch(typingctx, arr, byte):
-    """A hint to bring the cache line at `byte` bytes into arr's data into L2 (llvm.prefetch: no fault, no wait)."""
-    if not isinstance(arr, types.Array) or not isinstance(byte, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        i8p = ir.IntType(8).as_pointer()
-        offset = context.cast(builder, args[1], sig.args[1], types.int64)
-        at = builder.gep(builder.bitcast(data, i8p), [offset])
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [at, i32(0), i32(2), i32(1)])  # read, locality 2 (prefetcht1: L2), data
-        return context.get_dummy_value()
-
-    return types.void(arr, byte), codegen
 
 
 @njit(nogil=True, cache=True, inline="always")

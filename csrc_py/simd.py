@@ -126,13 +126,14 @@ def _load_in_order(builder: ir.IRBuilder, ptr, vty: ir.Type) -> ir.Value:
     return instr
 
 
-# The weight streams' prefetch hint: LLVM locality 2, prefetcht1 (into L2, not L1). On the Intel AMX VM, whose loads
-# wait ~170 ns, it streamed the gate/up pair of 8 Qwen3 experts cold 1.05-1.10x faster than prefetcht0 and decoded
-# DeepSeek-V2-Lite 1.14-1.16x, Mixtral 4.7B 1.07-1.09x, the 48-layer Qwen3 1.03-1.06x faster end to end
-# (docs/benchmarks.md, "the weight streams prefetched into L2"); presumably a prefetcht0 holds one of L1's few fill
-# buffers per line in flight, which caps the lines a core can have in flight. Data already in L3 is read ~12% slower
-# this way (L1 misses then wait on L2), but a model's weights come from DRAM once a token. AMD's Zen 4 also
-# prefetches into L2 for this hint (not measured here); earlier AMD cores fill L1 for every hint, as before.
+# The hint of every software prefetch (the panel kernels' weight streams; `prefetch`, the attention's cache
+# streams): LLVM locality 2, prefetcht1 (into L2, not L1). On the Intel AMX VM, whose loads wait ~170 ns, it
+# streamed the gate/up pair of 8 Qwen3 experts cold 1.05-1.10x faster than prefetcht0 and decoded DeepSeek-V2-Lite
+# 1.14-1.16x, Mixtral 4.7B 1.07-1.09x, the 48-layer Qwen3 1.03-1.06x faster end to end (docs/benchmarks.md, "the
+# weight streams prefetched into L2"); presumably a prefetcht0 holds one of L1's few fill buffers per line in
+# flight, which caps the lines a core can have in flight. Data already in L3 is read ~12% slower this way (L1
+# misses then wait on L2), but a model's weights come from DRAM once a token. AMD's Zen 4 also prefetches into L2
+# for this hint (not measured here); earlier AMD cores fill L1 for every hint, as before.
 PREFETCH_LOCALITY = 2
 
 
@@ -141,6 +142,22 @@ def _prefetch(builder: ir.IRBuilder, ptr, distance: int) -> None:
     p8 = builder.bitcast(ptr, _I8.as_pointer())
     _call(builder, "llvm.prefetch.p0", ir.VoidType(),
           [builder.gep(p8, [_I64(distance)]), _I32(0), _I32(PREFETCH_LOCALITY), _I32(1)])
+
+
+@intrinsic
+def prefetch(typingctx, arr, byte):
+    """A hint to bring the cache line at `byte` bytes into arr's data into L2, as the weight streams' prefetches
+    (PREFETCH_LOCALITY; llvm.prefetch: no fault, no wait): the attention's cache streams."""
+    if not isinstance(arr, types.Array) or not isinstance(byte, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        offset = context.cast(builder, args[1], sig.args[1], types.int64)
+        _prefetch(builder, builder.gep(builder.bitcast(data, _I8.as_pointer()), [offset]), 0)
+        return context.get_dummy_value()
+
+    return types.void(arr, byte), codegen
 
 
 def _splat(builder: ir.IRBuilder, scalar, vty: ir.VectorType) -> ir.Value:

@@ -53,11 +53,10 @@ import sys
 import numpy as np
 import csrc_py  # noqa: F401
 from csrc_py import simd
-from csrc_py.grouped_matmul import matmul_q4, matmul_q8
-from tests.test_isa_tiers import run_kernels
+from tests.test_isa_tiers import run_kernels, streams_asm
 data = dict(np.load(sys.argv[1]))
 out = run_kernels(data)
-asm = "".join(text for kernel in (matmul_q8, matmul_q4) for text in kernel.inspect_asm().values())
+asm = streams_asm()
 instructions = [name for name in ("vpdpbusd", "{vex}", "vpmaddubsw", "vpsignb", "zmm", "prefetcht0", "prefetcht1")
                 if name in asm]
 np.savez(sys.argv[2], tier=simd.TIER, instructions=",".join(instructions), **out)
@@ -167,9 +166,16 @@ def test_host_tier_matches_the_oracles(host_run):
     _check_against_oracles(data, packed, out)
 
 
-def test_the_weight_streams_are_prefetched_into_l2(host_run):
+def streams_asm() -> str:
+    """The machine code of the kernels run_kernels compiled that stream memory: the packed matmuls (weights) and
+    the attention over the cache."""
+    kernels = (matmul_q8, matmul_q4, decode_step.attend)
+    return "".join(text for kernel in kernels for text in kernel.inspect_asm().values())
+
+
+def test_the_streams_are_prefetched_into_l2(host_run):
     """prefetcht1, not prefetcht0 (simd.PREFETCH_LOCALITY: 1.14-1.16x DeepSeek-V2-Lite decode on the Intel VM)."""
-    asm = "".join(text for kernel in (matmul_q8, matmul_q4) for text in kernel.inspect_asm().values())
+    asm = streams_asm()
     assert "prefetcht1" in asm and "prefetcht0" not in asm
 
 
@@ -191,7 +197,7 @@ def test_tier_in_a_subprocess_matches_the_oracles(name, host_run, tier_runs):
         assert "zmm" not in instructions  # the restricted target really compiled without AVX-512
     if name == "avx-vnni-vex":
         assert "{vex}" in instructions  # AVX-VNNI's encoding, not AVX512-VL's
-    assert "prefetcht1" in instructions and "prefetcht0" not in instructions  # the weight streams into L2
+    assert "prefetcht1" in instructions and "prefetcht0" not in instructions  # the streams into L2
     _check_against_oracles(data, packed, got)
     for key in got:
         if target.fma and "linear" in key:  # exact integer sums, the same float operations: bit for bit
