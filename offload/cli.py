@@ -129,7 +129,7 @@ class LoadOptions:
               "from it, and rounds the cached values to bf16 (default: the model dtype, float32 on the CPU).")
     cuda_graphs: bool = _load_option(
         False, "Replay each layer's attention, norm and router of a decode step from a CUDA graph per context "
-               "bucket (needs a CUDA device; off by default until it has run on a GPU).")
+               "bucket (needs a CUDA device; off by default until it has run on a GPU with host experts).")
 
 
 def with_load_options(command: Callable) -> Callable:

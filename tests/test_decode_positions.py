@@ -57,10 +57,11 @@ def generate_recording(model) -> tuple[list[int], list[tuple[int, Positions | No
 
 def host_position_logits(model, tokens: list[int]) -> torch.Tensor:
     """The same steps at host positions: the prompt, then each generated token but the last [NEW_TOKENS, V]."""
-    t = model.transformer
+    t, device = model.transformer, model.device
     with torch.inference_mode():
-        rows = [t(torch.tensor(PROMPT), 0, last_only=True)]
-        rows += [t(torch.tensor([token]), len(PROMPT) + i, last_only=True) for i, token in enumerate(tokens[:-1])]
+        rows = [t(torch.tensor(PROMPT, device=device), 0, last_only=True)]
+        rows += [t(torch.tensor([token], device=device), len(PROMPT) + i, last_only=True)
+                 for i, token in enumerate(tokens[:-1])]
     return torch.cat(rows)
 
 
@@ -91,6 +92,23 @@ def test_a_bf16_kv_cache_on_a_device_tier_steps_at_device_positions(checkpoint_d
                          kv_cache="bf16")
     assert model.transformer.caches[0].nbytes * 2 == device_tier_model(checkpoint_dir(name)[0]).transformer.caches[
         0].nbytes
+    check_generation_matches_host_positions(model)
+
+
+def hybrid_model(folder, device: str, **options) -> offload.Model:
+    """Half of each MoE layer's experts pinned beside one cache slot, the others on the CPU workers in bf16 (the
+    folder's dtype: both tiers compute them exactly)."""
+    from test_cuda import hybrid_plan
+
+    config = offload.load(folder, device="cpu", max_context=MAX_CONTEXT).config
+    return offload.load(folder, device=device, dtype="float32", max_context=MAX_CONTEXT, prefetch=False,
+                        plan=hybrid_plan(config, "bf16", MAX_CONTEXT), **options)
+
+
+@pytest.mark.parametrize("name", ["mixtral_window_linear_rope", "deepseek_v3"])
+def test_a_hybrid_plan_on_a_device_tier_steps_at_device_positions(bf16_checkpoints, name):
+    model = hybrid_model(bf16_checkpoints(name), "cpu")
+    assert all(layer.pinned and layer.host_experts for layer in model.plan.layers)
     check_generation_matches_host_positions(model)
 
 
@@ -175,6 +193,20 @@ def test_cuda_graphs_replay_the_eager_steps(checkpoint_dir, name):
     eager = offload.load(folder, device="cuda", dtype="float32", max_context=MAX_CONTEXT)
     assert any(layer.graphs is not None for layer in graphs.transformer.layers)
     assert all(layer.graphs is None for layer in eager.transformer.layers)
+    check_generation_matches_host_positions(graphs)
+    assert not any(layer.graphs.failed for layer in graphs.transformer.layers if layer.graphs is not None)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, ignore_eos=True, reuse_cache=False)
+    assert graphs.generate(PROMPT, **kwargs).token_ids == eager.generate(PROMPT, **kwargs).token_ids
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["mixtral_window_linear_rope", "deepseek_v3"])
+def test_cuda_graphs_with_host_experts_replay_the_eager_steps(bf16_checkpoints, name):
+    """A hybrid plan on a GPU: the graphed attention blocks feed the experts on the device and on the CPU workers;
+    tokens and logits equal the eager steps and the host-position steps."""
+    graphs = hybrid_model(bf16_checkpoints(name), "cuda", cuda_graphs=True)
+    eager = hybrid_model(bf16_checkpoints(name), "cuda")
+    assert any(layer.graphs is not None for layer in graphs.transformer.layers)
     check_generation_matches_host_positions(graphs)
     assert not any(layer.graphs.failed for layer in graphs.transformer.layers if layer.graphs is not None)
     kwargs = dict(max_new_tokens=NEW_TOKENS, ignore_eos=True, reuse_cache=False)

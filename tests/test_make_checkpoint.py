@@ -310,14 +310,14 @@ def test_fp8_output_is_deepseek_v3s_published_layout_of_the_hf_values(hf_dir, tm
 
 
 def test_fp8_command_line_matches_transformers_and_stays_close_to_bf16(tmp_path, monkeypatch, capsys):
-    import transformers
+    from test_quantized_checkpoints import hf_model
 
     monkeypatch.setitem(mc.SHAPES, "tiny-v3", tiny_config("deepseek_v3"))
     mc.main(["tiny-v3", str(tmp_path / "fp8"), "--layers", "2", "--fp8", "--seed", "1"])
     mc.main(["tiny-v3", str(tmp_path / "hf"), "--layers", "2", "--hf", "--seed", "1"])
     assert "hf fp8" in capsys.readouterr().out
     ids = prompt()
-    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
+    reference = hf_model(tmp_path / "fp8")
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
     bf16_experts = offload.load(tmp_path / "fp8", device="cpu", max_context=64, experts="bf16").logits(ids)

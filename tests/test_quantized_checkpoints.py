@@ -1,9 +1,9 @@
 """Quantized checkpoints as published (FP8 blocks, compressed-tensors int4, MXFP4, GPTQ, AWQ): tiny models written
 by transformers, their tensors rewritten in each scheme's layout (offload.weights.encoders), loaded and converted.
 
-References: transformers' own FP8 loader (it dequantizes on a CPU) for FP8; for the integer schemes, transformers
-on a plain folder holding the dequantized values of the published tensors (offload.weights.codecs, themselves
-held to independent references in test_codecs.py).
+References: transformers' own FP8 loader for FP8 (asked to dequantize, as it does by itself without a GPU); for the
+integer schemes, transformers on a plain folder holding the dequantized values of the published tensors
+(offload.weights.codecs, themselves held to independent references in test_codecs.py).
 """
 from __future__ import annotations
 
@@ -164,10 +164,21 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def hf_logits(folder: Path) -> torch.Tensor:
+def hf_model(folder: Path) -> torch.nn.Module:
+    """transformers' float32 model of the folder. An FP8 folder is dequantized by transformers' own loader on every
+    machine: it does so by itself only without a GPU (with one it keeps the FP8 weights and quantizes the
+    activations)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    config = transformers.AutoConfig.from_pretrained(folder)
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "fp8":
+        config.quantization_config = {**quantization, "dequantize": True}
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
+
+
+def hf_logits(folder: Path) -> torch.Tensor:
+    model = hf_model(folder)
     with torch.no_grad():
         return model(torch.tensor([IDS])).logits[0].float()
 

@@ -20,7 +20,7 @@ from offload.demo import demo_model
 from offload.generate import common_prefix_length
 
 openai = pytest.importorskip("openai", reason="the server is tested with the openai client: pip install -e '.[test]'")
-httpx = pytest.importorskip("httpx")  # openai's own HTTP client
+httpx = pytest.importorskip("httpx", reason="the server test makes its own HTTP calls: pip install -e '.[test]'")
 
 MAX_CONTEXT = 256
 STARTUP_SECONDS = 180  # the machine may be busy: loading is slow then, never wrong
@@ -51,7 +51,8 @@ def server(tmp_path_factory):
     """A live `offload serve` on the demo model in a subprocess: (base URL, its stderr file)."""
     port = free_port()
     stderr = tmp_path_factory.mktemp("serve") / "stderr.txt"
-    env = {**os.environ, "PYTHONPATH": str(Path(offload.__file__).parent.parent)}
+    paths = [str(Path(offload.__file__).parent.parent), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     with open(stderr, "w") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "offload.cli", "serve", str(demo_model()), "--port", str(port), "--device", "cpu",

@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-graphs", action="store_true")
     args = parser.parse_args()
-    graphs = False if args.no_graphs or args.device == "cpu" else None
+    graphs = not args.no_graphs and args.device != "cpu"
     model = offload.load(args.model, device=args.device, gpu_memory=args.gpu_memory, max_context=1024,
                          cuda_graphs=graphs)
     transformer = model.transformer
