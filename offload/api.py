@@ -24,6 +24,7 @@ from .generate import Generation, GenerationRequest, GenerationRun, PromptCacheS
 from .host_load import LoadMeter
 from .model.block_graphs import cuda_capture
 from .model.transformer import Transformer
+from .openmp_env import gpu_present, on_a_passing_thread
 from .placement import Plan, has_device_tier, resolve_plan
 from .stats import reset_runtime_stats, runtime_stats
 from .timers import Timers
@@ -321,6 +322,24 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  read saving.
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
+    arguments = dict(locals())
+    if gpu_present():
+        return _load(**arguments, cancelled=None)
+    # No GPU: the load's kernels run on a thread that ends with it, so that the OpenMP team of the thread that
+    # generates is the only one (offload/openmp_env.py: a second live team throttles every parallel region).
+    model = on_a_passing_thread(lambda cancelled: _load(**arguments, cancelled=cancelled))
+    from csrc_py.threads import apply
+
+    apply()  # Numba's thread count is per thread: the caller's gets the configured one too
+    return model
+
+
+def _load(path: str | Path, device: str, max_context: int | None, dtype: str, experts: str | None,
+          cpu_threads: int | None, gpu_memory: int | str | None, plan: Plan | str | Path | None, cache_policy: str,
+          prefetch: bool | None, dense: str | None, slots: str | None, prefill_chunk: int | None,
+          cuda_graphs: bool, profile: str | Path | None, decode_threads: int | str, kv_cache: str | None,
+          on_progress: ProgressCallback | None, cancelled: threading.Event | None) -> Model:
+    """load()'s work; `cancelled` (set by Ctrl-C in the caller) stops it at the next tensor read."""
     t0 = time.perf_counter()
     checkpoint = Checkpoint(path)
     hf = checkpoint.config_json
@@ -358,6 +377,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     total, done = checkpoint.nbytes(), [0]
 
     def on_read(file_name: str, nbytes: int) -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise KeyboardInterrupt  # the caller was interrupted and has gone on: read no further
         done[0] += nbytes
         if on_progress is not None:
             on_progress(done[0], total, file_name)

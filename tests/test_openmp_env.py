@@ -5,11 +5,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from offload.openmp_env import SPIN_COUNT, default_wait_settings, gpu_present
+from offload.openmp_env import SPIN_COUNT, default_wait_settings, gpu_present, on_a_passing_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +48,58 @@ def test_importing_offload_or_its_kernels_sets_the_default(module):
 def test_importing_offload_keeps_the_users_policy():
     assert _settings_after_import("offload", {"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE",
                                                                                 "GOMP_SPINCOUNT": None}
+
+
+def test_a_passing_thread_returns_the_result_and_has_ended():
+    seen = []
+
+    def work(cancelled: threading.Event) -> int:
+        seen.append(threading.current_thread())
+        return 42
+
+    assert on_a_passing_thread(work) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+
+def test_a_passing_threads_exception_reaches_the_caller():
+    def work(cancelled: threading.Event) -> None:
+        raise KeyboardInterrupt  # e.g. a progress callback's
+
+    with pytest.raises(KeyboardInterrupt):
+        on_a_passing_thread(work)
+
+
+def test_ctrl_c_in_the_caller_returns_at_once_and_cancels_the_work(monkeypatch):
+    started, stopped = threading.Event(), threading.Event()
+
+    def work(cancelled: threading.Event) -> None:
+        started.set()
+        cancelled.wait(30)  # as the load checks between tensor reads
+        stopped.set()
+
+    def interrupted_join(self, timeout=None):
+        started.wait(30)
+        raise KeyboardInterrupt  # Ctrl-C while the caller waits
+
+    monkeypatch.setattr(threading.Thread, "join", interrupted_join)
+    with pytest.raises(KeyboardInterrupt):
+        on_a_passing_thread(work)
+    monkeypatch.undo()
+    assert stopped.wait(30)
+
+
+def test_a_load_leaves_no_openmp_team_on_the_calling_thread():
+    """Without a GPU the load's parallel regions run on a passing thread: after it, the process has no thread more
+    than before (each OpenMP team outlives its regions while its starting thread lives), so the thread that then
+    generates, here a worker thread as in `offload serve`, starts the only team."""
+    code = ("import os, offload; from concurrent.futures import ThreadPoolExecutor;"
+            "from offload.demo import demo_model; n = lambda: len(os.listdir('/proc/self/task')); before = n();"
+            "model = offload.load(demo_model(), device='cpu', max_context=64); after = n();"
+            "ids = ThreadPoolExecutor(1).submit(model.generate, [5, 6, 7], max_new_tokens=3, ignore_eos=True)"
+            ".result().token_ids; print(before, after, len(ids))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    if gpu_present() or not Path("/proc/self/task").exists():
+        pytest.skip("the load runs on the calling thread where a GPU is present; /proc is Linux's")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    before, after, tokens = map(int, out.stdout.split()[-3:])
+    assert after == before and tokens == 3

@@ -11,10 +11,9 @@ call so decode streams its experts from DRAM. A decode call is timed right after
 as one layer's call follows another's in a decode step (the probe before it evicts every cache, the interpreter's
 too, which cost a ~1 ms Qwen3 layer 50-100 us). Layers too big for --max-gb hold fewer experts than the model
 (the output says so). When kt-kernel (and gguf) are installed, the same layer also runs through its CPU MoE
-operator; otherwise that engine is skipped. At decode token counts a row "via the host link" times the CPU side
-of a hybrid (GPU + CPU) layer's call on the CPU tier: offload.experts.link.HostLink's packing, hand-off to the
-worker thread and result, around the same kernel (tools/bench_host_link.py sets it against the kernel alone and
-another commit's link, interleaved call by call).
+operator; otherwise that engine is skipped. Every parallel region starts on this one thread: a second thread's
+OpenMP team (a host link's worker) would throttle every region (offload/openmp_env.py), so the CPU side of a
+hybrid layer is tools/bench_host_link.py's to time, against the kernel alone, on one thread.
 """
 from __future__ import annotations
 
@@ -37,7 +36,6 @@ from csrc_py import crossover, dispatch, simd, threads  # noqa: E402
 from csrc_py.torch_path import moe_torch  # noqa: E402
 from offload.experts.base import ExpertWeights  # noqa: E402
 from offload.experts.cpu import CpuExperts, warmup  # noqa: E402
-from offload.experts.link import HostLink  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -195,19 +193,6 @@ class Bench:
         return Result(name, t, statistics.median(touched) / t / 1e9, statistics.median(shares), flops / t / 1e9)
 
 
-class HostLinkCall:
-    """The CPU side of a hybrid layer's decode call on the CPU tier: HostLink packs x, the ids and the weights into
-    its block, the worker thread computes the experts from it and the result is added to the layer's output."""
-
-    def __init__(self, experts: CpuExperts, link: HostLink) -> None:
-        self.experts, self.link = experts, link
-
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        y = torch.zeros_like(x)
-        self.link.add_result(y, self.link.submit(self.experts, x, ids, w))
-        return y
-
-
 def random_layer(layer: Layer, experts: int) -> ExpertWeights:
     gen = torch.Generator().manual_seed(0)
     E, H, I = experts, layer.hidden, layer.intermediate
@@ -243,10 +228,6 @@ def bench_layer(bench: Bench, layer: Layer, formats: list[str], token_counts: li
                 (lambda x, i, w, packed=packed: moe_torch(x, i, w, *packed))
             results[T].append(bench.measure(fused_tag if picks_torch else torch_tag, other, layer, experts, T,
                                             per_expert))
-            if T < 64:  # a hybrid layer's CPU side at decode
-                link = HostLinkCall(cpu, HostLink(layer.hidden, torch.device("cpu")))
-                results[T].append(bench.measure(f"offload {fmt} via the host link", link, layer, experts, T,
-                                                per_expert))
         del cpu, packed
     for fmt in formats if bench.kt_threads else []:
         kt = KtKernel(src, fmt, layer.top_k, bench.kt_threads, max(token_counts))
