@@ -5,12 +5,13 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .arch import architecture
 from .checks import check_load, check_max_context, check_token_ids
@@ -327,10 +328,20 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
         return _load(**arguments, cancelled=None)
     # No GPU: the load's kernels run on a thread that ends with it, so that the OpenMP team of the thread that
     # generates is the only one (offload/openmp_env.py: a second live team throttles every parallel region).
-    model = on_a_passing_thread(lambda cancelled: _load(**arguments, cancelled=cancelled))
+    # The caller's torch dispatch modes (a profiler, a FakeTensorMode, a memory probe) are thread-local: carried.
+    modes = _get_current_dispatch_mode_stack()
+
+    def work(cancelled: threading.Event) -> Model:
+        with ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            return _load(**arguments, cancelled=cancelled)
+
+    model = on_a_passing_thread(work)
     from csrc_py.threads import apply
 
-    apply()  # Numba's thread count is per thread: the caller's gets the configured one too
+    apply()  # thread counts are per thread (Numba's, and torch's OpenMP): the caller's get the load's too
+    torch.set_num_threads(model.load_info.cpu_threads)
     return model
 
 

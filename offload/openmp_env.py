@@ -22,13 +22,14 @@ one matters:
 So a machine without a GPU gets the short spin, and one with a GPU keeps passive waits: there the CPU experts run
 on worker threads beside the thread driving the GPU, whose load the decode-thread measurement does not cover.
 
-libgomp keeps a team of threads for every thread that has started a parallel region (the kernels' or torch's),
-for as long as that thread lives. Once the teams' threads outnumber the CPUs it throttles every spin to 100
-iterations, so each parallel region starts by waking a sleeping thread: on the 2-core test VM an empty region took
-1.6 us with one team and 70-80 us with a second one alive, and `offload serve` (which loads on one thread and
-generates on another) decoded the demo model at 0.26x the Python API's speed. A load runs the kernels (packing,
-warm-up, crossovers); so where the short spin applies, `on_a_passing_thread` runs it on a thread that ends with
-it, and the thread that generates keeps the only team.
+libgomp keeps a team of threads for every thread that has started a parallel region, for as long as that thread
+lives, and once its teams' threads outnumber the CPUs it throttles every spin to 100 iterations: each region then
+starts by waking a sleeping thread. On the 2-core test VM an empty kernel region took 1.6 us while one thread
+started regions and 70-80 us once a second thread that had started the kernels' regions (or torch's: measured,
+across the two runtimes) stayed alive; `offload serve`, which loads on one thread and generates on another,
+decoded the demo model at 0.26x the Python API's speed. A load runs the kernels and torch (packing, warm-up,
+crossovers); so where the short spin applies, `on_a_passing_thread` runs it on a thread that ends with it, and
+the thread that generates is the only one left that has started regions.
 """
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ def set_default_wait_policy() -> None:
 def on_a_passing_thread(work: Callable[[threading.Event], T]) -> T:
     """work(cancelled) on a new thread that ends when it returns, so that the OpenMP teams its parallel regions
     started end with it; its result, or its exception, comes back to the caller. Ctrl-C in the caller sets
-    `cancelled` (work stops where it checks it) and raises KeyboardInterrupt at once."""
+    `cancelled` and raises KeyboardInterrupt once work has stopped where it checks it: a process that exits while
+    the thread is still inside torch or the kernels can abort in their C++ teardown. A second Ctrl-C does not
+    wait."""
     cancelled, outcome = threading.Event(), {}
 
     def run() -> None:
@@ -83,6 +86,7 @@ def on_a_passing_thread(work: Callable[[threading.Event], T]) -> T:
         thread.join()
     except KeyboardInterrupt:
         cancelled.set()
+        thread.join()
         raise
     if "error" in outcome:
         raise outcome["error"]
