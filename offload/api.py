@@ -341,7 +341,8 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     from csrc_py.threads import apply
 
     apply()  # thread counts are per thread (Numba's, and torch's OpenMP): the caller's get the load's too
-    torch.set_num_threads(model.load_info.cpu_threads)
+    if torch.get_num_threads() != model.load_info.cpu_threads:
+        torch.set_num_threads(model.load_info.cpu_threads)  # (it starts a thread of torch's: only when it differs)
     return model
 
 
@@ -389,7 +390,7 @@ def _load(path: str | Path, device: str, max_context: int | None, dtype: str, ex
 
     def on_read(file_name: str, nbytes: int) -> None:
         if cancelled is not None and cancelled.is_set():
-            raise KeyboardInterrupt  # the caller was interrupted and has gone on: read no further
+            raise KeyboardInterrupt  # Ctrl-C in the caller, which waits for this thread: read no further
         done[0] += nbytes
         if on_progress is not None:
             on_progress(done[0], total, file_name)
