@@ -338,11 +338,9 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
             return _load(**arguments, cancelled=cancelled)
 
     model = on_a_passing_thread(work)
-    from csrc_py.threads import apply
+    from csrc_py.threads import use
 
-    apply()  # thread counts are per thread (Numba's, and torch's OpenMP): the caller's get the load's too
-    if torch.get_num_threads() != model.load_info.cpu_threads:
-        torch.set_num_threads(model.load_info.cpu_threads)  # (it starts a thread of torch's: only when it differs)
+    use(model.load_info.cpu_threads)  # thread counts are per thread (Numba's, torch's OpenMP): the caller's too
     return model
 
 

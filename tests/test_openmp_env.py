@@ -121,3 +121,25 @@ def test_a_load_runs_its_kernels_on_a_thread_that_has_ended(monkeypatch):
         assert model.generate([5, 6, 7], max_new_tokens=3, ignore_eos=True).token_ids
     finally:
         threads.set_threads(before)  # the rest of the session's count
+
+
+def test_a_servers_generating_thread_takes_the_loads_thread_counts():
+    import numba
+    import torch
+
+    import offload
+    from csrc_py import threads
+    from offload.demo import demo_model
+    from offload.server.engine import ModelWorker
+
+    before = threads.configured()
+    try:
+        model = offload.load(demo_model(), device="cpu", max_context=64, experts="int8", cpu_threads=1)
+        worker = ModelWorker(model, max_waiting=0)
+        try:
+            counts = worker._executor.submit(lambda: (numba.get_num_threads(), torch.get_num_threads())).result()
+        finally:
+            worker.close()
+        assert counts == (1, 1)
+    finally:
+        threads.set_threads(before)

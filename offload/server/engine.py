@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from csrc_py import threads
+
 from ..api import Model
 from ..generate import Generation, GenerationRun
 
@@ -77,7 +79,9 @@ class ModelWorker:
         self.counters = ServerCounters()
         self.stats_snapshot: dict[str, Any] = model.stats()  # taken by the worker between jobs: no torn reads
         self.started = time.time()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-generate")
+        # Thread counts are per thread (Numba's, torch's OpenMP): the generating thread takes the load's.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-generate",
+                                            initializer=threads.use, initargs=(model.load_info.cpu_threads,))
         self._admitted = 0  # running + waiting; only touched on the event loop's thread
         self._busy = threading.Event()
 
