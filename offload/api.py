@@ -1,6 +1,7 @@
 """The Python API: offload.load(path) -> Model with logits / generate / stream / chat / chat_stream."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -261,6 +262,41 @@ EXPERT_FORMATS = ("bf16", "int8", "int4", "int4s")
 QUANTIZED_DENSE = ("int8", "int4", "int4s")  # dense formats quantized at load
 
 
+def _off_the_calling_thread(load_model: Callable[..., Model]) -> Callable[..., Model]:
+    """Where no GPU is present, run a load on a thread that ends with it (openmp_env.on_a_passing_thread): its
+    parallel regions (packing, the kernels' warm-up, crossovers) then leave no OpenMP team behind, and the thread
+    that generates, the caller's or a server's worker, holds the only one (a second live team throttles every
+    parallel region). Ctrl-C in the caller stops the load at its next tensor read. The caller's torch dispatch modes
+    (a profiler, a FakeTensorMode, a memory probe) and the load's thread counts are per thread: carried over."""
+
+    @functools.wraps(load_model)
+    def load_on_a_passing_thread(*args: Any, on_progress: ProgressCallback | None = None, **kwargs: Any) -> Model:
+        if gpu_present():  # passive waits there, and CUDA graph captures on the caller's streams
+            return load_model(*args, on_progress=on_progress, **kwargs)
+        modes = _get_current_dispatch_mode_stack()
+
+        def work(cancelled: threading.Event) -> Model:
+            def progress(done: int, total: int, file_name: str) -> None:
+                if cancelled.is_set():
+                    raise KeyboardInterrupt  # Ctrl-C in the caller, which waits for this thread: read no further
+                if on_progress is not None:
+                    on_progress(done, total, file_name)
+
+            with ExitStack() as stack:
+                for mode in modes:
+                    stack.enter_context(mode)
+                return load_model(*args, on_progress=progress, **kwargs)
+
+        model = on_a_passing_thread(work)
+        from csrc_py.threads import use
+
+        use(model.load_info.cpu_threads)
+        return model
+
+    return load_on_a_passing_thread
+
+
+@_off_the_calling_thread
 def load(path: str | Path, device: str = "auto", max_context: int | None = None, dtype: str = "auto",
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool | None = None,
@@ -323,33 +359,6 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
                  read saving.
     on_progress: called after each tensor is read with the bytes read so far and in total.
     """
-    arguments = dict(locals())
-    if gpu_present():
-        return _load(**arguments, cancelled=None)
-    # No GPU: the load's kernels run on a thread that ends with it, so that the OpenMP team of the thread that
-    # generates is the only one (offload/openmp_env.py: a second live team throttles every parallel region).
-    # The caller's torch dispatch modes (a profiler, a FakeTensorMode, a memory probe) are thread-local: carried.
-    modes = _get_current_dispatch_mode_stack()
-
-    def work(cancelled: threading.Event) -> Model:
-        with ExitStack() as stack:
-            for mode in modes:
-                stack.enter_context(mode)
-            return _load(**arguments, cancelled=cancelled)
-
-    model = on_a_passing_thread(work)
-    from csrc_py.threads import use
-
-    use(model.load_info.cpu_threads)  # thread counts are per thread (Numba's, torch's OpenMP): the caller's too
-    return model
-
-
-def _load(path: str | Path, device: str, max_context: int | None, dtype: str, experts: str | None,
-          cpu_threads: int | None, gpu_memory: int | str | None, plan: Plan | str | Path | None, cache_policy: str,
-          prefetch: bool | None, dense: str | None, slots: str | None, prefill_chunk: int | None,
-          cuda_graphs: bool, profile: str | Path | None, decode_threads: int | str, kv_cache: str | None,
-          on_progress: ProgressCallback | None, cancelled: threading.Event | None) -> Model:
-    """load()'s work; `cancelled` (set by Ctrl-C in the caller) stops it at the next tensor read."""
     t0 = time.perf_counter()
     checkpoint = Checkpoint(path)
     hf = checkpoint.config_json
@@ -387,8 +396,6 @@ def _load(path: str | Path, device: str, max_context: int | None, dtype: str, ex
     total, done = checkpoint.nbytes(), [0]
 
     def on_read(file_name: str, nbytes: int) -> None:
-        if cancelled is not None and cancelled.is_set():
-            raise KeyboardInterrupt  # Ctrl-C in the caller, which waits for this thread: read no further
         done[0] += nbytes
         if on_progress is not None:
             on_progress(done[0], total, file_name)

@@ -98,11 +98,11 @@ def test_a_bf16_kv_cache_on_a_device_tier_steps_at_device_positions(checkpoint_d
 def hybrid_model(folder, device: str, **options) -> offload.Model:
     """Half of each MoE layer's experts pinned beside one cache slot, the others on the CPU workers in bf16 (the
     folder's dtype: both tiers compute them exactly)."""
+    from offload.checks import model_config
     from test_cuda import hybrid_plan
 
-    config = offload.load(folder, device="cpu", max_context=MAX_CONTEXT).config
     return offload.load(folder, device=device, dtype="float32", max_context=MAX_CONTEXT, prefetch=False,
-                        plan=hybrid_plan(config, "bf16", MAX_CONTEXT), **options)
+                        plan=hybrid_plan(model_config(folder), "bf16", MAX_CONTEXT), **options)
 
 
 @pytest.mark.parametrize("name", ["mixtral_window_linear_rope", "deepseek_v3"])

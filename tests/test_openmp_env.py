@@ -13,6 +13,7 @@ import pytest
 from offload.openmp_env import SPIN_COUNT, default_wait_settings, gpu_present, on_a_passing_thread
 
 ROOT = Path(__file__).resolve().parent.parent
+IDS = list(range(5, 29))
 
 
 def test_a_machine_without_a_gpu_spins_briefly():
@@ -92,20 +93,31 @@ def test_ctrl_c_in_the_caller_cancels_the_work_and_waits_for_it_to_stop(monkeypa
     assert stopped.is_set()  # the thread had stopped when the caller went on
 
 
-def test_a_load_runs_its_kernels_on_a_thread_that_has_ended(monkeypatch):
-    """Without a GPU the load's parallel regions (here the kernels' warm-up) run on a passing thread: each OpenMP
-    team lives as long as the thread that started it, so the thread that then generates, the caller's or a server's
-    worker, starts the only one. The caller's thread counts are the load's."""
+@pytest.fixture
+def load_without_a_gpu():
+    """offload.load and the demo model where no GPU is present; the session's thread counts restored after."""
+    import offload
+    from csrc_py import threads
+    from offload.demo import demo_model
+
+    if gpu_present():
+        pytest.skip("with a GPU the load stays on the calling thread")
+    before = threads.configured()
+    yield lambda **options: offload.load(demo_model(), device="cpu", max_context=64, experts="int8", **options)
+    threads.set_threads(before)
+
+
+def test_a_load_runs_its_kernels_on_a_thread_that_has_ended(monkeypatch, load_without_a_gpu):
+    """The load's parallel regions (here the kernels' warm-up) run on a passing thread: each OpenMP team lives as
+    long as the thread that started it, so the thread that then generates, the caller's or a server's worker,
+    starts the only one. The caller's thread counts are the load's, and the model generates there."""
     import numba
     import torch
 
     import offload
-    from csrc_py import threads
     from offload.demo import demo_model
     from offload.experts import cpu
 
-    if gpu_present():
-        pytest.skip("with a GPU the load stays on the calling thread")
     ran_on, warmup = [], cpu.warmup
 
     def recording(*args, **kwargs):
@@ -113,33 +125,38 @@ def test_a_load_runs_its_kernels_on_a_thread_that_has_ended(monkeypatch):
         return warmup(*args, **kwargs)
 
     monkeypatch.setattr(cpu, "warmup", recording)
-    before = threads.configured()
-    try:
-        model = offload.load(demo_model(), device="cpu", max_context=64, experts="int8", cpu_threads=1)
-        assert ran_on and all(t is not threading.current_thread() and not t.is_alive() for t in ran_on)
-        assert numba.get_num_threads() == torch.get_num_threads() == model.load_info.cpu_threads == 1
-        assert model.generate([5, 6, 7], max_new_tokens=3, ignore_eos=True).token_ids
-    finally:
-        threads.set_threads(before)  # the rest of the session's count
+    model = load_without_a_gpu(cpu_threads=1)
+    assert ran_on and all(t is not threading.current_thread() and not t.is_alive() for t in ran_on)
+    assert numba.get_num_threads() == torch.get_num_threads() == model.load_info.cpu_threads == 1
+    on_the_caller = offload.load.__wrapped__(demo_model(), device="cpu", max_context=64, experts="int8")
+    assert torch.equal(model.logits(IDS), on_the_caller.logits(IDS))
 
 
-def test_a_servers_generating_thread_takes_the_loads_thread_counts():
+def test_ctrl_c_while_loading_stops_the_load_before_its_weights(monkeypatch, load_without_a_gpu):
+    """Ctrl-C while the caller waits for the load: the load thread stops at its next tensor read, and the caller
+    raises KeyboardInterrupt once it has (a process exiting with it still inside torch could abort)."""
+    reads, joins, join = [], [], threading.Thread.join
+
+    def interrupted_once(self, timeout=None):
+        joins.append(self)
+        if len(joins) == 1:
+            raise KeyboardInterrupt  # at once: before the first tensor is read
+        return join(self, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        load_without_a_gpu(on_progress=lambda done, total, name: reads.append(done))
+    assert not reads and not joins[0].is_alive()
+
+
+def test_a_servers_generating_thread_takes_the_loads_thread_counts(load_without_a_gpu):
     import numba
     import torch
 
-    import offload
-    from csrc_py import threads
-    from offload.demo import demo_model
     from offload.server.engine import ModelWorker
 
-    before = threads.configured()
+    worker = ModelWorker(load_without_a_gpu(cpu_threads=1), max_waiting=0)
     try:
-        model = offload.load(demo_model(), device="cpu", max_context=64, experts="int8", cpu_threads=1)
-        worker = ModelWorker(model, max_waiting=0)
-        try:
-            counts = worker._executor.submit(lambda: (numba.get_num_threads(), torch.get_num_threads())).result()
-        finally:
-            worker.close()
-        assert counts == (1, 1)
+        assert worker._executor.submit(lambda: (numba.get_num_threads(), torch.get_num_threads())).result() == (1, 1)
     finally:
-        threads.set_threads(before)
+        worker.close()

@@ -132,7 +132,7 @@ class MatmulPhases:
         seg_expert, seg_start, _, token_of_row = route(ids, self.num_experts)
         groups_in, groups_mid = self.gate[1].shape[2], self.down_m[1].shape[2]
         aq, a_s, a_sum = (a[token_of_row] for a in quantized_rows(x, groups_in))
-        rows, mid, out = token_of_row.size, groups_mid * 32, self.down_m[1].shape[1] * 16
+        rows, mid, out = token_of_row.size, groups_mid * simd.GROUP, self.down_m[1].shape[1] * simd.PANEL
         h = np.random.default_rng(rows).standard_normal((rows, mid)).astype(np.float32)
         self.args = (seg_expert, seg_start, aq, a_s, a_sum)
         self.h = quantized_rows(h, groups_mid)
