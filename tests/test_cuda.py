@@ -77,7 +77,7 @@ def test_cuda_store_dequantizes_to_the_device_and_matches_the_simulated_tier(che
     """A store's packed dense weights are dequantized onto the GPU (the CPU kernels are not used there); with
     host experts (a hybrid plan) the packed experts stay on the CPU workers. Both compute what the same plans
     compute on the simulated device tier. (A CPU-only run differs by its format: its kernels quantize the
-    activations, and MLA's kv_b_proj, kept in the model dtype by the store, is packed for the absorbed form.)"""
+    activations.)"""
     from offload.experts.builder import ExpertsBuilder
     from offload.weights.store import convert
     from test_hybrid import GPU_LIKE_COSTS

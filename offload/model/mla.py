@@ -20,7 +20,7 @@ from ..weights.source import WeightSource
 from .attention import grouped_attention
 from .indexer import LightningIndexer, Selection, selection_mask
 from .kv_cache import LatentCache, LatentIndexCache, causal_mask_args
-from .layers import HeadsLinear, RMSNorm, group_linears, load_linear
+from .layers import HeadsLinear, RMSNorm, group_linears, load_linear, make_linear
 from .positions import Positions, token_positions
 from .rope import RotaryTable, yarn_softmax_scale
 
@@ -55,10 +55,14 @@ class MLA(nn.Module):
         self.o_proj = load_linear(src, f"{p}.o_proj", H, nh * m.v_head_dim, bias)
         self.scale = yarn_softmax_scale(cfg.rope, m.qk_head_dim)
         w_kv = kv_b_proj.weight.view(nh, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
-        if src.packs_dense:  # a CPU-only run with quantized dense weights: W_UK and W_UV packed per head instead
-            self.k_b, self.v_b = pack_absorbed(w_kv, m.qk_nope_head_dim, src.dense_format)
+        absorbed_format = src.absorbed_format
+        if absorbed_format is not None and not src.dense_on_device:  # CPU-only: W_UK and W_UV packed per head
+            self.k_b, self.v_b = pack_absorbed(w_kv, m.qk_nope_head_dim, absorbed_format)
             self.kv_b_proj = self.w_uk = self.w_uv = None
         else:
+            if absorbed_format is not None:  # a store on the device tier: the values a CPU-only run packs
+                w_kv = absorbed_values(w_kv, m.qk_nope_head_dim, absorbed_format)
+                kv_b_proj = make_linear(w_kv.reshape(-1, m.kv_lora_rank), kv_b_proj.bias)
             self.k_b = self.v_b = None
             self.kv_b_proj = kv_b_proj
             self.w_uk = w_kv[:, : m.qk_nope_head_dim]  # [nh, nope, rank] (a view: no extra memory)
@@ -180,6 +184,14 @@ def pack_absorbed(w_kv: torch.Tensor, nope: int, fmt: str) -> tuple[HeadsLinear,
     from csrc_py.formats import pack
 
     return HeadsLinear(pack(w_kv[:, :nope].transpose(1, 2), fmt)), HeadsLinear(pack(w_kv[:, nope:], fmt))
+
+
+def absorbed_values(w_kv: torch.Tensor, nope: int, fmt: str) -> torch.Tensor:
+    """kv_b_proj's weight [nh, nope + v, rank] as pack_absorbed rounds it in `fmt`, dequantized: the same dtype and
+    device, the same layout."""
+    k_b, v_b = pack_absorbed(w_kv.detach().float().cpu(), nope, fmt)
+    rounded = torch.cat([k_b.dequantized().transpose(1, 2), v_b.dequantized()], dim=1)
+    return rounded.to(device=w_kv.device, dtype=w_kv.dtype).contiguous()
 
 
 def share_index_selections(attentions: list[nn.Module]) -> None:

@@ -29,7 +29,7 @@ class WeightSource:
                  rename: Callable[[str], str] = str,
                  on_read: Callable[[str, int], None] | None = None, dense_format: str | None = None,
                  expert_format: str | None = None, dense_on_device: bool | None = None, huge_pages: bool = False):
-        from .store import packed_entries
+        from .store import packed_entries, store_formats
 
         self.checkpoint = checkpoint
         self.dtype = dtype
@@ -44,6 +44,9 @@ class WeightSource:
         # The host format of routed experts: a quantized checkpoint's experts are packed in it as they are read.
         self.expert_format = expert_format
         self.packed = packed_entries(checkpoint) if checkpoint is not None else {}  # a store's packed matrices
+        formats = store_formats(checkpoint) if checkpoint is not None else None
+        # The format a store's dense matrices were rounded to when it was written (None: not a store, or bf16)
+        self.store_dense_format = formats.dense if formats is not None and formats.dense != "bf16" else None
         self.taken: set[str] = set()
         self.huge_pages = huge_pages  # a store's large packed arrays are read into huge pages, not memory-mapped
 
@@ -52,6 +55,14 @@ class WeightSource:
         """Whether dense weights are quantized for the CPU kernels: a CPU-only run with an int8 / int4 / int4s
         dense format."""
         return self.dense_format is not None and not self.dense_on_device
+
+    @property
+    def absorbed_format(self) -> str | None:
+        """The format MLA's W_UK / W_UV take their values in (None: the model dtype): on a CPU-only run the dense
+        format they are packed in, else a store's dense format. A store keeps kv_b_proj in the model dtype and a
+        CPU-only run packs its halves, so the device tier rounds them the same way: the dense weights of a store
+        then hold the same values wherever they run."""
+        return self.dense_format if self.packs_dense else self.store_dense_format
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         full = self._check(name, shape)
