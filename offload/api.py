@@ -532,8 +532,9 @@ def _resolve_cuda_graphs(cuda_graphs: bool, device: torch.device) -> bool:
 def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | None, device_tier: bool
                     ) -> tuple[str | None, str | None]:
     """A store's formats are the defaults (on a device tier the plan chooses the dense format, and the store's
-    packed dense weights are dequantized for it); asking for other expert formats than a store holds is an error. A
-    quantized checkpoint's scheme names its default."""
+    packed dense weights are dequantized for it); asking for other expert formats than a store holds is an error,
+    and so is another dense format than its packed one where everything runs on the CPU. A quantized checkpoint's
+    scheme names its default."""
     formats = store_formats(checkpoint)
     if formats is None:
         # A quantized checkpoint's experts default to the format its grid maps onto (weights.quant).
@@ -542,6 +543,9 @@ def _store_defaults(checkpoint: Checkpoint, experts: str | None, dense: str | No
     if experts is not None and experts != formats.experts:
         raise OffloadError(f"{checkpoint.folder} holds {formats.experts} experts, not {experts}; load it without "
                            "experts= or convert the original checkpoint again")
+    if not device_tier and dense is not None and formats.dense != "bf16" and dense != formats.dense:
+        raise OffloadError(f"{checkpoint.folder} holds {formats.dense} dense weights, not {dense}; load it without "
+                           "dense= or convert the original checkpoint again")
     return formats.experts, dense or (None if device_tier else formats.dense)
 
 

@@ -196,6 +196,10 @@ def test_store_rejects_other_expert_formats_and_gpu_dense(checkpoint_dir, tmp_pa
     assert store_formats(Checkpoint(store)).experts == "int4"
     with pytest.raises(OffloadError, match="holds int4 experts, not int8"):
         offload.load(store, device="cpu", experts="int8")
+    for dense in ("int4s", "bf16"):  # its packed dense matrices run as they are stored where the CPU runs them
+        with pytest.raises(OffloadError, match=f"holds int8 dense weights, not {dense}"):
+            offload.load(store, device="cpu", dense=dense)
+    assert offload.load(store, device="cpu", dense="int8").load_info.dense_format == "int8"
     with pytest.raises(OffloadError, match="already an offload store"):
         convert(store, tmp_path / "again", "int8")
 

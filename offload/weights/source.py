@@ -58,11 +58,13 @@ class WeightSource:
 
     @property
     def absorbed_format(self) -> str | None:
-        """The format MLA's W_UK / W_UV take their values in (None: the model dtype): on a CPU-only run the dense
-        format they are packed in, else a store's dense format. A store keeps kv_b_proj in the model dtype and a
-        CPU-only run packs its halves, so the device tier rounds them the same way: the dense weights of a store
-        then hold the same values wherever they run."""
-        return self.dense_format if self.packs_dense else self.store_dense_format
+        """The format MLA's W_UK / W_UV take their values in (None: the model dtype): a store's dense format, as its
+        other dense matrices; else the dense format a CPU-only run packs them in. A store keeps kv_b_proj in the
+        model dtype and a CPU-only run packs its halves, so the device tier rounds them the same way: a store's
+        dense weights then hold the same values wherever they run."""
+        if self.store_dense_format is not None:
+            return self.store_dense_format
+        return self.dense_format if self.packs_dense else None
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         full = self._check(name, shape)
