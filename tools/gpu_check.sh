@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The checks to run when a GPU is lent for a few minutes: the CUDA tests, then the GPU benchmarks, each under its
+# own time limit so that a hang costs one step, not the loan. Every output goes under $OUT (the device tool brings
+# that folder back); the last lines printed are one summary line per step with its exit status.
+#
+#   bash tools/gpu_check.sh [WHEELS]       # from the repository root; 8 minutes at most
+#
+# WHEELS: a folder of wheels for what the GPU machine lacks and cannot download (it has no network). On the H200
+# lent on 2026-12-04 (Python 3.12, torch 2.11.0+cu130) the server and GGUF tests' packages were missing; made here
+# with `pip download --only-binary :all: --python-version 3.12 -d .gpu/whl httpx starlette uvicorn gguf openai`
+# and carried along (`carry: [".gpu"]`). Without them those modules fail to collect and the rest still runs.
+# STEPS limits the run to some steps, e.g. STEPS="cuda_tests decode_positions".
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+STEPS=${STEPS:-"cuda_tests decode_positions decode_positions_eager device_quant quant_slots stream_int4 hybrid"}
+summary=()
+
+if [ $# -ge 1 ] && [ -d "$1" ]; then
+    pip install -q --no-index --find-links "$1" "$1"/*.whl > "$OUT/wheels.log" 2>&1
+    summary+=("wheels rc=$? ($(ls "$1"/*.whl | wc -l) files)")
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python -c "import sys, torch, numba; print(sys.version.split()[0], torch.__version__, numba.__version__,
+torch.cuda.is_available())"
+  lscpu | grep -E "Model name|^CPU\(s\)"; } > "$OUT/machine.txt" 2>&1
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a limit unless STEPS leaves NAME out
+    local name=$1 limit=$2
+    shift 2
+    case " $STEPS " in *" $name "*) ;; *) return ;; esac
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    summary+=("$name rc=$rc $((SECONDS - t0))s: $(grep -v '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-160)")
+}
+
+# -v: a run cut by its limit still names what passed and failed; collection errors do not stop the other modules.
+step cuda_tests 200 python -m pytest -m cuda -v -p no:cacheprovider --continue-on-collection-errors tests
+step decode_positions 50 python tools/bench_decode_positions.py --device cuda --rounds 3
+step decode_positions_eager 50 python tools/bench_decode_positions.py --device cuda --rounds 3 --no-graphs
+step device_quant 45 python tools/bench_device_quant.py --device cuda
+step quant_slots 45 python tools/bench_quant_slots.py --device cuda
+step stream_int4 45 python tools/bench_stream.py --device cuda --rows int4
+step hybrid 45 python tools/bench_hybrid.py --device cuda
+
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
