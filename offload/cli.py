@@ -119,7 +119,7 @@ class LoadOptions:
         None, "Format of attention, dense MLPs, shared experts and the LM head: int8 | int4 | int4s quantized (torch's "
               "int8/int4 matmuls on a device tier, the CPU kernels on the CPU alone), bf16 the model dtype "
               "(default: on a device tier the plan's choice, the model dtype while it fits; on the CPU alone "
-              "torch, or a converted store's format).")
+              "torch, or a converted store's format, the only one a store takes there).")
     slots: Optional[Literal["bf16", "int8", "int4", "int4s"]] = _load_option(
         None, "Format of the routed experts held on the device tier (pinned experts and cache slots): int8 | int4 | "
               "int4s quantized rows (torch's int8/int4 matmuls), bf16 the model dtype (default: the plan's choice, "
