@@ -18,6 +18,7 @@ from offload.errors import CheckpointError, OffloadError
 from offload.weights.checkpoint import CONVERT_PROGRESS_FILE, INDEX_FILE
 from offload.weights.store import convert, store_formats, write_store
 from offload.weights.checkpoint import Checkpoint
+from test_cli import assert_one_line_error, invoke
 from test_hybrid import plan
 
 PROMPT = [3, 17, 5, 9, 30, 2, 11, 8, 21, 4, 13, 6]
@@ -200,6 +201,8 @@ def test_store_rejects_other_expert_formats_and_gpu_dense(checkpoint_dir, tmp_pa
         with pytest.raises(OffloadError, match=f"holds int8 dense weights, not {dense}"):
             offload.load(store, device="cpu", dense=dense)
     assert offload.load(store, device="cpu", dense="int8").load_info.dense_format == "int8"
+    result = invoke("generate", store, "--prompt-ids", "3,4,5", "--device", "cpu", "--dense", "int4s")
+    assert_one_line_error(result, "holds int8 dense weights, not int4s", "load it without dense=")
     with pytest.raises(OffloadError, match="already an offload store"):
         convert(store, tmp_path / "again", "int8")
 
