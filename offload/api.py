@@ -301,7 +301,7 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
          experts: str | None = None, cpu_threads: int | None = None, gpu_memory: int | str | None = None,
          plan: Plan | str | Path | None = None, cache_policy: str = "lru", prefetch: bool | None = None,
          dense: str | None = None, slots: str | None = None, prefill_chunk: int | None = None,
-         cuda_graphs: bool = False, profile: str | Path | None = None, decode_threads: int | str = "auto",
+         cuda_graphs: bool | None = None, profile: str | Path | None = None, decode_threads: int | str = "auto",
          kv_cache: str | None = None, on_progress: ProgressCallback | None = None
          ) -> Model:
     """Load a Hugging Face MoE checkpoint folder (config.json + safetensors), or a pre-quantized store written by
@@ -343,9 +343,10 @@ def load(path: str | Path, device: str = "auto", max_context: int | None = None,
     prefill_chunk: tokens per prefill forward; a longer prompt runs in chunks (default 512, raised to the
                  cost model's stream threshold where a device tier streams experts; offload/experts/stream.py).
     cuda_graphs: replay each layer's attention + norm + router block of a decode step from a CUDA graph captured
-                 once per context bucket (a capture that fails leaves that layer eager, with one warning). Needs a
-                 CUDA device. Off by default: on an H200 the graphs replayed the eager steps exactly with every
-                 expert on the GPU (decode 2.8x on the demo model), but not yet with experts on the CPU workers.
+                 once per context bucket (a capture that fails leaves that layer eager, with one warning). None
+                 (default): on where the model loads on a CUDA device (on an H200 the graphs replay the eager steps
+                 exactly, experts on the GPU or on the CPU workers; decode 2.1-3.1x on the demo model); False: eager
+                 steps. True without a CUDA device is refused.
     cpu_threads: threads for the CPU workers and torch (default: physical cores).
     decode_threads: threads of a CPU-only decode step: "auto" times steps at cpu_threads and at fewer while it
                  generates and keeps the fastest, re-measured as the host's load changes (offload/decode_threads.py;
@@ -521,8 +522,10 @@ def _check_slots_on_device_tier(slots: str | None, device_tier: bool) -> None:
                            "none; drop slots or give gpu_memory (or a plan, or a CUDA device)")
 
 
-def _resolve_cuda_graphs(cuda_graphs: bool, device: torch.device) -> bool:
-    """CUDA graphs for decode blocks: only when asked for, and refused without a CUDA device."""
+def _resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device) -> bool:
+    """CUDA graphs for decode blocks: on by default on a CUDA device; asked for on another device, refused."""
+    if cuda_graphs is None:
+        return device.type == "cuda"
     if cuda_graphs and device.type != "cuda":
         raise OffloadError(f"cuda_graphs needs a CUDA device, and this model loads on {device}; drop cuda_graphs "
                            "(--no-cuda-graphs) or load with device='cuda'")

@@ -127,9 +127,9 @@ class LoadOptions:
     kv_cache: Optional[Literal["float32", "bf16"]] = _load_option(
         None, "Dtype of the KV cache (MLA: the latent cache): bf16 halves its memory and what a CPU decode step reads "
               "from it, and rounds the cached values to bf16 (default: the model dtype, float32 on the CPU).")
-    cuda_graphs: bool = _load_option(
-        False, "Replay each layer's attention, norm and router of a decode step from a CUDA graph per context "
-               "bucket (needs a CUDA device; off by default until it has run on a GPU with host experts).")
+    cuda_graphs: Optional[bool] = _load_option(
+        None, "Replay each layer's attention, norm and router of a decode step from a CUDA graph per context "
+              "bucket (default: on with a CUDA device; --no-cuda-graphs runs the steps eagerly).")
 
 
 def with_load_options(command: Callable) -> Callable:

@@ -144,12 +144,15 @@ def test_cuda_dense_int8_model_is_close(checkpoint_dir):
         assert error.median() < (0.06 if dense == "int8" else 0.45), (dense, error.median())
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_hybrid_moe_blocks_queue_decode_steps_without_a_synchronisation(checkpoint_dir, tmp_path, dtype):
+@pytest.mark.parametrize("dtype, graphs", [("float32", False), ("bfloat16", False), ("float32", True),
+                                           ("bfloat16", True)])
+def test_cuda_hybrid_moe_blocks_queue_decode_steps_without_a_synchronisation(checkpoint_dir, tmp_path, dtype,
+                                                                              graphs):
     """Decode steps of a hybrid model: every MoE block (router, heat, device-table lookups, the CPU workers'
     packed copies down and up, the resident experts: gathered in float32, read in place by the grouped kernel in
     bf16 where the GPU has it) runs under torch's sync debug mode "error", which raises on any host
-    synchronisation. In float32 the tokens equal the reference's."""
+    synchronisation; with CUDA graphs the router ran in the replayed block and the rest is checked the same way.
+    In float32 the tokens equal the reference's."""
     import copy
 
     from offload.arch import architecture
@@ -165,15 +168,16 @@ def test_cuda_hybrid_moe_blocks_queue_decode_steps_without_a_synchronisation(che
     budget = sum(inv.device_bytes(size).values()) + kv + (3 + len(inv.moe_layers)) * inv.expert_params * size
     plan = make_plan(inv, PlanRequest(budget, 2**34, 64, kv, size, "bf16", inv.expert_params * 2,
                                       slots_per_layer=1))
-    hybrid = offload.load(folder, device="cuda", dtype=dtype, max_context=64, plan=plan)
+    hybrid = offload.load(folder, device="cuda", dtype=dtype, max_context=64, plan=plan, cuda_graphs=graphs)
     assert any(h.cpu is not None for h in hybrid._experts.hybrids.values())
+    assert any(layer.graphs is not None for layer in hybrid.transformer.layers) == graphs
     prompt, new = IDS[:6].tolist(), 12
     tokens = hybrid.stream(prompt, max_new_tokens=new, ignore_eos=True).token_ids()
     produced = [next(tokens)]  # the prefill may decide per call (host reads allowed there)
     handles = []
     for layer in hybrid.transformer.layers:
         if layer.mlp in hybrid.transformer.moe_blocks():
-            handles.append(layer.post_attn_norm.register_forward_hook(
+            handles.append(layer.mlp.register_forward_pre_hook(
                 lambda *args: torch.cuda.set_sync_debug_mode("error")))
             handles.append(layer.mlp.register_forward_hook(lambda *args: torch.cuda.set_sync_debug_mode(0)))
     try:

@@ -183,6 +183,15 @@ def test_cuda_graphs_without_a_cuda_device_is_refused(checkpoint_dir):
         offload.load(checkpoint_dir("mixtral")[0], device="cpu", max_context=MAX_CONTEXT, cuda_graphs=True)
 
 
+def test_cuda_graphs_default_to_on_exactly_where_the_model_loads_on_cuda():
+    from offload.api import _resolve_cuda_graphs
+
+    assert _resolve_cuda_graphs(None, torch.device("cuda")) is True
+    assert _resolve_cuda_graphs(None, torch.device("cpu")) is False
+    assert _resolve_cuda_graphs(False, torch.device("cuda")) is False
+    assert _resolve_cuda_graphs(True, torch.device("cuda")) is True
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["mixtral_window_linear_rope", "gpt_oss", "deepseek_v3", "qwen3_next"])
 def test_cuda_graphs_replay_the_eager_steps(checkpoint_dir, name):
@@ -190,7 +199,7 @@ def test_cuda_graphs_replay_the_eager_steps(checkpoint_dir, name):
     steps (the default) and the host-position steps."""
     folder = checkpoint_dir(name)[0]
     graphs = offload.load(folder, device="cuda", dtype="float32", max_context=MAX_CONTEXT, cuda_graphs=True)
-    eager = offload.load(folder, device="cuda", dtype="float32", max_context=MAX_CONTEXT)
+    eager = offload.load(folder, device="cuda", dtype="float32", max_context=MAX_CONTEXT, cuda_graphs=False)
     assert any(layer.graphs is not None for layer in graphs.transformer.layers)
     assert all(layer.graphs is None for layer in eager.transformer.layers)
     check_generation_matches_host_positions(graphs)
@@ -205,7 +214,7 @@ def test_cuda_graphs_with_host_experts_replay_the_eager_steps(bf16_checkpoints, 
     """A hybrid plan on a GPU: the graphed attention blocks feed the experts on the device and on the CPU workers;
     tokens and logits equal the eager steps and the host-position steps."""
     graphs = hybrid_model(bf16_checkpoints(name), "cuda", cuda_graphs=True)
-    eager = hybrid_model(bf16_checkpoints(name), "cuda")
+    eager = hybrid_model(bf16_checkpoints(name), "cuda", cuda_graphs=False)
     assert any(layer.graphs is not None for layer in graphs.transformer.layers)
     check_generation_matches_host_positions(graphs)
     assert not any(layer.graphs.failed for layer in graphs.transformer.layers if layer.graphs is not None)

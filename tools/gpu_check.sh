@@ -3,19 +3,21 @@
 # own time limit so that a hang costs one step, not the loan. Every output goes under $OUT (the device tool brings
 # that folder back); the last lines printed are one summary line per step with its exit status.
 #
-#   bash tools/gpu_check.sh [WHEELS]       # from the repository root; 8 minutes at most
+#   bash tools/gpu_check.sh [WHEELS]       # from the repository root; about 8.5 minutes at most
 #
-# WHEELS: a folder of wheels for what the GPU machine lacks and cannot download (it has no network). On the H200
-# lent on 2026-12-04 (Python 3.12, torch 2.11.0+cu130) the server and GGUF tests' packages were missing; made here
-# with `pip download --only-binary :all: --python-version 3.12 -d .gpu/whl httpx starlette uvicorn gguf openai`
-# and carried along (`carry: [".gpu"]`). Without them those modules fail to collect and the rest still runs.
+# WHEELS: a folder of wheels for what the GPU machine lacks and cannot download (it has no network). The H200 lent
+# on 2026-12-04 (Python 3.12, torch 2.11.0+cu130, transformers 5.17) lacked starlette, uvicorn and gguf; made here
+# with `pip download --no-deps --only-binary :all: --python-version 3.12 --implementation cp -d .gpu/whl
+# starlette uvicorn gguf` and carried along (`carry: [".gpu"]`; their own needs are on that machine). Without them
+# the modules that import them fail to collect and the rest still runs (test_codecs.py needs transformers 5.25,
+# whose needs that machine lacks: it does not collect there either; it holds no CUDA test).
 # STEPS limits the run to some steps, e.g. STEPS="cuda_tests decode_positions".
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=${STEPS:-"cuda_tests decode_positions decode_positions_eager device_quant quant_slots stream_int4 hybrid"}
+STEPS=${STEPS:-"cuda_tests decode_positions decode_positions_eager profile_step hybrid device_quant quant_slots stream_int4"}
 summary=()
 
 if [ $# -ge 1 ] && [ -d "$1" ]; then
@@ -39,11 +41,12 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a limit unless STEPS
 
 # -v: a run cut by its limit still names what passed and failed; collection errors do not stop the other modules.
 step cuda_tests 200 python -m pytest -m cuda -v -p no:cacheprovider --continue-on-collection-errors tests
-step decode_positions 50 python tools/bench_decode_positions.py --device cuda --rounds 3
-step decode_positions_eager 50 python tools/bench_decode_positions.py --device cuda --rounds 3 --no-graphs
-step device_quant 45 python tools/bench_device_quant.py --device cuda
-step quant_slots 45 python tools/bench_quant_slots.py --device cuda
-step stream_int4 45 python tools/bench_stream.py --device cuda --rows int4
-step hybrid 45 python tools/bench_hybrid.py --device cuda
+step decode_positions 45 python tools/bench_decode_positions.py --device cuda --rounds 3
+step decode_positions_eager 45 python tools/bench_decode_positions.py --device cuda --rounds 3 --no-graphs
+step profile_step 60 python tools/profile_cuda_step.py
+step hybrid 40 python tools/bench_hybrid.py --device cuda
+step device_quant 40 python tools/bench_device_quant.py --device cuda
+step quant_slots 40 python tools/bench_quant_slots.py --device cuda
+step stream_int4 40 python tools/bench_stream.py --device cuda --rows int4
 
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
