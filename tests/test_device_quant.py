@@ -44,6 +44,24 @@ def test_int8_linear_is_the_dequantized_matmul(O, K):
 
 
 @pytest.mark.parametrize("O, K", SHAPES)
+@pytest.mark.parametrize("block_rows", [1, 3, 1000])
+def test_int8_on_cuda_computes_what_the_weight_only_kernel_does(O, K, block_rows):
+    """CUDA runs int8 as torch's dense matmul over q converted a block of rows at a time (its weight-only kernel
+    is slow there): the same products as `_weight_int8pack_mm`, one block or many."""
+    from offload.model.device_quant import dequantized_int8_matmul, int8_kernel
+
+    assert int8_kernel(torch.device("cuda")) == "dequantized" and int8_kernel(torch.device("cpu")) == "int8pack"
+    w, x = weights(O, K), torch.randn(5, K)
+    for dtype, bound in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        packed = quantize_int8(w, dtype)
+        xp = torch.nn.functional.pad(x, (0, packed.q.shape[1] - K)).to(dtype)
+        block_bytes = block_rows * packed.q.shape[1] * xp.element_size()
+        got = dequantized_int8_matmul(xp, packed.q, packed.scale, block_bytes)
+        assert got.shape == (5, O) and got.dtype == dtype
+        assert rel_err(got.float(), torch._weight_int8pack_mm(xp, packed.q, packed.scale).float()) <= bound
+
+
+@pytest.mark.parametrize("O, K", SHAPES)
 def test_int4_linear_is_the_dequantized_matmul(O, K):
     w, x = weights(O, K, 1), torch.randn(5, K)
     q, scale, zero = int4_grid(w, torch.float32)

@@ -4,8 +4,9 @@ test).
     python tools/bench_device_quant.py                       # T=1 and T=32, 15 rounds
     python tools/bench_device_quant.py --tokens 1 --rounds 30 --threads 2
 
-Engines: torch's F.linear with float32 and bf16 weights, the device tier's int8 / int4 weight-only matmuls
-(offload/model/device_quant.py: torch._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) with float32 and bf16
+Engines: torch's F.linear with float32 and bf16 weights, the device tier's int8 / int4 matmuls
+(offload/model/device_quant.py: torch._weight_int8pack_mm on the CPU, dequantized blocks on CUDA, where
+_weight_int8pack_mm itself is also timed; _weight_int4pack_mm and its _for_cpu twin) with float32 and bf16
 activations, and the CPU-only path's packed int8 / int4 kernels (csrc_py.dispatch.linear). Each round calls every
 engine once per shape in turn, so they see the same machine noise; reported per shape and token count: the best
 and median ms and the GB/s of weight bytes at the best call (decode reads each weight byte once), and the best
@@ -44,6 +45,10 @@ def engines(O: int, K: int, device: str) -> dict[str, tuple[Callable[[torch.Tens
         for fmt in ("int8", "int4"):
             linear = DeviceQuantLinear(quantize(w, fmt, dtype))
             out[f"torch {fmt}, {name} x"] = (linear, dtype, linear.weight.nbytes)
+        if device != "cpu":  # the int8 weight-only kernel the device tier no longer runs there, for the ratio
+            q8 = quantize(w, "int8", dtype)
+            out[f"int8pack_mm, {name} x"] = (lambda x, q8=q8: torch._weight_int8pack_mm(x, q8.q, q8.scale), dtype,
+                                             q8.nbytes)
     if device == "cpu":
         from csrc_py.dispatch import linear
         from csrc_py.formats import pack

@@ -4,7 +4,9 @@ The device tier (a GPU, or torch on the CPU under a simulated budget) runs its L
 weight-only kernels when the plan quantizes the dense weights (`dense="int8" | "int4"`):
 
 - int8: one symmetric scale per output row, `W[o, k] = q[o, k] * scale[o]`, q in -127..127;
-  `torch._weight_int8pack_mm` (CPU and CUDA; its CPU kernel needs K a multiple of 16 in bf16).
+  `torch._weight_int8pack_mm` on the CPU (its kernel needs K a multiple of 16 in bf16). On CUDA that kernel reads
+  13-137 GB/s on an H200 (docs/benchmarks.md), so there q is converted to the input's dtype in blocks of rows and
+  multiplied by torch's dense matmul, then scaled per output: the same products, about 5 bytes moved a weight.
 - int4: groups of GROUP values along the input dim, `W[o, k] = (q[o, k] - 8) * scale[o, g] + zero[o, g]` with q in
   0..15 (torch's convention: `zero` is the value of q = 8, i.e. min + 8 * scale); packed by
   `torch._convert_weight_to_int4pack` and run by `torch._weight_int4pack_mm` on CUDA, by their `_for_cpu` twins on
@@ -28,6 +30,7 @@ from torch import nn
 DEVICE_FORMATS = ("int8", "int4", "int4s")  # int4s: int4 with zero 0 and Q4_0 rounding (same device bytes)
 GROUP = 32  # int4 values per scale and zero along the input dim: offload's CPU int4 group, torch's smallest
 ROWS = 64  # int4 output rows are padded to this: the CPU kernel packs blocks of 64 rows (N % 16 at least), CUDA 8
+DEQUANT_BLOCK_BYTES = 64 << 20  # an int8 matmul on CUDA converts at most this many bytes of q at a time
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -74,7 +77,26 @@ class Int8Weight:
         return self.q[:, : self.shape[1]].float() * self.scale.float()[:, None]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, O]
-        return torch._weight_int8pack_mm(_pad_input(x, self.q.shape[1]), self.q, self.scale)
+        x = _pad_input(x, self.q.shape[1])
+        if int8_kernel(self.q.device) == "dequantized":
+            return dequantized_int8_matmul(x, self.q, self.scale)
+        return torch._weight_int8pack_mm(x, self.q, self.scale)
+
+
+def int8_kernel(device: torch.device) -> str:
+    """Which int8 matmul a device runs: torch's weight-only kernel where it is fast (the CPU), else the dense matmul
+    over dequantized blocks (CUDA, where the weight-only kernel reads ~100 GB/s)."""
+    return "dequantized" if device.type == "cuda" else "int8pack"
+
+
+def dequantized_int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                            block_bytes: int = DEQUANT_BLOCK_BYTES) -> torch.Tensor:
+    """x [T, K] @ (q [O, K] * scale [O]).T -> [T, O], as `_weight_int8pack_mm` computes it: q in x's dtype (exact,
+    |q| <= 127), the dot products scaled per output. q is converted a block of rows at a time, so the transient
+    copy stays under `block_bytes`."""
+    rows = max(1, block_bytes // (q.shape[1] * x.element_size()))
+    blocks = [F.linear(x, q[o : o + rows].to(x.dtype)) * scale[o : o + rows] for o in range(0, q.shape[0], rows)]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
 @dataclass(frozen=True)
