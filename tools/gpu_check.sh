@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks to run when a GPU is lent for a few minutes: the CUDA tests, then the GPU benchmarks, each under its
 # own time limit so that a hang costs one step, not the loan. Every output goes under $OUT (the device tool brings
-# that folder back); the last lines printed are one summary line per step with its exit status.
+# that folder back: machine.txt, summary.txt and steps.txt, every step's log); the last lines printed are one
+# summary line per step with its exit status.
 #
 #   bash tools/gpu_check.sh [WHEELS]       # from the repository root; about 8.5 minutes at most
 #
@@ -21,8 +22,10 @@ STEPS=${STEPS:-"cuda_tests decode_positions decode_positions_eager profile_step 
 summary=()
 
 if [ $# -ge 1 ] && [ -d "$1" ]; then
-    pip install -q --no-index --find-links "$1" "$1"/*.whl > "$OUT/wheels.log" 2>&1
+    # --no-deps into a folder of their own: one missing need does not stop the others (as a resolving install did)
+    pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site "$1"/*.whl > "$OUT/wheels.log" 2>&1
     summary+=("wheels rc=$? ($(ls "$1"/*.whl | wc -l) files)")
+    export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"  # after the machine's own packages: adds, never replaces
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import sys, torch, numba; print(sys.version.split()[0], torch.__version__, numba.__version__,
@@ -50,3 +53,6 @@ step quant_slots 40 python tools/bench_quant_slots.py --device cuda
 step stream_int4 40 python tools/bench_stream.py --device cuda --rows int4
 
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+# The device tool brings back at most 8 files: every log in one (a run cut short keeps them apart).
+for log in "$OUT"/*.log; do printf '\n===== %s\n' "$(basename "$log")"; cat "$log"; done > "$OUT/steps.txt" \
+    && rm -f "$OUT"/*.log
