@@ -50,7 +50,7 @@ step profile_step 60 python tools/profile_cuda_step.py
 step hybrid 40 python tools/bench_hybrid.py --device cuda
 step device_quant 40 python tools/bench_device_quant.py --device cuda
 step quant_slots 40 python tools/bench_quant_slots.py --device cuda
-step stream_int4 40 python tools/bench_stream.py --device cuda --rows int4
+step stream_int4 40 python tools/bench_stream.py --device cuda --experts int4 --rows int4
 
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 # The device tool brings back at most 8 files: every log in one (a run cut short keeps them apart).
