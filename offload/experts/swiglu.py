@@ -115,7 +115,8 @@ def _grouped(x, rows, weights, gate, up, down, biases, activation) -> torch.Tens
 def grouped_rows(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
                  run_row: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """y [T, H] = sum over pairs with rows[t, k] >= 0 of weights[t, k] * run_row(rows[t, k], x[t]): one call of
-    run_row (tokens [n, H] -> [n, H]) per used row, with the used rows and their counts read back to the host."""
+    run_row (tokens [n, H] -> [n, H]) per used row, with the used rows and their counts read back to the host
+    (one read of both: on a GPU each read waits for the device)."""
     y = torch.zeros_like(x)  # [T, H]
     flat = rows.reshape(-1)
     chosen = (flat >= 0).nonzero().squeeze(1)
@@ -126,7 +127,8 @@ def grouped_rows(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
     token_of = order // rows.shape[1]
     combine = weights.reshape(-1)[order]
     begin = 0
-    for row, count in zip(used.tolist(), counts.tolist()):
+    used_rows, row_counts = torch.stack((used, counts)).tolist()
+    for row, count in zip(used_rows, row_counts):
         tokens = token_of[begin : begin + count]
         out = run_row(row, x[tokens])  # [n, H]
         y.index_add_(0, tokens, out * combine[begin : begin + count, None].to(out.dtype))
