@@ -4,7 +4,7 @@
 # that folder back: machine.txt, summary.txt and steps.txt, every step's log); the last lines printed are one
 # summary line per step with its exit status.
 #
-#   bash tools/gpu_check.sh [WHEELS]       # from the repository root; about 8.5 minutes at most
+#   bash tools/gpu_check.sh [WHEELS]       # from the repository root; about 10.5 minutes at most, 5-6 in practice
 #
 # WHEELS: a folder of wheels for what the GPU machine lacks and cannot download (it has no network). The H200 lent
 # on 2026-12-04 (Python 3.12, torch 2.11.0+cu130, transformers 5.17) lacked starlette, uvicorn and gguf; made here
@@ -18,7 +18,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=${STEPS:-"cuda_tests decode_positions decode_positions_eager profile_step hybrid device_quant quant_slots stream_int4"}
+STEPS=${STEPS:-"cuda_tests decode_positions decode_positions_eager profile_step generate hybrid device_quant \
+quant_slots stream_int4"}
 summary=()
 
 if [ $# -ge 1 ] && [ -d "$1" ]; then
@@ -46,7 +47,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a limit unless STEPS
 step cuda_tests 200 python -m pytest -m cuda -v -p no:cacheprovider --continue-on-collection-errors tests
 step decode_positions 45 python tools/bench_decode_positions.py --device cuda --rounds 3
 step decode_positions_eager 45 python tools/bench_decode_positions.py --device cuda --rounds 3 --no-graphs
-step profile_step 60 python tools/profile_cuda_step.py
+step profile_step 120 python tools/profile_cuda_step.py
+step generate 90 python tools/bench_generate.py --shape mixtral-small --device cuda --dtype bfloat16 --rounds 3
 step hybrid 40 python tools/bench_hybrid.py --device cuda
 step device_quant 40 python tools/bench_device_quant.py --device cuda
 step quant_slots 40 python tools/bench_quant_slots.py --device cuda
