@@ -32,6 +32,7 @@ import torch  # noqa: F401  (torch before numba)
 import numba
 from numba import njit, prange
 
+from cold_caches import eviction_bytes
 from csrc_py import decode_step, simd
 
 # heads, KV heads, head dim
@@ -136,7 +137,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=40, help="timed calls per kernel and case")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cold", action="store_true", help="also time each call after evicting the caches")
-    parser.add_argument("--evict-mb", type=int, default=256, help="buffer read before each cold call")
+    parser.add_argument("--evict-mb", type=int, default=eviction_bytes() >> 20,
+                        help="buffer read before each cold call (default: twice the last-level cache, at least 256)")
     parser.add_argument("--read", action="store_true", help="also time a plain read of the same cache rows")
     args = parser.parse_args()
     numba.set_num_threads(args.threads)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import offload  # noqa: E402
 from bench_kernels import describe_machine  # noqa: E402
+from cold_caches import eviction_buffer  # noqa: E402
 from offload.model import compiled_step  # noqa: E402
 from offload.model.attention import Attention  # noqa: E402
 from offload.model.gated_deltanet import GatedDeltaNet  # noqa: E402
@@ -163,14 +164,15 @@ def read_bandwidth(buf: torch.Tensor, clock) -> float:
 
 
 def cold_timer(clock, repeats: int = 9) -> Callable[[Callable], float]:
-    """A timer of one call with cold caches (a 128 MiB buffer written before it): the median of `repeats`, in us."""
-    evict = torch.ones(1 << 25)
+    """A timer of one call with cold caches (twice the last-level cache read before it: tools/cold_caches.py): the
+    median of `repeats`, in us."""
+    evict = torch.from_numpy(eviction_buffer())
 
     def cold(fn) -> float:
         fn()
         samples = []
         for _ in range(repeats):
-            evict.add_(1.0)
+            evict.sum()
             start = clock()
             fn()
             samples.append(clock() - start)

@@ -16,10 +16,10 @@ Engines, all on the same packed experts (bench_kernels' random layers, top-k of 
 
 Every parallel region (kernels, torch, the probe) starts on the CPU workers' thread, where the host link runs its
 kernels (`on_worker`: one OpenMP team in all). Every round runs each engine once, in a rotated order, each call
-after a 256 MiB read (the caches cold, as a decode step's layer finds them after the others streamed their
-weights) and an untimed call on other experts (the previous layer's). Prints per engine the median wall time, its
-share of the read bandwidth measured around the call (expert bytes touched / time / probe), and the median over
-rounds of its time over the kernel's.
+after a read of twice the last-level cache (tools/cold_caches.py; the caches cold, as a decode step's layer finds
+them after the others streamed their weights) and an untimed call on other experts (the previous layer's). Prints
+per engine the median wall time, its share of the read bandwidth measured around the call (expert bytes touched /
+time / probe), and the median over rounds of its time over the kernel's.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from offload.experts.worker import background  # noqa: E402
 
 from bench_attend import module_at  # noqa: E402  (tools/ is the script's folder, so on sys.path)
 from bench_kernels import LAYERS, Layer, random_layer, read_bandwidth  # noqa: E402
+from cold_caches import eviction_bytes  # noqa: E402
 
 T = TypeVar("T")
 
@@ -217,7 +218,7 @@ def main() -> None:
     print(f"kernel ISA tier {simd.TIER}, {n_threads} threads, T = 1, {args.rounds} rounds, cold calls")
     print("\n| layer | format | engine | us (median) | % of the probe | over the kernel (median by round) |")
     print("|---|---|---|---|---|---|")
-    probe = on_worker(torch.ones, 1 << 26)  # 256 MiB, 8x a workstation's L3
+    probe = on_worker(torch.ones, eviction_bytes() // 4)  # twice the last-level cache
     for name in args.layers.split(","):
         for fmt in args.formats.split(","):
             bench_layer(LAYERS[name], fmt, links, args.rounds, probe, args.max_gb)

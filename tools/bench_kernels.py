@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cold_caches  # noqa: E402  (tools/, beside this file)
+from cold_caches import eviction_bytes  # noqa: E402
 from csrc_py import crossover, dispatch, simd, threads  # noqa: E402
 from csrc_py.torch_path import moe_torch  # noqa: E402
 from offload.experts.base import ExpertWeights  # noqa: E402
@@ -148,8 +150,9 @@ class Bench:
     def __init__(self, decode_calls: int, prefill_calls: int, max_gb: float) -> None:
         self.decode_calls, self.prefill_calls, self.max_gb = decode_calls, prefill_calls, max_gb
         self.kt_threads = 0  # kt-kernel's worker threads; 0: not run
-        self.buf = torch.ones(1 << 28)  # 1 GiB of float32: the headline bandwidth
-        self.probe = self.buf[: 1 << 26]  # 256 MiB, still 8x the L3: the per-call probe
+        evict = eviction_bytes() // 4
+        self.buf = torch.ones(max(1 << 28, evict))  # 1 GiB of float32 (or the eviction's): the headline bandwidth
+        self.probe = self.buf[:evict]  # twice the last-level cache: the per-call probe, which also evicts
         self.rows: list[str] = []
 
     def measure(self, name: str, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object], layer: Layer,
@@ -176,7 +179,7 @@ class Bench:
             before = read_bandwidth(self.probe, reads=1)
             ids, w = routing()
             if decode:
-                # The previous layer's call, on other experts: the probe streamed 256 MiB through every cache, and
+                # The previous layer's call, on other experts: the probe streamed twice the L3 through it, and
                 # in a decode step a layer call follows another layer's, not a cold start of the Python path.
                 previous_ids, previous_w = routing(avoid=ids)
                 if previous_ids.numel():
@@ -259,6 +262,7 @@ def describe_machine(n_threads: int) -> None:
     print(f"torch {torch.__version__} (bf16 matmul {'native' if dispatch.torch_has_native_bf16() else 'software'}), "
           f"numba {sys.modules['numba'].__version__} ({threads.threading_layer()} layer), {n_threads} threads; "
           f"engine crossovers: {crossover.mode()} ({crossover.MODE_VARIABLE}), printed after the table")
+    print(cold_caches.describe())
 
 
 def main() -> None:
@@ -302,7 +306,8 @@ def main() -> None:
         bench_layer(bench, LAYERS[name], formats, [int(t) for t in args.tokens.split(",")])
     print("\n* = the engine CpuExperts picks. GB/s: expert weight bytes touched (each used expert's three "
           "matrices, scales included) per second; % of BW: median over calls of that over the mean of two "
-          "read-bandwidth probes (a torch sum over 256 MiB each) just before and just after the call.")
+          f"read-bandwidth probes (a torch sum over {eviction_bytes() >> 20} MiB each, twice the last-level cache) "
+          "just before and just after the call.")
     print("\n| layer | T | engine | ms/layer | GB/s | % of BW | GFLOP/s | vs torch bf16 |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(bench.rows))

@@ -29,6 +29,7 @@ import torch  # noqa: F401  (torch before numba)
 import numba
 
 from bench_attend import cache_aligned, decode_step_at, wake_threads  # tools/ is the script's folder, so on sys.path
+from cold_caches import eviction_bytes
 from csrc_py import decode_step
 
 HEADS, NOPE, ROPE, RANK, V = 16, 128, 64, 512, 128  # DeepSeek-V2-Lite
@@ -107,7 +108,8 @@ def main() -> None:
     parser.add_argument("--packed", nargs="*", default=[], choices=["int8", "int4", "int4s"],
                         help="also time W_UK / W_UV packed per head in these formats")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--evict-mb", type=int, default=256, help="buffer read before each cold call")
+    parser.add_argument("--evict-mb", type=int, default=eviction_bytes() >> 20,
+                        help="buffer read before each cold call (default: twice the last-level cache, at least 256)")
     args = parser.parse_args()
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     evict = np.ones(args.evict_mb << 18, np.float32)

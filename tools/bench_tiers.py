@@ -3,18 +3,18 @@
     python tools/bench_tiers.py                               # qwen3, deepseek, mixtral; T=1 and T=128
     python tools/bench_tiers.py --layers qwen3 --tokens 1 --rounds 30
 
-Every tier this CPU can run (csrc_py.simd.TIERS) is compiled in this one process (simd.TIER patched while each
-copy of the grouped int8/int4/int4s matmuls compiles, uncached), so the tiers take turns call by call and see the same
-machine noise. A call is one layer's three expert matmuls (gate, up, down) on prequantized activations, for
-uniform top-k routing drawn afresh per call (decode streams its experts from DRAM); each call is paired with a
-read-bandwidth probe just before it (a torch sum over 256 MiB). Reported per layer, token count, tier and format:
-median and best ms, GB/s of expert bytes touched at the best call, that as % of the best probe of the same
-engine's calls, and G weights/s at the best call (best against best: on a shared machine the fastest call and
-probe are the ones that were not preempted). At T > 1 the
-torch loops over experts (bf16 with oneDNN, bf16 with oneDNN off as on a CPU without AVX512-BF16, and fp32) run
-in the same rounds. The 256-bit tiers compile for this CPU's target here: their microkernels are 256-bit by
-construction, the code around them may use wider registers. Layers hold fewer experts than the model when
---max-gb says so (decode still touches top-k distinct experts).
+Every tier this CPU can run (csrc_py.simd.TIERS) is compiled in this one process (simd.TIER patched while each copy
+of the grouped int8/int4/int4s matmuls compiles, uncached), so the tiers take turns call by call and see the same
+machine noise. A call is one layer's three expert matmuls (gate, up, down) on prequantized activations, for uniform
+top-k routing drawn afresh per call (decode streams its experts from DRAM); each call is paired with a
+read-bandwidth probe just before it (a torch sum over twice the last-level cache, tools/cold_caches.py). Reported
+per layer, token count, tier and format: median and best ms, GB/s of expert bytes touched at the best call, that as
+% of the best probe of the same engine's calls, and G weights/s at the best call (best against best: on a shared
+machine the fastest call and probe are the ones that were not preempted). At T > 1 the torch loops over experts
+(bf16 with oneDNN, bf16 with oneDNN off as on a CPU without AVX512-BF16, and fp32) run in the same rounds. The
+256-bit tiers compile for this CPU's target here: their microkernels are 256-bit by construction, the code around
+them may use wider registers. Layers hold fewer experts than the model when --max-gb says so (decode still touches
+top-k distinct experts).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_kernels import LAYERS, Layer, read_bandwidth, torch_loop  # noqa: E402
+from cold_caches import eviction_bytes  # noqa: E402
 from csrc_py import formats, simd, threads  # noqa: E402
 from csrc_py import quant_kernels as qk  # noqa: E402
 from csrc_py.grouped_matmul import matmul_q4, matmul_q8  # noqa: E402
@@ -119,7 +120,7 @@ def main() -> None:
     print(f"{cpu}; {n_threads} threads; tiers {', '.join(tiers)} (best: {best}); torch bf16 matmul "
           f"{'native' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'software'}")
     kernels = {tier: tier_kernels(tier, fmts) for tier in tiers}
-    probe = torch.ones(1 << 26)
+    probe = torch.ones(eviction_bytes() // 4)
     print("\n| layer | T | engine | median ms | best ms | GB/s | % of BW | G weights/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.layers.split(","):
