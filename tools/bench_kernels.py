@@ -33,7 +33,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cold_caches  # noqa: E402  (tools/, beside this file)
-from cold_caches import eviction_bytes  # noqa: E402
 from csrc_py import crossover, dispatch, simd, threads  # noqa: E402
 from csrc_py.torch_path import moe_torch  # noqa: E402
 from offload.experts.base import ExpertWeights  # noqa: E402
@@ -150,7 +149,7 @@ class Bench:
     def __init__(self, decode_calls: int, prefill_calls: int, max_gb: float) -> None:
         self.decode_calls, self.prefill_calls, self.max_gb = decode_calls, prefill_calls, max_gb
         self.kt_threads = 0  # kt-kernel's worker threads; 0: not run
-        evict = eviction_bytes() // 4
+        evict = cold_caches.eviction_bytes() // 4
         self.buf = torch.ones(max(1 << 28, evict))  # 1 GiB of float32 (or the eviction's): the headline bandwidth
         self.probe = self.buf[:evict]  # twice the last-level cache: the per-call probe, which also evicts
         self.rows: list[str] = []
@@ -306,8 +305,8 @@ def main() -> None:
         bench_layer(bench, LAYERS[name], formats, [int(t) for t in args.tokens.split(",")])
     print("\n* = the engine CpuExperts picks. GB/s: expert weight bytes touched (each used expert's three "
           "matrices, scales included) per second; % of BW: median over calls of that over the mean of two "
-          f"read-bandwidth probes (a torch sum over {eviction_bytes() >> 20} MiB each, twice the last-level cache) "
-          "just before and just after the call.")
+          f"read-bandwidth probes (a torch sum over {cold_caches.eviction_bytes() >> 20} MiB each, twice the "
+          "last-level cache) just before and just after the call.")
     print("\n| layer | T | engine | ms/layer | GB/s | % of BW | GFLOP/s | vs torch bf16 |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(bench.rows))
