@@ -50,14 +50,14 @@ def transformers_decode(folder: str, prompt: list[int], new: int) -> float:
 
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
     ids = torch.tensor([prompt], device="cuda")
-    rates = []
+    seconds = []  # generates of 1 and new + 1 tokens, twice: their differences are `new` decode steps
     for tokens in (1, new + 1, 1, new + 1):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         ref.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         torch.cuda.synchronize()
-        rates.append(time.perf_counter() - t0)
-    return new / ((rates[3] - rates[2] + rates[1] - rates[0]) / 2)
+        seconds.append(time.perf_counter() - t0)
+    return new / ((seconds[3] - seconds[2] + seconds[1] - seconds[0]) / 2)
 
 
 def main() -> None:
