@@ -353,9 +353,11 @@ def stats_table(generation: Generation) -> Table:
 
 def model_summary(model: Model) -> str:
     cfg, r = model.config, model.config.router
+    graphs = sum(layer.graphs is not None for layer in model.transformer.layers)
+    replayed = f", CUDA graphs for {graphs} of {cfg.num_hidden_layers} layers" if graphs else ""
     return (f"{cfg.model_type}: {cfg.num_hidden_layers} layers ({cfg.num_moe_layers} MoE), {r.num_experts} experts "
             f"top-{r.top_k}, {'MLA' if cfg.mla else 'GQA'} attention, on {model.device}, "
-            f"max_context {model.max_context}\n{placement_summary(model)}")
+            f"max_context {model.max_context}{replayed}\n{placement_summary(model)}")
 
 
 def placement_summary(model: Model) -> str:

@@ -146,11 +146,15 @@ GRAPH_LAYERS = {"mixtral_window_linear_rope": [0, 1, 2], "gpt_oss": [0, 1, 2], "
 def test_replayed_blocks_give_the_host_logits(checkpoint_dir, name):
     """The captured blocks replayed with each step's input copied in and its position written in place: one
     capture per layer and bucket, the host logits at every step."""
+    from offload.chat import model_summary
+
     model = device_tier_model(checkpoint_dir(name)[0])
+    assert "CUDA graphs" not in model_summary(model)
     replays: list[int] = []
     assert model.transformer.capture_graphs(replaying_capture(replays)) == len(GRAPH_LAYERS[name])
-    check_generation_matches_host_positions(model)
     layers = model.transformer.layers
+    assert f", CUDA graphs for {len(GRAPH_LAYERS[name])} of {len(layers)} layers\n" in model_summary(model)
+    check_generation_matches_host_positions(model)
     assert [i for i, layer in enumerate(layers) if layer.graphs is not None] == GRAPH_LAYERS[name]
     assert all(sorted(layers[i].graphs.by_bucket) == list(BUCKETS) for i in GRAPH_LAYERS[name])
     assert len(replays) == (NEW_TOKENS - 1) * len(GRAPH_LAYERS[name])
