@@ -3,7 +3,8 @@
 Numba stamps a cached kernel with the hash of its own source file only, but our kernels compile in code from
 other files (the IR in simd.py, the stages of grouped_matmul.py): after editing those, Numba would load stale
 machine code. These locators stamp every csrc_py kernel with a hash of all csrc_py sources and the ISA tier the
-microkernels compile for (OFFLOAD_CPU_ISA can lower it without changing the CPU Numba keys its cache by). Import
+microkernels compile for (OFFLOAD_CPU_ISA can lower it without changing the CPU Numba keys its cache by), and the
+prefetch hint, which follows the host's vendor rather than the JIT target (simd.PREFETCH_LOCALITY). Import
 this module before any module that defines a cached kernel: Numba picks the locator when a function is decorated.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from numba.core import caching
 
-from csrc_py.simd import TIER
+from csrc_py.simd import PREFETCH_LOCALITY, TIER
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -27,7 +28,7 @@ def _package_hash() -> bytes:
 
 
 PACKAGE_HASH = _package_hash()  # also keys the measured engine crossovers (csrc_py.crossover)
-_STAMP = PACKAGE_HASH + TIER.encode()
+_STAMP = PACKAGE_HASH + TIER.encode() + bytes([PREFETCH_LOCALITY])
 
 
 def _in_package(py_file: str) -> bool:

@@ -127,18 +127,31 @@ def _load_in_order(builder: ir.IRBuilder, ptr, vty: ir.Type) -> ir.Value:
 
 
 # The hint of every software prefetch (the panel kernels' weight streams; `prefetch`, the attention's cache
-# streams): LLVM locality 2, prefetcht1 (into L2, not L1). On the Intel AMX VM, whose loads wait ~170 ns, it
-# streamed the gate/up pair of 8 Qwen3 experts cold 1.05-1.10x faster than prefetcht0 and decoded DeepSeek-V2-Lite
-# 1.14-1.16x, Mixtral 4.7B 1.07-1.09x, the 48-layer Qwen3 1.03-1.06x faster end to end (docs/benchmarks.md, "the
-# weight streams prefetched into L2"); presumably a prefetcht0 holds one of L1's few fill buffers per line in
-# flight, which caps the lines a core can have in flight. Data already in L3 is read ~12% slower this way (L1
-# misses then wait on L2), but a model's weights come from DRAM once a token. AMD's Zen 4 also prefetches into L2
-# for this hint (not measured here); earlier AMD cores fill L1 for every hint, as before.
-PREFETCH_LOCALITY = 2
+# streams), by the host's vendor (prefetch_locality). Intel: LLVM locality 2, prefetcht1 (into L2, not L1). On the
+# Intel AMX VM, whose loads wait ~170 ns, it streamed the gate/up pair of 8 Qwen3 experts cold 1.05-1.10x faster than
+# prefetcht0 and decoded DeepSeek-V2-Lite 1.14-1.16x, Mixtral 4.7B 1.07-1.09x, the 48-layer Qwen3 1.03-1.06x faster
+# end to end (docs/benchmarks.md, "the weight streams prefetched into L2"); presumably a prefetcht0 holds one of
+# L1's few fill buffers per line in flight, which caps the lines a core can have in flight. Data already in L3 is
+# read ~12% slower this way (L1 misses then wait on L2), but a model's weights come from DRAM once a token. AMD:
+# locality 3, prefetcht0. On a Zen 4 VM the kernels of both hints in one process, calls alternating
+# (tools/bench_kernels_against.py): prefetcht0 0.99-1.06x as fast at one token where DRAM gave 30-34 GB/s, and
+# 1.23-1.38x where it gave more (Mixtral and DeepSeek-V3 layers at 53-57 GB/s against 40-41 with prefetcht1), so
+# L2-bound hints cap the stream there (docs/benchmarks.md, "Zen 4, a fourth day"). Earlier AMD cores fill L1 for
+# every hint.
+AMD_CPU_NAMES = ("znver", "bdver", "btver")  # LLVM's names of AMD's cores (znver1-5, Bulldozer's, Bobcat's)
+
+
+def prefetch_locality(host_cpu: str) -> int:
+    """LLVM's locality for the software prefetches on the CPU LLVM names `host_cpu`: 3 (prefetcht0) on AMD's cores,
+    2 (prefetcht1) elsewhere."""
+    return 3 if host_cpu.startswith(AMD_CPU_NAMES) else 2
+
+
+PREFETCH_LOCALITY = prefetch_locality(llvm.get_host_cpu_name())  # the CPU running the code, not the JIT target
 
 
 def _prefetch(builder: ir.IRBuilder, ptr, distance: int) -> None:
-    """Prefetch `distance` bytes past `ptr` into L2 (PREFETCH_LOCALITY); never faults."""
+    """Prefetch `distance` bytes past `ptr` with the host's hint (PREFETCH_LOCALITY); never faults."""
     p8 = builder.bitcast(ptr, _I8.as_pointer())
     _call(builder, "llvm.prefetch.p0", ir.VoidType(),
           [builder.gep(p8, [_I64(distance)]), _I32(0), _I32(PREFETCH_LOCALITY), _I32(1)])
@@ -146,7 +159,7 @@ def _prefetch(builder: ir.IRBuilder, ptr, distance: int) -> None:
 
 @intrinsic
 def prefetch(typingctx, arr, byte):
-    """A hint to bring the cache line at `byte` bytes into arr's data into L2, as the weight streams' prefetches
+    """A hint to bring the cache line at `byte` bytes into arr's data closer, as the weight streams' prefetches
     (PREFETCH_LOCALITY; llvm.prefetch: no fault, no wait): the attention's cache streams."""
     if not isinstance(arr, types.Array) or not isinstance(byte, types.Integer):
         return None
