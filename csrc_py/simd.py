@@ -126,18 +126,19 @@ def _load_in_order(builder: ir.IRBuilder, ptr, vty: ir.Type) -> ir.Value:
     return instr
 
 
-# The hint of every software prefetch (the panel kernels' weight streams; `prefetch`, the attention's cache
-# streams), by the host's vendor (prefetch_locality). Intel: LLVM locality 2, prefetcht1 (into L2, not L1). On the
-# Intel AMX VM, whose loads wait ~170 ns, it streamed the gate/up pair of 8 Qwen3 experts cold 1.05-1.10x faster than
-# prefetcht0 and decoded DeepSeek-V2-Lite 1.14-1.16x, Mixtral 4.7B 1.07-1.09x, the 48-layer Qwen3 1.03-1.06x faster
-# end to end (docs/benchmarks.md, "the weight streams prefetched into L2"); presumably a prefetcht0 holds one of
-# L1's few fill buffers per line in flight, which caps the lines a core can have in flight. Data already in L3 is
-# read ~12% slower this way (L1 misses then wait on L2), but a model's weights come from DRAM once a token. AMD:
-# locality 3, prefetcht0. On a Zen 4 VM the kernels of both hints in one process, calls alternating
-# (tools/bench_kernels_against.py): prefetcht0 0.99-1.06x as fast at one token where DRAM gave 30-34 GB/s, and
-# 1.23-1.38x where it gave more (Mixtral and DeepSeek-V3 layers at 53-57 GB/s against 40-41 with prefetcht1), so
-# L2-bound hints cap the stream there (docs/benchmarks.md, "Zen 4, a fourth day"). Earlier AMD cores fill L1 for
-# every hint.
+# The hint of the panel kernels' weight-stream prefetches, by the host's vendor (prefetch_locality). Intel: LLVM
+# locality 2, prefetcht1 (into L2, not L1). On the Intel AMX VM, whose loads wait ~170 ns, it streamed the gate/up
+# pair of 8 Qwen3 experts cold 1.05-1.10x faster than prefetcht0 and decoded DeepSeek-V2-Lite 1.14-1.16x, Mixtral
+# 4.7B 1.07-1.09x, the 48-layer Qwen3 1.03-1.06x faster end to end (docs/benchmarks.md, "the weight streams
+# prefetched into L2"); presumably a prefetcht0 holds one of L1's few fill buffers per line in flight, which caps
+# the lines a core can have in flight. Data already in L3 is read ~12% slower this way (L1 misses then wait on L2),
+# but a model's weights come from DRAM once a token. AMD: locality 3, prefetcht0. On a Zen 4 VM the kernels of both
+# hints in one process, calls alternating (tools/bench_kernels_against.py): prefetcht0 0.99-1.06x as fast at one
+# token where DRAM gave 30-34 GB/s, and 1.23-1.38x where it gave more (Mixtral and DeepSeek-V3 layers at 53-57 GB/s
+# against 40-41 with prefetcht1), so L2-bound hints cap the stream there (docs/benchmarks.md, "Zen 4, a fourth
+# day"). Earlier AMD cores fill L1 for every hint. The attention's cache streams (`prefetch`) keep prefetcht1
+# everywhere (CACHE_STREAM_LOCALITY): on Zen 4 no in-process comparison of them was made, and end to end the
+# host's noise hid any difference.
 AMD_CPU_NAMES = ("znver", "bdver", "btver")  # LLVM's names of AMD's cores (znver1-5, Bulldozer's, Bobcat's)
 
 
@@ -148,26 +149,28 @@ def prefetch_locality(host_cpu: str) -> int:
 
 
 PREFETCH_LOCALITY = prefetch_locality(llvm.get_host_cpu_name())  # the CPU running the code, not the JIT target
+CACHE_STREAM_LOCALITY = 2
 
 
-def _prefetch(builder: ir.IRBuilder, ptr, distance: int) -> None:
-    """Prefetch `distance` bytes past `ptr` with the host's hint (PREFETCH_LOCALITY); never faults."""
+def _prefetch(builder: ir.IRBuilder, ptr, distance: int, locality: int = PREFETCH_LOCALITY) -> None:
+    """Prefetch `distance` bytes past `ptr` (LLVM locality: the weight streams' host hint by default); never
+    faults."""
     p8 = builder.bitcast(ptr, _I8.as_pointer())
     _call(builder, "llvm.prefetch.p0", ir.VoidType(),
-          [builder.gep(p8, [_I64(distance)]), _I32(0), _I32(PREFETCH_LOCALITY), _I32(1)])
+          [builder.gep(p8, [_I64(distance)]), _I32(0), _I32(locality), _I32(1)])
 
 
 @intrinsic
 def prefetch(typingctx, arr, byte):
-    """A hint to bring the cache line at `byte` bytes into arr's data closer, as the weight streams' prefetches
-    (PREFETCH_LOCALITY; llvm.prefetch: no fault, no wait): the attention's cache streams."""
+    """A hint to bring the cache line at `byte` bytes into arr's data into L2 (CACHE_STREAM_LOCALITY;
+    llvm.prefetch: no fault, no wait): the attention's cache streams."""
     if not isinstance(arr, types.Array) or not isinstance(byte, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
         offset = context.cast(builder, args[1], sig.args[1], types.int64)
-        _prefetch(builder, builder.gep(builder.bitcast(data, _I8.as_pointer()), [offset]), 0)
+        _prefetch(builder, builder.gep(builder.bitcast(data, _I8.as_pointer()), [offset]), 0, CACHE_STREAM_LOCALITY)
         return context.get_dummy_value()
 
     return types.void(arr, byte), codegen

@@ -57,10 +57,11 @@ from csrc_py import simd
 from tests.test_isa_tiers import run_kernels, streams_asm
 data = dict(np.load(sys.argv[1]))
 out = run_kernels(data)
-asm = streams_asm()
-instructions = [name for name in ("vpdpbusd", "{vex}", "vpmaddubsw", "vpsignb", "zmm", "prefetcht0", "prefetcht1")
-                if name in asm]
-np.savez(sys.argv[2], tier=simd.TIER, instructions=",".join(instructions), **out)
+weights, cache = streams_asm()
+instructions = [name for name in ("vpdpbusd", "{vex}", "vpmaddubsw", "vpsignb", "zmm") if name in weights + cache]
+hints = [f"{stream}:{hint}" for stream, asm in (("weights", weights), ("cache", cache))
+         for hint in ("prefetcht0", "prefetcht1") if hint in asm]
+np.savez(sys.argv[2], tier=simd.TIER, instructions=",".join(instructions), hints=",".join(hints), **out)
 """
 
 
@@ -168,17 +169,20 @@ def test_host_tier_matches_the_oracles(host_run):
     _check_against_oracles(data, packed, out)
 
 
-def streams_asm() -> str:
-    """The machine code of the kernels run_kernels compiled that stream memory: the packed matmuls (weights) and
+def streams_asm() -> tuple[str, str]:
+    """The machine code of the kernels run_kernels compiled that stream memory: the packed matmuls (weights), and
     the attention over the cache. Only in a process that compiled them: code loaded from Numba's on-disk cache has
     none to show (the children have caches of their own)."""
-    kernels = (matmul_q8, matmul_q4, decode_step.attend)
-    return "".join(text for kernel in kernels for text in kernel.inspect_asm().values())
+    def asm(kernel) -> str:
+        return "".join(kernel.inspect_asm().values())
+
+    return asm(matmul_q8) + asm(matmul_q4), asm(decode_step.attend)
 
 
-def host_hint() -> tuple[str, str]:
-    """The prefetch instruction the streams take on this host (simd.PREFETCH_LOCALITY), and the one they do not."""
-    return ("prefetcht0", "prefetcht1") if simd.PREFETCH_LOCALITY == 3 else ("prefetcht1", "prefetcht0")
+def expected_hints() -> list[str]:
+    """The prefetch instructions of the two kinds of stream on this host: the weights' by vendor
+    (simd.PREFETCH_LOCALITY), the attention's cache streams prefetcht1."""
+    return ["weights:" + ("prefetcht0" if simd.PREFETCH_LOCALITY == 3 else "prefetcht1"), "cache:prefetcht1"]
 
 
 def test_the_prefetch_hint_follows_the_vendor():
@@ -188,15 +192,13 @@ def test_the_prefetch_hint_follows_the_vendor():
     assert [simd.prefetch_locality(cpu) for cpu in ("sapphirerapids", "rocketlake", "haswell", "generic")] == [2] * 4
 
 
-def test_the_streams_take_the_host_s_prefetch_hint(tier_runs):
-    """The host's hint and not the other in the host tier's code, compiled by a child (the tier children check
-    their own)."""
+def test_the_streams_take_the_host_s_prefetch_hints(tier_runs):
+    """The weight streams' hint by vendor and the cache streams' prefetcht1, one hint each, in the host tier's
+    code, compiled by a child (the tier children check their own)."""
     proc, out = tier_runs[HOST]
     _, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
-    instructions = str(np.load(out)["instructions"]).split(",")
-    taken, other = host_hint()
-    assert taken in instructions and other not in instructions
+    assert str(np.load(out)["hints"]).split(",") == expected_hints()
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
@@ -217,8 +219,7 @@ def test_tier_in_a_subprocess_matches_the_oracles(name, host_run, tier_runs):
         assert "zmm" not in instructions  # the restricted target really compiled without AVX-512
     if name == "avx-vnni-vex":
         assert "{vex}" in instructions  # AVX-VNNI's encoding, not AVX512-VL's
-    taken, other = host_hint()  # the host's hint whatever the target
-    assert taken in instructions and other not in instructions
+    assert str(got.pop("hints")).split(",") == expected_hints()  # the host's hints whatever the target
     _check_against_oracles(data, packed, got)
     for key in got:
         if target.fma and "linear" in key:  # exact integer sums, the same float operations: bit for bit
