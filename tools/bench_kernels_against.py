@@ -4,10 +4,11 @@
     python tools/bench_kernels_against.py --against HEAD~3 --formats int8,int4s --tokens 1,8 --calls 30
 
 On a host whose memory bandwidth swings between runs (the shared hosts this project is measured on: read probes of
-31-35 GB/s and bursts of 55-65 within minutes), two processes timed one after the other can differ by 1.2-1.5x with
-the same kernels. Here both versions run in one process on the same packed weights: each call follows a read of
-twice the last-level cache (tools/cold_caches.py), the two versions alternate call by call (the order flipped every
-pair), and the figure to read is the median over pairs of this / REF, which a slow minute moves for both.
+30-36 GB/s and bursts of 49-68 within minutes; one build's decode 29.6-42.4 tok/s in twelve runs over 45
+minutes), two processes timed one after the other compare two bandwidths as much as two builds. Here both versions
+run in one process on the same packed weights: each call follows a read of twice the last-level cache
+(tools/cold_caches.py), the two versions alternate call by call (the order flipped every pair), and the figure to
+read is the median over pairs of this / REF, which a slow minute moves for both.
 
 REF's csrc_py is exported with `git archive` into ~/.cache/offload/kernels-at/<commit>/ as a package of another name
 (its imports of csrc_py rewritten), so Numba's cache there keeps its compiled kernels between runs. The weights are
