@@ -133,7 +133,7 @@ def _load_in_order(builder: ir.IRBuilder, ptr, vty: ir.Type) -> ir.Value:
 # prefetched into L2"); presumably a prefetcht0 holds one of L1's few fill buffers per line in flight, which caps
 # the lines a core can have in flight. Data already in L3 is read ~12% slower this way (L1 misses then wait on L2),
 # but a model's weights come from DRAM once a token. AMD: locality 3, prefetcht0. On a Zen 4 VM the kernels of both
-# hints in one process, calls alternating (tools/bench_kernels_against.py): prefetcht0 0.99-1.06x as fast at one
+# hints in one process, calls alternating (tools/bench_kernels_against.py): prefetcht0 0.98-1.06x as fast at one
 # token where DRAM gave 30-34 GB/s, and 1.23-1.38x where it gave more (Mixtral and DeepSeek-V3 layers at 53-57 GB/s
 # against 40-41 with prefetcht1), so L2-bound hints cap the stream there (docs/benchmarks.md, "Zen 4, a fourth
 # day"). Earlier AMD cores fill L1 for every hint. The attention's cache streams (`prefetch`) keep prefetcht1
@@ -143,13 +143,13 @@ AMD_CPU_NAMES = ("znver", "bdver", "btver")  # LLVM's names of AMD's cores (znve
 
 
 def prefetch_locality(host_cpu: str) -> int:
-    """LLVM's locality for the software prefetches on the CPU LLVM names `host_cpu`: 3 (prefetcht0) on AMD's cores,
-    2 (prefetcht1) elsewhere."""
+    """LLVM's locality for the weight streams' prefetches on the CPU LLVM names `host_cpu`: 3 (prefetcht0) on AMD's
+    cores, 2 (prefetcht1) elsewhere."""
     return 3 if host_cpu.startswith(AMD_CPU_NAMES) else 2
 
 
 PREFETCH_LOCALITY = prefetch_locality(llvm.get_host_cpu_name())  # the CPU running the code, not the JIT target
-CACHE_STREAM_LOCALITY = 2
+CACHE_STREAM_LOCALITY = 2  # the attention's cache streams: prefetcht1 on every host
 
 
 def _prefetch(builder: ir.IRBuilder, ptr, distance: int, locality: int = PREFETCH_LOCALITY) -> None:
