@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,12 +65,14 @@ def csrc_py_at(ref: str, cache: Path = CACHE):
     if not package.is_dir():
         archive = subprocess.run(["git", "archive", commit, "csrc_py"], cwd=REPO, check=True,
                                  capture_output=True).stdout
+        partial = root / f"{name}.partial"  # renamed when whole: an interrupted export is never imported
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         with tarfile.open(fileobj=BytesIO(archive)) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".py")]
-            package.mkdir(parents=True)
-            for member in members:
+            for member in (m for m in tar.getmembers() if m.isfile() and m.name.endswith(".py")):
                 source = tar.extractfile(member).read().decode()
-                (package / Path(member.name).name).write_text(renamed(source, name))
+                (partial / Path(member.name).name).write_text(renamed(source, name))
+        partial.rename(package)
     sys.path.insert(0, str(root))
     return importlib.import_module(name)
 
@@ -133,6 +136,10 @@ def main() -> None:
     if unknown := [f for f in formats if f not in KERNELS]:
         parser.error(f"unknown format(s) {', '.join(unknown)}: use {', '.join(KERNELS)}")
 
+    try:
+        commit_of(args.against)
+    except subprocess.CalledProcessError:
+        parser.error(f"--against {args.against}: not a commit of this repository")
     n_threads = threads.set_threads(args.threads)
     describe_machine(n_threads)
     ref = csrc_py_at(args.against)
