@@ -11,7 +11,7 @@ default): the same cache arrays every call, each figure the median CPU time of t
 on a shared machine it stays near the work done while wall time swings). `--cold`: a read of an --evict-mb buffer
 and a trivial parallel loop (the pool's threads awake, as in a decode step) before each call, whose wall time is
 the cold figure; a second call right after it gives the warm one (wall time too). `--against REF` loads REF's
-csrc_py/decode_step.py (git show) as a separate module; the two kernels are called in turn. Also prints
+csrc_py as a package of its own (tools/kernels_at.py); the two kernels are called in turn. Also prints
 max |this - REF| / max |REF| over the outputs (float32 summation order). `--read` adds `read`, a plain parallel
 sum over the same cached K / V rows split over the threads as attend splits them (one KV head per thread): with
 --cold its cold figure is what streaming the cache alone costs, so attend's cold - max(read cold, attend warm) is
@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from numba import njit, prange
 
 from cold_caches import eviction_bytes
 from csrc_py import decode_step, simd
+from kernels_at import is_commit, module_of_csrc_py_at
 
 # heads, KV heads, head dim
 SHAPES = {"qwen3": (32, 4, 128), "gpt-oss": (64, 8, 64), "mixtral-4.7b": (32, 8, 64), "olmoe": (16, 16, 128)}
@@ -54,9 +54,10 @@ def module_at(ref: str, file: str, name: str, folder: Path):
     return module
 
 
-def decode_step_at(ref: str, folder: Path):
-    """csrc_py/decode_step.py as of commit `ref`, a separate module."""
-    return module_at(ref, "csrc_py/decode_step.py", "decode_step_at_ref", folder)
+def decode_step_at(ref: str):
+    """csrc_py.decode_step as of commit `ref`, in REF's whole package (tools/kernels_at.py): its tiles, prefetch hints
+    and fast math are REF's too (a lone copy of decode_step.py would call this tree's)."""
+    return module_of_csrc_py_at(ref, "decode_step")
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -141,39 +142,40 @@ def main() -> None:
                         help="buffer read before each cold call (default: twice the last-level cache, at least 256)")
     parser.add_argument("--read", action="store_true", help="also time a plain read of the same cache rows")
     args = parser.parse_args()
+    if args.against and not is_commit(args.against):
+        parser.error(f"--against {args.against}: not a commit of this repository")
     numba.set_num_threads(args.threads)
     evict = np.ones(args.evict_mb << 18, np.float32) if args.cold else None
-    with tempfile.TemporaryDirectory() as tmp:
-        kernels = {"this": decode_step.attend}
-        if args.against:
-            kernels[args.against] = decode_step_at(args.against, Path(tmp)).attend
-        ref = args.against
-        if args.read:
-            kernels["read"] = read_cache
-        columns = [f"{name} {kind} us" for name in kernels for kind in (("cold", "warm") if args.cold else ("",))]
-        ratios = [f"{ref} / this {kind}" for kind in (("cold", "warm") if args.cold else ("",))] if ref else []
-        print(f"kernel ISA tier {simd.TIER}, threads {args.threads}, "
-              f"{'wall time, cold and warm' if args.cold else 'CPU time, warm'}, median of {args.calls} calls")
-        print("| shape | heads / KV / d | cache | T | positions | " + " | ".join(c.replace("  ", " ") for c in
-              columns + ratios) + (" | max rel diff |" if ref else " |"))
-        print("|---" * (5 + len(columns) + len(ratios) + (1 if ref else 0)) + "|")
-        for shape_name in args.shapes:
-            shape = SHAPES[shape_name]
-            for cache in args.kv_cache:
-                for T in args.tokens:
-                    for context in args.contexts:
-                        got = time_kernels(kernels, shape, context, T, args.calls, cache, evict)
-                        cells = [f"{us:.0f}" for warm_us, cold_us, _ in got.values()
-                                 for us in ((cold_us, warm_us) if args.cold else (warm_us,))]
-                        row = f"| {shape_name} | {' / '.join(map(str, shape))} | {cache} | {T} | {context} | "
-                        row += " | ".join(cells)
-                        if ref:
-                            (this_warm, this_cold, this_out), (ref_warm, ref_cold, ref_out) = got["this"], got[ref]
-                            pairs = ((ref_cold, this_cold), (ref_warm, this_warm)) if args.cold else \
-                                ((ref_warm, this_warm),)
-                            diff = np.abs(this_out - ref_out).max() / np.abs(ref_out).max()
-                            row += " | " + " | ".join(f"{a / b:.2f}x" for a, b in pairs) + f" | {diff:.1e}"
-                        print(row + " |", flush=True)
+    kernels = {"this": decode_step.attend}
+    if args.against:
+        kernels[args.against] = decode_step_at(args.against).attend
+    ref = args.against
+    if args.read:
+        kernels["read"] = read_cache
+    columns = [f"{name} {kind} us" for name in kernels for kind in (("cold", "warm") if args.cold else ("",))]
+    ratios = [f"{ref} / this {kind}" for kind in (("cold", "warm") if args.cold else ("",))] if ref else []
+    print(f"kernel ISA tier {simd.TIER}, threads {args.threads}, "
+          f"{'wall time, cold and warm' if args.cold else 'CPU time, warm'}, median of {args.calls} calls")
+    print("| shape | heads / KV / d | cache | T | positions | " + " | ".join(c.replace("  ", " ") for c in
+          columns + ratios) + (" | max rel diff |" if ref else " |"))
+    print("|---" * (5 + len(columns) + len(ratios) + (1 if ref else 0)) + "|")
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        for cache in args.kv_cache:
+            for T in args.tokens:
+                for context in args.contexts:
+                    got = time_kernels(kernels, shape, context, T, args.calls, cache, evict)
+                    cells = [f"{us:.0f}" for warm_us, cold_us, _ in got.values()
+                             for us in ((cold_us, warm_us) if args.cold else (warm_us,))]
+                    row = f"| {shape_name} | {' / '.join(map(str, shape))} | {cache} | {T} | {context} | "
+                    row += " | ".join(cells)
+                    if ref:
+                        (this_warm, this_cold, this_out), (ref_warm, ref_cold, ref_out) = got["this"], got[ref]
+                        pairs = ((ref_cold, this_cold), (ref_warm, this_warm)) if args.cold else \
+                            ((ref_warm, this_warm),)
+                        diff = np.abs(this_out - ref_out).max() / np.abs(ref_out).max()
+                        row += " | " + " | ".join(f"{a / b:.2f}x" for a, b in pairs) + f" | {diff:.1e}"
+                    print(row + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ run in one process on the same packed weights: each call follows a read of twice
 read is the median over pairs of this / REF, which a slow minute moves for both.
 
 REF's csrc_py is exported with `git archive` into ~/.cache/offload/kernels-at/<commit>/ as a package of another name
-(its imports of csrc_py rewritten), so Numba's cache there keeps its compiled kernels between runs. The weights are
+(its imports of csrc_py rewritten; tools/kernels_at.py), so Numba's cache there keeps its compiled kernels between
+runs. The weights are
 packed by this tree's csrc_py.formats: where REF's layout differs, its outputs differ, and the maximum relative
 difference printed says so. The layer shapes are tools/bench_kernels.py's; T tokens routed uniformly at random,
 REF and this tree on the same ids. A benchmark, not a test.
@@ -20,14 +21,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
-import shutil
 import statistics
-import subprocess
 import sys
-import tarfile
 import time
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -40,41 +36,9 @@ from bench_kernels import LAYERS, describe_machine  # noqa: E402
 from csrc_py import expert_ffn, threads  # noqa: E402
 from csrc_py.expert_ffn import NO_BIAS, SILU_ACT  # noqa: E402
 from csrc_py.formats import pack  # noqa: E402
+from kernels_at import commit_of, csrc_py_at, is_commit  # noqa: E402  (tools/, beside this file)
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = Path.home() / ".cache" / "offload" / "kernels-at"
 KERNELS = {"bf16": "moe_bf16", "int8": "moe_q8", "int4": "moe_q4", "int4s": "moe_q4"}
-
-
-def commit_of(ref: str) -> str:
-    return subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=REPO, check=True,
-                          capture_output=True, text=True).stdout.strip()
-
-
-def renamed(source: str, name: str) -> str:
-    """A csrc_py module's source with its imports of the package pointing at `name`."""
-    return re.sub(r"\bcsrc_py\b", name, source)
-
-
-def csrc_py_at(ref: str, cache: Path = CACHE):
-    """REF's csrc_py package, imported under the name csrc_at_<commit prefix> from a copy in `cache`."""
-    commit = commit_of(ref)
-    name = f"csrc_at_{commit[:12]}"
-    root = cache / commit
-    package = root / name
-    if not package.is_dir():
-        archive = subprocess.run(["git", "archive", commit, "csrc_py"], cwd=REPO, check=True,
-                                 capture_output=True).stdout
-        partial = root / f"{name}.partial"  # renamed when whole: an interrupted export is never imported
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        with tarfile.open(fileobj=BytesIO(archive)) as tar:
-            for member in (m for m in tar.getmembers() if m.isfile() and m.name.endswith(".py")):
-                source = tar.extractfile(member).read().decode()
-                (partial / Path(member.name).name).write_text(renamed(source, name))
-        partial.rename(package)
-    sys.path.insert(0, str(root))
-    return importlib.import_module(name)
 
 
 def routed(T: int, top_k: int, held: int, rng: np.random.Generator) -> np.ndarray:
@@ -136,9 +100,7 @@ def main() -> None:
     if unknown := [f for f in formats if f not in KERNELS]:
         parser.error(f"unknown format(s) {', '.join(unknown)}: use {', '.join(KERNELS)}")
 
-    try:
-        commit_of(args.against)
-    except subprocess.CalledProcessError:
+    if not is_commit(args.against):
         parser.error(f"--against {args.against}: not a commit of this repository")
     n_threads = threads.set_threads(args.threads)
     describe_machine(n_threads)

@@ -10,7 +10,7 @@ tokens after positions - T cached ones; `--dsa N:P` adds a case where each query
 P. Cold: a read of a --evict-mb buffer before each call (wall time: cold work is memory time), then a trivial
 parallel loop so the pool's threads are awake as in a decode step (waking a sleeping one costs this VM up to a
 millisecond, which would swamp the figures); warm: the same arrays called again. `--against REF` loads REF's
-csrc_py/decode_step.py (git show) as a separate module; the kernels are called in turn (interleaved, so the shared
+csrc_py as a package of its own (tools/kernels_at.py); the kernels are called in turn (interleaved, so the shared
 host's noise falls on both), each figure the median of --calls calls, and the ratio REF / this is per case. Also
 prints max |this - REF| / max |REF| (float32 summation order). `--packed FMT ...` adds this tree's
 latent_attend_packed with the same W_UK / W_UV packed per head in each format (offload.model.mla.pack_absorbed, as
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch  # noqa: F401  (torch before numba)
@@ -30,6 +28,7 @@ import numba
 
 from bench_attend import cache_aligned, decode_step_at, wake_threads  # tools/ is the script's folder, so on sys.path
 from cold_caches import eviction_bytes
+from kernels_at import is_commit
 from csrc_py import decode_step
 
 HEADS, NOPE, ROPE, RANK, V = 16, 128, 64, 512, 128  # DeepSeek-V2-Lite
@@ -111,36 +110,37 @@ def main() -> None:
     parser.add_argument("--evict-mb", type=int, default=eviction_bytes() >> 20,
                         help="buffer read before each cold call (default: twice the last-level cache, at least 256)")
     args = parser.parse_args()
+    if args.against and not is_commit(args.against):
+        parser.error(f"--against {args.against}: not a commit of this repository")
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     evict = np.ones(args.evict_mb << 18, np.float32)
     cases = [(p, T, 0) for T in args.tokens for p in args.positions]
     cases += [(int(p), T, int(n)) for T in args.tokens for n, p in (d.split(":") for d in args.dsa)]
-    with tempfile.TemporaryDirectory() as tmp:
-        ref = args.against
-        at_ref = decode_step_at(ref, Path(tmp)) if ref else None
-        kernels = {"this": decode_step.latent_attend}
+    ref = args.against
+    at_ref = decode_step_at(ref) if ref else None
+    kernels = {"this": decode_step.latent_attend}
+    if ref:
+        kernels[ref] = at_ref.latent_attend
+    pairs = [("this", ref)] if ref else []  # (this tree's kernel, REF's) compared per case
+    for fmt in args.packed:
+        kernels[f"packed {fmt}"] = packed_attend(fmt)
         if ref:
-            kernels[ref] = at_ref.latent_attend
-        pairs = [("this", ref)] if ref else []  # (this tree's kernel, REF's) compared per case
-        for fmt in args.packed:
-            kernels[f"packed {fmt}"] = packed_attend(fmt)
-            if ref:
-                kernels[f"{ref} packed {fmt}"] = packed_attend(fmt, at_ref)
-                pairs.append((f"packed {fmt}", f"{ref} packed {fmt}"))
-        names = list(kernels)
-        print(f"threads {numba.get_num_threads()}, evict {args.evict_mb} MB, {args.calls} calls, median wall us")
-        print("| T | positions | selected | " + " | ".join(f"{n} cold | {n} warm" for n in names) + "".join(
-            f" | {theirs} / {mine} cold | warm | max rel diff" for mine, theirs in pairs) + " |")
-        print("|---" * (3 + 2 * len(names) + 3 * len(pairs)) + "|")
-        for positions, T, selected in cases:
-            got = time_case(kernels, positions, T, selected, args.calls, evict)
-            row = f"| {T} | {positions} | {selected or '-'} | " + " | ".join(
-                f"{c:.0f} | {w:.0f}" for c, w, _ in got.values())
-            for mine, theirs in pairs:
-                (c_this, w_this, out_this), (c_ref, w_ref, out_ref) = got[mine], got[theirs]
-                diff = np.abs(out_this - out_ref).max() / np.abs(out_ref).max()
-                row += f" | {c_ref / c_this:.2f}x | {w_ref / w_this:.2f}x | {diff:.1e}"
-            print(row + " |", flush=True)
+            kernels[f"{ref} packed {fmt}"] = packed_attend(fmt, at_ref)
+            pairs.append((f"packed {fmt}", f"{ref} packed {fmt}"))
+    names = list(kernels)
+    print(f"threads {numba.get_num_threads()}, evict {args.evict_mb} MB, {args.calls} calls, median wall us")
+    print("| T | positions | selected | " + " | ".join(f"{n} cold | {n} warm" for n in names) + "".join(
+        f" | {theirs} / {mine} cold | warm | max rel diff" for mine, theirs in pairs) + " |")
+    print("|---" * (3 + 2 * len(names) + 3 * len(pairs)) + "|")
+    for positions, T, selected in cases:
+        got = time_case(kernels, positions, T, selected, args.calls, evict)
+        row = f"| {T} | {positions} | {selected or '-'} | " + " | ".join(
+            f"{c:.0f} | {w:.0f}" for c, w, _ in got.values())
+        for mine, theirs in pairs:
+            (c_this, w_this, out_this), (c_ref, w_ref, out_ref) = got[mine], got[theirs]
+            diff = np.abs(out_this - out_ref).max() / np.abs(out_ref).max()
+            row += f" | {c_ref / c_this:.2f}x | {w_ref / w_this:.2f}x | {diff:.1e}"
+        print(row + " |", flush=True)
 
 
 if __name__ == "__main__":
