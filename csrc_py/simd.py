@@ -137,8 +137,11 @@ def _load_in_order(builder: ir.IRBuilder, ptr, vty: ir.Type) -> ir.Value:
 # token where DRAM gave 30-34 GB/s, and 1.23-1.38x where it gave more (Mixtral and DeepSeek-V3 layers at 53-57 GB/s
 # against 40-41 with prefetcht1), so L2-bound hints cap the stream there (docs/benchmarks.md, "Zen 4, a fourth
 # day"). Earlier AMD cores fill L1 for every hint. The attention's cache streams (`prefetch`) keep prefetcht1
-# everywhere (CACHE_STREAM_LOCALITY): on Zen 4 no in-process comparison of them was made, and end to end the
-# host's noise hid any difference.
+# everywhere (CACHE_STREAM_LOCALITY): on the Zen 4 VM, `attend` with prefetcht0 on them ran 0.80-0.96x as fast cold
+# as with prefetcht1 (Qwen3's and Mixtral 4.7B's heads, 580 and 2048 positions, float32 and bf16 caches; in one
+# process, calls alternating), and a second, near prefetcht0 two key quads ahead 0.87-1.03x (docs/benchmarks.md,
+# "Zen 4, a fifth day"). There the attention's arithmetic alone takes nearly as long as its read (Qwen3, 580
+# positions: 69-73 us warm against 83 us for a cold plain read of its rows).
 AMD_CPU_NAMES = ("znver", "bdver", "btver")  # LLVM's names of AMD's cores (znver1-5, Bulldozer's, Bobcat's)
 
 
