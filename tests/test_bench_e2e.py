@@ -85,4 +85,24 @@ def test_ratios_pair_each_round_and_skip_a_failed_one():
 def test_ratios_of_engines_that_never_ran_in_the_same_round():
     runs = {"offload-int4s": _rounds((30.0, 100.0), None), "llama.cpp-q4_0": _rounds(None, (20.0, 50.0))}
     decode = bench_e2e.ratios(_medians(runs), runs)["offload-int4s / llama.cpp-q4_0 decode"]
-    assert decode == {"of_medians": 1.5, "by_round": [], "median_by_round": None}
+    assert decode == {"of_medians": 1.5, "by_round": [], "median_by_round": None, "steady_by_round": [],
+                      "median_steady": None}
+
+
+def test_a_round_is_steady_when_its_probes_agree():
+    assert bench_e2e.steady([33.0, 34.5, 36.1, 35.0])
+    assert not bench_e2e.steady([33.6, 34.5, 64.2, 36.1])  # one probe caught a burst
+    assert not bench_e2e.steady([35.0])  # one reading cannot say
+    assert not bench_e2e.steady([])
+
+
+def test_the_steady_median_leaves_out_the_rounds_whose_probes_disagreed():
+    runs = {"offload-int4s": _rounds((30.0, 100.0), (20.0, 90.0), (26.0, 80.0)),
+            "llama.cpp-q4_0": _rounds((20.0, 50.0), (10.0, 45.0), (20.0, 40.0))}
+    for engine in runs:  # round 2 ran in a burst its probes caught
+        for result, calm in zip(runs[engine], (True, False, True)):
+            result["probes_steady"] = calm
+    decode = bench_e2e.ratios(_medians(runs), runs)["offload-int4s / llama.cpp-q4_0 decode"]
+    assert decode["by_round"] == [1.5, 2.0, 1.3]
+    assert decode["steady_by_round"] == [1.5, 1.3]
+    assert decode["median_steady"] == pytest.approx(1.4)

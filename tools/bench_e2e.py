@@ -49,7 +49,10 @@ where the kernel offers them, as offload keeps its weights: offload/weights/huge
 memory system that one probe catches does not set the median, even with a single engine), against the measured
 time per token. A llama.cpp engine whose GGUF holds the same bytes as an offload engine of the run (int8 and Q8_0,
 int4s and Q4_0, experts and dense alike) gets its share of the same floor, and the report prints 1 / that share:
-how much faster than llama.cpp an engine reading at the probes' rate can be on that host. A benchmark, not a test.
+how much faster than llama.cpp an engine reading at the probes' rate can be on that host. A round whose probes
+agree within STEADY_SPREAD is steady; the ratio table also gives the median over the steady rounds alone, since a
+burst of the memory system that lasts about as long as one engine's run falls on one engine of the round and not on
+the other. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -471,6 +474,17 @@ def run_worker(args: argparse.Namespace, engine: str) -> dict:
     return {"engine": engine, "error": f"exit code {proc.returncode}{hint}: " + "\n".join(tail)}
 
 
+# A round's probes agree when the fastest read at most this much more than the slowest: the memory system held
+# still through the round, so its engines read from the same one. On the shared hosts this is measured on, a burst
+# (probes at 55-67 GB/s where the others read 27-36) lasts about as long as an engine's run.
+STEADY_SPREAD = 1.25
+
+
+def steady(readings: list[float]) -> bool:
+    """Whether a round's probe readings agree (STEADY_SPREAD); False with fewer than two."""
+    return len(readings) >= 2 and max(readings) <= STEADY_SPREAD * min(readings)
+
+
 def round_bandwidth(probes: list[dict]) -> tuple[list[float], float | None]:
     """A round's probes (two before it, one after each engine): the GB/s of those that measured one, and their
     median, the round's read bandwidth (None where none did)."""
@@ -559,17 +573,20 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
-def round_ratios(runs: dict[str, list[dict]], num: str, den: str, metric: str) -> list[float]:
-    """num / den in every round both engines ran in: the same-minute ratio, which the host's drift between rounds
-    does not move as it moves each engine's median."""
+def round_ratios(runs: dict[str, list[dict]], num: str, den: str, metric: str,
+                 steady_only: bool = False) -> list[float]:
+    """num / den in every round both engines ran in (with steady_only, only rounds whose probes agreed: `steady`):
+    the same-minute ratio, which the host's drift between rounds does not move as it moves each engine's median."""
     return [a[metric] / b[metric] for a, b in zip(runs.get(num, []), runs.get(den, []))
-            if "error" not in a and "error" not in b]
+            if "error" not in a and "error" not in b
+            and (not steady_only or (a.get("probes_steady") and b.get("probes_steady")))]
 
 
 def ratios(summary: dict[str, dict], runs: dict[str, list[dict]]) -> dict[str, dict]:
     """RATIOS' ratios, and each offload engine's against the llama.cpp engine of the same bytes (same_bytes_gguf:
     a store's formats are known only once it ran): per label, the ratio of the engines' medians, the ratio in each
-    round both ran in, and the median of those (None where they never ran in the same round)."""
+    round both ran in, the median of those (None where they never ran in the same round), and the ratios and their
+    median over the rounds whose probes agreed (`steady`)."""
     pairs, fixed = list(RATIOS), {pair[1:] for pair in RATIOS}
     for engine, s in summary.items():
         gguf = same_bytes_gguf(s.get("decode_split", {}).get("formats"))
@@ -582,8 +599,11 @@ def ratios(summary: dict[str, dict], runs: dict[str, list[dict]]) -> dict[str, d
     for label, num, den, metric in pairs:
         if num in summary and den in summary:
             by_round = round_ratios(runs, num, den, metric)
+            steady_rounds = round_ratios(runs, num, den, metric, steady_only=True)
             values[label] = {"of_medians": summary[num][metric] / summary[den][metric], "by_round": by_round,
-                             "median_by_round": statistics.median(by_round) if by_round else None}
+                             "median_by_round": statistics.median(by_round) if by_round else None,
+                             "steady_by_round": steady_rounds,
+                             "median_steady": statistics.median(steady_rounds) if steady_rounds else None}
     return values
 
 
@@ -625,11 +645,14 @@ def print_report(args: argparse.Namespace, summary: dict[str, dict], ratio_value
             rounds = ", ".join(f"{100 * x:.0f}%" for x in shares)
             print(f"- {engine}: {100 * share:.0f}% of the floor (rounds: {rounds}): at most {1 / share:.2f}x")
     if ratio_values:
-        print("\n| ratio | of the medians | by round | median by round |\n|---|---|---|---|")
+        print(f"\n| ratio | of the medians | by round | median by round | median of the steady rounds (probes within "
+              f"{STEADY_SPREAD}x) |\n|---|---|---|---|---|")
         for label, r in ratio_values.items():
             by_round = " / ".join(f"{x:.2f}" for x in r["by_round"]) or "-"
             median = "-" if r["median_by_round"] is None else f"{r['median_by_round']:.2f}x"
-            print(f"| {label} | {r['of_medians']:.2f}x | {by_round} | {median} |")
+            calm = ("none steady" if r["median_steady"] is None else
+                    f"{r['median_steady']:.2f}x ({len(r['steady_by_round'])} of {len(r['by_round'])})")
+            print(f"| {label} | {r['of_medians']:.2f}x | {by_round} | {median} | {calm} |")
 
 
 def environment() -> dict:
@@ -711,9 +734,12 @@ def main() -> None:
             for note in result.get("notes", []) if round_index == 0 else []:
                 print(f"  note: {note}")
         readings, read_gbps = round_bandwidth(probes)
+        calm = steady(readings)
         print(f"round {round_index + 1}/{args.rounds} read probes: "
               f"{', '.join(f'{x:.1f}' for x in readings) or 'none'} GB/s"
-              + (f" (median {read_gbps:.1f})" if read_gbps else ""), flush=True)
+              + (f" (median {read_gbps:.1f}; {'steady' if calm else 'unsteady'})" if read_gbps else ""), flush=True)
+        for result in round_results.values():
+            result["probes_steady"] = calm
         for failed in (p for p in probes if "error" in p):
             print(f"  read probe failed: {failed['error']}")
         for engine, result in round_results.items():
