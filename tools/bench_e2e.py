@@ -474,7 +474,7 @@ def run_worker(args: argparse.Namespace, engine: str) -> dict:
     return {"engine": engine, "error": f"exit code {proc.returncode}{hint}: " + "\n".join(tail)}
 
 
-# A round's probes agree when the fastest read at most this much more than the slowest: the memory system held
+# A round's probes agree when the fastest read at most this many times the slowest's GB/s: the memory system held
 # still through the round, so its engines read from the same one. On the shared hosts this is measured on, a burst
 # (probes at 55-67 GB/s where the others read 27-36) lasts about as long as an engine's run.
 STEADY_SPREAD = 1.25

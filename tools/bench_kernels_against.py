@@ -12,10 +12,9 @@ read is the median over pairs of this / REF, which a slow minute moves for both.
 
 REF's csrc_py is exported with `git archive` into ~/.cache/offload/kernels-at/<commit>/ as a package of another name
 (its imports of csrc_py rewritten; tools/kernels_at.py), so Numba's cache there keeps its compiled kernels between
-runs. The weights are
-packed by this tree's csrc_py.formats: where REF's layout differs, its outputs differ, and the maximum relative
-difference printed says so. The layer shapes are tools/bench_kernels.py's; T tokens routed uniformly at random,
-REF and this tree on the same ids. A benchmark, not a test.
+runs. The weights are packed by this tree's csrc_py.formats: where REF's layout differs, its outputs differ, and the
+maximum relative difference printed says so. The layer shapes are tools/bench_kernels.py's; T tokens routed
+uniformly at random, REF and this tree on the same ids. A benchmark, not a test.
 """
 from __future__ import annotations
 
