@@ -46,11 +46,21 @@ def test_bench_attend_s_ref_attention_calls_the_ref_s_helpers(tmp_path, monkeypa
     assert at.prefetch is not simd.prefetch
 
 
+def _run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(TOOLS.parent)}  # as the tools are run: from the repository
+    return subprocess.run([sys.executable, str(TOOLS / tool), *args], capture_output=True, text=True,
+                          cwd=TOOLS.parent, env=env, timeout=300)
+
+
 @pytest.mark.parametrize("tool", ["bench_attend.py", "bench_latent.py", "bench_kernels_against.py"])
 def test_a_ref_that_is_not_a_commit_is_one_line_and_exit_2(tool):
-    env = {**os.environ, "PYTHONPATH": str(TOOLS.parent)}  # as the tools are run: from the repository
-    run = subprocess.run([sys.executable, str(TOOLS / tool), "--against", "no-such-ref-xyz"], capture_output=True,
-                         text=True, cwd=TOOLS.parent, env=env, timeout=300)
+    run = _run_tool(tool, "--against", "no-such-ref-xyz")
     assert run.returncode == 2
     assert "--against no-such-ref-xyz: not a commit of this repository" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_an_unknown_layer_is_one_line_and_exit_2():
+    run = _run_tool("bench_kernels_against.py", "--against", "HEAD", "--layers", "qwen3,no-such-layer")
+    assert run.returncode == 2
+    assert "unknown layer(s) no-such-layer" in run.stderr and "Traceback" not in run.stderr

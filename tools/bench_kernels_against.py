@@ -19,7 +19,6 @@ uniformly at random, REF and this tree on the same ids. A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from bench_kernels import LAYERS, describe_machine  # noqa: E402
 from csrc_py import expert_ffn, threads  # noqa: E402
 from csrc_py.expert_ffn import NO_BIAS, SILU_ACT  # noqa: E402
 from csrc_py.formats import pack  # noqa: E402
-from kernels_at import commit_of, csrc_py_at, is_commit  # noqa: E402  (tools/, beside this file)
+from kernels_at import commit_of, is_commit, module_of_csrc_py_at  # noqa: E402  (tools/, beside this file)
 
 KERNELS = {"bf16": "moe_bf16", "int8": "moe_q8", "int4": "moe_q4", "int4s": "moe_q4"}
 
@@ -94,18 +93,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--max-gb", type=float, default=4.0, help="RAM budget for one layer's bf16 source")
     args = parser.parse_args()
-    layers = [LAYERS[name] for name in args.layers.split(",")]
     formats = args.formats.split(",")
     if unknown := [f for f in formats if f not in KERNELS]:
         parser.error(f"unknown format(s) {', '.join(unknown)}: use {', '.join(KERNELS)}")
+    if unknown := [name for name in args.layers.split(",") if name not in LAYERS]:
+        parser.error(f"unknown layer(s) {', '.join(unknown)}: use {', '.join(LAYERS)}")
+    layers = [LAYERS[name] for name in args.layers.split(",")]
 
     if not is_commit(args.against):
         parser.error(f"--against {args.against}: not a commit of this repository")
     n_threads = threads.set_threads(args.threads)
     describe_machine(n_threads)
-    ref = csrc_py_at(args.against)
-    ref_ffn = importlib.import_module(f"{ref.__name__}.expert_ffn")
-    print(f"against {args.against} ({commit_of(args.against)[:12]}, from {Path(ref.__file__).parent}); "
+    ref_ffn = module_of_csrc_py_at(args.against, "expert_ffn")
+    print(f"against {args.against} ({commit_of(args.against)[:12]}, from {Path(ref_ffn.__file__).parent}); "
           f"a cold call follows a read of {cold_caches.eviction_bytes() >> 20} MiB; {args.calls} calls each, "
           "alternating")
     evict = cold_caches.eviction_buffer()

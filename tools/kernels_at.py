@@ -57,7 +57,8 @@ def csrc_py_at(ref: str, cache: Path | None = None):
                 source = tar.extractfile(member).read().decode()
                 (partial / Path(member.name).name).write_text(renamed(source, name))
         partial.rename(package)
-    sys.path.insert(0, str(root))
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     return importlib.import_module(name)
 
 
