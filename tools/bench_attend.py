@@ -31,7 +31,7 @@ import torch  # noqa: F401  (torch before numba)
 import numba
 from numba import njit, prange
 
-from cold_caches import eviction_bytes
+from cold_caches import eviction_bytes, wake_threads
 from csrc_py import decode_step, simd
 from kernels_at import is_commit, module_of_csrc_py_at
 
@@ -58,14 +58,6 @@ def decode_step_at(ref: str):
     """csrc_py.decode_step as of commit `ref`, in REF's whole package (tools/kernels_at.py): its tiles, prefetch hints
     and fast math are REF's too (a lone copy of decode_step.py would call this tree's)."""
     return module_of_csrc_py_at(ref, "decode_step")
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def wake_threads(a: np.ndarray) -> None:
-    """A trivial parallel loop: the thread pool's workers running again (a decode step's kernels before the
-    attention leave them so), not asleep after an eviction's single-threaded read (also tools/bench_latent.py's)."""
-    for i in prange(a.size):
-        a[i] += 1.0
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc"})  # reassoc: the sums vectorize

@@ -6,8 +6,8 @@
 On a host whose memory bandwidth swings between runs (the shared hosts this project is measured on: read probes of
 30-36 GB/s and bursts of 49-68 within minutes; one build's decode 29.6-42.4 tok/s in twelve runs over 45
 minutes), two processes timed one after the other compare two bandwidths as much as two builds. Here both versions
-run in one process on the same packed weights: each call follows a read of twice the last-level cache
-(tools/cold_caches.py), the two versions alternate call by call (the order flipped every pair), and the figure to
+run in one process on the same packed weights: each call follows a read of twice the last-level cache and an
+empty parallel region that wakes the pool's workers (tools/cold_caches.py), the two versions alternate call by call (the order flipped every pair), and the figure to
 read is the median over pairs of this / REF, which a slow minute moves for both.
 
 REF's csrc_py is exported with `git archive` into ~/.cache/offload/kernels-at/<commit>/ as a package of another name
@@ -57,10 +57,12 @@ def bench_case(layer, fmt: str, T: int, ref_ffn, calls: int, max_gb: float, evic
     x = rng.standard_normal((T, H), dtype=np.float32)
     w = rng.random((T, layer.top_k), dtype=np.float32)
     outs = {"this": np.empty((T, H), np.float32), "ref": np.empty((T, H), np.float32)}
+    awake = np.zeros(64, np.float32)  # cold_caches.wake_threads's array
     kernels = {"this": getattr(expert_ffn, KERNELS[fmt]), "ref": getattr(ref_ffn, KERNELS[fmt])}
 
     def call(which: str, ids: np.ndarray) -> float:
         evict.sum()
+        cold_caches.wake_threads(awake)
         start = time.perf_counter()
         kernels[which](x, ids, w, *bits, NO_BIAS, NO_BIAS, NO_BIAS, SILU_ACT, outs[which])
         return time.perf_counter() - start

@@ -23,19 +23,13 @@ import torch
 
 import numba  # noqa: E402  (after torch)
 
+from cold_caches import wake_threads  # tools/, beside this file
 from csrc_py import decode_step
 
 GQA_SHAPES = {"qwen3": (32, 4, 128), "mixtral-4.7b": (32, 8, 64)}  # heads, KV heads, head dim
 MLA_SHAPE = (16, 128, 64, 512, 128)  # DeepSeek-V2-Lite: heads, nope, rope, kv_lora_rank, v
 EVICT = np.ones(64 << 20, np.float32)  # 256 MB read before a cold call
 SCRATCH = np.zeros(64, np.float32)
-
-
-@numba.njit(parallel=True)
-def wake(a: np.ndarray) -> None:
-    """A parallel region, so that a cold call does not also time the threads waking up."""
-    for i in numba.prange(a.size):
-        a[i] += 1
 
 
 def bf16_bits(t: torch.Tensor) -> np.ndarray:
@@ -48,7 +42,7 @@ def cold_and_warm(calls: dict, rounds: int) -> dict:
     for _ in range(rounds):
         for name, call in calls.items():
             EVICT.sum()
-            wake(SCRATCH)
+            wake_threads(SCRATCH)
             for kind in (0, 1):
                 start = time.perf_counter()
                 call()

@@ -26,8 +26,8 @@ import numpy as np
 import torch  # noqa: F401  (torch before numba)
 import numba
 
-from bench_attend import cache_aligned, decode_step_at, wake_threads  # tools/ is the script's folder, so on sys.path
-from cold_caches import eviction_bytes
+from bench_attend import cache_aligned, decode_step_at  # tools/ is the script's folder, so on sys.path
+from cold_caches import eviction_bytes, wake_threads
 from kernels_at import is_commit
 from csrc_py import decode_step
 

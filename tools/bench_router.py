@@ -19,18 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numba  # noqa: E402  (csrc_py first: it sets the OpenMP environment and imports torch before numba)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from numba import njit, prange  # noqa: E402
 
+from cold_caches import wake_threads  # noqa: E402  (tools/, beside this file)
 from csrc_py import decode_step as ds  # noqa: E402
 
 ROUTERS = (("Mixtral", 8, 4096), ("DeepSeek-V2-Lite", 64, 2048), ("Qwen3-30B-A3B", 128, 2048),
            ("DeepSeek-V3", 256, 7168))
-
-
-@njit(parallel=True, nogil=True)
-def wake(a: np.ndarray) -> None:
-    for i in prange(a.size):
-        a[i] += 1.0
 
 
 def main() -> None:
@@ -48,7 +42,7 @@ def main() -> None:
             for threads, samples in times.items():
                 numba.set_num_threads(threads)
                 evict.sum()
-                wake(tiny)
+                wake_threads(tiny)
                 start = time.perf_counter()
                 ds.router_logits(h, router, bias, logits)
                 samples.append(time.perf_counter() - start)

@@ -6,12 +6,17 @@ were written on; the Intel host of later sessions reports a 480 MiB L3, where a 
 experts (340 MB at 4 bits) partly cached and the kernels read above the measured DRAM bandwidth
 (docs/benchmarks.md, "Cold means past the L3"). The eviction reads (a written buffer leaves dirty lines, whose
 write-backs the next read then pays for: the experts' call 8-16% slower after a 1 GiB write than after a 1 GiB read).
+That read runs on one thread, so the kernel pool's workers fall asleep during it: `wake_threads` runs an empty
+parallel region after it, as a decode step's previous region leaves them awake (waking a sleeping worker cost
+these VMs up to tens of microseconds a region, which a cold figure should not carry).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import csrc_py  # noqa: F401  (before numba: the OpenMP environment and torch first)
 import numpy as np
+from numba import njit, prange
 
 MIN_BYTES = 256 << 20
 CACHE_ROOT = Path("/sys/devices/system/cpu/cpu0/cache")
@@ -45,6 +50,13 @@ def eviction_bytes(llc: int | None = None) -> int:
 def eviction_buffer() -> np.ndarray:
     """A float32 buffer of eviction_bytes(); `.sum()` over it evicts the caches."""
     return np.ones(eviction_bytes() // 4, np.float32)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def wake_threads(a: np.ndarray) -> None:
+    """A trivial parallel loop over a small float32 array: the thread pool's workers running again."""
+    for i in prange(a.size):
+        a[i] += 1.0
 
 
 def describe() -> str:
