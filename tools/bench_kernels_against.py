@@ -7,8 +7,9 @@ On a host whose memory bandwidth swings between runs (the shared hosts this proj
 30-36 GB/s and bursts of 49-68 within minutes; one build's decode 29.6-42.4 tok/s in twelve runs over 45
 minutes), two processes timed one after the other compare two bandwidths as much as two builds. Here both versions
 run in one process on the same packed weights: each call follows a read of twice the last-level cache and an
-empty parallel region that wakes the pool's workers (tools/cold_caches.py), the two versions alternate call by call (the order flipped every pair), and the figure to
-read is the median over pairs of this / REF, which a slow minute moves for both.
+empty parallel region that wakes the pool's workers (tools/cold_caches.py), the two versions alternate call by call
+(the order flipped every pair), and the figure to read is the median over pairs of this / REF, which a slow minute
+moves for both.
 
 REF's csrc_py is exported with `git archive` into ~/.cache/offload/kernels-at/<commit>/ as a package of another name
 (its imports of csrc_py rewritten; tools/kernels_at.py), so Numba's cache there keeps its compiled kernels between
