@@ -64,10 +64,18 @@ def route(topk_ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarra
     return seg_expert, seg_start, row_of_pair, token_of_row
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _copy_row(src: np.ndarray, s: int, out: np.ndarray, r: int) -> None:
+    """out[r] = src[s], element by element: a loop LLVM vectorizes for every dtype, where the slice assignment's
+    generic copy moved int8 a byte at a time (a decode step's 8 x 2048 quantized activations: 5.6 against 0.8 us)."""
+    for j in range(src.shape[1]):
+        out[r, j] = src[s, j]
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _gather_rows_parallel(src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     for r in prange(rows.size):
-        out[r] = src[rows[r]]
+        _copy_row(src, rows[r], out, r)
 
 
 @njit(nogil=True, cache=True)
@@ -76,7 +84,7 @@ def _gather_rows(src: np.ndarray, rows: np.ndarray) -> np.ndarray:
     out = np.empty((rows.size, src.shape[1]), src.dtype)
     if rows.size <= SERIAL_MAX_ROWS:
         for r in range(rows.size):
-            out[r] = src[rows[r]]
+            _copy_row(src, rows[r], out, r)
     else:
         _gather_rows_parallel(src, rows, out)
     return out
