@@ -7,8 +7,8 @@ experts (340 MB at 4 bits) partly cached and the kernels read above the measured
 (docs/benchmarks.md, "Cold means past the L3"). The eviction reads (a written buffer leaves dirty lines, whose
 write-backs the next read then pays for: the experts' call 8-16% slower after a 1 GiB write than after a 1 GiB read).
 That read runs on one thread, so the kernel pool's workers fall asleep during it: `wake_threads` runs an empty
-parallel region after it, as a decode step's previous region leaves them awake (waking a sleeping worker cost
-these VMs up to tens of microseconds a region, which a cold figure should not carry).
+parallel region after it, as a decode step's previous region leaves them awake (waking a sleeping worker costs
+these VMs tens of microseconds to a millisecond, tools/bench_latent.py says, which a cold figure should not carry).
 """
 from __future__ import annotations
 
