@@ -1,5 +1,5 @@
 """tools/kernels_at.py: another commit's kernels load as a package of their own, beside this tree's, for the A/B
-tools (bench_kernels_against, bench_attend, bench_latent)."""
+tools (bench_kernels_against, bench_attend, bench_latent; bench_host_link's one file)."""
 from __future__ import annotations
 
 import importlib
@@ -46,13 +46,23 @@ def test_bench_attend_s_ref_attention_calls_the_ref_s_helpers(tmp_path, monkeypa
     assert at.prefetch is not simd.prefetch
 
 
+
+def test_one_file_of_a_commit_is_a_module_of_its_own():
+    from offload.experts import link
+    at = kernels_at.lone_module_at("HEAD", "offload/experts/link.py", "offload.experts.link_at_ref")
+    assert at.__name__ == "offload.experts.link_at_ref"
+    assert at.HostLink is not link.HostLink
+    assert at.HostLink.__module__ == "offload.experts.link_at_ref"
+
+
 def _run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(TOOLS.parent)}  # as the tools are run: from the repository
     return subprocess.run([sys.executable, str(TOOLS / tool), *args], capture_output=True, text=True,
                           cwd=TOOLS.parent, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("tool", ["bench_attend.py", "bench_latent.py", "bench_kernels_against.py"])
+@pytest.mark.parametrize("tool", ["bench_attend.py", "bench_latent.py", "bench_kernels_against.py",
+                                  "bench_host_link.py"])
 def test_a_ref_that_is_not_a_commit_is_one_line_and_exit_2(tool):
     run = _run_tool(tool, "--against", "no-such-ref-xyz")
     assert run.returncode == 2

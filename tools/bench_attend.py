@@ -20,11 +20,8 @@ the part of the read its arithmetic does not hide. A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch  # noqa: F401  (torch before numba)
@@ -37,21 +34,6 @@ from kernels_at import is_commit, module_of_csrc_py_at
 
 # heads, KV heads, head dim
 SHAPES = {"qwen3": (32, 4, 128), "gpt-oss": (64, 8, 64), "mixtral-4.7b": (32, 8, 64), "olmoe": (16, 16, 128)}
-REPO = Path(__file__).resolve().parent.parent
-
-
-def module_at(ref: str, file: str, name: str, folder: Path):
-    """The repository's `file` as of commit `ref`, imported from a copy in `folder` as a separate module called
-    `name` (a dotted name puts it in that package, for its relative imports; also tools/bench_latent.py's and
-    tools/bench_host_link.py's)."""
-    source = subprocess.run(["git", "show", f"{ref}:{file}"], cwd=REPO, check=True, capture_output=True,
-                            text=True).stdout
-    path = folder / f"{name.rpartition('.')[2]}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def decode_step_at(ref: str):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +44,7 @@ from offload.experts.cpu import CpuExperts  # noqa: E402
 from offload.experts.link import HostLink  # noqa: E402
 from offload.experts.worker import background  # noqa: E402
 
-from bench_attend import module_at  # noqa: E402  (tools/ is the script's folder, so on sys.path)
+from kernels_at import is_commit, lone_module_at  # noqa: E402  (tools/ is the script's folder, so on sys.path)
 from bench_kernels import LAYERS, Layer, random_layer, read_bandwidth  # noqa: E402
 from cold_caches import eviction_bytes  # noqa: E402
 
@@ -209,12 +208,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--max-gb", type=float, default=3.0, help="RAM budget for one layer's packed experts")
     args = parser.parse_args()
+    if args.against and not is_commit(args.against):
+        parser.error(f"--against {args.against}: not a commit of this repository")
 
     n_threads = threads.set_threads(args.threads)
     links: dict[str, type] = {"": HostLink}
     if args.against:
-        links[args.against] = module_at(args.against, "offload/experts/link.py", "offload.experts.link_at_ref",
-                                        Path(tempfile.mkdtemp())).HostLink
+        links[args.against] = lone_module_at(args.against, "offload/experts/link.py",
+                                             "offload.experts.link_at_ref").HostLink
     print(f"kernel ISA tier {simd.TIER}, {n_threads} threads, T = 1, {args.rounds} rounds, cold calls")
     print("\n| layer | format | engine | us (median) | % of the probe | over the kernel (median by round) |")
     print("|---|---|---|---|---|---|")
